@@ -1,0 +1,818 @@
+//! The compiled policy and its evaluation.
+//!
+//! Per connection, [`Policy::permissions_for`] resolves the client's
+//! [`Identity`] to [`Permissions`]: the union of the compiled key sets and
+//! capabilities of every role bound to it. Per request,
+//! [`Permissions::check`] is one binary search and does not allocate when it
+//! allows. [`Policy::explain`] says why a decision was made, for a CLI.
+
+use std::fmt;
+use std::path::Path;
+
+use thiserror::Error;
+
+use super::model::{Binding, BindingMode, Capability, CapabilitySet, KeyRule, PolicyDocument, PolicyError, Role};
+use super::range::{KeyRange, RangeSet, escape_key};
+use crate::identity::Identity;
+
+/// The kind of access a key request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Range and watch requests.
+    Read,
+    /// Put, delete and transaction writes.
+    Write,
+}
+
+/// A loaded, validated and compiled policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    origin: String,
+    roles: Vec<CompiledRole>,
+    bindings: Vec<Binding>,
+}
+
+/// How the grants of a connection are to be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Deny what the permissions do not allow.
+    Enforce,
+    /// Every binding that matched is `audit-only`: record what the
+    /// permissions would deny, but do not deny it.
+    AuditOnly,
+}
+
+/// What one identity may do, resolved once per connection.
+///
+/// How binding modes combine:
+/// * no binding matches: empty permissions, [`Mode::Enforce`] (deny all);
+/// * at least one `enforce` binding matches: the sets below come from the
+///   `enforce` bindings only, [`Mode::Enforce`]; matching `audit-only`
+///   bindings grant nothing (they are listed in `ignored_audit_roles`);
+/// * only `audit-only` bindings match: the sets come from them and
+///   [`Mode::AuditOnly`] — the caller is expected to log the failures of
+///   [`Permissions::check`] instead of denying.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// Names of the roles whose grants are below, sorted, without duplicates.
+    pub roles: Vec<String>,
+    /// Keys that may be read.
+    pub read: RangeSet,
+    /// Keys that may be written.
+    pub write: RangeSet,
+    /// Cluster capabilities.
+    pub caps: CapabilitySet,
+    /// True only if bindings matched and all of them are `audit-only`.
+    pub audit_only: bool,
+    /// Roles of `audit-only` bindings that matched but count for nothing
+    /// because `enforce` bindings matched too; sorted, without duplicates.
+    pub ignored_audit_roles: Vec<String>,
+}
+
+/// A request the permissions do not allow.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{reason}")]
+pub struct Denied {
+    /// A short human-readable reason, e.g. `no write grant covers "cilium0"`.
+    pub reason: String,
+}
+
+/// Why a request is allowed or denied, for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// The request, e.g. `read "/registry/pods/a"` or `capability compact`.
+    pub request: String,
+    /// Whether the permissions allow the request.
+    pub allowed: bool,
+    /// Whether the identity's permissions are audit-only (so a denial would
+    /// not be enforced).
+    pub audit_only: bool,
+    /// The bindings that matched the identity, one line each.
+    pub bindings: Vec<String>,
+    /// Why the decision was made, one line each.
+    pub reasons: Vec<String>,
+}
+
+/// A role compiled to key sets, with its rules kept for explanations.
+#[derive(Debug, Clone)]
+struct CompiledRole {
+    role: Role,
+    read: RangeSet,
+    write: RangeSet,
+}
+
+/// The bindings that matched an identity and the roles that count.
+struct Resolution<'p> {
+    /// `(binding index, selector index)` of every matching binding.
+    matched: Vec<(usize, usize)>,
+    /// Indices of the roles whose grants count, sorted, deduplicated.
+    counted: Vec<usize>,
+    /// Indices of audit-only roles that are ignored, sorted, deduplicated.
+    ignored: Vec<usize>,
+    audit_only: bool,
+    policy: &'p Policy,
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Parses, validates and compiles a YAML policy. `origin` (usually the
+    /// file name) prefixes error messages.
+    ///
+    /// # Errors
+    ///
+    /// A [`PolicyError`] naming the origin, line and column of the problem.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let document = PolicyDocument::parse(text, origin)?;
+        Ok(Policy::compile(document, origin))
+    }
+
+    /// Reads and compiles the policy file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::Io`] if the file cannot be read, else as
+    /// [`Policy::from_yaml`].
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io { path: origin.clone(), source })?;
+        Policy::from_yaml(&text, &origin)
+    }
+
+    /// Compiles a validated document: per role, the union of its grants minus
+    /// the union of its own denials, for read and for write. O(n log n).
+    pub fn compile(document: PolicyDocument, origin: &str) -> Policy {
+        let roles = document
+            .roles
+            .into_iter()
+            .map(|role| CompiledRole {
+                read: compile_access(&role, Access::Read),
+                write: compile_access(&role, Access::Write),
+                role,
+            })
+            .collect();
+        Policy { origin: origin.to_owned(), roles, bindings: document.bindings }
+    }
+
+    /// What `id` may do. Called once per connection; an identity no binding
+    /// matches gets empty permissions.
+    pub fn permissions_for(&self, id: &Identity) -> Permissions {
+        let resolution = self.resolve(id);
+        let names = |indices: &[usize]| {
+            let mut names: Vec<String> = indices.iter().map(|&i| self.roles[i].role.name.clone()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        };
+        let roles = || resolution.counted.iter().map(|&i| &self.roles[i]);
+        Permissions {
+            roles: names(&resolution.counted),
+            read: RangeSet::from_ranges(roles().flat_map(|r| r.read.ranges().cloned())),
+            write: RangeSet::from_ranges(roles().flat_map(|r| r.write.ranges().cloned())),
+            caps: roles().fold(CapabilitySet::empty(), |caps, r| caps.union(r.role.cluster)),
+            audit_only: resolution.audit_only,
+            ignored_audit_roles: names(&resolution.ignored),
+        }
+    }
+
+    /// Explains the decision on a key request by `id`.
+    pub fn explain(&self, id: &Identity, access: Access, range: &KeyRange) -> Explanation {
+        let resolution = self.resolve(id);
+        let permissions = self.permissions_for(id);
+        let decision = permissions.check(access, range);
+        let mut reasons = Vec::new();
+        match &decision {
+            _ if resolution.matched.is_empty() => {
+                reasons.push("no binding matches this identity".to_owned());
+            }
+            Ok(()) => self.explain_allow(&resolution, access, range, &mut reasons),
+            Err(denied) => {
+                reasons.push(denied.reason.clone());
+                self.explain_deny(&resolution, &permissions, access, range, &mut reasons);
+            }
+        }
+        Explanation {
+            request: format!("{} {}", access, quoted_range(range)),
+            allowed: decision.is_ok(),
+            audit_only: permissions.audit_only,
+            bindings: resolution.describe_bindings(),
+            reasons,
+        }
+    }
+
+    /// Explains the decision on a cluster capability for `id`.
+    pub fn explain_capability(&self, id: &Identity, cap: Capability) -> Explanation {
+        let resolution = self.resolve(id);
+        let mut reasons = Vec::new();
+        let granting: Vec<&Role> =
+            resolution.counted.iter().map(|&i| &self.roles[i].role).filter(|role| role.cluster.contains(cap)).collect();
+        if resolution.matched.is_empty() {
+            reasons.push("no binding matches this identity".to_owned());
+        } else if granting.is_empty() {
+            reasons.push(format!(
+                "capability \"{cap}\" not granted: none of the roles {} grants it",
+                resolution.role_list(&resolution.counted)
+            ));
+        }
+        for role in &granting {
+            reasons.push(format!("role {:?} grants capability \"{cap}\" (cluster: {})", role.name, role.cluster));
+        }
+        resolution.note_ignored(&mut reasons);
+        Explanation {
+            request: format!("capability {cap}"),
+            allowed: !granting.is_empty(),
+            audit_only: resolution.audit_only,
+            bindings: resolution.describe_bindings(),
+            reasons,
+        }
+    }
+
+    /// The name given to the parser (usually the file path).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The roles, in file order.
+    pub fn roles(&self) -> impl ExactSizeIterator<Item = &Role> + '_ {
+        self.roles.iter().map(|r| &r.role)
+    }
+
+    /// The role named `name`.
+    pub fn role(&self, name: &str) -> Option<&Role> {
+        self.roles().find(|r| r.name == name)
+    }
+
+    /// The bindings, in file order.
+    pub fn bindings(&self) -> &[Binding] {
+        &self.bindings
+    }
+
+    /// Finds the bindings matching `id` and the roles that count.
+    fn resolve(&self, id: &Identity) -> Resolution<'_> {
+        let matched: Vec<(usize, usize)> =
+            self.bindings.iter().enumerate().filter_map(|(i, b)| b.matching_subject(id).map(|s| (i, s))).collect();
+        let any_enforce = matched.iter().any(|&(i, _)| self.bindings[i].mode == BindingMode::Enforce);
+        let mut counted = Vec::new();
+        let mut ignored = Vec::new();
+        for &(i, _) in &matched {
+            let binding = &self.bindings[i];
+            if any_enforce && binding.mode == BindingMode::AuditOnly {
+                ignored.push(binding.role_index);
+            } else {
+                counted.push(binding.role_index);
+            }
+        }
+        for list in [&mut counted, &mut ignored] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        ignored.retain(|i| counted.binary_search(i).is_err());
+        Resolution { audit_only: !matched.is_empty() && !any_enforce, matched, counted, ignored, policy: self }
+    }
+
+    /// Reasons for an allowed key request: the role(s) and rule(s) covering it.
+    fn explain_allow(&self, resolution: &Resolution<'_>, access: Access, range: &KeyRange, reasons: &mut Vec<String>) {
+        let counted = || resolution.counted.iter().map(|&i| &self.roles[i]);
+        let covering: Vec<&CompiledRole> = counted().filter(|r| r.set(access).covers(range)).collect();
+        if covering.is_empty() {
+            let contributing: Vec<&CompiledRole> = counted().filter(|r| r.set(access).intersects(range)).collect();
+            let names: Vec<String> = contributing.iter().map(|r| format!("{:?}", r.role.name)).collect();
+            reasons.push(format!("no single role covers the request; together the roles {} do", names.join(", ")));
+            for role in contributing {
+                for (i, rule) in role.role.grants(access) {
+                    if rule.range.intersects(range) {
+                        reasons.push(format!("role {:?} rule keys[{i}] {rule}", role.role.name));
+                    }
+                }
+            }
+            return;
+        }
+        for role in covering {
+            let name = &role.role.name;
+            match role.role.grants(access).find(|(_, rule)| rule.range.contains_range(range)) {
+                Some((i, rule)) => reasons.push(format!("allowed by role {name:?} rule keys[{i}] {rule}")),
+                None => {
+                    let rules: Vec<String> = role
+                        .role
+                        .grants(access)
+                        .filter(|(_, rule)| rule.range.intersects(range))
+                        .map(|(i, rule)| format!("keys[{i}] {rule}"))
+                        .collect();
+                    reasons.push(format!("allowed by role {name:?} rules {}", rules.join("; ")));
+                }
+            }
+        }
+        resolution.note_ignored(reasons);
+    }
+
+    /// Reasons for a denied key request, about its first uncovered key.
+    fn explain_deny(
+        &self,
+        resolution: &Resolution<'_>,
+        permissions: &Permissions,
+        access: Access,
+        range: &KeyRange,
+        reasons: &mut Vec<String>,
+    ) {
+        let Some(key) = permissions.set(access).first_uncovered(range) else {
+            return;
+        };
+        let shown = escape_key(&key);
+        for &index in &resolution.counted {
+            let role = &self.roles[index].role;
+            let granted: Vec<(usize, &KeyRule)> =
+                role.grants(access).filter(|(_, rule)| rule.range.contains_key(&key)).collect();
+            let Some((gi, grant)) = granted.first() else {
+                reasons.push(format!("role {:?} has no {access} rule for \"{shown}\"", role.name));
+                continue;
+            };
+            for (di, deny) in role.denials(access) {
+                if deny.range.contains_key(&key) {
+                    reasons.push(format!(
+                        "role {:?} rule keys[{gi}] {grant} is removed for \"{shown}\" by deny[{di}] {deny}",
+                        role.name
+                    ));
+                }
+            }
+        }
+        resolution.note_ignored(reasons);
+    }
+}
+
+// === impl Permissions ===
+
+impl Permissions {
+    /// Permissions that allow nothing.
+    pub fn none() -> Permissions {
+        Permissions::default()
+    }
+
+    /// Whether the permissions allow `access` to every key of `range`.
+    /// O(log n); does not allocate when it allows.
+    ///
+    /// # Errors
+    ///
+    /// [`Denied`] naming the first key not covered.
+    pub fn check(&self, access: Access, range: &KeyRange) -> Result<(), Denied> {
+        let set = self.set(access);
+        if set.covers(range) {
+            return Ok(());
+        }
+        let key = set.first_uncovered(range).unwrap_or_default();
+        let mut reason = format!("no {access} grant covers \"{}\"", escape_key(&key));
+        if !range.is_point() {
+            reason.push_str(&format!(" (requested {})", quoted_range(range)));
+        }
+        Err(Denied { reason })
+    }
+
+    /// Whether the capability is granted.
+    pub fn has(&self, cap: Capability) -> bool {
+        self.caps.contains(cap)
+    }
+
+    /// `Ok` if the capability is granted.
+    ///
+    /// # Errors
+    ///
+    /// [`Denied`] with reason `capability "compact" not granted`.
+    pub fn check_capability(&self, cap: Capability) -> Result<(), Denied> {
+        if self.has(cap) { Ok(()) } else { Err(Denied { reason: format!("capability \"{cap}\" not granted") }) }
+    }
+
+    /// Whether failures of [`Permissions::check`] are to be enforced.
+    pub fn mode(&self) -> Mode {
+        if self.audit_only { Mode::AuditOnly } else { Mode::Enforce }
+    }
+
+    /// The key set for `access`.
+    pub fn set(&self, access: Access) -> &RangeSet {
+        match access {
+            Access::Read => &self.read,
+            Access::Write => &self.write,
+        }
+    }
+}
+
+// === impl Access ===
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
+// === impl Mode ===
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::AuditOnly => "audit-only",
+        })
+    }
+}
+
+// === impl Explanation ===
+
+impl fmt::Display for Explanation {
+    /// ```text
+    /// ALLOW read "/registry/pods/a"
+    ///   binding: bindings[0] role "kube-apiserver" via subjects[0] { common_name: "..." }
+    ///   allowed by role "kube-apiserver" rule keys[0] prefix "/registry/" readwrite
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.allowed { "ALLOW" } else { "DENY" };
+        write!(f, "{verdict} {}", self.request)?;
+        if self.audit_only {
+            f.write_str(" (audit-only: not enforced)")?;
+        }
+        for binding in &self.bindings {
+            write!(f, "\n  binding: {binding}")?;
+        }
+        for reason in &self.reasons {
+            write!(f, "\n  {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+// === impl CompiledRole ===
+
+impl CompiledRole {
+    fn set(&self, access: Access) -> &RangeSet {
+        match access {
+            Access::Read => &self.read,
+            Access::Write => &self.write,
+        }
+    }
+}
+
+// === impl Resolution ===
+
+impl Resolution<'_> {
+    fn describe_bindings(&self) -> Vec<String> {
+        self.matched
+            .iter()
+            .map(|&(i, s)| {
+                let binding = &self.policy.bindings[i];
+                let ignored = if binding.mode == BindingMode::AuditOnly && !self.audit_only {
+                    ", ignored: enforce bindings match too"
+                } else {
+                    ""
+                };
+                format!(
+                    "bindings[{i}] role {:?} via subjects[{s}] {} ({}{ignored})",
+                    binding.role, binding.subjects[s], binding.mode
+                )
+            })
+            .collect()
+    }
+
+    fn role_list(&self, indices: &[usize]) -> String {
+        indices.iter().map(|&i| format!("{:?}", self.policy.roles[i].role.name)).collect::<Vec<_>>().join(", ")
+    }
+
+    fn note_ignored(&self, reasons: &mut Vec<String>) {
+        if !self.ignored.is_empty() {
+            reasons.push(format!(
+                "audit-only roles {} are ignored because enforce bindings match",
+                self.role_list(&self.ignored)
+            ));
+        }
+    }
+}
+
+// === helpers ===
+
+/// The role's keys for `access`: its grants minus its own denials.
+fn compile_access(role: &Role, access: Access) -> RangeSet {
+    let grants = RangeSet::from_ranges(role.grants(access).map(|(_, r)| r.range.clone()));
+    let mut denials = role.denials(access).peekable();
+    if denials.peek().is_none() {
+        return grants;
+    }
+    grants.subtract(&RangeSet::from_ranges(denials.map(|(_, r)| r.range.clone())))
+}
+
+/// A range for messages: a point as `"key"`, else `[start, end)` unquoted.
+fn quoted_range(range: &KeyRange) -> String {
+    if range.is_point() { format!("\"{}\"", escape_key(range.start())) } else { range.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::range::End;
+
+    const EXAMPLE: &str = r#"
+roles:
+  - name: kube-apiserver
+    keys:
+      - { prefix: "/registry/", access: readwrite }
+      - { key: "compact_rev_key", access: readwrite }
+    cluster: [status, lease, compact]
+  - name: cilium
+    keys:
+      - { prefix: "cilium/", access: readwrite }
+    cluster: [lease]
+  - name: monitoring
+    keys:
+      - { prefix: "/registry/", access: read }
+      - { range: { from: "a", to: "b" }, access: read }
+    deny:
+      - { prefix: "/registry/secrets/" }
+    cluster: [status]
+  - name: admin
+    keys:
+      - { prefix: "", access: readwrite }
+    cluster: [admin]
+bindings:
+  - role: kube-apiserver
+    subjects: [ { common_name: "kube-apiserver-etcd-client" } ]
+  - role: cilium
+    subjects: [ { common_name: "cilium-*" } ]
+  - role: monitoring
+    subjects: [ { organization: "monitoring" }, { uri_san: "spiffe://cluster.local/ns/*/sa/prometheus" } ]
+  - role: admin
+    subjects: [ { organization: "system:masters", common_name: "root" } ]
+"#;
+
+    fn example() -> Policy {
+        Policy::from_yaml(EXAMPLE, "example.yaml").expect("example policy is valid")
+    }
+
+    fn cn(name: &str) -> Identity {
+        Identity { common_name: Some(name.to_owned()), ..Identity::default() }
+    }
+
+    fn point(key: &str) -> KeyRange {
+        KeyRange::point(key)
+    }
+
+    fn range(from: &str, to: &str) -> KeyRange {
+        KeyRange::new(from, End::Key(to.as_bytes().to_vec())).expect("valid test range")
+    }
+
+    fn allowed(p: &Permissions, access: Access, r: &KeyRange) -> bool {
+        p.check(access, r).is_ok()
+    }
+
+    #[test]
+    fn kube_apiserver() {
+        let p = example().permissions_for(&cn("kube-apiserver-etcd-client"));
+        assert_eq!(p.roles, ["kube-apiserver"]);
+        assert_eq!(p.mode(), Mode::Enforce);
+        assert!(allowed(&p, Access::Write, &point("/registry/pods/default/a")));
+        assert!(allowed(&p, Access::Read, &KeyRange::prefix("/registry/")));
+        assert!(allowed(&p, Access::Write, &point("compact_rev_key")));
+        assert!(!allowed(&p, Access::Read, &point("/registry")));
+        assert!(!allowed(&p, Access::Write, &point("compact_rev_key2")));
+        assert!(!allowed(&p, Access::Read, &point("cilium/x")));
+        assert!(p.has(Capability::Compact) && p.has(Capability::Lease));
+        assert!(!p.has(Capability::Defragment));
+        assert_eq!(
+            p.check_capability(Capability::Defragment),
+            Err(Denied { reason: "capability \"defragment\" not granted".to_owned() })
+        );
+    }
+
+    #[test]
+    fn cilium_prefix_is_byte_exact() {
+        let p = example().permissions_for(&cn("cilium-agent"));
+        assert_eq!(p.roles, ["cilium"]);
+        assert!(allowed(&p, Access::Write, &point("cilium/state/nodes/v1/n1")));
+        assert!(allowed(&p, Access::Read, &KeyRange::prefix("cilium/state/")));
+        assert_eq!(
+            p.check(Access::Write, &point("cilium0")),
+            Err(Denied { reason: "no write grant covers \"cilium0\"".to_owned() })
+        );
+        assert!(!allowed(&p, Access::Read, &point("cilium")));
+        let too_wide = KeyRange::from_etcd(b"cilium/", b"cilium0\x00").expect("valid");
+        assert_eq!(
+            p.check(Access::Read, &too_wide).map_err(|d| d.reason),
+            Err("no read grant covers \"cilium0\" (requested [cilium/, cilium0\\x00))".to_owned())
+        );
+    }
+
+    #[test]
+    fn monitoring_deny_secrets() {
+        let policy = example();
+        let by_org = Identity { organizations: vec!["monitoring".to_owned()], ..Identity::default() };
+        let by_uri = Identity {
+            uri_sans: vec!["spiffe://cluster.local/ns/mon/sa/prometheus".to_owned()],
+            ..Identity::default()
+        };
+        for id in [by_org, by_uri] {
+            let p = policy.permissions_for(&id);
+            assert_eq!(p.roles, ["monitoring"]);
+            assert!(allowed(&p, Access::Read, &point("/registry/pods/a")));
+            assert!(allowed(&p, Access::Read, &point("/registry/secrets")));
+            assert!(!allowed(&p, Access::Read, &point("/registry/secrets/kube-system/token")));
+            assert!(!allowed(&p, Access::Read, &KeyRange::prefix("/registry/")));
+            assert!(!allowed(&p, Access::Write, &point("/registry/pods/a")));
+            assert!(allowed(&p, Access::Read, &range("a", "b")));
+            assert!(allowed(&p, Access::Read, &point("a\u{7f}")));
+            assert!(!allowed(&p, Access::Read, &point("b")));
+            assert!(p.has(Capability::Status));
+            assert!(!p.has(Capability::Lease));
+        }
+    }
+
+    #[test]
+    fn admin_has_everything_and_unbound_has_nothing() {
+        let policy = example();
+        let root = Identity {
+            common_name: Some("root".to_owned()),
+            organizations: vec!["system:masters".to_owned()],
+            ..Identity::default()
+        };
+        let p = policy.permissions_for(&root);
+        assert_eq!(p.roles, ["admin"]);
+        assert!(allowed(&p, Access::Write, &KeyRange::all()));
+        assert!(allowed(&p, Access::Read, &point("")));
+        assert!(Capability::ALL.iter().all(|&c| p.has(c)));
+        // The admin selector needs both fields.
+        let p = policy.permissions_for(&cn("root"));
+        assert!(p.roles.is_empty());
+        assert!(!allowed(&p, Access::Read, &point("a")));
+        let nobody = policy.permissions_for(&Identity::default());
+        assert_eq!(nobody, Permissions::none());
+        assert_eq!(nobody.mode(), Mode::Enforce);
+        assert!(Capability::ALL.iter().all(|&c| !nobody.has(c)));
+    }
+
+    const TWO_ROLES: &str = r#"
+roles:
+  - name: a
+    keys:
+      - { prefix: "/registry/", access: read }
+    deny:
+      - { prefix: "/registry/secrets/", access: read }
+  - name: b
+    keys:
+      - { prefix: "/registry/secrets/", access: read }
+  - name: low
+    keys:
+      - { range: { from: "k/a", to: "k/m" }, access: write }
+  - name: high
+    keys:
+      - { range: { from: "k/m", to: "k/z" }, access: write }
+bindings:
+  - { role: a, subjects: [ { organization: a } ] }
+  - { role: b, subjects: [ { organization: b } ] }
+  - { role: low, subjects: [ { organization: split } ] }
+  - { role: high, subjects: [ { organization: split } ] }
+"#;
+
+    fn org(names: &[&str]) -> Identity {
+        Identity { organizations: names.iter().map(|s| (*s).to_owned()).collect(), ..Identity::default() }
+    }
+
+    #[test]
+    fn deny_subtracts_from_its_own_role_only() {
+        let policy = Policy::from_yaml(TWO_ROLES, "two.yaml").expect("valid");
+        let secret = point("/registry/secrets/ns/s");
+        let only_a = policy.permissions_for(&org(&["a"]));
+        assert!(!allowed(&only_a, Access::Read, &secret));
+        assert!(allowed(&only_a, Access::Read, &point("/registry/pods/x")));
+        let both = policy.permissions_for(&org(&["a", "b"]));
+        assert_eq!(both.roles, ["a", "b"]);
+        assert!(allowed(&both, Access::Read, &secret));
+        assert!(allowed(&both, Access::Read, &KeyRange::prefix("/registry/")));
+
+        let explanation = policy.explain(&org(&["a"]), Access::Read, &secret);
+        assert!(!explanation.allowed);
+        let text = explanation.to_string();
+        assert!(text.starts_with("DENY read \"/registry/secrets/ns/s\""), "{text}");
+        assert!(
+            text.contains("role \"a\" rule keys[0] prefix \"/registry/\" read is removed for \"/registry/secrets/ns/s\" by deny[0] prefix \"/registry/secrets/\" read"),
+            "{text}"
+        );
+        let text = policy.explain(&org(&["a", "b"]), Access::Read, &secret).to_string();
+        assert!(text.starts_with("ALLOW"), "{text}");
+        assert!(text.contains("allowed by role \"b\" rule keys[0] prefix \"/registry/secrets/\" read"), "{text}");
+    }
+
+    #[test]
+    fn union_across_roles_covers_what_no_single_role_does() {
+        let policy = Policy::from_yaml(TWO_ROLES, "two.yaml").expect("valid");
+        let id = org(&["split"]);
+        let p = policy.permissions_for(&id);
+        let wide = range("k/c", "k/x");
+        assert!(allowed(&p, Access::Write, &wide));
+        assert!(!allowed(&p, Access::Write, &range("k/c", "k/z\x00")));
+        assert!(!allowed(&p, Access::Read, &wide));
+        let text = policy.explain(&id, Access::Write, &wide).to_string();
+        assert!(text.starts_with("ALLOW write [k/c, k/x)"), "{text}");
+        assert!(text.contains("no single role covers the request; together the roles \"low\", \"high\" do"), "{text}");
+        assert!(text.contains("role \"low\" rule keys[0] range from \"k/a\" to \"k/m\" write"), "{text}");
+        assert!(text.contains("role \"high\" rule keys[0] range from \"k/m\" to \"k/z\" write"), "{text}");
+        let text = policy.explain(&id, Access::Write, &range("k/c", "k/z\x00")).to_string();
+        assert!(text.contains("no write grant covers \"k/z\""), "{text}");
+        assert!(text.contains("role \"low\" has no write rule for \"k/z\""), "{text}");
+    }
+
+    #[test]
+    fn explain_bindings_and_capabilities() {
+        let policy = example();
+        let id = cn("kube-apiserver-etcd-client");
+        let e = policy.explain(&id, Access::Write, &point("/registry/pods/a"));
+        assert!(e.allowed);
+        assert_eq!(
+            e.bindings,
+            [
+                "bindings[0] role \"kube-apiserver\" via subjects[0] { common_name: \"kube-apiserver-etcd-client\" } (enforce)"
+            ]
+        );
+        assert_eq!(e.reasons, ["allowed by role \"kube-apiserver\" rule keys[0] prefix \"/registry/\" readwrite"]);
+        let e = policy.explain(&cn("stranger"), Access::Read, &point("a"));
+        assert!(!e.allowed);
+        assert_eq!(e.to_string(), "DENY read \"a\"\n  no binding matches this identity");
+
+        let e = policy.explain_capability(&id, Capability::Compact);
+        assert!(e.allowed);
+        assert_eq!(
+            e.reasons,
+            ["role \"kube-apiserver\" grants capability \"compact\" (cluster: status, lease, compact)"]
+        );
+        let e = policy.explain_capability(&id, Capability::Defragment);
+        assert!(!e.allowed);
+        assert_eq!(
+            e.reasons,
+            ["capability \"defragment\" not granted: none of the roles \"kube-apiserver\" grants it"]
+        );
+        assert!(e.to_string().starts_with("DENY capability defragment\n"));
+        assert!(!policy.explain_capability(&cn("x"), Capability::Status).allowed);
+    }
+
+    #[test]
+    fn audit_only_bindings() {
+        let yaml = r#"
+roles:
+  - { name: wide, keys: [ { prefix: "", access: readwrite } ] }
+  - { name: narrow, keys: [ { prefix: "app/", access: read } ] }
+bindings:
+  - { role: wide, mode: audit-only, subjects: [ { common_name: "*" } ] }
+  - { role: narrow, subjects: [ { common_name: "app" } ] }
+"#;
+        let policy = Policy::from_yaml(yaml, "audit.yaml").expect("valid");
+        // Only audit-only bindings match: audit mode, grants from them.
+        let p = policy.permissions_for(&cn("other"));
+        assert!(p.audit_only);
+        assert_eq!(p.mode(), Mode::AuditOnly);
+        assert_eq!(p.roles, ["wide"]);
+        assert!(allowed(&p, Access::Write, &point("x")));
+        // A mix: the enforce binding's grants are what count.
+        let p = policy.permissions_for(&cn("app"));
+        assert_eq!(p.mode(), Mode::Enforce);
+        assert_eq!(p.roles, ["narrow"]);
+        assert_eq!(p.ignored_audit_roles, ["wide"]);
+        assert!(allowed(&p, Access::Read, &point("app/x")));
+        assert!(!allowed(&p, Access::Write, &point("app/x")));
+        let text = policy.explain(&cn("app"), Access::Write, &point("app/x")).to_string();
+        assert!(text.contains("(audit-only, ignored: enforce bindings match too)"), "{text}");
+        assert!(text.contains("audit-only roles \"wide\" are ignored"), "{text}");
+        let text = policy.explain(&cn("other"), Access::Write, &point("x")).to_string();
+        assert!(text.starts_with("ALLOW write \"x\" (audit-only: not enforced)"), "{text}");
+    }
+
+    #[test]
+    fn load_reports_io_errors_with_path() {
+        let err = Policy::load(Path::new("/nonexistent/policy.yaml")).expect_err("missing file");
+        assert!(err.to_string().starts_with("/nonexistent/policy.yaml: cannot read policy file"), "{err}");
+    }
+
+    /// 10,000 roles with 10 rules each (100,000 key rules) and 10,000 bindings.
+    #[test]
+    fn large_policy_loads() {
+        use std::fmt::Write as _;
+        let mut yaml = String::from("roles:\n");
+        for r in 0..10_000 {
+            let _ = writeln!(yaml, "  - name: role{r}\n    keys:");
+            for k in 0..10 {
+                let _ = writeln!(yaml, "      - {{ prefix: \"/t{r}/k{k}/\", access: readwrite }}");
+            }
+            let _ = writeln!(yaml, "    deny: [ {{ key: \"/t{r}/k0/secret\" }} ]\n    cluster: [status]");
+        }
+        yaml.push_str("bindings:\n");
+        for r in 0..10_000 {
+            let _ = writeln!(yaml, "  - {{ role: role{r}, subjects: [ {{ common_name: \"client{r}-*\" }} ] }}");
+        }
+        let started = std::time::Instant::now();
+        let policy = Policy::from_yaml(&yaml, "large.yaml").expect("large policy is valid");
+        let elapsed = started.elapsed();
+        assert_eq!(policy.roles().len(), 10_000);
+        assert_eq!(policy.bindings().len(), 10_000);
+        let p = policy.permissions_for(&cn("client9999-a"));
+        assert_eq!(p.roles, ["role9999"]);
+        assert!(allowed(&p, Access::Write, &point("/t9999/k3/x")));
+        assert!(!allowed(&p, Access::Read, &point("/t9999/k0/secret")));
+        assert!(!allowed(&p, Access::Read, &point("/t9998/k3/x")));
+        // Generous: debug builds are slow and the machine may be busy.
+        assert!(elapsed.as_secs() < 60, "loading took {elapsed:?}");
+    }
+}
