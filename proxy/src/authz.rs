@@ -1,0 +1,417 @@
+//! What each request needs, RPC by RPC.
+//!
+//! Pure functions from a *decoded* request message to the list of permissions it needs ([`Needs`]). Nothing here
+//! looks at a policy or does I/O: [`crate::service`] evaluates the needs against the caller's permissions (and asks
+//! etcd which keys are attached to a lease where a need says so), and the audit log records them.
+//!
+//! The rules follow what etcd itself checks (see `shared/notes/etcd-semantics.md` §1), made stricter where etcd
+//! had authorization bugs: nested transactions, puts with `prev_kv` or a lease inside transactions, leases,
+//! maintenance and cluster RPCs, Lock/Election.
+
+use etcd_guard_proto::etcdserverpb::{self as pb, alarm_request::AlarmAction, compare, request_op, watch_request};
+use etcd_guard_proto::{v3electionpb, v3lockpb};
+use tonic::Status;
+
+use crate::policy::{Access, Capability, KeyRange};
+
+/// How deep transactions may nest. etcd has no limit of its own beyond the message size; kube-apiserver never
+/// nests. Deeper requests are denied.
+pub const MAX_TXN_DEPTH: usize = 16;
+
+/// One permission a request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    /// Read (or write) access to every key in the range.
+    Key(Access, KeyRange),
+    /// A cluster capability.
+    Cap(Capability),
+    /// Every cluster capability (`admin` in the policy).
+    Admin,
+    /// Access to every key that is attached to this lease right now (etcd is asked).
+    LeaseKeys(Access, i64),
+    /// The request can never be allowed (malformed range, too deep, a field the proxy does not understand).
+    Never(&'static str),
+}
+
+/// Everything one request needs. Empty means "no permission needed" — only used where etcd needs none either
+/// (watch cancel and progress requests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs(pub Vec<Need>);
+
+/// etcd's own answer for a request without a key, checked before authorization as etcd does.
+pub fn err_empty_key() -> Status {
+    Status::invalid_argument("etcdserver: key is not provided")
+}
+
+// === impl Needs ===
+
+impl Needs {
+    fn push(&mut self, need: Need) {
+        self.0.push(need);
+    }
+
+    fn key(&mut self, access: Access, key: &[u8], range_end: &[u8]) {
+        match KeyRange::from_etcd(key, range_end) {
+            Ok(range) => self.push(Need::Key(access, range)),
+            Err(_) => self.push(Need::Never("inverted key range")),
+        }
+    }
+
+    fn cap(cap: Capability) -> Needs {
+        Needs(vec![Need::Cap(cap)])
+    }
+}
+
+// === KV ===
+
+/// Range and RangeStream: read on the interval, whatever `limit`, `count_only`, `keys_only` or revisions say.
+pub fn range(r: &pb::RangeRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    add_range(&mut needs, r)?;
+    Ok(needs)
+}
+
+/// Put: write on the key; read too with `prev_kv`; with a lease, `lease` and write on the lease's keys.
+pub fn put(r: &pb::PutRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    add_put(&mut needs, r)?;
+    Ok(needs)
+}
+
+/// DeleteRange: write on the interval; read too with `prev_kv`.
+pub fn delete_range(r: &pb::DeleteRangeRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    add_delete(&mut needs, r)?;
+    Ok(needs)
+}
+
+/// Txn: read on every compare, and every op of *both* branches like its own RPC, recursively.
+pub fn txn(r: &pb::TxnRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    add_txn(&mut needs, r, 1)?;
+    Ok(needs)
+}
+
+/// Compact: the `compact` capability.
+pub fn compact(_: &pb::CompactionRequest) -> Result<Needs, Status> {
+    Ok(Needs::cap(Capability::Compact))
+}
+
+fn add_range(needs: &mut Needs, r: &pb::RangeRequest) -> Result<(), Status> {
+    if r.key.is_empty() {
+        return Err(err_empty_key());
+    }
+    needs.key(Access::Read, &r.key, &r.range_end);
+    Ok(())
+}
+
+fn add_put(needs: &mut Needs, r: &pb::PutRequest) -> Result<(), Status> {
+    if r.key.is_empty() {
+        return Err(err_empty_key());
+    }
+    needs.push(Need::Key(Access::Write, KeyRange::point(r.key.as_slice())));
+    if r.prev_kv {
+        needs.push(Need::Key(Access::Read, KeyRange::point(r.key.as_slice())));
+    }
+    if r.lease != 0 {
+        needs.push(Need::Cap(Capability::Lease));
+        needs.push(Need::LeaseKeys(Access::Write, r.lease));
+    }
+    Ok(())
+}
+
+fn add_delete(needs: &mut Needs, r: &pb::DeleteRangeRequest) -> Result<(), Status> {
+    if r.key.is_empty() {
+        return Err(err_empty_key());
+    }
+    needs.key(Access::Write, &r.key, &r.range_end);
+    if r.prev_kv {
+        needs.key(Access::Read, &r.key, &r.range_end);
+    }
+    Ok(())
+}
+
+fn add_txn(needs: &mut Needs, r: &pb::TxnRequest, depth: usize) -> Result<(), Status> {
+    if depth > MAX_TXN_DEPTH {
+        needs.push(Need::Never("transaction nested too deeply"));
+        return Ok(());
+    }
+    for c in &r.compare {
+        if c.key.is_empty() {
+            return Err(err_empty_key());
+        }
+        // A compare target this proxy does not know is refused.
+        if compare::CompareTarget::try_from(c.target).is_err() {
+            needs.push(Need::Never("unknown compare target"));
+        }
+        needs.key(Access::Read, &c.key, &c.range_end);
+    }
+    for op in r.success.iter().chain(r.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => add_range(needs, r)?,
+            Some(request_op::Request::RequestPut(p)) => add_put(needs, p)?,
+            Some(request_op::Request::RequestDeleteRange(d)) => add_delete(needs, d)?,
+            Some(request_op::Request::RequestTxn(t)) => add_txn(needs, t, depth + 1)?,
+            // Empty, or an operation of a newer etcd that this proxy does not know: refuse.
+            None => needs.push(Need::Never("empty or unknown transaction operation")),
+        }
+    }
+    Ok(())
+}
+
+// === Watch ===
+
+/// What one message on a watch stream needs.
+pub fn watch(r: &pb::WatchRequest) -> Needs {
+    match &r.request_union {
+        Some(watch_request::RequestUnion::CreateRequest(c)) => {
+            let mut needs = Needs::default();
+            let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+            needs.key(Access::Read, key, &c.range_end);
+            needs
+        }
+        // etcd checks neither: they only touch the caller's own watches.
+        Some(watch_request::RequestUnion::CancelRequest(_)) | Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+            Needs::default()
+        }
+        None => Needs(vec![Need::Never("empty or unknown watch request")]),
+    }
+}
+
+// === Lease ===
+
+pub fn lease_grant(_: &pb::LeaseGrantRequest) -> Result<Needs, Status> {
+    Ok(Needs::cap(Capability::Lease))
+}
+
+/// Revoke deletes every key attached to the lease.
+pub fn lease_revoke(r: &pb::LeaseRevokeRequest) -> Result<Needs, Status> {
+    Ok(Needs(vec![Need::Cap(Capability::Lease), Need::LeaseKeys(Access::Write, r.id)]))
+}
+
+/// Each keep-alive keeps every attached key alive.
+pub fn lease_keep_alive(r: &pb::LeaseKeepAliveRequest) -> Needs {
+    Needs(vec![Need::Cap(Capability::Lease), Need::LeaseKeys(Access::Write, r.id)])
+}
+
+/// TimeToLive discloses the attached keys when `keys` is set.
+pub fn lease_time_to_live(r: &pb::LeaseTimeToLiveRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::cap(Capability::Lease);
+    if r.keys {
+        needs.push(Need::LeaseKeys(Access::Read, r.id));
+    }
+    Ok(needs)
+}
+
+/// Leases lists every lease of the cluster: admin only.
+pub fn lease_leases(_: &pb::LeaseLeasesRequest) -> Result<Needs, Status> {
+    Ok(Needs(vec![Need::Admin]))
+}
+
+// === Cluster ===
+
+/// MemberList needs `status` (and is answered with the proxy's own URLs).
+pub fn member_list(_: &pb::MemberListRequest) -> Result<Needs, Status> {
+    Ok(Needs::cap(Capability::Status))
+}
+
+/// MemberAdd, MemberRemove, MemberUpdate, MemberPromote.
+pub fn members<M>(_: &M) -> Result<Needs, Status> {
+    Ok(Needs::cap(Capability::Members))
+}
+
+// === Maintenance ===
+
+/// Alarm GET needs `status`; activating or deactivating an alarm needs `alarm`.
+pub fn alarm(r: &pb::AlarmRequest) -> Result<Needs, Status> {
+    if r.action == AlarmAction::Get as i32 {
+        Ok(Needs::cap(Capability::Status))
+    } else {
+        Ok(Needs::cap(Capability::Alarm))
+    }
+}
+
+/// A request that needs one capability, whatever it says.
+pub fn capability<M>(cap: Capability) -> impl Fn(&M) -> Result<Needs, Status> + Clone + Send + Sync + 'static {
+    move |_| Ok(Needs::cap(cap))
+}
+
+// === Lock and Election ===
+
+/// The prefix etcd's lock and election services use for `name`: `name + "/"`.
+fn name_prefix(name: &[u8]) -> KeyRange {
+    let mut p = Vec::with_capacity(name.len() + 1);
+    p.extend_from_slice(name);
+    p.push(b'/');
+    KeyRange::prefix(p)
+}
+
+fn read_write_prefix(needs: &mut Needs, name: &[u8]) {
+    let range = name_prefix(name);
+    needs.push(Need::Key(Access::Read, range.clone()));
+    needs.push(Need::Key(Access::Write, range));
+}
+
+fn with_lease(needs: &mut Needs, lease: i64) {
+    needs.push(Need::Cap(Capability::Lease));
+    if lease != 0 {
+        needs.push(Need::LeaseKeys(Access::Write, lease));
+    }
+}
+
+/// Lock(name, lease): writes `name/<lease>` under the lease and reads/watches `name/`.
+pub fn lock(r: &v3lockpb::LockRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    read_write_prefix(&mut needs, &r.name);
+    with_lease(&mut needs, r.lease);
+    Ok(needs)
+}
+
+/// Unlock(key) deletes that one key.
+pub fn unlock(r: &v3lockpb::UnlockRequest) -> Result<Needs, Status> {
+    if r.key.is_empty() {
+        return Err(err_empty_key());
+    }
+    Ok(Needs(vec![Need::Key(Access::Write, KeyRange::point(r.key.as_slice()))]))
+}
+
+/// Campaign(name, lease): like Lock.
+pub fn campaign(r: &v3electionpb::CampaignRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    read_write_prefix(&mut needs, &r.name);
+    with_lease(&mut needs, r.lease);
+    Ok(needs)
+}
+
+/// Proclaim writes the leader key; Resign deletes it.
+fn leader_key(needs: &mut Needs, leader: Option<&v3electionpb::LeaderKey>) {
+    match leader {
+        Some(l) => {
+            read_write_prefix(needs, &l.name);
+            needs.push(Need::Key(Access::Read, KeyRange::point(l.key.as_slice())));
+            needs.push(Need::Key(Access::Write, KeyRange::point(l.key.as_slice())));
+        }
+        None => needs.push(Need::Never("no leader key")),
+    }
+}
+
+pub fn proclaim(r: &v3electionpb::ProclaimRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    leader_key(&mut needs, r.leader.as_ref());
+    Ok(needs)
+}
+
+pub fn resign(r: &v3electionpb::ResignRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::default();
+    leader_key(&mut needs, r.leader.as_ref());
+    Ok(needs)
+}
+
+/// Leader and Observe read the election's prefix.
+pub fn leader(r: &v3electionpb::LeaderRequest) -> Result<Needs, Status> {
+    Ok(Needs(vec![Need::Key(Access::Read, name_prefix(&r.name))]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(k: &[u8], e: &[u8]) -> Need {
+        Need::Key(Access::Read, KeyRange::from_etcd(k, e).unwrap_or_else(|_| KeyRange::point(b"?")))
+    }
+    fn write(k: &[u8], e: &[u8]) -> Need {
+        Need::Key(Access::Write, KeyRange::from_etcd(k, e).unwrap_or_else(|_| KeyRange::point(b"?")))
+    }
+
+    #[test]
+    fn range_needs_read_on_the_interval() -> Result<(), Status> {
+        let r =
+            pb::RangeRequest { key: b"a".to_vec(), range_end: b"\0".to_vec(), count_only: true, ..Default::default() };
+        assert_eq!(range(&r)?.0, vec![read(b"a", b"\0")]);
+        Ok(())
+    }
+
+    #[test]
+    fn empty_key_is_etcds_invalid_argument() {
+        let err = range(&pb::RangeRequest::default()).err().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(err, Some((tonic::Code::InvalidArgument, "etcdserver: key is not provided".to_string())));
+    }
+
+    #[test]
+    fn inverted_range_is_never_allowed() -> Result<(), Status> {
+        let r = pb::RangeRequest { key: b"z".to_vec(), range_end: b"a".to_vec(), ..Default::default() };
+        assert!(matches!(range(&r)?.0.as_slice(), [Need::Never(_)]));
+        Ok(())
+    }
+
+    #[test]
+    fn put_with_prev_kv_and_lease() -> Result<(), Status> {
+        let p = pb::PutRequest { key: b"k".to_vec(), prev_kv: true, lease: 7, ..Default::default() };
+        assert_eq!(
+            put(&p)?.0,
+            vec![write(b"k", b""), read(b"k", b""), Need::Cap(Capability::Lease), Need::LeaseKeys(Access::Write, 7)]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn txn_checks_compares_both_branches_and_nested_ops() -> Result<(), Status> {
+        let inner = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    key: b"n".to_vec(),
+                    prev_kv: true,
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        let t = pb::TxnRequest {
+            compare: vec![pb::Compare { key: b"c".to_vec(), range_end: b"d".to_vec(), ..Default::default() }],
+            success: vec![pb::RequestOp {
+                request: Some(request_op::Request::RequestPut(pb::PutRequest {
+                    key: b"s".to_vec(),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![pb::RequestOp { request: Some(request_op::Request::RequestTxn(inner)) }],
+        };
+        assert_eq!(txn(&t)?.0, vec![read(b"c", b"d"), write(b"s", b""), write(b"n", b""), read(b"n", b"")]);
+        Ok(())
+    }
+
+    #[test]
+    fn txn_depth_is_bounded_and_empty_ops_refused() -> Result<(), Status> {
+        let mut t = pb::TxnRequest::default();
+        for _ in 0..MAX_TXN_DEPTH + 1 {
+            t = pb::TxnRequest {
+                success: vec![pb::RequestOp { request: Some(request_op::Request::RequestTxn(t)) }],
+                ..Default::default()
+            };
+        }
+        assert!(txn(&t)?.0.iter().any(|n| matches!(n, Need::Never(_))));
+        let empty = pb::TxnRequest { success: vec![pb::RequestOp { request: None }], ..Default::default() };
+        assert!(matches!(txn(&empty)?.0.as_slice(), [Need::Never(_)]));
+        Ok(())
+    }
+
+    #[test]
+    fn watch_empty_key_means_from_zero_byte() {
+        let w = pb::WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+                range_end: b"\0".to_vec(),
+                ..Default::default()
+            })),
+        };
+        assert_eq!(watch(&w).0, vec![read(b"\0", b"\0")]);
+    }
+
+    #[test]
+    fn lock_and_election_use_the_name_prefix() -> Result<(), Status> {
+        let l = lock(&v3lockpb::LockRequest { name: b"cilium/.initlock".to_vec(), lease: 5 })?;
+        assert_eq!(l.0[0], Need::Key(Access::Read, KeyRange::prefix(b"cilium/.initlock/")));
+        assert!(l.0.contains(&Need::LeaseKeys(Access::Write, 5)));
+        assert!(matches!(resign(&v3electionpb::ResignRequest { leader: None })?.0.as_slice(), [Need::Never(_)]));
+        Ok(())
+    }
+}

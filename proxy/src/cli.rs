@@ -1,0 +1,401 @@
+//! The command line: `serve`, `policy check`, `certs init`, `config check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use etcd_guard_proto::etcdserverpb as pb;
+
+use crate::authz::{self, Need, Needs};
+use crate::certs::{self, ClientSpec};
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::policy::{Capability, CapabilitySet, Policy, unescape_key};
+use crate::server::Proxy;
+
+/// An access-control proxy for etcd: mutual TLS identities, keyspace ACLs, etcd's own answers.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-guard", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve(ServeArgs),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The configuration file (YAML).
+    #[arg(long, short, env = "ETCD_GUARD_CONFIG")]
+    config: PathBuf,
+    /// Listen on this address instead of the file's `listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Use this policy file instead of the file's `policy_file`.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Decide one request for one identity, and say which role and rule decided it.
+    /// Exits 0 on allow, 1 on deny.
+    Check(CheckArgs),
+    /// Load a policy file and report the first problem in it, with its line.
+    Validate {
+        /// The policy file.
+        policy: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The policy file.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The client certificate's subject CN.
+    #[arg(long)]
+    common_name: Option<String>,
+    /// A subject O (repeatable).
+    #[arg(long)]
+    organization: Vec<String>,
+    /// A subject OU (repeatable).
+    #[arg(long)]
+    organizational_unit: Vec<String>,
+    /// A DNS SAN (repeatable).
+    #[arg(long)]
+    dns_san: Vec<String>,
+    /// A URI SAN such as a SPIFFE ID (repeatable).
+    #[arg(long)]
+    uri_san: Vec<String>,
+    /// The certificate's SHA-256 fingerprint (hex).
+    #[arg(long)]
+    fingerprint_sha256: Option<String>,
+    /// The RPC to decide.
+    #[arg(long, value_enum)]
+    rpc: Rpc,
+    /// The key (for key RPCs; the name for lock/campaign/leader). `\xNN` escapes give any byte, `\\` a backslash.
+    #[arg(long)]
+    key: Option<String>,
+    /// The range end, as etcd takes it (`\x00` = every key from `--key` on).
+    #[arg(long, conflicts_with = "prefix")]
+    range_end: Option<String>,
+    /// Treat the key as a prefix (like `etcdctl --prefix`).
+    #[arg(long)]
+    prefix: bool,
+    /// For put and delete: also return the previous value (needs read too).
+    #[arg(long)]
+    prev_kv: bool,
+}
+
+/// RPCs `policy check` can decide (those that need a lease's attached keys need a live etcd and are not here).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Rpc {
+    Range,
+    Get,
+    Put,
+    Delete,
+    Watch,
+    Compact,
+    LeaseGrant,
+    Status,
+    AlarmList,
+    MemberList,
+    Members,
+    Alarm,
+    Defragment,
+    Snapshot,
+    Hash,
+    MoveLeader,
+    Downgrade,
+    Auth,
+    LeaseLeases,
+    Lock,
+    Unlock,
+    Campaign,
+    Leader,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a development CA, a proxy server certificate (localhost, 127.0.0.1), an etcd server certificate,
+    /// the proxy's upstream client certificate and one client certificate per `--client`.
+    Init {
+        /// Where to write the files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A client certificate to issue: NAME (the CN) or NAME:ORG. Repeatable.
+        #[arg(long)]
+        client: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load a configuration and every file it names (certificates, keys, policy) and report what is wrong.
+    Check {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Run the command line; the exit code follows the command (policy check: 0 allow, 1 deny; errors: 2).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Policy(PolicyCommand::Check(args)) => policy_check(args),
+        Command::Policy(PolicyCommand::Validate { policy }) => match Policy::load(&policy) {
+            Ok(_) => {
+                println!("{}: ok", policy.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Certs(CertsCommand::Init { dir, client }) => certs_init(dir, client),
+        Command::Config(ConfigCommand::Check { config }) => config_check(config),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("etcd-guard: {e}");
+    ExitCode::from(2)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging();
+    let mut config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(policy) = args.policy {
+        config.policy_file = policy;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("starting the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let proxy = match Proxy::bind(&config).await {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        let addr = proxy.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, "etcd-guard serving");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let serving = tokio::spawn(proxy.serve(stop_rx));
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let _ = serving.await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn policy_check(args: CheckArgs) -> ExitCode {
+    let policy = match Policy::load(&args.policy) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let identity = Identity {
+        common_name: args.common_name.clone(),
+        organizations: args.organization.clone(),
+        organizational_units: args.organizational_unit.clone(),
+        dns_sans: args.dns_san.clone(),
+        uri_sans: args.uri_san.clone(),
+        serial: String::new(),
+        fingerprint_sha256: args.fingerprint_sha256.clone().unwrap_or_default().to_lowercase().replace(':', ""),
+    };
+    let needs = match check_needs(&args) {
+        Ok(n) => n,
+        Err(e) => return fail(e),
+    };
+    let mut allowed = true;
+    for need in &needs.0 {
+        let (ok, text) = match need {
+            Need::Key(access, range) => {
+                let e = policy.explain(&identity, *access, range);
+                (e.allowed, e.to_string())
+            }
+            Need::Cap(cap) => {
+                let e = policy.explain_capability(&identity, *cap);
+                (e.allowed, e.to_string())
+            }
+            Need::Admin => {
+                let ok = policy.permissions_for(&identity).caps == CapabilitySet::all();
+                (ok, format!("{} admin (every cluster capability)", if ok { "ALLOW" } else { "DENY" }))
+            }
+            Need::Never(why) => (false, format!("DENY {why}")),
+            Need::LeaseKeys(..) => (true, "lease keys: checked against etcd at request time".to_string()),
+        };
+        allowed &= ok;
+        println!("{text}");
+    }
+    if allowed {
+        println!("allow");
+        ExitCode::SUCCESS
+    } else {
+        println!("deny");
+        ExitCode::from(1)
+    }
+}
+
+/// Build the request `policy check` describes and ask [`authz`] what it needs — the same code the proxy runs.
+fn check_needs(args: &CheckArgs) -> Result<Needs, String> {
+    let key = match &args.key {
+        Some(k) => unescape_key(k).map_err(|e| format!("--key: {e}"))?,
+        None => Vec::new(),
+    };
+    let range_end = if args.prefix {
+        match crate::policy::prefix_end(&key) {
+            crate::policy::End::Key(k) => k,
+            crate::policy::End::Unbounded => vec![0],
+        }
+    } else {
+        match &args.range_end {
+            Some(e) => unescape_key(e).map_err(|e| format!("--range-end: {e}"))?,
+            None => Vec::new(),
+        }
+    };
+    let need_key = || if key.is_empty() { Err("--key is required for this RPC".to_string()) } else { Ok(()) };
+    let cap = |c: Capability| Ok(Needs(vec![Need::Cap(c)]));
+    let status_text = |s: tonic::Status| s.message().to_string();
+    match args.rpc {
+        Rpc::Range | Rpc::Get => {
+            need_key()?;
+            authz::range(&pb::RangeRequest { key, range_end, ..Default::default() }).map_err(status_text)
+        }
+        Rpc::Put => {
+            need_key()?;
+            authz::put(&pb::PutRequest { key, prev_kv: args.prev_kv, ..Default::default() }).map_err(status_text)
+        }
+        Rpc::Delete => {
+            need_key()?;
+            authz::delete_range(&pb::DeleteRangeRequest { key, range_end, prev_kv: args.prev_kv }).map_err(status_text)
+        }
+        Rpc::Watch => Ok(authz::watch(&pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+                key,
+                range_end,
+                ..Default::default()
+            })),
+        })),
+        Rpc::Compact => cap(Capability::Compact),
+        Rpc::LeaseGrant => cap(Capability::Lease),
+        Rpc::Status | Rpc::AlarmList | Rpc::MemberList => cap(Capability::Status),
+        Rpc::Members => cap(Capability::Members),
+        Rpc::Alarm => cap(Capability::Alarm),
+        Rpc::Defragment => cap(Capability::Defragment),
+        Rpc::Snapshot => cap(Capability::Snapshot),
+        Rpc::Hash => cap(Capability::Hash),
+        Rpc::MoveLeader => cap(Capability::MoveLeader),
+        Rpc::Downgrade => cap(Capability::Downgrade),
+        Rpc::Auth => cap(Capability::Auth),
+        Rpc::LeaseLeases => Ok(Needs(vec![Need::Admin])),
+        Rpc::Lock => {
+            need_key()?;
+            authz::lock(&etcd_guard_proto::v3lockpb::LockRequest { name: key, lease: 0 }).map_err(status_text)
+        }
+        Rpc::Unlock => {
+            need_key()?;
+            authz::unlock(&etcd_guard_proto::v3lockpb::UnlockRequest { key }).map_err(status_text)
+        }
+        Rpc::Campaign => {
+            need_key()?;
+            let req = etcd_guard_proto::v3electionpb::CampaignRequest { name: key, lease: 0, value: Vec::new() };
+            authz::campaign(&req).map_err(status_text)
+        }
+        Rpc::Leader => {
+            need_key()?;
+            authz::leader(&etcd_guard_proto::v3electionpb::LeaderRequest { name: key }).map_err(status_text)
+        }
+    }
+}
+
+fn certs_init(dir: PathBuf, clients: Vec<String>) -> ExitCode {
+    let specs = match clients.iter().map(|c| c.parse::<ClientSpec>()).collect::<Result<Vec<_>, _>>() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    match certs::init_dir(&dir, &specs) {
+        Ok(report) => {
+            for f in report.files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn config_check(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut problems = Vec::new();
+    if let Err(e) = crate::tls::server_config(&config.tls) {
+        problems.push(format!("tls: {e}"));
+    }
+    if let Err(e) = crate::tls::upstream_channel_check(&config.upstream) {
+        problems.push(format!("upstream: {e}"));
+    }
+    if let Err(e) = Policy::load(&config.policy_file) {
+        problems.push(format!("policy: {e}"));
+    }
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("etcd-guard: {p}");
+        }
+        ExitCode::from(2)
+    }
+}

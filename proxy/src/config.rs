@@ -1,0 +1,248 @@
+//! The configuration file (`etcd-guard.yaml`): parsing, defaults and path resolution.
+//!
+//! Relative paths resolve against the folder of the configuration file. Every key is documented in the README.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default limit on the size of one request message (etcd's own default is 1.5 MiB + overhead; clientv3 sends up
+/// to 2 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
+
+/// The whole configuration, with paths already resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration was read from (for messages).
+    pub origin: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: ListenerTls,
+    pub upstream: Upstream,
+    pub policy_file: PathBuf,
+    pub advertise_client_urls: Vec<String>,
+    pub limits: Limits,
+}
+
+/// The client-facing TLS listener.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+    pub crl_files: Vec<PathBuf>,
+    pub handshake_timeout: Duration,
+}
+
+/// The etcd endpoints and the proxy's own client identity towards them.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub endpoints: Vec<String>,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub connect_timeout: Duration,
+}
+
+/// Size and concurrency limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_concurrent_streams: u32,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid { path: PathBuf, key: &'static str, message: String },
+}
+
+// === file format ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    tls: RawTls,
+    upstream: RawUpstream,
+    policy_file: PathBuf,
+    #[serde(default)]
+    advertise_client_urls: Vec<String>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
+    #[serde(default)]
+    crl_files: Vec<PathBuf>,
+    #[serde(default = "default_handshake_timeout_ms")]
+    handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    endpoints: Vec<String>,
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_request_bytes")]
+    max_request_bytes: usize,
+    #[serde(default = "default_max_concurrent_streams")]
+    max_concurrent_streams: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_request_bytes: default_max_request_bytes(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+        }
+    }
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_request_bytes() -> usize {
+    DEFAULT_MAX_REQUEST_BYTES
+}
+fn default_max_concurrent_streams() -> u32 {
+    // etcd's default (`--max-concurrent-streams`) is unlimited; kube-apiserver multiplexes every watch on one
+    // connection, so keep this high.
+    u32::MAX
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Read and check a configuration file. Paths inside it resolve against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse configuration text read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let invalid =
+            |key: &'static str, message: String| ConfigError::Invalid { path: path.to_path_buf(), key, message };
+
+        let listen = raw
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("listen", format!("{:?} is not an address like 127.0.0.1:23790: {e}", raw.listen)))?;
+        if raw.upstream.endpoints.is_empty() {
+            return Err(invalid("upstream.endpoints", "at least one endpoint is required".into()));
+        }
+        for ep in &raw.upstream.endpoints {
+            if !ep.starts_with("https://") {
+                return Err(invalid(
+                    "upstream.endpoints",
+                    format!("{ep:?}: only https:// endpoints are supported (the upstream connection is mutual TLS)"),
+                ));
+            }
+            ep.parse::<http::Uri>().map_err(|e| invalid("upstream.endpoints", format!("{ep:?}: {e}")))?;
+        }
+        for url in &raw.advertise_client_urls {
+            url.parse::<http::Uri>().map_err(|e| invalid("advertise_client_urls", format!("{url:?}: {e}")))?;
+        }
+        if raw.limits.max_request_bytes == 0 {
+            return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
+        }
+        Ok(Config {
+            origin: path.to_path_buf(),
+            listen,
+            tls: ListenerTls {
+                cert_file: resolve(&raw.tls.cert_file),
+                key_file: resolve(&raw.tls.key_file),
+                client_ca_file: resolve(&raw.tls.client_ca_file),
+                crl_files: raw.tls.crl_files.iter().map(|p| resolve(p)).collect(),
+                handshake_timeout: Duration::from_millis(raw.tls.handshake_timeout_ms),
+            },
+            upstream: Upstream {
+                endpoints: raw.upstream.endpoints,
+                ca_file: resolve(&raw.upstream.ca_file),
+                cert_file: resolve(&raw.upstream.cert_file),
+                key_file: resolve(&raw.upstream.key_file),
+                connect_timeout: Duration::from_millis(raw.upstream.connect_timeout_ms),
+            },
+            policy_file: resolve(&raw.policy_file),
+            advertise_client_urls: raw.advertise_client_urls,
+            limits: Limits {
+                max_request_bytes: raw.limits.max_request_bytes,
+                max_concurrent_streams: raw.limits.max_concurrent_streams,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+listen: "127.0.0.1:23790"
+tls:
+  cert_file: server.crt
+  key_file: server.key
+  client_ca_file: ca.crt
+upstream:
+  endpoints: ["https://127.0.0.1:2379"]
+  ca_file: etcd-ca.crt
+  cert_file: upstream-client.crt
+  key_file: upstream-client.key
+policy_file: policies/kubernetes.yaml
+advertise_client_urls: ["https://127.0.0.1:23790"]
+"#;
+
+    #[test]
+    fn example_parses_and_resolves_paths() -> Result<(), ConfigError> {
+        let c = Config::parse(EXAMPLE, Path::new("/etc/etcd-guard/etcd-guard.yaml"))?;
+        assert_eq!(c.listen.port(), 23790);
+        assert_eq!(c.tls.cert_file, PathBuf::from("/etc/etcd-guard/server.crt"));
+        assert_eq!(c.policy_file, PathBuf::from("/etc/etcd-guard/policies/kubernetes.yaml"));
+        assert_eq!(c.limits.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_the_file_name() {
+        let text = format!("{EXAMPLE}\nlisten_addr: x\n");
+        let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("c.yaml:"), "{err}");
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_upstream_is_refused() {
+        let text = EXAMPLE.replace("https://127.0.0.1:2379", "http://127.0.0.1:2379");
+        let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("upstream.endpoints"), "{err}");
+    }
+}

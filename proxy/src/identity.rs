@@ -1,0 +1,116 @@
+//! Client identity: what a verified client certificate says about who is calling.
+//!
+//! The TLS layer has already verified the chain; this module only reads the leaf.
+
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// Who a client is, read from its verified TLS certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub common_name: Option<String>,
+    pub organizations: Vec<String>,
+    pub organizational_units: Vec<String>,
+    pub dns_sans: Vec<String>,
+    pub uri_sans: Vec<String>,
+    /// Certificate serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, lowercase hex without separators.
+    pub fingerprint_sha256: String,
+}
+
+/// Why a certificate could not be turned into an identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("the client presented no certificate")]
+    NoCertificate,
+    #[error("the client certificate does not parse: {0}")]
+    Parse(String),
+    #[error("the client certificate has {0} common names; exactly one or none is accepted")]
+    AmbiguousCommonName(usize),
+    #[error("the client certificate has a subject attribute that is not a UTF-8 string")]
+    NotText,
+}
+
+// === impl Identity ===
+
+impl Identity {
+    /// Read the identity from a DER leaf certificate that the TLS layer has verified.
+    pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
+        let subject = cert.subject();
+        let text = |attr: &x509_parser::x509::AttributeTypeAndValue<'_>| {
+            attr.as_str().map(str::to_string).map_err(|_| IdentityError::NotText)
+        };
+        let cns = subject.iter_common_name().map(text).collect::<Result<Vec<_>, _>>()?;
+        if cns.len() > 1 {
+            return Err(IdentityError::AmbiguousCommonName(cns.len()));
+        }
+        let organizations = subject.iter_organization().map(text).collect::<Result<Vec<_>, _>>()?;
+        let organizational_units = subject.iter_organizational_unit().map(text).collect::<Result<Vec<_>, _>>()?;
+        let mut dns_sans = Vec::new();
+        let mut uri_sans = Vec::new();
+        let san = cert.subject_alternative_name().map_err(|e| IdentityError::Parse(e.to_string()))?;
+        if let Some(san) = san {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns_sans.push((*d).to_string()),
+                    GeneralName::URI(u) => uri_sans.push((*u).to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(Identity {
+            common_name: cns.into_iter().next(),
+            organizations,
+            organizational_units,
+            dns_sans,
+            uri_sans,
+            serial: hex::encode(cert.raw_serial()),
+            fingerprint_sha256: hex::encode(Sha256::digest(der)),
+        })
+    }
+
+    /// A short human name for logs: the CN, else the first URI SAN, else the first DNS SAN, else the fingerprint.
+    pub fn display_name(&self) -> &str {
+        self.common_name
+            .as_deref()
+            .or_else(|| self.uri_sans.first().map(String::as_str))
+            .or_else(|| self.dns_sans.first().map(String::as_str))
+            .unwrap_or(&self.fingerprint_sha256)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{DevCa, LeafKind};
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).map(|c| c.to_vec()).unwrap_or_default()
+    }
+
+    #[test]
+    fn reads_subject_and_sans() -> Result<(), Box<dyn std::error::Error>> {
+        let ca = DevCa::new("test ca")?;
+        let spiffe = "spiffe://cluster.local/ns/kube-system/sa/cilium";
+        let issued = ca.issue(LeafKind::Client, "cilium", Some("kube-system"), &["cilium.local"], &[spiffe])?;
+        let d = der(&issued.cert_pem);
+        let id = Identity::from_der(&d)?;
+        assert_eq!(id.common_name.as_deref(), Some("cilium"));
+        assert_eq!(id.organizations, vec!["kube-system".to_string()]);
+        assert_eq!(id.dns_sans, vec!["cilium.local".to_string()]);
+        assert_eq!(id.uri_sans, vec![spiffe.to_string()]);
+        assert_eq!(id.fingerprint_sha256, hex::encode(Sha256::digest(&d)));
+        assert_eq!(id.fingerprint_sha256.len(), 64);
+        assert!(!id.serial.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(matches!(Identity::from_der(b"not a certificate"), Err(IdentityError::Parse(_))));
+    }
+}

@@ -1,0 +1,186 @@
+//! The listener: our own accept loop, so each connection's verified client certificate becomes an [`Identity`]
+//! and its permissions are computed once, before any request is read. HTTP/2 only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::policy::{Policy, PolicyError};
+use crate::service::{Conn, Guard, Shared};
+use crate::tls::{self, TlsError};
+use crate::upstream::Upstream;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A proxy bound to its address, ready to serve.
+pub struct Proxy {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    handshake_timeout: Duration,
+    max_concurrent_streams: u32,
+}
+
+/// A proxy serving in the background (used by tests and the demo).
+pub struct Running {
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Load everything the configuration names and bind the listener. Every file problem is reported here.
+    pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
+        let policy = Policy::load(&config.policy_file)?;
+        let server_tls = tls::server_config(&config.tls)?;
+        let channel = tls::upstream_channel(&config.upstream)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let advertise_client_urls = if config.advertise_client_urls.is_empty() {
+            vec![format!("https://{}", listener.local_addr().unwrap_or(config.listen))]
+        } else {
+            config.advertise_client_urls.clone()
+        };
+        let shared = Arc::new(Shared {
+            policy: Arc::new(policy),
+            upstream: Upstream::new(channel),
+            advertise_client_urls,
+            max_request_bytes: config.limits.max_request_bytes,
+        });
+        Ok(Proxy {
+            listener,
+            acceptor: TlsAcceptor::from(server_tls),
+            shared,
+            handshake_timeout: config.tls.handshake_timeout,
+            max_concurrent_streams: config.limits.max_concurrent_streams,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serve until `stop` turns true.
+    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
+        let next_id = AtomicU64::new(1);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off briefly rather than spin.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => break,
+            };
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let acceptor = self.acceptor.clone();
+            let shared = self.shared.clone();
+            let settings = (self.handshake_timeout, self.max_concurrent_streams);
+            tokio::spawn(connection(tcp, peer, id, acceptor, shared, settings));
+        }
+        info!("listener closed");
+    }
+
+    /// Serve in the background.
+    pub fn spawn(self) -> Running {
+        let local_addr = self.local_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(self.serve(rx));
+        Running { local_addr, stop, task }
+    }
+}
+
+// === impl Running ===
+
+impl Running {
+    /// Stop accepting connections and wait for the accept loop to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// One client connection: handshake, identity, then HTTP/2 until the client goes away.
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    (handshake_timeout, max_concurrent_streams): (Duration, u32),
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(conn = id, %peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            info!(conn = id, %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let identity = match leaf.map(|c| Identity::from_der(c.as_ref())) {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => {
+            info!(conn = id, %peer, error = %e, "client certificate refused");
+            return;
+        }
+        None => {
+            // The verifier requires a certificate; this is defence in depth.
+            info!(conn = id, %peer, "no client certificate");
+            return;
+        }
+    };
+    let permissions = shared.policy.permissions_for(&identity);
+    info!(
+        conn = id,
+        %peer,
+        identity = identity.display_name(),
+        fingerprint = %identity.fingerprint_sha256,
+        roles = ?permissions.roles,
+        "client connected"
+    );
+    let guard = Guard::new(shared, Conn { id, peer, identity, permissions });
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(max_concurrent_streams)
+        .adaptive_window(true)
+        // Find dead peers; clients' own pings (kube-apiserver every 30 s, clientv3 as set) are always accepted.
+        .keep_alive_interval(Some(Duration::from_secs(120)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    if let Err(e) = http2.serve_connection(TokioIo::new(stream), guard).await {
+        debug!(conn = id, error = %e, "connection ended with an error");
+    }
+    debug!(conn = id, "client disconnected");
+}

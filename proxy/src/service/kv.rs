@@ -1,0 +1,24 @@
+//! `etcdserverpb.KV`: Range, RangeStream, Put, DeleteRange, Txn, Compact.
+
+use etcd_guard_proto::etcdserverpb as pb;
+use http::Response;
+use tonic::body::Body;
+
+use super::{Guard, HttpRequest};
+use crate::authz;
+
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+    Some(match method {
+        "Range" => g.unary::<pb::RangeRequest, _>(req, "/etcdserverpb.KV/Range", authz::range).await,
+        "RangeStream" => {
+            g.server_streaming::<pb::RangeRequest, _>(req, "/etcdserverpb.KV/RangeStream", authz::range).await
+        }
+        "Put" => g.unary::<pb::PutRequest, _>(req, "/etcdserverpb.KV/Put", authz::put).await,
+        "DeleteRange" => {
+            g.unary::<pb::DeleteRangeRequest, _>(req, "/etcdserverpb.KV/DeleteRange", authz::delete_range).await
+        }
+        "Txn" => g.unary::<pb::TxnRequest, _>(req, "/etcdserverpb.KV/Txn", authz::txn).await,
+        "Compact" => g.unary::<pb::CompactionRequest, _>(req, "/etcdserverpb.KV/Compact", authz::compact).await,
+        _ => return None,
+    })
+}

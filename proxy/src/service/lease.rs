@@ -1,0 +1,98 @@
+//! `etcdserverpb.Lease`. Lease IDs are global in etcd, so leases are a channel between tenants: revoking or
+//! keeping alive a lease acts on every key attached to it, and the proxy asks etcd which keys those are.
+
+use bytes::Bytes;
+use etcd_guard_proto::etcdserverpb as pb;
+use http::Response;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::{Status, Streaming};
+
+use super::{Guard, HttpRequest, Outbound};
+use crate::authz;
+use crate::upstream::{CallMeta, clean};
+
+const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+    Some(match method {
+        "LeaseGrant" => {
+            g.unary::<pb::LeaseGrantRequest, _>(req, "/etcdserverpb.Lease/LeaseGrant", authz::lease_grant).await
+        }
+        "LeaseRevoke" => {
+            g.unary::<pb::LeaseRevokeRequest, _>(req, "/etcdserverpb.Lease/LeaseRevoke", authz::lease_revoke).await
+        }
+        "LeaseTimeToLive" => {
+            let path = "/etcdserverpb.Lease/LeaseTimeToLive";
+            g.unary::<pb::LeaseTimeToLiveRequest, _>(req, path, authz::lease_time_to_live).await
+        }
+        "LeaseLeases" => {
+            g.unary::<pb::LeaseLeasesRequest, _>(req, "/etcdserverpb.Lease/LeaseLeases", authz::lease_leases).await
+        }
+        "LeaseKeepAlive" => {
+            let g2 = g.clone();
+            g.bidi::<pb::LeaseKeepAliveRequest, _, _>(req, move |inbound, meta| keep_alive(g2, inbound, meta)).await
+        }
+        _ => return None,
+    })
+}
+
+/// Every keep-alive is checked on its own. A denied one ends the stream with `PermissionDenied`, as etcd does.
+async fn keep_alive(
+    g: Guard,
+    mut inbound: Streaming<pb::LeaseKeepAliveRequest>,
+    meta: CallMeta,
+) -> Result<Outbound, Status> {
+    let (down_tx, down_rx) = mpsc::channel::<Result<Bytes, Status>>(16);
+    let (up_tx, up_rx) = mpsc::channel::<pb::LeaseKeepAliveRequest>(16);
+
+    // etcd answers the stream's headers only with its first message, so the upstream call runs beside the
+    // inbound loop rather than before it.
+    let upstream = g.shared.upstream.clone();
+    let up_meta = meta.clone();
+    let down = down_tx.clone();
+    let pump = tokio::spawn(async move {
+        match upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(bytes)) => {
+                        if down.send(Ok(bytes)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = down.send(Err(clean(status))).await;
+                        break;
+                    }
+                }
+            },
+            Err(status) => {
+                let _ = down.send(Err(status)).await;
+            }
+        }
+    });
+
+    tokio::spawn(async move {
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            let needs = authz::lease_keep_alive(&msg);
+            if let Err(status) = g.enforce(&needs, &meta).await {
+                pump.abort();
+                let _ = down_tx.send(Err(status)).await;
+                return;
+            }
+            if up_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+        // The client closed its side: close ours towards etcd and let the pump finish.
+        drop(up_tx);
+    });
+
+    Ok(ReceiverStream::new(down_rx))
+}

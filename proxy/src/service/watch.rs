@@ -1,0 +1,180 @@
+//! `etcdserverpb.Watch`: one upstream stream per client stream, so watch IDs, ordering, progress requests and
+//! fragments behave exactly as with etcd.
+//!
+//! Each create request is checked for read access on its interval. A denied create does not end the stream:
+//! like etcd, the proxy answers it with a created-and-canceled response (`watch_id` -1, `cancel_reason`
+//! "rpc error: code = PermissionDenied desc = etcdserver: permission denied"). clientv3 pairs `created`
+//! responses with its creates in order, so a denial waits behind creates still pending at etcd.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use etcd_guard_proto::etcdserverpb as pb;
+use http::Response;
+use prost::Message;
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::{Status, Streaming};
+
+use super::{Guard, HttpRequest, Outbound};
+use crate::authz;
+use crate::upstream::{CallMeta, clean};
+
+const WATCH: &str = "/etcdserverpb.Watch/Watch";
+
+/// The `cancel_reason` etcd sends for a denied watch.
+pub const DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
+
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+    Some(match method {
+        "Watch" => {
+            let g2 = g.clone();
+            g.bidi::<pb::WatchRequest, _, _>(req, move |inbound, meta| serve(g2, inbound, meta)).await
+        }
+        _ => return None,
+    })
+}
+
+/// Only what the proxy reads of etcd's watch responses; every other field is skipped while decoding and the
+/// original bytes are forwarded.
+#[derive(Clone, PartialEq, Message)]
+struct WatchResponseHead {
+    #[prost(message, optional, tag = "1")]
+    header: Option<pb::ResponseHeader>,
+    #[prost(bool, tag = "3")]
+    created: bool,
+}
+
+/// A create request waiting for its `created` answer, in the order the client sent them.
+enum Pending {
+    /// Forwarded to etcd; etcd's `created` response answers it.
+    Upstream,
+    /// Denied by the proxy; answered as soon as everything before it is answered.
+    Denied,
+}
+
+#[derive(Default)]
+struct Order {
+    pending: VecDeque<Pending>,
+    /// The header of etcd's last `created` response, reused in denials as etcd would fill it.
+    header: Option<pb::ResponseHeader>,
+}
+
+type Down = mpsc::Sender<Result<Bytes, Status>>;
+
+async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<Outbound, Status> {
+    let (down_tx, down_rx) = mpsc::channel::<Result<Bytes, Status>>(64);
+    let (up_tx, up_rx) = mpsc::channel::<pb::WatchRequest>(64);
+    let order = Arc::new(Mutex::new(Order::default()));
+
+    // etcd sends the stream's headers only with its first message, so the upstream call runs beside the inbound
+    // loop rather than before it.
+    let upstream = g.shared.upstream.clone();
+    let up_meta = meta.clone();
+    let (down, up_order) = (down_tx.clone(), order.clone());
+    tokio::spawn(async move {
+        match upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await {
+            Ok(stream) => pump(stream, &down, &up_order).await,
+            Err(status) => {
+                let _ = down.send(Err(status)).await;
+            }
+        }
+    });
+
+    tokio::spawn(async move {
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            let is_create = matches!(msg.request_union, Some(pb::watch_request::RequestUnion::CreateRequest(_)));
+            let needs = authz::watch(&msg);
+            match g.enforce(&needs, &meta).await {
+                Ok(()) => {
+                    if is_create {
+                        order.lock().await.pending.push_back(Pending::Upstream);
+                    }
+                    if up_tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                    if is_create {
+                        let mut o = order.lock().await;
+                        if o.pending.is_empty() {
+                            if down_tx.send(Ok(denial(o.header))).await.is_err() {
+                                break;
+                            }
+                        } else {
+                            o.pending.push_back(Pending::Denied);
+                        }
+                    }
+                    // A denied message that is not a create (an unknown request type) is dropped, as etcd
+                    // ignores requests it does not understand.
+                }
+                Err(status) => {
+                    // The check itself failed (etcd unreachable while looking up a lease): end the stream.
+                    let _ = down_tx.send(Err(status)).await;
+                    break;
+                }
+            }
+        }
+        drop(up_tx);
+    });
+
+    Ok(ReceiverStream::new(down_rx))
+}
+
+/// Pass etcd's responses through, releasing queued denials after each `created` response.
+async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
+    loop {
+        match stream.message().await {
+            Ok(Some(bytes)) => {
+                let head = WatchResponseHead::decode(bytes.clone()).unwrap_or_default();
+                if !head.created {
+                    if down.send(Ok(bytes)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let mut o = order.lock().await;
+                if head.header.is_some() {
+                    o.header = head.header;
+                }
+                if down.send(Ok(bytes)).await.is_err() {
+                    return;
+                }
+                if let Some(Pending::Upstream) = o.pending.front() {
+                    o.pending.pop_front();
+                }
+                while let Some(Pending::Denied) = o.pending.front() {
+                    o.pending.pop_front();
+                    let header = o.header;
+                    if down.send(Ok(denial(header))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(status) => {
+                let _ = down.send(Err(clean(status))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// etcd's answer to a denied watch create.
+fn denial(header: Option<pb::ResponseHeader>) -> Bytes {
+    let resp = pb::WatchResponse {
+        header: Some(header.unwrap_or_default()),
+        watch_id: -1,
+        created: true,
+        canceled: true,
+        cancel_reason: DENIED_REASON.to_string(),
+        ..Default::default()
+    };
+    Bytes::from(resp.encode_to_vec())
+}

@@ -1,0 +1,163 @@
+//! TLS on both legs: the client-facing listener (mutual TLS, client certificate required and verified) and the
+//! upstream connection to etcd (mutual TLS with the proxy's own identity).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::config;
+
+/// Why TLS material was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{path}: no certificate found in the file")]
+    NoCertificate { path: PathBuf },
+    #[error("{cert} and {key}: the private key does not match the certificate ({message})")]
+    KeyMismatch { cert: PathBuf, key: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Verifier { path: PathBuf, message: String },
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("upstream endpoint {endpoint:?}: {message}")]
+    Endpoint { endpoint: String, message: String },
+}
+
+/// The crypto provider used everywhere: rustls with *ring*.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Build the listener's rustls configuration: the server certificate, client certificates required and verified
+/// against the client CA bundle (and CRLs, with expired CRLs refused), HTTP/2 only.
+pub fn server_config(tls: &config::ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let chain = load_certs(&tls.cert_file)?;
+    let key = load_key(&tls.key_file)?;
+    let certified = check_pair(&chain, &key, &tls.cert_file, &tls.key_file, &provider)?;
+
+    let mut roots = RootCertStore::empty();
+    for ca in load_certs(&tls.client_ca_file)? {
+        roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
+    }
+    let mut crls = Vec::new();
+    for path in &tls.crl_files {
+        crls.extend(load_crls(path)?);
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .enforce_revocation_expiration()
+        .build()
+        .map_err(|e| TlsError::Verifier { path: tls.client_ca_file.clone(), message: e.to_string() })?;
+
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Build the upstream channel: one lazily connected HTTP/2 channel balanced over the endpoints, each reconnecting
+/// on its own when its etcd member comes back.
+pub fn upstream_channel(up: &config::Upstream) -> Result<Channel, TlsError> {
+    let tls = upstream_tls(up)?;
+    let mut endpoints = Vec::with_capacity(up.endpoints.len());
+    for url in &up.endpoints {
+        let endpoint = Endpoint::from_shared(url.clone())
+            .and_then(|e| e.tls_config(tls.clone()))
+            .map_err(|e| TlsError::Endpoint { endpoint: url.clone(), message: e.to_string() })?
+            .connect_timeout(up.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .http2_adaptive_window(true);
+        endpoints.push(endpoint);
+    }
+    Ok(match endpoints.as_slice() {
+        [one] => one.connect_lazy(),
+        _ => Channel::balance_list(endpoints.into_iter()),
+    })
+}
+
+/// Check the upstream TLS files (readable, parseable, key matching certificate) without connecting.
+pub fn upstream_channel_check(up: &config::Upstream) -> Result<(), TlsError> {
+    upstream_tls(up).map(|_| ())
+}
+
+/// Parse everything now so a bad file is reported at start, not at the first request.
+fn upstream_tls(up: &config::Upstream) -> Result<ClientTlsConfig, TlsError> {
+    let ca_pem = read(&up.ca_file)?;
+    load_certs(&up.ca_file)?;
+    let chain = load_certs(&up.cert_file)?;
+    let key = load_key(&up.key_file)?;
+    check_pair(&chain, &key, &up.cert_file, &up.key_file, &provider())?;
+    let cert_pem = read(&up.cert_file)?;
+    let key_pem = read(&up.key_file)?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
+        .assume_http2(true))
+}
+
+/// Read every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+/// Read the first private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: format!("no usable private key: {e}") })
+}
+
+/// Read the CRLs in a file, PEM or DER.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let pem = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: e.to_string() })?;
+    if pem.is_empty() {
+        // Not PEM: take the file as one DER CRL; the verifier parses it when built.
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    Ok(pem)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
+}
+
+fn check_pair(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let mismatch =
+        |message: String| TlsError::KeyMismatch { cert: cert_path.to_path_buf(), key: key_path.to_path_buf(), message };
+    let signing = provider.key_provider.load_private_key(key.clone_key()).map_err(|e| mismatch(e.to_string()))?;
+    let certified = CertifiedKey::new(chain.to_vec(), signing);
+    certified.keys_match().map_err(|e| mismatch(e.to_string()))?;
+    Ok(certified)
+}
