@@ -1,0 +1,318 @@
+//! Test harness: a real etcd on loopback with certificates made for the test, and etcd-guard in front of it.
+//!
+//! Nothing here mocks etcd. Every process and port is local (127.0.0.1) and stopped when the harness is dropped.
+
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_guard::certs::{DevCa, LeafKind};
+use etcd_guard::config::Config;
+use etcd_guard::server::{Proxy, Running};
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A policy for tests: an admin, a cilium-like identity scoped to `cilium/`, a reader of `/registry/` without
+/// secrets, and a second scoped tenant.
+pub const TEST_POLICY: &str = r#"
+roles:
+  - name: admin
+    keys:
+      - { prefix: "", access: readwrite }
+    cluster: [admin]
+  - name: cilium
+    keys:
+      - { prefix: "cilium/", access: readwrite }
+    cluster: [status, lease]
+  - name: tenant-b
+    keys:
+      - { prefix: "b/", access: readwrite }
+    cluster: [status, lease]
+  - name: monitoring
+    keys:
+      - { prefix: "/registry/", access: read }
+    deny:
+      - { prefix: "/registry/secrets/" }
+    cluster: [status]
+bindings:
+  - role: admin
+    subjects: [ { common_name: "admin" } ]
+  - role: cilium
+    subjects: [ { uri_san: "spiffe://cluster.local/ns/kube-system/sa/cilium" } ]
+  - role: tenant-b
+    subjects: [ { common_name: "tenant-b" } ]
+  - role: monitoring
+    subjects: [ { organization: "monitoring" } ]
+"#;
+
+/// Test certificates in a temporary folder.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+}
+
+/// A client certificate written to disk.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A single etcd member on loopback.
+pub struct Etcd {
+    child: Child,
+    pub client_url: String,
+    _data: tempfile::TempDir,
+}
+
+/// etcd, with etcd-guard in front of it.
+pub struct Harness {
+    pub pki: Pki,
+    pub etcd: Etcd,
+    pub proxy: Option<Running>,
+    pub proxy_addr: SocketAddr,
+}
+
+// === impl Pki ===
+
+impl Pki {
+    pub fn new() -> TestResult<Pki> {
+        let dir = tempfile::tempdir()?;
+        let ca = DevCa::new("etcd-guard test CA")?;
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
+        let local = ["localhost", "127.0.0.1"];
+        let pki = Pki { dir, ca };
+        pki.write_leaf("server", LeafKind::Server, "etcd-guard", None, &local, &[])?;
+        pki.write_leaf("etcd-server", LeafKind::Both, "etcd", None, &local, &[])?;
+        pki.write_leaf("upstream-client", LeafKind::Client, "etcd-guard", None, &[], &[])?;
+        Ok(pki)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.path("ca.crt")
+    }
+
+    fn write_leaf(
+        &self,
+        name: &str,
+        kind: LeafKind,
+        cn: &str,
+        org: Option<&str>,
+        sans: &[&str],
+        uris: &[&str],
+    ) -> TestResult<ClientCert> {
+        let issued = self.ca.issue(kind, cn, org, sans, uris)?;
+        self.write_pair(name, &issued.cert_pem, &issued.key_pem)
+    }
+
+    /// Write a certificate and key under `name`.
+    pub fn write_pair(&self, name: &str, cert_pem: &str, key_pem: &str) -> TestResult<ClientCert> {
+        let cert = self.path(&format!("{name}.crt"));
+        let key = self.path(&format!("{name}.key"));
+        std::fs::write(&cert, cert_pem)?;
+        std::fs::write(&key, key_pem)?;
+        Ok(ClientCert { cert, key })
+    }
+
+    /// Issue a client certificate.
+    pub fn client(&self, name: &str, cn: &str, org: Option<&str>, uris: &[&str]) -> TestResult<ClientCert> {
+        self.write_leaf(name, LeafKind::Client, cn, org, &[], uris)
+    }
+}
+
+// === impl Etcd ===
+
+/// A free loopback port (the listener is dropped right away; good enough for tests on one machine).
+pub fn free_port() -> TestResult<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Etcd {
+    /// Start etcd with mutual TLS on its client port (client certificates required), waiting until it answers.
+    pub fn start(pki: &Pki) -> TestResult<Etcd> {
+        let data = tempfile::tempdir()?;
+        let client_port = free_port()?;
+        let peer_port = free_port()?;
+        let client_url = format!("https://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::File::create(data.path().join("etcd.log"))?;
+        let child = Command::new("etcd")
+            .args(["--name", "guard-test"])
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("guard-test={peer_url}")])
+            .arg("--cert-file")
+            .arg(pki.path("etcd-server.crt"))
+            .arg("--key-file")
+            .arg(pki.path("etcd-server.key"))
+            .arg("--trusted-ca-file")
+            .arg(pki.ca_file())
+            .arg("--client-cert-auth")
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?;
+        let mut etcd = Etcd { child, client_url, _data: data };
+        etcd.wait_ready(pki)?;
+        Ok(etcd)
+    }
+
+    fn wait_ready(&mut self, pki: &Pki) -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let admin = pki.write_leaf("etcd-probe", LeafKind::Client, "root", None, &[], &[])?;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!("etcd exited early: {status}").into());
+            }
+            let out = etcdctl_at(&self.client_url, &pki.ca_file(), &admin, &["endpoint", "health"])?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("etcd did not become healthy: {}", String::from_utf8_lossy(&out.stderr)).into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run etcdctl (API v3) against `endpoint` with a client certificate.
+pub fn etcdctl_at(endpoint: &str, ca: &Path, client: &ClientCert, args: &[&str]) -> TestResult<Output> {
+    etcdctl_stdin(endpoint, ca, client, args, None)
+}
+
+/// Run etcdctl with text on its standard input (for `txn`).
+pub fn etcdctl_stdin(
+    endpoint: &str,
+    ca: &Path,
+    client: &ClientCert,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> TestResult<Output> {
+    use std::io::Write;
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg(format!("--cacert={}", ca.display()))
+        .arg(format!("--cert={}", client.cert.display()))
+        .arg(format!("--key={}", client.key.display()))
+        .args(["--dial-timeout=5s", "--command-timeout=10s"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().map_err(|e| format!("running etcdctl (is etcd-client installed?): {e}"))?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input.write_all(text.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+// === impl Harness ===
+
+impl Harness {
+    /// etcd plus etcd-guard with [`TEST_POLICY`].
+    pub async fn start() -> TestResult<Harness> {
+        Harness::with_policy(TEST_POLICY).await
+    }
+
+    pub async fn with_policy(policy: &str) -> TestResult<Harness> {
+        let pki = Pki::new()?;
+        let etcd = Etcd::start(&pki)?;
+        std::fs::write(pki.path("policy.yaml"), policy)?;
+        let config_text = format!(
+            r#"
+listen: "127.0.0.1:0"
+tls:
+  cert_file: server.crt
+  key_file: server.key
+  client_ca_file: ca.crt
+upstream:
+  endpoints: ["{}"]
+  ca_file: ca.crt
+  cert_file: upstream-client.crt
+  key_file: upstream-client.key
+policy_file: policy.yaml
+advertise_client_urls: ["https://127.0.0.1:23790"]
+"#,
+            etcd.client_url
+        );
+        let config_path = pki.path("etcd-guard.yaml");
+        std::fs::write(&config_path, config_text)?;
+        let config = Config::load(&config_path)?;
+        let proxy = Proxy::bind(&config).await?.spawn();
+        let proxy_addr = proxy.local_addr;
+        Ok(Harness { pki, etcd, proxy: Some(proxy), proxy_addr })
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("https://{}", self.proxy_addr)
+    }
+
+    /// etcdctl through the proxy.
+    pub fn ctl(&self, client: &ClientCert, args: &[&str]) -> TestResult<Output> {
+        etcdctl_at(&self.proxy_url(), &self.pki.ca_file(), client, args)
+    }
+
+    /// etcdctl straight to etcd (as the proxy's own upstream identity).
+    pub fn ctl_direct(&self, args: &[&str]) -> TestResult<Output> {
+        let upstream =
+            ClientCert { cert: self.pki.path("upstream-client.crt"), key: self.pki.path("upstream-client.key") };
+        etcdctl_at(&self.etcd.client_url, &self.pki.ca_file(), &upstream, args)
+    }
+
+    /// An `etcd-client` connection through the proxy.
+    pub async fn client(&self, cert: &ClientCert) -> TestResult<etcd_client::Client> {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(self.pki.ca_file())?))
+            .identity(etcd_client::Identity::from_pem(std::fs::read(&cert.cert)?, std::fs::read(&cert.key)?));
+        let opts = etcd_client::ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10));
+        Ok(etcd_client::Client::connect([self.proxy_url()], Some(opts)).await?)
+    }
+
+    pub fn admin(&self) -> TestResult<ClientCert> {
+        self.pki.client("admin", "admin", None, &[])
+    }
+
+    pub fn cilium(&self) -> TestResult<ClientCert> {
+        self.pki.client("cilium", "cilium-agent", None, &["spiffe://cluster.local/ns/kube-system/sa/cilium"])
+    }
+
+    pub fn tenant_b(&self) -> TestResult<ClientCert> {
+        self.pki.client("tenant-b", "tenant-b", None, &[])
+    }
+
+    pub fn nobody(&self) -> TestResult<ClientCert> {
+        self.pki.client("nobody", "nobody", None, &[])
+    }
+}
+
+/// Text of a process's stdout.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Text of a process's stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,65 @@
+//! The listener refuses clients without a valid certificate at the TLS handshake.
+
+use std::sync::Arc;
+
+use etcd_guard::certs::{DevCa, LeafKind};
+use etcd_guard_tests::{Harness, TestResult};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn roots(h: &Harness) -> TestResult<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(h.pki.ca_file())? {
+        roots.add(c?)?;
+    }
+    Ok(roots)
+}
+
+/// Try a TLS connection and one HTTP/2 preface; Ok(true) if the server kept talking.
+async fn handshake(h: &Harness, client: Option<(String, String)>) -> TestResult<bool> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(h)?);
+    let mut config = match client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await?;
+    let mut tls = match connector.connect(ServerName::try_from("localhost")?, tcp).await {
+        Ok(t) => t,
+        Err(_) => return Ok(false),
+    };
+    // TLS 1.3 client auth failures surface on the first read after the handshake.
+    if tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.is_err() {
+        return Ok(false);
+    }
+    let mut buf = [0u8; 9];
+    Ok(tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut buf)).await.is_ok_and(|r| r.is_ok()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_are_checked_at_the_handshake() -> TestResult {
+    let h = Harness::start().await?;
+    let good = h.pki.ca.issue(LeafKind::Client, "admin", None, &[], &[])?;
+    assert!(handshake(&h, Some((good.cert_pem, good.key_pem))).await?, "a valid certificate is accepted");
+
+    assert!(!handshake(&h, None).await?, "no certificate");
+
+    let other = DevCa::new("some other CA")?.issue(LeafKind::Client, "admin", None, &[], &[])?;
+    assert!(!handshake(&h, Some((other.cert_pem, other.key_pem))).await?, "another CA");
+
+    let expired = h.pki.ca.issue_with(LeafKind::Client, "admin", None, &[], &[], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    })?;
+    assert!(!handshake(&h, Some((expired.cert_pem, expired.key_pem))).await?, "expired");
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Requests whose encoding differs from their canonical form are checked and forwarded as the proxy decoded
+//! them: never the client's original bytes.
+//!
+//! etcd ≤ 3.6 reads a *present but empty* `range_end` as "every key ≥ key" while its authorization sees a
+//! single key; a proxy forwarding the original bytes would leak the whole keyspace above the key.
+
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, Bytes};
+use etcd_guard_proto::etcdserverpb::RangeResponse;
+use etcd_guard_tests::{ClientCert, Harness, TestResult};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+
+/// Sends hand-made bytes, decodes etcd's answer.
+struct RawRequest<R>(PhantomData<R>);
+struct RawEncoder;
+struct ProstDecoder<R>(PhantomData<R>);
+
+impl<R: prost::Message + Default + Send + 'static> Codec for RawRequest<R> {
+    type Encode = Bytes;
+    type Decode = R;
+    type Encoder = RawEncoder;
+    type Decoder = ProstDecoder<R>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ProstDecoder<R> {
+        ProstDecoder(PhantomData)
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl<R: prost::Message + Default> Decoder for ProstDecoder<R> {
+    type Item = R;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<R>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        R::decode(bytes).map(Some).map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+async fn channel(h: &Harness, who: &ClientCert) -> TestResult<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(h.pki.ca_file())?))
+        .identity(Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?))
+        .domain_name("localhost");
+    Ok(Endpoint::from_shared(h.proxy_url())?.tls_config(tls)?.connect().await?)
+}
+
+async fn raw_range(ch: &Channel, bytes: &[u8]) -> Result<RangeResponse, Status> {
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Range");
+    let resp = grpc
+        .unary(tonic::Request::new(Bytes::copy_from_slice(bytes)), path, RawRequest::<RangeResponse>(PhantomData))
+        .await?;
+    Ok(resp.into_inner())
+}
+
+/// Field 1 (key) and field 2 (range_end) of a RangeRequest, length-delimited.
+fn field(tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag, value.len() as u8];
+    v.extend_from_slice(value);
+    v
+}
+
+fn keys(r: &RangeResponse) -> Vec<String> {
+    r.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_canonical_encodings_are_forwarded_as_decoded() -> TestResult {
+    let h = Harness::start().await?;
+    for k in ["cilium/a", "cilium/b", "secret", "zzz"] {
+        assert!(h.ctl_direct(&["put", k, "v"])?.status.success());
+    }
+    let ch = channel(&h, &h.cilium()?).await?;
+
+    // A present but empty range_end: the proxy reads "one key", and etcd must see exactly that.
+    let mut req = field(0x0a, b"cilium/a");
+    req.extend(field(0x12, b""));
+    assert_eq!(keys(&raw_range(&ch, &req).await?), vec!["cilium/a"], "present-but-empty range_end leaked keys");
+
+    // An unknown field is dropped, not forwarded.
+    let mut req = field(0x0a, b"cilium/b");
+    req.extend([0xf8, 0x06, 0x01]); // field 111, varint 1
+    assert_eq!(keys(&raw_range(&ch, &req).await?), vec!["cilium/b"]);
+
+    // A duplicated key field: protobuf's last one wins, for the check and for etcd alike.
+    let mut req = field(0x0a, b"secret");
+    req.extend(field(0x0a, b"cilium/a"));
+    assert_eq!(keys(&raw_range(&ch, &req).await?), vec!["cilium/a"]);
+    let mut req = field(0x0a, b"cilium/a");
+    req.extend(field(0x0a, b"secret"));
+    let denied = raw_range(&ch, &req).await.err().map(|s| (s.code(), s.message().to_string()));
+    assert_eq!(denied, Some((Code::PermissionDenied, "etcdserver: permission denied".to_string())));
+
+    // A request that does not parse is refused, not forwarded.
+    let garbage = raw_range(&ch, &[0x0a, 0x7f, 0x01]).await.err().map(|s| s.code());
+    assert_eq!(garbage, Some(Code::Internal));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_methods_are_unimplemented() -> TestResult {
+    let h = Harness::start().await?;
+    let ch = channel(&h, &h.admin()?).await?;
+    for path in [
+        "/etcdserverpb.KV/Frobnicate",
+        "/etcdserverpb.Nope/Range",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(ch.clone());
+        grpc.ready().await?;
+        let p = http::uri::PathAndQuery::from_maybe_shared(path)?;
+        let r = grpc.unary(tonic::Request::new(Bytes::new()), p, RawRequest::<RangeResponse>(PhantomData)).await;
+        assert_eq!(r.err().map(|s| s.code()), Some(Code::Unimplemented), "{path}");
+    }
+    Ok(())
+}
