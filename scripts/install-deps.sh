@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what etcd-guard's demo and tests need on a Debian machine, if it is missing:
+# etcd and etcdctl (Debian's etcd-server and etcd-client) and protoc (for the etcd-client crate used in tests).
+set -euo pipefail
+
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if ((${#need[@]})); then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    echo "installing: ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Debian's package may start a system etcd; the demo and tests start their own on other ports and do not use it.
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is required (https://rustup.rs)" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+        rustup component add "$component" >/dev/null 2>&1 || true
+    fi
+done
