@@ -115,8 +115,28 @@ fn unavailable(e: tonic::transport::Error) -> Status {
 }
 
 /// Pass etcd's code, message and details on, but none of its response metadata.
+///
+/// The client's deadline is also enforced by the upstream channel, which may notice it a moment before etcd does;
+/// that is answered as etcd (grpc-go) answers an expired deadline, not as tonic's local `Cancelled`.
 pub fn clean(s: Status) -> Status {
+    if is_local_timeout(&s) {
+        return Status::deadline_exceeded(DEADLINE_EXCEEDED);
+    }
     Status::with_details(s.code(), s.message().to_string(), s.details().to_vec().into())
+}
+
+/// grpc-go's message for a call whose deadline passed.
+pub const DEADLINE_EXCEEDED: &str = "context deadline exceeded";
+
+fn is_local_timeout(s: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 // === impl CallMeta ===

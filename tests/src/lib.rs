@@ -186,6 +186,15 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// Stop etcd now (the data folder stays until the harness is dropped).
+    pub fn kill(&mut self) -> TestResult {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,205 @@
+//! The `etcd-guard` binary as a user runs it: `policy check`, `policy validate`, `certs init`, `config check`,
+//! and `serve` refusing a broken configuration at start.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn guard(args: &[&str]) -> std::io::Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_etcd-guard")).args(args).output()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn policy_path() -> String {
+    format!("{}/../policies/kubernetes.yaml", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn policy_check_allows_with_the_deciding_role_and_exits_0() -> TestResult {
+    let p = policy_path();
+    let o = guard(&[
+        "policy",
+        "check",
+        "--policy",
+        &p,
+        "--common-name",
+        "kube-apiserver-etcd-client",
+        "--rpc",
+        "put",
+        "--key",
+        "/registry/pods/default/a",
+    ])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("kube-apiserver"), "{}", text(&o));
+    assert!(text(&o).trim_end().ends_with("allow"), "{}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn policy_check_denies_outside_a_prefix_and_exits_1() -> TestResult {
+    let p = policy_path();
+    let cilium = "spiffe://cluster.local/ns/kube-system/sa/cilium";
+    // `cilium0` is just past the end of the prefix `cilium/`.
+    for (rpc, key, extra) in [
+        ("get", "cilium0", None),
+        ("get", "cilium/", Some("--range-end=cilium0\\x00")),
+        ("put", "/registry/secrets/x", None),
+        ("snapshot", "", None),
+    ] {
+        let mut args = vec!["policy", "check", "--policy", &p, "--uri-san", cilium, "--rpc", rpc];
+        if !key.is_empty() {
+            args.extend(["--key", key]);
+        }
+        args.extend(extra);
+        let o = guard(&args)?;
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(text(&o).trim_end().ends_with("deny"), "{}", text(&o));
+    }
+    // Inside the prefix, with a range ending exactly at the prefix's end.
+    let o = guard(&[
+        "policy",
+        "check",
+        "--policy",
+        &p,
+        "--uri-san",
+        cilium,
+        "--rpc",
+        "get",
+        "--key",
+        "cilium/",
+        "--range-end",
+        "cilium0",
+    ])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn policy_check_explains_a_deny_rule() -> TestResult {
+    let p = policy_path();
+    let o = guard(&[
+        "policy",
+        "check",
+        "--policy",
+        &p,
+        "--common-name",
+        "prometheus",
+        "--organization",
+        "monitoring",
+        "--rpc",
+        "get",
+        "--key",
+        "/registry/secrets/kube-system/token",
+    ])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("/registry/secrets/"), "the deny rule is named: {}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn policy_validate_names_file_and_line() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "roles:\n  - name: r\n    keys:\n      - { range: { from: \"b\", to: \"a\" }, access: read }\nbindings: []\n",
+    )?;
+    let o = guard(&["policy", "validate", &file.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("bad.yaml") && t.contains(":4"), "file and line: {t}");
+    Ok(())
+}
+
+fn write_config(dir: &Path, extra_policy: &str) -> std::io::Result<std::path::PathBuf> {
+    std::fs::write(dir.join("policy.yaml"), extra_policy)?;
+    let path = dir.join("etcd-guard.yaml");
+    std::fs::write(
+        &path,
+        r#"listen: "127.0.0.1:0"
+tls:
+  cert_file: server.crt
+  key_file: server.key
+  client_ca_file: ca.crt
+upstream:
+  endpoints: ["https://127.0.0.1:2379"]
+  ca_file: ca.crt
+  cert_file: upstream-client.crt
+  key_file: upstream-client.key
+policy_file: policy.yaml
+"#,
+    )?;
+    Ok(path)
+}
+
+#[test]
+fn certs_init_then_config_check_passes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    let o = guard(&["certs", "init", "--dir", &d, "--client", "admin", "--client", "prometheus:monitoring"])?;
+    assert!(o.status.success(), "{}", text(&o));
+    for f in ["ca.crt", "server.crt", "server.key", "upstream-client.crt", "admin.crt", "prometheus.key"] {
+        assert!(dir.path().join(f).is_file(), "{f} written");
+    }
+    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+    assert!(o.status.success(), "{}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn broken_configs_are_refused_at_start_naming_file_and_problem() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    assert!(guard(&["certs", "init", "--dir", &d, "--client", "admin"])?.status.success());
+    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let cfg_s = cfg.display().to_string();
+
+    // A key that does not belong to the certificate.
+    std::fs::copy(dir.path().join("server.key"), dir.path().join("server.key.orig"))?;
+    std::fs::copy(dir.path().join("admin.key"), dir.path().join("server.key"))?;
+    for cmd in [vec!["serve", "--config", &cfg_s], vec!["config", "check", "--config", &cfg_s]] {
+        let o = guard(&cmd)?;
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", text(&o));
+        let t = text(&o);
+        assert!(t.contains("server.key") || t.contains("server.crt"), "{cmd:?} names the file: {t}");
+        assert!(t.contains("match"), "{cmd:?} says what is wrong: {t}");
+    }
+
+    // A missing file.
+    std::fs::remove_file(dir.path().join("server.key"))?;
+    let o = guard(&["serve", "--config", &cfg_s])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("server.key"), "{}", text(&o));
+
+    // A config that does not parse.
+    std::fs::write(&cfg, "listen: [\n")?;
+    let o = guard(&["serve", "--config", &cfg_s])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("etcd-guard.yaml"), "{}", text(&o));
+
+    // A config naming a policy that does not load.
+    let cfg =
+        write_config(dir.path(), "roles: []\nbindings:\n  - role: ghost\n    subjects: [ { common_name: x } ]\n")?;
+    std::fs::copy(dir.path().join("server.key.orig"), dir.path().join("server.key"))?;
+    let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("ghost"), "{}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn help_lists_the_commands() -> TestResult {
+    let o = guard(&["--help"])?;
+    assert!(o.status.success());
+    for c in ["serve", "policy", "certs", "config"] {
+        assert!(text(&o).contains(c), "{c}: {}", text(&o));
+    }
+    let o = guard(&["serve", "--help"])?;
+    assert!(text(&o).contains("--listen") && text(&o).contains("--policy"), "{}", text(&o));
+    Ok(())
+}
