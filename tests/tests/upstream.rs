@@ -10,15 +10,6 @@ use etcd_guard_proto::v3lockpb::LockRequest;
 use etcd_guard_proto::v3lockpb::lock_client::LockClient;
 use etcd_guard_tests::{ClientCert, Harness, TestResult};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-async fn channel(h: &Harness, who: &ClientCert) -> TestResult<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(h.pki.ca_file())?))
-        .identity(Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?))
-        .domain_name("localhost");
-    Ok(Endpoint::from_shared(h.proxy_url())?.tls_config(tls)?.connect().await?)
-}
 
 /// A bare HTTP/2 connection to the proxy. Unlike tonic's `Channel` it does not enforce `grpc-timeout` itself, so
 /// whatever answer comes back was decided on the far side.
