@@ -35,6 +35,17 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Review and verify audit logs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Filter, print and summarise audit records.
+    Review(crate::audit::review::ReviewArgs),
+    /// Check the hash chain and sequence numbers; report the first record altered, removed or inserted.
+    Verify(crate::audit::verify::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +180,8 @@ pub fn main() -> ExitCode {
         },
         Command::Certs(CertsCommand::Init { dir, client }) => certs_init(dir, client),
         Command::Config(ConfigCommand::Check { config }) => config_check(config),
+        Command::Audit(AuditCommand::Review(args)) => crate::audit::review::run(args),
+        Command::Audit(AuditCommand::Verify(args)) => crate::audit::verify::run(args),
     }
 }
 
