@@ -219,12 +219,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         let addr = proxy.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, "etcd-guard serving");
+        let audit = proxy.audit();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn(proxy.serve(stop_rx));
         shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let _ = serving.await;
+        // Every answered request's record is queued; write them all before exiting.
+        audit.close(std::time::Duration::from_secs(10)).await;
+        tracing::info!("audit log flushed; bye");
         ExitCode::SUCCESS
     })
 }

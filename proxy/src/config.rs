@@ -23,6 +23,41 @@ pub struct Config {
     pub policy_file: PathBuf,
     pub advertise_client_urls: Vec<String>,
     pub limits: Limits,
+    pub audit: Audit,
+}
+
+/// The audit log (`docs/audit.md`).
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// Off only when the file says `enabled: false`.
+    pub enabled: bool,
+    pub output: AuditOutput,
+    /// Rotate the active file when it reaches this size.
+    pub max_file_bytes: u64,
+    /// Rotated files kept besides the active one (0 = all).
+    pub max_files: usize,
+    /// Key the hash chain with HMAC-SHA256.
+    pub hmac_key_file: Option<PathBuf>,
+    pub on_write_failure: OnWriteFailure,
+    /// Records waiting for the writer; when full, requests wait.
+    pub queue: usize,
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    File(PathBuf),
+    Stdout,
+}
+
+/// What to do with requests while audit records cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnWriteFailure {
+    /// Refuse them with `Unavailable` (the default).
+    Deny,
+    /// Serve them; lost records are counted and noted in the log.
+    Allow,
 }
 
 /// The client-facing TLS listener.
@@ -76,6 +111,60 @@ struct RawConfig {
     advertise_client_urls: Vec<String>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default = "default_audit_file")]
+    file: PathBuf,
+    #[serde(default = "default_max_file_bytes")]
+    max_file_bytes: u64,
+    #[serde(default = "default_max_files")]
+    max_files: usize,
+    #[serde(default)]
+    hmac_key_file: Option<PathBuf>,
+    #[serde(default = "default_on_write_failure")]
+    on_write_failure: OnWriteFailure,
+    #[serde(default = "default_audit_queue")]
+    queue: usize,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        RawAudit {
+            enabled: true,
+            file: default_audit_file(),
+            max_file_bytes: default_max_file_bytes(),
+            max_files: default_max_files(),
+            hmac_key_file: None,
+            on_write_failure: default_on_write_failure(),
+            queue: default_audit_queue(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_audit_file() -> PathBuf {
+    PathBuf::from("audit.log")
+}
+fn default_max_file_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_max_files() -> usize {
+    10
+}
+fn default_on_write_failure() -> OnWriteFailure {
+    OnWriteFailure::Deny
+}
+fn default_audit_queue() -> usize {
+    65_536
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +261,17 @@ impl Config {
         for url in &raw.advertise_client_urls {
             url.parse::<http::Uri>().map_err(|e| invalid("advertise_client_urls", format!("{url:?}: {e}")))?;
         }
+        if raw.audit.max_file_bytes < 4096 {
+            return Err(invalid("audit.max_file_bytes", "must be at least 4096".into()));
+        }
+        if raw.audit.queue == 0 {
+            return Err(invalid("audit.queue", "must be greater than 0".into()));
+        }
+        let audit_output = if raw.audit.file.as_os_str() == "-" {
+            AuditOutput::Stdout
+        } else {
+            AuditOutput::File(resolve(&raw.audit.file))
+        };
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
         }
@@ -197,6 +297,15 @@ impl Config {
             limits: Limits {
                 max_request_bytes: raw.limits.max_request_bytes,
                 max_concurrent_streams: raw.limits.max_concurrent_streams,
+            },
+            audit: Audit {
+                enabled: raw.audit.enabled,
+                output: audit_output,
+                max_file_bytes: raw.audit.max_file_bytes,
+                max_files: raw.audit.max_files,
+                hmac_key_file: raw.audit.hmac_key_file.as_deref().map(resolve),
+                on_write_failure: raw.audit.on_write_failure,
+                queue: raw.audit.queue,
             },
         })
     }

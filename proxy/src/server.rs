@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::policy::{Policy, PolicyError};
@@ -27,6 +28,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -43,6 +46,7 @@ pub struct Proxy {
 /// A proxy serving in the background (used by tests and the demo).
 pub struct Running {
     pub local_addr: SocketAddr,
+    pub audit: AuditLog,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -55,6 +59,7 @@ impl Proxy {
         let policy = Policy::load(&config.policy_file)?;
         let server_tls = tls::server_config(&config.tls)?;
         let channel = tls::upstream_channel(&config.upstream)?;
+        let audit = AuditLog::open(&config.audit)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -68,6 +73,7 @@ impl Proxy {
             upstream: Upstream::new(channel),
             advertise_client_urls,
             max_request_bytes: config.limits.max_request_bytes,
+            audit,
         });
         Ok(Proxy {
             listener,
@@ -76,6 +82,11 @@ impl Proxy {
             handshake_timeout: config.tls.handshake_timeout,
             max_concurrent_streams: config.limits.max_concurrent_streams,
         })
+    }
+
+    /// The audit log, to close it at shutdown.
+    pub fn audit(&self) -> AuditLog {
+        self.shared.audit.clone()
     }
 
     /// The address actually bound (useful with port 0).
@@ -112,18 +123,20 @@ impl Proxy {
     pub fn spawn(self) -> Running {
         let local_addr = self.local_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (stop, rx) = watch::channel(false);
+        let audit = self.audit();
         let task = tokio::spawn(self.serve(rx));
-        Running { local_addr, stop, task }
+        Running { local_addr, audit, stop, task }
     }
 }
 
 // === impl Running ===
 
 impl Running {
-    /// Stop accepting connections and wait for the accept loop to end.
+    /// Stop accepting connections, wait for the accept loop to end, and write every queued audit record.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.audit.close(Duration::from_secs(10)).await;
     }
 }
 
@@ -170,7 +183,7 @@ async fn connection(
         roles = ?permissions.roles,
         "client connected"
     );
-    let guard = Guard::new(shared, Conn { id, peer, identity, permissions });
+    let guard = Guard::new(shared, Conn::new(id, peer, identity, permissions));
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())

@@ -243,6 +243,11 @@ impl Harness {
     }
 
     pub async fn with_policy(policy: &str) -> TestResult<Harness> {
+        Harness::with_config(policy, "audit: { file: audit/audit.log }\n").await
+    }
+
+    /// etcd plus etcd-guard with `policy` and `extra` appended to the configuration (e.g. an `audit:` section).
+    pub async fn with_config(policy: &str, extra: &str) -> TestResult<Harness> {
         let pki = Pki::new()?;
         let etcd = Etcd::start(&pki)?;
         std::fs::write(pki.path("policy.yaml"), policy)?;
@@ -260,8 +265,8 @@ upstream:
   key_file: upstream-client.key
 policy_file: policy.yaml
 advertise_client_urls: ["https://127.0.0.1:23790"]
-"#,
-            etcd.client_url
+{}"#,
+            etcd.client_url, extra
         );
         let config_path = pki.path("etcd-guard.yaml");
         std::fs::write(&config_path, config_text)?;
@@ -269,6 +274,18 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let proxy = Proxy::bind(&config).await?.spawn();
         let proxy_addr = proxy.local_addr;
         Ok(Harness { pki, etcd, proxy: Some(proxy), proxy_addr })
+    }
+
+    /// Where the test configuration's audit log goes.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.pki.path("audit")
+    }
+
+    /// Stop the proxy and write every queued audit record.
+    pub async fn stop_proxy(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop().await;
+        }
     }
 
     pub fn proxy_url(&self) -> String {

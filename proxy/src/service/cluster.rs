@@ -17,15 +17,21 @@ const MEMBER_LIST: &str = "/etcdserverpb.Cluster/MemberList";
 pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
     Some(match method {
         "MemberList" => {
-            g.unary_answered::<pb::MemberListRequest, _, _, _>(req, authz::member_list, |msg, meta| async move {
-                // Ask etcd anyway: the header (cluster id, revision) is real and an unreachable etcd is reported.
-                let upstream: pb::MemberListResponse = g.shared.upstream.unary_decoded(MEMBER_LIST, msg, &meta).await?;
-                let answer = pb::MemberListResponse {
-                    header: upstream.header,
-                    members: advertised_members(&g.shared.advertise_client_urls),
-                };
-                Ok(Bytes::from(answer.encode_to_vec()))
-            })
+            g.unary_answered::<pb::MemberListRequest, _, _, _>(
+                req,
+                MEMBER_LIST,
+                authz::member_list,
+                |msg, meta| async move {
+                    // Ask etcd anyway: the header (cluster id, revision) is real and an unreachable etcd is reported.
+                    let upstream: pb::MemberListResponse =
+                        g.shared.upstream.unary_decoded(MEMBER_LIST, msg, &meta).await?;
+                    let answer = pb::MemberListResponse {
+                        header: upstream.header,
+                        members: advertised_members(&g.shared.advertise_client_urls),
+                    };
+                    Ok(Bytes::from(answer.encode_to_vec()))
+                },
+            )
             .await
         }
         "MemberAdd" => g.unary::<pb::MemberAddRequest, _>(req, "/etcdserverpb.Cluster/MemberAdd", authz::members).await,

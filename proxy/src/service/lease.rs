@@ -7,13 +7,15 @@ use http::Response;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
-use super::{Guard, HttpRequest, Outbound};
+use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, permission_denied};
+use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::upstream::{CallMeta, clean};
 
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+const RPC: &str = "Lease/LeaseKeepAlive";
 
 pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
     Some(match method {
@@ -74,24 +76,49 @@ async fn keep_alive(
         }
     });
 
+    let stream_id = g.shared.audit.stream_id();
+    let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
-        loop {
+        let code = loop {
             let msg = match inbound.message().await {
                 Ok(Some(m)) => m,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break Code::Ok,
+                Err(status) => break status.code(),
             };
-            let needs = authz::lease_keep_alive(&msg);
-            if let Err(status) = g.enforce(&needs, &meta).await {
+            let at = Arrival::now();
+            let record = g.record(RPC, Event::Message, stream_id, &msg, at);
+            let (verdict, code) = match g.decide(&authz::lease_keep_alive(&msg), &meta).await {
+                Ok(v) if v.decision == Decision::Deny => (v, Code::PermissionDenied),
+                Ok(v) => match g.shared.audit.admit() {
+                    Ok(()) => (v, Code::Ok),
+                    Err(status) => (v, status.code()),
+                },
+                Err(status) => {
+                    (Verdict { decision: Decision::Deny, reason: status.message().to_string() }, status.code())
+                }
+            };
+            let audited = g.audit(record, &verdict, code, None, at).await;
+            let refusal = match (code, audited) {
+                (Code::Ok, Ok(())) => None,
+                (Code::Ok, Err(status)) => Some(status),
+                (Code::PermissionDenied, _) => Some(permission_denied()),
+                (code, _) => Some(Status::new(code, verdict.reason.clone())),
+            };
+            if let Some(status) = refusal {
+                // A refused keep-alive ends the stream, as etcd ends it.
                 pump.abort();
+                end.set_reason(verdict.decision, verdict.reason);
+                let code = status.code();
                 let _ = down_tx.send(Err(status)).await;
-                return;
+                break code;
             }
             if up_tx.send(msg).await.is_err() {
-                break;
+                break Code::Unavailable;
             }
-        }
-        // The client closed its side: close ours towards etcd and let the pump finish.
+        };
+        // The client closed its side (or we ended it): close ours towards etcd and let the pump finish.
         drop(up_tx);
+        end.finish(code);
     });
 
     Ok(ReceiverStream::new(down_rx))

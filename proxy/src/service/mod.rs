@@ -19,6 +19,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
@@ -26,12 +28,13 @@ use http::Response as HttpResponse;
 use hyper::body::Incoming;
 use tonic::body::Body;
 use tonic::server::{Grpc, ServerStreamingService, StreamingService, UnaryService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::audit::{AuditLog, Decision, Describe, Event, Ops, Record, Subject};
 use crate::authz::{Need, Needs};
 use crate::codec::ServerCodec;
 use crate::identity::Identity;
-use crate::policy::{CapabilitySet, KeyRange, Permissions, Policy};
+use crate::policy::{CapabilitySet, KeyRange, Mode, Permissions, Policy};
 use crate::upstream::{CallMeta, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
 use etcd_guard_proto::methods;
@@ -53,6 +56,7 @@ pub struct Shared {
     pub upstream: Upstream,
     pub advertise_client_urls: Vec<String>,
     pub max_request_bytes: usize,
+    pub audit: AuditLog,
 }
 
 /// One client connection: who it is and what it may do, computed once at the handshake.
@@ -61,6 +65,24 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub identity: Identity,
     pub permissions: Permissions,
+    /// The identity as audit records show it.
+    pub subject: Arc<Subject>,
+    /// `role cilium` / `roles a, b` / `no role`, for allow reasons.
+    roles_label: String,
+}
+
+/// The decision on one request, with its reason for the audit record.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub reason: String,
+}
+
+/// When a request arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub time: SystemTime,
+    pub instant: Instant,
 }
 
 /// The per-connection service: routes each request to its handler. Cheap to clone.
@@ -68,6 +90,32 @@ pub struct Conn {
 pub struct Guard {
     pub shared: Arc<Shared>,
     pub conn: Arc<Conn>,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    pub fn new(id: u64, peer: SocketAddr, identity: Identity, permissions: Permissions) -> Conn {
+        let subject = Arc::new(Subject::new(id, peer, &identity, &permissions.roles));
+        let roles_label = match permissions.roles.as_slice() {
+            [] => "no role".to_string(),
+            [one] => format!("role {one}"),
+            many => format!("roles {}", many.join(", ")),
+        };
+        Conn { id, peer, identity, permissions, subject, roles_label }
+    }
+}
+
+// === impl Arrival ===
+
+impl Arrival {
+    pub fn now() -> Arrival {
+        Arrival { time: SystemTime::now(), instant: Instant::now() }
+    }
+
+    fn micros(&self) -> u64 {
+        u64::try_from(self.instant.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 // === impl Guard ===
@@ -99,26 +147,166 @@ impl Guard {
         routed.unwrap_or_else(|| unimplemented(format!("unknown method {method} for service {service}")))
     }
 
-    /// Check every need against the caller's permissions. Lease needs ask etcd which keys are attached.
-    pub async fn enforce(&self, needs: &Needs, meta: &CallMeta) -> Result<(), Status> {
+    /// Decide a request: every need against the caller's permissions; lease needs ask etcd which keys are
+    /// attached. `Err` only when the check itself could not be made (etcd unreachable during a lease lookup).
+    ///
+    /// With only `audit-only` bindings a denial becomes [`Decision::WouldDeny`] — except for requests the proxy
+    /// does not understand ([`Need::Never`]), which are always denied.
+    pub async fn decide(&self, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
         let perms = &self.conn.permissions;
+        let deny = |reason: String| {
+            let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
+            Ok(Verdict { decision, reason })
+        };
+        if let Some(why) = needs.0.iter().find_map(|n| if let Need::Never(why) = n { Some(*why) } else { None }) {
+            return Ok(Verdict { decision: Decision::Deny, reason: why.to_string() });
+        }
+        if perms.roles.is_empty() && !needs.0.is_empty() {
+            return Ok(Verdict { decision: Decision::Deny, reason: "no binding matches this identity".into() });
+        }
         for need in &needs.0 {
-            match need {
-                Need::Key(access, range) => perms.check(*access, range).map_err(|_| permission_denied())?,
-                Need::Cap(cap) if perms.has(*cap) => {}
-                Need::Admin if perms.caps == CapabilitySet::all() => {}
-                Need::Cap(_) | Need::Admin | Need::Never(_) => return Err(permission_denied()),
-                Need::LeaseKeys(..) => {}
+            let denied = match need {
+                Need::Key(access, range) => perms.check(*access, range).err().map(|d| d.reason),
+                Need::Cap(cap) => perms.check_capability(*cap).err().map(|d| d.reason),
+                Need::Admin if perms.caps == CapabilitySet::all() => None,
+                Need::Admin => Some("capability \"admin\" (every cluster capability) not granted".to_string()),
+                Need::LeaseKeys(..) | Need::Never(_) => None,
+            };
+            if let Some(reason) = denied {
+                return deny(reason);
             }
         }
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
                 for key in self.lease_keys(*lease, meta).await? {
-                    perms.check(*access, &KeyRange::point(key)).map_err(|_| permission_denied())?;
+                    if let Err(d) = perms.check(*access, &KeyRange::point(key)) {
+                        return deny(format!("lease {lease:x} has a key outside the grants: {}", d.reason));
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(Verdict { decision: Decision::Allow, reason: self.allow_reason(needs) })
+    }
+
+    /// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked.
+    fn allow_reason(&self, needs: &Needs) -> String {
+        let label = &self.conn.roles_label;
+        let first = match needs.0.first() {
+            None => return "no permission needed".to_string(),
+            Some(Need::Key(access, range)) => format!("{access} {range}"),
+            Some(Need::Cap(cap)) => format!("capability {cap}"),
+            Some(Need::Admin) => "capability admin".to_string(),
+            Some(Need::LeaseKeys(access, lease)) => format!("{access} on the keys of lease {lease:x}"),
+            Some(Need::Never(why)) => (*why).to_string(),
+        };
+        match needs.0.len() {
+            1 => format!("{label}: {first}"),
+            n => format!("{label}: {first} (+{} more)", n - 1),
+        }
+    }
+
+    /// Start an audit record for this connection (`None` when auditing is off, so nothing is rendered).
+    pub fn record<M: Describe>(
+        &self,
+        rpc: &'static str,
+        event: Event,
+        stream: Option<u64>,
+        msg: &M,
+        at: Arrival,
+    ) -> Option<Record> {
+        if !self.shared.audit.is_enabled() {
+            return None;
+        }
+        let mut ops = Ops::new();
+        msg.describe(&mut ops);
+        if ops.is_empty() {
+            crate::audit::describe::method_op(&mut ops, rpc);
+        }
+        Some(Record {
+            subject: self.conn.subject.clone(),
+            time: at.time,
+            rpc,
+            event,
+            stream,
+            ops: ops.finish(),
+            decision: Decision::Deny,
+            reason: String::new(),
+            code: Code::Unknown,
+            revision: None,
+            latency_us: 0,
+        })
+    }
+
+    /// Fill in the outcome and queue the record. `Err(Unavailable)` if it cannot be written: the answer must not
+    /// be given then.
+    pub async fn audit(
+        &self,
+        record: Option<Record>,
+        verdict: &Verdict,
+        code: Code,
+        revision: Option<i64>,
+        at: Arrival,
+    ) -> Result<(), Status> {
+        let Some(mut r) = record else { return Ok(()) };
+        r.decision = verdict.decision;
+        r.reason.clone_from(&verdict.reason);
+        r.code = code;
+        r.revision = revision;
+        r.latency_us = at.micros();
+        self.shared.audit.submit(r).await
+    }
+
+    /// Describe, decide and gate one call. A call that is not to be served is recorded and answered here
+    /// (`Err`); an allowed one comes back with its verdict and unfinished record for [`Guard::finish`].
+    pub async fn check<M: Describe>(
+        &self,
+        rpc: &'static str,
+        stream: Option<u64>,
+        msg: &M,
+        needs: Result<Needs, Status>,
+        meta: &CallMeta,
+        at: Arrival,
+    ) -> Result<(Verdict, Option<Record>), Status> {
+        let record = self.record(rpc, Event::Call, stream, msg, at);
+        let verdict = match needs {
+            Ok(needs) => self.decide(&needs, meta).await,
+            Err(status) => Err(status),
+        };
+        let verdict = match verdict {
+            Ok(v) => v,
+            Err(status) => {
+                // A malformed request (answered as etcd answers it) or a check that could not be made.
+                let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
+                let _ = self.audit(record, &v, status.code(), None, at).await;
+                return Err(status);
+            }
+        };
+        if verdict.decision == Decision::Deny {
+            let _ = self.audit(record, &verdict, Code::PermissionDenied, None, at).await;
+            return Err(permission_denied());
+        }
+        if let Err(status) = self.shared.audit.admit() {
+            let _ = self.audit(record, &verdict, status.code(), None, at).await;
+            return Err(status);
+        }
+        Ok((verdict, record))
+    }
+
+    /// Record the outcome of a served call, then give its answer — or `Unavailable` if the record cannot be
+    /// written.
+    pub async fn finish(
+        &self,
+        record: Option<Record>,
+        verdict: &Verdict,
+        answer: Result<Bytes, Status>,
+        at: Arrival,
+    ) -> Result<Bytes, Status> {
+        let (code, revision) = match &answer {
+            Ok(bytes) => (Code::Ok, header_revision(bytes)),
+            Err(status) => (status.code(), None),
+        };
+        self.audit(record, verdict, code, revision, at).await?;
+        answer
     }
 
     /// The keys attached to a lease right now, asked of etcd with the proxy's identity.
@@ -138,52 +326,73 @@ impl Guard {
     /// A unary RPC: decode, check with `authorize`, forward the checked message, return etcd's bytes.
     pub async fn unary<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> HttpResponse<Body>
     where
-        M: prost::Message + Default + Send + Sync + 'static,
+        M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
         let svc = OneShot::new(|request: Request<M>| async move {
+            let at = Arrival::now();
             let meta = CallMeta::from_client(request.metadata());
             let msg = request.into_inner();
-            let needs = authorize(&msg)?;
-            self.enforce(&needs, &meta).await?;
-            let bytes = self.shared.upstream.unary(path, msg, &meta).await?;
-            Ok(Response::new(bytes))
+            let needs = authorize(&msg);
+            let (verdict, record) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
+            let answer = self.shared.upstream.unary(path, msg, &meta).await;
+            self.finish(record, &verdict, answer, at).await.map(Response::new)
         });
         self.server_grpc::<M>().unary(svc, req).await
     }
 
     /// A unary RPC answered by the proxy itself after the check (`answer` builds the response).
-    pub async fn unary_answered<M, F, A, Fut>(&self, req: HttpRequest, authorize: F, answer: A) -> HttpResponse<Body>
+    pub async fn unary_answered<M, F, A, Fut>(
+        &self,
+        req: HttpRequest,
+        path: &'static str,
+        authorize: F,
+        answer: A,
+    ) -> HttpResponse<Body>
     where
-        M: prost::Message + Default + Send + Sync + 'static,
+        M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
         A: FnOnce(M, CallMeta) -> Fut + Send,
         Fut: Future<Output = Result<Bytes, Status>> + Send,
     {
         let svc = OneShot::new(|request: Request<M>| async move {
+            let at = Arrival::now();
             let meta = CallMeta::from_client(request.metadata());
             let msg = request.into_inner();
-            let needs = authorize(&msg)?;
-            self.enforce(&needs, &meta).await?;
-            Ok(Response::new(answer(msg, meta).await?))
+            let needs = authorize(&msg);
+            let (verdict, record) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
+            let answered = answer(msg, meta).await;
+            self.finish(record, &verdict, answered, at).await.map(Response::new)
         });
         self.server_grpc::<M>().unary(svc, req).await
     }
 
-    /// A server-streaming RPC: checked once, then etcd's messages are passed through.
+    /// A server-streaming RPC: checked once, then etcd's messages are passed through. The call is recorded as the
+    /// stream opens; its end is recorded when it ends (or the client goes away).
     pub async fn server_streaming<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> HttpResponse<Body>
     where
-        M: prost::Message + Default + Send + Sync + 'static,
+        M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
         let svc = OneShotStream::new(|request: Request<M>| async move {
+            let at = Arrival::now();
             let meta = CallMeta::from_client(request.metadata());
             let msg = request.into_inner();
-            let needs = authorize(&msg)?;
-            self.enforce(&needs, &meta).await?;
-            let stream = self.shared.upstream.server_streaming(path, msg, &meta).await?;
+            let rpc = rpc_name(path);
+            let stream_id = self.shared.audit.stream_id();
+            let needs = authorize(&msg);
+            let (verdict, record) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
+            let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
+            self.audit(record, &verdict, Code::Ok, None, at).await?;
+            let stream = match self.shared.upstream.server_streaming(path, msg, &meta).await {
+                Ok(s) => s,
+                Err(status) => {
+                    end.finish(status.code());
+                    return Err(status);
+                }
+            };
             let clean: CleanFn = clean_item;
-            Ok(Response::new(futures_util::StreamExt::map(stream, clean)))
+            Ok(Response::new(Audited { inner: futures_util::StreamExt::map(stream, clean), end: Some(end) }))
         });
         self.server_grpc::<M>().server_streaming(svc, req).await
     }
@@ -200,6 +409,133 @@ impl Guard {
             Ok(Response::new(run(request.into_inner(), meta).await?))
         });
         self.server_grpc::<M>().streaming(svc, req).await
+    }
+}
+
+/// The RPC as records name it: `/etcdserverpb.KV/Range` → `KV/Range`.
+pub fn rpc_name(path: &'static str) -> &'static str {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    let service_end = trimmed.find('/').unwrap_or(trimmed.len());
+    match trimmed[..service_end].rfind('.') {
+        Some(dot) => &trimmed[dot + 1..],
+        None => trimmed,
+    }
+}
+
+/// Only the header of an etcd response (field 1 in every response); everything else is skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResponseHead {
+    #[prost(message, optional, tag = "1")]
+    header: Option<pb::ResponseHeader>,
+}
+
+/// The revision in an etcd response's header, without decoding the rest.
+pub fn header_revision(bytes: &Bytes) -> Option<i64> {
+    <ResponseHead as prost::Message>::decode(bytes.clone()).ok()?.header.map(|h| h.revision)
+}
+
+/// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or, if the stream is
+/// dropped first (the client went away), with `Cancelled`.
+pub struct StreamEnd {
+    audit: AuditLog,
+    record: Option<Record>,
+    reason: String,
+    decision: Decision,
+    at: Arrival,
+}
+
+impl StreamEnd {
+    pub fn new<M: Describe>(
+        g: &Guard,
+        rpc: &'static str,
+        stream: Option<u64>,
+        msg: &M,
+        verdict: &Verdict,
+        at: Arrival,
+    ) -> StreamEnd {
+        StreamEnd {
+            audit: g.shared.audit.clone(),
+            record: g.record(rpc, Event::End, stream, msg, at),
+            reason: verdict.reason.clone(),
+            decision: verdict.decision,
+            at,
+        }
+    }
+
+    /// For bidirectional streams: the end record carries no ops.
+    pub fn bidi(g: &Guard, rpc: &'static str, stream: Option<u64>, at: Arrival) -> StreamEnd {
+        let record = g.record(rpc, Event::End, stream, &NoOps, at).map(|mut r| {
+            r.ops = "[]".into();
+            r
+        });
+        StreamEnd {
+            audit: g.shared.audit.clone(),
+            record,
+            reason: "stream ended".into(),
+            decision: Decision::Allow,
+            at,
+        }
+    }
+
+    pub fn finish(mut self, code: Code) {
+        self.write(code);
+    }
+
+    /// Set the reason recorded at the end (e.g. why the proxy ended the stream).
+    pub fn set_reason(&mut self, decision: Decision, reason: String) {
+        self.decision = decision;
+        self.reason = reason;
+    }
+
+    fn write(&mut self, code: Code) {
+        if let Some(mut r) = self.record.take() {
+            r.decision = self.decision;
+            r.reason = std::mem::take(&mut self.reason);
+            r.code = code;
+            r.latency_us = self.at.micros();
+            self.audit.submit_now(r);
+        }
+    }
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        self.write(Code::Cancelled);
+    }
+}
+
+/// Nothing to describe.
+struct NoOps;
+impl Describe for NoOps {}
+
+/// A response stream that records its end.
+pub struct Audited<S> {
+    inner: S,
+    end: Option<StreamEnd>,
+}
+
+impl<S> futures_util::Stream for Audited<S>
+where
+    S: futures_util::Stream<Item = Result<Bytes, Status>> + Unpin,
+{
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = Pin::new(&mut self.inner).poll_next(cx);
+        match &item {
+            Poll::Ready(None) => {
+                if let Some(end) = self.end.take() {
+                    end.finish(Code::Ok);
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                if let Some(end) = self.end.take() {
+                    end.finish(status.code());
+                }
+            }
+            _ => {}
+        }
+        item
     }
 }
 

@@ -16,13 +16,15 @@ use prost::Message;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
-use super::{Guard, HttpRequest, Outbound};
+use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
+use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::upstream::{CallMeta, clean};
 
 const WATCH: &str = "/etcdserverpb.Watch/Watch";
+const RPC: &str = "Watch/Watch";
 
 /// The `cancel_reason` etcd sends for a denied watch.
 pub const DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
@@ -83,48 +85,80 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
         }
     });
 
+    let stream_id = g.shared.audit.stream_id();
+    let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
-        loop {
-            let msg = match inbound.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => break,
-            };
-            let is_create = matches!(msg.request_union, Some(pb::watch_request::RequestUnion::CreateRequest(_)));
-            let needs = authz::watch(&msg);
-            match g.enforce(&needs, &meta).await {
-                Ok(()) => {
-                    if is_create {
-                        order.lock().await.pending.push_back(Pending::Upstream);
-                    }
-                    if up_tx.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-                Err(status) if status.code() == tonic::Code::PermissionDenied => {
-                    if is_create {
-                        let mut o = order.lock().await;
-                        if o.pending.is_empty() {
-                            if down_tx.send(Ok(denial(o.header))).await.is_err() {
-                                break;
-                            }
-                        } else {
-                            o.pending.push_back(Pending::Denied);
-                        }
-                    }
-                    // A denied message that is not a create (an unknown request type) is dropped, as etcd
-                    // ignores requests it does not understand.
-                }
-                Err(status) => {
-                    // The check itself failed (etcd unreachable while looking up a lease): end the stream.
-                    let _ = down_tx.send(Err(status)).await;
-                    break;
-                }
-            }
-        }
+        let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &down_tx, &up_tx).await;
         drop(up_tx);
+        end.finish(code);
     });
 
     Ok(ReceiverStream::new(down_rx))
+}
+
+/// Check, record and forward the client's messages; returns the code the stream ends with.
+async fn inbound_loop(
+    g: &Guard,
+    inbound: &mut Streaming<pb::WatchRequest>,
+    meta: &CallMeta,
+    stream_id: Option<u64>,
+    order: &Mutex<Order>,
+    down_tx: &Down,
+    up_tx: &mpsc::Sender<pb::WatchRequest>,
+) -> Code {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Code::Ok,
+            Err(status) => return status.code(),
+        };
+        let at = Arrival::now();
+        let is_create = matches!(msg.request_union, Some(pb::watch_request::RequestUnion::CreateRequest(_)));
+        let record = g.record(RPC, Event::Message, stream_id, &msg, at);
+        let verdict = match g.decide(&authz::watch(&msg), meta).await {
+            Ok(v) => v,
+            Err(status) => {
+                // The check itself failed: end the stream.
+                let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
+                let _ = g.audit(record, &v, status.code(), None, at).await;
+                let code = status.code();
+                let _ = down_tx.send(Err(status)).await;
+                return code;
+            }
+        };
+        let served = verdict.decision != Decision::Deny;
+        let admitted = if served { g.shared.audit.admit() } else { Ok(()) };
+        let code = match &admitted {
+            Ok(()) if served => Code::Ok,
+            Ok(()) => Code::PermissionDenied,
+            Err(status) => status.code(),
+        };
+        let audited = g.audit(record, &verdict, code, None, at).await;
+        if let Err(status) = admitted.and(audited) {
+            let code = status.code();
+            let _ = down_tx.send(Err(status)).await;
+            return code;
+        }
+        if served {
+            if is_create {
+                order.lock().await.pending.push_back(Pending::Upstream);
+            }
+            if up_tx.send(msg).await.is_err() {
+                return Code::Unavailable;
+            }
+        } else if is_create {
+            let mut o = order.lock().await;
+            if o.pending.is_empty() {
+                if down_tx.send(Ok(denial(o.header))).await.is_err() {
+                    return Code::Cancelled;
+                }
+            } else {
+                o.pending.push_back(Pending::Denied);
+            }
+        }
+        // A denied message that is not a create (an unknown request type) is dropped, as etcd ignores requests
+        // it does not understand.
+    }
 }
 
 /// Pass etcd's responses through, releasing queued denials after each `created` response.

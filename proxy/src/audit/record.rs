@@ -1,0 +1,466 @@
+//! One audit record, and its JSON line (format: `docs/audit.md`).
+//!
+//! The request path only gathers what a record needs (the ops are rendered from the decoded request right away, so
+//! nothing of the request is kept); the writer thread adds `seq` and the chain and serialises.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tonic::Code;
+
+use crate::identity::Identity;
+use crate::policy::{End, KeyRange};
+
+/// Who a connection is, rendered once per connection.
+#[derive(Debug)]
+pub struct Subject {
+    pub conn: u64,
+    pub peer: SocketAddr,
+    /// `"identity":{…},"roles":[…]` — already JSON.
+    json: String,
+}
+
+/// What the proxy decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+    /// Denied by the policy, served because every binding of the identity is `audit-only`.
+    WouldDeny,
+}
+
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A unary call, or the request that opens a server stream.
+    Call,
+    /// A message on a client stream.
+    Message,
+    /// The end of a stream.
+    End,
+}
+
+/// A record before the writer numbers and chains it.
+#[derive(Debug)]
+pub struct Record {
+    pub subject: Arc<Subject>,
+    pub time: SystemTime,
+    pub rpc: &'static str,
+    pub event: Event,
+    pub stream: Option<u64>,
+    /// The rendered `ops` array (`[…]`).
+    pub ops: String,
+    pub decision: Decision,
+    pub reason: String,
+    pub code: Code,
+    pub revision: Option<i64>,
+    pub latency_us: u64,
+}
+
+// === impl Subject ===
+
+impl Subject {
+    pub fn new(conn: u64, peer: SocketAddr, identity: &Identity, roles: &[String]) -> Subject {
+        let mut json = String::with_capacity(256);
+        json.push_str("\"identity\":{\"common_name\":");
+        match &identity.common_name {
+            Some(cn) => push_json_str(&mut json, cn),
+            None => json.push_str("null"),
+        }
+        for (name, values) in [
+            ("organizations", &identity.organizations),
+            ("organizational_units", &identity.organizational_units),
+            ("dns_sans", &identity.dns_sans),
+            ("uri_sans", &identity.uri_sans),
+        ] {
+            let _ = write!(json, ",\"{name}\":");
+            push_json_str_list(&mut json, values);
+        }
+        json.push_str(",\"fingerprint_sha256\":");
+        push_json_str(&mut json, &identity.fingerprint_sha256);
+        json.push_str("},\"roles\":");
+        push_json_str_list(&mut json, roles);
+        Subject { conn, peer, json }
+    }
+
+    /// The proxy itself, for records it writes on its own behalf.
+    pub fn proxy() -> Subject {
+        let json = "\"identity\":{\"common_name\":\"etcd-guard\",\"organizations\":[],\"organizational_units\":[],\
+                    \"dns_sans\":[],\"uri_sans\":[],\"fingerprint_sha256\":\"\"},\"roles\":[]";
+        Subject { conn: 0, peer: SocketAddr::from(([0, 0, 0, 0], 0)), json: json.to_string() }
+    }
+}
+
+// === impl Decision ===
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::WouldDeny => "would_deny",
+        }
+    }
+}
+
+// === impl Event ===
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Call => "call",
+            Event::Message => "message",
+            Event::End => "end",
+        }
+    }
+}
+
+// === impl Record ===
+
+impl Record {
+    /// Append this record's line body (everything before `,"hash":`) to `out`.
+    pub fn write_body(&self, seq: u64, prev_hash: &str, out: &mut Vec<u8>) {
+        let mut s = String::with_capacity(512 + self.ops.len());
+        let _ = write!(s, "{{\"seq\":{seq},\"time\":\"");
+        push_time(&mut s, self.time);
+        let _ = write!(s, "\",\"conn\":{},\"peer\":\"{}\",", self.subject.conn, self.subject.peer);
+        s.push_str(&self.subject.json);
+        s.push_str(",\"rpc\":");
+        push_json_str(&mut s, self.rpc);
+        let _ = write!(s, ",\"event\":\"{}\"", self.event.as_str());
+        if let Some(stream) = self.stream {
+            let _ = write!(s, ",\"stream\":{stream}");
+        }
+        s.push_str(",\"ops\":");
+        s.push_str(if self.ops.is_empty() { "[]" } else { &self.ops });
+        let _ = write!(s, ",\"decision\":\"{}\",\"reason\":", self.decision.as_str());
+        push_json_str(&mut s, &self.reason);
+        let _ = write!(s, ",\"code\":\"{}\"", code_name(self.code));
+        if let Some(rev) = self.revision {
+            let _ = write!(s, ",\"revision\":{rev}");
+        }
+        let _ = write!(s, ",\"latency_us\":{},\"prev_hash\":\"{prev_hash}\"", self.latency_us);
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// gRPC code names as the record writes them (`OK`, `PermissionDenied`, …).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// RFC 3339, UTC, microseconds: `2026-11-22T10:15:03.123456Z`.
+fn push_time(out: &mut String, t: SystemTime) {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let dt = time::OffsetDateTime::UNIX_EPOCH + since;
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond()
+    );
+}
+
+// === ops ===
+
+/// Builds the `ops` array of a record.
+#[derive(Debug, Default)]
+pub struct Ops {
+    buf: String,
+}
+
+/// One op object being written; fields with zero/false values are left out.
+pub struct Op<'a> {
+    buf: &'a mut String,
+}
+
+impl Ops {
+    pub fn new() -> Ops {
+        Ops { buf: String::new() }
+    }
+
+    /// Write one `{"op": name, …}` object; `fields` adds its fields.
+    pub fn op(&mut self, name: &str, fields: impl FnOnce(&mut Op<'_>)) {
+        self.buf.push(if self.buf.is_empty() { '[' } else { ',' });
+        self.buf.push_str("{\"op\":");
+        push_json_str(&mut self.buf, name);
+        fields(&mut Op { buf: &mut self.buf });
+        self.buf.push('}');
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The finished array (`[]` when no op was written).
+    pub fn finish(mut self) -> String {
+        if self.buf.is_empty() {
+            return "[]".to_string();
+        }
+        self.buf.push(']');
+        self.buf
+    }
+}
+
+impl Op<'_> {
+    /// An etcd `key` + `range_end` pair, written canonically (`key`, or `from` + optional `to`).
+    pub fn interval(&mut self, key: &[u8], range_end: &[u8]) {
+        match KeyRange::from_etcd(key, range_end) {
+            Ok(range) => self.range(&range),
+            Err(_) => {
+                // Not a valid interval (etcd answers it with an error or an empty result): record it as sent.
+                self.key("key", key);
+                self.key("range_end", range_end);
+            }
+        }
+    }
+
+    /// A canonical interval.
+    pub fn range(&mut self, range: &KeyRange) {
+        if range.is_point() {
+            self.key("key", range.start());
+            return;
+        }
+        self.key("from", range.start());
+        if let End::Key(end) = range.end() {
+            self.key("to", end);
+        }
+    }
+
+    /// A key-valued field.
+    pub fn key(&mut self, name: &str, key: &[u8]) {
+        let _ = write!(self.buf, ",\"{name}\":");
+        push_json_key(self.buf, key);
+    }
+
+    /// A number, left out when zero.
+    pub fn num(&mut self, name: &str, value: i64) {
+        if value != 0 {
+            let _ = write!(self.buf, ",\"{name}\":{value}");
+        }
+    }
+
+    /// A number written even when zero.
+    pub fn num_always(&mut self, name: &str, value: i64) {
+        let _ = write!(self.buf, ",\"{name}\":{value}");
+    }
+
+    /// A flag, left out when false.
+    pub fn flag(&mut self, name: &str, value: bool) {
+        if value {
+            let _ = write!(self.buf, ",\"{name}\":true");
+        }
+    }
+
+    /// A short text field.
+    pub fn text(&mut self, name: &str, value: &str) {
+        let _ = write!(self.buf, ",\"{name}\":");
+        push_json_str(self.buf, value);
+    }
+
+    /// A nested list of ops.
+    pub fn ops(&mut self, name: &str, fill: impl FnOnce(&mut Ops)) {
+        let mut nested = Ops::new();
+        fill(&mut nested);
+        let _ = write!(self.buf, ",\"{name}\":{}", nested.finish());
+    }
+
+    /// A list of short texts.
+    pub fn texts(&mut self, name: &str, values: &[&str]) {
+        if values.is_empty() {
+            return;
+        }
+        let _ = write!(self.buf, ",\"{name}\":");
+        self.buf.push('[');
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                self.buf.push(',');
+            }
+            push_json_str(self.buf, v);
+        }
+        self.buf.push(']');
+    }
+}
+
+// === JSON text ===
+
+/// A JSON string for a key: UTF-8 text stays text; `\` becomes `\\`; control characters and bytes that are not
+/// UTF-8 become `\xNN` (then JSON-escaped, so the JSON text holds `\\xNN`). `crate::policy::unescape_key`
+/// reverses the decoded string exactly.
+pub fn push_json_key(out: &mut String, key: &[u8]) {
+    out.push('"');
+    for chunk in key.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\\\\\"),
+                '"' => out.push_str("\\\""),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        let _ = write!(out, "\\\\x{b:02x}");
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\\\x{b:02x}");
+        }
+    }
+    out.push('"');
+}
+
+/// The key text of [`push_json_key`], without JSON quoting (for people).
+pub fn key_text(key: &[u8]) -> String {
+    let mut json = String::with_capacity(key.len() + 2);
+    push_json_key(&mut json, key);
+    serde_json::from_str::<String>(&json).unwrap_or_default()
+}
+
+/// A JSON string.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn push_json_str_list(out: &mut String, values: &[String]) {
+    out.push('[');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(out, v);
+    }
+    out.push(']');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::unescape_key;
+
+    #[test]
+    fn keys_are_lossless_and_readable() {
+        for key in [
+            b"plain/key".to_vec(),
+            "ünïcödé/ключ".as_bytes().to_vec(),
+            b"back\\slash \"quoted\"".to_vec(),
+            vec![0, 1, 0x7f, 0xff, b'a', 0xc3],
+            b"\\x41 looks like an escape".to_vec(),
+        ] {
+            let mut json = String::new();
+            push_json_key(&mut json, &key);
+            let text: String = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(unescape_key(&text).ok(), Some(key.clone()), "{json}");
+            assert!(!json.chars().any(|c| c.is_control()), "{json}");
+        }
+        assert_eq!(key_text("ünï".as_bytes()), "ünï");
+        assert_eq!(key_text(&[b'a', 0]), "a\\x00");
+    }
+
+    #[test]
+    fn ops_render_canonical_intervals() {
+        let mut ops = Ops::new();
+        ops.op("range", |o| {
+            o.interval(b"a", b"");
+            o.num("limit", 0);
+        });
+        ops.op("range", |o| {
+            o.interval(b"a", b"b");
+            o.num("limit", 500);
+            o.flag("count_only", true);
+        });
+        ops.op("range", |o| o.interval(b"a", b"\0"));
+        ops.op("range", |o| o.interval(b"\0", b"\0"));
+        ops.op("range", |o| o.interval(b"a", b"a\0"));
+        let json = ops.finish();
+        assert_eq!(
+            json,
+            r#"[{"op":"range","key":"a"},{"op":"range","from":"a","to":"b","limit":500,"count_only":true},{"op":"range","from":"a"},{"op":"range","from":"\\x00"},{"op":"range","key":"a"}]"#
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
+    }
+
+    #[test]
+    fn record_body_is_json_in_documented_order() {
+        let identity = Identity {
+            common_name: Some("cilium \"agent\"".into()),
+            organizations: vec!["o".into()],
+            organizational_units: vec![],
+            dns_sans: vec![],
+            uri_sans: vec!["spiffe://x/y".into()],
+            serial: "01".into(),
+            fingerprint_sha256: "ab".into(),
+        };
+        let subject = Arc::new(Subject::new(7, SocketAddr::from(([127, 0, 0, 1], 5)), &identity, &["cilium".into()]));
+        let r = Record {
+            subject,
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456),
+            rpc: "KV/Range",
+            event: Event::Call,
+            stream: None,
+            ops: r#"[{"op":"range","key":"a"}]"#.into(),
+            decision: Decision::Allow,
+            reason: "role cilium".into(),
+            code: Code::Ok,
+            revision: Some(9),
+            latency_us: 12,
+        };
+        let mut out = Vec::new();
+        r.write_body(3, super::super::chain::GENESIS, &mut out);
+        out.extend_from_slice(b"}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(v["identity"]["common_name"], "cilium \"agent\"");
+        assert_eq!(v["identity"]["uri_sans"][0], "spiffe://x/y");
+        assert_eq!(v["roles"][0], "cilium");
+        assert_eq!(v["ops"][0]["key"], "a");
+        assert_eq!(v["code"], "OK");
+        assert_eq!(v["revision"], 9);
+        let text = String::from_utf8_lossy(&out);
+        let order = ["\"seq\"", "\"time\"", "\"conn\"", "\"peer\"", "\"identity\"", "\"roles\"", "\"rpc\"", "\"ops\""];
+        let positions: Vec<usize> = order.iter().filter_map(|k| text.find(k)).collect();
+        assert_eq!(positions.len(), order.len());
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert!(text.ends_with(&format!("\"prev_hash\":\"{}\"}}", super::super::chain::GENESIS)));
+    }
+}

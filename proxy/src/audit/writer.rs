@@ -1,0 +1,811 @@
+//! The audit writer: a bounded queue filled by the request path and one dedicated thread that numbers, chains,
+//! serialises and writes records in batches.
+//!
+//! Guarantees:
+//! - a request's record is queued before its answer is sent, and [`AuditLog::close`] writes everything queued,
+//!   so a clean shutdown loses nothing that was answered;
+//! - when the queue is full, requests wait; records are not dropped to make room;
+//! - when a record cannot be written (disk full, folder removed, permission), the writer keeps the records and
+//!   retries; with `on_write_failure: deny` (the default) new requests are refused with `Unavailable` meanwhile,
+//!   with `allow` they are served and records beyond the retry buffer are counted as lost and noted in the log
+//!   once writing works again;
+//! - the file is rotated by size; rotated files are never written again.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Code, Status};
+use tracing::{error, info, warn};
+
+use super::chain::{self, GENESIS, Hasher};
+use super::record::{Decision, Event, Record, Subject};
+use crate::config::{Audit as AuditConfig, AuditOutput, OnWriteFailure};
+
+/// How long the writer waits before retrying a failed write.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// The message a request gets while the audit log cannot be written.
+pub const AUDIT_UNAVAILABLE: &str = "etcd-guard: the audit log cannot be written";
+
+/// Why the audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit: {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("audit: {0}")]
+    Key(#[from] chain::KeyError),
+    #[error(
+        "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain \
+         (move the file away to start a new one, and keep it for review)"
+    )]
+    BrokenTail { path: PathBuf, keyed: &'static str },
+    #[error("audit: {path}: the last record is not an audit record: {reason}")]
+    NotARecord { path: PathBuf, reason: String },
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    pub written: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub lost: AtomicU64,
+    pub queued: AtomicUsize,
+}
+
+/// The request path's handle on the audit log. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    on_failure: OnWriteFailure,
+    failing: AtomicBool,
+    closed: AtomicBool,
+    /// Submissions between their `closed` check and their send (see [`AuditLog::close`]).
+    sending: AtomicUsize,
+    next_stream: AtomicU64,
+    stats: Arc<AuditStats>,
+}
+
+enum Msg {
+    Record(Record),
+    Flush(oneshot::Sender<()>),
+}
+
+// === impl AuditLog ===
+
+impl AuditLog {
+    /// No auditing (`audit: { enabled: false }`).
+    pub fn disabled() -> AuditLog {
+        AuditLog { inner: None }
+    }
+
+    /// Open the output, continue the chain from the last record written, and start the writer thread.
+    pub fn open(config: &AuditConfig) -> Result<AuditLog, AuditError> {
+        if !config.enabled {
+            return Ok(AuditLog::disabled());
+        }
+        let hasher = match &config.hmac_key_file {
+            Some(path) => Hasher::from_key_file(path)?,
+            None => Hasher::unkeyed(),
+        };
+        let (sink, seq, prev) = match &config.output {
+            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string()),
+            AuditOutput::File(path) => {
+                let (file, seq, prev) = FileSink::open(path, config.max_file_bytes, config.max_files, &hasher)?;
+                (Sink::File(file), seq, prev)
+            }
+        };
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let stats = Arc::new(AuditStats::default());
+        let inner = Arc::new(Inner {
+            tx,
+            on_failure: config.on_write_failure,
+            failing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            sending: AtomicUsize::new(0),
+            next_stream: AtomicU64::new(1),
+            stats: stats.clone(),
+        });
+        let writer = Writer {
+            sink,
+            hasher,
+            seq,
+            prev,
+            pending: Vec::new(),
+            cap: config.queue.max(1),
+            buf: Vec::with_capacity(1 << 16),
+            shared: inner.clone(),
+            lost_reported: 0,
+            last_error_log: None,
+        };
+        std::thread::Builder::new()
+            .name("etcd-guard-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| AuditError::Io { path: PathBuf::from("<audit writer thread>"), source })?;
+        Ok(AuditLog { inner: Some(inner) })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Whether a new request may be served now. `Err(Unavailable)` while records cannot be written (with
+    /// `on_write_failure: deny`) and after shutdown began.
+    pub fn admit(&self) -> Result<(), Status> {
+        let Some(inner) = &self.inner else { return Ok(()) };
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("etcd-guard: shutting down"));
+        }
+        if inner.on_failure == OnWriteFailure::Deny && inner.failing.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(AUDIT_UNAVAILABLE));
+        }
+        Ok(())
+    }
+
+    /// Queue a record. Waits while the queue is full. `Err(Unavailable)` if the record will not be written in
+    /// time for the answer to count as audited: the caller must not serve the request then.
+    pub async fn submit(&self, record: Record) -> Result<(), Status> {
+        let Some(inner) = &self.inner else { return Ok(()) };
+        inner.sending.fetch_add(1, Ordering::SeqCst);
+        let result = inner.submit(record).await;
+        inner.sending.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// Queue a record without waiting (for records written from `Drop`); counted as lost if the queue is full.
+    pub fn submit_now(&self, record: Record) {
+        let Some(inner) = &self.inner else { return };
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        match inner.tx.try_send(Msg::Record(record)) {
+            Ok(()) => {
+                inner.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(Msg::Record(record))) => {
+                // Do not block a destructor: hand the record to a task if there is a runtime.
+                let inner = inner.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => {
+                        handle.spawn(async move {
+                            let _ = inner.submit(record).await;
+                        });
+                    }
+                    Err(_) => {
+                        inner.stats.lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(_) => {
+                inner.stats.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A new stream id.
+    pub fn stream_id(&self) -> Option<u64> {
+        self.inner.as_ref().map(|i| i.next_stream.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counters (None when auditing is off).
+    pub fn stats(&self) -> Option<Arc<AuditStats>> {
+        self.inner.as_ref().map(|i| i.stats.clone())
+    }
+
+    /// Whether records are failing to be written right now.
+    pub fn is_failing(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.failing.load(Ordering::Relaxed))
+    }
+
+    /// Stop taking records, write everything queued, sync the file. Requests that try to submit afterwards are
+    /// refused, so every answered request is in the log when this returns.
+    pub async fn close(&self, timeout: Duration) {
+        let Some(inner) = &self.inner else { return };
+        inner.closed.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while inner.sending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if inner.tx.send(Msg::Flush(ack_tx)).await.is_ok() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, ack_rx).await.is_err() {
+                error!("audit: records were still unwritten when the shutdown deadline passed");
+            }
+        }
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    async fn submit(&self, record: Record) -> Result<(), Status> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("etcd-guard: shutting down"));
+        }
+        if self.on_failure == OnWriteFailure::Deny && self.failing.load(Ordering::Relaxed) {
+            // Keep the record if there is room (it is written once the log works again), but do not wait.
+            if self.tx.try_send(Msg::Record(record)).is_err() {
+                self.stats.lost.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(Status::unavailable(AUDIT_UNAVAILABLE));
+        }
+        self.tx.send(Msg::Record(record)).await.map_err(|_| Status::unavailable("etcd-guard: audit writer stopped"))?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+// === the writer thread ===
+
+struct Writer {
+    sink: Sink,
+    hasher: Hasher,
+    /// The last seq written.
+    seq: u64,
+    /// The hash of the last record written.
+    prev: String,
+    pending: Vec<Record>,
+    cap: usize,
+    buf: Vec<u8>,
+    shared: Arc<Inner>,
+    /// How many of `stats.lost` already have a note in the log.
+    lost_reported: u64,
+    last_error_log: Option<Instant>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut failed_attempts = 0u32;
+        loop {
+            if self.pending.is_empty() && acks.is_empty() {
+                match rx.blocking_recv() {
+                    Some(msg) => self.take(msg, &mut acks),
+                    None => break,
+                }
+            }
+            loop {
+                if self.pending.len() >= self.cap && !self.drop_overflow() {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(msg) => self.take(msg, &mut acks),
+                    Err(_) => break,
+                }
+            }
+            match self.write_pending() {
+                Ok(()) => {
+                    failed_attempts = 0;
+                    if self.shared.failing.swap(false, Ordering::Relaxed) {
+                        info!("audit: records are being written again");
+                    }
+                    if !acks.is_empty() {
+                        if let Err(e) = self.sink.sync() {
+                            warn!(error = %e, "audit: sync failed");
+                        }
+                        for ack in acks.drain(..) {
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed_attempts += 1;
+                    self.shared.failing.store(true, Ordering::Relaxed);
+                    self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    if self.last_error_log.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+                        self.last_error_log = Some(now);
+                        error!(error = %e, pending = self.pending.len(), "audit: cannot write records");
+                    }
+                    // A shutdown waits a bounded time for a log that does not come back.
+                    if !acks.is_empty() && failed_attempts > 25 {
+                        for ack in acks.drain(..) {
+                            let _ = ack.send(());
+                        }
+                    }
+                    std::thread::sleep(RETRY);
+                }
+            }
+        }
+        // Every sender is gone: write what is left.
+        let _ = self.write_pending();
+        let _ = self.sink.sync();
+    }
+
+    fn take(&mut self, msg: Msg, acks: &mut Vec<oneshot::Sender<()>>) {
+        match msg {
+            Msg::Record(r) => {
+                self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                self.pending.push(r);
+            }
+            Msg::Flush(ack) => acks.push(ack),
+        }
+    }
+
+    /// With `allow`, a failing log must not hold up requests: past the retry buffer, records are dropped and
+    /// counted. Returns whether there is room again.
+    fn drop_overflow(&mut self) -> bool {
+        if self.shared.on_failure == OnWriteFailure::Allow && self.shared.failing.load(Ordering::Relaxed) {
+            let n = self.pending.len().saturating_sub(self.cap / 2);
+            if n > 0 {
+                self.pending.drain(self.cap / 2..);
+                self.shared.stats.lost.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Serialise and write every pending record, in as few writes as rotation allows. On failure nothing of the
+    /// failed write is consumed: the chain state is restored and a partial write is cut off, so the retry writes
+    /// the same lines.
+    fn write_pending(&mut self) -> io::Result<()> {
+        loop {
+            let lost_now = self.shared.stats.lost.load(Ordering::Relaxed).saturating_sub(self.lost_reported);
+            if self.pending.is_empty() && lost_now == 0 {
+                return Ok(());
+            }
+            let room = self.sink.room();
+            let (seq0, prev0) = (self.seq, self.prev.clone());
+            self.buf.clear();
+            if lost_now > 0 {
+                self.append(&lost_record(lost_now));
+            }
+            // Take the records that fit in the active file (at least one), so rotation happens between them.
+            let pending = std::mem::take(&mut self.pending);
+            let mut taken = 0;
+            for r in &pending {
+                let (len, seq, prev) = (self.buf.len(), self.seq, self.prev.clone());
+                self.append(r);
+                if self.buf.len() as u64 > room && !(taken == 0 && lost_now == 0) {
+                    self.buf.truncate(len);
+                    (self.seq, self.prev) = (seq, prev);
+                    break;
+                }
+                taken += 1;
+            }
+            self.pending = pending;
+            match self.sink.write(&self.buf, seq0 + 1) {
+                Ok(()) => {
+                    self.pending.drain(..taken);
+                    self.lost_reported += lost_now;
+                    self.shared.stats.written.fetch_add(taken as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    (self.seq, self.prev) = (seq0, prev0);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, r: &Record) {
+        self.seq += 1;
+        let start = self.buf.len();
+        r.write_body(self.seq, &self.prev, &mut self.buf);
+        self.prev = self.hasher.seal(&mut self.buf, start);
+    }
+}
+
+/// A record noting records that were lost while the log could not be written (`on_write_failure: allow`).
+fn lost_record(n: u64) -> Record {
+    Record {
+        subject: Arc::new(Subject::proxy()),
+        time: SystemTime::now(),
+        rpc: "etcd-guard/AuditLost",
+        event: Event::Call,
+        stream: None,
+        ops: "[]".into(),
+        decision: Decision::Allow,
+        reason: format!("{n} records could not be written while the audit log was failing (on_write_failure: allow)"),
+        code: Code::DataLoss,
+        revision: None,
+        latency_us: 0,
+    }
+}
+
+// === sinks ===
+
+enum Sink {
+    Stdout,
+    File(FileSink),
+}
+
+impl Sink {
+    /// Bytes the active file can take before it is rotated.
+    fn room(&self) -> u64 {
+        match self {
+            Sink::Stdout => u64::MAX,
+            Sink::File(f) if f.len == 0 || f.len >= f.max_bytes => f.max_bytes,
+            Sink::File(f) => f.max_bytes - f.len,
+        }
+    }
+
+    fn write(&mut self, buf: &[u8], first_seq: u64) -> io::Result<()> {
+        match self {
+            Sink::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()
+            }
+            Sink::File(f) => f.write(buf, first_seq),
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout => io::stdout().lock().flush(),
+            Sink::File(f) => f.sync(),
+        }
+    }
+}
+
+/// The active audit file plus its rotated predecessors `<name>.<first seq, 20 digits>`.
+struct FileSink {
+    path: PathBuf,
+    file: Option<File>,
+    /// Device and inode of the open file, to notice that it was removed or replaced.
+    ident: Option<(u64, u64)>,
+    len: u64,
+    /// The seq of the first record in the active file.
+    first_seq: Option<u64>,
+    max_bytes: u64,
+    max_files: usize,
+}
+
+impl FileSink {
+    /// Open (or create) the active file and find where the chain stands: `(sink, last seq, last hash)`.
+    fn open(
+        path: &Path,
+        max_bytes: u64,
+        max_files: usize,
+        hasher: &Hasher,
+    ) -> Result<(FileSink, u64, String), AuditError> {
+        let io_err = |source| AuditError::Io { path: path.to_path_buf(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| AuditError::Io { path: dir.to_path_buf(), source })?;
+        }
+        let mut file = OpenOptions::new().create(true).append(true).read(true).open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        let mut sink =
+            FileSink { path: path.to_path_buf(), file: None, ident: None, len, first_seq: None, max_bytes, max_files };
+        // Where the chain stands: the active file's last record, else the newest rotated file's.
+        let mut tail_source = None;
+        if len > 0 {
+            let (first, last, torn) = read_ends(&mut file).map_err(io_err)?;
+            if torn {
+                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is and will fail verification");
+                file.write_all(b"\n").map_err(io_err)?;
+                sink.len += 1;
+            }
+            sink.first_seq = first.as_deref().and_then(|l| line_seq(l).ok());
+            tail_source = last.map(|l| (path.to_path_buf(), l));
+        }
+        if tail_source.is_none() {
+            if let Some(rotated) = sink.rotated_files().map_err(io_err)?.pop() {
+                let mut f = File::open(&rotated).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
+                let (_, last, _) =
+                    read_ends(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
+                tail_source = last.map(|l| (rotated, l));
+            }
+        }
+        let (seq, prev) = match tail_source {
+            None => (0, GENESIS.to_string()),
+            Some((from, line)) => {
+                if !chain::line_is_intact(hasher, &line) {
+                    let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
+                    return Err(AuditError::BrokenTail { path: from, keyed });
+                }
+                let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
+                let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
+                (seq, hash)
+            }
+        };
+        sink.ident = file_ident(&file);
+        sink.file = Some(file);
+        info!(path = %path.display(), next_seq = seq + 1, "audit log open");
+        Ok((sink, seq, prev))
+    }
+
+    fn write(&mut self, buf: &[u8], first_seq: u64) -> io::Result<()> {
+        self.check_still_there();
+        if self.len > 0 && self.len + buf.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        if self.file.is_none() {
+            self.reopen()?;
+        }
+        let file = self.file.as_mut().ok_or_else(|| io::Error::other("audit file not open"))?;
+        if let Err(e) = file.write_all(buf) {
+            // Cut off a partial write so that the retry does not leave half a line behind.
+            let _ = file.set_len(self.len);
+            return Err(e);
+        }
+        if self.len == 0 {
+            self.first_seq = Some(first_seq);
+        }
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// If the file was removed or replaced under us, stop writing into the old inode.
+    fn check_still_there(&mut self) {
+        if self.file.is_none() {
+            return;
+        }
+        let now = std::fs::metadata(&self.path).ok().map(|m| ident_of(&m));
+        if now != self.ident {
+            error!(path = %self.path.display(), "audit: the file was removed or replaced; starting a new one");
+            self.file = None;
+        }
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = OpenOptions::new().create(true).append(true).read(true).open(&self.path)?;
+        self.len = file.metadata()?.len();
+        self.ident = file_ident(&file);
+        if self.len == 0 {
+            self.first_seq = None;
+        }
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.sync()?;
+        let first = self.first_seq.unwrap_or(0);
+        let rotated = rotated_name(&self.path, first);
+        std::fs::rename(&self.path, &rotated)?;
+        self.file = None;
+        self.reopen()?;
+        info!(rotated = %rotated.display(), "audit: rotated");
+        if self.max_files > 0 {
+            let files = self.rotated_files()?;
+            let excess = files.len().saturating_sub(self.max_files);
+            for old in &files[..excess] {
+                if let Err(e) = std::fs::remove_file(old) {
+                    warn!(file = %old.display(), error = %e, "audit: cannot remove an old rotated file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotated files of this log, oldest first.
+    fn rotated_files(&self) -> io::Result<Vec<PathBuf>> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let base = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let prefix = format!("{base}.");
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(digits) = name.strip_prefix(&prefix) {
+                if digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    if let Ok(seq) = digits.parse::<u64>() {
+                        found.push((seq, entry.path()));
+                    }
+                }
+            }
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, p)| p).collect())
+    }
+}
+
+/// `<path>.<first seq, 20 digits>`.
+pub fn rotated_name(path: &Path, first_seq: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{first_seq:020}"));
+    PathBuf::from(name)
+}
+
+fn file_ident(file: &File) -> Option<(u64, u64)> {
+    file.metadata().ok().map(|m| ident_of(&m))
+}
+
+#[cfg(unix)]
+fn ident_of(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(not(unix))]
+fn ident_of(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.len(), 0)
+}
+
+/// The first and the last complete line of a file (without newlines), and whether it ends in a torn line.
+fn read_ends(file: &mut File) -> io::Result<(Option<Vec<u8>>, Option<Vec<u8>>, bool)> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((None, None, false));
+    }
+    // First line.
+    file.seek(SeekFrom::Start(0))?;
+    let mut head = vec![0u8; len.min(64 * 1024) as usize];
+    file.read_exact(&mut head)?;
+    let first = head.iter().position(|&b| b == b'\n').map(|i| head[..i].to_vec());
+    // Last complete line: read backwards in growing windows.
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = vec![0u8; (len - start) as usize];
+        file.read_exact(&mut tail)?;
+        let torn = tail.last() != Some(&b'\n');
+        // The complete part ends at the last newline.
+        let Some(end) = tail.iter().rposition(|&b| b == b'\n') else {
+            if start == 0 {
+                return Ok((first, None, torn));
+            }
+            window *= 4;
+            continue;
+        };
+        match tail[..end].iter().rposition(|&b| b == b'\n') {
+            Some(begin) => return Ok((first, Some(tail[begin + 1..end].to_vec()), torn)),
+            None if start == 0 => return Ok((first, Some(tail[..end].to_vec()), torn)),
+            None => window *= 4,
+        }
+        if window > 64 * 1024 * 1024 {
+            return Err(io::Error::other("no line boundary in the last 64 MiB"));
+        }
+    }
+}
+
+fn line_seq(line: &[u8]) -> Result<u64, String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        seq: u64,
+    }
+    serde_json::from_slice::<Head>(line).map(|h| h.seq).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::Subject;
+    use crate::identity::Identity;
+
+    fn config(dir: &Path) -> AuditConfig {
+        AuditConfig {
+            enabled: true,
+            output: AuditOutput::File(dir.join("audit.log")),
+            max_file_bytes: 4096,
+            max_files: 0,
+            hmac_key_file: None,
+            on_write_failure: OnWriteFailure::Deny,
+            queue: 128,
+        }
+    }
+
+    fn record(subject: &Arc<Subject>, n: usize) -> Record {
+        Record {
+            subject: subject.clone(),
+            time: SystemTime::now(),
+            rpc: "KV/Range",
+            event: Event::Call,
+            stream: None,
+            ops: format!(r#"[{{"op":"range","key":"k{n}"}}]"#),
+            decision: Decision::Allow,
+            reason: "test".into(),
+            code: Code::Ok,
+            revision: Some(n as i64),
+            latency_us: 1,
+        }
+    }
+
+    fn subject() -> Arc<Subject> {
+        let id = Identity {
+            common_name: Some("t".into()),
+            organizations: vec![],
+            organizational_units: vec![],
+            dns_sans: vec![],
+            uri_sans: vec![],
+            serial: "1".into(),
+            fingerprint_sha256: "00".into(),
+        };
+        Arc::new(Subject::new(1, "127.0.0.1:1".parse().unwrap_or(std::net::SocketAddr::from(([0; 4], 0))), &id, &[]))
+    }
+
+    fn all_lines(dir: &Path) -> Vec<String> {
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        files.sort();
+        // audit.log sorts before audit.log.000…; the active file holds the newest records.
+        files.rotate_left(1);
+        files
+            .iter()
+            .flat_map(|f| std::fs::read_to_string(f).unwrap_or_default().lines().map(String::from).collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn check_chain(lines: &[String], hasher: &Hasher) {
+        let mut prev = GENESIS.to_string();
+        for (i, l) in lines.iter().enumerate() {
+            assert!(chain::line_is_intact(hasher, l.as_bytes()), "line {i}: {l}");
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            assert_eq!(v["seq"], i as u64 + 1, "{l}");
+            assert_eq!(v["prev_hash"], prev.as_str());
+            prev = v["hash"].as_str().unwrap_or_default().to_string();
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_rotates_and_continues_the_chain_after_a_restart() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 0..40 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        // A restart continues seq and chain.
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 40..60 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        let files = std::fs::read_dir(dir.path())?.count();
+        assert!(files > 2, "rotated by size: {files} files");
+        let lines = all_lines(dir.path());
+        assert_eq!(lines.len(), 60);
+        check_chain(&lines, &Hasher::unkeyed());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn refuses_a_tail_that_does_not_verify() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        log.submit(record(&s, 1)).await?;
+        log.close(Duration::from_secs(5)).await;
+        let key = dir.path().join("key");
+        std::fs::write(&key, "0123456789abcdef0123")?;
+        let mut keyed = config(dir.path());
+        keyed.hmac_key_file = Some(key);
+        assert!(matches!(AuditLog::open(&keyed), Err(AuditError::BrokenTail { .. })));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn old_rotated_files_are_pruned() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let mut cfg = config(dir.path());
+        cfg.max_files = 2;
+        let log = AuditLog::open(&cfg)?;
+        for n in 0..100 {
+            log.submit(record(&s, n)).await?;
+            if n % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        log.close(Duration::from_secs(5)).await;
+        let files = std::fs::read_dir(dir.path())?.count();
+        assert_eq!(files, 3, "active + 2 rotated");
+        Ok(())
+    }
+}

@@ -1,0 +1,290 @@
+//! The audit log against a real etcd: every request of a mixed session appears once with its fields, values
+//! never appear, the chain holds across rotated files, and the write-failure policy works both ways.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_guard::audit::chain::{self, GENESIS, Hasher};
+use etcd_guard_tests::{Harness, TEST_POLICY, TestResult};
+use serde_json::Value;
+
+const SECRET: &str = "s3cr3t-VALUE-0x5e1f-do-not-log";
+const SECRET2: &str = "an0ther-s3cr3t-VALUE";
+
+/// Every audit file in `dir`, ordered by the seq of its first record.
+fn audit_files(dir: &Path) -> TestResult<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        let first_seq = text
+            .lines()
+            .next()
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(u64::MAX);
+        files.push((first_seq, path));
+    }
+    files.sort();
+    Ok(files.into_iter().map(|(_, p)| p).collect())
+}
+
+/// All records, checking the chain on the way: every line intact, seq 1, 2, 3, …, each `prev_hash` the hash
+/// before it.
+fn read_chain(dir: &Path) -> TestResult<Vec<Value>> {
+    let hasher = Hasher::unkeyed();
+    let mut prev = GENESIS.to_string();
+    let mut records = Vec::new();
+    for file in audit_files(dir)? {
+        for (i, line) in std::fs::read_to_string(&file)?.lines().enumerate() {
+            let at = format!("{}:{}", file.display(), i + 1);
+            assert!(chain::line_is_intact(&hasher, line.as_bytes()), "{at}: hash");
+            let v: Value = serde_json::from_str(line)?;
+            assert_eq!(v["seq"].as_u64(), Some(records.len() as u64 + 1), "{at}: seq");
+            assert_eq!(v["prev_hash"].as_str(), Some(prev.as_str()), "{at}: prev_hash");
+            prev = v["hash"].as_str().ok_or("no hash")?.to_string();
+            records.push(v);
+        }
+    }
+    Ok(records)
+}
+
+fn all_bytes(dir: &Path) -> TestResult<Vec<u8>> {
+    let mut all = Vec::new();
+    for f in audit_files(dir)? {
+        all.extend(std::fs::read(f)?);
+    }
+    Ok(all)
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Records matching `rpc` and `event`, from the identity with this CN.
+fn select<'a>(records: &'a [Value], cn: &str, rpc: &str, event: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["identity"]["common_name"] == cn && r["rpc"] == rpc && r["event"] == event).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_of_a_mixed_session_is_recorded_once_without_values() -> TestResult {
+    let mut h = Harness::start().await?;
+    let admin = h.admin()?;
+    let mut a = h.client(&admin).await?;
+    let mut cilium = h.client(&h.cilium()?).await?;
+
+    let put = a.put("app/secret", SECRET, None).await?;
+    let put_revision = put.header().map(|h| h.revision()).ok_or("no header")?;
+    a.get("app/", Some(GetOptions::new().with_prefix().with_limit(10))).await?;
+    let txn = Txn::new()
+        .when([Compare::value("app/secret", CompareOp::Equal, SECRET)])
+        .and_then([TxnOp::put("app/x", SECRET2, None), TxnOp::txn(Txn::new().and_then([TxnOp::get("app/x", None)]))])
+        .or_else([TxnOp::delete("app/", Some(etcd_client::DeleteOptions::new().with_prefix()))]);
+    assert!(a.txn(txn).await?.succeeded());
+    a.delete("app/x", None).await?;
+
+    // A watch: created, an event, canceled.
+    let mut w = a.watch("app/", Some(WatchOptions::new().with_prefix())).await?;
+    let created = w.message().await?.ok_or("watch stream ended")?;
+    assert!(created.created());
+    a.put("app/y", SECRET2, None).await?;
+    assert!(w.message().await?.is_some_and(|m| !m.events().is_empty()));
+    w.cancel(created.watch_id()).await?;
+    assert!(w.message().await?.is_some_and(|m| m.canceled()));
+    drop(w);
+
+    // A lease with three more keep-alives.
+    let lease = a.lease_grant(30, None).await?.id();
+    let (mut keeper, mut answers) = a.lease_keep_alive(lease).await?;
+    for _ in 0..3 {
+        keeper.keep_alive().await?;
+        answers.message().await?;
+    }
+    drop((keeper, answers));
+    a.lease_revoke(lease).await?;
+
+    // Denied: a read outside the grant, and a watch outside it (answered in-stream).
+    assert!(cilium.get("app/secret", None).await.is_err());
+    let mut cw = cilium.watch("app/", Some(WatchOptions::new().with_prefix())).await?;
+    assert!(cw.message().await?.is_some_and(|m| m.canceled()));
+    drop(cw);
+    // Give the stream ends a moment to be noticed, then flush everything.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop((a, cilium));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.stop_proxy().await;
+
+    let dir = h.audit_dir();
+    let bytes = all_bytes(&dir)?;
+    assert!(!contains(&bytes, SECRET), "a value reached the audit log");
+    assert!(!contains(&bytes, SECRET2), "a value reached the audit log");
+    let records = read_chain(&dir)?;
+
+    // Put: once, with its fields.
+    let puts = select(&records, "admin", "KV/Put", "call");
+    let secret_puts: Vec<_> = puts.iter().filter(|r| r["ops"][0]["key"] == "app/secret").collect();
+    assert_eq!(secret_puts.len(), 1, "{puts:#?}");
+    let p = secret_puts[0];
+    assert_eq!(p["decision"], "allow");
+    assert_eq!(p["code"], "OK");
+    assert_eq!(p["revision"].as_i64(), Some(put_revision));
+    assert_eq!(p["roles"], serde_json::json!(["admin"]));
+    assert!(p["identity"]["fingerprint_sha256"].as_str().is_some_and(|f| f.len() == 64));
+    assert!(p["peer"].as_str().is_some_and(|peer| peer.starts_with("127.0.0.1:")));
+    assert!(p["conn"].as_u64().is_some() && p["latency_us"].as_u64().is_some());
+    let time = p["time"].as_str().ok_or("no time")?;
+    assert!(time.len() == 27 && time.ends_with('Z') && time.as_bytes()[19] == b'.', "{time}");
+    assert!(p["reason"].as_str().is_some_and(|r| r.contains("admin")), "{p}");
+
+    // Range with its flags; txn as a tree; delete.
+    let ranges = select(&records, "admin", "KV/Range", "call");
+    assert_eq!(ranges.len(), 1, "{ranges:#?}");
+    assert_eq!(ranges[0]["ops"][0]["from"], "app/");
+    assert_eq!(ranges[0]["ops"][0]["to"], "app0");
+    assert_eq!(ranges[0]["ops"][0]["limit"], 10);
+    let txns = select(&records, "admin", "KV/Txn", "call");
+    assert_eq!(txns.len(), 1);
+    let t = &txns[0]["ops"][0];
+    assert_eq!(t["compare"][0]["key"], "app/secret");
+    assert_eq!(t["compare"][0]["target"], "value");
+    assert_eq!(t["success"][0]["key"], "app/x");
+    assert_eq!(t["success"][1]["op"], "txn");
+    assert_eq!(t["success"][1]["success"][0]["key"], "app/x");
+    assert_eq!(t["failure"][0]["op"], "delete");
+    assert_eq!(select(&records, "admin", "KV/DeleteRange", "call").len(), 1);
+
+    // Watch: the create and the cancel as messages of one stream, and its end.
+    let watch = select(&records, "admin", "Watch/Watch", "message");
+    let ops: Vec<&str> = watch.iter().filter_map(|r| r["ops"][0]["op"].as_str()).collect();
+    assert_eq!(ops, ["watch_create", "watch_cancel"], "{watch:#?}");
+    let stream = watch[0]["stream"].as_u64().ok_or("no stream id")?;
+    assert_eq!(watch[1]["stream"].as_u64(), Some(stream));
+    let ends = select(&records, "admin", "Watch/Watch", "end");
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+    assert_eq!(ends[0]["stream"].as_u64(), Some(stream));
+
+    // Lease: grant, keep-alives on one stream (etcd-client sends one when it opens the stream, then our three)
+    // and its end, revoke.
+    assert_eq!(select(&records, "admin", "Lease/LeaseGrant", "call").len(), 1);
+    let kas = select(&records, "admin", "Lease/LeaseKeepAlive", "message");
+    assert_eq!(kas.len(), 4, "{kas:#?}");
+    assert!(kas.iter().all(|r| r["ops"][0]["lease"].as_i64() == Some(lease)));
+    assert_eq!(select(&records, "admin", "Lease/LeaseKeepAlive", "end").len(), 1);
+    assert_eq!(select(&records, "admin", "Lease/LeaseRevoke", "call").len(), 1);
+
+    // Denials, with the reason.
+    let denied = select(&records, "cilium-agent", "KV/Range", "call");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["decision"], "deny");
+    assert_eq!(denied[0]["code"], "PermissionDenied");
+    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("app/secret")), "{}", denied[0]);
+    let denied_watch = select(&records, "cilium-agent", "Watch/Watch", "message");
+    assert_eq!(denied_watch.len(), 1);
+    assert_eq!(denied_watch[0]["decision"], "deny");
+    assert_eq!(denied_watch[0]["ops"][0]["from"], "app/");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chain_continues_across_rotated_files() -> TestResult {
+    let extra = "audit: { file: audit/audit.log, max_file_bytes: 4096, max_files: 0 }\n";
+    let mut h = Harness::with_config(TEST_POLICY, extra).await?;
+    let mut a = h.client(&h.admin()?).await?;
+    for i in 0..60 {
+        a.put(format!("k/{i:03}"), "v", None).await?;
+    }
+    drop(a);
+    h.stop_proxy().await;
+    let files = audit_files(&h.audit_dir())?;
+    assert!(files.len() >= 4, "rotated: {files:?}");
+    let names: Vec<String> =
+        files.iter().filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    assert_eq!(names.last().map(String::as_str), Some("audit.log"), "{names:?}");
+    let records = read_chain(&h.audit_dir())?;
+    let puts = records.iter().filter(|r| r["rpc"] == "KV/Put").count();
+    assert_eq!(puts, 60);
+    Ok(())
+}
+
+/// Put until `ok(result)` or 10 s pass; returns the results seen.
+async fn put_until(
+    c: &mut etcd_client::Client,
+    key: &str,
+    ok: impl Fn(&Result<etcd_client::PutResponse, etcd_client::Error>) -> bool,
+) -> TestResult<Vec<Result<(), String>>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        let r = c.put(key, "v", None).await;
+        let done = ok(&r);
+        seen.push(r.map(|_| ()).map_err(|e| e.to_string()));
+        if done {
+            return Ok(seen);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("condition not reached: {seen:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn is_unavailable(r: &Result<etcd_client::PutResponse, etcd_client::Error>) -> bool {
+    matches!(r, Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deny_on_write_failure_refuses_requests_until_the_log_works_again() -> TestResult {
+    let mut h = Harness::start().await?;
+    let mut a = h.client(&h.admin()?).await?;
+    a.put("before", "v", None).await?;
+    // The audit folder disappears: the writer cannot reopen its file.
+    std::fs::remove_dir_all(h.audit_dir())?;
+    let seen = put_until(&mut a, "during", is_unavailable).await?;
+    let refused = seen.last().cloned().unwrap_or(Ok(()));
+    assert!(refused.as_ref().is_err_and(|e| e.contains("audit log")), "{seen:?}");
+    // It comes back: requests are served again.
+    std::fs::create_dir_all(h.audit_dir())?;
+    put_until(&mut a, "after", Result::is_ok).await?;
+    drop(a);
+    h.stop_proxy().await;
+    // The new file continues the chain; refused requests are recorded as refused.
+    let text = String::from_utf8(all_bytes(&h.audit_dir())?)?;
+    let records: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(records.iter().any(|r| r["rpc"] == "KV/Put" && r["code"] == "Unavailable"), "{text}");
+    assert!(records.iter().any(|r| r["rpc"] == "KV/Put" && r["ops"][0]["key"] == "after" && r["code"] == "OK"));
+    assert!(records.first().and_then(|r| r["seq"].as_u64()).is_some_and(|s| s > 1), "continues the seq");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_on_write_failure_keeps_serving_and_writes_the_records_later() -> TestResult {
+    let extra = "audit: { file: audit/audit.log, on_write_failure: allow }\n";
+    let mut h = Harness::with_config(TEST_POLICY, extra).await?;
+    let mut a = h.client(&h.admin()?).await?;
+    a.put("before", "v", None).await?;
+    std::fs::remove_dir_all(h.audit_dir())?;
+    // Served throughout, although nothing can be written.
+    for i in 0..20 {
+        a.put(format!("during/{i}"), "v", None).await?;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    std::fs::create_dir_all(h.audit_dir())?;
+    a.put("after", "v", None).await?;
+    drop(a);
+    h.stop_proxy().await;
+    let text = String::from_utf8(all_bytes(&h.audit_dir())?)?;
+    let mut by_key: BTreeMap<String, usize> = BTreeMap::new();
+    for r in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+        if r["rpc"] == "KV/Put" {
+            *by_key.entry(r["ops"][0]["key"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+        }
+    }
+    // The records kept while failing are written once the folder is back (none were lost: well under the queue).
+    for i in 0..20 {
+        assert_eq!(by_key.get(&format!("during/{i}")), Some(&1), "{by_key:?}");
+    }
+    assert_eq!(by_key.get("after"), Some(&1));
+    Ok(())
+}

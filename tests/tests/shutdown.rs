@@ -1,0 +1,105 @@
+//! SIGTERM under load: the proxy runs as its own process; every request it answered has its audit record.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_guard_tests::{Etcd, Pki, TEST_POLICY, TestResult, free_port};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_loses_no_record_of_an_answered_request() -> TestResult {
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    let port = free_port()?;
+    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
+    std::fs::write(
+        pki.path("etcd-guard.yaml"),
+        format!(
+            r#"listen: "127.0.0.1:{port}"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
+policy_file: policy.yaml
+audit: {{ file: audit/audit.log }}
+"#,
+            etcd.client_url
+        ),
+    )?;
+    let log = std::fs::File::create(pki.path("proxy.log"))?;
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+        .arg("serve")
+        .arg("--config")
+        .arg(pki.path("etcd-guard.yaml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if Instant::now() > deadline || proxy.try_wait()?.is_some() {
+            let _ = proxy.kill();
+            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Load: 8 clients putting unique keys until the proxy stops answering (bounded at 20 s).
+    let admin = pki.client("admin", "admin", None, &[])?;
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
+        .identity(etcd_client::Identity::from_pem(std::fs::read(&admin.cert)?, std::fs::read(&admin.key)?));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let opts = etcd_client::ConnectOptions::new().with_tls(tls.clone()).with_timeout(Duration::from_secs(5));
+        let mut c = etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut answered = Vec::new();
+            let stop = Instant::now() + Duration::from_secs(20);
+            for i in 0.. {
+                let key = format!("load/{t}/{i}");
+                if c.put(key.clone(), "v", None).await.is_err() || Instant::now() > stop {
+                    break;
+                }
+                answered.push(key);
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let term = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status()?;
+    assert!(term.success());
+    let mut answered = BTreeSet::new();
+    for t in tasks {
+        answered.extend(t.await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = proxy.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = proxy.kill();
+            return Err("the proxy did not exit within 20 s of SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
+    assert!(answered.len() > 50, "too little load to mean anything: {}", answered.len());
+
+    let text = std::fs::read_to_string(pki.path("audit/audit.log"))?;
+    let recorded: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["rpc"] == "KV/Put" && r["code"] == "OK")
+        .filter_map(|r| r["ops"][0]["key"].as_str().map(String::from))
+        .collect();
+    let missing: Vec<&String> = answered.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered puts have no record, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    eprintln!("answered {} puts, all recorded", answered.len());
+    Ok(())
+}
