@@ -24,6 +24,8 @@ pub struct Config {
     pub advertise_client_urls: Vec<String>,
     pub limits: Limits,
     pub audit: Audit,
+    /// The plain-HTTP listener for `/healthz`, `/readyz`, `/metrics` (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The audit log (`docs/audit.md`).
@@ -78,6 +80,8 @@ pub struct Upstream {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub connect_timeout: Duration,
+    /// How often each endpoint is probed (Maintenance/Status).
+    pub health_check_interval: Duration,
 }
 
 /// Size and concurrency limits.
@@ -113,6 +117,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default = "default_metrics_listen")]
+    metrics_listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +154,12 @@ impl Default for RawAudit {
     }
 }
 
+fn default_metrics_listen() -> String {
+    "127.0.0.1:23791".into()
+}
+fn default_health_check_interval_ms() -> u64 {
+    2_000
+}
 fn yes() -> bool {
     true
 }
@@ -188,6 +200,8 @@ struct RawUpstream {
     key_file: PathBuf,
     #[serde(default = "default_connect_timeout_ms")]
     connect_timeout_ms: u64,
+    #[serde(default = "default_health_check_interval_ms")]
+    health_check_interval_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +275,15 @@ impl Config {
         for url in &raw.advertise_client_urls {
             url.parse::<http::Uri>().map_err(|e| invalid("advertise_client_urls", format!("{url:?}: {e}")))?;
         }
+        let metrics_listen = match raw.metrics_listen.as_str() {
+            "off" | "" => None,
+            text => Some(text.parse::<SocketAddr>().map_err(|e| {
+                invalid("metrics_listen", format!("{text:?} is not an address like 127.0.0.1:23791 (or \"off\"): {e}"))
+            })?),
+        };
+        if raw.upstream.health_check_interval_ms < 100 {
+            return Err(invalid("upstream.health_check_interval_ms", "must be at least 100".into()));
+        }
         if raw.audit.max_file_bytes < 4096 {
             return Err(invalid("audit.max_file_bytes", "must be at least 4096".into()));
         }
@@ -291,6 +314,7 @@ impl Config {
                 cert_file: resolve(&raw.upstream.cert_file),
                 key_file: resolve(&raw.upstream.key_file),
                 connect_timeout: Duration::from_millis(raw.upstream.connect_timeout_ms),
+                health_check_interval: Duration::from_millis(raw.upstream.health_check_interval_ms),
             },
             policy_file: resolve(&raw.policy_file),
             advertise_client_urls: raw.advertise_client_urls,
@@ -307,6 +331,7 @@ impl Config {
                 on_write_failure: raw.audit.on_write_failure,
                 queue: raw.audit.queue,
             },
+            metrics_listen,
         })
     }
 }

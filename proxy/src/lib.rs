@@ -12,6 +12,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;

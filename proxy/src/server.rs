@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::metrics::{self, HealthState, Metrics, ReasonLabels};
 use crate::policy::{Policy, PolicyError};
 use crate::service::{Conn, Guard, Shared};
 use crate::tls::{self, TlsError};
@@ -37,6 +38,8 @@ pub enum StartError {
 /// A proxy bound to its address, ready to serve.
 pub struct Proxy {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    health_check_interval: Duration,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     handshake_timeout: Duration,
@@ -46,6 +49,7 @@ pub struct Proxy {
 /// A proxy serving in the background (used by tests and the demo).
 pub struct Running {
     pub local_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub audit: AuditLog,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -58,8 +62,12 @@ impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         let policy = Policy::load(&config.policy_file)?;
         let server_tls = tls::server_config(&config.tls)?;
-        let channel = tls::upstream_channel(&config.upstream)?;
+        let channels = tls::upstream_channels(&config.upstream)?;
         let audit = AuditLog::open(&config.audit)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -70,13 +78,16 @@ impl Proxy {
         };
         let shared = Arc::new(Shared {
             policy: Arc::new(policy),
-            upstream: Upstream::new(channel),
+            upstream: Upstream::new(channels),
             advertise_client_urls,
             max_request_bytes: config.limits.max_request_bytes,
             audit,
+            metrics: Arc::new(Metrics::new()),
         });
         Ok(Proxy {
             listener,
+            metrics_listener,
+            health_check_interval: config.upstream.health_check_interval,
             acceptor: TlsAcceptor::from(server_tls),
             shared,
             handshake_timeout: config.tls.handshake_timeout,
@@ -94,9 +105,23 @@ impl Proxy {
         self.listener.local_addr().ok()
     }
 
+    /// The metrics listener's address, if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serve until `stop` turns true.
     pub async fn serve(self, mut stop: watch::Receiver<bool>) {
         let next_id = AtomicU64::new(1);
+        if let Some(listener) = self.metrics_listener {
+            let state = HealthState {
+                metrics: self.shared.metrics.clone(),
+                upstream: self.shared.upstream.clone(),
+                audit: self.shared.audit.clone(),
+            };
+            tokio::spawn(metrics::serve(listener, state, stop.clone()));
+        }
+        tokio::spawn(probe_upstream(self.shared.upstream.clone(), self.health_check_interval, stop.clone()));
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -124,8 +149,9 @@ impl Proxy {
         let local_addr = self.local_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (stop, rx) = watch::channel(false);
         let audit = self.audit();
+        let metrics_addr = self.metrics_addr();
         let task = tokio::spawn(self.serve(rx));
-        Running { local_addr, audit, stop, task }
+        Running { local_addr, metrics_addr, audit, stop, task }
     }
 }
 
@@ -154,10 +180,13 @@ async fn connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(conn = id, %peer, error = %e, "TLS handshake refused");
+            let reason = handshake_failure_reason(&e);
+            shared.metrics.handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
             return;
         }
         Err(_) => {
             info!(conn = id, %peer, "TLS handshake timed out");
+            shared.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: "timeout" }).inc();
             return;
         }
     };
@@ -166,6 +195,7 @@ async fn connection(
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
             info!(conn = id, %peer, error = %e, "client certificate refused");
+            shared.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: "bad_identity" }).inc();
             return;
         }
         None => {
@@ -183,6 +213,8 @@ async fn connection(
         roles = ?permissions.roles,
         "client connected"
     );
+    let metrics = shared.metrics.clone();
+    metrics.connections.inc();
     let guard = Guard::new(shared, Conn::new(id, peer, identity, permissions));
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
@@ -195,5 +227,32 @@ async fn connection(
     if let Err(e) = http2.serve_connection(TokioIo::new(stream), guard).await {
         debug!(conn = id, error = %e, "connection ended with an error");
     }
+    metrics.connections.dec();
     debug!(conn = id, "client disconnected");
+}
+
+/// A short, bounded label for a failed handshake.
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match inner {
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)) => "expired",
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => "revoked",
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => "unknown_issuer",
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(rustls::Error::NoApplicationProtocol) => "no_h2",
+        Some(_) => "tls_error",
+        None => "io_error",
+    }
+}
+
+/// Probe the upstream endpoints until `stop`.
+async fn probe_upstream(upstream: Upstream, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        upstream.probe(every.min(Duration::from_secs(2))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }

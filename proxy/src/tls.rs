@@ -70,7 +70,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<Arc<ServerConfig>, Tls
 
 /// Build the upstream channel: one lazily connected HTTP/2 channel balanced over the endpoints, each reconnecting
 /// on its own when its etcd member comes back.
-pub fn upstream_channel(up: &config::Upstream) -> Result<Channel, TlsError> {
+pub fn upstream_channels(up: &config::Upstream) -> Result<Vec<(String, Channel)>, TlsError> {
     let tls = upstream_tls(up)?;
     let mut endpoints = Vec::with_capacity(up.endpoints.len());
     for url in &up.endpoints {
@@ -83,12 +83,9 @@ pub fn upstream_channel(up: &config::Upstream) -> Result<Channel, TlsError> {
             .keep_alive_timeout(std::time::Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .http2_adaptive_window(true);
-        endpoints.push(endpoint);
+        endpoints.push((url.clone(), endpoint.connect_lazy()));
     }
-    Ok(match endpoints.as_slice() {
-        [one] => one.connect_lazy(),
-        _ => Channel::balance_list(endpoints.into_iter()),
-    })
+    Ok(endpoints)
 }
 
 /// Check the upstream TLS files (readable, parseable, key matching certificate) without connecting.

@@ -1,5 +1,7 @@
 //! The connection to etcd: calls made with the proxy's own identity, carrying only allowlisted metadata.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,9 +20,22 @@ pub const FORWARDED_METADATA: &[&str] = &["hasleader", "client-api-version"];
 const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
 /// A handle to the upstream etcd cluster. Cheap to clone.
+///
+/// Each endpoint has its own multiplexed HTTP/2 connection (reconnected by tonic when it drops). Calls go round
+/// robin over the endpoints that are healthy; an endpoint is marked unhealthy when a call to it fails at the
+/// transport level, and healthy again when a periodic probe (Maintenance/Status) succeeds. With no healthy
+/// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call.
 #[derive(Clone)]
 pub struct Upstream {
+    members: Arc<[Member]>,
+    next: Arc<AtomicUsize>,
+}
+
+/// One etcd endpoint.
+pub struct Member {
+    pub url: String,
     channel: Channel,
+    healthy: AtomicBool,
 }
 
 /// What travels with a forwarded call: the allowlisted metadata and the client's deadline.
@@ -33,14 +48,69 @@ pub struct CallMeta {
 // === impl Upstream ===
 
 impl Upstream {
-    pub fn new(channel: Channel) -> Upstream {
-        Upstream { channel }
+    /// `(url, channel)` per endpoint; all start healthy.
+    pub fn new(endpoints: Vec<(String, Channel)>) -> Upstream {
+        let members: Vec<Member> = endpoints
+            .into_iter()
+            .map(|(url, channel)| Member { url, channel, healthy: AtomicBool::new(true) })
+            .collect();
+        Upstream { members: members.into(), next: Arc::new(AtomicUsize::new(0)) }
     }
 
-    fn grpc(&self) -> tonic::client::Grpc<Channel> {
-        tonic::client::Grpc::new(self.channel.clone())
+    /// The endpoints and whether each is healthy now.
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.members.iter().map(|m| (m.url.clone(), m.healthy.load(Ordering::Relaxed))).collect()
+    }
+
+    /// Whether at least one endpoint is healthy.
+    pub fn any_healthy(&self) -> bool {
+        self.members.iter().any(|m| m.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Probe every endpoint now (Maintenance/Status with `timeout`) and record the result.
+    pub async fn probe(&self, timeout: Duration) {
+        let probes = self.members.iter().map(|m| async move {
+            let mut grpc = tonic::client::Grpc::new(m.channel.clone());
+            let mut req = Request::new(etcd_guard_proto::etcdserverpb::StatusRequest {});
+            req.set_timeout(timeout);
+            let ok = match tokio::time::timeout(timeout, async {
+                grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+                let codec = tonic_prost::ProstCodec::<_, etcd_guard_proto::etcdserverpb::StatusResponse>::default();
+                grpc.unary(req, PathAndQuery::from_static(etcd_guard_proto::methods::MAINTENANCE_STATUS), codec).await
+            })
+            .await
+            {
+                Ok(Ok(_)) => true,
+                Ok(Err(_)) | Err(_) => false,
+            };
+            let was = m.healthy.swap(ok, Ordering::Relaxed);
+            if was != ok {
+                if ok {
+                    tracing::info!(endpoint = %m.url, "upstream endpoint is healthy");
+                } else {
+                    tracing::warn!(endpoint = %m.url, "upstream endpoint is unhealthy");
+                }
+            }
+        });
+        futures_util::future::join_all(probes).await;
+    }
+
+    /// The endpoint for the next call: round robin over the healthy ones, else over all.
+    fn pick(&self) -> &Member {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.members[(start + i) % n])
+            .find(|m| m.healthy.load(Ordering::Relaxed))
+            .unwrap_or(&self.members[start % n])
+    }
+
+    fn grpc(&self) -> (tonic::client::Grpc<Channel>, &Member) {
+        let member = self.pick();
+        let grpc = tonic::client::Grpc::new(member.channel.clone())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .max_encoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        (grpc, member)
     }
 
     /// A unary call; the response comes back as raw bytes.
@@ -48,12 +118,12 @@ impl Upstream {
     where
         M: prost::Message + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc();
-        grpc.ready().await.map_err(unavailable)?;
+        let (mut grpc, member) = self.grpc();
+        grpc.ready().await.map_err(|e| member.unreachable(e))?;
         let resp = grpc
             .unary(meta.request(msg), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
             .await
-            .map_err(clean)?;
+            .map_err(|s| member.failed(s))?;
         Ok(resp.into_inner())
     }
 
@@ -63,10 +133,13 @@ impl Upstream {
         M: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc();
-        grpc.ready().await.map_err(unavailable)?;
+        let (mut grpc, member) = self.grpc();
+        grpc.ready().await.map_err(|e| member.unreachable(e))?;
         let codec = tonic_prost::ProstCodec::<M, R>::default();
-        let resp = grpc.unary(meta.request(msg), PathAndQuery::from_static(path), codec).await.map_err(clean)?;
+        let resp = grpc
+            .unary(meta.request(msg), PathAndQuery::from_static(path), codec)
+            .await
+            .map_err(|s| member.failed(s))?;
         Ok(resp.into_inner())
     }
 
@@ -80,12 +153,12 @@ impl Upstream {
     where
         M: prost::Message + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc();
-        grpc.ready().await.map_err(unavailable)?;
+        let (mut grpc, member) = self.grpc();
+        grpc.ready().await.map_err(|e| member.unreachable(e))?;
         let resp = grpc
             .server_streaming(meta.request(msg), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
             .await
-            .map_err(clean)?;
+            .map_err(|s| member.failed(s))?;
         Ok(resp.into_inner())
     }
 
@@ -100,18 +173,35 @@ impl Upstream {
         M: prost::Message + Send + Sync + 'static,
         S: futures_util::Stream<Item = M> + Send + 'static,
     {
-        let mut grpc = self.grpc();
-        grpc.ready().await.map_err(unavailable)?;
+        let (mut grpc, member) = self.grpc();
+        grpc.ready().await.map_err(|e| member.unreachable(e))?;
         let resp = grpc
             .streaming(meta.request(messages), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
             .await
-            .map_err(clean)?;
+            .map_err(|s| member.failed(s))?;
         Ok(resp.into_inner())
     }
 }
 
-fn unavailable(e: tonic::transport::Error) -> Status {
-    Status::unavailable(format!("etcd-guard: upstream unavailable: {e}"))
+// === impl Member ===
+
+impl Member {
+    fn unreachable(&self, e: tonic::transport::Error) -> Status {
+        self.healthy.store(false, Ordering::Relaxed);
+        Status::unavailable(format!("etcd-guard: upstream unavailable: {e}"))
+    }
+
+    /// A failed call: a transport failure (a status made locally, with an error source, rather than sent by
+    /// etcd) marks the endpoint unhealthy.
+    fn failed(&self, s: Status) -> Status {
+        if s.code() == tonic::Code::Unavailable
+            && std::error::Error::source(&s).is_some()
+            && self.healthy.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!(endpoint = %self.url, error = %s.message(), "upstream endpoint failed");
+        }
+        clean(s)
+    }
 }
 
 /// Pass etcd's code, message and details on, but none of its response metadata.

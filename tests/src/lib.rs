@@ -265,6 +265,7 @@ upstream:
   key_file: upstream-client.key
 policy_file: policy.yaml
 advertise_client_urls: ["https://127.0.0.1:23790"]
+metrics_listen: "127.0.0.1:0"
 {}"#,
             etcd.client_url, extra
         );
@@ -274,6 +275,12 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let proxy = Proxy::bind(&config).await?.spawn();
         let proxy_addr = proxy.local_addr;
         Ok(Harness { pki, etcd, proxy: Some(proxy), proxy_addr })
+    }
+
+    /// The `/metrics`, `/healthz`, `/readyz` listener.
+    pub fn metrics_url(&self) -> String {
+        let addr = self.proxy.as_ref().and_then(|p| p.metrics_addr);
+        format!("http://{}", addr.map(|a| a.to_string()).unwrap_or_default())
     }
 
     /// Where the test configuration's audit log goes.

@@ -21,6 +21,7 @@ tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
 upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
 policy_file: policy.yaml
 audit: {{ file: audit/audit.log }}
+metrics_listen: "127.0.0.1:0"
 "#,
             etcd.client_url
         ),

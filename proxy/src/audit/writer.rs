@@ -637,7 +637,9 @@ fn ident_of(m: &std::fs::Metadata) -> (u64, u64) {
 }
 
 /// The first and the last complete line of a file (without newlines), and whether it ends in a torn line.
-fn read_ends(file: &mut File) -> io::Result<(Option<Vec<u8>>, Option<Vec<u8>>, bool)> {
+type Ends = (Option<Vec<u8>>, Option<Vec<u8>>, bool);
+
+fn read_ends(file: &mut File) -> io::Result<Ends> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
         return Ok((None, None, false));

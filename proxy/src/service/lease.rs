@@ -97,7 +97,7 @@ async fn keep_alive(
                     (Verdict { decision: Decision::Deny, reason: status.message().to_string() }, status.code())
                 }
             };
-            let audited = g.audit(record, &verdict, code, None, at).await;
+            let audited = g.audit(RPC, record, &verdict, code, None, at).await;
             let refusal = match (code, audited) {
                 (Code::Ok, Ok(())) => None,
                 (Code::Ok, Err(status)) => Some(status),

@@ -30,10 +30,12 @@ use tonic::body::Body;
 use tonic::server::{Grpc, ServerStreamingService, StreamingService, UnaryService};
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::audit::record::code_name;
 use crate::audit::{AuditLog, Decision, Describe, Event, Ops, Record, Subject};
 use crate::authz::{Need, Needs};
 use crate::codec::ServerCodec;
 use crate::identity::Identity;
+use crate::metrics::{Metrics, RequestLabels, RpcLabels};
 use crate::policy::{CapabilitySet, KeyRange, Mode, Permissions, Policy};
 use crate::upstream::{CallMeta, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
@@ -57,6 +59,7 @@ pub struct Shared {
     pub advertise_client_urls: Vec<String>,
     pub max_request_bytes: usize,
     pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One client connection: who it is and what it may do, computed once at the handshake.
@@ -241,19 +244,34 @@ impl Guard {
     /// be given then.
     pub async fn audit(
         &self,
+        rpc: &'static str,
         record: Option<Record>,
         verdict: &Verdict,
         code: Code,
         revision: Option<i64>,
         at: Arrival,
     ) -> Result<(), Status> {
-        let Some(mut r) = record else { return Ok(()) };
+        let Some(mut r) = record else {
+            self.count(rpc, verdict.decision, code, at);
+            return Ok(());
+        };
+        self.count(rpc, verdict.decision, code, at);
         r.decision = verdict.decision;
         r.reason.clone_from(&verdict.reason);
         r.code = code;
         r.revision = revision;
         r.latency_us = at.micros();
         self.shared.audit.submit(r).await
+    }
+
+    /// Count a request (or stream message) in the metrics.
+    fn count(&self, rpc: &'static str, decision: Decision, code: Code, at: Arrival) {
+        let m = &self.shared.metrics;
+        m.requests.get_or_create(&RequestLabels { rpc, decision: decision.as_str(), code: code_name(code) }).inc();
+        m.latency.get_or_create(&RpcLabels { rpc }).observe(at.instant.elapsed().as_secs_f64());
+        if decision == Decision::WouldDeny {
+            m.would_deny.get_or_create(&RpcLabels { rpc }).inc();
+        }
     }
 
     /// Describe, decide and gate one call. A call that is not to be served is recorded and answered here
@@ -277,16 +295,16 @@ impl Guard {
             Err(status) => {
                 // A malformed request (answered as etcd answers it) or a check that could not be made.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit(record, &v, status.code(), None, at).await;
+                let _ = self.audit(rpc, record, &v, status.code(), None, at).await;
                 return Err(status);
             }
         };
         if verdict.decision == Decision::Deny {
-            let _ = self.audit(record, &verdict, Code::PermissionDenied, None, at).await;
+            let _ = self.audit(rpc, record, &verdict, Code::PermissionDenied, None, at).await;
             return Err(permission_denied());
         }
         if let Err(status) = self.shared.audit.admit() {
-            let _ = self.audit(record, &verdict, status.code(), None, at).await;
+            let _ = self.audit(rpc, record, &verdict, status.code(), None, at).await;
             return Err(status);
         }
         Ok((verdict, record))
@@ -296,6 +314,7 @@ impl Guard {
     /// written.
     pub async fn finish(
         &self,
+        rpc: &'static str,
         record: Option<Record>,
         verdict: &Verdict,
         answer: Result<Bytes, Status>,
@@ -305,7 +324,7 @@ impl Guard {
             Ok(bytes) => (Code::Ok, header_revision(bytes)),
             Err(status) => (status.code(), None),
         };
-        self.audit(record, verdict, code, revision, at).await?;
+        self.audit(rpc, record, verdict, code, revision, at).await?;
         answer
     }
 
@@ -336,7 +355,7 @@ impl Guard {
             let needs = authorize(&msg);
             let (verdict, record) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
             let answer = self.shared.upstream.unary(path, msg, &meta).await;
-            self.finish(record, &verdict, answer, at).await.map(Response::new)
+            self.finish(rpc_name(path), record, &verdict, answer, at).await.map(Response::new)
         });
         self.server_grpc::<M>().unary(svc, req).await
     }
@@ -362,7 +381,7 @@ impl Guard {
             let needs = authorize(&msg);
             let (verdict, record) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
             let answered = answer(msg, meta).await;
-            self.finish(record, &verdict, answered, at).await.map(Response::new)
+            self.finish(rpc_name(path), record, &verdict, answered, at).await.map(Response::new)
         });
         self.server_grpc::<M>().unary(svc, req).await
     }
@@ -383,7 +402,7 @@ impl Guard {
             let needs = authorize(&msg);
             let (verdict, record) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
-            self.audit(record, &verdict, Code::Ok, None, at).await?;
+            self.audit(rpc, record, &verdict, Code::Ok, None, at).await?;
             let stream = match self.shared.upstream.server_streaming(path, msg, &meta).await {
                 Ok(s) => s,
                 Err(status) => {
@@ -438,6 +457,9 @@ pub fn header_revision(bytes: &Bytes) -> Option<i64> {
 /// dropped first (the client went away), with `Cancelled`.
 pub struct StreamEnd {
     audit: AuditLog,
+    metrics: Arc<Metrics>,
+    rpc: &'static str,
+    done: bool,
     record: Option<Record>,
     reason: String,
     decision: Decision,
@@ -453,8 +475,12 @@ impl StreamEnd {
         verdict: &Verdict,
         at: Arrival,
     ) -> StreamEnd {
+        g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
         StreamEnd {
             audit: g.shared.audit.clone(),
+            metrics: g.shared.metrics.clone(),
+            rpc,
+            done: false,
             record: g.record(rpc, Event::End, stream, msg, at),
             reason: verdict.reason.clone(),
             decision: verdict.decision,
@@ -468,8 +494,12 @@ impl StreamEnd {
             r.ops = "[]".into();
             r
         });
+        g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
         StreamEnd {
             audit: g.shared.audit.clone(),
+            metrics: g.shared.metrics.clone(),
+            rpc,
+            done: false,
             record,
             reason: "stream ended".into(),
             decision: Decision::Allow,
@@ -488,6 +518,10 @@ impl StreamEnd {
     }
 
     fn write(&mut self, code: Code) {
+        if !self.done {
+            self.done = true;
+            self.metrics.open_streams.get_or_create(&RpcLabels { rpc: self.rpc }).dec();
+        }
         if let Some(mut r) = self.record.take() {
             r.decision = self.decision;
             r.reason = std::mem::take(&mut self.reason);

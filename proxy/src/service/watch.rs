@@ -120,7 +120,7 @@ async fn inbound_loop(
             Err(status) => {
                 // The check itself failed: end the stream.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = g.audit(record, &v, status.code(), None, at).await;
+                let _ = g.audit(RPC, record, &v, status.code(), None, at).await;
                 let code = status.code();
                 let _ = down_tx.send(Err(status)).await;
                 return code;
@@ -133,7 +133,7 @@ async fn inbound_loop(
             Ok(()) => Code::PermissionDenied,
             Err(status) => status.code(),
         };
-        let audited = g.audit(record, &verdict, code, None, at).await;
+        let audited = g.audit(RPC, record, &verdict, code, None, at).await;
         if let Err(status) = admitted.and(audited) {
             let code = status.code();
             let _ = down_tx.send(Err(status)).await;

@@ -1,0 +1,249 @@
+//! Prometheus metrics, and the plain-HTTP listener for `/healthz`, `/readyz` and `/metrics`.
+//!
+//! The listener is separate from the gRPC one and binds to loopback by default: it has no authentication and
+//! must not be exposed beyond the node.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::audit::AuditLog;
+use crate::upstream::Upstream;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub rpc: &'static str,
+    pub decision: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub rpc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
+/// Every metric the proxy keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests and stream messages, by RPC, decision and gRPC code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time from arrival to answer of unary calls and stream messages.
+    pub latency: Family<RpcLabels, Histogram>,
+    /// Denials not enforced because of `audit-only` bindings.
+    pub would_deny: Family<RpcLabels, Counter>,
+    /// Streams open now, by RPC.
+    pub open_streams: Family<RpcLabels, Gauge>,
+    /// Client connections open now.
+    pub connections: Gauge,
+    /// TLS handshakes that failed, by reason.
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    /// Reloads of the policy and certificates, by result.
+    pub reloads: Family<ResultLabels, Counter>,
+    upstream_healthy: Family<EndpointLabels, Gauge>,
+    audit_queue: Gauge,
+    audit_written: Counter,
+    audit_errors: Counter,
+    audit_lost: Counter,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("etcd_guard");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests and stream messages by RPC, decision and gRPC code", requests.clone());
+        let latency = Family::<RpcLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.000_05, 2.0, 18))) as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from arrival to answer of unary calls and stream messages",
+            prometheus_client::registry::Unit::Seconds,
+            latency.clone(),
+        );
+        let would_deny = Family::<RpcLabels, Counter>::default();
+        registry.register("would_deny", "Denials not enforced because of audit-only bindings", would_deny.clone());
+        let open_streams = Family::<RpcLabels, Gauge>::default();
+        registry.register("open_streams", "Streams open now, by RPC", open_streams.clone());
+        let connections = Gauge::default();
+        registry.register("client_connections", "Client connections open now", connections.clone());
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            handshake_failures.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
+        let upstream_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register("upstream_endpoint_healthy", "1 if the etcd endpoint is healthy", upstream_healthy.clone());
+        let audit_queue = Gauge::default();
+        registry.register("audit_queue_depth", "Audit records waiting for the writer", audit_queue.clone());
+        let audit_written = Counter::default();
+        registry.register("audit_records_written", "Audit records written", audit_written.clone());
+        let audit_errors = Counter::default();
+        registry.register("audit_write_errors", "Failed attempts to write audit records", audit_errors.clone());
+        let audit_lost = Counter::default();
+        registry.register(
+            "audit_records_lost",
+            "Audit records that could not be queued or written",
+            audit_lost.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            would_deny,
+            open_streams,
+            connections,
+            handshake_failures,
+            reloads,
+            upstream_healthy,
+            audit_queue,
+            audit_written,
+            audit_errors,
+            audit_lost,
+        }
+    }
+
+    /// The text exposition, with gauges that mirror other state refreshed first.
+    pub fn render(&self, upstream: &Upstream, audit: &AuditLog) -> String {
+        for (endpoint, healthy) in upstream.health() {
+            self.upstream_healthy.get_or_create(&EndpointLabels { endpoint }).set(i64::from(healthy));
+        }
+        if let Some(stats) = audit.stats() {
+            self.audit_queue.set(stats.queued.load(Ordering::Relaxed) as i64);
+            // Counters only go up: add what they are behind by.
+            let sync = |c: &Counter, v: u64| {
+                let have = c.get();
+                if v > have {
+                    c.inc_by(v - have);
+                }
+            };
+            sync(&self.audit_written, stats.written.load(Ordering::Relaxed));
+            sync(&self.audit_errors, stats.write_errors.load(Ordering::Relaxed));
+            sync(&self.audit_lost, stats.lost.load(Ordering::Relaxed));
+        }
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// What the health listener reads.
+#[derive(Clone)]
+pub struct HealthState {
+    pub metrics: Arc<Metrics>,
+    pub upstream: Upstream,
+    pub audit: AuditLog,
+}
+
+/// Serve `/healthz`, `/readyz` and `/metrics` over plain HTTP/1.1 until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: HealthState, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, &req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await {
+                debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn answer(state: &HealthState, req: &http::Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let mut problems = Vec::new();
+            if !state.upstream.any_healthy() {
+                problems.push("no healthy upstream endpoint");
+            }
+            if state.audit.is_failing() {
+                problems.push("the audit log cannot be written");
+            }
+            if problems.is_empty() {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")))
+            }
+        }
+        "/metrics" => {
+            let body = state.metrics.render(&state.upstream, &state.audit);
+            let mut resp = text(StatusCode::OK, body);
+            if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            }
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// The address the metrics listener is bound to, for logs and tests.
+pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

@@ -1,0 +1,120 @@
+//! Running it: `/healthz`, `/readyz` and `/metrics` on the plain-HTTP listener, readiness following etcd, and
+//! rollout mode (`audit-only` bindings record `would_deny` and serve).
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use etcd_guard_tests::{Harness, TestResult};
+use serde_json::Value;
+
+/// GET `path` on the metrics listener: (status, body).
+fn get(h: &Harness, path: &str) -> TestResult<(u16, String)> {
+    let addr = h.metrics_url().trim_start_matches("http://").to_string();
+    let mut tcp = std::net::TcpStream::connect(&addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> TestResult<bool>) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond()? {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics() -> TestResult {
+    let mut h = Harness::start().await?;
+    assert_eq!(get(&h, "/healthz")?.0, 200);
+    wait_for("ready", || Ok(get(&h, "/readyz")?.0 == 200))?;
+
+    let mut a = h.client(&h.admin()?).await?;
+    for i in 0..3 {
+        a.put(format!("m/{i}"), "v", None).await?;
+    }
+    let mut c = h.client(&h.cilium()?).await?;
+    assert!(c.get("m/0", None).await.is_err());
+    let (status, metrics) = get(&h, "/metrics")?;
+    assert_eq!(status, 200);
+    assert_eq!(sample(&metrics, r#"etcd_guard_requests_total{rpc="KV/Put",decision="allow",code="OK"}"#), Some(3.0));
+    assert_eq!(
+        sample(&metrics, r#"etcd_guard_requests_total{rpc="KV/Range",decision="deny",code="PermissionDenied"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(metrics.contains("etcd_guard_request_duration_seconds_bucket"), "{metrics}");
+    assert_eq!(sample(&metrics, "etcd_guard_client_connections "), Some(2.0), "{metrics}");
+    assert!(sample(&metrics, "etcd_guard_audit_records_written_total").is_some(), "{metrics}");
+    assert_eq!(sample(&metrics, "etcd_guard_upstream_endpoint_healthy{"), Some(1.0), "{metrics}");
+
+    // etcd goes away: not ready any more (the proxy itself stays alive).
+    h.etcd.kill()?;
+    wait_for("not ready", || Ok(get(&h, "/readyz")?.0 == 503))?;
+    assert_eq!(get(&h, "/healthz")?.0, 200);
+    let (_, metrics) = get(&h, "/metrics")?;
+    assert_eq!(sample(&metrics, "etcd_guard_upstream_endpoint_healthy{"), Some(0.0), "{metrics}");
+    Ok(())
+}
+
+const ROLLOUT_POLICY: &str = r#"
+roles:
+  - name: admin
+    keys: [ { prefix: "", access: readwrite } ]
+    cluster: [admin]
+  - name: cilium
+    keys: [ { prefix: "cilium/", access: readwrite } ]
+    cluster: [status]
+bindings:
+  - role: admin
+    subjects: [ { common_name: "admin" } ]
+  - role: cilium
+    mode: audit-only
+    subjects: [ { uri_san: "spiffe://cluster.local/ns/kube-system/sa/cilium" } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_only_bindings_record_would_deny_and_serve() -> TestResult {
+    let mut h = Harness::with_policy(ROLLOUT_POLICY).await?;
+    let mut c = h.client(&h.cilium()?).await?;
+    c.put("cilium/ok", "v", None).await?;
+    // Outside the grant: served, recorded as what enforcing would break.
+    c.put("elsewhere", "v", None).await?;
+    let got = c.get("elsewhere", None).await?;
+    assert_eq!(got.kvs().len(), 1);
+    let (_, metrics) = get(&h, "/metrics")?;
+    assert_eq!(sample(&metrics, r#"etcd_guard_would_deny_total{rpc="KV/Put"}"#), Some(1.0), "{metrics}");
+    drop(c);
+    h.stop_proxy().await;
+    let text = std::fs::read_to_string(h.audit_dir().join("audit.log"))?;
+    let records: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let decisions: Vec<(&str, &str, &str)> = records
+        .iter()
+        .filter(|r| r["rpc"] == "KV/Put" || r["rpc"] == "KV/Range")
+        .map(|r| {
+            (
+                r["ops"][0]["key"].as_str().unwrap_or(""),
+                r["decision"].as_str().unwrap_or(""),
+                r["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [("cilium/ok", "allow", "OK"), ("elsewhere", "would_deny", "OK"), ("elsewhere", "would_deny", "OK")]
+    );
+    Ok(())
+}
