@@ -127,6 +127,83 @@ impl Pki {
     }
 }
 
+/// Several etcd members forming one cluster on loopback; members can be stopped and started again.
+pub struct EtcdCluster {
+    pub members: Vec<Option<Etcd>>,
+    pub client_urls: Vec<String>,
+    peer_urls: Vec<String>,
+    data: Vec<tempfile::TempDir>,
+}
+
+// === impl EtcdCluster ===
+
+impl EtcdCluster {
+    /// Start `n` members and wait until each answers.
+    pub fn start(pki: &Pki, n: usize) -> TestResult<EtcdCluster> {
+        let mut client_urls = Vec::new();
+        let mut peer_urls = Vec::new();
+        let mut data = Vec::new();
+        for _ in 0..n {
+            client_urls.push(format!("https://127.0.0.1:{}", free_port()?));
+            peer_urls.push(format!("http://127.0.0.1:{}", free_port()?));
+            data.push(tempfile::tempdir()?);
+        }
+        let mut cluster = EtcdCluster { members: Vec::new(), client_urls, peer_urls, data };
+        let mut children = Vec::new();
+        for i in 0..n {
+            children.push(cluster.spawn(pki, i, "new")?);
+        }
+        for (i, child) in children.into_iter().enumerate() {
+            let mut etcd = Etcd { child, client_url: cluster.client_urls[i].clone(), _data: tempfile::tempdir()? };
+            etcd.wait_ready(pki)?;
+            cluster.members.push(Some(etcd));
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&self, pki: &Pki, i: usize, state: &str) -> TestResult<Child> {
+        let initial: Vec<String> = self.peer_urls.iter().enumerate().map(|(j, u)| format!("m{j}={u}")).collect();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data[i].path().join("etcd.log"))?;
+        Ok(Command::new("etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(self.data[i].path().join("data"))
+            .args(["--listen-client-urls", &self.client_urls[i], "--advertise-client-urls", &self.client_urls[i]])
+            .args(["--listen-peer-urls", &self.peer_urls[i], "--initial-advertise-peer-urls", &self.peer_urls[i]])
+            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "etcd-guard-test"])
+            .arg("--cert-file")
+            .arg(pki.path("etcd-server.crt"))
+            .arg("--key-file")
+            .arg(pki.path("etcd-server.key"))
+            .arg("--trusted-ca-file")
+            .arg(pki.ca_file())
+            .arg("--client-cert-auth")
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?)
+    }
+
+    /// Stop member `i`.
+    pub fn kill(&mut self, i: usize) -> TestResult {
+        if let Some(mut m) = self.members.get_mut(i).and_then(Option::take) {
+            m.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Start member `i` again with its data.
+    pub fn restart(&mut self, pki: &Pki, i: usize) -> TestResult {
+        let child = self.spawn(pki, i, "existing")?;
+        let mut etcd = Etcd { child, client_url: self.client_urls[i].clone(), _data: tempfile::tempdir()? };
+        etcd.wait_ready(pki)?;
+        self.members[i] = Some(etcd);
+        Ok(())
+    }
+}
+
 // === impl Etcd ===
 
 /// A free loopback port (the listener is dropped right away; good enough for tests on one machine).
@@ -338,6 +415,19 @@ metrics_listen: "127.0.0.1:0"
     pub fn nobody(&self) -> TestResult<ClientCert> {
         self.pki.client("nobody", "nobody", None, &[])
     }
+}
+
+/// A plain HTTP/1.1 GET (for the metrics listener): `(status, body)`.
+pub fn http_get(addr: SocketAddr, path: &str) -> TestResult<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Text of a process's stdout.

@@ -1,23 +1,15 @@
 //! Running it: `/healthz`, `/readyz` and `/metrics` on the plain-HTTP listener, readiness following etcd, and
 //! rollout mode (`audit-only` bindings record `would_deny` and serve).
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use etcd_guard_tests::{Harness, TestResult};
+use etcd_guard_tests::{Harness, TestResult, http_get};
 use serde_json::Value;
 
 /// GET `path` on the metrics listener: (status, body).
 fn get(h: &Harness, path: &str) -> TestResult<(u16, String)> {
-    let addr = h.metrics_url().trim_start_matches("http://").to_string();
-    let mut tcp = std::net::TcpStream::connect(&addr)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    tcp.read_to_string(&mut text)?;
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics listener")?;
+    http_get(addr, path)
 }
 
 /// The value of the first sample line starting with `prefix`.

@@ -1,0 +1,96 @@
+//! Upstream failover against a three-member etcd cluster on loopback: killing a member moves requests to the
+//! others within seconds, and a member that comes back is used again.
+
+use std::time::{Duration, Instant};
+
+use etcd_guard::config::Config;
+use etcd_guard::server::Proxy;
+use etcd_guard_tests::{EtcdCluster, Pki, TEST_POLICY, TestResult, http_get};
+
+/// Put until 20 puts in a row succeed; returns (failures, time taken). Bounded at 20 s.
+async fn until_steady(c: &mut etcd_client::Client, tag: &str) -> TestResult<(usize, Duration)> {
+    let start = Instant::now();
+    let (mut failures, mut in_a_row, mut i) = (0, 0, 0);
+    while in_a_row < 20 {
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(format!("{tag}: still failing after 20 s ({failures} failures)").into());
+        }
+        i += 1;
+        match c.put(format!("{tag}/{i}"), "v", None).await {
+            Ok(_) => in_a_row += 1,
+            Err(_) => {
+                failures += 1;
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    Ok((failures, start.elapsed()))
+}
+
+fn endpoint_health(metrics: &str, url: &str) -> Option<f64> {
+    let prefix = format!("etcd_guard_upstream_endpoint_healthy{{endpoint=\"{url}\"}}");
+    metrics.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_fail_over_to_the_other_members_and_come_back() -> TestResult {
+    let pki = Pki::new()?;
+    let mut cluster = EtcdCluster::start(&pki, 3)?;
+    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
+    let endpoints: Vec<String> = cluster.client_urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let config = format!(
+        r#"listen: "127.0.0.1:0"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream:
+  endpoints: [{}]
+  ca_file: ca.crt
+  cert_file: upstream-client.crt
+  key_file: upstream-client.key
+  health_check_interval_ms: 300
+policy_file: policy.yaml
+metrics_listen: "127.0.0.1:0"
+audit: {{ file: audit/audit.log }}
+"#,
+        endpoints.join(", ")
+    );
+    std::fs::write(pki.path("etcd-guard.yaml"), config)?;
+    let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
+    let metrics_addr = proxy.metrics_addr.ok_or("no metrics listener")?;
+    let admin = pki.client("admin", "admin", None, &[])?;
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
+        .identity(etcd_client::Identity::from_pem(std::fs::read(&admin.cert)?, std::fs::read(&admin.key)?));
+    let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_timeout(Duration::from_secs(3));
+    let mut c = etcd_client::Client::connect([format!("https://{}", proxy.local_addr)], Some(opts)).await?;
+    until_steady(&mut c, "before").await?;
+
+    // Kill a member: requests go to the other two within seconds.
+    cluster.kill(0)?;
+    let (failures, took) = until_steady(&mut c, "killed").await?;
+    eprintln!("member 0 killed: {failures} failed requests, steady again after {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let (_, metrics) = http_get(metrics_addr, "/metrics")?;
+    assert_eq!(endpoint_health(&metrics, &cluster.client_urls[0]), Some(0.0), "{metrics}");
+    assert_eq!(endpoint_health(&metrics, &cluster.client_urls[1]), Some(1.0), "{metrics}");
+
+    // It comes back and is marked healthy again; then another member can go and the cluster still answers.
+    cluster.restart(&pki, 0)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, metrics) = http_get(metrics_addr, "/metrics")?;
+        if endpoint_health(&metrics, &cluster.client_urls[0]) == Some(1.0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("member 0 not healthy again: {metrics}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.kill(1)?;
+    let (failures, took) = until_steady(&mut c, "second").await?;
+    eprintln!("member 1 killed: {failures} failed requests, steady again after {took:?}");
+    drop(c);
+    proxy.stop().await;
+    Ok(())
+}
