@@ -4,6 +4,8 @@
 //! These are for development and tests only: the CA key is written next to the certificates.
 
 use std::fs;
+
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -40,6 +42,8 @@ pub struct DevCa {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number (big-endian bytes), e.g. to revoke it in a CRL.
+    pub serial: Vec<u8>,
 }
 
 /// What kind of leaf to issue.
@@ -132,10 +136,40 @@ impl DevCa {
             LeafKind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             LeafKind::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         };
-        adjust(&mut params);
         let key = KeyPair::generate()?;
+        // A serial derived from the fresh key: unique per leaf, positive, 16 bytes.
+        let digest = sha2::Sha256::digest(key.public_key_raw());
+        let mut serial = digest[..16].to_vec();
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        adjust(&mut params);
+        let serial = params.serial_number.as_ref().map(|s| s.as_ref().to_vec()).unwrap_or(serial);
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), serial })
+    }
+
+    /// A CRL (PEM) revoking the certificates with these serials, valid from an hour ago for `valid_for`.
+    pub fn crl(&self, revoked: &[Vec<u8>], number: u64, valid_for: std::time::Duration) -> Result<String, CertsError> {
+        let now = time::OffsetDateTime::now_utc();
+        let this_update = now - time::Duration::hours(1);
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update: now + valid_for,
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: this_update,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

@@ -220,9 +220,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         let addr = proxy.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, "etcd-guard serving");
         let audit = proxy.audit();
+        let reload = proxy.reload_handle();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn(proxy.serve(stop_rx));
-        shutdown_signal().await;
+        shutdown_signal(reload).await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let _ = serving.await;
@@ -233,24 +234,28 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
+/// Wait for SIGTERM or SIGINT; SIGHUP reloads the policy and certificates meanwhile.
+async fn shutdown_signal(reload: crate::reload::ReloadHandle) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        let (term, hup) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()));
+        let (Ok(mut term), Ok(mut hup)) = (term, hup) else {
+            tracing::warn!("cannot install signal handlers; only Ctrl-C stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => reload.trigger(),
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = reload;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -26,6 +26,8 @@ pub struct Config {
     pub audit: Audit,
     /// The plain-HTTP listener for `/healthz`, `/readyz`, `/metrics` (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
+    /// How often the files are checked for changes (`None`: only on SIGHUP).
+    pub reload_check_interval: Option<Duration>,
 }
 
 /// The audit log (`docs/audit.md`).
@@ -119,6 +121,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default = "default_metrics_listen")]
     metrics_listen: String,
+    #[serde(default = "default_reload_check_interval_ms")]
+    reload_check_interval_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +160,9 @@ impl Default for RawAudit {
 
 fn default_metrics_listen() -> String {
     "127.0.0.1:23791".into()
+}
+fn default_reload_check_interval_ms() -> u64 {
+    2_000
 }
 fn default_health_check_interval_ms() -> u64 {
     2_000
@@ -332,6 +339,10 @@ impl Config {
                 queue: raw.audit.queue,
             },
             metrics_listen,
+            reload_check_interval: match raw.reload_check_interval_ms {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
         })
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod tls;

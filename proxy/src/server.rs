@@ -2,8 +2,8 @@
 //! and its permissions are computed once, before any request is read. HTTP/2 only.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::{self, HealthState, Metrics, ReasonLabels};
 use crate::policy::{Policy, PolicyError};
+use crate::reload::{ReloadHandle, Reloader};
 use crate::service::{Conn, Guard, Shared};
 use crate::tls::{self, TlsError};
 use crate::upstream::Upstream;
@@ -40,8 +41,9 @@ pub struct Proxy {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     health_check_interval: Duration,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
     shared: Arc<Shared>,
+    reloader: Reloader,
     handshake_timeout: Duration,
     max_concurrent_streams: u32,
 }
@@ -51,6 +53,7 @@ pub struct Running {
     pub local_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub audit: AuditLog,
+    pub reload: ReloadHandle,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -76,23 +79,31 @@ impl Proxy {
         } else {
             config.advertise_client_urls.clone()
         };
-        let shared = Arc::new(Shared {
-            policy: Arc::new(policy),
-            upstream: Upstream::new(channels),
+        let shared = Arc::new(Shared::new(
+            policy,
+            Upstream::new(channels),
             advertise_client_urls,
-            max_request_bytes: config.limits.max_request_bytes,
+            config.limits.max_request_bytes,
             audit,
-            metrics: Arc::new(Metrics::new()),
-        });
+            Arc::new(Metrics::new()),
+        ));
+        let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls)));
+        let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone());
         Ok(Proxy {
             listener,
             metrics_listener,
             health_check_interval: config.upstream.health_check_interval,
-            acceptor: TlsAcceptor::from(server_tls),
+            acceptor,
             shared,
+            reloader,
             handshake_timeout: config.tls.handshake_timeout,
             max_concurrent_streams: config.limits.max_concurrent_streams,
         })
+    }
+
+    /// Triggers a reload (SIGHUP does this in the binary).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reloader.handle()
     }
 
     /// The audit log, to close it at shutdown.
@@ -122,6 +133,7 @@ impl Proxy {
             tokio::spawn(metrics::serve(listener, state, stop.clone()));
         }
         tokio::spawn(probe_upstream(self.shared.upstream.clone(), self.health_check_interval, stop.clone()));
+        tokio::spawn(self.reloader.run(stop.clone()));
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -136,7 +148,7 @@ impl Proxy {
                 _ = stop.changed() => break,
             };
             let id = next_id.fetch_add(1, Ordering::Relaxed);
-            let acceptor = self.acceptor.clone();
+            let acceptor = self.acceptor.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
             let shared = self.shared.clone();
             let settings = (self.handshake_timeout, self.max_concurrent_streams);
             tokio::spawn(connection(tcp, peer, id, acceptor, shared, settings));
@@ -150,8 +162,9 @@ impl Proxy {
         let (stop, rx) = watch::channel(false);
         let audit = self.audit();
         let metrics_addr = self.metrics_addr();
+        let reload = self.reload_handle();
         let task = tokio::spawn(self.serve(rx));
-        Running { local_addr, metrics_addr, audit, stop, task }
+        Running { local_addr, metrics_addr, audit, reload, stop, task }
     }
 }
 
@@ -204,18 +217,18 @@ async fn connection(
             return;
         }
     };
-    let permissions = shared.policy.permissions_for(&identity);
+    let conn = Conn::new(id, peer, identity, &shared);
     info!(
         conn = id,
         %peer,
-        identity = identity.display_name(),
-        fingerprint = %identity.fingerprint_sha256,
-        roles = ?permissions.roles,
+        identity = conn.identity.display_name(),
+        fingerprint = %conn.identity.fingerprint_sha256,
+        roles = ?conn.view(&shared).permissions.roles,
         "client connected"
     );
     let metrics = shared.metrics.clone();
     metrics.connections.inc();
-    let guard = Guard::new(shared, Conn::new(id, peer, identity, permissions));
+    let guard = Guard::new(shared, conn);
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())

@@ -1,13 +1,13 @@
 //! The connection to etcd: calls made with the proxy's own identity, carrying only allowlisted metadata.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status, Streaming};
 
 use crate::codec::UpstreamCodec;
@@ -27,7 +27,7 @@ const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 /// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call.
 #[derive(Clone)]
 pub struct Upstream {
-    members: Arc<[Member]>,
+    members: Arc<RwLock<Arc<[Arc<Member>]>>>,
     next: Arc<AtomicUsize>,
 }
 
@@ -50,26 +50,33 @@ pub struct CallMeta {
 impl Upstream {
     /// `(url, channel)` per endpoint; all start healthy.
     pub fn new(endpoints: Vec<(String, Channel)>) -> Upstream {
-        let members: Vec<Member> = endpoints
-            .into_iter()
-            .map(|(url, channel)| Member { url, channel, healthy: AtomicBool::new(true) })
-            .collect();
-        Upstream { members: members.into(), next: Arc::new(AtomicUsize::new(0)) }
+        Upstream { members: Arc::new(RwLock::new(members(endpoints))), next: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    /// New connections (after a reload of the upstream certificate). Calls in progress finish on the old ones.
+    pub fn replace(&self, endpoints: Vec<(String, Channel)>) {
+        let mut slot = self.members.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *slot = members(endpoints);
+    }
+
+    fn current(&self) -> Arc<[Arc<Member>]> {
+        self.members.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     /// The endpoints and whether each is healthy now.
     pub fn health(&self) -> Vec<(String, bool)> {
-        self.members.iter().map(|m| (m.url.clone(), m.healthy.load(Ordering::Relaxed))).collect()
+        self.current().iter().map(|m| (m.url.clone(), m.healthy.load(Ordering::Relaxed))).collect()
     }
 
     /// Whether at least one endpoint is healthy.
     pub fn any_healthy(&self) -> bool {
-        self.members.iter().any(|m| m.healthy.load(Ordering::Relaxed))
+        self.current().iter().any(|m| m.healthy.load(Ordering::Relaxed))
     }
 
     /// Probe every endpoint now (Maintenance/Status with `timeout`) and record the result.
     pub async fn probe(&self, timeout: Duration) {
-        let probes = self.members.iter().map(|m| async move {
+        let members = self.current();
+        let probes = members.iter().map(|m| async move {
             let mut grpc = tonic::client::Grpc::new(m.channel.clone());
             let mut req = Request::new(etcd_guard_proto::etcdserverpb::StatusRequest {});
             req.set_timeout(timeout);
@@ -96,16 +103,23 @@ impl Upstream {
     }
 
     /// The endpoint for the next call: round robin over the healthy ones, else over all.
-    fn pick(&self) -> &Member {
-        let n = self.members.len();
+    fn pick(&self) -> Arc<Member> {
+        let members = self.current();
+        let n = members.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &self.members[(start + i) % n])
-            .find(|m| m.healthy.load(Ordering::Relaxed))
-            .unwrap_or(&self.members[start % n])
+        let healthy = (0..n).filter_map(|i| members.get((start + i) % n)).find(|m| m.healthy.load(Ordering::Relaxed));
+        match healthy.or_else(|| members.get(start % n)) {
+            Some(m) => m.clone(),
+            // The configuration requires at least one endpoint; this is defence in depth.
+            None => Arc::new(Member {
+                url: String::new(),
+                channel: Endpoint::from_static("https://0.0.0.0:1").connect_lazy(),
+                healthy: AtomicBool::new(false),
+            }),
+        }
     }
 
-    fn grpc(&self) -> (tonic::client::Grpc<Channel>, &Member) {
+    fn grpc(&self) -> (tonic::client::Grpc<Channel>, Arc<Member>) {
         let member = self.pick();
         let grpc = tonic::client::Grpc::new(member.channel.clone())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
@@ -181,6 +195,13 @@ impl Upstream {
             .map_err(|s| member.failed(s))?;
         Ok(resp.into_inner())
     }
+}
+
+fn members(endpoints: Vec<(String, Channel)>) -> Arc<[Arc<Member>]> {
+    endpoints
+        .into_iter()
+        .map(|(url, channel)| Arc::new(Member { url, channel, healthy: AtomicBool::new(true) }))
+        .collect()
 }
 
 // === impl Member ===

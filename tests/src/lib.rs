@@ -59,6 +59,8 @@ pub struct Pki {
 pub struct ClientCert {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The serial number, when the harness issued it (to revoke it in a CRL).
+    pub serial: Vec<u8>,
 }
 
 /// A single etcd member on loopback.
@@ -109,7 +111,9 @@ impl Pki {
         uris: &[&str],
     ) -> TestResult<ClientCert> {
         let issued = self.ca.issue(kind, cn, org, sans, uris)?;
-        self.write_pair(name, &issued.cert_pem, &issued.key_pem)
+        let mut written = self.write_pair(name, &issued.cert_pem, &issued.key_pem)?;
+        written.serial = issued.serial;
+        Ok(written)
     }
 
     /// Write a certificate and key under `name`.
@@ -118,7 +122,7 @@ impl Pki {
         let key = self.path(&format!("{name}.key"));
         std::fs::write(&cert, cert_pem)?;
         std::fs::write(&key, key_pem)?;
-        Ok(ClientCert { cert, key })
+        Ok(ClientCert { cert, key, serial: Vec::new() })
     }
 
     /// Issue a client certificate.
@@ -383,8 +387,11 @@ metrics_listen: "127.0.0.1:0"
 
     /// etcdctl straight to etcd (as the proxy's own upstream identity).
     pub fn ctl_direct(&self, args: &[&str]) -> TestResult<Output> {
-        let upstream =
-            ClientCert { cert: self.pki.path("upstream-client.crt"), key: self.pki.path("upstream-client.key") };
+        let upstream = ClientCert {
+            cert: self.pki.path("upstream-client.crt"),
+            key: self.pki.path("upstream-client.key"),
+            serial: Vec::new(),
+        };
         etcdctl_at(&self.etcd.client_url, &self.pki.ca_file(), &upstream, args)
     }
 

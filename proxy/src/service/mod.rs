@@ -18,7 +18,8 @@ pub mod watch;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -54,7 +55,12 @@ pub fn permission_denied() -> Status {
 
 /// State shared by every connection.
 pub struct Shared {
-    pub policy: Arc<Policy>,
+    /// The policy in force; replaced by a reload.
+    policy: RwLock<Arc<Policy>>,
+    /// Bumped by every policy reload; connections recompute their permissions when it moves.
+    generation: AtomicU64,
+    /// Tells open streams that the policy changed (watches re-check what they watch).
+    reloaded: tokio::sync::watch::Sender<u64>,
     pub upstream: Upstream,
     pub advertise_client_urls: Vec<String>,
     pub max_request_bytes: usize,
@@ -62,16 +68,22 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// One client connection: who it is and what it may do, computed once at the handshake.
+/// One client connection: who it is, and what it may do under the policy in force.
 pub struct Conn {
     pub id: u64,
     pub peer: SocketAddr,
     pub identity: Identity,
+    view: Mutex<Arc<View>>,
+}
+
+/// What a connection may do under one policy generation, computed once per generation.
+pub struct View {
+    pub generation: u64,
     pub permissions: Permissions,
-    /// The identity as audit records show it.
+    /// The identity as audit records show it (with its roles).
     pub subject: Arc<Subject>,
     /// `role cilium` / `roles a, b` / `no role`, for allow reasons.
-    roles_label: String,
+    pub roles_label: String,
 }
 
 /// The decision on one request, with its reason for the audit record.
@@ -98,14 +110,81 @@ pub struct Guard {
 // === impl Conn ===
 
 impl Conn {
-    pub fn new(id: u64, peer: SocketAddr, identity: Identity, permissions: Permissions) -> Conn {
-        let subject = Arc::new(Subject::new(id, peer, &identity, &permissions.roles));
+    /// A connection, with its permissions under the policy in force now.
+    pub fn new(id: u64, peer: SocketAddr, identity: Identity, shared: &Shared) -> Conn {
+        let (generation, policy) = shared.policy();
+        let view = View::new(id, peer, &identity, generation, &policy);
+        Conn { id, peer, identity, view: Mutex::new(Arc::new(view)) }
+    }
+
+    /// The view for the policy in force (recomputed once after a reload).
+    pub fn view(&self, shared: &Shared) -> Arc<View> {
+        let current = shared.generation.load(Ordering::Acquire);
+        let mut view = self.view.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if view.generation != current {
+            let (generation, policy) = shared.policy();
+            *view = Arc::new(View::new(self.id, self.peer, &self.identity, generation, &policy));
+        }
+        view.clone()
+    }
+}
+
+// === impl View ===
+
+impl View {
+    fn new(id: u64, peer: SocketAddr, identity: &Identity, generation: u64, policy: &Policy) -> View {
+        let permissions = policy.permissions_for(identity);
+        let subject = Arc::new(Subject::new(id, peer, identity, &permissions.roles));
         let roles_label = match permissions.roles.as_slice() {
             [] => "no role".to_string(),
             [one] => format!("role {one}"),
             many => format!("roles {}", many.join(", ")),
         };
-        Conn { id, peer, identity, permissions, subject, roles_label }
+        View { generation, permissions, subject, roles_label }
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    pub fn new(
+        policy: Policy,
+        upstream: Upstream,
+        advertise_client_urls: Vec<String>,
+        max_request_bytes: usize,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
+        Shared {
+            policy: RwLock::new(Arc::new(policy)),
+            generation: AtomicU64::new(0),
+            reloaded: tokio::sync::watch::Sender::new(0),
+            upstream,
+            advertise_client_urls,
+            max_request_bytes,
+            audit,
+            metrics,
+        }
+    }
+
+    /// The policy in force and its generation.
+    pub fn policy(&self) -> (u64, Arc<Policy>) {
+        let policy = self.policy.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (self.generation.load(Ordering::Acquire), policy.clone())
+    }
+
+    /// Put a new policy in force: new requests are decided by it at once, open watches re-check.
+    pub fn replace_policy(&self, policy: Policy) {
+        let mut slot = self.policy.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *slot = Arc::new(policy);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(slot);
+        self.reloaded.send_replace(generation);
+    }
+
+    /// Notified after every policy reload.
+    pub fn subscribe_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
     }
 }
 
@@ -156,7 +235,8 @@ impl Guard {
     /// With only `audit-only` bindings a denial becomes [`Decision::WouldDeny`] — except for requests the proxy
     /// does not understand ([`Need::Never`]), which are always denied.
     pub async fn decide(&self, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
-        let perms = &self.conn.permissions;
+        let view = self.conn.view(&self.shared);
+        let perms = &view.permissions;
         let deny = |reason: String| {
             let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
             Ok(Verdict { decision, reason })
@@ -188,24 +268,7 @@ impl Guard {
                 }
             }
         }
-        Ok(Verdict { decision: Decision::Allow, reason: self.allow_reason(needs) })
-    }
-
-    /// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked.
-    fn allow_reason(&self, needs: &Needs) -> String {
-        let label = &self.conn.roles_label;
-        let first = match needs.0.first() {
-            None => return "no permission needed".to_string(),
-            Some(Need::Key(access, range)) => format!("{access} {range}"),
-            Some(Need::Cap(cap)) => format!("capability {cap}"),
-            Some(Need::Admin) => "capability admin".to_string(),
-            Some(Need::LeaseKeys(access, lease)) => format!("{access} on the keys of lease {lease:x}"),
-            Some(Need::Never(why)) => (*why).to_string(),
-        };
-        match needs.0.len() {
-            1 => format!("{label}: {first}"),
-            n => format!("{label}: {first} (+{} more)", n - 1),
-        }
+        Ok(Verdict { decision: Decision::Allow, reason: allow_reason(&view.roles_label, needs) })
     }
 
     /// Start an audit record for this connection (`None` when auditing is off, so nothing is rendered).
@@ -226,7 +289,7 @@ impl Guard {
             crate::audit::describe::method_op(&mut ops, rpc);
         }
         Some(Record {
-            subject: self.conn.subject.clone(),
+            subject: self.conn.view(&self.shared).subject.clone(),
             time: at.time,
             rpc,
             event,
@@ -428,6 +491,22 @@ impl Guard {
             Ok(Response::new(run(request.into_inner(), meta).await?))
         });
         self.server_grpc::<M>().streaming(svc, req).await
+    }
+}
+
+/// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked.
+fn allow_reason(label: &str, needs: &Needs) -> String {
+    let first = match needs.0.first() {
+        None => return "no permission needed".to_string(),
+        Some(Need::Key(access, range)) => format!("{access} {range}"),
+        Some(Need::Cap(cap)) => format!("capability {cap}"),
+        Some(Need::Admin) => "capability admin".to_string(),
+        Some(Need::LeaseKeys(access, lease)) => format!("{access} on the keys of lease {lease:x}"),
+        Some(Need::Never(why)) => (*why).to_string(),
+    };
+    match needs.0.len() {
+        1 => format!("{label}: {first}"),
+        n => format!("{label}: {first} (+{} more)", n - 1),
     }
 }
 

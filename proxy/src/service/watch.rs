@@ -6,7 +6,7 @@
 //! "rpc error: code = PermissionDenied desc = etcdserver: permission denied"). clientv3 pairs `created`
 //! responses with its creates in order, so a denial waits behind creates still pending at etcd.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use tonic::{Code, Status, Streaming};
 use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
+use crate::policy::{Access, KeyRange, Mode};
 use crate::upstream::{CallMeta, clean};
 
 const WATCH: &str = "/etcdserverpb.Watch/Watch";
@@ -45,14 +46,19 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response
 struct WatchResponseHead {
     #[prost(message, optional, tag = "1")]
     header: Option<pb::ResponseHeader>,
+    #[prost(int64, tag = "2")]
+    watch_id: i64,
     #[prost(bool, tag = "3")]
     created: bool,
+    #[prost(bool, tag = "4")]
+    canceled: bool,
 }
 
 /// A create request waiting for its `created` answer, in the order the client sent them.
 enum Pending {
-    /// Forwarded to etcd; etcd's `created` response answers it.
-    Upstream,
+    /// Forwarded to etcd; etcd's `created` response answers it. The interval is kept to re-check it when the
+    /// policy changes.
+    Upstream(Option<KeyRange>),
     /// Denied by the proxy; answered as soon as everything before it is answered.
     Denied,
 }
@@ -62,6 +68,11 @@ struct Order {
     pending: VecDeque<Pending>,
     /// The header of etcd's last `created` response, reused in denials as etcd would fill it.
     header: Option<pb::ResponseHeader>,
+    /// Open watches (etcd's watch id) and what they watch.
+    active: HashMap<i64, KeyRange>,
+    /// Watches the proxy canceled because a reload withdrew the permission; etcd's cancel answer is replaced by
+    /// etcd's permission-denied cancel.
+    revoked: HashSet<i64>,
 }
 
 type Down = mpsc::Sender<Result<Bytes, Status>>;
@@ -106,14 +117,31 @@ async fn inbound_loop(
     down_tx: &Down,
     up_tx: &mpsc::Sender<pb::WatchRequest>,
 ) -> Code {
+    let mut reloads = g.shared.subscribe_reloads();
     loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            changed = reloads.changed() => {
+                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, up_tx).await {
+                    return Code::Unavailable;
+                }
+                continue;
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => return Code::Ok,
             Err(status) => return status.code(),
         };
         let at = Arrival::now();
         let is_create = matches!(msg.request_union, Some(pb::watch_request::RequestUnion::CreateRequest(_)));
+        let range = match &msg.request_union {
+            Some(pb::watch_request::RequestUnion::CreateRequest(c)) => {
+                let key = if c.key.is_empty() { &b"\0"[..] } else { &c.key[..] };
+                KeyRange::from_etcd(key, &c.range_end).ok()
+            }
+            _ => None,
+        };
         let record = g.record(RPC, Event::Message, stream_id, &msg, at);
         let verdict = match g.decide(&authz::watch(&msg), meta).await {
             Ok(v) => v,
@@ -141,7 +169,7 @@ async fn inbound_loop(
         }
         if served {
             if is_create {
-                order.lock().await.pending.push_back(Pending::Upstream);
+                order.lock().await.pending.push_back(Pending::Upstream(range));
             }
             if up_tx.send(msg).await.is_err() {
                 return Code::Unavailable;
@@ -161,6 +189,47 @@ async fn inbound_loop(
     }
 }
 
+/// After a policy reload: cancel the open watches the caller may no longer read, as etcd cancels them
+/// (`PermissionDenied` cancel reason), and record each. Returns false if etcd's stream is gone.
+async fn revoke_withdrawn(
+    g: &Guard,
+    stream_id: Option<u64>,
+    order: &Mutex<Order>,
+    up_tx: &mpsc::Sender<pb::WatchRequest>,
+) -> bool {
+    let view = g.conn.view(&g.shared);
+    if view.permissions.mode() == Mode::AuditOnly {
+        return true;
+    }
+    let withdrawn: Vec<(i64, String)> = {
+        let mut o = order.lock().await;
+        let gone: Vec<(i64, String)> = o
+            .active
+            .iter()
+            .filter_map(|(id, range)| view.permissions.check(Access::Read, range).err().map(|d| (*id, d.reason)))
+            .collect();
+        for (id, _) in &gone {
+            o.active.remove(id);
+            o.revoked.insert(*id);
+        }
+        gone
+    };
+    for (watch_id, reason) in withdrawn {
+        let at = Arrival::now();
+        let cancel = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id })),
+        };
+        let record = g.record(RPC, Event::Message, stream_id, &cancel, at);
+        let verdict =
+            Verdict { decision: Decision::Deny, reason: format!("permission withdrawn by a policy reload: {reason}") };
+        let _ = g.audit(RPC, record, &verdict, Code::PermissionDenied, None, at).await;
+        if up_tx.send(cancel).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Pass etcd's responses through, releasing queued denials after each `created` response.
 async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
     loop {
@@ -168,6 +237,14 @@ async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
             Ok(Some(bytes)) => {
                 let head = WatchResponseHead::decode(bytes.clone()).unwrap_or_default();
                 if !head.created {
+                    let mut bytes = bytes;
+                    if head.canceled {
+                        let mut o = order.lock().await;
+                        o.active.remove(&head.watch_id);
+                        if o.revoked.remove(&head.watch_id) {
+                            bytes = revoked(head.header, head.watch_id);
+                        }
+                    }
                     if down.send(Ok(bytes)).await.is_err() {
                         return;
                     }
@@ -180,8 +257,12 @@ async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
                 if down.send(Ok(bytes)).await.is_err() {
                     return;
                 }
-                if let Some(Pending::Upstream) = o.pending.front() {
-                    o.pending.pop_front();
+                if let Some(Pending::Upstream(_)) = o.pending.front() {
+                    if let Some(Pending::Upstream(Some(range))) = o.pending.pop_front() {
+                        if !head.canceled {
+                            o.active.insert(head.watch_id, range);
+                        }
+                    }
                 }
                 while let Some(Pending::Denied) = o.pending.front() {
                     o.pending.pop_front();
@@ -198,6 +279,18 @@ async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
             }
         }
     }
+}
+
+/// The cancel a client sees for a watch whose permission a reload withdrew.
+fn revoked(header: Option<pb::ResponseHeader>, watch_id: i64) -> Bytes {
+    let resp = pb::WatchResponse {
+        header: Some(header.unwrap_or_default()),
+        watch_id,
+        canceled: true,
+        cancel_reason: DENIED_REASON.to_string(),
+        ..Default::default()
+    };
+    Bytes::from(resp.encode_to_vec())
 }
 
 /// etcd's answer to a denied watch create.

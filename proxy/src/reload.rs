@@ -1,0 +1,157 @@
+//! Hot reload: the policy, the listener's certificate, key, client CA and CRLs, and the upstream client
+//! certificate, on SIGHUP (see `cli`) and when their files change. Open connections are not dropped.
+//!
+//! Each part is loaded in full before it replaces the old one; a part that fails to load is refused with a log
+//! line and a metric, and the previous one stays in force.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::metrics::ResultLabels;
+use crate::policy::Policy;
+use crate::service::Shared;
+use crate::tls;
+
+/// Reloads the parts of a running proxy.
+pub struct Reloader {
+    config: Config,
+    shared: Arc<Shared>,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
+    trigger: Arc<Notify>,
+    stamps: Vec<(Part, PathBuf, Option<Stamp>)>,
+}
+
+/// Asks a running proxy to reload everything now.
+#[derive(Clone)]
+pub struct ReloadHandle(Arc<Notify>);
+
+/// What a file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Policy,
+    Listener,
+    Upstream,
+}
+
+/// What identifies a file's content without reading it: modification time, length, inode (a Kubernetes Secret
+/// volume replaces files by swapping a symlink, which changes the inode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+// === impl ReloadHandle ===
+
+impl ReloadHandle {
+    pub fn trigger(&self) {
+        self.0.notify_one();
+    }
+}
+
+// === impl Reloader ===
+
+impl Reloader {
+    pub fn new(config: Config, shared: Arc<Shared>, acceptor: Arc<RwLock<TlsAcceptor>>) -> Reloader {
+        let mut files = vec![(Part::Policy, config.policy_file.clone())];
+        let t = &config.tls;
+        for f in [&t.cert_file, &t.key_file, &t.client_ca_file].into_iter().chain(&t.crl_files) {
+            files.push((Part::Listener, f.clone()));
+        }
+        let u = &config.upstream;
+        for f in [&u.ca_file, &u.cert_file, &u.key_file] {
+            files.push((Part::Upstream, f.clone()));
+        }
+        let stamps = files.into_iter().map(|(part, path)| (part, path.clone(), stamp(&path))).collect();
+        Reloader { config, shared, acceptor, trigger: Arc::new(Notify::new()), stamps }
+    }
+
+    pub fn handle(&self) -> ReloadHandle {
+        ReloadHandle(self.trigger.clone())
+    }
+
+    /// Reload on every trigger and every file change until `stop`.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let every = self.config.reload_check_interval;
+        loop {
+            let changed = tokio::select! {
+                _ = self.trigger.notified() => {
+                    info!("reload requested");
+                    vec![Part::Policy, Part::Listener, Part::Upstream]
+                }
+                _ = sleep_or_forever(every) => self.changed_parts(),
+                _ = stop.changed() => return,
+            };
+            for part in changed {
+                self.reload(part);
+            }
+        }
+    }
+
+    /// The parts whose files changed since the last look.
+    fn changed_parts(&mut self) -> Vec<Part> {
+        let mut parts = Vec::new();
+        for (part, path, old) in &mut self.stamps {
+            let now = stamp(path);
+            if now != *old {
+                *old = now;
+                if !parts.contains(part) {
+                    info!(file = %path.display(), "file changed");
+                    parts.push(*part);
+                }
+            }
+        }
+        parts
+    }
+
+    /// Load one part and put it in force, or keep the old one.
+    pub fn reload(&self, part: Part) {
+        let result = match part {
+            Part::Policy => {
+                Policy::load(&self.config.policy_file).map(|p| self.shared.replace_policy(p)).map_err(|e| e.to_string())
+            }
+            Part::Listener => tls::server_config(&self.config.tls)
+                .map(|c| {
+                    *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = TlsAcceptor::from(c);
+                })
+                .map_err(|e| e.to_string()),
+            Part::Upstream => tls::upstream_channels(&self.config.upstream)
+                .map(|channels| self.shared.upstream.replace(channels))
+                .map_err(|e| e.to_string()),
+        };
+        let metrics = &self.shared.metrics;
+        match result {
+            Ok(()) => {
+                info!(part = ?part, "reloaded");
+                metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+            }
+            Err(e) => {
+                error!(part = ?part, error = %e, "reload refused; the previous version stays in force");
+                metrics.reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+            }
+        }
+    }
+}
+
+async fn sleep_or_forever(every: Option<Duration>) {
+    match every {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn stamp(path: &PathBuf) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp { modified: m.modified().ok(), len: m.len(), inode })
+}

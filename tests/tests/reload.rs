@@ -1,0 +1,180 @@
+//! Hot reload without dropping connections: a new policy is in force for new requests at once, open watches
+//! whose permission was withdrawn are canceled as etcd cancels them, a broken file is refused and the old one
+//! stays, and a client revoked by a reloaded CRL is refused on its next connection.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::WatchOptions;
+use etcd_guard::config::Config;
+use etcd_guard::server::{Proxy, Running};
+use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get};
+
+const DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
+
+const BEFORE: &str = r#"
+roles:
+  - name: admin
+    keys: [ { prefix: "", access: readwrite } ]
+    cluster: [admin]
+  - name: cilium
+    keys:
+      - { prefix: "cilium/", access: readwrite }
+      - { prefix: "shared/", access: read }
+    cluster: [status]
+bindings:
+  - role: admin
+    subjects: [ { common_name: "admin" } ]
+  - role: cilium
+    subjects: [ { common_name: "cilium-agent" }, { common_name: "revokable" } ]
+"#;
+
+struct Setup {
+    pki: Pki,
+    _etcd: Etcd,
+    proxy: Running,
+}
+
+async fn start(policy: &str) -> TestResult<Setup> {
+    start_polling(policy, 0).await
+}
+
+async fn start_polling(policy: &str, reload_check_interval_ms: u64) -> TestResult<Setup> {
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    std::fs::write(pki.path("policy.yaml"), policy)?;
+    std::fs::write(pki.path("crl.pem"), pki.ca.crl(&[], 1, Duration::from_secs(3600))?)?;
+    let config = format!(
+        r#"listen: "127.0.0.1:0"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt, crl_files: [crl.pem] }}
+upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
+policy_file: policy.yaml
+metrics_listen: "127.0.0.1:0"
+reload_check_interval_ms: {reload_check_interval_ms}
+audit: {{ file: audit/audit.log }}
+"#,
+        etcd.client_url
+    );
+    std::fs::write(pki.path("etcd-guard.yaml"), config)?;
+    let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
+    Ok(Setup { pki, _etcd: etcd, proxy })
+}
+
+async fn client(s: &Setup, who: &ClientCert) -> TestResult<etcd_client::Client> {
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(s.pki.ca_file())?))
+        .identity(etcd_client::Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?));
+    let opts = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5));
+    Ok(etcd_client::Client::connect([format!("https://{}", s.proxy.local_addr)], Some(opts)).await?)
+}
+
+fn metric(s: &Setup, prefix: &str) -> TestResult<f64> {
+    let addr = s.proxy.metrics_addr.ok_or("no metrics listener")?;
+    let (_, body) = http_get(addr, "/metrics")?;
+    Ok(body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0))
+}
+
+fn is_denied(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::PermissionDenied)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_policy_applies_at_once_and_cancels_withdrawn_watches() -> TestResult {
+    let s = start(BEFORE).await?;
+    let cilium = s.pki.client("cilium", "cilium-agent", None, &[])?;
+    let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
+    let mut c = client(&s, &cilium).await?;
+    admin.put("shared/a", "1", None).await?;
+    assert_eq!(c.get("shared/a", None).await?.kvs().len(), 1);
+
+    let mut w = c.watch("shared/", Some(WatchOptions::new().with_prefix())).await?;
+    let shared_watch = w.message().await?.ok_or("stream ended")?;
+    assert!(shared_watch.created() && !shared_watch.canceled());
+    w.watch("cilium/", Some(WatchOptions::new().with_prefix())).await?;
+    let cilium_watch = w.message().await?.ok_or("stream ended")?;
+    assert!(cilium_watch.created() && !cilium_watch.canceled());
+
+    // The policy loses `shared/`.
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, ""))?;
+    s.proxy.reload.trigger();
+    let canceled = tokio::time::timeout(Duration::from_secs(5), w.message()).await??.ok_or("stream ended")?;
+    assert!(canceled.canceled(), "{canceled:?}");
+    assert_eq!(canceled.watch_id(), shared_watch.watch_id());
+    assert_eq!(canceled.cancel_reason(), DENIED_REASON);
+    // The same connection: new requests are decided by the new policy, the other watch goes on.
+    let e = c.get("shared/a", None).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "{e:?}");
+    admin.put("cilium/x", "1", None).await?;
+    let event = tokio::time::timeout(Duration::from_secs(5), w.message()).await??.ok_or("stream ended")?;
+    assert_eq!(event.watch_id(), cilium_watch.watch_id());
+    assert_eq!(event.events().len(), 1);
+    assert!(metric(&s, r#"etcd_guard_reloads_total{result="ok"}"#)? >= 1.0);
+
+    // A broken policy is refused; the one in force stays.
+    std::fs::write(s.pki.path("policy.yaml"), "roles: [\n")?;
+    s.proxy.reload.trigger();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&s, r#"etcd_guard_reloads_total{result="failed"}"#)? < 1.0 {
+        assert!(Instant::now() < deadline, "the failed reload was not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.get("cilium/x", None).await?.kvs().len(), 1);
+    let e = c.get("shared/a", None).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "{e:?}");
+    drop((w, c, admin));
+    s.proxy.stop().await;
+
+    let log = std::fs::read_to_string(s.pki.path("audit/audit.log"))?;
+    assert!(log.lines().any(|l| l.contains("withdrawn by a policy reload")), "the cancel is recorded");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_revoked_by_a_reloaded_crl_is_refused_on_its_next_connection() -> TestResult {
+    let s = start(BEFORE).await?;
+    let revokable = s.pki.client("revokable", "revokable", None, &[])?;
+    let cilium = s.pki.client("cilium", "cilium-agent", None, &[])?;
+    let mut c = client(&s, &revokable).await?;
+    c.put("cilium/before", "1", None).await?;
+    drop(c);
+
+    std::fs::write(
+        s.pki.path("crl.pem"),
+        s.pki.ca.crl(std::slice::from_ref(&revokable.serial), 2, Duration::from_secs(3600))?,
+    )?;
+    s.proxy.reload.trigger();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&s, r#"etcd_guard_reloads_total{result="ok"}"#)? < 3.0 {
+        assert!(Instant::now() < deadline, "reload not done");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = match client(&s, &revokable).await {
+        Err(_) => true,
+        Ok(mut c) => c.put("cilium/after", "1", None).await.is_err(),
+    };
+    assert!(refused, "a revoked certificate was accepted");
+    assert!(metric(&s, r#"etcd_guard_tls_handshake_failures_total{reason="revoked"}"#)? >= 1.0);
+    // Others still connect.
+    let mut ok = client(&s, &cilium).await?;
+    ok.put("cilium/other", "1", None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_policy_file_is_noticed_without_a_signal() -> TestResult {
+    let s = start_polling(BEFORE, 100).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    c.get("shared/a", None).await?;
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, ""))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.get("shared/a", None).await {
+            Err(e) if is_denied(&e) => break,
+            _ if Instant::now() > deadline => return Err("the policy change was not noticed".into()),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Ok(())
+}
