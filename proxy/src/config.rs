@@ -28,6 +28,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How often the files are checked for changes (`None`: only on SIGHUP).
     pub reload_check_interval: Option<Duration>,
+    /// How long a shutdown waits for calls in flight.
+    pub shutdown_grace: Duration,
 }
 
 /// The audit log (`docs/audit.md`).
@@ -123,6 +125,8 @@ struct RawConfig {
     metrics_listen: String,
     #[serde(default = "default_reload_check_interval_ms")]
     reload_check_interval_ms: u64,
+    #[serde(default = "default_shutdown_grace_ms")]
+    shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +164,9 @@ impl Default for RawAudit {
 
 fn default_metrics_listen() -> String {
     "127.0.0.1:23791".into()
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
 }
 fn default_reload_check_interval_ms() -> u64 {
     2_000
@@ -339,6 +346,7 @@ impl Config {
                 queue: raw.audit.queue,
             },
             metrics_listen,
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             reload_check_interval: match raw.reload_check_interval_ms {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),

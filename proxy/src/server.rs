@@ -44,6 +44,7 @@ pub struct Proxy {
     acceptor: Arc<RwLock<TlsAcceptor>>,
     shared: Arc<Shared>,
     reloader: Reloader,
+    shutdown_grace: Duration,
     handshake_timeout: Duration,
     max_concurrent_streams: u32,
 }
@@ -96,6 +97,7 @@ impl Proxy {
             acceptor,
             shared,
             reloader,
+            shutdown_grace: config.shutdown_grace,
             handshake_timeout: config.tls.handshake_timeout,
             max_concurrent_streams: config.limits.max_concurrent_streams,
         })
@@ -121,9 +123,12 @@ impl Proxy {
         self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serve until `stop` turns true.
+    /// Serve until `stop` turns true, then shut down gracefully: stop accepting, end open streams with
+    /// `Unavailable` (clients reconnect elsewhere), let unary calls in flight finish, and wait (at most
+    /// `shutdown_grace`) for the connections to close.
     pub async fn serve(self, mut stop: watch::Receiver<bool>) {
         let next_id = AtomicU64::new(1);
+        let mut connections = tokio::task::JoinSet::new();
         if let Some(listener) = self.metrics_listener {
             let state = HealthState {
                 metrics: self.shared.metrics.clone(),
@@ -150,10 +155,22 @@ impl Proxy {
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let acceptor = self.acceptor.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
             let shared = self.shared.clone();
-            let settings = (self.handshake_timeout, self.max_concurrent_streams);
-            tokio::spawn(connection(tcp, peer, id, acceptor, shared, settings));
+            let settings = (self.handshake_timeout, self.max_concurrent_streams, self.shutdown_grace);
+            connections.spawn(connection(tcp, peer, id, acceptor, shared, settings, stop.clone()));
+            // Reap finished connections as we go.
+            while connections.try_join_next().is_some() {}
         }
-        info!("listener closed");
+        drop(self.listener);
+        info!(open = connections.len(), "listener closed; draining connections");
+        self.shared.begin_shutdown();
+        let drained = tokio::time::timeout(self.shutdown_grace + Duration::from_secs(1), async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(open = connections.len(), "connections still open after the shutdown grace period; closing them");
+            connections.abort_all();
+        }
     }
 
     /// Serve in the background.
@@ -186,7 +203,8 @@ async fn connection(
     id: u64,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    (handshake_timeout, max_concurrent_streams): (Duration, u32),
+    (handshake_timeout, max_concurrent_streams, grace): (Duration, u32, Duration),
+    mut stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -237,7 +255,21 @@ async fn connection(
         // Find dead peers; clients' own pings (kube-apiserver every 30 s, clientv3 as set) are always accepted.
         .keep_alive_interval(Some(Duration::from_secs(120)))
         .keep_alive_timeout(Duration::from_secs(20));
-    if let Err(e) = http2.serve_connection(TokioIo::new(stream), guard).await {
+    let serving = http2.serve_connection(TokioIo::new(stream), guard);
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        r = serving.as_mut() => r,
+        _ = stop.changed() => {
+            // GOAWAY: no new requests on this connection; the ones in flight finish (streams are ended by the
+            // shutdown signal they watch).
+            serving.as_mut().graceful_shutdown();
+            match tokio::time::timeout(grace, serving.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(conn = id, error = %e, "connection ended with an error");
     }
     metrics.connections.dec();

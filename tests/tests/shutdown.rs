@@ -66,6 +66,22 @@ metrics_listen: "127.0.0.1:0"
             answered
         }));
     }
+    // An open watch: the shutdown ends it with Unavailable, so a client retries elsewhere.
+    let opts = etcd_client::ConnectOptions::new().with_tls(tls.clone());
+    let mut watcher = etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?;
+    let mut watch = watcher.watch("load/", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+    assert!(watch.message().await?.is_some_and(|m| m.created()));
+    let watch_end = tokio::spawn(async move {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err("the watch ended without a status".to_string()),
+                Err(etcd_client::Error::GRpcStatus(s)) => return Ok(s.code()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    });
+
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let term = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status()?;
     assert!(term.success());
@@ -86,6 +102,8 @@ metrics_listen: "127.0.0.1:0"
     };
     assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
     assert!(answered.len() > 50, "too little load to mean anything: {}", answered.len());
+    let ended = tokio::time::timeout(Duration::from_secs(10), watch_end).await??;
+    assert_eq!(ended, Ok(tonic::Code::Unavailable));
 
     let text = std::fs::read_to_string(pki.path("audit/audit.log"))?;
     let recorded: BTreeSet<String> = text

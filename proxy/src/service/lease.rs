@@ -80,7 +80,15 @@ async fn keep_alive(
     let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
         let code = loop {
-            let msg = match inbound.message().await {
+            let next = tokio::select! {
+                m = inbound.message() => m,
+                _ = g.shared.shutdown_begun() => {
+                    pump.abort();
+                    let _ = down_tx.send(Err(super::shutting_down())).await;
+                    break Code::Unavailable;
+                }
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => break Code::Ok,
                 Err(status) => break status.code(),

@@ -48,6 +48,11 @@ pub type HttpRequest = http::Request<Incoming>;
 /// The message etcd answers a denied request with.
 pub const PERMISSION_DENIED: &str = "etcdserver: permission denied";
 
+/// What open streams get when the proxy shuts down (clients retry elsewhere).
+pub fn shutting_down() -> Status {
+    Status::unavailable("etcd-guard: shutting down")
+}
+
 /// etcd's answer to a denied request.
 pub fn permission_denied() -> Status {
     Status::permission_denied(PERMISSION_DENIED)
@@ -61,6 +66,8 @@ pub struct Shared {
     generation: AtomicU64,
     /// Tells open streams that the policy changed (watches re-check what they watch).
     reloaded: tokio::sync::watch::Sender<u64>,
+    /// Turns true when the proxy shuts down: open streams end with `Unavailable`.
+    shutting_down: tokio::sync::watch::Sender<bool>,
     pub upstream: Upstream,
     pub advertise_client_urls: Vec<String>,
     pub max_request_bytes: usize,
@@ -159,6 +166,7 @@ impl Shared {
             policy: RwLock::new(Arc::new(policy)),
             generation: AtomicU64::new(0),
             reloaded: tokio::sync::watch::Sender::new(0),
+            shutting_down: tokio::sync::watch::Sender::new(false),
             upstream,
             advertise_client_urls,
             max_request_bytes,
@@ -180,6 +188,17 @@ impl Shared {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         drop(slot);
         self.reloaded.send_replace(generation);
+    }
+
+    /// End open streams: the proxy is shutting down.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.send_replace(true);
+    }
+
+    /// Resolves when the proxy begins to shut down.
+    pub async fn shutdown_begun(&self) {
+        let mut rx = self.shutting_down.subscribe();
+        let _ = rx.wait_for(|down| *down).await;
     }
 
     /// Notified after every policy reload.

@@ -121,6 +121,10 @@ async fn inbound_loop(
     loop {
         let next = tokio::select! {
             m = inbound.message() => m,
+            _ = g.shared.shutdown_begun() => {
+                let _ = down_tx.send(Err(super::shutting_down())).await;
+                return Code::Unavailable;
+            }
             changed = reloads.changed() => {
                 if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, up_tx).await {
                     return Code::Unavailable;
