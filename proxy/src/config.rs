@@ -93,6 +93,8 @@ pub struct Upstream {
 pub struct Limits {
     pub max_request_bytes: usize,
     pub max_concurrent_streams: u32,
+    /// Calls in flight over all clients (`None`: unlimited). Per-identity limits are set in the policy.
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// Why a configuration was refused.
@@ -225,6 +227,8 @@ struct RawLimits {
     max_request_bytes: usize,
     #[serde(default = "default_max_concurrent_streams")]
     max_concurrent_streams: u32,
+    #[serde(default)]
+    max_concurrent_requests: Option<u32>,
 }
 
 impl Default for RawLimits {
@@ -232,6 +236,7 @@ impl Default for RawLimits {
         RawLimits {
             max_request_bytes: default_max_request_bytes(),
             max_concurrent_streams: default_max_concurrent_streams(),
+            max_concurrent_requests: None,
         }
     }
 }
@@ -335,6 +340,7 @@ impl Config {
             limits: Limits {
                 max_request_bytes: raw.limits.max_request_bytes,
                 max_concurrent_streams: raw.limits.max_concurrent_streams,
+                max_concurrent_requests: raw.limits.max_concurrent_requests,
             },
             audit: Audit {
                 enabled: raw.audit.enabled,

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod reload;

@@ -44,6 +44,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -70,6 +75,8 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     /// Reloads of the policy and certificates, by result.
     pub reloads: Family<ResultLabels, Counter>,
+    /// Requests refused by a limit, by limit.
+    pub limited: Family<LimitLabels, Counter>,
     upstream_healthy: Family<EndpointLabels, Gauge>,
     audit_queue: Gauge,
     audit_written: Counter,
@@ -107,6 +114,8 @@ impl Metrics {
         );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
+        let limited = Family::<LimitLabels, Counter>::default();
+        registry.register("limited", "Requests refused with ResourceExhausted, by limit", limited.clone());
         let upstream_healthy = Family::<EndpointLabels, Gauge>::default();
         registry.register("upstream_endpoint_healthy", "1 if the etcd endpoint is healthy", upstream_healthy.clone());
         let audit_queue = Gauge::default();
@@ -130,6 +139,7 @@ impl Metrics {
             connections,
             handshake_failures,
             reloads,
+            limited,
             upstream_healthy,
             audit_queue,
             audit_written,

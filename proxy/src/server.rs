@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::limits::Limiter;
 use crate::metrics::{self, HealthState, Metrics, ReasonLabels};
 use crate::policy::{Policy, PolicyError};
 use crate::reload::{ReloadHandle, Reloader};
@@ -87,6 +88,7 @@ impl Proxy {
             config.limits.max_request_bytes,
             audit,
             Arc::new(Metrics::new()),
+            Limiter::new(config.limits.max_concurrent_requests),
         ));
         let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls)));
         let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone());
@@ -246,7 +248,8 @@ async fn connection(
     );
     let metrics = shared.metrics.clone();
     metrics.connections.inc();
-    let guard = Guard::new(shared, conn);
+    let (usage, fingerprint) = (conn.usage.clone(), conn.identity.fingerprint_sha256.clone());
+    let guard = Guard::new(shared.clone(), conn);
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -273,6 +276,7 @@ async fn connection(
         debug!(conn = id, error = %e, "connection ended with an error");
     }
     metrics.connections.dec();
+    shared.limiter.release(&fingerprint, usage);
     debug!(conn = id, "client disconnected");
 }
 

@@ -11,7 +11,9 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use super::model::{Binding, BindingMode, Capability, CapabilitySet, KeyRule, PolicyDocument, PolicyError, Role};
+use super::model::{
+    Binding, BindingMode, Capability, CapabilitySet, KeyRule, Limits, PolicyDocument, PolicyError, Role,
+};
 use super::range::{KeyRange, RangeSet, escape_key};
 use crate::identity::Identity;
 
@@ -67,6 +69,8 @@ pub struct Permissions {
     /// Roles of `audit-only` bindings that matched but count for nothing
     /// because `enforce` bindings matched too; sorted, without duplicates.
     pub ignored_audit_roles: Vec<String>,
+    /// What the identity may use at once (from the bindings that count).
+    pub limits: Limits,
 }
 
 /// A request the permissions do not allow.
@@ -172,6 +176,14 @@ impl Policy {
             caps: roles().fold(CapabilitySet::empty(), |caps, r| caps.union(r.role.cluster)),
             audit_only: resolution.audit_only,
             ignored_audit_roles: names(&resolution.ignored),
+            limits: Limits::combine(
+                resolution
+                    .matched
+                    .iter()
+                    .map(|&(b, _)| &self.bindings[b])
+                    .filter(|b| resolution.counted.contains(&b.role_index))
+                    .map(|b| b.limits.unwrap_or(self.roles[b.role_index].role.limits)),
+            ),
         }
     }
 

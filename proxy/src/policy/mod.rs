@@ -12,7 +12,7 @@ pub mod range;
 
 pub use eval::{Access, Denied, Explanation, Mode, Permissions, Policy};
 pub use model::{
-    Binding, BindingMode, Capability, CapabilitySet, KeyAccess, KeyRule, KeyRuleKind, Pattern, PolicyDocument,
+    Binding, BindingMode, Capability, CapabilitySet, KeyAccess, KeyRule, KeyRuleKind, Limits, Pattern, PolicyDocument,
     PolicyError, Role, Selector, SourceLocation, UnknownCapability, ValidationError,
 };
 pub use range::{End, KeyRange, RangeError, RangeSet, escape_key, prefix_end, unescape_key};

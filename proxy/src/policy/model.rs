@@ -66,8 +66,25 @@ pub struct Role {
     pub deny: Vec<KeyRule>,
     /// Cluster capabilities (`cluster:`).
     pub cluster: CapabilitySet,
+    /// What an identity bound to this role may use at once (`limits:`).
+    pub limits: Limits,
     /// Line of the role in the file (0 if unknown).
     pub line: u64,
+}
+
+/// Limits on what one identity (one client certificate) may use at once, so that an auxiliary component cannot
+/// starve the API servers. Unset fields are unlimited. On a binding they replace the role's limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Unary calls in flight.
+    pub concurrent_requests: Option<u32>,
+    /// Calls and stream messages per second (a token bucket).
+    pub requests_per_second: Option<u32>,
+    /// Calls allowed in a burst above the rate (default: one second's worth).
+    pub burst: Option<u32>,
+    /// Watches open at once, over all the identity's streams.
+    pub open_watches: Option<u32>,
 }
 
 /// One entry of a role's `keys` or `deny` list.
@@ -162,6 +179,8 @@ pub struct Binding {
     pub subjects: Vec<Selector>,
     /// Enforce or audit only.
     pub mode: BindingMode,
+    /// Limits replacing the role's, if set.
+    pub limits: Option<Limits>,
     /// Line of the binding in the file (0 if unknown).
     pub line: u64,
 }
@@ -308,6 +327,14 @@ pub enum ValidationError {
         value: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A limit of zero.
+    #[error("{owner}: limits.{field} must be at least 1 (leave it out for no limit)")]
+    ZeroLimit {
+        /// `role "x"` or `bindings[3]`.
+        owner: String,
+        /// The field.
+        field: &'static str,
     },
     /// A binding has an empty `subjects` list.
     #[error("bindings[{binding}] has no subjects")]
@@ -563,6 +590,30 @@ impl fmt::Display for CapabilitySet {
     }
 }
 
+// === impl Limits ===
+
+impl Limits {
+    /// The limits of an identity bound through several bindings: permissions add up, so the most generous
+    /// value wins, and a binding without a limit leaves that field unlimited.
+    pub fn combine(all: impl IntoIterator<Item = Limits>) -> Limits {
+        fn most(a: Option<u32>, b: Option<u32>) -> Option<u32> {
+            Some(a?.max(b?))
+        }
+        let mut all = all.into_iter();
+        let Some(first) = all.next() else { return Limits::default() };
+        all.fold(first, |acc, l| Limits {
+            concurrent_requests: most(acc.concurrent_requests, l.concurrent_requests),
+            requests_per_second: most(acc.requests_per_second, l.requests_per_second),
+            burst: most(acc.burst, l.burst),
+            open_watches: most(acc.open_watches, l.open_watches),
+        })
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        *self == Limits::default()
+    }
+}
+
 // === impl BindingMode ===
 
 impl fmt::Display for BindingMode {
@@ -728,6 +779,8 @@ struct RawRole {
     deny: Vec<Spanned<RawKeyRule>>,
     #[serde(default)]
     cluster: Vec<Spanned<String>>,
+    #[serde(default)]
+    limits: Option<Spanned<Limits>>,
 }
 
 #[derive(Deserialize)]
@@ -760,6 +813,8 @@ struct RawBinding {
     subjects: Vec<Spanned<RawSelector>>,
     #[serde(default)]
     mode: BindingMode,
+    #[serde(default)]
+    limits: Option<Spanned<Limits>>,
 }
 
 #[derive(Deserialize)]
@@ -874,7 +929,24 @@ impl Validator<'_> {
             };
             cluster = cluster.union(set);
         }
-        Ok(Role { name: name.clone(), keys, deny, cluster, line })
+        let limits = self.limits(raw.limits.as_ref(), || format!("role {name:?}"))?.unwrap_or_default();
+        Ok(Role { name: name.clone(), keys, deny, cluster, limits, line })
+    }
+
+    fn limits(&self, raw: Option<&Spanned<Limits>>, owner: impl Fn() -> String) -> Result<Option<Limits>, PolicyError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let l = raw.value;
+        for (field, value) in [
+            ("concurrent_requests", l.concurrent_requests),
+            ("requests_per_second", l.requests_per_second),
+            ("burst", l.burst),
+            ("open_watches", l.open_watches),
+        ] {
+            if value == Some(0) {
+                return Err(self.invalid(&raw.referenced, ValidationError::ZeroLimit { owner: owner(), field }));
+            }
+        }
+        Ok(Some(l))
     }
 
     fn key_rule(
@@ -977,11 +1049,13 @@ impl Validator<'_> {
             }
             subjects.push(compiled);
         }
+        let limits = self.limits(raw.value.limits.as_ref(), || format!("bindings[{index}]"))?;
         Ok(Binding {
             role: raw.value.role.value.clone(),
             role_index,
             subjects,
             mode: raw.value.mode,
+            limits,
             line: raw.referenced.line(),
         })
     }

@@ -36,6 +36,7 @@ use crate::audit::{AuditLog, Decision, Describe, Event, Ops, Record, Subject};
 use crate::authz::{Need, Needs};
 use crate::codec::ServerCodec;
 use crate::identity::Identity;
+use crate::limits::{Limiter, Permit, Usage};
 use crate::metrics::{Metrics, RequestLabels, RpcLabels};
 use crate::policy::{CapabilitySet, KeyRange, Mode, Permissions, Policy};
 use crate::upstream::{CallMeta, Upstream};
@@ -73,6 +74,7 @@ pub struct Shared {
     pub max_request_bytes: usize,
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
+    pub limiter: Limiter,
 }
 
 /// One client connection: who it is, and what it may do under the policy in force.
@@ -80,6 +82,8 @@ pub struct Conn {
     pub id: u64,
     pub peer: SocketAddr,
     pub identity: Identity,
+    /// What this identity uses now (shared by its connections).
+    pub usage: Arc<Usage>,
     view: Mutex<Arc<View>>,
 }
 
@@ -121,7 +125,13 @@ impl Conn {
     pub fn new(id: u64, peer: SocketAddr, identity: Identity, shared: &Shared) -> Conn {
         let (generation, policy) = shared.policy();
         let view = View::new(id, peer, &identity, generation, &policy);
-        Conn { id, peer, identity, view: Mutex::new(Arc::new(view)) }
+        let usage = shared.limiter.usage(&identity.fingerprint_sha256);
+        Conn { id, peer, identity, usage, view: Mutex::new(Arc::new(view)) }
+    }
+
+    /// The identity as limit messages name it.
+    pub fn who(&self) -> &str {
+        self.identity.display_name()
     }
 
     /// The view for the policy in force (recomputed once after a reload).
@@ -161,6 +171,7 @@ impl Shared {
         max_request_bytes: usize,
         audit: AuditLog,
         metrics: Arc<Metrics>,
+        limiter: Limiter,
     ) -> Shared {
         Shared {
             policy: RwLock::new(Arc::new(policy)),
@@ -172,6 +183,7 @@ impl Shared {
             max_request_bytes,
             audit,
             metrics,
+            limiter,
         }
     }
 
@@ -290,6 +302,18 @@ impl Guard {
         Ok(Verdict { decision: Decision::Allow, reason: allow_reason(&view.roles_label, needs) })
     }
 
+    /// A slot for a new watch under the identity's limits (and one call against its rate).
+    pub fn watch_slot(&self) -> Result<Option<crate::limits::WatchSlot>, Status> {
+        let view = self.conn.view(&self.shared);
+        let limits = &view.permissions.limits;
+        if limits.is_unlimited() {
+            return Ok(None);
+        }
+        let (limiter, metrics, who) = (&self.shared.limiter, &self.shared.metrics, self.conn.who());
+        limiter.rate(&self.conn.usage, limits, who, metrics)?;
+        limiter.watch(&self.conn.usage, limits, who, metrics).map(Some)
+    }
+
     /// Start an audit record for this connection (`None` when auditing is off, so nothing is rendered).
     pub fn record<M: Describe>(
         &self,
@@ -366,8 +390,19 @@ impl Guard {
         needs: Result<Needs, Status>,
         meta: &CallMeta,
         at: Arrival,
-    ) -> Result<(Verdict, Option<Record>), Status> {
+    ) -> Result<(Verdict, Option<Record>, Permit), Status> {
         let record = self.record(rpc, Event::Call, stream, msg, at);
+        // Limits first: a client over its limit is not worth an upstream lease lookup.
+        let view = self.conn.view(&self.shared);
+        let limits = &view.permissions.limits;
+        let permit = match self.shared.limiter.call(&self.conn.usage, limits, self.conn.who(), &self.shared.metrics) {
+            Ok(p) => p,
+            Err(status) => {
+                let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
+                let _ = self.audit(rpc, record, &v, status.code(), None, at).await;
+                return Err(status);
+            }
+        };
         let verdict = match needs {
             Ok(needs) => self.decide(&needs, meta).await,
             Err(status) => Err(status),
@@ -389,7 +424,7 @@ impl Guard {
             let _ = self.audit(rpc, record, &verdict, status.code(), None, at).await;
             return Err(status);
         }
-        Ok((verdict, record))
+        Ok((verdict, record, permit))
     }
 
     /// Record the outcome of a served call, then give its answer — or `Unavailable` if the record cannot be
@@ -435,7 +470,7 @@ impl Guard {
             let meta = CallMeta::from_client(request.metadata());
             let msg = request.into_inner();
             let needs = authorize(&msg);
-            let (verdict, record) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
+            let (verdict, record, _permit) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
             let answer = self.shared.upstream.unary(path, msg, &meta).await;
             self.finish(rpc_name(path), record, &verdict, answer, at).await.map(Response::new)
         });
@@ -461,7 +496,7 @@ impl Guard {
             let meta = CallMeta::from_client(request.metadata());
             let msg = request.into_inner();
             let needs = authorize(&msg);
-            let (verdict, record) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
+            let (verdict, record, _permit) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
             let answered = answer(msg, meta).await;
             self.finish(rpc_name(path), record, &verdict, answered, at).await.map(Response::new)
         });
@@ -482,7 +517,7 @@ impl Guard {
             let rpc = rpc_name(path);
             let stream_id = self.shared.audit.stream_id();
             let needs = authorize(&msg);
-            let (verdict, record) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
+            let (verdict, record, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
             self.audit(rpc, record, &verdict, Code::Ok, None, at).await?;
             let stream = match self.shared.upstream.server_streaming(path, msg, &meta).await {

@@ -21,6 +21,7 @@ use tonic::{Code, Status, Streaming};
 use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
+use crate::limits::WatchSlot;
 use crate::policy::{Access, KeyRange, Mode};
 use crate::upstream::{CallMeta, clean};
 
@@ -58,9 +59,16 @@ struct WatchResponseHead {
 enum Pending {
     /// Forwarded to etcd; etcd's `created` response answers it. The interval is kept to re-check it when the
     /// policy changes.
-    Upstream(Option<KeyRange>),
-    /// Denied by the proxy; answered as soon as everything before it is answered.
-    Denied,
+    Upstream(Option<KeyRange>, Option<WatchSlot>),
+    /// Refused by the proxy (denied, or over a limit) with this cancel reason; answered as soon as everything
+    /// before it is answered.
+    Refused(String),
+}
+
+/// An open watch: what it watches and the limit slot it holds.
+struct Active {
+    range: Option<KeyRange>,
+    _slot: Option<WatchSlot>,
 }
 
 #[derive(Default)]
@@ -69,7 +77,7 @@ struct Order {
     /// The header of etcd's last `created` response, reused in denials as etcd would fill it.
     header: Option<pb::ResponseHeader>,
     /// Open watches (etcd's watch id) and what they watch.
-    active: HashMap<i64, KeyRange>,
+    active: HashMap<i64, Active>,
     /// Watches the proxy canceled because a reload withdrew the permission; etcd's cancel answer is replaced by
     /// etcd's permission-denied cancel.
     revoked: HashSet<i64>,
@@ -158,10 +166,25 @@ async fn inbound_loop(
                 return code;
             }
         };
-        let served = verdict.decision != Decision::Deny;
+        let mut verdict = verdict;
+        let mut served = verdict.decision != Decision::Deny;
+        // A create within the policy still needs a slot under the identity's limits.
+        let mut slot = None;
+        let mut limited = None;
+        if served && is_create {
+            match g.watch_slot() {
+                Ok(s) => slot = Some(s),
+                Err(status) => {
+                    served = false;
+                    verdict = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
+                    limited = Some(format!("rpc error: code = ResourceExhausted desc = {}", status.message()));
+                }
+            }
+        }
         let admitted = if served { g.shared.audit.admit() } else { Ok(()) };
         let code = match &admitted {
             Ok(()) if served => Code::Ok,
+            Ok(()) if limited.is_some() => Code::ResourceExhausted,
             Ok(()) => Code::PermissionDenied,
             Err(status) => status.code(),
         };
@@ -171,22 +194,31 @@ async fn inbound_loop(
             let _ = down_tx.send(Err(status)).await;
             return code;
         }
-        if served {
+        let refusal = if served {
             if is_create {
-                order.lock().await.pending.push_back(Pending::Upstream(range));
+                order.lock().await.pending.push_back(Pending::Upstream(range, slot.flatten()));
             }
-            if up_tx.send(msg).await.is_err() {
-                return Code::Unavailable;
-            }
-        } else if is_create {
-            let mut o = order.lock().await;
-            if o.pending.is_empty() {
-                if down_tx.send(Ok(denial(o.header))).await.is_err() {
-                    return Code::Cancelled;
+            None
+        } else {
+            Some(limited.unwrap_or_else(|| DENIED_REASON.to_string()))
+        };
+        match refusal {
+            None => {
+                if up_tx.send(msg).await.is_err() {
+                    return Code::Unavailable;
                 }
-            } else {
-                o.pending.push_back(Pending::Denied);
             }
+            Some(reason) if is_create => {
+                let mut o = order.lock().await;
+                if o.pending.is_empty() {
+                    if down_tx.send(Ok(denial(o.header, &reason))).await.is_err() {
+                        return Code::Cancelled;
+                    }
+                } else {
+                    o.pending.push_back(Pending::Refused(reason));
+                }
+            }
+            Some(_) => {}
         }
         // A denied message that is not a create (an unknown request type) is dropped, as etcd ignores requests
         // it does not understand.
@@ -210,7 +242,10 @@ async fn revoke_withdrawn(
         let gone: Vec<(i64, String)> = o
             .active
             .iter()
-            .filter_map(|(id, range)| view.permissions.check(Access::Read, range).err().map(|d| (*id, d.reason)))
+            .filter_map(|(id, a)| {
+                let range = a.range.as_ref()?;
+                view.permissions.check(Access::Read, range).err().map(|d| (*id, d.reason))
+            })
             .collect();
         for (id, _) in &gone {
             o.active.remove(id);
@@ -261,17 +296,17 @@ async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
                 if down.send(Ok(bytes)).await.is_err() {
                     return;
                 }
-                if let Some(Pending::Upstream(_)) = o.pending.front() {
-                    if let Some(Pending::Upstream(Some(range))) = o.pending.pop_front() {
+                if let Some(Pending::Upstream(..)) = o.pending.front() {
+                    if let Some(Pending::Upstream(range, slot)) = o.pending.pop_front() {
                         if !head.canceled {
-                            o.active.insert(head.watch_id, range);
+                            o.active.insert(head.watch_id, Active { range, _slot: slot });
                         }
                     }
                 }
-                while let Some(Pending::Denied) = o.pending.front() {
-                    o.pending.pop_front();
+                while let Some(Pending::Refused(_)) = o.pending.front() {
+                    let Some(Pending::Refused(reason)) = o.pending.pop_front() else { break };
                     let header = o.header;
-                    if down.send(Ok(denial(header))).await.is_err() {
+                    if down.send(Ok(denial(header, &reason))).await.is_err() {
                         return;
                     }
                 }
@@ -297,14 +332,14 @@ fn revoked(header: Option<pb::ResponseHeader>, watch_id: i64) -> Bytes {
     Bytes::from(resp.encode_to_vec())
 }
 
-/// etcd's answer to a denied watch create.
-fn denial(header: Option<pb::ResponseHeader>) -> Bytes {
+/// etcd's answer to a refused watch create.
+fn denial(header: Option<pb::ResponseHeader>, reason: &str) -> Bytes {
     let resp = pb::WatchResponse {
         header: Some(header.unwrap_or_default()),
         watch_id: -1,
         created: true,
         canceled: true,
-        cancel_reason: DENIED_REASON.to_string(),
+        cancel_reason: reason.to_string(),
         ..Default::default()
     };
     Bytes::from(resp.encode_to_vec())

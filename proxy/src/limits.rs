@@ -1,0 +1,225 @@
+//! Limits per identity (set in the policy) and a global limit on calls in flight (set in the configuration).
+//!
+//! An identity is one client certificate (its SHA-256 fingerprint): every connection made with it shares one
+//! [`Usage`]. Exceeding a limit gets `ResourceExhausted` with a message that says which limit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tonic::Status;
+
+use crate::metrics::{LimitLabels, Metrics};
+use crate::policy::Limits;
+
+/// All identities' usage, and the global limit.
+pub struct Limiter {
+    usage: Mutex<HashMap<String, Arc<Usage>>>,
+    global_in_flight: Arc<AtomicU32>,
+    global_max: Option<u32>,
+}
+
+/// What one identity uses now.
+#[derive(Debug, Default)]
+pub struct Usage {
+    in_flight: AtomicU32,
+    watches: AtomicU32,
+    bucket: Mutex<Option<Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// A call in flight; releases its slots when dropped.
+pub struct Permit {
+    usage: Option<Arc<Usage>>,
+    global: Option<Arc<AtomicU32>>,
+}
+
+/// One open watch; releases its slot when dropped.
+pub struct WatchSlot {
+    usage: Arc<Usage>,
+}
+
+/// Which limit was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    Global,
+    Concurrency,
+    Rate,
+    Watches,
+}
+
+// === impl Limiter ===
+
+impl Limiter {
+    pub fn new(global_max: Option<u32>) -> Limiter {
+        Limiter { usage: Mutex::new(HashMap::new()), global_in_flight: Arc::new(AtomicU32::new(0)), global_max }
+    }
+
+    /// The usage of the identity with this certificate fingerprint (shared by its connections).
+    pub fn usage(&self, fingerprint: &str) -> Arc<Usage> {
+        let mut map = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(fingerprint.to_string()).or_default().clone()
+    }
+
+    /// Forget an identity's usage when its last connection closes.
+    pub fn release(&self, fingerprint: &str, usage: Arc<Usage>) {
+        let mut map = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One reference in the map, one here: nobody else uses it.
+        if Arc::strong_count(&usage) <= 2 {
+            map.remove(fingerprint);
+        }
+    }
+
+    /// Admit a unary call: global and per-identity concurrency, and the rate.
+    pub fn call(&self, usage: &Arc<Usage>, limits: &Limits, who: &str, metrics: &Metrics) -> Result<Permit, Status> {
+        let mut permit = Permit { usage: None, global: None };
+        if let Some(max) = self.global_max {
+            if !acquire(&self.global_in_flight, max) {
+                return Err(limited(metrics, Limited::Global, format!("the proxy has {max} calls in flight")));
+            }
+            permit.global = Some(self.global_in_flight.clone());
+        }
+        let unlimited = u32::MAX;
+        if !acquire(&usage.in_flight, limits.concurrent_requests.unwrap_or(unlimited)) {
+            let max = limits.concurrent_requests.unwrap_or(unlimited);
+            return Err(limited(metrics, Limited::Concurrency, format!("{who} may have {max} calls in flight")));
+        }
+        permit.usage = Some(usage.clone());
+        self.rate(usage, limits, who, metrics)?;
+        Ok(permit)
+    }
+
+    /// Count one call or stream message against the identity's rate.
+    pub fn rate(&self, usage: &Usage, limits: &Limits, who: &str, metrics: &Metrics) -> Result<(), Status> {
+        let Some(rate) = limits.requests_per_second else { return Ok(()) };
+        let burst = f64::from(limits.burst.unwrap_or(rate).max(1));
+        let mut bucket = usage.bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        let b = bucket.get_or_insert(Bucket { tokens: burst, last: now });
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * f64::from(rate)).min(burst);
+        b.last = now;
+        if b.tokens < 1.0 {
+            return Err(limited(metrics, Limited::Rate, format!("{who} may make {rate} requests per second")));
+        }
+        b.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Take a slot for a new watch.
+    pub fn watch(
+        &self,
+        usage: &Arc<Usage>,
+        limits: &Limits,
+        who: &str,
+        metrics: &Metrics,
+    ) -> Result<WatchSlot, Status> {
+        let max = limits.open_watches.unwrap_or(u32::MAX);
+        if !acquire(&usage.watches, max) {
+            return Err(limited(metrics, Limited::Watches, format!("{who} may have {max} watches open")));
+        }
+        Ok(WatchSlot { usage: usage.clone() })
+    }
+}
+
+/// Take one of `max` slots.
+fn acquire(counter: &AtomicU32, max: u32) -> bool {
+    counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+}
+
+fn limited(metrics: &Metrics, which: Limited, what: String) -> Status {
+    metrics.limited.get_or_create(&LimitLabels { limit: which.as_str() }).inc();
+    Status::resource_exhausted(format!("etcd-guard: too many requests: {what}"))
+}
+
+// === impl Limited ===
+
+impl Limited {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limited::Global => "global",
+            Limited::Concurrency => "concurrency",
+            Limited::Rate => "rate",
+            Limited::Watches => "watches",
+        }
+    }
+}
+
+// === impl Permit ===
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(u) = &self.usage {
+            u.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(g) = &self.global {
+            g.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.usage.watches.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(concurrent: Option<u32>, rps: Option<u32>, watches: Option<u32>) -> Limits {
+        Limits { concurrent_requests: concurrent, requests_per_second: rps, burst: None, open_watches: watches }
+    }
+
+    #[test]
+    fn concurrency_slots_come_back_when_permits_drop() {
+        let (l, m) = (Limiter::new(None), Metrics::new());
+        let u = l.usage("f");
+        let lim = limits(Some(2), None, None);
+        let a = l.call(&u, &lim, "x", &m);
+        let b = l.call(&u, &lim, "x", &m);
+        assert!(a.is_ok() && b.is_ok());
+        let c = l.call(&u, &lim, "x", &m);
+        assert_eq!(c.err().map(|s| s.code()), Some(tonic::Code::ResourceExhausted));
+        drop(a);
+        assert!(l.call(&u, &lim, "x", &m).is_ok());
+    }
+
+    #[test]
+    fn rate_allows_a_burst_then_refuses() {
+        let (l, m) = (Limiter::new(None), Metrics::new());
+        let u = l.usage("f");
+        let lim = limits(None, Some(5), None);
+        let ok = (0..20).filter(|_| l.rate(&u, &lim, "x", &m).is_ok()).count();
+        assert!((5..=6).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn the_global_limit_covers_every_identity() {
+        let (l, m) = (Limiter::new(Some(1)), Metrics::new());
+        let (a, b) = (l.usage("a"), l.usage("b"));
+        let first = l.call(&a, &Limits::default(), "a", &m);
+        assert!(first.is_ok());
+        assert!(l.call(&b, &Limits::default(), "b", &m).is_err());
+        drop(first);
+        assert!(l.call(&b, &Limits::default(), "b", &m).is_ok());
+    }
+
+    #[test]
+    fn watch_slots() {
+        let (l, m) = (Limiter::new(None), Metrics::new());
+        let u = l.usage("f");
+        let lim = limits(None, None, Some(1));
+        let w = l.watch(&u, &lim, "x", &m);
+        assert!(w.is_ok());
+        assert!(l.watch(&u, &lim, "x", &m).is_err());
+        drop(w);
+        assert!(l.watch(&u, &lim, "x", &m).is_ok());
+    }
+}
