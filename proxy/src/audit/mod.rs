@@ -11,3 +11,4 @@ pub mod writer;
 pub use describe::Describe;
 pub use record::{Decision, Event, Ops, Record, Subject};
 pub use writer::{AuditError, AuditLog, AuditStats};
+pub mod read;

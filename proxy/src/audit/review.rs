@@ -1,17 +1,1000 @@
 //! `etcd-guard audit review`: filter, print and summarise audit records.
+//!
+//! Records are read in chain order and filtered; all filters must hold. They are printed as the original lines
+//! (`--output json`, the default when standard output is not a terminal), as an aligned table (`--output table`,
+//! the default on a terminal), or counted (`--summary`). Review does not check hashes: use `audit verify`.
+//!
+//! A record is deserialized into borrowed fields, skipping everything it does not need; `ops` are only read when
+//! `--key-prefix` filters on them or the table or summary shows them.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use time::format_description::well_known::Rfc3339;
+use time::{Date, Duration, OffsetDateTime, Time};
+
+use super::read::{self, AuditFile, FullRecord, LightRecord, Line, LineReader, ReadError, Record, Target};
+use crate::policy::{KeyRange, Pattern, RangeError, unescape_key};
 
 /// Arguments of `etcd-guard audit review`.
 #[derive(Debug, clap::Args)]
 pub struct ReviewArgs {
-    /// Audit files, or folders holding them (default: the current folder).
+    /// Audit files, or folders holding them (default: the current folder). In a folder every regular file whose
+    /// name contains ".log" is read; files are read in the order of the `seq` they start with.
     pub paths: Vec<PathBuf>,
+    /// Only records whose certificate CN, DNS SAN or URI SAN matches; `*` matches any run of characters.
+    #[arg(long, value_name = "GLOB")]
+    pub identity: Option<String>,
+    /// Only this RPC: `KV/Range`, or just the method, `Range` (case-insensitive).
+    #[arg(long, value_name = "RPC")]
+    pub rpc: Option<String>,
+    /// Only records with this decision.
+    #[arg(long, value_enum)]
+    pub decision: Option<DecisionArg>,
+    /// Only records with an operation on a key that starts with PREFIX (`\xNN` escapes give any byte, `\\` a
+    /// backslash); intervals and lock/election names count when they overlap those keys.
+    #[arg(long, value_name = "PREFIX", value_parser = parse_key_prefix)]
+    pub key_prefix: Option<KeyPrefix>,
+    /// Only records at or after TIME: RFC 3339 (`2026-11-22T10:00:00Z`), a date (`2026-11-22`, midnight UTC), or a
+    /// duration before now (`15m`, `2h`, `7d`, `1h30m`; units s, m, h, d, w).
+    #[arg(long, value_name = "TIME", value_parser = parse_time_arg)]
+    pub since: Option<OffsetDateTime>,
+    /// Only records at or before TIME (same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = parse_time_arg)]
+    pub until: Option<OffsetDateTime>,
+    /// How to print: `json` prints the matching lines unchanged; `table` aligned columns (KEY: the first key,
+    /// `P*` for every key starting with P, `[A, B)` for an interval, `+N` more). Default: table on a terminal,
+    /// json otherwise.
+    #[arg(long, value_enum)]
+    pub output: Option<OutputFormat>,
+    /// Print counts per identity, RPC and decision, and the most denied keys, instead of records.
+    #[arg(long)]
+    pub summary: bool,
 }
 
-/// Run `audit review`.
-pub fn run(_args: ReviewArgs) -> ExitCode {
-    eprintln!("etcd-guard: audit review is not implemented yet");
-    ExitCode::from(2)
+/// A decision to filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecisionArg {
+    /// Allowed and served.
+    Allow,
+    /// Denied.
+    Deny,
+    /// Denied by an `audit-only` binding, but served.
+    #[value(name = "would_deny", alias = "would-deny")]
+    WouldDeny,
+}
+
+/// How to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns (or plain text for --summary).
+    Table,
+    /// The original lines (or one JSON object for --summary).
+    Json,
+}
+
+/// The bytes of `--key-prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPrefix(pub Vec<u8>);
+
+/// A `--since`/`--until` value that is not a time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeArgError {
+    /// None of the accepted forms.
+    #[error(
+        "{text:?} is not a time: use RFC 3339 (2026-11-22T10:00:00Z), a date (2026-11-22) or a duration (15m, 2h, 7d)"
+    )]
+    Unrecognised {
+        /// The argument.
+        text: String,
+    },
+    /// A duration too large to subtract from now.
+    #[error("{text:?} is too long ago")]
+    OutOfRange {
+        /// The argument.
+        text: String,
+    },
+}
+
+/// Why review failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    /// An audit file could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// Standard output could not be written.
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// What records to keep.
+#[derive(Debug, Default)]
+pub struct Filter {
+    /// Matches the CN or any DNS or URI SAN.
+    pub identity: Option<Pattern>,
+    /// `Service/Method`, or just `Method` (no `/`); compared case-insensitively.
+    pub rpc: Option<String>,
+    /// `allow`, `deny` or `would_deny`.
+    pub decision: Option<DecisionArg>,
+    /// Some operation's keys overlap this range.
+    pub keys: Option<KeyRange>,
+    /// At or after.
+    pub since: Option<OffsetDateTime>,
+    /// At or before.
+    pub until: Option<OffsetDateTime>,
+}
+
+/// What to do with the matching records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Print each matching line unchanged.
+    Lines,
+    /// Print an aligned table.
+    Table,
+    /// Print counts as text.
+    SummaryText,
+    /// Print counts as one JSON object.
+    SummaryJson,
+}
+
+/// Counts from one review.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Lines read.
+    pub lines: u64,
+    /// Records that matched.
+    pub matched: u64,
+    /// Lines that were not records and were skipped.
+    pub skipped: u64,
+    /// Where the first skipped line is (`path:line`).
+    pub first_skipped: Option<String>,
+}
+
+/// Where matching records go.
+enum Sink<'w> {
+    Lines(&'w mut dyn Write),
+    Table(Table<'w>),
+    Summary { out: &'w mut dyn Write, json: bool, summary: Summary },
+}
+
+/// Table output: the first [`Table::SAMPLE`] rows fix the column widths; later cells are cut to them.
+struct Table<'w> {
+    out: &'w mut dyn Write,
+    rows: Vec<[String; COLUMNS]>,
+    widths: Option<[usize; COLUMNS]>,
+}
+
+const COLUMNS: usize = 8;
+const HEADERS: [&str; COLUMNS] = ["TIME", "SEQ", "IDENTITY", "RPC", "DECISION", "CODE", "KEY", "REASON"];
+/// Widest a column gets (in characters); longer cells are cut with `…`.
+const MAX_WIDTHS: [usize; COLUMNS] = [27, 20, 40, 28, 10, 18, 48, 100];
+
+/// Counts per identity × RPC × decision, and per denied key.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Each identity, RPC and decision text seen, numbered.
+    numbers: HashMap<String, usize>,
+    /// The texts by number.
+    texts: Vec<String>,
+    /// (identity, rpc, decision) numbers → count.
+    counts: HashMap<[usize; 3], u64>,
+    /// key or interval text → denied records naming it.
+    denied: HashMap<String, u64>,
+    /// Matching records.
+    records: u64,
+}
+
+/// How many of the most denied keys the summary lists.
+const TOP_DENIED: usize = 20;
+
+/// Run `audit review`: 0 when the files were read (whether or not anything matched), 2 on errors.
+pub fn run(args: ReviewArgs) -> ExitCode {
+    let files = match read::audit_files(&args.paths) {
+        Ok(files) => files,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("etcd-guard: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let filter = Filter {
+        identity: args.identity.as_deref().map(Pattern::new),
+        rpc: args.rpc,
+        decision: args.decision,
+        keys: args.key_prefix.map(|p| KeyRange::prefix(p.0)),
+        since: args.since,
+        until: args.until,
+    };
+    let format =
+        args.output.unwrap_or(if io::stdout().is_terminal() { OutputFormat::Table } else { OutputFormat::Json });
+    let mode = match (args.summary, format) {
+        (false, OutputFormat::Json) => Mode::Lines,
+        (false, OutputFormat::Table) => Mode::Table,
+        (true, OutputFormat::Table) => Mode::SummaryText,
+        (true, OutputFormat::Json) => Mode::SummaryJson,
+    };
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    let result = review(&files, &filter, mode, &mut out).and_then(|stats| {
+        out.flush().map_err(ReviewError::Output)?;
+        Ok(stats)
+    });
+    match result {
+        Ok(stats) => {
+            if stats.matched == 0 && mode == Mode::Table {
+                eprintln!("etcd-guard: no records matched ({} lines read)", stats.lines);
+            }
+            if stats.skipped > 0 {
+                eprintln!(
+                    "etcd-guard: note: skipped {} line(s) that are not audit records (the first at {}); \
+                     run `etcd-guard audit verify`",
+                    stats.skipped,
+                    stats.first_skipped.as_deref().unwrap_or("?")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        // `… | head` closed the pipe: nothing more is wanted.
+        Err(ReviewError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("etcd-guard: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Read `files` in order and send the records `filter` keeps to `out` as `mode` says.
+///
+/// # Errors
+///
+/// A file cannot be read, or `out` cannot be written.
+pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Write) -> Result<Stats, ReviewError> {
+    let mut stats = Stats::default();
+    let mut sink = match mode {
+        Mode::Lines => Sink::Lines(out),
+        Mode::Table => Sink::Table(Table { out, rows: Vec::new(), widths: None }),
+        Mode::SummaryText => Sink::Summary { out, json: false, summary: Summary::default() },
+        Mode::SummaryJson => Sink::Summary { out, json: true, summary: Summary::default() },
+    };
+    for file in files {
+        let unreadable = |source| ReadError::Unreadable { path: file.path.display().to_string(), source };
+        let mut reader = LineReader::open(&file.path).map_err(unreadable)?;
+        while let Some((number, line)) = reader.next_line().map_err(unreadable)? {
+            stats.lines += 1;
+            let bytes = match line {
+                Line::Complete(b) | Line::Partial(b) => b,
+                Line::TooLong { .. } => &[][..],
+            };
+            // Some(kept or not), None: not a record.
+            let kept: Option<bool> = if filter.keys.is_some() {
+                // The ops decide: read them with the rest.
+                match serde_json::from_slice::<FullRecord<'_>>(bytes) {
+                    Ok(record) => {
+                        let targets = record.targets();
+                        let keep = filter.keeps(&record) && filter.keeps_targets(&targets);
+                        if keep {
+                            sink.take(bytes, &record, &targets).map_err(ReviewError::Output)?;
+                        }
+                        Some(keep)
+                    }
+                    Err(_) => None,
+                }
+            } else {
+                match serde_json::from_slice::<LightRecord<'_>>(bytes) {
+                    Ok(record) => {
+                        let keep = filter.keeps(&record);
+                        if keep {
+                            if sink.wants_targets(&record) {
+                                // Read again, with the ops; if they have an unexpected shape, show none.
+                                let full = serde_json::from_slice::<FullRecord<'_>>(bytes).ok();
+                                let targets = full.as_ref().map(FullRecord::targets).unwrap_or_default();
+                                sink.take(bytes, &record, &targets)
+                            } else {
+                                sink.take(bytes, &record, &[])
+                            }
+                            .map_err(ReviewError::Output)?;
+                        }
+                        Some(keep)
+                    }
+                    Err(_) => None,
+                }
+            };
+            match kept {
+                Some(true) => stats.matched += 1,
+                Some(false) => {}
+                None => {
+                    stats.skipped += 1;
+                    if stats.first_skipped.is_none() {
+                        stats.first_skipped = Some(format!("{}:{number}", file.path.display()));
+                    }
+                }
+            }
+        }
+    }
+    sink.finish().map_err(ReviewError::Output)?;
+    Ok(stats)
+}
+
+/// `--key-prefix` parser.
+fn parse_key_prefix(text: &str) -> Result<KeyPrefix, RangeError> {
+    unescape_key(text).map(KeyPrefix)
+}
+
+/// `--since`/`--until` parser, relative to now.
+fn parse_time_arg(text: &str) -> Result<OffsetDateTime, TimeArgError> {
+    parse_time(text, OffsetDateTime::now_utc())
+}
+
+/// Parse an RFC 3339 time, a date (`YYYY-MM-DD`, midnight UTC), or a duration before `now` (`15m`, `2h`, `7d`,
+/// `1h30m`; units `s`, `m`, `h`, `d`, `w`).
+///
+/// # Errors
+///
+/// None of these forms, or a duration reaching before the representable range.
+pub fn parse_time(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, TimeArgError> {
+    let text = text.trim();
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(t);
+    }
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(d) = Date::parse(text, &date_format) {
+        return Ok(d.with_time(Time::MIDNIGHT).assume_utc());
+    }
+    let duration = parse_duration(text).ok_or_else(|| TimeArgError::Unrecognised { text: text.to_owned() })?;
+    now.checked_sub(duration).ok_or_else(|| TimeArgError::OutOfRange { text: text.to_owned() })
+}
+
+/// `15m`, `2h`, `1h30m`, …; `None` if not such a duration.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total: i64 = 0;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let number: i64 = rest.get(..digits)?.parse().ok()?;
+        let unit = rest.get(digits..)?.chars().next()?;
+        let seconds = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return None,
+        };
+        total = total.checked_add(number.checked_mul(seconds)?)?;
+        rest = rest.get(digits + 1..)?;
+    }
+    Some(Duration::seconds(total))
+}
+
+// === impl Filter ===
+
+impl Filter {
+    /// Whether the filters other than `keys` keep `record`. Cheap ones first.
+    pub fn keeps<O>(&self, record: &Record<'_, O>) -> bool {
+        if self.decision.is_some_and(|d| record.decision() != d.as_str()) {
+            return false;
+        }
+        if self.rpc.as_deref().is_some_and(|rpc| !rpc_matches(rpc, record.rpc())) {
+            return false;
+        }
+        if let Some(pattern) = &self.identity {
+            if !record.identity.as_ref().is_some_and(|id| id.any_name(|name| pattern.matches(name))) {
+                return false;
+            }
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(t) = record.time.as_ref().and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()) else {
+                return false;
+            };
+            if self.since.is_some_and(|since| t < since) || self.until.is_some_and(|until| t > until) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the keys named by a record's operations overlap `keys` (true when there is no such filter).
+    pub fn keeps_targets(&self, targets: &[Target<'_>]) -> bool {
+        match &self.keys {
+            None => true,
+            Some(keys) => targets.iter().any(|t| t.range().intersects(keys)),
+        }
+    }
+}
+
+/// `KV/Range` against `kv/range` or `range`.
+fn rpc_matches(wanted: &str, rpc: &str) -> bool {
+    if wanted.contains('/') {
+        rpc.eq_ignore_ascii_case(wanted)
+    } else {
+        rpc.rsplit('/').next().is_some_and(|method| method.eq_ignore_ascii_case(wanted))
+    }
+}
+
+// === impl DecisionArg ===
+
+impl DecisionArg {
+    /// As written in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionArg::Allow => "allow",
+            DecisionArg::Deny => "deny",
+            DecisionArg::WouldDeny => "would_deny",
+        }
+    }
+}
+
+// === impl Sink ===
+
+impl Sink<'_> {
+    /// Whether [`Sink::take`] shows the keys of `record`.
+    fn wants_targets<O>(&self, record: &Record<'_, O>) -> bool {
+        match self {
+            Sink::Lines(_) => false,
+            Sink::Table(_) => true,
+            Sink::Summary { .. } => record.is_denial(),
+        }
+    }
+
+    /// Handle one matching record; `line` is its text, `targets` the keys of its operations (empty unless
+    /// [`Sink::wants_targets`]).
+    fn take<O>(&mut self, line: &[u8], record: &Record<'_, O>, targets: &[Target<'_>]) -> io::Result<()> {
+        match self {
+            Sink::Lines(out) => {
+                out.write_all(line)?;
+                out.write_all(b"\n")
+            }
+            Sink::Table(table) => table.push(row(record, targets)),
+            Sink::Summary { summary, .. } => {
+                summary.add(record, targets);
+                Ok(())
+            }
+        }
+    }
+
+    /// Print what was held back.
+    fn finish(self) -> io::Result<()> {
+        match self {
+            Sink::Lines(_) => Ok(()),
+            Sink::Table(mut table) => table.finish(),
+            Sink::Summary { out, json: false, summary } => summary.write_text(out),
+            Sink::Summary { out, json: true, summary } => summary.write_json(out),
+        }
+    }
+}
+
+/// The table cells of a record.
+fn row<O>(record: &Record<'_, O>, targets: &[Target<'_>]) -> [String; COLUMNS] {
+    let text = |t: &Option<read::Text<'_>>| t.as_ref().map_or_else(|| "-".to_owned(), |t| clean(t));
+    let key = match targets {
+        [] => "-".to_owned(),
+        [only] => clean(&only.to_string()),
+        [first, rest @ ..] => format!("{} +{}", clean(&first.to_string()), rest.len()),
+    };
+    [
+        text(&record.time),
+        record.seq.to_string(),
+        clean(record.identity_label()),
+        text(&record.rpc),
+        text(&record.decision),
+        text(&record.code),
+        key,
+        record.reason.as_ref().map_or_else(String::new, |r| clean(r)),
+    ]
+}
+
+/// `text` with control characters escaped, so that nothing in a record can move the terminal's cursor.
+fn clean(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `text` cut to at most `width` characters, ending in `…` when cut.
+fn fit(text: &str, width: usize) -> Cow<'_, str> {
+    if text.chars().count() <= width {
+        return text.into();
+    }
+    let mut out: String = text.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out.into()
+}
+
+/// Write one row of `cells` in columns of `widths`; `right` says which columns are right-aligned. The last
+/// column is not padded.
+fn write_columns(out: &mut dyn Write, widths: &[usize], right: &[bool], cells: &[&str]) -> io::Result<()> {
+    let mut line = String::new();
+    let last = cells.len().saturating_sub(1);
+    for (i, cell) in cells.iter().enumerate() {
+        let width = widths.get(i).copied().unwrap_or(0);
+        let cell = fit(cell, width);
+        let pad = width.saturating_sub(cell.chars().count());
+        if i > 0 {
+            line.push_str("  ");
+        }
+        if right.get(i).copied().unwrap_or(false) {
+            line.extend(std::iter::repeat_n(' ', pad));
+            line.push_str(&cell);
+        } else {
+            line.push_str(&cell);
+            if i < last {
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+    }
+    line.truncate(line.trim_end().len());
+    line.push('\n');
+    out.write_all(line.as_bytes())
+}
+
+/// Column widths fitting `header` and `rows`, each at most `max`.
+fn widths_for<'r>(header: &[&str], rows: impl Iterator<Item = &'r [String]>, max: &[usize]) -> Vec<usize> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for (w, m) in widths.iter_mut().zip(max) {
+        *w = (*w).min(*m).max(1);
+    }
+    widths
+}
+
+/// The cells of a row as `&str`.
+fn cells<const N: usize>(row: &[String; N]) -> [&str; N] {
+    row.each_ref().map(String::as_str)
+}
+
+// === impl Table ===
+
+impl Table<'_> {
+    /// Rows held back to size the columns.
+    const SAMPLE: usize = 1000;
+    /// Right-aligned columns (seq).
+    const RIGHT: [bool; COLUMNS] = [false, true, false, false, false, false, false, false];
+
+    fn push(&mut self, row: [String; COLUMNS]) -> io::Result<()> {
+        match &self.widths {
+            Some(widths) => write_columns(self.out, widths, &Self::RIGHT, &cells(&row)),
+            None => {
+                self.rows.push(row);
+                if self.rows.len() >= Self::SAMPLE { self.flush_sample() } else { Ok(()) }
+            }
+        }
+    }
+
+    /// Fix the widths from the rows held back, and print the header and them.
+    fn flush_sample(&mut self) -> io::Result<()> {
+        let found = widths_for(&HEADERS, self.rows.iter().map(|r| &r[..]), &MAX_WIDTHS);
+        let mut widths = [0; COLUMNS];
+        for (w, f) in widths.iter_mut().zip(found) {
+            *w = f;
+        }
+        write_columns(self.out, &widths, &Self::RIGHT, &HEADERS)?;
+        for row in std::mem::take(&mut self.rows) {
+            write_columns(self.out, &widths, &Self::RIGHT, &cells(&row))?;
+        }
+        self.widths = Some(widths);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        if self.widths.is_none() && !self.rows.is_empty() {
+            self.flush_sample()?;
+        }
+        Ok(())
+    }
+}
+
+// === impl Summary ===
+
+/// One line of the summary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Count {
+    /// CN, else first URI SAN, else first DNS SAN.
+    pub identity: String,
+    /// `Service/Method`.
+    pub rpc: String,
+    /// The decision.
+    pub decision: String,
+    /// Matching records.
+    pub count: u64,
+}
+
+/// A denied key (or interval) and how many denied records named it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeniedKey {
+    /// As the key column shows it.
+    pub key: String,
+    /// Denied records.
+    pub count: u64,
+}
+
+/// Widest a summary column gets.
+const SUMMARY_MAX_WIDTHS: [usize; 4] = [20, 60, 40, 12];
+
+impl Summary {
+    /// Count `record`; `targets` are its keys (needed for denials only).
+    pub fn add<O>(&mut self, record: &Record<'_, O>, targets: &[Target<'_>]) {
+        self.records += 1;
+        let key = [self.number(record.identity_label()), self.number(record.rpc()), self.number(record.decision())];
+        *self.counts.entry(key).or_default() += 1;
+        if record.is_denial() {
+            let mut keys: Vec<String> = targets.iter().map(ToString::to_string).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            for key in keys {
+                *self.denied.entry(key).or_default() += 1;
+            }
+        }
+    }
+
+    /// The number of `text`, allocating only for a new one.
+    fn number(&mut self, text: &str) -> usize {
+        if let Some(&n) = self.numbers.get(text) {
+            return n;
+        }
+        let n = self.texts.len();
+        self.texts.push(text.to_owned());
+        self.numbers.insert(text.to_owned(), n);
+        n
+    }
+
+    /// Records counted.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Counts per identity × RPC × decision, most first.
+    pub fn counts(&self) -> Vec<Count> {
+        let text = |n: usize| self.texts.get(n).cloned().unwrap_or_default();
+        let mut out: Vec<Count> = self
+            .counts
+            .iter()
+            .map(|(&[identity, rpc, decision], &count)| Count {
+                identity: text(identity),
+                rpc: text(rpc),
+                decision: text(decision),
+                count,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| (&a.identity, &a.rpc, &a.decision).cmp(&(&b.identity, &b.rpc, &b.decision)))
+        });
+        out
+    }
+
+    /// The [`TOP_DENIED`] most denied keys, most first.
+    pub fn most_denied(&self) -> Vec<DeniedKey> {
+        let mut out: Vec<DeniedKey> =
+            self.denied.iter().map(|(key, &count)| DeniedKey { key: key.clone(), count }).collect();
+        out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+        out.truncate(TOP_DENIED);
+        out
+    }
+
+    fn write_text(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(out, "{} records", self.records)?;
+        let counts = self.counts();
+        if !counts.is_empty() {
+            writeln!(out)?;
+            let rows: Vec<[String; 4]> = counts
+                .iter()
+                .map(|c| [c.count.to_string(), clean(&c.identity), clean(&c.rpc), clean(&c.decision)])
+                .collect();
+            let header = ["COUNT", "IDENTITY", "RPC", "DECISION"];
+            let widths = widths_for(&header, rows.iter().map(|r| &r[..]), &SUMMARY_MAX_WIDTHS);
+            let right = [true, false, false, false];
+            write_columns(out, &widths, &right, &header)?;
+            for row in &rows {
+                write_columns(out, &widths, &right, &cells(row))?;
+            }
+        }
+        writeln!(out)?;
+        let denied = self.most_denied();
+        if denied.is_empty() {
+            return writeln!(out, "no denied keys");
+        }
+        writeln!(out, "most denied keys (top {TOP_DENIED}):")?;
+        let rows: Vec<[String; 2]> = denied.iter().map(|d| [d.count.to_string(), clean(&d.key)]).collect();
+        let header = ["COUNT", "KEY"];
+        let widths = widths_for(&header, rows.iter().map(|r| &r[..]), &[20, 200]);
+        write_columns(out, &widths, &[true, false], &header)?;
+        for row in &rows {
+            write_columns(out, &widths, &[true, false], &cells(row))?;
+        }
+        Ok(())
+    }
+
+    fn write_json(&self, out: &mut dyn Write) -> io::Result<()> {
+        let value = serde_json::json!({
+            "records": self.records,
+            "counts": self.counts(),
+            "most_denied_keys": self.most_denied(),
+        });
+        serde_json::to_writer(&mut *out, &value).map_err(io::Error::from)?;
+        out.write_all(b"\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::{GENESIS, Hasher};
+    use crate::audit::read::audit_files;
+    use crate::audit::read::testing::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Ten records of several kinds, seq 1..=10 (times 00:01 … 00:10), split over two files.
+    fn specs() -> Vec<Spec> {
+        let txn = Spec {
+            rpc: "KV/Txn",
+            ops: r#"[{"op":"txn","compare":[{"target":"mod","result":"equal","key":"locks/a"}],"success":[{"op":"put","key":"sec/b"}],"failure":[]}]"#.to_owned(),
+            ..Spec::denied_put("bob", "")
+        };
+        vec![
+            Spec::get("alice", "app/1"),      // 1
+            Spec::get("alice", "app/2"),      // 2
+            Spec::denied_put("bob", "sec/x"), // 3
+            Spec { uri_san: Some("spiffe://c/ns/kube-system/sa/cilium"), ..Spec::get("", "cilium/a") }, // 4
+            Spec::denied_put("bob", "sec/x"), // 5
+            Spec { decision: "would_deny", code: "OK", ..Spec::denied_put("carol", "sec/y") }, // 6
+            txn,                              // 7
+            Spec {
+                rpc: "KV/Range",
+                ops: r#"[{"op":"range","from":"m","to":"o"},{"op":"range","from":"z"}]"#.to_owned(),
+                ..Spec::get("alice", "")
+            }, // 8
+            Spec {
+                rpc: "Lock/Lock",
+                ops: r#"[{"op":"lock","name":"locks/m","lease":5}]"#.to_owned(),
+                ..Spec::get("dave", "")
+            }, // 9
+            Spec { reason: "evil\u{1b}[2J", ..Spec::get("alice\u{7}", "esc\\x00") }, // 10
+        ]
+    }
+
+    fn fixture() -> Result<(tempfile::TempDir, Vec<AuditFile>), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let lines = chain(&Hasher::unkeyed(), 1, GENESIS, &specs());
+        write(&dir.path().join("audit.log.00000000000000000001"), &lines[..5])?;
+        write(&dir.path().join("audit.log"), &lines[5..])?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        Ok((dir, files))
+    }
+
+    /// The seqs `filter` keeps.
+    fn seqs(files: &[AuditFile], filter: &Filter) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
+        let mut out = Vec::new();
+        let stats = review(files, filter, Mode::Lines, &mut out)?;
+        let mut seqs = Vec::new();
+        for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            seqs.push(read::seq_of(line).ok_or("no seq")?);
+        }
+        assert_eq!(stats.matched, seqs.len() as u64);
+        assert_eq!(stats.skipped, 0);
+        Ok(seqs)
+    }
+
+    fn prefix(p: &str) -> Option<KeyRange> {
+        parse_key_prefix(p).ok().map(|p| KeyRange::prefix(p.0))
+    }
+
+    #[test]
+    fn json_output_is_the_lines_unchanged_in_chain_order() -> TestResult {
+        let (dir, files) = fixture()?;
+        let mut out = Vec::new();
+        let stats = review(&files, &Filter::default(), Mode::Lines, &mut out)?;
+        assert_eq!(stats.matched, 10);
+        let original = [
+            std::fs::read(dir.path().join("audit.log.00000000000000000001"))?,
+            std::fs::read(dir.path().join("audit.log"))?,
+        ]
+        .concat();
+        assert_eq!(out, original);
+        Ok(())
+    }
+
+    #[test]
+    fn identity_filter_matches_cn_and_sans_with_globs() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let by = |glob: &str| seqs(&files, &Filter { identity: Some(Pattern::new(glob)), ..Filter::default() });
+        assert_eq!(by("alice")?, [1, 2, 8]);
+        assert_eq!(by("b*")?, [3, 5, 7]);
+        assert_eq!(by("spiffe://*/sa/cilium")?, [4]);
+        assert_eq!(by("*")?.len(), 10);
+        assert_eq!(by("nobody")?, Vec::<u64>::new());
+        Ok(())
+    }
+
+    #[test]
+    fn rpc_filter_takes_service_and_method_or_method() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let by = |rpc: &str| seqs(&files, &Filter { rpc: Some(rpc.to_owned()), ..Filter::default() });
+        assert_eq!(by("KV/Put")?, [3, 5, 6]);
+        assert_eq!(by("put")?, [3, 5, 6]);
+        assert_eq!(by("kv/txn")?, [7]);
+        assert_eq!(by("Lock")?, [9]);
+        assert_eq!(by("Lock/Put")?, Vec::<u64>::new());
+        Ok(())
+    }
+
+    #[test]
+    fn decision_filter() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let by = |d| seqs(&files, &Filter { decision: Some(d), ..Filter::default() });
+        assert_eq!(by(DecisionArg::Deny)?, [3, 5, 7]);
+        assert_eq!(by(DecisionArg::WouldDeny)?, [6]);
+        assert_eq!(by(DecisionArg::Allow)?, [1, 2, 4, 8, 9, 10]);
+        Ok(())
+    }
+
+    #[test]
+    fn key_prefix_filter_sees_keys_intervals_txns_and_names() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let by = |p: &str| seqs(&files, &Filter { keys: prefix(p), ..Filter::default() });
+        assert_eq!(by("app/")?, [1, 2]);
+        assert_eq!(by("sec/")?, [3, 5, 6, 7]); // 7: a txn's success op
+        assert_eq!(by("locks/")?, [7, 9]); // 7: a compare; 9: the lock's keys locks/m/…
+        assert_eq!(by("locks/m/")?, [9]);
+        assert_eq!(by("n")?, [8]); // inside [m, o)
+        assert_eq!(by("o")?, Vec::<u64>::new()); // the end is exclusive
+        assert_eq!(by("zz")?, [8]); // [z, +inf)
+        assert_eq!(by("esc\\x00")?, [10]);
+        assert_eq!(by("esc\\x01")?, Vec::<u64>::new());
+        assert!(parse_key_prefix("bad\\q").is_err());
+        // Combined with another filter: both must hold.
+        let f = Filter { keys: prefix("sec/"), decision: Some(DecisionArg::Deny), ..Filter::default() };
+        assert_eq!(seqs(&files, &f)?, [3, 5, 7]);
+        Ok(())
+    }
+
+    #[test]
+    fn time_filters_are_inclusive() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let now = OffsetDateTime::now_utc();
+        let since = parse_time("2026-01-01T00:03:00Z", now)?;
+        let until = parse_time("2026-01-01T00:05:00.000000Z", now)?;
+        assert_eq!(seqs(&files, &Filter { since: Some(since), until: Some(until), ..Filter::default() })?, [3, 4, 5]);
+        assert_eq!(
+            seqs(&files, &Filter { since: Some(parse_time("2026-01-02", now)?), ..Filter::default() })?.len(),
+            0
+        );
+        let day = parse_time("2026-01-01", now)?;
+        assert_eq!(seqs(&files, &Filter { since: Some(day), ..Filter::default() })?.len(), 10);
+        Ok(())
+    }
+
+    #[test]
+    fn times_parse() -> TestResult {
+        let now = OffsetDateTime::parse("2026-05-10T12:00:00Z", &Rfc3339)?;
+        let at = |s: &str| {
+            parse_time(s, now).map(|t| t.to_offset(time::UtcOffset::UTC).format(&Rfc3339).unwrap_or_default())
+        };
+        assert_eq!(at("15m")?, "2026-05-10T11:45:00Z");
+        assert_eq!(at("2h")?, "2026-05-10T10:00:00Z");
+        assert_eq!(at("7d")?, "2026-05-03T12:00:00Z");
+        assert_eq!(at("1h30m")?, "2026-05-10T10:30:00Z");
+        assert_eq!(at("1w")?, "2026-05-03T12:00:00Z");
+        assert_eq!(at("2026-01-01T10:00:00+02:00")?, "2026-01-01T08:00:00Z");
+        assert_eq!(at("2026-01-01")?, "2026-01-01T00:00:00Z");
+        for bad in ["", "15", "m", "15x", "yesterday", "2026-13-01", "1h-5m"] {
+            assert!(parse_time(bad, now).is_err(), "{bad:?}");
+        }
+        assert!(matches!(parse_time("999999999d", now), Err(TimeArgError::OutOfRange { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn summary_counts_and_most_denied_keys() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let mut out = Vec::new();
+        review(&files, &Filter::default(), Mode::SummaryJson, &mut out)?;
+        let v: serde_json::Value = serde_json::from_slice(&out)?;
+        assert_eq!(v["records"], 10);
+        let counts = v["counts"].as_array().ok_or("counts")?;
+        assert_eq!(
+            counts[0],
+            serde_json::json!({"identity": "alice", "rpc": "KV/Range", "decision": "allow", "count": 3})
+        );
+        assert_eq!(counts[1], serde_json::json!({"identity": "bob", "rpc": "KV/Put", "decision": "deny", "count": 2}));
+        let total: u64 = counts.iter().filter_map(|c| c["count"].as_u64()).sum();
+        assert_eq!(total, 10);
+        assert_eq!(
+            v["most_denied_keys"],
+            serde_json::json!([
+                {"key": "sec/x", "count": 2},
+                {"key": "locks/a", "count": 1},
+                {"key": "sec/b", "count": 1},
+                {"key": "sec/y", "count": 1},
+            ])
+        );
+
+        // Filters apply to the summary; the text form is aligned.
+        let mut out = Vec::new();
+        let filter = Filter { decision: Some(DecisionArg::Deny), ..Filter::default() };
+        review(&files, &filter, Mode::SummaryText, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(
+            text.starts_with("3 records\n\nCOUNT  IDENTITY  RPC     DECISION\n    2  bob       KV/Put  deny\n"),
+            "{text}"
+        );
+        assert!(text.contains("most denied keys (top 20):\nCOUNT  KEY\n    2  sec/x\n"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn table_rows_are_aligned_compact_and_escaped() -> TestResult {
+        let (_dir, files) = fixture()?;
+        let mut out = Vec::new();
+        review(&files, &Filter::default(), Mode::Table, &mut out)?;
+        let text = String::from_utf8(out)?;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 11, "{text}");
+        assert!(lines[0].starts_with("TIME                         SEQ  IDENTITY "), "{text}");
+        // Every row starts its identity column at the same place.
+        let column = lines[0].find("IDENTITY").ok_or("header")?;
+        assert!(lines[1..].iter().all(|l| l.get(column..column + 1).is_some_and(|c| c != " ")), "{text}");
+        assert!(lines[1].contains("alice") && lines[1].contains(" app/1 ") && lines[1].contains("read granted"));
+        assert!(lines[4].contains("spiffe://c/ns/kube-system/sa/cilium"), "{}", lines[4]);
+        assert!(lines[7].contains(" locks/a +1 "), "{}", lines[7]);
+        assert!(lines[8].contains(" [m, o) +1 "), "{}", lines[8]);
+        // Control characters from a record never reach the terminal.
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'));
+        assert!(lines[10].contains("alice\\u{7}") && lines[10].contains("evil\\u{1b}[2J"), "{}", lines[10]);
+        assert!(lines[10].contains(" esc\\x00 "), "{}", lines[10]);
+        Ok(())
+    }
+
+    #[test]
+    fn long_cells_are_cut() {
+        assert_eq!(fit("abcdef", 4), "abc…");
+        assert_eq!(fit("abcd", 4), "abcd");
+        let mut out = Vec::new();
+        let _ = write_columns(&mut out, &[3, 3], &[false, false], &["abcdef", "xyz"]);
+        assert_eq!(String::from_utf8_lossy(&out), "ab…  xyz\n");
+    }
+
+    #[test]
+    fn lines_that_are_not_records_are_skipped_and_counted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let mut lines = simple_chain(&Hasher::unkeyed(), 3);
+        lines.insert(1, b"not json\n".to_vec());
+        write(&dir.path().join("audit.log"), &lines)?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let mut out = Vec::new();
+        let stats = review(&files, &Filter::default(), Mode::Lines, &mut out)?;
+        assert_eq!((stats.lines, stats.matched, stats.skipped), (4, 3, 1));
+        assert!(stats.first_skipped.is_some_and(|s| s.ends_with("audit.log:2")));
+        Ok(())
+    }
+
+    #[test]
+    fn rpc_matching() {
+        assert!(rpc_matches("KV/Range", "KV/Range"));
+        assert!(rpc_matches("kv/range", "KV/Range"));
+        assert!(rpc_matches("RANGE", "KV/Range"));
+        assert!(!rpc_matches("Range", "KV/RangeX"));
+        assert!(!rpc_matches("KV", "KV/Range"));
+    }
 }

@@ -1,17 +1,645 @@
 //! `etcd-guard audit verify`: check the hash chain and `seq` across files.
+//!
+//! Every line must be a record whose hash verifies, whose `prev_hash` is the hash of the record before it, and
+//! whose `seq` is one more than that record's. The first line that is not is reported with its file and line, as
+//! one of:
+//!
+//! * **altered**: the line's own hash does not verify, or it is not a well-formed record (also: a last line
+//!   without its newline);
+//! * **inserted**: a line whose hash does not verify while the next line chains to the record before it; or a
+//!   record that verifies but whose `seq` is not after the one before it (duplicated or replayed);
+//! * **removed**: a record that verifies but does not follow the one before it: `seq` jumps (the missing `seq`s
+//!   are named) or its `prev_hash` is not that record's hash.
+//!
+//! The first record may start anywhere (older files are deleted by rotation); a note says so unless it is the
+//! very first record (`seq` 1 after [`GENESIS`]).
+//!
+//! Without an HMAC key the chain detects changes by anyone who does not rewrite every hash after the change;
+//! with one (`--hmac-key`, the proxy's `audit.hmac_key_file`) only the key's holders can forge records.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use super::chain::{GENESIS, Hasher, split_line};
+use super::read::{self, AuditFile, ChainFields, Line, LineReader, MAX_LINE_BYTES, ReadError};
 
 /// Arguments of `etcd-guard audit verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// Audit files, or folders holding them (default: the current folder).
+    /// Audit files, or folders holding them (default: the current folder). In a folder every regular file whose
+    /// name contains ".log" is read; files are read in the order of the `seq` they start with.
     pub paths: Vec<PathBuf>,
+    /// The HMAC key the chain is keyed with (the file named by the proxy's `audit.hmac_key_file`).
+    #[arg(long, value_name = "FILE")]
+    pub hmac_key: Option<PathBuf>,
 }
 
-/// Run `audit verify`.
-pub fn run(_args: VerifyArgs) -> ExitCode {
-    eprintln!("etcd-guard: audit verify is not implemented yet");
-    ExitCode::from(2)
+/// What kind of tampering (or damage) a problem looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// A line was changed (or cut short, or is not a record).
+    Altered,
+    /// A line was added, or a record repeated.
+    Inserted,
+    /// Records are missing.
+    Removed,
+}
+
+/// The first problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// What it looks like.
+    pub kind: ProblemKind,
+    /// The file of the offending line.
+    pub path: PathBuf,
+    /// The 1-based line number in that file.
+    pub line: u64,
+    /// A sentence that names the file and line and says what is wrong.
+    pub message: String,
+}
+
+/// The result of checking a set of files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Records checked and found in order (up to the problem, if any).
+    pub records: u64,
+    /// Files in the set.
+    pub files: usize,
+    /// `seq` and `prev_hash` of the first record.
+    pub first: Option<(u64, String)>,
+    /// `seq` and `hash` of the last record in order.
+    pub last: Option<(u64, String)>,
+    /// Whether the chain was checked with an HMAC key.
+    pub keyed: bool,
+    /// Things worth knowing that are not problems.
+    pub notes: Vec<String>,
+    /// The first problem, if any.
+    pub problem: Option<Problem>,
+}
+
+/// A line whose hash verifies and that is a record.
+struct Intact {
+    seq: u64,
+    prev_hash: [u8; 32],
+    hash: [u8; 32],
+}
+
+/// A line that is not an intact record.
+struct Defect {
+    /// What is wrong, as a phrase.
+    why: String,
+    /// Its `seq`, if one can be read.
+    seq: Option<u64>,
+    /// A cut-off last line: reported as altered at once.
+    partial: bool,
+    /// The hash was well-formed but did not verify (rather than the line not being a record).
+    hash_mismatch: bool,
+}
+
+/// The last record that was in order.
+struct Good {
+    seq: u64,
+    hash: [u8; 32],
+    file: usize,
+    line: u64,
+}
+
+/// A defective line waiting for the next line to tell whether it was altered or inserted.
+struct Pending {
+    defect: Defect,
+    file: usize,
+    line: u64,
+}
+
+/// Run `audit verify`: 0 when the chain is intact, 1 on the first problem, 2 when the files cannot be read or
+/// the arguments are wrong.
+pub fn run(args: VerifyArgs) -> ExitCode {
+    let hasher = match &args.hmac_key {
+        Some(path) => match Hasher::from_key_file(path) {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("etcd-guard: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Hasher::unkeyed(),
+    };
+    let files = match read::audit_files(&args.paths) {
+        Ok(files) => files,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("etcd-guard: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let report = match verify(&files, &hasher) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("etcd-guard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    match &report.problem {
+        Some(problem) => {
+            println!("{problem}");
+            if report.records > 0 {
+                println!("({} records before it are in order)", report.records);
+            }
+            ExitCode::from(1)
+        }
+        None => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Check `files`, in this order, as one chain. Stops at the first problem.
+///
+/// # Errors
+///
+/// A file cannot be opened or read.
+pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError> {
+    let mut report = Report {
+        records: 0,
+        files: files.len(),
+        first: None,
+        last: None,
+        keyed: hasher.is_keyed(),
+        notes: Vec::new(),
+        problem: None,
+    };
+    let mut last: Option<Good> = None;
+    let mut pending: Option<Pending> = None;
+    let unreadable = |file: &AuditFile, source| ReadError::Unreadable { path: file.path.display().to_string(), source };
+    for (index, file) in files.iter().enumerate() {
+        let mut reader = LineReader::open(&file.path).map_err(|e| unreadable(file, e))?;
+        while let Some((number, line)) = reader.next_line().map_err(|e| unreadable(file, e))? {
+            let checked = check_line(hasher, line);
+            if let Some(p) = pending.take() {
+                // The line after a defective one decides: if it chains to the last good record, the defective
+                // line was put in between; otherwise it is what became of the record that belonged there.
+                let expected_prev = last.as_ref().map_or(genesis(), |g| g.hash);
+                let chains = checked.as_ref().is_ok_and(|c| c.prev_hash == expected_prev);
+                let kind = if chains { ProblemKind::Inserted } else { ProblemKind::Altered };
+                report.problem = Some(defect_problem(files, &p, kind, hasher, last.as_ref(), Some((index, number))));
+                return Ok(report);
+            }
+            match checked {
+                Err(defect) => {
+                    let p = Pending { defect, file: index, line: number };
+                    if p.defect.partial {
+                        let problem = defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None);
+                        report.problem = Some(problem);
+                        return Ok(report);
+                    }
+                    pending = Some(p);
+                }
+                Ok(record) => {
+                    if let Some(problem) = out_of_order(files, last.as_ref(), &record, index, number) {
+                        report.problem = Some(problem);
+                        return Ok(report);
+                    }
+                    if last.is_none() {
+                        if record.seq != 1 || record.prev_hash != genesis() {
+                            report.notes.push(format!(
+                                "chain starts at seq {} (prev_hash {}), earlier records are not in these files",
+                                record.seq,
+                                hex::encode(record.prev_hash)
+                            ));
+                        }
+                        report.first = Some((record.seq, hex::encode(record.prev_hash)));
+                    }
+                    report.records += 1;
+                    last = Some(Good { seq: record.seq, hash: record.hash, file: index, line: number });
+                }
+            }
+        }
+    }
+    if let Some(p) = pending {
+        // The last line: nothing after it can show it was inserted.
+        report.problem = Some(defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None));
+        return Ok(report);
+    }
+    report.last = last.map(|g| (g.seq, hex::encode(g.hash)));
+    Ok(report)
+}
+
+/// `GENESIS` as bytes.
+fn genesis() -> [u8; 32] {
+    let mut out = [0; 32];
+    // GENESIS is 64 hex zeros.
+    let _ = hex::decode_to_slice(GENESIS, &mut out);
+    out
+}
+
+/// Check one line on its own: its hash, and that it is a record.
+fn check_line(hasher: &Hasher, line: Line<'_>) -> Result<Intact, Defect> {
+    let (bytes, partial) = match line {
+        Line::Complete(b) => (b, false),
+        Line::Partial(b) => (b, true),
+        Line::TooLong { bytes } => {
+            return Err(Defect {
+                why: format!("the line is {bytes} bytes long, longer than any record ({MAX_LINE_BYTES} bytes)"),
+                seq: None,
+                partial: false,
+                hash_mismatch: false,
+            });
+        }
+    };
+    let defect = |why: String, hash_mismatch| Defect { why, seq: read::seq_of(bytes), partial, hash_mismatch };
+    let intact = check_bytes(hasher, bytes).map_err(|(why, mismatch)| defect(why, mismatch))?;
+    if partial {
+        return Err(defect("the last line has no final newline (the write was cut short?)".to_owned(), false));
+    }
+    Ok(intact)
+}
+
+/// Check a line's hash and fields; on failure, why and whether it was the hash that did not verify.
+fn check_bytes(hasher: &Hasher, bytes: &[u8]) -> Result<Intact, (String, bool)> {
+    if bytes.is_empty() {
+        return Err(("the line is empty".to_owned(), false));
+    }
+    let Some((body, claimed)) = split_line(bytes) else {
+        return Err(("the line does not end in a hash field".to_owned(), false));
+    };
+    let mut hash = [0; 32];
+    if hex::decode_to_slice(claimed, &mut hash).is_err() {
+        return Err(("the line's hash is not hex".to_owned(), false));
+    }
+    if hasher.hash(body) != hash {
+        return Err(("the line's hash does not verify".to_owned(), true));
+    }
+    let fields: ChainFields<'_> = match serde_json::from_slice(bytes) {
+        Ok(f) => f,
+        Err(e) => return Err((format!("the line's hash verifies, but it is not a well-formed record: {e}"), false)),
+    };
+    if fields.hash.as_str() != claimed {
+        return Err(("the line's hash verifies, but its \"hash\" field is not the hash at its end".to_owned(), false));
+    }
+    let mut prev_hash = [0; 32];
+    if fields.prev_hash.len() != 64 || hex::decode_to_slice(fields.prev_hash.as_str(), &mut prev_hash).is_err() {
+        return Err(("the line's hash verifies, but its prev_hash is not 64 hex digits".to_owned(), false));
+    }
+    Ok(Intact { seq: fields.seq, prev_hash, hash })
+}
+
+/// The problem of an intact record that does not follow `last`, if it does not.
+fn out_of_order(files: &[AuditFile], last: Option<&Good>, record: &Intact, file: usize, line: u64) -> Option<Problem> {
+    let last = last?;
+    let here = at(files, file, line);
+    let before = format!("seq {} at {}", last.seq, at(files, last.file, last.line));
+    let problem = |kind, message| Some(Problem { kind, path: files[file].path.clone(), line, message });
+    let expected = last.seq.saturating_add(1);
+    if record.seq <= last.seq {
+        return problem(
+            ProblemKind::Inserted,
+            format!(
+                "{here}: seq {} does not follow {before}: a record was duplicated, replayed or inserted",
+                record.seq
+            ),
+        );
+    }
+    if record.seq > expected {
+        let missing = if record.seq - 1 == expected {
+            format!("record {expected} missing")
+        } else {
+            format!("records {expected}..={} missing", record.seq - 1)
+        };
+        let chain = if record.prev_hash == last.hash {
+            " (yet its prev_hash is that record's hash: seq was skipped when it was written)"
+        } else {
+            ""
+        };
+        return problem(
+            ProblemKind::Removed,
+            format!("{missing} before {here} (seq {}; the record before is {before}){chain}", record.seq),
+        );
+    }
+    if record.prev_hash != last.hash {
+        return problem(
+            ProblemKind::Removed,
+            format!(
+                "{here}: seq {} does not chain to {before}: its prev_hash is {}, that record's hash is {}; \
+                 records were removed and replaced, or the chain forked",
+                record.seq,
+                hex::encode(record.prev_hash),
+                hex::encode(last.hash)
+            ),
+        );
+    }
+    None
+}
+
+/// The problem of a defective line.
+fn defect_problem(
+    files: &[AuditFile],
+    p: &Pending,
+    kind: ProblemKind,
+    hasher: &Hasher,
+    last: Option<&Good>,
+    next: Option<(usize, u64)>,
+) -> Problem {
+    let here = at(files, p.file, p.line);
+    let seq = p.defect.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+    let mut message = format!("{here}{seq}: {}", p.defect.why);
+    match (kind, next) {
+        (ProblemKind::Inserted, Some((file, line))) => {
+            let to = last.map_or("the start of the chain".to_owned(), |g| format!("seq {}", g.seq));
+            message.push_str(&format!(", and the next line ({}) chains to {to}", at(files, file, line)));
+        }
+        (_, None) if !p.defect.partial => message.push_str(" (the last line: it may also have been appended)"),
+        _ => {}
+    }
+    if last.is_none() && p.defect.hash_mismatch {
+        message.push_str(if hasher.is_keyed() {
+            "; this is the first record: is the HMAC key the one the log was written with?"
+        } else {
+            "; this is the first record: if the log is keyed (audit.hmac_key_file), pass --hmac-key"
+        });
+    }
+    Problem { kind, path: files[p.file].path.clone(), line: p.line, message }
+}
+
+/// `path:line`.
+fn at(files: &[AuditFile], file: usize, line: u64) -> String {
+    format!("{}:{line}", files.get(file).map_or(Path::new("?"), |f| f.path.as_path()).display())
+}
+
+// === impl ProblemKind ===
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProblemKind::Altered => "altered",
+            ProblemKind::Inserted => "inserted",
+            ProblemKind::Removed => "removed",
+        })
+    }
+}
+
+// === impl Problem ===
+
+impl fmt::Display for Problem {
+    /// `kind: message`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+// === impl Report ===
+
+impl fmt::Display for Report {
+    /// The success line: `ok: N records, seq A..=B, last hash H (…)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let files = if self.files == 1 { "1 file".to_owned() } else { format!("{} files", self.files) };
+        let how = if self.keyed { "HMAC-SHA256 with the given key" } else { "SHA-256, no HMAC key" };
+        match (&self.first, &self.last) {
+            (Some((first, _)), Some((last, hash))) => {
+                write!(f, "ok: {} records in {files}, seq {first}..={last}, last hash {hash} ({how})", self.records)
+            }
+            _ => write!(f, "ok: no records ({files}, all empty)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::read::audit_files;
+    use crate::audit::read::testing::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const KEY: &[u8] = b"0123456789abcdef0123";
+
+    /// Verify the files (or folders) at `paths`.
+    fn check(paths: &[PathBuf], hasher: &Hasher) -> Result<Report, Box<dyn std::error::Error>> {
+        let files = audit_files(paths).map_err(|e| format!("{e:?}"))?;
+        Ok(verify(&files, hasher)?)
+    }
+
+    /// The problem's kind, file name and line.
+    fn problem(report: &Report) -> Option<(ProblemKind, String, u64)> {
+        report.problem.as_ref().map(|p| {
+            let name = p.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            (p.kind, name, p.line)
+        })
+    }
+
+    /// A chain of 10 records split into `audit.log.00000000000000000001` (1..=6) and `audit.log` (7..=10), with
+    /// `change` applied to the lines first.
+    fn two_files(
+        dir: &Path,
+        hasher: &Hasher,
+        change: impl FnOnce(&mut Vec<Vec<u8>>),
+    ) -> Result<(PathBuf, PathBuf), Box<dyn std::error::Error>> {
+        let mut lines = simple_chain(hasher, 10);
+        let (old, new) = (dir.join("audit.log.00000000000000000001"), dir.join("audit.log"));
+        change(&mut lines);
+        // The first six lines (after the change) go to the old file.
+        let split = 6.min(lines.len());
+        write(&old, &lines[..split])?;
+        write(&new, &lines[split..])?;
+        Ok((old, new))
+    }
+
+    #[test]
+    fn an_intact_chain_in_two_files_verifies_in_any_order() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let (old, new) = two_files(dir.path(), &h, |_| {})?;
+        for paths in [vec![old.clone(), new.clone()], vec![new, old], vec![dir.path().to_path_buf()]] {
+            let report = check(&paths, &h)?;
+            assert_eq!(report.problem, None, "{paths:?}");
+            assert_eq!(report.records, 10);
+            assert_eq!(report.first, Some((1, GENESIS.to_owned())));
+            assert_eq!(report.last.as_ref().map(|l| l.0), Some(10));
+            assert!(report.notes.is_empty());
+            assert!(report.to_string().starts_with("ok: 10 records in 2 files, seq 1..=10, last hash "));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_chain_without_its_start_verifies_with_a_note() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let (_, new) = two_files(dir.path(), &h, |_| {})?;
+        let report = check(&[new], &h)?;
+        assert_eq!(report.problem, None);
+        assert_eq!(report.notes.len(), 1);
+        assert!(report.notes[0].starts_with("chain starts at seq 7 (prev_hash "), "{:?}", report.notes);
+        Ok(())
+    }
+
+    #[test]
+    fn one_changed_byte_is_altered_at_its_line() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |lines| {
+            // seq 8: line 2 of audit.log; "alice" -> "alicf".
+            if let Some(at) = lines[7].windows(5).position(|w| w == b"alice") {
+                lines[7][at + 4] = b'f';
+            }
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".to_owned(), 2)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("audit.log:2 (seq 8): the line's hash does not verify"), "{text}");
+        assert_eq!(report.records, 7);
+        Ok(())
+    }
+
+    #[test]
+    fn a_deleted_line_is_removed_before_the_next() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |lines| {
+            lines.remove(3); // seq 4; seq 5 becomes line 4 of the old file
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log.00000000000000000001".to_owned(), 4)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.starts_with("removed: record 4 missing before "), "{text}");
+        assert!(text.contains("audit.log.00000000000000000001:4"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn deleted_lines_across_files_name_the_missing_seqs() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        // seq 5..=8 deleted: the old file ends at 4 and audit.log starts at 9.
+        let lines = simple_chain(&h, 10);
+        write(&dir.path().join("audit.log.00000000000000000001"), &lines[..4])?;
+        write(&dir.path().join("audit.log"), &lines[8..])?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log".to_owned(), 1)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.starts_with("removed: records 5..=8 missing before "), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_forged_line_is_inserted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |lines| {
+            // A made-up record after seq 2, claiming to be seq 3 with a made-up hash.
+            let (mut forged, _) = line(&h, 3, GENESIS, &Spec::get("mallory", "k"));
+            let len = forged.len();
+            forged[len - 4] = if forged[len - 4] == b'0' { b'1' } else { b'0' };
+            lines.insert(2, forged);
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Inserted, "audit.log.00000000000000000001".to_owned(), 3)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("the next line (") && text.contains("chains to seq 2"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_duplicated_line_is_inserted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |lines| {
+            let copy = lines[1].clone(); // seq 2, again after seq 8
+            lines.insert(8, copy);
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Inserted, "audit.log".to_owned(), 3)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("seq 2 does not follow seq 8 at "), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_cut_last_line_is_altered() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |lines| {
+            if let Some(last) = lines.last_mut() {
+                last.truncate(last.len() - 20);
+            }
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".to_owned(), 4)));
+        // Only the newline missing: still reported.
+        two_files(dir.path(), &h, |lines| {
+            if let Some(last) = lines.last_mut() {
+                last.pop();
+            }
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".to_owned(), 4)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("no final newline"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_line_that_is_not_a_record_is_altered() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |lines| lines[4] = b"hello\n".to_vec())?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001".to_owned(), 5)));
+        Ok(())
+    }
+
+    #[test]
+    fn hmac_chains_verify_with_the_right_key_only() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let keyed = Hasher::keyed(KEY);
+        two_files(dir.path(), &keyed, |_| {})?;
+        let all = [dir.path().to_path_buf()];
+        let report = check(&all, &keyed)?;
+        assert_eq!(report.problem, None);
+        assert!(report.to_string().contains("HMAC-SHA256"));
+
+        let wrong = Hasher::keyed(b"0123456789abcdef0124");
+        let report = check(&all, &wrong)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001".to_owned(), 1)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("HMAC key"), "{text}");
+        let report = check(&all, &Hasher::unkeyed())?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001".to_owned(), 1)));
+
+        // A record re-hashed without the key after a change does not pass with the key.
+        two_files(dir.path(), &keyed, |lines| {
+            let prev = String::from_utf8_lossy(&lines[3][lines[3].len() - 67..lines[3].len() - 3]).into_owned();
+            lines[4] = line(&Hasher::unkeyed(), 5, &prev, &Spec::get("alice", "changed")).0;
+        })?;
+        let report = check(&all, &keyed)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001".to_owned(), 5)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_file_is_read() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let key = dir.path().join("audit-hmac.key");
+        std::fs::write(&key, [KEY, b"\n"].concat())?;
+        two_files(dir.path(), &Hasher::keyed(KEY), |_| {})?;
+        let report = check(&[dir.path().to_path_buf()], &Hasher::from_key_file(&key)?)?;
+        assert_eq!(report.problem, None);
+        assert_eq!(report.files, 2, "the key file is not an audit file");
+        Ok(())
+    }
+
+    #[test]
+    fn empty_files_only() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        write(&dir.path().join("audit.log"), &[])?;
+        let report = check(&[dir.path().to_path_buf()], &Hasher::unkeyed())?;
+        assert_eq!(report.problem, None);
+        assert_eq!(report.to_string(), "ok: no records (1 file, all empty)");
+        Ok(())
+    }
 }

@@ -1,0 +1,800 @@
+//! Reading audit files, shared by `audit review` and `audit verify`.
+//!
+//! * [`audit_files`] turns the command line's `[FILES|DIR]...` into the files to read, in chain order (by the
+//!   `seq` of each file's first record; empty files last).
+//! * [`LineReader`] reads one file line by line through a reused buffer, never holding more than one line (of at
+//!   most [`MAX_LINE_BYTES`]) in memory, and tells complete lines from a cut-off last line.
+//! * [`Record`], [`ChainFields`] and [`Op`] are borrowed views of a line: strings point into the line unless JSON
+//!   escapes force a copy, and what a command does not need is skipped ([`serde::de::IgnoredAny`]).
+//!
+//! Nothing here checks hashes; see [`super::verify`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+
+use crate::policy::{End, KeyRange, prefix_end, unescape_key};
+
+/// Longest line read as one line. Records are a few KiB; a key can make one larger (etcd takes requests of
+/// 1.5 MiB by default and an escaped byte takes up to 5 characters), so this only guards against a file that is
+/// not a log at all. Longer lines are skipped without being held in memory.
+pub const MAX_LINE_BYTES: usize = 32 << 20;
+
+/// Buffer size of [`LineReader`].
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
+/// How many lines of a file are looked at to find the `seq` it starts with when its first line has none.
+const SEQ_PROBE_LINES: u64 = 64;
+
+/// Why the files to read could not be found or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A path given on the command line cannot be looked at (missing, no permission).
+    #[error("{path}: {source}")]
+    Path {
+        /// The path as given.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A folder cannot be listed.
+    #[error("{path}: cannot list the folder: {source}")]
+    Folder {
+        /// The folder.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An audit file cannot be opened or read.
+    #[error("{path}: cannot read: {source}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A folder holds no audit file.
+    #[error("{path}: no audit files here (regular files whose name contains \".log\")")]
+    NoAuditFiles {
+        /// The folder.
+        path: String,
+    },
+}
+
+/// One file to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFile {
+    /// The path, as given or as found in a given folder.
+    pub path: PathBuf,
+    /// Where the file starts in the chain.
+    pub first_seq: FirstSeq,
+}
+
+/// Where a file starts in the chain; files are read in this order (derived `Ord`: known `seq` first, ascending;
+/// then files whose start could not be read; empty files last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FirstSeq {
+    /// The `seq` of the first record (estimated from a later line when the first line is damaged).
+    Seq(u64),
+    /// No `seq` could be read from the start of the file.
+    Unknown,
+    /// The file has no bytes.
+    Empty,
+}
+
+/// One line as read by [`LineReader`], without its newline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// A line that ends in a newline.
+    Complete(&'a [u8]),
+    /// The last line of the file, without a final newline (a write that was cut short, or a truncated file).
+    Partial(&'a [u8]),
+    /// A line longer than [`MAX_LINE_BYTES`]; it was skipped.
+    TooLong {
+        /// Its length in bytes, without the newline.
+        bytes: u64,
+    },
+}
+
+/// Reads a file line by line through one reused buffer.
+pub struct LineReader {
+    reader: BufReader<File>,
+    buf: Vec<u8>,
+    number: u64,
+}
+
+/// A string field of a record: borrowed from the line, or owned when it held JSON escapes.
+///
+/// (`Cow<str>` borrows only as a direct field with `#[serde(borrow)]`, not inside `Option` or `Vec`; this does.)
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+struct TextVisitor<'a>(PhantomData<&'a ()>);
+
+/// The fields of a line that the chain is about. Deserializing it also checks that the line is one JSON object
+/// with these fields (other fields are skipped, but must be valid JSON).
+#[derive(Debug, Deserialize)]
+pub struct ChainFields<'a> {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// The hash of the record before.
+    #[serde(borrow)]
+    pub prev_hash: Text<'a>,
+    /// This line's hash.
+    #[serde(borrow)]
+    pub hash: Text<'a>,
+}
+
+/// The fields `audit review` shows or filters on. `O` is what `ops` is read as: [`IgnoredAny`] when they are not
+/// needed ([`LightRecord`]), `Vec<Op>` when they are ([`FullRecord`]).
+///
+/// Only `seq` is required; a field the writer left out is `None`.
+#[derive(Debug, Deserialize)]
+#[serde(bound(deserialize = "O: Deserialize<'de>"))]
+pub struct Record<'a, O> {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// RFC 3339 time of arrival.
+    #[serde(borrow, default)]
+    pub time: Option<Text<'a>>,
+    /// The client's certificate identity.
+    #[serde(borrow, default)]
+    pub identity: Option<RecordIdentity<'a>>,
+    /// `Service/Method`.
+    #[serde(borrow, default)]
+    pub rpc: Option<Text<'a>>,
+    /// The operations.
+    #[serde(default)]
+    pub ops: Option<O>,
+    /// `allow`, `deny` or `would_deny`.
+    #[serde(borrow, default)]
+    pub decision: Option<Text<'a>>,
+    /// Why.
+    #[serde(borrow, default)]
+    pub reason: Option<Text<'a>>,
+    /// The gRPC code of the answer.
+    #[serde(borrow, default)]
+    pub code: Option<Text<'a>>,
+}
+
+/// A record whose `ops` were skipped.
+pub type LightRecord<'a> = Record<'a, IgnoredAny>;
+
+/// A record with its `ops`.
+pub type FullRecord<'a> = Record<'a, Vec<Op<'a>>>;
+
+/// The identity fields `audit review` uses.
+#[derive(Debug, Default, Deserialize)]
+pub struct RecordIdentity<'a> {
+    /// The subject CN.
+    #[serde(borrow, default)]
+    pub common_name: Option<Text<'a>>,
+    /// DNS subject alternative names.
+    #[serde(borrow, default)]
+    pub dns_sans: Vec<Text<'a>>,
+    /// URI subject alternative names.
+    #[serde(borrow, default)]
+    pub uri_sans: Vec<Text<'a>>,
+}
+
+/// One operation, or one `compare` of a `txn` (which has no `op`). Only the fields that name keys are read.
+#[derive(Debug, Default, Deserialize)]
+pub struct Op<'a> {
+    /// The operation, e.g. `range`, `put`, `txn`.
+    #[serde(borrow, default)]
+    pub op: Option<Text<'a>>,
+    /// Exactly one key (escaped text).
+    #[serde(borrow, default)]
+    pub key: Option<Text<'a>>,
+    /// The first key of an interval.
+    #[serde(borrow, default)]
+    pub from: Option<Text<'a>>,
+    /// The end of an interval (exclusive); absent: to the end of the keyspace.
+    #[serde(borrow, default)]
+    pub to: Option<Text<'a>>,
+    /// A lock or election name: the keys under `name/`.
+    #[serde(borrow, default)]
+    pub name: Option<Text<'a>>,
+    /// A txn's comparisons.
+    #[serde(borrow, default)]
+    pub compare: Vec<Op<'a>>,
+    /// A txn's ops when the comparisons hold.
+    #[serde(borrow, default)]
+    pub success: Vec<Op<'a>>,
+    /// A txn's ops otherwise.
+    #[serde(borrow, default)]
+    pub failure: Vec<Op<'a>>,
+}
+
+/// The keys one operation names, as written in the record (escaped text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'r> {
+    /// `"key": K`.
+    Key(&'r str),
+    /// `"from": K` with an optional `"to": E`.
+    Interval {
+        /// The first key.
+        from: &'r str,
+        /// The end (exclusive), `None` for the end of the keyspace.
+        to: Option<&'r str>,
+    },
+    /// `"name": N`: the keys under `N/`.
+    Name(&'r str),
+}
+
+/// The files named by `paths` (the current folder when empty), in chain order.
+///
+/// A file is taken as given; a folder contributes every regular file whose name contains `.log`. A file named
+/// twice is read once.
+///
+/// # Errors
+///
+/// Every path that cannot be looked at, folder that cannot be listed or holds no audit file, and file that cannot
+/// be opened or read: all of them, not just the first.
+pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> {
+    let default = [PathBuf::from(".")];
+    let paths = if paths.is_empty() { &default[..] } else { paths };
+    let mut errors = Vec::new();
+    let mut candidates = Vec::new();
+    for path in paths {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => match folder_files(path) {
+                Ok(found) if found.is_empty() => {
+                    errors.push(ReadError::NoAuditFiles { path: path.display().to_string() })
+                }
+                Ok(found) => candidates.extend(found),
+                Err(source) => errors.push(ReadError::Folder { path: path.display().to_string(), source }),
+            },
+            Ok(_) => candidates.push(path.clone()),
+            Err(source) => errors.push(ReadError::Path { path: path.display().to_string(), source }),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut files = Vec::new();
+    for path in candidates {
+        let canonical = match std::fs::canonicalize(&path) {
+            Ok(c) => c,
+            Err(source) => {
+                errors.push(ReadError::Unreadable { path: path.display().to_string(), source });
+                continue;
+            }
+        };
+        if !seen.insert(canonical) {
+            continue;
+        }
+        match first_seq(&path) {
+            Ok(first_seq) => files.push(AuditFile { path, first_seq }),
+            Err(source) => errors.push(ReadError::Unreadable { path: path.display().to_string(), source }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    files.sort_by(|a, b| a.first_seq.cmp(&b.first_seq).then_with(|| a.path.cmp(&b.path)));
+    Ok(files)
+}
+
+/// The regular files (symbolic links followed) in `dir` whose name contains `.log`, sorted by name.
+fn folder_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_name().to_string_lossy().contains(".log") {
+            continue;
+        }
+        let path = entry.path();
+        // Follow symbolic links; a dangling one is reported when it is read.
+        let is_file = std::fs::metadata(&path).map(|m| m.is_file()).unwrap_or(true);
+        if is_file {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Where the file at `path` starts in the chain.
+fn first_seq(path: &Path) -> io::Result<FirstSeq> {
+    let mut reader = LineReader::open(path)?;
+    let mut index = 0;
+    while index < SEQ_PROBE_LINES {
+        let Some((_, line)) = reader.next_line()? else { break };
+        let bytes = match line {
+            Line::Complete(b) | Line::Partial(b) => b,
+            Line::TooLong { .. } => &[][..],
+        };
+        if let Some(seq) = seq_of(bytes) {
+            // A damaged first line still starts the file: count back from the first readable one.
+            return Ok(FirstSeq::Seq(seq.saturating_sub(index)));
+        }
+        index += 1;
+    }
+    Ok(if reader.line_number() == 0 { FirstSeq::Empty } else { FirstSeq::Unknown })
+}
+
+/// The `seq` of a line: from the parsed record, or else from a line that at least starts with `{"seq":<digits>`
+/// (the writer puts `seq` first), so that a damaged line can still be placed.
+pub fn seq_of(line: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct SeqOnly {
+        seq: u64,
+    }
+    if let Ok(s) = serde_json::from_slice::<SeqOnly>(line) {
+        return Some(s.seq);
+    }
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(rest.get(..digits)?).ok()?.parse().ok()
+}
+
+// === impl LineReader ===
+
+impl LineReader {
+    /// Open `path`.
+    pub fn open(path: &Path) -> io::Result<LineReader> {
+        let file = File::open(path)?;
+        Ok(LineReader { reader: BufReader::with_capacity(READ_BUFFER_BYTES, file), buf: Vec::new(), number: 0 })
+    }
+
+    /// The next line and its 1-based number, or `None` at the end of the file.
+    pub fn next_line(&mut self) -> io::Result<Option<(u64, Line<'_>)>> {
+        let line = read_line(&mut self.reader, &mut self.buf)?;
+        if line.is_some() {
+            self.number += 1;
+        }
+        Ok(line.map(|line| (self.number, line)))
+    }
+
+    /// The 1-based number of the line last returned (0 before the first).
+    pub fn line_number(&self) -> u64 {
+        self.number
+    }
+}
+
+/// Read one line from `reader` into `buf` (cleared first).
+fn read_line<'b>(reader: &mut BufReader<File>, buf: &'b mut Vec<u8>) -> io::Result<Option<Line<'b>>> {
+    buf.clear();
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    let n = reader.by_ref().take(limit).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Some(Line::Complete(buf)));
+    }
+    if (buf.len() as u64) < limit {
+        return Ok(Some(Line::Partial(buf)));
+    }
+    // Too long: skip to the end of the line without keeping it.
+    let mut bytes = buf.len() as u64;
+    buf.clear();
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(at) => {
+                bytes += at as u64;
+                reader.consume(at + 1);
+                break;
+            }
+            None => {
+                let len = chunk.len();
+                bytes += len as u64;
+                reader.consume(len);
+            }
+        }
+    }
+    Ok(Some(Line::TooLong { bytes }))
+}
+
+// === impl Text ===
+
+impl Text<'_> {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text<'a>, D::Error> {
+        deserializer.deserialize_str(TextVisitor(PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+    type Value = Text<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+        Ok(Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+        Ok(Text(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'a>, E> {
+        Ok(Text(Cow::Owned(v)))
+    }
+}
+
+// === impl Record ===
+
+impl<O> Record<'_, O> {
+    /// Who sent it, in one word: the CN, else the first URI SAN, else the first DNS SAN, else `-`.
+    pub fn identity_label(&self) -> &str {
+        self.identity.as_ref().map_or("-", RecordIdentity::label)
+    }
+
+    /// The field as text, `""` when absent.
+    pub fn rpc(&self) -> &str {
+        self.rpc.as_ref().map_or("", Text::as_str)
+    }
+
+    /// The field as text, `""` when absent.
+    pub fn decision(&self) -> &str {
+        self.decision.as_ref().map_or("", Text::as_str)
+    }
+
+    /// Whether the record is a denial (`deny` or `would_deny`).
+    pub fn is_denial(&self) -> bool {
+        matches!(self.decision(), "deny" | "would_deny")
+    }
+}
+
+impl FullRecord<'_> {
+    /// The keys of all operations, depth first (a txn's compares, then success, then failure ops).
+    pub fn targets(&self) -> Vec<Target<'_>> {
+        let mut out = Vec::new();
+        for op in self.ops.iter().flatten() {
+            op.collect_targets(&mut out);
+        }
+        out
+    }
+}
+
+// === impl RecordIdentity ===
+
+impl RecordIdentity<'_> {
+    /// The CN, else the first URI SAN, else the first DNS SAN, else `-`.
+    pub fn label(&self) -> &str {
+        self.common_name
+            .as_ref()
+            .filter(|cn| !cn.is_empty())
+            .or_else(|| self.uri_sans.first())
+            .or_else(|| self.dns_sans.first())
+            .map_or("-", Text::as_str)
+    }
+
+    /// Whether the CN or any DNS or URI SAN satisfies `matches`.
+    pub fn any_name(&self, mut matches: impl FnMut(&str) -> bool) -> bool {
+        self.common_name.iter().chain(&self.dns_sans).chain(&self.uri_sans).any(|name| matches(name))
+    }
+}
+
+// === impl Op ===
+
+impl<'a> Op<'a> {
+    /// Push the keys this op (and any nested op) names onto `out`.
+    pub fn collect_targets<'r>(&'r self, out: &mut Vec<Target<'r>>) {
+        if let Some(key) = &self.key {
+            out.push(Target::Key(key));
+        }
+        if let Some(from) = &self.from {
+            out.push(Target::Interval { from, to: self.to.as_deref() });
+        }
+        if let Some(name) = &self.name {
+            out.push(Target::Name(name));
+        }
+        for op in self.compare.iter().chain(&self.success).chain(&self.failure) {
+            op.collect_targets(out);
+        }
+    }
+}
+
+// === impl Target ===
+
+impl Target<'_> {
+    /// The keys it names. Escaped text that does not unescape stands for its own bytes; an empty or inverted
+    /// interval stands for its first key.
+    pub fn range(&self) -> KeyRange {
+        match *self {
+            Target::Key(key) => KeyRange::point(key_bytes(key)),
+            Target::Interval { from, to } => {
+                let start = key_bytes(from);
+                let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
+                KeyRange::new(start.clone(), end).unwrap_or_else(|_| KeyRange::point(start))
+            }
+            Target::Name(name) => {
+                let mut prefix = key_bytes(name);
+                prefix.push(b'/');
+                KeyRange::prefix(prefix)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Target<'_> {
+    /// Compact, in the record's escaped text: `key`; `P*` for the interval of every key starting with `P`;
+    /// `[from, to)` for another interval, `[from, +inf)` when it has no end; a lock or election `name`. The empty
+    /// key is `""`, the whole keyspace `*`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn shown(key: &str) -> &str {
+            if key.is_empty() { "\"\"" } else { key }
+        }
+        match *self {
+            Target::Key(key) | Target::Name(key) => f.write_str(shown(key)),
+            Target::Interval { from, to } => {
+                let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
+                if prefix_end(&key_bytes(from)) == end {
+                    return write!(f, "{from}*");
+                }
+                match to {
+                    Some(to) => write!(f, "[{}, {})", shown(from), shown(to)),
+                    None => write!(f, "[{}, +inf)", shown(from)),
+                }
+            }
+        }
+    }
+}
+
+/// The bytes of an escaped key from a record.
+fn key_bytes(text: &str) -> Vec<u8> {
+    unescape_key(text).unwrap_or_else(|_| text.as_bytes().to_vec())
+}
+
+/// Builders of correctly chained audit lines for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    use crate::audit::chain::{GENESIS, Hasher};
+
+    /// What varies between test records.
+    #[derive(Debug, Clone)]
+    pub struct Spec {
+        pub common_name: &'static str,
+        pub uri_san: Option<&'static str>,
+        pub rpc: &'static str,
+        pub decision: &'static str,
+        pub code: &'static str,
+        /// The `ops` array as JSON.
+        pub ops: String,
+        pub reason: &'static str,
+    }
+
+    impl Spec {
+        /// `cn` reads `key` and is allowed.
+        pub fn get(cn: &'static str, key: &str) -> Spec {
+            Spec {
+                common_name: cn,
+                uri_san: None,
+                rpc: "KV/Range",
+                decision: "allow",
+                code: "OK",
+                ops: format!(r#"[{{"op":"range","key":{}}}]"#, json(key)),
+                reason: "read granted",
+            }
+        }
+
+        /// `cn` writes `key` and is denied.
+        pub fn denied_put(cn: &'static str, key: &str) -> Spec {
+            Spec {
+                common_name: cn,
+                uri_san: None,
+                rpc: "KV/Put",
+                decision: "deny",
+                code: "PermissionDenied",
+                ops: format!(r#"[{{"op":"put","key":{},"lease":0}}]"#, json(key)),
+                reason: "no write grant",
+            }
+        }
+    }
+
+    fn json(s: &str) -> String {
+        serde_json::to_string(s).unwrap_or_default()
+    }
+
+    /// The time of record `seq`: 2026-01-01 plus `seq` minutes.
+    pub fn time_of(seq: u64) -> String {
+        let minutes = seq % (24 * 60);
+        format!("2026-01-{:02}T{:02}:{:02}:00.000000Z", 1 + seq / (24 * 60), minutes / 60, minutes % 60)
+    }
+
+    /// One sealed line (with its newline) for record `seq` after `prev`, and its hash.
+    pub fn line(hasher: &Hasher, seq: u64, prev: &str, spec: &Spec) -> (Vec<u8>, String) {
+        let uri = spec.uri_san.map(json).unwrap_or_default();
+        let body = format!(
+            concat!(
+                r#"{{"seq":{seq},"time":"{time}","conn":1,"peer":"10.0.0.5:53122","identity":{{"common_name":{cn},"#,
+                r#""organizations":[],"organizational_units":[],"dns_sans":[],"uri_sans":[{uri}],"#,
+                r#""fingerprint_sha256":"3f00"}},"roles":["r"],"rpc":"{rpc}","event":"call","ops":{ops},"#,
+                r#""decision":"{decision}","reason":{reason},"code":"{code}","latency_us":10,"prev_hash":"{prev}""#
+            ),
+            seq = seq,
+            time = time_of(seq),
+            cn = json(spec.common_name),
+            uri = uri,
+            rpc = spec.rpc,
+            ops = spec.ops,
+            decision = spec.decision,
+            reason = json(spec.reason),
+            code = spec.code,
+            prev = prev,
+        );
+        let mut line = body.into_bytes();
+        let hash = hasher.seal(&mut line, 0);
+        (line, hash)
+    }
+
+    /// Lines for records `first..first + specs.len()`, chained from `prev`.
+    pub fn chain(hasher: &Hasher, first: u64, prev: &str, specs: &[Spec]) -> Vec<Vec<u8>> {
+        let mut prev = prev.to_owned();
+        let mut out = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let (line, hash) = line(hasher, first + i as u64, &prev, spec);
+            out.push(line);
+            prev = hash;
+        }
+        out
+    }
+
+    /// `n` allowed reads of `k1`, `k2`, … by `alice`, from seq 1.
+    pub fn simple_chain(hasher: &Hasher, n: usize) -> Vec<Vec<u8>> {
+        let specs: Vec<Spec> = (1..=n).map(|i| Spec::get("alice", &format!("k{i}"))).collect();
+        chain(hasher, 1, GENESIS, &specs)
+    }
+
+    /// Write `lines` to `path`.
+    pub fn write(path: &Path, lines: &[Vec<u8>]) -> std::io::Result<()> {
+        std::fs::write(path, lines.concat())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::audit::chain::Hasher;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn folders_are_ordered_by_first_seq_and_empty_files_last() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let lines = simple_chain(&Hasher::unkeyed(), 6);
+        // Names sort the other way round from the chain.
+        write(&dir.path().join("a.log"), &lines[4..])?;
+        write(&dir.path().join("b.log.00000000000000000003"), &lines[2..4])?;
+        write(&dir.path().join("c.log.00000000000000000001"), &lines[..2])?;
+        write(&dir.path().join("0.log.empty"), &[])?;
+        write(&dir.path().join("notes.txt"), &lines)?;
+        std::fs::create_dir(dir.path().join("sub.log"))?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let names: Vec<_> = files.iter().filter_map(|f| f.path.file_name()?.to_str().map(str::to_owned)).collect();
+        assert_eq!(names, ["c.log.00000000000000000001", "b.log.00000000000000000003", "a.log", "0.log.empty"]);
+        assert_eq!(files[1].first_seq, FirstSeq::Seq(3));
+        assert_eq!(files[3].first_seq, FirstSeq::Empty);
+        Ok(())
+    }
+
+    #[test]
+    fn a_damaged_first_line_is_placed_by_the_next_one() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let mut lines = simple_chain(&Hasher::unkeyed(), 4);
+        lines[2] = b"garbage\n".to_vec();
+        let path = dir.path().join("x.log");
+        write(&path, &lines[2..])?;
+        assert_eq!(first_seq(&path)?, FirstSeq::Seq(3));
+        write(&path, &[b"?\n".to_vec()])?;
+        assert_eq!(first_seq(&path)?, FirstSeq::Unknown);
+        Ok(())
+    }
+
+    #[test]
+    fn missing_paths_and_empty_folders_are_all_reported() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let errors = audit_files(&[dir.path().join("nope.log"), dir.path().to_path_buf()]).err().unwrap_or_default();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(matches!(errors[0], ReadError::Path { .. }));
+        assert!(matches!(errors[1], ReadError::NoAuditFiles { .. }));
+        Ok(())
+    }
+
+    #[test]
+    fn the_same_file_twice_is_read_once() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("audit.log");
+        write(&path, &simple_chain(&Hasher::unkeyed(), 2))?;
+        let files = audit_files(&[path.clone(), dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert_eq!(files.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn lines_complete_partial_and_too_long() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("x.log");
+        let mut data = b"one\n\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        data.extend(b"\ntwo\nthr");
+        std::fs::write(&path, data)?;
+        let mut r = LineReader::open(&path)?;
+        assert_eq!(r.next_line()?, Some((1, Line::Complete(b"one"))));
+        assert_eq!(r.next_line()?, Some((2, Line::Complete(b""))));
+        assert_eq!(r.next_line()?, Some((3, Line::TooLong { bytes: MAX_LINE_BYTES as u64 + 10 })));
+        assert_eq!(r.next_line()?, Some((4, Line::Complete(b"two"))));
+        assert_eq!(r.next_line()?, Some((5, Line::Partial(b"thr"))));
+        assert_eq!(r.line_number(), 5);
+        assert_eq!(r.next_line()?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn records_borrow_and_unescape() -> TestResult {
+        let line = br#"{"seq":7,"identity":{"common_name":"","dns_sans":["d"],"uri_sans":["spiffe://x"]},"rpc":"KV/Txn","ops":[{"op":"txn","compare":[{"target":"version","result":"equal","key":"a\\x00"}],"success":[{"op":"put","key":"b"}],"failure":[{"op":"range","from":"c/","to":"c0"},{"op":"lock","name":"l"}]}],"decision":"deny","prev_hash":"x","hash":"y"}"#;
+        let r: FullRecord<'_> = serde_json::from_slice(line)?;
+        assert_eq!(r.seq, 7);
+        assert_eq!(r.identity_label(), "spiffe://x");
+        assert!(matches!(r.rpc.as_ref().map(|t| &t.0), Some(Cow::Borrowed("KV/Txn"))));
+        let targets = r.targets();
+        let shown: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["a\\x00", "b", "c/*", "l"]);
+        assert_eq!(targets[0].range(), KeyRange::point(b"a\x00".to_vec()));
+        assert_eq!(targets[3].range(), KeyRange::prefix("l/"));
+        assert!(r.is_denial());
+        let light: LightRecord<'_> = serde_json::from_slice(line)?;
+        assert!(light.ops.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn targets_display_compactly() {
+        let interval = |from, to| Target::Interval { from, to }.to_string();
+        assert_eq!(interval("a/", Some("a0")), "a/*");
+        assert_eq!(interval("a\\xff", Some("b")), "a\\xff*");
+        assert_eq!(interval("a", Some("c")), "[a, c)");
+        assert_eq!(interval("a", None), "[a, +inf)");
+        assert_eq!(interval("", None), "*");
+        assert_eq!(interval("", Some("b")), "[\"\", b)");
+        assert_eq!(Target::Key("").to_string(), "\"\"");
+    }
+
+    #[test]
+    fn seq_of_damaged_lines() {
+        assert_eq!(seq_of(br#"{"seq":12,"time":"#), Some(12));
+        assert_eq!(seq_of(br#"{"time":"t","seq":13}"#), Some(13));
+        assert_eq!(seq_of(b"{\"seq\":x"), None);
+    }
+}
