@@ -5,7 +5,10 @@
 #   docker build -t etcd-guard:dev .
 #   docker run --rm etcd-guard:dev --help
 #   docker run --rm -v $PWD/pki:/certs:ro -v $PWD/etcd-guard.yaml:/etc/etcd-guard/etcd-guard.yaml:ro \
-#       -p 23790:23790 etcd-guard:dev
+#       -v etcd-guard-audit:/var/log/etcd-guard -p 127.0.0.1:23790:23790 -p 127.0.0.1:23791:23791 etcd-guard:dev
+#
+# The configuration should set `audit.file: /var/log/etcd-guard/audit.log` (the default, audit.log beside the
+# configuration, is in a read-only place here) and, to publish the health listener, `metrics_listen: "0.0.0.0:23791"`.
 #
 # docker-compose.yml builds this file; docs/deployment.md describes the deployments.
 
@@ -27,16 +30,20 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/usr/local/bin/etcd-guard /usr/local/bin/etcd-guard
 COPY --chown=0:0 policies/ /etc/etcd-guard/policies/
 # Mount points owned by the runtime user, so fresh named volumes mounted there are writable by it
-# (`certs init --dir /certs` in docker-compose.yml, an audit log directory).
+# (`certs init --dir /certs` in docker-compose.yml; `audit.file: /var/log/etcd-guard/audit.log`).
 COPY --from=build --chown=65532:65532 /out/certs /certs
 COPY --from=build --chown=65532:65532 /out/var/log/etcd-guard /var/log/etcd-guard
 # distroless's `nonroot` user (65532:65532); never root.
 USER 65532:65532
 # 23790: the etcd v3 gRPC listener for clients (mutual TLS).
-# 9090: the plain-HTTP health and metrics listener (`metrics_listen`: /healthz, /readyz, /metrics) — it comes
-# with the metrics work of issue #4; until then nothing listens there.
-EXPOSE 23790 9090
-# No HEALTHCHECK: the image has no shell or HTTP client. Orchestrators probe http://<host>:9090/healthz and
-# /readyz once the metrics listener exists (see deploy/kubernetes/etcd-guard.yaml).
+# 23791: the plain-HTTP listener (`metrics_listen`): /healthz (alive), /readyz (an etcd endpoint is healthy and the
+# audit log is writable), /metrics (Prometheus, etcd_guard_*). It has no authentication and listens on
+# 127.0.0.1:23791 by default, which nothing outside the container reaches: to publish it, set
+# `metrics_listen: "0.0.0.0:23791"` in the configuration (deploy/compose/etcd-guard.yaml does) and publish the port
+# on a trusted address only.
+EXPOSE 23790 23791
+# No HEALTHCHECK: the image has no shell or HTTP client. Orchestrators probe /healthz and /readyz on 23791
+# (docker-compose.yml publishes it on the host's 127.0.0.1; deploy/kubernetes/etcd-guard.yaml probes it).
+# Reload policy and certificates with SIGHUP (`docker kill -s HUP <container>`); SIGTERM stops gracefully.
 ENTRYPOINT ["/usr/local/bin/etcd-guard"]
 CMD ["serve", "--config", "/etc/etcd-guard/etcd-guard.yaml"]

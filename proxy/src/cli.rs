@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use etcd_guard_proto::etcdserverpb as pb;
 
 use crate::authz::{self, Need, Needs};
-use crate::certs::{self, ClientSpec};
+use crate::certs::{self, InitOptions};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::policy::{Capability, CapabilitySet, Policy, unescape_key};
@@ -143,16 +143,32 @@ enum Rpc {
 
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
-    /// Write a development CA, a proxy server certificate (localhost, 127.0.0.1), an etcd server certificate,
-    /// the proxy's upstream client certificate and one client certificate per `--client`.
-    Init {
-        /// Where to write the files.
-        #[arg(long)]
-        dir: PathBuf,
-        /// A client certificate to issue: NAME (the CN) or NAME:ORG. Repeatable.
-        #[arg(long)]
-        client: Vec<String>,
-    },
+    /// Write a development CA, a proxy server certificate and an etcd server certificate (localhost, 127.0.0.1,
+    /// ::1 and every --san), the proxy's upstream client certificate and one client certificate per --client.
+    /// Keys are written with mode 0600, certificates 0644.
+    Init(CertsInitArgs),
+}
+
+/// Arguments of `etcd-guard certs init`.
+#[derive(Debug, Args)]
+struct CertsInitArgs {
+    /// Where to write the files.
+    #[arg(long)]
+    dir: PathBuf,
+    /// A client certificate to issue: NAME (the CN and the file name) or NAME:ORG. Repeatable.
+    #[arg(long, value_name = "NAME[:ORG]")]
+    client: Vec<String>,
+    /// A URI SAN (e.g. a SPIFFE ID) for the client certificate of --client NAME. Repeatable.
+    #[arg(long, value_name = "NAME=URI")]
+    client_uri: Vec<String>,
+    /// An extra DNS name or IP address for the proxy's and etcd's server certificates (e.g. a compose service
+    /// name). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    san: Vec<String>,
+    /// Reuse ca.crt and ca.key if both exist and keep every certificate and key already there ("kept <file>");
+    /// issue only what is missing. A pair with a file missing, or from another CA, is an error.
+    #[arg(long)]
+    keep_existing: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,7 +194,7 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Certs(CertsCommand::Init { dir, client }) => certs_init(dir, client),
+        Command::Certs(CertsCommand::Init(args)) => certs_init(args),
         Command::Config(ConfigCommand::Check { config }) => config_check(config),
         Command::Audit(AuditCommand::Review(args)) => crate::audit::review::run(args),
         Command::Audit(AuditCommand::Verify(args)) => crate::audit::verify::run(args),
@@ -380,15 +396,18 @@ fn check_needs(args: &CheckArgs) -> Result<Needs, String> {
     }
 }
 
-fn certs_init(dir: PathBuf, clients: Vec<String>) -> ExitCode {
-    let specs = match clients.iter().map(|c| c.parse::<ClientSpec>()).collect::<Result<Vec<_>, _>>() {
-        Ok(s) => s,
+fn certs_init(args: CertsInitArgs) -> ExitCode {
+    let options = match InitOptions::from_args(&args.client, &args.client_uri, &args.san, args.keep_existing) {
+        Ok(o) => o,
         Err(e) => return fail(e),
     };
-    match certs::init_dir(&dir, &specs) {
+    match certs::init_dir(&args.dir, &options) {
         Ok(report) => {
-            for f in report.files {
-                println!("wrote {}", f.display());
+            for f in &report.files {
+                println!("{f}");
+            }
+            for note in &report.notes {
+                eprintln!("etcd-guard: note: {note}");
             }
             ExitCode::SUCCESS
         }
