@@ -66,7 +66,11 @@ upstream:
   key_file: upstream-client.key
 policy_file: policy.yaml
 advertise_client_urls: ["https://127.0.0.1:$proxy_port"]
+metrics_listen: "127.0.0.1:${METRICS_PORT:-23791}"
+audit:
+  file: audit/audit.log
 CONFIG
+rm -rf "$dir/audit"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -111,6 +115,15 @@ show prometheus endpoint status
 show prometheus get /registry/secrets/default/db-password
 echo; echo "# member list shows the proxy, never etcd's own address"
 show admin member list
+echo; echo "# the audit log: every request above, who made it, what was decided and why (values are never recorded)"
+sleep 0.3
+"$bin" audit review "$dir/audit" --output table | tail -n 12 || true
+printf '\n$ etcd-guard audit review --summary\n'
+"$bin" audit review "$dir/audit" --summary --output table || true
+printf '\n$ etcd-guard audit verify\n'
+"$bin" audit verify "$dir/audit" || true
+if grep -rq hunter2 "$dir/audit"; then echo "BUG: a value reached the audit log"; exit 1; fi
+echo "(the secret value 'hunter2' appears nowhere in the audit log)"
 echo
 if $keep; then
     echo "etcd-guard is running on https://127.0.0.1:$proxy_port (certificates in $dir). Ctrl-C stops it."

@@ -4,9 +4,13 @@
 
 #![forbid(unsafe_code)]
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use etcd_guard::certs::{DevCa, LeafKind};
@@ -422,6 +426,52 @@ metrics_listen: "127.0.0.1:0"
     pub fn nobody(&self) -> TestResult<ClientCert> {
         self.pki.client("nobody", "nobody", None, &[])
     }
+}
+
+/// A bare HTTP/2 connection to the proxy. Unlike tonic's `Channel` it does not enforce `grpc-timeout` itself, so
+/// whatever answer comes back was decided on the far side.
+#[derive(Clone)]
+pub struct BareH2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+pub type H2Future = Pin<Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>>;
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for BareH2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = H2Future;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> H2Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+pub async fn bare_h2(h: &Harness, who: &ClientCert, ping_every: Option<Duration>) -> TestResult<BareH2> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(h.pki.ca_file())? {
+        roots.add(c?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(&who.cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&who.key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await?;
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost")?, tcp).await?;
+    let mut builder = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    if let Some(every) = ping_every {
+        builder.keep_alive_interval(every).keep_alive_timeout(Duration::from_secs(5)).keep_alive_while_idle(true);
+    }
+    let (send, conn) = builder.handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    Ok(BareH2(send))
 }
 
 /// A plain HTTP/1.1 GET (for the metrics listener): `(status, body)`.

@@ -1,58 +1,11 @@
 //! The upstream leg: client deadlines reach etcd, and an unreachable etcd is `Unavailable`.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use etcd_guard_proto::v3lockpb::LockRequest;
 use etcd_guard_proto::v3lockpb::lock_client::LockClient;
-use etcd_guard_tests::{ClientCert, Harness, TestResult};
+use etcd_guard_tests::{Harness, TestResult, bare_h2};
 use tonic::Code;
-
-/// A bare HTTP/2 connection to the proxy. Unlike tonic's `Channel` it does not enforce `grpc-timeout` itself, so
-/// whatever answer comes back was decided on the far side.
-#[derive(Clone)]
-struct BareH2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
-
-type H2Future = Pin<Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>>;
-
-impl tonic::codegen::Service<http::Request<tonic::body::Body>> for BareH2 {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = H2Future;
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
-        self.0.poll_ready(cx)
-    }
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> H2Future {
-        Box::pin(self.0.send_request(req))
-    }
-}
-
-async fn bare_h2(h: &Harness, who: &ClientCert) -> TestResult<BareH2> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(h.pki.ca_file())? {
-        roots.add(c?)?;
-    }
-    let chain = CertificateDer::pem_file_iter(&who.cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(&who.key)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await?;
-    let tls =
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("localhost")?, tcp).await?;
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
-            .await?;
-    tokio::spawn(conn);
-    Ok(BareH2(send))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_deadline_reaches_etcd() -> TestResult {
@@ -65,7 +18,7 @@ async fn client_deadline_reaches_etcd() -> TestResult {
     c.lock("held", Some(etcd_client::LockOptions::new().with_lease(lease))).await?;
 
     let other_lease = c.lease_grant(30, None).await?.id();
-    let mut lock = LockClient::with_origin(bare_h2(&h, &admin).await?, "https://localhost".parse()?);
+    let mut lock = LockClient::with_origin(bare_h2(&h, &admin, None).await?, "https://localhost".parse()?);
     let mut req = tonic::Request::new(LockRequest { name: b"held".to_vec(), lease: other_lease });
     req.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
@@ -92,5 +45,21 @@ async fn unreachable_etcd_is_unavailable() -> TestResult {
         Some(etcd_client::Error::GRpcStatus(s)) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
         other => return Err(format!("expected Unavailable, got {other:?}").into()),
     }
+    Ok(())
+}
+
+/// clientv3 and kube-apiserver ping idle connections (every 30 s, or as configured, e.g. 5 s): the listener must
+/// answer pings, not close the connection. Here a client pings every 300 ms for 3 s, then uses the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn frequent_client_pings_keep_the_connection() -> TestResult {
+    use etcd_guard_proto::etcdserverpb::RangeRequest;
+    use etcd_guard_proto::etcdserverpb::kv_client::KvClient;
+    let h = Harness::start().await?;
+    let conn = bare_h2(&h, &h.admin()?, Some(Duration::from_millis(300))).await?;
+    let mut kv = KvClient::with_origin(conn, "https://localhost".parse()?);
+    kv.range(RangeRequest { key: b"a".to_vec(), ..Default::default() }).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Same HTTP/2 connection (BareH2 never reconnects): it is still open.
+    kv.range(RangeRequest { key: b"a".to_vec(), ..Default::default() }).await?;
     Ok(())
 }
