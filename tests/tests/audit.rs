@@ -184,6 +184,24 @@ async fn every_request_of_a_mixed_session_is_recorded_once_without_values() -> T
     assert_eq!(denied_watch.len(), 1);
     assert_eq!(denied_watch[0]["decision"], "deny");
     assert_eq!(denied_watch[0]["ops"][0]["from"], "app/");
+
+    // `audit review` finds the same: the cilium identity's denials, by its SPIFFE ID.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+        .args(["audit", "review", "--identity", "spiffe://*/sa/cilium", "--decision", "deny", "--output", "json"])
+        .arg(&dir)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let rpcs: Vec<&str> = found.iter().filter_map(|r| r["rpc"].as_str()).collect();
+    assert_eq!(rpcs, ["KV/Range", "Watch/Watch"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+        .args(["audit", "review", "--key-prefix", "app/secret", "--output", "json"])
+        .arg(&dir)
+        .output()?;
+    let about_secret = String::from_utf8_lossy(&out.stdout).lines().count();
+    // The put, the txn (compare on it), the denied read; the prefix range and watches on app/ cover it too.
+    assert!(about_secret >= 3, "{about_secret}");
     Ok(())
 }
 
@@ -205,6 +223,41 @@ async fn the_chain_continues_across_rotated_files() -> TestResult {
     let records = read_chain(&h.audit_dir())?;
     let puts = records.iter().filter(|r| r["rpc"] == "KV/Put").count();
     assert_eq!(puts, 60);
+
+    // `audit verify` agrees, then points at the record that was tampered with.
+    let dir = h.audit_dir();
+    let verify = |d: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test")).arg("audit").arg("verify").arg(d).output()
+    };
+    let out = verify(&dir)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{} records", records.len())));
+    // The second rotated file, third line: changed, deleted, or preceded by an inserted line.
+    let victim = files.get(1).ok_or("no second file")?.clone();
+    let victim_name = victim.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let original = std::fs::read_to_string(&victim)?;
+    let lines: Vec<&str> = original.lines().collect();
+    let mut changed = lines.clone();
+    let flipped = lines[2].replacen("\"k/", "\"K/", 1);
+    changed[2] = &flipped;
+    let mut deleted = lines.clone();
+    deleted.remove(2);
+    let mut inserted = lines.clone();
+    inserted.insert(2, lines[1]);
+    for (what, content, expect) in [
+        ("one byte changed", changed, "altered"),
+        ("a line deleted", deleted, "removed"),
+        ("a line inserted", inserted, "inserted"),
+    ] {
+        std::fs::write(&victim, content.join("\n") + "\n")?;
+        let out = verify(&dir)?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{what}: {text}");
+        assert!(text.contains(expect), "{what}: {text}");
+        assert!(text.contains(&format!("{victim_name}:3")), "{what} points at the right line: {text}");
+    }
+    std::fs::write(&victim, original)?;
+    assert!(verify(&dir)?.status.success());
     Ok(())
 }
 
