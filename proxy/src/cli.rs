@@ -59,6 +59,15 @@ struct ServeArgs {
     /// Use this policy file instead of the file's `policy_file`.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// etcd endpoints instead of the file's `upstream.endpoints` (repeatable; https:// only).
+    #[arg(long = "upstream", value_name = "URL")]
+    upstream: Vec<String>,
+    /// The health and metrics listener instead of the file's `metrics_listen` ("off" disables it).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Write the audit log here instead of the file's `audit.file` ("-" = standard output).
+    #[arg(long, value_name = "FILE")]
+    audit_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +232,29 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(policy) = args.policy {
         config.policy_file = policy;
+    }
+    if !args.upstream.is_empty() {
+        if let Some(bad) = args.upstream.iter().find(|u| !u.starts_with("https://") || u.parse::<http::Uri>().is_err())
+        {
+            return fail(format!("--upstream {bad:?}: only https:// endpoints are supported"));
+        }
+        config.upstream.endpoints = args.upstream;
+    }
+    if let Some(m) = args.metrics_listen {
+        config.metrics_listen = match m.as_str() {
+            "off" | "" => None,
+            text => match text.parse() {
+                Ok(addr) => Some(addr),
+                Err(e) => return fail(format!("--metrics-listen {text:?}: {e}")),
+            },
+        };
+    }
+    if let Some(file) = args.audit_file {
+        config.audit.output = if file.as_os_str() == "-" {
+            crate::config::AuditOutput::Stdout
+        } else {
+            crate::config::AuditOutput::File(file)
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -415,6 +447,36 @@ fn certs_init(args: CertsInitArgs) -> ExitCode {
     }
 }
 
+/// Whether the audit log can be opened where the configuration says (without creating anything).
+fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
+    let crate::config::AuditOutput::File(path) = &audit.output else { return None };
+    if !audit.enabled {
+        return None;
+    }
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .err()
+            .map(|e| format!("{}: cannot be appended to: {e}", path.display()));
+    }
+    // The writer creates missing folders; the nearest existing one must be a folder we can write into.
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d.as_os_str().is_empty() || d.exists() {
+            let d = if d.as_os_str().is_empty() { std::path::Path::new(".") } else { d };
+            return match std::fs::metadata(d) {
+                Ok(m) if !m.is_dir() => Some(format!("{} is not a folder", d.display())),
+                Ok(m) if m.permissions().readonly() => Some(format!("{} is read-only", d.display())),
+                Ok(_) => None,
+                Err(e) => Some(format!("{}: {e}", d.display())),
+            };
+        }
+        dir = d.parent();
+    }
+    None
+}
+
 fn config_check(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -429,6 +491,9 @@ fn config_check(path: PathBuf) -> ExitCode {
     }
     if let Err(e) = Policy::load(&config.policy_file) {
         problems.push(format!("policy: {e}"));
+    }
+    if let Some(p) = audit_problem(&config.audit) {
+        problems.push(format!("audit: {p}"));
     }
     if problems.is_empty() {
         println!("{}: ok", path.display());

@@ -200,6 +200,24 @@ fn help_lists_the_commands() -> TestResult {
         assert!(text(&o).contains(c), "{c}: {}", text(&o));
     }
     let o = guard(&["serve", "--help"])?;
-    assert!(text(&o).contains("--listen") && text(&o).contains("--policy"), "{}", text(&o));
+    for flag in ["--listen", "--policy", "--upstream", "--metrics-listen", "--audit-file"] {
+        assert!(text(&o).contains(flag), "{flag}: {}", text(&o));
+    }
+    Ok(())
+}
+
+#[test]
+fn config_check_reports_an_audit_log_that_cannot_be_written() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    assert!(guard(&["certs", "init", "--dir", &d])?.status.success());
+    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    // A file where the audit folder should be.
+    std::fs::write(dir.path().join("not-a-folder"), "x")?;
+    let text_cfg = std::fs::read_to_string(&cfg)? + "audit: { file: not-a-folder/audit.log }\n";
+    std::fs::write(&cfg, text_cfg)?;
+    let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("audit") && text(&o).contains("not-a-folder"), "{}", text(&o));
     Ok(())
 }
