@@ -172,26 +172,12 @@ impl EtcdCluster {
     fn spawn(&self, pki: &Pki, i: usize, state: &str) -> TestResult<Child> {
         let initial: Vec<String> = self.peer_urls.iter().enumerate().map(|(j, u)| format!("m{j}={u}")).collect();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data[i].path().join("etcd.log"))?;
-        Ok(Command::new("etcd")
-            .args(["--name", &format!("m{i}")])
-            .arg("--data-dir")
-            .arg(self.data[i].path().join("data"))
-            .args(["--listen-client-urls", &self.client_urls[i], "--advertise-client-urls", &self.client_urls[i]])
-            .args(["--listen-peer-urls", &self.peer_urls[i], "--initial-advertise-peer-urls", &self.peer_urls[i]])
+        let mut cmd = etcd_command(pki, &format!("m{i}"), &self.data[i].path().join("data"), &self.client_urls[i]);
+        cmd.args(["--listen-peer-urls", &self.peer_urls[i], "--initial-advertise-peer-urls", &self.peer_urls[i]])
             .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", state])
             .args(["--initial-cluster-token", "etcd-guard-test"])
-            .arg("--cert-file")
-            .arg(pki.path("etcd-server.crt"))
-            .arg("--key-file")
-            .arg(pki.path("etcd-server.key"))
-            .arg("--trusted-ca-file")
-            .arg(pki.ca_file())
-            .arg("--client-cert-auth")
-            .args(["--logger", "zap", "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?)
+            .stderr(log);
+        Ok(cmd.spawn().map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?)
     }
 
     /// Stop member `i`.
@@ -212,6 +198,25 @@ impl EtcdCluster {
     }
 }
 
+/// An etcd member serving clients over mutual TLS with the test certificates (peer flags are added by the caller).
+fn etcd_command(pki: &Pki, name: &str, data_dir: &Path, client_url: &str) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", client_url, "--advertise-client-urls", client_url])
+        .arg("--cert-file")
+        .arg(pki.path("etcd-server.crt"))
+        .arg("--key-file")
+        .arg(pki.path("etcd-server.key"))
+        .arg("--trusted-ca-file")
+        .arg(pki.ca_file())
+        .arg("--client-cert-auth")
+        .args(["--logger", "zap", "--log-level", "error"])
+        .stdout(Stdio::null());
+    cmd
+}
+
 // === impl Etcd ===
 
 /// A free loopback port (the listener is dropped right away; good enough for tests on one machine).
@@ -228,22 +233,9 @@ impl Etcd {
         let client_url = format!("https://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(data.path().join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .args(["--name", "guard-test"])
-            .arg("--data-dir")
-            .arg(data.path().join("data"))
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        let child = etcd_command(pki, "guard-test", &data.path().join("data"), &client_url)
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("guard-test={peer_url}")])
-            .arg("--cert-file")
-            .arg(pki.path("etcd-server.crt"))
-            .arg("--key-file")
-            .arg(pki.path("etcd-server.key"))
-            .arg("--trusted-ca-file")
-            .arg(pki.ca_file())
-            .arg("--client-cert-auth")
-            .args(["--logger", "zap", "--log-level", "error"])
-            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?;

@@ -284,6 +284,16 @@ pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> 
     Ok(files)
 }
 
+/// [`audit_files`], printing every error for the command line: `Err` holds the exit code (2).
+pub fn audit_files_or_report(paths: &[std::path::PathBuf]) -> Result<Vec<AuditFile>, std::process::ExitCode> {
+    audit_files(paths).map_err(|errors| {
+        for e in errors {
+            eprintln!("etcd-guard: {e}");
+        }
+        std::process::ExitCode::from(2)
+    })
+}
+
 /// The regular files (symbolic links followed) in `dir` whose name contains `.log`, sorted by name.
 fn folder_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut found = Vec::new();

@@ -192,14 +192,9 @@ const TOP_DENIED: usize = 20;
 
 /// Run `audit review`: 0 when the files were read (whether or not anything matched), 2 on errors.
 pub fn run(args: ReviewArgs) -> ExitCode {
-    let files = match read::audit_files(&args.paths) {
+    let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("etcd-guard: {e}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let filter = Filter {
         identity: args.identity.as_deref().map(Pattern::new),

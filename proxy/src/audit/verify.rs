@@ -125,14 +125,9 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         },
         None => Hasher::unkeyed(),
     };
-    let files = match read::audit_files(&args.paths) {
+    let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("etcd-guard: {e}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let report = match verify(&files, &hasher) {
         Ok(report) => report,

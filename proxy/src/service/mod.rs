@@ -608,17 +608,8 @@ impl StreamEnd {
         verdict: &Verdict,
         at: Arrival,
     ) -> StreamEnd {
-        g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
-        StreamEnd {
-            audit: g.shared.audit.clone(),
-            metrics: g.shared.metrics.clone(),
-            rpc,
-            done: false,
-            record: g.record(rpc, Event::End, stream, msg, at),
-            reason: verdict.reason.clone(),
-            decision: verdict.decision,
-            at,
-        }
+        let record = g.record(rpc, Event::End, stream, msg, at);
+        StreamEnd::open(g, rpc, record, verdict.decision, verdict.reason.clone(), at)
     }
 
     /// For bidirectional streams: the end record carries no ops.
@@ -627,17 +618,21 @@ impl StreamEnd {
             r.ops = "[]".into();
             r
         });
+        StreamEnd::open(g, rpc, record, Decision::Allow, "stream ended".into(), at)
+    }
+
+    /// Count the stream as open; the end record is written once.
+    fn open(
+        g: &Guard,
+        rpc: &'static str,
+        record: Option<Record>,
+        decision: Decision,
+        reason: String,
+        at: Arrival,
+    ) -> StreamEnd {
         g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
-        StreamEnd {
-            audit: g.shared.audit.clone(),
-            metrics: g.shared.metrics.clone(),
-            rpc,
-            done: false,
-            record,
-            reason: "stream ended".into(),
-            decision: Decision::Allow,
-            at,
-        }
+        let (audit, metrics) = (g.shared.audit.clone(), g.shared.metrics.clone());
+        StreamEnd { audit, metrics, rpc, done: false, record, reason, decision, at }
     }
 
     pub fn finish(mut self, code: Code) {
