@@ -178,3 +178,51 @@ async fn a_changed_policy_file_is_noticed_without_a_signal() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn open_keep_alive_streams_are_rechecked_after_a_reload() -> TestResult {
+    let s = start(&BEFORE.replace("cluster: [status]", "cluster: [status, lease]")).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let lease = c.lease_grant(30, None).await?.id();
+    let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
+    keeper.keep_alive().await?;
+    assert!(answers.message().await?.is_some());
+    // The role loses `lease`: the next keep-alive on the open stream is refused, as etcd refuses it.
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE)?;
+    s.proxy.reload.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    keeper.keep_alive().await?;
+    let next = tokio::time::timeout(Duration::from_secs(5), answers.message()).await?;
+    assert!(next.as_ref().is_err_and(is_denied), "{next:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_upstream_certificate_is_used_for_new_connections() -> TestResult {
+    let s = start(BEFORE).await?;
+    let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
+    admin.put("k", "v", None).await?;
+    let (cert, key) = (s.pki.path("upstream-client.crt"), s.pki.path("upstream-client.key"));
+    let (good_cert, good_key) = (std::fs::read(&cert)?, std::fs::read(&key)?);
+    // A certificate etcd does not trust: once in force, etcd refuses the proxy's new connections.
+    let stranger = etcd_guard::certs::DevCa::new("another CA")?;
+    let other = stranger.issue(etcd_guard::certs::LeafKind::Client, "etcd-guard", None, &[], &[])?;
+    std::fs::write(&cert, &other.cert_pem)?;
+    std::fs::write(&key, &other.key_pem)?;
+    s.proxy.reload.trigger();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin.put("k", "v", None).await.is_ok() {
+        assert!(Instant::now() < deadline, "the new upstream certificate was not used");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The right one again: served again.
+    std::fs::write(&cert, good_cert)?;
+    std::fs::write(&key, good_key)?;
+    s.proxy.reload.trigger();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin.put("k", "v", None).await.is_err() {
+        assert!(Instant::now() < deadline, "the restored upstream certificate was not used");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
