@@ -328,10 +328,20 @@ impl DevCa {
     /// A CRL (PEM) revoking the certificates with these serials, valid from an hour ago for `valid_for`.
     pub fn crl(&self, revoked: &[Vec<u8>], number: u64, valid_for: std::time::Duration) -> Result<String, CertsError> {
         let now = time::OffsetDateTime::now_utc();
-        let this_update = now - time::Duration::hours(1);
+        self.crl_between(revoked, number, now - time::Duration::hours(1), now + valid_for)
+    }
+
+    /// A CRL (PEM) with explicit thisUpdate and nextUpdate (e.g. an expired one, for tests).
+    pub fn crl_between(
+        &self,
+        revoked: &[Vec<u8>],
+        number: u64,
+        this_update: time::OffsetDateTime,
+        next_update: time::OffsetDateTime,
+    ) -> Result<String, CertsError> {
         let params = rcgen::CertificateRevocationListParams {
             this_update,
-            next_update: now + valid_for,
+            next_update,
             crl_number: rcgen::SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs: revoked

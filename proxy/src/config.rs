@@ -73,6 +73,8 @@ pub struct ListenerTls {
     pub key_file: PathBuf,
     pub client_ca_file: PathBuf,
     pub crl_files: Vec<PathBuf>,
+    /// Accept CRLs whose nextUpdate has passed (not recommended: revocations since are unknown).
+    pub danger_accept_expired_crls: bool,
     pub handshake_timeout: Duration,
 }
 
@@ -203,6 +205,8 @@ struct RawTls {
     client_ca_file: PathBuf,
     #[serde(default)]
     crl_files: Vec<PathBuf>,
+    #[serde(default)]
+    danger_accept_expired_crls: bool,
     #[serde(default = "default_handshake_timeout_ms")]
     handshake_timeout_ms: u64,
 }
@@ -325,6 +329,7 @@ impl Config {
                 key_file: resolve(&raw.tls.key_file),
                 client_ca_file: resolve(&raw.tls.client_ca_file),
                 crl_files: raw.tls.crl_files.iter().map(|p| resolve(p)).collect(),
+                danger_accept_expired_crls: raw.tls.danger_accept_expired_crls,
                 handshake_timeout: Duration::from_millis(raw.tls.handshake_timeout_ms),
             },
             upstream: Upstream {

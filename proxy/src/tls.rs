@@ -31,6 +31,10 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("upstream endpoint {endpoint:?}: {message}")]
     Endpoint { endpoint: String, message: String },
+    #[error("{path}: the CRL expired at {next_update} (its nextUpdate); get a fresh one from the CA")]
+    CrlExpired { path: PathBuf, next_update: String },
+    #[error("{path}: not a CRL: {message}")]
+    BadCrl { path: PathBuf, message: String },
 }
 
 /// The crypto provider used everywhere: rustls with *ring*.
@@ -52,13 +56,20 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<Arc<ServerConfig>, Tls
     }
     let mut crls = Vec::new();
     for path in &tls.crl_files {
-        crls.extend(load_crls(path)?);
+        let loaded = load_crls(path)?;
+        if !tls.danger_accept_expired_crls {
+            for crl in &loaded {
+                check_crl_current(path, crl)?;
+            }
+        }
+        crls.extend(loaded);
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls)
-        .enforce_revocation_expiration()
-        .build()
-        .map_err(|e| TlsError::Verifier { path: tls.client_ca_file.clone(), message: e.to_string() })?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls);
+    if !tls.danger_accept_expired_crls {
+        builder = builder.enforce_revocation_expiration();
+    }
+    let verifier =
+        builder.build().map_err(|e| TlsError::Verifier { path: tls.client_ca_file.clone(), message: e.to_string() })?;
 
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -140,6 +151,19 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(pem)
 }
 
+/// Refuse a CRL whose nextUpdate has passed: revocations issued since are unknown.
+fn check_crl_current(path: &Path, crl: &CertificateRevocationListDer<'_>) -> Result<(), TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+        .map_err(|e| TlsError::BadCrl { path: path.to_path_buf(), message: e.to_string() })?;
+    if let Some(next) = parsed.next_update() {
+        if next.timestamp() < ::time::OffsetDateTime::now_utc().unix_timestamp() {
+            return Err(TlsError::CrlExpired { path: path.to_path_buf(), next_update: next.to_string() });
+        }
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
 }
@@ -157,4 +181,59 @@ fn check_pair(
     let certified = CertifiedKey::new(chain.to_vec(), signing);
     certified.keys_match().map_err(|e| mismatch(e.to_string()))?;
     Ok(certified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{self, DevCa, InitOptions};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn listener(dir: &Path, crl: &str, danger: bool) -> config::ListenerTls {
+        config::ListenerTls {
+            cert_file: dir.join("server.crt"),
+            key_file: dir.join("server.key"),
+            client_ca_file: dir.join("ca.crt"),
+            crl_files: vec![dir.join(crl)],
+            danger_accept_expired_crls: danger,
+            handshake_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    fn ca(dir: &Path) -> Result<DevCa, Box<dyn std::error::Error>> {
+        certs::init_dir(dir, &InitOptions::default())?;
+        Ok(DevCa::from_pem(
+            &std::fs::read_to_string(dir.join("ca.crt"))?,
+            &std::fs::read_to_string(dir.join("ca.key"))?,
+        )?)
+    }
+
+    #[test]
+    fn an_expired_crl_is_refused_unless_explicitly_accepted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = ca(dir.path())?;
+        let now = ::time::OffsetDateTime::now_utc();
+        let expired = ca.crl_between(&[], 1, now - ::time::Duration::days(2), now - ::time::Duration::days(1))?;
+        std::fs::write(dir.path().join("expired.pem"), expired)?;
+        let err = server_config(&listener(dir.path(), "expired.pem", false)).err().map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("expired.pem") && e.contains("expired")), "{err:?}");
+        assert!(server_config(&listener(dir.path(), "expired.pem", true)).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn crls_load_as_pem_or_der() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = ca(dir.path())?;
+        let pem = ca.crl(&[vec![1, 2, 3]], 1, std::time::Duration::from_secs(3600))?;
+        std::fs::write(dir.path().join("crl.pem"), &pem)?;
+        let der = CertificateRevocationListDer::pem_slice_iter(pem.as_bytes()).next().ok_or("no CRL")??;
+        std::fs::write(dir.path().join("crl.der"), der.as_ref())?;
+        assert!(server_config(&listener(dir.path(), "crl.pem", false)).is_ok());
+        assert!(server_config(&listener(dir.path(), "crl.der", false)).is_ok());
+        std::fs::write(dir.path().join("junk.der"), b"not a crl")?;
+        assert!(server_config(&listener(dir.path(), "junk.der", false)).is_err());
+        Ok(())
+    }
 }
