@@ -71,6 +71,8 @@ pub struct Metrics {
     pub open_streams: Family<RpcLabels, Gauge>,
     /// Client connections open now.
     pub connections: Gauge,
+    /// Watches open now (created by etcd, not yet canceled).
+    pub open_watches: Gauge,
     /// TLS handshakes that failed, by reason.
     pub handshake_failures: Family<ReasonLabels, Counter>,
     /// Reloads of the policy and certificates, by result.
@@ -104,6 +106,8 @@ impl Metrics {
         registry.register("would_deny", "Denials not enforced because of audit-only bindings", would_deny.clone());
         let open_streams = Family::<RpcLabels, Gauge>::default();
         registry.register("open_streams", "Streams open now, by RPC", open_streams.clone());
+        let open_watches = Gauge::default();
+        registry.register("open_watches", "Watches open now", open_watches.clone());
         let connections = Gauge::default();
         registry.register("client_connections", "Client connections open now", connections.clone());
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
@@ -137,6 +141,7 @@ impl Metrics {
             would_deny,
             open_streams,
             connections,
+            open_watches,
             handshake_failures,
             reloads,
             limited,

@@ -40,6 +40,8 @@ async fn health_readiness_and_metrics() -> TestResult {
     }
     let mut c = h.client(&h.cilium()?).await?;
     assert!(c.get("m/0", None).await.is_err());
+    let mut w = c.watch("cilium/", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+    assert!(w.message().await?.is_some_and(|m| m.created()));
     let (status, metrics) = get(&h, "/metrics")?;
     assert_eq!(status, 200);
     assert_eq!(sample(&metrics, r#"etcd_guard_requests_total{rpc="KV/Put",decision="allow",code="OK"}"#), Some(3.0));
@@ -50,6 +52,8 @@ async fn health_readiness_and_metrics() -> TestResult {
     );
     assert!(metrics.contains("etcd_guard_request_duration_seconds_bucket"), "{metrics}");
     assert_eq!(sample(&metrics, "etcd_guard_client_connections "), Some(2.0), "{metrics}");
+    assert_eq!(sample(&metrics, "etcd_guard_open_watches "), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, r#"etcd_guard_open_streams{rpc="Watch/Watch"}"#), Some(1.0), "{metrics}");
     assert!(sample(&metrics, "etcd_guard_audit_records_written_total").is_some(), "{metrics}");
     assert_eq!(sample(&metrics, "etcd_guard_upstream_endpoint_healthy{"), Some(1.0), "{metrics}");
 

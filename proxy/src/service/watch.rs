@@ -69,6 +69,23 @@ enum Pending {
 struct Active {
     range: Option<KeyRange>,
     _slot: Option<WatchSlot>,
+    _counted: Counted,
+}
+
+/// Counts an open watch in `etcd_guard_open_watches` while it lives.
+struct Counted(prometheus_client::metrics::gauge::Gauge);
+
+impl Counted {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[derive(Default)]
@@ -95,9 +112,10 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
     let (down, up_order) = (down_tx.clone(), order.clone());
+    let gauge = g.shared.metrics.open_watches.clone();
     tokio::spawn(async move {
         match upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await {
-            Ok(stream) => pump(stream, &down, &up_order).await,
+            Ok(stream) => pump(stream, &down, &up_order, &gauge).await,
             Err(status) => {
                 let _ = down.send(Err(status)).await;
             }
@@ -270,7 +288,12 @@ async fn revoke_withdrawn(
 }
 
 /// Pass etcd's responses through, releasing queued denials after each `created` response.
-async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
+async fn pump(
+    mut stream: Streaming<Bytes>,
+    down: &Down,
+    order: &Mutex<Order>,
+    gauge: &prometheus_client::metrics::gauge::Gauge,
+) {
     loop {
         match stream.message().await {
             Ok(Some(bytes)) => {
@@ -299,7 +322,8 @@ async fn pump(mut stream: Streaming<Bytes>, down: &Down, order: &Mutex<Order>) {
                 if let Some(Pending::Upstream(..)) = o.pending.front() {
                     if let Some(Pending::Upstream(range, slot)) = o.pending.pop_front() {
                         if !head.canceled {
-                            o.active.insert(head.watch_id, Active { range, _slot: slot });
+                            let counted = Counted::new(gauge);
+                            o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
                         }
                     }
                 }
