@@ -88,6 +88,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// How often each endpoint is probed (Maintenance/Status).
     pub health_check_interval: Duration,
+    /// HTTP/2 connections opened to each endpoint; calls are spread over them.
+    pub connections_per_endpoint: usize,
 }
 
 /// Size and concurrency limits.
@@ -175,6 +177,9 @@ fn default_shutdown_grace_ms() -> u64 {
 fn default_reload_check_interval_ms() -> u64 {
     2_000
 }
+fn default_connections_per_endpoint() -> usize {
+    2
+}
 fn default_health_check_interval_ms() -> u64 {
     2_000
 }
@@ -222,6 +227,8 @@ struct RawUpstream {
     connect_timeout_ms: u64,
     #[serde(default = "default_health_check_interval_ms")]
     health_check_interval_ms: u64,
+    #[serde(default = "default_connections_per_endpoint")]
+    connections_per_endpoint: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +314,9 @@ impl Config {
         if raw.upstream.health_check_interval_ms < 100 {
             return Err(invalid("upstream.health_check_interval_ms", "must be at least 100".into()));
         }
+        if !(1..=64).contains(&raw.upstream.connections_per_endpoint) {
+            return Err(invalid("upstream.connections_per_endpoint", "must be between 1 and 64".into()));
+        }
         if raw.audit.max_file_bytes < 4096 {
             return Err(invalid("audit.max_file_bytes", "must be at least 4096".into()));
         }
@@ -339,6 +349,7 @@ impl Config {
                 key_file: resolve(&raw.upstream.key_file),
                 connect_timeout: Duration::from_millis(raw.upstream.connect_timeout_ms),
                 health_check_interval: Duration::from_millis(raw.upstream.health_check_interval_ms),
+                connections_per_endpoint: raw.upstream.connections_per_endpoint,
             },
             policy_file: resolve(&raw.policy_file),
             advertise_client_urls: raw.advertise_client_urls,
@@ -408,5 +419,22 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let text = EXAMPLE.replace("https://127.0.0.1:2379", "http://127.0.0.1:2379");
         let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("upstream.endpoints"), "{err}");
+    }
+
+    #[test]
+    fn upstream_connections_are_two_per_endpoint_unless_set_within_bounds() -> Result<(), ConfigError> {
+        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.upstream.connections_per_endpoint, 2);
+        let set = |n: &str| {
+            EXAMPLE.replace(
+                "  key_file: upstream-client.key\n",
+                &format!("  key_file: upstream-client.key\n  connections_per_endpoint: {n}\n"),
+            )
+        };
+        assert_eq!(Config::parse(&set("8"), Path::new("c.yaml"))?.upstream.connections_per_endpoint, 8);
+        for bad in ["0", "65"] {
+            let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("upstream.connections_per_endpoint"), "{bad}: {err}");
+        }
+        Ok(())
     }
 }

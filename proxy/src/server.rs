@@ -254,7 +254,11 @@ async fn connection(
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(max_concurrent_streams)
-        .adaptive_window(true)
+        // Fixed, large windows rather than the adaptive one: h2 closes a connection (ENHANCE_YOUR_CALM,
+        // "too_many_data_frames") when small DATA frames pile up beyond half the connection window, and gRPC
+        // traffic (watch creates, keep-alives, small puts from many streams) is exactly that.
+        .initial_connection_window_size(crate::tls::CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::tls::STREAM_WINDOW)
         // Find dead peers; clients' own pings (kube-apiserver every 30 s, clientv3 as set) are always accepted.
         .keep_alive_interval(Some(Duration::from_secs(120)))
         .keep_alive_timeout(Duration::from_secs(20));

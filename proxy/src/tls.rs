@@ -37,6 +37,14 @@ pub enum TlsError {
     BadCrl { path: PathBuf, message: String },
 }
 
+/// HTTP/2 connection window, both legs. h2 closes a connection whose unread small DATA frames exceed half of it,
+/// so it must hold bursts of small gRPC messages (watch events, keep-alives); memory is only used while data
+/// is actually unread.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// HTTP/2 stream window, both legs (etcd's responses can be large: a Range of many keys, a snapshot chunk).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
 /// The crypto provider used everywhere: rustls with *ring*.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -93,8 +101,15 @@ pub fn upstream_channels(up: &config::Upstream) -> Result<Vec<(String, Channel)>
             .http2_keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
             .keep_alive_while_idle(true)
-            .http2_adaptive_window(true);
-        endpoints.push((url.clone(), endpoint.connect_lazy()));
+            // See CONNECTION_WINDOW: a watch fanning one put out to thousands of watchers arrives as thousands of
+            // small DATA frames on this one connection.
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(STREAM_WINDOW);
+        // Several connections per endpoint, so one HTTP/2 connection (one task, one TLS stream) is not the
+        // bottleneck for every client of the proxy.
+        for _ in 0..up.connections_per_endpoint.max(1) {
+            endpoints.push((url.clone(), endpoint.connect_lazy()));
+        }
     }
     Ok(endpoints)
 }

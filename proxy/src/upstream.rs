@@ -63,9 +63,17 @@ impl Upstream {
         self.members.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
-    /// The endpoints and whether each is healthy now.
+    /// The endpoints and whether each is healthy now (any of its connections).
     pub fn health(&self) -> Vec<(String, bool)> {
-        self.current().iter().map(|m| (m.url.clone(), m.healthy.load(Ordering::Relaxed))).collect()
+        let mut health: Vec<(String, bool)> = Vec::new();
+        for m in self.current().iter() {
+            let healthy = m.healthy.load(Ordering::Relaxed);
+            match health.iter_mut().find(|(url, _)| *url == m.url) {
+                Some((_, h)) => *h |= healthy,
+                None => health.push((m.url.clone(), healthy)),
+            }
+        }
+        health
     }
 
     /// Whether at least one endpoint is healthy.
