@@ -172,7 +172,7 @@ pub struct LegSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct Case {
     pub name: String,
-    /// `saturation`, `fixed-rate` or `policy-scale`.
+    /// `saturation`, `fixed-rate`, `policy-scale` or `audit-cost`.
     pub kind: String,
     pub workload: String,
     pub shape: String,
@@ -366,6 +366,29 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
                     .collect(),
             ),
             Some(policy.iter().all(|c| c.ok() && c.ratio >= 0.95)),
+        ));
+    }
+    let audit = cases_of(cases, "audit-cost", &["lin-range", "put"]);
+    if !audit.is_empty() {
+        out.push(check(
+            "(issue #3) auditing costs under 10 % of throughput at saturation: audit on / off >= 0.90",
+            join(
+                audit
+                    .iter()
+                    .map(|c| {
+                        let cpu = |i: usize| c.legs[i].proxy_cpu_us_per_req.unwrap_or(0.0);
+                        c.shown(format!(
+                            "{} {} {:.3} (proxy CPU {:.1} vs {:.1} us/req)",
+                            c.workload,
+                            c.shape,
+                            c.ratio,
+                            cpu(1),
+                            cpu(0)
+                        ))
+                    })
+                    .collect(),
+            ),
+            Some(audit.iter().all(|c| c.ok() && c.ratio >= 0.90)),
         ));
     }
     let watch = cases_of(cases, "saturation", &["watch"]);

@@ -95,6 +95,8 @@ pub enum CaseKind {
     HalfRate,
     /// lin-range through a proxy with the small policy and one with the large policy.
     PolicyScale,
+    /// lin-range and put through a proxy with auditing off and the main one with auditing on (issue #3).
+    AuditCost,
     /// Memory per idle connection.
     Idle,
 }
@@ -439,6 +441,47 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             cases.push(case);
         }
         drop(large);
+    }
+
+    // The cost of auditing: the same binary and policy with auditing off (A) and on (B), alternating.
+    if selected(&args, CaseKind::AuditCost) {
+        if options.audit == AuditConfig::On {
+            let off = ProxyOptions { audit: AuditConfig::Off, ..options };
+            let mut quiet =
+                ProxyProcess::start(&proxy_bin, &pki, "noaudit", &etcd.url, "policy-small.yaml", off).await?;
+            let off_leg =
+                Leg { label: "proxy audit off".into(), url: quiet.url.clone(), proxy_pid: Some(quiet.guard.pid()) };
+            let on_leg =
+                Leg { label: "proxy audit on".into(), url: proxy.url.clone(), proxy_pid: Some(proxy.guard.pid()) };
+            for workload in [Workload::LinRange, Workload::Put] {
+                for shape in &args.shapes {
+                    let mut alive = || -> Result<(), BoxError> {
+                        etcd.guard.check_alive()?;
+                        proxy.guard.check_alive()?;
+                        quiet.guard.check_alive()
+                    };
+                    let case = bench
+                        .compare(
+                            workload.name(),
+                            "audit-cost",
+                            workload,
+                            *shape,
+                            None,
+                            [&off_leg, &on_leg],
+                            &etcd_pid,
+                            &mut alive,
+                        )
+                        .await?;
+                    cases.push(case);
+                    if workload == Workload::Put {
+                        setup::compact(&admin).await?;
+                    }
+                }
+            }
+            drop(quiet);
+        } else {
+            eprintln!("etcd-guard-bench: auditing is not on in the main proxy; skipping the audit-cost case");
+        }
     }
 
     // Memory per idle connection: a fresh proxy (nothing freed by earlier runs to reuse), and etcd for scale.

@@ -284,12 +284,18 @@ impl ProxyProcess {
         let config = write_proxy_config(pki, name, port, etcd_url, policy_file, options)?;
         let log_path = pki.path(&format!("proxy-{name}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .arg("serve")
             .arg("--config")
             .arg(&config)
             // The proxy's log filter: `ETCD_GUARD_BENCH_PROXY_LOG` (e.g. `info,h2=debug`), else `info`.
-            .env("RUST_LOG", std::env::var("ETCD_GUARD_BENCH_PROXY_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", std::env::var("ETCD_GUARD_BENCH_PROXY_LOG").unwrap_or_else(|_| "info".into()));
+        // The proxy's runtime threads (tokio's own variable), for the proxy only: not the load generator's.
+        if let Ok(threads) = std::env::var("ETCD_GUARD_BENCH_PROXY_THREADS") {
+            command.env("TOKIO_WORKER_THREADS", threads);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
