@@ -283,6 +283,18 @@ async fn put_until(
     }
 }
 
+/// Waits until the audit files hold `text` (records reach the file shortly after the answer).
+async fn written(dir: &Path, text: &str) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&all_bytes(dir)?).contains(text) {
+        if Instant::now() > deadline {
+            return Err(format!("{text} was not written").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 fn is_unavailable(r: &Result<etcd_client::PutResponse, etcd_client::Error>) -> bool {
     matches!(r, Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable)
 }
@@ -292,6 +304,7 @@ async fn deny_on_write_failure_refuses_requests_until_the_log_works_again() -> T
     let mut h = Harness::start().await?;
     let mut a = h.client(&h.admin()?).await?;
     a.put("before", "v", None).await?;
+    written(&h.audit_dir(), "\"before\"").await?;
     // The audit folder disappears: the writer cannot reopen its file.
     std::fs::remove_dir_all(h.audit_dir())?;
     let seen = put_until(&mut a, "during", is_unavailable).await?;
@@ -317,6 +330,7 @@ async fn allow_on_write_failure_keeps_serving_and_writes_the_records_later() -> 
     let mut h = Harness::with_config(TEST_POLICY, extra).await?;
     let mut a = h.client(&h.admin()?).await?;
     a.put("before", "v", None).await?;
+    written(&h.audit_dir(), "\"before\"").await?;
     std::fs::remove_dir_all(h.audit_dir())?;
     // Served throughout, although nothing can be written.
     for i in 0..20 {
