@@ -416,14 +416,16 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             "etcd-guard-bench: the large-policy proxy answered {:.1} s after start",
             load_started.elapsed().as_secs_f64()
         );
+        // Both fresh: the main proxy has served every case before, with a heap shaped by them.
+        let mut small = ProxyProcess::start(&proxy_bin, &pki, "small", &etcd.url, "policy-small.yaml", options).await?;
         let small_leg =
-            Leg { label: "proxy small policy".into(), url: proxy.url.clone(), proxy_pid: Some(proxy.guard.pid()) };
+            Leg { label: "proxy small policy".into(), url: small.url.clone(), proxy_pid: Some(small.guard.pid()) };
         let large_leg =
             Leg { label: format!("proxy {roles} roles"), url: large.url.clone(), proxy_pid: Some(large.guard.pid()) };
         for shape in &args.shapes {
             let mut alive = || -> Result<(), BoxError> {
                 etcd.guard.check_alive()?;
-                proxy.guard.check_alive()?;
+                small.guard.check_alive()?;
                 large.guard.check_alive()
             };
             let case = bench
@@ -441,6 +443,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             cases.push(case);
         }
         drop(large);
+        drop(small);
     }
 
     // The cost of auditing: the same binary and policy with auditing off (A) and on (B), alternating.
@@ -451,13 +454,17 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 ProxyProcess::start(&proxy_bin, &pki, "noaudit", &etcd.url, "policy-small.yaml", off).await?;
             let off_leg =
                 Leg { label: "proxy audit off".into(), url: quiet.url.clone(), proxy_pid: Some(quiet.guard.pid()) };
+            // A fresh proxy for the audited side too: the main one has served every case before (its heap is
+            // fragmented by the watch case), which would be measured as a cost of auditing.
+            let mut audited =
+                ProxyProcess::start(&proxy_bin, &pki, "audited", &etcd.url, "policy-small.yaml", options).await?;
             let on_leg =
-                Leg { label: "proxy audit on".into(), url: proxy.url.clone(), proxy_pid: Some(proxy.guard.pid()) };
+                Leg { label: "proxy audit on".into(), url: audited.url.clone(), proxy_pid: Some(audited.guard.pid()) };
             for workload in [Workload::LinRange, Workload::Put] {
                 for shape in &args.shapes {
                     let mut alive = || -> Result<(), BoxError> {
                         etcd.guard.check_alive()?;
-                        proxy.guard.check_alive()?;
+                        audited.guard.check_alive()?;
                         quiet.guard.check_alive()
                     };
                     let case = bench
@@ -479,6 +486,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 }
             }
             drop(quiet);
+            drop(audited);
         } else {
             eprintln!("etcd-guard-bench: auditing is not on in the main proxy; skipping the audit-cost case");
         }
