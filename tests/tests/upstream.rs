@@ -28,7 +28,12 @@ async fn client_deadline_reaches_etcd() -> TestResult {
         Ok(Ok(_)) => return Err("the second lock must not be granted while the first is held".into()),
         Err(_) => return Err("no answer within 10 s: the deadline did not reach etcd".into()),
     };
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // etcd answers in one of two ways, depending on which of its goroutines sees the deadline first: grpc-go's
+    // transport (`DeadlineExceeded`) or the lock handler returning Go's context error (`Unknown`, "context deadline
+    // exceeded"). Both come from etcd; the proxy forwards either unchanged.
+    let from_etcd = status.code() == Code::DeadlineExceeded
+        || (status.code() == Code::Unknown && status.message() == "context deadline exceeded");
+    assert!(from_etcd, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     Ok(())
 }
