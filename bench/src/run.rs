@@ -159,6 +159,13 @@ struct Leg {
     proxy_pid: Option<String>,
 }
 
+impl Leg {
+    /// The path through a proxy process, named `label`.
+    fn through(label: impl Into<String>, proxy: &ProxyProcess) -> Leg {
+        Leg { label: label.into(), url: proxy.url.clone(), proxy_pid: Some(proxy.guard.pid()) }
+    }
+}
+
 /// What stays the same for every run.
 struct Bench {
     exe: PathBuf,
@@ -338,7 +345,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
 
     let etcd_pid = etcd.guard.pid();
     let direct = Leg { label: "direct".into(), url: etcd.url.clone(), proxy_pid: None };
-    let proxied = Leg { label: "proxy".into(), url: proxy.url.clone(), proxy_pid: Some(proxy.guard.pid()) };
+    let proxied = Leg::through("proxy", &proxy);
     let mut cases: Vec<Case> = Vec::new();
 
     // Saturation: every workload at every shape, A B A B A B.
@@ -418,10 +425,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         );
         // Both fresh: the main proxy has served every case before, with a heap shaped by them.
         let mut small = ProxyProcess::start(&proxy_bin, &pki, "small", &etcd.url, "policy-small.yaml", options).await?;
-        let small_leg =
-            Leg { label: "proxy small policy".into(), url: small.url.clone(), proxy_pid: Some(small.guard.pid()) };
-        let large_leg =
-            Leg { label: format!("proxy {roles} roles"), url: large.url.clone(), proxy_pid: Some(large.guard.pid()) };
+        let small_leg = Leg::through("proxy small policy", &small);
+        let large_leg = Leg::through(format!("proxy {roles} roles"), &large);
         for shape in &args.shapes {
             let mut alive = || -> Result<(), BoxError> {
                 etcd.guard.check_alive()?;
@@ -452,14 +457,12 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             let off = ProxyOptions { audit: AuditConfig::Off, ..options };
             let mut quiet =
                 ProxyProcess::start(&proxy_bin, &pki, "noaudit", &etcd.url, "policy-small.yaml", off).await?;
-            let off_leg =
-                Leg { label: "proxy audit off".into(), url: quiet.url.clone(), proxy_pid: Some(quiet.guard.pid()) };
+            let off_leg = Leg::through("proxy audit off", &quiet);
             // A fresh proxy for the audited side too: the main one has served every case before (its heap is
             // fragmented by the watch case), which would be measured as a cost of auditing.
             let mut audited =
                 ProxyProcess::start(&proxy_bin, &pki, "audited", &etcd.url, "policy-small.yaml", options).await?;
-            let on_leg =
-                Leg { label: "proxy audit on".into(), url: audited.url.clone(), proxy_pid: Some(audited.guard.pid()) };
+            let on_leg = Leg::through("proxy audit on", &audited);
             for workload in [Workload::LinRange, Workload::Put] {
                 for shape in &args.shapes {
                     let mut alive = || -> Result<(), BoxError> {
