@@ -222,14 +222,18 @@ impl Member {
 
     /// A failed call: a transport failure (a status made locally, with an error source, rather than sent by
     /// etcd) marks the endpoint unhealthy.
+    ///
+    /// Whatever code the transport chose (a connection closed under a call in flight comes back as `Cancelled`,
+    /// "operation was canceled"), the client is told `Unavailable`, as grpc-go tells etcd's own clients, so that
+    /// they retry elsewhere.
     fn failed(&self, s: Status) -> Status {
-        if s.code() == tonic::Code::Unavailable
-            && std::error::Error::source(&s).is_some()
-            && self.healthy.swap(false, Ordering::Relaxed)
-        {
+        if std::error::Error::source(&s).is_none() || is_local_timeout(&s) {
+            return clean(s);
+        }
+        if self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(endpoint = %self.url, error = %s.message(), "upstream endpoint failed");
         }
-        clean(s)
+        Status::unavailable(format!("etcd-guard: upstream unavailable: {}", s.message()))
     }
 }
 
