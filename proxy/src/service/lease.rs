@@ -129,5 +129,5 @@ async fn keep_alive(
         end.finish(code);
     });
 
-    Ok(ReceiverStream::new(down_rx))
+    Ok(Box::pin(ReceiverStream::new(down_rx)))
 }

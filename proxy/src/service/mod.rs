@@ -754,7 +754,7 @@ where
 }
 
 /// The outbound side of a bidirectional stream.
-pub type Outbound = tokio_stream::wrappers::ReceiverStream<Result<Bytes, Status>>;
+pub type Outbound = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
 
 type CleanFn = fn(Result<Bytes, Status>) -> Result<Bytes, Status>;
 

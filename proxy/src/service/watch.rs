@@ -1,24 +1,30 @@
 //! `etcdserverpb.Watch`: one upstream stream per client stream, so watch IDs, ordering, progress requests and
 //! fragments behave exactly as with etcd.
 //!
+//! etcd's responses are read by the client's response stream itself ([`Outbound`]): an event goes from the
+//! upstream connection to the client connection without a task or queue of the proxy's in between.
+//!
 //! Each create request is checked for read access on its interval. A denied create does not end the stream:
 //! like etcd, the proxy answers it with a created-and-canceled response (`watch_id` -1, `cancel_reason`
 //! "rpc error: code = PermissionDenied desc = etcdserver: permission denied"). clientv3 pairs `created`
 //! responses with its creates in order, so a denial waits behind creates still pending at etcd.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
 use http::Response;
 use prost::Message;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::{Code, Status, Streaming};
 
-use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
+use super::{Arrival, Guard, HttpRequest, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::limits::WatchSlot;
@@ -100,37 +106,60 @@ struct Order {
     revoked: HashSet<i64>,
 }
 
+/// The proxy's own messages to the client (refusals, errors), beside etcd's.
 type Down = mpsc::Sender<Result<Bytes, Status>>;
 
-async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<Outbound, Status> {
+type Call = Pin<Box<dyn Future<Output = Result<Streaming<Bytes>, Status>> + Send>>;
+
+/// The client's side of one watch stream: etcd's responses, passed on as they are read (with queued refusals
+/// released after each `created`), and the proxy's own messages.
+struct Outbound {
+    /// The upstream call, until etcd answers it.
+    call: Option<Call>,
+    /// etcd's responses, once it answered; `None` again when they end.
+    upstream: Option<Streaming<Bytes>>,
+    /// Refusals released by the last `created`: sent before anything else.
+    released: VecDeque<Bytes>,
+    own: mpsc::Receiver<Result<Bytes, Status>>,
+    own_closed: bool,
+    order: Arc<Mutex<Order>>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+async fn serve(g: Guard, inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<super::Outbound, Status> {
     let (down_tx, down_rx) = mpsc::channel::<Result<Bytes, Status>>(64);
     let (up_tx, up_rx) = mpsc::channel::<pb::WatchRequest>(64);
     let order = Arc::new(Mutex::new(Order::default()));
 
-    // etcd sends the stream's headers only with its first message, so the upstream call runs beside the inbound
-    // loop rather than before it.
+    // etcd sends the stream's headers only with its first message, so the upstream call is made by the outbound
+    // stream, beside the inbound loop, rather than before it.
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
-    let (down, up_order) = (down_tx.clone(), order.clone());
-    let gauge = g.shared.metrics.open_watches.clone();
-    tokio::spawn(async move {
-        match upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await {
-            Ok(stream) => pump(stream, &down, &up_order, &gauge).await,
-            Err(status) => {
-                let _ = down.send(Err(status)).await;
-            }
-        }
-    });
+    let call: Call = Box::pin(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await });
+    let outbound = Outbound {
+        call: Some(call),
+        upstream: None,
+        released: VecDeque::new(),
+        own: down_rx,
+        own_closed: false,
+        order: order.clone(),
+        gauge: g.shared.metrics.open_watches.clone(),
+    };
 
     let stream_id = g.shared.audit.stream_id();
     let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
+    let mut inbound = inbound;
     tokio::spawn(async move {
         let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &down_tx, &up_tx).await;
         drop(up_tx);
         end.finish(code);
     });
 
-    Ok(ReceiverStream::new(down_rx))
+    Ok(Box::pin(outbound))
+}
+
+fn lock(order: &Mutex<Order>) -> MutexGuard<'_, Order> {
+    order.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Check, record and forward the client's messages; returns the code the stream ends with.
@@ -214,7 +243,7 @@ async fn inbound_loop(
         }
         let refusal = if served {
             if is_create {
-                order.lock().await.pending.push_back(Pending::Upstream(range, slot.flatten()));
+                lock(order).pending.push_back(Pending::Upstream(range, slot.flatten()));
             }
             None
         } else {
@@ -227,13 +256,20 @@ async fn inbound_loop(
                 }
             }
             Some(reason) if is_create => {
-                let mut o = order.lock().await;
-                if o.pending.is_empty() {
-                    if down_tx.send(Ok(denial(o.header, &reason))).await.is_err() {
+                // Behind creates still pending at etcd, the refusal waits for their answers; else it goes now.
+                let now = {
+                    let mut o = lock(order);
+                    if o.pending.is_empty() {
+                        Some(denial(o.header, &reason))
+                    } else {
+                        o.pending.push_back(Pending::Refused(reason));
+                        None
+                    }
+                };
+                if let Some(answer) = now {
+                    if down_tx.send(Ok(answer)).await.is_err() {
                         return Code::Cancelled;
                     }
-                } else {
-                    o.pending.push_back(Pending::Refused(reason));
                 }
             }
             Some(_) => {}
@@ -256,7 +292,7 @@ async fn revoke_withdrawn(
         return true;
     }
     let withdrawn: Vec<(i64, String)> = {
-        let mut o = order.lock().await;
+        let mut o = lock(order);
         let gone: Vec<(i64, String)> = o
             .active
             .iter()
@@ -287,60 +323,88 @@ async fn revoke_withdrawn(
     true
 }
 
-/// Pass etcd's responses through, releasing queued denials after each `created` response.
-async fn pump(
-    mut stream: Streaming<Bytes>,
-    down: &Down,
-    order: &Mutex<Order>,
-    gauge: &prometheus_client::metrics::gauge::Gauge,
-) {
-    loop {
-        match stream.message().await {
-            Ok(Some(bytes)) => {
-                let head = WatchResponseHead::decode(bytes.clone()).unwrap_or_default();
-                if !head.created {
-                    let mut bytes = bytes;
-                    if head.canceled {
-                        let mut o = order.lock().await;
-                        o.active.remove(&head.watch_id);
-                        if o.revoked.remove(&head.watch_id) {
-                            bytes = revoked(head.header, head.watch_id);
-                        }
-                    }
-                    if down.send(Ok(bytes)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                let mut o = order.lock().await;
-                if head.header.is_some() {
-                    o.header = head.header;
-                }
-                if down.send(Ok(bytes)).await.is_err() {
-                    return;
-                }
-                if let Some(Pending::Upstream(..)) = o.pending.front() {
-                    if let Some(Pending::Upstream(range, slot)) = o.pending.pop_front() {
-                        if !head.canceled {
-                            let counted = Counted::new(gauge);
-                            o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
-                        }
-                    }
-                }
-                while let Some(Pending::Refused(_)) = o.pending.front() {
-                    let Some(Pending::Refused(reason)) = o.pending.pop_front() else { break };
-                    let header = o.header;
-                    if down.send(Ok(denial(header, &reason))).await.is_err() {
-                        return;
-                    }
+// === impl Outbound ===
+
+impl Outbound {
+    /// Note what one of etcd's responses means for the open watches; the bytes to pass on.
+    fn on_response(&mut self, bytes: Bytes) -> Bytes {
+        let head = WatchResponseHead::decode(bytes.clone()).unwrap_or_default();
+        let mut o = lock(&self.order);
+        if !head.created {
+            if head.canceled {
+                o.active.remove(&head.watch_id);
+                if o.revoked.remove(&head.watch_id) {
+                    return revoked(head.header, head.watch_id);
                 }
             }
-            Ok(None) => return,
-            Err(status) => {
-                let _ = down.send(Err(clean(status))).await;
-                return;
+            return bytes;
+        }
+        if head.header.is_some() {
+            o.header = head.header;
+        }
+        if let Some(Pending::Upstream(..)) = o.pending.front() {
+            if let Some(Pending::Upstream(range, slot)) = o.pending.pop_front() {
+                if !head.canceled {
+                    let counted = Counted::new(&self.gauge);
+                    o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+                }
             }
         }
+        while let Some(Pending::Refused(_)) = o.pending.front() {
+            let Some(Pending::Refused(reason)) = o.pending.pop_front() else { break };
+            self.released.push_back(denial(o.header, &reason));
+        }
+        bytes
+    }
+}
+
+impl futures_util::Stream for Outbound {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        // Refusals released by a `created` follow it before anything else (clients pair them in order).
+        if let Some(bytes) = this.released.pop_front() {
+            return Poll::Ready(Some(Ok(bytes)));
+        }
+        // The proxy's own messages first: they are few, and a shutdown or an error must not wait behind a flood
+        // of events.
+        if !this.own_closed {
+            match this.own.poll_recv(cx) {
+                Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
+                Poll::Ready(None) => this.own_closed = true,
+                Poll::Pending => {}
+            }
+        }
+        if let Some(call) = this.call.as_mut() {
+            match call.as_mut().poll(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    this.call = None;
+                    this.upstream = Some(stream);
+                }
+                Poll::Ready(Err(status)) => {
+                    this.call = None;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Pending => {}
+            }
+        }
+        if let Some(upstream) = this.upstream.as_mut() {
+            match Pin::new(upstream).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => return Poll::Ready(Some(Ok(this.on_response(bytes)))),
+                Poll::Ready(Some(Err(status))) => {
+                    this.upstream = None;
+                    return Poll::Ready(Some(Err(clean(status))));
+                }
+                Poll::Ready(None) => this.upstream = None,
+                Poll::Pending => {}
+            }
+        }
+        // Ends when etcd's side and the proxy's side have both ended.
+        if this.own_closed && this.call.is_none() && this.upstream.is_none() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 }
 
