@@ -1,7 +1,7 @@
 //! `etcdserverpb.Watch`: one upstream stream per client stream, so watch IDs, ordering, progress requests and
 //! fragments behave exactly as with etcd.
 //!
-//! etcd's responses are read by the client's response stream itself ([`Outbound`]): an event goes from the
+//! etcd's responses are read by the client's response stream itself ([`ToClient`]): an event goes from the
 //! upstream connection to the client connection without a task or queue of the proxy's in between.
 //!
 //! Each create request is checked for read access on its interval. A denied create does not end the stream:
@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::{Code, Status, Streaming};
 
-use super::{Arrival, Guard, HttpRequest, StreamEnd, Verdict};
+use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::limits::WatchSlot;
@@ -113,7 +113,7 @@ type Call = Pin<Box<dyn Future<Output = Result<Streaming<Bytes>, Status>> + Send
 
 /// The client's side of one watch stream: etcd's responses, passed on as they are read (with queued refusals
 /// released after each `created`), and the proxy's own messages.
-struct Outbound {
+struct ToClient {
     /// The upstream call, until etcd answers it.
     call: Option<Call>,
     /// etcd's responses, once it answered; `None` again when they end.
@@ -126,7 +126,7 @@ struct Outbound {
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-async fn serve(g: Guard, inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<super::Outbound, Status> {
+async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<Outbound, Status> {
     let (down_tx, down_rx) = mpsc::channel::<Result<Bytes, Status>>(64);
     let (up_tx, up_rx) = mpsc::channel::<pb::WatchRequest>(64);
     let order = Arc::new(Mutex::new(Order::default()));
@@ -136,7 +136,7 @@ async fn serve(g: Guard, inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
     let call: Call = Box::pin(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await });
-    let outbound = Outbound {
+    let to_client = ToClient {
         call: Some(call),
         upstream: None,
         released: VecDeque::new(),
@@ -148,14 +148,13 @@ async fn serve(g: Guard, inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -
 
     let stream_id = g.shared.audit.stream_id();
     let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
-    let mut inbound = inbound;
     tokio::spawn(async move {
         let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &down_tx, &up_tx).await;
         drop(up_tx);
         end.finish(code);
     });
 
-    Ok(Box::pin(outbound))
+    Ok(Box::pin(to_client))
 }
 
 fn lock(order: &Mutex<Order>) -> MutexGuard<'_, Order> {
@@ -323,9 +322,9 @@ async fn revoke_withdrawn(
     true
 }
 
-// === impl Outbound ===
+// === impl ToClient ===
 
-impl Outbound {
+impl ToClient {
     /// Note what one of etcd's responses means for the open watches; the bytes to pass on.
     fn on_response(&mut self, bytes: Bytes) -> Bytes {
         let head = WatchResponseHead::decode(bytes.clone()).unwrap_or_default();
@@ -358,7 +357,7 @@ impl Outbound {
     }
 }
 
-impl futures_util::Stream for Outbound {
+impl futures_util::Stream for ToClient {
     type Item = Result<Bytes, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
