@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Install what etcd-guard's demo and tests need on a Debian machine, if it is missing:
-# etcd and etcdctl (Debian's etcd-server and etcd-client) and protoc (for the etcd-client crate used in tests).
+# etcd and etcdctl (Debian's etcd-server and etcd-client) and protoc with its well-known types (for the etcd-client
+# crate used in tests).
 set -euo pipefail
 
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, …) are only a recommendation of protobuf-compiler,
+# which --no-install-recommends skips; the etcd-client crate's build needs them.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if ((${#need[@]})); then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
