@@ -7,9 +7,9 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, BufMut, Bytes};
-use tonic::Status;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
 
 /// The first allocation of a call's encode and decode buffers, on both legs. tonic's default is 8 KiB per buffer,
 /// four per forwarded call, held for as long as a stream is open: with 10,000 watch streams that was about 30 KiB
@@ -140,5 +140,160 @@ impl Decoder for RawDecoder {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
         Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+// === gRPC framing for unary calls ===
+//
+// Unary calls skip tonic's streaming machinery on both legs: a request is read whole and decoded, the checked
+// message is sent in one frame, and etcd's answer is passed back as one frame with its status.
+
+/// The gRPC message prefix: a compression flag and a 4-byte big-endian length.
+const PREFIX_BYTES: usize = 5;
+
+/// One uncompressed gRPC frame holding `msg`.
+pub fn frame<M: prost::Message>(msg: &M) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(PREFIX_BYTES + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    // Cannot fail: the buffer was sized for the message.
+    let _ = msg.encode(&mut buf);
+    buf.freeze()
+}
+
+/// The message inside a body that must be exactly one uncompressed gRPC frame (an answer from etcd).
+pub fn unframe(mut body: Bytes) -> Result<Bytes, String> {
+    if body.len() < PREFIX_BYTES {
+        return Err(format!("a gRPC answer of {} bytes has no complete message", body.len()));
+    }
+    let compressed = body.get_u8();
+    let len = body.get_u32() as usize;
+    if compressed != 0 {
+        return Err("etcd sent a compressed answer, which was not asked for".into());
+    }
+    if body.len() != len {
+        return Err(format!("a gRPC answer declared {len} bytes and carried {}", body.len()));
+    }
+    Ok(body)
+}
+
+/// A unary request's message, read whole from `body` and decoded. Errors are worded as grpc-go (etcd) words them.
+pub async fn read_request<M, B>(mut body: B, headers: &http::HeaderMap, max_bytes: usize) -> Result<M, Status>
+where
+    M: prost::Message + Default,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt;
+    let mut data = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Status::internal(format!("grpc: error reading request: {e}")))?;
+        let Ok(chunk) = frame.into_data() else { continue };
+        match first.take() {
+            None if data.is_empty() => first = Some(chunk),
+            None => data.extend_from_slice(&chunk),
+            Some(f) => {
+                data.extend_from_slice(&f);
+                data.extend_from_slice(&chunk);
+            }
+        }
+        let held = first.as_ref().map_or(data.len(), Bytes::len);
+        if held > max_bytes.saturating_add(PREFIX_BYTES) {
+            return Err(too_large(held - PREFIX_BYTES, max_bytes));
+        }
+    }
+    let mut body = first.unwrap_or_else(|| data.freeze());
+    if body.len() < PREFIX_BYTES {
+        return Err(Status::internal("grpc: error while receiving the request: no complete message"));
+    }
+    if body.get_u8() != 0 {
+        let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
+        return Err(match encoding {
+            "" | "identity" => Status::internal("grpc: compressed flag set with identity or empty encoding"),
+            other => Status::unimplemented(format!("grpc: Decompressor is not installed for grpc-encoding {other:?}")),
+        });
+    }
+    let len = body.get_u32() as usize;
+    if len > max_bytes {
+        return Err(too_large(len, max_bytes));
+    }
+    if body.len() != len {
+        return Err(Status::internal("grpc: a unary request must carry exactly one message"));
+    }
+    M::decode(body).map_err(|e| Status::internal(format!("grpc: error unmarshalling request: {e}")))
+}
+
+/// gRPC's binary headers: standard base64, padded or not.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+fn too_large(len: usize, max: usize) -> Status {
+    Status::resource_exhausted(format!("grpc: received message larger than max ({len} vs. {max})"))
+}
+
+/// etcd's status in trailers (or in the headers of a trailers-only answer), if it is not `OK`. Only the code,
+/// message and details are kept: no other metadata of etcd's reaches the client.
+pub fn status_from_trailers(trailers: &http::HeaderMap) -> Option<Status> {
+    let code = Code::from_bytes(trailers.get("grpc-status")?.as_bytes());
+    if code == Code::Ok {
+        return None;
+    }
+    let message = trailers
+        .get("grpc-message")
+        .map(|v| percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy().into_owned())
+        .unwrap_or_default();
+    let details =
+        trailers.get("grpc-status-details-bin").and_then(|v| base64::Engine::decode(&BASE64, v.as_bytes()).ok());
+    Some(match details {
+        Some(d) => Status::with_details(code, message, d.into()),
+        None => Status::new(code, message),
+    })
+}
+
+/// A unary call's answer to the client: etcd's message in one frame, then `grpc-status: 0`.
+pub fn unary_response(message: Bytes) -> http::Response<tonic::body::Body> {
+    let mut framed = BytesMut::with_capacity(PREFIX_BYTES + message.len());
+    framed.put_u8(0);
+    framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    framed.extend_from_slice(&message);
+    let mut response = http::Response::new(tonic::body::Body::new(Answer { data: Some(framed.freeze()), done: false }));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// One data frame, then `grpc-status: 0`.
+struct Answer {
+    data: Option<Bytes>,
+    done: bool,
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if let Some(data) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }

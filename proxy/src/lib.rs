@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod http2;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -122,7 +122,7 @@ impl Reloader {
                     *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = TlsAcceptor::from(c);
                 })
                 .map_err(|e| e.to_string()),
-            Part::Upstream => tls::upstream_channels(&self.config.upstream)
+            Part::Upstream => tls::upstream_connections(&self.config.upstream)
                 .map(|channels| self.shared.upstream.replace(channels))
                 .map_err(|e| e.to_string()),
         };

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
+use crate::http2;
 use crate::identity::Identity;
 use crate::limits::Limiter;
 use crate::metrics::{self, HealthState, Metrics, ReasonLabels};
@@ -67,7 +67,7 @@ impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         let policy = Policy::load(&config.policy_file)?;
         let server_tls = tls::server_config(&config.tls)?;
-        let channels = tls::upstream_channels(&config.upstream)?;
+        let channels = tls::upstream_connections(&config.upstream)?;
         let audit = AuditLog::open(&config.audit)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
@@ -206,7 +206,7 @@ async fn connection(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     (handshake_timeout, max_concurrent_streams, grace): (Duration, u32, Duration),
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -250,33 +250,22 @@ async fn connection(
     metrics.connections.inc();
     let (usage, fingerprint) = (conn.usage.clone(), conn.identity.fingerprint_sha256.clone());
     let guard = Guard::new(shared.clone(), conn);
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(max_concurrent_streams)
-        // Fixed, large windows rather than the adaptive one: h2 closes a connection (ENHANCE_YOUR_CALM,
+    let settings = http2::server::Settings {
+        max_concurrent_streams,
+        // Fixed, large windows rather than small ones: h2 closes a connection (ENHANCE_YOUR_CALM,
         // "too_many_data_frames") when small DATA frames pile up beyond half the connection window, and gRPC
         // traffic (watch creates, keep-alives, small puts from many streams) is exactly that.
-        .initial_connection_window_size(crate::tls::CONNECTION_WINDOW)
-        .initial_stream_window_size(crate::tls::STREAM_WINDOW)
-        // Find dead peers; clients' own pings (kube-apiserver every 30 s, clientv3 as set) are always accepted.
-        .keep_alive_interval(Some(Duration::from_secs(120)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let serving = http2.serve_connection(TokioIo::new(stream), guard);
-    tokio::pin!(serving);
-    let result = tokio::select! {
-        r = serving.as_mut() => r,
-        _ = stop.changed() => {
-            // GOAWAY: no new requests on this connection; the ones in flight finish (streams are ended by the
-            // shutdown signal they watch).
-            serving.as_mut().graceful_shutdown();
-            match tokio::time::timeout(grace, serving.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => Ok(()),
-            }
-        }
+        connection_window: crate::tls::CONNECTION_WINDOW,
+        stream_window: crate::tls::STREAM_WINDOW,
+        // Find dead peers; clients' own pings (kube-apiserver every 30 s, clientv3 as set) are always answered.
+        keep_alive_interval: Duration::from_secs(120),
+        keep_alive_timeout: Duration::from_secs(20),
+        // GOAWAY at shutdown: no new requests on this connection; the ones in flight finish (streams are ended by
+        // the shutdown signal they watch).
+        shutdown_grace: grace,
     };
-    if let Err(e) = result {
+    let handle = |req| guard.clone().handle(req);
+    if let Err(e) = http2::server::serve(stream, handle, settings, stop).await {
         debug!(conn = id, error = %e, "connection ended with an error");
     }
     metrics.connections.dec();

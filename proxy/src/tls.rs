@@ -4,13 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tokio_rustls::TlsConnector;
+
+use crate::http2::client::{Connection, Connector};
 
 use crate::config;
 
@@ -87,28 +91,44 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<Arc<ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
-/// Build the upstream channel: one lazily connected HTTP/2 channel balanced over the endpoints, each reconnecting
-/// on its own when its etcd member comes back.
-pub fn upstream_channels(up: &config::Upstream) -> Result<Vec<(String, Channel)>, TlsError> {
-    let tls = upstream_tls(up)?;
+/// The upstream connections: `connections_per_endpoint` per endpoint, each made at its first call and made again
+/// after it breaks.
+pub fn upstream_connections(up: &config::Upstream) -> Result<Vec<(String, Connection)>, TlsError> {
+    let tls = TlsConnector::from(upstream_tls(up)?);
     let mut endpoints = Vec::with_capacity(up.endpoints.len());
     for url in &up.endpoints {
-        let endpoint = Endpoint::from_shared(url.clone())
-            .and_then(|e| e.tls_config(tls.clone()))
-            .map_err(|e| TlsError::Endpoint { endpoint: url.clone(), message: e.to_string() })?
-            .connect_timeout(up.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-            .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .keep_alive_while_idle(true)
+        let bad = |message: String| TlsError::Endpoint { endpoint: url.clone(), message };
+        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme".into()))?;
+        if scheme != http::uri::Scheme::HTTPS {
+            return Err(bad("only https:// endpoints are supported".into()));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host".into()))?;
+        let authority = match authority.port_u16() {
+            Some(_) => authority,
+            None => {
+                format!("{}:443", authority.as_str()).parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?
+            }
+        };
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+        let server_name = ServerName::try_from(host).map_err(|e| bad(e.to_string()))?;
+        let connector = Connector {
+            tls: tls.clone(),
+            scheme,
+            authority,
+            server_name,
+            connect_timeout: up.connect_timeout,
             // See CONNECTION_WINDOW: a watch fanning one put out to thousands of watchers arrives as thousands of
             // small DATA frames on this one connection.
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .initial_stream_window_size(STREAM_WINDOW);
+            connection_window: CONNECTION_WINDOW,
+            stream_window: STREAM_WINDOW,
+            keep_alive_interval: std::time::Duration::from_secs(30),
+            keep_alive_timeout: std::time::Duration::from_secs(10),
+        };
         // Several connections per endpoint, so one HTTP/2 connection (one task, one TLS stream) is not the
         // bottleneck for every client of the proxy.
         for _ in 0..up.connections_per_endpoint.max(1) {
-            endpoints.push((url.clone(), endpoint.connect_lazy()));
+            endpoints.push((url.clone(), Connection::new(connector.clone())));
         }
     }
     Ok(endpoints)
@@ -120,18 +140,21 @@ pub fn upstream_channel_check(up: &config::Upstream) -> Result<(), TlsError> {
 }
 
 /// Parse everything now so a bad file is reported at start, not at the first request.
-fn upstream_tls(up: &config::Upstream) -> Result<ClientTlsConfig, TlsError> {
-    let ca_pem = read(&up.ca_file)?;
-    load_certs(&up.ca_file)?;
+fn upstream_tls(up: &config::Upstream) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for ca in load_certs(&up.ca_file)? {
+        roots.add(ca).map_err(|e| TlsError::Pem { path: up.ca_file.clone(), message: e.to_string() })?;
+    }
     let chain = load_certs(&up.cert_file)?;
     let key = load_key(&up.key_file)?;
-    check_pair(&chain, &key, &up.cert_file, &up.key_file, &provider())?;
-    let cert_pem = read(&up.cert_file)?;
-    let key_pem = read(&up.key_file)?;
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
-        .assume_http2(true))
+    let certified = check_pair(&chain, &key, &up.cert_file, &up.key_file, &provider)?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Read every certificate in a PEM file.

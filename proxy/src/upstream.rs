@@ -1,16 +1,21 @@
 //! The connection to etcd: calls made with the proxy's own identity, carrying only allowlisted metadata.
+//!
+//! Unary calls (the bulk of the traffic) are made on the HTTP/2 connection directly and their answer is read as
+//! bytes; streaming calls go through tonic's client over the same connections.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http::header::{CONTENT_TYPE, HeaderValue, TE};
 use http::uri::PathAndQuery;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status, Streaming};
+use tonic::{Code, Request, Status, Streaming};
 
-use crate::codec::UpstreamCodec;
+use crate::codec::{self, UpstreamCodec};
+use crate::http2::client::{self, Channel, Connection};
 
 /// Client metadata forwarded to etcd. Everything else (notably `token`, `authorization` and `grpcgateway-*`,
 /// which would change who etcd thinks is calling) is dropped.
@@ -21,9 +26,9 @@ const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
 /// A handle to the upstream etcd cluster. Cheap to clone.
 ///
-/// Each endpoint has its own multiplexed HTTP/2 connection (reconnected by tonic when it drops). Calls go round
-/// robin over the endpoints that are healthy; an endpoint is marked unhealthy when a call to it fails at the
-/// transport level, and healthy again when a periodic probe (Maintenance/Status) succeeds. With no healthy
+/// Each endpoint has its own multiplexed HTTP/2 connections (made again at the next call after one drops). Calls
+/// go round robin over the endpoints that are healthy; an endpoint is marked unhealthy when a call to it fails at
+/// the transport level, and healthy again when a periodic probe (Maintenance/Status) succeeds. With no healthy
 /// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call.
 #[derive(Clone)]
 pub struct Upstream {
@@ -31,30 +36,30 @@ pub struct Upstream {
     next: Arc<AtomicUsize>,
 }
 
-/// One etcd endpoint.
+/// One connection to an etcd endpoint.
 pub struct Member {
     pub url: String,
-    channel: Channel,
+    connection: Arc<Connection>,
     healthy: AtomicBool,
 }
 
 /// What travels with a forwarded call: the allowlisted metadata and the client's deadline.
 #[derive(Debug, Clone, Default)]
 pub struct CallMeta {
-    metadata: MetadataMap,
+    metadata: HeaderMap,
     timeout: Option<Duration>,
 }
 
 // === impl Upstream ===
 
 impl Upstream {
-    /// `(url, channel)` per endpoint; all start healthy.
-    pub fn new(endpoints: Vec<(String, Channel)>) -> Upstream {
+    /// `(url, connection)` per endpoint; all start healthy.
+    pub fn new(endpoints: Vec<(String, Connection)>) -> Upstream {
         Upstream { members: Arc::new(RwLock::new(members(endpoints))), next: Arc::new(AtomicUsize::new(0)) }
     }
 
     /// New connections (after a reload of the upstream certificate). Calls in progress finish on the old ones.
-    pub fn replace(&self, endpoints: Vec<(String, Channel)>) {
+    pub fn replace(&self, endpoints: Vec<(String, Connection)>) {
         let mut slot = self.members.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         *slot = members(endpoints);
     }
@@ -85,19 +90,10 @@ impl Upstream {
     pub async fn probe(&self, timeout: Duration) {
         let members = self.current();
         let probes = members.iter().map(|m| async move {
-            let mut grpc = tonic::client::Grpc::new(m.channel.clone());
-            let mut req = Request::new(etcd_guard_proto::etcdserverpb::StatusRequest {});
-            req.set_timeout(timeout);
-            let ok = match tokio::time::timeout(timeout, async {
-                grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-                let codec = tonic_prost::ProstCodec::<_, etcd_guard_proto::etcdserverpb::StatusResponse>::default();
-                grpc.unary(req, PathAndQuery::from_static(etcd_guard_proto::methods::MAINTENANCE_STATUS), codec).await
-            })
-            .await
-            {
-                Ok(Ok(_)) => true,
-                Ok(Err(_)) | Err(_) => false,
-            };
+            let meta = CallMeta { metadata: HeaderMap::new(), timeout: Some(timeout) };
+            let req = etcd_guard_proto::etcdserverpb::StatusRequest {};
+            let path = etcd_guard_proto::methods::MAINTENANCE_STATUS;
+            let ok = matches!(tokio::time::timeout(timeout, m.call(path, &req, &meta)).await, Ok(Ok(_)));
             let was = m.healthy.swap(ok, Ordering::Relaxed);
             if was != ok {
                 if ok {
@@ -111,58 +107,50 @@ impl Upstream {
     }
 
     /// The endpoint for the next call: round robin over the healthy ones, else over all.
-    fn pick(&self) -> Arc<Member> {
+    fn pick(&self) -> Result<Arc<Member>, Status> {
         let members = self.current();
         let n = members.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let healthy = (0..n).filter_map(|i| members.get((start + i) % n)).find(|m| m.healthy.load(Ordering::Relaxed));
         match healthy.or_else(|| members.get(start % n)) {
-            Some(m) => m.clone(),
+            Some(m) => Ok(m.clone()),
             // The configuration requires at least one endpoint; this is defence in depth.
-            None => Arc::new(Member {
-                url: String::new(),
-                channel: Endpoint::from_static("https://0.0.0.0:1").connect_lazy(),
-                healthy: AtomicBool::new(false),
-            }),
+            None => Err(Status::unavailable("etcd-guard: no upstream endpoint configured")),
         }
     }
 
-    fn grpc(&self) -> (tonic::client::Grpc<Channel>, Arc<Member>) {
-        let member = self.pick();
-        let grpc = tonic::client::Grpc::new(member.channel.clone())
+    fn grpc(&self) -> Result<(tonic::client::Grpc<Channel>, Arc<Member>), Status> {
+        let member = self.pick()?;
+        let grpc = tonic::client::Grpc::with_origin(member.connection.channel(), member.connection.origin())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(usize::MAX);
-        (grpc, member)
+        Ok((grpc, member))
     }
 
-    /// A unary call; the response comes back as raw bytes.
+    /// A unary call; the response comes back as raw bytes (the message, without its gRPC frame).
     pub async fn unary<M>(&self, path: &'static str, msg: M, meta: &CallMeta) -> Result<Bytes, Status>
     where
-        M: prost::Message + Send + Sync + 'static,
+        M: prost::Message,
     {
-        let (mut grpc, member) = self.grpc();
-        grpc.ready().await.map_err(|e| member.unreachable(e))?;
-        let resp = grpc
-            .unary(meta.request(msg), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
-            .await
-            .map_err(|s| member.failed(s))?;
-        Ok(resp.into_inner())
+        let member = self.pick()?;
+        match meta.timeout {
+            None => member.call(path, &msg, meta).await,
+            // etcd enforces the deadline too (it gets `grpc-timeout`); this answers in time if etcd cannot.
+            Some(t) => match tokio::time::timeout(t, member.call(path, &msg, meta)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Status::deadline_exceeded(DEADLINE_EXCEEDED)),
+            },
+        }
     }
 
     /// A unary call whose response the proxy needs to read (lease lookups, MemberList).
     pub async fn unary_decoded<M, R>(&self, path: &'static str, msg: M, meta: &CallMeta) -> Result<R, Status>
     where
-        M: prost::Message + Send + Sync + 'static,
-        R: prost::Message + Default + Send + Sync + 'static,
+        M: prost::Message,
+        R: prost::Message + Default,
     {
-        let (mut grpc, member) = self.grpc();
-        grpc.ready().await.map_err(|e| member.unreachable(e))?;
-        let codec = tonic_prost::ProstCodec::<M, R>::default();
-        let resp = grpc
-            .unary(meta.request(msg), PathAndQuery::from_static(path), codec)
-            .await
-            .map_err(|s| member.failed(s))?;
-        Ok(resp.into_inner())
+        let bytes = self.unary(path, msg, meta).await?;
+        R::decode(bytes).map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))
     }
 
     /// A server-streaming call; messages come back as raw bytes.
@@ -175,8 +163,7 @@ impl Upstream {
     where
         M: prost::Message + Send + Sync + 'static,
     {
-        let (mut grpc, member) = self.grpc();
-        grpc.ready().await.map_err(|e| member.unreachable(e))?;
+        let (mut grpc, member) = self.grpc()?;
         let resp = grpc
             .server_streaming(meta.request(msg), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
             .await
@@ -195,8 +182,7 @@ impl Upstream {
         M: prost::Message + Send + Sync + 'static,
         S: futures_util::Stream<Item = M> + Send + 'static,
     {
-        let (mut grpc, member) = self.grpc();
-        grpc.ready().await.map_err(|e| member.unreachable(e))?;
+        let (mut grpc, member) = self.grpc()?;
         let resp = grpc
             .streaming(meta.request(messages), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
             .await
@@ -205,29 +191,80 @@ impl Upstream {
     }
 }
 
-fn members(endpoints: Vec<(String, Channel)>) -> Arc<[Arc<Member>]> {
+fn members(endpoints: Vec<(String, Connection)>) -> Arc<[Arc<Member>]> {
     endpoints
         .into_iter()
-        .map(|(url, channel)| Arc::new(Member { url, channel, healthy: AtomicBool::new(true) }))
+        .map(|(url, connection)| {
+            Arc::new(Member { url, connection: Arc::new(connection), healthy: AtomicBool::new(true) })
+        })
         .collect()
 }
 
 // === impl Member ===
 
 impl Member {
-    fn unreachable(&self, e: tonic::transport::Error) -> Status {
-        self.healthy.store(false, Ordering::Relaxed);
+    /// One unary call on this endpoint's connection: the checked message goes out in one gRPC frame, etcd's answer
+    /// comes back as the message's bytes, or as etcd's status.
+    async fn call<M: prost::Message>(&self, path: &'static str, msg: &M, meta: &CallMeta) -> Result<Bytes, Status> {
+        let mut head = http::Request::new(());
+        *head.method_mut() = http::Method::POST;
+        *head.uri_mut() = self.connection.uri(path);
+        *head.headers_mut() = meta.headers();
+        let response = self.connection.send(head, codec::frame(msg)).await.map_err(|e| self.unreachable(&e))?;
+        let (head, mut body) = response.into_parts();
+        // A "trailers-only" answer: etcd's status is in the headers.
+        if let Some(status) = codec::status_from_trailers(&head.headers) {
+            return Err(status);
+        }
+        if head.status != http::StatusCode::OK {
+            return Err(self.broken(format!("etcd answered HTTP status {}", head.status)));
+        }
+        let mut data = BytesMut::new();
+        let mut first: Option<Bytes> = None;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            // Most answers come in one DATA frame: keep it as it is rather than copying it.
+            match first.take() {
+                None if data.is_empty() => first = Some(chunk),
+                None => data.extend_from_slice(&chunk),
+                Some(f) => {
+                    data.extend_from_slice(&f);
+                    data.extend_from_slice(&chunk);
+                }
+            }
+        }
+        let trailers = body.trailers().await.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
+        match trailers.as_ref().and_then(codec::status_from_trailers) {
+            Some(status) => return Err(status),
+            None if trailers.as_ref().is_some_and(|t| t.contains_key("grpc-status")) => {}
+            None => return Err(self.broken("etcd's answer ended without a gRPC status".into())),
+        }
+        let data = first.unwrap_or_else(|| data.freeze());
+        codec::unframe(data).map_err(|e| self.broken(e))
+    }
+
+    /// The connection could not be made or broke under the call: the client is told `Unavailable`.
+    fn unreachable(&self, e: &client::Error) -> Status {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(endpoint = %self.url, error = %e, "upstream endpoint failed");
+        }
         Status::unavailable(format!("etcd-guard: upstream unavailable: {e}"))
     }
 
-    /// A failed call: a transport failure (a status made locally, with an error source, rather than sent by
-    /// etcd) marks the endpoint unhealthy.
+    /// etcd's answer could not be understood.
+    fn broken(&self, message: String) -> Status {
+        Status::new(Code::Internal, format!("etcd-guard: {message}"))
+    }
+
+    /// A failed streaming call: a transport failure (a status made locally, with an error source, rather than sent
+    /// by etcd) marks the endpoint unhealthy.
     ///
     /// Whatever code the transport chose (a connection closed under a call in flight comes back as `Cancelled`,
     /// "operation was canceled"), the client is told `Unavailable`, as grpc-go tells etcd's own clients, so that
     /// they retry elsewhere.
     fn failed(&self, s: Status) -> Status {
-        if std::error::Error::source(&s).is_none() || is_local_timeout(&s) {
+        if std::error::Error::source(&s).is_none() {
             return clean(s);
         }
         if self.healthy.swap(false, Ordering::Relaxed) {
@@ -238,43 +275,42 @@ impl Member {
 }
 
 /// Pass etcd's code, message and details on, but none of its response metadata.
-///
-/// The client's deadline is also enforced by the upstream channel, which may notice it a moment before etcd does;
-/// that is answered as etcd (grpc-go) answers an expired deadline, not as tonic's local `Cancelled`.
 pub fn clean(s: Status) -> Status {
-    if is_local_timeout(&s) {
-        return Status::deadline_exceeded(DEADLINE_EXCEEDED);
-    }
     Status::with_details(s.code(), s.message().to_string(), s.details().to_vec().into())
 }
 
 /// grpc-go's message for a call whose deadline passed.
 pub const DEADLINE_EXCEEDED: &str = "context deadline exceeded";
 
-fn is_local_timeout(s: &Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
-    while let Some(e) = source {
-        if e.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
 // === impl CallMeta ===
 
 impl CallMeta {
     /// Take what may travel upstream from a client's request metadata.
     pub fn from_client(md: &MetadataMap) -> CallMeta {
-        let mut metadata = MetadataMap::new();
+        CallMeta::from_headers(md.as_ref())
+    }
+
+    /// The same from a request's HTTP headers.
+    pub fn from_headers(headers: &HeaderMap) -> CallMeta {
+        let mut metadata = HeaderMap::new();
         for key in FORWARDED_METADATA {
-            if let Some(v) = md.get(*key) {
+            if let Some(v) = headers.get(*key) {
                 metadata.insert(*key, v.clone());
             }
         }
-        let timeout = md.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let timeout = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         CallMeta { metadata, timeout }
+    }
+
+    /// The headers of a unary call towards etcd: gRPC's own, the allowlisted metadata and the deadline.
+    fn headers(&self) -> HeaderMap {
+        let mut headers = self.metadata.clone();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        if let Some(v) = self.timeout.and_then(grpc_timeout) {
+            headers.insert("grpc-timeout", v);
+        }
+        headers
     }
 
     /// The client's deadline, if it sent one.
@@ -284,12 +320,23 @@ impl CallMeta {
 
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        *req.metadata_mut() = self.metadata.clone();
+        *req.metadata_mut() = MetadataMap::from_headers(self.metadata.clone());
         if let Some(t) = self.timeout {
             req.set_timeout(t);
         }
         req
     }
+}
+
+/// A `grpc-timeout` header value: at most 8 digits, in the finest unit that fits.
+fn grpc_timeout(t: Duration) -> Option<HeaderValue> {
+    const MAX: u128 = 99_999_999;
+    let value = [(t.as_nanos(), 'n'), (t.as_micros(), 'u'), (t.as_millis(), 'm'), (u128::from(t.as_secs()), 'S')]
+        .into_iter()
+        .chain([(u128::from(t.as_secs() / 60), 'M'), (u128::from(t.as_secs() / 3600), 'H')])
+        .find(|(n, _)| *n <= MAX)
+        .map(|(n, unit)| format!("{n}{unit}"))?;
+    HeaderValue::from_str(&value).ok()
 }
 
 /// Parse a `grpc-timeout` header value: at most 8 digits and a unit (H, M, S, m, u, n).
@@ -329,6 +376,16 @@ mod tests {
     }
 
     #[test]
+    fn grpc_timeout_round_trips() {
+        for t in [Duration::from_millis(300), Duration::from_secs(5), Duration::from_secs(86_400 * 30), Duration::ZERO]
+        {
+            let v = grpc_timeout(t).map(|v| v.to_str().map(str::to_string));
+            let back = v.and_then(Result::ok).and_then(|s| parse_grpc_timeout(&s));
+            assert_eq!(back, Some(t), "{t:?}");
+        }
+    }
+
+    #[test]
     fn only_allowlisted_metadata_travels() {
         let mut md = MetadataMap::new();
         md.insert("token", "secret".parse().unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("")));
@@ -337,14 +394,7 @@ mod tests {
         md.insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
         md.insert("client-api-version", tonic::metadata::MetadataValue::from_static("3.4"));
         let meta = CallMeta::from_client(&md);
-        let keys: Vec<String> = meta
-            .metadata
-            .keys()
-            .map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => k.as_str().to_string(),
-                tonic::metadata::KeyRef::Binary(k) => k.as_str().to_string(),
-            })
-            .collect();
+        let keys: Vec<String> = meta.metadata.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(keys.len(), 2);
         assert!(keys.contains(&"hasleader".to_string()) && keys.contains(&"client-api-version".to_string()));
     }

@@ -1,0 +1,240 @@
+//! The HTTP/2 connection to one etcd endpoint, with the proxy's own client certificate.
+//!
+//! A call is put on the connection directly (h2's `SendRequest`), without a queue or task in between. The
+//! connection is made at the first call, and again at the next call after it broke. [`Channel`] lets tonic's
+//! client make streaming calls over the same connection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Ping, PingPong};
+use http::Uri;
+use http::uri::{Authority, Scheme};
+use http_body::Body;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::{RecvBody, send_body};
+
+/// Why a call could not be put on the connection, or its answer not read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {endpoint}: {message}")]
+    Connect { endpoint: String, message: String },
+    #[error("connecting to {endpoint} timed out")]
+    ConnectTimeout { endpoint: String },
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+}
+
+/// How to reach one endpoint.
+#[derive(Clone)]
+pub struct Connector {
+    pub tls: TlsConnector,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub server_name: ServerName<'static>,
+    pub connect_timeout: Duration,
+    pub connection_window: u32,
+    pub stream_window: u32,
+    /// A PING every `keep_alive_interval` (also while idle); no answer within `keep_alive_timeout` drops the
+    /// connection, and the next call makes a new one.
+    pub keep_alive_interval: Duration,
+    pub keep_alive_timeout: Duration,
+}
+
+/// One HTTP/2 connection to an endpoint, (re)made on demand. Cheap to share.
+pub struct Connection {
+    connector: Connector,
+    current: Arc<Mutex<Option<Live>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Live {
+    generation: u64,
+    sender: SendRequest<Bytes>,
+}
+
+/// A [`Connection`] as a tower service for tonic's client (streaming calls).
+#[derive(Clone)]
+pub struct Channel(Arc<Connection>);
+
+// === impl Connection ===
+
+impl Connection {
+    pub fn new(connector: Connector) -> Connection {
+        Connection { connector, current: Arc::new(Mutex::new(None)), connecting: tokio::sync::Mutex::new(()) }
+    }
+
+    /// `https://host:port`, for the `:scheme` and `:authority` of calls.
+    pub fn uri(&self, path: &'static str) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.connector.scheme.clone());
+        parts.authority = Some(self.connector.authority.clone());
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// The origin (`https://host:port`) for tonic's client.
+    pub fn origin(&self) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.connector.scheme.clone());
+        parts.authority = Some(self.connector.authority.clone());
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// A tonic-compatible handle on this connection.
+    pub fn channel(self: &Arc<Self>) -> Channel {
+        Channel(self.clone())
+    }
+
+    /// Send a request whose whole body is `body` (a unary call); the answer's body is read by the caller.
+    pub async fn send(&self, head: http::Request<()>, body: Bytes) -> Result<http::Response<h2::RecvStream>, Error> {
+        let mut sender = self.ready().await?;
+        let (response, mut stream) = sender.send_request(head, false)?;
+        stream.send_data(body, true)?;
+        Ok(response.await?)
+    }
+
+    /// Send a request with a streaming body (fed by its own task while the answer is read).
+    pub async fn send_streaming<B>(&self, req: http::Request<B>) -> Result<http::Response<RecvBody>, Error>
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let mut sender = self.ready().await?;
+        let (head, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let (response, mut stream) = sender.send_request(http::Request::from_parts(head, ()), end)?;
+        if !end {
+            tokio::spawn(async move {
+                if let Err(e) = send_body(body, &mut stream).await {
+                    debug!(error = %e, "request body to etcd ended early");
+                }
+            });
+        }
+        Ok(response.await?.map(RecvBody::new))
+    }
+
+    /// A sender with room for one more stream, connecting first when there is no live connection.
+    async fn ready(&self) -> Result<SendRequest<Bytes>, Error> {
+        let live = match self.live() {
+            Some(live) => live,
+            None => self.connect().await?,
+        };
+        match live.sender.ready().await {
+            Ok(sender) => Ok(sender),
+            Err(e) => {
+                self.forget(live.generation);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn live(&self) -> Option<Live> {
+        self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn forget(&self, generation: u64) {
+        forget(&self.current, generation);
+    }
+
+    async fn connect(&self) -> Result<Live, Error> {
+        // One connection attempt at a time; callers that waited use its result.
+        let _one = self.connecting.lock().await;
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let c = &self.connector;
+        let endpoint = || c.authority.to_string();
+        let (sender, connection) = tokio::time::timeout(c.connect_timeout, async {
+            let tcp = TcpStream::connect(c.authority.as_str())
+                .await
+                .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
+            let _ = tcp.set_nodelay(true);
+            let tls = c
+                .tls
+                .connect(c.server_name.clone(), tcp)
+                .await
+                .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
+            let handshake = h2::client::Builder::new()
+                .initial_window_size(c.stream_window)
+                .initial_connection_window_size(c.connection_window)
+                .handshake::<_, Bytes>(tls)
+                .await?;
+            Ok::<_, Error>(handshake)
+        })
+        .await
+        .map_err(|_| Error::ConnectTimeout { endpoint: endpoint() })??;
+        let generation = {
+            let mut slot = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let generation = slot.as_ref().map_or(1, |l| l.generation + 1);
+            *slot = Some(Live { generation, sender: sender.clone() });
+            generation
+        };
+        let current = self.current.clone();
+        let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
+        let endpoint = endpoint();
+        tokio::spawn(async move {
+            let mut connection = connection;
+            let pings = connection.ping_pong();
+            tokio::select! {
+                result = &mut connection => if let Err(e) = result {
+                    debug!(%endpoint, error = %e, "upstream connection ended");
+                },
+                () = keep_alive(pings, interval, timeout) => {
+                    debug!(%endpoint, "upstream connection did not answer a keep-alive ping; dropping it");
+                }
+            }
+            forget(&current, generation);
+        });
+        Ok(Live { generation, sender })
+    }
+}
+
+fn forget(current: &Mutex<Option<Live>>, generation: u64) {
+    let mut slot = current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if slot.as_ref().is_some_and(|l| l.generation == generation) {
+        *slot = None;
+    }
+}
+
+/// Resolves when the peer failed to answer a PING within `timeout`; pings every `interval`.
+async fn keep_alive(pings: Option<PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut pings) = pings else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection itself failed; its own future reports that.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
+// === impl Channel ===
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
+    type Response = http::Response<RecvBody>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<RecvBody>, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let connection = self.0.clone();
+        Box::pin(async move { connection.send_streaming(req).await })
+    }
+}

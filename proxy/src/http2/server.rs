@@ -1,0 +1,166 @@
+//! The client-facing HTTP/2 connection: one task accepts the connection's streams and drives every call on it.
+//!
+//! No task is spawned per request: a call's future lives in the connection task, so when etcd's answers to several
+//! calls arrive together they are all finished in one wake-up and leave in one write.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::SendResponse;
+use h2::{Ping, PingPong};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tracing::debug;
+
+use super::{RecvBody, send_body};
+
+/// How a client connection is run.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub max_concurrent_streams: u32,
+    pub connection_window: u32,
+    pub stream_window: u32,
+    /// A PING is sent this often; a peer that does not answer within `keep_alive_timeout` is dropped.
+    pub keep_alive_interval: Duration,
+    pub keep_alive_timeout: Duration,
+    /// After `stop`: how long calls in flight may take before the connection is closed.
+    pub shutdown_grace: Duration,
+}
+
+/// Largest header block a client may send (etcd's requests carry a few short headers).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Serve one connection until the client goes away, or `stop` turns true (then GOAWAY, and the calls in flight get
+/// `shutdown_grace` to finish). `handle` answers each request; its response body is sent with flow control.
+pub async fn serve<T, H, Fut, B>(
+    io: T,
+    handle: H,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(http::Request<RecvBody>) -> Fut,
+    Fut: Future<Output = http::Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .handshake::<T, Bytes>(io)
+        .await?;
+    let mut keep_alive = KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
+    let mut calls = FuturesUnordered::new();
+    let mut grace: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        tokio::select! {
+            // Calls first: every answer that is ready goes into the connection's buffer before it is written.
+            biased;
+            Some(()) = calls.next(), if !calls.is_empty() => {}
+            accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
+                Some(Ok((req, respond))) => calls.push(call(handle(req.map(RecvBody::new)), respond)),
+                Some(Err(e)) => return quiet(e),
+                None => return Ok(()),
+            },
+            () = poll_fn(|cx| keep_alive.poll_expired(cx)) => {
+                debug!("client did not answer a keep-alive ping; closing the connection");
+                return Ok(());
+            }
+            _ = stop.changed(), if grace.is_none() => {
+                conn.graceful_shutdown();
+                grace = Some(Box::pin(tokio::time::sleep(settings.shutdown_grace)));
+            }
+            () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => return Ok(()),
+        }
+    }
+}
+
+/// Answer one request: run the handler (dropped if the client resets the stream first), then send the response.
+async fn call<Fut, B>(answer: Fut, mut respond: SendResponse<Bytes>)
+where
+    Fut: Future<Output = http::Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut answer = std::pin::pin!(answer);
+    let response = poll_fn(|cx| {
+        if let Poll::Ready(reset) = respond.poll_reset(cx) {
+            return Poll::Ready(Err(reset));
+        }
+        answer.as_mut().poll(cx).map(Ok)
+    })
+    .await;
+    let Ok(response) = response else { return };
+    let (head, body) = response.into_parts();
+    let end = body.is_end_stream();
+    let mut stream = match respond.send_response(http::Response::from_parts(head, ()), end) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "response not sent");
+            return;
+        }
+    };
+    if !end {
+        if let Err(e) = send_body(body, &mut stream).await {
+            debug!(error = %e, "response body not sent");
+        }
+    }
+}
+
+/// A connection that ended by the client going away is not an error worth reporting.
+fn quiet(e: h2::Error) -> Result<(), h2::Error> {
+    if e.is_io() || e.is_go_away() || e.reason() == Some(h2::Reason::NO_ERROR) { Ok(()) } else { Err(e) }
+}
+
+/// Pings the client every `interval`; expires when an answer takes longer than `timeout`.
+struct KeepAlive {
+    pings: Option<PingPong>,
+    interval: Duration,
+    timeout: Duration,
+    timer: Pin<Box<Sleep>>,
+    waiting: bool,
+}
+
+// === impl KeepAlive ===
+
+impl KeepAlive {
+    fn new(pings: Option<PingPong>, interval: Duration, timeout: Duration) -> KeepAlive {
+        let timer = Box::pin(tokio::time::sleep(interval));
+        KeepAlive { pings, interval, timeout, timer, waiting: false }
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(pings) = self.pings.as_mut() else { return Poll::Pending };
+        loop {
+            if self.waiting {
+                match pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        self.waiting = false;
+                        self.timer.as_mut().reset(Instant::now() + self.interval);
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Pending,
+                    Poll::Pending => {}
+                }
+                ready!(self.timer.as_mut().poll(cx));
+                return Poll::Ready(());
+            }
+            ready!(self.timer.as_mut().poll(cx));
+            if pings.send_ping(Ping::opaque()).is_ok() {
+                self.waiting = true;
+                self.timer.as_mut().reset(Instant::now() + self.timeout);
+            } else {
+                self.timer.as_mut().reset(Instant::now() + self.interval);
+            }
+        }
+    }
+}
