@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// The etcd-guard binary [default: `etcd-guard` next to this program, i.e. the same target folder].
     #[arg(long)]
     pub proxy_bin: Option<PathBuf>,
+    /// Another etcd-guard binary (e.g. a build of the previous commit) to compare this one with: the `baseline`
+    /// case runs lin-range and put through fresh processes of both, alternating.
+    #[arg(long)]
+    pub baseline_bin: Option<PathBuf>,
     /// The etcd binary.
     #[arg(long, default_value = "etcd")]
     pub etcd_bin: PathBuf,
@@ -99,6 +103,8 @@ pub enum CaseKind {
     AuditCost,
     /// Memory per idle connection.
     Idle,
+    /// lin-range and put through a proxy built from `--baseline-bin` and through this one (only with that flag).
+    Baseline,
 }
 
 /// Connections and requests in flight (in all) of a run.
@@ -227,6 +233,43 @@ fn find_proxy_bin(args: &RunArgs) -> Result<PathBuf, BoxError> {
         )
         .into())
     }
+}
+
+/// Two fresh proxy processes compared on lin-range and put, A B A B …
+struct Pair<'a> {
+    kind: &'static str,
+    a: (&'a Leg, &'a mut ProxyProcess),
+    b: (&'a Leg, &'a mut ProxyProcess),
+}
+
+/// Run lin-range and put at every shape through both proxies of `pair`, alternating, into `cases`.
+async fn alternate(
+    bench: &Bench,
+    pair: Pair<'_>,
+    shapes: &[Shape],
+    etcd: &mut Etcd,
+    etcd_pid: &str,
+    admin: &tonic::transport::Channel,
+    cases: &mut Vec<Case>,
+) -> Result<(), BoxError> {
+    let Pair { kind, a: (a_leg, a), b: (b_leg, b) } = pair;
+    for workload in [Workload::LinRange, Workload::Put] {
+        for shape in shapes {
+            let mut alive = || -> Result<(), BoxError> {
+                etcd.guard.check_alive()?;
+                a.guard.check_alive()?;
+                b.guard.check_alive()
+            };
+            let case = bench
+                .compare(workload.name(), kind, workload, *shape, None, [a_leg, b_leg], etcd_pid, &mut alive)
+                .await?;
+            cases.push(case);
+            if workload == Workload::Put {
+                setup::compact(admin).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn selected(args: &RunArgs, kind: CaseKind) -> bool {
@@ -463,36 +506,24 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             let mut audited =
                 ProxyProcess::start(&proxy_bin, &pki, "audited", &etcd.url, "policy-small.yaml", options).await?;
             let on_leg = Leg::through("proxy audit on", &audited);
-            for workload in [Workload::LinRange, Workload::Put] {
-                for shape in &args.shapes {
-                    let mut alive = || -> Result<(), BoxError> {
-                        etcd.guard.check_alive()?;
-                        audited.guard.check_alive()?;
-                        quiet.guard.check_alive()
-                    };
-                    let case = bench
-                        .compare(
-                            workload.name(),
-                            "audit-cost",
-                            workload,
-                            *shape,
-                            None,
-                            [&off_leg, &on_leg],
-                            &etcd_pid,
-                            &mut alive,
-                        )
-                        .await?;
-                    cases.push(case);
-                    if workload == Workload::Put {
-                        setup::compact(&admin).await?;
-                    }
-                }
-            }
+            let pair = Pair { kind: "audit-cost", a: (&off_leg, &mut quiet), b: (&on_leg, &mut audited) };
+            alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
             drop(quiet);
             drop(audited);
         } else {
             eprintln!("etcd-guard-bench: auditing is not on in the main proxy; skipping the audit-cost case");
         }
+    }
+
+    // Another build of etcd-guard (A) against this one (B), alternating: what a change costs or saves.
+    if let Some(baseline_bin) = args.baseline_bin.as_ref().filter(|_| selected(&args, CaseKind::Baseline)) {
+        let mut base =
+            ProxyProcess::start(baseline_bin, &pki, "baseline", &etcd.url, "policy-small.yaml", options).await?;
+        let base_leg = Leg::through("baseline proxy", &base);
+        let mut this = ProxyProcess::start(&proxy_bin, &pki, "this", &etcd.url, "policy-small.yaml", options).await?;
+        let this_leg = Leg::through("this proxy", &this);
+        let pair = Pair { kind: "baseline", a: (&base_leg, &mut base), b: (&this_leg, &mut this) };
+        alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
     }
 
     // Memory per idle connection: a fresh proxy (nothing freed by earlier runs to reuse), and etcd for scale.

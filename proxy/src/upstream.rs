@@ -133,13 +133,13 @@ impl Upstream {
         M: prost::Message,
     {
         let member = self.pick()?;
+        let call = member.call(path, &msg, meta);
         match meta.timeout {
-            None => member.call(path, &msg, meta).await,
+            None => call.await,
             // etcd enforces the deadline too (it gets `grpc-timeout`); this answers in time if etcd cannot.
-            Some(t) => match tokio::time::timeout(t, member.call(path, &msg, meta)).await {
-                Ok(answer) => answer,
-                Err(_) => Err(Status::deadline_exceeded(DEADLINE_EXCEEDED)),
-            },
+            Some(t) => tokio::time::timeout(t, call)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded(DEADLINE_EXCEEDED))),
         }
     }
 

@@ -245,7 +245,14 @@ impl Inner {
             }
             return Err(Status::unavailable(AUDIT_UNAVAILABLE));
         }
-        self.tx.send(Msg::Record(record)).await.map_err(|_| Status::unavailable("etcd-guard: audit writer stopped"))?;
+        let stopped = || Status::unavailable("etcd-guard: audit writer stopped");
+        // Queue without waiting when there is room (nearly always); only a full queue needs the waiting send, whose
+        // future is boxed so that it does not make every call's future larger.
+        match self.tx.try_send(Msg::Record(record)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => Box::pin(self.tx.send(msg)).await.map_err(|_| stopped())?,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(stopped()),
+        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

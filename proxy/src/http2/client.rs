@@ -129,7 +129,8 @@ impl Connection {
     async fn ready(&self) -> Result<SendRequest<Bytes>, Error> {
         let live = match self.live() {
             Some(live) => live,
-            None => self.connect().await?,
+            // Boxed: connecting (TCP, TLS, HTTP/2 handshakes) is rare, and its future is large.
+            None => Box::pin(self.connect()).await?,
         };
         match live.sender.ready().await {
             Ok(sender) => Ok(sender),

@@ -292,7 +292,8 @@ impl Guard {
         }
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
-                for key in self.lease_keys(*lease, meta).await? {
+                // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
+                for key in Box::pin(self.lease_keys(*lease, meta)).await? {
                     if let Err(d) = perms.check(*access, &KeyRange::point(key)) {
                         return deny(format!("lease {lease:x} has a key outside the grants: {}", d.reason));
                     }
@@ -513,6 +514,21 @@ impl Guard {
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
+        // Boxed here and in `bidi`: streams are few and long-lived, and their futures (tonic's) are large; inline, they
+        // would make the future of every unary call on the connection as large.
+        Box::pin(self.server_streaming_inner::<M, F>(req, path, authorize)).await
+    }
+
+    async fn server_streaming_inner<M, F>(
+        &self,
+        req: HttpRequest,
+        path: &'static str,
+        authorize: F,
+    ) -> HttpResponse<Body>
+    where
+        M: prost::Message + Default + Describe + Send + Sync + 'static,
+        F: FnOnce(&M) -> Result<Needs, Status> + Send,
+    {
         let svc = OneShotStream::new(|request: Request<M>| async move {
             let at = Arrival::now();
             let meta = CallMeta::from_client(request.metadata());
@@ -547,7 +563,7 @@ impl Guard {
             let meta = CallMeta::from_client(request.metadata());
             Ok(Response::new(run(request.into_inner(), meta).await?))
         });
-        self.server_grpc::<M>().streaming(svc, req).await
+        Box::pin(self.server_grpc::<M>().streaming(svc, req)).await
     }
 }
 
