@@ -256,7 +256,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             crate::config::AuditOutput::File(file)
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format!("starting the runtime: {e}")),
     };

@@ -30,6 +30,8 @@ pub struct Config {
     pub reload_check_interval: Option<Duration>,
     /// How long a shutdown waits for calls in flight.
     pub shutdown_grace: Duration,
+    /// Threads serving connections (`None`: one per core, or `TOKIO_WORKER_THREADS`).
+    pub worker_threads: Option<usize>,
 }
 
 /// The audit log (`docs/audit.md`).
@@ -133,6 +135,8 @@ struct RawConfig {
     reload_check_interval_ms: u64,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
+    #[serde(default)]
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +332,9 @@ impl Config {
         } else {
             AuditOutput::File(resolve(&raw.audit.file))
         };
+        if raw.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
+            return Err(invalid("worker_threads", "must be between 1 and 1024".into()));
+        }
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
         }
@@ -369,6 +376,7 @@ impl Config {
             },
             metrics_listen,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+            worker_threads: raw.worker_threads,
             reload_check_interval: match raw.reload_check_interval_ms {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
@@ -434,6 +442,18 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         for bad in ["0", "65"] {
             let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("upstream.connections_per_endpoint"), "{bad}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_runtime_and_are_bounded() -> Result<(), ConfigError> {
+        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.worker_threads, None);
+        let set = |n: &str| format!("{EXAMPLE}\nworker_threads: {n}\n");
+        assert_eq!(Config::parse(&set("1"), Path::new("c.yaml"))?.worker_threads, Some(1));
+        for bad in ["0", "1025"] {
+            let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("worker_threads"), "{bad}: {err}");
         }
         Ok(())
     }
