@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +23,8 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::{RecvBody, send_body};
+
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Why a call could not be put on the connection, or its answer not read.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +57,10 @@ pub struct Connector {
 pub struct Connection {
     connector: Connector,
     current: Arc<Mutex<Option<Live>>>,
+    /// Held while connecting.
     connecting: tokio::sync::Mutex<()>,
+    /// Connection attempts that failed.
+    failures: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -71,7 +77,12 @@ pub struct Channel(Arc<Connection>);
 
 impl Connection {
     pub fn new(connector: Connector) -> Connection {
-        Connection { connector, current: Arc::new(Mutex::new(None)), connecting: tokio::sync::Mutex::new(()) }
+        Connection {
+            connector,
+            current: Arc::new(Mutex::new(None)),
+            connecting: tokio::sync::Mutex::new(()),
+            failures: AtomicU64::new(0),
+        }
     }
 
     /// `https://host:port`, for the `:scheme` and `:authority` of calls.
@@ -150,14 +161,35 @@ impl Connection {
     }
 
     async fn connect(&self) -> Result<Live, Error> {
-        // One connection attempt at a time; callers that waited use its result.
+        let c = &self.connector;
+        let endpoint = || c.authority.to_string();
+        // One connection attempt at a time. Callers that waited for it use its result: its connection, or its
+        // failure (rather than each trying again in turn, which against an endpoint that does not answer would
+        // make the last caller wait for every attempt's timeout).
+        let failed_before = self.failures.load(Ordering::Acquire);
         let _one = self.connecting.lock().await;
         if let Some(live) = self.live() {
             return Ok(live);
         }
+        if self.failures.load(Ordering::Acquire) != failed_before {
+            return Err(Error::Connect { endpoint: endpoint(), message: "the connection attempt failed".into() });
+        }
+        let attempt = Box::pin(self.handshake()).await;
+        let (sender, connection) = match attempt {
+            Ok(handshake) => handshake,
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
+        Ok(self.install(sender, connection))
+    }
+
+    /// TCP, TLS and HTTP/2 handshakes, within the connect timeout.
+    async fn handshake(&self) -> Result<(SendRequest<Bytes>, h2::client::Connection<TlsStream, Bytes>), Error> {
         let c = &self.connector;
         let endpoint = || c.authority.to_string();
-        let (sender, connection) = tokio::time::timeout(c.connect_timeout, async {
+        tokio::time::timeout(c.connect_timeout, async {
             let tcp = TcpStream::connect(c.authority.as_str())
                 .await
                 .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
@@ -175,7 +207,12 @@ impl Connection {
             Ok::<_, Error>(handshake)
         })
         .await
-        .map_err(|_| Error::ConnectTimeout { endpoint: endpoint() })??;
+        .map_err(|_| Error::ConnectTimeout { endpoint: endpoint() })?
+    }
+
+    /// Make a new connection the live one, and drive it (with keep-alive pings) until it ends.
+    fn install(&self, sender: SendRequest<Bytes>, connection: h2::client::Connection<TlsStream, Bytes>) -> Live {
+        let c = &self.connector;
         let generation = {
             let mut slot = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let generation = slot.as_ref().map_or(1, |l| l.generation + 1);
@@ -184,7 +221,7 @@ impl Connection {
         };
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
-        let endpoint = endpoint();
+        let endpoint = c.authority.to_string();
         tokio::spawn(async move {
             let mut connection = connection;
             let pings = connection.ping_pong();
@@ -198,7 +235,7 @@ impl Connection {
             }
             forget(&current, generation);
         });
-        Ok(Live { generation, sender })
+        Live { generation, sender }
     }
 }
 
@@ -237,5 +274,59 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let connection = self.0.clone();
         Box::pin(async move { connection.send_streaming(req).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An endpoint that accepts TCP connections and never answers: every TLS handshake times out.
+    async fn silent_endpoint() -> std::io::Result<(Authority, tokio::task::JoinHandle<usize>)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok(Ok((tcp, _))) = tokio::time::timeout(Duration::from_millis(1500), listener.accept()).await {
+                held.push(tcp);
+            }
+            held.len()
+        });
+        let authority = addr.to_string().parse().map_err(std::io::Error::other)?;
+        Ok((authority, accepting))
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_for_a_failed_attempt_share_its_failure() -> Result<(), Box<dyn std::error::Error>> {
+        let (authority, accepting) = silent_endpoint().await?;
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let connection = Arc::new(Connection::new(Connector {
+            tls: TlsConnector::from(Arc::new(tls)),
+            scheme: Scheme::HTTPS,
+            authority,
+            server_name: ServerName::try_from("localhost")?,
+            connect_timeout: Duration::from_millis(300),
+            connection_window: 1 << 20,
+            stream_window: 1 << 20,
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
+        }));
+        let calls = (0..5).map(|_| {
+            let connection = connection.clone();
+            async move {
+                let head = http::Request::new(());
+                connection.send(head, Bytes::new()).await.err().map(|e| e.to_string())
+            }
+        });
+        let errors = futures_util::future::join_all(calls).await;
+        assert!(errors.iter().all(Option::is_some), "{errors:?}");
+        assert_eq!(accepting.await?, 1, "one connection attempt for all five callers");
+        // The next call (after the failure) tries again.
+        let head = http::Request::new(());
+        assert!(connection.send(head, Bytes::new()).await.is_err());
+        Ok(())
     }
 }

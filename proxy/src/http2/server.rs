@@ -47,9 +47,9 @@ pub async fn serve<T, H, Fut, B>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
     H: Fn(http::Request<RecvBody>) -> Fut,
-    Fut: Future<Output = http::Response<B>>,
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    Fut: Future<Output = http::Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display + Send,
 {
     let mut conn = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
@@ -59,7 +59,9 @@ where
         .handshake::<T, Bytes>(io)
         .await?;
     let mut keep_alive = KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
-    let mut calls = FuturesUnordered::new();
+    // Boxed: a call's future is several KiB, and FuturesUnordered keeps one slot of that size per connection
+    // (idle connections) and would move each new call into its own allocation; a box is one pointer to move.
+    let mut calls: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> = FuturesUnordered::new();
     let mut grace: Option<Pin<Box<Sleep>>> = None;
     loop {
         tokio::select! {
@@ -67,7 +69,7 @@ where
             biased;
             Some(()) = calls.next(), if !calls.is_empty() => {}
             accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
-                Some(Ok((req, respond))) => calls.push(call(handle(req.map(RecvBody::new)), respond)),
+                Some(Ok((req, respond))) => calls.push(Box::pin(call(handle(req.map(RecvBody::new)), respond))),
                 Some(Err(e)) => return quiet(e),
                 None => return Ok(()),
             },
