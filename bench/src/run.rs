@@ -42,7 +42,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub proxy_bin: Option<PathBuf>,
     /// Another etcd-guard binary (e.g. a build of the previous commit) to compare this one with: the `baseline`
-    /// case runs lin-range and put through fresh processes of both, alternating.
+    /// case runs lin-range, put and watch through fresh processes of both, alternating.
     #[arg(long)]
     pub baseline_bin: Option<PathBuf>,
     /// The etcd binary.
@@ -103,7 +103,8 @@ pub enum CaseKind {
     AuditCost,
     /// Memory per idle connection.
     Idle,
-    /// lin-range and put through a proxy built from `--baseline-bin` and through this one (only with that flag).
+    /// lin-range, put and watch through a proxy built from `--baseline-bin` and through this one (only with that
+    /// flag).
     Baseline,
 }
 
@@ -235,14 +236,15 @@ fn find_proxy_bin(args: &RunArgs) -> Result<PathBuf, BoxError> {
     }
 }
 
-/// Two fresh proxy processes compared on lin-range and put, A B A B …
+/// Two fresh proxy processes compared on the same workloads, A B A B …
 struct Pair<'a> {
     kind: &'static str,
+    workloads: &'a [Workload],
     a: (&'a Leg, &'a mut ProxyProcess),
     b: (&'a Leg, &'a mut ProxyProcess),
 }
 
-/// Run lin-range and put at every shape through both proxies of `pair`, alternating, into `cases`.
+/// Run the workloads of `pair` at every shape through both of its proxies, alternating, into `cases`.
 async fn alternate(
     bench: &Bench,
     pair: Pair<'_>,
@@ -252,8 +254,8 @@ async fn alternate(
     admin: &tonic::transport::Channel,
     cases: &mut Vec<Case>,
 ) -> Result<(), BoxError> {
-    let Pair { kind, a: (a_leg, a), b: (b_leg, b) } = pair;
-    for workload in [Workload::LinRange, Workload::Put] {
+    let Pair { kind, workloads, a: (a_leg, a), b: (b_leg, b) } = pair;
+    for &workload in workloads {
         for shape in shapes {
             let mut alive = || -> Result<(), BoxError> {
                 etcd.guard.check_alive()?;
@@ -506,7 +508,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             let mut audited =
                 ProxyProcess::start(&proxy_bin, &pki, "audited", &etcd.url, "policy-small.yaml", options).await?;
             let on_leg = Leg::through("proxy audit on", &audited);
-            let pair = Pair { kind: "audit-cost", a: (&off_leg, &mut quiet), b: (&on_leg, &mut audited) };
+            let workloads = &[Workload::LinRange, Workload::Put];
+            let pair = Pair { kind: "audit-cost", workloads, a: (&off_leg, &mut quiet), b: (&on_leg, &mut audited) };
             alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
             drop(quiet);
             drop(audited);
@@ -522,7 +525,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         let base_leg = Leg::through("baseline proxy", &base);
         let mut this = ProxyProcess::start(&proxy_bin, &pki, "this", &etcd.url, "policy-small.yaml", options).await?;
         let this_leg = Leg::through("this proxy", &this);
-        let pair = Pair { kind: "baseline", a: (&base_leg, &mut base), b: (&this_leg, &mut this) };
+        let workloads = &[Workload::LinRange, Workload::Put, Workload::Watch];
+        let pair = Pair { kind: "baseline", workloads, a: (&base_leg, &mut base), b: (&this_leg, &mut this) };
         alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
     }
 

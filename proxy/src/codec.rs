@@ -186,25 +186,16 @@ where
     B::Error: std::fmt::Display,
 {
     use http_body_util::BodyExt;
-    let mut data = BytesMut::new();
-    let mut first: Option<Bytes> = None;
+    let mut data = Gather::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Status::internal(format!("grpc: error reading request: {e}")))?;
         let Ok(chunk) = frame.into_data() else { continue };
-        match first.take() {
-            None if data.is_empty() => first = Some(chunk),
-            None => data.extend_from_slice(&chunk),
-            Some(f) => {
-                data.extend_from_slice(&f);
-                data.extend_from_slice(&chunk);
-            }
-        }
-        let held = first.as_ref().map_or(data.len(), Bytes::len);
-        if held > max_bytes.saturating_add(PREFIX_BYTES) {
-            return Err(too_large(held - PREFIX_BYTES, max_bytes));
+        data.push(chunk);
+        if data.len() > max_bytes.saturating_add(PREFIX_BYTES) {
+            return Err(too_large(data.len() - PREFIX_BYTES, max_bytes));
         }
     }
-    let mut body = first.unwrap_or_else(|| data.freeze());
+    let mut body = data.finish();
     if body.len() < PREFIX_BYTES {
         return Err(Status::internal("grpc: error while receiving the request: no complete message"));
     }
@@ -223,6 +214,41 @@ where
         return Err(Status::internal("grpc: a unary request must carry exactly one message"));
     }
     M::decode(body).map_err(|e| Status::internal(format!("grpc: error unmarshalling request: {e}")))
+}
+
+/// A body's chunks gathered into one buffer. A body of one chunk (most gRPC messages) is kept as it came, without
+/// a copy.
+#[derive(Default)]
+pub struct Gather {
+    first: Option<Bytes>,
+    rest: BytesMut,
+}
+
+// === impl Gather ===
+
+impl Gather {
+    pub fn push(&mut self, chunk: Bytes) {
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(chunk),
+            None => self.rest.extend_from_slice(&chunk),
+            Some(first) => {
+                self.rest.extend_from_slice(&first);
+                self.rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.first.as_ref().map_or(self.rest.len(), Bytes::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn finish(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.rest.freeze())
+    }
 }
 
 /// gRPC's binary headers: standard base64, padded or not.
@@ -295,5 +321,47 @@ impl http_body::Body for Answer {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_keeps_one_chunk_and_joins_several() {
+        let mut one = Gather::default();
+        one.push(Bytes::from_static(b"abc"));
+        assert_eq!(one.finish(), Bytes::from_static(b"abc"));
+        let mut three = Gather::default();
+        for part in [&b"ab"[..], b"", b"cd", b"e"] {
+            three.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(three.len(), 5);
+        assert_eq!(three.finish(), Bytes::from_static(b"abcde"));
+        assert!(Gather::default().is_empty());
+    }
+
+    #[test]
+    fn a_frame_round_trips_and_a_bad_one_is_refused() {
+        let msg = etcd_guard_proto::etcdserverpb::RangeRequest { key: b"k".to_vec(), ..Default::default() };
+        let framed = frame(&msg);
+        assert_eq!(unframe(framed.clone()).ok(), Some(Bytes::from(prost::Message::encode_to_vec(&msg))));
+        assert!(unframe(framed.slice(..framed.len() - 1)).is_err());
+        assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
+    }
+
+    #[test]
+    fn statuses_from_trailers_keep_code_message_and_nothing_else() {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("7"));
+        t.insert("grpc-message", http::HeaderValue::from_static("etcdserver:%20permission%20denied"));
+        t.insert("x-etcd-internal", http::HeaderValue::from_static("secret"));
+        let status = status_from_trailers(&t);
+        assert_eq!(status.as_ref().map(Status::code), Some(Code::PermissionDenied));
+        assert_eq!(status.as_ref().map(Status::message), Some("etcdserver: permission denied"));
+        assert!(status.is_some_and(|s| s.metadata().is_empty()));
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        assert!(status_from_trailers(&t).is_none());
     }
 }

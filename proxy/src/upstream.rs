@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderValue, TE};
 use http::uri::PathAndQuery;
@@ -219,20 +219,11 @@ impl Member {
         if head.status != http::StatusCode::OK {
             return Err(self.broken(format!("etcd answered HTTP status {}", head.status)));
         }
-        let mut data = BytesMut::new();
-        let mut first: Option<Bytes> = None;
+        let mut data = codec::Gather::default();
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
             let _ = body.flow_control().release_capacity(chunk.len());
-            // Most answers come in one DATA frame: keep it as it is rather than copying it.
-            match first.take() {
-                None if data.is_empty() => first = Some(chunk),
-                None => data.extend_from_slice(&chunk),
-                Some(f) => {
-                    data.extend_from_slice(&f);
-                    data.extend_from_slice(&chunk);
-                }
-            }
+            data.push(chunk);
         }
         let trailers = body.trailers().await.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
         match trailers.as_ref().and_then(codec::status_from_trailers) {
@@ -240,8 +231,7 @@ impl Member {
             None if trailers.as_ref().is_some_and(|t| t.contains_key("grpc-status")) => {}
             None => return Err(self.broken("etcd's answer ended without a gRPC status".into())),
         }
-        let data = first.unwrap_or_else(|| data.freeze());
-        codec::unframe(data).map_err(|e| self.broken(e))
+        codec::unframe(data.finish()).map_err(|e| self.broken(e))
     }
 
     /// The connection could not be made or broke under the call: the client is told `Unavailable`.

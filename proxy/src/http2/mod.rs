@@ -17,7 +17,6 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
-use http::HeaderMap;
 use http_body::{Body, Frame};
 
 /// A received HTTP/2 stream as an `http_body` body. Flow-control capacity is given back as data is taken.
@@ -136,12 +135,4 @@ async fn wait_for_capacity(stream: &mut SendStream<Bytes>) -> Result<(), SendErr
         }
     }
     Ok(())
-}
-
-/// Send a whole response body that is already in memory: data (if any), then trailers.
-pub fn send_buffered(stream: &mut SendStream<Bytes>, data: Bytes, trailers: HeaderMap) -> Result<(), h2::Error> {
-    if !data.is_empty() {
-        stream.send_data(data, false)?;
-    }
-    stream.send_trailers(trailers)
 }

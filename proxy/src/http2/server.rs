@@ -59,8 +59,8 @@ where
         .handshake::<T, Bytes>(io)
         .await?;
     let mut keep_alive = KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
-    // Boxed: a call's future is several KiB, and FuturesUnordered keeps one slot of that size per connection
-    // (idle connections) and would move each new call into its own allocation; a box is one pointer to move.
+    // Boxed: FuturesUnordered keeps one slot of its future's size per connection (idle connections) and moves each
+    // new call into an allocation of that size; a box is one pointer to move.
     let mut calls: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> = FuturesUnordered::new();
     let mut grace: Option<Pin<Box<Sleep>>> = None;
     loop {
@@ -69,7 +69,9 @@ where
             biased;
             Some(()) = calls.next(), if !calls.is_empty() => {}
             accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
-                Some(Ok((req, respond))) => calls.push(Box::pin(call(handle(req.map(RecvBody::new)), respond))),
+                Some(Ok((req, respond))) => {
+                    calls.push(Box::pin(call(Box::pin(handle(req.map(RecvBody::new))), respond)));
+                }
                 Some(Err(e)) => return quiet(e),
                 None => return Ok(()),
             },
@@ -87,13 +89,15 @@ where
 }
 
 /// Answer one request: run the handler (dropped if the client resets the stream first), then send the response.
-async fn call<Fut, B>(answer: Fut, mut respond: SendResponse<Bytes>)
+///
+/// The handler's future comes boxed and is freed as soon as it has answered: its allocation (several KiB, the
+/// largest route's size) is not held for as long as a watch stream lasts.
+async fn call<Fut, B>(mut answer: Pin<Box<Fut>>, mut respond: SendResponse<Bytes>)
 where
     Fut: Future<Output = http::Response<B>>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let mut answer = std::pin::pin!(answer);
     let response = poll_fn(|cx| {
         if let Poll::Ready(reset) = respond.poll_reset(cx) {
             return Poll::Ready(Err(reset));
@@ -101,6 +105,7 @@ where
         answer.as_mut().poll(cx).map(Ok)
     })
     .await;
+    drop(answer);
     let Ok(response) = response else { return };
     let (head, body) = response.into_parts();
     let end = body.is_end_stream();
