@@ -153,13 +153,18 @@ const PREFIX_BYTES: usize = 5;
 
 /// One uncompressed gRPC frame holding `msg`.
 pub fn frame<M: prost::Message>(msg: &M) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(PREFIX_BYTES + len);
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    let mut buf = prefixed(msg.encoded_len());
     // Cannot fail: the buffer was sized for the message.
     let _ = msg.encode(&mut buf);
     buf.freeze()
+}
+
+/// A buffer for one uncompressed frame of `len` bytes, with its prefix written.
+fn prefixed(len: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(PREFIX_BYTES + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    buf
 }
 
 /// The message inside a body that must be exactly one uncompressed gRPC frame (an answer from etcd).
@@ -284,9 +289,7 @@ pub fn status_from_trailers(trailers: &http::HeaderMap) -> Option<Status> {
 
 /// A unary call's answer to the client: etcd's message in one frame, then `grpc-status: 0`.
 pub fn unary_response(message: Bytes) -> http::Response<tonic::body::Body> {
-    let mut framed = BytesMut::with_capacity(PREFIX_BYTES + message.len());
-    framed.put_u8(0);
-    framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    let mut framed = prefixed(message.len());
     framed.extend_from_slice(&message);
     let mut response = http::Response::new(tonic::body::Body::new(Answer { data: Some(framed.freeze()), done: false }));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));

@@ -85,7 +85,7 @@ impl Connection {
         }
     }
 
-    /// `https://host:port`, for the `:scheme` and `:authority` of calls.
+    /// `https://host:port` and `path`, for the `:scheme`, `:authority` and `:path` of a call.
     pub fn uri(&self, path: &'static str) -> Uri {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.connector.scheme.clone());
@@ -94,13 +94,9 @@ impl Connection {
         Uri::from_parts(parts).unwrap_or_default()
     }
 
-    /// The origin (`https://host:port`) for tonic's client.
+    /// The origin (`https://host:port/`) for tonic's client.
     pub fn origin(&self) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.connector.scheme.clone());
-        parts.authority = Some(self.connector.authority.clone());
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        Uri::from_parts(parts).unwrap_or_default()
+        self.uri("/")
     }
 
     /// A tonic-compatible handle on this connection.

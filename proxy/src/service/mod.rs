@@ -514,21 +514,6 @@ impl Guard {
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
-        // Boxed here and in `bidi`: streams are few and long-lived, and their futures (tonic's) are large; inline, they
-        // would make the future of every unary call on the connection as large.
-        Box::pin(self.server_streaming_inner::<M, F>(req, path, authorize)).await
-    }
-
-    async fn server_streaming_inner<M, F>(
-        &self,
-        req: HttpRequest,
-        path: &'static str,
-        authorize: F,
-    ) -> HttpResponse<Body>
-    where
-        M: prost::Message + Default + Describe + Send + Sync + 'static,
-        F: FnOnce(&M) -> Result<Needs, Status> + Send,
-    {
         let svc = OneShotStream::new(|request: Request<M>| async move {
             let at = Arrival::now();
             let meta = CallMeta::from_client(request.metadata());
@@ -549,7 +534,9 @@ impl Guard {
             let clean: CleanFn = clean_item;
             Ok(Response::new(Audited { inner: futures_util::StreamExt::map(stream, clean), end: Some(end) }))
         });
-        self.server_grpc::<M>().server_streaming(svc, req).await
+        // Boxed here and in `bidi`: streams are few and long-lived, and their futures (tonic's) are large; inline, they
+        // would make the future of every unary call on the connection as large.
+        Box::pin(self.server_grpc::<M>().server_streaming(svc, req)).await
     }
 
     /// A bidirectional RPC; `run` gets the decoded inbound stream and returns the receiving end of the outbound one.
