@@ -263,6 +263,7 @@ async fn connection(
         // GOAWAY at shutdown: no new requests on this connection; the ones in flight finish (streams are ended by
         // the shutdown signal they watch).
         shutdown_grace: grace,
+        own_task: crate::service::is_streaming,
     };
     let handle = |req| guard.clone().handle(req);
     if let Err(e) = http2::server::serve(stream, handle, settings, stop).await {

@@ -1,7 +1,9 @@
 //! The client-facing HTTP/2 connection: one task accepts the connection's streams and drives every call on it.
 //!
-//! No task is spawned per request: a call's future lives in the connection task, so when etcd's answers to several
-//! calls arrive together they are all finished in one wake-up and leave in one write.
+//! No task is spawned per unary request: a call's future lives in the connection task, so when etcd's answers to
+//! several calls arrive together they are all finished in one wake-up and leave in one write. Long-lived calls
+//! (streams, chosen by [`Settings::own_task`]) get a task each: a connection carrying a thousand watch streams
+//! then has their events decoded, checked and framed by every runtime thread, not by its one task.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -15,6 +17,7 @@ use h2::{Ping, PingPong};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
@@ -31,6 +34,9 @@ pub struct Settings {
     pub keep_alive_timeout: Duration,
     /// After `stop`: how long calls in flight may take before the connection is closed.
     pub shutdown_grace: Duration,
+    /// Requests (by path) whose call runs in a task of its own; the others run in the connection's task. Either
+    /// way a call ends when the connection does.
+    pub own_task: fn(&str) -> bool,
 }
 
 /// Largest header block a client may send (etcd's requests carry a few short headers).
@@ -62,15 +68,24 @@ where
     // Boxed: FuturesUnordered keeps one slot of its future's size per connection (idle connections) and moves each
     // new call into an allocation of that size; a box is one pointer to move.
     let mut calls: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> = FuturesUnordered::new();
+    // Dropped with the connection, which aborts what is still running.
+    let mut streams = JoinSet::new();
     let mut grace: Option<Pin<Box<Sleep>>> = None;
     loop {
         tokio::select! {
             // Calls first: every answer that is ready goes into the connection's buffer before it is written.
             biased;
             Some(()) = calls.next(), if !calls.is_empty() => {}
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
             accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
                 Some(Ok((req, respond))) => {
-                    calls.push(Box::pin(call(Box::pin(handle(req.map(RecvBody::new))), respond)));
+                    let own_task = (settings.own_task)(req.uri().path());
+                    let answer = call(Box::pin(handle(req.map(RecvBody::new))), respond);
+                    if own_task {
+                        streams.spawn(answer);
+                    } else {
+                        calls.push(Box::pin(answer));
+                    }
                 }
                 Some(Err(e)) => return quiet(e),
                 None => return Ok(()),

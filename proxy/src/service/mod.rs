@@ -54,6 +54,22 @@ pub fn shutting_down() -> Status {
     Status::unavailable("etcd-guard: shutting down")
 }
 
+/// The streaming methods. Each such call runs in a task of its own (a connection may carry thousands of watch
+/// streams, whose events should not all be delivered by one task); unary calls run in their connection's task.
+pub const STREAMING: &[&str] = &[
+    methods::KV_RANGE_STREAM,
+    methods::WATCH_WATCH,
+    methods::LEASE_KEEP_ALIVE,
+    methods::MAINTENANCE_SNAPSHOT,
+    methods::ELECTION_OBSERVE,
+    methods::HEALTH_WATCH,
+];
+
+/// Whether `path` names a streaming method.
+pub fn is_streaming(path: &str) -> bool {
+    STREAMING.contains(&path)
+}
+
 /// etcd's answer to a denied request.
 pub fn permission_denied() -> Status {
     Status::permission_denied(PERMISSION_DENIED)
@@ -778,6 +794,24 @@ where
         match self.0.take() {
             Some(f) => Either::Left(f(request)),
             None => Either::Right(called_twice()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_methods_are_known_methods_and_unary_ones_are_not_streaming() {
+        for path in STREAMING {
+            assert!(methods::ALL.contains(path), "{path}");
+            assert!(is_streaming(path));
+        }
+        for path in
+            [methods::KV_RANGE, methods::KV_PUT, methods::KV_TXN, methods::LOCK_LOCK, "/etcdserverpb.Watch/Other"]
+        {
+            assert!(!is_streaming(path), "{path}");
         }
     }
 }
