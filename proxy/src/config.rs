@@ -90,7 +90,7 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// How often each endpoint is probed (Maintenance/Status).
     pub health_check_interval: Duration,
-    /// HTTP/2 connections opened to each endpoint; calls are spread over them.
+    /// HTTP/2 connections opened to each endpoint (default 1); calls are spread over them.
     pub connections_per_endpoint: usize,
 }
 
@@ -181,8 +181,10 @@ fn default_shutdown_grace_ms() -> u64 {
 fn default_reload_check_interval_ms() -> u64 {
     2_000
 }
+/// One, as etcd's own clients: every extra connection spreads the same calls over more reads, writes and wake-ups
+/// (15–25 µs more proxy CPU per request with two, BENCHMARKS.md).
 fn default_connections_per_endpoint() -> usize {
-    2
+    1
 }
 fn default_health_check_interval_ms() -> u64 {
     2_000
@@ -431,7 +433,7 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
 
     #[test]
     fn upstream_connections_are_two_per_endpoint_unless_set_within_bounds() -> Result<(), ConfigError> {
-        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.upstream.connections_per_endpoint, 2);
+        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.upstream.connections_per_endpoint, 1);
         let set = |n: &str| {
             EXAMPLE.replace(
                 "  key_file: upstream-client.key\n",
