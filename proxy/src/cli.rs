@@ -12,6 +12,7 @@ use crate::certs::{self, InitOptions};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::policy::{Capability, CapabilitySet, Policy, unescape_key};
+use crate::runtime::Workers;
 use crate::server::Proxy;
 
 /// An access-control proxy for etcd: mutual TLS identities, keyspace ACLs, etcd's own answers.
@@ -256,21 +257,28 @@ fn serve(args: ServeArgs) -> ExitCode {
             crate::config::AuditOutput::File(file)
         };
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.worker_threads {
-        builder.worker_threads(n);
-    }
-    let runtime = match builder.enable_all().build() {
-        Ok(r) => r,
-        Err(e) => return fail(format!("starting the runtime: {e}")),
+    // Connections are served by worker threads, one runtime each; this thread runs the listener, signals,
+    // metrics, reloads and health probes.
+    let threads = config.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = match Workers::start(threads) {
+        Ok(w) => w,
+        Err(e) => return fail(format!("starting the worker threads: {e}")),
     };
-    runtime.block_on(async move {
-        let proxy = match Proxy::bind(&config).await {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            workers.stop();
+            return fail(format!("starting the runtime: {e}"));
+        }
+    };
+    let handles = workers.handles();
+    let code = runtime.block_on(async move {
+        let proxy = match Proxy::bind_with_workers(&config, handles).await {
             Ok(p) => p,
             Err(e) => return fail(e),
         };
         let addr = proxy.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, "etcd-guard serving");
+        tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, worker_threads = threads, "etcd-guard serving");
         let audit = proxy.audit();
         let reload = proxy.reload_handle();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -283,7 +291,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         audit.close(std::time::Duration::from_secs(10)).await;
         tracing::info!("audit log flushed; bye");
         ExitCode::SUCCESS
-    })
+    });
+    drop(runtime);
+    workers.stop();
+    code
 }
 
 /// Wait for SIGTERM or SIGINT; SIGHUP reloads the policy and certificates meanwhile.

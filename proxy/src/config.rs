@@ -30,7 +30,7 @@ pub struct Config {
     pub reload_check_interval: Option<Duration>,
     /// How long a shutdown waits for calls in flight.
     pub shutdown_grace: Duration,
-    /// Threads serving connections (`None`: one per core, or `TOKIO_WORKER_THREADS`).
+    /// Worker threads serving connections (`None`: one per core).
     pub worker_threads: Option<usize>,
 }
 

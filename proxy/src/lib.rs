@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod tls;

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -48,6 +49,8 @@ pub struct Proxy {
     shutdown_grace: Duration,
     handshake_timeout: Duration,
     max_concurrent_streams: u32,
+    /// The worker runtimes connections are given to in turn; none: connections run on the caller's runtime.
+    workers: Vec<Handle>,
 }
 
 /// A proxy serving in the background (used by tests and the demo).
@@ -64,7 +67,14 @@ pub struct Running {
 
 impl Proxy {
     /// Load everything the configuration names and bind the listener. Every file problem is reported here.
+    /// Connections are served on the caller's runtime.
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
+        Proxy::bind_with_workers(config, Vec::new()).await
+    }
+
+    /// The same, serving connections on `workers` ([`crate::runtime::Workers`]), each worker with upstream
+    /// connections of its own. The listener, metrics, reloads and health probes stay on the caller's runtime.
+    pub async fn bind_with_workers(config: &Config, workers: Vec<Handle>) -> Result<Proxy, StartError> {
         let policy = Policy::load(&config.policy_file)?;
         let server_tls = tls::server_config(&config.tls)?;
         let channels = tls::upstream_connections(&config.upstream)?;
@@ -83,7 +93,7 @@ impl Proxy {
         };
         let shared = Arc::new(Shared::new(
             policy,
-            Upstream::new(channels),
+            Upstream::for_workers(channels, workers.clone()),
             advertise_client_urls,
             config.limits.max_request_bytes,
             audit,
@@ -102,6 +112,7 @@ impl Proxy {
             shutdown_grace: config.shutdown_grace,
             handshake_timeout: config.tls.handshake_timeout,
             max_concurrent_streams: config.limits.max_concurrent_streams,
+            workers,
         })
     }
 
@@ -158,7 +169,23 @@ impl Proxy {
             let acceptor = self.acceptor.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
             let shared = self.shared.clone();
             let settings = (self.handshake_timeout, self.max_concurrent_streams, self.shutdown_grace);
-            connections.spawn(connection(tcp, peer, id, acceptor, shared, settings, stop.clone()));
+            let stop = stop.clone();
+            match self.workers.get(id as usize % self.workers.len().max(1)) {
+                None => drop(connections.spawn(connection(tcp, peer, id, acceptor, shared, settings, stop))),
+                // The socket moves to the worker's own reactor.
+                Some(worker) => match tcp.into_std() {
+                    Ok(tcp) => {
+                        let serve = async move {
+                            match TcpStream::from_std(tcp) {
+                                Ok(tcp) => connection(tcp, peer, id, acceptor, shared, settings, stop).await,
+                                Err(e) => warn!(conn = id, %peer, error = %e, "cannot hand the connection to a worker"),
+                            }
+                        };
+                        connections.spawn_on(serve, worker);
+                    }
+                    Err(e) => warn!(conn = id, %peer, error = %e, "cannot hand the connection to a worker"),
+                },
+            }
             // Reap finished connections as we go.
             while connections.try_join_next().is_some() {}
         }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderValue, TE};
 use http::uri::PathAndQuery;
+use tokio::runtime::Handle;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status, Streaming};
 
@@ -30,10 +31,14 @@ const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 /// go round robin over the endpoints that are healthy; an endpoint is marked unhealthy when a call to it fails at
 /// the transport level, and healthy again when a periodic probe (Maintenance/Status) succeeds. With no healthy
 /// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call.
+///
+/// With worker threads ([`crate::runtime`]) each worker has connections of its own, made and driven on its thread,
+/// and a call made on a worker uses that worker's; calls made elsewhere (health probes) use any.
 #[derive(Clone)]
 pub struct Upstream {
     members: Arc<RwLock<Arc<[Arc<Member>]>>>,
     next: Arc<AtomicUsize>,
+    workers: Arc<[Handle]>,
 }
 
 /// One connection to an etcd endpoint.
@@ -53,15 +58,23 @@ pub struct CallMeta {
 // === impl Upstream ===
 
 impl Upstream {
-    /// `(url, connection)` per endpoint; all start healthy.
+    /// `(url, connection)` per endpoint; all start healthy. Connections are made on the caller's runtime.
     pub fn new(endpoints: Vec<(String, Connection)>) -> Upstream {
-        Upstream { members: Arc::new(RwLock::new(members(endpoints))), next: Arc::new(AtomicUsize::new(0)) }
+        Upstream::for_workers(endpoints, Vec::new())
+    }
+
+    /// The same, with a copy of every connection for each worker (none: as [`Upstream::new`]).
+    pub fn for_workers(endpoints: Vec<(String, Connection)>, workers: Vec<Handle>) -> Upstream {
+        let workers: Arc<[Handle]> = workers.into();
+        let members = Arc::new(RwLock::new(members(endpoints, &workers)));
+        Upstream { members, next: Arc::new(AtomicUsize::new(0)), workers }
     }
 
     /// New connections (after a reload of the upstream certificate). Calls in progress finish on the old ones.
     pub fn replace(&self, endpoints: Vec<(String, Connection)>) {
+        let members = members(endpoints, &self.workers);
         let mut slot = self.members.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *slot = members(endpoints);
+        *slot = members;
     }
 
     fn current(&self) -> Arc<[Arc<Member>]> {
@@ -106,9 +119,15 @@ impl Upstream {
         futures_util::future::join_all(probes).await;
     }
 
-    /// The endpoint for the next call: round robin over the healthy ones, else over all.
+    /// The endpoint for the next call: round robin over the healthy ones, else over all; on a worker thread, over
+    /// that worker's connections.
     fn pick(&self) -> Result<Arc<Member>, Status> {
-        let members = self.current();
+        let all = self.current();
+        let per_worker = all.len() / self.workers.len().max(1);
+        let members = match crate::runtime::current_worker() {
+            Some(w) if !self.workers.is_empty() => all.get(w * per_worker..(w + 1) * per_worker).unwrap_or(&all[..]),
+            _ => &all[..],
+        };
         let n = members.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let healthy = (0..n).filter_map(|i| members.get((start + i) % n)).find(|m| m.healthy.load(Ordering::Relaxed));
@@ -191,12 +210,17 @@ impl Upstream {
     }
 }
 
-fn members(endpoints: Vec<(String, Connection)>) -> Arc<[Arc<Member>]> {
-    endpoints
-        .into_iter()
-        .map(|(url, connection)| {
-            Arc::new(Member { url, connection: Arc::new(connection), healthy: AtomicBool::new(true) })
-        })
+/// The members, worker by worker (each worker's copies of all connections together), or as given without workers.
+fn members(endpoints: Vec<(String, Connection)>, workers: &[Handle]) -> Arc<[Arc<Member>]> {
+    let member = |url: String, connection: Connection| {
+        Arc::new(Member { url, connection: Arc::new(connection), healthy: AtomicBool::new(true) })
+    };
+    if workers.is_empty() {
+        return endpoints.into_iter().map(|(url, c)| member(url, c)).collect();
+    }
+    workers
+        .iter()
+        .flat_map(|worker| endpoints.iter().map(|(url, c)| member(url.clone(), c.on(worker.clone()))))
         .collect()
 }
 

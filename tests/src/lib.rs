@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use etcd_guard::certs::{DevCa, LeafKind};
 use etcd_guard::config::Config;
+use etcd_guard::runtime::Workers;
 use etcd_guard::server::{Proxy, Running};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -80,6 +81,8 @@ pub struct Harness {
     pub etcd: Etcd,
     pub proxy: Option<Running>,
     pub proxy_addr: SocketAddr,
+    /// The proxy's worker threads, when the configuration asks for them (stopped when the harness is dropped).
+    _workers: Option<Workers>,
 }
 
 // === impl Pki ===
@@ -349,9 +352,13 @@ metrics_listen: "127.0.0.1:0"
         let config_path = pki.path("etcd-guard.yaml");
         std::fs::write(&config_path, config_text)?;
         let config = Config::load(&config_path)?;
-        let proxy = Proxy::bind(&config).await?.spawn();
+        // `worker_threads` in `extra`: connections are served on worker threads, as by the binary; else on the
+        // test's runtime.
+        let workers = config.worker_threads.map(Workers::start).transpose()?;
+        let handles = workers.as_ref().map(Workers::handles).unwrap_or_default();
+        let proxy = Proxy::bind_with_workers(&config, handles).await?.spawn();
         let proxy_addr = proxy.local_addr;
-        Ok(Harness { pki, etcd, proxy: Some(proxy), proxy_addr })
+        Ok(Harness { pki, etcd, proxy: Some(proxy), proxy_addr, _workers: workers })
     }
 
     /// The `/metrics`, `/healthz`, `/readyz` listener.

@@ -19,6 +19,7 @@ use http::uri::{Authority, Scheme};
 use http_body::Body;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -61,6 +62,8 @@ pub struct Connection {
     connecting: tokio::sync::Mutex<()>,
     /// Connection attempts that failed.
     failures: AtomicU64,
+    /// Where the connection is made and driven (a worker's runtime); `None`: the caller's.
+    runtime: Option<Handle>,
 }
 
 #[derive(Clone)]
@@ -82,7 +85,16 @@ impl Connection {
             current: Arc::new(Mutex::new(None)),
             connecting: tokio::sync::Mutex::new(()),
             failures: AtomicU64::new(0),
+            runtime: None,
         }
+    }
+
+    /// A connection of its own to the same endpoint, made and driven on `runtime` (its socket belongs to that
+    /// runtime, whoever makes the first call).
+    pub fn on(&self, runtime: Handle) -> Connection {
+        let mut c = Connection::new(self.connector.clone());
+        c.runtime = Some(runtime);
+        c
     }
 
     /// `https://host:port` and `path`, for the `:scheme`, `:authority` and `:path` of a call.
@@ -170,7 +182,12 @@ impl Connection {
         if self.failures.load(Ordering::Acquire) != failed_before {
             return Err(Error::Connect { endpoint: endpoint(), message: "the connection attempt failed".into() });
         }
-        let attempt = Box::pin(self.handshake()).await;
+        let attempt = match &self.runtime {
+            Some(runtime) => runtime.spawn(handshake(c.clone())).await.unwrap_or_else(|e| {
+                Err(Error::Connect { endpoint: endpoint(), message: format!("the connecting task failed: {e}") })
+            }),
+            None => Box::pin(handshake(c.clone())).await,
+        };
         let (sender, connection) = match attempt {
             Ok(handshake) => handshake,
             Err(e) => {
@@ -179,31 +196,6 @@ impl Connection {
             }
         };
         Ok(self.install(sender, connection))
-    }
-
-    /// TCP, TLS and HTTP/2 handshakes, within the connect timeout.
-    async fn handshake(&self) -> Result<(SendRequest<Bytes>, h2::client::Connection<TlsStream, Bytes>), Error> {
-        let c = &self.connector;
-        let endpoint = || c.authority.to_string();
-        tokio::time::timeout(c.connect_timeout, async {
-            let tcp = TcpStream::connect(c.authority.as_str())
-                .await
-                .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
-            let _ = tcp.set_nodelay(true);
-            let tls = c
-                .tls
-                .connect(c.server_name.clone(), tcp)
-                .await
-                .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
-            let handshake = h2::client::Builder::new()
-                .initial_window_size(c.stream_window)
-                .initial_connection_window_size(c.connection_window)
-                .handshake::<_, Bytes>(tls)
-                .await?;
-            Ok::<_, Error>(handshake)
-        })
-        .await
-        .map_err(|_| Error::ConnectTimeout { endpoint: endpoint() })?
     }
 
     /// Make a new connection the live one, and drive it (with keep-alive pings) until it ends.
@@ -218,7 +210,7 @@ impl Connection {
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
         let endpoint = c.authority.to_string();
-        tokio::spawn(async move {
+        let drive = async move {
             let mut connection = connection;
             let pings = connection.ping_pong();
             tokio::select! {
@@ -230,9 +222,37 @@ impl Connection {
                 }
             }
             forget(&current, generation);
-        });
+        };
+        match &self.runtime {
+            Some(runtime) => drop(runtime.spawn(drive)),
+            None => drop(tokio::spawn(drive)),
+        }
         Live { generation, sender }
     }
+}
+
+/// TCP, TLS and HTTP/2 handshakes, within the connect timeout.
+async fn handshake(c: Connector) -> Result<(SendRequest<Bytes>, h2::client::Connection<TlsStream, Bytes>), Error> {
+    let endpoint = || c.authority.to_string();
+    tokio::time::timeout(c.connect_timeout, async {
+        let tcp = TcpStream::connect(c.authority.as_str())
+            .await
+            .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = c
+            .tls
+            .connect(c.server_name.clone(), tcp)
+            .await
+            .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(c.stream_window)
+            .initial_connection_window_size(c.connection_window)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        Ok::<_, Error>(handshake)
+    })
+    .await
+    .map_err(|_| Error::ConnectTimeout { endpoint: endpoint() })?
 }
 
 fn forget(current: &Mutex<Option<Live>>, generation: u64) {
