@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what etcd-guard's demo and tests need on a Debian machine, if it is missing:
-# etcd and etcdctl (Debian's etcd-server and etcd-client) and protoc with its well-known types (for the etcd-client
-# crate used in tests).
+# etcd and etcdctl (Debian's etcd-server and etcd-client), protoc with its well-known types (for the etcd-client
+# crate used in tests), and gcc and make (jemalloc's crate builds it from C).
 set -euo pipefail
 
 need=()
@@ -11,6 +11,9 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/descriptor.proto, …) are only a recommendation of protobuf-compiler,
 # which --no-install-recommends skips; the etcd-client crate's build needs them.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# jemalloc, the binary's allocator, is built from C by its crate: a C compiler and make.
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v make >/dev/null 2>&1 || need+=(make)
 if ((${#need[@]})); then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
