@@ -23,9 +23,15 @@ use tokio::runtime::Handle;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{RecvBody, send_body};
+use super::{RecvBody, cork, send_body};
 
 type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The connection's I/O: writes gathered while its task runs (`cork`).
+type Io = cork::Corked<TlsStream>;
+
+/// What a handshake gives: the handle for calls, the connection to drive, and the handle that writes its output.
+type Handshake = (SendRequest<Bytes>, h2::client::Connection<Io, Bytes>, cork::Cork<TlsStream>);
 
 /// Why a call could not be put on the connection, or its answer not read.
 #[derive(Debug, thiserror::Error)]
@@ -188,18 +194,23 @@ impl Connection {
             }),
             None => Box::pin(handshake(c.clone())).await,
         };
-        let (sender, connection) = match attempt {
+        let (sender, connection, cork) = match attempt {
             Ok(handshake) => handshake,
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::AcqRel);
                 return Err(e);
             }
         };
-        Ok(self.install(sender, connection))
+        Ok(self.install(sender, connection, cork))
     }
 
     /// Make a new connection the live one, and drive it (with keep-alive pings) until it ends.
-    fn install(&self, sender: SendRequest<Bytes>, connection: h2::client::Connection<TlsStream, Bytes>) -> Live {
+    fn install(
+        &self,
+        sender: SendRequest<Bytes>,
+        connection: h2::client::Connection<Io, Bytes>,
+        cork: cork::Cork<TlsStream>,
+    ) -> Live {
         let c = &self.connector;
         let generation = {
             let mut slot = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -210,7 +221,7 @@ impl Connection {
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
         let endpoint = c.authority.to_string();
-        let drive = async move {
+        let drive = cork::drive(cork, async move {
             let mut connection = connection;
             let pings = connection.ping_pong();
             tokio::select! {
@@ -222,7 +233,7 @@ impl Connection {
                 }
             }
             forget(&current, generation);
-        };
+        });
         match &self.runtime {
             Some(runtime) => drop(runtime.spawn(drive)),
             None => drop(tokio::spawn(drive)),
@@ -232,7 +243,7 @@ impl Connection {
 }
 
 /// TCP, TLS and HTTP/2 handshakes, within the connect timeout.
-async fn handshake(c: Connector) -> Result<(SendRequest<Bytes>, h2::client::Connection<TlsStream, Bytes>), Error> {
+async fn handshake(c: Connector) -> Result<Handshake, Error> {
     let endpoint = || c.authority.to_string();
     tokio::time::timeout(c.connect_timeout, async {
         let tcp = TcpStream::connect(c.authority.as_str())
@@ -244,12 +255,13 @@ async fn handshake(c: Connector) -> Result<(SendRequest<Bytes>, h2::client::Conn
             .connect(c.server_name.clone(), tcp)
             .await
             .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
-        let handshake = h2::client::Builder::new()
+        let (io, cork) = cork::cork(tls);
+        let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(c.stream_window)
             .initial_connection_window_size(c.connection_window)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await?;
-        Ok::<_, Error>(handshake)
+        Ok::<_, Error>((sender, connection, cork))
     })
     .await
     .map_err(|_| Error::ConnectTimeout { endpoint: endpoint() })?

@@ -9,6 +9,7 @@
 //! [`RecvBody`] and [`send_body`] join h2's streams to `http_body` bodies, so tonic's codecs work on both legs.
 
 pub mod client;
+pub mod cork;
 pub mod server;
 
 use std::future::poll_fn;

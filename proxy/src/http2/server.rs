@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
-use super::{RecvBody, send_body};
+use super::{RecvBody, cork, send_body};
 
 /// How a client connection is run.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +48,24 @@ pub async fn serve<T, H, Fut, B>(
     io: T,
     handle: H,
     settings: Settings,
+    stop: watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(http::Request<RecvBody>) -> Fut,
+    Fut: Future<Output = http::Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display + Send,
+{
+    // The connection's writes are gathered while this task runs, and leave before it waits (`cork`).
+    let (io, cork) = cork::cork(io);
+    cork::drive(cork, run(io, handle, settings, stop)).await
+}
+
+async fn run<T, H, Fut, B>(
+    io: cork::Corked<T>,
+    handle: H,
+    settings: Settings,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), h2::Error>
 where
@@ -62,7 +80,7 @@ where
         .initial_connection_window_size(settings.connection_window)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .handshake::<T, Bytes>(io)
+        .handshake::<_, Bytes>(io)
         .await?;
     let mut keep_alive = KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
     // Boxed: FuturesUnordered keeps one slot of its future's size per connection (idle connections) and moves each

@@ -1,0 +1,235 @@
+//! Gathering a connection's writes until the task that drives it is done for now.
+//!
+//! h2 writes a DATA frame of 256 bytes or more straight from its payload, and flushes before it takes the next
+//! frame: every response with a value of some size, and every Put towards etcd, is a socket write (and a TLS
+//! record) of its own, even when etcd answered several calls at once. Under h2, [`Corked`] copies what h2 writes
+//! into one buffer and treats h2's flushes as done; [`drive`], around the future that polls the connection, writes
+//! that buffer out each time the future has been polled, that is before the task waits. Calls answered in one
+//! wake-up then leave in one write, and nothing waits in the buffer while the task sleeps.
+//!
+//! The buffer is bounded: past [`LIMIT`] bytes a write first writes the buffer out, and waits (is `Pending`) while
+//! the socket takes no more, as a socket's own write would.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes gathered before a write goes to the socket without waiting for the end of the task's turn.
+pub const LIMIT: usize = 256 * 1024;
+
+/// The buffer's first allocation in a turn (it is freed once written out, so an idle connection holds none).
+const FIRST_CAPACITY: usize = 4 * 1024;
+
+/// How long a finished connection's last bytes may take to leave.
+const FINAL_WRITE: Duration = Duration::from_secs(5);
+
+/// The I/O object h2 is given: writes are gathered (see the module's documentation).
+pub struct Corked<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+/// The driver's handle on a [`Corked`] connection.
+pub struct Cork<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+struct Shared<T> {
+    io: T,
+    buf: Vec<u8>,
+    /// How much of `buf` has been written.
+    written: usize,
+    /// Inside [`drive`]'s poll: a flush may wait for the end of it.
+    deferring: bool,
+    /// A write of the gathered bytes failed; h2's next write (or flush) gets the error.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+/// Wrap `io`: the I/O object for h2, and the handle for [`drive`].
+pub fn cork<T>(io: T) -> (Corked<T>, Cork<T>) {
+    let shared = Arc::new(Mutex::new(Shared { io, buf: Vec::new(), written: 0, deferring: false, failed: None }));
+    (Corked { shared: shared.clone() }, Cork { shared })
+}
+
+/// Run `fut` (which polls the connection), writing out what the connection gathered after each poll. Once `fut`
+/// has finished, its last bytes get [`FINAL_WRITE`] to leave.
+pub async fn drive<T, F>(cork: Cork<T>, fut: F) -> F::Output
+where
+    T: AsyncWrite + Unpin,
+    F: Future,
+{
+    let mut fut = pin!(fut);
+    let output = poll_fn(|cx| {
+        cork.lock().deferring = true;
+        let polled = fut.as_mut().poll(cx);
+        let mut shared = cork.lock();
+        shared.deferring = false;
+        if let Poll::Ready(Err(e)) = shared.poll_write_out(cx) {
+            // The connection learns of it at its next write; make sure there is one soon.
+            shared.failed = Some((e.kind(), e.to_string()));
+            cx.waker().wake_by_ref();
+        }
+        polled
+    })
+    .await;
+    let _ = tokio::time::timeout(FINAL_WRITE, poll_fn(|cx| cork.lock().poll_write_out(cx))).await;
+    output
+}
+
+// === impl Cork ===
+
+impl<T> Cork<T> {
+    fn lock(&self) -> MutexGuard<'_, Shared<T>> {
+        lock(&self.shared)
+    }
+}
+
+fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// === impl Shared ===
+
+impl<T: AsyncWrite + Unpin> Shared<T> {
+    /// Write the gathered bytes to `io` and flush it.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.buf.len() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf[self.written..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.written += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.buf = Vec::new();
+        self.written = 0;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Room for `len` more bytes: writes the buffer out first when it is full.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<()>> {
+        if let Some((kind, message)) = &self.failed {
+            return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
+        }
+        if self.buf.len() - self.written + len > LIMIT && self.buf.len() > self.written {
+            ready!(self.poll_write_out(cx))?;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(len.max(FIRST_CAPACITY));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+// === impl Corked ===
+
+impl<T: AsyncRead + Unpin> AsyncRead for Corked<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut lock(&self.shared).io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut shared = lock(&self.shared);
+        ready!(shared.poll_room(cx, data.len()))?;
+        shared.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let mut shared = lock(&self.shared);
+        ready!(shared.poll_room(cx, len))?;
+        for b in bufs {
+            shared.buf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut shared = lock(&self.shared);
+        if let Some((kind, message)) = &shared.failed {
+            return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
+        }
+        if shared.deferring {
+            return Poll::Ready(Ok(()));
+        }
+        shared.poll_write_out(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut shared = lock(&self.shared);
+        ready!(shared.poll_write_out(cx))?;
+        Pin::new(&mut shared.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Writes inside `drive` reach the peer when the driven future yields, in one piece, and writes outside it are
+    /// written at their flush.
+    #[tokio::test]
+    async fn writes_leave_when_the_driven_future_yields() -> Result<(), Box<dyn std::error::Error>> {
+        let (a, mut b) = tokio::io::duplex(LIMIT * 4);
+        let (mut io, cork) = super::cork(a);
+        let mut seen = vec![0u8; 11];
+        drive(cork, async {
+            io.write_all(b"hello ").await?;
+            io.flush().await?;
+            io.write_all(b"world").await?;
+            io.flush().await?;
+            // Nothing has left yet: the driven future has not yielded.
+            let mut probe = [0u8; 1];
+            assert!(b.read(&mut probe).now_or_never().is_none(), "bytes left before the driven future yielded");
+            assert_eq!(lock(&io.shared).buf.len(), 11);
+            // Waiting for them yields, and they are written out then.
+            b.read_exact(&mut seen).await?;
+            Ok::<_, io::Error>(())
+        })
+        .await?;
+        assert_eq!(&seen, b"hello world");
+        Ok(())
+    }
+
+    /// More than LIMIT bytes in one turn are written through instead of gathered without bound.
+    #[tokio::test]
+    async fn a_full_buffer_is_written_out_without_waiting_for_the_turn() -> Result<(), Box<dyn std::error::Error>> {
+        let (a, mut b) = tokio::io::duplex(LIMIT * 4);
+        let (mut io, cork) = super::cork(a);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.map(|_| got)
+        });
+        let chunk = vec![7u8; 64 * 1024];
+        drive(cork, async {
+            for _ in 0..(LIMIT / chunk.len() + 2) {
+                io.write_all(&chunk).await?;
+            }
+            // Past the limit, the buffer never holds more than LIMIT plus one write.
+            let held = lock(&io.shared).buf.len();
+            assert!(held <= LIMIT + chunk.len(), "buffer holds {held} bytes");
+            io.shutdown().await
+        })
+        .await?;
+        let got = reader.await??;
+        assert_eq!(got.len(), (LIMIT / chunk.len() + 2) * chunk.len());
+        assert!(got.iter().all(|&x| x == 7));
+        Ok(())
+    }
+}
