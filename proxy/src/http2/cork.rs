@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes gathered before a write goes to the socket without waiting for the end of the task's turn.
-pub const LIMIT: usize = 256 * 1024;
+pub const LIMIT: usize = 64 * 1024;
 
 /// The buffer's first allocation in a turn (it is freed once written out, so an idle connection holds none).
 const FIRST_CAPACITY: usize = 4 * 1024;
