@@ -48,7 +48,7 @@ pub async fn serve<T, H, Fut, B>(
     io: T,
     handle: H,
     settings: Settings,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -59,66 +59,54 @@ where
 {
     // The connection's writes are gathered while this task runs, and leave before it waits (`cork`).
     let (io, cork) = cork::cork(io);
-    cork::drive(cork, run(io, handle, settings, stop)).await
-}
-
-async fn run<T, H, Fut, B>(
-    io: cork::Corked<T>,
-    handle: H,
-    settings: Settings,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), h2::Error>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-    H: Fn(http::Request<RecvBody>) -> Fut,
-    Fut: Future<Output = http::Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: std::fmt::Display + Send,
-{
-    let mut conn = h2::server::Builder::new()
-        .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.connection_window)
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .handshake::<_, Bytes>(io)
-        .await?;
-    let mut keep_alive = KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
-    // Boxed: FuturesUnordered keeps one slot of its future's size per connection (idle connections) and moves each
-    // new call into an allocation of that size; a box is one pointer to move.
-    let mut calls: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> = FuturesUnordered::new();
-    // Dropped with the connection, which aborts what is still running.
-    let mut streams = JoinSet::new();
-    let mut grace: Option<Pin<Box<Sleep>>> = None;
-    loop {
-        tokio::select! {
-            // Calls first: every answer that is ready goes into the connection's buffer before it is written.
-            biased;
-            Some(()) = calls.next(), if !calls.is_empty() => {}
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
-                Some(Ok((req, respond))) => {
-                    let own_task = (settings.own_task)(req.uri().path());
-                    let answer = call(Box::pin(handle(req.map(RecvBody::new))), respond);
-                    if own_task {
-                        streams.spawn(answer);
-                    } else {
-                        calls.push(Box::pin(answer));
+    cork::drive(cork, async move {
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let mut keep_alive =
+            KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
+        // Boxed: FuturesUnordered keeps one slot of its future's size per connection (idle connections) and moves each
+        // new call into an allocation of that size; a box is one pointer to move.
+        let mut calls: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> = FuturesUnordered::new();
+        // Dropped with the connection, which aborts what is still running.
+        let mut streams = JoinSet::new();
+        let mut grace: Option<Pin<Box<Sleep>>> = None;
+        loop {
+            tokio::select! {
+                // Calls first: every answer that is ready goes into the connection's buffer before it is written.
+                biased;
+                Some(()) = calls.next(), if !calls.is_empty() => {}
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
+                    Some(Ok((req, respond))) => {
+                        let own_task = (settings.own_task)(req.uri().path());
+                        let answer = call(Box::pin(handle(req.map(RecvBody::new))), respond);
+                        if own_task {
+                            streams.spawn(answer);
+                        } else {
+                            calls.push(Box::pin(answer));
+                        }
                     }
+                    Some(Err(e)) => return quiet(e),
+                    None => return Ok(()),
+                },
+                () = poll_fn(|cx| keep_alive.poll_expired(cx)) => {
+                    debug!("client did not answer a keep-alive ping; closing the connection");
+                    return Ok(());
                 }
-                Some(Err(e)) => return quiet(e),
-                None => return Ok(()),
-            },
-            () = poll_fn(|cx| keep_alive.poll_expired(cx)) => {
-                debug!("client did not answer a keep-alive ping; closing the connection");
-                return Ok(());
+                _ = stop.changed(), if grace.is_none() => {
+                    conn.graceful_shutdown();
+                    grace = Some(Box::pin(tokio::time::sleep(settings.shutdown_grace)));
+                }
+                () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => return Ok(()),
             }
-            _ = stop.changed(), if grace.is_none() => {
-                conn.graceful_shutdown();
-                grace = Some(Box::pin(tokio::time::sleep(settings.shutdown_grace)));
-            }
-            () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => return Ok(()),
         }
-    }
+    })
+    .await
 }
 
 /// Answer one request: run the handler (dropped if the client resets the stream first), then send the response.
