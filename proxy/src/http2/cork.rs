@@ -43,6 +43,8 @@ struct Shared<T> {
     buf: Vec<u8>,
     /// How much of `buf` has been written.
     written: usize,
+    /// Bytes went to `io` (or wait in `buf`) since `io` was last flushed.
+    dirty: bool,
     /// Inside [`drive`]'s poll: a flush may wait for the end of it.
     deferring: bool,
     /// A write of the gathered bytes failed; h2's next write (or flush) gets the error.
@@ -51,7 +53,8 @@ struct Shared<T> {
 
 /// Wrap `io`: the I/O object for h2, and the handle for [`drive`].
 pub fn cork<T>(io: T) -> (Corked<T>, Cork<T>) {
-    let shared = Arc::new(Mutex::new(Shared { io, buf: Vec::new(), written: 0, deferring: false, failed: None }));
+    let shared =
+        Arc::new(Mutex::new(Shared { io, buf: Vec::new(), written: 0, dirty: false, deferring: false, failed: None }));
     (Corked { shared: shared.clone() }, Cork { shared })
 }
 
@@ -95,8 +98,11 @@ fn lock<T>(shared: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
 // === impl Shared ===
 
 impl<T: AsyncWrite + Unpin> Shared<T> {
-    /// Write the gathered bytes to `io` and flush it.
+    /// Write the gathered bytes to `io` and flush it (nothing to do after a turn that wrote nothing).
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.dirty {
+            return Poll::Ready(Ok(()));
+        }
         while self.written < self.buf.len() {
             match ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf[self.written..])) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -106,14 +112,22 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
         }
         self.buf = Vec::new();
         self.written = 0;
-        Pin::new(&mut self.io).poll_flush(cx)
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.dirty = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// The error of a failed write-out, for every write and flush after it.
+    fn check_failed(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Room for `len` more bytes: writes the buffer out first when it is full.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<()>> {
-        if let Some((kind, message)) = &self.failed {
-            return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
-        }
+        self.check_failed()?;
         if self.buf.len() - self.written + len > LIMIT && self.buf.len() > self.written {
             ready!(self.poll_write_out(cx))?;
         }
@@ -134,10 +148,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Corked<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let mut shared = lock(&self.shared);
-        ready!(shared.poll_room(cx, data.len()))?;
-        shared.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -151,6 +162,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         for b in bufs {
             shared.buf.extend_from_slice(b);
         }
+        shared.dirty = true;
         Poll::Ready(Ok(len))
     }
 
@@ -160,9 +172,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut shared = lock(&self.shared);
-        if let Some((kind, message)) = &shared.failed {
-            return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
-        }
+        shared.check_failed()?;
         if shared.deferring {
             return Poll::Ready(Ok(()));
         }
@@ -182,8 +192,7 @@ mod tests {
     use futures_util::FutureExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Writes inside `drive` reach the peer when the driven future yields, in one piece, and writes outside it are
-    /// written at their flush.
+    /// Writes inside `drive` reach the peer when the driven future yields, in one piece, not at h2's flushes.
     #[tokio::test]
     async fn writes_leave_when_the_driven_future_yields() -> Result<(), Box<dyn std::error::Error>> {
         let (a, mut b) = tokio::io::duplex(LIMIT * 4);
