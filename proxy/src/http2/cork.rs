@@ -9,7 +9,12 @@
 //!
 //! The buffer is bounded: past [`LIMIT`] bytes a write first writes the buffer out, and waits (is `Pending`) while
 //! the socket takes no more, as a socket's own write would.
+//!
+//! A connection holds a buffer only while it has bytes to write. Once they are out, the emptied buffer goes to its
+//! thread's spare slot, and the next connection to write on that thread takes it from there: a busy worker reuses
+//! one buffer of `LIMIT` bytes instead of allocating (and growing) one per turn, and an idle connection holds none.
 
+use std::cell::Cell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
@@ -22,8 +27,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Bytes gathered before a write goes to the socket without waiting for the end of the task's turn.
 pub const LIMIT: usize = 64 * 1024;
 
-/// The buffer's first allocation in a turn (it is freed once written out, so an idle connection holds none).
-const FIRST_CAPACITY: usize = 4 * 1024;
+thread_local! {
+    /// An emptied buffer, for the next connection that writes on this thread (see the module's documentation).
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// How long a finished connection's last bytes may take to leave.
 const FINAL_WRITE: Duration = Duration::from_secs(5);
@@ -110,8 +117,8 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        self.buf = Vec::new();
         self.written = 0;
+        give_back(std::mem::take(&mut self.buf));
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
         self.dirty = false;
         Poll::Ready(Ok(()))
@@ -132,9 +139,19 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
             ready!(self.poll_write_out(cx))?;
         }
         if self.buf.capacity() == 0 {
-            self.buf.reserve(len.max(FIRST_CAPACITY));
+            self.buf = SPARE.take();
+            self.buf.reserve(len.max(LIMIT));
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Keep an emptied buffer as this thread's spare, unless it grew past what a turn normally needs (one write larger
+/// than [`LIMIT`]): that one is freed.
+fn give_back(mut buf: Vec<u8>) {
+    if buf.capacity() <= 2 * LIMIT {
+        buf.clear();
+        SPARE.set(buf);
     }
 }
 
