@@ -29,10 +29,11 @@ use crate::config::{Audit as AuditConfig, AuditOutput, OnWriteFailure};
 /// How long the writer waits before retrying a failed write.
 const RETRY: Duration = Duration::from_millis(200);
 
-/// After waking for a record, the writer lets more arrive for this long before writing them in one batch. Under
-/// load this turns a wake-up (futex, context switch), a `write` and a `stat` per record into one per batch; a
-/// record reaches the file at most this much later.
-const COALESCE: Duration = Duration::from_millis(1);
+/// While records keep coming, the writer sleeps this long, then writes everything that arrived meanwhile in one
+/// batch; only after a window that brought nothing does it wait for the next record (and get woken by its sender).
+/// Under load this turns a wake-up of the writer (a futex call on the request path, two context switches), a
+/// `write` and a `stat` per record into one per window; a record reaches the file at most this much later.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 /// The message a request gets while the audit log cannot be written.
 pub const AUDIT_UNAVAILABLE: &str = "etcd-guard: the audit log cannot be written";
@@ -280,20 +281,27 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
         let mut failed_attempts = 0u32;
+        // The last window brought nothing: wait for a record (woken by its sender) rather than sleep on.
+        let mut quiet = true;
         loop {
-            if self.pending.is_empty() && acks.is_empty() {
+            if quiet && self.pending.is_empty() && acks.is_empty() {
                 match rx.blocking_recv() {
                     Some(msg) => self.take(msg, &mut acks),
                     None => break,
                 }
-                std::thread::sleep(COALESCE);
             }
+            // Senders do not wake a writer that sleeps here rather than in `blocking_recv`.
+            std::thread::sleep(BATCH_WINDOW);
+            quiet = true;
             loop {
                 if self.pending.len() >= self.cap && !self.drop_overflow() {
                     break;
                 }
                 match rx.try_recv() {
-                    Ok(msg) => self.take(msg, &mut acks),
+                    Ok(msg) => {
+                        quiet = false;
+                        self.take(msg, &mut acks);
+                    }
                     Err(_) => break,
                 }
             }
