@@ -240,6 +240,8 @@ fn find_proxy_bin(args: &RunArgs) -> Result<PathBuf, BoxError> {
 struct Pair<'a> {
     kind: &'static str,
     workloads: &'a [Workload],
+    /// Also lin-range and put at this fixed rate (1x64), after the saturation runs.
+    rate: Option<f64>,
     a: (&'a Leg, &'a mut ProxyProcess),
     b: (&'a Leg, &'a mut ProxyProcess),
 }
@@ -254,21 +256,24 @@ async fn alternate(
     admin: &tonic::transport::Channel,
     cases: &mut Vec<Case>,
 ) -> Result<(), BoxError> {
-    let Pair { kind, workloads, a: (a_leg, a), b: (b_leg, b) } = pair;
-    for &workload in workloads {
-        for shape in shapes {
-            let mut alive = || -> Result<(), BoxError> {
-                etcd.guard.check_alive()?;
-                a.guard.check_alive()?;
-                b.guard.check_alive()
-            };
-            let case = bench
-                .compare(workload.name(), kind, workload, *shape, None, [a_leg, b_leg], etcd_pid, &mut alive)
-                .await?;
-            cases.push(case);
-            if workload == Workload::Put {
-                setup::compact(admin).await?;
-            }
+    let Pair { kind, workloads, rate, a: (a_leg, a), b: (b_leg, b) } = pair;
+    let fixed = Shape { connections: 1, in_flight: 64 };
+    let saturation = workloads.iter().flat_map(|&w| shapes.iter().map(move |&shape| (w, shape, None)));
+    let fixed_rate = rate.into_iter().flat_map(|r| [Workload::LinRange, Workload::Put].map(|w| (w, fixed, Some(r))));
+    for (workload, shape, rate) in saturation.chain(fixed_rate) {
+        let mut alive = || -> Result<(), BoxError> {
+            etcd.guard.check_alive()?;
+            a.guard.check_alive()?;
+            b.guard.check_alive()
+        };
+        let name = match rate {
+            Some(r) => format!("{}@{r:.0}/s", workload.name()),
+            None => workload.name().to_string(),
+        };
+        let case = bench.compare(&name, kind, workload, shape, rate, [a_leg, b_leg], etcd_pid, &mut alive).await?;
+        cases.push(case);
+        if workload == Workload::Put {
+            setup::compact(admin).await?;
         }
     }
     Ok(())
@@ -496,6 +501,12 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         drop(small);
     }
 
+    // `--rate N`: the pairs of builds or settings below are compared at that fixed rate too.
+    let pair_rate = match args.rate {
+        RateArg::Fixed(r) => Some(r),
+        RateArg::Auto | RateArg::Off => None,
+    };
+
     // The cost of auditing: the same binary and policy with auditing off (A) and on (B), alternating.
     if selected(&args, CaseKind::AuditCost) {
         if options.audit == AuditConfig::On {
@@ -509,7 +520,13 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 ProxyProcess::start(&proxy_bin, &pki, "audited", &etcd.url, "policy-small.yaml", options).await?;
             let on_leg = Leg::through("proxy audit on", &audited);
             let workloads = &[Workload::LinRange, Workload::Put];
-            let pair = Pair { kind: "audit-cost", workloads, a: (&off_leg, &mut quiet), b: (&on_leg, &mut audited) };
+            let pair = Pair {
+                kind: "audit-cost",
+                workloads,
+                rate: pair_rate,
+                a: (&off_leg, &mut quiet),
+                b: (&on_leg, &mut audited),
+            };
             alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
             drop(quiet);
             drop(audited);
@@ -526,7 +543,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         let mut this = ProxyProcess::start(&proxy_bin, &pki, "this", &etcd.url, "policy-small.yaml", options).await?;
         let this_leg = Leg::through("this proxy", &this);
         let workloads = &[Workload::LinRange, Workload::Put, Workload::Watch];
-        let pair = Pair { kind: "baseline", workloads, a: (&base_leg, &mut base), b: (&this_leg, &mut this) };
+        let pair =
+            Pair { kind: "baseline", workloads, rate: pair_rate, a: (&base_leg, &mut base), b: (&this_leg, &mut this) };
         alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
     }
 
