@@ -43,10 +43,9 @@ fn records(hasher: &Hasher, n: u64) -> Vec<Vec<u8>> {
             decision,
             code,
             prev
-        )
-        .into_bytes();
-        prev = hasher.seal(&mut line, 0);
-        out.push(line);
+        );
+        hasher.seal(&mut line, 0, &mut prev);
+        out.push(line.into_bytes());
     }
     out
 }

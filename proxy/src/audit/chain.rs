@@ -19,6 +19,8 @@ pub const SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
 
 const HASH_PREFIX: &[u8] = b",\"hash\":\"";
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Shortest HMAC key accepted from a key file.
 pub const MIN_HMAC_KEY_BYTES: usize = 16;
 
@@ -76,13 +78,18 @@ impl Hasher {
         }
     }
 
-    /// Append `,"hash":"…"}` and a newline to `body`, returning the hash as hex.
-    pub fn seal(&self, line: &mut Vec<u8>, body_start: usize) -> String {
-        let hash = hex::encode(self.hash(&line[body_start..]));
-        line.extend_from_slice(HASH_PREFIX);
-        line.extend_from_slice(hash.as_bytes());
-        line.extend_from_slice(b"\"}\n");
-        hash
+    /// Append `,"hash":"…"}` and a newline to the line that starts at `body_start` in `text`, and put the hash
+    /// (hex) into `hash`.
+    pub fn seal(&self, text: &mut String, body_start: usize, hash: &mut String) {
+        let digest = self.hash(text.as_bytes().get(body_start..).unwrap_or_default());
+        hash.clear();
+        for byte in digest {
+            hash.push(char::from(HEX[usize::from(byte >> 4)]));
+            hash.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        text.push_str(",\"hash\":\"");
+        text.push_str(hash);
+        text.push_str("\"}\n");
     }
 }
 
@@ -114,10 +121,12 @@ mod tests {
     #[test]
     fn seal_then_split_round_trips() {
         let h = Hasher::unkeyed();
-        let mut line = br#"{"seq":1,"prev_hash":""#.to_vec();
-        line.extend_from_slice(GENESIS.as_bytes());
-        line.push(b'"');
-        let hash = h.seal(&mut line, 0);
+        let mut line = r#"{"seq":1,"prev_hash":""#.to_string();
+        line.push_str(GENESIS);
+        line.push('"');
+        let mut hash = String::new();
+        h.seal(&mut line, 0, &mut hash);
+        let line = line.into_bytes();
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         assert!(line_is_intact(&h, text));
         assert_eq!(split_line(text).map(|(_, x)| x.to_string()), Some(hash));
@@ -129,8 +138,9 @@ mod tests {
     #[test]
     fn one_changed_byte_breaks_the_line() {
         let h = Hasher::unkeyed();
-        let mut line = br#"{"seq":1,"prev_hash":"x""#.to_vec();
-        h.seal(&mut line, 0);
+        let mut line = r#"{"seq":1,"prev_hash":"x""#.to_string();
+        h.seal(&mut line, 0, &mut String::new());
+        let mut line = line.into_bytes();
         line.pop();
         line[3] = b'x';
         assert!(!line_is_intact(&h, &line));

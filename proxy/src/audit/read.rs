@@ -663,9 +663,10 @@ pub(crate) mod testing {
             code = spec.code,
             prev = prev,
         );
-        let mut line = body.into_bytes();
-        let hash = hasher.seal(&mut line, 0);
-        (line, hash)
+        let mut line = body;
+        let mut hash = String::new();
+        hasher.seal(&mut line, 0, &mut hash);
+        (line.into_bytes(), hash)
     }
 
     /// Lines for records `first..first + specs.len()`, chained from `prev`.

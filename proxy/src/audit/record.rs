@@ -18,7 +18,7 @@ use crate::policy::{End, KeyRange};
 pub struct Subject {
     pub conn: u64,
     pub peer: SocketAddr,
-    /// `"identity":{…},"roles":[…]` — already JSON.
+    /// `"conn":…,"peer":"…",` and `"identity":{…},"roles":[…]` — already JSON.
     json: String,
 }
 
@@ -64,6 +64,7 @@ pub struct Record {
 impl Subject {
     pub fn new(conn: u64, peer: SocketAddr, identity: &Identity, roles: &[String]) -> Subject {
         let mut json = String::with_capacity(256);
+        let _ = write!(json, "\"conn\":{conn},\"peer\":\"{peer}\",");
         json.push_str("\"identity\":{\"common_name\":");
         match &identity.common_name {
             Some(cn) => push_json_str(&mut json, cn),
@@ -87,8 +88,8 @@ impl Subject {
 
     /// The proxy itself, for records it writes on its own behalf.
     pub fn proxy() -> Subject {
-        let json = "\"identity\":{\"common_name\":\"etcd-guard\",\"organizations\":[],\"organizational_units\":[],\
-                    \"dns_sans\":[],\"uri_sans\":[],\"fingerprint_sha256\":\"\"},\"roles\":[]";
+        let json = "\"conn\":0,\"peer\":\"0.0.0.0:0\",\"identity\":{\"common_name\":\"etcd-guard\",\"organizations\":[],\
+                    \"organizational_units\":[],\"dns_sans\":[],\"uri_sans\":[],\"fingerprint_sha256\":\"\"},\"roles\":[]";
         Subject { conn: 0, peer: SocketAddr::from(([0, 0, 0, 0], 0)), json: json.to_string() }
     }
 }
@@ -121,29 +122,79 @@ impl Event {
 
 impl Record {
     /// Append this record's line body (everything before `,"hash":`) to `out`.
-    pub fn write_body(&self, seq: u64, prev_hash: &str, out: &mut Vec<u8>) {
-        let mut s = String::with_capacity(512 + self.ops.len());
-        let _ = write!(s, "{{\"seq\":{seq},\"time\":\"");
-        push_time(&mut s, self.time);
-        let _ = write!(s, "\",\"conn\":{},\"peer\":\"{}\",", self.subject.conn, self.subject.peer);
-        s.push_str(&self.subject.json);
-        s.push_str(",\"rpc\":");
-        push_json_str(&mut s, self.rpc);
-        let _ = write!(s, ",\"event\":\"{}\"", self.event.as_str());
+    ///
+    /// Written piece by piece rather than through `format!`: the writer thread does this for every request, and
+    /// the formatting machinery was a good part of its time.
+    pub fn write_body(&self, seq: u64, prev_hash: &str, out: &mut String) {
+        out.reserve(512 + self.ops.len() + self.reason.len());
+        out.push_str("{\"seq\":");
+        push_u64(out, seq);
+        out.push_str(",\"time\":\"");
+        push_time(out, self.time);
+        out.push_str("\",");
+        out.push_str(&self.subject.json);
+        out.push_str(",\"rpc\":");
+        push_json_str(out, self.rpc);
+        out.push_str(",\"event\":\"");
+        out.push_str(self.event.as_str());
+        out.push('"');
         if let Some(stream) = self.stream {
-            let _ = write!(s, ",\"stream\":{stream}");
+            out.push_str(",\"stream\":");
+            push_u64(out, stream);
         }
-        s.push_str(",\"ops\":");
-        s.push_str(if self.ops.is_empty() { "[]" } else { &self.ops });
-        let _ = write!(s, ",\"decision\":\"{}\",\"reason\":", self.decision.as_str());
-        push_json_str(&mut s, &self.reason);
-        let _ = write!(s, ",\"code\":\"{}\"", code_name(self.code));
+        out.push_str(",\"ops\":");
+        out.push_str(if self.ops.is_empty() { "[]" } else { &self.ops });
+        out.push_str(",\"decision\":\"");
+        out.push_str(self.decision.as_str());
+        out.push_str("\",\"reason\":");
+        push_json_str(out, &self.reason);
+        out.push_str(",\"code\":\"");
+        out.push_str(code_name(self.code));
+        out.push('"');
         if let Some(rev) = self.revision {
-            let _ = write!(s, ",\"revision\":{rev}");
+            out.push_str(",\"revision\":");
+            if rev < 0 {
+                out.push('-');
+            }
+            push_u64(out, rev.unsigned_abs());
         }
-        let _ = write!(s, ",\"latency_us\":{},\"prev_hash\":\"{prev_hash}\"", self.latency_us);
-        out.extend_from_slice(s.as_bytes());
+        out.push_str(",\"latency_us\":");
+        push_u64(out, self.latency_us);
+        out.push_str(",\"prev_hash\":\"");
+        out.push_str(prev_hash);
+        out.push('"');
     }
+}
+
+/// `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
+/// `n` in decimal with leading zeros to `width` digits.
+fn push_padded(out: &mut String, n: u64, width: usize) {
+    let mut len = 1;
+    let mut rest = n / 10;
+    while rest > 0 {
+        len += 1;
+        rest /= 10;
+    }
+    for _ in len..width {
+        out.push('0');
+    }
+    push_u64(out, n);
 }
 
 /// gRPC code names as the record writes them (`OK`, `PermissionDenied`, …).
@@ -173,17 +224,17 @@ pub fn code_name(code: Code) -> &'static str {
 fn push_time(out: &mut String, t: SystemTime) {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let dt = time::OffsetDateTime::UNIX_EPOCH + since;
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        dt.year(),
-        u8::from(dt.month()),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.microsecond()
-    );
+    // Years outside 0..=9999 cannot come from a clock after 1970 and before the year 10000.
+    push_padded(out, u64::try_from(dt.year()).unwrap_or(0), 4);
+    for (sep, value) in
+        [('-', u8::from(dt.month())), ('-', dt.day()), ('T', dt.hour()), (':', dt.minute()), (':', dt.second())]
+    {
+        out.push(sep);
+        push_padded(out, u64::from(value), 2);
+    }
+    out.push('.');
+    push_padded(out, u64::from(dt.microsecond()), 6);
+    out.push('Z');
 }
 
 // === ops ===
@@ -345,19 +396,27 @@ pub fn key_text(key: &[u8]) -> String {
 /// A JSON string.
 pub fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    // Runs of characters that need no escape are copied whole.
+    let mut clean = 0;
+    for (at, c) in s.char_indices() {
+        let escape = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => "",
+            _ => continue,
+        };
+        out.push_str(&s[clean..at]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push_str(escape);
         }
+        clean = at + c.len_utf8();
     }
+    out.push_str(&s[clean..]);
     out.push('"');
 }
 
@@ -444,10 +503,10 @@ mod tests {
             revision: Some(9),
             latency_us: 12,
         };
-        let mut out = Vec::new();
+        let mut out = String::new();
         r.write_body(3, super::super::chain::GENESIS, &mut out);
-        out.extend_from_slice(b"}");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        out.push('}');
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         assert_eq!(v["seq"], 3);
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456Z");
         assert_eq!(v["identity"]["common_name"], "cilium \"agent\"");
@@ -456,11 +515,108 @@ mod tests {
         assert_eq!(v["ops"][0]["key"], "a");
         assert_eq!(v["code"], "OK");
         assert_eq!(v["revision"], 9);
-        let text = String::from_utf8_lossy(&out);
+        let text = &out;
         let order = ["\"seq\"", "\"time\"", "\"conn\"", "\"peer\"", "\"identity\"", "\"roles\"", "\"rpc\"", "\"ops\""];
         let positions: Vec<usize> = order.iter().filter_map(|k| text.find(k)).collect();
         assert_eq!(positions.len(), order.len());
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
         assert!(text.ends_with(&format!("\"prev_hash\":\"{}\"}}", super::super::chain::GENESIS)));
+    }
+
+    /// The line as `format!` wrote it before the body was written piece by piece: the bytes must not change
+    /// (they are hashed, and readers parse them).
+    fn reference_body(r: &Record, seq: u64, prev_hash: &str) -> String {
+        let since = r.time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let dt = time::OffsetDateTime::UNIX_EPOCH + since;
+        let mut s = format!(
+            "{{\"seq\":{seq},\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"conn\":{},\"peer\":\"{}\",",
+            dt.year(),
+            u8::from(dt.month()),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second(),
+            dt.microsecond(),
+            r.subject.conn,
+            r.subject.peer
+        );
+        // The subject's identity and roles (its JSON now starts with the connection and peer written above).
+        let identity = r.subject.json.find("\"identity\"").map_or("", |at| &r.subject.json[at..]);
+        s.push_str(identity);
+        s.push_str(",\"rpc\":");
+        push_json_str_reference(&mut s, r.rpc);
+        s.push_str(&format!(",\"event\":\"{}\"", r.event.as_str()));
+        if let Some(stream) = r.stream {
+            s.push_str(&format!(",\"stream\":{stream}"));
+        }
+        s.push_str(",\"ops\":");
+        s.push_str(if r.ops.is_empty() { "[]" } else { &r.ops });
+        s.push_str(&format!(",\"decision\":\"{}\",\"reason\":", r.decision.as_str()));
+        push_json_str_reference(&mut s, &r.reason);
+        s.push_str(&format!(",\"code\":\"{}\"", code_name(r.code)));
+        if let Some(rev) = r.revision {
+            s.push_str(&format!(",\"revision\":{rev}"));
+        }
+        s.push_str(&format!(",\"latency_us\":{},\"prev_hash\":\"{prev_hash}\"", r.latency_us));
+        s
+    }
+
+    /// JSON string escaping one character at a time, as before.
+    fn push_json_str_reference(out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
+                    out.push_str(&format!("\\u{:04x}", c as u32));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+
+    #[test]
+    fn record_body_bytes_are_those_of_the_format_before() {
+        let identity = Identity {
+            common_name: None,
+            organizations: vec![],
+            organizational_units: vec!["ou \u{2028} x".into()],
+            dns_sans: vec!["a.example".into()],
+            uri_sans: vec![],
+            serial: "02".into(),
+            fingerprint_sha256: "cd".into(),
+        };
+        let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 40000));
+        let subjects = [Arc::new(Subject::new(u64::MAX, v6, &identity, &[])), Arc::new(Subject::proxy())];
+        let times = [
+            SystemTime::UNIX_EPOCH,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1),
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_764_547_199_999_999),
+        ];
+        for (i, (subject, time)) in subjects.iter().flat_map(|s| times.iter().map(move |t| (s, t))).enumerate() {
+            let r = Record {
+                subject: subject.clone(),
+                time: *time,
+                rpc: "Watch/Watch",
+                event: if i % 2 == 0 { Event::Message } else { Event::End },
+                stream: (i % 2 == 0).then_some(i as u64 * 1_000_003),
+                ops: if i % 3 == 0 { String::new() } else { r#"[{"op":"put","key":"k"}]"#.into() },
+                decision: [Decision::Allow, Decision::Deny, Decision::WouldDeny][i % 3],
+                reason: "quote \" backslash \\ tab \t nul \u{0} del \u{7f} ünï \u{2029} end".into(),
+                code: [Code::Ok, Code::PermissionDenied, Code::Unavailable][i % 3],
+                revision: [None, Some(-5), Some(i64::MAX)][i % 3],
+                latency_us: [0, 9, u64::MAX][i % 3],
+            };
+            for seq in [0, 1, 10, 123_456_789, u64::MAX] {
+                let mut out = String::from("earlier line\n");
+                r.write_body(seq, "prev", &mut out);
+                assert_eq!(out.strip_prefix("earlier line\n"), Some(reference_body(&r, seq, "prev").as_str()));
+            }
+        }
     }
 }

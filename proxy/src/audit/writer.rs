@@ -127,7 +127,8 @@ impl AuditLog {
             prev,
             pending: Vec::new(),
             cap: config.queue.max(1),
-            buf: Vec::with_capacity(1 << 16),
+            buf: String::with_capacity(1 << 16),
+            saved_prev: String::new(),
             shared: inner.clone(),
             lost_reported: 0,
             last_error_log: None,
@@ -270,7 +271,9 @@ struct Writer {
     prev: String,
     pending: Vec<Record>,
     cap: usize,
-    buf: Vec<u8>,
+    buf: String,
+    /// `prev` before the record being added, to take it back (a reused buffer).
+    saved_prev: String,
     shared: Arc<Inner>,
     /// How many of `stats.lost` already have a note in the log.
     lost_reported: u64,
@@ -387,17 +390,19 @@ impl Writer {
             let pending = std::mem::take(&mut self.pending);
             let mut taken = 0;
             for r in &pending {
-                let (len, seq, prev) = (self.buf.len(), self.seq, self.prev.clone());
+                let (len, seq) = (self.buf.len(), self.seq);
+                self.saved_prev.clone_from(&self.prev);
                 self.append(r);
                 if self.buf.len() as u64 > room && !(taken == 0 && lost_now == 0) {
                     self.buf.truncate(len);
-                    (self.seq, self.prev) = (seq, prev);
+                    self.seq = seq;
+                    std::mem::swap(&mut self.prev, &mut self.saved_prev);
                     break;
                 }
                 taken += 1;
             }
             self.pending = pending;
-            match self.sink.write(&self.buf, seq0 + 1) {
+            match self.sink.write(self.buf.as_bytes(), seq0 + 1) {
                 Ok(()) => {
                     self.pending.drain(..taken);
                     self.lost_reported += lost_now;
@@ -415,7 +420,7 @@ impl Writer {
         self.seq += 1;
         let start = self.buf.len();
         r.write_body(self.seq, &self.prev, &mut self.buf);
-        self.prev = self.hasher.seal(&mut self.buf, start);
+        self.hasher.seal(&mut self.buf, start, &mut self.prev);
     }
 }
 
