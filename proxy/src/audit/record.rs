@@ -167,7 +167,12 @@ impl Record {
 }
 
 /// `n` in decimal.
-fn push_u64(out: &mut String, mut n: u64) {
+fn push_u64(out: &mut String, n: u64) {
+    push_padded(out, n, 0);
+}
+
+/// `n` in decimal, with leading zeros to at least `width` digits.
+fn push_padded(out: &mut String, mut n: u64, width: usize) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -178,23 +183,12 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
+    for _ in digits.len() - at..width {
+        out.push('0');
+    }
     for &d in &digits[at..] {
         out.push(char::from(d));
     }
-}
-
-/// `n` in decimal with leading zeros to `width` digits.
-fn push_padded(out: &mut String, n: u64, width: usize) {
-    let mut len = 1;
-    let mut rest = n / 10;
-    while rest > 0 {
-        len += 1;
-        rest /= 10;
-    }
-    for _ in len..width {
-        out.push('0');
-    }
-    push_u64(out, n);
 }
 
 /// gRPC code names as the record writes them (`OK`, `PermissionDenied`, …).
