@@ -146,10 +146,11 @@ impl<T: AsyncWrite + Unpin> Shared<T> {
     }
 }
 
-/// Keep an emptied buffer as this thread's spare, unless it grew past what a turn normally needs (one write larger
-/// than [`LIMIT`]): that one is freed.
+/// Keep an emptied buffer as this thread's spare, unless it has no allocation (a write-out that waited for its
+/// flush comes here again with an empty one, which must not replace the spare) or grew past what a turn normally
+/// needs (one write larger than [`LIMIT`]): that one is freed.
 fn give_back(mut buf: Vec<u8>) {
-    if buf.capacity() <= 2 * LIMIT {
+    if buf.capacity() > 0 && buf.capacity() <= 2 * LIMIT {
         buf.clear();
         SPARE.set(buf);
     }
