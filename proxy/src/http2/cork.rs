@@ -234,6 +234,32 @@ mod tests {
         Ok(())
     }
 
+    /// Once written out, a connection holds no buffer; its thread keeps it for the next connection that writes.
+    #[tokio::test]
+    async fn a_written_out_buffer_goes_to_the_thread_not_the_connection() -> Result<(), Box<dyn std::error::Error>> {
+        let (a, mut b) = tokio::io::duplex(LIMIT * 4);
+        let (mut io, cork) = super::cork(a);
+        let mut seen = [0u8; 5];
+        drive(cork, async {
+            io.write_all(b"hello").await?;
+            b.read_exact(&mut seen).await?;
+            // Written out while the driven future waited for the peer's read.
+            assert_eq!(lock(&io.shared).buf.capacity(), 0, "an idle connection holds a buffer");
+            Ok::<_, io::Error>(())
+        })
+        .await?;
+        let spare = SPARE.take();
+        assert!(spare.capacity() >= LIMIT && spare.is_empty(), "the thread kept no buffer");
+        // The next write on this thread takes it instead of allocating.
+        let (c, _d) = tokio::io::duplex(LIMIT * 4);
+        let (mut other, _cork) = super::cork(c);
+        let kept = spare.as_ptr();
+        SPARE.set(spare);
+        other.write_all(b"x").await?;
+        assert_eq!(lock(&other.shared).buf.as_ptr(), kept);
+        Ok(())
+    }
+
     /// More than LIMIT bytes in one turn are written through instead of gathered without bound.
     #[tokio::test]
     async fn a_full_buffer_is_written_out_without_waiting_for_the_turn() -> Result<(), Box<dyn std::error::Error>> {
