@@ -17,7 +17,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// What follows `BODY` on a line: `,"hash":"` + 64 hex digits + `"}`.
 pub const SUFFIX_LEN: usize = HASH_PREFIX.len() + 64 + 2;
 
-const HASH_PREFIX: &[u8] = b",\"hash\":\"";
+const HASH_FIELD: &str = ",\"hash\":\"";
+const HASH_PREFIX: &[u8] = HASH_FIELD.as_bytes();
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -87,7 +88,7 @@ impl Hasher {
             hash.push(char::from(HEX[usize::from(byte >> 4)]));
             hash.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
-        text.push_str(",\"hash\":\"");
+        text.push_str(HASH_FIELD);
         text.push_str(hash);
         text.push_str("\"}\n");
     }

@@ -16,9 +16,7 @@ use crate::policy::{End, KeyRange};
 /// Who a connection is, rendered once per connection.
 #[derive(Debug)]
 pub struct Subject {
-    pub conn: u64,
-    pub peer: SocketAddr,
-    /// `"conn":…,"peer":"…",` and `"identity":{…},"roles":[…]` — already JSON.
+    /// `"conn":…,"peer":"…","identity":{…},"roles":[…]` — already JSON.
     json: String,
 }
 
@@ -83,14 +81,14 @@ impl Subject {
         push_json_str(&mut json, &identity.fingerprint_sha256);
         json.push_str("},\"roles\":");
         push_json_str_list(&mut json, roles);
-        Subject { conn, peer, json }
+        Subject { json }
     }
 
     /// The proxy itself, for records it writes on its own behalf.
     pub fn proxy() -> Subject {
         let json = "\"conn\":0,\"peer\":\"0.0.0.0:0\",\"identity\":{\"common_name\":\"etcd-guard\",\"organizations\":[],\
                     \"organizational_units\":[],\"dns_sans\":[],\"uri_sans\":[],\"fingerprint_sha256\":\"\"},\"roles\":[]";
-        Subject { conn: 0, peer: SocketAddr::from(([0, 0, 0, 0], 0)), json: json.to_string() }
+        Subject { json: json.to_string() }
     }
 }
 
@@ -519,7 +517,7 @@ mod tests {
 
     /// The line as `format!` wrote it before the body was written piece by piece: the bytes must not change
     /// (they are hashed, and readers parse them).
-    fn reference_body(r: &Record, seq: u64, prev_hash: &str) -> String {
+    fn reference_body(r: &Record, (conn, peer): (u64, SocketAddr), seq: u64, prev_hash: &str) -> String {
         let since = r.time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let dt = time::OffsetDateTime::UNIX_EPOCH + since;
         let mut s = format!(
@@ -531,8 +529,8 @@ mod tests {
             dt.minute(),
             dt.second(),
             dt.microsecond(),
-            r.subject.conn,
-            r.subject.peer
+            conn,
+            peer
         );
         // The subject's identity and roles (its JSON now starts with the connection and peer written above).
         let identity = r.subject.json.find("\"identity\"").map_or("", |at| &r.subject.json[at..]);
@@ -586,13 +584,17 @@ mod tests {
             fingerprint_sha256: "cd".into(),
         };
         let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 40000));
-        let subjects = [Arc::new(Subject::new(u64::MAX, v6, &identity, &[])), Arc::new(Subject::proxy())];
+        let proxy = (0, SocketAddr::from(([0, 0, 0, 0], 0)));
+        let subjects = [
+            (Arc::new(Subject::new(u64::MAX, v6, &identity, &[])), (u64::MAX, v6)),
+            (Arc::new(Subject::proxy()), proxy),
+        ];
         let times = [
             SystemTime::UNIX_EPOCH,
             SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1),
             SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_764_547_199_999_999),
         ];
-        for (i, (subject, time)) in subjects.iter().flat_map(|s| times.iter().map(move |t| (s, t))).enumerate() {
+        for (i, ((subject, at), time)) in subjects.iter().flat_map(|s| times.iter().map(move |t| (s, t))).enumerate() {
             let r = Record {
                 subject: subject.clone(),
                 time: *time,
@@ -609,7 +611,7 @@ mod tests {
             for seq in [0, 1, 10, 123_456_789, u64::MAX] {
                 let mut out = String::from("earlier line\n");
                 r.write_body(seq, "prev", &mut out);
-                assert_eq!(out.strip_prefix("earlier line\n"), Some(reference_body(&r, seq, "prev").as_str()));
+                assert_eq!(out.strip_prefix("earlier line\n"), Some(reference_body(&r, *at, seq, "prev").as_str()));
             }
         }
     }
