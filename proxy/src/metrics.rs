@@ -86,6 +86,38 @@ pub struct Metrics {
     audit_lost: Counter,
 }
 
+/// The request counter and latency histogram of each label set one connection has used, so that counting a
+/// request does not hash its labels and lock the shared families every time. Handles share their values with the
+/// families, so `/metrics` shows the same numbers.
+#[derive(Default)]
+pub struct RequestHandles {
+    seen: std::sync::Mutex<Vec<(RequestLabels, Counter, Histogram)>>,
+}
+
+/// Label sets a connection keeps handles for; further ones are looked up in the families each time.
+const MAX_HANDLES: usize = 32;
+
+// === impl RequestHandles ===
+
+impl RequestHandles {
+    /// Count one request and its latency.
+    pub fn observe(&self, metrics: &Metrics, labels: RequestLabels, seconds: f64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, counter, latency)) = seen.iter().find(|(l, ..)| *l == labels) {
+            counter.inc();
+            latency.observe(seconds);
+            return;
+        }
+        let counter = metrics.requests.get_or_create(&labels).clone();
+        let latency = metrics.latency.get_or_create(&RpcLabels { rpc: labels.rpc }).clone();
+        counter.inc();
+        latency.observe(seconds);
+        if seen.len() < MAX_HANDLES {
+            seen.push((labels, counter, latency));
+        }
+    }
+}
+
 // === impl Metrics ===
 
 impl Metrics {
@@ -261,4 +293,50 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// The address the metrics listener is bound to, for logs and tests.
 pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
     listener.local_addr().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_count_into_the_shared_families() {
+        let metrics = Metrics::new();
+        let (a, b) = (RequestHandles::default(), RequestHandles::default());
+        let ok = RequestLabels { rpc: "KV/Range", decision: "allow", code: "OK" };
+        let denied = RequestLabels { rpc: "KV/Put", decision: "deny", code: "PermissionDenied" };
+        for _ in 0..3 {
+            a.observe(&metrics, ok.clone(), 0.001);
+        }
+        b.observe(&metrics, ok.clone(), 0.001);
+        b.observe(&metrics, denied.clone(), 0.001);
+        assert_eq!(metrics.requests.get_or_create(&ok).get(), 4);
+        assert_eq!(metrics.requests.get_or_create(&denied).get(), 1);
+        let mut text = String::new();
+        let _ = encode(&mut text, &metrics.registry);
+        assert!(text.contains("etcd_guard_request_duration_seconds_count{rpc=\"KV/Range\"} 4"), "{text}");
+        assert!(text.contains("etcd_guard_request_duration_seconds_count{rpc=\"KV/Put\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn handles_beyond_the_cap_still_count() {
+        let metrics = Metrics::new();
+        let handles = RequestHandles::default();
+        const CODES: [&str; 40] = [
+            "c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9", "c10", "c11", "c12", "c13", "c14", "c15",
+            "c16", "c17", "c18", "c19", "c20", "c21", "c22", "c23", "c24", "c25", "c26", "c27", "c28", "c29", "c30",
+            "c31", "c32", "c33", "c34", "c35", "c36", "c37", "c38", "c39",
+        ];
+        for _ in 0..2 {
+            for code in CODES {
+                handles.observe(&metrics, RequestLabels { rpc: "KV/Range", decision: "allow", code }, 0.0);
+            }
+        }
+        for code in CODES {
+            assert_eq!(
+                metrics.requests.get_or_create(&RequestLabels { rpc: "KV/Range", decision: "allow", code }).get(),
+                2
+            );
+        }
+    }
 }

@@ -244,7 +244,8 @@ pub struct Op<'a> {
 
 impl Ops {
     pub fn new() -> Ops {
-        Ops { buf: String::new() }
+        // Room for a typical op (a key of a few dozen bytes and a field or two) without growing.
+        Ops { buf: String::with_capacity(128) }
     }
 
     /// Write one `{"op": name, …}` object; `fields` adds its fields.
@@ -271,15 +272,26 @@ impl Ops {
 }
 
 impl Op<'_> {
-    /// An etcd `key` + `range_end` pair, written canonically (`key`, or `from` + optional `to`).
+    /// An etcd `key` + `range_end` pair, written canonically (`key`, or `from` + optional `to`), as
+    /// [`KeyRange::from_etcd`] reads it, without making the range.
     pub fn interval(&mut self, key: &[u8], range_end: &[u8]) {
-        match KeyRange::from_etcd(key, range_end) {
-            Ok(range) => self.range(&range),
-            Err(_) => {
-                // Not a valid interval (etcd answers it with an error or an empty result): record it as sent.
-                self.key("key", key);
-                self.key("range_end", range_end);
-            }
+        let point_end = range_end.len() == key.len() + 1 && range_end.last() == Some(&0) && range_end.starts_with(key);
+        match range_end {
+            [] => self.key("key", key),
+            [0] => self.key("from", key),
+            _ if point_end => self.key("key", key),
+            _ => match range_end.cmp(key) {
+                std::cmp::Ordering::Greater => {
+                    self.key("from", key);
+                    self.key("to", range_end);
+                }
+                std::cmp::Ordering::Equal => self.key("key", key),
+                // Not a valid interval (etcd answers it with an error): recorded as sent.
+                std::cmp::Ordering::Less => {
+                    self.key("key", key);
+                    self.key("range_end", range_end);
+                }
+            },
         }
     }
 
@@ -297,7 +309,9 @@ impl Op<'_> {
 
     /// A key-valued field.
     pub fn key(&mut self, name: &str, key: &[u8]) {
-        let _ = write!(self.buf, ",\"{name}\":");
+        self.buf.push_str(",\"");
+        self.buf.push_str(name);
+        self.buf.push_str("\":");
         push_json_key(self.buf, key);
     }
 
@@ -445,6 +459,27 @@ mod tests {
         }
         assert_eq!(key_text("ünï".as_bytes()), "ünï");
         assert_eq!(key_text(&[b'a', 0]), "a\\x00");
+    }
+
+    #[test]
+    fn intervals_are_written_as_key_range_reads_them() {
+        let keys: [&[u8]; 7] = [b"", b"\0", b"a", b"a\0", b"b", b"a\0\0", b"a\xff"];
+        for key in keys {
+            for range_end in keys {
+                let mut fast = String::new();
+                Op { buf: &mut fast }.interval(key, range_end);
+                let mut reference = String::new();
+                let mut o = Op { buf: &mut reference };
+                match KeyRange::from_etcd(key, range_end) {
+                    Ok(range) => o.range(&range),
+                    Err(_) => {
+                        o.key("key", key);
+                        o.key("range_end", range_end);
+                    }
+                }
+                assert_eq!(fast, reference, "{key:?} {range_end:?}");
+            }
+        }
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub struct RangeSet {
 /// write to logs and terminals, and [`unescape_key`] reverses it exactly.
 pub fn escape_key(key: &[u8]) -> String {
     let mut out = String::with_capacity(key.len());
-    escape_into(&mut out, key, false);
+    // Writing to a String cannot fail.
+    let _ = escape_into(&mut out, key, false);
     out
 }
 
@@ -266,27 +267,24 @@ impl fmt::Display for KeyRange {
     /// is written `\x2c` and an end key that is literally `+inf` is written
     /// `\x2binf`. Every form still reads back with [`unescape_key`].
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut out = String::new();
         if self.is_point() {
-            match self.start.split_first() {
+            return match self.start.split_first() {
                 Some((b'[', rest)) => {
-                    out.push_str("\\x5b");
-                    escape_into(&mut out, rest, false);
+                    f.write_str("\\x5b")?;
+                    escape_into(f, rest, false)
                 }
-                _ => escape_into(&mut out, &self.start, false),
-            }
-            return f.write_str(&out);
+                _ => escape_into(f, &self.start, false),
+            };
         }
-        out.push('[');
-        escape_into(&mut out, &self.start, true);
-        out.push_str(", ");
+        f.write_char('[')?;
+        escape_into(f, &self.start, true)?;
+        f.write_str(", ")?;
         match &self.end {
-            End::Key(end) if end.as_slice() == b"+inf" => out.push_str("\\x2binf"),
-            End::Key(end) => escape_into(&mut out, end, true),
-            End::Unbounded => out.push_str("+inf"),
+            End::Key(end) if end.as_slice() == b"+inf" => f.write_str("\\x2binf")?,
+            End::Key(end) => escape_into(f, end, true)?,
+            End::Unbounded => f.write_str("+inf")?,
         }
-        out.push(')');
-        f.write_str(&out)
+        f.write_char(')')
     }
 }
 
@@ -475,18 +473,28 @@ fn merge_sorted(sorted: Vec<KeyRange>) -> Vec<KeyRange> {
 
 /// Appends the escaped form of `key` to `out`; with `in_range`, also escapes
 /// `,` so that a `[start, end)` rendering stays unambiguous.
-fn escape_into(out: &mut String, key: &[u8], in_range: bool) {
-    for &b in key {
+fn escape_into<W: fmt::Write>(out: &mut W, key: &[u8], in_range: bool) -> fmt::Result {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Runs of bytes that stand for themselves are written whole.
+    let mut clean = 0;
+    for (at, &b) in key.iter().enumerate() {
+        let stands_for_itself = matches!(b, 0x20..=0x7e) && b != b'\\' && !(in_range && b == b',');
+        if stands_for_itself {
+            continue;
+        }
+        // Printable ASCII, hence UTF-8.
+        out.write_str(std::str::from_utf8(key.get(clean..at).unwrap_or_default()).unwrap_or_default())?;
+        clean = at + 1;
         match b {
-            b'\\' => out.push_str("\\\\"),
-            b',' if in_range => out.push_str("\\x2c"),
-            0x20..=0x7e => out.push(char::from(b)),
+            b'\\' => out.write_str("\\\\")?,
             _ => {
-                // Writing to a String cannot fail.
-                let _ = write!(out, "\\x{b:02x}");
+                out.write_str("\\x")?;
+                out.write_char(char::from(HEX[usize::from(b >> 4)]))?;
+                out.write_char(char::from(HEX[usize::from(b & 0xf)]))?;
             }
         }
     }
+    out.write_str(std::str::from_utf8(key.get(clean..).unwrap_or_default()).unwrap_or_default())
 }
 
 /// The value of one ASCII hex digit.
