@@ -167,20 +167,44 @@ fn prefixed(len: usize) -> BytesMut {
     buf
 }
 
-/// The message inside a body that must be exactly one uncompressed gRPC frame (an answer from etcd).
-pub fn unframe(mut body: Bytes) -> Result<Bytes, String> {
-    if body.len() < PREFIX_BYTES {
-        return Err(format!("a gRPC answer of {} bytes has no complete message", body.len()));
+/// One whole, uncompressed gRPC frame (prefix and message) whose prefix has been checked: an answer from etcd,
+/// passed to the client as it came, or one the proxy made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Framed(Bytes);
+
+// === impl Framed ===
+
+impl Framed {
+    /// A body that must be exactly one uncompressed gRPC frame (an answer from etcd).
+    pub fn parse(body: Bytes) -> Result<Framed, String> {
+        let Some(prefix) = body.get(..PREFIX_BYTES) else {
+            return Err(format!("a gRPC answer of {} bytes has no complete message", body.len()));
+        };
+        if prefix[0] != 0 {
+            return Err("etcd sent a compressed answer, which was not asked for".into());
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        let carried = body.len() - PREFIX_BYTES;
+        if carried != len {
+            return Err(format!("a gRPC answer declared {len} bytes and carried {carried}"));
+        }
+        Ok(Framed(body))
     }
-    let compressed = body.get_u8();
-    let len = body.get_u32() as usize;
-    if compressed != 0 {
-        return Err("etcd sent a compressed answer, which was not asked for".into());
+
+    /// `msg` in one frame.
+    pub fn encode<M: prost::Message>(msg: &M) -> Framed {
+        Framed(frame(msg))
     }
-    if body.len() != len {
-        return Err(format!("a gRPC answer declared {len} bytes and carried {}", body.len()));
+
+    /// The message, without its prefix.
+    pub fn message(&self) -> &[u8] {
+        self.0.get(PREFIX_BYTES..).unwrap_or_default()
     }
-    Ok(body)
+
+    /// The frame's bytes, prefix included.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
 }
 
 /// A unary request's message, read whole from `body` and decoded. Errors are worded as grpc-go (etcd) words them.
@@ -271,61 +295,34 @@ fn too_large(len: usize, max: usize) -> Status {
 /// etcd's status in trailers (or in the headers of a trailers-only answer), if it is not `OK`. Only the code,
 /// message and details are kept: no other metadata of etcd's reaches the client.
 pub fn status_from_trailers(trailers: &http::HeaderMap) -> Option<Status> {
-    let code = Code::from_bytes(trailers.get("grpc-status")?.as_bytes());
+    let code = Code::from_bytes(trailers.get(&GRPC_STATUS)?.as_bytes());
     if code == Code::Ok {
         return None;
     }
     let message = trailers
-        .get("grpc-message")
+        .get(&GRPC_MESSAGE)
         .map(|v| percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy().into_owned())
         .unwrap_or_default();
-    let details =
-        trailers.get("grpc-status-details-bin").and_then(|v| base64::Engine::decode(&BASE64, v.as_bytes()).ok());
+    let details = trailers.get(&GRPC_STATUS_DETAILS).and_then(|v| base64::Engine::decode(&BASE64, v.as_bytes()).ok());
     Some(match details {
         Some(d) => Status::with_details(code, message, d.into()),
         None => Status::new(code, message),
     })
 }
 
-/// A unary call's answer to the client: etcd's message in one frame, then `grpc-status: 0`.
-pub fn unary_response(message: Bytes) -> http::Response<tonic::body::Body> {
-    let mut framed = prefixed(message.len());
-    framed.extend_from_slice(&message);
-    let mut response = http::Response::new(tonic::body::Body::new(Answer { data: Some(framed.freeze()), done: false }));
+/// A unary call's answer to the client: the message's frame, then `grpc-status: 0`.
+pub fn unary_response<B>(message: Framed) -> crate::http2::Reply<B> {
+    let mut response = http::Response::new(message.into_bytes());
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-    response
+    let mut trailers = http::HeaderMap::with_capacity(1);
+    trailers.insert(GRPC_STATUS.clone(), http::HeaderValue::from_static("0"));
+    crate::http2::Reply::Whole(response, trailers)
 }
 
-/// One data frame, then `grpc-status: 0`.
-struct Answer {
-    data: Option<Bytes>,
-    done: bool,
-}
-
-impl http_body::Body for Answer {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        if let Some(data) = self.data.take() {
-            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-        }
-        if self.done {
-            return std::task::Poll::Ready(None);
-        }
-        self.done = true;
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-}
+// gRPC's status headers, named once rather than parsed from a string for every call.
+pub static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+static GRPC_STATUS_DETAILS: http::HeaderName = http::HeaderName::from_static("grpc-status-details-bin");
 
 #[cfg(test)]
 mod tests {
@@ -349,9 +346,14 @@ mod tests {
     fn a_frame_round_trips_and_a_bad_one_is_refused() {
         let msg = etcd_guard_proto::etcdserverpb::RangeRequest { key: b"k".to_vec(), ..Default::default() };
         let framed = frame(&msg);
-        assert_eq!(unframe(framed.clone()).ok(), Some(Bytes::from(prost::Message::encode_to_vec(&msg))));
-        assert!(unframe(framed.slice(..framed.len() - 1)).is_err());
-        assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
+        let parsed = Framed::parse(framed.clone());
+        assert_eq!(parsed.as_ref().map(Framed::message).ok(), Some(&prost::Message::encode_to_vec(&msg)[..]));
+        assert_eq!(parsed.map(Framed::into_bytes).ok(), Some(framed.clone()));
+        assert_eq!(Framed::encode(&msg).into_bytes(), framed);
+        assert!(Framed::parse(framed.slice(..framed.len() - 1)).is_err());
+        assert!(Framed::parse(framed.slice(..4)).is_err());
+        assert!(Framed::parse(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
+        assert_eq!(Framed::parse(Bytes::from_static(&[0, 0, 0, 0, 0])).map(|f| f.message().len()), Ok(0));
     }
 
     #[test]

@@ -9,18 +9,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http::header::{CONTENT_TYPE, HeaderValue, TE};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, TE};
 use http::uri::PathAndQuery;
 use tokio::runtime::Handle;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status, Streaming};
 
-use crate::codec::{self, UpstreamCodec};
+use crate::codec::{self, Framed, UpstreamCodec};
 use crate::http2::client::{self, Channel, Connection};
 
 /// Client metadata forwarded to etcd. Everything else (notably `token`, `authorization` and `grpcgateway-*`,
 /// which would change who etcd thinks is calling) is dropped.
-pub const FORWARDED_METADATA: &[&str] = &["hasleader", "client-api-version"];
+pub static FORWARDED_METADATA: [HeaderName; 2] =
+    [HeaderName::from_static("hasleader"), HeaderName::from_static("client-api-version")];
+
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// etcd's maximum response size is unbounded in practice (clientv3 accepts up to `i32::MAX`).
 const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
@@ -51,7 +54,8 @@ pub struct Member {
 /// What travels with a forwarded call: the allowlisted metadata and the client's deadline.
 #[derive(Debug, Clone, Default)]
 pub struct CallMeta {
-    metadata: HeaderMap,
+    /// The client's value of each of [`FORWARDED_METADATA`], in that order.
+    forwarded: [Option<HeaderValue>; 2],
     timeout: Option<Duration>,
 }
 
@@ -103,7 +107,7 @@ impl Upstream {
     pub async fn probe(&self, timeout: Duration) {
         let members = self.current();
         let probes = members.iter().map(|m| async move {
-            let meta = CallMeta { metadata: HeaderMap::new(), timeout: Some(timeout) };
+            let meta = CallMeta { timeout: Some(timeout), ..CallMeta::default() };
             let req = etcd_guard_proto::etcdserverpb::StatusRequest {};
             let path = etcd_guard_proto::methods::MAINTENANCE_STATUS;
             let ok = matches!(tokio::time::timeout(timeout, m.call(path, &req, &meta)).await, Ok(Ok(_)));
@@ -146,8 +150,8 @@ impl Upstream {
         Ok((grpc, member))
     }
 
-    /// A unary call; the response comes back as raw bytes (the message, without its gRPC frame).
-    pub async fn unary<M>(&self, path: &'static str, msg: M, meta: &CallMeta) -> Result<Bytes, Status>
+    /// A unary call; the response comes back as etcd sent it (one checked gRPC frame).
+    pub async fn unary<M>(&self, path: &'static str, msg: M, meta: &CallMeta) -> Result<Framed, Status>
     where
         M: prost::Message,
     {
@@ -168,8 +172,9 @@ impl Upstream {
         M: prost::Message,
         R: prost::Message + Default,
     {
-        let bytes = self.unary(path, msg, meta).await?;
-        R::decode(bytes).map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))
+        let framed = self.unary(path, msg, meta).await?;
+        R::decode(framed.message())
+            .map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))
     }
 
     /// A server-streaming call; messages come back as raw bytes.
@@ -229,7 +234,7 @@ fn members(endpoints: Vec<(String, Connection)>, workers: &[Handle]) -> Arc<[Arc
 impl Member {
     /// One unary call on this endpoint's connection: the checked message goes out in one gRPC frame, etcd's answer
     /// comes back as the message's bytes, or as etcd's status.
-    async fn call<M: prost::Message>(&self, path: &'static str, msg: &M, meta: &CallMeta) -> Result<Bytes, Status> {
+    async fn call<M: prost::Message>(&self, path: &'static str, msg: &M, meta: &CallMeta) -> Result<Framed, Status> {
         let mut head = http::Request::new(());
         *head.method_mut() = http::Method::POST;
         *head.uri_mut() = self.connection.uri(path);
@@ -252,10 +257,10 @@ impl Member {
         let trailers = body.trailers().await.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
         match trailers.as_ref().and_then(codec::status_from_trailers) {
             Some(status) => return Err(status),
-            None if trailers.as_ref().is_some_and(|t| t.contains_key("grpc-status")) => {}
+            None if trailers.as_ref().is_some_and(|t| t.contains_key(&codec::GRPC_STATUS)) => {}
             None => return Err(self.broken("etcd's answer ended without a gRPC status".into())),
         }
-        codec::unframe(data.finish()).map_err(|e| self.broken(e))
+        Framed::parse(data.finish()).map_err(|e| self.broken(e))
     }
 
     /// The connection could not be made or broke under the call: the client is told `Unavailable`.
@@ -306,23 +311,34 @@ impl CallMeta {
 
     /// The same from a request's HTTP headers.
     pub fn from_headers(headers: &HeaderMap) -> CallMeta {
-        let mut metadata = HeaderMap::new();
-        for key in FORWARDED_METADATA {
-            if let Some(v) = headers.get(*key) {
-                metadata.insert(*key, v.clone());
+        let forwarded = [headers.get(&FORWARDED_METADATA[0]).cloned(), headers.get(&FORWARDED_METADATA[1]).cloned()];
+        let timeout = headers.get(&GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        CallMeta { forwarded, timeout }
+    }
+
+    /// The allowlisted metadata the client sent.
+    fn metadata(&self) -> HeaderMap {
+        let mut metadata = HeaderMap::with_capacity(FORWARDED_METADATA.len());
+        for (name, value) in FORWARDED_METADATA.iter().zip(&self.forwarded) {
+            if let Some(v) = value {
+                metadata.insert(name.clone(), v.clone());
             }
         }
-        let timeout = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        CallMeta { metadata, timeout }
+        metadata
     }
 
     /// The headers of a unary call towards etcd: gRPC's own, the allowlisted metadata and the deadline.
     fn headers(&self) -> HeaderMap {
-        let mut headers = self.metadata.clone();
+        let mut headers = HeaderMap::with_capacity(3 + FORWARDED_METADATA.len());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert(TE, HeaderValue::from_static("trailers"));
+        for (name, value) in FORWARDED_METADATA.iter().zip(&self.forwarded) {
+            if let Some(v) = value {
+                headers.insert(name.clone(), v.clone());
+            }
+        }
         if let Some(v) = self.timeout.and_then(grpc_timeout) {
-            headers.insert("grpc-timeout", v);
+            headers.insert(GRPC_TIMEOUT.clone(), v);
         }
         headers
     }
@@ -334,7 +350,7 @@ impl CallMeta {
 
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        *req.metadata_mut() = MetadataMap::from_headers(self.metadata.clone());
+        *req.metadata_mut() = MetadataMap::from_headers(self.metadata());
         if let Some(t) = self.timeout {
             req.set_timeout(t);
         }
@@ -408,8 +424,12 @@ mod tests {
         md.insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
         md.insert("client-api-version", tonic::metadata::MetadataValue::from_static("3.4"));
         let meta = CallMeta::from_client(&md);
-        let keys: Vec<String> = meta.metadata.keys().map(|k| k.as_str().to_string()).collect();
-        assert_eq!(keys.len(), 2);
-        assert!(keys.contains(&"hasleader".to_string()) && keys.contains(&"client-api-version".to_string()));
+        let keys: Vec<String> = meta.metadata().keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(keys, ["hasleader", "client-api-version"]);
+        let sent = meta.headers();
+        assert_eq!(sent.len(), 4, "{sent:?}");
+        assert_eq!(sent.get("hasleader").map(HeaderValue::as_bytes), Some(&b"true"[..]));
+        assert_eq!(sent.get("client-api-version").map(HeaderValue::as_bytes), Some(&b"3.4"[..]));
+        assert!(sent.get("token").is_none() && sent.get("authorization").is_none());
     }
 }

@@ -64,6 +64,21 @@ impl Body for RecvBody {
     }
 }
 
+/// A handler's response to one request.
+pub enum Reply<B> {
+    /// A body that is already in memory, with its trailers: sent at once. (A unary gRPC answer: one message, then
+    /// `grpc-status`.)
+    Whole(http::Response<Bytes>, http::HeaderMap),
+    /// A body sent frame by frame, each frame only once the peer's flow-control window has room for it.
+    Streamed(http::Response<B>),
+}
+
+impl<B> From<http::Response<B>> for Reply<B> {
+    fn from(response: http::Response<B>) -> Reply<B> {
+        Reply::Streamed(response)
+    }
+}
+
 /// Why sending a body stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -84,11 +99,12 @@ where
     B::Error: std::fmt::Display,
 {
     loop {
+        // The body first: the reset is only looked at (a lock of the connection's state) while the body waits.
         let frame = poll_fn(|cx| {
-            if let Poll::Ready(reset) = stream.poll_reset(cx) {
-                return Poll::Ready(Err(reset.map_or_else(SendError::H2, SendError::Reset)));
+            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                return Poll::Ready(Ok(frame));
             }
-            Pin::new(&mut body).poll_frame(cx).map(Ok)
+            stream.poll_reset(cx).map(|reset| Err(reset.map_or_else(SendError::H2, SendError::Reset)))
         })
         .await?;
         let frame = match frame {

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
-use super::{RecvBody, cork, send_body};
+use super::{RecvBody, Reply, cork, send_body};
 
 /// How a client connection is run.
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +53,7 @@ pub async fn serve<T, H, Fut, B>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
     H: Fn(http::Request<RecvBody>) -> Fut,
-    Fut: Future<Output = http::Response<B>> + Send + 'static,
+    Fut: Future<Output = Reply<B>> + Send + 'static,
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::fmt::Display + Send,
 {
@@ -115,19 +115,47 @@ where
 /// largest route's size) is not held for as long as a watch stream lasts.
 async fn call<Fut, B>(mut answer: Pin<Box<Fut>>, mut respond: SendResponse<Bytes>)
 where
-    Fut: Future<Output = http::Response<B>>,
+    Fut: Future<Output = Reply<B>>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let response = poll_fn(|cx| {
-        if let Poll::Ready(reset) = respond.poll_reset(cx) {
-            return Poll::Ready(Err(reset));
+    // The answer is polled first: the reset is only looked at (a lock of the connection's state) while it waits.
+    let reply = poll_fn(|cx| {
+        if let Poll::Ready(reply) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Ok(reply));
         }
-        answer.as_mut().poll(cx).map(Ok)
+        respond.poll_reset(cx).map(Err)
     })
     .await;
     drop(answer);
-    let Ok(response) = response else { return };
+    let Ok(reply) = reply else { return };
+    match reply {
+        Reply::Whole(response, trailers) => send_whole(respond, response, trailers),
+        Reply::Streamed(response) => send_streamed(respond, response).await,
+    }
+}
+
+/// A response whose body is in memory: headers, the body as one DATA frame and the trailers, queued at once. h2
+/// holds the frame until the client's window lets it go; no task waits for that.
+fn send_whole(mut respond: SendResponse<Bytes>, response: http::Response<Bytes>, trailers: http::HeaderMap) {
+    let (head, data) = response.into_parts();
+    let sent = respond.send_response(http::Response::from_parts(head, ()), false).and_then(|mut stream| {
+        if !data.is_empty() {
+            stream.send_data(data, false)?;
+        }
+        stream.send_trailers(trailers)
+    });
+    if let Err(e) = sent {
+        debug!(error = %e, "response not sent");
+    }
+}
+
+/// A response whose body is sent frame by frame, as the client's window allows.
+async fn send_streamed<B>(mut respond: SendResponse<Bytes>, response: http::Response<B>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let (head, body) = response.into_parts();
     let end = body.is_end_stream();
     let mut stream = match respond.send_response(http::Response::from_parts(head, ()), end) {

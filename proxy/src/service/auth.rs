@@ -2,14 +2,12 @@
 //! disabled upstream, anyone reaching etcd could otherwise `AuthEnable` and lock everybody out.
 
 use etcd_guard_proto::etcdserverpb as pb;
-use http::Response;
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz::capability;
 use crate::policy::Capability;
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "AuthEnable" => {
             g.unary::<pb::AuthEnableRequest, _>(req, "/etcdserverpb.Auth/AuthEnable", capability(Capability::Auth))

@@ -2,19 +2,16 @@
 //! so that clients which sync their endpoints from the member list (clientv3 `AutoSyncInterval`,
 //! `etcdctl --cluster`) stay on the proxy and never learn etcd's addresses. Member changes need `members`.
 
-use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
-use http::Response;
-use prost::Message;
 use sha2::{Digest, Sha256};
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz;
+use crate::codec::Framed;
 
 const MEMBER_LIST: &str = "/etcdserverpb.Cluster/MemberList";
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "MemberList" => {
             g.unary_answered::<pb::MemberListRequest, _, _, _>(
@@ -29,7 +26,7 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response
                         header: upstream.header,
                         members: advertised_members(&g.shared.advertise_client_urls),
                     };
-                    Ok(Bytes::from(answer.encode_to_vec()))
+                    Ok(Framed::encode(&answer))
                 },
             )
             .await

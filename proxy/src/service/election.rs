@@ -2,13 +2,11 @@
 //! leader key and the lease they use); Leader and Observe are reads of it.
 
 use etcd_guard_proto::v3electionpb as pb;
-use http::Response;
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz;
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     const OBSERVE: &str = "/v3electionpb.Election/Observe";
     Some(match method {
         "Campaign" => g.unary::<pb::CampaignRequest, _>(req, "/v3electionpb.Election/Campaign", authz::campaign).await,

@@ -1,14 +1,12 @@
 //! `grpc.health.v1.Health`: forwarded to etcd for callers with the `status` capability.
 
 use etcd_guard_proto::grpc_health_v1 as pb;
-use http::Response;
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz::capability;
 use crate::policy::Capability;
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     let check = capability(Capability::Status);
     Some(match method {
         "Check" => g.unary::<pb::HealthCheckRequest, _>(req, "/grpc.health.v1.Health/Check", check).await,

@@ -1,13 +1,11 @@
 //! `etcdserverpb.KV`: Range, RangeStream, Put, DeleteRange, Txn, Compact.
 
 use etcd_guard_proto::etcdserverpb as pb;
-use http::Response;
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz;
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "Range" => g.unary::<pb::RangeRequest, _>(req, "/etcdserverpb.KV/Range", authz::range).await,
         "RangeStream" => {

@@ -3,13 +3,11 @@
 
 use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
-use http::Response;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::body::Body;
 use tonic::{Code, Status, Streaming};
 
-use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, permission_denied};
+use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, permission_denied};
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::upstream::{CallMeta, clean};
@@ -17,7 +15,7 @@ use crate::upstream::{CallMeta, clean};
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
 const RPC: &str = "Lease/LeaseKeepAlive";
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "LeaseGrant" => {
             g.unary::<pb::LeaseGrantRequest, _>(req, "/etcdserverpb.Lease/LeaseGrant", authz::lease_grant).await

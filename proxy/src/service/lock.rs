@@ -2,13 +2,11 @@
 //! delete of that key.
 
 use etcd_guard_proto::v3lockpb as pb;
-use http::Response;
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz;
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "Lock" => g.unary::<pb::LockRequest, _>(req, "/v3lockpb.Lock/Lock", authz::lock).await,
         "Unlock" => g.unary::<pb::UnlockRequest, _>(req, "/v3lockpb.Lock/Unlock", authz::unlock).await,

@@ -1,14 +1,12 @@
 //! `etcdserverpb.Maintenance`: each RPC needs its capability (Alarm GET only `status`).
 
 use etcd_guard_proto::etcdserverpb as pb;
-use http::Response;
-use tonic::body::Body;
 
-use super::{Guard, HttpRequest};
+use super::{Answer, Guard, HttpRequest};
 use crate::authz::{self, capability};
 use crate::policy::Capability;
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "Alarm" => g.unary::<pb::AlarmRequest, _>(req, "/etcdserverpb.Maintenance/Alarm", authz::alarm).await,
         "Status" => {

@@ -25,7 +25,6 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
-use http::Response as HttpResponse;
 use tonic::body::Body;
 use tonic::server::{Grpc, ServerStreamingService, StreamingService};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -33,11 +32,11 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::audit::record::code_name;
 use crate::audit::{AuditLog, Decision, Describe, Event, Ops, Record, Subject};
 use crate::authz::{Need, Needs};
-use crate::codec::{self, ServerCodec};
-use crate::http2::RecvBody;
+use crate::codec::{self, Framed, ServerCodec};
+use crate::http2::{RecvBody, Reply};
 use crate::identity::Identity;
 use crate::limits::{Limiter, Permit, Usage};
-use crate::metrics::{Metrics, RequestLabels, RpcLabels};
+use crate::metrics::{Metrics, RequestHandles, RequestLabels, RpcLabels};
 use crate::policy::{CapabilitySet, KeyRange, Mode, Permissions, Policy};
 use crate::upstream::{CallMeta, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
@@ -45,6 +44,9 @@ use etcd_guard_proto::methods;
 
 /// An incoming HTTP/2 request.
 pub type HttpRequest = http::Request<RecvBody>;
+
+/// The answer to one request: a unary answer whole, or a streamed body.
+pub type Answer = Reply<Body>;
 
 /// The message etcd answers a denied request with.
 pub const PERMISSION_DENIED: &str = "etcdserver: permission denied";
@@ -101,6 +103,8 @@ pub struct Conn {
     /// What this identity uses now (shared by its connections).
     pub usage: Arc<Usage>,
     view: Mutex<Arc<View>>,
+    /// This connection's handles on the request metrics.
+    metrics: RequestHandles,
 }
 
 /// What a connection may do under one policy generation, computed once per generation.
@@ -142,7 +146,7 @@ impl Conn {
         let (generation, policy) = shared.policy();
         let view = View::new(id, peer, &identity, generation, &policy);
         let usage = shared.limiter.usage(&identity.fingerprint_sha256);
-        Conn { id, peer, identity, usage, view: Mutex::new(Arc::new(view)) }
+        Conn { id, peer, identity, usage, view: Mutex::new(Arc::new(view)), metrics: RequestHandles::default() }
     }
 
     /// The identity as limit messages name it.
@@ -255,8 +259,10 @@ impl Guard {
     }
 
     /// Route one request by its gRPC path.
-    pub async fn handle(self, req: HttpRequest) -> HttpResponse<Body> {
-        let path = req.uri().path().to_string();
+    pub async fn handle(self, req: HttpRequest) -> Answer {
+        // A cheap copy (shared bytes) that outlives the request, which the route takes.
+        let uri = req.uri().clone();
+        let path = uri.path();
         let (service, method) = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
             Some(parts) => parts,
             None => return unimplemented(format!("malformed method name: {path:?}")),
@@ -282,7 +288,11 @@ impl Guard {
     /// With only `audit-only` bindings a denial becomes [`Decision::WouldDeny`] — except for requests the proxy
     /// does not understand ([`Need::Never`]), which are always denied.
     pub async fn decide(&self, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
-        let view = self.conn.view(&self.shared);
+        self.decide_in(&self.conn.view(&self.shared), needs, meta).await
+    }
+
+    /// [`Guard::decide`] under a view the caller already holds.
+    async fn decide_in(&self, view: &View, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
         let perms = &view.permissions;
         let deny = |reason: String| {
             let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
@@ -343,13 +353,26 @@ impl Guard {
         if !self.shared.audit.is_enabled() {
             return None;
         }
+        self.record_in(&self.conn.view(&self.shared), rpc, event, stream, msg, at)
+    }
+
+    /// [`Guard::record`] under a view the caller already holds (auditing on).
+    fn record_in<M: Describe>(
+        &self,
+        view: &View,
+        rpc: &'static str,
+        event: Event,
+        stream: Option<u64>,
+        msg: &M,
+        at: Arrival,
+    ) -> Option<Record> {
         let mut ops = Ops::new();
         msg.describe(&mut ops);
         if ops.is_empty() {
             crate::audit::describe::method_op(&mut ops, rpc);
         }
         Some(Record {
-            subject: self.conn.view(&self.shared).subject.clone(),
+            subject: view.subject.clone(),
             time: at.time,
             rpc,
             event,
@@ -374,13 +397,32 @@ impl Guard {
         revision: Option<i64>,
         at: Arrival,
     ) -> Result<(), Status> {
-        let Some(mut r) = record else {
-            self.count(rpc, verdict.decision, code, at);
-            return Ok(());
-        };
         self.count(rpc, verdict.decision, code, at);
+        let Some(mut r) = record else { return Ok(()) };
         r.decision = verdict.decision;
         r.reason.clone_from(&verdict.reason);
+        self.submit(r, code, revision, at).await
+    }
+
+    /// [`Guard::audit`] for a verdict that is not needed afterwards: its reason moves into the record.
+    async fn audit_last(
+        &self,
+        rpc: &'static str,
+        record: Option<Record>,
+        verdict: Verdict,
+        code: Code,
+        revision: Option<i64>,
+        at: Arrival,
+    ) -> Result<(), Status> {
+        self.count(rpc, verdict.decision, code, at);
+        let Some(mut r) = record else { return Ok(()) };
+        r.decision = verdict.decision;
+        r.reason = verdict.reason;
+        self.submit(r, code, revision, at).await
+    }
+
+    /// Queue a record with its outcome.
+    async fn submit(&self, mut r: Record, code: Code, revision: Option<i64>, at: Arrival) -> Result<(), Status> {
         r.code = code;
         r.revision = revision;
         r.latency_us = at.micros();
@@ -390,8 +432,8 @@ impl Guard {
     /// Count a request (or stream message) in the metrics.
     fn count(&self, rpc: &'static str, decision: Decision, code: Code, at: Arrival) {
         let m = &self.shared.metrics;
-        m.requests.get_or_create(&RequestLabels { rpc, decision: decision.as_str(), code: code_name(code) }).inc();
-        m.latency.get_or_create(&RpcLabels { rpc }).observe(at.instant.elapsed().as_secs_f64());
+        let labels = RequestLabels { rpc, decision: decision.as_str(), code: code_name(code) };
+        self.conn.metrics.observe(m, labels, at.instant.elapsed().as_secs_f64());
         if decision == Decision::WouldDeny {
             m.would_deny.get_or_create(&RpcLabels { rpc }).inc();
         }
@@ -408,20 +450,24 @@ impl Guard {
         meta: &CallMeta,
         at: Arrival,
     ) -> Result<(Verdict, Option<Record>, Permit), Status> {
-        let record = self.record(rpc, Event::Call, stream, msg, at);
-        // Limits first: a client over its limit is not worth an upstream lease lookup.
         let view = self.conn.view(&self.shared);
+        let record = if self.shared.audit.is_enabled() {
+            self.record_in(&view, rpc, Event::Call, stream, msg, at)
+        } else {
+            None
+        };
+        // Limits first: a client over its limit is not worth an upstream lease lookup.
         let limits = &view.permissions.limits;
         let permit = match self.shared.limiter.call(&self.conn.usage, limits, self.conn.who(), &self.shared.metrics) {
             Ok(p) => p,
             Err(status) => {
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit(rpc, record, &v, status.code(), None, at).await;
+                let _ = self.audit_last(rpc, record, v, status.code(), None, at).await;
                 return Err(status);
             }
         };
         let verdict = match needs {
-            Ok(needs) => self.decide(&needs, meta).await,
+            Ok(needs) => self.decide_in(&view, &needs, meta).await,
             Err(status) => Err(status),
         };
         let verdict = match verdict {
@@ -429,16 +475,16 @@ impl Guard {
             Err(status) => {
                 // A malformed request (answered as etcd answers it) or a check that could not be made.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit(rpc, record, &v, status.code(), None, at).await;
+                let _ = self.audit_last(rpc, record, v, status.code(), None, at).await;
                 return Err(status);
             }
         };
         if verdict.decision == Decision::Deny {
-            let _ = self.audit(rpc, record, &verdict, Code::PermissionDenied, None, at).await;
+            let _ = self.audit_last(rpc, record, verdict, Code::PermissionDenied, None, at).await;
             return Err(permission_denied());
         }
         if let Err(status) = self.shared.audit.admit() {
-            let _ = self.audit(rpc, record, &verdict, status.code(), None, at).await;
+            let _ = self.audit_last(rpc, record, verdict, status.code(), None, at).await;
             return Err(status);
         }
         Ok((verdict, record, permit))
@@ -450,15 +496,15 @@ impl Guard {
         &self,
         rpc: &'static str,
         record: Option<Record>,
-        verdict: &Verdict,
-        answer: Result<Bytes, Status>,
+        verdict: Verdict,
+        answer: Result<Framed, Status>,
         at: Arrival,
-    ) -> Result<Bytes, Status> {
+    ) -> Result<Framed, Status> {
         let (code, revision) = match &answer {
-            Ok(bytes) => (Code::Ok, header_revision(bytes)),
+            Ok(framed) => (Code::Ok, header_revision(framed)),
             Err(status) => (status.code(), None),
         };
-        self.audit(rpc, record, verdict, code, revision, at).await?;
+        self.audit_last(rpc, record, verdict, code, revision, at).await?;
         answer
     }
 
@@ -477,7 +523,7 @@ impl Guard {
     }
 
     /// A unary RPC: decode, check with `authorize`, forward the checked message, return etcd's bytes.
-    pub async fn unary<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> HttpResponse<Body>
+    pub async fn unary<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> Answer
     where
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
@@ -497,35 +543,36 @@ impl Guard {
         path: &'static str,
         authorize: F,
         answer: A,
-    ) -> HttpResponse<Body>
+    ) -> Answer
     where
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
         A: FnOnce(M, CallMeta) -> Fut + Send,
-        Fut: Future<Output = Result<Bytes, Status>> + Send,
+        Fut: Future<Output = Result<Framed, Status>> + Send,
     {
         let (head, body) = req.into_parts();
         let msg: M = match codec::read_request(body, &head.headers, self.shared.max_request_bytes).await {
             Ok(msg) => msg,
-            Err(status) => return status.into_http(),
+            Err(status) => return status.into_http().into(),
         };
         let at = Arrival::now();
         let meta = CallMeta::from_headers(&head.headers);
         let needs = authorize(&msg);
+        let rpc = rpc_name(path);
         let answered = async {
-            let (verdict, record, _permit) = self.check(rpc_name(path), None, &msg, needs, &meta, at).await?;
+            let (verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let answered = answer(msg, meta).await;
-            self.finish(rpc_name(path), record, &verdict, answered, at).await
+            self.finish(rpc, record, verdict, answered, at).await
         };
         match answered.await {
             Ok(message) => codec::unary_response(message),
-            Err(status) => status.into_http(),
+            Err(status) => status.into_http().into(),
         }
     }
 
     /// A server-streaming RPC: checked once, then etcd's messages are passed through. The call is recorded as the
     /// stream opens; its end is recorded when it ends (or the client goes away).
-    pub async fn server_streaming<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> HttpResponse<Body>
+    pub async fn server_streaming<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> Answer
     where
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
@@ -552,11 +599,11 @@ impl Guard {
         });
         // Boxed here and in `bidi`: streams are few and long-lived, and their futures (tonic's) are large; inline, they
         // would make the future of every unary call on the connection as large.
-        Box::pin(self.server_grpc::<M>().server_streaming(svc, req)).await
+        Box::pin(self.server_grpc::<M>().server_streaming(svc, req)).await.into()
     }
 
     /// A bidirectional RPC; `run` gets the decoded inbound stream and returns the receiving end of the outbound one.
-    pub async fn bidi<M, F, Fut>(&self, req: HttpRequest, run: F) -> HttpResponse<Body>
+    pub async fn bidi<M, F, Fut>(&self, req: HttpRequest, run: F) -> Answer
     where
         M: prost::Message + Default + Send + Sync + 'static,
         F: FnOnce(Streaming<M>, CallMeta) -> Fut + Send,
@@ -566,24 +613,30 @@ impl Guard {
             let meta = CallMeta::from_client(request.metadata());
             Ok(Response::new(run(request.into_inner(), meta).await?))
         });
-        Box::pin(self.server_grpc::<M>().streaming(svc, req)).await
+        Box::pin(self.server_grpc::<M>().streaming(svc, req)).await.into()
     }
 }
 
-/// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked.
+/// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked (written into one string: this
+/// runs for every allowed request).
 fn allow_reason(label: &str, needs: &Needs) -> String {
-    let first = match needs.0.first() {
-        None => return "no permission needed".to_string(),
-        Some(Need::Key(access, range)) => format!("{access} {range}"),
-        Some(Need::Cap(cap)) => format!("capability {cap}"),
-        Some(Need::Admin) => "capability admin".to_string(),
-        Some(Need::LeaseKeys(access, lease)) => format!("{access} on the keys of lease {lease:x}"),
-        Some(Need::Never(why)) => (*why).to_string(),
+    use std::fmt::Write;
+    let Some(first) = needs.0.first() else { return "no permission needed".to_string() };
+    let mut reason = String::with_capacity(label.len() + 64);
+    reason.push_str(label);
+    reason.push_str(": ");
+    // Writing to a String cannot fail.
+    let _ = match first {
+        Need::Key(access, range) => write!(reason, "{access} {range}"),
+        Need::Cap(cap) => write!(reason, "capability {cap}"),
+        Need::Admin => write!(reason, "capability admin"),
+        Need::LeaseKeys(access, lease) => write!(reason, "{access} on the keys of lease {lease:x}"),
+        Need::Never(why) => write!(reason, "{why}"),
     };
-    match needs.0.len() {
-        1 => format!("{label}: {first}"),
-        n => format!("{label}: {first} (+{} more)", n - 1),
+    if needs.0.len() > 1 {
+        let _ = write!(reason, " (+{} more)", needs.0.len() - 1);
     }
+    reason
 }
 
 /// The RPC as records name it: `/etcdserverpb.KV/Range` → `KV/Range`.
@@ -604,8 +657,8 @@ struct ResponseHead {
 }
 
 /// The revision in an etcd response's header, without decoding the rest.
-pub fn header_revision(bytes: &Bytes) -> Option<i64> {
-    <ResponseHead as prost::Message>::decode(bytes.clone()).ok()?.header.map(|h| h.revision)
+pub fn header_revision(framed: &Framed) -> Option<i64> {
+    <ResponseHead as prost::Message>::decode(framed.message()).ok()?.header.map(|h| h.revision)
 }
 
 /// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or, if the stream is
@@ -724,8 +777,8 @@ where
 }
 
 /// A gRPC `Unimplemented` answer, as grpc-go words it.
-pub fn unimplemented(message: String) -> HttpResponse<Body> {
-    Status::unimplemented(message).into_http()
+pub fn unimplemented(message: String) -> Answer {
+    Status::unimplemented(message).into_http().into()
 }
 
 // === one-shot service adapters ===
@@ -733,9 +786,9 @@ pub fn unimplemented(message: String) -> HttpResponse<Body> {
 // tonic's server helpers take a service; each request is handled by exactly one call, so these adapters wrap a
 // closure that runs once.
 
-type Answer<T> = Result<Response<T>, Status>;
+type Served<T> = Result<Response<T>, Status>;
 
-fn called_twice<T>() -> Ready<Answer<T>> {
+fn called_twice<T>() -> Ready<Served<T>> {
     ready(Err(Status::internal("etcd-guard: handler called twice")))
 }
 
@@ -765,12 +818,12 @@ fn clean_item(r: Result<Bytes, Status>) -> Result<Bytes, Status> {
 impl<M, F, Fut, S> ServerStreamingService<M> for OneShotStream<F>
 where
     F: FnOnce(Request<M>) -> Fut,
-    Fut: Future<Output = Answer<S>>,
+    Fut: Future<Output = Served<S>>,
     S: futures_util::Stream<Item = Result<Bytes, Status>>,
 {
     type Response = Bytes;
     type ResponseStream = S;
-    type Future = Either<Fut, Ready<Answer<S>>>;
+    type Future = Either<Fut, Ready<Served<S>>>;
 
     fn call(&mut self, request: Request<M>) -> Self::Future {
         match self.0.take() {
@@ -783,12 +836,12 @@ where
 impl<M, F, Fut, S> StreamingService<M> for OneShotBidi<F>
 where
     F: FnOnce(Request<Streaming<M>>) -> Fut,
-    Fut: Future<Output = Answer<S>>,
+    Fut: Future<Output = Served<S>>,
     S: futures_util::Stream<Item = Result<Bytes, Status>>,
 {
     type Response = Bytes;
     type ResponseStream = S;
-    type Future = Either<Fut, Ready<Answer<S>>>;
+    type Future = Either<Fut, Ready<Served<S>>>;
 
     fn call(&mut self, request: Request<Streaming<M>>) -> Self::Future {
         match self.0.take() {
@@ -801,6 +854,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_reasons_name_the_roles_and_the_first_need() {
+        use crate::policy::Access;
+        let one = Needs(vec![Need::Key(Access::Read, KeyRange::prefix(b"cilium/".to_vec()))]);
+        assert_eq!(allow_reason("role cilium", &one), "role cilium: read [cilium/, cilium0)");
+        let three = Needs(vec![Need::Key(Access::Write, KeyRange::point(b"k".to_vec())), Need::Admin, Need::Admin]);
+        assert_eq!(allow_reason("roles a, b", &three), "roles a, b: write k (+2 more)");
+        let lease = Needs(vec![Need::LeaseKeys(Access::Write, 0x1f)]);
+        assert_eq!(allow_reason("role r", &lease), "role r: write on the keys of lease 1f");
+        assert_eq!(allow_reason("role r", &Needs(vec![Need::Admin])), "role r: capability admin");
+        assert_eq!(allow_reason("role r", &Needs(Vec::new())), "no permission needed");
+    }
 
     #[test]
     fn streaming_methods_are_known_methods_and_unary_ones_are_not_streaming() {

@@ -17,14 +17,12 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
-use http::Response;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::body::Body;
 use tonic::{Code, Status, Streaming};
 
-use super::{Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
+use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::limits::WatchSlot;
@@ -37,7 +35,7 @@ const RPC: &str = "Watch/Watch";
 /// The `cancel_reason` etcd sends for a denied watch.
 pub const DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 
-pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Response<Body>> {
+pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "Watch" => {
             let g2 = g.clone();
