@@ -124,6 +124,8 @@ struct ToClient {
     released: VecDeque<Bytes>,
     own: mpsc::Receiver<Result<Bytes, Status>>,
     own_closed: bool,
+    /// etcd's messages passed on since the proxy's own channel was last looked at.
+    since_own: u32,
     order: Arc<Mutex<Order>>,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
@@ -144,6 +146,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
         released: VecDeque::new(),
         own: down_rx,
         own_closed: false,
+        since_own: 0,
         order: order.clone(),
         gauge: g.shared.metrics.open_watches.clone(),
     };
@@ -354,6 +357,11 @@ impl ToClient {
     }
 }
 
+/// While etcd's messages keep coming, the proxy's own channel is looked at once per this many of them (and always
+/// before the stream waits): a shutdown or an error then waits behind at most this many events, and a flood of
+/// events does not pay for a look at an empty channel each.
+const OWN_EVERY: u32 = 16;
+
 impl futures_util::Stream for ToClient {
     type Item = Result<Bytes, Status>;
 
@@ -363,13 +371,11 @@ impl futures_util::Stream for ToClient {
         if let Some(bytes) = this.released.pop_front() {
             return Poll::Ready(Some(Ok(bytes)));
         }
-        // The proxy's own messages first: they are few, and a shutdown or an error must not wait behind a flood
-        // of events.
-        if !this.own_closed {
-            match this.own.poll_recv(cx) {
-                Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
-                Poll::Ready(None) => this.own_closed = true,
-                Poll::Pending => {}
+        // The proxy's own messages come before etcd's: they are few, and a shutdown or an error must not wait
+        // behind a flood of events.
+        if this.since_own >= OWN_EVERY {
+            if let Poll::Ready(item) = this.poll_own(cx) {
+                return Poll::Ready(item);
             }
         }
         if let Some(call) = this.call.as_mut() {
@@ -387,7 +393,10 @@ impl futures_util::Stream for ToClient {
         }
         if let Some(upstream) = this.upstream.as_mut() {
             match Pin::new(upstream).poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => return Poll::Ready(Some(Ok(this.on_response(bytes)))),
+                Poll::Ready(Some(Ok(bytes))) => {
+                    this.since_own += 1;
+                    return Poll::Ready(Some(Ok(this.on_response(bytes))));
+                }
                 Poll::Ready(Some(Err(status))) => {
                     this.upstream = None;
                     return Poll::Ready(Some(Err(clean(status))));
@@ -396,11 +405,33 @@ impl futures_util::Stream for ToClient {
                 Poll::Pending => {}
             }
         }
+        // Before waiting, the own channel is always looked at (which also asks to be woken by it).
+        if let Poll::Ready(item) = this.poll_own(cx) {
+            return Poll::Ready(item);
+        }
         // Ends when etcd's side and the proxy's side have both ended.
         if this.own_closed && this.call.is_none() && this.upstream.is_none() {
             return Poll::Ready(None);
         }
         Poll::Pending
+    }
+}
+
+impl ToClient {
+    /// The next of the proxy's own messages, if one is waiting (`Pending` once the channel has closed).
+    fn poll_own(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
+        self.since_own = 0;
+        if self.own_closed {
+            return Poll::Pending;
+        }
+        match self.own.poll_recv(cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(item)),
+            Poll::Ready(None) => {
+                self.own_closed = true;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
