@@ -5,13 +5,16 @@
 # They leave out the kernel (system calls, loopback TCP) and cache misses, so they complement the benchmark and do
 # not replace it.
 #
-#   bench/instructions.sh [--workload lin-range|put|ser-range] [--rate N] [--seconds S] BIN [BIN ...]
+#   bench/instructions.sh [--workload lin-range|put|ser-range|watch] [--rate N] [--seconds S]
+#                         [--watchers N --put-rate R] BIN [BIN ...]
 #
 # For each BIN: etcd (with the benchmark's data and certificates) and `BIN serve` under callgrind are started on
 # loopback; a load generator sends N requests/s (one connection, default 150/s: the proxy runs about 50 times
 # slower under callgrind) for S seconds (default 6) after a warm-up; the counters cover that window only, and the
 # requests are counted in the audit file. Prints instructions per request, and writes callgrind's file beside
-# it (`callgrind_annotate --inclusive=yes FILE` shows where they go).
+# it (`callgrind_annotate --inclusive=yes FILE` shows where they go). With `--workload watch` the requests counted
+# are the puts (N watchers see each): divide by N for instructions per delivered event (e.g. --watchers 100
+# --put-rate 10).
 #
 # Needs valgrind (Debian package `valgrind`), etcd, and the benchmark built in the same target folder:
 #   cargo build --release -p etcd-guard -p etcd-guard-bench
@@ -22,13 +25,17 @@ set -euo pipefail
 workload=lin-range
 rate=150
 seconds=6
+watchers=100
+put_rate=10
 bins=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --workload) workload=$2; shift 2 ;;
         --rate) rate=$2; shift 2 ;;
         --seconds) seconds=$2; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --watchers) watchers=$2; shift 2 ;;
+        --put-rate) put_rate=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) bins+=("$(realpath "$1")"); shift ;;
     esac
 done
@@ -93,7 +100,7 @@ EOF
     done
     "$bench" load --endpoint "https://127.0.0.1:$listen_port" --ca "$run/ca.crt" --cert "$run/bench.crt" \
         --key "$run/bench.key" --workload "$workload" --connections 1 --in-flight 64 --rate "$rate" \
-        --warmup-ms 500 --duration-ms $(((seconds + 4) * 1000)) > "$run/load.log" 2>&1 &
+        --watchers "$watchers" --put-rate "$put_rate" --warmup-ms 500 --duration-ms $(((seconds + 4) * 1000)) > "$run/load.log" 2>&1 &
     load_pid=$!; pids+=("$load_pid")
     sleep 2.5
     records() { cat "$run"/audit.log* 2> /dev/null | wc -l; }
