@@ -15,6 +15,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod watch;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -397,11 +398,7 @@ impl Guard {
         revision: Option<i64>,
         at: Arrival,
     ) -> Result<(), Status> {
-        self.count(rpc, verdict.decision, code, at);
-        let Some(mut r) = record else { return Ok(()) };
-        r.decision = verdict.decision;
-        r.reason.clone_from(&verdict.reason);
-        self.submit(r, code, revision, at).await
+        self.audit_with(rpc, record, Cow::Borrowed(verdict), code, revision, at).await
     }
 
     /// [`Guard::audit`] for a verdict that is not needed afterwards: its reason moves into the record.
@@ -414,15 +411,25 @@ impl Guard {
         revision: Option<i64>,
         at: Arrival,
     ) -> Result<(), Status> {
-        self.count(rpc, verdict.decision, code, at);
-        let Some(mut r) = record else { return Ok(()) };
-        r.decision = verdict.decision;
-        r.reason = verdict.reason;
-        self.submit(r, code, revision, at).await
+        self.audit_with(rpc, record, Cow::Owned(verdict), code, revision, at).await
     }
 
-    /// Queue a record with its outcome.
-    async fn submit(&self, mut r: Record, code: Code, revision: Option<i64>, at: Arrival) -> Result<(), Status> {
+    /// Count the request, and queue its record (if auditing is on) with the outcome; a borrowed verdict is only
+    /// copied for a record.
+    async fn audit_with(
+        &self,
+        rpc: &'static str,
+        record: Option<Record>,
+        verdict: Cow<'_, Verdict>,
+        code: Code,
+        revision: Option<i64>,
+        at: Arrival,
+    ) -> Result<(), Status> {
+        self.count(rpc, verdict.decision, code, at);
+        let Some(mut r) = record else { return Ok(()) };
+        let Verdict { decision, reason } = verdict.into_owned();
+        r.decision = decision;
+        r.reason = reason;
         r.code = code;
         r.revision = revision;
         r.latency_us = at.micros();
