@@ -401,21 +401,8 @@ impl Guard {
         self.audit_with(rpc, record, Cow::Borrowed(verdict), code, revision, at).await
     }
 
-    /// [`Guard::audit`] for a verdict that is not needed afterwards: its reason moves into the record.
-    async fn audit_last(
-        &self,
-        rpc: &'static str,
-        record: Option<Record>,
-        verdict: Verdict,
-        code: Code,
-        revision: Option<i64>,
-        at: Arrival,
-    ) -> Result<(), Status> {
-        self.audit_with(rpc, record, Cow::Owned(verdict), code, revision, at).await
-    }
-
-    /// Count the request, and queue its record (if auditing is on) with the outcome; a borrowed verdict is only
-    /// copied for a record.
+    /// Count the request, and queue its record (if auditing is on) with the outcome. A borrowed verdict is copied
+    /// only for a record; an owned one (not needed afterwards) moves its reason into the record.
     async fn audit_with(
         &self,
         rpc: &'static str,
@@ -469,7 +456,7 @@ impl Guard {
             Ok(p) => p,
             Err(status) => {
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit_last(rpc, record, v, status.code(), None, at).await;
+                let _ = self.audit_with(rpc, record, Cow::Owned(v), status.code(), None, at).await;
                 return Err(status);
             }
         };
@@ -482,16 +469,16 @@ impl Guard {
             Err(status) => {
                 // A malformed request (answered as etcd answers it) or a check that could not be made.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit_last(rpc, record, v, status.code(), None, at).await;
+                let _ = self.audit_with(rpc, record, Cow::Owned(v), status.code(), None, at).await;
                 return Err(status);
             }
         };
         if verdict.decision == Decision::Deny {
-            let _ = self.audit_last(rpc, record, verdict, Code::PermissionDenied, None, at).await;
+            let _ = self.audit_with(rpc, record, Cow::Owned(verdict), Code::PermissionDenied, None, at).await;
             return Err(permission_denied());
         }
         if let Err(status) = self.shared.audit.admit() {
-            let _ = self.audit_last(rpc, record, verdict, status.code(), None, at).await;
+            let _ = self.audit_with(rpc, record, Cow::Owned(verdict), status.code(), None, at).await;
             return Err(status);
         }
         Ok((verdict, record, permit))
@@ -511,7 +498,7 @@ impl Guard {
             Ok(framed) => (Code::Ok, header_revision(framed)),
             Err(status) => (status.code(), None),
         };
-        self.audit_last(rpc, record, verdict, code, revision, at).await?;
+        self.audit_with(rpc, record, Cow::Owned(verdict), code, revision, at).await?;
         answer
     }
 
