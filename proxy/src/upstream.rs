@@ -319,12 +319,16 @@ impl CallMeta {
     /// The allowlisted metadata the client sent.
     fn metadata(&self) -> HeaderMap {
         let mut metadata = HeaderMap::with_capacity(FORWARDED_METADATA.len());
+        self.insert_forwarded(&mut metadata);
+        metadata
+    }
+
+    fn insert_forwarded(&self, headers: &mut HeaderMap) {
         for (name, value) in FORWARDED_METADATA.iter().zip(&self.forwarded) {
             if let Some(v) = value {
-                metadata.insert(name.clone(), v.clone());
+                headers.insert(name.clone(), v.clone());
             }
         }
-        metadata
     }
 
     /// The headers of a unary call towards etcd: gRPC's own, the allowlisted metadata and the deadline.
@@ -332,11 +336,7 @@ impl CallMeta {
         let mut headers = HeaderMap::with_capacity(3 + FORWARDED_METADATA.len());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert(TE, HeaderValue::from_static("trailers"));
-        for (name, value) in FORWARDED_METADATA.iter().zip(&self.forwarded) {
-            if let Some(v) = value {
-                headers.insert(name.clone(), v.clone());
-            }
-        }
+        self.insert_forwarded(&mut headers);
         if let Some(v) = self.timeout.and_then(grpc_timeout) {
             headers.insert(GRPC_TIMEOUT.clone(), v);
         }
