@@ -1,104 +1,37 @@
-//! gRPC codecs for a checking proxy.
+//! gRPC framing for a checking proxy.
 //!
 //! Requests are *decoded* into their protobuf messages (so they can be checked) and the checked message is
 //! *re-encoded* towards etcd — the client's original bytes are never forwarded. Responses travel as raw bytes:
-//! nothing in them needs checking, so they are passed through untouched (fields of newer etcd versions survive,
-//! and no CPU is spent decoding them).
+//! nothing in them needs checking, so etcd's frames are passed through untouched (fields of newer etcd versions
+//! survive, and no CPU is spent decoding or re-framing them).
+//!
+//! tonic is used for one thing only: decoding the messages of a client's request stream ([`MessageDecoder`]).
+//! Unary calls, etcd's answers and every response body are framed here.
 
 use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 
-/// The first allocation of a call's encode and decode buffers, on both legs. tonic's default is 8 KiB per buffer,
-/// four per forwarded call, held for as long as a stream is open: with 10,000 watch streams that was about 30 KiB
-/// per stream. Most etcd messages are far smaller; a larger one grows its buffer to fit.
+/// The first allocation of a client stream's decode buffer. tonic's default is 8 KiB, held for as long as a
+/// stream is open: with 10,000 watch streams that added up. Most etcd requests are far smaller; a larger one grows
+/// the buffer to fit.
 const BUFFER_BYTES: usize = 256;
 
 /// tonic's default batching threshold for messages of one stream that are ready at once.
 const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
 
-fn buffer_settings() -> BufferSettings {
-    BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
-}
-
-/// Server side: decode requests as `M`, encode responses from raw bytes.
-pub struct ServerCodec<M>(PhantomData<fn() -> M>);
-
-/// Client side (towards etcd): encode requests from `M`, decode responses as raw bytes.
-pub struct UpstreamCodec<M>(PhantomData<fn() -> M>);
-
-/// Encodes a protobuf message.
-pub struct MessageEncoder<M>(PhantomData<fn() -> M>);
-
-/// Decodes a protobuf message.
+/// Decodes the messages of a client's request stream as `M`.
 pub struct MessageDecoder<M>(PhantomData<fn() -> M>);
 
-/// Passes bytes through.
-pub struct RawEncoder;
+// === impl MessageDecoder ===
 
-/// Takes a whole message as bytes.
-pub struct RawDecoder;
-
-// === impl ServerCodec ===
-
-impl<M> Default for ServerCodec<M> {
+impl<M> Default for MessageDecoder<M> {
     fn default() -> Self {
-        ServerCodec(PhantomData)
-    }
-}
-
-impl<M: prost::Message + Default + Send + 'static> Codec for ServerCodec<M> {
-    type Encode = Bytes;
-    type Decode = M;
-    type Encoder = RawEncoder;
-    type Decoder = MessageDecoder<M>;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> MessageDecoder<M> {
         MessageDecoder(PhantomData)
-    }
-}
-
-// === impl UpstreamCodec ===
-
-impl<M> Default for UpstreamCodec<M> {
-    fn default() -> Self {
-        UpstreamCodec(PhantomData)
-    }
-}
-
-impl<M: prost::Message + Send + 'static> Codec for UpstreamCodec<M> {
-    type Encode = M;
-    type Decode = Bytes;
-    type Encoder = MessageEncoder<M>;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> MessageEncoder<M> {
-        MessageEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-// === impl encoders and decoders ===
-
-impl<M: prost::Message> Encoder for MessageEncoder<M> {
-    type Item = M;
-    type Error = Status;
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffer_settings()
-    }
-
-    fn encode(&mut self, item: M, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst).map_err(|e| Status::internal(format!("encoding request: {e}")))
     }
 }
 
@@ -107,7 +40,7 @@ impl<M: prost::Message + Default> Decoder for MessageDecoder<M> {
     type Error = Status;
 
     fn buffer_settings(&self) -> BufferSettings {
-        buffer_settings()
+        BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
     }
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<M>, Status> {
@@ -116,37 +49,11 @@ impl<M: prost::Message + Default> Decoder for MessageDecoder<M> {
     }
 }
 
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffer_settings()
-    }
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffer_settings()
-    }
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-// === gRPC framing for unary calls ===
+// === gRPC framing ===
 //
-// Unary calls skip tonic's streaming machinery on both legs: a request is read whole and decoded, the checked
-// message is sent in one frame, and etcd's answer is passed back as one frame with its status.
+// A unary request is read whole and decoded, the checked message is sent in one frame, and etcd's answer is
+// passed back as one frame with its status. On streams, etcd's frames are cut out of its DATA frames
+// ([`Deframer`]) and passed on as they came ([`StreamBody`]), each after the proxy has read what it needs of it.
 
 /// The gRPC message prefix: a compression flag and a 4-byte big-endian length.
 const PREFIX_BYTES: usize = 5;
@@ -201,9 +108,147 @@ impl Framed {
         self.0.get(PREFIX_BYTES..).unwrap_or_default()
     }
 
+    /// The message, without its prefix, as a slice of the frame (no copy).
+    pub fn message_bytes(&self) -> Bytes {
+        if self.0.len() < PREFIX_BYTES {
+            return Bytes::new();
+        }
+        self.0.slice(PREFIX_BYTES..)
+    }
+
     /// The frame's bytes, prefix included.
     pub fn into_bytes(self) -> Bytes {
         self.0
+    }
+}
+
+/// Cuts etcd's stream of DATA chunks into whole gRPC frames. A frame that arrived inside one chunk (the usual case:
+/// etcd writes each message in a DATA frame of its own) is a slice of that chunk, not a copy; one split across
+/// chunks is gathered.
+#[derive(Default)]
+pub struct Deframer {
+    /// What is left of the last chunk, while nothing is being gathered.
+    rest: Bytes,
+    /// The start of a frame that continues in the next chunk.
+    partial: BytesMut,
+}
+
+// === impl Deframer ===
+
+impl Deframer {
+    /// The next chunk of the stream.
+    pub fn push(&mut self, chunk: Bytes) {
+        if self.rest.is_empty() && self.partial.is_empty() {
+            self.rest = chunk;
+            return;
+        }
+        if !self.rest.is_empty() {
+            self.partial.extend_from_slice(&self.rest);
+            self.rest = Bytes::new();
+        }
+        self.partial.extend_from_slice(&chunk);
+    }
+
+    /// The next whole frame, if it has arrived. A compressed frame, or one longer than `max` bytes, is an error.
+    pub fn next_frame(&mut self, max: usize) -> Result<Option<Framed>, String> {
+        if self.partial.is_empty() {
+            Ok(whole_frame(&self.rest, max)?.map(|n| Framed(self.rest.split_to(n))))
+        } else {
+            Ok(whole_frame(&self.partial, max)?.map(|n| Framed(self.partial.split_to(n).freeze())))
+        }
+    }
+
+    /// Whether no part of a frame is waiting for the rest of it.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty() && self.partial.is_empty()
+    }
+}
+
+/// The length (prefix included) of the frame at the start of `buf`, if all of it is there.
+fn whole_frame(buf: &[u8], max: usize) -> Result<Option<usize>, String> {
+    let Some(prefix) = buf.get(..PREFIX_BYTES) else { return Ok(None) };
+    if prefix[0] != 0 {
+        return Err("etcd sent a compressed message, which was not asked for".into());
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > max {
+        return Err(format!("etcd sent a message of {len} bytes, more than the {max} accepted"));
+    }
+    Ok((buf.len() - PREFIX_BYTES >= len).then_some(PREFIX_BYTES + len))
+}
+
+/// The items of a streamed answer: whole frames (etcd's as they came, or the proxy's own), or the status that
+/// ends the stream.
+pub type FrameStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
+
+/// The body of a streamed gRPC answer: each item of its stream as one DATA frame, then the status as trailers
+/// (`grpc-status: 0` when the stream ends, the failure's status when an item is one). The default is an empty body
+/// (a "trailers-only" answer carries its status in its headers).
+#[derive(Default)]
+pub struct StreamBody {
+    stream: Option<FrameStream>,
+}
+
+// === impl StreamBody ===
+
+impl http_body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let Some(stream) = self.stream.as_mut() else { return Poll::Ready(None) };
+        let trailers = match ready!(stream.as_mut().poll_next(cx)) {
+            Some(Ok(frame)) => return Poll::Ready(Some(Ok(http_body::Frame::data(frame)))),
+            Some(Err(status)) => status_trailers(&status),
+            None => ok_trailers(),
+        };
+        self.stream = None;
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_none()
+    }
+}
+
+/// A streamed answer to the client: `application/grpc`, then the frames of `stream` and its status.
+pub fn streamed_response(stream: FrameStream) -> crate::http2::Reply<StreamBody> {
+    let mut response = http::Response::new(StreamBody { stream: Some(stream) });
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    crate::http2::Reply::Streamed(response)
+}
+
+/// `grpc-status: 0`.
+fn ok_trailers() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::with_capacity(1);
+    trailers.insert(GRPC_STATUS.clone(), http::HeaderValue::from_static("0"));
+    trailers
+}
+
+/// A failure's code, message and details as trailers.
+fn status_trailers(status: &Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::with_capacity(3);
+    if status.add_header(&mut trailers).is_err() {
+        // Only a message or details that cannot be a header value fail; the code alone still tells the client.
+        trailers.clear();
+        let code = http::HeaderValue::from(status.code() as i32);
+        trailers.insert(GRPC_STATUS.clone(), code);
+    }
+    trailers
+}
+
+/// A client stream's messages must come uncompressed (the proxy offers no compression, like etcd): any other
+/// `grpc-encoding` is refused up front, worded as grpc-go (etcd) words it.
+pub fn check_request_encoding(headers: &http::HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding").map(http::HeaderValue::as_bytes) {
+        None | Some(b"identity") => Ok(()),
+        Some(other) => Err(Status::unimplemented(format!(
+            "grpc: Decompressor is not installed for grpc-encoding {:?}",
+            String::from_utf8_lossy(other)
+        ))),
     }
 }
 
@@ -314,9 +359,7 @@ pub fn status_from_trailers(trailers: &http::HeaderMap) -> Option<Status> {
 pub fn unary_response<B>(message: Framed) -> crate::http2::Reply<B> {
     let mut response = http::Response::new(message.into_bytes());
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-    let mut trailers = http::HeaderMap::with_capacity(1);
-    trailers.insert(GRPC_STATUS.clone(), http::HeaderValue::from_static("0"));
-    crate::http2::Reply::Whole(response, trailers)
+    crate::http2::Reply::Whole(response, ok_trailers())
 }
 
 // gRPC's status headers, named once rather than parsed from a string for every call.
@@ -354,6 +397,98 @@ mod tests {
         assert!(Framed::parse(framed.slice(..4)).is_err());
         assert!(Framed::parse(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
         assert_eq!(Framed::parse(Bytes::from_static(&[0, 0, 0, 0, 0])).map(|f| f.message().len()), Ok(0));
+    }
+
+    /// `n` frames of messages of 1, 2, ... bytes, one after the other.
+    fn frames(n: u8) -> Vec<Bytes> {
+        (1..=n).map(|i| Framed::encode(&Bytes::from(vec![i; usize::from(i)])).into_bytes()).collect()
+    }
+
+    #[test]
+    fn a_frame_inside_one_chunk_is_a_slice_of_it() -> Result<(), String> {
+        let chunk = frames(1).concat();
+        let chunk = Bytes::from(chunk);
+        let mut d = Deframer::default();
+        d.push(chunk.clone());
+        let frame = d.next_frame(1024)?.ok_or("no frame")?;
+        assert_eq!(frame.into_bytes().as_ptr(), chunk.as_ptr(), "not copied");
+        assert!(d.is_empty());
+        assert_eq!(d.next_frame(1024)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn frames_come_out_whole_however_the_chunks_cut_them() -> Result<(), String> {
+        let sent = frames(6);
+        let stream: Vec<u8> = sent.concat();
+        // Every way of cutting the stream into two or three chunks, prefixes included.
+        for a in 0..=stream.len() {
+            for b in a..=stream.len() {
+                let mut d = Deframer::default();
+                let mut got = Vec::new();
+                for part in [&stream[..a], &stream[a..b], &stream[b..]] {
+                    d.push(Bytes::copy_from_slice(part));
+                    while let Some(frame) = d.next_frame(1024)? {
+                        got.push(frame.into_bytes());
+                    }
+                }
+                assert_eq!(got, sent, "cut at {a} and {b}");
+                assert!(d.is_empty(), "cut at {a} and {b}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_compressed_or_oversized_frame_is_refused() {
+        let mut d = Deframer::default();
+        d.push(Bytes::from_static(&[1, 0, 0, 0, 1, 7]));
+        assert!(d.next_frame(1024).is_err());
+        let mut d = Deframer::default();
+        d.push(Bytes::from_static(&[0, 0, 0, 4, 1]));
+        assert!(d.next_frame(1024).is_err(), "1025 bytes declared");
+        let mut d = Deframer::default();
+        d.push(Bytes::from_static(&[0, 0, 0]));
+        assert_eq!(d.next_frame(1024), Ok(None));
+        assert!(!d.is_empty(), "a partial prefix waits");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_its_frames_then_its_status() -> Result<(), Box<dyn std::error::Error>> {
+        use http_body_util::BodyExt;
+        let items = vec![
+            Ok(Bytes::from_static(b"one")),
+            Ok(Bytes::from_static(b"two")),
+            Err(Status::permission_denied("etcdserver: permission denied")),
+        ];
+        let crate::http2::Reply::Streamed(response) = streamed_response(Box::pin(futures_util::stream::iter(items)))
+        else {
+            return Err("not streamed".into());
+        };
+        assert_eq!(
+            response.headers().get("content-type").map(http::HeaderValue::as_bytes),
+            Some(&b"application/grpc"[..])
+        );
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            match frame?.into_data() {
+                Ok(d) => data.push(d),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        assert_eq!(data, [Bytes::from_static(b"one"), Bytes::from_static(b"two")]);
+        let status = trailers.as_ref().and_then(status_from_trailers).ok_or("no status")?;
+        assert_eq!((status.code(), status.message()), (Code::PermissionDenied, "etcdserver: permission denied"));
+        assert!(http_body::Body::is_end_stream(&body));
+
+        let ended = streamed_response(Box::pin(futures_util::stream::empty()));
+        let crate::http2::Reply::Streamed(response) = ended else { return Err("not streamed".into()) };
+        let trailers = response.into_body().collect().await?.trailers().cloned().ok_or("no trailers")?;
+        assert_eq!(trailers.get("grpc-status").map(http::HeaderValue::as_bytes), Some(&b"0"[..]));
+        assert!(http_body::Body::is_end_stream(&StreamBody::default()), "a trailers-only answer has no body");
+        Ok(())
     }
 
     #[test]

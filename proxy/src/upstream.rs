@@ -1,22 +1,24 @@
 //! The connection to etcd: calls made with the proxy's own identity, carrying only allowlisted metadata.
 //!
-//! Unary calls (the bulk of the traffic) are made on the HTTP/2 connection directly and their answer is read as
-//! bytes; streaming calls go through tonic's client over the same connections.
+//! Every call is made on the HTTP/2 connection directly. A unary answer is read whole as etcd's one frame; a
+//! stream's answers are etcd's frames as they arrive ([`Frames`]), passed on without being re-framed.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, TE};
-use http::uri::PathAndQuery;
+use http_body::Body;
 use tokio::runtime::Handle;
-use tonic::metadata::MetadataMap;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Status};
 
-use crate::codec::{self, Framed, UpstreamCodec};
-use crate::http2::client::{self, Channel, Connection};
+use crate::codec::{self, Deframer, Framed};
+use crate::http2::RecvBody;
+use crate::http2::client::{self, Connection};
 
 /// Client metadata forwarded to etcd. Everything else (notably `token`, `authorization` and `grpcgateway-*`,
 /// which would change who etcd thinks is calling) is dropped.
@@ -142,14 +144,6 @@ impl Upstream {
         }
     }
 
-    fn grpc(&self) -> Result<(tonic::client::Grpc<Channel>, Arc<Member>), Status> {
-        let member = self.pick()?;
-        let grpc = tonic::client::Grpc::with_origin(member.connection.channel(), member.connection.origin())
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .max_encoding_message_size(usize::MAX);
-        Ok((grpc, member))
-    }
-
     /// A unary call; the response comes back as etcd sent it (one checked gRPC frame).
     pub async fn unary<M>(&self, path: &'static str, msg: M, meta: &CallMeta) -> Result<Framed, Status>
     where
@@ -177,41 +171,31 @@ impl Upstream {
             .map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))
     }
 
-    /// A server-streaming call; messages come back as raw bytes.
-    pub async fn server_streaming<M>(
-        &self,
-        path: &'static str,
-        msg: M,
-        meta: &CallMeta,
-    ) -> Result<Streaming<Bytes>, Status>
+    /// A server-streaming call: the checked message, then etcd's frames as they come.
+    pub async fn server_streaming<M>(&self, path: &'static str, msg: M, meta: &CallMeta) -> Result<Frames, Status>
     where
-        M: prost::Message + Send + Sync + 'static,
+        M: prost::Message,
     {
-        let (mut grpc, member) = self.grpc()?;
-        let resp = grpc
-            .server_streaming(meta.request(msg), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
+        let member = self.pick()?;
+        let response = member
+            .connection
+            .send(member.head(path, meta), codec::frame(&msg))
             .await
-            .map_err(|s| member.failed(s))?;
-        Ok(resp.into_inner())
+            .map_err(|e| member.unreachable(&e))?;
+        member.frames(response.map(RecvBody::new))
     }
 
-    /// A bidirectional call fed by `messages` (already checked).
-    pub async fn streaming<M, S>(
-        &self,
-        path: &'static str,
-        messages: S,
-        meta: &CallMeta,
-    ) -> Result<Streaming<Bytes>, Status>
+    /// A bidirectional call fed by `messages` (already checked), each sent in a frame of its own; etcd's frames come
+    /// back as they arrive.
+    pub async fn streaming<M, S>(&self, path: &'static str, messages: S, meta: &CallMeta) -> Result<Frames, Status>
     where
-        M: prost::Message + Send + Sync + 'static,
-        S: futures_util::Stream<Item = M> + Send + 'static,
+        M: prost::Message,
+        S: futures_util::Stream<Item = M> + Send + Unpin + 'static,
     {
-        let (mut grpc, member) = self.grpc()?;
-        let resp = grpc
-            .streaming(meta.request(messages), PathAndQuery::from_static(path), UpstreamCodec::<M>::default())
-            .await
-            .map_err(|s| member.failed(s))?;
-        Ok(resp.into_inner())
+        let member = self.pick()?;
+        let request = http::Request::from_parts(member.head(path, meta).into_parts().0, Messages(messages));
+        let response = member.connection.send_streaming(request).await.map_err(|e| member.unreachable(&e))?;
+        member.frames(response)
     }
 }
 
@@ -235,11 +219,8 @@ impl Member {
     /// One unary call on this endpoint's connection: the checked message goes out in one gRPC frame, etcd's answer
     /// comes back as the message's bytes, or as etcd's status.
     async fn call<M: prost::Message>(&self, path: &'static str, msg: &M, meta: &CallMeta) -> Result<Framed, Status> {
-        let mut head = http::Request::new(());
-        *head.method_mut() = http::Method::POST;
-        *head.uri_mut() = self.connection.uri(path);
-        *head.headers_mut() = meta.headers();
-        let response = self.connection.send(head, codec::frame(msg)).await.map_err(|e| self.unreachable(&e))?;
+        let response =
+            self.connection.send(self.head(path, meta), codec::frame(msg)).await.map_err(|e| self.unreachable(&e))?;
         let (head, mut body) = response.into_parts();
         // A "trailers-only" answer: etcd's status is in the headers.
         if let Some(status) = codec::status_from_trailers(&head.headers) {
@@ -263,6 +244,28 @@ impl Member {
         Framed::parse(data.finish()).map_err(|e| self.broken(e))
     }
 
+    /// The request line and headers of a call to `path`.
+    fn head(&self, path: &'static str, meta: &CallMeta) -> http::Request<()> {
+        let mut head = http::Request::new(());
+        *head.method_mut() = http::Method::POST;
+        *head.uri_mut() = self.connection.uri(path);
+        *head.headers_mut() = meta.headers();
+        head
+    }
+
+    /// etcd's answer to a streaming call: its status if it refused the call, else its frames to come.
+    fn frames(self: &Arc<Self>, response: http::Response<RecvBody>) -> Result<Frames, Status> {
+        let (head, body) = response.into_parts();
+        // A "trailers-only" answer: etcd's status is in the headers.
+        if let Some(status) = codec::status_from_trailers(&head.headers) {
+            return Err(status);
+        }
+        if head.status != http::StatusCode::OK {
+            return Err(self.broken(format!("etcd answered HTTP status {}", head.status)));
+        }
+        Ok(Frames { body, deframer: Deframer::default(), member: self.clone(), done: false })
+    }
+
     /// The connection could not be made or broke under the call: the client is told `Unavailable`.
     fn unreachable(&self, e: &client::Error) -> Status {
         if self.healthy.swap(false, Ordering::Relaxed) {
@@ -275,27 +278,94 @@ impl Member {
     fn broken(&self, message: String) -> Status {
         Status::new(Code::Internal, format!("etcd-guard: {message}"))
     }
+}
 
-    /// A failed streaming call: a transport failure (a status made locally, with an error source, rather than sent
-    /// by etcd) marks the endpoint unhealthy.
-    ///
-    /// Whatever code the transport chose (a connection closed under a call in flight comes back as `Cancelled`,
-    /// "operation was canceled"), the client is told `Unavailable`, as grpc-go tells etcd's own clients, so that
-    /// they retry elsewhere.
-    fn failed(&self, s: Status) -> Status {
-        if std::error::Error::source(&s).is_none() {
-            return clean(s);
+/// etcd's answers on a streaming call: each a whole gRPC frame as etcd sent it, then the end (`None` after
+/// `grpc-status: 0`) or etcd's status. A transport failure is `Unavailable`, as for unary calls.
+pub struct Frames {
+    body: RecvBody,
+    deframer: Deframer,
+    member: Arc<Member>,
+    /// The stream has ended (with its status, or a failure, already returned).
+    done: bool,
+}
+
+// === impl Frames ===
+
+impl Frames {
+    /// The next of etcd's messages; `None` once etcd ended the stream with `OK`.
+    pub async fn message(&mut self) -> Result<Option<Framed>, Status> {
+        futures_util::StreamExt::next(self).await.transpose()
+    }
+
+    /// How the stream ended, once its body has: etcd's status (`None` for `OK`), or a failure.
+    fn end(&self, trailers: Option<&HeaderMap>) -> Option<Result<Framed, Status>> {
+        if !self.deframer.is_empty() {
+            return Some(Err(self.member.broken("etcd's stream ended inside a message".into())));
         }
-        if self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::warn!(endpoint = %self.url, error = %s.message(), "upstream endpoint failed");
+        match trailers.and_then(codec::status_from_trailers) {
+            Some(status) => Some(Err(status)),
+            None if trailers.is_some_and(|t| t.contains_key(&codec::GRPC_STATUS)) => None,
+            None => Some(Err(self.member.broken("etcd's stream ended without a gRPC status".into()))),
         }
-        Status::unavailable(format!("etcd-guard: upstream unavailable: {}", s.message()))
     }
 }
 
-/// Pass etcd's code, message and details on, but none of its response metadata.
-pub fn clean(s: Status) -> Status {
-    Status::with_details(s.code(), s.message().to_string(), s.details().to_vec().into())
+impl futures_util::Stream for Frames {
+    type Item = Result<Framed, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.deframer.next_frame(MAX_RESPONSE_BYTES) {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(message) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(this.member.broken(message))));
+                }
+            }
+            // `RecvBody` gives the flow-control capacity back as it hands out each chunk.
+            let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+            let ended = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => {
+                        this.deframer.push(chunk);
+                        continue;
+                    }
+                    Err(frame) => this.end(frame.trailers_ref()),
+                },
+                Some(Err(e)) => Some(Err(this.member.unreachable(&client::Error::H2(e)))),
+                None => this.end(None),
+            };
+            this.done = true;
+            return Poll::Ready(ended);
+        }
+    }
+}
+
+/// A streaming call's request body: each message in a frame of its own, ending (half-closing the stream) when
+/// `messages` ends.
+struct Messages<S>(S);
+
+impl<M, S> Body for Messages<S>
+where
+    M: prost::Message,
+    S: futures_util::Stream<Item = M> + Unpin,
+{
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = ready!(Pin::new(&mut self.0).poll_next(cx));
+        Poll::Ready(next.map(|msg| Ok(http_body::Frame::data(codec::frame(&msg)))))
+    }
 }
 
 /// grpc-go's message for a call whose deadline passed.
@@ -304,39 +374,23 @@ pub const DEADLINE_EXCEEDED: &str = "context deadline exceeded";
 // === impl CallMeta ===
 
 impl CallMeta {
-    /// Take what may travel upstream from a client's request metadata.
-    pub fn from_client(md: &MetadataMap) -> CallMeta {
-        CallMeta::from_headers(md.as_ref())
-    }
-
-    /// The same from a request's HTTP headers.
+    /// Take what may travel upstream from a client's request headers.
     pub fn from_headers(headers: &HeaderMap) -> CallMeta {
         let forwarded = [headers.get(&FORWARDED_METADATA[0]).cloned(), headers.get(&FORWARDED_METADATA[1]).cloned()];
         let timeout = headers.get(&GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         CallMeta { forwarded, timeout }
     }
 
-    /// The allowlisted metadata the client sent.
-    fn metadata(&self) -> HeaderMap {
-        let mut metadata = HeaderMap::with_capacity(FORWARDED_METADATA.len());
-        self.insert_forwarded(&mut metadata);
-        metadata
-    }
-
-    fn insert_forwarded(&self, headers: &mut HeaderMap) {
+    /// The headers of a call towards etcd: gRPC's own, the allowlisted metadata and the deadline.
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(3 + FORWARDED_METADATA.len());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
         for (name, value) in FORWARDED_METADATA.iter().zip(&self.forwarded) {
             if let Some(v) = value {
                 headers.insert(name.clone(), v.clone());
             }
         }
-    }
-
-    /// The headers of a unary call towards etcd: gRPC's own, the allowlisted metadata and the deadline.
-    fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::with_capacity(3 + FORWARDED_METADATA.len());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert(TE, HeaderValue::from_static("trailers"));
-        self.insert_forwarded(&mut headers);
         if let Some(v) = self.timeout.and_then(grpc_timeout) {
             headers.insert(GRPC_TIMEOUT.clone(), v);
         }
@@ -346,15 +400,6 @@ impl CallMeta {
     /// The client's deadline, if it sent one.
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
-    }
-
-    fn request<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        *req.metadata_mut() = MetadataMap::from_headers(self.metadata());
-        if let Some(t) = self.timeout {
-            req.set_timeout(t);
-        }
-        req
     }
 }
 
@@ -417,15 +462,13 @@ mod tests {
 
     #[test]
     fn only_allowlisted_metadata_travels() {
-        let mut md = MetadataMap::new();
-        md.insert("token", "secret".parse().unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("")));
-        md.insert("authorization", tonic::metadata::MetadataValue::from_static("Bearer x"));
-        md.insert("grpcgateway-accept", tonic::metadata::MetadataValue::from_static("1"));
-        md.insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
-        md.insert("client-api-version", tonic::metadata::MetadataValue::from_static("3.4"));
-        let meta = CallMeta::from_client(&md);
-        let keys: Vec<String> = meta.metadata().keys().map(|k| k.as_str().to_string()).collect();
-        assert_eq!(keys, ["hasleader", "client-api-version"]);
+        let mut md = HeaderMap::new();
+        md.insert("token", HeaderValue::from_static("secret"));
+        md.insert("authorization", HeaderValue::from_static("Bearer x"));
+        md.insert("grpcgateway-accept", HeaderValue::from_static("1"));
+        md.insert("hasleader", HeaderValue::from_static("true"));
+        md.insert("client-api-version", HeaderValue::from_static("3.4"));
+        let meta = CallMeta::from_headers(&md);
         let sent = meta.headers();
         assert_eq!(sent.len(), 4, "{sent:?}");
         assert_eq!(sent.get("hasleader").map(HeaderValue::as_bytes), Some(&b"true"[..]));

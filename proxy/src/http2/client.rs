@@ -1,14 +1,10 @@
 //! The HTTP/2 connection to one etcd endpoint, with the proxy's own client certificate.
 //!
 //! A call is put on the connection directly (h2's `SendRequest`), without a queue or task in between. The
-//! connection is made at the first call, and again at the next call after it broke. [`Channel`] lets tonic's
-//! client make streaming calls over the same connection.
+//! connection is made at the first call, and again at the next call after it broke.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,10 +74,6 @@ struct Live {
     sender: SendRequest<Bytes>,
 }
 
-/// A [`Connection`] as a tower service for tonic's client (streaming calls).
-#[derive(Clone)]
-pub struct Channel(Arc<Connection>);
-
 // === impl Connection ===
 
 impl Connection {
@@ -110,16 +102,6 @@ impl Connection {
         parts.authority = Some(self.connector.authority.clone());
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
         Uri::from_parts(parts).unwrap_or_default()
-    }
-
-    /// The origin (`https://host:port/`) for tonic's client.
-    pub fn origin(&self) -> Uri {
-        self.uri("/")
-    }
-
-    /// A tonic-compatible handle on this connection.
-    pub fn channel(self: &Arc<Self>) -> Channel {
-        Channel(self.clone())
     }
 
     /// Send a request whose whole body is `body` (a unary call); the answer's body is read by the caller.
@@ -285,23 +267,6 @@ async fn keep_alive(pings: Option<PingPong>, interval: Duration, timeout: Durati
             Ok(Err(_)) => return std::future::pending().await,
             Err(_) => return,
         }
-    }
-}
-
-// === impl Channel ===
-
-impl tower_service::Service<http::Request<tonic::body::Body>> for Channel {
-    type Response = http::Response<RecvBody>;
-    type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<http::Response<RecvBody>, Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let connection = self.0.clone();
-        Box::pin(async move { connection.send_streaming(req).await })
     }
 }
 

@@ -6,7 +6,8 @@
 //! call on it ([`server`]), and a call towards etcd is put on the upstream connection directly ([`client`]). The
 //! responses that etcd returns together are then answered together: one wake-up, one write.
 //!
-//! [`RecvBody`] and [`send_body`] join h2's streams to `http_body` bodies, so tonic's codecs work on both legs.
+//! [`RecvBody`] and [`send_body`] join h2's streams to `http_body` bodies (a client's request stream is decoded by
+//! tonic's `Streaming`; streamed answers are `codec::StreamBody`).
 
 pub mod client;
 pub mod cork;

@@ -10,7 +10,7 @@ use tonic::{Code, Status, Streaming};
 use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, permission_denied};
 use crate::audit::{Decision, Event};
 use crate::authz;
-use crate::upstream::{CallMeta, clean};
+use crate::upstream::CallMeta;
 
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
 const RPC: &str = "Lease/LeaseKeepAlive";
@@ -56,14 +56,14 @@ async fn keep_alive(
         match upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await {
             Ok(mut stream) => loop {
                 match stream.message().await {
-                    Ok(Some(bytes)) => {
-                        if down.send(Ok(bytes)).await.is_err() {
+                    Ok(Some(frame)) => {
+                        if down.send(Ok(frame.into_bytes())).await.is_err() {
                             break;
                         }
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        let _ = down.send(Err(clean(status))).await;
+                        let _ = down.send(Err(status)).await;
                         break;
                     }
                 }

@@ -21,25 +21,22 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::future::{Either, Ready, ready};
-use tonic::body::Body;
-use tonic::server::{Grpc, ServerStreamingService, StreamingService};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
 use crate::audit::record::code_name;
 use crate::audit::{AuditLog, Decision, Describe, Event, Ops, Record, Subject};
 use crate::authz::{Need, Needs};
-use crate::codec::{self, Framed, ServerCodec};
+use crate::codec::{self, FrameStream, Framed, MessageDecoder, StreamBody};
 use crate::http2::{RecvBody, Reply};
 use crate::identity::Identity;
 use crate::limits::{Limiter, Permit, Usage};
 use crate::metrics::{Metrics, RequestHandles, RequestLabels, RpcLabels};
 use crate::policy::{CapabilitySet, KeyRange, Mode, Permissions, Policy};
-use crate::upstream::{CallMeta, Upstream};
+use crate::upstream::{CallMeta, Frames, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
 use etcd_guard_proto::methods;
 
@@ -47,7 +44,11 @@ use etcd_guard_proto::methods;
 pub type HttpRequest = http::Request<RecvBody>;
 
 /// The answer to one request: a unary answer whole, or a streamed body.
-pub type Answer = Reply<Body>;
+pub type Answer = Reply<StreamBody>;
+
+/// What a bidirectional stream answers with: whole gRPC frames (etcd's as they came, or the proxy's own), or the
+/// status that ends the stream.
+pub type Outbound = FrameStream;
 
 /// The message etcd answers a denied request with.
 pub const PERMISSION_DENIED: &str = "etcdserver: permission denied";
@@ -510,12 +511,6 @@ impl Guard {
         Ok(resp.keys)
     }
 
-    fn server_grpc<M: prost::Message + Default + Send + 'static>(&self) -> Grpc<ServerCodec<M>> {
-        Grpc::new(ServerCodec::<M>::default())
-            .max_decoding_message_size(self.shared.max_request_bytes)
-            .max_encoding_message_size(usize::MAX)
-    }
-
     /// A unary RPC: decode, check with `authorize`, forward the checked message, return etcd's bytes.
     pub async fn unary<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> Answer
     where
@@ -564,50 +559,59 @@ impl Guard {
         }
     }
 
-    /// A server-streaming RPC: checked once, then etcd's messages are passed through. The call is recorded as the
-    /// stream opens; its end is recorded when it ends (or the client goes away).
+    /// A server-streaming RPC: checked once, then etcd's frames are passed through as they come. The call is
+    /// recorded as the stream opens; its end is recorded when it ends (or the client goes away).
     pub async fn server_streaming<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> Answer
     where
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
-        let svc = OneShotStream::new(|request: Request<M>| async move {
+        // Boxed here and in `bidi`: streams are few and long-lived; inline, their futures would make the future of
+        // every unary call on the connection as large.
+        let opened = Box::pin(async move {
+            let (head, body) = req.into_parts();
+            let msg: M = codec::read_request(body, &head.headers, self.shared.max_request_bytes).await?;
             let at = Arrival::now();
-            let meta = CallMeta::from_client(request.metadata());
-            let msg = request.into_inner();
+            let meta = CallMeta::from_headers(&head.headers);
             let rpc = rpc_name(path);
             let stream_id = self.shared.audit.stream_id();
             let needs = authorize(&msg);
             let (verdict, record, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
             self.audit(rpc, record, &verdict, Code::Ok, None, at).await?;
-            let stream = match self.shared.upstream.server_streaming(path, msg, &meta).await {
-                Ok(s) => s,
+            match self.shared.upstream.server_streaming(path, msg, &meta).await {
+                Ok(frames) => Ok(Audited { frames, end: Some(end) }),
                 Err(status) => {
                     end.finish(status.code());
-                    return Err(status);
+                    Err(status)
                 }
-            };
-            let clean: CleanFn = clean_item;
-            Ok(Response::new(Audited { inner: futures_util::StreamExt::map(stream, clean), end: Some(end) }))
+            }
         });
-        // Boxed here and in `bidi`: streams are few and long-lived, and their futures (tonic's) are large; inline, they
-        // would make the future of every unary call on the connection as large.
-        Box::pin(self.server_grpc::<M>().server_streaming(svc, req)).await.into()
+        match opened.await {
+            Ok(stream) => codec::streamed_response(Box::pin(stream)),
+            Err(status) => status.into_http().into(),
+        }
     }
 
-    /// A bidirectional RPC; `run` gets the decoded inbound stream and returns the receiving end of the outbound one.
+    /// A bidirectional RPC; `run` gets the client's messages, decoded, and returns the stream of frames to answer
+    /// with.
     pub async fn bidi<M, F, Fut>(&self, req: HttpRequest, run: F) -> Answer
     where
-        M: prost::Message + Default + Send + Sync + 'static,
+        M: prost::Message + Default + Send + 'static,
         F: FnOnce(Streaming<M>, CallMeta) -> Fut + Send,
         Fut: Future<Output = Result<Outbound, Status>> + Send,
     {
-        let svc = OneShotBidi::new(|request: Request<Streaming<M>>| async move {
-            let meta = CallMeta::from_client(request.metadata());
-            Ok(Response::new(run(request.into_inner(), meta).await?))
-        });
-        Box::pin(self.server_grpc::<M>().streaming(svc, req)).await.into()
+        let (head, body) = req.into_parts();
+        if let Err(status) = codec::check_request_encoding(&head.headers) {
+            return status.into_http().into();
+        }
+        let meta = CallMeta::from_headers(&head.headers);
+        let max = self.shared.max_request_bytes;
+        let inbound = Streaming::new_request(MessageDecoder::<M>::default(), body, None, Some(max));
+        match Box::pin(run(inbound, meta)).await {
+            Ok(outbound) => codec::streamed_response(outbound),
+            Err(status) => status.into_http().into(),
+        }
     }
 }
 
@@ -739,110 +743,37 @@ impl Drop for StreamEnd {
 struct NoOps;
 impl Describe for NoOps {}
 
-/// A response stream that records its end.
-pub struct Audited<S> {
-    inner: S,
+/// etcd's frames on a server-streaming call, passed on; records the stream's end.
+struct Audited {
+    frames: Frames,
     end: Option<StreamEnd>,
 }
 
-impl<S> futures_util::Stream for Audited<S>
-where
-    S: futures_util::Stream<Item = Result<Bytes, Status>> + Unpin,
-{
+impl futures_util::Stream for Audited {
     type Item = Result<Bytes, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = Pin::new(&mut self.inner).poll_next(cx);
+        let item = ready!(Pin::new(&mut self.frames).poll_next(cx));
         match &item {
-            Poll::Ready(None) => {
+            None => {
                 if let Some(end) = self.end.take() {
                     end.finish(Code::Ok);
                 }
             }
-            Poll::Ready(Some(Err(status))) => {
+            Some(Err(status)) => {
                 if let Some(end) = self.end.take() {
                     end.finish(status.code());
                 }
             }
-            _ => {}
+            Some(Ok(_)) => {}
         }
-        item
+        Poll::Ready(item.map(|frame| frame.map(Framed::into_bytes)))
     }
 }
 
 /// A gRPC `Unimplemented` answer, as grpc-go words it.
 pub fn unimplemented(message: String) -> Answer {
     Status::unimplemented(message).into_http().into()
-}
-
-// === one-shot service adapters ===
-//
-// tonic's server helpers take a service; each request is handled by exactly one call, so these adapters wrap a
-// closure that runs once.
-
-type Served<T> = Result<Response<T>, Status>;
-
-fn called_twice<T>() -> Ready<Served<T>> {
-    ready(Err(Status::internal("etcd-guard: handler called twice")))
-}
-
-struct OneShotStream<F>(Option<F>);
-struct OneShotBidi<F>(Option<F>);
-
-impl<F> OneShotStream<F> {
-    fn new(f: F) -> Self {
-        OneShotStream(Some(f))
-    }
-}
-impl<F> OneShotBidi<F> {
-    fn new(f: F) -> Self {
-        OneShotBidi(Some(f))
-    }
-}
-
-/// The outbound side of a bidirectional stream.
-pub type Outbound = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
-
-type CleanFn = fn(Result<Bytes, Status>) -> Result<Bytes, Status>;
-
-fn clean_item(r: Result<Bytes, Status>) -> Result<Bytes, Status> {
-    r.map_err(crate::upstream::clean)
-}
-
-impl<M, F, Fut, S> ServerStreamingService<M> for OneShotStream<F>
-where
-    F: FnOnce(Request<M>) -> Fut,
-    Fut: Future<Output = Served<S>>,
-    S: futures_util::Stream<Item = Result<Bytes, Status>>,
-{
-    type Response = Bytes;
-    type ResponseStream = S;
-    type Future = Either<Fut, Ready<Served<S>>>;
-
-    fn call(&mut self, request: Request<M>) -> Self::Future {
-        match self.0.take() {
-            Some(f) => Either::Left(f(request)),
-            None => Either::Right(called_twice()),
-        }
-    }
-}
-
-impl<M, F, Fut, S> StreamingService<M> for OneShotBidi<F>
-where
-    F: FnOnce(Request<Streaming<M>>) -> Fut,
-    Fut: Future<Output = Served<S>>,
-    S: futures_util::Stream<Item = Result<Bytes, Status>>,
-{
-    type Response = Bytes;
-    type ResponseStream = S;
-    type Future = Either<Fut, Ready<Served<S>>>;
-
-    fn call(&mut self, request: Request<Streaming<M>>) -> Self::Future {
-        match self.0.take() {
-            Some(f) => Either::Left(f(request)),
-            None => Either::Right(called_twice()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -25,9 +25,10 @@ use tonic::{Code, Status, Streaming};
 use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
+use crate::codec::Framed;
 use crate::limits::WatchSlot;
 use crate::policy::{Access, KeyRange, Mode};
-use crate::upstream::{CallMeta, clean};
+use crate::upstream::{CallMeta, Frames};
 
 const WATCH: &str = "/etcdserverpb.Watch/Watch";
 const RPC: &str = "Watch/Watch";
@@ -45,12 +46,14 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
     })
 }
 
-/// Only what the proxy reads of etcd's watch responses; every other field is skipped while decoding and the
-/// original bytes are forwarded.
+/// Only what the proxy reads of etcd's watch responses; every other field is skipped while decoding and etcd's
+/// frame is forwarded as it came.
 #[derive(Clone, PartialEq, Message)]
 struct WatchResponseHead {
-    #[prost(message, optional, tag = "1")]
-    header: Option<pb::ResponseHeader>,
+    /// etcd's `ResponseHeader`, left encoded (a slice of etcd's frame): it is read only for the few answers that
+    /// create or cancel a watch, not for every event.
+    #[prost(bytes = "bytes", tag = "1")]
+    header: Bytes,
     #[prost(int64, tag = "2")]
     watch_id: i64,
     #[prost(bool, tag = "3")]
@@ -104,14 +107,14 @@ struct Order {
     revoked: HashSet<i64>,
 }
 
-/// The proxy's own messages to the client (refusals, errors), beside etcd's.
+/// The proxy's own messages to the client (refusals as whole frames, errors), beside etcd's.
 type Down = mpsc::Sender<Result<Bytes, Status>>;
 
 /// The checked requests on their way to etcd, boxed: a channel allocates room for 32 items when it is made, and a
 /// `WatchRequest` is 96 bytes, so unboxed this channel alone would cost 3 KiB per watch stream.
 type Up = mpsc::Sender<Box<pb::WatchRequest>>;
 
-type Call = Pin<Box<dyn Future<Output = Result<Streaming<Bytes>, Status>> + Send>>;
+type Call = Pin<Box<dyn Future<Output = Result<Frames, Status>> + Send>>;
 
 /// The client's side of one watch stream: etcd's responses, passed on as they are read (with queued refusals
 /// released after each `created`), and the proxy's own messages.
@@ -119,7 +122,7 @@ struct ToClient {
     /// The upstream call, until etcd answers it.
     call: Option<Call>,
     /// etcd's responses, once it answered; `None` again when they end.
-    upstream: Option<Streaming<Bytes>>,
+    upstream: Option<Frames>,
     /// Refusals released by the last `created`: sent before anything else.
     released: VecDeque<Bytes>,
     own: mpsc::Receiver<Result<Bytes, Status>>,
@@ -322,24 +325,36 @@ async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order
     true
 }
 
+// === impl WatchResponseHead ===
+
+impl WatchResponseHead {
+    /// The header etcd sent, if it sent one that parses.
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        if self.header.is_empty() {
+            return None;
+        }
+        pb::ResponseHeader::decode(self.header.clone()).ok()
+    }
+}
+
 // === impl ToClient ===
 
 impl ToClient {
-    /// Note what one of etcd's responses means for the open watches; the bytes to pass on.
-    fn on_response(&mut self, bytes: Bytes) -> Bytes {
-        let head = WatchResponseHead::decode(bytes.clone()).unwrap_or_default();
+    /// Note what one of etcd's responses means for the open watches; the frame to pass on.
+    fn on_response(&mut self, frame: Framed) -> Bytes {
+        let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
         let mut o = lock(&self.order);
         if !head.created {
             if head.canceled {
                 o.active.remove(&head.watch_id);
                 if o.revoked.remove(&head.watch_id) {
-                    return revoked(head.header, head.watch_id);
+                    return revoked(head.header(), head.watch_id);
                 }
             }
-            return bytes;
+            return frame.into_bytes();
         }
-        if head.header.is_some() {
-            o.header = head.header;
+        if let Some(header) = head.header() {
+            o.header = Some(header);
         }
         if let Some(Pending::Upstream(..)) = o.pending.front() {
             if let Some(Pending::Upstream(range, slot)) = o.pending.pop_front() {
@@ -353,7 +368,7 @@ impl ToClient {
             let Some(Pending::Refused(reason)) = o.pending.pop_front() else { break };
             self.released.push_back(denial(o.header, &reason));
         }
-        bytes
+        frame.into_bytes()
     }
 }
 
@@ -393,13 +408,13 @@ impl futures_util::Stream for ToClient {
         }
         if let Some(upstream) = this.upstream.as_mut() {
             match Pin::new(upstream).poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => {
+                Poll::Ready(Some(Ok(frame))) => {
                     this.since_own += 1;
-                    return Poll::Ready(Some(Ok(this.on_response(bytes))));
+                    return Poll::Ready(Some(Ok(this.on_response(frame))));
                 }
                 Poll::Ready(Some(Err(status))) => {
                     this.upstream = None;
-                    return Poll::Ready(Some(Err(clean(status))));
+                    return Poll::Ready(Some(Err(status)));
                 }
                 Poll::Ready(None) => this.upstream = None,
                 Poll::Pending => {}
@@ -435,7 +450,7 @@ impl ToClient {
     }
 }
 
-/// The cancel a client sees for a watch whose permission a reload withdrew.
+/// The cancel a client sees for a watch whose permission a reload withdrew (a whole frame).
 fn revoked(header: Option<pb::ResponseHeader>, watch_id: i64) -> Bytes {
     let resp = pb::WatchResponse {
         header: Some(header.unwrap_or_default()),
@@ -444,10 +459,10 @@ fn revoked(header: Option<pb::ResponseHeader>, watch_id: i64) -> Bytes {
         cancel_reason: DENIED_REASON.to_string(),
         ..Default::default()
     };
-    Bytes::from(resp.encode_to_vec())
+    Framed::encode(&resp).into_bytes()
 }
 
-/// etcd's answer to a refused watch create.
+/// etcd's answer to a refused watch create (a whole frame).
 fn denial(header: Option<pb::ResponseHeader>, reason: &str) -> Bytes {
     let resp = pb::WatchResponse {
         header: Some(header.unwrap_or_default()),
@@ -457,5 +472,5 @@ fn denial(header: Option<pb::ResponseHeader>, reason: &str) -> Bytes {
         cancel_reason: reason.to_string(),
         ..Default::default()
     };
-    Bytes::from(resp.encode_to_vec())
+    Framed::encode(&resp).into_bytes()
 }
