@@ -87,6 +87,19 @@ async fn admin_can_do_everything_etcdctl_offers() -> TestResult {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(1000));
     let candidates = ok(&ctl(&["get", "--prefix", "myelection/", "--keys-only"])?, "election keys")?;
+    // Observing the election (a server-streaming call, etcd's frames passed through) shows the leader; `timeout`
+    // ends the observer, which would wait for the next leader.
+    let observed = Command::new("timeout")
+        .args(["1", "etcdctl"])
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", h.proxy_url()))
+        .arg(format!("--cacert={}", h.pki.ca_file().display()))
+        .arg(format!("--cert={}", admin.cert.display()))
+        .arg(format!("--key={}", admin.key.display()))
+        .args(["elect", "--listen", "myelection"])
+        .output()?;
+    let leader = stdout(&observed);
+    assert!(leader.starts_with("myelection/") && leader.ends_with("\nme\n"), "{leader}{}", stderr(&observed));
     // `timeout` ends the campaigning etcdctl after 3 s (killing `timeout` itself would orphan it).
     let elected = elect.wait_with_output()?;
     assert!(stdout(&elected).starts_with("myelection/"), "{}{}", stdout(&elected), stderr(&elected));
