@@ -8,9 +8,10 @@
 //! tonic is used for one thing only: decoding the messages of a client's request stream ([`MessageDecoder`]).
 //! Unary calls, etcd's answers and every response body are framed here.
 
+use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
@@ -181,32 +182,73 @@ fn whole_frame(buf: &[u8], max: usize) -> Result<Option<usize>, String> {
 /// ends the stream.
 pub type FrameStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
 
-/// The body of a streamed gRPC answer: each item of its stream as one DATA frame, then the status as trailers
-/// (`grpc-status: 0` when the stream ends, the failure's status when an item is one). The default is an empty body
-/// (a "trailers-only" answer carries its status in its headers).
+/// The body of a streamed gRPC answer: the frames of its stream, then the status as trailers (`grpc-status: 0`
+/// when the stream ends, the failure's status when an item is one). The default is an empty body (a
+/// "trailers-only" answer carries its status in its headers).
+///
+/// A frame that arrives on its own (a watch event of a fan-out: one per stream and put) is one DATA frame, as it
+/// came. On a busy stream (the previous poll also found a frame ready) the frames that are ready together are
+/// gathered into one DATA frame of up to [`GATHER_BYTES`]: one flow-control reservation and one HTTP/2 frame per
+/// batch instead of per message, for the price of copying them. Only a busy stream is asked for more, so a quiet
+/// one is not polled an extra time per message.
 #[derive(Default)]
 pub struct StreamBody {
     stream: Option<FrameStream>,
+    /// The status that ended the stream while frames were being gathered: sent after them.
+    end: Option<http::HeaderMap>,
+    /// The last poll found a frame ready.
+    busy: bool,
 }
+
+/// How many bytes of ready frames a busy stream gathers into one DATA frame (tonic's threshold for the same).
+pub const GATHER_BYTES: usize = 32 * 1024;
 
 // === impl StreamBody ===
 
 impl http_body::Body for StreamBody {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = Infallible;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let Some(stream) = self.stream.as_mut() else { return Poll::Ready(None) };
-        let trailers = match ready!(stream.as_mut().poll_next(cx)) {
-            Some(Ok(frame)) => return Poll::Ready(Some(Ok(http_body::Frame::data(frame)))),
-            Some(Err(status)) => status_trailers(&status),
-            None => ok_trailers(),
+        let this = self.get_mut();
+        if let Some(trailers) = this.end.take() {
+            this.stream = None;
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        let Some(stream) = this.stream.as_mut() else { return Poll::Ready(None) };
+        let first = match stream.as_mut().poll_next(cx) {
+            Poll::Pending => {
+                this.busy = false;
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(status))) => return this.ended(status_trailers(&status)),
+            Poll::Ready(None) => return this.ended(ok_trailers()),
         };
-        self.stream = None;
-        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+        let busy = std::mem::replace(&mut this.busy, true);
+        if !busy || first.len() >= GATHER_BYTES {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        let mut gathered = BytesMut::new();
+        gathered.extend_from_slice(&first);
+        while gathered.len() < GATHER_BYTES {
+            match stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(frame))) => gathered.extend_from_slice(&frame),
+                Poll::Ready(Some(Err(status))) => {
+                    this.end = Some(status_trailers(&status));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    this.end = Some(ok_trailers());
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::data(gathered.freeze()))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -214,9 +256,16 @@ impl http_body::Body for StreamBody {
     }
 }
 
+impl StreamBody {
+    fn ended(&mut self, trailers: http::HeaderMap) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.stream = None;
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+}
+
 /// A streamed answer to the client: `application/grpc`, then the frames of `stream` and its status.
 pub fn streamed_response(stream: FrameStream) -> crate::http2::Reply<StreamBody> {
-    let mut response = http::Response::new(StreamBody { stream: Some(stream) });
+    let mut response = http::Response::new(StreamBody { stream: Some(stream), end: None, busy: false });
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     crate::http2::Reply::Streamed(response)
 }
@@ -488,6 +537,57 @@ mod tests {
         let trailers = response.into_body().collect().await?.trailers().cloned().ok_or("no trailers")?;
         assert_eq!(trailers.get("grpc-status").map(http::HeaderValue::as_bytes), Some(&b"0"[..]));
         assert!(http_body::Body::is_end_stream(&StreamBody::default()), "a trailers-only answer has no body");
+        Ok(())
+    }
+
+    /// The DATA frames and the `grpc-status` of a streamed answer.
+    async fn read_streamed(stream: FrameStream) -> Result<(Vec<Bytes>, Option<String>), Box<dyn std::error::Error>> {
+        use http_body_util::BodyExt;
+        let crate::http2::Reply::Streamed(response) = streamed_response(stream) else {
+            return Err("not streamed".into());
+        };
+        let mut body = response.into_body();
+        let (mut data, mut status) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            match frame?.into_data() {
+                Ok(d) => data.push(d),
+                Err(frame) => {
+                    let trailers = frame.into_trailers().map_err(|_| "neither data nor trailers")?;
+                    status = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+                }
+            }
+        }
+        Ok((data, status))
+    }
+
+    #[tokio::test]
+    async fn a_busy_stream_is_gathered_and_a_quiet_one_is_not() -> Result<(), Box<dyn std::error::Error>> {
+        let items = |n: usize, len: usize| (0..n).map(move |i| Ok::<_, Status>(Bytes::from(vec![i as u8; len])));
+        // Ready together: the first frame alone, then the rest gathered, in order, up to about GATHER_BYTES each.
+        let sent: Vec<Bytes> = items(100, 1000).map(|r| r.unwrap_or_default()).collect();
+        let (data, status) = read_streamed(Box::pin(futures_util::stream::iter(items(100, 1000)))).await?;
+        assert_eq!(data.concat(), sent.concat(), "same bytes, same order");
+        assert_eq!(data.first().map(Bytes::len), Some(1000), "the first frame goes alone");
+        assert!(data.len() >= 4 && data.len() < 10, "{} DATA frames", data.len());
+        assert!(data.iter().all(|d| d.len() < GATHER_BYTES + 1000));
+        assert_eq!(status.as_deref(), Some("0"));
+
+        // Each frame after a wait: one DATA frame each, nothing copied together.
+        let mut n = 0;
+        let quiet = futures_util::stream::poll_fn(move |cx| {
+            n += 1;
+            if n > 20 {
+                return Poll::Ready(None);
+            }
+            if n % 2 == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(Ok(Bytes::from(vec![n as u8; 10]))))
+        });
+        let (data, status) = read_streamed(Box::pin(quiet)).await?;
+        assert_eq!(data.len(), 10, "{data:?}");
+        assert_eq!(status.as_deref(), Some("0"));
         Ok(())
     }
 
