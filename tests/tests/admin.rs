@@ -3,13 +3,33 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use etcd_guard_tests::{Harness, TestResult, etcdctl_stdin, stderr, stdout};
+use etcd_guard_tests::{ClientCert, Harness, TestResult, etcdctl_stdin, stderr, stdout};
 
 fn ok(o: &std::process::Output, what: &str) -> TestResult<String> {
     if !o.status.success() {
         return Err(format!("{what} failed: {}{}", stdout(o), stderr(o)).into());
     }
     Ok(stdout(o))
+}
+
+/// etcdctl through the proxy as `who`, for a command that runs on (a watch, a campaign): with `timeout`, ended after
+/// that many seconds.
+fn etcdctl_through(h: &Harness, who: &ClientCert, timeout: Option<&str>, args: &[&str]) -> Command {
+    let mut cmd = match timeout {
+        Some(secs) => {
+            let mut c = Command::new("timeout");
+            c.args([secs, "etcdctl"]);
+            c
+        }
+        None => Command::new("etcdctl"),
+    };
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", h.proxy_url()))
+        .arg(format!("--cacert={}", h.pki.ca_file().display()))
+        .arg(format!("--cert={}", who.cert.display()))
+        .arg(format!("--key={}", who.key.display()))
+        .args(args);
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -40,16 +60,8 @@ async fn admin_can_do_everything_etcdctl_offers() -> TestResult {
 
     eprintln!("step: Watch");
     // Watch: an event put through the proxy reaches a watcher through the proxy.
-    let mut watcher = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", h.proxy_url()))
-        .arg(format!("--cacert={}", h.pki.ca_file().display()))
-        .arg(format!("--cert={}", admin.cert.display()))
-        .arg(format!("--key={}", admin.key.display()))
-        .args(["watch", "w"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut watcher =
+        etcdctl_through(&h, &admin, None, &["watch", "w"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     std::thread::sleep(Duration::from_millis(700));
     ok(&ctl(&["put", "w", "1"])?, "put w")?;
     std::thread::sleep(Duration::from_millis(500));
@@ -74,14 +86,7 @@ async fn admin_can_do_everything_etcdctl_offers() -> TestResult {
     // Lock and election.
     let locked = ok(&ctl(&["lock", "mylock", "echo", "inside"])?, "lock")?;
     assert_eq!(locked, "inside\n");
-    let elect = Command::new("timeout")
-        .args(["3", "etcdctl"])
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", h.proxy_url()))
-        .arg(format!("--cacert={}", h.pki.ca_file().display()))
-        .arg(format!("--cert={}", admin.cert.display()))
-        .arg(format!("--key={}", admin.key.display()))
-        .args(["elect", "myelection", "me"])
+    let elect = etcdctl_through(&h, &admin, Some("3"), &["elect", "myelection", "me"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -89,15 +94,7 @@ async fn admin_can_do_everything_etcdctl_offers() -> TestResult {
     let candidates = ok(&ctl(&["get", "--prefix", "myelection/", "--keys-only"])?, "election keys")?;
     // Observing the election (a server-streaming call, etcd's frames passed through) shows the leader; `timeout`
     // ends the observer, which would wait for the next leader.
-    let observed = Command::new("timeout")
-        .args(["1", "etcdctl"])
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", h.proxy_url()))
-        .arg(format!("--cacert={}", h.pki.ca_file().display()))
-        .arg(format!("--cert={}", admin.cert.display()))
-        .arg(format!("--key={}", admin.key.display()))
-        .args(["elect", "--listen", "myelection"])
-        .output()?;
+    let observed = etcdctl_through(&h, &admin, Some("1"), &["elect", "--listen", "myelection"]).output()?;
     let leader = stdout(&observed);
     assert!(leader.starts_with("myelection/") && leader.ends_with("\nme\n"), "{leader}{}", stderr(&observed));
     // `timeout` ends the campaigning etcdctl after 3 s (killing `timeout` itself would orphan it).
