@@ -193,7 +193,7 @@ impl Upstream {
         S: futures_util::Stream<Item = M> + Send + Unpin + 'static,
     {
         let member = self.pick()?;
-        let request = http::Request::from_parts(member.head(path, meta).into_parts().0, Messages(messages));
+        let request = member.head(path, meta).map(|()| Messages(messages));
         let response = member.connection.send_streaming(request).await.map_err(|e| member.unreachable(&e))?;
         member.frames(response)
     }
@@ -222,13 +222,7 @@ impl Member {
         let response =
             self.connection.send(self.head(path, meta), codec::frame(msg)).await.map_err(|e| self.unreachable(&e))?;
         let (head, mut body) = response.into_parts();
-        // A "trailers-only" answer: etcd's status is in the headers.
-        if let Some(status) = codec::status_from_trailers(&head.headers) {
-            return Err(status);
-        }
-        if head.status != http::StatusCode::OK {
-            return Err(self.broken(format!("etcd answered HTTP status {}", head.status)));
-        }
+        self.accepted(&head)?;
         let mut data = codec::Gather::default();
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
@@ -253,9 +247,8 @@ impl Member {
         head
     }
 
-    /// etcd's answer to a streaming call: its status if it refused the call, else its frames to come.
-    fn frames(self: &Arc<Self>, response: http::Response<RecvBody>) -> Result<Frames, Status> {
-        let (head, body) = response.into_parts();
+    /// Whether etcd took the call, from its answer's headers: its status if it refused it at once.
+    fn accepted(&self, head: &http::response::Parts) -> Result<(), Status> {
         // A "trailers-only" answer: etcd's status is in the headers.
         if let Some(status) = codec::status_from_trailers(&head.headers) {
             return Err(status);
@@ -263,6 +256,13 @@ impl Member {
         if head.status != http::StatusCode::OK {
             return Err(self.broken(format!("etcd answered HTTP status {}", head.status)));
         }
+        Ok(())
+    }
+
+    /// etcd's answer to a streaming call: its status if it refused the call, else its frames to come.
+    fn frames(self: &Arc<Self>, response: http::Response<RecvBody>) -> Result<Frames, Status> {
+        let (head, body) = response.into_parts();
+        self.accepted(&head)?;
         Ok(Frames { body, deframer: Deframer::default(), member: self.clone(), done: false })
     }
 
