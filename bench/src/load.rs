@@ -596,7 +596,14 @@ async fn run_watch(args: &LoadArgs) -> Result<(), BoxError> {
     }
     emit(&LoadEvent::WatchersReady { watchers: args.watchers as u64, setup_ms: base.elapsed().as_millis() as u64 });
 
-    let puts = tokio::spawn(putter(KvClient::new(put_channel), base, args.put_rate, phase.clone()));
+    // A putter waits for each answer before its next put, so a high rate is shared among several of them (on the
+    // same connection): one watcher with thousands of puts per second is one busy stream, like kube-apiserver's.
+    let putters = (args.put_rate / PUTS_PER_PUTTER).ceil().max(1.0) as u64;
+    let mut puts = JoinSet::new();
+    for first in 0..putters {
+        let kv = KvClient::new(put_channel.clone());
+        puts.spawn(putter(kv, base, args.put_rate / putters as f64, first, phase.clone()));
+    }
     let (elapsed, client_cpu_s) = measured_window(args, &phase, clk_tck).await;
     let _ = stop_tx.send(true);
     let mut total = WorkerOut::default();
@@ -611,8 +618,18 @@ async fn run_watch(args: &LoadArgs) -> Result<(), BoxError> {
     if tokio::time::timeout(Duration::from_secs(10), collect).await.is_err() {
         watchers.abort_all();
     }
-    match tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), puts).await {
-        Ok(Ok(p)) => {
+    let all_puts = async {
+        let mut all = WorkerOut::default();
+        while let Some(joined) = puts.join_next().await {
+            match joined {
+                Ok(p) => all.merge(p),
+                Err(e) => all.error(format!("putter: {e}")),
+            }
+        }
+        all
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), all_puts).await {
+        Ok(p) => {
             total.counts.insert("puts_in_window", p.latencies.len() as u64);
             total.counts.insert("expected_deliveries", p.latencies.len() as u64 * args.watchers as u64);
             total.counts.insert("put_errors", p.errors);
@@ -621,7 +638,7 @@ async fn run_watch(args: &LoadArgs) -> Result<(), BoxError> {
             total.errors += p.errors;
             total.error_examples.extend(p.error_examples);
         }
-        _ => total.error("the putter did not finish".into()),
+        Err(_) => total.error("the putters did not finish".into()),
     }
     emit(&LoadEvent::Result(total.into_result(elapsed, client_cpu_s)));
     Ok(())
@@ -691,11 +708,14 @@ async fn watcher(
 }
 
 /// Put timestamped values at a steady rate until the window closes; latencies are those of the puts.
-async fn putter(mut kv: KvClient<Channel>, base: Instant, rate: f64, phase: Arc<AtomicU8>) -> WorkerOut {
+/// Puts per second one putter is given at most (it sends one put at a time).
+const PUTS_PER_PUTTER: f64 = 250.0;
+
+async fn putter(mut kv: KvClient<Channel>, base: Instant, rate: f64, first: u64, phase: Arc<AtomicU8>) -> WorkerOut {
     let mut out = WorkerOut::default();
     let period = Duration::from_secs_f64(1.0 / rate.max(0.01));
     let mut next = Instant::now();
-    let mut n: u64 = 0;
+    let mut n: u64 = first;
     while phase.load(Ordering::Relaxed) != DONE {
         tokio::time::sleep_until(next.into()).await;
         next += period;
