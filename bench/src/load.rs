@@ -120,6 +120,9 @@ pub struct LoadArgs {
     /// Puts per second (watch workload).
     #[arg(long, default_value_t = 20.0)]
     pub put_rate: f64,
+    /// Where the watch workload sends its puts [default: --endpoint].
+    #[arg(long)]
+    pub put_endpoint: Option<String>,
     /// Watch creations in progress at once (watch workload): a watcher is opened only when fewer than this many
     /// are waiting for their `created` answer.
     #[arg(long, default_value_t = 100)]
@@ -556,7 +559,10 @@ fn read_stamp(value: &[u8]) -> Option<u64> {
 async fn run_watch(args: &LoadArgs) -> Result<(), BoxError> {
     let clk_tck = crate::procfs::clock_ticks_per_second();
     let channels = connect_all(args, args.connections).await?;
-    let put_channel = connect_all(args, 1).await?.remove(0);
+    let put_channel = match &args.put_endpoint {
+        Some(url) => tls_endpoint(url, &args.ca, &args.cert, &args.key)?.connect().await?,
+        None => connect_all(args, 1).await?.remove(0),
+    };
     let base = Instant::now();
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let created = Arc::new(AtomicU64::new(0));

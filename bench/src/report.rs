@@ -99,6 +99,7 @@ pub struct Settings {
     pub watchers: usize,
     pub watch_put_rate: f64,
     pub watch_create_window: usize,
+    pub watch_puts_direct: bool,
     pub idle_conns: usize,
     pub policy_roles: usize,
     pub policy_rules: usize,

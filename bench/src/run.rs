@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// the same moment on one connection is a separate question; see BENCHMARKS.md).
     #[arg(long, default_value_t = 100)]
     pub watch_create_window: usize,
+    /// Send the watch workload's puts straight to etcd on both legs, so that only the watch streams go through the
+    /// proxy and its CPU per event is the streams' alone (with one busy stream, the puts would be most of it).
+    #[arg(long)]
+    pub watch_puts_direct: bool,
     /// The etcd-guard binary [default: `etcd-guard` next to this program, i.e. the same target folder].
     #[arg(long)]
     pub proxy_bin: Option<PathBuf>,
@@ -184,6 +188,8 @@ struct Bench {
     watchers: usize,
     watch_put_rate: f64,
     watch_create_window: usize,
+    /// Where the watch workload's puts go when not to the leg's endpoint (etcd, with `--watch-puts-direct`).
+    watch_puts_to: Option<String>,
     idle_conns: usize,
     started: Instant,
 }
@@ -350,7 +356,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     let duration = args.duration.unwrap_or(if args.quick { 1.5 } else { 4.0 });
     let warmup = args.warmup.unwrap_or(if args.quick { 0.5 } else { 1.0 });
     let watch_put_rate = args.watch_put_rate.unwrap_or((20_000.0 / args.watchers.max(1) as f64).max(1.0));
-    let bench = Bench {
+    let mut bench = Bench {
         exe: std::env::current_exe()?,
         pki: pki.clone(),
         clk_tck,
@@ -360,6 +366,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         watchers: args.watchers.max(1),
         watch_put_rate,
         watch_create_window: args.watch_create_window.max(1),
+        watch_puts_to: None,
         idle_conns: args.idle_conns.max(1),
         started,
     };
@@ -372,6 +379,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         watchers: bench.watchers,
         watch_put_rate,
         watch_create_window: bench.watch_create_window,
+        watch_puts_direct: args.watch_puts_direct,
         idle_conns: bench.idle_conns,
         policy_roles: args.policy_roles,
         policy_rules: args.policy_roles * 10,
@@ -394,6 +402,9 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     eprintln!("etcd-guard-bench: etcd at {}, etcd-guard at {}, audit: {}", etcd.url, proxy.url, audit.note);
 
     let etcd_pid = etcd.guard.pid();
+    if args.watch_puts_direct {
+        bench.watch_puts_to = Some(etcd.url.clone());
+    }
     let direct = Leg { label: "direct".into(), url: etcd.url.clone(), proxy_pid: None };
     let proxied = Leg::through("proxy", &proxy);
     let mut cases: Vec<Case> = Vec::new();
@@ -662,6 +673,9 @@ impl Bench {
             .args(["--seed", &(run as u64 + 1).to_string()]);
         if let Some(r) = rate {
             cmd.args(["--rate", &r.to_string()]);
+        }
+        if let Some(url) = &self.watch_puts_to {
+            cmd.args(["--put-endpoint", url]);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
 
