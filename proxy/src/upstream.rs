@@ -230,11 +230,7 @@ impl Member {
             data.push(chunk);
         }
         let trailers = body.trailers().await.map_err(|e| self.unreachable(&client::Error::H2(e)))?;
-        match trailers.as_ref().and_then(codec::status_from_trailers) {
-            Some(status) => return Err(status),
-            None if trailers.as_ref().is_some_and(|t| t.contains_key(&codec::GRPC_STATUS)) => {}
-            None => return Err(self.broken("etcd's answer ended without a gRPC status".into())),
-        }
+        self.ended(trailers.as_ref(), "answer")?;
         Framed::parse(data.finish()).map_err(|e| self.broken(e))
     }
 
@@ -245,6 +241,16 @@ impl Member {
         *head.uri_mut() = self.connection.uri(path);
         *head.headers_mut() = meta.headers();
         head
+    }
+
+    /// How etcd ended a call (its `what`), from its trailers: `grpc-status: 0`, another status (passed on), or none
+    /// (a failure).
+    fn ended(&self, trailers: Option<&HeaderMap>, what: &str) -> Result<(), Status> {
+        match trailers.and_then(codec::status_from_trailers) {
+            Some(status) => Err(status),
+            None if trailers.is_some_and(|t| t.contains_key(&codec::GRPC_STATUS)) => Ok(()),
+            None => Err(self.broken(format!("etcd's {what} ended without a gRPC status"))),
+        }
     }
 
     /// Whether etcd took the call, from its answer's headers: its status if it refused it at once.
@@ -303,11 +309,7 @@ impl Frames {
         if !self.deframer.is_empty() {
             return Some(Err(self.member.broken("etcd's stream ended inside a message".into())));
         }
-        match trailers.and_then(codec::status_from_trailers) {
-            Some(status) => Some(Err(status)),
-            None if trailers.is_some_and(|t| t.contains_key(&codec::GRPC_STATUS)) => None,
-            None => Some(Err(self.member.broken("etcd's stream ended without a gRPC status".into()))),
-        }
+        self.member.ended(trailers, "stream").err().map(Err)
     }
 }
 
