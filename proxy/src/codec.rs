@@ -85,13 +85,12 @@ pub struct Framed(Bytes);
 impl Framed {
     /// A body that must be exactly one uncompressed gRPC frame (an answer from etcd).
     pub fn parse(body: Bytes) -> Result<Framed, String> {
-        let Some(prefix) = body.get(..PREFIX_BYTES) else {
+        let Some((compressed, len)) = prefix(&body) else {
             return Err(format!("a gRPC answer of {} bytes has no complete message", body.len()));
         };
-        if prefix[0] != 0 {
+        if compressed {
             return Err("etcd sent a compressed answer, which was not asked for".into());
         }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         let carried = body.len() - PREFIX_BYTES;
         if carried != len {
             return Err(format!("a gRPC answer declared {len} bytes and carried {carried}"));
@@ -165,13 +164,18 @@ impl Deframer {
     }
 }
 
+/// The compression flag and declared message length of the frame at the start of `buf`, if its prefix is there.
+fn prefix(buf: &[u8]) -> Option<(bool, usize)> {
+    let p = buf.get(..PREFIX_BYTES)?;
+    Some((p[0] != 0, u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize))
+}
+
 /// The length (prefix included) of the frame at the start of `buf`, if all of it is there.
 fn whole_frame(buf: &[u8], max: usize) -> Result<Option<usize>, String> {
-    let Some(prefix) = buf.get(..PREFIX_BYTES) else { return Ok(None) };
-    if prefix[0] != 0 {
+    let Some((compressed, len)) = prefix(buf) else { return Ok(None) };
+    if compressed {
         return Err("etcd sent a compressed message, which was not asked for".into());
     }
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
     if len > max {
         return Err(format!("etcd sent a message of {len} bytes, more than the {max} accepted"));
     }
@@ -319,20 +323,20 @@ where
         }
     }
     let mut body = data.finish();
-    if body.len() < PREFIX_BYTES {
+    let Some((compressed, len)) = prefix(&body) else {
         return Err(Status::internal("grpc: error while receiving the request: no complete message"));
-    }
-    if body.get_u8() != 0 {
+    };
+    if compressed {
         let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
         return Err(match encoding {
             "" | "identity" => Status::internal("grpc: compressed flag set with identity or empty encoding"),
             other => Status::unimplemented(format!("grpc: Decompressor is not installed for grpc-encoding {other:?}")),
         });
     }
-    let len = body.get_u32() as usize;
     if len > max_bytes {
         return Err(too_large(len, max_bytes));
     }
+    body.advance(PREFIX_BYTES);
     if body.len() != len {
         return Err(Status::internal("grpc: a unary request must carry exactly one message"));
     }
