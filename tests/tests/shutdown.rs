@@ -82,6 +82,23 @@ metrics_listen: "127.0.0.1:0"
         }
     });
 
+    // An open keep-alive stream: the same.
+    let lease = watcher.lease_grant(60, None).await?.id();
+    let (mut keeper, mut acks) = watcher.lease_keep_alive(lease).await?;
+    keeper.keep_alive().await?;
+    assert!(acks.message().await?.is_some_and(|a| a.id() == lease));
+    let keep_alive_end = tokio::spawn(async move {
+        let _keeper = keeper;
+        loop {
+            match acks.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err("the keep-alive stream ended without a status".to_string()),
+                Err(etcd_client::Error::GRpcStatus(s)) => return Ok(s.code()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    });
+
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let term = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status()?;
     assert!(term.success());
@@ -104,6 +121,8 @@ metrics_listen: "127.0.0.1:0"
     assert!(answered.len() > 50, "too little load to mean anything: {}", answered.len());
     let ended = tokio::time::timeout(Duration::from_secs(10), watch_end).await??;
     assert_eq!(ended, Ok(tonic::Code::Unavailable));
+    let ended = tokio::time::timeout(Duration::from_secs(10), keep_alive_end).await??;
+    assert_eq!(ended, Ok(tonic::Code::Unavailable), "keep-alive stream");
 
     let text = std::fs::read_to_string(pki.path("audit/audit.log"))?;
     let recorded: BTreeSet<String> = text

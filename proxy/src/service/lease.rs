@@ -1,16 +1,20 @@
 //! `etcdserverpb.Lease`. Lease IDs are global in etcd, so leases are a channel between tenants: revoking or
 //! keeping alive a lease acts on every key attached to it, and the proxy asks etcd which keys those are.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, permission_denied};
 use crate::audit::{Decision, Event};
 use crate::authz;
-use crate::upstream::CallMeta;
+use crate::upstream::{CallMeta, Frames};
 
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
 const RPC: &str = "Lease/LeaseKeepAlive";
@@ -39,57 +43,38 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
 }
 
 /// Every keep-alive is checked on its own. A denied one ends the stream with `PermissionDenied`, as etcd does.
+///
+/// etcd's answers are read by the client's response stream itself ([`ToClient`]), as for watches: no task or
+/// queue of the proxy's between the two connections. The proxy's only message of its own is the status that ends
+/// the stream early (a refusal, a shutdown), handed over once.
 async fn keep_alive(
     g: Guard,
     mut inbound: Streaming<pb::LeaseKeepAliveRequest>,
     meta: CallMeta,
 ) -> Result<Outbound, Status> {
-    let (down_tx, down_rx) = mpsc::channel::<Result<Bytes, Status>>(16);
+    let (end_tx, end_rx) = oneshot::channel::<Status>();
     let (up_tx, up_rx) = mpsc::channel::<pb::LeaseKeepAliveRequest>(16);
 
-    // etcd answers the stream's headers only with its first message, so the upstream call runs beside the
-    // inbound loop rather than before it.
+    // etcd answers the stream's headers only with its first message, so the upstream call is made by the client's
+    // response stream, beside the inbound loop, rather than before it.
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
-    let down = down_tx.clone();
-    let pump = tokio::spawn(async move {
-        match upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await {
-            Ok(mut stream) => loop {
-                match stream.message().await {
-                    Ok(Some(frame)) => {
-                        if down.send(Ok(frame.into_bytes())).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        let _ = down.send(Err(status)).await;
-                        break;
-                    }
-                }
-            },
-            Err(status) => {
-                let _ = down.send(Err(status)).await;
-            }
-        }
-    });
+    let call: Call =
+        Box::pin(async move { upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await });
+    let to_client = ToClient { call: Some(call), upstream: None, end: Some(end_rx) };
 
     let stream_id = g.shared.audit.stream_id();
     let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
-        let code = loop {
+        let (code, refusal) = loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
-                _ = g.shared.shutdown_begun() => {
-                    pump.abort();
-                    let _ = down_tx.send(Err(super::shutting_down())).await;
-                    break Code::Unavailable;
-                }
+                _ = g.shared.shutdown_begun() => break (Code::Unavailable, Some(super::shutting_down())),
             };
             let msg = match next {
                 Ok(Some(m)) => m,
-                Ok(None) => break Code::Ok,
-                Err(status) => break status.code(),
+                Ok(None) => break (Code::Ok, None),
+                Err(status) => break (status.code(), None),
             };
             let at = Arrival::now();
             let record = g.record(RPC, Event::Message, stream_id, &msg, at);
@@ -112,20 +97,86 @@ async fn keep_alive(
             };
             if let Some(status) = refusal {
                 // A refused keep-alive ends the stream, as etcd ends it.
-                pump.abort();
                 end.set_reason(verdict.decision, verdict.reason);
-                let code = status.code();
-                let _ = down_tx.send(Err(status)).await;
-                break code;
+                break (status.code(), Some(status));
             }
             if up_tx.send(msg).await.is_err() {
-                break Code::Unavailable;
+                break (Code::Unavailable, None);
             }
         };
-        // The client closed its side (or we ended it): close ours towards etcd and let the pump finish.
+        // Handed over before our side towards etcd closes, so the client sees this status rather than etcd's end.
+        if let Some(status) = refusal {
+            let _ = end_tx.send(status);
+        }
         drop(up_tx);
         end.finish(code);
     });
 
-    Ok(Box::pin(ReceiverStream::new(down_rx)))
+    Ok(Box::pin(to_client))
+}
+
+type Call = Pin<Box<dyn Future<Output = Result<Frames, Status>> + Send>>;
+
+/// The client's side of one keep-alive stream: etcd's answers as they are read, or the status the proxy ended
+/// the stream with.
+struct ToClient {
+    /// The upstream call, until etcd answers it.
+    call: Option<Call>,
+    /// etcd's answers, once it answered; `None` again when they end.
+    upstream: Option<Frames>,
+    /// The status the inbound side ends the stream with, if it ends it (closed without one: it ended quietly).
+    end: Option<oneshot::Receiver<Status>>,
+}
+
+// === impl ToClient ===
+
+impl futures_util::Stream for ToClient {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(call) = this.call.as_mut() {
+            match call.as_mut().poll(cx) {
+                Poll::Ready(Ok(frames)) => {
+                    this.call = None;
+                    this.upstream = Some(frames);
+                }
+                Poll::Ready(Err(status)) => {
+                    this.call = None;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Pending => {}
+            }
+        }
+        // etcd's answers that are ready go first: they answer keep-alives sent before a refusal.
+        if let Some(upstream) = this.upstream.as_mut() {
+            match Pin::new(upstream).poll_next(cx) {
+                Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame.into_bytes()))),
+                Poll::Ready(Some(Err(status))) => {
+                    this.upstream = None;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(None) => this.upstream = None,
+                Poll::Pending => {}
+            }
+        }
+        if let Some(end) = this.end.as_mut() {
+            match Pin::new(end).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    // The stream ends here: etcd's side is dropped (which resets it).
+                    this.end = None;
+                    this.call = None;
+                    this.upstream = None;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => this.end = None,
+                Poll::Pending => {}
+            }
+        }
+        // Ends when etcd's side has ended and the inbound side has ended without a status of its own.
+        if this.end.is_none() && this.call.is_none() && this.upstream.is_none() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
 }
