@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_guard_proto::etcdserverpb::{
-    self as pb, compare, kv_client::KvClient, request_op, response_op, watch_client::WatchClient, watch_request,
+    self as pb, compare, kv_client::KvClient, lease_client::LeaseClient, request_op, response_op,
+    watch_client::WatchClient, watch_request,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,9 @@ pub enum Workload {
     Mix,
     /// Watch fan-out: N watchers on one prefix, steady puts carrying a timestamp, delivery latency.
     Watch,
+    /// Lease keep-alives, as Cilium agents and Calico nodes keep their leases: each request in flight is a
+    /// keep-alive stream of its own (a lease each, granted first) that sends a keep-alive and waits for its answer.
+    KeepAlive,
     /// Idle connections: open N connections, one Range each, then hold them (memory per connection).
     Idle,
 }
@@ -76,6 +80,7 @@ impl Workload {
             Workload::Put => "put",
             Workload::Mix => "mix",
             Workload::Watch => "watch",
+            Workload::KeepAlive => "keep-alive",
             Workload::Idle => "idle",
         }
     }
@@ -368,8 +373,17 @@ async fn run_unary(args: &LoadArgs) -> Result<(), BoxError> {
             let period = Duration::from_secs_f64(in_flight as f64 / rate);
             (schedule_start + period.mul_f64(i as f64 / in_flight as f64), period)
         });
-        let worker =
-            UnaryWorker { workload: args.workload, kv, rng: Rng::new(args.seed ^ (i as u64 + 1)), mix: mix.clone() };
+        let keep_alive = match args.workload {
+            Workload::KeepAlive => Some(KeepAliveStream::open(channels[i % channels.len()].clone()).await?),
+            _ => None,
+        };
+        let worker = UnaryWorker {
+            workload: args.workload,
+            kv,
+            rng: Rng::new(args.seed ^ (i as u64 + 1)),
+            mix: mix.clone(),
+            keep_alive,
+        };
         workers.spawn(worker.run(phase.clone(), schedule));
     }
     let (elapsed, client_cpu_s) = measured_window(args, &phase, clk_tck).await;
@@ -419,6 +433,40 @@ struct UnaryWorker {
     kv: KvClient<Channel>,
     rng: Rng,
     mix: Arc<MixState>,
+    /// The worker's keep-alive stream (keep-alive workload).
+    keep_alive: Option<KeepAliveStream>,
+}
+
+/// A lease and the keep-alive stream that keeps it (keep-alive workload).
+struct KeepAliveStream {
+    lease: i64,
+    requests: tokio::sync::mpsc::Sender<pb::LeaseKeepAliveRequest>,
+    answers: tonic::Streaming<pb::LeaseKeepAliveResponse>,
+}
+
+impl KeepAliveStream {
+    /// Grant a lease (60 s) and open its keep-alive stream with a first keep-alive (etcd sends the stream's headers
+    /// only with its first answer), whose answer is read here.
+    async fn open(channel: Channel) -> Result<KeepAliveStream, BoxError> {
+        let mut client = LeaseClient::new(channel);
+        let lease = client.lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
+        let (requests, mut rx) = tokio::sync::mpsc::channel(1);
+        requests.send(pb::LeaseKeepAliveRequest { id: lease }).await.map_err(|_| "keep-alive stream closed")?;
+        let outbound = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut answers = client.lease_keep_alive(outbound).await?.into_inner();
+        answers.message().await?.ok_or("the keep-alive stream ended at once")?;
+        Ok(KeepAliveStream { lease, requests, answers })
+    }
+
+    async fn keep_alive(&mut self) -> Result<(), tonic::Status> {
+        let closed = || tonic::Status::unavailable("the keep-alive stream closed");
+        self.requests.send(pb::LeaseKeepAliveRequest { id: self.lease }).await.map_err(|_| closed())?;
+        match self.answers.message().await? {
+            Some(answer) if answer.ttl > 0 => Ok(()),
+            Some(_) => Err(tonic::Status::not_found("the lease expired")),
+            None => Err(closed()),
+        }
+    }
 }
 
 impl UnaryWorker {
@@ -475,6 +523,10 @@ impl UnaryWorker {
                 Ok("put")
             }
             Workload::Mix => self.mix_op().await,
+            Workload::KeepAlive => match self.keep_alive.as_mut() {
+                Some(stream) => stream.keep_alive().await.map(|()| "keep_alive"),
+                None => Err(tonic::Status::internal("no keep-alive stream")),
+            },
             Workload::Watch | Workload::Idle => Err(tonic::Status::internal("not a unary workload")),
         }
     }

@@ -345,6 +345,14 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
             None,
         ));
     }
+    let keep_alive = cases_of(cases, "saturation", &["keep-alive"]);
+    if !keep_alive.is_empty() {
+        out.push(check(
+            "(information) proxy CPU per lease keep-alive (a message on a stream), us",
+            join(keep_alive.iter().map(|c| format!("{} {:.1}", c.shape, cpu(c))).collect()),
+            None,
+        ));
+    }
     let fixed = cases_of(cases, "fixed-rate", &["lin-range", "put"]);
     if !fixed.is_empty() {
         out.push(check(

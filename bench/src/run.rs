@@ -99,6 +99,8 @@ pub enum CaseKind {
     Put,
     Mix,
     Watch,
+    /// Lease keep-alives, one stream per request in flight.
+    KeepAlive,
     /// Fixed-rate lin-range and put at half of saturation.
     HalfRate,
     /// lin-range through a proxy with the small policy and one with the large policy.
@@ -416,6 +418,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         (CaseKind::Put, Workload::Put),
         (CaseKind::Mix, Workload::Mix),
         (CaseKind::Watch, Workload::Watch),
+        (CaseKind::KeepAlive, Workload::KeepAlive),
     ];
     for (kind, workload) in workloads {
         if !selected(&args, kind) {
