@@ -79,6 +79,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// Requests refused by a limit, by limit.
     pub limited: Family<LimitLabels, Counter>,
+    /// Lookups of a lease's keys at etcd (`LeaseTimeToLive` with keys) made to check a lease request.
+    pub lease_lookups: Counter,
     upstream_healthy: Family<EndpointLabels, Gauge>,
     audit_queue: Gauge,
     audit_written: Counter,
@@ -152,6 +154,13 @@ impl Metrics {
         registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
         let limited = Family::<LimitLabels, Counter>::default();
         registry.register("limited", "Requests refused with ResourceExhausted, by limit", limited.clone());
+        let lease_lookups = Counter::default();
+        registry.register(
+            "lease_key_lookups",
+            "Lookups of a lease's keys at etcd made to check a lease request (not needed for identities that may \
+             write every key)",
+            lease_lookups.clone(),
+        );
         let upstream_healthy = Family::<EndpointLabels, Gauge>::default();
         registry.register("upstream_endpoint_healthy", "1 if the etcd endpoint is healthy", upstream_healthy.clone());
         let audit_queue = Gauge::default();
@@ -177,6 +186,7 @@ impl Metrics {
             handshake_failures,
             reloads,
             limited,
+            lease_lookups,
             upstream_healthy,
             audit_queue,
             audit_written,

@@ -2,7 +2,7 @@
 //! prefix and is denied everything else with etcd's exact error.
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
-use etcd_guard_tests::{Harness, TestResult, stderr, stdout};
+use etcd_guard_tests::{Harness, TestResult, http_get, stderr, stdout};
 
 const DENIED: &str = "etcdserver: permission denied";
 
@@ -166,6 +166,45 @@ async fn leases_of_another_identity_are_off_limits() -> TestResult {
     let own = c.lease_grant(60, None).await?.id();
     c.put("cilium/leased", "1", Some(PutOptions::new().with_lease(own))).await?;
     c.lease_revoke(own).await?;
+    Ok(())
+}
+
+/// `etcd_guard_lease_key_lookups_total` from the proxy's metrics.
+fn lease_lookups(h: &Harness) -> TestResult<u64> {
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let (_, metrics) = http_get(addr, "/metrics")?;
+    let line = metrics.lines().find(|l| l.starts_with("etcd_guard_lease_key_lookups_total ")).ok_or("no counter")?;
+    Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_keys_are_looked_up_only_for_identities_that_may_not_write_every_key() -> TestResult {
+    let h = Harness::start().await?;
+    let mut admin = h.client(&h.admin()?).await?;
+    let mut b = h.client(&h.tenant_b()?).await?;
+
+    // The admin may write every key: whatever keys a lease has, they are covered; etcd is not asked.
+    let lease = admin.lease_grant(60, None).await?.id();
+    admin.put("b/by-admin", "1", Some(PutOptions::new().with_lease(lease))).await?;
+    let (mut keeper, mut acks) = admin.lease_keep_alive(lease).await?;
+    keeper.keep_alive().await?;
+    assert!(acks.message().await?.is_some_and(|a| a.ttl() > 0));
+    assert_eq!(lease_lookups(&h)?, 0, "no lookup for an identity that may write every key");
+
+    // tenant-b may write only b/: its use of the same lease is checked against the lease's keys at etcd, and
+    // allowed (the only key is b/by-admin).
+    let (mut keeper, mut acks) = b.lease_keep_alive(lease).await?;
+    keeper.keep_alive().await?;
+    assert!(acks.message().await?.is_some_and(|a| a.ttl() > 0));
+    let after_keep_alives = lease_lookups(&h)?;
+    assert!(after_keep_alives >= 1, "tenant-b's keep-alives are checked at etcd");
+    // Once the lease holds a key outside b/, tenant-b may no longer use it.
+    admin.put("elsewhere", "1", Some(PutOptions::new().with_lease(lease))).await?;
+    assert_eq!(lease_lookups(&h)?, after_keep_alives, "the admin's put asked nothing");
+    let e = b.lease_revoke(lease).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "revoke: {e:?}");
+    assert!(lease_lookups(&h)? > after_keep_alives);
+    admin.lease_revoke(lease).await?;
     Ok(())
 }
 
