@@ -3,6 +3,7 @@
 //! Every call is made on the HTTP/2 connection directly. A unary answer is read whole as etcd's one frame; a
 //! stream's answers are etcd's frames as they arrive ([`Frames`]), passed on without being re-framed.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -346,6 +347,58 @@ impl futures_util::Stream for Frames {
             this.done = true;
             return Poll::Ready(ended);
         }
+    }
+}
+
+/// A streaming call whose answer is awaited by whoever reads its frames: the call until etcd answers it (etcd
+/// sends a stream's headers only with its first message), then etcd's frames, then `None`. A failed call or
+/// stream yields its status once, then `None`.
+pub struct StreamCall {
+    call: Option<Call>,
+    frames: Option<Frames>,
+}
+
+/// A streaming call until etcd answers it.
+type Call = Pin<Box<dyn Future<Output = Result<Frames, Status>> + Send>>;
+
+// === impl StreamCall ===
+
+impl StreamCall {
+    pub fn new(call: impl Future<Output = Result<Frames, Status>> + Send + 'static) -> StreamCall {
+        StreamCall { call: Some(Box::pin(call)), frames: None }
+    }
+
+    /// The call and its frames have ended.
+    pub fn is_done(&self) -> bool {
+        self.call.is_none() && self.frames.is_none()
+    }
+
+    /// Drop the call or its stream (which resets it at etcd).
+    pub fn close(&mut self) {
+        self.call = None;
+        self.frames = None;
+    }
+}
+
+impl futures_util::Stream for StreamCall {
+    type Item = Result<Framed, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(call) = this.call.as_mut() {
+            let answered = ready!(call.as_mut().poll(cx));
+            this.call = None;
+            match answered {
+                Ok(frames) => this.frames = Some(frames),
+                Err(status) => return Poll::Ready(Some(Err(status))),
+            }
+        }
+        let Some(frames) = this.frames.as_mut() else { return Poll::Ready(None) };
+        let next = ready!(Pin::new(frames).poll_next(cx));
+        if !matches!(next, Some(Ok(_))) {
+            this.frames = None;
+        }
+        Poll::Ready(next)
     }
 }
 

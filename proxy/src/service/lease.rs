@@ -14,7 +14,8 @@ use tonic::{Code, Status, Streaming};
 use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, permission_denied};
 use crate::audit::{Decision, Event};
 use crate::authz;
-use crate::upstream::{CallMeta, Frames};
+use crate::codec::Framed;
+use crate::upstream::{CallMeta, StreamCall};
 
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
 const RPC: &str = "Lease/LeaseKeepAlive";
@@ -59,9 +60,9 @@ async fn keep_alive(
     // response stream, beside the inbound loop, rather than before it.
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
-    let call: Call =
-        Box::pin(async move { upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await });
-    let to_client = ToClient { call: Some(call), upstream: None, end: Some(end_rx) };
+    let upstream =
+        StreamCall::new(async move { upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await });
+    let to_client = ToClient { upstream, end: Some(end_rx) };
 
     let stream_id = g.shared.audit.stream_id();
     let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
@@ -115,15 +116,10 @@ async fn keep_alive(
     Ok(Box::pin(to_client))
 }
 
-type Call = Pin<Box<dyn Future<Output = Result<Frames, Status>> + Send>>;
-
 /// The client's side of one keep-alive stream: etcd's answers as they are read, or the status the proxy ended
 /// the stream with.
 struct ToClient {
-    /// The upstream call, until etcd answers it.
-    call: Option<Call>,
-    /// etcd's answers, once it answered; `None` again when they end.
-    upstream: Option<Frames>,
+    upstream: StreamCall,
     /// The status the inbound side ends the stream with, if it ends it (closed without one: it ended quietly).
     end: Option<oneshot::Receiver<Status>>,
 }
@@ -135,38 +131,16 @@ impl futures_util::Stream for ToClient {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(call) = this.call.as_mut() {
-            match call.as_mut().poll(cx) {
-                Poll::Ready(Ok(frames)) => {
-                    this.call = None;
-                    this.upstream = Some(frames);
-                }
-                Poll::Ready(Err(status)) => {
-                    this.call = None;
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Pending => {}
-            }
-        }
         // etcd's answers that are ready go first: they answer keep-alives sent before a refusal.
-        if let Some(upstream) = this.upstream.as_mut() {
-            match Pin::new(upstream).poll_next(cx) {
-                Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame.into_bytes()))),
-                Poll::Ready(Some(Err(status))) => {
-                    this.upstream = None;
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Ready(None) => this.upstream = None,
-                Poll::Pending => {}
-            }
+        if let Poll::Ready(Some(answer)) = Pin::new(&mut this.upstream).poll_next(cx) {
+            return Poll::Ready(Some(answer.map(Framed::into_bytes)));
         }
         if let Some(end) = this.end.as_mut() {
             match Pin::new(end).poll(cx) {
                 Poll::Ready(Ok(status)) => {
                     // The stream ends here: etcd's side is dropped (which resets it).
                     this.end = None;
-                    this.call = None;
-                    this.upstream = None;
+                    this.upstream.close();
                     return Poll::Ready(Some(Err(status)));
                 }
                 Poll::Ready(Err(_)) => this.end = None,
@@ -174,7 +148,7 @@ impl futures_util::Stream for ToClient {
             }
         }
         // Ends when etcd's side has ended and the inbound side has ended without a status of its own.
-        if this.end.is_none() && this.call.is_none() && this.upstream.is_none() {
+        if this.end.is_none() && this.upstream.is_done() {
             return Poll::Ready(None);
         }
         Poll::Pending

@@ -10,7 +10,6 @@
 //! responses with its creates in order, so a denial waits behind creates still pending at etcd.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -28,7 +27,7 @@ use crate::authz;
 use crate::codec::Framed;
 use crate::limits::WatchSlot;
 use crate::policy::{Access, KeyRange, Mode};
-use crate::upstream::{CallMeta, Frames};
+use crate::upstream::{CallMeta, StreamCall};
 
 const WATCH: &str = "/etcdserverpb.Watch/Watch";
 const RPC: &str = "Watch/Watch";
@@ -114,15 +113,11 @@ type Down = mpsc::Sender<Result<Bytes, Status>>;
 /// `WatchRequest` is 96 bytes, so unboxed this channel alone would cost 3 KiB per watch stream.
 type Up = mpsc::Sender<Box<pb::WatchRequest>>;
 
-type Call = Pin<Box<dyn Future<Output = Result<Frames, Status>> + Send>>;
-
 /// The client's side of one watch stream: etcd's responses, passed on as they are read (with queued refusals
 /// released after each `created`), and the proxy's own messages.
 struct ToClient {
-    /// The upstream call, until etcd answers it.
-    call: Option<Call>,
-    /// etcd's responses, once it answered; `None` again when they end.
-    upstream: Option<Frames>,
+    /// The upstream call, then etcd's responses.
+    upstream: StreamCall,
     /// Refusals released by the last `created`: sent before anything else.
     released: VecDeque<Bytes>,
     own: mpsc::Receiver<Result<Bytes, Status>>,
@@ -142,10 +137,10 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     // stream, beside the inbound loop, rather than before it.
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
-    let call: Call = Box::pin(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await });
+    let upstream =
+        StreamCall::new(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await });
     let to_client = ToClient {
-        call: Some(call),
-        upstream: None,
+        upstream,
         released: VecDeque::new(),
         own: down_rx,
         own_closed: false,
@@ -393,39 +388,18 @@ impl futures_util::Stream for ToClient {
                 return Poll::Ready(item);
             }
         }
-        if let Some(call) = this.call.as_mut() {
-            match call.as_mut().poll(cx) {
-                Poll::Ready(Ok(stream)) => {
-                    this.call = None;
-                    this.upstream = Some(stream);
-                }
-                Poll::Ready(Err(status)) => {
-                    this.call = None;
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Pending => {}
-            }
-        }
-        if let Some(upstream) = this.upstream.as_mut() {
-            match Pin::new(upstream).poll_next(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    this.since_own += 1;
-                    return Poll::Ready(Some(Ok(this.on_response(frame))));
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    this.upstream = None;
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Ready(None) => this.upstream = None,
-                Poll::Pending => {}
-            }
+        if let Poll::Ready(Some(item)) = Pin::new(&mut this.upstream).poll_next(cx) {
+            return Poll::Ready(Some(item.map(|frame| {
+                this.since_own += 1;
+                this.on_response(frame)
+            })));
         }
         // Before waiting, the own channel is always looked at (which also asks to be woken by it).
         if let Poll::Ready(item) = this.poll_own(cx) {
             return Poll::Ready(item);
         }
         // Ends when etcd's side and the proxy's side have both ended.
-        if this.own_closed && this.call.is_none() && this.upstream.is_none() {
+        if this.own_closed && this.upstream.is_done() {
             return Poll::Ready(None);
         }
         Poll::Pending
