@@ -320,9 +320,8 @@ impl Guard {
         }
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
-                // Whatever keys the lease has, a grant of the whole keyspace covers them: etcd is not asked (for
-                // kube-apiserver, whose every Event is written with a lease, that would be a second request to
-                // etcd per write).
+                // Whatever keys the lease has, a grant of the whole keyspace covers them: etcd is not asked (each
+                // lookup is a second request to etcd, listing every key of the lease).
                 if perms.check(*access, &KeyRange::all()).is_ok() {
                     continue;
                 }
