@@ -5,7 +5,7 @@
 # They leave out the kernel (system calls, loopback TCP) and cache misses, so they complement the benchmark and do
 # not replace it.
 #
-#   bench/instructions.sh [--workload lin-range|put|ser-range|watch] [--rate N] [--seconds S]
+#   bench/instructions.sh [--workload lin-range|put|ser-range|watch|keep-alive|leased-put] [--rate N] [--seconds S]
 #                         [--watchers N --put-rate R] BIN [BIN ...]
 #
 # For each BIN: etcd (with the benchmark's data and certificates) and `BIN serve` under callgrind are started on
@@ -98,8 +98,10 @@ EOF
         python3 -c "import socket; socket.create_connection(('127.0.0.1', $listen_port), 1)" 2> /dev/null && break
         sleep 0.5
     done
-    "$bench" load --endpoint "https://127.0.0.1:$listen_port" --ca "$run/ca.crt" --cert "$run/bench.crt" \
-        --key "$run/bench.key" --workload "$workload" --connections 1 --in-flight 64 --rate "$rate" \
+    # The leased-put workload runs as the scoped identity (see BENCHMARKS.md).
+    identity=bench; [ "$workload" = leased-put ] && identity=bench-scoped
+    "$bench" load --endpoint "https://127.0.0.1:$listen_port" --ca "$run/ca.crt" --cert "$run/$identity.crt" \
+        --key "$run/$identity.key" --workload "$workload" --connections 1 --in-flight 64 --rate "$rate" \
         --watchers "$watchers" --put-rate "$put_rate" --warmup-ms 500 --duration-ms $(((seconds + 4) * 1000)) > "$run/load.log" 2>&1 &
     load_pid=$!; pids+=("$load_pid")
     sleep 2.5

@@ -30,6 +30,11 @@ use crate::stats::{self, Latency};
 pub const LIN_KEY: &[u8] = b"/bench/lin/key";
 /// Prefix of the Put workload's keys.
 pub const PUT_PREFIX: &str = "/bench/put/";
+/// Prefix of the leased-put workload's keys ([`MIX_KEYS`] of them, like the Put workload's).
+pub const LEASED_PREFIX: &str = "/bench/event/";
+/// Puts that share one lease in the leased-put workload: kube-apiserver's default `--lease-max-object-count`
+/// (it also reuses a lease for at most a minute; a benchmark window is shorter).
+pub const KEYS_PER_LEASE: u32 = 1000;
 /// Prefix of the kube-apiserver-like mix's keys (preloaded, [`MIX_KEYS`] keys of [`SMALL_VALUE`] bytes).
 pub const MIX_PREFIX: &str = "/bench/mix/";
 /// End of the mix's prefix (`/bench/mix/` + 1 in the last byte).
@@ -67,6 +72,10 @@ pub enum Workload {
     /// Lease keep-alives, as Cilium agents and Calico nodes keep their leases: each request in flight is a
     /// keep-alive stream of its own (a lease each, granted first) that sends a keep-alive and waits for its answer.
     KeepAlive,
+    /// Puts of 256 B values with a lease, as kube-apiserver writes Events: one lease is shared by up to
+    /// [`KEYS_PER_LEASE`] puts before the next is granted (kube-apiserver's lease manager), by the scoped identity
+    /// (`/bench/` only), so the proxy asks etcd for the lease's keys before each put.
+    LeasedPut,
     /// Idle connections: open N connections, one Range each, then hold them (memory per connection).
     Idle,
 }
@@ -81,6 +90,7 @@ impl Workload {
             Workload::Mix => "mix",
             Workload::Watch => "watch",
             Workload::KeepAlive => "keep-alive",
+            Workload::LeasedPut => "leased-put",
             Workload::Idle => "idle",
         }
     }
@@ -362,6 +372,8 @@ async fn run_unary(args: &LoadArgs) -> Result<(), BoxError> {
     if args.workload == Workload::Mix {
         load_mix_revisions(&channels[0], &mix).await?;
     }
+    let leases = (args.workload == Workload::LeasedPut)
+        .then(|| Arc::new(LeaseShare { current: Default::default(), client: LeaseClient::new(channels[0].clone()) }));
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let in_flight = args.in_flight.max(1);
     let schedule_start = Instant::now();
@@ -383,6 +395,7 @@ async fn run_unary(args: &LoadArgs) -> Result<(), BoxError> {
             rng: Rng::new(args.seed ^ (i as u64 + 1)),
             mix: mix.clone(),
             keep_alive,
+            leases: leases.clone(),
         };
         workers.spawn(worker.run(phase.clone(), schedule));
     }
@@ -435,6 +448,30 @@ struct UnaryWorker {
     mix: Arc<MixState>,
     /// The worker's keep-alive stream (keep-alive workload).
     keep_alive: Option<KeepAliveStream>,
+    /// The lease shared by all workers (leased-put workload).
+    leases: Option<Arc<LeaseShare>>,
+}
+
+/// The lease the leased-put workers attach their keys to, as kube-apiserver's lease manager shares one lease among
+/// many objects: a new one is granted once [`KEYS_PER_LEASE`] puts have used the current one.
+struct LeaseShare {
+    /// The current lease and the puts that used it (no lease yet: 0).
+    current: tokio::sync::Mutex<(i64, u32)>,
+    client: LeaseClient<Channel>,
+}
+
+impl LeaseShare {
+    /// The lease for the next put.
+    async fn next(&self) -> Result<i64, tonic::Status> {
+        let mut current = self.current.lock().await;
+        if current.0 == 0 || current.1 >= KEYS_PER_LEASE {
+            // An hour, as Events live; the keys move to newer leases as they are written again.
+            let grant = pb::LeaseGrantRequest { ttl: 3600, id: 0 };
+            *current = (self.client.clone().lease_grant(grant).await?.into_inner().id, 0);
+        }
+        current.1 += 1;
+        Ok(current.0)
+    }
 }
 
 /// A lease and the keep-alive stream that keeps it (keep-alive workload).
@@ -523,6 +560,17 @@ impl UnaryWorker {
                 Ok("put")
             }
             Workload::Mix => self.mix_op().await,
+            Workload::LeasedPut => {
+                let Some(leases) = self.leases.as_ref() else {
+                    return Err(tonic::Status::internal("no shared lease"));
+                };
+                let lease = leases.next().await?;
+                let key = numbered_key(LEASED_PREFIX, self.rng.below(MIX_KEYS));
+                self.kv
+                    .put(pb::PutRequest { key, value: vec![b'e'; SMALL_VALUE], lease, ..Default::default() })
+                    .await?;
+                Ok("leased_put")
+            }
             Workload::KeepAlive => match self.keep_alive.as_mut() {
                 Some(stream) => stream.keep_alive().await.map(|()| "keep_alive"),
                 None => Err(tonic::Status::internal("no keep-alive stream")),

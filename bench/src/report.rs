@@ -353,6 +353,14 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
             None,
         ));
     }
+    let leased = cases_of(cases, "saturation", &["leased-put"]);
+    if !leased.is_empty() {
+        out.push(check(
+            "(information) proxy CPU per put with a shared lease by a scoped identity (the lease's keys are looked up), us",
+            join(leased.iter().map(|c| format!("{} {:.1}", c.shape, cpu(c))).collect()),
+            None,
+        ));
+    }
     let fixed = cases_of(cases, "fixed-rate", &["lin-range", "put"]);
     if !fixed.is_empty() {
         out.push(check(

@@ -101,6 +101,8 @@ pub enum CaseKind {
     Watch,
     /// Lease keep-alives, one stream per request in flight.
     KeepAlive,
+    /// Puts with a lease shared by 1,000 keys, by an identity scoped to `/bench/` (kube-apiserver's Events).
+    LeasedPut,
     /// Fixed-rate lin-range and put at half of saturation.
     HalfRate,
     /// lin-range through a proxy with the small policy and one with the large policy.
@@ -419,6 +421,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         (CaseKind::Mix, Workload::Mix),
         (CaseKind::Watch, Workload::Watch),
         (CaseKind::KeepAlive, Workload::KeepAlive),
+        (CaseKind::LeasedPut, Workload::LeasedPut),
     ];
     for (kind, workload) in workloads {
         if !selected(&args, kind) {
@@ -434,7 +437,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 .compare(&name, "saturation", workload, *shape, None, [&direct, &proxied], &etcd_pid, &mut alive)
                 .await?;
             cases.push(case);
-            if matches!(workload, Workload::Put | Workload::Mix | Workload::Watch) {
+            if matches!(workload, Workload::Put | Workload::Mix | Workload::Watch | Workload::LeasedPut) {
                 setup::compact(&admin).await?;
             }
         }
@@ -664,7 +667,7 @@ impl Bench {
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.arg("load")
             .args(["--endpoint", &leg.url])
-            .args(self.pki.load_args())
+            .args(self.pki.load_args(workload))
             .args(["--workload", workload.name()])
             .args(["--connections", &shape.connections.to_string()])
             .args(["--in-flight", &shape.in_flight.to_string()])
@@ -769,7 +772,7 @@ impl Bench {
         let mut child = tokio::process::Command::new(&self.exe)
             .arg("load")
             .args(["--endpoint", url])
-            .args(self.pki.load_args())
+            .args(self.pki.load_args(Workload::Idle))
             .args(["--workload", "idle", "--idle-conns", &self.idle_conns.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -19,6 +19,10 @@ use crate::load::{self, LIN_KEY, LIN_VALUE, MIX_KEYS, MIX_PREFIX, SMALL_VALUE};
 /// Common name of the benchmark's client certificate (`bench.crt`), bound in every generated policy.
 pub const BENCH_CN: &str = "bench";
 
+/// Common name of the scoped client certificate (`bench-scoped.crt`): read and write on `/bench/` and leases only
+/// (in the small policy), as kube-apiserver's shipped policy grants its prefix. The leased-put workload runs as it.
+pub const SCOPED_CN: &str = "bench-scoped";
+
 /// A child process, killed and reaped when dropped.
 pub struct ChildGuard {
     name: String,
@@ -64,11 +68,12 @@ impl Pki {
         let ca = DevCa::new("etcd-guard bench CA")?;
         std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
         let local = ["localhost", "127.0.0.1"];
-        let leaves: [(&str, LeafKind, &str, &[&str]); 4] = [
+        let leaves: [(&str, LeafKind, &str, &[&str]); 5] = [
             ("server", LeafKind::Server, "etcd-guard", &local),
             ("etcd-server", LeafKind::Both, "etcd", &local),
             ("upstream-client", LeafKind::Client, "etcd-guard", &[]),
             ("bench", LeafKind::Client, BENCH_CN, &[]),
+            ("bench-scoped", LeafKind::Client, SCOPED_CN, &[]),
         ];
         for (name, kind, cn, sans) in leaves {
             let issued = ca.issue(kind, cn, None, sans, &[])?;
@@ -83,15 +88,17 @@ impl Pki {
         self.dir.join(name)
     }
 
-    /// The `--ca/--cert/--key` arguments of the load generator for the bench identity.
-    pub fn load_args(&self) -> Vec<String> {
+    /// The `--ca/--cert/--key` arguments of the load generator for `workload`: the scoped identity for the
+    /// leased-put workload, the bench identity for the others.
+    pub fn load_args(&self, workload: load::Workload) -> Vec<String> {
+        let name = if workload == load::Workload::LeasedPut { "bench-scoped" } else { "bench" };
         vec![
             "--ca".into(),
             self.path("ca.crt").display().to_string(),
             "--cert".into(),
-            self.path("bench.crt").display().to_string(),
+            self.path(&format!("{name}.crt")).display().to_string(),
             "--key".into(),
-            self.path("bench.key").display().to_string(),
+            self.path(&format!("{name}.key")).display().to_string(),
         ]
     }
 
@@ -324,9 +331,15 @@ roles:
     keys:
       - { prefix: "", access: readwrite }
     cluster: [admin]
+  - name: bench-scoped
+    keys:
+      - { prefix: "/bench/", access: readwrite }
+    cluster: [lease]
 bindings:
   - role: bench
     subjects: [ { common_name: "bench" } ]
+  - role: bench-scoped
+    subjects: [ { common_name: "bench-scoped" } ]
 "#;
 
 /// A policy of `roles` roles and bindings with `rules_per_role` key rules each (prefixes, single keys and
@@ -421,7 +434,7 @@ mod tests {
     #[test]
     fn generated_policies_are_accepted_by_the_proxy() -> Result<(), BoxError> {
         let small = etcd_guard::policy::PolicyDocument::parse(SMALL_POLICY, "small")?;
-        assert_eq!(small.roles.len(), 1);
+        assert_eq!(small.roles.len(), 2);
         let large = etcd_guard::policy::PolicyDocument::parse(&large_policy(30, 10), "large")?;
         assert_eq!(large.roles.len(), 30);
         assert_eq!(large.roles.iter().map(|r| r.keys.len()).sum::<usize>(), 300);
