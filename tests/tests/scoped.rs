@@ -208,6 +208,47 @@ async fn lease_keys_are_looked_up_only_for_identities_that_may_not_write_every_k
     Ok(())
 }
 
+/// `n` puts of `b/shared-<i>` with `lease` by tenant-b, all sent at once; how many etcd answered with success.
+async fn concurrent_leased_puts(b: &etcd_client::Client, lease: i64, n: usize) -> TestResult<(usize, usize)> {
+    let mut puts = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut b = b.clone();
+        puts.spawn(async move { b.put(format!("b/shared-{i}"), "v", Some(PutOptions::new().with_lease(lease))).await });
+    }
+    let (mut ok, mut denied) = (0, 0);
+    while let Some(put) = puts.join_next().await {
+        match put? {
+            Ok(_) => ok += 1,
+            Err(e) if is_denied(&e) => denied += 1,
+            Err(e) => return Err(format!("a leased put failed: {e}").into()),
+        }
+    }
+    Ok((ok, denied))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_uses_of_a_lease_share_lookups_that_see_its_latest_keys() -> TestResult {
+    let h = Harness::start().await?;
+    let mut admin = h.client(&h.admin()?).await?;
+    let mut b = h.client(&h.tenant_b()?).await?;
+    let lease = b.lease_grant(60, None).await?.id();
+    b.put("b/first", "v", Some(PutOptions::new().with_lease(lease))).await?;
+
+    // 200 puts with the lease at once: each needs the lease's keys, and they wait for shared lookups.
+    let before = lease_lookups(&h)?;
+    assert_eq!(concurrent_leased_puts(&b, lease, 200).await?, (200, 0));
+    let lookups = lease_lookups(&h)? - before;
+    assert!((1..100).contains(&lookups), "200 concurrent leased puts made {lookups} lookups");
+
+    // Once the admin has attached a key outside b/, no later use by tenant-b is answered from an earlier lookup.
+    admin.put("elsewhere", "1", Some(PutOptions::new().with_lease(lease))).await?;
+    assert_eq!(concurrent_leased_puts(&b, lease, 50).await?, (0, 50));
+    let e = b.lease_revoke(lease).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "revoke: {e:?}");
+    admin.lease_revoke(lease).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unbound_identity_gets_nothing() -> TestResult {
     let h = Harness::start().await?;

@@ -378,6 +378,15 @@ impl Permissions {
         Err(Denied { reason })
     }
 
+    /// [`Permissions::check`] for one key; does not allocate when it allows.
+    ///
+    /// # Errors
+    ///
+    /// [`Denied`] naming the key.
+    pub fn check_key(&self, access: Access, key: &[u8]) -> Result<(), Denied> {
+        if self.set(access).contains_key(key) { Ok(()) } else { self.check(access, &KeyRange::point(key)) }
+    }
+
     /// Whether the capability is granted.
     pub fn has(&self, cap: Capability) -> bool {
         self.caps.contains(cap)

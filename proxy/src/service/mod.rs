@@ -11,6 +11,7 @@ pub mod election;
 pub mod health;
 pub mod kv;
 pub mod lease;
+pub mod lease_keys;
 pub mod lock;
 pub mod maintenance;
 pub mod watch;
@@ -95,6 +96,8 @@ pub struct Shared {
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
+    /// Lookups of a lease's keys, shared by the requests that wait for them.
+    lease_keys: lease_keys::LeaseKeys,
 }
 
 /// One client connection: who it is, and what it may do under the policy in force.
@@ -206,6 +209,7 @@ impl Shared {
             audit,
             metrics,
             limiter,
+            lease_keys: lease_keys::LeaseKeys::default(),
         }
     }
 
@@ -326,8 +330,10 @@ impl Guard {
                     continue;
                 }
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
-                for key in Box::pin(self.lease_keys(*lease, meta)).await? {
-                    if let Err(d) = perms.check(*access, &KeyRange::point(key)) {
+                let shared = &self.shared;
+                let keys = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
+                for key in keys.iter() {
+                    if let Err(d) = perms.check_key(*access, key) {
                         return deny(format!("lease {lease:x} has a key outside the grants: {}", d.reason));
                     }
                 }
@@ -506,15 +512,6 @@ impl Guard {
         };
         self.audit_with(rpc, record, Cow::Owned(verdict), code, revision, at).await?;
         answer
-    }
-
-    /// The keys attached to a lease right now, asked of etcd with the proxy's identity.
-    async fn lease_keys(&self, lease: i64, meta: &CallMeta) -> Result<Vec<Vec<u8>>, Status> {
-        self.shared.metrics.lease_lookups.inc();
-        let req = pb::LeaseTimeToLiveRequest { id: lease, keys: true };
-        let resp: pb::LeaseTimeToLiveResponse =
-            self.shared.upstream.unary_decoded(methods::LEASE_TIME_TO_LIVE, req, meta).await?;
-        Ok(resp.keys)
     }
 
     /// A unary RPC: decode, check with `authorize`, forward the checked message, return etcd's bytes.

@@ -1,0 +1,134 @@
+//! Asking etcd which keys a lease has, once for every request that waits for the same answer.
+//!
+//! A put with a lease, a keep-alive and a revoke by an identity that may not write every key are allowed only if
+//! the identity may write every key attached to the lease (etcd's own rule, `checkLeasePuts`), so the proxy asks
+//! etcd for them (`LeaseTimeToLive` with `keys`) before it decides. kube-apiserver writes its Events with one
+//! lease shared by up to 1,000 keys: one lookup per Event, each listing all of them, cost etcd more than the puts
+//! themselves (BENCHMARKS.md, "Leased puts").
+//!
+//! Here the requests that wait for the keys of one lease share lookups. At most one lookup per lease is in flight;
+//! requests that arrive meanwhile join the *next* lookup, which is sent as soon as that one is answered. A request
+//! is therefore only ever answered by a lookup sent after it arrived: it sees the lease as it was at some moment
+//! after its arrival, as with a lookup of its own (etcd applies the request later still, so neither is atomic with
+//! it). A lookup that fails fails every request that waited for it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+use tonic::Status;
+
+use etcd_guard_proto::etcdserverpb as pb;
+use etcd_guard_proto::methods;
+
+use crate::metrics::Metrics;
+use crate::upstream::{CallMeta, Upstream};
+
+/// What a lookup found: the lease's keys, or why there is no answer.
+pub type Keys = Result<Arc<Vec<Vec<u8>>>, Status>;
+
+/// The lookups in flight and waiting, per lease.
+#[derive(Default)]
+pub struct LeaseKeys {
+    lanes: Arc<Mutex<HashMap<i64, Lane>>>,
+}
+
+/// A lease with a lookup in flight; `next` gathers the requests that arrive meanwhile (its answer's sender, taken
+/// by the task once the lookup in flight is answered).
+struct Lane {
+    next: Option<watch::Sender<Option<Keys>>>,
+}
+
+// === impl LeaseKeys ===
+
+impl LeaseKeys {
+    /// The keys attached to `lease`, from a lookup sent after this call. The first request of a lookup lends it its
+    /// metadata (its deadline, `hasleader`).
+    pub async fn get(&self, lease: i64, upstream: &Upstream, metrics: &Arc<Metrics>, meta: &CallMeta) -> Keys {
+        let mut answer = {
+            let mut lanes = lock(&self.lanes);
+            match lanes.get_mut(&lease) {
+                // A lookup is in flight: join the next one (the first to join it makes it).
+                Some(lane) => lane.next.get_or_insert_with(|| watch::channel(None).0).subscribe(),
+                // None in flight: send one now.
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    lanes.insert(lease, Lane { next: None });
+                    let run = Run {
+                        lanes: self.lanes.clone(),
+                        lease,
+                        upstream: upstream.clone(),
+                        metrics: metrics.clone(),
+                        meta: meta.clone(),
+                        finished: false,
+                    };
+                    tokio::spawn(run.lookups(tx));
+                    rx
+                }
+            }
+        };
+        match answer.wait_for(Option::is_some).await {
+            Ok(found) => found.clone().unwrap_or_else(|| Err(gone())),
+            // The task that was to answer is gone (the runtime shuts down).
+            Err(_) => Err(gone()),
+        }
+    }
+}
+
+/// The task that sends a lease's lookups, one after the other, while requests wait for them.
+struct Run {
+    lanes: Arc<Mutex<HashMap<i64, Lane>>>,
+    lease: i64,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    meta: CallMeta,
+    /// The lane was removed with no request waiting.
+    finished: bool,
+}
+
+// === impl Run ===
+
+impl Run {
+    async fn lookups(mut self, mut tx: watch::Sender<Option<Keys>>) {
+        loop {
+            let keys = self.lookup().await;
+            tx.send_replace(Some(keys));
+            // Requests that arrived while this lookup was in flight wait for the next one: send it now.
+            let mut lanes = lock(&self.lanes);
+            match lanes.get_mut(&self.lease).and_then(|lane| lane.next.take()) {
+                Some(next) => tx = next,
+                None => {
+                    lanes.remove(&self.lease);
+                    self.finished = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn lookup(&self) -> Keys {
+        self.metrics.lease_lookups.inc();
+        let req = pb::LeaseTimeToLiveRequest { id: self.lease, keys: true };
+        let resp: pb::LeaseTimeToLiveResponse =
+            self.upstream.unary_decoded(methods::LEASE_TIME_TO_LIVE, req, &self.meta).await?;
+        Ok(Arc::new(resp.keys))
+    }
+}
+
+impl Drop for Run {
+    /// A task dropped before it finished (its runtime shuts down) takes its lane along: the requests that joined the
+    /// next lookup get an error instead of waiting for a task that will not send it.
+    fn drop(&mut self) {
+        if !self.finished {
+            lock(&self.lanes).remove(&self.lease);
+        }
+    }
+}
+
+fn lock(lanes: &Mutex<HashMap<i64, Lane>>) -> MutexGuard<'_, HashMap<i64, Lane>> {
+    lanes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn gone() -> Status {
+    Status::unavailable("etcd-guard: the lookup of the lease's keys was abandoned")
+}
