@@ -15,6 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+use prost::Message;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -24,8 +26,16 @@ use etcd_guard_proto::methods;
 use crate::metrics::Metrics;
 use crate::upstream::{CallMeta, Upstream};
 
-/// What a lookup found: the lease's keys, or why there is no answer.
-pub type Keys = Result<Arc<Vec<Vec<u8>>>, Status>;
+/// What a lookup found: the lease's keys (slices of etcd's answer), or why there is no answer.
+pub type Keys = Result<Arc<Vec<Bytes>>, Status>;
+
+/// Only the keys of etcd's `LeaseTimeToLiveResponse`, each a slice of etcd's frame: a lease of kube-apiserver's has
+/// up to 1,000 keys, and decoding them into vectors of their own cost an allocation each.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LeaseKeysAnswer {
+    #[prost(bytes = "bytes", repeated, tag = "5")]
+    keys: Vec<Bytes>,
+}
 
 /// The lookups in flight and waiting, per lease.
 #[derive(Default)]
@@ -109,9 +119,10 @@ impl Run {
     async fn lookup(&self) -> Keys {
         self.metrics.lease_lookups.inc();
         let req = pb::LeaseTimeToLiveRequest { id: self.lease, keys: true };
-        let resp: pb::LeaseTimeToLiveResponse =
-            self.upstream.unary_decoded(methods::LEASE_TIME_TO_LIVE, req, &self.meta).await?;
-        Ok(Arc::new(resp.keys))
+        let framed = self.upstream.unary(methods::LEASE_TIME_TO_LIVE, req, &self.meta).await?;
+        let answer = LeaseKeysAnswer::decode(framed.message_bytes())
+            .map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))?;
+        Ok(Arc::new(answer.keys))
     }
 }
 
@@ -131,4 +142,24 @@ fn lock(lanes: &Mutex<HashMap<i64, Lane>>) -> MutexGuard<'_, HashMap<i64, Lane>>
 
 fn gone() -> Status {
     Status::unavailable("etcd-guard: the lookup of the lease's keys was abandoned")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keys_of_etcds_answer_are_read_as_slices() -> Result<(), prost::DecodeError> {
+        let keys = vec![b"b/one".to_vec(), Vec::new(), b"\x00\xff".to_vec()];
+        let answer = pb::LeaseTimeToLiveResponse {
+            header: Some(pb::ResponseHeader { cluster_id: 1, member_id: 2, revision: 3, raft_term: 4 }),
+            id: 7,
+            ttl: 60,
+            granted_ttl: 60,
+            keys: keys.clone(),
+        };
+        let read = LeaseKeysAnswer::decode(Bytes::from(answer.encode_to_vec()))?;
+        assert_eq!(read.keys, keys);
+        Ok(())
+    }
 }
