@@ -23,11 +23,28 @@ use tonic::Status;
 use etcd_guard_proto::etcdserverpb as pb;
 use etcd_guard_proto::methods;
 
+use super::View;
 use crate::metrics::Metrics;
+use crate::policy::{Access, Denied};
 use crate::upstream::{CallMeta, Upstream};
 
-/// What a lookup found: the lease's keys (slices of etcd's answer), or why there is no answer.
-pub type Keys = Result<Arc<Vec<Bytes>>, Status>;
+/// What a lookup found, or why there is no answer.
+pub type Keys = Result<Arc<Found>, Status>;
+
+/// A lease's keys as one lookup found them (slices of etcd's answer), shared by the requests that waited for it.
+pub struct Found {
+    keys: Vec<Bytes>,
+    /// The verdicts already reached on these keys, per connection view and access: the requests of one connection
+    /// that waited for this lookup check the keys once, not once each (up to 1,000 keys).
+    verdicts: Mutex<Vec<Reached>>,
+}
+
+/// A verdict on a lookup's keys for one connection view and access.
+struct Reached {
+    view: Arc<View>,
+    access: Access,
+    verdict: Result<(), Denied>,
+}
 
 /// Only the keys of etcd's `LeaseTimeToLiveResponse`, each a slice of etcd's frame: a lease of kube-apiserver's has
 /// up to 1,000 keys, and decoding them into vectors of their own cost an allocation each.
@@ -85,6 +102,28 @@ impl LeaseKeys {
     }
 }
 
+// === impl Found ===
+
+impl Found {
+    /// Whether `view`'s permissions allow `access` to every key found.
+    ///
+    /// # Errors
+    ///
+    /// [`Denied`] naming the first key (in etcd's order) that is not covered.
+    pub fn check(&self, view: &Arc<View>, access: Access) -> Result<(), Denied> {
+        let reached = lock(&self.verdicts)
+            .iter()
+            .find(|r| Arc::ptr_eq(&r.view, view) && r.access == access)
+            .map(|r| r.verdict.clone());
+        if let Some(verdict) = reached {
+            return verdict;
+        }
+        let verdict = self.keys.iter().try_for_each(|key| view.permissions.check_key(access, key));
+        lock(&self.verdicts).push(Reached { view: view.clone(), access, verdict: verdict.clone() });
+        verdict
+    }
+}
+
 /// The task that sends a lease's lookups, one after the other, while requests wait for them.
 struct Run {
     lanes: Arc<Mutex<HashMap<i64, Lane>>>,
@@ -122,7 +161,7 @@ impl Run {
         let framed = self.upstream.unary(methods::LEASE_TIME_TO_LIVE, req, &self.meta).await?;
         let answer = LeaseKeysAnswer::decode(framed.message_bytes())
             .map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))?;
-        Ok(Arc::new(answer.keys))
+        Ok(Arc::new(Found { keys: answer.keys, verdicts: Mutex::default() }))
     }
 }
 
@@ -136,8 +175,8 @@ impl Drop for Run {
     }
 }
 
-fn lock(lanes: &Mutex<HashMap<i64, Lane>>) -> MutexGuard<'_, HashMap<i64, Lane>> {
-    lanes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn gone() -> Status {

@@ -298,7 +298,7 @@ impl Guard {
     }
 
     /// [`Guard::decide`] under a view the caller already holds.
-    async fn decide_in(&self, view: &View, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
+    async fn decide_in(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
         let perms = &view.permissions;
         let deny = |reason: String| {
             let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
@@ -331,11 +331,9 @@ impl Guard {
                 }
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
                 let shared = &self.shared;
-                let keys = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
-                for key in keys.iter() {
-                    if let Err(d) = perms.check_key(*access, key) {
-                        return deny(format!("lease {lease:x} has a key outside the grants: {}", d.reason));
-                    }
+                let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
+                if let Err(d) = found.check(view, *access) {
+                    return deny(format!("lease {lease:x} has a key outside the grants: {}", d.reason));
                 }
             }
         }
