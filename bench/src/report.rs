@@ -337,29 +337,24 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
             Some(unary.iter().all(|c| c.ok() && cpu(c) <= 25.0)),
         ));
     }
-    let mix = cases_of(cases, "saturation", &["mix"]);
-    if !mix.is_empty() {
-        out.push(check(
-            "(information) proxy CPU per request of the kube-apiserver-like mix, us",
-            join(mix.iter().map(|c| format!("{} {:.1}", c.shape, cpu(c))).collect()),
-            None,
-        ));
-    }
-    let keep_alive = cases_of(cases, "saturation", &["keep-alive"]);
-    if !keep_alive.is_empty() {
-        out.push(check(
-            "(information) proxy CPU per lease keep-alive (a message on a stream), us",
-            join(keep_alive.iter().map(|c| format!("{} {:.1}", c.shape, cpu(c))).collect()),
-            None,
-        ));
-    }
-    let leased = cases_of(cases, "saturation", &["leased-put"]);
-    if !leased.is_empty() {
-        out.push(check(
-            "(information) proxy CPU per put with a shared lease by a scoped identity (the lease's keys are looked up), us",
-            join(leased.iter().map(|c| format!("{} {:.1}", c.shape, cpu(c))).collect()),
-            None,
-        ));
+    // Shown, not judged: their requests are not the unary ones.
+    let information = [
+        ("mix", "proxy CPU per request of the kube-apiserver-like mix, us"),
+        ("keep-alive", "proxy CPU per lease keep-alive (a message on a stream), us"),
+        (
+            "leased-put",
+            "proxy CPU per put with a shared lease by a scoped identity (the lease's keys are looked up), us",
+        ),
+    ];
+    for (workload, what) in information {
+        let shown = cases_of(cases, "saturation", &[workload]);
+        if !shown.is_empty() {
+            out.push(check(
+                &format!("(information) {what}"),
+                join(shown.iter().map(|c| format!("{} {:.1}", c.shape, cpu(c))).collect()),
+                None,
+            ));
+        }
     }
     let fixed = cases_of(cases, "fixed-rate", &["lin-range", "put"]);
     if !fixed.is_empty() {
