@@ -208,22 +208,32 @@ async fn lease_keys_are_looked_up_only_for_identities_that_may_not_write_every_k
     Ok(())
 }
 
-/// `n` puts of `b/shared-<i>` with `lease` by tenant-b, all sent at once; how many etcd answered with success.
-async fn concurrent_leased_puts(b: &etcd_client::Client, lease: i64, n: usize) -> TestResult<(usize, usize)> {
+/// For each `(client, prefix)`, `n` puts of `<prefix>shared-<i>` with `lease`, all sent at once and interleaved;
+/// how many of each client's were allowed and how many denied.
+async fn concurrent_leased_puts(
+    clients: &[(&etcd_client::Client, &str)],
+    lease: i64,
+    n: usize,
+) -> TestResult<Vec<(usize, usize)>> {
     let mut puts = tokio::task::JoinSet::new();
     for i in 0..n {
-        let mut b = b.clone();
-        puts.spawn(async move { b.put(format!("b/shared-{i}"), "v", Some(PutOptions::new().with_lease(lease))).await });
+        for (c, (client, prefix)) in clients.iter().enumerate() {
+            let mut client = (*client).clone();
+            let key = format!("{prefix}shared-{i}");
+            puts.spawn(async move { (c, client.put(key, "v", Some(PutOptions::new().with_lease(lease))).await) });
+        }
     }
-    let (mut ok, mut denied) = (0, 0);
+    let mut counts = vec![(0, 0); clients.len()];
     while let Some(put) = puts.join_next().await {
-        match put? {
-            Ok(_) => ok += 1,
-            Err(e) if is_denied(&e) => denied += 1,
+        let (c, answer) = put?;
+        let count = counts.get_mut(c).ok_or("no such client")?;
+        match answer {
+            Ok(_) => count.0 += 1,
+            Err(e) if is_denied(&e) => count.1 += 1,
             Err(e) => return Err(format!("a leased put failed: {e}").into()),
         }
     }
-    Ok((ok, denied))
+    Ok(counts)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -236,13 +246,22 @@ async fn concurrent_uses_of_a_lease_share_lookups_that_see_its_latest_keys() -> 
 
     // 200 puts with the lease at once: each needs the lease's keys, and they wait for shared lookups.
     let before = lease_lookups(&h)?;
-    assert_eq!(concurrent_leased_puts(&b, lease, 200).await?, (200, 0));
+    assert_eq!(concurrent_leased_puts(&[(&b, "b/")], lease, 200).await?, [(200, 0)]);
     let lookups = lease_lookups(&h)? - before;
     assert!((1..100).contains(&lookups), "200 concurrent leased puts made {lookups} lookups");
 
+    // Requests of two identities that wait for the same lookups each get their own verdict: cilium may not write
+    // the lease's b/ keys, so it may not attach even a key of its own prefix. (Four rounds: the two connections'
+    // requests do not always meet in one lookup.)
+    let cilium = h.client(&h.cilium()?).await?;
+    for _ in 0..4 {
+        let both = concurrent_leased_puts(&[(&b, "b/"), (&cilium, "cilium/")], lease, 100).await?;
+        assert_eq!(both, [(100, 0), (0, 100)]);
+    }
+
     // Once the admin has attached a key outside b/, no later use by tenant-b is answered from an earlier lookup.
     admin.put("elsewhere", "1", Some(PutOptions::new().with_lease(lease))).await?;
-    assert_eq!(concurrent_leased_puts(&b, lease, 50).await?, (0, 50));
+    assert_eq!(concurrent_leased_puts(&[(&b, "b/")], lease, 50).await?, [(0, 50)]);
     let e = b.lease_revoke(lease).await.err();
     assert!(e.as_ref().is_some_and(is_denied), "revoke: {e:?}");
     admin.lease_revoke(lease).await?;
