@@ -456,6 +456,11 @@ impl CallMeta {
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
+
+    /// The same metadata with another deadline (a call the proxy makes for several clients).
+    pub fn with_timeout(&self, timeout: Option<Duration>) -> CallMeta {
+        CallMeta { forwarded: self.forwarded.clone(), timeout }
+    }
 }
 
 /// A `grpc-timeout` header value: at most 8 digits, in the finest unit that fits.

@@ -11,9 +11,13 @@
 //! is therefore only ever answered by a lookup sent after it arrived: it sees the lease as it was at some moment
 //! after its arrival, as with a lookup of its own (etcd applies the request later still, so neither is atomic with
 //! it). A lookup that fails fails every request that waited for it.
+//!
+//! A lookup serves several clients, so it has a deadline of its own ([`LOOKUP_TIMEOUT`]); each request waits for
+//! it no longer than its own deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
@@ -26,7 +30,10 @@ use etcd_guard_proto::methods;
 use super::View;
 use crate::metrics::Metrics;
 use crate::policy::{Access, Denied};
-use crate::upstream::{CallMeta, Upstream};
+use crate::upstream::{CallMeta, DEADLINE_EXCEEDED, Upstream};
+
+/// How long a lookup may take at etcd.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a lookup found, or why there is no answer.
 pub type Keys = Result<Arc<Found>, Status>;
@@ -69,8 +76,8 @@ struct Lane {
 // === impl LeaseKeys ===
 
 impl LeaseKeys {
-    /// The keys attached to `lease`, from a lookup sent after this call. The first request of a lookup lends it its
-    /// metadata (its deadline, `hasleader`).
+    /// The keys attached to `lease`, from a lookup sent after this call, waited for until `meta`'s deadline. The
+    /// first request of a lookup lends it its metadata (`hasleader`), not its deadline.
     pub async fn get(&self, lease: i64, upstream: &Upstream, metrics: &Arc<Metrics>, meta: &CallMeta) -> Keys {
         let mut answer = {
             let mut lanes = lock(&self.lanes);
@@ -86,7 +93,7 @@ impl LeaseKeys {
                         lease,
                         upstream: upstream.clone(),
                         metrics: metrics.clone(),
-                        meta: meta.clone(),
+                        meta: meta.with_timeout(Some(LOOKUP_TIMEOUT)),
                         finished: false,
                     };
                     tokio::spawn(run.lookups(tx));
@@ -94,10 +101,18 @@ impl LeaseKeys {
                 }
             }
         };
-        match answer.wait_for(Option::is_some).await {
-            Ok(found) => found.clone().unwrap_or_else(|| Err(gone())),
-            // The task that was to answer is gone (the runtime shuts down).
-            Err(_) => Err(gone()),
+        let answered = async {
+            match answer.wait_for(Option::is_some).await {
+                Ok(found) => found.clone().unwrap_or_else(|| Err(gone())),
+                // The task that was to answer is gone (the runtime shuts down).
+                Err(_) => Err(gone()),
+            }
+        };
+        match meta.timeout() {
+            None => answered.await,
+            Some(t) => tokio::time::timeout(t, answered)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded(DEADLINE_EXCEEDED))),
         }
     }
 }
