@@ -81,6 +81,8 @@ pub struct Metrics {
     pub limited: Family<LimitLabels, Counter>,
     /// Lookups of a lease's keys at etcd (`LeaseTimeToLive` with keys) made to check a lease request.
     pub lease_lookups: Counter,
+    /// Requests that waited for the keys of a lease (several share one lookup).
+    pub lease_lookup_waits: Counter,
     upstream_healthy: Family<EndpointLabels, Gauge>,
     audit_queue: Gauge,
     audit_written: Counter,
@@ -161,6 +163,13 @@ impl Metrics {
              write every key)",
             lease_lookups.clone(),
         );
+        let lease_lookup_waits = Counter::default();
+        registry.register(
+            "lease_key_lookup_waits",
+            "Requests that waited for a lookup of a lease's keys; the requests that wait for one lease at once share \
+             lookups, so this exceeds lease_key_lookups under load",
+            lease_lookup_waits.clone(),
+        );
         let upstream_healthy = Family::<EndpointLabels, Gauge>::default();
         registry.register("upstream_endpoint_healthy", "1 if the etcd endpoint is healthy", upstream_healthy.clone());
         let audit_queue = Gauge::default();
@@ -187,6 +196,7 @@ impl Metrics {
             reloads,
             limited,
             lease_lookups,
+            lease_lookup_waits,
             upstream_healthy,
             audit_queue,
             audit_written,

@@ -171,9 +171,15 @@ async fn leases_of_another_identity_are_off_limits() -> TestResult {
 
 /// `etcd_guard_lease_key_lookups_total` from the proxy's metrics.
 fn lease_lookups(h: &Harness) -> TestResult<u64> {
+    counter(h, "etcd_guard_lease_key_lookups_total")
+}
+
+/// The value of a counter on the proxy's metrics listener.
+fn counter(h: &Harness, name: &str) -> TestResult<u64> {
     let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
     let (_, metrics) = http_get(addr, "/metrics")?;
-    let line = metrics.lines().find(|l| l.starts_with("etcd_guard_lease_key_lookups_total ")).ok_or("no counter")?;
+    let line =
+        metrics.lines().find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' '))).ok_or("no counter")?;
     Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
 }
 
@@ -245,10 +251,12 @@ async fn concurrent_uses_of_a_lease_share_lookups_that_see_its_latest_keys() -> 
     b.put("b/first", "v", Some(PutOptions::new().with_lease(lease))).await?;
 
     // 200 puts with the lease at once: each needs the lease's keys, and they wait for shared lookups.
-    let before = lease_lookups(&h)?;
+    let waits = "etcd_guard_lease_key_lookup_waits_total";
+    let (before, waited_before) = (lease_lookups(&h)?, counter(&h, waits)?);
     assert_eq!(concurrent_leased_puts(&[(&b, "b/")], lease, 200).await?, [(200, 0)]);
     let lookups = lease_lookups(&h)? - before;
     assert!((1..100).contains(&lookups), "200 concurrent leased puts made {lookups} lookups");
+    assert_eq!(counter(&h, waits)? - waited_before, 200, "every put waited for a lookup");
 
     // Requests of two identities that wait for the same lookups each get their own verdict: cilium may not write
     // the lease's b/ keys, so it may not attach even a key of its own prefix. (Four rounds: the two connections'

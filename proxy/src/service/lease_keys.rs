@@ -79,6 +79,7 @@ impl LeaseKeys {
     /// The keys attached to `lease`, from a lookup sent after this call, waited for until `meta`'s deadline. The
     /// first request of a lookup lends it its metadata (`hasleader`), not its deadline.
     pub async fn get(&self, lease: i64, upstream: &Upstream, metrics: &Arc<Metrics>, meta: &CallMeta) -> Keys {
+        metrics.lease_lookup_waits.inc();
         let mut answer = {
             let mut lanes = lock(&self.lanes);
             match lanes.get_mut(&lease) {
