@@ -151,14 +151,8 @@ impl Upstream {
         M: prost::Message,
     {
         let member = self.pick()?;
-        let call = member.call(path, &msg, meta);
-        match meta.timeout {
-            None => call.await,
-            // etcd enforces the deadline too (it gets `grpc-timeout`); this answers in time if etcd cannot.
-            Some(t) => tokio::time::timeout(t, call)
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded(DEADLINE_EXCEEDED))),
-        }
+        // etcd enforces the deadline too (it gets `grpc-timeout`); this answers in time if etcd cannot.
+        within(meta.timeout, member.call(path, &msg, meta)).await
     }
 
     /// A unary call whose response the proxy needs to read (lease lookups, MemberList).
@@ -168,7 +162,8 @@ impl Upstream {
         R: prost::Message + Default,
     {
         let framed = self.unary(path, msg, meta).await?;
-        R::decode(framed.message())
+        // From the frame's bytes: fields read as `Bytes` are slices of it, not copies.
+        R::decode(framed.message_bytes())
             .map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))
     }
 
@@ -460,6 +455,16 @@ impl CallMeta {
     /// The same metadata with another deadline (a call the proxy makes for several clients).
     pub fn with_timeout(&self, timeout: Option<Duration>) -> CallMeta {
         CallMeta { forwarded: self.forwarded.clone(), timeout }
+    }
+}
+
+/// `fut`'s outcome, or `DeadlineExceeded` (gRPC's wording) once `timeout` has passed.
+pub async fn within<T>(timeout: Option<Duration>, fut: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    match timeout {
+        None => fut.await,
+        Some(t) => {
+            tokio::time::timeout(t, fut).await.unwrap_or_else(|_| Err(Status::deadline_exceeded(DEADLINE_EXCEEDED)))
+        }
     }
 }
 

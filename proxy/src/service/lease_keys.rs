@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prost::Message;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -30,7 +29,7 @@ use etcd_guard_proto::methods;
 use super::View;
 use crate::metrics::Metrics;
 use crate::policy::{Access, Denied};
-use crate::upstream::{CallMeta, DEADLINE_EXCEEDED, Upstream};
+use crate::upstream::{CallMeta, Upstream, within};
 
 /// How long a lookup may take at etcd.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,12 +108,7 @@ impl LeaseKeys {
                 Err(_) => Err(gone()),
             }
         };
-        match meta.timeout() {
-            None => answered.await,
-            Some(t) => tokio::time::timeout(t, answered)
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded(DEADLINE_EXCEEDED))),
-        }
+        within(meta.timeout(), answered).await
     }
 }
 
@@ -174,9 +168,7 @@ impl Run {
     async fn lookup(&self) -> Keys {
         self.metrics.lease_lookups.inc();
         let req = pb::LeaseTimeToLiveRequest { id: self.lease, keys: true };
-        let framed = self.upstream.unary(methods::LEASE_TIME_TO_LIVE, req, &self.meta).await?;
-        let answer = LeaseKeysAnswer::decode(framed.message_bytes())
-            .map_err(|e| Status::internal(format!("etcd-guard: cannot decode etcd's answer: {e}")))?;
+        let answer: LeaseKeysAnswer = self.upstream.unary_decoded(methods::LEASE_TIME_TO_LIVE, req, &self.meta).await?;
         Ok(Arc::new(Found { keys: answer.keys, verdicts: Mutex::default() }))
     }
 }
@@ -201,6 +193,8 @@ fn gone() -> Status {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     #[test]
