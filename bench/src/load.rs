@@ -366,7 +366,7 @@ struct MixState {
 }
 
 async fn run_unary(args: &LoadArgs) -> Result<(), BoxError> {
-    let clk_tck = crate::procfs::clock_ticks_per_second();
+    let clk_tck = crate::procfs::USER_HZ;
     let channels = connect_all(args, args.connections).await?;
     let mix = Arc::new(MixState { revisions: (0..MIX_KEYS).map(|_| AtomicI64::new(0)).collect() });
     if args.workload == Workload::Mix {
@@ -657,7 +657,7 @@ fn read_stamp(value: &[u8]) -> Option<u64> {
 }
 
 async fn run_watch(args: &LoadArgs) -> Result<(), BoxError> {
-    let clk_tck = crate::procfs::clock_ticks_per_second();
+    let clk_tck = crate::procfs::USER_HZ;
     let channels = connect_all(args, args.connections).await?;
     let put_channel = match &args.put_endpoint {
         Some(url) => tls_endpoint(url, &args.ca, &args.cert, &args.key)?.connect().await?,

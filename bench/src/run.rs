@@ -354,7 +354,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     };
     let pki = Pki::generate(&work_dir)?;
     std::fs::write(pki.path("policy-small.yaml"), setup::SMALL_POLICY)?;
-    let clk_tck = procfs::clock_ticks_per_second();
+    let clk_tck = procfs::USER_HZ;
     let machine = Machine::probe(&args.etcd_bin, &proxy_bin, clk_tck);
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let duration = args.duration.unwrap_or(if args.quick { 1.5 } else { 4.0 });

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod procfs;
 pub mod reload;
 pub mod runtime;
 pub mod server;
