@@ -7,23 +7,26 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use prometheus_client::encoding::{EncodeLabelSet, text::encode};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::audit::AuditLog;
+use crate::procfs;
 use crate::upstream::Upstream;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,7 +129,11 @@ impl RequestHandles {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("etcd_guard");
+        let mut root = Registry::default();
+        // The standard `process_*` metrics, unprefixed, so that dashboards and the CPU-per-request figure of
+        // BENCHMARKS.md work on them as on any other process.
+        root.register_collector(Box::new(ProcessCollector::new()));
+        let registry = root.sub_registry_with_prefix("etcd_guard");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "Requests and stream messages by RPC, decision and gRPC code", requests.clone());
         let latency = Family::<RpcLabels, Histogram>::new_with_constructor(
@@ -135,7 +142,7 @@ impl Metrics {
         registry.register_with_unit(
             "request_duration",
             "Time from arrival to answer of unary calls and stream messages",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             latency.clone(),
         );
         let would_deny = Family::<RpcLabels, Counter>::default();
@@ -185,7 +192,7 @@ impl Metrics {
             audit_lost.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             requests,
             latency,
             would_deny,
@@ -234,6 +241,58 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The standard process metrics of the Prometheus client libraries (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, …), read from `/proc/self` at each scrape. With `etcd_guard_requests_total`
+/// they give the proxy's CPU per request in production:
+/// `rate(process_cpu_seconds_total[5m]) / sum(rate(etcd_guard_requests_total[5m]))`.
+#[derive(Debug)]
+struct ProcessCollector {
+    /// When the proxy started (when its metrics were made, at start-up), seconds since the Unix epoch.
+    start_time: f64,
+}
+
+// === impl ProcessCollector ===
+
+impl ProcessCollector {
+    fn new() -> ProcessCollector {
+        let start_time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        ProcessCollector { start_time }
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Unit>, v: f64) -> std::fmt::Result {
+            let g = ConstGauge::new(v);
+            g.encode(e.encode_descriptor(name, help, unit, g.metric_type())?)
+        }
+        // What cannot be read is left out of the scrape rather than shown as 0.
+        if let Ok(s) = procfs::sample("self") {
+            let cpu = ConstCounter::new(s.cpu_ticks as f64 / procfs::USER_HZ as f64);
+            let help = "Total user and system CPU time spent in seconds.";
+            cpu.encode(encoder.encode_descriptor("process_cpu", help, Some(&Unit::Seconds), cpu.metric_type())?)?;
+            let resident = (s.rss_kib * 1024) as f64;
+            gauge(
+                &mut encoder,
+                "process_resident_memory",
+                "Resident memory size in bytes.",
+                Some(&Unit::Bytes),
+                resident,
+            )?;
+            let virt = (s.vm_kib * 1024) as f64;
+            gauge(&mut encoder, "process_virtual_memory", "Virtual memory size in bytes.", Some(&Unit::Bytes), virt)?;
+        }
+        if let Ok(n) = procfs::open_fds() {
+            gauge(&mut encoder, "process_open_fds", "Number of open file descriptors.", None, n as f64)?;
+        }
+        if let Ok(Some(n)) = procfs::max_fds() {
+            gauge(&mut encoder, "process_max_fds", "Maximum number of open file descriptors.", None, n as f64)?;
+        }
+        let help = "Start time of the process since unix epoch in seconds.";
+        gauge(&mut encoder, "process_start_time", help, Some(&Unit::Seconds), self.start_time)
     }
 }
 
@@ -336,6 +395,27 @@ mod tests {
         let _ = encode(&mut text, &metrics.registry);
         assert!(text.contains("etcd_guard_request_duration_seconds_count{rpc=\"KV/Range\"} 4"), "{text}");
         assert!(text.contains("etcd_guard_request_duration_seconds_count{rpc=\"KV/Put\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn process_metrics_are_standard_and_unprefixed() {
+        let metrics = Metrics::new();
+        let mut text = String::new();
+        let _ = encode(&mut text, &metrics.registry);
+        let value = |name: &str| -> Option<f64> {
+            text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        };
+        // Some CPU time has been spent by now (parsing the counters at least), though it may round to 0 ticks.
+        assert!(value("process_cpu_seconds_total").is_some_and(|v| v >= 0.0), "{text}");
+        assert!(text.contains("# TYPE process_cpu_seconds counter"), "{text}");
+        let resident = value("process_resident_memory_bytes").unwrap_or(0.0);
+        assert!(resident > 1e6, "{text}");
+        assert!(value("process_virtual_memory_bytes").unwrap_or(0.0) >= resident, "{text}");
+        assert!(value("process_open_fds").is_some_and(|v| v > 0.0), "{text}");
+        assert!(value("process_start_time_seconds").is_some_and(|v| v > 1.7e9), "{text}");
+        // The proxy's own metrics keep their prefix.
+        assert!(text.contains("\netcd_guard_open_watches 0\n"), "{text}");
+        assert!(!text.contains("etcd_guard_process"), "{text}");
     }
 
     #[test]

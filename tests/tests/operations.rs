@@ -56,6 +56,11 @@ async fn health_readiness_and_metrics() -> TestResult {
     assert_eq!(sample(&metrics, r#"etcd_guard_open_streams{rpc="Watch/Watch"}"#), Some(1.0), "{metrics}");
     assert!(sample(&metrics, "etcd_guard_audit_records_written_total").is_some(), "{metrics}");
     assert_eq!(sample(&metrics, "etcd_guard_upstream_endpoint_healthy{"), Some(1.0), "{metrics}");
+    // The standard process metrics, for CPU per request and memory in production (docs/deployment.md).
+    assert!(sample(&metrics, "process_cpu_seconds_total ").is_some_and(|s| s >= 0.0), "{metrics}");
+    assert!(sample(&metrics, "process_resident_memory_bytes ").is_some_and(|b| b > 1e6), "{metrics}");
+    // The listeners and the two client connections at least.
+    assert!(sample(&metrics, "process_open_fds ").is_some_and(|n| n >= 4.0), "{metrics}");
 
     // etcd goes away: not ready any more (the proxy itself stays alive).
     h.etcd.kill()?;
