@@ -21,7 +21,7 @@ fn run_bench(out: &Path, log: &Path) -> TestResult {
         .arg(env!("CARGO_BIN_EXE_guard-under-bench"))
         .args(["--only", "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,idle"])
         .args(["--shapes", "1x64", "--runs", "1", "--duration", "0.3", "--warmup", "0.1", "--rate", "off"])
-        .args(["--watchers", "20"])
+        .args(["--watchers", "20", "--idle-conns", "100"])
         .arg("--out")
         .arg(out);
     let printed = std::fs::File::create(log)?;
