@@ -47,8 +47,24 @@ pub struct Audit {
     /// Key the hash chain with HMAC-SHA256.
     pub hmac_key_file: Option<PathBuf>,
     pub on_write_failure: OnWriteFailure,
+    /// When a request's answer may be sent, relative to its record reaching the file.
+    pub answer_after: AnswerAfter,
     /// Records waiting for the writer; when full, requests wait.
     pub queue: usize,
+}
+
+/// When a request's answer may be sent, relative to its audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerAfter {
+    /// Once the record is queued for the writer (the default): the record reaches the file within a few
+    /// milliseconds; a crash of the proxy can lose the records of the last answers.
+    Queued,
+    /// Once the record is written to the file (the operating system's page cache): a crash of the proxy loses
+    /// no record of an answered request; a crash of the machine can.
+    Written,
+    /// Once the record is written and synced to disk (`fdatasync`): not even a power loss loses it.
+    Synced,
 }
 
 /// Where audit records go.
@@ -154,6 +170,8 @@ struct RawAudit {
     hmac_key_file: Option<PathBuf>,
     #[serde(default = "default_on_write_failure")]
     on_write_failure: OnWriteFailure,
+    #[serde(default = "default_answer_after")]
+    answer_after: AnswerAfter,
     #[serde(default = "default_audit_queue")]
     queue: usize,
 }
@@ -167,6 +185,7 @@ impl Default for RawAudit {
             max_files: default_max_files(),
             hmac_key_file: None,
             on_write_failure: default_on_write_failure(),
+            answer_after: default_answer_after(),
             queue: default_audit_queue(),
         }
     }
@@ -203,6 +222,9 @@ fn default_max_files() -> usize {
 }
 fn default_on_write_failure() -> OnWriteFailure {
     OnWriteFailure::Deny
+}
+fn default_answer_after() -> AnswerAfter {
+    AnswerAfter::Queued
 }
 fn default_audit_queue() -> usize {
     65_536
@@ -374,6 +396,7 @@ impl Config {
                 max_files: raw.audit.max_files,
                 hmac_key_file: raw.audit.hmac_key_file.as_deref().map(resolve),
                 on_write_failure: raw.audit.on_write_failure,
+                answer_after: raw.audit.answer_after,
                 queue: raw.audit.queue,
             },
             metrics_listen,

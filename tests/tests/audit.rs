@@ -355,3 +355,32 @@ async fn allow_on_write_failure_keeps_serving_and_writes_the_records_later() -> 
     assert_eq!(by_key.get("after"), Some(&1));
     Ok(())
 }
+
+/// `answer_after: written`: a client gets its answer only once the request's record is in the file, so a proxy
+/// that crashes right after answering (SIGKILL, OOM) has lost no record of an answered request.
+#[tokio::test(flavor = "multi_thread")]
+async fn answer_after_written_answers_once_the_record_is_in_the_file() -> TestResult {
+    let extra = "audit: { file: audit/audit.log, answer_after: written }\n";
+    let h = Harness::with_config(TEST_POLICY, extra).await?;
+    let mut a = h.client(&h.admin()?).await?;
+    let mut c = h.client(&h.cilium()?).await?;
+    for i in 0..20 {
+        a.put(format!("written/{i}"), SECRET, None).await?;
+        // Read at once, without waiting: with `queued` the record reaches the file a few milliseconds later.
+        let text = String::from_utf8(all_bytes(&h.audit_dir())?)?;
+        assert!(text.contains(&format!("\"written/{i}\"")), "put {i} answered before its record was written");
+        // A denial too.
+        assert!(c.get(format!("written/{i}"), None).await.is_err());
+        let text = String::from_utf8(all_bytes(&h.audit_dir())?)?;
+        let denied = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|r| r["rpc"] == "KV/Range" && r["decision"] == "deny" && r["ops"][0]["key"] == format!("written/{i}"));
+        assert!(denied, "denial {i} answered before its record was written");
+        assert!(!text.contains(SECRET));
+    }
+    let dir = h.audit_dir();
+    let records = read_chain(&dir)?;
+    assert!(records.len() >= 40, "{}", records.len());
+    Ok(())
+}

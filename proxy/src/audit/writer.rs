@@ -3,7 +3,8 @@
 //!
 //! Guarantees:
 //! - a request's record is queued before its answer is sent, and [`AuditLog::close`] writes everything queued,
-//!   so a clean shutdown loses nothing that was answered;
+//!   so a clean shutdown loses nothing that was answered; with `answer_after: written` (or `synced`) the answer
+//!   waits until the record is in the file (and synced), so a crash loses nothing that was answered either;
 //! - when the queue is full, requests wait; records are not dropped to make room;
 //! - when a record cannot be written (disk full, folder removed, permission), the writer keeps the records and
 //!   retries; with `on_write_failure: deny` (the default) new requests are refused with `Unavailable` meanwhile,
@@ -24,7 +25,7 @@ use tracing::{error, info, warn};
 
 use super::chain::{self, GENESIS, Hasher};
 use super::record::{Decision, Event, Record, Subject};
-use crate::config::{Audit as AuditConfig, AuditOutput, OnWriteFailure};
+use crate::config::{AnswerAfter, Audit as AuditConfig, AuditOutput, OnWriteFailure};
 
 /// How long the writer waits before retrying a failed write.
 const RETRY: Duration = Duration::from_millis(200);
@@ -72,6 +73,7 @@ pub struct AuditLog {
 struct Inner {
     tx: mpsc::Sender<Msg>,
     on_failure: OnWriteFailure,
+    answer_after: AnswerAfter,
     failing: AtomicBool,
     closed: AtomicBool,
     /// Submissions between their `closed` check and their send (see [`AuditLog::close`]).
@@ -81,9 +83,14 @@ struct Inner {
 }
 
 enum Msg {
-    Record(Record),
+    /// A record, and whom to tell once it is in the file (`answer_after: written` or `synced`).
+    Record(Record, Option<Written>),
     Flush(oneshot::Sender<()>),
 }
+
+/// Told `true` once a record is written (and synced, with `answer_after: synced`), `false` if that failed; dropped
+/// without a word if the record was dropped (`on_write_failure: allow` past the retry buffer).
+type Written = oneshot::Sender<bool>;
 
 // === impl AuditLog ===
 
@@ -114,6 +121,7 @@ impl AuditLog {
         let inner = Arc::new(Inner {
             tx,
             on_failure: config.on_write_failure,
+            answer_after: config.answer_after,
             failing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             sending: AtomicUsize::new(0),
@@ -122,6 +130,8 @@ impl AuditLog {
         });
         let writer = Writer {
             sink,
+            answer_after: config.answer_after,
+            written: Vec::new(),
             hasher,
             seq,
             prev,
@@ -173,11 +183,11 @@ impl AuditLog {
         if inner.closed.load(Ordering::SeqCst) {
             return;
         }
-        match inner.tx.try_send(Msg::Record(record)) {
+        match inner.tx.try_send(Msg::Record(record, None)) {
             Ok(()) => {
                 inner.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
-            Err(mpsc::error::TrySendError::Full(Msg::Record(record))) => {
+            Err(mpsc::error::TrySendError::Full(Msg::Record(record, _))) => {
                 // Do not block a destructor: hand the record to a task if there is a runtime.
                 let inner = inner.clone();
                 match tokio::runtime::Handle::try_current() {
@@ -240,7 +250,7 @@ impl Inner {
         }
         if self.on_failure == OnWriteFailure::Deny && self.failing.load(Ordering::Relaxed) {
             // Keep the record if there is room (it is written once the log works again), but do not wait.
-            if self.tx.try_send(Msg::Record(record)).is_err() {
+            if self.tx.try_send(Msg::Record(record, None)).is_err() {
                 self.stats.lost.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -248,15 +258,33 @@ impl Inner {
             return Err(Status::unavailable(AUDIT_UNAVAILABLE));
         }
         let stopped = || Status::unavailable("etcd-guard: audit writer stopped");
+        // With `answer_after: written` or `synced` the answer waits for the writer's word, except while the log is
+        // failing with `on_write_failure: allow` (requests are served then, written or not).
+        let wait = self.answer_after != AnswerAfter::Queued && !self.failing.load(Ordering::Relaxed);
+        let (written, word) = if wait {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         // Queue without waiting when there is room (nearly always); only a full queue needs the waiting send, whose
         // future is boxed so that it does not make every call's future larger.
-        match self.tx.try_send(Msg::Record(record)) {
+        match self.tx.try_send(Msg::Record(record, written)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => Box::pin(self.tx.send(msg)).await.map_err(|_| stopped())?,
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(stopped()),
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        match word {
+            None => Ok(()),
+            Some(rx) => match Box::pin(rx).await {
+                Ok(true) => Ok(()),
+                // Not written (or dropped, or the writer is gone): an answer without its record is not given, unless
+                // the operator chose to serve requests while the log fails.
+                _ if self.on_failure == OnWriteFailure::Allow => Ok(()),
+                _ => Err(Status::unavailable(AUDIT_UNAVAILABLE)),
+            },
+        }
     }
 }
 
@@ -264,12 +292,15 @@ impl Inner {
 
 struct Writer {
     sink: Sink,
+    answer_after: AnswerAfter,
+    /// Whom to tell about the records written by the current `write_pending`.
+    written: Vec<Written>,
     hasher: Hasher,
     /// The last seq written.
     seq: u64,
     /// The hash of the last record written.
     prev: String,
-    pending: Vec<Record>,
+    pending: Vec<(Record, Option<Written>)>,
     cap: usize,
     buf: String,
     /// `prev` before the record being added, to take it back (a reused buffer).
@@ -293,8 +324,12 @@ impl Writer {
                     None => break,
                 }
             }
-            // Senders do not wake a writer that sleeps here rather than in `blocking_recv`.
-            std::thread::sleep(BATCH_WINDOW);
+            // Senders do not wake a writer that sleeps here rather than in `blocking_recv`. Answers that wait for
+            // their record are not kept waiting for a window: what arrived while the last batch was written is the
+            // next batch.
+            if self.answer_after == AnswerAfter::Queued {
+                std::thread::sleep(BATCH_WINDOW);
+            }
             quiet = true;
             loop {
                 if self.pending.len() >= self.cap && !self.drop_overflow() {
@@ -308,7 +343,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            match self.write_pending() {
+            let wrote = self.write_pending();
+            self.tell_written(wrote.is_ok());
+            match wrote {
                 Ok(()) => {
                     failed_attempts = 0;
                     if self.shared.failing.swap(false, Ordering::Relaxed) {
@@ -343,15 +380,16 @@ impl Writer {
             }
         }
         // Every sender is gone: write what is left.
-        let _ = self.write_pending();
+        let wrote = self.write_pending();
+        self.tell_written(wrote.is_ok());
         let _ = self.sink.sync();
     }
 
     fn take(&mut self, msg: Msg, acks: &mut Vec<oneshot::Sender<()>>) {
         match msg {
-            Msg::Record(r) => {
+            Msg::Record(r, written) => {
                 self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                self.pending.push(r);
+                self.pending.push((r, written));
             }
             Msg::Flush(ack) => acks.push(ack),
         }
@@ -389,7 +427,7 @@ impl Writer {
             // Take the records that fit in the active file (at least one), so rotation happens between them.
             let pending = std::mem::take(&mut self.pending);
             let mut taken = 0;
-            for r in &pending {
+            for (r, _) in &pending {
                 let (len, seq) = (self.buf.len(), self.seq);
                 self.saved_prev.clone_from(&self.prev);
                 self.append(r);
@@ -404,7 +442,7 @@ impl Writer {
             self.pending = pending;
             match self.sink.write(self.buf.as_bytes(), seq0 + 1) {
                 Ok(()) => {
-                    self.pending.drain(..taken);
+                    self.written.extend(self.pending.drain(..taken).filter_map(|(_, w)| w));
                     self.lost_reported += lost_now;
                     self.shared.stats.written.fetch_add(taken as u64, Ordering::Relaxed);
                 }
@@ -412,6 +450,29 @@ impl Writer {
                     (self.seq, self.prev) = (seq0, prev0);
                     return Err(e);
                 }
+            }
+        }
+    }
+
+    /// Tell the answers waiting for the records of the last `write_pending` whether they may be given: yes once
+    /// written (`answer_after: written`) or written and synced (`synced`); no if the write or the sync failed, and
+    /// then also for every record still pending (each is written later, and its answer has been refused).
+    fn tell_written(&mut self, wrote: bool) {
+        // The records in `written` are in the file, also when a later part of the same batch failed.
+        let mut ok = true;
+        if !self.written.is_empty() && self.answer_after == AnswerAfter::Synced {
+            if let Err(e) = self.sink.sync() {
+                warn!(error = %e, "audit: sync failed");
+                self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                ok = false;
+            }
+        }
+        for w in self.written.drain(..) {
+            let _ = w.send(ok);
+        }
+        if !wrote {
+            for w in self.pending.iter_mut().filter_map(|(_, w)| w.take()) {
+                let _ = w.send(false);
             }
         }
     }
@@ -724,6 +785,7 @@ mod tests {
             max_files: 0,
             hmac_key_file: None,
             on_write_failure: OnWriteFailure::Deny,
+            answer_after: AnswerAfter::Queued,
             queue: 128,
         }
     }
@@ -800,6 +862,63 @@ mod tests {
         let lines = all_lines(dir.path());
         assert_eq!(lines.len(), 60);
         check_chain(&lines, &Hasher::unkeyed());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn with_answer_after_written_or_synced_a_submission_returns_once_its_record_is_in_the_file()
+    -> Result<(), Box<dyn std::error::Error>> {
+        for answer_after in [AnswerAfter::Written, AnswerAfter::Synced] {
+            let dir = tempfile::tempdir()?;
+            let s = subject();
+            let mut cfg = config(dir.path());
+            cfg.answer_after = answer_after;
+            let log = AuditLog::open(&cfg)?;
+            for n in 0..30 {
+                log.submit(record(&s, n)).await?;
+                // No waiting: with `queued` the record would reach the file up to a batch window later.
+                let lines = all_lines(dir.path());
+                assert_eq!(lines.len(), n + 1, "{answer_after:?}: record {n} is not in the file yet");
+                assert!(lines[n].contains(&format!("\"k{n}\"")), "{}", lines[n]);
+            }
+            // Submissions at once share writes and still each wait for their own.
+            let at_once = (30..90).map(|n| log.submit(record(&s, n)));
+            for r in futures_util::future::join_all(at_once).await {
+                r?;
+            }
+            assert_eq!(all_lines(dir.path()).len(), 90, "{answer_after:?}");
+            log.close(Duration::from_secs(5)).await;
+            check_chain(&all_lines(dir.path()), &Hasher::unkeyed());
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn with_answer_after_written_a_record_that_cannot_be_written_refuses_its_own_answer()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let folder = dir.path().join("audit");
+        std::fs::create_dir(&folder)?;
+        let s = subject();
+        let mut cfg = config(&folder);
+        cfg.answer_after = AnswerAfter::Written;
+        let log = AuditLog::open(&cfg)?;
+        log.submit(record(&s, 0)).await?;
+        // The folder goes away: the very record that cannot be written is refused, not a later one.
+        std::fs::remove_dir_all(&folder)?;
+        let refused = log.submit(record(&s, 1)).await;
+        assert!(refused.as_ref().is_err_and(|e| e.code() == Code::Unavailable), "{refused:?}");
+        // It comes back: the refused record is written (its answer was refused, the request is still recorded),
+        // and submissions succeed again.
+        std::fs::create_dir(&folder)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.submit(record(&s, 2)).await.is_err() {
+            assert!(Instant::now() < deadline, "the log did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        log.close(Duration::from_secs(5)).await;
+        let lines = all_lines(&folder);
+        assert!(lines.iter().any(|l| l.contains("\"k1\"")), "{lines:?}");
         Ok(())
     }
 
