@@ -403,6 +403,30 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
             Some(audit.iter().all(|c| c.ok() && c.ratio >= 0.90)),
         ));
     }
+    let answer_after = cases_of(cases, "answer-after", &["lin-range", "put"]);
+    if !answer_after.is_empty() {
+        out.push(check(
+            "(information) audit.answer_after: written / queued",
+            join(
+                answer_after
+                    .iter()
+                    .map(|c| {
+                        let cpu = |i: usize| c.legs[i].proxy_cpu_us_per_req.unwrap_or(0.0);
+                        let p99 = c.added_p99_ms;
+                        c.shown(format!(
+                            "{} {} {:.3} (proxy CPU {:.1} vs {:.1} us/req, p99 {p99:+.2} ms)",
+                            c.workload,
+                            c.shape,
+                            c.ratio,
+                            cpu(1),
+                            cpu(0)
+                        ))
+                    })
+                    .collect(),
+            ),
+            None,
+        ));
+    }
     let watch = cases_of(cases, "saturation", &["watch"]);
     if !watch.is_empty() {
         let rss = watch.iter().filter_map(|c| c.legs[1].proxy_peak_rss_mib).fold(0.0, f64::max);

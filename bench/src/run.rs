@@ -109,6 +109,9 @@ pub enum CaseKind {
     PolicyScale,
     /// lin-range and put through a proxy with auditing off and the main one with auditing on (issue #3).
     AuditCost,
+    /// lin-range and put through a proxy that answers once a record is queued (the default) and one that answers
+    /// once it is written (`audit.answer_after: written`).
+    AnswerAfter,
     /// Memory per idle connection.
     Idle,
     /// lin-range, put and watch through a proxy built from `--baseline-bin` and through this one (only with that
@@ -301,7 +304,7 @@ fn resolve_options(
     etcd_url: &str,
 ) -> Result<(ProxyOptions, AuditReport), BoxError> {
     let try_config = |audit: AuditConfig, metrics_listen: bool| {
-        let options = ProxyOptions { audit, metrics_listen };
+        let options = ProxyOptions { audit, metrics_listen, answer_after: None };
         let path = setup::write_proxy_config(pki, "check", 1, etcd_url, "policy-small.yaml", options)
             .map_err(|e| e.to_string())?;
         setup::config_check(bin, &path)
@@ -336,7 +339,7 @@ fn resolve_options(
         },
     };
     let metrics_listen = try_config(audit.config, true).is_ok();
-    Ok((ProxyOptions { audit: audit.config, metrics_listen }, audit))
+    Ok((ProxyOptions { audit: audit.config, metrics_listen, answer_after: None }, audit))
 }
 
 async fn run(args: RunArgs) -> Result<(), BoxError> {
@@ -549,6 +552,30 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             drop(audited);
         } else {
             eprintln!("etcd-guard-bench: auditing is not on in the main proxy; skipping the audit-cost case");
+        }
+    }
+
+    // What an answer that waits for its record costs: `answer_after: queued` (A) against `written` (B), fresh
+    // processes of this build, alternating.
+    if selected(&args, CaseKind::AnswerAfter) {
+        if options.audit == AuditConfig::On {
+            let queued = ProxyOptions { answer_after: Some("queued"), ..options };
+            let mut a = ProxyProcess::start(&proxy_bin, &pki, "queued", &etcd.url, "policy-small.yaml", queued).await?;
+            let a_leg = Leg::through("answer after queued", &a);
+            let written = ProxyOptions { answer_after: Some("written"), ..options };
+            let mut b =
+                ProxyProcess::start(&proxy_bin, &pki, "written", &etcd.url, "policy-small.yaml", written).await?;
+            let b_leg = Leg::through("answer after written", &b);
+            let pair = Pair {
+                kind: "answer-after",
+                workloads: &[Workload::LinRange, Workload::Put],
+                rate: pair_rate,
+                a: (&a_leg, &mut a),
+                b: (&b_leg, &mut b),
+            };
+            alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
+        } else {
+            eprintln!("etcd-guard-bench: auditing is not on in the main proxy; skipping the answer-after case");
         }
     }
 

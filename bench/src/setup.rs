@@ -211,6 +211,8 @@ pub struct ProxyOptions {
     /// Write `metrics_listen: "127.0.0.1:<free port>"` (for builds that have a metrics listener, which is on by
     /// default on a fixed port: two proxies at once would collide).
     pub metrics_listen: bool,
+    /// `audit.answer_after` (with auditing on); `None`: left out (the proxy's default, `queued`).
+    pub answer_after: Option<&'static str>,
 }
 
 /// An etcd-guard process started from its binary with a generated configuration.
@@ -234,7 +236,10 @@ pub fn write_proxy_config(
         String::new()
     };
     let audit_section = match options.audit {
-        AuditConfig::On => format!("audit: {{ file: audit-{name}.log, max_files: 2 }}\n"),
+        AuditConfig::On => match options.answer_after {
+            Some(when) => format!("audit: {{ file: audit-{name}.log, max_files: 2, answer_after: {when} }}\n"),
+            None => format!("audit: {{ file: audit-{name}.log, max_files: 2 }}\n"),
+        },
         AuditConfig::Off => "audit: { enabled: false }\n".to_string(),
         AuditConfig::Omitted => String::new(),
     };
