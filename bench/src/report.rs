@@ -310,6 +310,20 @@ fn check(target: &str, measured: String, met: Option<bool>) -> TargetCheck {
     TargetCheck { target: target.to_string(), measured, met }
 }
 
+/// A pair of proxies' figures for a target line: B/A throughput, both proxies' CPU per request, B's added p99.
+fn pair_figures(c: &Case) -> String {
+    let cpu = |i: usize| c.legs[i].proxy_cpu_us_per_req.unwrap_or(0.0);
+    c.shown(format!(
+        "{} {} {:.3} (proxy CPU {:.1} vs {:.1} us/req, p99 {:+.2} ms)",
+        c.workload,
+        c.shape,
+        c.ratio,
+        cpu(1),
+        cpu(0),
+        c.added_p99_ms
+    ))
+}
+
 fn cases_of<'a>(cases: &'a [Case], kind: &str, workloads: &[&str]) -> Vec<&'a Case> {
     cases.iter().filter(|c| c.kind == kind && workloads.contains(&c.workload.as_str())).collect()
 }
@@ -384,22 +398,7 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
     if !audit.is_empty() {
         out.push(check(
             "(issue #3) auditing costs under 10 % of throughput at saturation: audit on / off >= 0.90",
-            join(
-                audit
-                    .iter()
-                    .map(|c| {
-                        let cpu = |i: usize| c.legs[i].proxy_cpu_us_per_req.unwrap_or(0.0);
-                        c.shown(format!(
-                            "{} {} {:.3} (proxy CPU {:.1} vs {:.1} us/req)",
-                            c.workload,
-                            c.shape,
-                            c.ratio,
-                            cpu(1),
-                            cpu(0)
-                        ))
-                    })
-                    .collect(),
-            ),
+            join(audit.iter().map(|c| pair_figures(c)).collect()),
             Some(audit.iter().all(|c| c.ok() && c.ratio >= 0.90)),
         ));
     }
@@ -407,23 +406,7 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
     if !answer_after.is_empty() {
         out.push(check(
             "(information) audit.answer_after: written / queued",
-            join(
-                answer_after
-                    .iter()
-                    .map(|c| {
-                        let cpu = |i: usize| c.legs[i].proxy_cpu_us_per_req.unwrap_or(0.0);
-                        let p99 = c.added_p99_ms;
-                        c.shown(format!(
-                            "{} {} {:.3} (proxy CPU {:.1} vs {:.1} us/req, p99 {p99:+.2} ms)",
-                            c.workload,
-                            c.shape,
-                            c.ratio,
-                            cpu(1),
-                            cpu(0)
-                        ))
-                    })
-                    .collect(),
-            ),
+            join(answer_after.iter().map(|c| pair_figures(c)).collect()),
             None,
         ));
     }
