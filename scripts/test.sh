@@ -10,4 +10,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 etcd35=$(bash scripts/fetch-etcd-3.5.sh)
 echo "integration tests against $("$etcd35/etcd" --version | head -1)"
-PATH="$etcd35:$PATH" cargo test -p etcd-guard-tests --locked
+ETCD_GUARD_TEST_ETCD_DIR="$etcd35" cargo test -p etcd-guard-tests --locked

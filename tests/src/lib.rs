@@ -201,9 +201,19 @@ impl EtcdCluster {
     }
 }
 
+/// The folder of the `etcd` and `etcdctl` the tests run: `ETCD_GUARD_TEST_ETCD_DIR` (e.g. the etcd 3.5 of
+/// `scripts/fetch-etcd-3.5.sh`), else whatever is on `PATH`. A variable of its own rather than `PATH`, which build
+/// scripts watch (changing it would rebuild the tests).
+pub fn etcd_tool(name: &str) -> PathBuf {
+    match std::env::var_os("ETCD_GUARD_TEST_ETCD_DIR") {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
 /// An etcd member serving clients over mutual TLS with the test certificates (peer flags are added by the caller).
 fn etcd_command(pki: &Pki, name: &str, data_dir: &Path, client_url: &str) -> Command {
-    let mut cmd = Command::new("etcd");
+    let mut cmd = Command::new(etcd_tool("etcd"));
     cmd.args(["--name", name])
         .arg("--data-dir")
         .arg(data_dir)
@@ -296,7 +306,7 @@ pub fn etcdctl_stdin(
     stdin: Option<&str>,
 ) -> TestResult<Output> {
     use std::io::Write;
-    let mut cmd = Command::new("etcdctl");
+    let mut cmd = Command::new(etcd_tool("etcdctl"));
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))
         .arg(format!("--cacert={}", ca.display()))

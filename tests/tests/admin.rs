@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use etcd_guard_tests::{ClientCert, Harness, TestResult, etcdctl_stdin, stderr, stdout};
+use etcd_guard_tests::{ClientCert, Harness, TestResult, etcd_tool, etcdctl_stdin, stderr, stdout};
 
 fn ok(o: &std::process::Output, what: &str) -> TestResult<String> {
     if !o.status.success() {
@@ -18,10 +18,10 @@ fn etcdctl_through(h: &Harness, who: &ClientCert, timeout: Option<&str>, args: &
     let mut cmd = match timeout {
         Some(secs) => {
             let mut c = Command::new("timeout");
-            c.args([secs, "etcdctl"]);
+            c.arg(secs).arg(etcd_tool("etcdctl"));
             c
         }
-        None => Command::new("etcdctl"),
+        None => Command::new(etcd_tool("etcdctl")),
     };
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={}", h.proxy_url()))
@@ -123,8 +123,10 @@ async fn admin_can_do_everything_etcdctl_offers() -> TestResult {
     let snap = h.pki.path("snap.db");
     let snap_s = snap.display().to_string();
     ok(&ctl(&["snapshot", "save", &snap_s])?, "snapshot save")?;
-    let status =
-        Command::new("etcdctl").env("ETCDCTL_API", "3").args(["snapshot", "status", &snap_s, "-w", "json"]).output()?;
+    let status = Command::new(etcd_tool("etcdctl"))
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "status", &snap_s, "-w", "json"])
+        .output()?;
     assert!(ok(&status, "snapshot status")?.contains("\"totalKey\""), "{}", stdout(&status));
     ok(&ctl(&["user", "list"])?, "auth service")?;
     Ok(())
