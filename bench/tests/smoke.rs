@@ -81,8 +81,12 @@ fn every_workload_runs_through_both_paths() -> TestResult {
     let idle = results["idle"].as_array().ok_or("no idle-connection figures")?;
     assert_eq!(idle.len(), 2, "{printed}");
     for server in idle {
-        assert!(server["per_connection_kib"].as_f64().is_some_and(|kib| kib > 0.0), "{server}");
+        assert_eq!(server["connections"].as_u64(), Some(100), "{server}");
     }
+    // A fresh proxy process grows with its connections (etcd, which served every case before, may reuse what its
+    // heap has free, so its figure is not checked).
+    let proxy = idle.iter().find(|s| s["server"] == "proxy").ok_or("no idle figures of the proxy")?;
+    assert!(proxy["per_connection_kib"].as_f64().is_some_and(|kib| kib > 0.0), "{proxy}");
     assert!(printed.contains("targets (issue #5):"), "{printed}");
     Ok(())
 }
