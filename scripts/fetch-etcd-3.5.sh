@@ -4,7 +4,7 @@
 # libc, so its .deb is downloaded with a private sources list (nothing is installed or changed system-wide) and
 # unpacked into target/etcd-3.5. A second run reuses it.
 #
-#   ETCD_GUARD_TEST_ETCD_DIR="$(bash scripts/fetch-etcd-3.5.sh)" cargo test -p etcd-guard-tests
+#   ETCD_GUARD_TEST_ETCD_DIR="$(bash scripts/fetch-etcd-3.5.sh)" cargo test --workspace --test '*'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then format check, lints and every test (unit, property and
-# integration tests against a real etcd started on loopback), then the integration tests once more against etcd
-# 3.5 (Debian bookworm's etcd-server is 3.4; Kubernetes runs 3.5).
+# integration tests against a real etcd started on loopback), then the integration tests (`--test '*'`: the
+# tests crate's and the benchmark's smoke test) once more against etcd 3.5 (Debian bookworm's etcd-server is 3.4;
+# Kubernetes runs 3.5). The same package selection as the first run, so nothing is rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -10,4 +11,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 etcd35=$(bash scripts/fetch-etcd-3.5.sh)
 echo "integration tests against $("$etcd35/etcd" --version | head -1)"
-ETCD_GUARD_TEST_ETCD_DIR="$etcd35" cargo test -p etcd-guard-tests --locked
+ETCD_GUARD_TEST_ETCD_DIR="$etcd35" cargo test --workspace --locked --test '*'

@@ -16,6 +16,10 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 fn run_bench(out: &Path, log: &Path) -> TestResult {
     let mut command = Command::new(env!("CARGO_BIN_EXE_etcd-guard-bench"));
+    // The etcd under test, as for the integration tests (`scripts/test.sh` runs them again with etcd 3.5).
+    if let Some(dir) = std::env::var_os("ETCD_GUARD_TEST_ETCD_DIR").filter(|d| !d.is_empty()) {
+        command.arg("--etcd-bin").arg(Path::new(&dir).join("etcd"));
+    }
     command
         .arg("--proxy-bin")
         .arg(env!("CARGO_BIN_EXE_guard-under-bench"))
