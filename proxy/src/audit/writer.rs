@@ -147,6 +147,8 @@ impl AuditLog {
             .name("etcd-guard-audit".into())
             .spawn(move || writer.run(rx))
             .map_err(|source| AuditError::Io { path: PathBuf::from("<audit writer thread>"), source })?;
+        // What an operator checks after changing them: when answers may leave, and what a failing log does.
+        info!(answer_after = ?config.answer_after, on_write_failure = ?config.on_write_failure, "audit writer started");
         Ok(AuditLog { inner: Some(inner) })
     }
 
