@@ -236,10 +236,10 @@ pub fn write_proxy_config(
         String::new()
     };
     let audit_section = match options.audit {
-        AuditConfig::On => match options.answer_after {
-            Some(when) => format!("audit: {{ file: audit-{name}.log, max_files: 2, answer_after: {when} }}\n"),
-            None => format!("audit: {{ file: audit-{name}.log, max_files: 2 }}\n"),
-        },
+        AuditConfig::On => {
+            let when = options.answer_after.map(|when| format!(", answer_after: {when}")).unwrap_or_default();
+            format!("audit: {{ file: audit-{name}.log, max_files: 2{when} }}\n")
+        }
         AuditConfig::Off => "audit: { enabled: false }\n".to_string(),
         AuditConfig::Omitted => String::new(),
     };
