@@ -32,6 +32,16 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Worker threads serving connections (`None`: one per core).
     pub worker_threads: Option<usize>,
+    pub watch: Watch,
+}
+
+/// How watches are served (`docs/watch-coalescing.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watch {
+    /// Identical watches of different client streams share one upstream watch (off by default).
+    #[serde(default)]
+    pub coalesce: bool,
 }
 
 /// The audit log (`docs/audit.md`).
@@ -153,6 +163,8 @@ struct RawConfig {
     shutdown_grace_ms: u64,
     #[serde(default)]
     worker_threads: Option<usize>,
+    #[serde(default)]
+    watch: Watch,
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,6 +414,7 @@ impl Config {
             metrics_listen,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             worker_threads: raw.worker_threads,
+            watch: raw.watch,
             reload_check_interval: match raw.reload_check_interval_ms {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
@@ -480,6 +493,16 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
             let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("worker_threads"), "{bad}: {err}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn watch_coalescing_is_off_unless_asked_for() -> Result<(), ConfigError> {
+        assert!(!Config::parse(EXAMPLE, Path::new("c.yaml"))?.watch.coalesce);
+        let on = format!("{EXAMPLE}\nwatch: {{ coalesce: true }}\n");
+        assert!(Config::parse(&on, Path::new("c.yaml"))?.watch.coalesce);
+        let typo = format!("{EXAMPLE}\nwatch: {{ coalesced: true }}\n");
+        assert!(Config::parse(&typo, Path::new("c.yaml")).is_err());
         Ok(())
     }
 }

@@ -76,6 +76,12 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Watches open now (created by etcd, not yet canceled).
     pub open_watches: Gauge,
+    /// Upstream watches shared by several client watches now (`watch.coalesce`).
+    pub shared_watches: Gauge,
+    /// Client watches served by a shared upstream watch now.
+    pub shared_watch_subscribers: Gauge,
+    /// Client watches moved from a shared upstream watch to one of their own (slow reader, progress request).
+    pub shared_watch_detaches: Counter,
     /// TLS handshakes that failed, by reason.
     pub handshake_failures: Family<ReasonLabels, Counter>,
     /// Reloads of the policy and certificates, by result.
@@ -151,6 +157,20 @@ impl Metrics {
         registry.register("open_streams", "Streams open now, by RPC", open_streams.clone());
         let open_watches = Gauge::default();
         registry.register("open_watches", "Watches open now", open_watches.clone());
+        let shared_watches = Gauge::default();
+        registry.register("shared_watches", "Upstream watches shared by client watches now", shared_watches.clone());
+        let shared_watch_subscribers = Gauge::default();
+        registry.register(
+            "shared_watch_subscribers",
+            "Client watches served by a shared upstream watch now",
+            shared_watch_subscribers.clone(),
+        );
+        let shared_watch_detaches = Counter::default();
+        registry.register(
+            "shared_watch_detaches",
+            "Client watches moved from a shared upstream watch to one of their own",
+            shared_watch_detaches.clone(),
+        );
         let connections = Gauge::default();
         registry.register("client_connections", "Client connections open now", connections.clone());
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
@@ -199,6 +219,9 @@ impl Metrics {
             open_streams,
             connections,
             open_watches,
+            shared_watches,
+            shared_watch_subscribers,
+            shared_watch_detaches,
             handshake_failures,
             reloads,
             limited,

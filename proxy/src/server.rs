@@ -91,15 +91,18 @@ impl Proxy {
         } else {
             config.advertise_client_urls.clone()
         };
-        let shared = Arc::new(Shared::new(
-            policy,
-            Upstream::for_workers(channels, workers.clone()),
-            advertise_client_urls,
-            config.limits.max_request_bytes,
-            audit,
-            Arc::new(Metrics::new()),
-            Limiter::new(config.limits.max_concurrent_requests),
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                policy,
+                Upstream::for_workers(channels, workers.clone()),
+                advertise_client_urls,
+                config.limits.max_request_bytes,
+                audit,
+                Arc::new(Metrics::new()),
+                Limiter::new(config.limits.max_concurrent_requests),
+            )
+            .coalescing_watches(config.watch.coalesce),
+        );
         let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls)));
         let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone());
         Ok(Proxy {

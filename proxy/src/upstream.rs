@@ -452,6 +452,11 @@ impl CallMeta {
         self.timeout
     }
 
+    /// The client's value of each of [`FORWARDED_METADATA`] (what a shared upstream call must agree on).
+    pub fn forwarded(&self) -> &[Option<HeaderValue>; 2] {
+        &self.forwarded
+    }
+
     /// The same metadata with another deadline (a call the proxy makes for several clients).
     pub fn with_timeout(&self, timeout: Option<Duration>) -> CallMeta {
         CallMeta { forwarded: self.forwarded.clone(), timeout }

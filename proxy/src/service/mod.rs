@@ -15,6 +15,7 @@ pub mod lease_keys;
 pub mod lock;
 pub mod maintenance;
 pub mod watch;
+pub mod watch_hub;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -98,6 +99,8 @@ pub struct Shared {
     pub limiter: Limiter,
     /// Lookups of a lease's keys, shared by the requests that wait for them.
     lease_keys: lease_keys::LeaseKeys,
+    /// Shared upstream watches (`watch.coalesce`), or `None`: every watch has its own.
+    pub watch_hub: Option<watch_hub::Hub>,
 }
 
 /// One client connection: who it is, and what it may do under the policy in force.
@@ -210,7 +213,14 @@ impl Shared {
             metrics,
             limiter,
             lease_keys: lease_keys::LeaseKeys::default(),
+            watch_hub: None,
         }
+    }
+
+    /// The same, with shared upstream watches (`watch.coalesce`) if `coalesce`.
+    pub fn coalescing_watches(mut self, coalesce: bool) -> Shared {
+        self.watch_hub = coalesce.then(|| watch_hub::Hub::new(self.metrics.clone()));
+        self
     }
 
     /// The policy in force and its generation.

@@ -1,5 +1,8 @@
 //! `etcdserverpb.Watch`: one upstream stream per client stream, so watch IDs, ordering, progress requests and
-//! fragments behave exactly as with etcd.
+//! fragments behave exactly as with etcd. With `watch.coalesce`, a create may instead be served by a shared
+//! upstream watch ([`super::watch_hub`]); the stream then assigns watch IDs itself (as etcd does, and sends them
+//! to etcd explicitly), answers cancels of shared watches, and moves them to watches of its own before a progress
+//! request or when the hub detaches them.
 //!
 //! etcd's responses are read by the client's response stream itself ([`ToClient`]): an event goes from the
 //! upstream connection to the client connection without a task or queue of the proxy's in between.
@@ -21,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
+use super::watch_hub::{self, Detached, HandOver, HubItem, Joined, Subscription};
 use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
 use crate::audit::{Decision, Event};
 use crate::authz;
@@ -61,11 +65,23 @@ struct WatchResponseHead {
     canceled: bool,
 }
 
+/// etcd's answer to a create whose client-chosen watch ID is already in use on the stream.
+const DUPLICATE_ID_REASON: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+
+/// How many frames of shared watches may wait for a client stream before its slowest shared watch is detached.
+const HUB_QUEUE: usize = 256;
+
 /// A create request waiting for its `created` answer, in the order the client sent them.
 enum Pending {
     /// Forwarded to etcd; etcd's `created` response answers it. The interval is kept to re-check it when the
-    /// policy changes.
-    Upstream(Option<KeyRange>, Option<WatchSlot>),
+    /// policy changes; the ID is the one the proxy asked for (0: etcd chooses).
+    Upstream(Option<KeyRange>, Option<WatchSlot>, i64),
+    /// The proxy's own create for a client watch leaving a shared watch (same ID): etcd's `created` answer is not
+    /// passed on, the client already had one.
+    Internal(i64, Option<KeyRange>, Option<WatchSlot>, Option<Counted>),
+    /// The same, from now, for a client watch handing over from its shared watch (in `handing`): etcd's
+    /// `created` answer says from which revision on the own watch serves it ([`Subscription::hand_over`]).
+    Handover(i64),
     /// Refused by the proxy (denied, or over a limit) with this cancel reason; answered as soon as everything
     /// before it is answered.
     Refused(String),
@@ -75,7 +91,7 @@ enum Pending {
 struct Active {
     range: Option<KeyRange>,
     _slot: Option<WatchSlot>,
-    _counted: Counted,
+    _counted: Option<Counted>,
 }
 
 /// Counts an open watch in `etcd_guard_open_watches` while it lives.
@@ -104,6 +120,63 @@ struct Order {
     /// Watches the proxy canceled because a reload withdrew the permission; etcd's cancel answer is replaced by
     /// etcd's permission-denied cancel.
     revoked: HashSet<i64>,
+    /// The stream's watch IDs, when it may have shared watches.
+    ids: Ids,
+    /// Client watches served by shared watches, by ID.
+    joined: HashMap<i64, JoinedWatch>,
+    /// A progress request was seen: the stream's watches are its own from then on.
+    no_share: bool,
+    /// Client watches handing over from their shared watches to watches of the stream's own, by ID; while any
+    /// is, etcd's frames for them (and progress answers) wait in `held`.
+    handing: HashMap<i64, JoinedWatch>,
+    held: VecDeque<Bytes>,
+    /// Own watches whose events up to this revision the client already had from their shared watch.
+    given: HashMap<i64, i64>,
+}
+
+/// A client watch served by a shared watch.
+struct JoinedWatch {
+    sub: Subscription,
+    /// Its create (with the start revision replaced when it moves to a watch of its own).
+    create: pb::WatchCreateRequest,
+    range: Option<KeyRange>,
+    slot: Option<WatchSlot>,
+    counted: Option<Counted>,
+}
+
+/// Watch IDs as etcd assigns them on a stream: a requested ID if unused, else the lowest unused one from a counter
+/// that only goes up.
+#[derive(Default)]
+struct Ids {
+    next: i64,
+    used: HashSet<i64>,
+}
+
+impl Ids {
+    fn auto(&mut self) -> i64 {
+        while self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.used.insert(id);
+        id
+    }
+
+    /// Take `id`; false if it is in use.
+    fn claim(&mut self, id: i64) -> bool {
+        self.used.insert(id)
+    }
+
+    fn free(&mut self, id: i64) {
+        self.used.remove(&id);
+    }
+}
+
+/// The stream's side of the hub: its queue of shared watches' frames and where detached watches are announced.
+struct HubSide {
+    down: watch_hub::Down,
+    detach: watch_hub::DetachTx,
 }
 
 /// The proxy's own messages to the client (refusals as whole frames, errors), beside etcd's.
@@ -120,6 +193,8 @@ struct ToClient {
     upstream: StreamCall,
     /// Refusals released by the last `created`: sent before anything else.
     released: VecDeque<Bytes>,
+    /// Frames of shared watches (and the proxy's answers that must follow them), when the stream may have any.
+    hub: Option<mpsc::Receiver<HubItem>>,
     own: mpsc::Receiver<Result<Bytes, Status>>,
     own_closed: bool,
     /// etcd's messages passed on since the proxy's own channel was last looked at.
@@ -132,6 +207,13 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let (down_tx, down_rx) = mpsc::channel(64);
     let (up_tx, up_rx): (Up, _) = mpsc::channel(64);
     let order = Arc::new(Mutex::new(Order::default()));
+    let (hub, hub_rx, detach_rx) = if g.shared.watch_hub.is_some() {
+        let (down, hub_rx) = mpsc::channel(HUB_QUEUE);
+        let (detach, detach_rx) = mpsc::unbounded_channel();
+        (Some(HubSide { down, detach }), Some(hub_rx), Some(detach_rx))
+    } else {
+        (None, None, None)
+    };
 
     // etcd sends the stream's headers only with its first message, so the upstream call is made by the outbound
     // stream, beside the inbound loop, rather than before it.
@@ -142,6 +224,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let to_client = ToClient {
         upstream,
         released: VecDeque::new(),
+        hub: hub_rx,
         own: down_rx,
         own_closed: false,
         since_own: 0,
@@ -152,7 +235,9 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let stream_id = g.shared.audit.stream_id();
     let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
-        let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &down_tx, &up_tx).await;
+        let mut streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref(), detached: detach_rx };
+        let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &mut streams).await;
+        drop(hub);
         drop(up_tx);
         end.finish(code);
     });
@@ -164,6 +249,23 @@ fn lock(order: &Mutex<Order>) -> MutexGuard<'_, Order> {
     order.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Where the inbound loop sends: the client (the proxy's own messages), etcd, and the hub.
+struct Streams<'a> {
+    down: &'a Down,
+    up: &'a Up,
+    hub: Option<&'a HubSide>,
+    /// Shared watches of this stream that the hub detached.
+    detached: Option<mpsc::UnboundedReceiver<Detached>>,
+}
+
+/// The next detached watch, or never (no hub).
+async fn next_detached(rx: &mut Option<mpsc::UnboundedReceiver<Detached>>) -> Option<Detached> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Check, record and forward the client's messages; returns the code the stream ends with.
 async fn inbound_loop(
     g: &Guard,
@@ -171,9 +273,9 @@ async fn inbound_loop(
     meta: &CallMeta,
     stream_id: Option<u64>,
     order: &Mutex<Order>,
-    down_tx: &Down,
-    up_tx: &Up,
+    streams: &mut Streams<'_>,
 ) -> Code {
+    let (down_tx, up_tx) = (streams.down, streams.up);
     let mut reloads = g.shared.subscribe_reloads();
     loop {
         let next = tokio::select! {
@@ -183,8 +285,17 @@ async fn inbound_loop(
                 return Code::Unavailable;
             }
             changed = reloads.changed() => {
-                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, up_tx).await {
+                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, streams).await {
                     return Code::Unavailable;
+                }
+                continue;
+            }
+            Some(detached) = next_detached(&mut streams.detached) => {
+                let own = own_watch(&mut lock(order), detached);
+                if let Some(create) = own {
+                    if up_tx.send(create).await.is_err() {
+                        return Code::Unavailable;
+                    }
                 }
                 continue;
             }
@@ -243,11 +354,33 @@ async fn inbound_loop(
             let _ = down_tx.send(Err(status)).await;
             return code;
         }
+        let mut msg = msg;
         let refusal = if served {
-            if is_create {
-                lock(order).pending.push_back(Pending::Upstream(range, slot.flatten()));
+            if let Some(hub) = streams.hub {
+                match shared_first(
+                    g,
+                    &mut msg,
+                    meta,
+                    order,
+                    hub,
+                    up_tx,
+                    streams.detached.as_mut(),
+                    range,
+                    slot.flatten(),
+                )
+                .await
+                {
+                    Handled::Done => continue,
+                    Handled::Refused(reason) => Some(reason),
+                    Handled::Forward => None,
+                    Handled::Gone => return Code::Cancelled,
+                }
+            } else {
+                if is_create {
+                    lock(order).pending.push_back(Pending::Upstream(range, slot.flatten(), 0));
+                }
+                None
             }
-            None
         } else {
             Some(limited.unwrap_or_else(|| DENIED_REASON.to_string()))
         };
@@ -269,7 +402,12 @@ async fn inbound_loop(
                     }
                 };
                 if let Some(answer) = now {
-                    if down_tx.send(Ok(answer)).await.is_err() {
+                    // With shared watches, in their queue: answers the proxy made for earlier creates are there.
+                    let sent = match streams.hub {
+                        Some(hub) => hub.down.send(HubItem::Frame(answer)).await.is_ok(),
+                        None => down_tx.send(Ok(answer)).await.is_ok(),
+                    };
+                    if !sent {
                         return Code::Cancelled;
                     }
                 }
@@ -281,14 +419,175 @@ async fn inbound_loop(
     }
 }
 
+/// What [`shared_first`] did with a served message.
+enum Handled {
+    /// Answered by the proxy (joined a shared watch, canceled one).
+    Done,
+    /// Refused as etcd would refuse it (a create is answered with this cancel reason).
+    Refused(String),
+    /// To be forwarded to etcd (possibly rewritten: an explicit watch ID).
+    Forward,
+    /// The client is gone.
+    Gone,
+}
+
+/// A served message on a stream that may have shared watches: creates get their ID from the stream and may join a
+/// shared watch; cancels of shared watches are answered by the proxy; a progress request first moves the stream's
+/// shared watches to watches of its own. Everything else is forwarded.
+#[allow(clippy::too_many_arguments)]
+async fn shared_first(
+    g: &Guard,
+    msg: &mut pb::WatchRequest,
+    meta: &CallMeta,
+    order: &Mutex<Order>,
+    hub: &HubSide,
+    up: &Up,
+    detached: Option<&mut mpsc::UnboundedReceiver<Detached>>,
+    range: Option<KeyRange>,
+    slot: Option<WatchSlot>,
+) -> Handled {
+    use pb::watch_request::RequestUnion;
+    match &mut msg.request_union {
+        Some(RequestUnion::CreateRequest(create)) => {
+            let invalid_range = !create.range_end.is_empty()
+                && create.range_end.as_slice() != b"\0"
+                && create.key.as_slice() >= create.range_end.as_slice();
+            let (id, may_share) = {
+                let mut o = lock(order);
+                if create.watch_id != 0 {
+                    // The client's own ID: etcd refuses one in use.
+                    if !o.ids.claim(create.watch_id) {
+                        return Handled::Refused(DUPLICATE_ID_REASON.to_string());
+                    }
+                    (create.watch_id, false)
+                } else if invalid_range {
+                    // etcd refuses it before it takes an ID.
+                    o.pending.push_back(Pending::Upstream(range, slot, 0));
+                    return Handled::Forward;
+                } else {
+                    (o.ids.auto(), !o.no_share && o.pending.is_empty())
+                }
+            };
+            if may_share {
+                if let Some(hubs) = &g.shared.watch_hub {
+                    let joined = hubs.join(create, id, &hub.down, &hub.detach, &g.shared.upstream, meta).await;
+                    if let Joined::Shared(sub) = joined {
+                        let counted = Counted::new(&g.shared.metrics.open_watches);
+                        let watch = JoinedWatch { sub, create: create.clone(), range, slot, counted: Some(counted) };
+                        lock(order).joined.insert(id, watch);
+                        return Handled::Done;
+                    }
+                }
+            }
+            create.watch_id = id;
+            lock(order).pending.push_back(Pending::Upstream(range, slot, id));
+            Handled::Forward
+        }
+        Some(RequestUnion::CancelRequest(cancel)) => {
+            let id = cancel.watch_id;
+            let answer = {
+                let mut o = lock(order);
+                let Some(watch) = o.joined.remove(&id) else { return Handled::Forward };
+                o.ids.free(id);
+                let header = watch.sub.leave().flatten().or(o.header);
+                let resp = pb::WatchResponse {
+                    header: Some(header.unwrap_or_default()),
+                    watch_id: id,
+                    canceled: true,
+                    ..Default::default()
+                };
+                Framed::encode(&resp).into_bytes()
+            };
+            // Behind the shared watch's last frames for it, in the same queue.
+            if hub.down.send(HubItem::Frame(answer)).await.is_err() {
+                return Handled::Gone;
+            }
+            Handled::Done
+        }
+        Some(RequestUnion::ProgressRequest(_)) => {
+            // etcd answers a progress request for the watches on its stream: the shared ones move there first,
+            // and the stream shares nothing from then on. Where etcd answers only once the stream's watches are
+            // synced (3.5.8 and later), a watch resuming from a past revision would hold the answer back, so they
+            // hand over to watches from now instead; older etcd answers at once, and they resume where they were.
+            let hand_over = match &g.shared.watch_hub {
+                Some(hubs) if !lock(order).joined.is_empty() => hubs.ordered_progress(&g.shared.upstream).await,
+                _ => false,
+            };
+            let creates = {
+                let mut o = lock(order);
+                o.no_share = true;
+                let mut creates: Vec<Box<pb::WatchRequest>> = Vec::new();
+                if hand_over {
+                    let ids: Vec<i64> =
+                        o.joined.iter().filter(|(_, w)| w.sub.begin_handover()).map(|(id, _)| *id).collect();
+                    for id in ids {
+                        creates.extend(handover_watch(&mut o, id));
+                    }
+                }
+                let leaving: Vec<Detached> = o.joined.values().filter_map(|w| w.sub.detach()).collect();
+                creates.extend(leaving.into_iter().filter_map(|d| own_watch(&mut o, d)));
+                // Those the hub detached meanwhile are announced already (under the shared watch's lock).
+                if let Some(rx) = detached {
+                    while let Ok(d) = rx.try_recv() {
+                        creates.extend(own_watch(&mut o, d));
+                    }
+                }
+                creates
+            };
+            // Before the progress request, in the same stream: etcd answers it once these are synced too.
+            for create in creates {
+                if up.send(create).await.is_err() {
+                    return Handled::Gone;
+                }
+            }
+            Handled::Forward
+        }
+        _ => Handled::Forward,
+    }
+}
+
+/// A shared watch of this stream hands over to a watch of the stream's own from now (same ID): the create to
+/// send etcd; the shared watch goes on giving the client what it has not yet had up to the revision etcd's
+/// answer names.
+fn handover_watch(o: &mut Order, id: i64) -> Option<Box<pb::WatchRequest>> {
+    let watch = o.joined.remove(&id)?;
+    let mut create = watch.create.clone();
+    create.watch_id = id;
+    create.start_revision = 0;
+    o.pending.push_back(Pending::Handover(id));
+    o.handing.insert(id, watch);
+    Some(Box::new(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) }))
+}
+
+/// A shared watch of this stream goes on as a watch of the stream's own: the create to send etcd (same ID, from
+/// the first revision not yet given to the client), or `None` if the client canceled it meanwhile.
+fn own_watch(o: &mut Order, d: Detached) -> Option<Box<pb::WatchRequest>> {
+    if o.joined.get(&d.watch_id).is_none_or(|w| w.sub.token() != d.token) {
+        return None;
+    }
+    let watch = o.joined.remove(&d.watch_id)?;
+    let mut create = watch.create;
+    create.watch_id = d.watch_id;
+    create.start_revision = d.resume.max(0);
+    if d.announced {
+        o.pending.push_back(Pending::Internal(d.watch_id, watch.range, watch.slot, watch.counted));
+    } else {
+        o.pending.push_back(Pending::Upstream(watch.range, watch.slot, d.watch_id));
+    }
+    Some(Box::new(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) }))
+}
+
+/// A shared watch of the stream whose permission a reload withdrew: the cancel the client gets, its ID, and why.
+type SharedRevocation = (Bytes, i64, String);
+
 /// After a policy reload: cancel the open watches the caller may no longer read, as etcd cancels them
 /// (`PermissionDenied` cancel reason), and record each. Returns false if etcd's stream is gone.
-async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order>, up_tx: &Up) -> bool {
+async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order>, streams: &Streams<'_>) -> bool {
     let view = g.conn.view(&g.shared);
     if view.permissions.mode() == Mode::AuditOnly {
         return true;
     }
-    let withdrawn: Vec<(i64, String)> = {
+    let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
         let gone: Vec<(i64, String)> = o
             .active
@@ -302,22 +601,55 @@ async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order
             o.active.remove(id);
             o.revoked.insert(*id);
         }
-        gone
+        let gone_shared: Vec<(i64, String)> = o
+            .joined
+            .iter()
+            .filter_map(|(id, w)| {
+                let range = w.range.as_ref()?;
+                view.permissions.check(Access::Read, range).err().map(|d| (*id, d.reason))
+            })
+            .collect();
+        let mut shared = Vec::with_capacity(gone_shared.len());
+        for (id, reason) in gone_shared {
+            if let Some(watch) = o.joined.remove(&id) {
+                o.ids.free(id);
+                let header = watch.sub.leave().flatten().or(o.header);
+                shared.push((revoked(header, id), id, reason));
+            }
+        }
+        (gone, shared)
     };
     for (watch_id, reason) in withdrawn {
-        let at = Arrival::now();
         let cancel = pb::WatchRequest {
             request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id })),
         };
-        let record = g.record(RPC, Event::Message, stream_id, &cancel, at);
-        let verdict =
-            Verdict { decision: Decision::Deny, reason: format!("permission withdrawn by a policy reload: {reason}") };
-        let _ = g.audit(RPC, record, &verdict, Code::PermissionDenied, None, at).await;
-        if up_tx.send(Box::new(cancel)).await.is_err() {
+        record_revocation(g, stream_id, &cancel, &reason).await;
+        if streams.up.send(Box::new(cancel)).await.is_err() {
             return false;
         }
     }
+    for (answer, watch_id, reason) in shared {
+        let cancel = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id })),
+        };
+        record_revocation(g, stream_id, &cancel, &reason).await;
+        // Behind the shared watch's last frames for it.
+        if let Some(hub) = streams.hub {
+            if hub.down.send(HubItem::Frame(answer)).await.is_err() {
+                return false;
+            }
+        }
+    }
     true
+}
+
+/// The audit record of a watch canceled because a reload withdrew its permission.
+async fn record_revocation(g: &Guard, stream_id: Option<u64>, cancel: &pb::WatchRequest, reason: &str) {
+    let at = Arrival::now();
+    let record = g.record(RPC, Event::Message, stream_id, cancel, at);
+    let verdict =
+        Verdict { decision: Decision::Deny, reason: format!("permission withdrawn by a policy reload: {reason}") };
+    let _ = g.audit(RPC, record, &verdict, Code::PermissionDenied, None, at).await;
 }
 
 // === impl WatchResponseHead ===
@@ -335,36 +667,126 @@ impl WatchResponseHead {
 // === impl ToClient ===
 
 impl ToClient {
-    /// Note what one of etcd's responses means for the open watches; the frame to pass on.
-    fn on_response(&mut self, frame: Framed) -> Bytes {
+    /// Note what one of etcd's responses means for the open watches; the frame to pass on, if any.
+    fn on_response(&mut self, frame: Framed) -> Option<Bytes> {
         let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
         let mut o = lock(&self.order);
         if !head.created {
-            if head.canceled {
-                o.active.remove(&head.watch_id);
-                if o.revoked.remove(&head.watch_id) {
-                    return revoked(head.header(), head.watch_id);
+            // While watches hand over, etcd's frames for them (and progress answers) wait for the shared
+            // watches' last frames.
+            if !o.handing.is_empty() && (head.watch_id == -1 || o.handing.contains_key(&head.watch_id)) {
+                o.held.push_back(frame.into_bytes());
+                return None;
+            }
+            if let Some(given) = o.given.get(&head.watch_id).copied() {
+                // The client had these events from the shared watch already.
+                match watch_hub::revisions(frame.message()) {
+                    Some((lowest, _)) if lowest > given => {
+                        o.given.remove(&head.watch_id);
+                    }
+                    Some(_) => return watch_hub::rewrite(frame.message(), head.watch_id, given + 1, 0),
+                    None => {}
                 }
             }
-            return frame.into_bytes();
+            if head.canceled {
+                o.active.remove(&head.watch_id);
+                o.ids.free(head.watch_id);
+                if o.revoked.remove(&head.watch_id) {
+                    return Some(revoked(head.header(), head.watch_id));
+                }
+            }
+            return Some(frame.into_bytes());
         }
         if let Some(header) = head.header() {
             o.header = Some(header);
         }
-        if let Some(Pending::Upstream(..)) = o.pending.front() {
-            if let Some(Pending::Upstream(range, slot)) = o.pending.pop_front() {
-                if !head.canceled {
-                    let counted = Counted::new(&self.gauge);
-                    o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+        let mut answer = Some(frame);
+        match o.pending.front() {
+            Some(Pending::Upstream(..)) => {
+                if let Some(Pending::Upstream(range, slot, id)) = o.pending.pop_front() {
+                    if !head.canceled {
+                        let counted = Some(Counted::new(&self.gauge));
+                        o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+                    } else if id != 0 {
+                        o.ids.free(id);
+                    }
                 }
             }
+            Some(Pending::Handover(..)) => {
+                if let Some(Pending::Handover(id)) = o.pending.pop_front() {
+                    answer = None;
+                    handed(&mut self.released, &mut o, id, &head);
+                }
+            }
+            Some(Pending::Internal(..)) => {
+                if let Some(Pending::Internal(id, range, slot, counted)) = o.pending.pop_front() {
+                    if !head.canceled {
+                        answer = None;
+                        o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+                    } else {
+                        // The client's watch cannot go on: it is canceled with etcd's reason.
+                        o.ids.free(id);
+                        let reason = answer.as_ref().map(answer_reason).unwrap_or_default();
+                        let resp = pb::WatchResponse {
+                            header: head.header(),
+                            watch_id: id,
+                            canceled: true,
+                            cancel_reason: reason,
+                            ..Default::default()
+                        };
+                        answer = Some(Framed::encode(&resp));
+                    }
+                }
+            }
+            _ => {}
         }
         while let Some(Pending::Refused(_)) = o.pending.front() {
             let Some(Pending::Refused(reason)) = o.pending.pop_front() else { break };
             self.released.push_back(denial(o.header, &reason));
         }
-        frame.into_bytes()
+        answer.map(Framed::into_bytes)
     }
+}
+
+/// etcd answered the create of a watch handing over: it serves the client from the answer's revision on.
+fn handed(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64, head: &WatchResponseHead) {
+    let Some(watch) = o.handing.get_mut(&id) else { return };
+    if head.canceled {
+        // etcd refused the create: the watch stays shared.
+        if let Some(watch) = o.handing.remove(&id) {
+            o.joined.insert(id, watch);
+        }
+    } else {
+        let range = watch.range.clone();
+        let (slot, counted) = (watch.slot.take(), watch.counted.take());
+        let revision = head.header().map(|h| h.revision).unwrap_or(0);
+        match watch.sub.hand_over(revision) {
+            HandOver::Later => {}
+            HandOver::Now { given } => {
+                o.handing.remove(&id);
+                if given > revision {
+                    o.given.insert(id, given);
+                }
+            }
+            HandOver::Gone => {
+                o.handing.remove(&id);
+            }
+        }
+        o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+    }
+    release_held(released, o);
+}
+
+/// Once no watch is handing over, etcd's held frames go first, in order.
+fn release_held(released: &mut VecDeque<Bytes>, o: &mut Order) {
+    if o.handing.is_empty() {
+        released.extend(o.held.drain(..));
+    }
+}
+
+/// The cancel reason of one of etcd's watch responses.
+fn answer_reason(frame: &Framed) -> String {
+    pb::WatchResponse::decode(frame.message_bytes()).map(|r| r.cancel_reason).unwrap_or_default()
 }
 
 /// While etcd's messages keep coming, the proxy's own channel is looked at once per this many of them (and always
@@ -377,32 +799,62 @@ impl futures_util::Stream for ToClient {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        // Refusals released by a `created` follow it before anything else (clients pair them in order).
-        if let Some(bytes) = this.released.pop_front() {
-            return Poll::Ready(Some(Ok(bytes)));
-        }
-        // The proxy's own messages come before etcd's: they are few, and a shutdown or an error must not wait
-        // behind a flood of events.
-        if this.since_own >= OWN_EVERY {
+        loop {
+            // Refusals released by a `created` follow it before anything else (clients pair them in order).
+            if let Some(bytes) = this.released.pop_front() {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+            // Frames of shared watches come before etcd's frames on this stream: a watch detached from a shared
+            // watch gets its last shared frames before the first ones of its own upstream watch.
+            if let Some(hub) = this.hub.as_mut() {
+                if let Poll::Ready(Some(item)) = hub.poll_recv(cx) {
+                    match item {
+                        HubItem::Frame(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                        HubItem::Failed(status) => return Poll::Ready(Some(Err(status))),
+                        HubItem::HandedOver(id) => {
+                            let mut o = lock(&this.order);
+                            o.handing.remove(&id);
+                            release_held(&mut this.released, &mut o);
+                            continue;
+                        }
+                    }
+                }
+                // Frames are waiting but the task's budget for this turn is spent (tokio's cooperative
+                // scheduling; it wakes the task again): etcd's frames must not overtake them meanwhile.
+                if !hub.is_empty() {
+                    return Poll::Pending;
+                }
+            }
+            // The proxy's own messages come before etcd's: they are few, and a shutdown or an error must not wait
+            // behind a flood of events.
+            if this.since_own >= OWN_EVERY {
+                if let Poll::Ready(item) = this.poll_own(cx) {
+                    return Poll::Ready(item);
+                }
+            }
+            if let Poll::Ready(Some(item)) = Pin::new(&mut this.upstream).poll_next(cx) {
+                match item {
+                    Ok(frame) => {
+                        this.since_own += 1;
+                        match this.on_response(frame) {
+                            Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                            // Answered a create of the proxy's own: nothing for the client.
+                            None => continue,
+                        }
+                    }
+                    Err(status) => return Poll::Ready(Some(Err(status))),
+                }
+            }
+            // Before waiting, the own channel is always looked at (which also asks to be woken by it).
             if let Poll::Ready(item) = this.poll_own(cx) {
                 return Poll::Ready(item);
             }
+            // Ends when etcd's side and the proxy's side have both ended.
+            if this.own_closed && this.upstream.is_done() {
+                return Poll::Ready(None);
+            }
+            return Poll::Pending;
         }
-        if let Poll::Ready(Some(item)) = Pin::new(&mut this.upstream).poll_next(cx) {
-            return Poll::Ready(Some(item.map(|frame| {
-                this.since_own += 1;
-                this.on_response(frame)
-            })));
-        }
-        // Before waiting, the own channel is always looked at (which also asks to be woken by it).
-        if let Poll::Ready(item) = this.poll_own(cx) {
-            return Poll::Ready(item);
-        }
-        // Ends when etcd's side and the proxy's side have both ended.
-        if this.own_closed && this.upstream.is_done() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
     }
 }
 

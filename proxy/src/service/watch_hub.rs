@@ -1,0 +1,982 @@
+//! Shared upstream watches (`watch.coalesce: true`; docs/watch-coalescing.md).
+//!
+//! Identical watch creates of different client streams (same interval, filters, `prev_kv`, `progress_notify` and
+//! forwarded metadata; no client-chosen watch ID, no fragments, no deadline) are served by one upstream watch on
+//! a stream of its own. The proxy fans etcd's responses out to every subscriber, each with its own watch ID: a
+//! response passes on as etcd's bytes when the IDs agree (a stream's first watch has ID 0 at etcd and at the
+//! client), else rewritten with the subscriber's ID. A put then costs etcd one event, not one per watcher.
+//!
+//! What a client sees is what etcd would have sent it:
+//! - A create that starts a shared watch is forwarded; etcd's `created` answer is its answer.
+//! - A create "from now" (`start_revision` 0) that joins one asks etcd for the current revision `R` (a
+//!   linearizable read sent after the create arrived), and joins only if the shared watch has delivered nothing
+//!   after `R`; its `created` answer carries that read's header, and it receives exactly the events after `R`.
+//! - A create from revision `S` joins only if the shared watch has delivered nothing from `S` on, and receives the
+//!   events from `S`. Otherwise (history to replay, a shared watch being made, other creates of the stream still
+//!   waiting for etcd) the create gets an upstream watch of its own, as without coalescing.
+//! - Events of one revision come from etcd in one response, so what a subscriber has been given is always whole
+//!   revisions: [`Sub::delivered`]. A subscriber that falls behind (its stream's queue is full) is *detached*: it
+//!   leaves the shared watch, and its client stream makes an upstream watch of its own from `delivered + 1` with
+//!   the same ID ([`Detached`]), so it loses nothing and slows nobody. A progress request detaches every shared
+//!   watch of its stream first (etcd answers it for the stream's own watches only).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use etcd_guard_proto::etcdserverpb as pb;
+use etcd_guard_proto::methods;
+use futures_util::StreamExt;
+use http::HeaderValue;
+use prost::Message;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::lease_keys::LOOKUP_TIMEOUT;
+use crate::codec::Framed;
+use crate::metrics::Metrics;
+use crate::upstream::{CallMeta, StreamCall, Upstream};
+
+/// A client stream's queue of what its shared watches send it (and of the proxy's answers that must follow them).
+pub type Down = mpsc::Sender<HubItem>;
+
+/// What a shared watch sends a client stream.
+#[derive(Debug)]
+pub enum HubItem {
+    /// A frame to pass on.
+    Frame(Bytes),
+    /// The shared watch failed: the client stream ends with this status.
+    Failed(Status),
+    /// The subscriber with this ID has been given everything up to its hand-over revision and left: its own
+    /// upstream watch goes on from there ([`Subscription::hand_over`]).
+    HandedOver(i64),
+}
+
+/// A subscriber that left its shared watch without being canceled: its client stream must make an upstream watch
+/// of its own, with the same ID, from `resume`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detached {
+    pub watch_id: i64,
+    pub token: u64,
+    pub resume: i64,
+    /// Whether the client has its `created` answer (else etcd's answer to the new watch is passed on).
+    pub announced: bool,
+}
+
+/// Where detached subscribers are announced to their client streams.
+pub type DetachTx = mpsc::UnboundedSender<Detached>;
+
+/// The shared watches, by what they watch.
+pub struct Hub {
+    watches: Arc<Mutex<HashMap<Key, Arc<SharedWatch>>>>,
+    metrics: Arc<Metrics>,
+    tokens: AtomicU64,
+    /// Whether etcd answers a progress request only once the stream's watches are synced, in order with their
+    /// events (etcd 3.5.8 and later), asked once.
+    ordered_progress: tokio::sync::OnceCell<bool>,
+}
+
+/// What makes two creates the same watch. Each worker thread has its own shared watches on its own upstream
+/// connection, so events do not cross threads.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    worker: Option<usize>,
+    forwarded: [Option<HeaderValue>; 2],
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    filters: Vec<i32>,
+    prev_kv: bool,
+    progress_notify: bool,
+}
+
+/// One upstream watch and its subscribers.
+struct SharedWatch {
+    /// The `start_revision` etcd was asked for.
+    start: i64,
+    /// Requests to etcd on the shared watch's stream (progress requests).
+    requests: mpsc::Sender<pb::WatchRequest>,
+    /// Progress answers received on the stream, counted.
+    progressed: watch::Sender<u64>,
+    state: Mutex<State>,
+    /// Turns true once etcd answered the create (or the watch ended before).
+    ready: watch::Sender<bool>,
+    /// A subscriber left: the task looks whether any is left.
+    left: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    created: bool,
+    closed: bool,
+    /// Every event up to this revision has been passed on; later ones are still to come.
+    delivered: i64,
+    /// etcd's last response header, encoded (for the proxy's own answers).
+    header: Bytes,
+    subs: Vec<Sub>,
+    /// A progress answer's revision says how far the watch has passed everything on (see [`Hub::ordered_progress`]).
+    trust_progress: bool,
+}
+
+/// A client watch served by a shared watch.
+struct Sub {
+    token: u64,
+    /// Its ID on its client stream.
+    watch_id: i64,
+    down: Down,
+    detach: DetachTx,
+    /// Events before this revision are not for it (it joined later); 0 once none can come.
+    from: i64,
+    /// Every event up to this revision has been queued for it.
+    delivered: i64,
+    /// Its `created` answer is queued.
+    announced: bool,
+    /// Moving to a watch of its stream's own: never detached for being slow (what does not fit its queue waits in
+    /// `spill`), and given nothing after `until` (0: not known yet).
+    handing: bool,
+    until: i64,
+    spill: Option<mpsc::UnboundedSender<HubItem>>,
+}
+
+/// A client watch's place in a shared watch; leaves it when dropped.
+pub struct Subscription {
+    watch: Arc<SharedWatch>,
+    token: u64,
+    metrics: Arc<Metrics>,
+}
+
+/// Where a hand-over stands.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandOver {
+    /// Done: the subscriber had been given everything up to `given` (at least the hand-over revision); the own
+    /// watch's events up to there are not for the client.
+    Now { given: i64 },
+    /// [`HubItem::HandedOver`] follows the subscriber's last frames.
+    Later,
+    /// The subscriber had already left (the shared watch ended, or it was detached before the hand-over began).
+    Gone,
+}
+
+/// How a create is served.
+pub enum Joined {
+    /// By a shared watch; its `created` answer is in the stream's queue (or will be, once etcd answers).
+    Shared(Subscription),
+    /// By an upstream watch of the stream's own: forward the create.
+    Own,
+}
+
+/// Only what the proxy reads of etcd's responses on a shared watch.
+#[derive(Clone, PartialEq, Message)]
+struct Head {
+    #[prost(bytes = "bytes", tag = "1")]
+    header: Bytes,
+    #[prost(int64, tag = "2")]
+    watch_id: i64,
+    #[prost(bool, tag = "3")]
+    created: bool,
+    #[prost(bool, tag = "4")]
+    canceled: bool,
+    #[prost(int64, tag = "5")]
+    compact_revision: i64,
+    #[prost(message, repeated, tag = "11")]
+    events: Vec<EventHead>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct EventHead {
+    #[prost(message, optional, tag = "2")]
+    kv: Option<KvHead>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct KvHead {
+    #[prost(int64, tag = "3")]
+    mod_revision: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct HeaderHead {
+    #[prost(int64, tag = "3")]
+    revision: i64,
+}
+
+/// What the proxy reads of etcd's Status answer.
+#[derive(Clone, PartialEq, Message)]
+struct StatusHead {
+    #[prost(string, tag = "2")]
+    version: String,
+}
+
+/// Whether etcd `version` ("3.5.16") answers progress requests in order with its events (3.5.8 and later).
+fn orders_progress(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor, patch) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor, patch) >= (3, 5, 8)
+}
+
+/// What is left of a Range answer: its header.
+#[derive(Clone, PartialEq, Message)]
+struct RangeHead {
+    #[prost(bytes = "bytes", tag = "1")]
+    header: Bytes,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// === impl Hub ===
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Hub {
+        Hub { watches: Arc::default(), metrics, tokens: AtomicU64::new(1), ordered_progress: Default::default() }
+    }
+
+    /// Whether etcd's progress answers are ordered with the events of their stream (etcd 3.5.8 and later): then
+    /// a shared watch's progress answer says up to which revision it has passed everything on. Asked once
+    /// (Maintenance/Status); `false` if etcd cannot be asked.
+    pub async fn ordered_progress(&self, upstream: &Upstream) -> bool {
+        *self
+            .ordered_progress
+            .get_or_init(|| async {
+                let meta = CallMeta::default().with_timeout(Some(LOOKUP_TIMEOUT));
+                let status: Result<StatusHead, _> =
+                    upstream.unary_decoded(methods::MAINTENANCE_STATUS, pb::StatusRequest {}, &meta).await;
+                status.map(|s| orders_progress(&s.version)).unwrap_or(false)
+            })
+            .await
+    }
+
+    /// Serve `create` (already checked and recorded; `watch_id` is its ID on the client stream) from a shared
+    /// watch if the rules above allow, else [`Joined::Own`].
+    pub async fn join(
+        &self,
+        create: &pb::WatchCreateRequest,
+        watch_id: i64,
+        down: &Down,
+        detach: &DetachTx,
+        upstream: &Upstream,
+        meta: &CallMeta,
+    ) -> Joined {
+        let Some(key) = Key::of(create, meta) else { return Joined::Own };
+        let start = create.start_revision;
+        // For a create from now: the current revision and the header that says so, read after it arrived.
+        let mut now: Option<(i64, Bytes)> = None;
+        // A shared watch being made is waited for, a lookup is made, then the rules decide: a few rounds at most.
+        for _ in 0..4 {
+            let next = {
+                let mut map = lock(&self.watches);
+                let open = map.get(&key).filter(|w| !lock(&w.state).closed).cloned();
+                match open {
+                    None => {
+                        let (watch, requests) = SharedWatch::new(start);
+                        let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+                        let delivered = start.saturating_sub(1);
+                        let sub = Sub {
+                            token,
+                            watch_id,
+                            down: down.clone(),
+                            detach: detach.clone(),
+                            from: 0,
+                            delivered,
+                            announced: false,
+                            handing: false,
+                            until: 0,
+                            spill: None,
+                        };
+                        lock(&watch.state).subs.push(sub);
+                        self.metrics.shared_watch_subscribers.inc();
+                        map.insert(key.clone(), watch.clone());
+                        let ready = watch.ready.subscribe();
+                        let mut first = create.clone();
+                        first.watch_id = 0;
+                        let run = Run {
+                            watches: self.watches.clone(),
+                            key: key.clone(),
+                            watch: watch.clone(),
+                            metrics: self.metrics.clone(),
+                        };
+                        tokio::spawn(run.run(upstream.clone(), first, requests, meta.with_timeout(None)));
+                        Next::Made(watch, token, ready)
+                    }
+                    Some(watch) => {
+                        let mut st = lock(&watch.state);
+                        if !st.created {
+                            Next::Wait(watch.ready.subscribe())
+                        } else {
+                            let from = match (&now, start) {
+                                (_, s) if s > 0 => Some(s),
+                                (Some((rev, _)), _) => Some(rev + 1),
+                                (None, _) => None,
+                            };
+                            match from {
+                                None => Next::Lookup,
+                                Some(from) if st.delivered < from => {
+                                    let header = match &now {
+                                        Some((_, header)) if start == 0 => header.clone(),
+                                        _ => st.header.clone(),
+                                    };
+                                    let created = pb::WatchResponse {
+                                        header: pb::ResponseHeader::decode(header).ok(),
+                                        watch_id,
+                                        created: true,
+                                        ..Default::default()
+                                    };
+                                    if down.try_send(HubItem::Frame(Framed::encode(&created).into_bytes())).is_err() {
+                                        return Joined::Own;
+                                    }
+                                    let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+                                    let (down, detach) = (down.clone(), detach.clone());
+                                    let delivered = from - 1;
+                                    st.subs.push(Sub {
+                                        token,
+                                        watch_id,
+                                        down,
+                                        detach,
+                                        from,
+                                        delivered,
+                                        announced: true,
+                                        handing: false,
+                                        until: 0,
+                                        spill: None,
+                                    });
+                                    self.metrics.shared_watch_subscribers.inc();
+                                    drop(st);
+                                    let metrics = self.metrics.clone();
+                                    return Joined::Shared(Subscription { watch, token, metrics });
+                                }
+                                // It has delivered events this create must see again: etcd replays them.
+                                Some(_) => return Joined::Own,
+                            }
+                        }
+                    }
+                }
+            };
+            match next {
+                Next::Made(watch, token, mut ready) => {
+                    // Its `created` answer (or the watch's end) is in the stream's queue once this is true.
+                    let _ = ready.wait_for(|r| *r).await;
+                    return Joined::Shared(Subscription { watch, token, metrics: self.metrics.clone() });
+                }
+                Next::Wait(mut ready) => {
+                    let _ = ready.wait_for(|r| *r).await;
+                }
+                Next::Lookup => match current_revision(create, upstream, meta).await {
+                    Some(found) => now = Some(found),
+                    None => return Joined::Own,
+                },
+            }
+        }
+        Joined::Own
+    }
+}
+
+/// What [`Hub::join`] does after it let go of its locks.
+enum Next {
+    /// Made a shared watch for this create: wait for etcd's answer.
+    Made(Arc<SharedWatch>, u64, watch::Receiver<bool>),
+    Wait(watch::Receiver<bool>),
+    Lookup,
+}
+
+/// etcd's current revision and the header that says so, from a linearizable read of one key of the watch (which
+/// the proxy's own identity may read; its answer is not passed on, only its header).
+async fn current_revision(
+    create: &pb::WatchCreateRequest,
+    upstream: &Upstream,
+    meta: &CallMeta,
+) -> Option<(i64, Bytes)> {
+    let req = pb::RangeRequest { key: create.key.clone(), limit: 1, keys_only: true, ..Default::default() };
+    let meta = meta.with_timeout(Some(LOOKUP_TIMEOUT));
+    let answer: RangeHead = upstream.unary_decoded(methods::KV_RANGE, req, &meta).await.ok()?;
+    let revision = HeaderHead::decode(answer.header.clone()).ok()?.revision;
+    (revision > 0).then_some((revision, answer.header))
+}
+
+// === impl Key ===
+
+impl Key {
+    /// The key of a create that may share, or `None`.
+    fn of(create: &pb::WatchCreateRequest, meta: &CallMeta) -> Option<Key> {
+        let invalid_range = !create.range_end.is_empty()
+            && create.range_end.as_slice() != b"\0"
+            && create.key.as_slice() >= create.range_end.as_slice();
+        let shareable = create.watch_id == 0
+            && !create.fragment
+            && create.start_revision >= 0
+            && !create.key.is_empty()
+            && !invalid_range
+            && meta.timeout().is_none();
+        shareable.then(|| Key {
+            worker: crate::runtime::current_worker(),
+            forwarded: meta.forwarded().clone(),
+            key: create.key.clone(),
+            range_end: create.range_end.clone(),
+            filters: create.filters.clone(),
+            prev_kv: create.prev_kv,
+            progress_notify: create.progress_notify,
+        })
+    }
+}
+
+// === impl SharedWatch ===
+
+impl SharedWatch {
+    fn new(start: i64) -> (Arc<SharedWatch>, mpsc::Receiver<pb::WatchRequest>) {
+        let (requests, rx) = mpsc::channel(4);
+        let watch = Arc::new(SharedWatch {
+            start,
+            requests,
+            progressed: watch::Sender::new(0),
+            state: Mutex::new(State::default()),
+            ready: watch::Sender::new(false),
+            left: Notify::new(),
+        });
+        (watch, rx)
+    }
+
+    /// Pass one of etcd's responses on; false once the watch has ended.
+    fn on_frame(&self, frame: Framed, metrics: &Metrics) -> bool {
+        let Ok(head) = Head::decode(frame.message_bytes()) else {
+            self.fail(Status::internal("etcd-guard: cannot decode etcd's watch response"), metrics);
+            return false;
+        };
+        let mut st = lock(&self.state);
+        if !head.header.is_empty() {
+            st.header = head.header.clone();
+        }
+        let header_revision = HeaderHead::decode(head.header.clone()).map(|h| h.revision).unwrap_or(0);
+        if head.created {
+            if head.canceled {
+                // etcd refused the create: its answer, as it came, is the first subscriber's.
+                for sub in std::mem::take(&mut st.subs) {
+                    let _ = sub.down.try_send(HubItem::Frame(frame.clone().into_bytes()));
+                    metrics.shared_watch_subscribers.dec();
+                }
+                st.closed = true;
+                self.ready.send_replace(true);
+                return false;
+            }
+            st.created = true;
+            st.delivered = if self.start > 0 { self.start - 1 } else { header_revision };
+            let delivered = st.delivered;
+            let subs = std::mem::take(&mut st.subs);
+            st.subs = self.deliver(subs, &frame, &head, None, delivered, metrics);
+            self.ready.send_replace(true);
+            return true;
+        }
+        if head.watch_id == -1 && !head.canceled && head.events.is_empty() {
+            // The answer to the proxy's own progress request: for no subscriber. Where etcd orders it with the
+            // events, everything up to its revision has been passed on.
+            if st.trust_progress && header_revision > 0 {
+                st.delivered = st.delivered.max(header_revision);
+                let subs = std::mem::take(&mut st.subs);
+                let mut kept = Vec::with_capacity(subs.len());
+                for mut sub in subs {
+                    sub.delivered = sub.delivered.max(header_revision);
+                    if header_revision + 1 >= sub.from {
+                        sub.from = 0;
+                    }
+                    if let Some(sub) = handed_over(sub, header_revision, metrics) {
+                        kept.push(sub);
+                    }
+                }
+                st.subs = kept;
+            }
+            drop(st);
+            self.progressed.send_modify(|n| *n += 1);
+            return true;
+        }
+        if head.canceled {
+            // etcd ended the shared watch. A compaction cancels only the subscribers that still need compacted
+            // revisions (as etcd would); the others go on with watches of their own. Any other reason is every
+            // subscriber's.
+            for mut sub in std::mem::take(&mut st.subs) {
+                metrics.shared_watch_subscribers.dec();
+                if head.compact_revision > 0 && sub.delivered + 1 >= head.compact_revision {
+                    detach(sub, metrics);
+                } else if let Some(bytes) = rewrite(frame.message(), sub.watch_id, 0, 0) {
+                    if send(&mut sub, HubItem::Frame(bytes)) != Sent::Queued {
+                        detach(sub, metrics);
+                    }
+                }
+            }
+            st.closed = true;
+            return false;
+        }
+        let revisions = head.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision));
+        let (lo, hi) = revisions.fold((i64::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        // A response without events is a progress notification: everything up to its header's revision is out.
+        let upto = if head.events.is_empty() { header_revision } else { hi };
+        let subs = std::mem::take(&mut st.subs);
+        st.subs = self.deliver(subs, &frame, &head, Some(lo), upto, metrics);
+        st.delivered = st.delivered.max(upto);
+        true
+    }
+
+    /// Queue `frame` for each subscriber (with its ID, without the events it must not see); the ones still
+    /// subscribed.
+    fn deliver(
+        &self,
+        subs: Vec<Sub>,
+        frame: &Framed,
+        head: &Head,
+        lowest: Option<i64>,
+        upto: i64,
+        metrics: &Metrics,
+    ) -> Vec<Sub> {
+        let mut kept = Vec::with_capacity(subs.len());
+        for mut sub in subs {
+            let has_events = !head.events.is_empty();
+            let capped = sub.until > 0 && upto > sub.until;
+            let filtered = has_events && (lowest.is_some_and(|lo| sub.from > lo) || capped);
+            let bytes = if filtered {
+                rewrite(frame.message(), sub.watch_id, sub.from, sub.until)
+            } else if !has_events && !head.created && (sub.from > upto + 1 || capped) {
+                // A progress notification from before this subscriber's start, or after its hand-over.
+                None
+            } else if sub.watch_id == head.watch_id {
+                Some(frame.clone().into_bytes())
+            } else {
+                rewrite(frame.message(), sub.watch_id, 0, 0)
+            };
+            if let Some(bytes) = bytes {
+                match send(&mut sub, HubItem::Frame(bytes)) {
+                    Sent::Queued => {}
+                    Sent::Full => {
+                        metrics.shared_watch_subscribers.dec();
+                        detach(sub, metrics);
+                        continue;
+                    }
+                    Sent::Gone => {
+                        metrics.shared_watch_subscribers.dec();
+                        continue;
+                    }
+                }
+            }
+            sub.announced = true;
+            sub.delivered = sub.delivered.max(upto);
+            // Once the shared watch is past the subscriber's start, no later response has events before it.
+            if upto + 1 >= sub.from {
+                sub.from = 0;
+            }
+            if let Some(sub) = handed_over(sub, upto, metrics) {
+                kept.push(sub);
+            }
+        }
+        kept
+    }
+
+    /// The shared watch failed: its subscribers' streams end with `status` (a subscriber whose queue is full goes
+    /// on with a watch of its own instead).
+    fn fail(&self, status: Status, metrics: &Metrics) {
+        let mut st = lock(&self.state);
+        for mut sub in std::mem::take(&mut st.subs) {
+            metrics.shared_watch_subscribers.dec();
+            if send(&mut sub, HubItem::Failed(status.clone())) != Sent::Queued {
+                detach(sub, metrics);
+            }
+        }
+        st.closed = true;
+        drop(st);
+        self.ready.send_replace(true);
+    }
+}
+
+/// Tell a subscriber's stream to go on with a watch of its own.
+fn detach(sub: Sub, metrics: &Metrics) {
+    metrics.shared_watch_detaches.inc();
+    let resume = sub.delivered + 1;
+    let _ = sub.detach.send(Detached { watch_id: sub.watch_id, token: sub.token, resume, announced: sub.announced });
+}
+
+/// How an item went to a subscriber's stream.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    Queued,
+    /// Its queue is full (it is not handing over: it should be detached).
+    Full,
+    /// Its stream is gone.
+    Gone,
+}
+
+/// Queue `item` for `sub`. A subscriber handing over is never refused for being slow: what does not fit waits in
+/// a spill queue that a task of its own empties into the stream's queue, in order (it holds at most what the
+/// shared watch sends up to the hand-over revision).
+fn send(sub: &mut Sub, item: HubItem) -> Sent {
+    if let Some(spill) = &sub.spill {
+        return if spill.send(item).is_ok() { Sent::Queued } else { Sent::Gone };
+    }
+    match sub.down.try_send(item) {
+        Ok(()) => Sent::Queued,
+        Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
+        Err(mpsc::error::TrySendError::Full(item)) if sub.handing => {
+            let (spill, mut rx) = mpsc::unbounded_channel();
+            let down = sub.down.clone();
+            tokio::spawn(async move {
+                while let Some(item) = rx.recv().await {
+                    if down.send(item).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let queued = spill.send(item).is_ok();
+            sub.spill = Some(spill);
+            if queued { Sent::Queued } else { Sent::Gone }
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
+    }
+}
+
+/// `sub` if it stays; `None` once the shared watch has passed its hand-over revision (it is told, and leaves).
+fn handed_over(mut sub: Sub, upto: i64, metrics: &Metrics) -> Option<Sub> {
+    if sub.until == 0 || upto < sub.until {
+        return Some(sub);
+    }
+    metrics.shared_watch_subscribers.dec();
+    metrics.shared_watch_detaches.inc();
+    let id = sub.watch_id;
+    let _ = send(&mut sub, HubItem::HandedOver(id));
+    None
+}
+
+/// One shared watch's task: reads etcd's responses and passes them on until the last subscriber leaves or the
+/// watch ends.
+struct Run {
+    watches: Arc<Mutex<HashMap<Key, Arc<SharedWatch>>>>,
+    key: Key,
+    watch: Arc<SharedWatch>,
+    metrics: Arc<Metrics>,
+}
+
+impl Run {
+    async fn run(
+        self,
+        upstream: Upstream,
+        create: pb::WatchCreateRequest,
+        requests: mpsc::Receiver<pb::WatchRequest>,
+        meta: CallMeta,
+    ) {
+        self.metrics.shared_watches.inc();
+        // The create first, then progress requests; the request stream stays open while the shared watch lives.
+        let request = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
+        let requests = futures_util::stream::once(async { request }).chain(ReceiverStream::new(requests));
+        let mut call =
+            StreamCall::new(async move { upstream.streaming(methods::WATCH_WATCH, Box::pin(requests), &meta).await });
+        loop {
+            let left = self.watch.left.notified();
+            tokio::select! {
+                next = call.next() => match next {
+                    Some(Ok(frame)) => {
+                        if !self.watch.on_frame(frame, &self.metrics) {
+                            break;
+                        }
+                    }
+                    Some(Err(status)) => {
+                        self.watch.fail(status, &self.metrics);
+                        break;
+                    }
+                    None => {
+                        self.watch.fail(Status::unavailable("etcd-guard: etcd ended a shared watch"), &self.metrics);
+                        break;
+                    }
+                },
+                () = left => {}
+            }
+            if self.end_if_unused() {
+                break;
+            }
+        }
+        self.close();
+        self.metrics.shared_watches.dec();
+    }
+
+    /// End the watch if nobody is subscribed (under the hub's lock, so nobody joins it meanwhile).
+    fn end_if_unused(&self) -> bool {
+        let mut map = lock(&self.watches);
+        let mut st = lock(&self.watch.state);
+        if !st.subs.is_empty() {
+            return false;
+        }
+        st.closed = true;
+        if map.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, &self.watch)) {
+            map.remove(&self.key);
+        }
+        true
+    }
+
+    /// Out of the hub, closed, and anyone waiting for it told.
+    fn close(&self) {
+        let mut map = lock(&self.watches);
+        lock(&self.watch.state).closed = true;
+        if map.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, &self.watch)) {
+            map.remove(&self.key);
+        }
+        drop(map);
+        self.watch.ready.send_replace(true);
+    }
+}
+
+// === impl Subscription ===
+
+impl Subscription {
+    /// Leave the shared watch (the client canceled its watch): the header etcd's cancel answer carries, or `None`
+    /// if the subscriber had already left (detached, or the watch ended).
+    pub fn leave(&self) -> Option<Option<pb::ResponseHeader>> {
+        let header = {
+            let mut st = lock(&self.watch.state);
+            let at = st.subs.iter().position(|s| s.token == self.token)?;
+            st.subs.swap_remove(at);
+            st.header.clone()
+        };
+        self.metrics.shared_watch_subscribers.dec();
+        self.watch.left.notify_one();
+        Some(pb::ResponseHeader::decode(header).ok())
+    }
+
+    /// Leave the shared watch to go on with a watch of the stream's own (where to resume), or `None` if the
+    /// subscriber had already left.
+    pub fn detach(&self) -> Option<Detached> {
+        let detached = {
+            let mut st = lock(&self.watch.state);
+            let at = st.subs.iter().position(|s| s.token == self.token)?;
+            let sub = st.subs.swap_remove(at);
+            Detached { watch_id: sub.watch_id, token: sub.token, resume: sub.delivered + 1, announced: sub.announced }
+        };
+        self.metrics.shared_watch_subscribers.dec();
+        self.metrics.shared_watch_detaches.inc();
+        self.watch.left.notify_one();
+        Some(detached)
+    }
+
+    /// Start moving to a watch of the stream's own ([`Subscription::hand_over`]): from now on the subscriber is
+    /// not detached for being slow. False if it has already left.
+    pub fn begin_handover(&self) -> bool {
+        let mut st = lock(&self.watch.state);
+        match st.subs.iter_mut().find(|s| s.token == self.token) {
+            Some(sub) => {
+                sub.handing = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The stream's own watch for this subscriber's ID exists from `revision + 1` on (etcd's `created` answer to
+    /// a create from now): the shared watch gives the subscriber what it has not yet been given up to
+    /// `revision`, then it leaves ([`HubItem::HandedOver`]).
+    pub fn hand_over(&self, revision: i64) -> HandOver {
+        let mut st = lock(&self.watch.state);
+        let Some(at) = st.subs.iter().position(|s| s.token == self.token) else { return HandOver::Gone };
+        if st.subs[at].delivered >= revision {
+            // It has been given that much already: the own watch's events up to what it was given are not
+            // passed on.
+            let sub = st.subs.swap_remove(at);
+            drop(st);
+            self.metrics.shared_watch_subscribers.dec();
+            self.metrics.shared_watch_detaches.inc();
+            self.watch.left.notify_one();
+            return HandOver::Now { given: sub.delivered };
+        }
+        st.subs[at].until = revision;
+        st.trust_progress = true;
+        drop(st);
+        // A shared watch with nothing to send would not pass `revision`: its progress answer says it has (etcd
+        // 3.5.8 and later answer in order with the events, once the watch has sent everything up to there).
+        let request = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
+        };
+        let _ = self.watch.requests.try_send(request);
+        HandOver::Later
+    }
+
+    /// Ask etcd for a progress answer on the shared watch's stream: a receiver of the count of answers and the
+    /// count to wait past. With `trusted`, the answer's revision moves what the subscribers have been given.
+    pub fn request_progress(&self, trusted: bool) -> (watch::Receiver<u64>, u64) {
+        lock(&self.watch.state).trust_progress |= trusted;
+        let rx = self.watch.progressed.subscribe();
+        let seen = *rx.borrow();
+        let request = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
+        };
+        // A full queue holds progress requests already: their answers will do.
+        let _ = self.watch.requests.try_send(request);
+        (rx, seen)
+    }
+
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.leave();
+    }
+}
+
+/// etcd's response `message` as a frame for another watch ID, without the events before `from` or after `until`
+/// (0: no bound); `None` if no event is left of a response that had some.
+pub fn rewrite(message: &[u8], watch_id: i64, from: i64, until: i64) -> Option<Bytes> {
+    let mut out = BytesMut::with_capacity(message.len() + 16);
+    out.put_bytes(0, 5);
+    let (mut kept, mut dropped) = (0usize, 0usize);
+    let mut rest = message;
+    while !rest.is_empty() {
+        let before = rest;
+        let key = read_varint(&mut rest)?;
+        let (field, wire) = (key >> 3, key & 7);
+        let payload = match wire {
+            0 => {
+                read_varint(&mut rest)?;
+                None
+            }
+            1 => {
+                rest = rest.get(8..)?;
+                None
+            }
+            2 => {
+                let len = usize::try_from(read_varint(&mut rest)?).ok()?;
+                let payload = rest.get(..len)?;
+                rest = rest.get(len..)?;
+                Some(payload)
+            }
+            5 => {
+                rest = rest.get(4..)?;
+                None
+            }
+            _ => return None,
+        };
+        let whole = before.get(..before.len() - rest.len())?;
+        match (field, payload) {
+            // etcd's watch ID: replaced below.
+            (2, _) => continue,
+            (11, Some(event)) if from > 0 || until > 0 => {
+                let revision = EventHead::decode(event).ok()?.kv.map(|kv| kv.mod_revision).unwrap_or(0);
+                if revision < from || (until > 0 && revision > until) {
+                    dropped += 1;
+                    continue;
+                }
+                kept += 1;
+            }
+            _ => {}
+        }
+        out.put_slice(whole);
+    }
+    if dropped > 0 && kept == 0 {
+        return None;
+    }
+    if watch_id != 0 {
+        // Field 2, varint; a negative ID is ten bytes, as protobuf encodes every negative int64.
+        out.put_u8(2 << 3);
+        let mut v = watch_id as u64;
+        while v >= 0x80 {
+            out.put_u8((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        out.put_u8(v as u8);
+    }
+    let len = u32::try_from(out.len() - 5).ok()?;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    Some(out.freeze())
+}
+
+/// The lowest and highest revision of the events in etcd's watch response `message`, if it has events.
+pub fn revisions(message: &[u8]) -> Option<(i64, i64)> {
+    let head = Head::decode(message).ok()?;
+    let revisions = head.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision));
+    revisions.fold(None, |acc, r| Some(acc.map_or((r, r), |(lo, hi): (i64, i64)| (lo.min(r), hi.max(r)))))
+}
+
+/// A protobuf varint from the front of `buf`.
+fn read_varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, byte) in buf.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            *buf = buf.get(i + 1..)?;
+            return Some(value);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use etcd_guard_proto::mvccpb;
+
+    fn event(key: &str, revision: i64) -> mvccpb::Event {
+        mvccpb::Event {
+            kv: Some(mvccpb::KeyValue {
+                key: key.into(),
+                value: b"secret".to_vec(),
+                mod_revision: revision,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn response(watch_id: i64, revisions: &[i64]) -> pb::WatchResponse {
+        pb::WatchResponse {
+            header: Some(pb::ResponseHeader { revision: 42, cluster_id: 7, ..Default::default() }),
+            watch_id,
+            events: revisions.iter().map(|r| event("k", *r)).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn decoded(frame: &Bytes) -> pb::WatchResponse {
+        let framed = Framed::parse(frame.clone()).unwrap();
+        pb::WatchResponse::decode(framed.message_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_rewritten_response_is_etcds_with_another_watch_id() {
+        let original = response(0, &[5, 6]);
+        for id in [0, 1, 7, 300_000] {
+            let frame = rewrite(&original.encode_to_vec(), id, 0, 0).unwrap();
+            assert_eq!(decoded(&frame), pb::WatchResponse { watch_id: id, ..original.clone() });
+        }
+        let from_id = response(3, &[5]);
+        let frame = rewrite(&from_id.encode_to_vec(), 0, 0, 0).unwrap();
+        assert_eq!(decoded(&frame), pb::WatchResponse { watch_id: 0, ..from_id });
+    }
+
+    #[test]
+    fn events_before_a_subscribers_start_are_left_out() {
+        let original = response(0, &[5, 6, 6, 7]);
+        let frame = rewrite(&original.encode_to_vec(), 2, 6, 0).unwrap();
+        assert_eq!(decoded(&frame), pb::WatchResponse { watch_id: 2, ..response(0, &[6, 6, 7]) });
+        assert_eq!(rewrite(&original.encode_to_vec(), 2, 8, 0), None);
+        // Up to a hand-over revision.
+        let frame = rewrite(&original.encode_to_vec(), 2, 0, 6).unwrap();
+        assert_eq!(decoded(&frame), pb::WatchResponse { watch_id: 2, ..response(0, &[5, 6, 6]) });
+        let frame = rewrite(&original.encode_to_vec(), 2, 6, 6).unwrap();
+        assert_eq!(decoded(&frame), pb::WatchResponse { watch_id: 2, ..response(0, &[6, 6]) });
+        assert_eq!(rewrite(&original.encode_to_vec(), 2, 0, 4), None);
+        // A progress notification (no events) is not dropped by the filter.
+        let progress = response(0, &[]);
+        assert!(rewrite(&progress.encode_to_vec(), 2, 8, 0).is_some());
+    }
+
+    #[test]
+    fn progress_answers_are_ordered_from_etcd_3_5_8() {
+        for (version, ordered) in
+            [("3.4.23", false), ("3.5.7", false), ("3.5.8", true), ("3.5.16", true), ("3.6.0", true), ("", false)]
+        {
+            assert_eq!(orders_progress(version), ordered, "{version}");
+        }
+    }
+
+    #[test]
+    fn a_broken_response_is_not_rewritten() {
+        let mut bytes = response(0, &[5]).encode_to_vec();
+        bytes.truncate(bytes.len() - 3);
+        assert_eq!(rewrite(&bytes, 1, 0, 0), None);
+        assert_eq!(rewrite(&[0xff; 12], 1, 0, 0), None);
+    }
+}
