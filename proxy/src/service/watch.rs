@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 use super::watch_hub::{self, Detached, HandOver, HubItem, Joined, Subscription};
-use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict};
+use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, View};
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::codec::Framed;
@@ -207,12 +207,11 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let (down_tx, down_rx) = mpsc::channel(64);
     let (up_tx, up_rx): (Up, _) = mpsc::channel(64);
     let order = Arc::new(Mutex::new(Order::default()));
-    let (hub, hub_rx, detach_rx) = if g.shared.watch_hub.is_some() {
+    let (hub, hub_rx) = if g.shared.watch_hub.is_some() {
         let (down, hub_rx) = mpsc::channel(HUB_QUEUE);
-        let (detach, detach_rx) = mpsc::unbounded_channel();
-        (Some(HubSide { down, detach }), Some(hub_rx), Some(detach_rx))
+        (Some(HubSide { down, detach: Arc::default() }), Some(hub_rx))
     } else {
-        (None, None, None)
+        (None, None)
     };
 
     // etcd sends the stream's headers only with its first message, so the upstream call is made by the outbound
@@ -235,8 +234,8 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let stream_id = g.shared.audit.stream_id();
     let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
-        let mut streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref(), detached: detach_rx };
-        let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &mut streams).await;
+        let streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref() };
+        let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &streams).await;
         drop(hub);
         drop(up_tx);
         end.finish(code);
@@ -254,14 +253,12 @@ struct Streams<'a> {
     down: &'a Down,
     up: &'a Up,
     hub: Option<&'a HubSide>,
-    /// Shared watches of this stream that the hub detached.
-    detached: Option<mpsc::UnboundedReceiver<Detached>>,
 }
 
-/// The next detached watch, or never (no hub).
-async fn next_detached(rx: &mut Option<mpsc::UnboundedReceiver<Detached>>) -> Option<Detached> {
-    match rx {
-        Some(rx) => rx.recv().await,
+/// The shared watches of this stream that the hub detached, once there are any (never without a hub).
+async fn next_detached(hub: Option<&HubSide>) -> Vec<Detached> {
+    match hub {
+        Some(hub) => hub.detach.next().await,
         None => std::future::pending().await,
     }
 }
@@ -273,7 +270,7 @@ async fn inbound_loop(
     meta: &CallMeta,
     stream_id: Option<u64>,
     order: &Mutex<Order>,
-    streams: &mut Streams<'_>,
+    streams: &Streams<'_>,
 ) -> Code {
     let (down_tx, up_tx) = (streams.down, streams.up);
     let mut reloads = g.shared.subscribe_reloads();
@@ -290,9 +287,12 @@ async fn inbound_loop(
                 }
                 continue;
             }
-            Some(detached) = next_detached(&mut streams.detached) => {
-                let own = own_watch(&mut lock(order), detached);
-                if let Some(create) = own {
+            detached = next_detached(streams.hub) => {
+                let creates: Vec<_> = {
+                    let mut o = lock(order);
+                    detached.into_iter().filter_map(|d| own_watch(&mut o, d)).collect()
+                };
+                for create in creates {
                     if up_tx.send(create).await.is_err() {
                         return Code::Unavailable;
                     }
@@ -357,19 +357,7 @@ async fn inbound_loop(
         let mut msg = msg;
         let refusal = if served {
             if let Some(hub) = streams.hub {
-                match shared_first(
-                    g,
-                    &mut msg,
-                    meta,
-                    order,
-                    hub,
-                    up_tx,
-                    streams.detached.as_mut(),
-                    range,
-                    slot.flatten(),
-                )
-                .await
-                {
+                match shared_first(g, &mut msg, meta, order, hub, up_tx, range, slot.flatten()).await {
                     Handled::Done => continue,
                     Handled::Refused(reason) => Some(reason),
                     Handled::Forward => None,
@@ -442,7 +430,6 @@ async fn shared_first(
     order: &Mutex<Order>,
     hub: &HubSide,
     up: &Up,
-    detached: Option<&mut mpsc::UnboundedReceiver<Detached>>,
     range: Option<KeyRange>,
     slot: Option<WatchSlot>,
 ) -> Handled {
@@ -527,10 +514,8 @@ async fn shared_first(
                 let leaving: Vec<Detached> = o.joined.values().filter_map(|w| w.sub.detach()).collect();
                 creates.extend(leaving.into_iter().filter_map(|d| own_watch(&mut o, d)));
                 // Those the hub detached meanwhile are announced already (under the shared watch's lock).
-                if let Some(rx) = detached {
-                    while let Ok(d) = rx.try_recv() {
-                        creates.extend(own_watch(&mut o, d));
-                    }
+                for d in hub.detach.take() {
+                    creates.extend(own_watch(&mut o, d));
                 }
                 creates
             };
@@ -589,26 +574,12 @@ async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order
     }
     let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
-        let gone: Vec<(i64, String)> = o
-            .active
-            .iter()
-            .filter_map(|(id, a)| {
-                let range = a.range.as_ref()?;
-                view.permissions.check(Access::Read, range).err().map(|d| (*id, d.reason))
-            })
-            .collect();
+        let gone = withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
         for (id, _) in &gone {
             o.active.remove(id);
             o.revoked.insert(*id);
         }
-        let gone_shared: Vec<(i64, String)> = o
-            .joined
-            .iter()
-            .filter_map(|(id, w)| {
-                let range = w.range.as_ref()?;
-                view.permissions.check(Access::Read, range).err().map(|d| (*id, d.reason))
-            })
-            .collect();
+        let gone_shared = withdrawn_from(&view, o.joined.iter().map(|(id, w)| (*id, w.range.as_ref())));
         let mut shared = Vec::with_capacity(gone_shared.len());
         for (id, reason) in gone_shared {
             if let Some(watch) = o.joined.remove(&id) {
@@ -641,6 +612,13 @@ async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order
         }
     }
     true
+}
+
+/// The watches (ID, interval) the view may no longer read, and why.
+fn withdrawn_from<'a>(view: &View, watches: impl Iterator<Item = (i64, Option<&'a KeyRange>)>) -> Vec<(i64, String)> {
+    watches
+        .filter_map(|(id, range)| view.permissions.check(Access::Read, range?).err().map(|d| (id, d.reason)))
+        .collect()
 }
 
 /// The audit record of a watch canceled because a reload withdrew its permission.

@@ -66,7 +66,38 @@ pub struct Detached {
 }
 
 /// Where detached subscribers are announced to their client streams.
-pub type DetachTx = mpsc::UnboundedSender<Detached>;
+pub type DetachTx = Arc<DetachQueue>;
+
+/// A client stream's detached watches, waiting for the stream to make them watches of its own: a vector and a
+/// wake-up (a tokio channel would cost the stream a 1 KiB block before anything is sent).
+#[derive(Default)]
+pub struct DetachQueue {
+    queue: Mutex<Vec<Detached>>,
+    ready: Notify,
+}
+
+impl DetachQueue {
+    fn push(&self, detached: Detached) {
+        lock(&self.queue).push(detached);
+        self.ready.notify_one();
+    }
+
+    /// What is waiting now.
+    pub fn take(&self) -> Vec<Detached> {
+        std::mem::take(&mut *lock(&self.queue))
+    }
+
+    /// What is waiting, once something is.
+    pub async fn next(&self) -> Vec<Detached> {
+        loop {
+            let waiting = self.take();
+            if !waiting.is_empty() {
+                return waiting;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
 
 /// The shared watches, by what they watch.
 pub struct Hub {
@@ -588,7 +619,7 @@ impl SharedWatch {
 fn detach(sub: Sub, metrics: &Metrics) {
     metrics.shared_watch_detaches.inc();
     let resume = sub.delivered + 1;
-    let _ = sub.detach.send(Detached { watch_id: sub.watch_id, token: sub.token, resume, announced: sub.announced });
+    sub.detach.push(Detached { watch_id: sub.watch_id, token: sub.token, resume, announced: sub.announced });
 }
 
 /// How an item went to a subscriber's stream.
