@@ -410,6 +410,25 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
             None,
         ));
     }
+    let coalesced = cases_of(cases, "coalesced", &["watch"]);
+    if !coalesced.is_empty() {
+        let figures = |c: &&Case| {
+            let (a, b) = (&c.legs[0], &c.legs[1]);
+            c.shown(format!(
+                "{} {:+.2} ms (etcd CPU {:.1} vs {:.1} us/event, proxy {:.1} us/event)",
+                c.shape,
+                c.added_p99_ms,
+                b.etcd_cpu_us_per_req,
+                a.etcd_cpu_us_per_req,
+                b.proxy_cpu_us_per_req.unwrap_or(0.0)
+            ))
+        };
+        out.push(check(
+            "(information) watch with watch.coalesce: delivery p99 within 2 ms of direct",
+            join(coalesced.iter().map(figures).collect()),
+            None,
+        ));
+    }
     let watch = cases_of(cases, "saturation", &["watch"]);
     if !watch.is_empty() {
         let rss = watch.iter().filter_map(|c| c.legs[1].proxy_peak_rss_mib).fold(0.0, f64::max);

@@ -112,6 +112,8 @@ pub enum CaseKind {
     /// lin-range and put through a proxy that answers once a record is queued (the default) and one that answers
     /// once it is written (`audit.answer_after: written`).
     AnswerAfter,
+    /// The watch workload through a fresh proxy with `watch: { coalesce: true }`, against direct etcd.
+    WatchCoalesced,
     /// Memory per idle connection.
     Idle,
     /// lin-range, put and watch through a proxy built from `--baseline-bin` and through this one (only with that
@@ -304,7 +306,7 @@ fn resolve_options(
     etcd_url: &str,
 ) -> Result<(ProxyOptions, AuditReport), BoxError> {
     let try_config = |audit: AuditConfig, metrics_listen: bool| {
-        let options = ProxyOptions { audit, metrics_listen, answer_after: None };
+        let options = ProxyOptions { audit, metrics_listen, answer_after: None, coalesce_watches: false };
         let path = setup::write_proxy_config(pki, "check", 1, etcd_url, "policy-small.yaml", options)
             .map_err(|e| e.to_string())?;
         setup::config_check(bin, &path)
@@ -339,7 +341,7 @@ fn resolve_options(
         },
     };
     let metrics_listen = try_config(audit.config, true).is_ok();
-    Ok((ProxyOptions { audit: audit.config, metrics_listen, answer_after: None }, audit))
+    Ok((ProxyOptions { audit: audit.config, metrics_listen, answer_after: None, coalesce_watches: false }, audit))
 }
 
 async fn run(args: RunArgs) -> Result<(), BoxError> {
@@ -577,6 +579,27 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         } else {
             eprintln!("etcd-guard-bench: auditing is not on in the main proxy; skipping the answer-after case");
         }
+    }
+
+    // Watch fan-out through a proxy whose identical watches share one upstream watch (`watch.coalesce`), against
+    // direct etcd: a fresh process, so the main proxy's watch rows stay those of the default configuration.
+    if selected(&args, CaseKind::WatchCoalesced) {
+        let coalescing = ProxyOptions { coalesce_watches: true, ..options };
+        let mut shared =
+            ProxyProcess::start(&proxy_bin, &pki, "coalesce", &etcd.url, "policy-small.yaml", coalescing).await?;
+        let shared_leg = Leg::through("proxy coalescing", &shared);
+        for shape in &args.shapes {
+            let mut alive = || -> Result<(), BoxError> {
+                etcd.guard.check_alive()?;
+                shared.guard.check_alive()
+            };
+            let legs = [&direct, &shared_leg];
+            let case =
+                bench.compare("watch", "coalesced", Workload::Watch, *shape, None, legs, &etcd_pid, &mut alive).await?;
+            cases.push(case);
+            setup::compact(&admin).await?;
+        }
+        drop(shared);
     }
 
     // Another build of etcd-guard (A) against this one (B), alternating: what a change costs or saves.

@@ -213,6 +213,8 @@ pub struct ProxyOptions {
     pub metrics_listen: bool,
     /// `audit.answer_after` (with auditing on); `None`: left out (the proxy's default, `queued`).
     pub answer_after: Option<&'static str>,
+    /// `watch: { coalesce: true }` (identical watches share one upstream watch); `false`: left out (off).
+    pub coalesce_watches: bool,
 }
 
 /// An etcd-guard process started from its binary with a generated configuration.
@@ -243,6 +245,7 @@ pub fn write_proxy_config(
         AuditConfig::Off => "audit: { enabled: false }\n".to_string(),
         AuditConfig::Omitted => String::new(),
     };
+    let watch_section = if options.coalesce_watches { "watch: { coalesce: true }\n" } else { "" };
     // The proxy's worker threads: `ETCD_GUARD_BENCH_PROXY_THREADS` (builds before the `worker_threads` key read
     // tokio's `TOKIO_WORKER_THREADS`, which is set too).
     let workers = match std::env::var("ETCD_GUARD_BENCH_PROXY_THREADS") {
@@ -262,7 +265,7 @@ upstream:
   cert_file: upstream-client.crt
   key_file: upstream-client.key
 policy_file: {policy_file}
-{metrics}{audit_section}{workers}"#
+{metrics}{audit_section}{watch_section}{workers}"#
     );
     let path = pki.path(&format!("proxy-{name}.yaml"));
     std::fs::write(&path, text)?;

@@ -23,7 +23,7 @@ fn run_bench(out: &Path, log: &Path) -> TestResult {
     command
         .arg("--proxy-bin")
         .arg(env!("CARGO_BIN_EXE_guard-under-bench"))
-        .args(["--only", "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,idle"])
+        .args(["--only", "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,watch-coalesced,idle"])
         .args(["--shapes", "1x64", "--runs", "1", "--duration", "0.3", "--warmup", "0.1", "--rate", "off"])
         .args(["--watchers", "20", "--idle-conns", "100"])
         .arg("--out")
@@ -68,6 +68,8 @@ fn every_workload_runs_through_both_paths() -> TestResult {
     workloads.sort_unstable();
     workloads.dedup();
     assert_eq!(workloads, ["keep-alive", "leased-put", "lin-range", "mix", "put", "ser-range", "watch"], "{printed}");
+    // The watch workload through a proxy that shares identical watches, too.
+    assert!(cases.iter().any(|c| c["kind"] == "coalesced" && c["workload"] == "watch"), "{printed}");
     for case in cases {
         let name = case["name"].as_str().unwrap_or("?");
         let legs = case["legs"].as_array().ok_or("a case without legs")?;
