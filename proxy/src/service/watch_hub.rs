@@ -266,17 +266,18 @@ impl Hub {
 
     /// Whether etcd's progress answers are ordered with the events of their stream (etcd 3.5.8 and later): then
     /// a shared watch's progress answer says up to which revision it has passed everything on. Asked once
-    /// (Maintenance/Status); `false` if etcd cannot be asked.
+    /// (Maintenance/Status); `false` while etcd cannot be asked (asked again next time).
     pub async fn ordered_progress(&self, upstream: &Upstream) -> bool {
-        *self
+        let asked = self
             .ordered_progress
-            .get_or_init(|| async {
+            .get_or_try_init(|| async {
                 let meta = CallMeta::default().with_timeout(Some(LOOKUP_TIMEOUT));
-                let status: Result<StatusHead, _> =
-                    upstream.unary_decoded(methods::MAINTENANCE_STATUS, pb::StatusRequest {}, &meta).await;
-                status.map(|s| orders_progress(&s.version)).unwrap_or(false)
+                let status: StatusHead =
+                    upstream.unary_decoded(methods::MAINTENANCE_STATUS, pb::StatusRequest {}, &meta).await?;
+                Ok::<bool, Status>(orders_progress(&status.version))
             })
-            .await
+            .await;
+        asked.copied().unwrap_or(false)
     }
 
     /// Serve `create` (already checked and recorded; `watch_id` is its ID on the client stream) from a shared
