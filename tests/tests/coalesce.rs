@@ -894,3 +894,51 @@ async fn a_subscriber_that_stops_reading_holds_no_one_back_and_later_gets_everyt
     eprintln!("the whole flood took {:?}", started.elapsed());
     Ok(())
 }
+
+/// etcdctl's `watch` (clientv3, as Kubernetes components use it) through a coalescing proxy: several etcdctl
+/// processes share one upstream watch and each prints exactly the events etcd would have sent it.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcdctl_watchers_share_one_upstream_watch_and_print_every_event() -> TestResult {
+    use std::process::{Command, Stdio};
+    let h = start().await?;
+    let admin = h.admin()?;
+    let watcher = || {
+        // `timeout` ends each etcdctl (which would watch forever) after the puts below.
+        Command::new("timeout")
+            .arg("4")
+            .arg(etcd_guard_tests::etcd_tool("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", h.proxy_url()))
+            .arg(format!("--cacert={}", h.pki.ca_file().display()))
+            .arg(format!("--cert={}", admin.cert.display()))
+            .arg(format!("--key={}", admin.key.display()))
+            .args(["watch", "--prefix", "ec/"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let watchers = [watcher()?, watcher()?, watcher()?];
+    // All three are watching once the proxy counts them (each etcdctl is a connection and a stream of its own).
+    let deadline = Instant::now() + WAIT;
+    while metric(&h, SUBSCRIBERS)? != Some(3.0) {
+        if Instant::now() > deadline {
+            return Err(format!("{SUBSCRIBERS} is {:?}, not 3", metric(&h, SUBSCRIBERS)?).into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gauge(&h, SHARED)?, 1.0);
+    for (key, value) in [("ec/1", "one"), ("other", "x"), ("ec/2", "two")] {
+        let out = h.ctl(&admin, &["put", key, value])?;
+        assert!(out.status.success(), "put {key}: {}", etcd_guard_tests::stderr(&out));
+    }
+    for w in watchers {
+        let out = tokio::task::block_in_place(|| w.wait_with_output())?;
+        assert_eq!(
+            etcd_guard_tests::stdout(&out),
+            "PUT\nec/1\none\nPUT\nec/2\ntwo\n",
+            "{}",
+            etcd_guard_tests::stderr(&out)
+        );
+    }
+    settles(&h, SHARED, 0.0).await
+}
