@@ -436,9 +436,6 @@ async fn shared_first(
     use pb::watch_request::RequestUnion;
     match &mut msg.request_union {
         Some(RequestUnion::CreateRequest(create)) => {
-            let invalid_range = !create.range_end.is_empty()
-                && create.range_end.as_slice() != b"\0"
-                && create.key.as_slice() >= create.range_end.as_slice();
             let (id, may_share) = {
                 let mut o = lock(order);
                 if create.watch_id != 0 {
@@ -447,7 +444,7 @@ async fn shared_first(
                         return Handled::Refused(DUPLICATE_ID_REASON.to_string());
                     }
                     (create.watch_id, false)
-                } else if invalid_range {
+                } else if watch_hub::empty_range(create) {
                     // etcd refuses it before it takes an ID.
                     o.pending.push_back(Pending::Upstream(range, slot, 0));
                     return Handled::Forward;

@@ -431,14 +431,11 @@ async fn current_revision(
 impl Key {
     /// The key of a create that may share, or `None`.
     fn of(create: &pb::WatchCreateRequest, meta: &CallMeta) -> Option<Key> {
-        let invalid_range = !create.range_end.is_empty()
-            && create.range_end.as_slice() != b"\0"
-            && create.key.as_slice() >= create.range_end.as_slice();
         let shareable = create.watch_id == 0
             && !create.fragment
             && create.start_revision >= 0
             && !create.key.is_empty()
-            && !invalid_range
+            && !empty_range(create)
             && meta.timeout().is_none();
         shareable.then(|| Key {
             worker: crate::runtime::current_worker(),
@@ -450,6 +447,11 @@ impl Key {
             progress_notify: create.progress_notify,
         })
     }
+}
+
+/// Whether etcd refuses `create`'s interval as empty (`range_end` at or before `key`; `"\0"` means "to the end").
+pub fn empty_range(create: &pb::WatchCreateRequest) -> bool {
+    !create.range_end.is_empty() && create.range_end.as_slice() != b"\0" && create.key >= create.range_end
 }
 
 // === impl SharedWatch ===
