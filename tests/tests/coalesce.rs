@@ -33,6 +33,8 @@ const SUBSCRIBERS: &str = "etcd_guard_shared_watch_subscribers";
 const DETACHES: &str = "etcd_guard_shared_watch_detaches_total";
 /// Watches open at etcd (etcd's own gauge).
 const ETCD_WATCHERS: &str = "etcd_debugging_mvcc_watcher_total";
+/// Watch streams open at etcd (etcd's own gauge).
+const ETCD_STREAMS: &str = "etcd_debugging_mvcc_watch_stream_total";
 /// The longest any one awaited answer may take.
 const WAIT: Duration = Duration::from_secs(10);
 /// How long a stream must stay silent to show that nothing more is coming.
@@ -319,6 +321,8 @@ async fn identical_watches_of_many_streams_share_one_upstream_watch() -> TestRes
     assert_eq!(gauge(&h, SHARED)?, 1.0, "one upstream watch serves every stream");
     assert_eq!(gauge(&h, SUBSCRIBERS)?, STREAMS as f64);
     assert_eq!(etcd_metric(&h, ETCD_WATCHERS).await?, 1.0, "etcd serves one watch");
+    // ... on one stream: a client stream whose watches are all shared opens no upstream stream of its own.
+    assert_eq!(etcd_metric(&h, ETCD_STREAMS).await?, 1.0, "etcd holds one watch stream");
 
     let readers: Vec<_> = streams
         .into_iter()

@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
+use futures_util::StreamExt;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -218,8 +219,19 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     // stream, beside the inbound loop, rather than before it.
     let upstream = g.shared.upstream.clone();
     let up_meta = meta.clone();
-    let upstream =
-        StreamCall::new(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await });
+    let upstream = if hub.is_some() {
+        // A stream whose watches are all shared never needs etcd: its own upstream stream is opened with the
+        // first message it forwards. Until then (and for good, if none comes) it is open and silent, as an etcd
+        // stream without watches.
+        StreamCall::new(async move {
+            let mut up_rx = up_rx;
+            let Some(first) = up_rx.recv().await else { return std::future::pending().await };
+            let messages = futures_util::stream::iter([first]).chain(ReceiverStream::new(up_rx));
+            upstream.streaming(WATCH, Box::pin(messages), &up_meta).await
+        })
+    } else {
+        StreamCall::new(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await })
+    };
     let to_client = ToClient {
         upstream,
         released: VecDeque::new(),
