@@ -82,6 +82,8 @@ pub struct Metrics {
     pub shared_watch_subscribers: Gauge,
     /// Client watches moved from a shared upstream watch to one of their own (slow reader, progress request).
     pub shared_watch_detaches: Counter,
+    /// Creates from now that waited for a lookup of etcd's current revision before joining a shared watch.
+    pub shared_watch_revision_waits: Counter,
     /// TLS handshakes that failed, by reason.
     pub handshake_failures: Family<ReasonLabels, Counter>,
     /// Reloads of the policy and certificates, by result.
@@ -171,6 +173,12 @@ impl Metrics {
             "Client watches moved from a shared upstream watch to one of their own",
             shared_watch_detaches.clone(),
         );
+        let shared_watch_revision_waits = Counter::default();
+        registry.register(
+            "shared_watch_revision_waits",
+            "Creates from now that waited for a lookup of etcd's current revision (several share one)",
+            shared_watch_revision_waits.clone(),
+        );
         let connections = Gauge::default();
         registry.register("client_connections", "Client connections open now", connections.clone());
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
@@ -222,6 +230,7 @@ impl Metrics {
             shared_watches,
             shared_watch_subscribers,
             shared_watch_detaches,
+            shared_watch_revision_waits,
             handshake_failures,
             reloads,
             limited,

@@ -33,6 +33,11 @@ const SUBSCRIBERS: &str = "etcd_guard_shared_watch_subscribers";
 const DETACHES: &str = "etcd_guard_shared_watch_detaches_total";
 /// Watches open at etcd (etcd's own gauge).
 const ETCD_WATCHERS: &str = "etcd_debugging_mvcc_watcher_total";
+/// Creates from now that waited for a read of etcd's current revision before joining.
+const REVISION_WAITS: &str = "etcd_guard_shared_watch_revision_waits_total";
+/// Range requests etcd answered (etcd's gRPC server metrics).
+const ETCD_RANGES: &str =
+    r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"}"#;
 /// Watch streams open at etcd (etcd's own gauge).
 const ETCD_STREAMS: &str = "etcd_debugging_mvcc_watch_stream_total";
 /// The longest any one awaited answer may take.
@@ -304,6 +309,8 @@ async fn identical_watches_of_many_streams_share_one_upstream_watch() -> TestRes
     // The first makes the shared watch; the others join it, all at once, over two connections.
     let (first, answer) = open(&connections[0], "co/", prefix()).await?;
     assert_eq!(answer.watch_id(), 0, "{answer:?}");
+    // Reads etcd answered so far (none yet, perhaps: then the counter is not exported).
+    let ranges_before = etcd_metric(&h, ETCD_RANGES).await.unwrap_or(0.0);
     let creates = (1..STREAMS).map(|i| {
         let c = &connections[i % 2];
         async move {
@@ -321,6 +328,13 @@ async fn identical_watches_of_many_streams_share_one_upstream_watch() -> TestRes
     assert_eq!(gauge(&h, SHARED)?, 1.0, "one upstream watch serves every stream");
     assert_eq!(gauge(&h, SUBSCRIBERS)?, STREAMS as f64);
     assert_eq!(etcd_metric(&h, ETCD_WATCHERS).await?, 1.0, "etcd serves one watch");
+    // Each joining create waited for a read of etcd's current revision sent after it arrived; they shared them.
+    assert_eq!(gauge(&h, REVISION_WAITS)?, (STREAMS - 1) as f64);
+    let ranges = etcd_metric(&h, ETCD_RANGES).await? - ranges_before;
+    assert!(
+        ranges >= 1.0 && ranges < (STREAMS / 4) as f64,
+        "{ranges} reads of the current revision for {STREAMS} joins"
+    );
     // ... on one stream: a client stream whose watches are all shared opens no upstream stream of its own.
     assert_eq!(etcd_metric(&h, ETCD_STREAMS).await?, 1.0, "etcd holds one watch stream");
 

@@ -107,6 +107,7 @@ pub struct Hub {
     /// Whether etcd answers a progress request only once the stream's watches are synced, in order with their
     /// events (etcd 3.5.8 and later), asked once.
     ordered_progress: tokio::sync::OnceCell<bool>,
+    revisions: Revisions,
 }
 
 /// What makes two creates the same watch. Each worker thread has its own shared watches on its own upstream
@@ -261,7 +262,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Hub {
-        Hub { watches: Arc::default(), metrics, tokens: AtomicU64::new(1), ordered_progress: Default::default() }
+        Hub {
+            watches: Arc::default(),
+            metrics,
+            tokens: AtomicU64::new(1),
+            ordered_progress: Default::default(),
+            revisions: Revisions::default(),
+        }
     }
 
     /// Whether etcd's progress answers are ordered with the events of their stream (etcd 3.5.8 and later): then
@@ -394,7 +401,7 @@ impl Hub {
                 Next::Wait(mut ready) => {
                     let _ = ready.wait_for(|r| *r).await;
                 }
-                Next::Lookup => match current_revision(create, upstream, meta).await {
+                Next::Lookup => match self.revisions.current(upstream, meta, &self.metrics).await {
                     Some(found) => now = Some(found),
                     None => return Joined::Own,
                 },
@@ -412,18 +419,93 @@ enum Next {
     Lookup,
 }
 
-/// etcd's current revision and the header that says so, from a linearizable read of one key of the watch (which
-/// the proxy's own identity may read; its answer is not passed on, only its header).
-async fn current_revision(
-    create: &pb::WatchCreateRequest,
-    upstream: &Upstream,
-    meta: &CallMeta,
-) -> Option<(i64, Bytes)> {
-    let req = pb::RangeRequest { key: create.key.clone(), limit: 1, keys_only: true, ..Default::default() };
-    let meta = meta.with_timeout(Some(LOOKUP_TIMEOUT));
-    let answer: RangeHead = upstream.unary_decoded(methods::KV_RANGE, req, &meta).await.ok()?;
+/// etcd's current revision and the header that says so, from a linearizable read of one key (the proxy's own
+/// identity may read it; only the answer's header is used).
+async fn current_revision(upstream: &Upstream, meta: &CallMeta) -> Option<(i64, Bytes)> {
+    let req = pb::RangeRequest { key: b"\0".to_vec(), keys_only: true, ..Default::default() };
+    let answer: RangeHead = upstream.unary_decoded(methods::KV_RANGE, req, meta).await.ok()?;
     let revision = HeaderHead::decode(answer.header.clone()).ok()?.revision;
     (revision > 0).then_some((revision, answer.header))
+}
+
+/// What a lookup of the current revision found (`None`: it failed), once it has.
+type Found = Option<Option<(i64, Bytes)>>;
+
+/// Lookups of etcd's current revision, shared by the creates from now that wait for one: at most one is in
+/// flight; creates that arrive meanwhile wait for the *next*, sent as soon as it is answered, so each is answered
+/// by a lookup sent after it arrived (as a lookup of its own would be). A burst of agents re-creating their
+/// watches (after a restart of the proxy) then costs etcd a few reads, not one per watch.
+#[derive(Default)]
+struct Revisions {
+    lane: Arc<Mutex<Lane>>,
+}
+
+#[derive(Default)]
+struct Lane {
+    in_flight: bool,
+    /// The next lookup's answer, for the creates waiting for it.
+    next: Option<watch::Sender<Found>>,
+}
+
+impl Revisions {
+    /// The current revision, from a lookup sent after this call; `None` if etcd could not be asked.
+    async fn current(&self, upstream: &Upstream, meta: &CallMeta, metrics: &Metrics) -> Option<(i64, Bytes)> {
+        let mut answer = {
+            let mut lane = lock(&self.lane);
+            if lane.in_flight {
+                lane.next.get_or_insert_with(|| watch::Sender::new(None)).subscribe()
+            } else {
+                lane.in_flight = true;
+                let tx = watch::Sender::new(None);
+                let rx = tx.subscribe();
+                let run = Lookups { lane: self.lane.clone(), upstream: upstream.clone(), finished: false };
+                tokio::spawn(run.run(tx, meta.with_timeout(Some(LOOKUP_TIMEOUT))));
+                rx
+            }
+        };
+        metrics.shared_watch_revision_waits.inc();
+        answer.wait_for(Option::is_some).await.ok()?.clone().flatten()
+    }
+}
+
+/// The task that makes the lookups one after the other while creates wait for them.
+struct Lookups {
+    lane: Arc<Mutex<Lane>>,
+    upstream: Upstream,
+    /// Ended by itself (the lane is already free); else dropped with its runtime.
+    finished: bool,
+}
+
+impl Lookups {
+    async fn run(mut self, mut answer: watch::Sender<Found>, meta: CallMeta) {
+        loop {
+            let found = current_revision(&self.upstream, &meta).await;
+            answer.send_replace(Some(found));
+            let mut lane = lock(&self.lane);
+            match lane.next.take() {
+                Some(next) => answer = next,
+                None => {
+                    // Nobody waits: the next create starts a lookup (and a task) of its own.
+                    lane.in_flight = false;
+                    drop(lane);
+                    self.finished = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Lookups {
+    /// Dropped before it finished (its runtime shuts down): the creates waiting for it are let go (they get
+    /// watches of their own), and the next create starts a lookup.
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut lane = lock(&self.lane);
+            lane.in_flight = false;
+            lane.next = None;
+        }
+    }
 }
 
 // === impl Key ===
