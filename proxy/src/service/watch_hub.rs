@@ -610,7 +610,16 @@ impl SharedWatch {
             // subscriber's.
             for mut sub in std::mem::take(&mut st.subs) {
                 metrics.shared_watch_subscribers.dec();
-                if head.compact_revision > 0 && sub.delivered + 1 >= head.compact_revision {
+                let gets_cancel = head.compact_revision == 0 || sub.delivered + 1 < head.compact_revision;
+                if sub.handing {
+                    // Its own watch exists already: the hand-over ends here (with etcd's cancel first if the
+                    // subscriber needed compacted revisions), so the stream stops holding etcd's frames for it.
+                    if gets_cancel {
+                        let _ = rewrite(frame.message(), sub.watch_id, 0, 0).map(|b| send(&mut sub, HubItem::Frame(b)));
+                    }
+                    let id = sub.watch_id;
+                    let _ = send(&mut sub, HubItem::HandedOver(id));
+                } else if !gets_cancel {
                     detach(sub, metrics);
                 } else if let Some(bytes) = rewrite(frame.message(), sub.watch_id, 0, 0) {
                     if send(&mut sub, HubItem::Frame(bytes)) != Sent::Queued {
