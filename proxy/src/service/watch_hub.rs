@@ -129,8 +129,6 @@ struct SharedWatch {
     start: i64,
     /// Requests to etcd on the shared watch's stream (progress requests).
     requests: mpsc::Sender<pb::WatchRequest>,
-    /// Progress answers received on the stream, counted.
-    progressed: watch::Sender<u64>,
     state: Mutex<State>,
     /// Turns true once etcd answered the create (or the watch ended before).
     ready: watch::Sender<bool>,
@@ -544,7 +542,6 @@ impl SharedWatch {
         let watch = Arc::new(SharedWatch {
             start,
             requests,
-            progressed: watch::Sender::new(0),
             state: Mutex::new(State::default()),
             ready: watch::Sender::new(false),
             left: Notify::new(),
@@ -588,20 +585,8 @@ impl SharedWatch {
             if st.trust_progress && header_revision > 0 {
                 st.delivered = st.delivered.max(header_revision);
                 let subs = std::mem::take(&mut st.subs);
-                let mut kept = Vec::with_capacity(subs.len());
-                for mut sub in subs {
-                    sub.delivered = sub.delivered.max(header_revision);
-                    if header_revision + 1 >= sub.from {
-                        sub.from = 0;
-                    }
-                    if let Some(sub) = handed_over(sub, header_revision, metrics) {
-                        kept.push(sub);
-                    }
-                }
-                st.subs = kept;
+                st.subs = subs.into_iter().filter_map(|sub| advanced(sub, header_revision, metrics)).collect();
             }
-            drop(st);
-            self.progressed.send_modify(|n| *n += 1);
             return true;
         }
         if head.canceled {
@@ -681,14 +666,7 @@ impl SharedWatch {
                 }
             }
             sub.announced = true;
-            sub.delivered = sub.delivered.max(upto);
-            // Once the shared watch is past the subscriber's start, no later response has events before it.
-            if upto + 1 >= sub.from {
-                sub.from = 0;
-            }
-            if let Some(sub) = handed_over(sub, upto, metrics) {
-                kept.push(sub);
-            }
+            kept.extend(advanced(sub, upto, metrics));
         }
         kept
     }
@@ -754,8 +732,14 @@ fn send(sub: &mut Sub, item: HubItem) -> Sent {
     }
 }
 
-/// `sub` if it stays; `None` once the shared watch has passed its hand-over revision (it is told, and leaves).
-fn handed_over(mut sub: Sub, upto: i64, metrics: &Metrics) -> Option<Sub> {
+/// Everything up to `upto` has gone to `sub` (or was not for it): `sub` if it stays; `None` once the shared
+/// watch has passed its hand-over revision (it is told, and leaves).
+fn advanced(mut sub: Sub, upto: i64, metrics: &Metrics) -> Option<Sub> {
+    sub.delivered = sub.delivered.max(upto);
+    // Once the shared watch is past the subscriber's start, no later response has events before it.
+    if upto + 1 >= sub.from {
+        sub.from = 0;
+    }
     if sub.until == 0 || upto < sub.until {
         return Some(sub);
     }
@@ -914,20 +898,6 @@ impl Subscription {
         };
         let _ = self.watch.requests.try_send(request);
         HandOver::Later
-    }
-
-    /// Ask etcd for a progress answer on the shared watch's stream: a receiver of the count of answers and the
-    /// count to wait past. With `trusted`, the answer's revision moves what the subscribers have been given.
-    pub fn request_progress(&self, trusted: bool) -> (watch::Receiver<u64>, u64) {
-        lock(&self.watch.state).trust_progress |= trusted;
-        let rx = self.watch.progressed.subscribe();
-        let seen = *rx.borrow();
-        let request = pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
-        };
-        // A full queue holds progress requests already: their answers will do.
-        let _ = self.watch.requests.try_send(request);
-        (rx, seen)
     }
 
     pub fn token(&self) -> u64 {
