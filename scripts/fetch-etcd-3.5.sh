@@ -8,9 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The first line of `etcd --version` ("etcd Version: 3.5.16"), read whole: piped into `head -1` or `grep -q`, etcd
+# can be killed by SIGPIPE while it still writes its other lines, which `pipefail` turns into a failure (exit 141).
+first_line() {
+    local all
+    all=$("$1" --version 2> /dev/null) || return 0
+    printf '%s\n' "${all%%$'\n'*}"
+}
+
 dest="$PWD/target/etcd-3.5"
 bin="$dest/root/usr/bin"
-if [ -x "$bin/etcd" ] && [ -x "$bin/etcdctl" ] && "$bin/etcd" --version 2> /dev/null | grep -q '^etcd Version: 3\.5\.'; then
+if [ -x "$bin/etcd" ] && [ -x "$bin/etcdctl" ] && [[ "$(first_line "$bin/etcd")" == "etcd Version: 3.5."* ]]; then
     echo "$bin"
     exit 0
 fi
@@ -34,7 +42,7 @@ for deb in "$dest"/debs/*.deb; do
     dpkg-deb -x "$deb" "$dest/root"
 done
 rm -rf "$dest/lists" "$dest/cache" "$dest/debs"
-version=$("$bin/etcd" --version | head -1)
+version=$(first_line "$bin/etcd")
 case "$version" in
     "etcd Version: 3.5."*) echo "fetched $version" >&2 ;;
     *) echo "expected etcd 3.5, got: $version" >&2; exit 1 ;;

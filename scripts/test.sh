@@ -10,5 +10,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 etcd35=$(bash scripts/fetch-etcd-3.5.sh)
-echo "integration tests against $("$etcd35/etcd" --version | head -1)"
+# Read whole, not piped into `head` (a SIGPIPE would fail the script under pipefail).
+etcd35_version=$("$etcd35/etcd" --version)
+echo "integration tests against ${etcd35_version%%$'\n'*}"
 ETCD_GUARD_TEST_ETCD_DIR="$etcd35" cargo test --workspace --locked --test '*'
