@@ -540,6 +540,11 @@ async fn shared_first(
     }
 }
 
+/// `create` as a message for etcd.
+fn create_request(create: pb::WatchCreateRequest) -> Box<pb::WatchRequest> {
+    Box::new(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) })
+}
+
 /// A shared watch of this stream hands over to a watch of the stream's own from now (same ID): the create to
 /// send etcd; the shared watch goes on giving the client what it has not yet had up to the revision etcd's
 /// answer names.
@@ -550,7 +555,7 @@ fn handover_watch(o: &mut Order, id: i64) -> Option<Box<pb::WatchRequest>> {
     create.start_revision = 0;
     o.pending.push_back(Pending::Handover(id));
     o.handing.insert(id, watch);
-    Some(Box::new(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) }))
+    Some(create_request(create))
 }
 
 /// A shared watch of this stream goes on as a watch of the stream's own: the create to send etcd (same ID, from
@@ -568,7 +573,7 @@ fn own_watch(o: &mut Order, d: Detached) -> Option<Box<pb::WatchRequest>> {
     } else {
         o.pending.push_back(Pending::Upstream(watch.range, watch.slot, d.watch_id));
     }
-    Some(Box::new(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) }))
+    Some(create_request(create))
 }
 
 /// A shared watch of the stream whose permission a reload withdrew: the cancel the client gets, its ID, and why.
@@ -600,19 +605,13 @@ async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order
         (gone, shared)
     };
     for (watch_id, reason) in withdrawn {
-        let cancel = pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id })),
-        };
-        record_revocation(g, stream_id, &cancel, &reason).await;
+        let cancel = record_revocation(g, stream_id, watch_id, &reason).await;
         if streams.up.send(Box::new(cancel)).await.is_err() {
             return false;
         }
     }
     for (answer, watch_id, reason) in shared {
-        let cancel = pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id })),
-        };
-        record_revocation(g, stream_id, &cancel, &reason).await;
+        record_revocation(g, stream_id, watch_id, &reason).await;
         // Behind the shared watch's last frames for it.
         if let Some(hub) = streams.hub {
             if hub.down.send(HubItem::Frame(answer)).await.is_err() {
@@ -630,13 +629,17 @@ fn withdrawn_from<'a>(view: &View, watches: impl Iterator<Item = (i64, Option<&'
         .collect()
 }
 
-/// The audit record of a watch canceled because a reload withdrew its permission.
-async fn record_revocation(g: &Guard, stream_id: Option<u64>, cancel: &pb::WatchRequest, reason: &str) {
+/// Record the cancel of a watch whose permission a reload withdrew; the cancel, for etcd.
+async fn record_revocation(g: &Guard, stream_id: Option<u64>, watch_id: i64, reason: &str) -> pb::WatchRequest {
+    let cancel = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id })),
+    };
     let at = Arrival::now();
-    let record = g.record(RPC, Event::Message, stream_id, cancel, at);
+    let record = g.record(RPC, Event::Message, stream_id, &cancel, at);
     let verdict =
         Verdict { decision: Decision::Deny, reason: format!("permission withdrawn by a policy reload: {reason}") };
     let _ = g.audit(RPC, record, &verdict, Code::PermissionDenied, None, at).await;
+    cancel
 }
 
 // === impl WatchResponseHead ===

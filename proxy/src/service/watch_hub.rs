@@ -17,8 +17,9 @@
 //! - Events of one revision come from etcd in one response, so what a subscriber has been given is always whole
 //!   revisions: [`Sub::delivered`]. A subscriber that falls behind (its stream's queue is full) is *detached*: it
 //!   leaves the shared watch, and its client stream makes an upstream watch of its own from `delivered + 1` with
-//!   the same ID ([`Detached`]), so it loses nothing and slows nobody. A progress request detaches every shared
-//!   watch of its stream first (etcd answers it for the stream's own watches only).
+//!   the same ID ([`Detached`]), so it loses nothing and slows nobody. A progress request moves every shared watch
+//!   of its stream to a watch of the stream's own first (etcd answers it for the stream's own watches only): on
+//!   etcd 3.5.8 and later by a hand-over from now ([`Subscription::hand_over`]), else by a detach.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -310,18 +311,7 @@ impl Hub {
                         let (watch, requests) = SharedWatch::new(start);
                         let token = self.tokens.fetch_add(1, Ordering::Relaxed);
                         let delivered = start.saturating_sub(1);
-                        let sub = Sub {
-                            token,
-                            watch_id,
-                            down: down.clone(),
-                            detach: detach.clone(),
-                            from: 0,
-                            delivered,
-                            announced: false,
-                            handing: false,
-                            until: 0,
-                            spill: None,
-                        };
+                        let sub = Sub::new(token, watch_id, down, detach, 0, delivered, false);
                         lock(&watch.state).subs.push(sub);
                         self.metrics.shared_watch_subscribers.inc();
                         map.insert(key.clone(), watch.clone());
@@ -364,20 +354,7 @@ impl Hub {
                                         return Joined::Own;
                                     }
                                     let token = self.tokens.fetch_add(1, Ordering::Relaxed);
-                                    let (down, detach) = (down.clone(), detach.clone());
-                                    let delivered = from - 1;
-                                    st.subs.push(Sub {
-                                        token,
-                                        watch_id,
-                                        down,
-                                        detach,
-                                        from,
-                                        delivered,
-                                        announced: true,
-                                        handing: false,
-                                        until: 0,
-                                        spill: None,
-                                    });
+                                    st.subs.push(Sub::new(token, watch_id, down, detach, from, from - 1, true));
                                     self.metrics.shared_watch_subscribers.inc();
                                     drop(st);
                                     let metrics = self.metrics.clone();
@@ -615,12 +592,11 @@ impl SharedWatch {
             st.closed = true;
             return false;
         }
-        let revisions = head.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision));
-        let (lo, hi) = revisions.fold((i64::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        let bounds = head.revisions();
         // A response without events is a progress notification: everything up to its header's revision is out.
-        let upto = if head.events.is_empty() { header_revision } else { hi };
+        let upto = if head.events.is_empty() { header_revision } else { bounds.map_or(0, |(_, hi)| hi) };
         let subs = std::mem::take(&mut st.subs);
-        st.subs = self.deliver(subs, &frame, &head, Some(lo), upto, metrics);
+        st.subs = self.deliver(subs, &frame, &head, bounds.map(|(lo, _)| lo), upto, metrics);
         st.delivered = st.delivered.max(upto);
         true
     }
@@ -687,11 +663,34 @@ impl SharedWatch {
     }
 }
 
+// === impl Sub ===
+
+impl Sub {
+    /// A subscriber of `watch_id` on the stream of `down` and `detach`, given everything up to `delivered`, that
+    /// wants the events from `from` on (0: all), with its `created` answer queued (`announced`) or not.
+    fn new(
+        token: u64,
+        watch_id: i64,
+        down: &Down,
+        detach: &DetachTx,
+        from: i64,
+        delivered: i64,
+        announced: bool,
+    ) -> Sub {
+        let (down, detach) = (down.clone(), detach.clone());
+        Sub { token, watch_id, down, detach, from, delivered, announced, handing: false, until: 0, spill: None }
+    }
+
+    /// Where its stream's own watch must resume if it leaves now.
+    fn detached(&self) -> Detached {
+        Detached { watch_id: self.watch_id, token: self.token, resume: self.delivered + 1, announced: self.announced }
+    }
+}
+
 /// Tell a subscriber's stream to go on with a watch of its own.
 fn detach(sub: Sub, metrics: &Metrics) {
     metrics.shared_watch_detaches.inc();
-    let resume = sub.delivered + 1;
-    sub.detach.push(Detached { watch_id: sub.watch_id, token: sub.token, resume, announced: sub.announced });
+    sub.detach.push(sub.detached());
 }
 
 /// How an item went to a subscriber's stream.
@@ -833,43 +832,29 @@ impl Subscription {
     /// Leave the shared watch (the client canceled its watch): the header etcd's cancel answer carries, or `None`
     /// if the subscriber had already left (detached, or the watch ended).
     pub fn leave(&self) -> Option<Option<pb::ResponseHeader>> {
-        let header = {
-            let mut st = lock(&self.watch.state);
-            let at = st.subs.iter().position(|s| s.token == self.token)?;
-            st.subs.swap_remove(at);
-            st.header.clone()
-        };
-        self.metrics.shared_watch_subscribers.dec();
-        self.watch.left.notify_one();
+        let st = lock(&self.watch.state);
+        let at = self.position(&st)?;
+        let (_, header) = self.take_out(st, at);
         Some(pb::ResponseHeader::decode(header).ok())
     }
 
     /// Leave the shared watch to go on with a watch of the stream's own (where to resume), or `None` if the
     /// subscriber had already left.
     pub fn detach(&self) -> Option<Detached> {
-        let detached = {
-            let mut st = lock(&self.watch.state);
-            let at = st.subs.iter().position(|s| s.token == self.token)?;
-            let sub = st.subs.swap_remove(at);
-            Detached { watch_id: sub.watch_id, token: sub.token, resume: sub.delivered + 1, announced: sub.announced }
-        };
-        self.metrics.shared_watch_subscribers.dec();
+        let st = lock(&self.watch.state);
+        let at = self.position(&st)?;
+        let (sub, _) = self.take_out(st, at);
         self.metrics.shared_watch_detaches.inc();
-        self.watch.left.notify_one();
-        Some(detached)
+        Some(sub.detached())
     }
 
     /// Start moving to a watch of the stream's own ([`Subscription::hand_over`]): from now on the subscriber is
     /// not detached for being slow. False if it has already left.
     pub fn begin_handover(&self) -> bool {
         let mut st = lock(&self.watch.state);
-        match st.subs.iter_mut().find(|s| s.token == self.token) {
-            Some(sub) => {
-                sub.handing = true;
-                true
-            }
-            None => false,
-        }
+        let Some(at) = self.position(&st) else { return false };
+        st.subs[at].handing = true;
+        true
     }
 
     /// The stream's own watch for this subscriber's ID exists from `revision + 1` on (etcd's `created` answer to
@@ -877,15 +862,12 @@ impl Subscription {
     /// `revision`, then it leaves ([`HubItem::HandedOver`]).
     pub fn hand_over(&self, revision: i64) -> HandOver {
         let mut st = lock(&self.watch.state);
-        let Some(at) = st.subs.iter().position(|s| s.token == self.token) else { return HandOver::Gone };
+        let Some(at) = self.position(&st) else { return HandOver::Gone };
         if st.subs[at].delivered >= revision {
             // It has been given that much already: the own watch's events up to what it was given are not
             // passed on.
-            let sub = st.subs.swap_remove(at);
-            drop(st);
-            self.metrics.shared_watch_subscribers.dec();
+            let (sub, _) = self.take_out(st, at);
             self.metrics.shared_watch_detaches.inc();
-            self.watch.left.notify_one();
             return HandOver::Now { given: sub.delivered };
         }
         st.subs[at].until = revision;
@@ -902,6 +884,22 @@ impl Subscription {
 
     pub fn token(&self) -> u64 {
         self.token
+    }
+
+    /// Where this subscriber is among the shared watch's, if it is still there.
+    fn position(&self, st: &State) -> Option<usize> {
+        st.subs.iter().position(|s| s.token == self.token)
+    }
+
+    /// Take this subscriber (at `at`) out of the shared watch, let go of its state, and tell its task: the
+    /// subscriber and the header of etcd's last response.
+    fn take_out(&self, mut st: MutexGuard<'_, State>, at: usize) -> (Sub, Bytes) {
+        let sub = st.subs.swap_remove(at);
+        let header = st.header.clone();
+        drop(st);
+        self.metrics.shared_watch_subscribers.dec();
+        self.watch.left.notify_one();
+        (sub, header)
     }
 }
 
@@ -979,9 +977,15 @@ pub fn rewrite(message: &[u8], watch_id: i64, from: i64, until: i64) -> Option<B
 
 /// The lowest and highest revision of the events in etcd's watch response `message`, if it has events.
 pub fn revisions(message: &[u8]) -> Option<(i64, i64)> {
-    let head = Head::decode(message).ok()?;
-    let revisions = head.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision));
-    revisions.fold(None, |acc, r| Some(acc.map_or((r, r), |(lo, hi): (i64, i64)| (lo.min(r), hi.max(r)))))
+    Head::decode(message).ok()?.revisions()
+}
+
+impl Head {
+    /// The lowest and highest revision of its events, if it has any.
+    fn revisions(&self) -> Option<(i64, i64)> {
+        let revisions = self.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision));
+        revisions.fold(None, |acc, r| Some(acc.map_or((r, r), |(lo, hi): (i64, i64)| (lo.min(r), hi.max(r)))))
+    }
 }
 
 /// A protobuf varint from the front of `buf`.
