@@ -175,6 +175,8 @@ struct Watch {
     index: usize,
     /// How many of its events came before the client sent its cancel (all, if it sent none).
     firm: usize,
+    /// The response each event came in.
+    at: Vec<usize>,
 }
 
 struct Shared {
@@ -342,7 +344,14 @@ fn dump_once(s: usize, log: &StreamLog, at: usize) {
     }
 }
 
-fn check(logs: &[Arc<Mutex<StreamLog>>], history: &[Ev], last: i64, compacted: i64, ordered: bool) -> Checked {
+fn check(
+    logs: &[Arc<Mutex<StreamLog>>],
+    history: &[Ev],
+    last: i64,
+    compacted: i64,
+    ordered: bool,
+    last_try: bool,
+) -> Checked {
     let mut out = Checked { problems: Vec::new(), complete: true, watches: 0, events: 0 };
     let history_complete = history.last().is_some_and(|e| e.rev >= last);
     out.complete &= history_complete;
@@ -377,7 +386,16 @@ fn check(logs: &[Arc<Mutex<StreamLog>>], history: &[Ev], last: i64, compacted: i
                 }
                 let from = if spec.start > 0 { spec.start } else { rev + 1 };
                 let index = next_create - 1;
-                let w = Watch { spec: spec.clone(), id, from, events: Vec::new(), end: None, index, firm: usize::MAX };
+                let w = Watch {
+                    spec: spec.clone(),
+                    id,
+                    from,
+                    events: Vec::new(),
+                    end: None,
+                    index,
+                    firm: usize::MAX,
+                    at: Vec::new(),
+                };
                 if watches.insert(id, w).is_some() {
                     problem(format!("response {i}: watch id {id} created twice"));
                 }
@@ -436,7 +454,9 @@ fn check(logs: &[Arc<Mutex<StreamLog>>], history: &[Ev], last: i64, compacted: i
                 if log.cancels.get(&id).is_some_and(|sent| i >= *sent) {
                     w.firm = w.firm.min(w.events.len());
                 }
-                w.events.extend(evs_of(r));
+                let evs = evs_of(r);
+                w.at.extend(std::iter::repeat_n(i, evs.len()));
+                w.events.extend(evs);
             }
         }
         if log.creates.len() > next_create {
@@ -458,8 +478,22 @@ fn check(logs: &[Arc<Mutex<StreamLog>>], history: &[Ev], last: i64, compacted: i
             let what = format!("watch {} ({:?} from {}, end {:?})", w.id, w.spec, w.from, w.end);
             let prefix = got.len() <= want.len() && want[..got.len()] == got[..];
             match w.end {
-                None if prefix && got.len() < want.len() => out.complete = false,
-                None if got != want && history_complete => problem(format!("{what}: {}", differ(&got, &want))),
+                None if prefix && got.len() < want.len() => {
+                    out.complete = false;
+                    if last_try {
+                        if let Some(i) = w.at.last() {
+                            dump_once(s, &log, *i);
+                        }
+                        problem(format!("{what}: {} of {} events so far", got.len(), want.len()));
+                    }
+                }
+                None if got != want && history_complete => {
+                    let first = got.iter().zip(&want).position(|(g, w)| g != w).unwrap_or(got.len().min(want.len()));
+                    if let Some(i) = w.at.get(first.min(w.at.len().saturating_sub(1))) {
+                        dump_once(s, &log, *i);
+                    }
+                    problem(format!("{what}: {}", differ(&got, &want)))
+                }
                 None => {}
                 Some(_) if !prefix && history_complete => {
                     problem(format!("{what}: not a prefix of etcd's history: {}", differ(&got, &want)))
@@ -704,8 +738,9 @@ async fn random_watches_through_shared_watches_see_exactly_etcds_history() -> Te
     let deadline = Instant::now() + Duration::from_secs(15);
     let checked = loop {
         let history = shared.history.lock().unwrap().clone();
-        let checked = check(&logs, &history, last, compacted, ordered);
-        if (checked.complete && checked.problems.is_empty()) || Instant::now() > deadline {
+        let last_try = Instant::now() > deadline;
+        let checked = check(&logs, &history, last, compacted, ordered, last_try);
+        if (checked.complete && checked.problems.is_empty()) || last_try {
             break checked;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
