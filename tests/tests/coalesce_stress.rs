@@ -21,6 +21,10 @@
 //! `ETCD_GUARD_TEST_STRESS_DIRECT=1` sends the watch streams straight to etcd: the same checks of etcd itself
 //! (etcd 3.5.16 defers progress answers for seconds under this load, through the proxy or not).
 //!
+//! Known to fail now and then on etcd 3.5.16 (e.g. seed 319, most runs): after a progress request, a watch handing
+//! over from a shared watch that gets no more events never completes its hand-over (the shared watch's own
+//! progress request is deferred by etcd and not answered), and the stream's later frames stay held. Open.
+//!
 //! Many seeds: `for s in $(seq 1 20); do ETCD_GUARD_TEST_STRESS_SEED=$s cargo test -p etcd-guard-tests --test
 //! coalesce_stress || break; done` (and the same with `ETCD_GUARD_TEST_ETCD_DIR` for etcd 3.5).
 
