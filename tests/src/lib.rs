@@ -211,6 +211,16 @@ pub fn etcd_tool(name: &str) -> PathBuf {
     }
 }
 
+/// The test matrix's watch section: `ETCD_GUARD_TEST_WATCH_COALESCE=1` runs every proxy the tests start with
+/// `watch: { coalesce: true }` (docs/watch-coalescing.md), unless the test's own configuration `extra` already has
+/// a `watch:` section. Appended to the configuration by [`Harness::with_config`] and by the tests that write a
+/// configuration of their own.
+pub fn watch_matrix(extra: &str) -> &'static str {
+    let on = std::env::var("ETCD_GUARD_TEST_WATCH_COALESCE").is_ok_and(|v| v == "1");
+    let has_watch = extra.lines().any(|l| l.trim_start().starts_with("watch:"));
+    if on && !has_watch { "\nwatch: { coalesce: true }\n" } else { "" }
+}
+
 /// An etcd member serving clients over mutual TLS with the test certificates (peer flags are added by the caller).
 fn etcd_command(pki: &Pki, name: &str, data_dir: &Path, client_url: &str) -> Command {
     let mut cmd = Command::new(etcd_tool("etcd"));
@@ -336,7 +346,8 @@ impl Harness {
         Harness::with_config(policy, "audit: { file: audit/audit.log }\n").await
     }
 
-    /// etcd plus etcd-guard with `policy` and `extra` appended to the configuration (e.g. an `audit:` section).
+    /// etcd plus etcd-guard with `policy` and `extra` appended to the configuration (e.g. an `audit:` section),
+    /// and [`watch_matrix`]'s section.
     pub async fn with_config(policy: &str, extra: &str) -> TestResult<Harness> {
         let pki = Pki::new()?;
         let etcd = Etcd::start(&pki)?;
@@ -356,8 +367,10 @@ upstream:
 policy_file: policy.yaml
 advertise_client_urls: ["https://127.0.0.1:23790"]
 metrics_listen: "127.0.0.1:0"
-{}"#,
-            etcd.client_url, extra
+{}{}"#,
+            etcd.client_url,
+            extra,
+            watch_matrix(extra)
         );
         let config_path = pki.path("etcd-guard.yaml");
         std::fs::write(&config_path, config_text)?;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use etcd_guard::config::Config;
 use etcd_guard::server::Proxy;
-use etcd_guard_tests::{EtcdCluster, Pki, TEST_POLICY, TestResult, http_get};
+use etcd_guard_tests::{EtcdCluster, Pki, TEST_POLICY, TestResult, http_get, watch_matrix};
 
 /// Put until 20 puts in a row succeed; returns (failures, time taken). Bounded at 20 s.
 async fn until_steady(c: &mut etcd_client::Client, tag: &str) -> TestResult<(usize, Duration)> {
@@ -51,8 +51,9 @@ upstream:
 policy_file: policy.yaml
 metrics_listen: "127.0.0.1:0"
 audit: {{ file: audit/audit.log }}
-"#,
-        endpoints.join(", ")
+{}"#,
+        endpoints.join(", "),
+        watch_matrix("")
     );
     std::fs::write(pki.path("etcd-guard.yaml"), config)?;
     let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();

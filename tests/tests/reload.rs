@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use etcd_client::WatchOptions;
 use etcd_guard::config::Config;
 use etcd_guard::server::{Proxy, Running};
-use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get};
+use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get, watch_matrix};
 
 const DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 
@@ -51,8 +51,9 @@ policy_file: policy.yaml
 metrics_listen: "127.0.0.1:0"
 reload_check_interval_ms: {reload_check_interval_ms}
 audit: {{ file: audit/audit.log }}
-"#,
-        etcd.client_url
+{}"#,
+        etcd.client_url,
+        watch_matrix("")
     );
     std::fs::write(pki.path("etcd-guard.yaml"), config)?;
     let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();

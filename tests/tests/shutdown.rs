@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_guard_tests::{Etcd, Pki, TEST_POLICY, TestResult, free_port};
+use etcd_guard_tests::{Etcd, Pki, TEST_POLICY, TestResult, free_port, watch_matrix};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -22,8 +22,9 @@ upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt,
 policy_file: policy.yaml
 audit: {{ file: audit/audit.log }}
 metrics_listen: "127.0.0.1:0"
-"#,
-            etcd.client_url
+{}"#,
+            etcd.client_url,
+            watch_matrix("")
         ),
     )?;
     let log = std::fs::File::create(pki.path("proxy.log"))?;

@@ -128,11 +128,11 @@ struct Order {
     /// A progress request was seen: the stream's watches are its own from then on.
     no_share: bool,
     /// Client watches handing over from their shared watches to watches of the stream's own, by ID; while any
-    /// is, etcd's frames for them (and progress answers) wait in `held`.
+    /// is, etcd's frames for them (and progress answers) wait in `held`, and so does every frame etcd sent after
+    /// the first held one (etcd's order on the stream is kept: a progress answer comes after every event up to
+    /// its revision and before any later one).
     handing: HashMap<i64, JoinedWatch>,
-    held: VecDeque<Bytes>,
-    /// Own watches whose events up to this revision the client already had from their shared watch.
-    given: HashMap<i64, i64>,
+    held: VecDeque<Framed>,
 }
 
 /// A client watch served by a shared watch.
@@ -662,30 +662,7 @@ impl ToClient {
         let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
         let mut o = lock(&self.order);
         if !head.created {
-            // While watches hand over, etcd's frames for them (and progress answers) wait for the shared
-            // watches' last frames.
-            if !o.handing.is_empty() && (head.watch_id == -1 || o.handing.contains_key(&head.watch_id)) {
-                o.held.push_back(frame.into_bytes());
-                return None;
-            }
-            if let Some(given) = o.given.get(&head.watch_id).copied() {
-                // The client had these events from the shared watch already.
-                match watch_hub::revisions(frame.message()) {
-                    Some((lowest, _)) if lowest > given => {
-                        o.given.remove(&head.watch_id);
-                    }
-                    Some(_) => return watch_hub::rewrite(frame.message(), head.watch_id, given + 1, 0),
-                    None => {}
-                }
-            }
-            if head.canceled {
-                o.active.remove(&head.watch_id);
-                o.ids.free(head.watch_id);
-                if o.revoked.remove(&head.watch_id) {
-                    return Some(revoked(head.header(), head.watch_id));
-                }
-            }
-            return Some(frame.into_bytes());
+            return etcd_frame(&mut o, frame, &head);
         }
         if let Some(header) = head.header() {
             o.header = Some(header);
@@ -738,12 +715,38 @@ impl ToClient {
     }
 }
 
+/// One of etcd's responses that answers no create: the frame to pass on now, if any. While watches hand over,
+/// etcd's frames for them and progress answers wait for the shared watches' last frames, and every frame after
+/// one that waits waits too.
+fn etcd_frame(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Bytes> {
+    let waits = !o.held.is_empty()
+        || (!o.handing.is_empty() && (head.watch_id == -1 || o.handing.contains_key(&head.watch_id)));
+    if waits {
+        o.held.push_back(frame);
+        return None;
+    }
+    pass_on(o, frame, head)
+}
+
+/// One of etcd's responses that answers no create, as the client gets it; a cancel ends the watch.
+fn pass_on(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Bytes> {
+    if head.canceled {
+        o.active.remove(&head.watch_id);
+        o.ids.free(head.watch_id);
+        if o.revoked.remove(&head.watch_id) {
+            return Some(revoked(head.header(), head.watch_id));
+        }
+    }
+    Some(frame.into_bytes())
+}
+
 /// etcd answered the create of a watch handing over: it serves the client from the answer's revision on.
 fn handed(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64, head: &WatchResponseHead) {
     let Some(watch) = o.handing.get_mut(&id) else { return };
     if head.canceled {
         // etcd refused the create: the watch stays shared.
         if let Some(watch) = o.handing.remove(&id) {
+            watch.sub.end_handover();
             o.joined.insert(id, watch);
         }
     } else {
@@ -752,12 +755,6 @@ fn handed(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64, head: &WatchRe
         let revision = head.header().map(|h| h.revision).unwrap_or(0);
         match watch.sub.hand_over(revision) {
             HandOver::Later => {}
-            HandOver::Now { given } => {
-                o.handing.remove(&id);
-                if given > revision {
-                    o.given.insert(id, given);
-                }
-            }
             HandOver::Gone => {
                 o.handing.remove(&id);
             }
@@ -767,11 +764,24 @@ fn handed(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64, head: &WatchRe
     release_held(released, o);
 }
 
-/// Once no watch is handing over, etcd's held frames go first, in order.
+/// Once no watch is handing over, etcd's held frames go first, in order, as they would have gone.
 fn release_held(released: &mut VecDeque<Bytes>, o: &mut Order) {
     if o.handing.is_empty() {
-        released.extend(o.held.drain(..));
+        while let Some(frame) = o.held.pop_front() {
+            let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
+            released.extend(pass_on(o, frame, &head));
+        }
     }
+}
+
+/// A watch's hand-over is over ([`HubItem::HandedOver`]); if etcd has not yet answered the create of its own
+/// watch (the shared watch ended first), it is over once etcd has ([`handed`]).
+fn handed_over(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64) {
+    if o.pending.iter().any(|p| matches!(p, Pending::Handover(waiting) if *waiting == id)) {
+        return;
+    }
+    o.handing.remove(&id);
+    release_held(released, o);
 }
 
 /// The cancel reason of one of etcd's watch responses.
@@ -802,9 +812,7 @@ impl futures_util::Stream for ToClient {
                         HubItem::Frame(bytes) => return Poll::Ready(Some(Ok(bytes))),
                         HubItem::Failed(status) => return Poll::Ready(Some(Err(status))),
                         HubItem::HandedOver(id) => {
-                            let mut o = lock(&this.order);
-                            o.handing.remove(&id);
-                            release_held(&mut this.released, &mut o);
+                            handed_over(&mut this.released, &mut lock(&this.order), id);
                             continue;
                         }
                     }
@@ -889,4 +897,74 @@ fn denial(header: Option<pb::ResponseHeader>, reason: &str) -> Bytes {
         ..Default::default()
     };
     Framed::encode(&resp).into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use etcd_guard_proto::mvccpb;
+
+    fn decoded(bytes: &Bytes) -> pb::WatchResponse {
+        let framed = Framed::parse(bytes.clone()).unwrap();
+        pb::WatchResponse::decode(framed.message_bytes()).unwrap()
+    }
+
+    /// One of etcd's responses as the stream reads it.
+    fn from_etcd(o: &mut Order, resp: pb::WatchResponse) -> Option<pb::WatchResponse> {
+        let frame = Framed::encode(&resp);
+        let head = WatchResponseHead::decode(frame.message_bytes()).unwrap();
+        etcd_frame(o, frame, &head).map(|b| decoded(&b))
+    }
+
+    fn at(revision: i64) -> Option<pb::ResponseHeader> {
+        Some(pb::ResponseHeader { revision, ..Default::default() })
+    }
+
+    fn event(watch_id: i64, revision: i64) -> pb::WatchResponse {
+        let kv = mvccpb::KeyValue { key: b"k".to_vec(), mod_revision: revision, ..Default::default() };
+        let events = vec![mvccpb::Event { kv: Some(kv), ..Default::default() }];
+        pb::WatchResponse { header: at(revision), watch_id, events, ..Default::default() }
+    }
+
+    fn active() -> Active {
+        Active { range: None, _slot: None, _counted: None }
+    }
+
+    #[test]
+    fn while_a_watch_hands_over_etcds_later_frames_wait_in_order_and_cancels_are_still_noted() {
+        let mut o = Order::default();
+        let joined = JoinedWatch {
+            sub: watch_hub::test_subscription(),
+            create: pb::WatchCreateRequest::default(),
+            range: None,
+            slot: None,
+            counted: None,
+        };
+        o.handing.insert(1, joined);
+        o.active.insert(2, active());
+        o.active.insert(3, active());
+        // A reload withdrew watch 3's permission: etcd's cancel answer becomes etcd's permission-denied cancel.
+        o.revoked.insert(3);
+        // etcd's progress answer waits for watch 1's last frames from its shared watch; the events etcd sent
+        // after it (of a watch that does not hand over) and a cancel wait behind it.
+        let progress = pb::WatchResponse { header: at(20), watch_id: -1, ..Default::default() };
+        assert_eq!(from_etcd(&mut o, progress.clone()), None);
+        assert_eq!(from_etcd(&mut o, event(2, 21)), None);
+        let cancel = pb::WatchResponse { header: at(21), watch_id: 3, canceled: true, ..Default::default() };
+        assert_eq!(from_etcd(&mut o, cancel), None);
+        // Watch 1 has handed over: they go, in etcd's order, and the cancel ends watch 3.
+        o.handing.remove(&1);
+        let mut released = VecDeque::new();
+        release_held(&mut released, &mut o);
+        let released: Vec<pb::WatchResponse> = released.iter().map(decoded).collect();
+        assert_eq!(released.len(), 3, "{released:?}");
+        assert_eq!(released[0], progress);
+        assert_eq!(released[1], event(2, 21));
+        assert!(released[2].canceled && released[2].watch_id == 3, "{:?}", released[2]);
+        assert_eq!(released[2].cancel_reason, DENIED_REASON);
+        assert!(!o.active.contains_key(&3) && o.active.contains_key(&2));
+        // Nothing waits any more.
+        assert_eq!(from_etcd(&mut o, event(2, 22)), Some(event(2, 22)));
+    }
 }

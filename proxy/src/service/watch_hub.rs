@@ -168,6 +168,24 @@ struct Sub {
     handing: bool,
     until: i64,
     spill: Option<mpsc::UnboundedSender<HubItem>>,
+    /// While handing over and `until` is not known yet: the shared watch's responses, kept for it rather than
+    /// given (the hand-over revision may be below them, and the client must not get events past it from the
+    /// shared watch: etcd's progress answer, at or after that revision, would follow them).
+    parked: Option<Vec<Resp>>,
+}
+
+/// One of etcd's responses on a shared watch, as the subscribers are given it.
+#[derive(Clone)]
+struct Resp {
+    frame: Framed,
+    /// etcd's watch ID in it.
+    watch_id: i64,
+    created: bool,
+    has_events: bool,
+    /// Its lowest event revision, if it has events.
+    lowest: Option<i64>,
+    /// Everything up to this revision has been passed on with it.
+    upto: i64,
 }
 
 /// A client watch's place in a shared watch; leaves it when dropped.
@@ -180,10 +198,8 @@ pub struct Subscription {
 /// Where a hand-over stands.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HandOver {
-    /// Done: the subscriber had been given everything up to `given` (at least the hand-over revision); the own
-    /// watch's events up to there are not for the client.
-    Now { given: i64 },
-    /// [`HubItem::HandedOver`] follows the subscriber's last frames.
+    /// [`HubItem::HandedOver`] follows the subscriber's last frames (at once if it has had everything up to the
+    /// hand-over revision, else once the shared watch passes it).
     Later,
     /// The subscriber had already left (the shared watch ended, or it was detached before the hand-over began).
     Gone,
@@ -550,9 +566,9 @@ impl SharedWatch {
             }
             st.created = true;
             st.delivered = if self.start > 0 { self.start - 1 } else { header_revision };
-            let delivered = st.delivered;
+            let resp = Resp::of(frame, &head, None, st.delivered);
             let subs = std::mem::take(&mut st.subs);
-            st.subs = self.deliver(subs, &frame, &head, None, delivered, metrics);
+            st.subs = deliver(subs, &resp, metrics);
             self.ready.send_replace(true);
             return true;
         }
@@ -561,8 +577,14 @@ impl SharedWatch {
             // events, everything up to its revision has been passed on.
             if st.trust_progress && header_revision > 0 {
                 st.delivered = st.delivered.max(header_revision);
+                // Not those whose frames are parked: they have been given nothing of late.
                 let subs = std::mem::take(&mut st.subs);
-                st.subs = subs.into_iter().filter_map(|sub| advanced(sub, header_revision, metrics)).collect();
+                st.subs = subs
+                    .into_iter()
+                    .filter_map(
+                        |sub| if sub.parked.is_some() { Some(sub) } else { advanced(sub, header_revision, metrics) },
+                    )
+                    .collect();
             }
             return true;
         }
@@ -576,6 +598,7 @@ impl SharedWatch {
                 if sub.handing {
                     // Its own watch exists already: the hand-over ends here (with etcd's cancel first if the
                     // subscriber needed compacted revisions), so the stream stops holding etcd's frames for it.
+                    // Parked frames are not given (the hand-over revision is not known).
                     if gets_cancel {
                         let _ = rewrite(frame.message(), sub.watch_id, 0, 0).map(|b| send(&mut sub, HubItem::Frame(b)));
                     }
@@ -595,56 +618,11 @@ impl SharedWatch {
         let bounds = head.revisions();
         // A response without events is a progress notification: everything up to its header's revision is out.
         let upto = if head.events.is_empty() { header_revision } else { bounds.map_or(0, |(_, hi)| hi) };
+        let resp = Resp::of(frame, &head, bounds.map(|(lo, _)| lo), upto);
         let subs = std::mem::take(&mut st.subs);
-        st.subs = self.deliver(subs, &frame, &head, bounds.map(|(lo, _)| lo), upto, metrics);
+        st.subs = deliver(subs, &resp, metrics);
         st.delivered = st.delivered.max(upto);
         true
-    }
-
-    /// Queue `frame` for each subscriber (with its ID, without the events it must not see); the ones still
-    /// subscribed.
-    fn deliver(
-        &self,
-        subs: Vec<Sub>,
-        frame: &Framed,
-        head: &Head,
-        lowest: Option<i64>,
-        upto: i64,
-        metrics: &Metrics,
-    ) -> Vec<Sub> {
-        let mut kept = Vec::with_capacity(subs.len());
-        for mut sub in subs {
-            let has_events = !head.events.is_empty();
-            let capped = sub.until > 0 && upto > sub.until;
-            let filtered = has_events && (lowest.is_some_and(|lo| sub.from > lo) || capped);
-            let bytes = if filtered {
-                rewrite(frame.message(), sub.watch_id, sub.from, sub.until)
-            } else if !has_events && !head.created && (sub.from > upto + 1 || capped) {
-                // A progress notification from before this subscriber's start, or after its hand-over.
-                None
-            } else if sub.watch_id == head.watch_id {
-                Some(frame.clone().into_bytes())
-            } else {
-                rewrite(frame.message(), sub.watch_id, 0, 0)
-            };
-            if let Some(bytes) = bytes {
-                match send(&mut sub, HubItem::Frame(bytes)) {
-                    Sent::Queued => {}
-                    Sent::Full => {
-                        metrics.shared_watch_subscribers.dec();
-                        detach(sub, metrics);
-                        continue;
-                    }
-                    Sent::Gone => {
-                        metrics.shared_watch_subscribers.dec();
-                        continue;
-                    }
-                }
-            }
-            sub.announced = true;
-            kept.extend(advanced(sub, upto, metrics));
-        }
-        kept
     }
 
     /// The shared watch failed: its subscribers' streams end with `status` (a subscriber whose queue is full goes
@@ -678,13 +656,79 @@ impl Sub {
         announced: bool,
     ) -> Sub {
         let (down, detach) = (down.clone(), detach.clone());
-        Sub { token, watch_id, down, detach, from, delivered, announced, handing: false, until: 0, spill: None }
+        Sub {
+            token,
+            watch_id,
+            down,
+            detach,
+            from,
+            delivered,
+            announced,
+            handing: false,
+            until: 0,
+            spill: None,
+            parked: None,
+        }
     }
 
     /// Where its stream's own watch must resume if it leaves now.
     fn detached(&self) -> Detached {
         Detached { watch_id: self.watch_id, token: self.token, resume: self.delivered + 1, announced: self.announced }
     }
+}
+
+impl Resp {
+    fn of(frame: Framed, head: &Head, lowest: Option<i64>, upto: i64) -> Resp {
+        let (watch_id, created, has_events) = (head.watch_id, head.created, !head.events.is_empty());
+        Resp { frame, watch_id, created, has_events, lowest, upto }
+    }
+}
+
+/// Give `resp` to each subscriber (or park it for those whose hand-over revision is not known yet); the ones
+/// still subscribed.
+fn deliver(subs: Vec<Sub>, resp: &Resp, metrics: &Metrics) -> Vec<Sub> {
+    let mut kept = Vec::with_capacity(subs.len());
+    for mut sub in subs {
+        if let Some(parked) = &mut sub.parked {
+            parked.push(resp.clone());
+            kept.push(sub);
+        } else {
+            kept.extend(offer(sub, resp, metrics));
+        }
+    }
+    kept
+}
+
+/// Queue `resp` for `sub` (with its ID, without the events it must not see): `sub` if it stays subscribed.
+fn offer(mut sub: Sub, resp: &Resp, metrics: &Metrics) -> Option<Sub> {
+    let capped = sub.until > 0 && resp.upto > sub.until;
+    let filtered = resp.has_events && (resp.lowest.is_some_and(|lo| sub.from > lo) || capped);
+    let bytes = if filtered {
+        rewrite(resp.frame.message(), sub.watch_id, sub.from, sub.until)
+    } else if !resp.has_events && !resp.created && (sub.from > resp.upto + 1 || capped) {
+        // A progress notification from before this subscriber's start, or after its hand-over.
+        None
+    } else if sub.watch_id == resp.watch_id {
+        Some(resp.frame.clone().into_bytes())
+    } else {
+        rewrite(resp.frame.message(), sub.watch_id, 0, 0)
+    };
+    if let Some(bytes) = bytes {
+        match send(&mut sub, HubItem::Frame(bytes)) {
+            Sent::Queued => {}
+            Sent::Full => {
+                metrics.shared_watch_subscribers.dec();
+                detach(sub, metrics);
+                return None;
+            }
+            Sent::Gone => {
+                metrics.shared_watch_subscribers.dec();
+                return None;
+            }
+        }
+    }
+    sub.announced = true;
+    advanced(sub, resp.upto, metrics)
 }
 
 /// Tell a subscriber's stream to go on with a watch of its own.
@@ -849,28 +893,63 @@ impl Subscription {
     }
 
     /// Start moving to a watch of the stream's own ([`Subscription::hand_over`]): from now on the subscriber is
-    /// not detached for being slow. False if it has already left.
+    /// not detached for being slow, and the shared watch's responses are kept for it until the hand-over revision
+    /// is known. False if it has already left.
     pub fn begin_handover(&self) -> bool {
         let mut st = lock(&self.watch.state);
         let Some(at) = self.position(&st) else { return false };
         st.subs[at].handing = true;
+        st.subs[at].parked = Some(Vec::new());
         true
+    }
+
+    /// The hand-over did not happen (etcd refused the own watch's create): the subscriber stays, is given what was
+    /// parked for it, and may be detached for being slow again.
+    pub fn end_handover(&self) {
+        let mut st = lock(&self.watch.state);
+        let Some(at) = self.position(&st) else { return };
+        let mut sub = st.subs.swap_remove(at);
+        sub.handing = false;
+        let mut kept = Some(sub);
+        for resp in kept.as_mut().and_then(|s| s.parked.take()).unwrap_or_default() {
+            kept = match kept {
+                Some(sub) => offer(sub, &resp, &self.metrics),
+                None => break,
+            };
+        }
+        st.subs.extend(kept);
+        drop(st);
+        self.watch.left.notify_one();
     }
 
     /// The stream's own watch for this subscriber's ID exists from `revision + 1` on (etcd's `created` answer to
     /// a create from now): the shared watch gives the subscriber what it has not yet been given up to
-    /// `revision`, then it leaves ([`HubItem::HandedOver`]).
+    /// `revision` (what was parked for it first), then it leaves ([`HubItem::HandedOver`]). What it had when the
+    /// hand-over began is at most `revision` (etcd had sent it before it made the own watch), and it is given
+    /// nothing past `revision`.
     pub fn hand_over(&self, revision: i64) -> HandOver {
         let mut st = lock(&self.watch.state);
         let Some(at) = self.position(&st) else { return HandOver::Gone };
-        if st.subs[at].delivered >= revision {
-            // It has been given that much already: the own watch's events up to what it was given are not
-            // passed on.
-            let (sub, _) = self.take_out(st, at);
-            self.metrics.shared_watch_detaches.inc();
-            return HandOver::Now { given: sub.delivered };
+        let mut sub = st.subs.swap_remove(at);
+        sub.until = revision.max(1);
+        let mut left = Some(sub);
+        for resp in left.as_mut().and_then(|s| s.parked.take()).unwrap_or_default() {
+            left = match left {
+                Some(sub) => offer(sub, &resp, &self.metrics),
+                None => break,
+            };
         }
-        st.subs[at].until = revision;
+        // Given everything up to `revision` already (or nothing came since the hand-over began): it leaves now.
+        let left = left.and_then(|sub| {
+            let upto = sub.delivered;
+            advanced(sub, upto, &self.metrics)
+        });
+        let Some(sub) = left else {
+            drop(st);
+            self.watch.left.notify_one();
+            return HandOver::Later;
+        };
+        st.subs.push(sub);
         st.trust_progress = true;
         drop(st);
         // A shared watch with nothing to send would not pass `revision`: its progress answer says it has (etcd
@@ -901,6 +980,13 @@ impl Subscription {
         self.watch.left.notify_one();
         (sub, header)
     }
+}
+
+/// A subscription to a shared watch of no upstream watch, for tests of the stream's side.
+#[cfg(test)]
+pub fn test_subscription() -> Subscription {
+    let (watch, _) = SharedWatch::new(0);
+    Subscription { watch, token: 1, metrics: Arc::new(Metrics::new()) }
 }
 
 impl Drop for Subscription {
@@ -1060,6 +1146,47 @@ mod tests {
         // A progress notification (no events) is not dropped by the filter.
         let progress = response(0, &[]);
         assert!(rewrite(&progress.encode_to_vec(), 2, 8, 0).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_handing_over_is_given_nothing_past_the_hand_over_revision_then_told() {
+        let metrics = Metrics::new();
+        let (watch, _requests) = SharedWatch::new(0);
+        // A stream whose queue holds two items: the rest spills.
+        let (down, mut rx) = mpsc::channel(2);
+        let detach: DetachTx = Arc::default();
+        lock(&watch.state).subs.push(Sub::new(1, 3, &down, &detach, 0, -1, false));
+        let sub = Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) };
+        let header = Some(pb::ResponseHeader { revision: 10, ..Default::default() });
+        let created = pb::WatchResponse { header, watch_id: 0, created: true, ..Default::default() };
+        assert!(watch.on_frame(Framed::encode(&created), &metrics));
+        assert!(watch.on_frame(Framed::encode(&response(0, &[11])), &metrics));
+        assert!(sub.begin_handover());
+        // Revisions 12 to 15 come while etcd makes the stream's own watch; etcd's answer says it starts after 13.
+        for revision in 12..=15 {
+            assert!(watch.on_frame(Framed::encode(&response(0, &[revision])), &metrics));
+        }
+        assert_eq!(sub.hand_over(13), HandOver::Later);
+        // The client gets up to 13 from the shared watch, then the stream is told; 14 and 15 are the own watch's.
+        let mut got = Vec::new();
+        loop {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+            match item.ok().flatten() {
+                Some(HubItem::Frame(frame)) => {
+                    let r = decoded(&frame);
+                    let revisions: Vec<i64> =
+                        r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)).collect();
+                    got.push(format!("{} {} {revisions:?}", r.watch_id, r.created));
+                }
+                Some(HubItem::HandedOver(id)) => {
+                    got.push(format!("handed over {id}"));
+                    break;
+                }
+                other => panic!("{other:?} after {got:?}"),
+            }
+        }
+        assert_eq!(got, ["3 true []", "3 false [11]", "3 false [12]", "3 false [13]", "handed over 3"]);
+        assert!(lock(&watch.state).subs.is_empty());
     }
 
     #[test]
