@@ -22,6 +22,7 @@
 //!   etcd 3.5.8 and later by a hand-over from now ([`Subscription::hand_over`]), else by a detach.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,6 +33,7 @@ use futures_util::StreamExt;
 use http::HeaderValue;
 use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -39,6 +41,11 @@ use super::lease_keys::LOOKUP_TIMEOUT;
 use crate::codec::Framed;
 use crate::metrics::Metrics;
 use crate::upstream::{CallMeta, StreamCall, Upstream};
+
+/// How long a shared watch waits for the answer to its progress request during a hand-over before it asks again.
+/// etcd 3.5.16 was seen to leave such a request unanswered for good (a watch that was not synced when it came, and
+/// got no event afterwards), and to answer the next one (`tests/tests/coalesce_stress.rs`).
+const PROGRESS_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A client stream's queue of what its shared watches send it (and of the proxy's answers that must follow them).
 pub type Down = mpsc::Sender<HubItem>;
@@ -542,6 +549,19 @@ impl SharedWatch {
         (watch, rx)
     }
 
+    /// Ask etcd for a progress answer on the shared watch's stream.
+    fn request_progress(&self) {
+        let request = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
+        };
+        let _ = self.requests.try_send(request);
+    }
+
+    /// Whether a subscriber waits for the shared watch to pass its hand-over revision.
+    fn hand_over_waits(&self) -> bool {
+        lock(&self.state).subs.iter().any(|s| s.until > 0)
+    }
+
     /// Pass one of etcd's responses on; false once the watch has ended.
     fn on_frame(&self, frame: Framed, metrics: &Metrics) -> bool {
         let Ok(head) = Head::decode(frame.message_bytes()) else {
@@ -816,9 +836,17 @@ impl Run {
         let requests = futures_util::stream::once(async { request }).chain(ReceiverStream::new(requests));
         let mut call =
             StreamCall::new(async move { upstream.streaming(methods::WATCH_WATCH, Box::pin(requests), &meta).await });
+        // Armed while a subscriber waits for its hand-over revision: the progress request is sent again.
+        let mut retry: Option<Pin<Box<Sleep>>> = None;
         loop {
             let left = self.watch.left.notified();
             tokio::select! {
+                () = async { if let Some(r) = retry.as_mut() { r.await } }, if retry.is_some() => {
+                    retry = None;
+                    if self.watch.hand_over_waits() {
+                        self.watch.request_progress();
+                    }
+                }
                 next = call.next() => match next {
                     Some(Ok(frame)) => {
                         if !self.watch.on_frame(frame, &self.metrics) {
@@ -838,6 +866,9 @@ impl Run {
             }
             if self.end_if_unused() {
                 break;
+            }
+            if retry.is_none() && self.watch.hand_over_waits() {
+                retry = Some(Box::pin(tokio::time::sleep(PROGRESS_RETRY)));
             }
         }
         self.close();
@@ -954,10 +985,9 @@ impl Subscription {
         drop(st);
         // A shared watch with nothing to send would not pass `revision`: its progress answer says it has (etcd
         // 3.5.8 and later answer in order with the events, once the watch has sent everything up to there).
-        let request = pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
-        };
-        let _ = self.watch.requests.try_send(request);
+        self.watch.request_progress();
+        // The watch's task asks again while the answer does not come.
+        self.watch.left.notify_one();
         HandOver::Later
     }
 
