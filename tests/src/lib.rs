@@ -433,6 +433,19 @@ metrics_listen: "127.0.0.1:0"
         Ok(etcd_client::Client::connect([self.proxy_url()], Some(opts)).await?)
     }
 
+    /// An `etcd-client` connection straight to etcd (the proxy's upstream certificate), for reference answers. No
+    /// call timeout: its watches may last the whole test.
+    pub async fn client_direct(&self) -> TestResult<etcd_client::Client> {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(self.pki.ca_file())?))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(self.pki.path("upstream-client.crt"))?,
+                std::fs::read(self.pki.path("upstream-client.key"))?,
+            ));
+        let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_connect_timeout(Duration::from_secs(5));
+        Ok(etcd_client::Client::connect([self.etcd.client_url.clone()], Some(opts)).await?)
+    }
+
     pub fn admin(&self) -> TestResult<ClientCert> {
         self.pki.client("admin", "admin", None, &[])
     }

@@ -286,18 +286,6 @@ async fn etcd_settles(h: &Harness, name: &str, want: f64) -> TestResult {
     }
 }
 
-/// An `etcd-client` connection straight to etcd, for reference answers.
-async fn direct(h: &Harness) -> TestResult<Client> {
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(h.pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(
-            std::fs::read(h.pki.path("upstream-client.crt"))?,
-            std::fs::read(h.pki.path("upstream-client.key"))?,
-        ));
-    let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_connect_timeout(Duration::from_secs(5));
-    Ok(Client::connect([h.etcd.client_url.clone()], Some(opts)).await?)
-}
-
 const STREAMS: usize = 200;
 const BURST: usize = 20;
 
@@ -514,7 +502,7 @@ async fn a_start_revision_already_passed_is_replayed_and_one_ahead_joins() -> Te
         ("from rc+3", &mut ahead, later[2..].to_vec()),
     ];
     // etcd's own answer to each start revision (all in the past by now) is what is expected of the proxy.
-    let etcd = direct(&h).await?;
+    let etcd = h.client_direct().await?;
     for (start, (what, _, want)) in [r0, ra, rc, rc + 1, rc + 3].into_iter().zip(&cases[2..]) {
         let (mut s, _) = open(&etcd, "s/", prefix().with_start_revision(start)).await?;
         same(&format!("{what}, straight from etcd"), &events(&mut s, want.len()).await?, want)?;
@@ -589,7 +577,7 @@ async fn ids_events_and_cancels_on_a_stream_mixing_shared_and_unshared_watches_a
     let canceled = next(&mut mixed).await?;
     assert!(canceled.canceled() && canceled.watch_id() == first, "{canceled:?}");
     let ids = [vec![first], create_mixed(&mut mixed).await?].concat();
-    let mut etcd = direct(&h).await?;
+    let mut etcd = h.client_direct().await?;
     let (mut reference, reference_ids) = {
         let mut s = etcd.watch("m/", Some(prefix())).await?;
         let first = created(&mut s).await?.watch_id();
@@ -717,7 +705,7 @@ async fn a_progress_request_moves_shared_watches_without_a_gap_or_a_duplicate() 
     created(&mut other).await?;
     created(&mut other).await?;
     // The same two watches on a stream straight to etcd, for etcd's own answer.
-    let mut etcd = direct(&h).await?;
+    let mut etcd = h.client_direct().await?;
     let mut reference = etcd.watch("p/", Some(prefix())).await?;
     reference.watch("p/a", None).await?;
     created(&mut reference).await?;

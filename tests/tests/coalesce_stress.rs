@@ -254,17 +254,6 @@ fn metric(h: &Harness, name: &str) -> TestResult<f64> {
         .unwrap_or(0.0))
 }
 
-async fn direct(h: &Harness) -> TestResult<Client> {
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(h.pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(
-            std::fs::read(h.pki.path("upstream-client.crt"))?,
-            std::fs::read(h.pki.path("upstream-client.key"))?,
-        ));
-    let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_connect_timeout(Duration::from_secs(5));
-    Ok(Client::connect([h.etcd.client_url.clone()], Some(opts)).await?)
-}
-
 /// One random write; its revision.
 async fn write(c: &mut Client, rng: &mut Rng, n: u64) -> TestResult<i64> {
     let value = format!("v{n}");
@@ -526,7 +515,7 @@ async fn random_watches_through_shared_watches_see_exactly_etcds_history() -> Te
     let mut master = Rng(seed);
     let h = Harness::with_config(TEST_POLICY, COALESCE).await?;
     let admin = h.admin()?;
-    let mut etcd = direct(&h).await?;
+    let mut etcd = h.client_direct().await?;
     let version = etcd.status().await?.version().to_string();
     let ordered = {
         let v: Vec<u64> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
@@ -567,7 +556,7 @@ async fn random_watches_through_shared_watches_see_exactly_etcds_history() -> Te
     let mut watch_connections = Vec::new();
     for _ in 0..CONNECTIONS {
         connections.push(h.client(&admin).await?);
-        watch_connections.push(if through_proxy { h.client(&admin).await? } else { direct(&h).await? });
+        watch_connections.push(if through_proxy { h.client(&admin).await? } else { h.client_direct().await? });
     }
     let until = Instant::now() + activity();
     let mut tasks = Vec::new();
