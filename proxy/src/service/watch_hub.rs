@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -142,6 +142,9 @@ struct SharedWatch {
     ready: watch::Sender<bool>,
     /// A subscriber left: the task looks whether any is left.
     left: Notify,
+    /// A subscriber may be waiting for the shared watch to pass its hand-over revision: the task asks etcd for a
+    /// progress answer again until none waits ([`PROGRESS_RETRY`]).
+    hand_over_pending: AtomicBool,
 }
 
 #[derive(Default)]
@@ -545,6 +548,7 @@ impl SharedWatch {
             state: Mutex::new(State::default()),
             ready: watch::Sender::new(false),
             left: Notify::new(),
+            hand_over_pending: AtomicBool::new(false),
         });
         (watch, rx)
     }
@@ -557,9 +561,15 @@ impl SharedWatch {
         let _ = self.requests.try_send(request);
     }
 
-    /// Whether a subscriber waits for the shared watch to pass its hand-over revision.
+    /// Whether a subscriber waits for the shared watch to pass its hand-over revision; if none does, the task
+    /// stops asking (under the state's lock, where [`Subscription::hand_over`] sets `hand_over_pending`).
     fn hand_over_waits(&self) -> bool {
-        lock(&self.state).subs.iter().any(|s| s.until > 0)
+        let st = lock(&self.state);
+        let waits = st.subs.iter().any(|s| s.until > 0);
+        if !waits {
+            self.hand_over_pending.store(false, Ordering::Relaxed);
+        }
+        waits
     }
 
     /// Pass one of etcd's responses on; false once the watch has ended.
@@ -867,7 +877,7 @@ impl Run {
             if self.end_if_unused() {
                 break;
             }
-            if retry.is_none() && self.watch.hand_over_waits() {
+            if retry.is_none() && self.watch.hand_over_pending.load(Ordering::Relaxed) {
                 retry = Some(Box::pin(tokio::time::sleep(PROGRESS_RETRY)));
             }
         }
@@ -982,11 +992,12 @@ impl Subscription {
         };
         st.subs.push(sub);
         st.trust_progress = true;
+        // The watch's task asks again while the answer does not come.
+        self.watch.hand_over_pending.store(true, Ordering::Relaxed);
         drop(st);
         // A shared watch with nothing to send would not pass `revision`: its progress answer says it has (etcd
         // 3.5.8 and later answer in order with the events, once the watch has sent everything up to there).
         self.watch.request_progress();
-        // The watch's task asks again while the answer does not come.
         self.watch.left.notify_one();
         HandOver::Later
     }
