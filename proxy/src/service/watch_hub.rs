@@ -981,9 +981,11 @@ impl Subscription {
             };
         }
         // Given everything up to `revision` already (or nothing came since the hand-over began): it leaves now.
+        // Only then: `advanced` takes its revision for the shared watch's position, and a subscriber that joined
+        // from now can be ahead of a shared watch still catching up (its `from` must keep cutting what comes).
         let left = left.and_then(|sub| {
             let upto = sub.delivered;
-            advanced(sub, upto, &self.metrics)
+            if upto >= sub.until { advanced(sub, upto, &self.metrics) } else { Some(sub) }
         });
         let Some(sub) = left else {
             drop(st);
@@ -1228,6 +1230,43 @@ mod tests {
         }
         assert_eq!(got, ["3 true []", "3 false [11]", "3 false [12]", "3 false [13]", "handed over 3"]);
         assert!(lock(&watch.state).subs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_from_now_handing_over_from_a_shared_watch_still_catching_up_gets_no_earlier_events() {
+        let metrics = Metrics::new();
+        // A shared watch from revision 52, answered by etcd, that has passed nothing yet.
+        let (watch, _requests) = SharedWatch::new(52);
+        let header = Some(pb::ResponseHeader { revision: 102, ..Default::default() });
+        let created = pb::WatchResponse { header, watch_id: 0, created: true, ..Default::default() };
+        assert!(watch.on_frame(Framed::encode(&created), &metrics));
+        // A watch from now joined when etcd was at 102: it wants 103 on.
+        let (down, mut rx) = mpsc::channel(8);
+        let detach: DetachTx = Arc::default();
+        lock(&watch.state).subs.push(Sub::new(1, 6, &down, &detach, 103, 102, true));
+        let sub = Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) };
+        assert!(sub.begin_handover());
+        assert_eq!(sub.hand_over(105), HandOver::Later);
+        // The shared watch's catch-up comes after: only 103 to 105 are the subscriber's.
+        assert!(watch.on_frame(Framed::encode(&response(0, &[52, 60, 103, 104, 105, 106])), &metrics));
+        let mut got = Vec::new();
+        loop {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+            match item.ok().flatten() {
+                Some(HubItem::Frame(frame)) => {
+                    let r = decoded(&frame);
+                    let revisions: Vec<i64> =
+                        r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)).collect();
+                    got.push(format!("{} {revisions:?}", r.watch_id));
+                }
+                Some(HubItem::HandedOver(id)) => {
+                    got.push(format!("handed over {id}"));
+                    break;
+                }
+                other => panic!("{other:?} after {got:?}"),
+            }
+        }
+        assert_eq!(got, ["6 [103, 104, 105]", "handed over 6"]);
     }
 
     #[test]
