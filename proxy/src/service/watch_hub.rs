@@ -1191,6 +1191,28 @@ mod tests {
         assert!(rewrite(&progress.encode_to_vec(), 2, 8, 0).is_some());
     }
 
+    /// What a stream's queue gets up to and including [`HubItem::HandedOver`]: "watch created [revisions]" per
+    /// frame, then "handed over ID".
+    async fn until_handed_over(rx: &mut mpsc::Receiver<HubItem>) -> Vec<String> {
+        let mut got = Vec::new();
+        loop {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+            match item.ok().flatten() {
+                Some(HubItem::Frame(frame)) => {
+                    let r = decoded(&frame);
+                    let revisions: Vec<i64> =
+                        r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)).collect();
+                    got.push(format!("{} {} {revisions:?}", r.watch_id, r.created));
+                }
+                Some(HubItem::HandedOver(id)) => {
+                    got.push(format!("handed over {id}"));
+                    return got;
+                }
+                other => panic!("{other:?} after {got:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_subscriber_handing_over_is_given_nothing_past_the_hand_over_revision_then_told() {
         let metrics = Metrics::new();
@@ -1211,23 +1233,7 @@ mod tests {
         }
         assert_eq!(sub.hand_over(13), HandOver::Later);
         // The client gets up to 13 from the shared watch, then the stream is told; 14 and 15 are the own watch's.
-        let mut got = Vec::new();
-        loop {
-            let item = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
-            match item.ok().flatten() {
-                Some(HubItem::Frame(frame)) => {
-                    let r = decoded(&frame);
-                    let revisions: Vec<i64> =
-                        r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)).collect();
-                    got.push(format!("{} {} {revisions:?}", r.watch_id, r.created));
-                }
-                Some(HubItem::HandedOver(id)) => {
-                    got.push(format!("handed over {id}"));
-                    break;
-                }
-                other => panic!("{other:?} after {got:?}"),
-            }
-        }
+        let got = until_handed_over(&mut rx).await;
         assert_eq!(got, ["3 true []", "3 false [11]", "3 false [12]", "3 false [13]", "handed over 3"]);
         assert!(lock(&watch.state).subs.is_empty());
     }
@@ -1249,24 +1255,8 @@ mod tests {
         assert_eq!(sub.hand_over(105), HandOver::Later);
         // The shared watch's catch-up comes after: only 103 to 105 are the subscriber's.
         assert!(watch.on_frame(Framed::encode(&response(0, &[52, 60, 103, 104, 105, 106])), &metrics));
-        let mut got = Vec::new();
-        loop {
-            let item = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
-            match item.ok().flatten() {
-                Some(HubItem::Frame(frame)) => {
-                    let r = decoded(&frame);
-                    let revisions: Vec<i64> =
-                        r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)).collect();
-                    got.push(format!("{} {revisions:?}", r.watch_id));
-                }
-                Some(HubItem::HandedOver(id)) => {
-                    got.push(format!("handed over {id}"));
-                    break;
-                }
-                other => panic!("{other:?} after {got:?}"),
-            }
-        }
-        assert_eq!(got, ["6 [103, 104, 105]", "handed over 6"]);
+        let got = until_handed_over(&mut rx).await;
+        assert_eq!(got, ["6 false [103, 104, 105]", "handed over 6"]);
     }
 
     #[test]
