@@ -761,6 +761,12 @@ fn offer(mut sub: Sub, resp: &Resp, metrics: &Metrics) -> Option<Sub> {
     advanced(sub, resp.upto, metrics)
 }
 
+/// Give `sub` the responses parked for it during a hand-over, in order: `sub` if it stays subscribed.
+fn unpark(mut sub: Sub, metrics: &Metrics) -> Option<Sub> {
+    let parked = sub.parked.take().unwrap_or_default();
+    parked.iter().try_fold(sub, |sub, resp| offer(sub, resp, metrics))
+}
+
 /// Tell a subscriber's stream to go on with a watch of its own.
 fn detach(sub: Sub, metrics: &Metrics) {
     metrics.shared_watch_detaches.inc();
@@ -951,14 +957,7 @@ impl Subscription {
         let Some(at) = self.position(&st) else { return };
         let mut sub = st.subs.swap_remove(at);
         sub.handing = false;
-        let mut kept = Some(sub);
-        for resp in kept.as_mut().and_then(|s| s.parked.take()).unwrap_or_default() {
-            kept = match kept {
-                Some(sub) => offer(sub, &resp, &self.metrics),
-                None => break,
-            };
-        }
-        st.subs.extend(kept);
+        st.subs.extend(unpark(sub, &self.metrics));
         drop(st);
         self.watch.left.notify_one();
     }
@@ -973,13 +972,7 @@ impl Subscription {
         let Some(at) = self.position(&st) else { return HandOver::Gone };
         let mut sub = st.subs.swap_remove(at);
         sub.until = revision.max(1);
-        let mut left = Some(sub);
-        for resp in left.as_mut().and_then(|s| s.parked.take()).unwrap_or_default() {
-            left = match left {
-                Some(sub) => offer(sub, &resp, &self.metrics),
-                None => break,
-            };
-        }
+        let left = unpark(sub, &self.metrics);
         // Given everything up to `revision` already (or nothing came since the hand-over began): it leaves now.
         // Only then: `advanced` takes its revision for the shared watch's position, and a subscriber that joined
         // from now can be ahead of a shared watch still catching up (its `from` must keep cutting what comes).
@@ -1102,11 +1095,6 @@ pub fn rewrite(message: &[u8], watch_id: i64, from: i64, until: i64) -> Option<B
     let len = u32::try_from(out.len() - 5).ok()?;
     out[1..5].copy_from_slice(&len.to_be_bytes());
     Some(out.freeze())
-}
-
-/// The lowest and highest revision of the events in etcd's watch response `message`, if it has events.
-pub fn revisions(message: &[u8]) -> Option<(i64, i64)> {
-    Head::decode(message).ok()?.revisions()
 }
 
 impl Head {
