@@ -232,3 +232,77 @@ async fn a_reloaded_upstream_certificate_is_used_for_new_connections() -> TestRe
     }
     Ok(())
 }
+
+/// A watch whose create etcd had not yet answered when a reload withdrew its permission is canceled too, once etcd
+/// answers it: none escapes the reload. One stream creates watches on `shared/` as fast as it can while the reload
+/// lands, so some creates are on their way to etcd at that moment (the race this pins down); creates decided
+/// after it are refused as etcd refuses them.
+#[tokio::test(flavor = "multi_thread")]
+async fn watches_created_while_a_reload_lands_are_canceled_too() -> TestResult {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const MOST: usize = 5000;
+    let s = start(BEFORE).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let prefix = || Some(WatchOptions::new().with_prefix());
+    let (mut requests, mut responses) = c.watch("shared/", prefix()).await?.split();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut sender = Some({
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 1;
+            while sent < MOST && !stop.load(Ordering::SeqCst) {
+                requests.watch("shared/", prefix()).await?;
+                sent += 1;
+                if sent % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            TestResult::Ok((requests, sent))
+        })
+    });
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, ""))?;
+    let (mut answered, mut refused, mut live, mut revoked) = (0, 0, HashSet::new(), 0);
+    let mut triggered = false;
+    let (mut sent, mut _requests) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Until every create is answered and no watch is left open.
+    while sent.is_none_or(|sent| answered < sent) || !live.is_empty() {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let Ok(next) = tokio::time::timeout(wait, responses.message()).await else {
+            return Err(format!(
+                "{} of {answered} watches escaped the reload ({revoked} canceled by it, {refused} creates refused)",
+                live.len()
+            )
+            .into());
+        };
+        let r = next?.ok_or("the watch stream ended")?;
+        if r.created() {
+            answered += 1;
+            if r.canceled() {
+                assert_eq!(r.cancel_reason(), DENIED_REASON);
+                refused += 1;
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                live.insert(r.watch_id());
+            }
+        } else if r.canceled() {
+            assert_eq!(r.cancel_reason(), DENIED_REASON, "{r:?}");
+            assert!(live.remove(&r.watch_id()), "a cancel of a watch not open: {r:?}");
+            revoked += 1;
+        }
+        if !triggered && answered >= 200 {
+            s.proxy.reload.trigger();
+            triggered = true;
+        }
+        if let Some(done) = sender.take_if(|s| s.is_finished()) {
+            // Its half of the stream stays open: a client closing it ends the stream at etcd.
+            let (requests, count) = done.await??;
+            (sent, _requests) = (Some(count), Some(requests));
+        }
+    }
+    assert!(refused > 0 && revoked > 0, "the reload landed while watches were created: {refused}, {revoked}");
+    Ok(())
+}

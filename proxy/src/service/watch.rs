@@ -21,7 +21,7 @@ use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
 use futures_util::StreamExt;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
@@ -133,6 +133,28 @@ struct Order {
     /// its revision and before any later one).
     handing: HashMap<i64, JoinedWatch>,
     held: VecDeque<Framed>,
+    /// How many of the creates at the front of `pending` were decided before the last policy reload. A reload
+    /// checks the open watches again, but these are not open yet: each watch etcd opens for one of them is
+    /// checked once it is (`recheck`), so none escapes the reload.
+    before_reload: usize,
+    /// Watches etcd opened for creates decided before a reload, for the inbound loop to check.
+    recheck: Vec<i64>,
+}
+
+impl Order {
+    /// The oldest pending create, now answered by etcd; `stale` says whether it was decided before the last
+    /// reload.
+    fn answered(&mut self) -> Option<(Pending, bool)> {
+        let pending = self.pending.pop_front()?;
+        let stale = self.before_reload > 0;
+        self.before_reload = self.before_reload.saturating_sub(1);
+        Some((pending, stale))
+    }
+
+    /// A watch etcd opened for a create decided before a reload: to be checked under the policy now in force.
+    fn opened_stale(&mut self, watch_id: i64) {
+        self.recheck.push(watch_id);
+    }
 }
 
 /// A client watch served by a shared watch.
@@ -201,6 +223,8 @@ struct ToClient {
     /// etcd's messages passed on since the proxy's own channel was last looked at.
     since_own: u32,
     order: Arc<Mutex<Order>>,
+    /// Wakes the inbound loop to check watches in `Order::recheck`.
+    recheck: Arc<Notify>,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
@@ -208,6 +232,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let (down_tx, down_rx) = mpsc::channel(64);
     let (up_tx, up_rx): (Up, _) = mpsc::channel(64);
     let order = Arc::new(Mutex::new(Order::default()));
+    let recheck = Arc::new(Notify::new());
     let (hub, hub_rx) = if g.shared.watch_hub.is_some() {
         let (down, hub_rx) = mpsc::channel(HUB_QUEUE);
         (Some(HubSide { down, detach: Arc::default() }), Some(hub_rx))
@@ -240,13 +265,14 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
         own_closed: false,
         since_own: 0,
         order: order.clone(),
+        recheck: recheck.clone(),
         gauge: g.shared.metrics.open_watches.clone(),
     };
 
     let stream_id = g.shared.audit.stream_id();
     let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
     tokio::spawn(async move {
-        let streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref() };
+        let streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref(), recheck: &recheck };
         let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &streams).await;
         drop(hub);
         drop(up_tx);
@@ -265,6 +291,8 @@ struct Streams<'a> {
     down: &'a Down,
     up: &'a Up,
     hub: Option<&'a HubSide>,
+    /// Wakes the loop when etcd opened watches it must check again (created before a reload).
+    recheck: &'a Notify,
 }
 
 /// The shared watches of this stream that the hub detached, once there are any (never without a hub).
@@ -294,7 +322,13 @@ async fn inbound_loop(
                 return Code::Unavailable;
             }
             changed = reloads.changed() => {
-                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, streams).await {
+                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, streams, Recheck::All).await {
+                    return Code::Unavailable;
+                }
+                continue;
+            }
+            _ = streams.recheck.notified() => {
+                if !revoke_withdrawn(g, stream_id, order, streams, Recheck::Opened).await {
                     return Code::Unavailable;
                 }
                 continue;
@@ -579,21 +613,47 @@ fn own_watch(o: &mut Order, d: Detached) -> Option<Box<pb::WatchRequest>> {
 /// A shared watch of the stream whose permission a reload withdrew: the cancel the client gets, its ID, and why.
 type SharedRevocation = (Bytes, i64, String);
 
+/// Which watches [`revoke_withdrawn`] checks.
+enum Recheck {
+    /// After a reload: every open watch (creates still pending at etcd are checked once it opens them).
+    All,
+    /// The watches etcd opened for creates decided before a reload (`Order::recheck`).
+    Opened,
+}
+
 /// After a policy reload: cancel the open watches the caller may no longer read, as etcd cancels them
 /// (`PermissionDenied` cancel reason), and record each. Returns false if etcd's stream is gone.
-async fn revoke_withdrawn(g: &Guard, stream_id: Option<u64>, order: &Mutex<Order>, streams: &Streams<'_>) -> bool {
+async fn revoke_withdrawn(
+    g: &Guard,
+    stream_id: Option<u64>,
+    order: &Mutex<Order>,
+    streams: &Streams<'_>,
+    which: Recheck,
+) -> bool {
     let view = g.conn.view(&g.shared);
-    if view.permissions.mode() == Mode::AuditOnly {
-        return true;
-    }
     let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
-        let gone = withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
+        let opened = std::mem::take(&mut o.recheck);
+        if matches!(which, Recheck::All) {
+            o.before_reload = o.pending.len();
+        }
+        if view.permissions.mode() == Mode::AuditOnly {
+            return true;
+        }
+        let gone = match which {
+            Recheck::All => withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref()))),
+            Recheck::Opened => {
+                withdrawn_from(&view, opened.iter().filter_map(|id| o.active.get(id).map(|a| (*id, a.range.as_ref()))))
+            }
+        };
         for (id, _) in &gone {
             o.active.remove(id);
             o.revoked.insert(*id);
         }
-        let gone_shared = withdrawn_from(&view, o.joined.iter().map(|(id, w)| (*id, w.range.as_ref())));
+        let gone_shared = match which {
+            Recheck::All => withdrawn_from(&view, o.joined.iter().map(|(id, w)| (*id, w.range.as_ref()))),
+            Recheck::Opened => Vec::new(),
+        };
         let mut shared = Vec::with_capacity(gone_shared.len());
         for (id, reason) in gone_shared {
             if let Some(watch) = o.joined.remove(&id) {
@@ -670,26 +730,35 @@ impl ToClient {
         let mut answer = Some(frame);
         match o.pending.front() {
             Some(Pending::Upstream(..)) => {
-                if let Some(Pending::Upstream(range, slot, id)) = o.pending.pop_front() {
+                if let Some((Pending::Upstream(range, slot, id), stale)) = o.answered() {
                     if !head.canceled {
                         let counted = Some(Counted::new(&self.gauge));
                         o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+                        if stale {
+                            o.opened_stale(head.watch_id);
+                        }
                     } else if id != 0 {
                         o.ids.free(id);
                     }
                 }
             }
             Some(Pending::Handover(..)) => {
-                if let Some(Pending::Handover(id)) = o.pending.pop_front() {
+                if let Some((Pending::Handover(id), stale)) = o.answered() {
                     answer = None;
                     handed(&mut self.released, &mut o, id, &head);
+                    if stale && !head.canceled {
+                        o.opened_stale(head.watch_id);
+                    }
                 }
             }
             Some(Pending::Internal(..)) => {
-                if let Some(Pending::Internal(id, range, slot, counted)) = o.pending.pop_front() {
+                if let Some((Pending::Internal(id, range, slot, counted), stale)) = o.answered() {
                     if !head.canceled {
                         answer = None;
                         o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
+                        if stale {
+                            o.opened_stale(head.watch_id);
+                        }
                     } else {
                         // The client's watch cannot go on: it is canceled with etcd's reason.
                         o.ids.free(id);
@@ -708,8 +777,11 @@ impl ToClient {
             _ => {}
         }
         while let Some(Pending::Refused(_)) = o.pending.front() {
-            let Some(Pending::Refused(reason)) = o.pending.pop_front() else { break };
+            let Some((Pending::Refused(reason), _)) = o.answered() else { break };
             self.released.push_back(denial(o.header, &reason));
+        }
+        if !o.recheck.is_empty() {
+            self.recheck.notify_one();
         }
         answer.map(Framed::into_bytes)
     }
