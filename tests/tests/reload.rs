@@ -306,3 +306,38 @@ async fn watches_created_while_a_reload_lands_are_canceled_too() -> TestResult {
     assert!(refused > 0 && revoked > 0, "the reload landed while watches were created: {refused}, {revoked}");
     Ok(())
 }
+
+/// An election's Observe stream is a watch of its leader key: a reload that withdraws read on it ends the stream
+/// with etcd's permission-denied status, and the end is recorded with why.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_observe_stream_whose_permission_a_reload_withdrew_ends() -> TestResult {
+    let s = start(BEFORE).await?;
+    let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let lease = admin.lease_grant(30, None).await?.id();
+    admin.campaign("shared/leader", "admin-1", lease).await?;
+    let mut shared = c.observe("shared/leader").await?;
+    let leader = tokio::time::timeout(Duration::from_secs(5), shared.message()).await??.ok_or("stream ended")?;
+    assert_eq!(leader.kv().map(|kv| kv.value()), Some(&b"admin-1"[..]));
+    // etcd answers an Observe (headers included) once the election has a leader.
+    let own_leader = admin.campaign("cilium/leader", "admin-2", lease).await?.take_leader().ok_or("no leader key")?;
+    let mut own = c.observe("cilium/leader").await?;
+    let leader = tokio::time::timeout(Duration::from_secs(5), own.message()).await??.ok_or("stream ended")?;
+    assert_eq!(leader.kv().map(|kv| kv.value()), Some(&b"admin-2"[..]));
+
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, ""))?;
+    s.proxy.reload.trigger();
+    let ended = tokio::time::timeout(Duration::from_secs(5), shared.message()).await?;
+    assert!(ended.as_ref().is_err_and(is_denied), "{ended:?}");
+    // The stream on what the identity may still read goes on.
+    admin.proclaim("admin-3", Some(etcd_client::ProclaimOptions::new().with_leader(own_leader))).await?;
+    let leader = tokio::time::timeout(Duration::from_secs(5), own.message()).await??.ok_or("stream ended")?;
+    assert_eq!(leader.kv().map(|kv| kv.value()), Some(&b"admin-3"[..]));
+    drop((own, c, admin));
+    s.proxy.stop().await;
+
+    let log = std::fs::read_to_string(s.pki.path("audit/audit.log"))?;
+    let end = log.lines().find(|l| l.contains("Observe") && l.contains("withdrawn by a policy reload"));
+    assert!(end.is_some_and(|l| l.contains("PermissionDenied")), "the end is recorded");
+    Ok(())
+}

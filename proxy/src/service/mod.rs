@@ -27,6 +27,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Code, Status, Streaming};
 
 use crate::audit::record::code_name;
@@ -314,23 +316,8 @@ impl Guard {
             let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
             Ok(Verdict { decision, reason })
         };
-        if let Some(why) = needs.0.iter().find_map(|n| if let Need::Never(why) = n { Some(*why) } else { None }) {
-            return Ok(Verdict { decision: Decision::Deny, reason: why.to_string() });
-        }
-        if perms.roles.is_empty() && !needs.0.is_empty() {
-            return Ok(Verdict { decision: Decision::Deny, reason: "no binding matches this identity".into() });
-        }
-        for need in &needs.0 {
-            let denied = match need {
-                Need::Key(access, range) => perms.check(*access, range).err().map(|d| d.reason),
-                Need::Cap(cap) => perms.check_capability(*cap).err().map(|d| d.reason),
-                Need::Admin if perms.caps == CapabilitySet::all() => None,
-                Need::Admin => Some("capability \"admin\" (every cluster capability) not granted".to_string()),
-                Need::LeaseKeys(..) | Need::Never(_) => None,
-            };
-            if let Some(reason) = denied {
-                return deny(reason);
-            }
+        if let Some(verdict) = refused_by_view(view, needs) {
+            return Ok(verdict);
         }
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
@@ -587,11 +574,18 @@ impl Guard {
             let rpc = rpc_name(path);
             let stream_id = self.shared.audit.stream_id();
             let needs = authorize(&msg);
+            // Checked again after every reload: a stream whose permission a reload withdrew ends, as open
+            // watches are canceled.
+            let recheck = needs.as_ref().ok().map(|needs| Recheck {
+                guard: self.clone(),
+                needs: needs.clone(),
+                reloads: WatchStream::from_changes(self.shared.subscribe_reloads()),
+            });
             let (verdict, record, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
             self.audit(rpc, record, &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.server_streaming(path, msg, &meta).await {
-                Ok(frames) => Ok(Audited { frames, end: Some(end) }),
+                Ok(frames) => Ok(Audited { frames: Some(frames), end: Some(end), recheck: recheck.map(Box::new) }),
                 Err(status) => {
                     end.finish(status.code());
                     Err(status)
@@ -624,6 +618,27 @@ impl Guard {
             Err(status) => status.into_http().into(),
         }
     }
+}
+
+/// The part of a decision the view alone makes (everything but the keys of leases): `Some` if it refuses —
+/// [`Decision::WouldDeny`] where only `audit-only` bindings apply, except for requests the proxy does not understand.
+fn refused_by_view(view: &View, needs: &Needs) -> Option<Verdict> {
+    let perms = &view.permissions;
+    if let Some(why) = needs.0.iter().find_map(|n| if let Need::Never(why) = n { Some(*why) } else { None }) {
+        return Some(Verdict { decision: Decision::Deny, reason: why.to_string() });
+    }
+    if perms.roles.is_empty() && !needs.0.is_empty() {
+        return Some(Verdict { decision: Decision::Deny, reason: "no binding matches this identity".into() });
+    }
+    let reason = needs.0.iter().find_map(|need| match need {
+        Need::Key(access, range) => perms.check(*access, range).err().map(|d| d.reason),
+        Need::Cap(cap) => perms.check_capability(*cap).err().map(|d| d.reason),
+        Need::Admin if perms.caps == CapabilitySet::all() => None,
+        Need::Admin => Some("capability \"admin\" (every cluster capability) not granted".to_string()),
+        Need::LeaseKeys(..) | Need::Never(_) => None,
+    })?;
+    let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
+    Some(Verdict { decision, reason })
 }
 
 /// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked (written into one string: this
@@ -756,15 +771,51 @@ impl Describe for NoOps {}
 
 /// etcd's frames on a server-streaming call, passed on; records the stream's end.
 struct Audited {
-    frames: Frames,
+    /// etcd's answers; `None` once the proxy ended the stream.
+    frames: Option<Frames>,
     end: Option<StreamEnd>,
+    recheck: Option<Box<Recheck>>,
+}
+
+/// What a server stream needs, checked again under each reloaded policy.
+struct Recheck {
+    guard: Guard,
+    needs: Needs,
+    reloads: WatchStream<u64>,
+}
+
+impl Audited {
+    /// After a reload: the reason the policy in force refuses the stream now, if it does.
+    fn withdrawn(&mut self, cx: &mut Context<'_>) -> Option<String> {
+        let recheck = self.recheck.as_mut()?;
+        let mut reloaded = false;
+        while let Poll::Ready(Some(_)) = recheck.reloads.poll_next_unpin(cx) {
+            reloaded = true;
+        }
+        if !reloaded {
+            return None;
+        }
+        let view = recheck.guard.conn.view(&recheck.guard.shared);
+        let verdict = refused_by_view(&view, &recheck.needs)?;
+        (verdict.decision == Decision::Deny).then_some(verdict.reason)
+    }
 }
 
 impl futures_util::Stream for Audited {
     type Item = Result<Bytes, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = ready!(Pin::new(&mut self.frames).poll_next(cx));
+        if let Some(reason) = self.withdrawn(cx) {
+            // Ended as etcd ends a call it refuses; etcd's stream is canceled with it.
+            (self.frames, self.recheck) = (None, None);
+            if let Some(mut end) = self.end.take() {
+                end.set_reason(Decision::Deny, format!("permission withdrawn by a policy reload: {reason}"));
+                end.finish(Code::PermissionDenied);
+            }
+            return Poll::Ready(Some(Err(permission_denied())));
+        }
+        let Some(frames) = self.frames.as_mut() else { return Poll::Ready(None) };
+        let item = ready!(Pin::new(frames).poll_next(cx));
         match &item {
             None => {
                 if let Some(end) = self.end.take() {
