@@ -86,6 +86,8 @@ pub struct Metrics {
     pub shared_watch_revision_waits: Counter,
     /// TLS handshakes that failed, by reason.
     pub handshake_failures: Family<ReasonLabels, Counter>,
+    /// Open connections closed because a reloaded client CA bundle or CRL no longer trusts their certificate.
+    pub connections_untrusted: Counter,
     /// Reloads of the policy and certificates, by result.
     pub reloads: Family<ResultLabels, Counter>,
     /// Requests refused by a limit, by limit.
@@ -187,6 +189,13 @@ impl Metrics {
             "TLS handshakes that failed, by reason",
             handshake_failures.clone(),
         );
+        let connections_untrusted = Counter::default();
+        registry.register(
+            "connections_untrusted",
+            "Open client connections closed because a reloaded client CA bundle or CRL no longer trusts their \
+             certificate",
+            connections_untrusted.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
         let limited = Family::<LimitLabels, Counter>::default();
@@ -232,6 +241,7 @@ impl Metrics {
             shared_watch_detaches,
             shared_watch_revision_waits,
             handshake_failures,
+            connections_untrusted,
             reloads,
             limited,
             lease_lookups,

@@ -16,13 +16,14 @@ use crate::config::Config;
 use crate::metrics::ResultLabels;
 use crate::policy::Policy;
 use crate::service::Shared;
-use crate::tls;
+use crate::tls::{self, ClientTrust};
 
 /// Reloads the parts of a running proxy.
 pub struct Reloader {
     config: Config,
     shared: Arc<Shared>,
     acceptor: Arc<RwLock<TlsAcceptor>>,
+    trust: Arc<ClientTrust>,
     trigger: Arc<Notify>,
     stamps: Vec<(Part, PathBuf, Option<Stamp>)>,
 }
@@ -59,7 +60,12 @@ impl ReloadHandle {
 // === impl Reloader ===
 
 impl Reloader {
-    pub fn new(config: Config, shared: Arc<Shared>, acceptor: Arc<RwLock<TlsAcceptor>>) -> Reloader {
+    pub fn new(
+        config: Config,
+        shared: Arc<Shared>,
+        acceptor: Arc<RwLock<TlsAcceptor>>,
+        trust: Arc<ClientTrust>,
+    ) -> Reloader {
         let mut files = vec![(Part::Policy, config.policy_file.clone())];
         let t = &config.tls;
         for f in [&t.cert_file, &t.key_file, &t.client_ca_file].into_iter().chain(&t.crl_files) {
@@ -70,7 +76,7 @@ impl Reloader {
             files.push((Part::Upstream, f.clone()));
         }
         let stamps = files.into_iter().map(|(part, path)| (part, path.clone(), stamp(&path))).collect();
-        Reloader { config, shared, acceptor, trigger: Arc::new(Notify::new()), stamps }
+        Reloader { config, shared, acceptor, trust, trigger: Arc::new(Notify::new()), stamps }
     }
 
     pub fn handle(&self) -> ReloadHandle {
@@ -118,8 +124,11 @@ impl Reloader {
                 Policy::load(&self.config.policy_file).map(|p| self.shared.replace_policy(p)).map_err(|e| e.to_string())
             }
             Part::Listener => tls::server_config(&self.config.tls)
-                .map(|c| {
-                    *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = TlsAcceptor::from(c);
+                .map(|tls| {
+                    // New handshakes first, then open connections (see `ClientTrust::watch`).
+                    let acceptor = TlsAcceptor::from(tls.config);
+                    *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
+                    self.trust.replace(tls.client_verifier);
                 })
                 .map_err(|e| e.to_string()),
             Part::Upstream => tls::upstream_connections(&self.config.upstream)

@@ -22,8 +22,9 @@ use crate::metrics::{self, HealthState, Metrics, ReasonLabels};
 use crate::policy::{Policy, PolicyError};
 use crate::reload::{ReloadHandle, Reloader};
 use crate::service::{Conn, Guard, Shared};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, ClientTrust, PeerTrust, TlsError};
 use crate::upstream::Upstream;
+use rustls::server::danger::ClientCertVerifier;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,7 @@ pub struct Proxy {
     metrics_listener: Option<TcpListener>,
     health_check_interval: Duration,
     acceptor: Arc<RwLock<TlsAcceptor>>,
+    trust: Arc<ClientTrust>,
     shared: Arc<Shared>,
     reloader: Reloader,
     shutdown_grace: Duration,
@@ -103,13 +105,15 @@ impl Proxy {
             )
             .coalescing_watches(config.watch.coalesce),
         );
-        let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls)));
-        let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone());
+        let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls.config)));
+        let trust = Arc::new(ClientTrust::new(server_tls.client_verifier));
+        let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone(), trust.clone());
         Ok(Proxy {
             listener,
             metrics_listener,
             health_check_interval: config.upstream.health_check_interval,
             acceptor,
+            trust,
             shared,
             reloader,
             shutdown_grace: config.shutdown_grace,
@@ -169,18 +173,20 @@ impl Proxy {
                 _ = stop.changed() => break,
             };
             let id = next_id.fetch_add(1, Ordering::Relaxed);
+            // In this order: a reload replaces the acceptor, then the trust of open connections.
+            let trust = self.trust.watch();
             let acceptor = self.acceptor.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
             let shared = self.shared.clone();
             let settings = (self.handshake_timeout, self.max_concurrent_streams, self.shutdown_grace);
             let stop = stop.clone();
             match self.workers.get(id as usize % self.workers.len().max(1)) {
-                None => drop(connections.spawn(connection(tcp, peer, id, acceptor, shared, settings, stop))),
+                None => drop(connections.spawn(connection(tcp, peer, id, (acceptor, trust), shared, settings, stop))),
                 // The socket moves to the worker's own reactor.
                 Some(worker) => match tcp.into_std() {
                     Ok(tcp) => {
                         let serve = async move {
                             match TcpStream::from_std(tcp) {
-                                Ok(tcp) => connection(tcp, peer, id, acceptor, shared, settings, stop).await,
+                                Ok(tcp) => connection(tcp, peer, id, (acceptor, trust), shared, settings, stop).await,
                                 Err(e) => warn!(conn = id, %peer, error = %e, "cannot hand the connection to a worker"),
                             }
                         };
@@ -233,7 +239,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-    acceptor: TlsAcceptor,
+    (acceptor, trust): (TlsAcceptor, watch::Receiver<Arc<dyn ClientCertVerifier>>),
     shared: Arc<Shared>,
     (handshake_timeout, max_concurrent_streams, grace): (Duration, u32, Duration),
     stop: watch::Receiver<bool>,
@@ -253,8 +259,9 @@ async fn connection(
             return;
         }
     };
-    let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
-    let identity = match leaf.map(|c| Identity::from_der(c.as_ref())) {
+    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+    let mut trust = PeerTrust::new(chain, trust);
+    let identity = match chain.first().map(|c| Identity::from_der(c.as_ref())) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
             info!(conn = id, %peer, error = %e, "client certificate refused");
@@ -279,6 +286,7 @@ async fn connection(
     let metrics = shared.metrics.clone();
     metrics.connections.inc();
     let (usage, fingerprint) = (conn.usage.clone(), conn.identity.fingerprint_sha256.clone());
+    let display_name = conn.identity.display_name().to_string();
     let guard = Guard::new(shared.clone(), conn);
     let settings = http2::server::Settings {
         max_concurrent_streams,
@@ -296,7 +304,13 @@ async fn connection(
         own_task: crate::service::is_streaming,
     };
     let handle = |req| guard.clone().handle(req);
-    if let Err(e) = http2::server::serve(stream, handle, settings, stop).await {
+    // A reload whose client CA or CRLs no longer trust the certificate closes the connection.
+    let untrusted = async {
+        let reason = trust.untrusted().await;
+        warn!(conn = id, %peer, identity = display_name, error = %reason, "client certificate no longer trusted after a reload; connection closed");
+        metrics.connections_untrusted.inc();
+    };
+    if let Err(e) = http2::server::serve(stream, handle, settings, stop, untrusted).await {
         debug!(conn = id, error = %e, "connection ended with an error");
     }
     metrics.connections.dec();

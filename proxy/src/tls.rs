@@ -7,11 +7,13 @@ use std::sync::Arc;
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use crate::http2::client::{Connection, Connector};
@@ -56,7 +58,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Build the listener's rustls configuration: the server certificate, client certificates required and verified
 /// against the client CA bundle (and CRLs, with expired CRLs refused), HTTP/2 only.
-pub fn server_config(tls: &config::ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let chain = load_certs(&tls.cert_file)?;
     let key = load_key(&tls.key_file)?;
@@ -85,10 +87,77 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<Arc<ServerConfig>, Tls
 
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ServerTls { config: Arc::new(config), client_verifier: verifier })
+}
+
+/// The listener's TLS: the rustls configuration for new handshakes and the client certificate verifier it uses
+/// (the client CA bundle and CRLs), which open connections are checked against again after a reload.
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// The client certificate verifier in force. A reload of the listener replaces it, and every open connection
+/// checks its client's certificate chain against the new one ([`ClientTrust::untrusted`]): a certificate a new
+/// CRL revokes, or a CA taken out of the bundle, loses its open connections too, not only its next handshake.
+pub struct ClientTrust(watch::Sender<Arc<dyn ClientCertVerifier>>);
+
+/// A connection's view of [`ClientTrust`]: its client's chain, the time of its handshake, and the verifier it was
+/// last checked against.
+pub struct PeerTrust {
+    chain: Vec<CertificateDer<'static>>,
+    verified_at: UnixTime,
+    verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>,
+}
+
+// === impl ClientTrust ===
+
+impl ClientTrust {
+    pub fn new(verifier: Arc<dyn ClientCertVerifier>) -> ClientTrust {
+        ClientTrust(watch::Sender::new(verifier))
+    }
+
+    /// Put a reloaded verifier in force for open connections.
+    pub fn replace(&self, verifier: Arc<dyn ClientCertVerifier>) {
+        self.0.send_replace(verifier);
+    }
+
+    /// Taken before the handshake's acceptor is (the reload replaces the acceptor first), so that a reload between
+    /// the two is still seen by the connection.
+    pub fn watch(&self) -> watch::Receiver<Arc<dyn ClientCertVerifier>> {
+        self.0.subscribe()
+    }
+}
+
+// === impl PeerTrust ===
+
+impl PeerTrust {
+    /// After a handshake that verified `chain` (leaf first).
+    pub fn new(chain: &[CertificateDer<'_>], verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>) -> PeerTrust {
+        let chain = chain.iter().map(|c| c.clone().into_owned()).collect();
+        PeerTrust { chain, verified_at: UnixTime::now(), verifier }
+    }
+
+    /// Resolves when a reloaded verifier no longer trusts the chain, with the reason. The chain is checked as of
+    /// its handshake: a reload ends connections whose certificate was revoked or whose CA was removed, not those
+    /// whose certificate expired since they were made (etcd does not end those either).
+    pub async fn untrusted(&mut self) -> rustls::Error {
+        loop {
+            if self.verifier.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let verifier = self.verifier.borrow_and_update().clone();
+            let Some((leaf, intermediates)) = self.chain.split_first() else {
+                return rustls::Error::NoCertificatesPresented;
+            };
+            if let Err(e) = verifier.verify_client_cert(leaf, intermediates, self.verified_at) {
+                return e;
+            }
+        }
+    }
 }
 
 /// The upstream connections: `connections_per_endpoint` per endpoint, each made at its first call and made again

@@ -133,13 +133,16 @@ async fn a_reloaded_policy_applies_at_once_and_cancels_withdrawn_watches() -> Te
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_certificate_revoked_by_a_reloaded_crl_is_refused_on_its_next_connection() -> TestResult {
+async fn a_certificate_revoked_by_a_reloaded_crl_loses_its_open_connections_and_is_refused_on_its_next() -> TestResult {
     let s = start(BEFORE).await?;
     let revokable = s.pki.client("revokable", "revokable", None, &[])?;
     let cilium = s.pki.client("cilium", "cilium-agent", None, &[])?;
     let mut c = client(&s, &revokable).await?;
     c.put("cilium/before", "1", None).await?;
-    drop(c);
+    let mut other = client(&s, &cilium).await?;
+    other.put("cilium/other", "0", None).await?;
+    let mut watch = c.watch("cilium/", Some(WatchOptions::new().with_prefix())).await?;
+    assert!(watch.message().await?.is_some_and(|r| r.created()));
 
     std::fs::write(
         s.pki.path("crl.pem"),
@@ -156,15 +159,21 @@ async fn a_certificate_revoked_by_a_reloaded_crl_is_refused_on_its_next_connecti
         Ok(mut c) => c.put("cilium/after", "1", None).await.is_err(),
     };
     assert!(refused, "a revoked certificate was accepted");
+    // Its open connection was closed: the watch stream ends, and nothing more is streamed to it.
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await?;
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    assert!(c.put("cilium/after", "1", None).await.is_err(), "the revoked client's connection still serves");
+    assert_eq!(metric(&s, "etcd_guard_connections_untrusted_total")?, 1.0);
     // The client can see the refusal (the server's alert) before the server has counted it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric(&s, r#"etcd_guard_tls_handshake_failures_total{reason="revoked"}"#)? < 1.0 {
         assert!(Instant::now() < deadline, "the refused handshake was not counted as revoked");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Others still connect.
+    // Others keep their connections and still connect.
+    other.put("cilium/other", "1", None).await?;
     let mut ok = client(&s, &cilium).await?;
-    ok.put("cilium/other", "1", None).await?;
+    ok.put("cilium/other", "2", None).await?;
     Ok(())
 }
 

@@ -39,18 +39,25 @@ pub struct Settings {
     pub own_task: fn(&str) -> bool,
 }
 
+/// How long a connection closed by the proxy (`close`) may take to send its last frames.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
 /// Largest header block a client may send (etcd's requests carry a few short headers).
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Serve one connection until the client goes away, or `stop` turns true (then GOAWAY, and the calls in flight get
-/// `shutdown_grace` to finish). `handle` answers each request; its response body is sent with flow control.
-pub async fn serve<T, H, Fut, B>(
+/// `shutdown_grace` to finish), or `close` resolves (then the calls in flight are dropped, their streams reset, and
+/// the connection is closed after a GOAWAY). `handle` answers each request; its response body is sent with flow
+/// control.
+pub async fn serve<T, H, Fut, B, C>(
     io: T,
     handle: H,
     settings: Settings,
     mut stop: watch::Receiver<bool>,
+    close: C,
 ) -> Result<(), h2::Error>
 where
+    C: Future<Output = ()>,
     T: AsyncRead + AsyncWrite + Unpin,
     H: Fn(http::Request<RecvBody>) -> Fut,
     Fut: Future<Output = Reply<B>> + Send + 'static,
@@ -75,6 +82,7 @@ where
         // Dropped with the connection, which aborts what is still running.
         let mut streams = JoinSet::new();
         let mut grace: Option<Pin<Box<Sleep>>> = None;
+        let mut close = std::pin::pin!(close);
         loop {
             tokio::select! {
                 // Calls first: every answer that is ready goes into the connection's buffer before it is written.
@@ -103,6 +111,14 @@ where
                     grace = Some(Box::pin(tokio::time::sleep(settings.shutdown_grace)));
                 }
                 () = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => return Ok(()),
+                () = &mut close => {
+                    calls.clear();
+                    streams.abort_all();
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    // Long enough to send the resets and the GOAWAY.
+                    let _ = tokio::time::timeout(CLOSE_FLUSH, poll_fn(|cx| conn.poll_closed(cx))).await;
+                    return Ok(());
+                }
             }
         }
     })
