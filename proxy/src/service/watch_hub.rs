@@ -33,7 +33,7 @@ use futures_util::StreamExt;
 use http::HeaderValue;
 use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -46,6 +46,11 @@ use crate::upstream::{CallMeta, StreamCall, Upstream};
 /// etcd 3.5.16 was seen to leave such a request unanswered for good (a watch that was not synced when it came, and
 /// got no event afterwards), and to answer the next one (`tests/tests/coalesce_stress.rs`).
 const PROGRESS_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long a subscriber may wait for the shared watch to pass its hand-over revision. Past it, its client stream
+/// ends with `Unavailable` (clients such as clientv3 then resume each watch from the last revision they got, on a
+/// new stream): a hand-over that never ends would otherwise hold the stream's later frames back for good.
+const HAND_OVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A client stream's queue of what its shared watches send it (and of the proxy's answers that must follow them).
 pub type Down = mpsc::Sender<HubItem>;
@@ -177,6 +182,8 @@ struct Sub {
     /// `spill`), and given nothing after `until` (0: not known yet).
     handing: bool,
     until: i64,
+    /// Since when it waits for the shared watch to pass `until` ([`HAND_OVER_DEADLINE`]).
+    waiting_since: Option<Instant>,
     spill: Option<mpsc::UnboundedSender<HubItem>>,
     /// While handing over and `until` is not known yet: the shared watch's responses, kept for it rather than
     /// given (the hand-over revision may be below them, and the client must not get events past it from the
@@ -563,8 +570,27 @@ impl SharedWatch {
 
     /// Whether a subscriber waits for the shared watch to pass its hand-over revision; if none does, the task
     /// stops asking (under the state's lock, where [`Subscription::hand_over`] sets `hand_over_pending`).
-    fn hand_over_waits(&self) -> bool {
-        let st = lock(&self.state);
+    /// Subscribers that have waited longer than [`HAND_OVER_DEADLINE`] leave, and their streams end.
+    fn hand_over_waits(&self, metrics: &Metrics) -> bool {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let overdue = |s: &Sub| s.waiting_since.is_some_and(|since| now.duration_since(since) >= HAND_OVER_DEADLINE);
+        if st.subs.iter().any(overdue) {
+            let (late, kept): (Vec<Sub>, Vec<Sub>) = std::mem::take(&mut st.subs).into_iter().partition(overdue);
+            st.subs = kept;
+            for mut sub in late {
+                tracing::warn!(
+                    watch_id = sub.watch_id,
+                    until = sub.until,
+                    delivered = sub.delivered,
+                    "a shared watch did not reach a watch's hand-over revision in time; its client stream ends \
+                     with Unavailable (clients resume their watches)"
+                );
+                metrics.shared_watch_subscribers.dec();
+                let status = Status::unavailable("etcd-guard: a watch hand-over did not complete; resume the watches");
+                let _ = send(&mut sub, HubItem::Failed(status));
+            }
+        }
         let waits = st.subs.iter().any(|s| s.until > 0);
         if !waits {
             self.hand_over_pending.store(false, Ordering::Relaxed);
@@ -696,6 +722,7 @@ impl Sub {
             announced,
             handing: false,
             until: 0,
+            waiting_since: None,
             spill: None,
             parked: None,
         }
@@ -859,7 +886,7 @@ impl Run {
             tokio::select! {
                 () = async { if let Some(r) = retry.as_mut() { r.await } }, if retry.is_some() => {
                     retry = None;
-                    if self.watch.hand_over_waits() {
+                    if self.watch.hand_over_waits(&self.metrics) {
                         self.watch.request_progress();
                     }
                 }
@@ -987,6 +1014,9 @@ impl Subscription {
         };
         st.subs.push(sub);
         st.trust_progress = true;
+        if let Some(sub) = st.subs.last_mut() {
+            sub.waiting_since = Some(Instant::now());
+        }
         // The watch's task asks again while the answer does not come.
         self.watch.hand_over_pending.store(true, Ordering::Relaxed);
         drop(st);
@@ -1245,6 +1275,29 @@ mod tests {
         assert!(watch.on_frame(Framed::encode(&response(0, &[52, 60, 103, 104, 105, 106])), &metrics));
         let got = until_handed_over(&mut rx).await;
         assert_eq!(got, ["6 false [103, 104, 105]", "handed over 6"]);
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_that_does_not_end_in_time_ends_the_client_stream() {
+        let metrics = Metrics::new();
+        let (watch, _requests) = SharedWatch::new(0);
+        let (down, mut rx) = mpsc::channel(8);
+        let detach: DetachTx = Arc::default();
+        lock(&watch.state).subs.push(Sub::new(1, 4, &down, &detach, 0, 10, true));
+        let sub = Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) };
+        assert!(sub.begin_handover());
+        // etcd's own watch starts after 20; the shared watch has passed 10 and nothing comes.
+        assert_eq!(sub.hand_over(20), HandOver::Later);
+        assert!(watch.hand_over_waits(&metrics), "it waits, and the task asks again");
+        assert!(rx.try_recv().is_err());
+        let started = Instant::now().checked_sub(HAND_OVER_DEADLINE).unwrap();
+        lock(&watch.state).subs[0].waiting_since = Some(started);
+        assert!(!watch.hand_over_waits(&metrics), "nobody waits any more");
+        assert!(lock(&watch.state).subs.is_empty());
+        match rx.try_recv() {
+            Ok(HubItem::Failed(status)) => assert_eq!(status.code(), tonic::Code::Unavailable),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
