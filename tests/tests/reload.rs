@@ -280,12 +280,31 @@ async fn watches_created_while_a_reload_lands_are_canceled_too() -> TestResult {
     // Until every create is answered and no watch is left open.
     while sent.is_none_or(|sent| answered < sent) || !live.is_empty() {
         let wait = deadline.saturating_duration_since(Instant::now());
-        let Ok(next) = tokio::time::timeout(wait, responses.message()).await else {
+        let next = tokio::time::timeout(wait, async {
+            match sender.as_mut() {
+                Some(sending) => tokio::select! {
+                    done = sending => Err(done),
+                    next = responses.message() => Ok(next),
+                },
+                None => Ok(responses.message().await),
+            }
+        });
+        let Ok(next) = next.await else {
             return Err(format!(
-                "{} of {answered} watches escaped the reload ({revoked} canceled by it, {refused} creates refused)",
-                live.len()
+                "{} of {answered} watches escaped the reload ({revoked} canceled by it, {refused} creates refused; \
+                 creates sent: {sent:?})",
+                live.len(),
             )
             .into());
+        };
+        let next = match next {
+            Ok(next) => next,
+            Err(done) => {
+                // Its half of the stream stays open: a client closing it ends the stream at etcd.
+                let (requests, count) = done??;
+                (sent, _requests, sender) = (Some(count), Some(requests), None);
+                continue;
+            }
         };
         let r = next?.ok_or("the watch stream ended")?;
         if r.created() {
@@ -305,11 +324,6 @@ async fn watches_created_while_a_reload_lands_are_canceled_too() -> TestResult {
         if !triggered && answered >= 200 {
             s.proxy.reload.trigger();
             triggered = true;
-        }
-        if let Some(done) = sender.take_if(|s| s.is_finished()) {
-            // Its half of the stream stays open: a client closing it ends the stream at etcd.
-            let (requests, count) = done.await??;
-            (sent, _requests) = (Some(count), Some(requests));
         }
     }
     assert!(refused > 0 && revoked > 0, "the reload landed while watches were created: {refused}, {revoked}");
