@@ -242,6 +242,19 @@ fn etcd_command(pki: &Pki, name: &str, data_dir: &Path, client_url: &str) -> Com
 
 // === impl Etcd ===
 
+/// Why one attempt to start etcd failed.
+enum StartFailed {
+    /// A port chosen as free was taken before etcd bound it (the log line says which).
+    PortTaken(String),
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for StartFailed {
+    fn from(e: E) -> StartFailed {
+        StartFailed::Other(e.into())
+    }
+}
+
 /// A free loopback port (the listener is dropped right away; good enough for tests on one machine).
 pub fn free_port() -> TestResult<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -249,7 +262,23 @@ pub fn free_port() -> TestResult<u16> {
 
 impl Etcd {
     /// Start etcd with mutual TLS on its client port (client certificates required), waiting until it answers.
+    /// A port taken between [`free_port`] and etcd's bind (by another test's process) is retried with new ports.
     pub fn start(pki: &Pki) -> TestResult<Etcd> {
+        let mut attempt = 1;
+        loop {
+            match Etcd::start_once(pki) {
+                Err(StartFailed::PortTaken(log)) if attempt < 3 => {
+                    eprintln!("etcd could not bind a free port (attempt {attempt}), trying others: {log}");
+                    attempt += 1;
+                }
+                Err(StartFailed::PortTaken(log)) => return Err(format!("etcd could not bind its ports: {log}").into()),
+                Err(StartFailed::Other(e)) => return Err(e),
+                Ok(etcd) => return Ok(etcd),
+            }
+        }
+    }
+
+    fn start_once(pki: &Pki) -> Result<Etcd, StartFailed> {
         let data = tempfile::tempdir()?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
@@ -262,9 +291,18 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?;
+        let log_path = data.path().join("etcd.log");
         let mut etcd = Etcd { child, client_url, _data: data };
-        etcd.wait_ready(pki)?;
-        Ok(etcd)
+        match etcd.wait_ready(pki) {
+            Ok(()) => Ok(etcd),
+            Err(e) => {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                match log.lines().find(|l| l.contains("address already in use")) {
+                    Some(line) => Err(StartFailed::PortTaken(line.to_string())),
+                    None => Err(StartFailed::Other(e)),
+                }
+            }
+        }
     }
 
     fn wait_ready(&mut self, pki: &Pki) -> TestResult {
