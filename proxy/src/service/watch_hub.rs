@@ -1231,15 +1231,25 @@ mod tests {
         }
     }
 
+    /// A subscriber (token 1) of `watch` as [`Sub::new`] makes it, on a stream whose queue holds `queue` items:
+    /// its subscription and the stream's queue.
+    fn subscribed(
+        watch: &Arc<SharedWatch>,
+        queue: usize,
+        (watch_id, from, delivered, announced): (i64, i64, i64, bool),
+    ) -> (Subscription, mpsc::Receiver<HubItem>) {
+        let (down, rx) = mpsc::channel(queue);
+        let detach: DetachTx = Arc::default();
+        lock(&watch.state).subs.push(Sub::new(1, watch_id, &down, &detach, from, delivered, announced));
+        (Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) }, rx)
+    }
+
     #[tokio::test]
     async fn a_subscriber_handing_over_is_given_nothing_past_the_hand_over_revision_then_told() {
         let metrics = Metrics::new();
         let (watch, _requests) = SharedWatch::new(0);
         // A stream whose queue holds two items: the rest spills.
-        let (down, mut rx) = mpsc::channel(2);
-        let detach: DetachTx = Arc::default();
-        lock(&watch.state).subs.push(Sub::new(1, 3, &down, &detach, 0, -1, false));
-        let sub = Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) };
+        let (sub, mut rx) = subscribed(&watch, 2, (3, 0, -1, false));
         let header = Some(pb::ResponseHeader { revision: 10, ..Default::default() });
         let created = pb::WatchResponse { header, watch_id: 0, created: true, ..Default::default() };
         assert!(watch.on_frame(Framed::encode(&created), &metrics));
@@ -1265,10 +1275,7 @@ mod tests {
         let created = pb::WatchResponse { header, watch_id: 0, created: true, ..Default::default() };
         assert!(watch.on_frame(Framed::encode(&created), &metrics));
         // A watch from now joined when etcd was at 102: it wants 103 on.
-        let (down, mut rx) = mpsc::channel(8);
-        let detach: DetachTx = Arc::default();
-        lock(&watch.state).subs.push(Sub::new(1, 6, &down, &detach, 103, 102, true));
-        let sub = Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) };
+        let (sub, mut rx) = subscribed(&watch, 8, (6, 103, 102, true));
         assert!(sub.begin_handover());
         assert_eq!(sub.hand_over(105), HandOver::Later);
         // The shared watch's catch-up comes after: only 103 to 105 are the subscriber's.
@@ -1281,10 +1288,7 @@ mod tests {
     async fn a_hand_over_that_does_not_end_in_time_ends_the_client_stream() {
         let metrics = Metrics::new();
         let (watch, _requests) = SharedWatch::new(0);
-        let (down, mut rx) = mpsc::channel(8);
-        let detach: DetachTx = Arc::default();
-        lock(&watch.state).subs.push(Sub::new(1, 4, &down, &detach, 0, 10, true));
-        let sub = Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) };
+        let (sub, mut rx) = subscribed(&watch, 8, (4, 0, 10, true));
         assert!(sub.begin_handover());
         // etcd's own watch starts after 20; the shared watch has passed 10 and nothing comes.
         assert_eq!(sub.hand_over(20), HandOver::Later);
