@@ -160,6 +160,11 @@ struct State {
     delivered: i64,
     /// etcd's last response header, encoded (for the proxy's own answers).
     header: Bytes,
+    /// The revision etcd was at when it made the watch (the header of its `created` answer). Until the watch has
+    /// passed everything up to there it may still be catching up from a past start, and a create from now does
+    /// not join it: etcd's own watch from now is synced at once, while one catching up can be canceled by a
+    /// compaction.
+    made_at: i64,
     subs: Vec<Sub>,
     /// A progress answer's revision says how far the watch has passed everything on (see [`Hub::ordered_progress`]).
     trust_progress: bool,
@@ -367,6 +372,8 @@ impl Hub {
                         } else {
                             let from = match (&now, start) {
                                 (_, s) if s > 0 => Some(s),
+                                // From now, of a watch still catching up (see `made_at`).
+                                _ if st.delivered < st.made_at => return Joined::Own,
                                 (Some((rev, _)), _) => Some(rev + 1),
                                 (None, _) => None,
                             };
@@ -621,6 +628,7 @@ impl SharedWatch {
                 return false;
             }
             st.created = true;
+            st.made_at = header_revision;
             st.delivered = if self.start > 0 { self.start - 1 } else { header_revision };
             let resp = Resp::of(frame, &head, None, st.delivered);
             let subs = std::mem::take(&mut st.subs);
