@@ -283,13 +283,17 @@ pub fn campaign(r: &v3electionpb::CampaignRequest) -> Result<Needs, Status> {
     Ok(needs)
 }
 
-/// Proclaim writes the leader key; Resign deletes it.
+/// Proclaim writes the leader key, under the leader's lease; Resign deletes it. For both, etcd's election server
+/// first makes a session on `leader.lease`: it keeps that lease alive (or grants a new one when it is 0), so both
+/// need what a keep-alive (or a grant) needs — else a caller could attach a key it may write to another identity's
+/// lease (Proclaim) or keep that lease alive.
 fn leader_key(needs: &mut Needs, leader: Option<&v3electionpb::LeaderKey>) {
     match leader {
         Some(l) => {
             read_write_prefix(needs, &l.name);
             needs.push(Need::Key(Access::Read, KeyRange::point(l.key.as_slice())));
             needs.push(Need::Key(Access::Write, KeyRange::point(l.key.as_slice())));
+            with_lease(needs, l.lease);
         }
         None => needs.push(Need::Never("no leader key")),
     }
@@ -412,6 +416,20 @@ mod tests {
         assert_eq!(l.0[0], Need::Key(Access::Read, KeyRange::prefix(b"cilium/.initlock/")));
         assert!(l.0.contains(&Need::LeaseKeys(Access::Write, 5)));
         assert!(matches!(resign(&v3electionpb::ResignRequest { leader: None })?.0.as_slice(), [Need::Never(_)]));
+        // Proclaim and Resign use the leader's lease (etcd's election server keeps it alive; Proclaim attaches the
+        // leader key to it): what a keep-alive of it needs, or a grant when it is 0.
+        let leader = v3electionpb::LeaderKey { name: b"e".to_vec(), key: b"e/1".to_vec(), rev: 3, lease: 7 };
+        let proclaimed = proclaim(&v3electionpb::ProclaimRequest { leader: Some(leader.clone()), value: vec![] })?;
+        let resigned = resign(&v3electionpb::ResignRequest { leader: Some(leader.clone()) })?;
+        for needs in [&proclaimed, &resigned] {
+            assert!(needs.0.contains(&Need::Cap(Capability::Lease)), "{needs:?}");
+            assert!(needs.0.contains(&Need::LeaseKeys(Access::Write, 7)), "{needs:?}");
+            assert!(needs.0.contains(&Need::Key(Access::Write, KeyRange::point(b"e/1"))), "{needs:?}");
+        }
+        let no_lease = v3electionpb::LeaderKey { lease: 0, ..leader };
+        let granted = proclaim(&v3electionpb::ProclaimRequest { leader: Some(no_lease), value: vec![] })?;
+        assert!(granted.0.contains(&Need::Cap(Capability::Lease)));
+        assert!(!granted.0.iter().any(|n| matches!(n, Need::LeaseKeys(..))));
         Ok(())
     }
 }

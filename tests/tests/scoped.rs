@@ -1,7 +1,9 @@
 //! A scoped identity (cilium, `prefix: "cilium/"`) through etcd-guard in front of a real etcd: it can use its
 //! prefix and is denied everything else with etcd's exact error.
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, ProclaimOptions, PutOptions, ResignOptions, Txn, TxnOp, WatchOptions,
+};
 use etcd_guard_tests::{Harness, TestResult, http_get, stderr, stdout};
 
 const DENIED: &str = "etcdserver: permission denied";
@@ -153,6 +155,20 @@ async fn leases_of_another_identity_are_off_limits() -> TestResult {
             assert!(matches!(&r, Err(e) if is_denied(e)), "keep-alive: {r:?}");
         }
     }
+
+    // Proclaim and Resign make etcd's election server use the leader's lease (keep it alive; Proclaim puts the
+    // leader key under it): with another identity's lease they are refused like a put with that lease.
+    let mine = c.lease_grant(60, None).await?.id();
+    let leader = c.campaign("cilium/elect", "v1", mine).await?.take_leader().ok_or("no leader key")?;
+    let theirs = leader.clone().with_lease(lease);
+    let e = c.proclaim("v2", Some(ProclaimOptions::new().with_leader(theirs.clone()))).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "proclaim with another's lease: {e:?}");
+    let e = c.resign(Some(ResignOptions::new().with_leader(theirs))).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "resign with another's lease: {e:?}");
+    // With its own lease, as a campaigner uses them.
+    c.proclaim("v2", Some(ProclaimOptions::new().with_leader(leader.clone()))).await?;
+    c.resign(Some(ResignOptions::new().with_leader(leader))).await?;
+    c.lease_revoke(mine).await?;
 
     // The owner still can; the key survived.
     let (mut keeper, mut responses) = b.lease_keep_alive(lease).await?;
