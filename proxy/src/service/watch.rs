@@ -135,10 +135,18 @@ struct Order {
     held: VecDeque<Framed>,
     /// How many of the creates at the front of `pending` were decided before the last policy reload. A reload
     /// checks the open watches again, but these are not open yet: each watch etcd opens for one of them is
-    /// checked once it is (`recheck`), so none escapes the reload.
+    /// checked as it opens ([`allowed_after_reload`]), so none escapes the reload.
     before_reload: usize,
-    /// Watches etcd opened for creates decided before a reload, for the inbound loop to check.
-    recheck: Vec<i64>,
+    /// What the inbound loop still has to do for such watches.
+    after_reload: Vec<AfterReload>,
+}
+
+/// Work for the inbound loop about a watch etcd opened for a create decided before a reload.
+enum AfterReload {
+    /// The reload withdrew it (it is in `revoked` already): send etcd its cancel and record it.
+    Cancel(i64, String),
+    /// etcd refused its hand-over and it stays on its shared watch: check it as a reload checks shared watches.
+    CheckShared(i64),
 }
 
 impl Order {
@@ -150,10 +158,23 @@ impl Order {
         self.before_reload = self.before_reload.saturating_sub(1);
         Some((pending, stale))
     }
+}
 
-    /// A watch etcd opened for a create decided before a reload: to be checked under the policy now in force.
-    fn opened_stale(&mut self, watch_id: i64) {
-        self.recheck.push(watch_id);
+/// etcd opened watch `id` for a create decided before a reload: whether the policy in force still lets the caller
+/// read it. If not, it is revoked at once (etcd's frames for it are dropped from now, its cancel answer becomes
+/// etcd's permission-denied cancel) and the inbound loop sends etcd its cancel.
+fn allowed_after_reload(g: &Guard, o: &mut Order, id: i64, range: Option<&KeyRange>) -> bool {
+    let view = g.conn.view(&g.shared);
+    if view.permissions.mode() == Mode::AuditOnly {
+        return true;
+    }
+    match withdrawn_from(&view, std::iter::once((id, range))).pop() {
+        None => true,
+        Some((id, reason)) => {
+            o.revoked.insert(id);
+            o.after_reload.push(AfterReload::Cancel(id, reason));
+            false
+        }
     }
 }
 
@@ -223,7 +244,9 @@ struct ToClient {
     /// etcd's messages passed on since the proxy's own channel was last looked at.
     since_own: u32,
     order: Arc<Mutex<Order>>,
-    /// Wakes the inbound loop to check watches in `Order::recheck`.
+    /// Checks watches etcd opens for creates decided before a reload.
+    guard: Guard,
+    /// Wakes the inbound loop for `Order::after_reload`.
     recheck: Arc<Notify>,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
@@ -265,6 +288,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
         own_closed: false,
         since_own: 0,
         order: order.clone(),
+        guard: g.clone(),
         recheck: recheck.clone(),
         gauge: g.shared.metrics.open_watches.clone(),
     };
@@ -291,7 +315,7 @@ struct Streams<'a> {
     down: &'a Down,
     up: &'a Up,
     hub: Option<&'a HubSide>,
-    /// Wakes the loop when etcd opened watches it must check again (created before a reload).
+    /// Wakes the loop for `Order::after_reload`.
     recheck: &'a Notify,
 }
 
@@ -328,7 +352,7 @@ async fn inbound_loop(
                 continue;
             }
             _ = streams.recheck.notified() => {
-                if !revoke_withdrawn(g, stream_id, order, streams, Recheck::Opened).await {
+                if !revoke_withdrawn(g, stream_id, order, streams, Recheck::AfterReload).await {
                     return Code::Unavailable;
                 }
                 continue;
@@ -615,10 +639,11 @@ type SharedRevocation = (Bytes, i64, String);
 
 /// Which watches [`revoke_withdrawn`] checks.
 enum Recheck {
-    /// After a reload: every open watch (creates still pending at etcd are checked once it opens them).
+    /// After a reload: every open watch and every shared one (creates still pending at etcd are checked as it
+    /// opens them), and `Order::after_reload`.
     All,
-    /// The watches etcd opened for creates decided before a reload (`Order::recheck`).
-    Opened,
+    /// Only `Order::after_reload`.
+    AfterReload,
 }
 
 /// After a policy reload: cancel the open watches the caller may no longer read, as etcd cancels them
@@ -633,26 +658,35 @@ async fn revoke_withdrawn(
     let view = g.conn.view(&g.shared);
     let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
-        let opened = std::mem::take(&mut o.recheck);
+        // Decided as etcd opened them (already revoked), or to be checked now.
+        let mut withdrawn = Vec::new();
+        let mut check_shared = Vec::new();
+        for item in std::mem::take(&mut o.after_reload) {
+            match item {
+                AfterReload::Cancel(id, reason) => withdrawn.push((id, reason)),
+                AfterReload::CheckShared(id) => check_shared.push(id),
+            }
+        }
+        let audit_only = view.permissions.mode() == Mode::AuditOnly;
         if matches!(which, Recheck::All) {
             o.before_reload = o.pending.len();
-        }
-        if view.permissions.mode() == Mode::AuditOnly {
-            return true;
-        }
-        let gone = match which {
-            Recheck::All => withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref()))),
-            Recheck::Opened => {
-                withdrawn_from(&view, opened.iter().filter_map(|id| o.active.get(id).map(|a| (*id, a.range.as_ref()))))
+            if !audit_only {
+                let gone = withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
+                for (id, _) in &gone {
+                    o.active.remove(id);
+                    o.revoked.insert(*id);
+                }
+                withdrawn.extend(gone);
+                check_shared = o.joined.keys().copied().collect();
             }
-        };
-        for (id, _) in &gone {
-            o.active.remove(id);
-            o.revoked.insert(*id);
         }
-        let gone_shared = match which {
-            Recheck::All => withdrawn_from(&view, o.joined.iter().map(|(id, w)| (*id, w.range.as_ref()))),
-            Recheck::Opened => Vec::new(),
+        let gone_shared = if audit_only {
+            Vec::new()
+        } else {
+            withdrawn_from(
+                &view,
+                check_shared.iter().filter_map(|id| o.joined.get(id).map(|w| (*id, w.range.as_ref()))),
+            )
         };
         let mut shared = Vec::with_capacity(gone_shared.len());
         for (id, reason) in gone_shared {
@@ -662,7 +696,7 @@ async fn revoke_withdrawn(
                 shared.push((revoked(header, id), id, reason));
             }
         }
-        (gone, shared)
+        (withdrawn, shared)
     };
     for (watch_id, reason) in withdrawn {
         let cancel = record_revocation(g, stream_id, watch_id, &reason).await;
@@ -732,10 +766,9 @@ impl ToClient {
             Some(Pending::Upstream(..)) => {
                 if let Some((Pending::Upstream(range, slot, id), stale)) = o.answered() {
                     if !head.canceled {
-                        let counted = Some(Counted::new(&self.gauge));
-                        o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
-                        if stale {
-                            o.opened_stale(head.watch_id);
+                        if !stale || allowed_after_reload(&self.guard, &mut o, head.watch_id, range.as_ref()) {
+                            let counted = Some(Counted::new(&self.gauge));
+                            o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
                         }
                     } else if id != 0 {
                         o.ids.free(id);
@@ -746,8 +779,14 @@ impl ToClient {
                 if let Some((Pending::Handover(id), stale)) = o.answered() {
                     answer = None;
                     handed(&mut self.released, &mut o, id, &head);
-                    if stale && !head.canceled {
-                        o.opened_stale(head.watch_id);
+                    if stale && head.canceled {
+                        // Back on its shared watch.
+                        o.after_reload.push(AfterReload::CheckShared(id));
+                    } else if stale {
+                        let range = o.active.get(&head.watch_id).and_then(|a| a.range.clone());
+                        if !allowed_after_reload(&self.guard, &mut o, head.watch_id, range.as_ref()) {
+                            o.active.remove(&head.watch_id);
+                        }
                     }
                 }
             }
@@ -755,9 +794,8 @@ impl ToClient {
                 if let Some((Pending::Internal(id, range, slot, counted), stale)) = o.answered() {
                     if !head.canceled {
                         answer = None;
-                        o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
-                        if stale {
-                            o.opened_stale(head.watch_id);
+                        if !stale || allowed_after_reload(&self.guard, &mut o, head.watch_id, range.as_ref()) {
+                            o.active.insert(head.watch_id, Active { range, _slot: slot, _counted: counted });
                         }
                     } else {
                         // The client's watch cannot go on: it is canceled with etcd's reason.
@@ -780,7 +818,7 @@ impl ToClient {
             let Some((Pending::Refused(reason), _)) = o.answered() else { break };
             self.released.push_back(denial(o.header, &reason));
         }
-        if !o.recheck.is_empty() {
+        if !o.after_reload.is_empty() {
             self.recheck.notify_one();
         }
         answer.map(Framed::into_bytes)
@@ -800,7 +838,7 @@ fn etcd_frame(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<
     pass_on(o, frame, head)
 }
 
-/// One of etcd's responses that answers no create, as the client gets it; a cancel ends the watch.
+/// One of etcd's responses that answers no create, as the client gets it, if at all; a cancel ends the watch.
 fn pass_on(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Bytes> {
     if head.canceled {
         o.active.remove(&head.watch_id);
@@ -808,6 +846,9 @@ fn pass_on(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Byt
         if o.revoked.remove(&head.watch_id) {
             return Some(revoked(head.header(), head.watch_id));
         }
+    } else if !o.revoked.is_empty() && o.revoked.contains(&head.watch_id) {
+        // A watch a reload withdrew: nothing more of it reaches the client; etcd's cancel is on its way.
+        return None;
     }
     Some(frame.into_bytes())
 }
@@ -1001,6 +1042,21 @@ mod tests {
 
     fn active() -> Active {
         Active { range: None, _slot: None, _counted: None }
+    }
+
+    #[test]
+    fn a_watch_a_reload_withdrew_gets_nothing_more_but_the_permission_denied_cancel() {
+        let mut o = Order::default();
+        o.active.insert(2, active());
+        o.revoked.insert(3);
+        assert_eq!(from_etcd(&mut o, event(3, 21)), None);
+        assert_eq!(from_etcd(&mut o, event(2, 21)), Some(event(2, 21)));
+        let cancel = pb::WatchResponse { header: at(21), watch_id: 3, canceled: true, ..Default::default() };
+        let answer = from_etcd(&mut o, cancel);
+        assert!(answer.as_ref().is_some_and(|a| a.canceled && a.cancel_reason == DENIED_REASON), "{answer:?}");
+        // The ID is free again: a later watch with it is passed on.
+        assert!(o.revoked.is_empty());
+        assert_eq!(from_etcd(&mut o, event(3, 22)), Some(event(3, 22)));
     }
 
     #[test]
