@@ -312,10 +312,6 @@ impl Guard {
     /// [`Guard::decide`] under a view the caller already holds.
     async fn decide_in(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
         let perms = &view.permissions;
-        let deny = |reason: String| {
-            let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
-            Ok(Verdict { decision, reason })
-        };
         if let Some(verdict) = refused_by_view(view, needs) {
             return Ok(verdict);
         }
@@ -330,7 +326,7 @@ impl Guard {
                 let shared = &self.shared;
                 let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
                 if let Err(d) = found.check(view, *access) {
-                    return deny(format!("lease {lease:x} has a key outside the grants: {}", d.reason));
+                    return Ok(refusal(perms, format!("lease {lease:x} has a key outside the grants: {}", d.reason)));
                 }
             }
         }
@@ -637,8 +633,13 @@ fn refused_by_view(view: &View, needs: &Needs) -> Option<Verdict> {
         Need::Admin => Some("capability \"admin\" (every cluster capability) not granted".to_string()),
         Need::LeaseKeys(..) | Need::Never(_) => None,
     })?;
+    Some(refusal(perms, reason))
+}
+
+/// A refusal by the grants: [`Decision::WouldDeny`] where only `audit-only` bindings apply.
+fn refusal(perms: &Permissions, reason: String) -> Verdict {
     let decision = if perms.mode() == Mode::AuditOnly { Decision::WouldDeny } else { Decision::Deny };
-    Some(Verdict { decision, reason })
+    Verdict { decision, reason }
 }
 
 /// `role cilium: read [cilium/, cilium0)` — the roles and the first thing checked (written into one string: this

@@ -165,9 +165,6 @@ impl Order {
 /// etcd's permission-denied cancel) and the inbound loop sends etcd its cancel.
 fn allowed_after_reload(g: &Guard, o: &mut Order, id: i64, range: Option<&KeyRange>) -> bool {
     let view = g.conn.view(&g.shared);
-    if view.permissions.mode() == Mode::AuditOnly {
-        return true;
-    }
     match withdrawn_from(&view, std::iter::once((id, range))).pop() {
         None => true,
         Some((id, reason)) => {
@@ -667,27 +664,20 @@ async fn revoke_withdrawn(
                 AfterReload::CheckShared(id) => check_shared.push(id),
             }
         }
-        let audit_only = view.permissions.mode() == Mode::AuditOnly;
         if matches!(which, Recheck::All) {
             o.before_reload = o.pending.len();
-            if !audit_only {
-                let gone = withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
-                for (id, _) in &gone {
-                    o.active.remove(id);
-                    o.revoked.insert(*id);
-                }
-                withdrawn.extend(gone);
-                check_shared = o.joined.keys().copied().collect();
+            let gone = withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
+            for (id, _) in &gone {
+                o.active.remove(id);
+                o.revoked.insert(*id);
             }
+            withdrawn.extend(gone);
+            check_shared = o.joined.keys().copied().collect();
         }
-        let gone_shared = if audit_only {
-            Vec::new()
-        } else {
-            withdrawn_from(
-                &view,
-                check_shared.iter().filter_map(|id| o.joined.get(id).map(|w| (*id, w.range.as_ref()))),
-            )
-        };
+        let gone_shared = withdrawn_from(
+            &view,
+            check_shared.iter().filter_map(|id| o.joined.get(id).map(|w| (*id, w.range.as_ref()))),
+        );
         let mut shared = Vec::with_capacity(gone_shared.len());
         for (id, reason) in gone_shared {
             if let Some(watch) = o.joined.remove(&id) {
@@ -716,8 +706,12 @@ async fn revoke_withdrawn(
     true
 }
 
-/// The watches (ID, interval) the view may no longer read, and why.
+/// The watches (ID, interval) the view may no longer read, and why (none where only `audit-only` bindings
+/// apply: they never take anything away).
 fn withdrawn_from<'a>(view: &View, watches: impl Iterator<Item = (i64, Option<&'a KeyRange>)>) -> Vec<(i64, String)> {
+    if view.permissions.mode() == Mode::AuditOnly {
+        return Vec::new();
+    }
     watches
         .filter_map(|(id, range)| view.permissions.check(Access::Read, range?).err().map(|d| (id, d.reason)))
         .collect()
