@@ -754,7 +754,10 @@ async fn a_progress_request_moves_shared_watches_without_a_gap_or_a_duplicate() 
     let (joiner, _) = open(&c, "p/", prefix()).await?;
     assert_eq!(gauge(&h, SUBSCRIBERS)?, 3.0);
     let (mut requests, mut responses) = joiner.split();
-    let reader = tokio::spawn(async move { until(&mut responses, "p/end").await.context("the racing writer's puts") });
+    let reader = tokio::spawn(async move {
+        let (evs, others) = until(&mut responses, "p/end").await.context("the racing writer's puts")?;
+        TestResult::Ok((evs, others, responses))
+    });
     let count = Arc::new(AtomicUsize::new(0));
     let putter = {
         let (count, mut w) = (count.clone(), w.clone());
@@ -777,9 +780,24 @@ async fn a_progress_request_moves_shared_watches_without_a_gap_or_a_duplicate() 
     let mut written = tokio::time::timeout(Duration::from_secs(30), putter).await.map_err(|_| "the writer")???;
     rises(&h, DETACHES, detaches).await?;
     written.push(Ev::put(0, "p/end", put(&mut w, "p/end", "v").await?));
-    let (got, others) = tokio::time::timeout(Duration::from_secs(30), reader).await.map_err(|_| "the reader")???;
+    let (got, mut others, mut responses) =
+        tokio::time::timeout(Duration::from_secs(30), reader).await.map_err(|_| "the reader")???;
     same("the watch moved while a writer raced the progress request", &got, &written)?;
-    assert_eq!(others.len(), 1, "one progress answer: {others:?}");
+    // etcd 3.5.8 and later answers a progress request only if every watch of the stream is synced at that moment,
+    // and drops it otherwise (a watch whose client reads slower than the writer writes falls behind): with the
+    // writer racing, there may be no answer, for a client of etcd's own too. Kubernetes asks again until one
+    // comes; so does this test (one answer per request at most, nothing else but the puts in between).
+    let mut asked = 1;
+    while others.is_empty() && asked < 5 {
+        requests.request_progress().await?;
+        asked += 1;
+        if let Ok(r) = tokio::time::timeout(Duration::from_secs(2), responses.next()).await {
+            let r = r.ok_or("the watch stream ended")??;
+            assert!(r.events().is_empty(), "events after p/end: {r:?}");
+            others.push(r);
+        }
+    }
+    assert!(!others.is_empty() && others.len() <= asked, "progress answers to {asked} requests: {others:?}");
     assert!(others.iter().all(|r| r.watch_id() == -1 && !r.created() && !r.canceled()), "{others:?}");
     Ok(())
 }

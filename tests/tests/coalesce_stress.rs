@@ -694,8 +694,8 @@ async fn random_watches_through_shared_watches_see_exactly_etcds_history() -> Te
                                 shared.progress_longest.fetch_max(waited, Ordering::Relaxed);
                             }
                             Err(_) => {
-                                // etcd 3.5.8 and later hold the answer back while a watch of the stream is not
-                                // synced; no more progress requests on this stream.
+                                // etcd 3.5.8 and later drop a progress request that arrives while a watch of
+                                // the stream is not synced; no more progress requests on this stream.
                                 shared.progress_timeouts.fetch_add(1, Ordering::Relaxed);
                                 progress_ok = false;
                             }
