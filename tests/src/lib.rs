@@ -331,6 +331,24 @@ impl Etcd {
         self.child.wait()?;
         Ok(())
     }
+
+    /// Freeze etcd (`SIGSTOP`): its connections stay open and nothing is answered until [`Etcd::resume`].
+    pub fn pause(&self) -> TestResult {
+        self.signal("STOP")
+    }
+
+    /// Let a paused etcd go on (`SIGCONT`).
+    pub fn resume(&self) -> TestResult {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> TestResult {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status()?;
+        if !status.success() {
+            return Err(format!("kill -{name} {}: {status}", self.child.id()).into());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Etcd {

@@ -30,7 +30,7 @@ bindings:
 
 struct Setup {
     pki: Pki,
-    _etcd: Etcd,
+    etcd: Etcd,
     proxy: Running,
 }
 
@@ -57,7 +57,7 @@ audit: {{ file: audit/audit.log }}
     );
     std::fs::write(pki.path("etcd-guard.yaml"), config)?;
     let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
-    Ok(Setup { pki, _etcd: etcd, proxy })
+    Ok(Setup { pki, etcd, proxy })
 }
 
 async fn client(s: &Setup, who: &ClientCert) -> TestResult<etcd_client::Client> {
@@ -191,6 +191,56 @@ async fn a_changed_policy_file_is_noticed_without_a_signal() -> TestResult {
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+    Ok(())
+}
+
+/// Wait until the metric `prefix` is at least `floor`.
+async fn reaches(s: &Setup, prefix: &str, floor: f64) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(s, prefix)? < floor {
+        if Instant::now() > deadline {
+            return Err(format!("{prefix} did not reach {floor} in 5 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_check_a_reload_overtook_is_decided_by_the_new_policy() -> TestResult {
+    // Revoking a lease needs write on every key attached to it, and the proxy asks etcd which keys those are.
+    let policy = BEFORE.replace("cluster: [status]", "cluster: [status, lease]");
+    let s = start(&policy).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let lease = c.lease_grant(60, None).await?.id();
+    c.put("cilium/k", "v", Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    let lookups = metric(&s, "etcd_guard_lease_key_lookups_total")?;
+
+    // etcd stops answering while the revoke waits for the lease's keys; meanwhile the role loses write on cilium/.
+    s.etcd.pause()?;
+    let revoke = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.lease_revoke(lease).await })
+    };
+    let paused = async {
+        reaches(&s, "etcd_guard_lease_key_lookups_total", lookups + 1.0).await?;
+        let read_only = r#"      - { prefix: "cilium/", access: read }"#;
+        std::fs::write(
+            s.pki.path("policy.yaml"),
+            policy.replace(r#"      - { prefix: "cilium/", access: readwrite }"#, read_only),
+        )?;
+        s.proxy.reload.trigger();
+        reaches(&s, r#"etcd_guard_reloads_total{result="ok"}"#, 1.0).await
+    };
+    let paused: TestResult = paused.await;
+    s.etcd.resume()?;
+    paused?;
+
+    // The lookup answers after the reload: the revoke is decided by the policy now in force.
+    let revoked = tokio::time::timeout(Duration::from_secs(10), revoke).await.map_err(|_| "the revoke")??;
+    assert!(revoked.as_ref().is_err_and(is_denied), "{revoked:?}");
+    assert_eq!(c.get("cilium/k", None).await?.kvs().len(), 1, "the lease and its key are still there");
+    assert!(c.lease_time_to_live(lease, None).await?.ttl() > 0);
     Ok(())
 }
 

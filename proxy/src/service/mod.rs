@@ -78,6 +78,10 @@ pub fn is_streaming(path: &str) -> bool {
     STREAMING.contains(&path)
 }
 
+/// How many policy reloads in a row a decision waits out (each landing while etcd was asked for a lease's keys)
+/// before the call is answered `Unavailable`.
+const RELOADS_WAITED: usize = 3;
+
 /// etcd's answer to a denied request.
 pub fn permission_denied() -> Status {
     Status::permission_denied(PERMISSION_DENIED)
@@ -306,15 +310,44 @@ impl Guard {
     /// With only `audit-only` bindings a denial becomes [`Decision::WouldDeny`] — except for requests the proxy
     /// does not understand ([`Need::Never`]), which are always denied.
     pub async fn decide(&self, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
-        self.decide_in(&self.conn.view(&self.shared), needs, meta).await
+        Ok(self.decide_in(self.conn.view(&self.shared), needs, meta).await?.0)
     }
 
-    /// [`Guard::decide`] under a view the caller already holds.
-    async fn decide_in(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
-        let perms = &view.permissions;
-        if let Some(verdict) = refused_by_view(view, needs) {
-            return Ok(verdict);
+    /// [`Guard::decide`] under a view the caller already holds. A lease lookup waits for etcd, and a policy
+    /// reload may land meanwhile: then the request is decided again under the policy in force (a decision is
+    /// never acted on under a policy that is no longer in force). The view the verdict was reached under comes
+    /// back with it.
+    async fn decide_in(
+        &self,
+        mut view: Arc<View>,
+        needs: &Needs,
+        meta: &CallMeta,
+    ) -> Result<(Verdict, Arc<View>), Status> {
+        for _ in 0..RELOADS_WAITED {
+            if let Some(verdict) = self.decide_under(&view, needs, meta).await? {
+                return Ok((verdict, view));
+            }
+            view = self.conn.view(&self.shared);
         }
+        Err(Status::unavailable("etcd-guard: the policy was reloaded again and again while this request was checked"))
+    }
+
+    /// One decision under `view`; `None` if a policy reload landed while etcd was asked for a lease's keys.
+    async fn decide_under(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<Option<Verdict>, Status> {
+        if let Some(verdict) = refused_by_view(view, needs) {
+            return Ok(Some(verdict));
+        }
+        let (verdict, asked) = self.decide_leases(view, needs, meta).await?;
+        if asked && self.shared.generation.load(Ordering::Acquire) != view.generation {
+            return Ok(None);
+        }
+        Ok(Some(verdict))
+    }
+
+    /// The lease needs of a decision the view alone did not refuse; also whether etcd was asked.
+    async fn decide_leases(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<(Verdict, bool), Status> {
+        let perms = &view.permissions;
+        let mut asked = false;
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
                 // Whatever keys the lease has, a grant of the whole keyspace covers them: etcd is not asked (each
@@ -325,12 +358,14 @@ impl Guard {
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
                 let shared = &self.shared;
                 let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
+                asked = true;
                 if let Err(d) = found.check(view, *access) {
-                    return Ok(refusal(perms, format!("lease {lease:x} has a key outside the grants: {}", d.reason)));
+                    let reason = format!("lease {lease:x} has a key outside the grants: {}", d.reason);
+                    return Ok((refusal(perms, reason), asked));
                 }
             }
         }
-        Ok(Verdict { decision: Decision::Allow, reason: allow_reason(&view.roles_label, needs) })
+        Ok((Verdict { decision: Decision::Allow, reason: allow_reason(&view.roles_label, needs) }, asked))
     }
 
     /// A slot for a new watch under the identity's limits (and one call against its rate).
@@ -448,7 +483,7 @@ impl Guard {
         at: Arrival,
     ) -> Result<(Verdict, Option<Record>, Permit), Status> {
         let view = self.conn.view(&self.shared);
-        let record = if self.shared.audit.is_enabled() {
+        let mut record = if self.shared.audit.is_enabled() {
             self.record_in(&view, rpc, Event::Call, stream, msg, at)
         } else {
             None
@@ -463,12 +498,19 @@ impl Guard {
                 return Err(status);
             }
         };
+        let generation = view.generation;
         let verdict = match needs {
-            Ok(needs) => self.decide_in(&view, &needs, meta).await,
+            Ok(needs) => self.decide_in(view, &needs, meta).await,
             Err(status) => Err(status),
         };
         let verdict = match verdict {
-            Ok(v) => v,
+            Ok((v, decided)) => {
+                // Decided again after a reload: the record names the roles it was decided by.
+                if let Some(r) = record.as_mut().filter(|_| decided.generation != generation) {
+                    r.subject = decided.subject.clone();
+                }
+                v
+            }
             Err(status) => {
                 // A malformed request (answered as etcd answers it) or a check that could not be made.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
