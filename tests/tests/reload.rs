@@ -245,6 +245,35 @@ async fn a_request_whose_check_a_reload_overtook_is_decided_by_the_new_policy() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_watch_limit_set_by_a_reload_counts_the_watches_already_open() -> TestResult {
+    let s = start(BEFORE).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let mut w = c.watch("cilium/a", None).await?;
+    let first = w.message().await?.ok_or("stream ended")?;
+    assert!(first.created() && !first.canceled(), "{first:?}");
+    w.watch("cilium/b", None).await?;
+    assert!(w.message().await?.is_some_and(|m| m.created() && !m.canceled()));
+
+    // The role gets a limit of two open watches: both are open already.
+    let limited = BEFORE.replace("    cluster: [status]\n", "    cluster: [status]\n    limits: { open_watches: 2 }\n");
+    assert_ne!(limited, BEFORE);
+    std::fs::write(s.pki.path("policy.yaml"), limited)?;
+    s.proxy.reload.trigger();
+    reaches(&s, r#"etcd_guard_reloads_total{result="ok"}"#, 1.0).await?;
+    w.watch("cilium/c", None).await?;
+    let third = w.message().await?.ok_or("stream ended")?;
+    assert!(third.created() && third.canceled(), "{third:?}");
+    assert!(third.cancel_reason().contains("ResourceExhausted"), "{}", third.cancel_reason());
+    // Closing one frees a slot.
+    w.cancel(first.watch_id()).await?;
+    assert!(w.message().await?.is_some_and(|m| m.canceled()));
+    w.watch("cilium/d", None).await?;
+    let fourth = w.message().await?.ok_or("stream ended")?;
+    assert!(fourth.created() && !fourth.canceled(), "{fourth:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn open_keep_alive_streams_are_rechecked_after_a_reload() -> TestResult {
     let s = start(&BEFORE.replace("cluster: [status]", "cluster: [status, lease]")).await?;
     let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;

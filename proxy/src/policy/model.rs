@@ -608,10 +608,6 @@ impl Limits {
             open_watches: most(acc.open_watches, l.open_watches),
         })
     }
-
-    pub fn is_unlimited(&self) -> bool {
-        *self == Limits::default()
-    }
 }
 
 // === impl BindingMode ===

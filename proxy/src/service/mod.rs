@@ -368,16 +368,14 @@ impl Guard {
         Ok((Verdict { decision: Decision::Allow, reason: allow_reason(&view.roles_label, needs) }, asked))
     }
 
-    /// A slot for a new watch under the identity's limits (and one call against its rate).
-    pub fn watch_slot(&self) -> Result<Option<crate::limits::WatchSlot>, Status> {
+    /// A slot for a new watch under the identity's limits (and one call against its rate). Watches are counted
+    /// under no limit too, so a reload that sets `open_watches` finds the ones already open.
+    pub fn watch_slot(&self) -> Result<crate::limits::WatchSlot, Status> {
         let view = self.conn.view(&self.shared);
         let limits = &view.permissions.limits;
-        if limits.is_unlimited() {
-            return Ok(None);
-        }
         let (limiter, metrics, who) = (&self.shared.limiter, &self.shared.metrics, self.conn.who());
         limiter.rate(&self.conn.usage, limits, who, metrics)?;
-        limiter.watch(&self.conn.usage, limits, who, metrics).map(Some)
+        limiter.watch(&self.conn.usage, limits, who, metrics)
     }
 
     /// Start an audit record for this connection (`None` when auditing is off, so nothing is rendered).

@@ -424,7 +424,7 @@ async fn inbound_loop(
         let mut msg = msg;
         let refusal = if served {
             if let Some(hub) = streams.hub {
-                match shared_first(g, &mut msg, meta, order, hub, up_tx, range, slot.flatten()).await {
+                match shared_first(g, &mut msg, meta, order, hub, up_tx, range, slot).await {
                     Handled::Done => continue,
                     Handled::Refused(reason) => Some(reason),
                     Handled::Forward => None,
@@ -432,7 +432,7 @@ async fn inbound_loop(
                 }
             } else {
                 if is_create {
-                    lock(order).pending.push_back(Pending::Upstream(range, slot.flatten(), 0));
+                    lock(order).pending.push_back(Pending::Upstream(range, slot, 0));
                 }
                 None
             }
