@@ -274,6 +274,52 @@ async fn a_watch_limit_set_by_a_reload_counts_the_watches_already_open() -> Test
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_lock_waiting_when_a_reload_withdraws_its_permission_ends_and_leaves_no_key() -> TestResult {
+    let policy = BEFORE.replace("cluster: [status]", "cluster: [status, lease]");
+    let s = start(&policy).await?;
+    let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let prefix = || Some(etcd_client::GetOptions::new().with_prefix());
+    let holder = admin.lease_grant(60, None).await?.id();
+    let held = admin.lock("cilium/lk", Some(etcd_client::LockOptions::new().with_lease(holder))).await?;
+    // cilium waits for the lock (etcd has its waiter's key under cilium/lk/)...
+    let lease = c.lease_grant(60, None).await?.id();
+    let waiting = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.lock("cilium/lk", Some(etcd_client::LockOptions::new().with_lease(lease))).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while admin.get("cilium/lk/", prefix()).await?.count() < 2 {
+        assert!(Instant::now() < deadline, "cilium's waiter key did not appear");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...when a reload takes write on cilium/ away: the wait ends as etcd refuses a lock it may not take.
+    let read_only = r#"      - { prefix: "cilium/", access: read }"#;
+    std::fs::write(
+        s.pki.path("policy.yaml"),
+        policy.replace(r#"      - { prefix: "cilium/", access: readwrite }"#, read_only),
+    )?;
+    s.proxy.reload.trigger();
+    let answer = tokio::time::timeout(Duration::from_secs(4), waiting).await.map_err(|_| "the lock still waits")??;
+    assert!(answer.as_ref().is_err_and(is_denied), "{answer:?}");
+    // etcd took the waiter's key back: only the holder's is left.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while admin.get("cilium/lk/", prefix()).await?.count() != 1 {
+        assert!(Instant::now() < deadline, "cilium's waiter key is still there");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin.unlock(held.key()).await?;
+    drop((c, admin));
+    s.proxy.stop().await;
+    let log = std::fs::read_to_string(s.pki.path("audit/audit.log"))?;
+    assert!(
+        log.lines().any(|l| l.contains(r#""rpc":"Lock/Lock""#) && l.contains("withdrawn by a policy reload")),
+        "the lock's record says why it ended"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn open_keep_alive_streams_are_rechecked_after_a_reload() -> TestResult {
     let s = start(&BEFORE.replace("cluster: [status]", "cluster: [status, lease]")).await?;
     let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;

@@ -9,7 +9,9 @@ use crate::authz;
 pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     const OBSERVE: &str = "/v3electionpb.Election/Observe";
     Some(match method {
-        "Campaign" => g.unary::<pb::CampaignRequest, _>(req, "/v3electionpb.Election/Campaign", authz::campaign).await,
+        "Campaign" => {
+            g.unary_waiting::<pb::CampaignRequest, _>(req, "/v3electionpb.Election/Campaign", authz::campaign).await
+        }
         "Proclaim" => g.unary::<pb::ProclaimRequest, _>(req, "/v3electionpb.Election/Proclaim", authz::proclaim).await,
         "Leader" => g.unary::<pb::LeaderRequest, _>(req, "/v3electionpb.Election/Leader", authz::leader).await,
         "Observe" => g.server_streaming::<pb::LeaderRequest, _>(req, OBSERVE, authz::leader).await,

@@ -8,7 +8,7 @@ use crate::authz;
 
 pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
-        "Lock" => g.unary::<pb::LockRequest, _>(req, "/v3lockpb.Lock/Lock", authz::lock).await,
+        "Lock" => g.unary_waiting::<pb::LockRequest, _>(req, "/v3lockpb.Lock/Lock", authz::lock).await,
         "Unlock" => g.unary::<pb::UnlockRequest, _>(req, "/v3lockpb.Lock/Unlock", authz::unlock).await,
         _ => return None,
     })

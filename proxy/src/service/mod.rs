@@ -573,13 +573,10 @@ impl Guard {
         A: FnOnce(M, CallMeta) -> Fut + Send,
         Fut: Future<Output = Result<Framed, Status>> + Send,
     {
-        let (head, body) = req.into_parts();
-        let msg: M = match codec::read_request(body, &head.headers, self.shared.max_request_bytes).await {
-            Ok(msg) => msg,
+        let (msg, meta, at) = match self.read_unary::<M>(req).await {
+            Ok(read) => read,
             Err(status) => return status.into_http().into(),
         };
-        let at = Arrival::now();
-        let meta = CallMeta::from_headers(&head.headers);
         let needs = authorize(&msg);
         let rpc = rpc_name(path);
         let answered = async {
@@ -587,10 +584,67 @@ impl Guard {
             let answered = answer(msg, meta).await;
             self.finish(rpc, record, verdict, answered, at).await
         };
-        match answered.await {
-            Ok(message) => codec::unary_response(message),
-            Err(status) => status.into_http().into(),
+        unary_answer(answered.await)
+    }
+
+    /// A unary RPC that may wait at etcd for as long as others hold what it waits for (Lock, Campaign). While it
+    /// waits it is checked again after every policy reload (by the view, as server streams are): a reload that
+    /// withdraws its permission ends it with etcd's `PermissionDenied`, and etcd's call is dropped, so etcd takes
+    /// the waiter's key back as it does when a client goes away.
+    pub async fn unary_waiting<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> Answer
+    where
+        M: prost::Message + Default + Describe + Send + Sync + 'static,
+        F: FnOnce(&M) -> Result<Needs, Status> + Send,
+    {
+        let (msg, meta, at) = match self.read_unary::<M>(req).await {
+            Ok(read) => read,
+            Err(status) => return status.into_http().into(),
+        };
+        let needs = authorize(&msg);
+        let rpc = rpc_name(path);
+        // Boxed: these calls are few; inline, their future would make every call's future on the connection larger.
+        let answered = Box::pin(async {
+            // Subscribed before the check: a reload that lands during the check is checked too.
+            let reloads = self.shared.subscribe_reloads();
+            let kept = needs.as_ref().ok().cloned();
+            let (mut verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            let call = self.shared.upstream.unary(path, msg, &meta);
+            let answered = match kept {
+                None => call.await,
+                Some(needs) => tokio::select! {
+                    answered = call => answered,
+                    withdrawn = self.withdrawn_by_reload(&needs, reloads) => {
+                        verdict = withdrawn;
+                        Err(permission_denied())
+                    }
+                },
+            };
+            self.finish(rpc, record, verdict, answered, at).await
+        });
+        unary_answer(answered.await)
+    }
+
+    /// Read and decode a unary request: the message, its metadata, and when it arrived.
+    async fn read_unary<M: prost::Message + Default>(
+        &self,
+        req: HttpRequest,
+    ) -> Result<(M, CallMeta, Arrival), Status> {
+        let (head, body) = req.into_parts();
+        let msg: M = codec::read_request(body, &head.headers, self.shared.max_request_bytes).await?;
+        Ok((msg, CallMeta::from_headers(&head.headers), Arrival::now()))
+    }
+
+    /// Resolves when a policy reload withdraws what `needs` asks for, with the verdict for the record (never
+    /// under `audit-only` bindings).
+    async fn withdrawn_by_reload(&self, needs: &Needs, mut reloads: tokio::sync::watch::Receiver<u64>) -> Verdict {
+        while reloads.changed().await.is_ok() {
+            let view = self.conn.view(&self.shared);
+            if let Some(v) = refused_by_view(&view, needs).filter(|v| v.decision == Decision::Deny) {
+                let reason = format!("permission withdrawn by a policy reload: {}", v.reason);
+                return Verdict { decision: Decision::Deny, reason };
+            }
         }
+        std::future::pending().await
     }
 
     /// A server-streaming RPC: checked once, then etcd's frames are passed through as they come. The call is
@@ -674,6 +728,14 @@ fn refused_by_view(view: &View, needs: &Needs) -> Option<Verdict> {
         Need::LeaseKeys(..) | Need::Never(_) => None,
     })?;
     Some(refusal(perms, reason))
+}
+
+/// The HTTP answer to a unary call: etcd's message, or a status.
+fn unary_answer(answered: Result<Framed, Status>) -> Answer {
+    match answered {
+        Ok(message) => codec::unary_response(message),
+        Err(status) => status.into_http().into(),
+    }
 }
 
 /// A refusal by the grants: [`Decision::WouldDeny`] where only `audit-only` bindings apply.
