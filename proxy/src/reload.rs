@@ -126,9 +126,11 @@ impl Reloader {
             Part::Listener => tls::server_config(&self.config.tls)
                 .map(|tls| {
                     // New handshakes first, then open connections (see `ClientTrust::watch`).
-                    let acceptor = TlsAcceptor::from(tls.config);
+                    let acceptor = TlsAcceptor::from(tls.config.clone());
                     *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
-                    self.trust.replace(tls.client_verifier);
+                    if !self.trust.replace(&tls) {
+                        info!("client CA bundle and CRLs unchanged: open connections are not checked again");
+                    }
                 })
                 .map_err(|e| e.to_string()),
             Part::Upstream => tls::upstream_connections(&self.config.upstream)

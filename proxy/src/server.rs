@@ -105,8 +105,8 @@ impl Proxy {
             )
             .coalescing_watches(config.watch.coalesce),
         );
+        let trust = Arc::new(ClientTrust::new(&server_tls));
         let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls.config)));
-        let trust = Arc::new(ClientTrust::new(server_tls.client_verifier));
         let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone(), trust.clone());
         Ok(Proxy {
             listener,

@@ -2,7 +2,7 @@
 //! upstream connection to etcd (mutual TLS with the proxy's own identity).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
@@ -13,6 +13,7 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
@@ -65,9 +66,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     let certified = check_pair(&chain, &key, &tls.cert_file, &tls.key_file, &provider)?;
 
     let mut roots = RootCertStore::empty();
-    for ca in load_certs(&tls.client_ca_file)? {
-        roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
-    }
+    let cas = load_certs(&tls.client_ca_file)?;
     let mut crls = Vec::new();
     for path in &tls.crl_files {
         let loaded = load_crls(path)?;
@@ -77,6 +76,10 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
             }
         }
         crls.extend(loaded);
+    }
+    let trust_digest = trust_digest(&cas, &crls, tls.danger_accept_expired_crls);
+    for ca in cas {
+        roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
     }
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls);
     if !tls.danger_accept_expired_crls {
@@ -90,20 +93,45 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
         .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(ServerTls { config: Arc::new(config), client_verifier: verifier })
+    Ok(ServerTls { config: Arc::new(config), client_verifier: verifier, trust_digest })
 }
+
+/// What a client certificate verifier is made of — the CA certificates, the CRLs and whether expired CRLs are
+/// accepted — as one digest, so a reload that changed none of it leaves open connections alone.
+fn trust_digest(
+    cas: &[CertificateDer<'_>],
+    crls: &[CertificateRevocationListDer<'_>],
+    accept_expired: bool,
+) -> TrustDigest {
+    let mut h = Sha256::new();
+    for der in cas.iter().map(|c| c.as_ref()).chain([&[][..]]).chain(crls.iter().map(|c| c.as_ref())) {
+        // Each part with its length, and an empty one between the CAs and the CRLs: no two inputs hash alike.
+        h.update((der.len() as u64).to_be_bytes());
+        h.update(der);
+    }
+    h.update([u8::from(accept_expired)]);
+    h.finalize().into()
+}
+
+/// See [`trust_digest`].
+pub type TrustDigest = [u8; 32];
 
 /// The listener's TLS: the rustls configuration for new handshakes and the client certificate verifier it uses
 /// (the client CA bundle and CRLs), which open connections are checked against again after a reload.
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     pub client_verifier: Arc<dyn ClientCertVerifier>,
+    pub trust_digest: TrustDigest,
 }
 
-/// The client certificate verifier in force. A reload of the listener replaces it, and every open connection
-/// checks its client's certificate chain against the new one ([`ClientTrust::untrusted`]): a certificate a new
-/// CRL revokes, or a CA taken out of the bundle, loses its open connections too, not only its next handshake.
-pub struct ClientTrust(watch::Sender<Arc<dyn ClientCertVerifier>>);
+/// The client certificate verifier in force. A reload of the listener that changes the client CA bundle or the
+/// CRLs replaces it, and every open connection checks its client's certificate chain against the new one
+/// ([`ClientTrust::untrusted`]): a certificate a new CRL revokes, or a CA taken out of the bundle, loses its open
+/// connections too, not only its next handshake.
+pub struct ClientTrust {
+    verifier: watch::Sender<Arc<dyn ClientCertVerifier>>,
+    digest: Mutex<TrustDigest>,
+}
 
 /// A connection's view of [`ClientTrust`]: its client's chain, the time of its handshake, and the verifier it was
 /// last checked against.
@@ -116,19 +144,26 @@ pub struct PeerTrust {
 // === impl ClientTrust ===
 
 impl ClientTrust {
-    pub fn new(verifier: Arc<dyn ClientCertVerifier>) -> ClientTrust {
-        ClientTrust(watch::Sender::new(verifier))
+    pub fn new(tls: &ServerTls) -> ClientTrust {
+        ClientTrust { verifier: watch::Sender::new(tls.client_verifier.clone()), digest: Mutex::new(tls.trust_digest) }
     }
 
-    /// Put a reloaded verifier in force for open connections.
-    pub fn replace(&self, verifier: Arc<dyn ClientCertVerifier>) {
-        self.0.send_replace(verifier);
+    /// Put a reloaded verifier in force for open connections, if it is made of other CAs or CRLs than the one in
+    /// force (every connection checks its chain again then): whether it was.
+    pub fn replace(&self, tls: &ServerTls) -> bool {
+        let mut digest = self.digest.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *digest == tls.trust_digest {
+            return false;
+        }
+        *digest = tls.trust_digest;
+        self.verifier.send_replace(tls.client_verifier.clone());
+        true
     }
 
     /// Taken before the handshake's acceptor is (the reload replaces the acceptor first), so that a reload between
     /// the two is still seen by the connection.
     pub fn watch(&self) -> watch::Receiver<Arc<dyn ClientCertVerifier>> {
-        self.0.subscribe()
+        self.verifier.subscribe()
     }
 }
 
@@ -341,6 +376,28 @@ mod tests {
         assert!(server_config(&listener(dir.path(), "crl.der", false)).is_ok());
         std::fs::write(dir.path().join("junk.der"), b"not a crl")?;
         assert!(server_config(&listener(dir.path(), "junk.der", false)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn open_connections_are_checked_again_only_when_the_cas_or_crls_changed() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = ca(dir.path())?;
+        let crl = |serials: &[Vec<u8>], number| ca.crl(serials, number, std::time::Duration::from_secs(3600));
+        std::fs::write(dir.path().join("crl.pem"), crl(&[], 1)?)?;
+        let trust = ClientTrust::new(&server_config(&listener(dir.path(), "crl.pem", false))?);
+        let mut open = trust.watch();
+        // The same files again (a SIGHUP, a renewed server certificate): nothing for open connections to do.
+        assert!(!trust.replace(&server_config(&listener(dir.path(), "crl.pem", false))?));
+        assert!(!open.has_changed()?);
+        // A new CRL: every open connection checks its chain against it.
+        std::fs::write(dir.path().join("crl.pem"), crl(&[vec![1, 2, 3]], 2)?)?;
+        assert!(trust.replace(&server_config(&listener(dir.path(), "crl.pem", false))?));
+        assert!(open.has_changed()?);
+        open.mark_unchanged();
+        // Accepting expired CRLs changes what is trusted too.
+        assert!(trust.replace(&server_config(&listener(dir.path(), "crl.pem", true))?));
+        assert!(open.has_changed()?);
         Ok(())
     }
 }
