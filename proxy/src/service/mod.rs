@@ -229,6 +229,11 @@ impl Shared {
         self
     }
 
+    /// The generation of the policy in force (one more with every reload).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// The policy in force and its generation.
     pub fn policy(&self) -> (u64, Arc<Policy>) {
         let policy = self.policy.read().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -338,7 +343,7 @@ impl Guard {
             return Ok(Some(verdict));
         }
         let (verdict, asked) = self.decide_leases(view, needs, meta).await?;
-        if asked && self.shared.generation.load(Ordering::Acquire) != view.generation {
+        if asked && self.shared.generation() != view.generation {
             return Ok(None);
         }
         Ok(Some(verdict))

@@ -137,11 +137,15 @@ struct Order {
     /// checks the open watches again, but these are not open yet: each watch etcd opens for one of them is
     /// checked as it opens ([`allowed_after_reload`]), so none escapes the reload.
     before_reload: usize,
-    /// What the inbound loop still has to do for such watches.
+    /// What the inbound loop still has to do for such watches, and for open watches a reload withdrew.
     after_reload: Vec<AfterReload>,
+    /// The policy generation the open watches were last checked under. Whoever sees a newer one first (etcd's
+    /// next frame, or the inbound loop woken by the reload) checks them ([`revoke_active`]), so nothing of a
+    /// withdrawn watch reaches the client once the reload is in force.
+    checked: u64,
 }
 
-/// Work for the inbound loop about a watch etcd opened for a create decided before a reload.
+/// Work for the inbound loop about a watch a reload withdrew, or one etcd opened for a create decided before it.
 enum AfterReload {
     /// The reload withdrew it (it is in `revoked` already): send etcd its cancel and record it.
     Cancel(i64, String),
@@ -157,6 +161,20 @@ impl Order {
         let stale = self.before_reload > 0;
         self.before_reload = self.before_reload.saturating_sub(1);
         Some((pending, stale))
+    }
+}
+
+/// A reload landed since the open watches were last checked: take back those `view` no longer lets the caller
+/// read (nothing more of them reaches the client from now on) and leave their cancels and records to the inbound
+/// loop (`Order::after_reload`). Creates still on their way to etcd are checked as etcd opens them.
+fn revoke_active(view: &View, o: &mut Order) {
+    o.checked = view.generation;
+    o.before_reload = o.pending.len();
+    let gone = withdrawn_from(view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
+    for (id, reason) in gone {
+        o.active.remove(&id);
+        o.revoked.insert(id);
+        o.after_reload.push(AfterReload::Cancel(id, reason));
     }
 }
 
@@ -251,7 +269,8 @@ struct ToClient {
 async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<Outbound, Status> {
     let (down_tx, down_rx) = mpsc::channel(64);
     let (up_tx, up_rx): (Up, _) = mpsc::channel(64);
-    let order = Arc::new(Mutex::new(Order::default()));
+    let checked = g.shared.generation();
+    let order = Arc::new(Mutex::new(Order { checked, ..Order::default() }));
     let recheck = Arc::new(Notify::new());
     let (hub, hub_rx) = if g.shared.watch_hub.is_some() {
         let (down, hub_rx) = mpsc::channel(HUB_QUEUE);
@@ -655,7 +674,10 @@ async fn revoke_withdrawn(
     let view = g.conn.view(&g.shared);
     let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
-        // Decided as etcd opened them (already revoked), or to be checked now.
+        if matches!(which, Recheck::All) && o.checked != view.generation {
+            revoke_active(&view, &mut o);
+        }
+        // Revoked already (by the check above, by etcd's last frame, or as etcd opened them), or to be checked now.
         let mut withdrawn = Vec::new();
         let mut check_shared = Vec::new();
         for item in std::mem::take(&mut o.after_reload) {
@@ -665,13 +687,6 @@ async fn revoke_withdrawn(
             }
         }
         if matches!(which, Recheck::All) {
-            o.before_reload = o.pending.len();
-            let gone = withdrawn_from(&view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
-            for (id, _) in &gone {
-                o.active.remove(id);
-                o.revoked.insert(*id);
-            }
-            withdrawn.extend(gone);
             check_shared = o.joined.keys().copied().collect();
         }
         let gone_shared = withdrawn_from(
@@ -749,6 +764,13 @@ impl ToClient {
     fn on_response(&mut self, frame: Framed) -> Option<Bytes> {
         let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
         let mut o = lock(&self.order);
+        if self.guard.shared.generation() != o.checked {
+            // A reload is in force that the inbound loop has not acted on yet: its withdrawals apply to this frame.
+            revoke_active(&self.guard.conn.view(&self.guard.shared), &mut o);
+            if !o.after_reload.is_empty() {
+                self.recheck.notify_one();
+            }
+        }
         if !head.created {
             return etcd_frame(&mut o, frame, &head);
         }
@@ -1036,6 +1058,30 @@ mod tests {
 
     fn active() -> Active {
         Active { range: None, _slot: None, _counted: None }
+    }
+
+    #[test]
+    fn a_reload_takes_back_the_open_watches_it_withdrew_before_their_next_frame() {
+        let yaml = r#"
+roles: [ { name: r, keys: [ { prefix: "a/", access: read } ] } ]
+bindings: [ { role: r, subjects: [ { common_name: "c" } ] } ]
+"#;
+        let policy = crate::policy::Policy::from_yaml(yaml, "test").unwrap();
+        let identity = crate::identity::Identity { common_name: Some("c".into()), ..Default::default() };
+        let view = View::new(1, "127.0.0.1:1".parse().unwrap(), &identity, 4, &policy);
+        let mut o = Order::default();
+        o.active.insert(1, Active { range: Some(KeyRange::prefix("a/")), ..active() });
+        o.active.insert(2, Active { range: Some(KeyRange::prefix("b/")), ..active() });
+        revoke_active(&view, &mut o);
+        assert_eq!(o.checked, 4);
+        assert!(o.active.contains_key(&1) && !o.active.contains_key(&2));
+        assert!(matches!(o.after_reload.as_slice(), [AfterReload::Cancel(2, _)]));
+        // From now on nothing of watch 2 reaches the client but etcd's cancel, which becomes etcd's denial.
+        assert_eq!(from_etcd(&mut o, event(2, 30)), None);
+        assert_eq!(from_etcd(&mut o, event(1, 30)), Some(event(1, 30)));
+        let cancel = pb::WatchResponse { header: at(31), watch_id: 2, canceled: true, ..Default::default() };
+        let answer = from_etcd(&mut o, cancel);
+        assert!(answer.is_some_and(|a| a.canceled && a.cancel_reason == DENIED_REASON));
     }
 
     #[test]
