@@ -362,13 +362,13 @@ async fn inbound_loop(
                 return Code::Unavailable;
             }
             changed = reloads.changed() => {
-                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, streams, Recheck::All).await {
+                if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, streams, Revoke::All).await {
                     return Code::Unavailable;
                 }
                 continue;
             }
             _ = streams.recheck.notified() => {
-                if !revoke_withdrawn(g, stream_id, order, streams, Recheck::AfterReload).await {
+                if !revoke_withdrawn(g, stream_id, order, streams, Revoke::AfterReload).await {
                     return Code::Unavailable;
                 }
                 continue;
@@ -654,7 +654,7 @@ fn own_watch(o: &mut Order, d: Detached) -> Option<Box<pb::WatchRequest>> {
 type SharedRevocation = (Bytes, i64, String);
 
 /// Which watches [`revoke_withdrawn`] checks.
-enum Recheck {
+enum Revoke {
     /// After a reload: every open watch and every shared one (creates still pending at etcd are checked as it
     /// opens them), and `Order::after_reload`.
     All,
@@ -669,12 +669,12 @@ async fn revoke_withdrawn(
     stream_id: Option<u64>,
     order: &Mutex<Order>,
     streams: &Streams<'_>,
-    which: Recheck,
+    which: Revoke,
 ) -> bool {
     let view = g.conn.view(&g.shared);
     let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
-        if matches!(which, Recheck::All) && o.checked != view.generation {
+        if matches!(which, Revoke::All) && o.checked != view.generation {
             revoke_active(&view, &mut o);
         }
         // Revoked already (by the check above, by etcd's last frame, or as etcd opened them), or to be checked now.
@@ -686,7 +686,7 @@ async fn revoke_withdrawn(
                 AfterReload::CheckShared(id) => check_shared.push(id),
             }
         }
-        if matches!(which, Recheck::All) {
+        if matches!(which, Revoke::All) {
             check_shared = o.joined.keys().copied().collect();
         }
         let gone_shared = withdrawn_from(
