@@ -307,6 +307,9 @@ async fn connection(
     // A reload whose client CA or CRLs no longer trust the certificate closes the connection.
     let untrusted = async {
         let reason = trust.untrusted().await;
+        guard.conn.close_because(format!(
+            "connection closed: client certificate no longer trusted after a reload ({reason})"
+        ));
         warn!(conn = id, %peer, identity = display_name, error = %reason, "client certificate no longer trusted after a reload; connection closed");
         metrics.connections_untrusted.inc();
     };

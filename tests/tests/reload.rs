@@ -174,6 +174,12 @@ async fn a_certificate_revoked_by_a_reloaded_crl_loses_its_open_connections_and_
     other.put("cilium/other", "1", None).await?;
     let mut ok = client(&s, &cilium).await?;
     ok.put("cilium/other", "2", None).await?;
+    // The end record of the watch stream says why it ended.
+    drop((watch, c, other, ok));
+    s.proxy.stop().await;
+    let log = std::fs::read_to_string(s.pki.path("audit/audit.log"))?;
+    let end = log.lines().find(|l| l.contains(r#""rpc":"Watch/Watch""#) && l.contains(r#""event":"end""#));
+    assert!(end.is_some_and(|l| l.contains("no longer trusted") && l.contains(r#""decision":"deny""#)), "{end:?}");
     Ok(())
 }
 

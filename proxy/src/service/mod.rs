@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
 
@@ -119,6 +119,9 @@ pub struct Conn {
     view: Mutex<Arc<View>>,
     /// This connection's handles on the request metrics.
     metrics: RequestHandles,
+    /// Why the proxy closed the connection, when it did (a reloaded CRL or CA bundle no longer trusts the
+    /// certificate): the end records of its open streams say so.
+    closed_because: OnceLock<String>,
 }
 
 /// What a connection may do under one policy generation, computed once per generation.
@@ -160,7 +163,13 @@ impl Conn {
         let (generation, policy) = shared.policy();
         let view = View::new(id, peer, &identity, generation, &policy);
         let usage = shared.limiter.usage(&identity.fingerprint_sha256);
-        Conn { id, peer, identity, usage, view: Mutex::new(Arc::new(view)), metrics: RequestHandles::default() }
+        let view = Mutex::new(Arc::new(view));
+        Conn { id, peer, identity, usage, view, metrics: RequestHandles::default(), closed_because: OnceLock::new() }
+    }
+
+    /// The proxy closes this connection, for `reason`.
+    pub fn close_because(&self, reason: String) {
+        let _ = self.closed_because.set(reason);
     }
 
     /// The identity as limit messages name it.
@@ -796,6 +805,7 @@ pub fn header_revision(framed: &Framed) -> Option<i64> {
 /// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or, if the stream is
 /// dropped first (the client went away), with `Cancelled`.
 pub struct StreamEnd {
+    conn: Arc<Conn>,
     audit: AuditLog,
     metrics: Arc<Metrics>,
     rpc: &'static str,
@@ -839,7 +849,7 @@ impl StreamEnd {
     ) -> StreamEnd {
         g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
         let (audit, metrics) = (g.shared.audit.clone(), g.shared.metrics.clone());
-        StreamEnd { audit, metrics, rpc, done: false, record, reason, decision, at }
+        StreamEnd { conn: g.conn.clone(), audit, metrics, rpc, done: false, record, reason, decision, at }
     }
 
     pub fn finish(mut self, code: Code) {
@@ -858,6 +868,11 @@ impl StreamEnd {
             self.metrics.open_streams.get_or_create(&RpcLabels { rpc: self.rpc }).dec();
         }
         if let Some(mut r) = self.record.take() {
+            let mut code = code;
+            if let Some(why) = self.conn.closed_because.get() {
+                // Ended with its connection, which the proxy closed: the client saw the connection go.
+                (self.decision, self.reason, code) = (Decision::Deny, why.clone(), Code::Unavailable);
+            }
             r.decision = self.decision;
             r.reason = std::mem::take(&mut self.reason);
             r.code = code;
