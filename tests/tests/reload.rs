@@ -212,12 +212,29 @@ async fn reaches(s: &Setup, prefix: &str, floor: f64) -> TestResult {
     Ok(())
 }
 
+/// [`BEFORE`] with the `lease` capability for cilium: a proxy with it, and cilium's client.
+async fn start_with_leases() -> TestResult<(Setup, etcd_client::Client)> {
+    let s = start(&BEFORE.replace("cluster: [status]", "cluster: [status, lease]")).await?;
+    let c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    Ok((s, c))
+}
+
+/// Reload the policy of [`start_with_leases`] with cilium's write on cilium/ taken away; returns once it is in force.
+async fn withdraw_cilium_write(s: &Setup) -> TestResult {
+    let policy = BEFORE.replace("cluster: [status]", "cluster: [status, lease]");
+    let read_only = r#"      - { prefix: "cilium/", access: read }"#;
+    std::fs::write(
+        s.pki.path("policy.yaml"),
+        policy.replace(r#"      - { prefix: "cilium/", access: readwrite }"#, read_only),
+    )?;
+    s.proxy.reload.trigger();
+    reaches(s, r#"etcd_guard_reloads_total{result="ok"}"#, 1.0).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_whose_check_a_reload_overtook_is_decided_by_the_new_policy() -> TestResult {
     // Revoking a lease needs write on every key attached to it, and the proxy asks etcd which keys those are.
-    let policy = BEFORE.replace("cluster: [status]", "cluster: [status, lease]");
-    let s = start(&policy).await?;
-    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let (s, mut c) = start_with_leases().await?;
     let lease = c.lease_grant(60, None).await?.id();
     c.put("cilium/k", "v", Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
     let lookups = metric(&s, "etcd_guard_lease_key_lookups_total")?;
@@ -230,13 +247,7 @@ async fn a_request_whose_check_a_reload_overtook_is_decided_by_the_new_policy() 
     };
     let paused = async {
         reaches(&s, "etcd_guard_lease_key_lookups_total", lookups + 1.0).await?;
-        let read_only = r#"      - { prefix: "cilium/", access: read }"#;
-        std::fs::write(
-            s.pki.path("policy.yaml"),
-            policy.replace(r#"      - { prefix: "cilium/", access: readwrite }"#, read_only),
-        )?;
-        s.proxy.reload.trigger();
-        reaches(&s, r#"etcd_guard_reloads_total{result="ok"}"#, 1.0).await
+        withdraw_cilium_write(&s).await
     };
     let paused: TestResult = paused.await;
     s.etcd.resume()?;
@@ -281,10 +292,8 @@ async fn a_watch_limit_set_by_a_reload_counts_the_watches_already_open() -> Test
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lock_waiting_when_a_reload_withdraws_its_permission_ends_and_leaves_no_key() -> TestResult {
-    let policy = BEFORE.replace("cluster: [status]", "cluster: [status, lease]");
-    let s = start(&policy).await?;
+    let (s, mut c) = start_with_leases().await?;
     let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
-    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
     let prefix = || Some(etcd_client::GetOptions::new().with_prefix());
     let holder = admin.lease_grant(60, None).await?.id();
     let held = admin.lock("cilium/lk", Some(etcd_client::LockOptions::new().with_lease(holder))).await?;
@@ -300,12 +309,7 @@ async fn a_lock_waiting_when_a_reload_withdraws_its_permission_ends_and_leaves_n
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // ...when a reload takes write on cilium/ away: the wait ends as etcd refuses a lock it may not take.
-    let read_only = r#"      - { prefix: "cilium/", access: read }"#;
-    std::fs::write(
-        s.pki.path("policy.yaml"),
-        policy.replace(r#"      - { prefix: "cilium/", access: readwrite }"#, read_only),
-    )?;
-    s.proxy.reload.trigger();
+    withdraw_cilium_write(&s).await?;
     let answer = tokio::time::timeout(Duration::from_secs(4), waiting).await.map_err(|_| "the lock still waits")??;
     assert!(answer.as_ref().is_err_and(is_denied), "{answer:?}");
     // etcd took the waiter's key back: only the holder's is left.
