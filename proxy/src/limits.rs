@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use tonic::Status;
@@ -15,9 +15,18 @@ use crate::policy::Limits;
 
 /// All identities' usage, and the global limit.
 pub struct Limiter {
-    usage: Mutex<HashMap<String, Arc<Usage>>>,
+    usage: Mutex<Identities>,
     global_in_flight: Arc<AtomicU32>,
     global_max: Option<u32>,
+}
+
+/// The usage of each identity that has something open (a connection, a call, a watch): an identity's usage lives
+/// as long as anything of it does, and is forgotten after (entries of identities gone are pruned as new ones come).
+#[derive(Default)]
+struct Identities {
+    by_fingerprint: HashMap<String, Weak<Usage>>,
+    /// Prune when the map reaches this size.
+    prune_at: usize,
 }
 
 /// What one identity uses now.
@@ -58,22 +67,22 @@ pub enum Limited {
 
 impl Limiter {
     pub fn new(global_max: Option<u32>) -> Limiter {
-        Limiter { usage: Mutex::new(HashMap::new()), global_in_flight: Arc::new(AtomicU32::new(0)), global_max }
+        Limiter { usage: Mutex::default(), global_in_flight: Arc::new(AtomicU32::new(0)), global_max }
     }
 
-    /// The usage of the identity with this certificate fingerprint (shared by its connections).
+    /// The usage of the identity with this certificate fingerprint (shared by its connections, calls and watches).
     pub fn usage(&self, fingerprint: &str) -> Arc<Usage> {
-        let mut map = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.entry(fingerprint.to_string()).or_default().clone()
-    }
-
-    /// Forget an identity's usage when its last connection closes.
-    pub fn release(&self, fingerprint: &str, usage: Arc<Usage>) {
-        let mut map = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // One reference in the map, one here: nobody else uses it.
-        if Arc::strong_count(&usage) <= 2 {
-            map.remove(fingerprint);
+        let mut ids = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(usage) = ids.by_fingerprint.get(fingerprint).and_then(Weak::upgrade) {
+            return usage;
         }
+        let usage = Arc::new(Usage::default());
+        ids.by_fingerprint.insert(fingerprint.to_string(), Arc::downgrade(&usage));
+        if ids.by_fingerprint.len() >= ids.prune_at {
+            ids.by_fingerprint.retain(|_, usage| usage.strong_count() > 0);
+            ids.prune_at = (ids.by_fingerprint.len() * 2).max(64);
+        }
+        usage
     }
 
     /// Admit a unary call: global and per-identity concurrency, and the rate.
@@ -172,6 +181,26 @@ impl Drop for WatchSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_is_remembered_while_anything_of_it_is_open_and_forgotten_after() {
+        let (l, m) = (Limiter::new(None), Metrics::new());
+        let lim = limits(None, None, Some(1));
+        let first = l.usage("a");
+        let slot = l.watch(&first, &lim, "a", &m);
+        drop(first);
+        // The watch keeps the identity's usage: a second connection of it shares the count.
+        let second = l.usage("a");
+        assert!(slot.is_ok() && l.watch(&second, &lim, "a", &m).is_err());
+        drop((slot, second));
+        assert_eq!(l.usage("a").watches.load(Ordering::Relaxed), 0);
+        // Certificates come and go (rotation): the entries of those gone do not pile up.
+        for i in 0..1000 {
+            drop(l.usage(&format!("gone-{i}")));
+        }
+        let known = l.usage.lock().unwrap().by_fingerprint.len();
+        assert!(known <= 64, "{known} entries kept");
+    }
 
     fn limits(concurrent: Option<u32>, rps: Option<u32>, watches: Option<u32>) -> Limits {
         Limits { concurrent_requests: concurrent, requests_per_second: rps, burst: None, open_watches: watches }

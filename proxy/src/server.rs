@@ -285,7 +285,6 @@ async fn connection(
     );
     let metrics = shared.metrics.clone();
     metrics.connections.inc();
-    let (usage, fingerprint) = (conn.usage.clone(), conn.identity.fingerprint_sha256.clone());
     let display_name = conn.identity.display_name().to_string();
     let guard = Guard::new(shared.clone(), conn);
     let settings = http2::server::Settings {
@@ -317,7 +316,6 @@ async fn connection(
         debug!(conn = id, error = %e, "connection ended with an error");
     }
     metrics.connections.dec();
-    shared.limiter.release(&fingerprint, usage);
     debug!(conn = id, "client disconnected");
 }
 
