@@ -78,8 +78,8 @@ async fn keep_alive(
                 Err(status) => break (status.code(), None),
             };
             let at = Arrival::now();
-            let record = g.record(RPC, Event::Message, stream_id, &msg, at);
-            let (verdict, code) = match g.decide(&authz::lease_keep_alive(&msg), &meta).await {
+            let mut record = g.record(RPC, Event::Message, stream_id, &msg, at);
+            let (verdict, code) = match g.decide(&authz::lease_keep_alive(&msg), &meta, &mut record).await {
                 Ok(v) if v.decision == Decision::Deny => (v, Code::PermissionDenied),
                 Ok(v) => match g.shared.audit.admit() {
                     Ok(()) => (v, Code::Ok),

@@ -323,8 +323,12 @@ impl Guard {
     ///
     /// With only `audit-only` bindings a denial becomes [`Decision::WouldDeny`] — except for requests the proxy
     /// does not understand ([`Need::Never`]), which are always denied.
-    pub async fn decide(&self, needs: &Needs, meta: &CallMeta) -> Result<Verdict, Status> {
-        Ok(self.decide_in(self.conn.view(&self.shared), needs, meta).await?.0)
+    ///
+    /// `record` (the request's, if audited) is made to name the roles of the policy it was decided by.
+    pub async fn decide(&self, needs: &Needs, meta: &CallMeta, record: &mut Option<Record>) -> Result<Verdict, Status> {
+        let (verdict, view) = self.decide_in(self.conn.view(&self.shared), needs, meta).await?;
+        decided_under(record, &view);
+        Ok(verdict)
     }
 
     /// [`Guard::decide`] under a view the caller already holds. A lease lookup waits for etcd, and a policy
@@ -510,17 +514,13 @@ impl Guard {
                 return Err(status);
             }
         };
-        let generation = view.generation;
         let verdict = match needs {
             Ok(needs) => self.decide_in(view, &needs, meta).await,
             Err(status) => Err(status),
         };
         let verdict = match verdict {
             Ok((v, decided)) => {
-                // Decided again after a reload: the record names the roles it was decided by.
-                if let Some(r) = record.as_mut().filter(|_| decided.generation != generation) {
-                    r.subject = decided.subject.clone();
-                }
+                decided_under(&mut record, &decided);
                 v
             }
             Err(status) => {
@@ -626,6 +626,9 @@ impl Guard {
             let answered = match kept {
                 None => call.await,
                 Some(needs) => tokio::select! {
+                    // etcd's answer first: a lock etcd granted in the same turn as a withdrawal is not dropped
+                    // unseen (its key would stay, unknown to the client, until its lease ends).
+                    biased;
                     answered = call => answered,
                     withdrawn = self.withdrawn_by_reload(&needs, reloads) => {
                         verdict = withdrawn;
@@ -742,6 +745,13 @@ fn refused_by_view(view: &View, needs: &Needs) -> Option<Verdict> {
         Need::LeaseKeys(..) | Need::Never(_) => None,
     })?;
     Some(refusal(perms, reason))
+}
+
+/// A request decided again after a reload (see [`Guard::decide`]): its record names the roles it was decided by.
+fn decided_under(record: &mut Option<Record>, view: &View) {
+    if let Some(r) = record.as_mut().filter(|r| !Arc::ptr_eq(&r.subject, &view.subject)) {
+        r.subject = view.subject.clone();
+    }
 }
 
 /// The HTTP answer to a unary call: etcd's message, or a status.

@@ -139,9 +139,10 @@ struct Order {
     before_reload: usize,
     /// What the inbound loop still has to do for such watches, and for open watches a reload withdrew.
     after_reload: Vec<AfterReload>,
-    /// The policy generation the open watches were last checked under. Whoever sees a newer one first (etcd's
-    /// next frame, or the inbound loop woken by the reload) checks them ([`revoke_active`]), so nothing of a
-    /// withdrawn watch reaches the client once the reload is in force.
+    /// The policy generation the open watches were last checked under. Whoever sees a newer one first (the
+    /// stream to the client before its next frame, or the inbound loop woken by the reload) checks them
+    /// ([`revoke_active`]), so nothing etcd sends for a withdrawn watch reaches the client once the reload is in
+    /// force (frames of shared watches excepted: the inbound loop takes those back).
     checked: u64,
 }
 
@@ -263,6 +264,8 @@ struct ToClient {
     guard: Guard,
     /// Wakes the inbound loop for `Order::after_reload`.
     recheck: Arc<Notify>,
+    /// The policy generation last seen (`Order::checked`, without taking the lock for every frame).
+    checked: u64,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
@@ -306,6 +309,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
         order: order.clone(),
         guard: g.clone(),
         recheck: recheck.clone(),
+        checked,
         gauge: g.shared.metrics.open_watches.clone(),
     };
 
@@ -400,8 +404,8 @@ async fn inbound_loop(
             }
             _ => None,
         };
-        let record = g.record(RPC, Event::Message, stream_id, &msg, at);
-        let verdict = match g.decide(&authz::watch(&msg), meta).await {
+        let mut record = g.record(RPC, Event::Message, stream_id, &msg, at);
+        let verdict = match g.decide(&authz::watch(&msg), meta, &mut record).await {
             Ok(v) => v,
             Err(status) => {
                 // The check itself failed: end the stream.
@@ -674,7 +678,9 @@ async fn revoke_withdrawn(
     let view = g.conn.view(&g.shared);
     let (withdrawn, shared): (Vec<(i64, String)>, Vec<SharedRevocation>) = {
         let mut o = lock(order);
-        if matches!(which, Revoke::All) && o.checked != view.generation {
+        if matches!(which, Revoke::All) {
+            // Always, even if etcd's last frame already did it for this generation: a create decided before the
+            // reload may have joined `pending` since (its `created` answer is then checked as it arrives).
             revoke_active(&view, &mut o);
         }
         // Revoked already (by the check above, by etcd's last frame, or as etcd opened them), or to be checked now.
@@ -760,17 +766,27 @@ impl WatchResponseHead {
 // === impl ToClient ===
 
 impl ToClient {
-    /// Note what one of etcd's responses means for the open watches; the frame to pass on, if any.
-    fn on_response(&mut self, frame: Framed) -> Option<Bytes> {
-        let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
+    /// A reload is in force that the open watches were not checked under yet (the inbound loop has not acted on
+    /// it): its withdrawals apply from the next frame on. One atomic load when nothing changed.
+    fn revoke_if_reloaded(&mut self) {
+        let now = self.guard.shared.generation();
+        if now == self.checked {
+            return;
+        }
+        self.checked = now;
         let mut o = lock(&self.order);
-        if self.guard.shared.generation() != o.checked {
-            // A reload is in force that the inbound loop has not acted on yet: its withdrawals apply to this frame.
+        if o.checked != now {
             revoke_active(&self.guard.conn.view(&self.guard.shared), &mut o);
             if !o.after_reload.is_empty() {
                 self.recheck.notify_one();
             }
         }
+    }
+
+    /// Note what one of etcd's responses means for the open watches; the frame to pass on, if any.
+    fn on_response(&mut self, frame: Framed) -> Option<Bytes> {
+        let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
+        let mut o = lock(&self.order);
         if !head.created {
             return etcd_frame(&mut o, frame, &head);
         }
@@ -929,6 +945,7 @@ impl futures_util::Stream for ToClient {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            this.revoke_if_reloaded();
             // Refusals released by a `created` follow it before anything else (clients pair them in order).
             if let Some(bytes) = this.released.pop_front() {
                 return Poll::Ready(Some(Ok(bytes)));
