@@ -330,6 +330,31 @@ async fn a_lock_waiting_when_a_reload_withdraws_its_permission_ends_and_leaves_n
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_half_closed_watch_stream_still_loses_what_a_reload_withdraws() -> TestResult {
+    let s = start(BEFORE).await?;
+    let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
+    let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
+    let (watcher, mut w) = c.watch("shared/", Some(WatchOptions::new().with_prefix())).await?.split();
+    let created = w.message().await?.ok_or("stream ended")?;
+    assert!(created.created() && !created.canceled(), "{created:?}");
+    // The client sends nothing more; etcd goes on streaming, as it does for a half-closed stream of its own.
+    drop(watcher);
+    admin.put("shared/a", "1", None).await?;
+    let event = tokio::time::timeout(Duration::from_secs(5), w.message()).await??.ok_or("stream ended")?;
+    assert_eq!(event.events().len(), 1, "{event:?}");
+
+    // The policy loses shared/: etcd's permission-denied cancel, as on a stream still open both ways.
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, ""))?;
+    s.proxy.reload.trigger();
+    let canceled = tokio::time::timeout(Duration::from_secs(5), w.message()).await??.ok_or("stream ended")?;
+    assert!(canceled.canceled() && canceled.cancel_reason() == DENIED_REASON, "{canceled:?}");
+    admin.put("shared/a", "2", None).await?;
+    let after = tokio::time::timeout(Duration::from_millis(500), w.message()).await;
+    assert!(!matches!(after, Ok(Ok(Some(_)))), "{after:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn open_keep_alive_streams_are_rechecked_after_a_reload() -> TestResult {
     let s = start(&BEFORE.replace("cluster: [status]", "cluster: [status, lease]")).await?;
     let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;

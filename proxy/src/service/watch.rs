@@ -358,9 +358,12 @@ async fn inbound_loop(
 ) -> Code {
     let (down_tx, up_tx) = (streams.down, streams.up);
     let mut reloads = g.shared.subscribe_reloads();
+    let mut half_closed = false;
     loop {
         let next = tokio::select! {
-            m = inbound.message() => m,
+            m = inbound.message(), if !half_closed => m,
+            // Half-closed: until the client goes away or etcd ends the stream.
+            () = down_tx.closed(), if half_closed => return Code::Ok,
             _ = g.shared.shutdown_begun() => {
                 let _ = down_tx.send(Err(super::shutting_down())).await;
                 return Code::Unavailable;
@@ -392,7 +395,13 @@ async fn inbound_loop(
         };
         let msg = match next {
             Ok(Some(m)) => m,
-            Ok(None) => return Code::Ok,
+            Ok(None) => {
+                // The client sends nothing more, but etcd keeps a half-closed watch stream going, and so does the
+                // proxy (its side to etcd stays open, for its cancels): reloads still take back what they
+                // withdraw, until the stream ends.
+                half_closed = true;
+                continue;
+            }
             Err(status) => return status.code(),
         };
         let at = Arrival::now();
