@@ -9,6 +9,9 @@ use etcd_guard::config::Config;
 use etcd_guard::server::{Proxy, Running};
 use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get, watch_matrix};
 
+/// How long a test waits for an answer that depends on a paused etcd and a reload.
+const WAIT_LONG: Duration = Duration::from_secs(30);
+
 const DENIED_REASON: &str = "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 
 const BEFORE: &str = r#"
@@ -61,13 +64,18 @@ audit: {{ file: audit/audit.log }}
 }
 
 async fn client(s: &Setup, who: &ClientCert) -> TestResult<etcd_client::Client> {
+    client_waiting(s, who, Duration::from_secs(5)).await
+}
+
+/// A client whose requests wait up to `timeout` for their answers.
+async fn client_waiting(s: &Setup, who: &ClientCert, timeout: Duration) -> TestResult<etcd_client::Client> {
     let tls = etcd_client::TlsOptions::new()
         .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(s.pki.ca_file())?))
         .identity(etcd_client::Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?));
     let opts = etcd_client::ConnectOptions::new()
         .with_tls(tls)
         .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5));
+        .with_timeout(timeout);
     Ok(etcd_client::Client::connect([format!("https://{}", s.proxy.local_addr)], Some(opts)).await?)
 }
 
@@ -241,10 +249,10 @@ async fn a_request_whose_check_a_reload_overtook_is_decided_by_the_new_policy() 
 
     // etcd stops answering while the revoke waits for the lease's keys; meanwhile the role loses write on cilium/.
     s.etcd.pause()?;
-    let revoke = {
-        let mut c = c.clone();
-        tokio::spawn(async move { c.lease_revoke(lease).await })
-    };
+    // Its answer may wait for etcd, the reload and two lookups: a generous deadline, so a slow machine gets the
+    // proxy's answer rather than the client's own timeout.
+    let mut patient = client_waiting(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?, WAIT_LONG).await?;
+    let revoke = tokio::spawn(async move { patient.lease_revoke(lease).await });
     let paused = async {
         reaches(&s, "etcd_guard_lease_key_lookups_total", lookups + 1.0).await?;
         withdraw_cilium_write(&s).await
@@ -254,7 +262,7 @@ async fn a_request_whose_check_a_reload_overtook_is_decided_by_the_new_policy() 
     paused?;
 
     // The lookup answers after the reload: the revoke is decided by the policy now in force.
-    let revoked = tokio::time::timeout(Duration::from_secs(10), revoke).await.map_err(|_| "the revoke")??;
+    let revoked = tokio::time::timeout(WAIT_LONG, revoke).await.map_err(|_| "the revoke")??;
     assert!(revoked.as_ref().is_err_and(is_denied), "{revoked:?}");
     assert_eq!(c.get("cilium/k", None).await?.kvs().len(), 1, "the lease and its key are still there");
     assert!(c.lease_time_to_live(lease, None).await?.ttl() > 0);
