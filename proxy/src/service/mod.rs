@@ -655,10 +655,8 @@ impl Guard {
     /// under `audit-only` bindings).
     async fn withdrawn_by_reload(&self, needs: &Needs, mut reloads: tokio::sync::watch::Receiver<u64>) -> Verdict {
         while reloads.changed().await.is_ok() {
-            let view = self.conn.view(&self.shared);
-            if let Some(v) = refused_by_view(&view, needs).filter(|v| v.decision == Decision::Deny) {
-                let reason = format!("permission withdrawn by a policy reload: {}", v.reason);
-                return Verdict { decision: Decision::Deny, reason };
+            if let Some(verdict) = withdrawn_under(&self.conn.view(&self.shared), needs) {
+                return verdict;
             }
         }
         std::future::pending().await
@@ -745,6 +743,18 @@ fn refused_by_view(view: &View, needs: &Needs) -> Option<Verdict> {
         Need::LeaseKeys(..) | Need::Never(_) => None,
     })?;
     Some(refusal(perms, reason))
+}
+
+/// Whether the view (after a reload) withdrew what an open call or stream was granted: the verdict for its record.
+/// Never under `audit-only` bindings, which take nothing away.
+fn withdrawn_under(view: &View, needs: &Needs) -> Option<Verdict> {
+    let refused = refused_by_view(view, needs).filter(|v| v.decision == Decision::Deny)?;
+    Some(withdrawal(&refused.reason))
+}
+
+/// The verdict recorded when a reload takes back what was granted, and why.
+fn withdrawal(reason: &str) -> Verdict {
+    Verdict { decision: Decision::Deny, reason: format!("permission withdrawn by a policy reload: {reason}") }
 }
 
 /// A request decided again after a reload (see [`Guard::decide`]): its record names the roles it was decided by.
@@ -919,7 +929,7 @@ struct Recheck {
 
 impl Audited {
     /// After a reload: the reason the policy in force refuses the stream now, if it does.
-    fn withdrawn(&mut self, cx: &mut Context<'_>) -> Option<String> {
+    fn withdrawn(&mut self, cx: &mut Context<'_>) -> Option<Verdict> {
         let recheck = self.recheck.as_mut()?;
         let mut reloaded = false;
         while let Poll::Ready(Some(_)) = recheck.reloads.poll_next_unpin(cx) {
@@ -928,9 +938,7 @@ impl Audited {
         if !reloaded {
             return None;
         }
-        let view = recheck.guard.conn.view(&recheck.guard.shared);
-        let verdict = refused_by_view(&view, &recheck.needs)?;
-        (verdict.decision == Decision::Deny).then_some(verdict.reason)
+        withdrawn_under(&recheck.guard.conn.view(&recheck.guard.shared), &recheck.needs)
     }
 }
 
@@ -938,11 +946,11 @@ impl futures_util::Stream for Audited {
     type Item = Result<Bytes, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(reason) = self.withdrawn(cx) {
+        if let Some(verdict) = self.withdrawn(cx) {
             // Ended as etcd ends a call it refuses; etcd's stream is canceled with it.
             (self.frames, self.recheck) = (None, None);
             if let Some(mut end) = self.end.take() {
-                end.set_reason(Decision::Deny, format!("permission withdrawn by a policy reload: {reason}"));
+                end.set_reason(verdict.decision, verdict.reason);
                 end.finish(Code::PermissionDenied);
             }
             return Poll::Ready(Some(Err(permission_denied())));

@@ -155,6 +155,13 @@ enum AfterReload {
 }
 
 impl Order {
+    /// A reload withdrew watch `id`: from now etcd's frames for it are dropped, its cancel answer becomes etcd's
+    /// permission-denied cancel, and the inbound loop sends etcd its cancel and records it.
+    fn revoke(&mut self, id: i64, reason: String) {
+        self.revoked.insert(id);
+        self.after_reload.push(AfterReload::Cancel(id, reason));
+    }
+
     /// The oldest pending create, now answered by etcd; `stale` says whether it was decided before the last
     /// reload.
     fn answered(&mut self) -> Option<(Pending, bool)> {
@@ -174,8 +181,7 @@ fn revoke_active(view: &View, o: &mut Order) {
     let gone = withdrawn_from(view, o.active.iter().map(|(id, a)| (*id, a.range.as_ref())));
     for (id, reason) in gone {
         o.active.remove(&id);
-        o.revoked.insert(id);
-        o.after_reload.push(AfterReload::Cancel(id, reason));
+        o.revoke(id, reason);
     }
 }
 
@@ -187,8 +193,7 @@ fn allowed_after_reload(g: &Guard, o: &mut Order, id: i64, range: Option<&KeyRan
     match withdrawn_from(&view, std::iter::once((id, range))).pop() {
         None => true,
         Some((id, reason)) => {
-            o.revoked.insert(id);
-            o.after_reload.push(AfterReload::Cancel(id, reason));
+            o.revoke(id, reason);
             false
         }
     }
@@ -754,9 +759,7 @@ async fn record_revocation(g: &Guard, stream_id: Option<u64>, watch_id: i64, rea
     };
     let at = Arrival::now();
     let record = g.record(RPC, Event::Message, stream_id, &cancel, at);
-    let verdict =
-        Verdict { decision: Decision::Deny, reason: format!("permission withdrawn by a policy reload: {reason}") };
-    let _ = g.audit(RPC, record, &verdict, Code::PermissionDenied, None, at).await;
+    let _ = g.audit(RPC, record, &super::withdrawal(reason), Code::PermissionDenied, None, at).await;
     cancel
 }
 
