@@ -301,6 +301,7 @@ async fn connection(
         // the shutdown signal they watch).
         shutdown_grace: grace,
         own_task: crate::service::is_streaming,
+        message_stream: crate::service::is_message_stream,
     };
     let handle = |req| guard.clone().handle(req);
     // A reload whose client CA or CRLs no longer trust the certificate closes the connection.

@@ -86,3 +86,74 @@ async fn open_watches_are_capped_per_identity() -> TestResult {
     assert!(fourth.created() && !fourth.canceled(), "{fourth:?}");
     Ok(())
 }
+
+/// A request of one message whose message never arrives is undecided, and so is not yet counted by any limit of
+/// the policy: a connection may hold at most `MAX_RECEIVING` of them (even an identity the policy grants nothing,
+/// as here), a further one is refused with `REFUSED_STREAM`, the connection keeps working, and a request whose
+/// message arrives makes room again.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_whose_message_never_arrives_are_capped_per_connection() -> TestResult {
+    use bytes::Bytes;
+    use etcd_guard::http2::server::MAX_RECEIVING;
+    use etcd_guard_proto::methods::KV_RANGE;
+    use http_body::Frame;
+    use prost::Message;
+    use tonic::codegen::Service;
+
+    type Sender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
+    fn request(body: tonic::body::Body) -> TestResult<http::Request<tonic::body::Body>> {
+        Ok(http::Request::post(format!("https://localhost{KV_RANGE}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)?)
+    }
+    /// A request body that is sent as it is fed.
+    fn fed() -> (Sender, tonic::body::Body) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        (tx, tonic::body::Body::new(http_body_util::StreamBody::new(stream)))
+    }
+    fn message() -> Bytes {
+        let msg = etcd_guard_proto::etcdserverpb::RangeRequest { key: b"cilium/x".to_vec(), ..Default::default() };
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
+        framed.extend_from_slice(&msg.encode_to_vec());
+        Bytes::from(framed)
+    }
+    /// The answer's grpc-status (a trailers-only answer carries it in its headers).
+    async fn grpc_status(response: http::Response<hyper::body::Incoming>) -> TestResult<String> {
+        use http_body_util::BodyExt;
+        if let Some(s) = response.headers().get("grpc-status") {
+            return Ok(s.to_str()?.to_string());
+        }
+        let trailers = response.into_body().collect().await?.trailers().cloned().ok_or("no trailers")?;
+        Ok(trailers.get("grpc-status").ok_or("no grpc-status")?.to_str()?.to_string())
+    }
+
+    let h = Harness::with_policy(POLICY).await?;
+    let mut conn = etcd_guard_tests::bare_h2(&h, &h.nobody()?, None).await?;
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_RECEIVING {
+        let (feed, body) = fed();
+        std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
+        stalled.push((feed, tokio::spawn(conn.call(request(body)?))));
+    }
+    // Streams reach the proxy in the order they were opened: this one comes after all of the stalled ones.
+    let refused = conn.call(request(tonic::body::Body::new(http_body_util::Full::new(message())))?).await;
+    let refused = refused.err().ok_or("the request over the limit was served")?;
+    assert!(format!("{refused:?}").contains("REFUSED_STREAM"), "{refused:?}");
+
+    // One stalled request's message arrives: it is decided (this identity may do nothing) and answered ...
+    let (feed, answer) = stalled.pop().ok_or("none stalled")?;
+    feed.send(Ok(Frame::data(message()))).await?;
+    drop(feed);
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await???;
+    assert_eq!(grpc_status(answer).await?, "7", "PermissionDenied, as etcd answers");
+    // ... and a new request on the same connection is served again.
+    let served = conn.call(request(tonic::body::Body::new(http_body_util::Full::new(message())))?);
+    let served = tokio::time::timeout(Duration::from_secs(10), served).await??;
+    assert_eq!(grpc_status(served).await?, "7");
+    // The requests still stalled are not answered: nothing was decided for them.
+    assert!(stalled.iter().all(|(_, answer)| !answer.is_finished()));
+    Ok(())
+}

@@ -15,6 +15,8 @@ pub mod server;
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
@@ -25,13 +27,41 @@ use http_body::{Body, Frame};
 pub struct RecvBody {
     stream: RecvStream,
     data_done: bool,
+    /// Held while the request is still arriving (a request of one message; see [`server`]); let go when its data
+    /// has ended, or with the body.
+    receiving: Option<Receiving>,
 }
+
+/// One request of a connection whose message has not fully arrived yet; counted in the connection's total until
+/// dropped.
+pub struct Receiving(Arc<AtomicUsize>);
 
 // === impl RecvBody ===
 
 impl RecvBody {
     pub fn new(stream: RecvStream) -> RecvBody {
-        RecvBody { stream, data_done: false }
+        RecvBody { stream, data_done: false, receiving: None }
+    }
+
+    /// A request counted as being received until its data has ended.
+    pub fn receiving(stream: RecvStream, receiving: Receiving) -> RecvBody {
+        RecvBody { stream, data_done: false, receiving: Some(receiving) }
+    }
+}
+
+// === impl Receiving ===
+
+impl Receiving {
+    /// Count one more request in `count`, unless it already holds `max`.
+    pub fn try_new(count: &Arc<AtomicUsize>, max: usize) -> Option<Receiving> {
+        count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Receiving(count.clone()))
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -41,7 +71,12 @@ impl Body for RecvBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.data_done {
-            match ready!(self.stream.poll_data(cx)) {
+            let polled = ready!(self.stream.poll_data(cx));
+            if !matches!(polled, Some(Ok(_))) {
+                // The data has ended (or failed): nothing more of it is held.
+                self.receiving = None;
+            }
+            match polled {
                 Some(Ok(data)) => {
                     let _ = self.stream.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));

@@ -7,6 +7,8 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
-use super::{RecvBody, Reply, cork, send_body};
+use super::{Receiving, RecvBody, Reply, cork, send_body};
 
 /// How a client connection is run.
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +39,17 @@ pub struct Settings {
     /// Requests (by path) whose call runs in a task of its own; the others run in the connection's task. Either
     /// way a call ends when the connection does.
     pub own_task: fn(&str) -> bool,
+    /// Requests (by path) that carry a stream of messages rather than one; the others count against
+    /// [`MAX_RECEIVING`] until their message has arrived.
+    pub message_stream: fn(&str) -> bool,
 }
+
+/// Requests of one message per connection whose message has not fully arrived yet; a further one is refused
+/// (`REFUSED_STREAM`, which a client may retry) until one of them has arrived. A request is decided only once it
+/// has arrived, so without this a client could hold up to `max_concurrent_streams` undecided calls, each several
+/// KiB of the proxy's memory, with a few bytes of HEADERS each — even one the policy grants nothing. Clients send a
+/// request's message right behind its headers, so this is never reached by one that is not stalling on purpose.
+pub const MAX_RECEIVING: usize = 1024;
 
 /// How long a connection closed by the proxy (`close`) may take to send its last frames.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
@@ -83,6 +95,7 @@ where
         let mut streams = JoinSet::new();
         let mut grace: Option<Pin<Box<Sleep>>> = None;
         let mut close = std::pin::pin!(close);
+        let receiving = Arc::new(AtomicUsize::new(0));
         loop {
             tokio::select! {
                 // Calls first: every answer that is ready goes into the connection's buffer before it is written.
@@ -90,9 +103,20 @@ where
                 Some(()) = calls.next(), if !calls.is_empty() => {}
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
                 accepted = poll_fn(|cx| conn.poll_accept(cx)) => match accepted {
-                    Some(Ok((req, respond))) => {
-                        let own_task = (settings.own_task)(req.uri().path());
-                        let answer = call(Box::pin(handle(req.map(RecvBody::new))), respond);
+                    Some(Ok((req, mut respond))) => {
+                        let path = req.uri().path();
+                        let own_task = (settings.own_task)(path);
+                        let req = if (settings.message_stream)(path) {
+                            req.map(RecvBody::new)
+                        } else {
+                            let Some(counted) = Receiving::try_new(&receiving, MAX_RECEIVING) else {
+                                debug!(receiving = MAX_RECEIVING, "too many requests still arriving; refusing one");
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                continue;
+                            };
+                            req.map(|body| RecvBody::receiving(body, counted))
+                        };
+                        let answer = call(Box::pin(handle(req)), respond);
                         if own_task {
                             streams.spawn(answer);
                         } else {

@@ -78,6 +78,11 @@ pub fn is_streaming(path: &str) -> bool {
     STREAMING.contains(&path)
 }
 
+/// Whether `path` names a method whose request is a stream of messages (the others send one message).
+pub fn is_message_stream(path: &str) -> bool {
+    path == methods::WATCH_WATCH || path == methods::LEASE_KEEP_ALIVE
+}
+
 /// How many policy reloads in a row a decision waits out (each landing while etcd was asked for a lease's keys)
 /// before the call is answered `Unavailable`.
 const RELOADS_WAITED: usize = 3;
