@@ -314,7 +314,7 @@ fn folder_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Where the file at `path` starts in the chain.
-fn first_seq(path: &Path) -> io::Result<FirstSeq> {
+pub fn first_seq(path: &Path) -> io::Result<FirstSeq> {
     let mut reader = LineReader::open(path)?;
     let mut index = 0;
     while index < SEQ_PROBE_LINES {

@@ -572,20 +572,20 @@ impl FileSink {
         // Where the chain stands: the active file's last record, else the newest rotated file's.
         let mut tail_source = None;
         if len > 0 {
-            let (first, last, torn) = read_ends(&mut file).map_err(io_err)?;
+            let (last, torn) = read_last_line(&mut file).map_err(io_err)?;
             if torn {
                 warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is and will fail verification");
                 file.write_all(b"\n").map_err(io_err)?;
                 sink.len += 1;
             }
-            sink.first_seq = first.as_deref().and_then(|l| line_seq(l).ok());
+            sink.first_seq = starts_at(path).map_err(io_err)?;
             tail_source = last.map(|l| (path.to_path_buf(), l));
         }
         if tail_source.is_none() {
             if let Some(rotated) = sink.rotated_files().map_err(io_err)?.pop() {
                 let mut f = File::open(&rotated).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-                let (_, last, _) =
-                    read_ends(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
+                let (last, _) =
+                    read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
                 tail_source = last.map(|l| (rotated, l));
             }
         }
@@ -610,7 +610,7 @@ impl FileSink {
     fn write(&mut self, buf: &[u8], first_seq: u64) -> io::Result<()> {
         self.check_still_there();
         if self.len > 0 && self.len + buf.len() as u64 > self.max_bytes {
-            self.rotate()?;
+            self.rotate(first_seq)?;
         }
         if self.file.is_none() {
             self.reopen()?;
@@ -643,8 +643,15 @@ impl FileSink {
         let now = std::fs::metadata(&self.path).ok().map(|m| ident_of(&m));
         if now != self.ident {
             error!(path = %self.path.display(), "audit: the file was removed or replaced; starting a new one");
-            self.file = None;
+            self.gone();
         }
+    }
+
+    /// The active file is no longer at its path: what is known of it no longer holds.
+    fn gone(&mut self) {
+        self.file = None;
+        self.len = 0;
+        self.first_seq = None;
     }
 
     fn reopen(&mut self) -> io::Result<()> {
@@ -658,11 +665,35 @@ impl FileSink {
         Ok(())
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
+    /// Move the active file to its rotated name and start a new one, whose first record will be `next_seq`.
+    ///
+    /// A rotated file is named after its first record; where that cannot be read (a damaged start), after the
+    /// record before `next_seq`, which sorts it after every older file all the same. An existing file is never
+    /// replaced: if the name is taken the rotation fails (and with it the write, which is retried), loudly, rather
+    /// than losing the records in that file.
+    fn rotate(&mut self, next_seq: u64) -> io::Result<()> {
         self.sync()?;
-        let first = self.first_seq.unwrap_or(0);
+        let first = match self.first_seq {
+            Some(seq) => seq,
+            None => starts_at(&self.path)?.unwrap_or(next_seq.saturating_sub(1)),
+        };
         let rotated = rotated_name(&self.path, first);
-        std::fs::rename(&self.path, &rotated)?;
+        if std::fs::symlink_metadata(&rotated).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("cannot rotate: {} already exists and would be overwritten", rotated.display()),
+            ));
+        }
+        match std::fs::rename(&self.path, &rotated) {
+            Ok(()) => {}
+            // Moved away since it was checked: there is nothing to rotate.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                error!(path = %self.path.display(), "audit: the file was removed; starting a new one");
+                self.gone();
+                return self.reopen();
+            }
+            Err(e) => return Err(e),
+        }
         self.file = None;
         self.reopen()?;
         info!(rotated = %rotated.display(), "audit: rotated");
@@ -725,20 +756,22 @@ fn ident_of(m: &std::fs::Metadata) -> (u64, u64) {
     (m.len(), 0)
 }
 
-/// The first and the last complete line of a file (without newlines), and whether it ends in a torn line.
-type Ends = (Option<Vec<u8>>, Option<Vec<u8>>, bool);
+/// The seq of the first record of the file at `path`, read as `audit verify` reads it (a long or damaged first
+/// line is looked past); `None` if no seq can be read from its start.
+fn starts_at(path: &Path) -> io::Result<Option<u64>> {
+    Ok(match super::read::first_seq(path)? {
+        super::read::FirstSeq::Seq(seq) => Some(seq),
+        super::read::FirstSeq::Unknown | super::read::FirstSeq::Empty => None,
+    })
+}
 
-fn read_ends(file: &mut File) -> io::Result<Ends> {
+/// The last complete line of a file (without its newline), and whether the file ends in a torn line.
+fn read_last_line(file: &mut File) -> io::Result<(Option<Vec<u8>>, bool)> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
-        return Ok((None, None, false));
+        return Ok((None, false));
     }
-    // First line.
-    file.seek(SeekFrom::Start(0))?;
-    let mut head = vec![0u8; len.min(64 * 1024) as usize];
-    file.read_exact(&mut head)?;
-    let first = head.iter().position(|&b| b == b'\n').map(|i| head[..i].to_vec());
-    // Last complete line: read backwards in growing windows.
+    // Read backwards in growing windows.
     let mut window = 64 * 1024u64;
     loop {
         let start = len.saturating_sub(window);
@@ -749,14 +782,14 @@ fn read_ends(file: &mut File) -> io::Result<Ends> {
         // The complete part ends at the last newline.
         let Some(end) = tail.iter().rposition(|&b| b == b'\n') else {
             if start == 0 {
-                return Ok((first, None, torn));
+                return Ok((None, torn));
             }
             window *= 4;
             continue;
         };
         match tail[..end].iter().rposition(|&b| b == b'\n') {
-            Some(begin) => return Ok((first, Some(tail[begin + 1..end].to_vec()), torn)),
-            None if start == 0 => return Ok((first, Some(tail[..end].to_vec()), torn)),
+            Some(begin) => return Ok((Some(tail[begin + 1..end].to_vec()), torn)),
+            None if start == 0 => return Ok((Some(tail[..end].to_vec()), torn)),
             None => window *= 4,
         }
         if window > 64 * 1024 * 1024 {
@@ -955,6 +988,104 @@ mod tests {
         log.close(Duration::from_secs(5)).await;
         let files = std::fs::read_dir(dir.path())?.count();
         assert_eq!(files, 3, "active + 2 rotated");
+        Ok(())
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A first record longer than any fixed read of the file's start (a denied request with a 70 KiB key, say)
+    /// still names the file it rotates into: before, a restart left its seq unknown, the file was rotated to
+    /// `….00000000000000000000`, and the next such rotation replaced it (or pruning took it first).
+    #[tokio::test]
+    async fn restarts_after_a_long_first_record_rotate_without_losing_records() -> Result<(), Box<dyn std::error::Error>>
+    {
+        for max_files in [0, 3] {
+            let dir = tempfile::tempdir()?;
+            let s = subject();
+            let mut cfg = config(dir.path());
+            cfg.max_file_bytes = 200_000;
+            cfg.max_files = max_files;
+            let mut n = 0;
+            for _ in 0..3 {
+                let log = AuditLog::open(&cfg)?;
+                for _ in 0..4 {
+                    let mut r = record(&s, n);
+                    r.ops = format!(r#"[{{"op":"range","key":"{}{n}"}}]"#, "k".repeat(70_000));
+                    log.submit(r).await?;
+                    n += 1;
+                }
+                log.close(Duration::from_secs(5)).await;
+            }
+            let names = names(dir.path());
+            assert!(!names.iter().any(|f| f.ends_with(&format!("{:020}", 0))), "{names:?}");
+            if max_files == 0 {
+                check_chain(&all_lines(dir.path()), &Hasher::unkeyed());
+            } else {
+                // The newest records are kept, the oldest pruned.
+                let seqs: Vec<u64> = all_lines(dir.path())
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["seq"].as_u64())
+                    .collect();
+                assert_eq!(seqs.last(), Some(&12), "{names:?}");
+                assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?} in {names:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The active file moved away when it was nearly full: the writer starts a new one (before, it kept trying to
+    /// rotate the file that was gone, and every request was refused until a restart).
+    #[tokio::test]
+    async fn a_file_moved_away_near_its_size_limit_is_started_again() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        let active = dir.path().join("audit.log");
+        let mut n = 0;
+        while std::fs::metadata(&active)?.len() < 4096 - 400 {
+            log.submit(record(&s, n)).await?;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::rename(&active, dir.path().join("moved.away"))?;
+        for _ in 0..3 {
+            log.submit(record(&s, n)).await?;
+            n += 1;
+        }
+        log.close(Duration::from_secs(5)).await;
+        assert!(!log.is_failing());
+        let text = std::fs::read_to_string(&active)?;
+        assert_eq!(text.lines().count(), 3, "{text}");
+        Ok(())
+    }
+
+    /// A rotation whose name is taken fails, and the file under that name is left as it was.
+    #[tokio::test]
+    async fn a_rotation_never_replaces_a_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        log.submit(record(&s, 0)).await?;
+        log.close(Duration::from_secs(5)).await;
+        // Whatever put it there: the name the active file would rotate to is taken.
+        let taken = rotated_name(&dir.path().join("audit.log"), 1);
+        std::fs::write(&taken, "kept\n")?;
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 1..60 {
+            let _ = log.submit(record(&s, n)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(log.is_failing(), "the write that needed the rotation failed");
+        assert_eq!(std::fs::read_to_string(&taken)?, "kept\n");
         Ok(())
     }
 }
