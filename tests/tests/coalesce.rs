@@ -966,3 +966,63 @@ async fn etcdctl_watchers_share_one_upstream_watch_and_print_every_event() -> Te
     }
     settles(&h, SHARED, 0.0).await
 }
+
+/// A message on a watch stream that cannot be read ends the stream with etcd's error, its shared watches with it.
+/// Before, the proxy's side of the stream stopped reading and rechecking but the stream stayed open, and the shared
+/// watch's events kept coming, past any reload that withdrew them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_message_ends_the_stream_and_its_shared_watches() -> TestResult {
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tonic::codegen::Service;
+
+    fn framed(message: &[u8]) -> Bytes {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        Bytes::from(framed)
+    }
+    let h = start().await?;
+    let mut conn = etcd_guard_tests::bare_h2(&h, &h.cilium()?, None).await?;
+    // Another stream's watch, so that this one joins a shared watch.
+    let other = h.client(&h.cilium()?).await?;
+    let (_other, _) = open(&other, "cilium/", prefix()).await?;
+
+    let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let body = tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let request = http::Request::post(format!("https://localhost{}", etcd_guard_proto::methods::WATCH_WATCH))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)?;
+    let create = etcd_guard_proto::etcdserverpb::WatchRequest {
+        request_union: Some(etcd_guard_proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(
+            etcd_guard_proto::etcdserverpb::WatchCreateRequest {
+                key: b"cilium/".to_vec(),
+                range_end: b"cilium0".to_vec(),
+                ..Default::default()
+            },
+        )),
+    };
+    feed.send(Ok(Frame::data(framed(&create.encode_to_vec())))).await?;
+    std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
+    let mut answer = tokio::time::timeout(WAIT, conn.call(request)).await??.into_body();
+    let created = tokio::time::timeout(WAIT, answer.frame()).await?.ok_or("the stream ended")??;
+    assert!(created.is_data(), "{created:?}");
+    settles(&h, SUBSCRIBERS, 2.0).await.context("both watches share one upstream watch")?;
+
+    // Not a WatchRequest (a length-delimited field whose length runs past the end).
+    feed.send(Ok(Frame::data(framed(&[0x0a, 0x7f, 0x01])))).await?;
+    let status = loop {
+        let frame = tokio::time::timeout(WAIT, answer.frame()).await.map_err(|_| "the stream did not end")?;
+        let frame = frame.ok_or("the stream ended without a status")??;
+        if let Ok(trailers) = frame.into_trailers() {
+            break trailers.get("grpc-status").ok_or("no grpc-status")?.to_str()?.to_string();
+        }
+    };
+    assert_eq!(status, "13", "Internal, as etcd ends it");
+    settles(&h, SUBSCRIBERS, 1.0).await.context("the stream's shared watch is left")?;
+    drop(feed);
+    Ok(())
+}

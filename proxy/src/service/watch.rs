@@ -407,7 +407,13 @@ async fn inbound_loop(
                 half_closed = true;
                 continue;
             }
-            Err(status) => return status.code(),
+            Err(status) => {
+                // As etcd: a message that cannot be read ends the whole stream with the error (and so with it
+                // every watch on it, shared ones too, which only this loop rechecks after a reload).
+                let code = status.code();
+                let _ = down_tx.send(Err(status)).await;
+                return code;
+            }
         };
         let at = Arrival::now();
         let is_create = matches!(msg.request_union, Some(pb::watch_request::RequestUnion::CreateRequest(_)));
@@ -957,6 +963,11 @@ impl futures_util::Stream for ToClient {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            // Shared watches are rechecked after a reload by the inbound loop alone: once it has ended (and with it
+            // the proxy's side of the stream), their frames stop.
+            if this.hub.is_some() && this.own.is_closed() {
+                this.hub = None;
+            }
             this.revoke_if_reloaded();
             // Refusals released by a `created` follow it before anything else (clients pair them in order).
             if let Some(bytes) = this.released.pop_front() {
