@@ -33,8 +33,8 @@ pub enum Need {
     Never(&'static str),
 }
 
-/// Everything one request needs. Empty means "no permission needed" — only used where etcd needs none either
-/// (watch cancel and progress requests).
+/// Everything one request needs. Empty means "no permission needed" (as in etcd: watch cancel and progress
+/// requests, a transaction without compares or operations) — beyond being bound to some role.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Needs(pub Vec<Need>);
 

@@ -230,6 +230,32 @@ async fn lease_keys_are_looked_up_only_for_identities_that_may_not_write_every_k
     Ok(())
 }
 
+/// A transaction's lease needs are looked up once per lease, and a transaction naming more leases than etcd takes
+/// operations by default (128) is refused as etcd refuses it, before etcd is asked anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_asks_for_each_lease_once_and_for_at_most_128() -> TestResult {
+    use etcd_client::{Txn, TxnOp};
+    let h = Harness::start().await?;
+    let mut admin = h.client(&h.admin()?).await?;
+    let mut b = h.client(&h.tenant_b()?).await?;
+    let lease = admin.lease_grant(60, None).await?.id();
+    let before = lease_lookups(&h)?;
+    let puts: Vec<TxnOp> =
+        (0..3).map(|i| TxnOp::put(format!("b/{i}"), "v", Some(PutOptions::new().with_lease(lease)))).collect();
+    b.txn(Txn::new().and_then(puts)).await?;
+    assert_eq!(lease_lookups(&h)? - before, 1, "three puts with one lease: one lookup");
+
+    let puts: Vec<TxnOp> =
+        (0..129).map(|i| TxnOp::put("b/x", "v", Some(PutOptions::new().with_lease(lease + 1 + i)))).collect();
+    let e = b.txn(Txn::new().and_then(puts)).await.err();
+    let refused = matches!(&e, Some(etcd_client::Error::GRpcStatus(s))
+        if s.code() == tonic::Code::InvalidArgument && s.message() == "etcdserver: too many operations in txn request");
+    assert!(refused, "{e:?}");
+    assert!(lease_lookups(&h)? - before <= 1 + 128, "no lookup past the 128th");
+    admin.lease_revoke(lease).await?;
+    Ok(())
+}
+
 /// For each `(client, prefix)`, `n` puts of `<prefix>shared-<i>` with `lease`, all sent at once and interleaved;
 /// how many of each client's were allowed and how many denied.
 async fn concurrent_leased_puts(
@@ -304,6 +330,12 @@ async fn unbound_identity_gets_nothing() -> TestResult {
     let mut c = h.client(&nobody).await?;
     let e = c.lease_grant(10, None).await.err();
     assert!(e.as_ref().is_some_and(is_denied), "{e:?}");
+    // A transaction that touches nothing still answers with the cluster's revision and member: not for an
+    // identity that no binding matches (etcd would answer any authenticated user).
+    let e = c.txn(etcd_client::Txn::new()).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "empty txn: {e:?}");
+    let mut admin = h.client(&h.admin()?).await?;
+    admin.txn(etcd_client::Txn::new()).await?;
     Ok(())
 }
 

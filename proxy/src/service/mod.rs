@@ -39,7 +39,7 @@ use crate::http2::{RecvBody, Reply};
 use crate::identity::Identity;
 use crate::limits::{Limiter, Permit, Usage};
 use crate::metrics::{Metrics, RequestHandles, RequestLabels, RpcLabels};
-use crate::policy::{CapabilitySet, KeyRange, Mode, Permissions, Policy};
+use crate::policy::{Access, CapabilitySet, KeyRange, Mode, Permissions, Policy};
 use crate::upstream::{CallMeta, Frames, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
 use etcd_guard_proto::methods;
@@ -86,6 +86,11 @@ pub fn is_message_stream(path: &str) -> bool {
 /// How many policy reloads in a row a decision waits out (each landing while etcd was asked for a lease's keys)
 /// before the call is answered `Unavailable`.
 const RELOADS_WAITED: usize = 3;
+
+/// Distinct leases whose keys one request may have etcd asked for (each a request of its own, one after another).
+/// More are refused with etcd's answer to a transaction of too many operations: etcd refuses one of more than 128
+/// by default (`--max-txn-ops`), and only a transaction can name more than one lease.
+const MAX_LEASE_LOOKUPS: usize = 128;
 
 /// etcd's answer to a denied request.
 pub fn permission_denied() -> Status {
@@ -371,13 +376,18 @@ impl Guard {
     async fn decide_leases(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<(Verdict, bool), Status> {
         let perms = &view.permissions;
         let mut asked = false;
+        let mut looked_up: Vec<(Access, i64)> = Vec::new();
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
                 // Whatever keys the lease has, a grant of the whole keyspace covers them: etcd is not asked (each
                 // lookup is a second request to etcd, listing every key of the lease).
-                if perms.check(*access, &KeyRange::all()).is_ok() {
+                if perms.check(*access, &KeyRange::all()).is_ok() || looked_up.contains(&(*access, *lease)) {
                     continue;
                 }
+                if looked_up.len() == MAX_LEASE_LOOKUPS {
+                    return Err(Status::invalid_argument("etcdserver: too many operations in txn request"));
+                }
+                looked_up.push((*access, *lease));
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
                 let shared = &self.shared;
                 let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
@@ -737,7 +747,9 @@ fn refused_by_view(view: &View, needs: &Needs) -> Option<Verdict> {
     if let Some(why) = needs.0.iter().find_map(|n| if let Need::Never(why) = n { Some(*why) } else { None }) {
         return Some(Verdict { decision: Decision::Deny, reason: why.to_string() });
     }
-    if perms.roles.is_empty() && !needs.0.is_empty() {
+    // Even a request that needs no permission (a transaction without compares or operations still answers with
+    // the cluster's revision and member; a watch cancel or progress request): nothing for an unbound identity.
+    if perms.roles.is_empty() {
         return Some(Verdict { decision: Decision::Deny, reason: "no binding matches this identity".into() });
     }
     let reason = needs.0.iter().find_map(|need| match need {
@@ -990,7 +1002,6 @@ mod tests {
 
     #[test]
     fn allow_reasons_name_the_roles_and_the_first_need() {
-        use crate::policy::Access;
         let one = Needs(vec![Need::Key(Access::Read, KeyRange::prefix(b"cilium/".to_vec()))]);
         assert_eq!(allow_reason("role cilium", &one), "role cilium: read [cilium/, cilium0)");
         let three = Needs(vec![Need::Key(Access::Write, KeyRange::point(b"k".to_vec())), Need::Admin, Need::Admin]);
