@@ -162,6 +162,17 @@ impl Order {
         self.after_reload.push(AfterReload::Cancel(id, reason));
     }
 
+    /// A create decided under policy generation `decided`, on its way to etcd. Decided before a reload that the
+    /// open watches were already checked for (the check ran between the decision and now, and did not see it):
+    /// it is checked again as etcd opens it, as the creates pending then were (an earlier create marked with it is
+    /// only checked once more).
+    fn push_create(&mut self, pending: Pending, decided: u64) {
+        self.pending.push_back(pending);
+        if decided < self.checked {
+            self.before_reload = self.pending.len();
+        }
+    }
+
     /// The oldest pending create, now answered by etcd; `stale` says whether it was decided before the last
     /// reload.
     fn answered(&mut self) -> Option<(Pending, bool)> {
@@ -425,6 +436,9 @@ async fn inbound_loop(
             _ => None,
         };
         let mut record = g.record(RPC, Event::Message, stream_id, &msg, at);
+        // No newer than the policy the decision is made under (a create decided before a reload that overtakes it
+        // on its way to etcd is checked again, `Order::push_create`).
+        let decided = g.shared.generation();
         let verdict = match g.decide(&authz::watch(&msg), meta, &mut record).await {
             Ok(v) => v,
             Err(status) => {
@@ -467,7 +481,7 @@ async fn inbound_loop(
         let mut msg = msg;
         let refusal = if served {
             if let Some(hub) = streams.hub {
-                match shared_first(g, &mut msg, meta, order, hub, up_tx, range, slot).await {
+                match shared_first(g, &mut msg, meta, order, hub, up_tx, (range, slot, decided)).await {
                     Handled::Done => continue,
                     Handled::Refused(reason) => Some(reason),
                     Handled::Forward => None,
@@ -475,7 +489,7 @@ async fn inbound_loop(
                 }
             } else {
                 if is_create {
-                    lock(order).pending.push_back(Pending::Upstream(range, slot, 0));
+                    lock(order).push_create(Pending::Upstream(range, slot, 0), decided);
                 }
                 None
             }
@@ -540,8 +554,7 @@ async fn shared_first(
     order: &Mutex<Order>,
     hub: &HubSide,
     up: &Up,
-    range: Option<KeyRange>,
-    slot: Option<WatchSlot>,
+    (range, slot, decided): (Option<KeyRange>, Option<WatchSlot>, u64),
 ) -> Handled {
     use pb::watch_request::RequestUnion;
     match &mut msg.request_union {
@@ -556,7 +569,7 @@ async fn shared_first(
                     (create.watch_id, false)
                 } else if watch_hub::empty_range(create) {
                     // etcd refuses it before it takes an ID.
-                    o.pending.push_back(Pending::Upstream(range, slot, 0));
+                    o.push_create(Pending::Upstream(range, slot, 0), decided);
                     return Handled::Forward;
                 } else {
                     (o.ids.auto(), !o.no_share && o.pending.is_empty())
@@ -574,7 +587,7 @@ async fn shared_first(
                 }
             }
             create.watch_id = id;
-            lock(order).pending.push_back(Pending::Upstream(range, slot, id));
+            lock(order).push_create(Pending::Upstream(range, slot, id), decided);
             Handled::Forward
         }
         Some(RequestUnion::CancelRequest(cancel)) => {
@@ -1122,6 +1135,25 @@ bindings: [ { role: r, subjects: [ { common_name: "c" } ] } ]
         let cancel = pb::WatchResponse { header: at(31), watch_id: 2, canceled: true, ..Default::default() };
         let answer = from_etcd(&mut o, cancel);
         assert!(answer.is_some_and(|a| a.canceled && a.cancel_reason == DENIED_REASON));
+    }
+
+    /// A create decided before a reload but queued after the open watches were checked for it (the check did not
+    /// see it) is checked again when etcd opens it; one decided under the policy in force is not.
+    #[test]
+    fn a_create_that_a_reload_overtook_on_its_way_is_checked_when_it_opens() {
+        let yaml = r#"
+roles: [ { name: r, keys: [ { prefix: "b/", access: read } ] } ]
+bindings: [ { role: r, subjects: [ { common_name: "c" } ] } ]
+"#;
+        let policy = crate::policy::Policy::from_yaml(yaml, "test").unwrap();
+        let identity = crate::identity::Identity { common_name: Some("c".into()), ..Default::default() };
+        let view = View::new(1, "127.0.0.1:1".parse().unwrap(), &identity, 5, &policy);
+        let mut o = Order::default();
+        revoke_active(&view, &mut o);
+        o.push_create(Pending::Upstream(Some(KeyRange::prefix("a/")), None, 0), 4);
+        assert!(matches!(o.answered(), Some((Pending::Upstream(..), true))), "decided under 4, checked under 5");
+        o.push_create(Pending::Upstream(Some(KeyRange::prefix("b/")), None, 0), 5);
+        assert!(matches!(o.answered(), Some((Pending::Upstream(..), false))));
     }
 
     #[test]
