@@ -12,7 +12,9 @@
 //!   are named) or its `prev_hash` is not that record's hash.
 //!
 //! The first record may start anywhere (older files are deleted by rotation); a note says so unless it is the
-//! very first record (`seq` 1 after [`GENESIS`]).
+//! very first record (`seq` 1 after [`GENESIS`]). A line that is not a record, followed by the record of the same
+//! `seq` chained to the one before it, is what the writer leaves after a crash (the record it was writing, cut
+//! off, and the chain going on after the restart): a note too, and checking goes on.
 //!
 //! Without an HMAC key the chain detects changes by anyone who does not rewrite every hash after the change;
 //! with one (`--hmac-key`, the proxy's `audit.hmac_key_file`) only the key's holders can forge records.
@@ -181,9 +183,24 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                 // line was put in between; otherwise it is what became of the record that belonged there.
                 let expected_prev = last.as_ref().map_or(genesis(), |g| g.hash);
                 let chains = checked.as_ref().is_ok_and(|c| c.prev_hash == expected_prev);
-                let kind = if chains { ProblemKind::Inserted } else { ProblemKind::Altered };
-                report.problem = Some(defect_problem(files, &p, kind, hasher, last.as_ref(), Some((index, number))));
-                return Ok(report);
+                let rewritten = checked.as_ref().is_ok_and(|c| p.defect.seq == Some(c.seq) && !p.defect.hash_mismatch);
+                if chains && rewritten {
+                    // What the writer leaves after a crash: the record it was writing, cut off, and on the next
+                    // line the chain going on with the same seq after the restart. The chain holds around it;
+                    // checking goes on, so that nothing after a crash escapes verification.
+                    report.notes.push(format!(
+                        "{}:{}: a record cut off (the proxy stopped while writing it?); the chain goes on past it \
+                         with seq {} on the next line, and the cut-off line is not part of it",
+                        files[p.file].path.display(),
+                        p.line,
+                        p.defect.seq.unwrap_or_default()
+                    ));
+                } else {
+                    let kind = if chains { ProblemKind::Inserted } else { ProblemKind::Altered };
+                    let next = Some((index, number));
+                    report.problem = Some(defect_problem(files, &p, kind, hasher, last.as_ref(), next));
+                    return Ok(report);
+                }
             }
             match checked {
                 Err(defect) => {
@@ -536,6 +553,40 @@ mod tests {
         assert_eq!(problem(&report), Some((ProblemKind::Inserted, "audit.log.00000000000000000001".to_owned(), 3)));
         let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
         assert!(text.contains("the next line (") && text.contains("chains to seq 2"), "{text}");
+        Ok(())
+    }
+
+    /// A crash while a record was written, then a restart: the cut-off line stays, and the chain goes on with the
+    /// same seq on the next line (what the writer does). The chain verifies with a note, and a record changed after it is still found.
+    #[test]
+    fn a_record_cut_off_by_a_crash_and_written_again_is_a_note_and_checking_goes_on() -> TestResult {
+        let h = Hasher::keyed(KEY);
+        let cut = |lines: &mut Vec<Vec<u8>>| {
+            // seq 4, cut off; the restarted writer ends the line before it writes seq 4 again.
+            let mut torn = lines[3][..lines[3].len() / 2].to_vec();
+            torn.push(b'\n');
+            lines.insert(3, torn);
+        };
+        let dir = tempfile::tempdir()?;
+        two_files(dir.path(), &h, cut)?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(report.problem, None);
+        assert_eq!(report.records, 10);
+        assert!(
+            report.notes.iter().any(|n| n.contains("audit.log.00000000000000000001:4: a record cut off")),
+            "{report:?}"
+        );
+
+        let dir = tempfile::tempdir()?;
+        two_files(dir.path(), &h, |lines| {
+            cut(lines);
+            // seq 8, after the crash: "alice" -> "alicf".
+            if let Some(at) = lines[8].windows(5).position(|w| w == b"alice") {
+                lines[8][at + 4] = b'f';
+            }
+        })?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".to_owned(), 3)));
         Ok(())
     }
 

@@ -574,7 +574,7 @@ impl FileSink {
         if len > 0 {
             let (last, torn) = read_last_line(&mut file).map_err(io_err)?;
             if torn {
-                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is and will fail verification");
+                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, the chain goes on after it with its seq, and audit verify notes it");
                 file.write_all(b"\n").map_err(io_err)?;
                 sink.len += 1;
             }
@@ -1065,6 +1065,32 @@ mod tests {
         assert!(!log.is_failing());
         let text = std::fs::read_to_string(&active)?;
         assert_eq!(text.lines().count(), 3, "{text}");
+        Ok(())
+    }
+
+    /// After a crash in the middle of a record, the restarted writer leaves the cut-off line and goes on with its
+    /// seq after it (that record's content is lost), and `audit verify` accepts the chain with a note.
+    #[tokio::test]
+    async fn after_a_record_cut_off_by_a_crash_the_chain_goes_on_and_verifies() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 0..3 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        let mut file = OpenOptions::new().append(true).open(dir.path().join("audit.log"))?;
+        file.write_all(br#"{"seq":4,"time":"2026-12-02T0"#)?;
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 3..5 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
+        assert_eq!(report.problem, None, "{report:?}");
+        assert_eq!((report.records, report.notes.len()), (5, 1), "{report:?}");
         Ok(())
     }
 
