@@ -105,10 +105,21 @@ async fn non_canonical_encodings_are_forwarded_as_decoded() -> TestResult {
     let denied = raw_range(&ch, &req).await.err().map(|s| (s.code(), s.message().to_string()));
     assert_eq!(denied, Some((Code::PermissionDenied, "etcdserver: permission denied".to_string())));
 
-    // A request that does not parse is refused, not forwarded.
+    // A request that does not parse is refused, not forwarded, and recorded.
     let garbage = raw_range(&ch, &[0x0a, 0x7f, 0x01]).await.err().map(|s| s.code());
     assert_eq!(garbage, Some(Code::Internal));
+    let record = audited(h, |r| r["code"] == "Internal").await?;
+    assert_eq!((&record["rpc"], &record["decision"]), (&"KV/Range".into(), &"deny".into()), "{record}");
+    assert!(record["reason"].as_str().is_some_and(|r| r.contains("unmarshal")), "{record}");
     Ok(())
+}
+
+/// The audit records of `h` (the proxy stopped first, so that all are written); the first that `pick` picks.
+async fn audited(mut h: Harness, pick: impl Fn(&serde_json::Value) -> bool) -> TestResult<serde_json::Value> {
+    h.stop_proxy().await;
+    let log = std::fs::read_to_string(h.audit_dir().join("audit.log"))?;
+    let records: Vec<serde_json::Value> = log.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    Ok(records.into_iter().find(|r| pick(r)).ok_or("no such record")?)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -126,5 +137,9 @@ async fn unknown_methods_are_unimplemented() -> TestResult {
         let r = grpc.unary(tonic::Request::new(Bytes::new()), p, RawRequest::<RangeResponse>(PhantomData)).await;
         assert_eq!(r.err().map(|s| s.code()), Some(Code::Unimplemented), "{path}");
     }
+    // Each is recorded, denied, with its path.
+    let record = audited(h, |r| r["ops"][0]["path"] == "/etcdserverpb.Nope/Range").await?;
+    assert_eq!((&record["rpc"], &record["code"]), (&"Unknown".into(), &"Unimplemented".into()), "{record}");
+    assert_eq!(record["ops"][0]["op"], "unknown_method");
     Ok(())
 }

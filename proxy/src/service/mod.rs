@@ -92,6 +92,22 @@ const RELOADS_WAITED: usize = 3;
 /// by default (`--max-txn-ops`), and only a transaction can name more than one lease.
 const MAX_LEASE_LOOKUPS: usize = 128;
 
+/// The RPC a record names for a request of a method the proxy does not know (its op holds the path).
+const UNKNOWN_RPC: &str = "Unknown";
+
+/// A request refused before its message was read: described by its method alone, or, for a method the proxy
+/// does not know, by its path (cut to 256 characters).
+struct Unread<'a>(Option<&'a str>);
+
+impl Describe for Unread<'_> {
+    fn describe(&self, ops: &mut Ops) {
+        if let Some(path) = self.0 {
+            let cut = path.char_indices().nth(256).map_or(path, |(at, _)| &path[..at]);
+            ops.op("unknown_method", |op| op.text("path", cut));
+        }
+    }
+}
+
 /// etcd's answer to a denied request.
 pub fn permission_denied() -> Status {
     Status::permission_denied(PERMISSION_DENIED)
@@ -311,7 +327,7 @@ impl Guard {
         let path = uri.path();
         let (service, method) = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
             Some(parts) => parts,
-            None => return unimplemented(format!("malformed method name: {path:?}")),
+            None => return self.unrouted(path, format!("malformed method name: {path:?}")).await,
         };
         let routed = match service {
             "etcdserverpb.KV" => kv::route(&self, method, req).await,
@@ -323,9 +339,29 @@ impl Guard {
             "v3lockpb.Lock" => lock::route(&self, method, req).await,
             "v3electionpb.Election" => election::route(&self, method, req).await,
             "grpc.health.v1.Health" => health::route(&self, method, req).await,
-            _ => return unimplemented(format!("unknown service {service}")),
+            _ => return self.unrouted(path, format!("unknown service {service}")).await,
         };
-        routed.unwrap_or_else(|| unimplemented(format!("unknown method {method} for service {service}")))
+        match routed {
+            Some(answer) => answer,
+            None => self.unrouted(path, format!("unknown method {method} for service {service}")).await,
+        }
+    }
+
+    /// A request for a method the proxy does not know: recorded (denied, with its path) and answered
+    /// `Unimplemented`, as etcd answers it.
+    async fn unrouted(&self, path: &str, message: String) -> Answer {
+        let status = Status::unimplemented(message);
+        self.refused_unread(UNKNOWN_RPC, Some(path), &status).await;
+        status.into_http().into()
+    }
+
+    /// Record a request refused before its message could be read (or its method found). It is not served either
+    /// way, so the record is written as far as the audit log allows.
+    async fn refused_unread(&self, rpc: &'static str, path: Option<&str>, status: &Status) {
+        let at = Arrival::now();
+        let record = self.record(rpc, Event::Call, None, &Unread(path), at);
+        let verdict = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
+        let _ = self.audit_with(rpc, record, Cow::Owned(verdict), status.code(), None, at).await;
     }
 
     /// Decide a request: every need against the caller's permissions; lease needs ask etcd which keys are
@@ -602,7 +638,7 @@ impl Guard {
         A: FnOnce(M, CallMeta) -> Fut + Send,
         Fut: Future<Output = Result<Framed, Status>> + Send,
     {
-        let (msg, meta, at) = match self.read_unary::<M>(req).await {
+        let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
             Ok(read) => read,
             Err(status) => return status.into_http().into(),
         };
@@ -625,7 +661,7 @@ impl Guard {
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
-        let (msg, meta, at) = match self.read_unary::<M>(req).await {
+        let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
             Ok(read) => read,
             Err(status) => return status.into_http().into(),
         };
@@ -656,14 +692,33 @@ impl Guard {
         unary_answer(answered.await)
     }
 
-    /// Read and decode a unary request: the message, its metadata, and when it arrived.
+    /// Read and decode a unary request: the message, its metadata, and when it arrived. One that cannot be read
+    /// is recorded here.
     async fn read_unary<M: prost::Message + Default>(
         &self,
         req: HttpRequest,
+        path: &'static str,
     ) -> Result<(M, CallMeta, Arrival), Status> {
         let (head, body) = req.into_parts();
-        let msg: M = codec::read_request(body, &head.headers, self.shared.max_request_bytes).await?;
+        let msg: M = self.read_message(body, &head.headers, path).await?;
         Ok((msg, CallMeta::from_headers(&head.headers), Arrival::now()))
+    }
+
+    /// Read and decode a request's one message; one that cannot be read (malformed, too large, compressed) is
+    /// recorded and refused as etcd refuses it.
+    async fn read_message<M: prost::Message + Default>(
+        &self,
+        body: RecvBody,
+        headers: &http::HeaderMap,
+        path: &'static str,
+    ) -> Result<M, Status> {
+        match codec::read_request(body, headers, self.shared.max_request_bytes).await {
+            Ok(msg) => Ok(msg),
+            Err(status) => {
+                self.refused_unread(rpc_name(path), None, &status).await;
+                Err(status)
+            }
+        }
     }
 
     /// Resolves when a policy reload withdraws what `needs` asks for, with the verdict for the record (never
@@ -688,7 +743,7 @@ impl Guard {
         // every unary call on the connection as large.
         let opened = Box::pin(async move {
             let (head, body) = req.into_parts();
-            let msg: M = codec::read_request(body, &head.headers, self.shared.max_request_bytes).await?;
+            let msg: M = self.read_message(body, &head.headers, path).await?;
             let at = Arrival::now();
             let meta = CallMeta::from_headers(&head.headers);
             let rpc = rpc_name(path);
@@ -989,11 +1044,6 @@ impl futures_util::Stream for Audited {
         }
         Poll::Ready(item.map(|frame| frame.map(Framed::into_bytes)))
     }
-}
-
-/// A gRPC `Unimplemented` answer, as grpc-go words it.
-pub fn unimplemented(message: String) -> Answer {
-    Status::unimplemented(message).into_http().into()
 }
 
 #[cfg(test)]
