@@ -142,6 +142,11 @@ async fn leases_of_another_identity_are_off_limits() -> TestResult {
     assert!(e.as_ref().is_some_and(is_denied), "revoke: {e:?}");
     let e = c.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.err();
     assert!(e.as_ref().is_some_and(is_denied), "timetolive --keys: {e:?}");
+    // The owner sees its lease's keys; they are checked on etcd's answer itself, not by a lookup before it.
+    let before = lease_lookups(&h)?;
+    let own = b.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await?;
+    assert_eq!(own.keys(), [b"b/owned".to_vec()]);
+    assert_eq!(lease_lookups(&h)?, before, "no lookup for TimeToLive");
     // Attaching one's own key to another identity's lease is a write on that lease's keys.
     let e = c.put("cilium/x", "1", Some(PutOptions::new().with_lease(lease))).await.err();
     assert!(e.as_ref().is_some_and(is_denied), "put with lease: {e:?}");

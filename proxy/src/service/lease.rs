@@ -30,7 +30,9 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
         }
         "LeaseTimeToLive" => {
             let path = "/etcdserverpb.Lease/LeaseTimeToLive";
-            g.unary::<pb::LeaseTimeToLiveRequest, _>(req, path, authz::lease_time_to_live).await
+            let keys = |r: &pb::LeaseTimeToLiveRequest| r.keys;
+            let inspected = (keys as fn(&_) -> bool, super::lease_keys::unreadable_key_in as _);
+            g.unary_inspected::<pb::LeaseTimeToLiveRequest, _>(req, path, authz::lease_time_to_live, inspected).await
         }
         "LeaseLeases" => {
             g.unary::<pb::LeaseLeasesRequest, _>(req, "/etcdserverpb.Lease/LeaseLeases", authz::lease_leases).await

@@ -27,6 +27,7 @@ use etcd_guard_proto::etcdserverpb as pb;
 use etcd_guard_proto::methods;
 
 use super::View;
+use crate::codec::Framed;
 use crate::metrics::Metrics;
 use crate::policy::{Access, Denied};
 use crate::upstream::{CallMeta, Upstream, within};
@@ -132,6 +133,17 @@ impl Found {
         lock(&self.verdicts).push(Reached { view: view.clone(), access, verdict: verdict.clone() });
         verdict
     }
+}
+
+/// Whether `view`'s permissions allow reading every key that etcd's `LeaseTimeToLiveResponse` in `answer` lists
+/// (`None`), or why not. An answer that cannot be read is refused too.
+pub fn unreadable_key_in(answer: &Framed, view: &View) -> Option<String> {
+    let keys = match <LeaseKeysAnswer as prost::Message>::decode(answer.message_bytes()) {
+        Ok(read) => read.keys,
+        Err(e) => return Some(format!("etcd's answer could not be read: {e}")),
+    };
+    let denied = keys.iter().try_for_each(|key| view.permissions.check_key(Access::Read, key)).err()?;
+    Some(format!("the lease has a key outside the grants: {}", denied.reason))
 }
 
 /// The task that sends a lease's lookups, one after the other, while requests wait for them.

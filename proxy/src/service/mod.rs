@@ -92,6 +92,10 @@ const RELOADS_WAITED: usize = 3;
 /// by default (`--max-txn-ops`), and only a transaction can name more than one lease.
 const MAX_LEASE_LOOKUPS: usize = 128;
 
+/// How [`Guard::unary_inspected`] checks etcd's answer: whether to, for a request; and what in an answer the caller
+/// may not see, if anything.
+pub type Inspection<M> = (fn(&M) -> bool, fn(&Framed, &View) -> Option<String>);
+
 /// The RPC a record names for a request of a method the proxy does not know (its op holds the path).
 const UNKNOWN_RPC: &str = "Unknown";
 
@@ -619,6 +623,48 @@ impl Guard {
         let upstream = &self.shared.upstream;
         self.unary_answered(req, path, authorize, |msg: M, meta| async move { upstream.unary(path, msg, &meta).await })
             .await
+    }
+
+    /// A unary RPC forwarded to etcd whose answer is checked too, where `inspected.0` says so for the request:
+    /// `inspected.1` reads etcd's answer under the caller's permissions and names what the caller may not see.
+    /// Such an answer is not given: the client gets etcd's `PermissionDenied`, and the record says why. For
+    /// answers that list keys the request did not name (LeaseTimeToLive with `keys`).
+    pub async fn unary_inspected<M, F>(
+        &self,
+        req: HttpRequest,
+        path: &'static str,
+        authorize: F,
+        inspected: Inspection<M>,
+    ) -> Answer
+    where
+        M: prost::Message + Default + Describe + Send + Sync + 'static,
+        F: FnOnce(&M) -> Result<Needs, Status> + Send,
+    {
+        let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
+            Ok(read) => read,
+            Err(status) => return status.into_http().into(),
+        };
+        let needs = authorize(&msg);
+        let rpc = rpc_name(path);
+        let (inspect, refused) = inspected;
+        // Boxed: these calls are few; inline, their future would make every call's future on the connection larger.
+        let answered = Box::pin(async {
+            let (mut verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            let inspect = inspect(&msg);
+            let mut answered = self.shared.upstream.unary(path, msg, &meta).await;
+            if let (true, Ok(answer)) = (inspect, answered.as_ref()) {
+                let view = self.conn.view(&self.shared);
+                if let Some(reason) = refused(answer, &view) {
+                    let refusal = refusal(&view.permissions, reason);
+                    if refusal.decision == Decision::Deny {
+                        answered = Err(permission_denied());
+                    }
+                    verdict = refusal;
+                }
+            }
+            self.finish(rpc, record, verdict, answered, at).await
+        });
+        unary_answer(answered.await)
     }
 
     /// A unary RPC answered by `answer` after the check (forwarded to etcd, or built by the proxy itself).
