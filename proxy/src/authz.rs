@@ -152,8 +152,9 @@ fn add_txn(needs: &mut Needs, r: &pb::TxnRequest, depth: usize) -> Result<(), St
             Some(request_op::Request::RequestPut(p)) => add_put(needs, p)?,
             Some(request_op::Request::RequestDeleteRange(d)) => add_delete(needs, d)?,
             Some(request_op::Request::RequestTxn(t)) => add_txn(needs, t, depth + 1)?,
-            // Empty, or an operation of a newer etcd that this proxy does not know: refuse.
-            None => needs.push(Need::Never("empty or unknown transaction operation")),
+            // Empty (or an operation of a newer etcd that this proxy does not know, which reads as empty): refused
+            // as etcd refuses an empty one, before any check.
+            None => return Err(Status::invalid_argument("etcdserver: key not found")),
         }
     }
     Ok(())
@@ -393,7 +394,8 @@ mod tests {
         }
         assert!(txn(&t)?.0.iter().any(|n| matches!(n, Need::Never(_))));
         let empty = pb::TxnRequest { success: vec![pb::RequestOp { request: None }], ..Default::default() };
-        assert!(matches!(txn(&empty)?.0.as_slice(), [Need::Never(_)]));
+        let refused = txn(&empty).err().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(refused, Some((tonic::Code::InvalidArgument, "etcdserver: key not found".to_string())));
         Ok(())
     }
 
