@@ -269,8 +269,9 @@ struct ToClient {
     upstream: StreamCall,
     /// Refusals released by the last `created`: sent before anything else.
     released: VecDeque<Bytes>,
-    /// Frames of shared watches (and the proxy's answers that must follow them), when the stream may have any.
-    hub: Option<mpsc::Receiver<HubItem>>,
+    /// Frames of shared watches (and the proxy's answers that must follow them), when the stream may have any;
+    /// with the stream's count of their bytes.
+    hub: Option<(mpsc::Receiver<HubItem>, watch_hub::DetachTx)>,
     own: mpsc::Receiver<Result<Bytes, Status>>,
     own_closed: bool,
     /// etcd's messages passed on since the proxy's own channel was last looked at.
@@ -293,7 +294,8 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     let recheck = Arc::new(Notify::new());
     let (hub, hub_rx) = if g.shared.watch_hub.is_some() {
         let (down, hub_rx) = mpsc::channel(HUB_QUEUE);
-        (Some(HubSide { down, detach: Arc::default() }), Some(hub_rx))
+        let detach = watch_hub::DetachTx::default();
+        (Some(HubSide { down, detach: detach.clone() }), Some((hub_rx, detach)))
     } else {
         (None, None)
     };
@@ -988,10 +990,14 @@ impl futures_util::Stream for ToClient {
             }
             // Frames of shared watches come before etcd's frames on this stream: a watch detached from a shared
             // watch gets its last shared frames before the first ones of its own upstream watch.
-            if let Some(hub) = this.hub.as_mut() {
+            if let Some((hub, queued)) = this.hub.as_mut() {
                 if let Poll::Ready(Some(item)) = hub.poll_recv(cx) {
                     match item {
                         HubItem::Frame(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                        HubItem::Counted(bytes) => {
+                            queued.took(bytes.len());
+                            return Poll::Ready(Some(Ok(bytes)));
+                        }
                         HubItem::Failed(status) => return Poll::Ready(Some(Err(status))),
                         HubItem::HandedOver(id) => {
                             handed_over(&mut this.released, &mut lock(&this.order), id);

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -60,6 +60,9 @@ pub type Down = mpsc::Sender<HubItem>;
 pub enum HubItem {
     /// A frame to pass on.
     Frame(Bytes),
+    /// A frame of the shared watch's to pass on, counted in the stream's [`DetachQueue::queued`] bytes until the
+    /// stream takes it ([`DetachQueue::took`]).
+    Counted(Bytes),
     /// The shared watch failed: the client stream ends with this status.
     Failed(Status),
     /// The subscriber with this ID has been given everything up to its hand-over revision and left: its own
@@ -87,9 +90,22 @@ pub type DetachTx = Arc<DetachQueue>;
 pub struct DetachQueue {
     queue: Mutex<Vec<Detached>>,
     ready: Notify,
+    /// Bytes of the shared watches' frames waiting for the stream ([`HubItem::Counted`]): a subscriber whose frame
+    /// would take them past [`QUEUED_BYTES`] is detached, as one whose frame finds the queue full.
+    queued: AtomicUsize,
 }
 
+/// How many bytes of shared watches' frames may wait for one client stream (besides [`HubItem`]s counted by the
+/// stream's queue): a stream that does not read cannot make the proxy hold more of them than an upstream watch
+/// stream of its own would (its HTTP/2 window, `tls::STREAM_WINDOW`).
+pub const QUEUED_BYTES: usize = crate::tls::STREAM_WINDOW as usize;
+
 impl DetachQueue {
+    /// The stream took a [`HubItem::Counted`] frame of `len` bytes.
+    pub fn took(&self, len: usize) {
+        let _ = self.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(len)));
+    }
+
     fn push(&self, detached: Detached) {
         lock(&self.queue).push(detached);
         self.ready.notify_one();
@@ -779,7 +795,7 @@ fn offer(mut sub: Sub, resp: &Resp, metrics: &Metrics) -> Option<Sub> {
         rewrite(resp.frame.message(), sub.watch_id, 0, 0)
     };
     if let Some(bytes) = bytes {
-        match send(&mut sub, HubItem::Frame(bytes)) {
+        match send_counted(&mut sub, bytes) {
             Sent::Queued => {}
             Sent::Full => {
                 metrics.shared_watch_subscribers.dec();
@@ -816,6 +832,25 @@ enum Sent {
     Full,
     /// Its stream is gone.
     Gone,
+}
+
+/// Queue a frame of the shared watch for `sub`, counted in its stream's queued bytes: `Full` (as for a full queue)
+/// if they would go past [`QUEUED_BYTES`], unless it is handing over (see [`send`]).
+fn send_counted(sub: &mut Sub, bytes: Bytes) -> Sent {
+    let len = bytes.len();
+    let queued = &sub.detach.queued;
+    // Counted before it is queued: the stream may take it (and count it off) at once.
+    let before = queued.fetch_add(len, Ordering::Relaxed);
+    // A frame larger than the bound still goes to a stream that has taken everything before it.
+    if !sub.handing && before > 0 && before.saturating_add(len) > QUEUED_BYTES {
+        sub.detach.took(len);
+        return Sent::Full;
+    }
+    let sent = send(sub, HubItem::Counted(bytes));
+    if sent != Sent::Queued {
+        sub.detach.took(len);
+    }
+    sent
 }
 
 /// Queue `item` for `sub`. A subscriber handing over is never refused for being slow: what does not fit waits in
@@ -1224,7 +1259,7 @@ mod tests {
         loop {
             let item = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
             match item.ok().flatten() {
-                Some(HubItem::Frame(frame)) => {
+                Some(HubItem::Frame(frame) | HubItem::Counted(frame)) => {
                     let r = decoded(&frame);
                     let revisions: Vec<i64> =
                         r.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)).collect();
@@ -1250,6 +1285,38 @@ mod tests {
         let detach: DetachTx = Arc::default();
         lock(&watch.state).subs.push(Sub::new(1, watch_id, &down, &detach, from, delivered, announced));
         (Subscription { watch: watch.clone(), token: 1, metrics: Arc::new(Metrics::new()) }, rx)
+    }
+
+    /// A stream that does not read is detached from its shared watch once the shared watch's frames waiting for it
+    /// pass `QUEUED_BYTES`, however few they are; what it takes is counted off.
+    #[tokio::test]
+    async fn a_stream_that_does_not_read_holds_at_most_queued_bytes_of_frames() {
+        let metrics = Metrics::new();
+        let (watch, _requests) = SharedWatch::new(0);
+        let (_sub, mut rx) = subscribed(&watch, 256, (0, 0, -1, true));
+        let big = |revision| {
+            let mut r = response(0, &[revision]);
+            if let Some(kv) = r.events[0].kv.as_mut() {
+                kv.value = vec![b'x'; 1 << 20];
+            }
+            Framed::encode(&r)
+        };
+        // Three frames of a little over 1 MiB wait; a fourth would take them past 4 MiB.
+        for revision in 1..=3 {
+            assert!(watch.on_frame(big(revision), &metrics));
+        }
+        assert_eq!(lock(&watch.state).subs.len(), 1, "still subscribed with 3 MiB and more waiting");
+        let detach = lock(&watch.state).subs[0].detach.clone();
+        assert!(watch.on_frame(big(4), &metrics));
+        assert!(lock(&watch.state).subs.is_empty(), "detached");
+        assert_eq!(detach.take().len(), 1);
+        // The stream takes what waits (its client side counts it off): nothing stays counted.
+        while let Ok(item) = rx.try_recv() {
+            if let HubItem::Counted(bytes) = item {
+                detach.took(bytes.len());
+            }
+        }
+        assert_eq!(detach.queued.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
