@@ -12,9 +12,9 @@
 //!   are named) or its `prev_hash` is not that record's hash.
 //!
 //! The first record may start anywhere (older files are deleted by rotation); a note says so unless it is the
-//! very first record (`seq` 1 after [`GENESIS`]). A line that is not a record, followed by the record of the same
-//! `seq` chained to the one before it, is what the writer leaves after a crash (the record it was writing, cut
-//! off, and the chain going on after the restart): a note too, and checking goes on.
+//! very first record (`seq` 1 after [`GENESIS`]). A line that is not a record, followed by the writer's record
+//! for a line cut off by a crash ([`CUT_RPC`]) that names exactly its length and SHA-256 and is chained to the
+//! record before it, is what the writer leaves after a crash and a restart: a note too, and checking goes on.
 //!
 //! Without an HMAC key the chain detects changes by anyone who does not rewrite every hash after the change;
 //! with one (`--hmac-key`, the proxy's `audit.hmac_key_file`) only the key's holders can forge records.
@@ -23,8 +23,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use sha2::{Digest, Sha256};
+
 use super::chain::{GENESIS, Hasher, split_line};
 use super::read::{self, AuditFile, ChainFields, Line, LineReader, MAX_LINE_BYTES, ReadError};
+use super::writer::CUT_RPC;
 
 /// Arguments of `etcd-guard audit verify`.
 #[derive(Debug, clap::Args)]
@@ -107,11 +110,33 @@ struct Good {
     line: u64,
 }
 
-/// A defective line waiting for the next line to tell whether it was altered or inserted.
+/// A defective line waiting for the next line to tell whether it was altered or inserted (or cut off by a crash,
+/// and vouched for).
 struct Pending {
     defect: Defect,
     file: usize,
     line: u64,
+    /// Its length and SHA-256 (hex), for a record that vouches for it.
+    digest: Option<(u64, String)>,
+}
+
+/// Whether `line` is the writer's record for a line cut off by a crash ([`CUT_RPC`]) naming exactly `digest`.
+fn vouches_for(line: Line<'_>, digest: Option<&(u64, String)>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Cut {
+        rpc: String,
+        ops: Vec<CutOp>,
+    }
+    #[derive(serde::Deserialize)]
+    struct CutOp {
+        op: String,
+        bytes: u64,
+        sha256: String,
+    }
+    let (Line::Complete(bytes), Some((len, sha256))) = (line, digest) else { return false };
+    let Ok(cut) = serde_json::from_slice::<Cut>(bytes) else { return false };
+    cut.rpc == CUT_RPC
+        && matches!(cut.ops.as_slice(), [op] if op.op == "cut" && op.bytes == *len && op.sha256 == *sha256)
 }
 
 /// Run `audit verify`: 0 when the chain is intact, 1 on the first problem, 2 when the files cannot be read or
@@ -183,17 +208,15 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                 // line was put in between; otherwise it is what became of the record that belonged there.
                 let expected_prev = last.as_ref().map_or(genesis(), |g| g.hash);
                 let chains = checked.as_ref().is_ok_and(|c| c.prev_hash == expected_prev);
-                let rewritten = checked.as_ref().is_ok_and(|c| p.defect.seq == Some(c.seq) && !p.defect.hash_mismatch);
-                if chains && rewritten {
-                    // What the writer leaves after a crash: the record it was writing, cut off, and on the next
-                    // line the chain going on with the same seq after the restart. The chain holds around it;
-                    // checking goes on, so that nothing after a crash escapes verification.
+                if chains && vouches_for(line, p.digest.as_ref()) {
+                    // What the writer leaves after a crash: the record it was writing, cut off, then (once the
+                    // proxy starts again) a record of its own that names the cut-off line's bytes, in the chain.
+                    // Checking goes on, so that nothing after a crash escapes verification.
                     report.notes.push(format!(
-                        "{}:{}: a record cut off (the proxy stopped while writing it?); the chain goes on past it \
-                         with seq {} on the next line, and the cut-off line is not part of it",
+                        "{}:{}: a record cut off (the proxy stopped while writing it); the record after it vouches \
+                         for its bytes, and the chain goes on",
                         files[p.file].path.display(),
                         p.line,
-                        p.defect.seq.unwrap_or_default()
                     ));
                 } else {
                     let kind = if chains { ProblemKind::Inserted } else { ProblemKind::Altered };
@@ -204,7 +227,11 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
             }
             match checked {
                 Err(defect) => {
-                    let p = Pending { defect, file: index, line: number };
+                    let digest = match line {
+                        Line::Complete(bytes) => Some((bytes.len() as u64, hex::encode(Sha256::digest(bytes)))),
+                        Line::Partial(_) | Line::TooLong { .. } => None,
+                    };
+                    let p = Pending { defect, file: index, line: number, digest };
                     if p.defect.partial {
                         let problem = defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None);
                         report.problem = Some(problem);
@@ -556,37 +583,59 @@ mod tests {
         Ok(())
     }
 
-    /// A crash while a record was written, then a restart: the cut-off line stays, and the chain goes on with the
-    /// same seq on the next line (what the writer does). The chain verifies with a note, and a record changed after it is still found.
+    /// A crash while a record was written, then a restart: the cut-off line stays, and the writer's record after it
+    /// names the line's bytes (what the writer does). The chain verifies with a note, and checking goes on past it;
+    /// a line that no such record vouches for is still a problem, however well-formed it looks.
     #[test]
-    fn a_record_cut_off_by_a_crash_and_written_again_is_a_note_and_checking_goes_on() -> TestResult {
+    fn a_line_cut_off_by_a_crash_and_vouched_for_is_a_note_and_checking_goes_on() -> TestResult {
         let h = Hasher::keyed(KEY);
-        let cut = |lines: &mut Vec<Vec<u8>>| {
-            // seq 4, cut off; the restarted writer ends the line before it writes seq 4 again.
-            let mut torn = lines[3][..lines[3].len() / 2].to_vec();
-            torn.push(b'\n');
-            lines.insert(3, torn);
-        };
+        /// Records 1..=3, the cut-off line (`torn`), the writer's record for `vouched` as seq 4, records 5..=10.
+        fn crashed(h: &Hasher, torn: &[u8], vouched: &[u8]) -> Vec<Vec<u8>> {
+            let mut lines = simple_chain(h, 3);
+            let prev = split_line(lines[2].trim_ascii_end()).map(|(_, hash)| hash.to_owned()).unwrap_or_default();
+            lines.push([torn, b"\n"].concat());
+            let (mut text, mut hash) = (String::new(), prev);
+            crate::audit::writer::cut_record(vouched).write_body(4, &hash, &mut text);
+            h.seal(&mut text, 0, &mut hash);
+            lines.push(text.into_bytes());
+            let specs: Vec<Spec> = (5..=10).map(|i| Spec::get("alice", &format!("k{i}"))).collect();
+            lines.extend(chain(h, 5, &hash, &specs));
+            lines
+        }
+        let torn = &simple_chain(&h, 4)[3][..200];
         let dir = tempfile::tempdir()?;
-        two_files(dir.path(), &h, cut)?;
-        let report = check(&[dir.path().to_path_buf()], &h)?;
-        assert_eq!(report.problem, None);
+        let log = dir.path().join("audit.log");
+
+        write(&log, &crashed(&h, torn, torn))?;
+        let report = check(std::slice::from_ref(&log), &h)?;
+        assert_eq!(report.problem, None, "{report:?}");
         assert_eq!(report.records, 10);
-        assert!(
-            report.notes.iter().any(|n| n.contains("audit.log.00000000000000000001:4: a record cut off")),
-            "{report:?}"
+        assert!(report.notes.iter().any(|n| n.contains("audit.log:4: a record cut off")), "{report:?}");
+
+        // A record changed after the crash is still found.
+        let mut lines = crashed(&h, torn, torn);
+        if let Some(at) = lines[8].windows(5).position(|w| w == b"alice") {
+            lines[8][at + 4] = b'f';
+        }
+        write(&log, &lines)?;
+        assert_eq!(
+            problem(&check(std::slice::from_ref(&log), &h)?),
+            Some((ProblemKind::Altered, "audit.log".to_owned(), 9))
         );
 
-        let dir = tempfile::tempdir()?;
-        two_files(dir.path(), &h, |lines| {
-            cut(lines);
-            // seq 8, after the crash: "alice" -> "alicf".
-            if let Some(at) = lines[8].windows(5).position(|w| w == b"alice") {
-                lines[8][at + 4] = b'f';
-            }
-        })?;
-        let report = check(&[dir.path().to_path_buf()], &h)?;
-        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".to_owned(), 3)));
+        // The writer's record names other bytes: the line is not what it vouched for.
+        write(&log, &crashed(&h, torn, &torn[..199]))?;
+        assert_eq!(
+            problem(&check(std::slice::from_ref(&log), &h)?),
+            Some((ProblemKind::Inserted, "audit.log".to_owned(), 4))
+        );
+
+        // A forged record (well-formed, its hash in capitals) before a genuine one, with no record vouching for it.
+        let mut lines = simple_chain(&h, 10);
+        let (forged, _) = line(&h, 4, GENESIS, &Spec::get("mallory", "k4"));
+        lines.insert(3, String::from_utf8(forged)?.to_uppercase().into_bytes());
+        write(&log, &lines)?;
+        assert_eq!(problem(&check(&[log], &h)?), Some((ProblemKind::Inserted, "audit.log".to_owned(), 4)));
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 use tracing::{error, info, warn};
 
 use super::chain::{self, GENESIS, Hasher};
-use super::record::{Decision, Event, Record, Subject};
+use super::record::{Decision, Event, Ops, Record, Subject};
 use crate::config::{AnswerAfter, Audit as AuditConfig, AuditOutput, OnWriteFailure};
 
 /// How long the writer waits before retrying a failed write.
@@ -487,6 +487,34 @@ impl Writer {
     }
 }
 
+/// The `rpc` of the record the writer puts after a line cut off by a crash ([`cut_record`]).
+pub const CUT_RPC: &str = "etcd-guard/AuditCut";
+
+/// The record that follows a line cut off by a crash (written when the proxy starts again): its op names the cut-off
+/// line's length and SHA-256 (`{"op":"cut","bytes":N,"sha256":"…"}`), which `audit verify` checks the line against.
+pub fn cut_record(line: &[u8]) -> Record {
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(line));
+    let mut ops = Ops::new();
+    ops.op("cut", |op| {
+        op.num_always("bytes", i64::try_from(line.len()).unwrap_or(i64::MAX));
+        op.text("sha256", &sha256);
+    });
+    Record {
+        subject: Arc::new(Subject::proxy()),
+        time: SystemTime::now(),
+        rpc: CUT_RPC,
+        event: Event::Call,
+        stream: None,
+        ops: ops.finish(),
+        decision: Decision::Allow,
+        reason: "the line before this record was cut off (the proxy stopped while writing it); what it said is lost"
+            .into(),
+        code: Code::DataLoss,
+        revision: None,
+        latency_us: 0,
+    }
+}
+
 /// A record noting records that were lost while the log could not be written (`on_write_failure: allow`).
 fn lost_record(n: u64) -> Record {
     Record {
@@ -571,12 +599,14 @@ impl FileSink {
             FileSink { path: path.to_path_buf(), file: None, ident: None, len, first_seq: None, max_bytes, max_files };
         // Where the chain stands: the active file's last record, else the newest rotated file's.
         let mut tail_source = None;
+        let mut cut = None;
         if len > 0 {
-            let (last, torn) = read_last_line(&mut file).map_err(io_err)?;
-            if torn {
-                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, the chain goes on after it with its seq, and audit verify notes it");
+            let Tail { last, torn } = read_last_line(&mut file).map_err(io_err)?;
+            if let Some(torn) = torn {
+                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
                 file.write_all(b"\n").map_err(io_err)?;
                 sink.len += 1;
+                cut = Some(torn);
             }
             sink.first_seq = starts_at(path).map_err(io_err)?;
             tail_source = last.map(|l| (path.to_path_buf(), l));
@@ -584,9 +614,8 @@ impl FileSink {
         if tail_source.is_none() {
             if let Some(rotated) = sink.rotated_files().map_err(io_err)?.pop() {
                 let mut f = File::open(&rotated).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-                let (last, _) =
-                    read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-                tail_source = last.map(|l| (rotated, l));
+                let tail = read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
+                tail_source = tail.last.map(|l| (rotated, l));
             }
         }
         let (seq, prev) = match tail_source {
@@ -600,6 +629,20 @@ impl FileSink {
                 let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
                 (seq, hash)
             }
+        };
+        let (seq, prev) = match cut {
+            // The chain goes on with a record that names the cut-off line's bytes: only the writer (the key's
+            // holder, with an HMAC key) can vouch for one, so `audit verify` can tell it from an inserted line.
+            Some(torn) => {
+                let mut text = String::new();
+                let mut hash = prev;
+                cut_record(&torn).write_body(seq + 1, &hash, &mut text);
+                hasher.seal(&mut text, 0, &mut hash);
+                file.write_all(text.as_bytes()).map_err(io_err)?;
+                sink.len += text.len() as u64;
+                (seq + 1, hash)
+            }
+            None => (seq, prev),
         };
         sink.ident = file_ident(&file);
         sink.file = Some(file);
@@ -765,11 +808,17 @@ fn starts_at(path: &Path) -> io::Result<Option<u64>> {
     })
 }
 
-/// The last complete line of a file (without its newline), and whether the file ends in a torn line.
-fn read_last_line(file: &mut File) -> io::Result<(Option<Vec<u8>>, bool)> {
+/// The end of a file: its last complete line (without its newline), and the torn line after it, if any.
+struct Tail {
+    last: Option<Vec<u8>>,
+    torn: Option<Vec<u8>>,
+}
+
+/// Where a file ends ([`Tail`]).
+fn read_last_line(file: &mut File) -> io::Result<Tail> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
-        return Ok((None, false));
+        return Ok(Tail { last: None, torn: None });
     }
     // Read backwards in growing windows.
     let mut window = 64 * 1024u64;
@@ -778,18 +827,18 @@ fn read_last_line(file: &mut File) -> io::Result<(Option<Vec<u8>>, bool)> {
         file.seek(SeekFrom::Start(start))?;
         let mut tail = vec![0u8; (len - start) as usize];
         file.read_exact(&mut tail)?;
-        let torn = tail.last() != Some(&b'\n');
-        // The complete part ends at the last newline.
+        // The complete part ends at the last newline; what follows it is a torn line.
         let Some(end) = tail.iter().rposition(|&b| b == b'\n') else {
             if start == 0 {
-                return Ok((None, torn));
+                return Ok(Tail { last: None, torn: Some(tail) });
             }
             window *= 4;
             continue;
         };
+        let torn = tail.get(end + 1..).filter(|t| !t.is_empty()).map(<[u8]>::to_vec);
         match tail[..end].iter().rposition(|&b| b == b'\n') {
-            Some(begin) => return Ok((Some(tail[begin + 1..end].to_vec()), torn)),
-            None if start == 0 => return Ok((Some(tail[..end].to_vec()), torn)),
+            Some(begin) => return Ok(Tail { last: Some(tail[begin + 1..end].to_vec()), torn }),
+            None if start == 0 => return Ok(Tail { last: Some(tail[..end].to_vec()), torn }),
             None => window *= 4,
         }
         if window > 64 * 1024 * 1024 {
@@ -1068,8 +1117,9 @@ mod tests {
         Ok(())
     }
 
-    /// After a crash in the middle of a record, the restarted writer leaves the cut-off line and goes on with its
-    /// seq after it (that record's content is lost), and `audit verify` accepts the chain with a note.
+    /// After a crash in the middle of a record, the restarted writer leaves the cut-off line and puts a record of
+    /// its own after it that vouches for the line's bytes (what the cut-off record said is lost), and `audit verify`
+    /// accepts the chain with a note.
     #[tokio::test]
     async fn after_a_record_cut_off_by_a_crash_the_chain_goes_on_and_verifies() -> Result<(), Box<dyn std::error::Error>>
     {
@@ -1090,7 +1140,9 @@ mod tests {
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
         assert_eq!(report.problem, None, "{report:?}");
-        assert_eq!((report.records, report.notes.len()), (5, 1), "{report:?}");
+        assert_eq!((report.records, report.notes.len()), (6, 1), "3, the writer's record for the cut, 2: {report:?}");
+        let text = std::fs::read_to_string(dir.path().join("audit.log"))?;
+        assert!(text.lines().nth(4).is_some_and(|l| l.contains(CUT_RPC) && l.contains(r#""bytes":29"#)), "{text}");
         Ok(())
     }
 
