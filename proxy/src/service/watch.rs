@@ -666,7 +666,9 @@ fn handover_watch(o: &mut Order, id: i64) -> Option<Box<pb::WatchRequest>> {
     let mut create = watch.create.clone();
     create.watch_id = id;
     create.start_revision = 0;
-    o.pending.push_back(Pending::Handover(id));
+    // Checked again as etcd opens it (stale, as if decided under no policy): a reload the inbound loop has not
+    // rechecked its shared watches for yet may have withdrawn it.
+    o.push_create(Pending::Handover(id), 0);
     o.handing.insert(id, watch);
     Some(create_request(create))
 }
@@ -681,10 +683,11 @@ fn own_watch(o: &mut Order, d: Detached) -> Option<Box<pb::WatchRequest>> {
     let mut create = watch.create;
     create.watch_id = d.watch_id;
     create.start_revision = d.resume.max(0);
+    // Checked again as etcd opens it, as a hand-over is (`handover_watch`).
     if d.announced {
-        o.pending.push_back(Pending::Internal(d.watch_id, watch.range, watch.slot, watch.counted));
+        o.push_create(Pending::Internal(d.watch_id, watch.range, watch.slot, watch.counted), 0);
     } else {
-        o.pending.push_back(Pending::Upstream(watch.range, watch.slot, d.watch_id));
+        o.push_create(Pending::Upstream(watch.range, watch.slot, d.watch_id), 0);
     }
     Some(create_request(create))
 }
