@@ -87,10 +87,11 @@ pub fn is_message_stream(path: &str) -> bool {
 /// before the call is answered `Unavailable`.
 const RELOADS_WAITED: usize = 3;
 
-/// Distinct leases whose keys one request may have etcd asked for (each a request of its own, one after another).
-/// More are refused with etcd's answer to a transaction of too many operations: etcd refuses one of more than 128
-/// by default (`--max-txn-ops`), and only a transaction can name more than one lease.
-const MAX_LEASE_LOOKUPS: usize = 128;
+/// Distinct leases whose keys one request may have etcd asked for (each a request of its own, one after another);
+/// a request naming more is refused (`ResourceExhausted`). Only a transaction can name more than one, and etcd takes
+/// at most 128 operations per branch by default (`--max-txn-ops`): this leaves room for every such transaction but
+/// deeply nested ones.
+const MAX_LEASE_LOOKUPS: usize = 1024;
 
 /// How [`Guard::unary_inspected`] checks etcd's answer: whether to, for a request; and what in an answer the caller
 /// may not see, if anything.
@@ -425,7 +426,9 @@ impl Guard {
                     continue;
                 }
                 if looked_up.len() == MAX_LEASE_LOOKUPS {
-                    return Err(Status::invalid_argument("etcdserver: too many operations in txn request"));
+                    return Err(Status::resource_exhausted(format!(
+                        "etcd-guard: a request may use at most {MAX_LEASE_LOOKUPS} leases"
+                    )));
                 }
                 looked_up.push((*access, *lease));
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
