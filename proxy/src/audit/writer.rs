@@ -720,13 +720,22 @@ impl FileSink {
             Some(seq) => seq,
             None => starts_at(&self.path)?.unwrap_or(next_seq.saturating_sub(1)),
         };
-        let rotated = rotated_name(&self.path, first);
-        if std::fs::symlink_metadata(&rotated).is_ok() {
+        let taken = |seq| std::fs::symlink_metadata(rotated_name(&self.path, seq)).is_ok();
+        // A name that is taken (a copy put back by hand?) is never replaced: the next free one is used, which sorts
+        // the file all the same (`audit verify` orders files by their records, not their names).
+        let Some(free) = (first..first.saturating_add(1000)).find(|&seq| !taken(seq)) else {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("cannot rotate: {} already exists and would be overwritten", rotated.display()),
+                format!(
+                    "cannot rotate: {} and the next 999 names are taken",
+                    rotated_name(&self.path, first).display()
+                ),
             ));
+        };
+        if free != first {
+            warn!(taken = %rotated_name(&self.path, first).display(), "audit: the rotated file's name is taken; using the next free one");
         }
+        let rotated = rotated_name(&self.path, free);
         match std::fs::rename(&self.path, &rotated) {
             Ok(()) => {}
             // Moved away since it was checked: there is nothing to rotate.
@@ -1146,7 +1155,7 @@ mod tests {
         Ok(())
     }
 
-    /// A rotation whose name is taken fails, and the file under that name is left as it was.
+    /// A rotation whose name is taken uses the next free one, and the file under that name is left as it was.
     #[tokio::test]
     async fn a_rotation_never_replaces_a_file() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
@@ -1161,9 +1170,11 @@ mod tests {
         for n in 1..60 {
             let _ = log.submit(record(&s, n)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(log.is_failing(), "the write that needed the rotation failed");
+        log.close(Duration::from_secs(5)).await;
+        assert!(!log.is_failing());
         assert_eq!(std::fs::read_to_string(&taken)?, "kept\n");
+        let next = std::fs::read_to_string(rotated_name(&dir.path().join("audit.log"), 2))?;
+        assert!(next.starts_with(r#"{"seq":1,"#), "the rotated file, under the next name: {next}");
         Ok(())
     }
 }
