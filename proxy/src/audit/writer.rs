@@ -601,12 +601,22 @@ impl FileSink {
         let mut tail_source = None;
         let mut cut = None;
         if len > 0 {
-            let Tail { last, torn } = read_last_line(&mut file).map_err(io_err)?;
+            let Tail { mut last, torn } = read_last_line(&mut file).map_err(io_err)?;
             if let Some(torn) = torn {
-                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
                 file.write_all(b"\n").map_err(io_err)?;
                 sink.len += 1;
-                cut = Some(torn);
+                if chain::line_is_intact(hasher, &torn) {
+                    // Written whole but for its newline: the chain goes on from it.
+                    last = Some(torn);
+                } else if serde_json::from_slice::<serde::de::IgnoredAny>(&torn).is_ok() {
+                    // A whole JSON line that does not verify is not what a crash leaves (a cut-off record is never
+                    // valid JSON): it is not vouched for.
+                    let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
+                    return Err(AuditError::BrokenTail { path: path.to_path_buf(), keyed });
+                } else {
+                    warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
+                    cut = Some(torn);
+                }
             }
             sink.first_seq = starts_at(path).map_err(io_err)?;
             tail_source = last.map(|l| (path.to_path_buf(), l));
@@ -1152,6 +1162,35 @@ mod tests {
         assert_eq!((report.records, report.notes.len()), (6, 1), "3, the writer's record for the cut, 2: {report:?}");
         let text = std::fs::read_to_string(dir.path().join("audit.log"))?;
         assert!(text.lines().nth(4).is_some_and(|l| l.contains(CUT_RPC) && l.contains(r#""bytes":29"#)), "{text}");
+        Ok(())
+    }
+
+    /// A last line written whole but for its newline goes on the chain; a whole JSON line without a newline that
+    /// does not verify is not vouched for as a crash leftover (the writer refuses to go on, as for any tail that does
+    /// not verify).
+    #[tokio::test]
+    async fn a_last_line_without_its_newline_is_vouched_for_only_if_a_crash_could_have_left_it()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let active = dir.path().join("audit.log");
+        let log = AuditLog::open(&config(dir.path()))?;
+        log.submit(record(&s, 0)).await?;
+        log.close(Duration::from_secs(5)).await;
+        // The newline of the last record is lost.
+        let text = std::fs::read_to_string(&active)?;
+        std::fs::write(&active, text.trim_end())?;
+        let log = AuditLog::open(&config(dir.path()))?;
+        log.submit(record(&s, 1)).await?;
+        log.close(Duration::from_secs(5)).await;
+        let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
+        assert_eq!((report.problem, report.records, report.notes.len()), (None, 2, 0));
+
+        // A forged record put at the end without its newline (say while the proxy was stopped).
+        let mut file = OpenOptions::new().append(true).open(&active)?;
+        file.write_all(br#"{"seq":3,"rpc":"KV/Range","hash":"00"}"#)?;
+        assert!(matches!(AuditLog::open(&config(dir.path())), Err(AuditError::BrokenTail { .. })));
         Ok(())
     }
 
