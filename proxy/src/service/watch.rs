@@ -1122,15 +1122,22 @@ mod tests {
         Active { range: None, _slot: None, _counted: None }
     }
 
+    /// The view of an identity that may read the keys under `prefix`, under policy generation `generation`.
+    fn view_reading(prefix: &str, generation: u64) -> View {
+        let yaml = format!(
+            r#"
+roles: [ {{ name: r, keys: [ {{ prefix: "{prefix}", access: read }} ] }} ]
+bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
+"#
+        );
+        let policy = crate::policy::Policy::from_yaml(&yaml, "test").unwrap();
+        let identity = crate::identity::Identity { common_name: Some("c".into()), ..Default::default() };
+        View::new(1, "127.0.0.1:1".parse().unwrap(), &identity, generation, &policy)
+    }
+
     #[test]
     fn a_reload_takes_back_the_open_watches_it_withdrew_before_their_next_frame() {
-        let yaml = r#"
-roles: [ { name: r, keys: [ { prefix: "a/", access: read } ] } ]
-bindings: [ { role: r, subjects: [ { common_name: "c" } ] } ]
-"#;
-        let policy = crate::policy::Policy::from_yaml(yaml, "test").unwrap();
-        let identity = crate::identity::Identity { common_name: Some("c".into()), ..Default::default() };
-        let view = View::new(1, "127.0.0.1:1".parse().unwrap(), &identity, 4, &policy);
+        let view = view_reading("a/", 4);
         let mut o = Order::default();
         o.active.insert(1, Active { range: Some(KeyRange::prefix("a/")), ..active() });
         o.active.insert(2, Active { range: Some(KeyRange::prefix("b/")), ..active() });
@@ -1150,13 +1157,7 @@ bindings: [ { role: r, subjects: [ { common_name: "c" } ] } ]
     /// see it) is checked again when etcd opens it; one decided under the policy in force is not.
     #[test]
     fn a_create_that_a_reload_overtook_on_its_way_is_checked_when_it_opens() {
-        let yaml = r#"
-roles: [ { name: r, keys: [ { prefix: "b/", access: read } ] } ]
-bindings: [ { role: r, subjects: [ { common_name: "c" } ] } ]
-"#;
-        let policy = crate::policy::Policy::from_yaml(yaml, "test").unwrap();
-        let identity = crate::identity::Identity { common_name: Some("c".into()), ..Default::default() };
-        let view = View::new(1, "127.0.0.1:1".parse().unwrap(), &identity, 5, &policy);
+        let view = view_reading("b/", 5);
         let mut o = Order::default();
         revoke_active(&view, &mut o);
         o.push_create(Pending::Upstream(Some(KeyRange::prefix("a/")), None, 0), 4);
