@@ -55,6 +55,16 @@ pub enum AuditError {
     NotARecord { path: PathBuf, reason: String },
 }
 
+// === impl AuditError ===
+
+impl AuditError {
+    /// The last record of the file at `path` does not verify under `hasher`.
+    fn broken_tail(path: PathBuf, hasher: &Hasher) -> AuditError {
+        let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
+        AuditError::BrokenTail { path, keyed }
+    }
+}
+
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
 pub struct AuditStats {
@@ -603,20 +613,19 @@ impl FileSink {
         if len > 0 {
             let Tail { mut last, torn } = read_last_line(&mut file).map_err(io_err)?;
             if let Some(torn) = torn {
-                file.write_all(b"\n").map_err(io_err)?;
-                sink.len += 1;
                 if chain::line_is_intact(hasher, &torn) {
                     // Written whole but for its newline: the chain goes on from it.
                     last = Some(torn);
                 } else if serde_json::from_slice::<serde::de::IgnoredAny>(&torn).is_ok() {
                     // A whole JSON line that does not verify is not what a crash leaves (a cut-off record is never
-                    // valid JSON): it is not vouched for.
-                    let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
-                    return Err(AuditError::BrokenTail { path: path.to_path_buf(), keyed });
+                    // valid JSON): it is not vouched for, and the file is left as it is.
+                    return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
                 } else {
                     warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
                     cut = Some(torn);
                 }
+                file.write_all(b"\n").map_err(io_err)?;
+                sink.len += 1;
             }
             sink.first_seq = starts_at(path).map_err(io_err)?;
             tail_source = last.map(|l| (path.to_path_buf(), l));
@@ -632,8 +641,7 @@ impl FileSink {
             None => (0, GENESIS.to_string()),
             Some((from, line)) => {
                 if !chain::line_is_intact(hasher, &line) {
-                    let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
-                    return Err(AuditError::BrokenTail { path: from, keyed });
+                    return Err(AuditError::broken_tail(from, hasher));
                 }
                 let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
                 let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
@@ -722,8 +730,8 @@ impl FileSink {
     ///
     /// A rotated file is named after its first record; where that cannot be read (a damaged start), after the
     /// record before `next_seq`, which sorts it after every older file all the same. An existing file is never
-    /// replaced: if the name is taken the rotation fails (and with it the write, which is retried), loudly, rather
-    /// than losing the records in that file.
+    /// replaced: if the name is taken, the next free one is used; if neither it nor the next 999 is free, the
+    /// rotation fails (and with it the write, which is retried), loudly, rather than losing the records in that file.
     fn rotate(&mut self, next_seq: u64) -> io::Result<()> {
         self.sync()?;
         let first = match self.first_seq {
