@@ -18,6 +18,7 @@ pub mod watch;
 pub mod watch_hub;
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -417,7 +418,7 @@ impl Guard {
     async fn decide_leases(&self, view: &Arc<View>, needs: &Needs, meta: &CallMeta) -> Result<(Verdict, bool), Status> {
         let perms = &view.permissions;
         let mut asked = false;
-        let mut looked_up: Vec<(Access, i64)> = Vec::new();
+        let mut looked_up: HashSet<(Access, i64)> = HashSet::new();
         for need in &needs.0 {
             if let Need::LeaseKeys(access, lease) = need {
                 // Whatever keys the lease has, a grant of the whole keyspace covers them: etcd is not asked (each
@@ -430,7 +431,7 @@ impl Guard {
                         "etcd-guard: a request may use at most {MAX_LEASE_LOOKUPS} leases"
                     )));
                 }
-                looked_up.push((*access, *lease));
+                looked_up.insert((*access, *lease));
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
                 let shared = &self.shared;
                 let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
