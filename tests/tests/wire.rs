@@ -143,3 +143,23 @@ async fn unknown_methods_are_unimplemented() -> TestResult {
     assert_eq!(record["ops"][0]["op"], "unknown_method");
     Ok(())
 }
+
+/// A stream of messages in a compression etcd does not know is refused as etcd refuses it, and recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn compressed_streams_are_refused_and_recorded() -> TestResult {
+    let h = Harness::start().await?;
+    let ch = channel(&h, &h.admin()?).await?;
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready().await?;
+    let messages = futures_util::stream::iter([Bytes::new()]);
+    let mut request = tonic::Request::new(messages);
+    request.metadata_mut().insert("grpc-encoding", "gzip".parse()?);
+    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
+    let answered = grpc.streaming(request, path, RawRequest::<RangeResponse>(PhantomData)).await;
+    let status = answered.err().ok_or("the stream was opened")?;
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("gzip"), "{status:?}");
+    let record = audited(h, |r| r["rpc"] == "Watch/Watch").await?;
+    assert_eq!((&record["decision"], &record["code"]), (&"deny".into(), &"Unimplemented".into()), "{record}");
+    Ok(())
+}

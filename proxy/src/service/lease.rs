@@ -39,7 +39,8 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
         }
         "LeaseKeepAlive" => {
             let g2 = g.clone();
-            g.bidi::<pb::LeaseKeepAliveRequest, _, _>(req, move |inbound, meta| keep_alive(g2, inbound, meta)).await
+            g.bidi::<pb::LeaseKeepAliveRequest, _, _>(req, RPC, move |inbound, meta| keep_alive(g2, inbound, meta))
+                .await
         }
         _ => return None,
     })

@@ -823,9 +823,10 @@ impl Guard {
         }
     }
 
-    /// A bidirectional RPC; `run` gets the client's messages, decoded, and returns the stream of frames to answer
-    /// with.
-    pub async fn bidi<M, F, Fut>(&self, req: HttpRequest, run: F) -> Answer
+    /// A bidirectional RPC (`rpc` as records name it); `run` gets the client's messages, decoded, and returns the
+    /// stream of frames to answer with. A stream whose messages could not be read (a compression etcd does not
+    /// know) is recorded as refused and not opened.
+    pub async fn bidi<M, F, Fut>(&self, req: HttpRequest, rpc: &'static str, run: F) -> Answer
     where
         M: prost::Message + Default + Send + 'static,
         F: FnOnce(Streaming<M>, CallMeta) -> Fut + Send,
@@ -833,6 +834,7 @@ impl Guard {
     {
         let (head, body) = req.into_parts();
         if let Err(status) = codec::check_request_encoding(&head.headers) {
+            self.refused_unread(rpc, None, &status).await;
             return status.into_http().into();
         }
         let meta = CallMeta::from_headers(&head.headers);

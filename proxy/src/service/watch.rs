@@ -44,7 +44,7 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
     Some(match method {
         "Watch" => {
             let g2 = g.clone();
-            g.bidi::<pb::WatchRequest, _, _>(req, move |inbound, meta| serve(g2, inbound, meta)).await
+            g.bidi::<pb::WatchRequest, _, _>(req, RPC, move |inbound, meta| serve(g2, inbound, meta)).await
         }
         _ => return None,
     })
