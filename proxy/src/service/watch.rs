@@ -194,6 +194,16 @@ fn revoke_active(view: &View, o: &mut Order) {
         o.active.remove(&id);
         o.revoke(id, reason);
     }
+    // A watch handing over still gets its shared watch's frames up to the hand-over revision: one the reload
+    // withdrew leaves its shared watch now. Its own watch is checked as etcd opens it (`handover_watch`), and is
+    // revoked then.
+    if !o.handing.is_empty() {
+        for (id, _) in withdrawn_from(view, o.handing.iter().map(|(id, w)| (*id, w.range.as_ref()))) {
+            if let Some(watch) = o.handing.get(&id) {
+                let _ = watch.sub.leave();
+            }
+        }
+    }
 }
 
 /// etcd opened watch `id` for a create decided before a reload: whether the policy in force still lets the caller
@@ -1179,6 +1189,28 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         // The ID is free again: a later watch with it is passed on.
         assert!(o.revoked.is_empty());
         assert_eq!(from_etcd(&mut o, event(3, 22)), Some(event(3, 22)));
+    }
+
+    /// A watch handing over to a watch of its own gets its shared watch's frames up to the hand-over revision; a
+    /// reload that withdrew it ends that at once (its own watch is revoked as etcd opens it).
+    #[test]
+    fn a_reload_ends_the_shared_frames_of_a_watch_it_withdrew_while_it_hands_over() {
+        let view = view_reading("a/", 3);
+        let mut o = Order::default();
+        let handing = |prefix| JoinedWatch {
+            sub: watch_hub::test_live_subscription(),
+            create: pb::WatchCreateRequest::default(),
+            range: Some(KeyRange::prefix(prefix)),
+            slot: None,
+            counted: None,
+        };
+        o.handing.insert(1, handing("a/"));
+        o.handing.insert(2, handing("b/"));
+        revoke_active(&view, &mut o);
+        assert!(o.handing[&1].sub.is_subscribed(), "still allowed: it goes on until its hand-over");
+        assert!(!o.handing[&2].sub.is_subscribed(), "withdrawn: nothing more from its shared watch");
+        // The hand-over ends as etcd answers the own watch's create (checked then, as it was pushed stale).
+        assert!(matches!(o.handing[&2].sub.hand_over(30), HandOver::Gone));
     }
 
     #[test]

@@ -999,6 +999,12 @@ impl Subscription {
         Some(pb::ResponseHeader::decode(header).ok())
     }
 
+    /// Whether it is still one of its shared watch's subscribers.
+    #[cfg(test)]
+    pub fn is_subscribed(&self) -> bool {
+        self.position(&lock(&self.watch.state)).is_some()
+    }
+
     /// Leave the shared watch to go on with a watch of the stream's own (where to resume), or `None` if the
     /// subscriber had already left.
     pub fn detach(&self) -> Option<Detached> {
@@ -1096,6 +1102,17 @@ impl Subscription {
 pub fn test_subscription() -> Subscription {
     let (watch, _) = SharedWatch::new(0);
     Subscription { watch, token: 1, metrics: Arc::new(Metrics::new()) }
+}
+
+/// A subscription to a shared watch of no upstream watch, subscribed (its stream's queue is gone: what the shared
+/// watch would give it is lost), for tests of the stream's side.
+#[cfg(test)]
+pub fn test_live_subscription() -> Subscription {
+    let (watch, _) = SharedWatch::new(0);
+    let (down, _) = mpsc::channel(1);
+    let token = 1;
+    lock(&watch.state).subs.push(Sub::new(token, 0, &down, &DetachTx::default(), 0, -1, true));
+    Subscription { watch, token, metrics: Arc::new(Metrics::new()) }
 }
 
 impl Drop for Subscription {
