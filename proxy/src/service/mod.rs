@@ -547,7 +547,8 @@ impl Guard {
     }
 
     /// Describe, decide and gate one call. A call that is not to be served is recorded and answered here
-    /// (`Err`); an allowed one comes back with its verdict and unfinished record for [`Guard::finish`].
+    /// (`Err`); an allowed one comes back with its verdict and unfinished record for [`Guard::finish`], which is
+    /// written with `Cancelled` if the call is dropped first ([`Forwarding`]).
     pub async fn check<M: Describe>(
         &self,
         rpc: &'static str,
@@ -556,7 +557,7 @@ impl Guard {
         needs: Result<Needs, Status>,
         meta: &CallMeta,
         at: Arrival,
-    ) -> Result<(Verdict, Option<Record>, Permit), Status> {
+    ) -> Result<(Verdict, Forwarding<'_>, Permit), Status> {
         let view = self.conn.view(&self.shared);
         let mut record = if self.shared.audit.is_enabled() {
             self.record_in(&view, rpc, Event::Call, stream, msg, at)
@@ -597,19 +598,20 @@ impl Guard {
             let _ = self.audit_with(rpc, record, Cow::Owned(verdict), status.code(), None, at).await;
             return Err(status);
         }
-        Ok((verdict, record, permit))
+        let forwarding = Forwarding { guard: self, rpc, record, decision: verdict.decision, at, done: false };
+        Ok((verdict, forwarding, permit))
     }
 
     /// Record the outcome of a served call, then give its answer — or `Unavailable` if the record cannot be
     /// written.
     pub async fn finish(
         &self,
-        rpc: &'static str,
-        record: Option<Record>,
+        forwarding: Forwarding<'_>,
         verdict: Verdict,
         answer: Result<Framed, Status>,
-        at: Arrival,
     ) -> Result<Framed, Status> {
+        let (rpc, at) = (forwarding.rpc, forwarding.at);
+        let record = forwarding.into_record();
         let (code, revision) = match &answer {
             Ok(framed) => (Code::Ok, header_revision(framed)),
             Err(status) => (status.code(), None),
@@ -666,7 +668,7 @@ impl Guard {
                     verdict = refusal;
                 }
             }
-            self.finish(rpc, record, verdict, answered, at).await
+            self.finish(record, verdict, answered).await
         });
         unary_answer(answered.await)
     }
@@ -697,7 +699,7 @@ impl Guard {
         let answered = async {
             let (verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let answered = answer(msg, meta).await;
-            self.finish(rpc, record, verdict, answered, at).await
+            self.finish(record, verdict, answered).await
         };
         unary_answer(answered.await)
     }
@@ -737,7 +739,7 @@ impl Guard {
                     }
                 },
             };
-            self.finish(rpc, record, verdict, answered, at).await
+            self.finish(record, verdict, answered).await
         });
         unary_answer(answered.await)
     }
@@ -808,7 +810,7 @@ impl Guard {
             });
             let (verdict, record, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
-            self.audit(rpc, record, &verdict, Code::Ok, None, at).await?;
+            self.audit(rpc, record.into_record(), &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.server_streaming(path, msg, &meta).await {
                 Ok(frames) => Ok(Audited { frames: Some(frames), end: Some(end), recheck: recheck.map(Box::new) }),
                 Err(status) => {
@@ -944,6 +946,47 @@ struct ResponseHead {
 /// The revision in an etcd response's header, without decoding the rest.
 pub fn header_revision(framed: &Framed) -> Option<i64> {
     <ResponseHead as prost::Message>::decode(framed.message()).ok()?.header.map(|h| h.revision)
+}
+
+/// The record of a call allowed and on its way to etcd, until [`Guard::finish`] writes it with etcd's answer. A
+/// call dropped before that (the client canceled it, its deadline passed, its connection went) is recorded as it
+/// is dropped, with `Cancelled`: etcd may have applied it, and the log must say that it was sent.
+pub struct Forwarding<'a> {
+    guard: &'a Guard,
+    rpc: &'static str,
+    record: Option<Record>,
+    decision: Decision,
+    at: Arrival,
+    done: bool,
+}
+
+/// The reason recorded for a call dropped after it was forwarded.
+pub const CANCELED_REASON: &str = "the client canceled the call before etcd answered (etcd may have applied it)";
+
+// === impl Forwarding ===
+
+impl Forwarding<'_> {
+    /// The record, to be written by the caller: nothing is written when this is dropped.
+    pub fn into_record(mut self) -> Option<Record> {
+        self.done = true;
+        self.record.take()
+    }
+}
+
+impl Drop for Forwarding<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.guard.count(self.rpc, self.decision, Code::Cancelled, self.at);
+        if let Some(mut r) = self.record.take() {
+            r.decision = self.decision;
+            r.reason = CANCELED_REASON.to_string();
+            r.code = Code::Cancelled;
+            r.latency_us = self.at.micros();
+            self.guard.shared.audit.submit_now(r);
+        }
+    }
 }
 
 /// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or, if the stream is
