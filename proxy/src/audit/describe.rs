@@ -343,6 +343,7 @@ described_by_method!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::record::{MAX_KEY_BYTES, MAX_OPS_BYTES};
 
     fn render(d: &dyn Describe) -> serde_json::Value {
         let mut ops = Ops::new();
@@ -394,6 +395,56 @@ mod tests {
         assert_eq!(v[0]["success"][0]["lease"], 7);
         assert_eq!(v[0]["failure"][0]["success"][0]["from"], "x");
         assert!(v[0]["failure"][0]["success"][0].get("to").is_none());
+    }
+
+    /// A request of `max_request_bytes` makes a record of bounded size, whatever it holds: a million empty
+    /// compares, long keys, nested transactions.
+    #[test]
+    fn records_of_the_largest_requests_are_bounded() {
+        let nested = |txn: pb::TxnRequest| pb::RequestOp { request: Some(pb::request_op::Request::RequestTxn(txn)) };
+        let compares = vec![pb::Compare::default(); 1_000_000];
+        let long_key = vec![0xffu8; 1 << 20];
+        let mut txn = pb::TxnRequest {
+            compare: compares,
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: long_key.clone(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        for _ in 0..16 {
+            txn = pb::TxnRequest { compare: txn.compare.clone(), success: vec![nested(txn)], ..Default::default() };
+        }
+        let mut ops = Ops::new();
+        txn.describe(&mut ops);
+        let text = ops.finish();
+        assert!(text.len() < 2 * MAX_OPS_BYTES, "{} bytes", text.len());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let compare = v[0]["compare"].as_array().cloned().unwrap_or_default();
+        let last = compare.last().cloned().unwrap_or_default();
+        assert_eq!(last["op"], "omitted", "{last}");
+        let shown = compare.len() as u64 - 1;
+        assert_eq!(last["count"].as_u64().map(|c| c + shown), Some(1_000_000));
+        // Lists once the record is full: nothing but the count.
+        assert_eq!(v[0]["success"], serde_json::json!([{"op": "omitted", "count": 1}]));
+
+        // Filled within a nested list: that list says what it left out, and the record is still whole JSON.
+        let inner = pb::TxnRequest { compare: vec![pb::Compare::default(); 100_000], ..Default::default() };
+        let outer = pb::TxnRequest { success: vec![nested(inner.clone()), nested(inner)], ..Default::default() };
+        let mut ops = Ops::new();
+        outer.describe(&mut ops);
+        let v: serde_json::Value = serde_json::from_str(&ops.finish()).unwrap_or_default();
+        let inner = v[0]["success"][0]["compare"].as_array().cloned().unwrap_or_default();
+        assert_eq!(inner.last().map(|l| l["op"].clone()), Some("omitted".into()));
+        assert_eq!(v[0]["success"][1], serde_json::json!({"op": "omitted", "count": 1}));
+
+        let mut ops = Ops::new();
+        pb::PutRequest { key: long_key, ..Default::default() }.describe(&mut ops);
+        let v: serde_json::Value = serde_json::from_str(&ops.finish()).unwrap_or_default();
+        assert_eq!(v[0]["key"].as_str().map(|k| k.len()), Some(MAX_KEY_BYTES * "\\xff".len()));
+        assert_eq!(v[0]["key_len"], 1 << 20);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! The request path only gathers what a record needs (the ops are rendered from the decoded request right away, so
 //! nothing of the request is kept); the writer thread adds `seq` and the chain and serialises.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -145,7 +146,7 @@ impl Record {
         out.push_str(",\"decision\":\"");
         out.push_str(self.decision.as_str());
         out.push_str("\",\"reason\":");
-        push_json_str(out, &self.reason);
+        push_json_str(out, &shortened(&self.reason, MAX_REASON_BYTES));
         out.push_str(",\"code\":\"");
         out.push_str(code_name(self.code));
         out.push('"');
@@ -231,10 +232,27 @@ fn push_time(out: &mut String, t: SystemTime) {
 
 // === ops ===
 
+/// What one record's `ops` may take, about: once its JSON is this long, further ops (at any depth) are counted,
+/// not written — each list that left some out ends with `{"op":"omitted","count":N}`. A request of
+/// `max_request_bytes` (2 MiB of empty Txn compares is a million of them) must not make a record that readers
+/// refuse or that rotates the history away.
+pub const MAX_OPS_BYTES: usize = 64 * 1024;
+
+/// The bytes of a key written into a record; a longer key is cut there, and the field `<name>_len` gives its
+/// whole length.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// The bytes of a `reason` written into a record (it can name keys); a longer one is cut there, ending `…`.
+pub const MAX_REASON_BYTES: usize = 4096;
+
 /// Builds the `ops` array of a record.
 #[derive(Debug, Default)]
 pub struct Ops {
     buf: String,
+    /// Where this list starts in `buf` (a nested list is written into its parent's buffer).
+    start: usize,
+    /// Ops left out for [`MAX_OPS_BYTES`].
+    omitted: usize,
 }
 
 /// One op object being written; fields with zero/false values are left out.
@@ -245,12 +263,17 @@ pub struct Op<'a> {
 impl Ops {
     pub fn new() -> Ops {
         // Room for a typical op (a key of a few dozen bytes and a field or two) without growing.
-        Ops { buf: String::with_capacity(128) }
+        Ops { buf: String::with_capacity(128), start: 0, omitted: 0 }
     }
 
-    /// Write one `{"op": name, …}` object; `fields` adds its fields.
+    /// Write one `{"op": name, …}` object; `fields` adds its fields. Counted instead once the record's ops
+    /// reached [`MAX_OPS_BYTES`].
     pub fn op(&mut self, name: &str, fields: impl FnOnce(&mut Op<'_>)) {
-        self.buf.push(if self.buf.is_empty() { '[' } else { ',' });
+        if self.buf.len() >= MAX_OPS_BYTES {
+            self.omitted += 1;
+            return;
+        }
+        self.buf.push(if self.buf.len() == self.start { '[' } else { ',' });
         self.buf.push_str("{\"op\":");
         push_json_str(&mut self.buf, name);
         fields(&mut Op { buf: &mut self.buf });
@@ -258,16 +281,25 @@ impl Ops {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.buf.len() == self.start && self.omitted == 0
     }
 
     /// The finished array (`[]` when no op was written).
     pub fn finish(mut self) -> String {
-        if self.buf.is_empty() {
-            return "[]".to_string();
+        self.close();
+        self.buf
+    }
+
+    /// End the list: `]`, after the count of what was left out, if anything was.
+    fn close(&mut self) {
+        if self.omitted > 0 {
+            self.buf.push(if self.buf.len() == self.start { '[' } else { ',' });
+            let _ = write!(self.buf, "{{\"op\":\"omitted\",\"count\":{}}}", self.omitted);
+        }
+        if self.buf.len() == self.start {
+            self.buf.push('[');
         }
         self.buf.push(']');
-        self.buf
     }
 }
 
@@ -307,12 +339,15 @@ impl Op<'_> {
         }
     }
 
-    /// A key-valued field.
+    /// A key-valued field; a key longer than [`MAX_KEY_BYTES`] is cut there, and `<name>_len` gives its length.
     pub fn key(&mut self, name: &str, key: &[u8]) {
         self.buf.push_str(",\"");
         self.buf.push_str(name);
         self.buf.push_str("\":");
-        push_json_key(self.buf, key);
+        push_json_key(self.buf, key.get(..MAX_KEY_BYTES).unwrap_or(key));
+        if key.len() > MAX_KEY_BYTES {
+            let _ = write!(self.buf, ",\"{name}_len\":{}", key.len());
+        }
     }
 
     /// A number, left out when zero.
@@ -340,11 +375,14 @@ impl Op<'_> {
         push_json_str(self.buf, value);
     }
 
-    /// A nested list of ops.
+    /// A nested list of ops (written in place: [`MAX_OPS_BYTES`] counts the whole record's ops).
     pub fn ops(&mut self, name: &str, fill: impl FnOnce(&mut Ops)) {
-        let mut nested = Ops::new();
+        let _ = write!(self.buf, ",\"{name}\":");
+        let start = self.buf.len();
+        let mut nested = Ops { buf: std::mem::take(self.buf), start, omitted: 0 };
         fill(&mut nested);
-        let _ = write!(self.buf, ",\"{name}\":{}", nested.finish());
+        nested.close();
+        *self.buf = nested.buf;
     }
 
     /// A list of short texts.
@@ -365,6 +403,18 @@ impl Op<'_> {
 }
 
 // === JSON text ===
+
+/// `text` cut to at most `max` bytes (at a character boundary), ending `…` if it was cut.
+fn shortened(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &text[..end]))
+}
 
 /// A JSON string for a key: UTF-8 text stays text; `\` becomes `\\`; control characters and bytes that are not
 /// UTF-8 become `\xNN` (then JSON-escaped, so the JSON text holds `\\xNN`). `crate::policy::unescape_key`
@@ -459,6 +509,15 @@ mod tests {
         }
         assert_eq!(key_text("ünï".as_bytes()), "ünï");
         assert_eq!(key_text(&[b'a', 0]), "a\\x00");
+    }
+
+    #[test]
+    fn long_reasons_are_cut_at_a_character() {
+        assert_eq!(shortened("short", 10), "short");
+        let cut = shortened("ääääää", 7);
+        assert_eq!(cut, "ää…");
+        assert!(cut.len() <= 7);
+        assert!(shortened(&"x".repeat(1 << 20), MAX_REASON_BYTES).len() <= MAX_REASON_BYTES);
     }
 
     #[test]
