@@ -10,7 +10,7 @@
 //! Nothing here checks hashes; see [`super::verify`].
 
 use std::borrow::Cow;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::marker::PhantomData;
@@ -558,25 +558,59 @@ impl Target<'_> {
 impl fmt::Display for Target<'_> {
     /// Compact, in the record's escaped text: `key`; `P*` for the interval of every key starting with `P`;
     /// `[from, to)` for another interval, `[from, +inf)` when it has no end; a lock or election `name`. The empty
-    /// key is `""`, the whole keyspace `*`.
+    /// key is `""`, the whole keyspace `*`. Unambiguous, as the policy's ranges print: in keys a `*` is written
+    /// `\x2a` and a space `\x20` (a table row adds ` +N`), a key's leading `[` `\x5b`, and within an interval a
+    /// `,` `\x2c` and an end that is literally `+inf` `\x2binf` — all of which read back as the same bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fn shown(key: &str) -> &str {
-            if key.is_empty() { "\"\"" } else { key }
-        }
         match *self {
-            Target::Key(key) | Target::Name(key) => f.write_str(shown(key)),
+            Target::Key(key) | Target::Name(key) => shown(f, key, Part::Alone),
             Target::Interval { from, to } => {
                 let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
                 if prefix_end(&key_bytes(from)) == end {
-                    return write!(f, "{from}*");
+                    if !from.is_empty() {
+                        shown(f, from, Part::Alone)?;
+                    }
+                    return f.write_char('*');
                 }
+                f.write_char('[')?;
+                shown(f, from, Part::Start)?;
+                f.write_str(", ")?;
                 match to {
-                    Some(to) => write!(f, "[{}, {})", shown(from), shown(to)),
-                    None => write!(f, "[{}, +inf)", shown(from)),
+                    Some(to) => shown(f, to, Part::End)?,
+                    None => f.write_str("+inf")?,
                 }
+                f.write_char(')')
             }
         }
     }
+}
+
+/// Where [`shown`] writes a key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Alone,
+    Start,
+    End,
+}
+
+/// An escaped key from a record as [`Target`] shows it.
+fn shown(f: &mut fmt::Formatter<'_>, key: &str, part: Part) -> fmt::Result {
+    if key.is_empty() {
+        return f.write_str("\"\"");
+    }
+    if part == Part::End && key == "+inf" {
+        return f.write_str("\\x2binf");
+    }
+    for (i, c) in key.char_indices() {
+        match c {
+            '*' => f.write_str("\\x2a")?,
+            ' ' => f.write_str("\\x20")?,
+            '[' if i == 0 && part == Part::Alone => f.write_str("\\x5b")?,
+            ',' if part != Part::Alone => f.write_str("\\x2c")?,
+            c => f.write_char(c)?,
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of an escaped key from a record.
@@ -800,6 +834,29 @@ mod tests {
         assert_eq!(interval("", None), "*");
         assert_eq!(interval("", Some("b")), "[\"\", b)");
         assert_eq!(Target::Key("").to_string(), "\"\"");
+    }
+
+    /// Keys that look like another target's form are shown escaped (a reviewer's table and summary must not
+    /// count a literal key `/registry/secrets/*` as the prefix).
+    #[test]
+    fn targets_are_shown_unambiguously() {
+        let interval = |from, to| Target::Interval { from, to }.to_string();
+        let key = |k| Target::Key(k).to_string();
+        assert_eq!(key("/registry/secrets/*"), "/registry/secrets/\\x2a");
+        assert_ne!(key("/registry/secrets/*"), interval("/registry/secrets/", Some("/registry/secrets0")));
+        assert_eq!(key("*"), "\\x2a");
+        assert_eq!(key("[/a, +inf)"), "\\x5b/a,\\x20+inf)");
+        assert_eq!(key("cilium/a +3"), "cilium/a\\x20+3");
+        assert_eq!(interval("a,b", Some("+inf")), "[a\\x2cb, \\x2binf)");
+        assert_eq!(interval("a*", Some("a+")), "a\\x2a*");
+        // Each reads back as the same bytes.
+        for shown in [key("/registry/secrets/*"), key("[/a, +inf)"), key("cilium/a +3")] {
+            let bytes = unescape_key(&shown).unwrap_or_default();
+            assert!(
+                [&b"/registry/secrets/*"[..], b"[/a, +inf)", b"cilium/a +3"].contains(&bytes.as_slice()),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

@@ -416,6 +416,16 @@ fn shortened(text: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(format!("{}…", &text[..end]))
 }
 
+/// Characters a terminal does not show as themselves: control characters, and the invisible ones that reorder or
+/// hide text (bidirectional overrides and isolates, zero-width characters, line and paragraph separators, tags) and
+/// U+FFFD, which a lossy decoder also produces. Keys show them escaped.
+pub fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffd}' | '\u{e0000}'..='\u{e007f}')
+}
+
 /// A JSON string for a key: UTF-8 text stays text; `\` becomes `\\`; control characters and bytes that are not
 /// UTF-8 become `\xNN` (then JSON-escaped, so the JSON text holds `\\xNN`). `crate::policy::unescape_key`
 /// reverses the decoded string exactly.
@@ -426,7 +436,7 @@ pub fn push_json_key(out: &mut String, key: &[u8]) {
             match c {
                 '\\' => out.push_str("\\\\\\\\"),
                 '"' => out.push_str("\\\""),
-                c if c.is_control() => {
+                c if is_hidden(c) => {
                     let mut buf = [0u8; 4];
                     for b in c.encode_utf8(&mut buf).bytes() {
                         let _ = write!(out, "\\\\x{b:02x}");
@@ -500,12 +510,13 @@ mod tests {
             b"back\\slash \"quoted\"".to_vec(),
             vec![0, 1, 0x7f, 0xff, b'a', 0xc3],
             b"\\x41 looks like an escape".to_vec(),
+            "rtl \u{202e}override, zero\u{200b}width \u{2029} \u{fffd}".as_bytes().to_vec(),
         ] {
             let mut json = String::new();
             push_json_key(&mut json, &key);
             let text: String = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
             assert_eq!(unescape_key(&text).ok(), Some(key.clone()), "{json}");
-            assert!(!json.chars().any(|c| c.is_control()), "{json}");
+            assert!(!json.chars().any(is_hidden), "{json}");
         }
         assert_eq!(key_text("ünï".as_bytes()), "ünï");
         assert_eq!(key_text(&[b'a', 0]), "a\\x00");

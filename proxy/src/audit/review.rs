@@ -17,6 +17,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{Date, Duration, OffsetDateTime, Time};
 
 use super::read::{self, AuditFile, FullRecord, LightRecord, Line, LineReader, ReadError, Record, Target};
+use super::record::is_hidden;
 use crate::policy::{KeyRange, Pattern, RangeError, unescape_key};
 
 /// Arguments of `etcd-guard audit review`.
@@ -485,14 +486,15 @@ fn row<O>(record: &Record<'_, O>, targets: &[Target<'_>]) -> [String; COLUMNS] {
     ]
 }
 
-/// `text` with control characters escaped, so that nothing in a record can move the terminal's cursor.
+/// `text` with control and invisible characters escaped ([`is_hidden`]), so that nothing in a record can move the
+/// terminal's cursor or hide or reorder what is shown.
 fn clean(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(is_hidden) {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if is_hidden(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -959,6 +961,12 @@ mod tests {
         assert!(lines[10].contains("alice\\u{7}") && lines[10].contains("evil\\u{1b}[2J"), "{}", lines[10]);
         assert!(lines[10].contains(" esc\\x00 "), "{}", lines[10]);
         Ok(())
+    }
+
+    #[test]
+    fn invisible_characters_are_shown_escaped() {
+        assert_eq!(clean("a\u{202e}b\u{200b}c\u{2029}d"), "a\\u{202e}b\\u{200b}c\\u{2029}d");
+        assert_eq!(clean("plain ünï"), "plain ünï");
     }
 
     #[test]
