@@ -655,7 +655,7 @@ impl Guard {
         let (inspect, refused) = inspected;
         // Boxed: these calls are few; inline, their future would make every call's future on the connection larger.
         let answered = Box::pin(async {
-            let (mut verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            let (mut verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let inspect = inspect(&msg);
             let mut answered = self.shared.upstream.unary(path, msg, &meta).await;
             if let (true, Ok(answer)) = (inspect, answered.as_ref()) {
@@ -668,7 +668,7 @@ impl Guard {
                     verdict = refusal;
                 }
             }
-            self.finish(record, verdict, answered).await
+            self.finish(forwarding, verdict, answered).await
         });
         unary_answer(answered.await)
     }
@@ -697,9 +697,9 @@ impl Guard {
         let needs = authorize(&msg);
         let rpc = rpc_name(path);
         let answered = async {
-            let (verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            let (verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let answered = answer(msg, meta).await;
-            self.finish(record, verdict, answered).await
+            self.finish(forwarding, verdict, answered).await
         };
         unary_answer(answered.await)
     }
@@ -724,7 +724,7 @@ impl Guard {
             // Subscribed before the check: a reload that lands during the check is checked too.
             let reloads = self.shared.subscribe_reloads();
             let kept = needs.as_ref().ok().cloned();
-            let (mut verdict, record, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            let (mut verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let call = self.shared.upstream.unary(path, msg, &meta);
             let answered = match kept {
                 None => call.await,
@@ -739,7 +739,7 @@ impl Guard {
                     }
                 },
             };
-            self.finish(record, verdict, answered).await
+            self.finish(forwarding, verdict, answered).await
         });
         unary_answer(answered.await)
     }
@@ -808,9 +808,9 @@ impl Guard {
                 needs: needs.clone(),
                 reloads: WatchStream::from_changes(self.shared.subscribe_reloads()),
             });
-            let (verdict, record, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
+            let (verdict, forwarding, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
-            self.audit(rpc, record.into_record(), &verdict, Code::Ok, None, at).await?;
+            self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.server_streaming(path, msg, &meta).await {
                 Ok(frames) => Ok(Audited { frames: Some(frames), end: Some(end), recheck: recheck.map(Box::new) }),
                 Err(status) => {
