@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -40,9 +40,14 @@ const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 ///
 /// With worker threads ([`crate::runtime`]) each worker has connections of its own, made and driven on its thread,
 /// and a call made on a worker uses that worker's; calls made elsewhere (health probes) use any.
+///
+/// Streams (Watch, LeaseKeepAlive, server streams) go on connections of their client connection's own
+/// ([`Upstream::for_streams`]); unary calls, whose answers are read whole at once, on the shared ones.
 #[derive(Clone)]
 pub struct Upstream {
     members: Arc<RwLock<Arc<[Arc<Member>]>>>,
+    /// How many times `members` was replaced.
+    replaced: Arc<AtomicUsize>,
     next: Arc<AtomicUsize>,
     workers: Arc<[Handle]>,
 }
@@ -51,7 +56,21 @@ pub struct Upstream {
 pub struct Member {
     pub url: String,
     connection: Arc<Connection>,
-    healthy: AtomicBool,
+    /// Shared by every connection to the endpoint made for streams from this one ([`Upstream::for_streams`]).
+    healthy: Arc<AtomicBool>,
+}
+
+/// One client connection's own connections to etcd for its streams: made at its first stream, closed with it.
+///
+/// HTTP/2 flow control holds a connection's window for the data its streams leave unread. etcd's frames for a
+/// stream are taken from its connection only as fast as the client reads them, so on a connection shared with
+/// other clients, a client that stops reading its watches (a few, each with 4 MiB of events unread) would stop
+/// etcd's answers to everyone there. On its own connection it holds up only itself, as with etcd directly.
+#[derive(Default)]
+pub struct StreamConnections {
+    /// The upstream, and which of the shared connections it was made from ([`Upstream::replaced`]): made again
+    /// after those were replaced.
+    current: Mutex<Option<(usize, Upstream)>>,
 }
 
 /// What travels with a forwarded call: the allowlisted metadata and the client's deadline.
@@ -74,7 +93,7 @@ impl Upstream {
     pub fn for_workers(endpoints: Vec<(String, Connection)>, workers: Vec<Handle>) -> Upstream {
         let workers: Arc<[Handle]> = workers.into();
         let members = Arc::new(RwLock::new(members(endpoints, &workers)));
-        Upstream { members, next: Arc::new(AtomicUsize::new(0)), workers }
+        Upstream { members, replaced: Arc::default(), next: Arc::new(AtomicUsize::new(0)), workers }
     }
 
     /// New connections (after a reload of the upstream certificate). Calls in progress finish on the old ones.
@@ -82,10 +101,40 @@ impl Upstream {
         let members = members(endpoints, &self.workers);
         let mut slot = self.members.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         *slot = members;
+        self.replaced.fetch_add(1, Ordering::AcqRel);
     }
 
     fn current(&self) -> Arc<[Arc<Member>]> {
         self.members.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The upstream for the streams of the client connection that holds `own`: a connection of its own to each
+    /// endpoint (made at its first call, on the caller's runtime), sharing the endpoint's health. Made again once
+    /// the shared connections were replaced (a reload of the upstream certificate); streams already open stay
+    /// where they are.
+    pub fn for_streams(&self, own: &StreamConnections) -> Upstream {
+        let mut slot = own.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Read before the members: a replacement in between makes them again at the next call.
+        let replaced = self.replaced.load(Ordering::Acquire);
+        if let Some((made_from, upstream)) = slot.as_ref()
+            && *made_from == replaced
+        {
+            return upstream.clone();
+        }
+        let base = self.current();
+        // One per endpoint (the shared ones are one per endpoint per worker).
+        let mut members: Vec<Arc<Member>> = Vec::new();
+        for m in base.iter() {
+            if members.iter().all(|own| own.url != m.url) {
+                let connection = Arc::new(m.connection.fresh());
+                members.push(Arc::new(Member { url: m.url.clone(), connection, healthy: m.healthy.clone() }));
+            }
+        }
+        let members = Arc::new(RwLock::new(members.into()));
+        let (replaced_own, next) = (Arc::default(), Arc::new(AtomicUsize::new(0)));
+        let upstream = Upstream { members, replaced: replaced_own, next, workers: Arc::from(Vec::new()) };
+        *slot = Some((replaced, upstream.clone()));
+        upstream
     }
 
     /// The endpoints and whether each is healthy now (any of its connections).
@@ -198,7 +247,7 @@ impl Upstream {
 /// The members, worker by worker (each worker's copies of all connections together), or as given without workers.
 fn members(endpoints: Vec<(String, Connection)>, workers: &[Handle]) -> Arc<[Arc<Member>]> {
     let member = |url: String, connection: Connection| {
-        Arc::new(Member { url, connection: Arc::new(connection), healthy: AtomicBool::new(true) })
+        Arc::new(Member { url, connection: Arc::new(connection), healthy: Arc::new(AtomicBool::new(true)) })
     };
     if workers.is_empty() {
         return endpoints.into_iter().map(|(url, c)| member(url, c)).collect();

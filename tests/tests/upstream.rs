@@ -68,3 +68,69 @@ async fn frequent_client_pings_keep_the_connection() -> TestResult {
     kv.range(RangeRequest { key: b"a".to_vec(), ..Default::default() }).await?;
     Ok(())
 }
+
+/// A client that stops reading its watches holds up only its own streams. HTTP/2 flow control is per connection:
+/// etcd's events a client leaves unread hold their connection's window, so on a connection to etcd shared with
+/// others (before: 8 streams × 4 MiB unread filled its 16 MiB) etcd could answer nobody on it any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_its_watches_holds_up_nobody_else() -> TestResult {
+    let h = Harness::start().await?;
+    let mut stalled = h.client(&h.cilium()?).await?;
+    let mut unread = Vec::new();
+    for _ in 0..8 {
+        let prefix = etcd_client::WatchOptions::new().with_prefix();
+        unread.push(stalled.watch("cilium/big/", Some(prefix)).await?);
+    }
+    let mut direct = h.client_direct().await?;
+    let value = vec![b'x'; 1 << 20];
+    for i in 0..24 {
+        direct.put(format!("cilium/big/{i}"), value.clone(), None).await?;
+    }
+    let mut admin = h.client(&h.admin()?).await?;
+    for _ in 0..3 {
+        let answer = tokio::time::timeout(Duration::from_secs(5), admin.get("cilium/big/0", None)).await;
+        assert!(matches!(&answer, Ok(Ok(r)) if r.kvs().len() == 1), "{:?}", answer.map(|r| r.map(|_| ())));
+    }
+    // (The stalled client's own connection to the proxy is full of what it did not read: like a connection to etcd,
+    // it carries nothing more for that client until it reads.)
+    drop(unread);
+    Ok(())
+}
+
+/// Connections etcd has open now (its end of each: local port `port`, ESTABLISHED), from /proc/net/tcp.
+fn etcd_connections(port: u16) -> TestResult<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let port = format!(":{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.len() > 3 && fields[1].ends_with(&port) && fields[3] == "01"
+        })
+        .count())
+}
+
+/// A client connection's own connection to etcd for its streams is made at its first stream and closed with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_connections_own_connection_to_etcd_ends_with_it() -> TestResult {
+    let h = Harness::start().await?;
+    let port: u16 = h.etcd.client_url.rsplit(':').next().ok_or("no port")?.parse()?;
+    let mut c = h.client(&h.cilium()?).await?;
+    c.get("cilium/x", None).await?;
+    let before = etcd_connections(port)?;
+    let stream = c.watch("cilium/", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+    assert_eq!(etcd_connections(port)?, before + 1, "a connection of its own for the watch");
+    let mut other = c.watch("cilium/y", None).await?;
+    assert_eq!(etcd_connections(port)?, before + 1, "its streams share it");
+    h.client_direct().await?.put("cilium/y", "1", None).await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), other.message()).await;
+    assert!(matches!(&got, Ok(Ok(Some(_)))), "{got:?}");
+    drop((stream, other, c));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcd_connections(port)? > before {
+        assert!(Instant::now() < deadline, "still {} connections, {} before", etcd_connections(port)?, before);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

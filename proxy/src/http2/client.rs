@@ -87,6 +87,11 @@ impl Connection {
         }
     }
 
+    /// A connection of its own to the same endpoint, made and driven on the runtime of its first call.
+    pub fn fresh(&self) -> Connection {
+        Connection::new(self.connector.clone())
+    }
+
     /// A connection of its own to the same endpoint, made and driven on `runtime` (its socket belongs to that
     /// runtime, whoever makes the first call).
     pub fn on(&self, runtime: Handle) -> Connection {
@@ -221,6 +226,13 @@ impl Connection {
             None => drop(tokio::spawn(drive)),
         }
         Live { generation, sender }
+    }
+}
+
+impl Drop for Connection {
+    /// Nothing more goes on the live connection: it ends (HTTP/2 closes it) once its calls in progress have.
+    fn drop(&mut self) {
+        self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
     }
 }
 

@@ -61,7 +61,7 @@ async fn keep_alive(
 
     // etcd answers the stream's headers only with its first message, so the upstream call is made by the client's
     // response stream, beside the inbound loop, rather than before it.
-    let upstream = g.shared.upstream.clone();
+    let upstream = g.shared.upstream.for_streams(&g.conn.streams);
     let up_meta = meta.clone();
     let upstream =
         StreamCall::new(async move { upstream.streaming(KEEP_ALIVE, ReceiverStream::new(up_rx), &up_meta).await });

@@ -41,7 +41,7 @@ use crate::identity::Identity;
 use crate::limits::{Limiter, Permit, Usage};
 use crate::metrics::{Metrics, RequestHandles, RequestLabels, RpcLabels};
 use crate::policy::{Access, CapabilitySet, KeyRange, Mode, Permissions, Policy};
-use crate::upstream::{CallMeta, Frames, Upstream};
+use crate::upstream::{CallMeta, Frames, StreamConnections, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
 use etcd_guard_proto::methods;
 
@@ -154,6 +154,8 @@ pub struct Conn {
     /// Why the proxy closed the connection, when it did (a reloaded CRL or CA bundle no longer trusts the
     /// certificate): the end records of its open streams say so.
     closed_because: OnceLock<String>,
+    /// Its own connections to etcd for its streams.
+    pub streams: StreamConnections,
 }
 
 /// What a connection may do under one policy generation, computed once per generation.
@@ -196,7 +198,16 @@ impl Conn {
         let view = View::new(id, peer, &identity, generation, &policy);
         let usage = shared.limiter.usage(&identity.fingerprint_sha256);
         let view = Mutex::new(Arc::new(view));
-        Conn { id, peer, identity, usage, view, metrics: RequestHandles::default(), closed_because: OnceLock::new() }
+        Conn {
+            id,
+            peer,
+            identity,
+            usage,
+            view,
+            metrics: RequestHandles::default(),
+            closed_because: OnceLock::new(),
+            streams: StreamConnections::default(),
+        }
     }
 
     /// The proxy closes this connection, for `reason`.
@@ -811,7 +822,7 @@ impl Guard {
             let (verdict, forwarding, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
             self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
-            match self.shared.upstream.server_streaming(path, msg, &meta).await {
+            match self.shared.upstream.for_streams(&self.conn.streams).server_streaming(path, msg, &meta).await {
                 Ok(frames) => Ok(Audited { frames: Some(frames), end: Some(end), recheck: recheck.map(Box::new) }),
                 Err(status) => {
                     end.finish(status.code());

@@ -312,7 +312,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
 
     // etcd sends the stream's headers only with its first message, so the upstream call is made by the outbound
     // stream, beside the inbound loop, rather than before it.
-    let upstream = g.shared.upstream.clone();
+    let upstream = g.shared.upstream.for_streams(&g.conn.streams);
     let up_meta = meta.clone();
     let upstream = if hub.is_some() {
         // A stream whose watches are all shared never needs etcd: its own upstream stream is opened with the
