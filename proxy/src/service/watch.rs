@@ -194,11 +194,14 @@ fn revoke_active(view: &View, o: &mut Order) {
         o.active.remove(&id);
         o.revoke(id, reason);
     }
-    // A watch handing over still gets its shared watch's frames up to the hand-over revision: one the reload
-    // withdrew leaves its shared watch now. Its own watch is checked as etcd opens it (`handover_watch`), and is
-    // revoked then.
+    // A watch handing over whose own watch etcd has not opened yet would get its shared watch's frames up to the
+    // hand-over revision, which etcd's answer sets after the reload: one the reload withdrew leaves its shared watch
+    // now (its own watch is checked as etcd opens it, `handover_watch`, and revoked then). Once etcd has answered,
+    // the hand-over revision precedes the reload and the hand-over runs its course.
     if !o.handing.is_empty() {
-        for (id, _) in withdrawn_from(view, o.handing.iter().map(|(id, w)| (*id, w.range.as_ref()))) {
+        let unanswered = |id: &i64| o.pending.iter().any(|p| matches!(p, Pending::Handover(w) if w == id));
+        let waiting = o.handing.iter().filter(|(id, _)| unanswered(id));
+        for (id, _) in withdrawn_from(view, waiting.map(|(id, w)| (*id, w.range.as_ref()))) {
             if let Some(watch) = o.handing.get(&id) {
                 let _ = watch.sub.leave();
             }
@@ -1204,11 +1207,17 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
             slot: None,
             counted: None,
         };
-        o.handing.insert(1, handing("a/"));
-        o.handing.insert(2, handing("b/"));
+        for (id, prefix) in [(1, "a/"), (2, "b/"), (3, "b/")] {
+            o.handing.insert(id, handing(prefix));
+        }
+        o.push_create(Pending::Handover(1), 0);
+        o.push_create(Pending::Handover(2), 0);
+        // etcd has answered watch 3's create already: its hand-over revision (30) precedes the reload.
+        assert!(matches!(o.handing[&3].sub.hand_over(30), HandOver::Later));
         revoke_active(&view, &mut o);
         assert!(o.handing[&1].sub.is_subscribed(), "still allowed: it goes on until its hand-over");
         assert!(!o.handing[&2].sub.is_subscribed(), "withdrawn: nothing more from its shared watch");
+        assert!(o.handing[&3].sub.is_subscribed(), "answered: given what precedes the reload, then handed over");
         // The hand-over ends as etcd answers the own watch's create (checked then, as it was pushed stale).
         assert!(matches!(o.handing[&2].sub.hand_over(30), HandOver::Gone));
     }
