@@ -131,7 +131,9 @@ impl Upstream {
             }
         }
         let members = Arc::new(RwLock::new(members.into()));
-        let (replaced_own, next) = (Arc::default(), Arc::new(AtomicUsize::new(0)));
+        // Round robin from where the shared one is: the first streams of all clients do not all go to one endpoint.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let (replaced_own, next) = (Arc::default(), Arc::new(AtomicUsize::new(start)));
         let upstream = Upstream { members, replaced: replaced_own, next, workers: Arc::from(Vec::new()) };
         *slot = Some((replaced, upstream.clone()));
         upstream
