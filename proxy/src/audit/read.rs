@@ -205,6 +205,16 @@ pub struct Op<'a> {
     /// A lock or election name: the keys under `name/`.
     #[serde(borrow, default)]
     pub name: Option<Text<'a>>,
+    /// The whole length of a key the record cut (`key`, `from`, `to`, `name` longer than 1 KiB: only their first
+    /// 1 KiB is written).
+    #[serde(default)]
+    pub key_len: Option<u64>,
+    #[serde(default)]
+    pub from_len: Option<u64>,
+    #[serde(default)]
+    pub to_len: Option<u64>,
+    #[serde(default)]
+    pub name_len: Option<u64>,
     /// A txn's comparisons.
     #[serde(borrow, default)]
     pub compare: Vec<Op<'a>>,
@@ -230,6 +240,9 @@ pub enum Target<'r> {
     },
     /// `"name": N`: the keys under `N/`.
     Name(&'r str),
+    /// A key or name the record cut to its first bytes (`key_len`, `name_len`): it stands for every key starting
+    /// with them.
+    Cut(&'r str),
 }
 
 /// The files named by `paths` (the current folder when empty), in chain order.
@@ -519,13 +532,16 @@ impl<'a> Op<'a> {
     /// Push the keys this op (and any nested op) names onto `out`.
     pub fn collect_targets<'r>(&'r self, out: &mut Vec<Target<'r>>) {
         if let Some(key) = &self.key {
-            out.push(Target::Key(key));
+            out.push(if self.key_len.is_some() { Target::Cut(key) } else { Target::Key(key) });
         }
         if let Some(from) = &self.from {
-            out.push(Target::Interval { from, to: self.to.as_deref() });
+            // A cut `from` is at or before the real one; a cut `to` could be before the real end: the interval
+            // then stands for everything from `from` on (more than it was, never less).
+            let to = self.to.as_deref().filter(|_| self.to_len.is_none());
+            out.push(Target::Interval { from, to });
         }
         if let Some(name) = &self.name {
-            out.push(Target::Name(name));
+            out.push(if self.name_len.is_some() { Target::Cut(name) } else { Target::Name(name) });
         }
         for op in self.compare.iter().chain(&self.success).chain(&self.failure) {
             op.collect_targets(out);
@@ -551,6 +567,7 @@ impl Target<'_> {
                 prefix.push(b'/');
                 KeyRange::prefix(prefix)
             }
+            Target::Cut(start) => KeyRange::prefix(key_bytes(start)),
         }
     }
 }
@@ -558,12 +575,16 @@ impl Target<'_> {
 impl fmt::Display for Target<'_> {
     /// Compact, in the record's escaped text: `key`; `P*` for the interval of every key starting with `P`;
     /// `[from, to)` for another interval, `[from, +inf)` when it has no end; a lock or election `name`. The empty
-    /// key is `""`, the whole keyspace `*`. Unambiguous, as the policy's ranges print: in keys a `*` is written
+    /// key is `""`, the whole keyspace `*`; a key the record cut (longer than 1 KiB) ends with `…`. Unambiguous, as the policy's ranges print: in keys a `*` is written
     /// `\x2a` and a space `\x20` (a table row adds ` +N`), a key's leading `[` `\x5b`, and within an interval a
     /// `,` `\x2c` and an end that is literally `+inf` `\x2binf` — all of which read back as the same bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Target::Key(key) | Target::Name(key) => shown(f, key, Part::Alone),
+            Target::Cut(start) => {
+                shown(f, start, Part::Alone)?;
+                f.write_char('…')
+            }
             Target::Interval { from, to } => {
                 let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
                 if prefix_end(&key_bytes(from)) == end {
@@ -604,6 +625,7 @@ fn shown(f: &mut fmt::Formatter<'_>, key: &str, part: Part) -> fmt::Result {
     for (i, c) in key.char_indices() {
         match c {
             '*' => f.write_str("\\x2a")?,
+            '…' => f.write_str("\\xe2\\x80\\xa6")?,
             ' ' => f.write_str("\\x20")?,
             '[' if i == 0 && part == Part::Alone => f.write_str("\\x5b")?,
             ',' if part != Part::Alone => f.write_str("\\x2c")?,
@@ -834,6 +856,25 @@ mod tests {
         assert_eq!(interval("", None), "*");
         assert_eq!(interval("", Some("b")), "[\"\", b)");
         assert_eq!(Target::Key("").to_string(), "\"\"");
+    }
+
+    /// A key the record cut (its `key_len`) stands for every key starting with what was written, shown ending `…`;
+    /// an interval whose end was cut, for everything from its start on.
+    #[test]
+    fn cut_keys_stand_for_every_key_they_start() -> Result<(), serde_json::Error> {
+        let op: Op<'_> = serde_json::from_str(r#"{"op":"put","key":"long/k","key_len":70000}"#)?;
+        let mut targets = Vec::new();
+        op.collect_targets(&mut targets);
+        assert_eq!(targets, [Target::Cut("long/k")]);
+        assert_eq!(targets[0].range(), KeyRange::prefix(b"long/k".to_vec()));
+        assert_eq!(targets[0].to_string(), "long/k…");
+        let op: Op<'_> = serde_json::from_str(r#"{"op":"range","from":"a","to":"b/x","to_len":5000}"#)?;
+        let mut targets = Vec::new();
+        op.collect_targets(&mut targets);
+        assert_eq!(targets, [Target::Interval { from: "a", to: None }]);
+        // A key that really ends with `…` is not taken for a cut one.
+        assert_eq!(Target::Key("a…").to_string(), "a\\xe2\\x80\\xa6");
+        Ok(())
     }
 
     /// Keys that look like another target's form are shown escaped (a reviewer's table and summary must not

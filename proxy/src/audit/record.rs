@@ -416,11 +416,12 @@ fn shortened(text: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(format!("{}…", &text[..end]))
 }
 
-/// Characters a terminal does not show as themselves: control characters, and the invisible ones that reorder or
-/// hide text (bidirectional overrides and isolates, zero-width characters, line and paragraph separators, tags) and
-/// U+FFFD, which a lossy decoder also produces. Keys show them escaped.
+/// Characters a terminal does not show as themselves: control characters, spaces other than the ASCII one, and the
+/// invisible ones that reorder or hide text (bidirectional overrides and isolates, zero-width characters, line and
+/// paragraph separators, tags) and U+FFFD, which a lossy decoder also produces. Keys show them escaped.
 pub fn is_hidden(c: char) -> bool {
     c.is_control()
+        || (c.is_whitespace() && c != ' ')
         || matches!(c,
             '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
             | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffd}' | '\u{e0000}'..='\u{e007f}')
@@ -510,7 +511,7 @@ mod tests {
             b"back\\slash \"quoted\"".to_vec(),
             vec![0, 1, 0x7f, 0xff, b'a', 0xc3],
             b"\\x41 looks like an escape".to_vec(),
-            "rtl \u{202e}override, zero\u{200b}width \u{2029} \u{fffd}".as_bytes().to_vec(),
+            "rtl \u{202e}override, zero\u{200b}width \u{2029} \u{fffd} no\u{a0}break\u{3000}".as_bytes().to_vec(),
         ] {
             let mut json = String::new();
             push_json_key(&mut json, &key);
