@@ -118,15 +118,22 @@ async fn a_client_connections_own_connection_to_etcd_ends_with_it() -> TestResul
     let port: u16 = h.etcd.client_url.rsplit(':').next().ok_or("no port")?.parse()?;
     let mut c = h.client(&h.cilium()?).await?;
     c.get("cilium/x", None).await?;
+    let mut direct = h.client_direct().await?;
+    direct.get("cilium/x", None).await?;
     let before = etcd_connections(port)?;
-    let stream = c.watch("cilium/", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
-    assert_eq!(etcd_connections(port)?, before + 1, "a connection of its own for the watch");
-    let mut other = c.watch("cilium/y", None).await?;
-    assert_eq!(etcd_connections(port)?, before + 1, "its streams share it");
-    h.client_direct().await?.put("cilium/y", "1", None).await?;
+    // A keep-alive stream (a watch may be served from a shared watch when `watch.coalesce` is on).
+    let lease = c.lease_grant(30, None).await?.id();
+    let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
+    keeper.keep_alive().await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), answers.message()).await;
+    assert!(matches!(&got, Ok(Ok(Some(_)))), "{got:?}");
+    assert_eq!(etcd_connections(port)?, before + 1, "a connection of its own for the stream");
+    let mut other = c.watch("cilium/y", Some(etcd_client::WatchOptions::new().with_start_revision(1))).await?;
+    direct.put("cilium/y", "1", None).await?;
     let got = tokio::time::timeout(Duration::from_secs(5), other.message()).await;
     assert!(matches!(&got, Ok(Ok(Some(_)))), "{got:?}");
-    drop((stream, other, c));
+    assert_eq!(etcd_connections(port)?, before + 1, "its streams share it");
+    drop((keeper, answers, other, c));
     let deadline = Instant::now() + Duration::from_secs(10);
     while etcd_connections(port)? > before {
         assert!(Instant::now() < deadline, "still {} connections, {} before", etcd_connections(port)?, before);
