@@ -288,6 +288,7 @@ async fn connection(
     let display_name = conn.identity.display_name().to_string();
     let guard = Guard::new(shared.clone(), conn);
     let settings = http2::server::Settings {
+        handshake_timeout,
         max_concurrent_streams,
         // Fixed, large windows rather than small ones: h2 closes a connection (ENHANCE_YOUR_CALM,
         // "too_many_data_frames") when small DATA frames pile up beyond half the connection window, and gRPC

@@ -63,3 +63,40 @@ async fn certificates_are_checked_at_the_handshake() -> TestResult {
     assert!(!handshake(&h, Some((expired.cert_pem, expired.key_pem))).await?, "expired");
     Ok(())
 }
+
+/// A client that completes TLS but never starts HTTP/2 is let go after the handshake timeout (10 s by default),
+/// as one that never completes TLS is: it does not hold a connection for good (before: it did).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_starts_http2_is_let_go() -> TestResult {
+    let h = Harness::start().await?;
+    let good = h.pki.ca.issue(LeafKind::Client, "nobody", None, &[], &[])?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_slice_iter(good.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(&h)?)
+        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(good.key_pem.as_bytes())?)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await?;
+    let mut tls = connector.connect(ServerName::try_from("localhost")?, tcp).await?;
+    let started = std::time::Instant::now();
+    // The server's SETTINGS may come first; then the end of the connection, not a wait for ever.
+    let mut buf = [0u8; 256];
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "still open after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(5),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

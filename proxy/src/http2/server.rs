@@ -28,6 +28,8 @@ use super::{Receiving, RecvBody, Reply, cork, send_body};
 /// How a client connection is run.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
+    /// How long a client may take, after TLS, to start HTTP/2 (its preface and SETTINGS).
+    pub handshake_timeout: Duration,
     pub max_concurrent_streams: u32,
     pub connection_window: u32,
     pub stream_window: u32,
@@ -79,13 +81,24 @@ where
     // The connection's writes are gathered while this task runs, and leave before it waits (`cork`).
     let (io, cork) = cork::cork(io);
     cork::drive(cork, async move {
-        let mut conn = h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
             .max_concurrent_streams(settings.max_concurrent_streams)
             .max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .handshake::<_, Bytes>(io)
-            .await?;
+            .handshake::<_, Bytes>(io);
+        // A client that completed TLS but does not start HTTP/2 is not held: not past the handshake timeout, not
+        // past a shutdown.
+        let mut conn = tokio::select! {
+            conn = tokio::time::timeout(settings.handshake_timeout, handshake) => match conn {
+                Ok(conn) => conn?,
+                Err(_) => {
+                    debug!("the client did not start HTTP/2 within the handshake timeout");
+                    return Ok(());
+                }
+            },
+            _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+        };
         let mut keep_alive =
             KeepAlive::new(conn.ping_pong(), settings.keep_alive_interval, settings.keep_alive_timeout);
         // Boxed: FuturesUnordered keeps one slot of its future's size per connection (idle connections) and moves each
