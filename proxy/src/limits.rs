@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::Status;
 
@@ -21,12 +21,19 @@ pub struct Limiter {
 }
 
 /// The usage of each identity that has something open (a connection, a call, a watch): an identity's usage lives
-/// as long as anything of it does, and is forgotten after (entries of identities gone are pruned as new ones come).
+/// as long as anything of it does, and is forgotten after — but its rate bucket only once it has filled up again,
+/// so that reconnecting does not bring a fresh burst (entries of identities gone are pruned as new ones come).
 #[derive(Default)]
 struct Identities {
-    by_fingerprint: HashMap<String, Weak<Usage>>,
+    by_fingerprint: HashMap<String, Known>,
     /// Prune when the map reaches this size.
     prune_at: usize,
+}
+
+/// One identity's entry: its usage while anything of it is open, and its rate bucket.
+struct Known {
+    usage: Weak<Usage>,
+    bucket: Arc<Mutex<Option<Bucket>>>,
 }
 
 /// What one identity uses now.
@@ -34,13 +41,16 @@ struct Identities {
 pub struct Usage {
     in_flight: AtomicU32,
     watches: AtomicU32,
-    bucket: Mutex<Option<Bucket>>,
+    /// Shared with the identity's entry in [`Identities`], which outlives this.
+    bucket: Arc<Mutex<Option<Bucket>>>,
 }
 
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
     last: Instant,
+    /// When it is full again if nothing more is taken: from then on it can be forgotten.
+    full_at: Instant,
 }
 
 /// A call in flight; releases its slots when dropped.
@@ -73,13 +83,20 @@ impl Limiter {
     /// The usage of the identity with this certificate fingerprint (shared by its connections, calls and watches).
     pub fn usage(&self, fingerprint: &str) -> Arc<Usage> {
         let mut ids = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(usage) = ids.by_fingerprint.get(fingerprint).and_then(Weak::upgrade) {
+        if let Some(known) = ids.by_fingerprint.get_mut(fingerprint) {
+            if let Some(usage) = known.usage.upgrade() {
+                return usage;
+            }
+            let usage = Arc::new(Usage { bucket: known.bucket.clone(), ..Usage::default() });
+            known.usage = Arc::downgrade(&usage);
             return usage;
         }
         let usage = Arc::new(Usage::default());
-        ids.by_fingerprint.insert(fingerprint.to_string(), Arc::downgrade(&usage));
+        let known = Known { usage: Arc::downgrade(&usage), bucket: usage.bucket.clone() };
+        ids.by_fingerprint.insert(fingerprint.to_string(), known);
         if ids.by_fingerprint.len() >= ids.prune_at {
-            ids.by_fingerprint.retain(|_, usage| usage.strong_count() > 0);
+            let now = Instant::now();
+            ids.by_fingerprint.retain(|_, known| known.usage.strong_count() > 0 || !known.is_full(now));
             ids.prune_at = (ids.by_fingerprint.len() * 2).max(64);
         }
         usage
@@ -110,13 +127,15 @@ impl Limiter {
         let burst = f64::from(limits.burst.unwrap_or(rate).max(1));
         let mut bucket = usage.bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
-        let b = bucket.get_or_insert(Bucket { tokens: burst, last: now });
+        let b = bucket.get_or_insert(Bucket { tokens: burst, last: now, full_at: now });
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * f64::from(rate)).min(burst);
         b.last = now;
         if b.tokens < 1.0 {
             return Err(limited(metrics, Limited::Rate, format!("{who} may make {rate} requests per second")));
         }
         b.tokens -= 1.0;
+        let refill = Duration::try_from_secs_f64((burst - b.tokens) / f64::from(rate.max(1))).unwrap_or(Duration::MAX);
+        b.full_at = now.checked_add(refill).or_else(|| now.checked_add(Duration::from_secs(86_400))).unwrap_or(now);
         Ok(())
     }
 
@@ -144,6 +163,16 @@ fn acquire(counter: &AtomicU32, max: u32) -> bool {
 fn limited(metrics: &Metrics, which: Limited, what: String) -> Status {
     metrics.limited.get_or_create(&LimitLabels { limit: which.as_str() }).inc();
     Status::resource_exhausted(format!("etcd-guard: too many requests: {what}"))
+}
+
+// === impl Known ===
+
+impl Known {
+    /// Whether its bucket (if any) has filled up again by `now`: forgetting it then changes nothing.
+    fn is_full(&self, now: Instant) -> bool {
+        let bucket = self.bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        bucket.as_ref().is_none_or(|b| now >= b.full_at)
+    }
 }
 
 // === impl Limited ===
@@ -204,6 +233,25 @@ mod tests {
 
     fn limits(concurrent: Option<u32>, rps: Option<u32>, watches: Option<u32>) -> Limits {
         Limits { concurrent_requests: concurrent, requests_per_second: rps, burst: None, open_watches: watches }
+    }
+
+    /// Reconnecting does not bring a fresh burst: the bucket outlives the identity's connections until it has
+    /// filled up again (before: 500 of these 1,000 calls passed a limit of 1 per second, burst 5).
+    #[test]
+    fn reconnecting_does_not_refill_the_rate() {
+        let (l, m) = (Limiter::new(None), Metrics::new());
+        let lim = Limits { requests_per_second: Some(1), burst: Some(5), ..Limits::default() };
+        let mut served = 0;
+        for _ in 0..100 {
+            let u = l.usage("fp");
+            served += (0..10).filter(|_| l.rate(&u, &lim, "x", &m).is_ok()).count();
+            drop(u);
+            // Other identities come and go meanwhile (pruning runs).
+            for i in 0..10 {
+                drop(l.usage(&format!("other-{i}")));
+            }
+        }
+        assert!(served <= 6, "{served} served");
     }
 
     #[test]
