@@ -183,10 +183,9 @@ impl AuditLog {
     /// time for the answer to count as audited: the caller must not serve the request then.
     pub async fn submit(&self, record: Record) -> Result<(), Status> {
         let Some(inner) = &self.inner else { return Ok(()) };
-        inner.sending.fetch_add(1, Ordering::SeqCst);
-        let result = inner.submit(record).await;
-        inner.sending.fetch_sub(1, Ordering::SeqCst);
-        result
+        // Counted off also when the caller is dropped while it waits (a client that went away).
+        let _sending = Sending::new(&inner.sending);
+        inner.submit(record).await
     }
 
     /// Queue a record without waiting (for records written from `Drop`); counted as lost if the queue is full.
@@ -250,6 +249,22 @@ impl AuditLog {
                 error!("audit: records were still unwritten when the shutdown deadline passed");
             }
         }
+    }
+}
+
+/// One record on its way into the queue ([`AuditLog::close`] waits for them); counted off when dropped.
+struct Sending<'a>(&'a AtomicUsize);
+
+impl<'a> Sending<'a> {
+    fn new(count: &'a AtomicUsize) -> Sending<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Sending(count)
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -951,6 +966,24 @@ mod tests {
             assert_eq!(v["prev_hash"], prev.as_str());
             prev = v["hash"].as_str().unwrap_or_default().to_string();
         }
+    }
+
+    /// A caller dropped while its record waits (a client gone during `answer_after: written`) does not leave
+    /// `close` waiting for it until its deadline (before: every such drop made the shutdown wait it out).
+    #[tokio::test]
+    async fn callers_dropped_while_submitting_do_not_hold_up_close() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let cfg = AuditConfig { answer_after: AnswerAfter::Written, ..config(dir.path()) };
+        let log = AuditLog::open(&cfg)?;
+        for n in 0..10 {
+            let _ = tokio::time::timeout(Duration::ZERO, log.submit(record(&s, n))).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        log.close(Duration::from_secs(3)).await;
+        assert!(started.elapsed() < Duration::from_secs(1), "close took {:?}", started.elapsed());
+        Ok(())
     }
 
     #[tokio::test]
