@@ -14,6 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -606,6 +607,11 @@ struct FileSink {
     max_files: usize,
 }
 
+/// Open (or create, readable by the owner alone) the active audit file.
+fn open_active(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)
+}
+
 impl FileSink {
     /// Open (or create) the active file and find where the chain stands: `(sink, last seq, last hash)`.
     fn open(
@@ -616,9 +622,14 @@ impl FileSink {
     ) -> Result<(FileSink, u64, String), AuditError> {
         let io_err = |source| AuditError::Io { path: path.to_path_buf(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| AuditError::Io { path: dir.to_path_buf(), source })?;
+            // Records name identities and keys (Secrets' names among them): not for every local user.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|source| AuditError::Io { path: dir.to_path_buf(), source })?;
         }
-        let mut file = OpenOptions::new().create(true).append(true).read(true).open(path).map_err(io_err)?;
+        let mut file = open_active(path).map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
         let mut sink =
             FileSink { path: path.to_path_buf(), file: None, ident: None, len, first_seq: None, max_bytes, max_files };
@@ -731,7 +742,7 @@ impl FileSink {
     }
 
     fn reopen(&mut self) -> io::Result<()> {
-        let file = OpenOptions::new().create(true).append(true).read(true).open(&self.path)?;
+        let file = open_active(&self.path)?;
         self.len = file.metadata()?.len();
         self.ident = file_ident(&file);
         if self.len == 0 {
@@ -970,6 +981,26 @@ mod tests {
 
     /// A caller dropped while its record waits (a client gone during `answer_after: written`) does not leave
     /// `close` waiting for it until its deadline (before: every such drop made the shutdown wait it out).
+    /// Records name identities and keys: the files and the folder made for them are not for every local user.
+    #[tokio::test]
+    async fn audit_files_are_the_owners_alone() -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(&dir.path().join("made")))?;
+        for n in 0..40 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        let folder = dir.path().join("made");
+        assert_eq!(std::fs::metadata(&folder)?.permissions().mode() & 0o007, 0, "folder open to others");
+        for entry in std::fs::read_dir(&folder)? {
+            let path = entry?.path();
+            assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o077, 0, "{}", path.display());
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn callers_dropped_while_submitting_do_not_hold_up_close() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
