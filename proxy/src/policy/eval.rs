@@ -131,6 +131,11 @@ impl Policy {
         Ok(Policy::compile(document, origin))
     }
 
+    /// Whether it has neither roles nor bindings (an empty file, `{}`): it denies every request.
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty() && self.bindings.is_empty()
+    }
+
     /// Reads and compiles the policy file at `path`.
     ///
     /// # Errors
