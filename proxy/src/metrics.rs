@@ -416,6 +416,23 @@ pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
     listener.local_addr().ok()
 }
 
+/// Counts one of something in a gauge while it lives (an open watch, a client connection): counted off however
+/// it ends.
+pub struct Counted(Gauge);
+
+impl Counted {
+    pub fn new(gauge: &Gauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,7 +284,8 @@ async fn connection(
         "client connected"
     );
     let metrics = shared.metrics.clone();
-    metrics.connections.inc();
+    // Counted off however the connection's task ends (also aborted at the end of a shutdown).
+    let _counted = crate::metrics::Counted::new(&metrics.connections);
     let display_name = conn.identity.display_name().to_string();
     let guard = Guard::new(shared.clone(), conn);
     let settings = http2::server::Settings {
@@ -317,7 +318,6 @@ async fn connection(
     if let Err(e) = http2::server::serve(stream, handle, settings, stop, untrusted).await {
         debug!(conn = id, error = %e, "connection ended with an error");
     }
-    metrics.connections.dec();
     debug!(conn = id, "client disconnected");
 }
 

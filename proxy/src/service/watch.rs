@@ -31,6 +31,7 @@ use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::codec::Framed;
 use crate::limits::WatchSlot;
+use crate::metrics::Counted;
 use crate::policy::{Access, KeyRange, Mode};
 use crate::upstream::{CallMeta, StreamCall};
 
@@ -93,22 +94,6 @@ struct Active {
     range: Option<KeyRange>,
     _slot: Option<WatchSlot>,
     _counted: Option<Counted>,
-}
-
-/// Counts an open watch in `etcd_guard_open_watches` while it lives.
-struct Counted(prometheus_client::metrics::gauge::Gauge);
-
-impl Counted {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Counted {
-        gauge.inc();
-        Counted(gauge.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 #[derive(Default)]
