@@ -989,11 +989,17 @@ impl Drop for Forwarding<'_> {
         if self.done {
             return;
         }
-        self.guard.count(self.rpc, self.decision, Code::Cancelled, self.at);
+        // Ended with its connection, which the proxy closed (a reload no longer trusts the certificate): the
+        // client saw the connection go, as for streams (`StreamEnd`).
+        let (code, reason) = match self.guard.conn.closed_because.get() {
+            Some(why) => (Code::Unavailable, why.clone()),
+            None => (Code::Cancelled, CANCELED_REASON.to_string()),
+        };
+        self.guard.count(self.rpc, self.decision, code, self.at);
         if let Some(mut r) = self.record.take() {
             r.decision = self.decision;
-            r.reason = CANCELED_REASON.to_string();
-            r.code = Code::Cancelled;
+            r.reason = reason;
+            r.code = code;
             r.latency_us = self.at.micros();
             self.guard.shared.audit.submit_now(r);
         }
