@@ -9,7 +9,7 @@ keep=false
 
 bash scripts/install-deps.sh
 cargo build -q -p etcd-guard
-bin="$PWD/target/debug/etcd-guard"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/etcd-guard"
 
 dir="$PWD/target/demo"
 rm -rf "$dir"
