@@ -464,12 +464,18 @@ fn certs_init(args: CertsInitArgs) -> ExitCode {
     }
 }
 
-/// Whether the audit log can be opened where the configuration says (without creating anything).
+/// Whether the audit log can be opened where the configuration says (leaving nothing behind), and its HMAC key
+/// read, as `serve` will.
 fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
-    let crate::config::AuditOutput::File(path) = &audit.output else { return None };
     if !audit.enabled {
         return None;
     }
+    if let Some(key) = &audit.hmac_key_file {
+        if let Err(e) = crate::audit::chain::Hasher::from_key_file(key) {
+            return Some(e.to_string());
+        }
+    }
+    let crate::config::AuditOutput::File(path) = &audit.output else { return None };
     if path.exists() {
         return std::fs::OpenOptions::new()
             .append(true)
@@ -484,8 +490,17 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
             let d = if d.as_os_str().is_empty() { std::path::Path::new(".") } else { d };
             return match std::fs::metadata(d) {
                 Ok(m) if !m.is_dir() => Some(format!("{} is not a folder", d.display())),
-                Ok(m) if m.permissions().readonly() => Some(format!("{} is read-only", d.display())),
-                Ok(_) => None,
+                // Its mode bits do not say whether this user may write there: try it.
+                Ok(_) => {
+                    let probe = d.join(format!(".etcd-guard-config-check-{}", std::process::id()));
+                    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+                        Ok(_) => {
+                            let _ = std::fs::remove_file(&probe);
+                            None
+                        }
+                        Err(e) => Some(format!("{}: cannot create the audit log there: {e}", d.display())),
+                    }
+                }
                 Err(e) => Some(format!("{}: {e}", d.display())),
             };
         }

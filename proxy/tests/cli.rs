@@ -206,6 +206,29 @@ fn help_lists_the_commands() -> TestResult {
     Ok(())
 }
 
+/// An HMAC key `serve` would refuse (missing, too short) fails the check too (before: `ok`, then `serve` failed).
+#[test]
+fn config_check_reads_the_audit_hmac_key() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    assert!(guard(&["certs", "init", "--dir", &d])?.status.success());
+    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let base = std::fs::read_to_string(&cfg)?;
+    std::fs::write(dir.path().join("short.key"), "12345")?;
+    for (key, says) in [("missing.key", "cannot read the HMAC key"), ("short.key", "5 bytes")] {
+        std::fs::write(&cfg, format!("{base}audit: {{ file: audit.log, hmac_key_file: {key} }}\n"))?;
+        let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains(says), "{key}: {}", text(&o));
+    }
+    std::fs::write(dir.path().join("good.key"), "0123456789abcdef0123456789abcdef")?;
+    std::fs::write(&cfg, format!("{base}audit: {{ file: audit.log, hmac_key_file: good.key }}\n"))?;
+    let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!dir.path().join("audit.log").exists(), "the check leaves nothing behind");
+    Ok(())
+}
+
 #[test]
 fn config_check_reports_an_audit_log_that_cannot_be_written() -> TestResult {
     let dir = tempfile::tempdir()?;
