@@ -100,6 +100,9 @@ pub struct InitOptions {
     pub sans: Vec<String>,
     /// Reuse `ca.crt` and `ca.key` if both exist, and keep every certificate and key already in the folder.
     pub keep_existing: bool,
+    /// Replace files already in the folder. Without it (or `keep_existing`) a file in the way is an error: a
+    /// folder of real keys (a CA's) is never overwritten by mistake.
+    pub force: bool,
 }
 
 /// A certificate authority held in memory, able to issue leaf certificates.
@@ -181,6 +184,7 @@ impl InitOptions {
         client_uris: &[String],
         sans: &[String],
         keep_existing: bool,
+        force: bool,
     ) -> Result<Self, CertsError> {
         let mut specs = clients.iter().map(|c| c.parse::<ClientSpec>()).collect::<Result<Vec<_>, _>>()?;
         for text in client_uris {
@@ -193,7 +197,13 @@ impl InitOptions {
                 spec.uri_sans.push(uri.to_string());
             }
         }
-        Ok(InitOptions { clients: specs, sans: sans.to_vec(), keep_existing })
+        if keep_existing && force {
+            return Err(CertsError::Existing {
+                path: PathBuf::new(),
+                message: "--keep-existing and --force contradict each other: choose one".into(),
+            });
+        }
+        Ok(InitOptions { clients: specs, sans: sans.to_vec(), keep_existing, force })
     }
 }
 
@@ -439,6 +449,13 @@ pub fn init_dir(dir: &Path, options: &InitOptions) -> Result<InitReport, CertsEr
         }
     }
 
+    if let Some(path) = in_the_way(dir, options)? {
+        return Err(CertsError::Existing {
+            path,
+            message: "exists; --keep-existing keeps what is there and issues only what is missing, --force replaces it"
+                .into(),
+        });
+    }
     fs::create_dir_all(dir).map_err(|source| CertsError::Write { path: dir.to_path_buf(), source })?;
     let mut report = InitReport::default();
     let ca = init_ca(dir, options.keep_existing, &mut report)?;
@@ -482,6 +499,24 @@ pub fn init_dir(dir: &Path, options: &InitOptions) -> Result<InitReport, CertsEr
         init_leaf(dir, &ca, leaf, options.keep_existing, &mut report)?;
     }
     Ok(report)
+}
+
+/// Without `--keep-existing` or `--force`: the first of the files `certs init` would write that is already there.
+fn in_the_way(dir: &Path, options: &InitOptions) -> Result<Option<PathBuf>, CertsError> {
+    if options.keep_existing || options.force {
+        return Ok(None);
+    }
+    let fixed = ["ca", "server", "etcd-server", "upstream-client"];
+    let stems = fixed.iter().copied().chain(options.clients.iter().map(|c| c.common_name.as_str()));
+    for stem in stems {
+        for ext in ["crt", "key"] {
+            let path = dir.join(format!("{stem}.{ext}"));
+            if exists(&path)? {
+                return Ok(Some(path));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Reuse the CA in `dir` (with `keep`, if both files exist) or write a new one.
@@ -673,7 +708,7 @@ mod tests {
 
     fn options(clients: &[&str], uris: &[&str], sans: &[&str], keep: bool) -> Result<InitOptions, CertsError> {
         let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        InitOptions::from_args(&owned(clients), &owned(uris), &owned(sans), keep)
+        InitOptions::from_args(&owned(clients), &owned(uris), &owned(sans), keep, false)
     }
 
     #[test]
@@ -715,10 +750,11 @@ mod tests {
     fn keys_are_mode_0600_and_certificates_0644() -> TestResult {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir()?;
-        // A key left from before with a loose mode is tightened when it is replaced.
+        // A key left from before with a loose mode is tightened when it is replaced (`--force`).
         fs::write(dir.path().join("server.key"), "old")?;
         fs::set_permissions(dir.path().join("server.key"), fs::Permissions::from_mode(0o666))?;
-        let report = init_dir(dir.path(), &options(&["admin", "prometheus:monitoring"], &[], &[], false)?)?;
+        let force = InitOptions { force: true, ..options(&["admin", "prometheus:monitoring"], &[], &[], false)? };
+        let report = init_dir(dir.path(), &force)?;
         assert_eq!(report.files.len(), 12, "CA, server, etcd, upstream and two clients");
         for entry in fs::read_dir(dir.path())? {
             let path = entry?.path();
@@ -755,8 +791,13 @@ mod tests {
         assert_eq!(report.notes.len(), 2, "server.crt and etcd-server.crt: {:?}", report.notes);
         assert!(report.notes.iter().all(|n| n.contains("etcd-guard")), "{:?}", report.notes);
 
-        // Without --keep-existing everything is issued anew.
-        init_dir(dir.path(), &options(&["admin"], &[], &[], false)?)?;
+        // Without --keep-existing nothing is overwritten unless --force says so; then everything is issued anew.
+        let there = snapshot(dir.path())?;
+        let refused = init_dir(dir.path(), &options(&["admin"], &[], &[], false)?);
+        assert!(matches!(refused, Err(CertsError::Existing { .. })), "{:?}", refused.err());
+        assert_eq!(snapshot(dir.path())?, there, "nothing touched");
+        let force = InitOptions { force: true, ..options(&["admin"], &[], &[], false)? };
+        init_dir(dir.path(), &force)?;
         let fresh = snapshot(dir.path())?;
         assert_ne!(fresh.get("ca.crt"), before.get("ca.crt"), "a new CA");
         assert_ne!(fresh.get("admin.key"), before.get("admin.key"), "a new key");

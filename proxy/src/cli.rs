@@ -177,8 +177,12 @@ struct CertsInitArgs {
     san: Vec<String>,
     /// Reuse ca.crt and ca.key if both exist and keep every certificate and key already there ("kept <file>");
     /// issue only what is missing. A pair with a file missing, or from another CA, is an error.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "force")]
     keep_existing: bool,
+    /// Replace certificates and keys already in the folder (without this or --keep-existing, a file in the way is
+    /// an error: a folder of real keys is never overwritten by mistake).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -446,10 +450,11 @@ fn check_needs(args: &CheckArgs) -> Result<Needs, String> {
 }
 
 fn certs_init(args: CertsInitArgs) -> ExitCode {
-    let options = match InitOptions::from_args(&args.client, &args.client_uri, &args.san, args.keep_existing) {
-        Ok(o) => o,
-        Err(e) => return fail(e),
-    };
+    let options =
+        match InitOptions::from_args(&args.client, &args.client_uri, &args.san, args.keep_existing, args.force) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
     match certs::init_dir(&args.dir, &options) {
         Ok(report) => {
             for f in &report.files {
