@@ -381,7 +381,10 @@ fn answer(state: &HealthState, req: &http::Request<Incoming>) -> Response<Full<B
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             let mut problems = Vec::new();
-            if !state.upstream.any_healthy() {
+            if !state.upstream.probed() {
+                // Endpoints count as healthy until probed; ready only once etcd has answered (or been found down).
+                problems.push("the upstream endpoints have not been checked yet");
+            } else if !state.upstream.any_healthy() {
                 problems.push("no healthy upstream endpoint");
             }
             if state.audit.is_failing() {

@@ -48,6 +48,8 @@ pub struct Upstream {
     members: Arc<RwLock<Arc<[Arc<Member>]>>>,
     /// How many times `members` was replaced.
     replaced: Arc<AtomicUsize>,
+    /// Whether a health probe of every endpoint has been made (until then health is assumed, not known).
+    probed: Arc<AtomicBool>,
     next: Arc<AtomicUsize>,
     workers: Arc<[Handle]>,
 }
@@ -93,7 +95,8 @@ impl Upstream {
     pub fn for_workers(endpoints: Vec<(String, Connection)>, workers: Vec<Handle>) -> Upstream {
         let workers: Arc<[Handle]> = workers.into();
         let members = Arc::new(RwLock::new(members(endpoints, &workers)));
-        Upstream { members, replaced: Arc::default(), next: Arc::new(AtomicUsize::new(0)), workers }
+        let (replaced, probed) = (Arc::default(), Arc::default());
+        Upstream { members, replaced, probed, next: Arc::new(AtomicUsize::new(0)), workers }
     }
 
     /// New connections (after a reload of the upstream certificate). Calls in progress finish on the old ones.
@@ -134,7 +137,8 @@ impl Upstream {
         // Round robin from where the shared one is: the first streams of all clients do not all go to one endpoint.
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let (replaced_own, next) = (Arc::default(), Arc::new(AtomicUsize::new(start)));
-        let upstream = Upstream { members, replaced: replaced_own, next, workers: Arc::from(Vec::new()) };
+        let probed = self.probed.clone();
+        let upstream = Upstream { members, replaced: replaced_own, probed, next, workers: Arc::from(Vec::new()) };
         *slot = Some((replaced, upstream.clone()));
         upstream
     }
@@ -150,6 +154,11 @@ impl Upstream {
             }
         }
         health
+    }
+
+    /// Whether every endpoint has been probed at least once ([`Upstream::probe`]).
+    pub fn probed(&self) -> bool {
+        self.probed.load(Ordering::Acquire)
     }
 
     /// Whether at least one endpoint is healthy.
@@ -175,6 +184,7 @@ impl Upstream {
             }
         });
         futures_util::future::join_all(probes).await;
+        self.probed.store(true, Ordering::Release);
     }
 
     /// The endpoint for the next call: round robin over the healthy ones, else over all; on a worker thread, over

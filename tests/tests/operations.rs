@@ -119,3 +119,38 @@ async fn audit_only_bindings_record_would_deny_and_serve() -> TestResult {
     );
     Ok(())
 }
+
+/// Ready only once etcd has been heard from: a proxy started in front of an etcd that does not answer is not
+/// ready from the start (before: ready until its first health probe timed out, endpoints counting as healthy).
+#[tokio::test(flavor = "multi_thread")]
+async fn not_ready_before_etcd_has_answered() -> TestResult {
+    use etcd_guard::config::Config;
+    use etcd_guard::server::Proxy;
+    use etcd_guard_tests::{Etcd, Pki};
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    etcd.pause()?;
+    std::fs::write(pki.path("policy.yaml"), "roles: []\nbindings: []\n")?;
+    let config = format!(
+        r#"listen: "127.0.0.1:0"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
+policy_file: policy.yaml
+metrics_listen: "127.0.0.1:0"
+"#,
+        etcd.client_url
+    );
+    std::fs::write(pki.path("etcd-guard.yaml"), config)?;
+    let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
+    let addr = proxy.metrics_addr.ok_or("no metrics listener")?;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let (status, body) = http_get(addr, "/readyz")?;
+        assert_eq!(status, 503, "ready after {:?} with etcd paused: {body}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    etcd.resume()?;
+    wait_for("ready once etcd answers", || Ok(http_get(addr, "/readyz")?.0 == 200))?;
+    proxy.stop().await;
+    Ok(())
+}
