@@ -206,13 +206,19 @@ fn help_lists_the_commands() -> TestResult {
     Ok(())
 }
 
-/// An HMAC key `serve` would refuse (missing, too short) fails the check too (before: `ok`, then `serve` failed).
-#[test]
-fn config_check_reads_the_audit_hmac_key() -> TestResult {
+/// A folder with development certificates and a configuration (with an empty policy) that `config check` passes.
+fn checkable_dir() -> Result<(tempfile::TempDir, std::path::PathBuf), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let d = dir.path().display().to_string();
     assert!(guard(&["certs", "init", "--dir", &d])?.status.success());
     let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    Ok((dir, cfg))
+}
+
+/// An HMAC key `serve` would refuse (missing, too short) fails the check too (before: `ok`, then `serve` failed).
+#[test]
+fn config_check_reads_the_audit_hmac_key() -> TestResult {
+    let (dir, cfg) = checkable_dir()?;
     let base = std::fs::read_to_string(&cfg)?;
     std::fs::write(dir.path().join("short.key"), "12345")?;
     for (key, says) in [("missing.key", "cannot read the HMAC key"), ("short.key", "5 bytes")] {
@@ -231,10 +237,7 @@ fn config_check_reads_the_audit_hmac_key() -> TestResult {
 
 #[test]
 fn config_check_reports_an_audit_log_that_cannot_be_written() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let d = dir.path().display().to_string();
-    assert!(guard(&["certs", "init", "--dir", &d])?.status.success());
-    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let (dir, cfg) = checkable_dir()?;
     // A file where the audit folder should be.
     std::fs::write(dir.path().join("not-a-folder"), "x")?;
     let text_cfg = std::fs::read_to_string(&cfg)? + "audit: { file: not-a-folder/audit.log }\n";
