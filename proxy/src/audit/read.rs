@@ -205,12 +205,10 @@ pub struct Op<'a> {
     /// A lock or election name: the keys under `name/`.
     #[serde(borrow, default)]
     pub name: Option<Text<'a>>,
-    /// The whole length of a key the record cut (`key`, `from`, `to`, `name` longer than 1 KiB: only their first
-    /// 1 KiB is written).
+    /// The whole length of a key the record cut (`key`, `to`, `name` longer than 1 KiB: only their first 1 KiB is
+    /// written). A cut `from` (`from_len`) needs no reading: what was written is at or before the real start.
     #[serde(default)]
     pub key_len: Option<u64>,
-    #[serde(default)]
-    pub from_len: Option<u64>,
     #[serde(default)]
     pub to_len: Option<u64>,
     #[serde(default)]
