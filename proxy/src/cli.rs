@@ -289,10 +289,20 @@ fn serve(args: ServeArgs) -> ExitCode {
         let reload = proxy.reload_handle();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn(proxy.serve(stop_rx));
-        shutdown_signal(reload).await;
-        tracing::info!("shutting down");
+        let mut signals = Signals::install();
+        signals.shutdown(&reload).await;
+        tracing::info!("shutting down: draining connections (a second SIGTERM or SIGINT ends them at once)");
         let _ = stop_tx.send(true);
-        let _ = serving.await;
+        let mut serving = serving;
+        tokio::select! {
+            _ = &mut serving => {}
+            _ = signals.shutdown(&reload) => {
+                tracing::warn!("second signal: ending the open connections without waiting for them");
+                // Dropping the accept loop's task ends its connections; the calls they drop are recorded.
+                serving.abort();
+                let _ = serving.await;
+            }
+        }
         // Every answered request's record is queued; write them all before exiting.
         audit.close(std::time::Duration::from_secs(10)).await;
         tracing::info!("audit log flushed; bye");
@@ -303,27 +313,44 @@ fn serve(args: ServeArgs) -> ExitCode {
     code
 }
 
-/// Wait for SIGTERM or SIGINT; SIGHUP reloads the policy and certificates meanwhile.
-async fn shutdown_signal(reload: crate::reload::ReloadHandle) {
+/// The signals that stop the proxy (SIGTERM, SIGINT) and reload it (SIGHUP), installed once so that a second
+/// stop signal during the drain is seen too.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (term, hup) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()));
-        let (Ok(mut term), Ok(mut hup)) = (term, hup) else {
-            tracing::warn!("cannot install signal handlers; only Ctrl-C stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = hup.recv() => reload.trigger(),
-                _ = term.recv() => return,
-                _ = tokio::signal::ctrl_c() => return,
+    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+// === impl Signals ===
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+                (Ok(term), Ok(hup)) => Signals { unix: Some((term, hup)) },
+                _ => {
+                    tracing::warn!("cannot install signal handlers; only Ctrl-C stops the proxy");
+                    Signals { unix: None }
+                }
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
+
+    /// Wait for SIGTERM or SIGINT; SIGHUP reloads the policy and certificates meanwhile.
+    async fn shutdown(&mut self, reload: &crate::reload::ReloadHandle) {
+        #[cfg(unix)]
+        if let Some((term, hup)) = &mut self.unix {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => reload.trigger(),
+                    _ = term.recv() => return,
+                    _ = tokio::signal::ctrl_c() => return,
+                }
+            }
+        }
         let _ = reload;
         let _ = tokio::signal::ctrl_c().await;
     }

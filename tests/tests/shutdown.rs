@@ -1,7 +1,7 @@
 //! SIGTERM under load: the proxy runs as its own process; every request it answered has its audit record.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_guard_tests::{Etcd, Pki, TEST_POLICY, TestResult, free_port, watch_matrix};
@@ -11,39 +11,7 @@ use serde_json::Value;
 async fn sigterm_under_load_loses_no_record_of_an_answered_request() -> TestResult {
     let pki = Pki::new()?;
     let etcd = Etcd::start(&pki)?;
-    let port = free_port()?;
-    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
-    std::fs::write(
-        pki.path("etcd-guard.yaml"),
-        format!(
-            r#"listen: "127.0.0.1:{port}"
-tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
-upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
-policy_file: policy.yaml
-audit: {{ file: audit/audit.log }}
-metrics_listen: "127.0.0.1:0"
-{}"#,
-            etcd.client_url,
-            watch_matrix("")
-        ),
-    )?;
-    let log = std::fs::File::create(pki.path("proxy.log"))?;
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
-        .arg("serve")
-        .arg("--config")
-        .arg(pki.path("etcd-guard.yaml"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline || proxy.try_wait()?.is_some() {
-            let _ = proxy.kill();
-            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut proxy, addr) = start_proxy(&pki, &etcd, "")?;
 
     // Load: 8 clients putting unique keys until the proxy stops answering (bounded at 20 s).
     let admin = pki.client("admin", "admin", None, &[])?;
@@ -101,23 +69,12 @@ metrics_listen: "127.0.0.1:0"
     });
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let term = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status()?;
-    assert!(term.success());
+    term(&proxy)?;
     let mut answered = BTreeSet::new();
     for t in tasks {
         answered.extend(t.await?);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = proxy.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = proxy.kill();
-            return Err("the proxy did not exit within 20 s of SIGTERM".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut proxy, Duration::from_secs(20))?;
     assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
     assert!(answered.len() > 50, "too little load to mean anything: {}", answered.len());
     let ended = tokio::time::timeout(Duration::from_secs(10), watch_end).await??;
@@ -141,4 +98,102 @@ metrics_listen: "127.0.0.1:0"
     );
     eprintln!("answered {} puts, all recorded", answered.len());
     Ok(())
+}
+
+/// A second SIGTERM ends the drain at once: the call still waiting for etcd is dropped, and recorded as canceled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_ends_the_drain_at_once() -> TestResult {
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    let (mut proxy, addr) = start_proxy(&pki, &etcd, "shutdown_grace_ms: 60000\n")?;
+    let admin = pki.client("admin", "admin", None, &[])?;
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
+        .identity(etcd_client::Identity::from_pem(std::fs::read(&admin.cert)?, std::fs::read(&admin.key)?));
+    let opts = etcd_client::ConnectOptions::new().with_tls(tls);
+    let mut c = etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?;
+    c.put("drain/before", "v", None).await?;
+    // A put etcd does not answer: the drain waits for it (up to the 60 s grace).
+    etcd.pause()?;
+    let stuck = tokio::spawn(async move { c.put("drain/stuck", "v", None).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    term(&proxy)?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let still_draining = proxy.try_wait()?.is_none();
+    term(&proxy)?;
+    let exited = wait_exit(&mut proxy, Duration::from_secs(10));
+    etcd.resume()?;
+    let status = exited?;
+    assert!(still_draining, "the proxy exited before its drain ended: nothing was tested");
+    assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
+    assert!(tokio::time::timeout(Duration::from_secs(10), stuck).await??.is_err(), "the stuck put was answered");
+    let text = std::fs::read_to_string(pki.path("audit/audit.log"))?;
+    let record = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["rpc"] == "KV/Put" && r["ops"][0]["key"] == "drain/stuck")
+        .ok_or("the put dropped at the second SIGTERM has no record")?;
+    assert_eq!(record["code"], "Cancelled", "{record}");
+    Ok(())
+}
+
+/// Start the proxy binary in front of `etcd` (`extra`: more configuration lines); wait until it listens.
+fn start_proxy(pki: &Pki, etcd: &Etcd, extra: &str) -> TestResult<(Child, String)> {
+    let port = free_port()?;
+    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
+    std::fs::write(
+        pki.path("etcd-guard.yaml"),
+        format!(
+            r#"listen: "127.0.0.1:{port}"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
+policy_file: policy.yaml
+audit: {{ file: audit/audit.log }}
+metrics_listen: "127.0.0.1:0"
+{extra}{}"#,
+            etcd.client_url,
+            watch_matrix("")
+        ),
+    )?;
+    let log = std::fs::File::create(pki.path("proxy.log"))?;
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+        .arg("serve")
+        .arg("--config")
+        .arg(pki.path("etcd-guard.yaml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if Instant::now() > deadline || proxy.try_wait()?.is_some() {
+            let _ = proxy.kill();
+            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((proxy, addr))
+}
+
+fn term(proxy: &Child) -> TestResult {
+    let term = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status()?;
+    if !term.success() {
+        return Err(format!("kill -TERM: {term}").into());
+    }
+    Ok(())
+}
+
+/// Wait (at most `limit`) for the proxy to exit; killed if it does not.
+fn wait_exit(proxy: &mut Child, limit: Duration) -> TestResult<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = proxy.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            let _ = proxy.kill();
+            return Err(format!("the proxy did not exit within {limit:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
