@@ -127,6 +127,9 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Calls in flight over all clients (`None`: unlimited). Per-identity limits are set in the policy.
     pub max_concurrent_requests: Option<u32>,
+    /// Client connections open at once, counted from the accept (TLS handshakes in progress included); more are
+    /// closed at once.
+    pub max_connections: u32,
 }
 
 /// Why a configuration was refused.
@@ -280,6 +283,8 @@ struct RawLimits {
     max_concurrent_streams: u32,
     #[serde(default)]
     max_concurrent_requests: Option<u32>,
+    #[serde(default = "default_max_connections")]
+    max_connections: u32,
 }
 
 impl Default for RawLimits {
@@ -288,6 +293,7 @@ impl Default for RawLimits {
             max_request_bytes: default_max_request_bytes(),
             max_concurrent_streams: default_max_concurrent_streams(),
             max_concurrent_requests: None,
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -300,6 +306,11 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_max_request_bytes() -> usize {
     DEFAULT_MAX_REQUEST_BYTES
+}
+fn default_max_connections() -> u32 {
+    // Bounds file descriptors and memory against a flood of connections (or handshakes); each client connection
+    // with streams also holds connections to etcd of its own.
+    10_000
 }
 fn default_max_concurrent_streams() -> u32 {
     // etcd's default (`--max-concurrent-streams`) is unlimited; kube-apiserver multiplexes every watch on one
@@ -371,6 +382,9 @@ impl Config {
         if raw.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
             return Err(invalid("worker_threads", "must be between 1 and 1024".into()));
         }
+        if raw.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be greater than 0".into()));
+        }
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
         }
@@ -400,6 +414,7 @@ impl Config {
                 max_request_bytes: raw.limits.max_request_bytes,
                 max_concurrent_streams: raw.limits.max_concurrent_streams,
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
+                max_connections: raw.limits.max_connections,
             },
             audit: Audit {
                 enabled: raw.audit.enabled,
@@ -481,6 +496,16 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
             let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("upstream.connections_per_endpoint"), "{bad}: {err}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn max_connections_has_a_default_and_cannot_be_zero() -> Result<(), ConfigError> {
+        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.limits.max_connections, 10_000);
+        let set = |n: &str| format!("{EXAMPLE}\nlimits: {{ max_connections: {n} }}\n");
+        assert_eq!(Config::parse(&set("3"), Path::new("c.yaml"))?.limits.max_connections, 3);
+        let err = Config::parse(&set("0"), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("limits.max_connections"), "{err}");
         Ok(())
     }
 

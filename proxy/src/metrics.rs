@@ -74,6 +74,8 @@ pub struct Metrics {
     pub open_streams: Family<RpcLabels, Gauge>,
     /// Client connections open now.
     pub connections: Gauge,
+    /// Client connections closed at once because `limits.max_connections` were open.
+    pub connections_refused: Counter,
     /// Watches open now (created by etcd, not yet canceled).
     pub open_watches: Gauge,
     /// Upstream watches shared by several client watches now (`watch.coalesce`).
@@ -183,6 +185,12 @@ impl Metrics {
         );
         let connections = Gauge::default();
         registry.register("client_connections", "Client connections open now", connections.clone());
+        let connections_refused = Counter::default();
+        registry.register(
+            "client_connections_refused",
+            "Client connections closed at once because limits.max_connections were open (handshakes included)",
+            connections_refused.clone(),
+        );
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "tls_handshake_failures",
@@ -235,6 +243,7 @@ impl Metrics {
             would_deny,
             open_streams,
             connections,
+            connections_refused,
             open_watches,
             shared_watches,
             shared_watch_subscribers,

@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -51,6 +51,8 @@ pub struct Proxy {
     shutdown_grace: Duration,
     handshake_timeout: Duration,
     max_concurrent_streams: u32,
+    /// One permit per client connection open (`limits.max_connections`), held from the accept to the close.
+    connection_slots: Arc<Semaphore>,
     /// The worker runtimes connections are given to in turn; none: connections run on the caller's runtime.
     workers: Vec<Handle>,
 }
@@ -119,6 +121,7 @@ impl Proxy {
             shutdown_grace: config.shutdown_grace,
             handshake_timeout: config.tls.handshake_timeout,
             max_concurrent_streams: config.limits.max_concurrent_streams,
+            connection_slots: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
             workers,
         })
     }
@@ -159,6 +162,7 @@ impl Proxy {
         }
         tokio::spawn(probe_upstream(self.shared.upstream.clone(), self.health_check_interval, stop.clone()));
         tokio::spawn(self.reloader.run(stop.clone()));
+        let mut warned_full: Option<Instant> = None;
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -172,6 +176,16 @@ impl Proxy {
                 },
                 _ = stop.changed() => break,
             };
+            // Over the limit: closed before any TLS work, so a flood costs an accept and a close each.
+            let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
+                drop(tcp);
+                self.shared.metrics.connections_refused.inc();
+                if warned_full.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    warned_full = Some(Instant::now());
+                    warn!(%peer, "limits.max_connections client connections are open; new ones are closed at once (logged at most every 10 s; see etcd_guard_client_connections_refused_total)");
+                }
+                continue;
+            };
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             // In this order: a reload replaces the acceptor, then the trust of open connections.
             let trust = self.trust.watch();
@@ -180,11 +194,15 @@ impl Proxy {
             let settings = (self.handshake_timeout, self.max_concurrent_streams, self.shutdown_grace);
             let stop = stop.clone();
             match self.workers.get(id as usize % self.workers.len().max(1)) {
-                None => drop(connections.spawn(connection(tcp, peer, id, (acceptor, trust), shared, settings, stop))),
+                None => drop(connections.spawn(async move {
+                    let _slot = slot;
+                    connection(tcp, peer, id, (acceptor, trust), shared, settings, stop).await
+                })),
                 // The socket moves to the worker's own reactor.
                 Some(worker) => match tcp.into_std() {
                     Ok(tcp) => {
                         let serve = async move {
+                            let _slot = slot;
                             match TcpStream::from_std(tcp) {
                                 Ok(tcp) => connection(tcp, peer, id, (acceptor, trust), shared, settings, stop).await,
                                 Err(e) => warn!(conn = id, %peer, error = %e, "cannot hand the connection to a worker"),
