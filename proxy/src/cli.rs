@@ -547,11 +547,20 @@ fn config_check(path: PathBuf) -> ExitCode {
         Err(e) => return fail(e),
     };
     let mut problems = Vec::new();
-    if let Err(e) = crate::tls::server_config(&config.tls) {
-        problems.push(format!("tls: {e}"));
+    let mut expiries = Vec::new();
+    match crate::tls::server_config(&config.tls) {
+        Ok(tls) => expiries.extend(tls.expiries),
+        Err(e) => problems.push(format!("tls: {e}")),
     }
-    if let Err(e) = crate::tls::upstream_channel_check(&config.upstream) {
-        problems.push(format!("upstream: {e}"));
+    match crate::tls::upstream_channel_check(&config.upstream) {
+        Ok(found) => expiries.extend(found),
+        Err(e) => problems.push(format!("upstream: {e}")),
+    }
+    // Expiring certificates are worth a warning, not a failure: the proxy serves with them (clients and etcd
+    // refuse expired ones).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    for warning in expiries.iter().filter_map(|e| e.warning(now)) {
+        eprintln!("etcd-guard: warning: {warning}");
     }
     if let Err(e) = Policy::load(&config.policy_file) {
         problems.push(format!("policy: {e}"));

@@ -57,6 +57,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub certificate: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub endpoint: String,
 }
@@ -90,6 +95,8 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     /// Open connections closed because a reloaded client CA bundle or CRL no longer trusts their certificate.
     pub connections_untrusted: Counter,
+    /// When the certificate files in force expire (earliest notAfter per file), Unix seconds.
+    pub certificate_expiry: Family<CertificateLabels, Gauge>,
     /// Reloads of the policy and certificates, by result.
     pub reloads: Family<ResultLabels, Counter>,
     /// Requests refused by a limit, by limit.
@@ -204,6 +211,13 @@ impl Metrics {
              certificate",
             connections_untrusted.clone(),
         );
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiration_timestamp_seconds",
+            "When the certificate files in force expire (the earliest notAfter in each file), Unix seconds; \
+             certificate: listener, client_ca, upstream_client, upstream_ca",
+            certificate_expiry.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
         let limited = Family::<LimitLabels, Counter>::default();
@@ -251,6 +265,7 @@ impl Metrics {
             shared_watch_revision_waits,
             handshake_failures,
             connections_untrusted,
+            certificate_expiry,
             reloads,
             limited,
             lease_lookups,
@@ -264,6 +279,17 @@ impl Metrics {
     }
 
     /// The text exposition, with gauges that mirror other state refreshed first.
+    /// Put the expiry of certificate files now in force in the metrics, and warn of those that expire soon.
+    pub fn certificates(&self, expiries: &[crate::tls::Expiry]) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        for e in expiries {
+            self.certificate_expiry.get_or_create(&CertificateLabels { certificate: e.certificate }).set(e.not_after);
+            if let Some(warning) = e.warning(now) {
+                warn!(certificate = e.certificate, file = %e.path.display(), "{warning}");
+            }
+        }
+    }
+
     pub fn render(&self, upstream: &Upstream, audit: &AuditLog) -> String {
         for (endpoint, healthy) in upstream.health() {
             self.upstream_healthy.get_or_create(&EndpointLabels { endpoint }).set(i64::from(healthy));

@@ -137,6 +137,7 @@ impl Reloader {
             },
             Part::Listener => tls::server_config(&self.config.tls)
                 .map(|tls| {
+                    self.shared.metrics.certificates(&tls.expiries);
                     // New handshakes first, then open connections (see `ClientTrust::watch`).
                     let acceptor = TlsAcceptor::from(tls.config.clone());
                     *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
@@ -146,7 +147,10 @@ impl Reloader {
                 })
                 .map_err(|e| e.to_string()),
             Part::Upstream => tls::upstream_connections(&self.config.upstream)
-                .map(|channels| self.shared.upstream.replace(channels))
+                .map(|tls| {
+                    self.shared.metrics.certificates(&tls.expiries);
+                    self.shared.upstream.replace(tls.channels)
+                })
                 .map_err(|e| e.to_string()),
         };
         let metrics = &self.shared.metrics;

@@ -81,7 +81,7 @@ impl Proxy {
     pub async fn bind_with_workers(config: &Config, workers: Vec<Handle>) -> Result<Proxy, StartError> {
         let policy = Policy::load(&config.policy_file)?;
         let server_tls = tls::server_config(&config.tls)?;
-        let channels = tls::upstream_connections(&config.upstream)?;
+        let upstream_tls = tls::upstream_connections(&config.upstream)?;
         let audit = AuditLog::open(&config.audit)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
@@ -98,7 +98,7 @@ impl Proxy {
         let shared = Arc::new(
             Shared::new(
                 policy,
-                Upstream::for_workers(channels, workers.clone()),
+                Upstream::for_workers(upstream_tls.channels, workers.clone()),
                 advertise_client_urls,
                 config.limits.max_request_bytes,
                 audit,
@@ -107,6 +107,8 @@ impl Proxy {
             )
             .coalescing_watches(config.watch.coalesce),
         );
+        shared.metrics.certificates(&server_tls.expiries);
+        shared.metrics.certificates(&upstream_tls.expiries);
         let trust = Arc::new(ClientTrust::new(&server_tls));
         let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls.config)));
         let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone(), trust.clone());
@@ -341,12 +343,18 @@ async fn connection(
 
 /// A short, bounded label for a failed handshake.
 fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     match inner {
         Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)) => "expired",
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => "revoked",
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => "unknown_issuer",
+        // rustls reports the `…Context` variants (with the times); the plain ones are matched too.
+        Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => "expired",
+        Some(rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => "not_yet_valid",
+        Some(rustls::Error::InvalidCertificate(C::Revoked)) => "revoked",
+        Some(rustls::Error::InvalidCertificate(
+            C::UnknownRevocationStatus | C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. },
+        )) => "revocation_unknown",
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => "unknown_issuer",
         Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
         Some(rustls::Error::NoApplicationProtocol) => "no_h2",
         Some(_) => "tls_error",

@@ -42,6 +42,8 @@ pub enum TlsError {
     CrlExpired { path: PathBuf, next_update: String },
     #[error("{path}: not a CRL: {message}")]
     BadCrl { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Unusable { path: PathBuf, message: String },
 }
 
 /// HTTP/2 connection window, both legs. h2 closes a connection whose unread small DATA frames exceed half of it,
@@ -64,6 +66,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     let chain = load_certs(&tls.cert_file)?;
     let key = load_key(&tls.key_file)?;
     let certified = check_pair(&chain, &key, &tls.cert_file, &tls.key_file, &provider)?;
+    check_leaf(&tls.cert_file, &chain, Purpose::Server)?;
 
     let mut roots = RootCertStore::empty();
     let cas = load_certs(&tls.client_ca_file)?;
@@ -78,6 +81,10 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
         crls.extend(loaded);
     }
     let trust_digest = trust_digest(&cas, &crls, tls.danger_accept_expired_crls);
+    let expiries = [Expiry::of("listener", &tls.cert_file, &chain), Expiry::of("client_ca", &tls.client_ca_file, &cas)]
+        .into_iter()
+        .flatten()
+        .collect();
     for ca in cas {
         roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
     }
@@ -93,7 +100,13 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
         .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(ServerTls { config: Arc::new(config), client_verifier: verifier, trust_digest })
+    // No session resumption: a resumed session reuses the client certificate of its first handshake without
+    // verifying it again, so an expired (or, until the next reload, revoked) certificate would keep working for
+    // as long as the client keeps resuming. Every connection makes a full handshake; clients of etcd hold
+    // long-lived connections, so this costs little.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(ServerTls { config: Arc::new(config), client_verifier: verifier, trust_digest, expiries })
 }
 
 /// What a client certificate verifier is made of — the CA certificates, the CRLs and whether expired CRLs are
@@ -122,7 +135,29 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     pub client_verifier: Arc<dyn ClientCertVerifier>,
     pub trust_digest: TrustDigest,
+    /// When the listener's certificate and the client CAs expire.
+    pub expiries: Vec<Expiry>,
 }
+
+/// The upstream leg: the connections to etcd and when the files they use expire.
+pub struct UpstreamTls {
+    pub channels: Vec<(String, Connection)>,
+    pub expiries: Vec<Expiry>,
+}
+
+/// When the certificates of one file expire: the earliest notAfter among them (a chain is as good as its first
+/// certificate to expire; a CA bundle warns at its first CA to expire).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    /// Which file: `listener`, `client_ca`, `upstream_client`, `upstream_ca`.
+    pub certificate: &'static str,
+    pub path: PathBuf,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// Warn this long before a certificate expires.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// The client certificate verifier in force. A reload of the listener that changes the client CA bundle or the
 /// CRLs replaces it, and every open connection checks its client's certificate chain against the new one
@@ -197,8 +232,9 @@ impl PeerTrust {
 
 /// The upstream connections: `connections_per_endpoint` per endpoint, each made at its first call and made again
 /// after it breaks.
-pub fn upstream_connections(up: &config::Upstream) -> Result<Vec<(String, Connection)>, TlsError> {
-    let tls = TlsConnector::from(upstream_tls(up)?);
+pub fn upstream_connections(up: &config::Upstream) -> Result<UpstreamTls, TlsError> {
+    let (config, expiries) = upstream_tls(up)?;
+    let tls = TlsConnector::from(config);
     let mut endpoints = Vec::with_capacity(up.endpoints.len());
     for url in &up.endpoints {
         let bad = |message: String| TlsError::Endpoint { endpoint: url.clone(), message };
@@ -235,30 +271,74 @@ pub fn upstream_connections(up: &config::Upstream) -> Result<Vec<(String, Connec
             endpoints.push((url.clone(), Connection::new(connector.clone())));
         }
     }
-    Ok(endpoints)
+    Ok(UpstreamTls { channels: endpoints, expiries })
 }
 
 /// Check the upstream TLS files (readable, parseable, key matching certificate) without connecting.
-pub fn upstream_channel_check(up: &config::Upstream) -> Result<(), TlsError> {
-    upstream_tls(up).map(|_| ())
+pub fn upstream_channel_check(up: &config::Upstream) -> Result<Vec<Expiry>, TlsError> {
+    upstream_tls(up).map(|(_, expiries)| expiries)
 }
 
 /// Parse everything now so a bad file is reported at start, not at the first request.
-fn upstream_tls(up: &config::Upstream) -> Result<Arc<ClientConfig>, TlsError> {
+fn upstream_tls(up: &config::Upstream) -> Result<(Arc<ClientConfig>, Vec<Expiry>), TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
-    for ca in load_certs(&up.ca_file)? {
+    let cas = load_certs(&up.ca_file)?;
+    let mut expiries: Vec<Expiry> = Expiry::of("upstream_ca", &up.ca_file, &cas).into_iter().collect();
+    for ca in cas {
         roots.add(ca).map_err(|e| TlsError::Pem { path: up.ca_file.clone(), message: e.to_string() })?;
     }
     let chain = load_certs(&up.cert_file)?;
+    expiries.extend(Expiry::of("upstream_client", &up.cert_file, &chain));
     let key = load_key(&up.key_file)?;
     let certified = check_pair(&chain, &key, &up.cert_file, &up.key_file, &provider)?;
+    check_leaf(&up.cert_file, &chain, Purpose::Client)?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), expiries))
+}
+
+// === impl Expiry ===
+
+impl Expiry {
+    /// The earliest notAfter of `certs` (certificates that do not parse are left to rustls, which refuses them).
+    pub fn of(certificate: &'static str, path: &Path, certs: &[CertificateDer<'_>]) -> Option<Expiry> {
+        certs
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+            .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+            .min()
+            .map(|not_after| Expiry { certificate, path: path.to_path_buf(), not_after })
+    }
+
+    /// Seconds left until it expires (negative: expired), from `now` (Unix seconds).
+    pub fn seconds_left(&self, now: i64) -> i64 {
+        self.not_after.saturating_sub(now)
+    }
+
+    /// A warning if it expires within [`EXPIRY_WARNING`] of `now`, or has expired.
+    pub fn warning(&self, now: i64) -> Option<String> {
+        let left = self.seconds_left(now);
+        let what = format!("{} ({})", self.path.display(), self.certificate);
+        if left <= 0 {
+            Some(format!("{what}: a certificate in it expired {} ago", days(-left)))
+        } else if left < EXPIRY_WARNING.as_secs() as i64 {
+            Some(format!("{what}: a certificate in it expires in {}", days(left)))
+        } else {
+            None
+        }
+    }
+}
+
+fn days(seconds: i64) -> String {
+    match seconds / 86_400 {
+        0 => format!("{} hours", seconds / 3_600),
+        1 => "1 day".to_string(),
+        d => format!("{d} days"),
+    }
 }
 
 /// Read every certificate in a PEM file.
@@ -310,6 +390,50 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
 }
 
+/// What a certificate of the proxy's own is used for.
+#[derive(Clone, Copy, Debug)]
+enum Purpose {
+    /// The listener's certificate, shown to clients.
+    Server,
+    /// The upstream client certificate, shown to etcd.
+    Client,
+}
+
+/// Refuse a certificate of the proxy's own that its peers would refuse: outside its validity period, or with an
+/// extended key usage that leaves out its purpose (none at all is accepted, as by Go and rustls).
+fn check_leaf(path: &Path, chain: &[CertificateDer<'_>], purpose: Purpose) -> Result<(), TlsError> {
+    let unusable = |message: String| TlsError::Unusable { path: path.to_path_buf(), message };
+    let Some(leaf) = chain.first() else {
+        return Err(TlsError::NoCertificate { path: path.to_path_buf() });
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| unusable(format!("the certificate does not parse: {e}")))?;
+    let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+    let validity = cert.validity();
+    if validity.not_after.timestamp() < now {
+        return Err(unusable(format!("the certificate expired at {} (its notAfter)", validity.not_after)));
+    }
+    if validity.not_before.timestamp() > now {
+        return Err(unusable(format!(
+            "the certificate is not valid before {} (its notBefore; is the clock right?)",
+            validity.not_before
+        )));
+    }
+    let eku = cert.extended_key_usage().map_err(|e| unusable(format!("its extended key usage: {e}")))?;
+    if let Some(eku) = eku {
+        let (allowed, name) = match purpose {
+            Purpose::Server => (eku.value.server_auth, "serverAuth (TLS server)"),
+            Purpose::Client => (eku.value.client_auth, "clientAuth (TLS client)"),
+        };
+        if !allowed && !eku.value.any {
+            return Err(unusable(format!(
+                "the certificate's extended key usage does not include {name}, which this use needs"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_pair(
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
@@ -349,6 +473,98 @@ mod tests {
             &std::fs::read_to_string(dir.join("ca.crt"))?,
             &std::fs::read_to_string(dir.join("ca.key"))?,
         )?)
+    }
+
+    fn upstream(dir: &Path) -> config::Upstream {
+        config::Upstream {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            ca_file: dir.join("ca.crt"),
+            cert_file: dir.join("upstream-client.crt"),
+            key_file: dir.join("upstream-client.key"),
+            connect_timeout: std::time::Duration::from_secs(1),
+            health_check_interval: std::time::Duration::from_secs(1),
+            connections_per_endpoint: 1,
+        }
+    }
+
+    #[test]
+    fn certificates_of_our_own_that_peers_would_refuse_are_refused() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = ca(dir.path())?;
+        let no_crl = || config::ListenerTls { crl_files: Vec::new(), ..listener(dir.path(), "", false) };
+        assert!(server_config(&no_crl()).is_ok());
+        assert!(upstream_channel_check(&upstream(dir.path())).is_ok());
+        let write = |name: &str, issued: certs::Issued| -> std::io::Result<()> {
+            std::fs::write(dir.path().join(format!("{name}.crt")), issued.cert_pem)?;
+            std::fs::write(dir.path().join(format!("{name}.key")), issued.key_pem)
+        };
+        let refused = |name: &str| -> Option<String> {
+            match name {
+                "server" => server_config(&no_crl()).err().map(|e| e.to_string()),
+                _ => upstream_channel_check(&upstream(dir.path())).err().map(|e| e.to_string()),
+            }
+        };
+        let now = std::time::SystemTime::now();
+        let hour = std::time::Duration::from_secs(3600);
+        for (name, kind, wrong_kind) in [
+            ("server", certs::LeafKind::Server, certs::LeafKind::Client),
+            ("upstream-client", certs::LeafKind::Client, certs::LeafKind::Server),
+        ] {
+            write(
+                name,
+                ca.issue_with(kind, "x", None, &["localhost"], &[], |p| {
+                    p.not_before = (now - 2 * hour).into();
+                    p.not_after = (now - hour).into();
+                })?,
+            )?;
+            let err = refused(name).unwrap_or_default();
+            assert!(err.contains(&format!("{name}.crt")) && err.contains("expired"), "{name}: {err}");
+            write(
+                name,
+                ca.issue_with(kind, "x", None, &["localhost"], &[], |p| {
+                    p.not_before = (now + hour).into();
+                    p.not_after = (now + 2 * hour).into();
+                })?,
+            )?;
+            let err = refused(name).unwrap_or_default();
+            assert!(err.contains("not valid before"), "{name}: {err}");
+            write(name, ca.issue(wrong_kind, "x", None, &["localhost"], &[])?)?;
+            let err = refused(name).unwrap_or_default();
+            assert!(err.contains("extended key usage"), "{name}: {err}");
+            write(name, ca.issue(certs::LeafKind::Both, "x", None, &["localhost"], &[])?)?;
+            assert_eq!(refused(name), None, "{name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn expiries_are_the_earliest_per_file_and_warned_of_a_month_ahead() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = ca(dir.path())?;
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let issue = |not_after: u64| {
+            ca.issue_with(certs::LeafKind::Server, "x", None, &["localhost"], &[], |p| {
+                p.not_before = at(1_000).into();
+                p.not_after = at(not_after).into();
+            })
+        };
+        let pem = format!("{}{}", issue(5_000_000)?.cert_pem, issue(4_000_000)?.cert_pem);
+        std::fs::write(dir.path().join("two.crt"), pem)?;
+        let certs = load_certs(&dir.path().join("two.crt"))?;
+        let e = Expiry::of("listener", &dir.path().join("two.crt"), &certs).ok_or("no expiry")?;
+        assert_eq!(e.not_after, 4_000_000);
+        assert_eq!(e.warning(4_000_000 - 31 * 86_400), None);
+        let soon = e.warning(4_000_000 - 29 * 86_400).unwrap_or_default();
+        assert!(soon.contains("two.crt (listener)") && soon.contains("expires in 29 days"), "{soon}");
+        let gone = e.warning(4_000_000 + 2 * 86_400).unwrap_or_default();
+        assert!(gone.contains("expired 2 days ago"), "{gone}");
+        // The files of the listener and upstream legs report theirs.
+        let listener = config::ListenerTls { crl_files: Vec::new(), ..listener(dir.path(), "", false) };
+        let names: Vec<&str> = server_config(&listener)?.expiries.iter().map(|e| e.certificate).collect();
+        assert_eq!(names, ["listener", "client_ca"]);
+        let names: Vec<&str> = upstream_channel_check(&upstream(dir.path()))?.iter().map(|e| e.certificate).collect();
+        assert_eq!(names, ["upstream_ca", "upstream_client"]);
+        Ok(())
     }
 
     #[test]

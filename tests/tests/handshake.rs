@@ -19,9 +19,17 @@ fn roots(h: &Harness) -> TestResult<RootCertStore> {
 
 /// Try a TLS connection and one HTTP/2 preface; Ok(true) if the server kept talking.
 async fn handshake(h: &Harness, client: Option<(String, String)>) -> TestResult<bool> {
+    handshake_with(h, client_config(h, client, rustls::DEFAULT_VERSIONS)?).await
+}
+
+fn client_config(
+    h: &Harness,
+    client: Option<(String, String)>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TestResult<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .with_root_certificates(roots(h)?);
     let mut config = match client {
         Some((cert, key)) => {
@@ -31,7 +39,12 @@ async fn handshake(h: &Harness, client: Option<(String, String)>) -> TestResult<
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Ok(Arc::new(config))
+}
+
+/// [`handshake`] with a client configuration of the caller's (which keeps its TLS sessions for resumption).
+async fn handshake_with(h: &Harness, config: Arc<rustls::ClientConfig>) -> TestResult<bool> {
+    let connector = tokio_rustls::TlsConnector::from(config);
     let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await?;
     let mut tls = match connector.connect(ServerName::try_from("localhost")?, tcp).await {
         Ok(t) => t,
@@ -61,6 +74,36 @@ async fn certificates_are_checked_at_the_handshake() -> TestResult {
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     })?;
     assert!(!handshake(&h, Some((expired.cert_pem, expired.key_pem))).await?, "expired");
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let (_, metrics) = etcd_guard_tests::http_get(addr, "/metrics")?;
+    for certificate in ["listener", "client_ca", "upstream_client", "upstream_ca"] {
+        let name = format!("etcd_guard_certificate_expiration_timestamp_seconds{{certificate=\"{certificate}\"}} ");
+        assert!(metrics.lines().any(|l| l.starts_with(&name)), "{name} not in:\n{metrics}");
+    }
+    for reason in ["expired", "unknown_issuer", "no_certificate"] {
+        let line = format!("etcd_guard_tls_handshake_failures_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
+    }
+    Ok(())
+}
+
+/// A client certificate that expired since its session began cannot resume the session: resumption would skip
+/// the certificate's verification (before: an expired certificate kept working for as long as its client kept
+/// resuming). Over TLS 1.3 and 1.2, with a client that keeps its sessions.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_certificate_cannot_resume_its_session() -> TestResult {
+    let h = Harness::start().await?;
+    for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+        let short = h.pki.ca.issue_with(LeafKind::Client, "admin", None, &[], &[], |p| {
+            let now = std::time::SystemTime::now();
+            p.not_before = (now - std::time::Duration::from_secs(60)).into();
+            p.not_after = (now + std::time::Duration::from_secs(3)).into();
+        })?;
+        let config = client_config(&h, Some((short.cert_pem, short.key_pem)), versions)?;
+        assert!(handshake_with(&h, config.clone()).await?, "{versions:?}: accepted while valid");
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        assert!(!handshake_with(&h, config).await?, "{versions:?}: the expired certificate resumed its session");
+    }
     Ok(())
 }
 
