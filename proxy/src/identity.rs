@@ -30,6 +30,10 @@ pub enum IdentityError {
     AmbiguousCommonName(usize),
     #[error("the client certificate has a subject attribute that is not a UTF-8 string")]
     NotText,
+    #[error("the client certificate's URI SAN {0:?} is not a valid SPIFFE ID")]
+    BadSpiffeId(String),
+    #[error("the client certificate has {0} spiffe:// URI SANs; an X.509-SVID has exactly one")]
+    SeveralSpiffeIds(usize),
 }
 
 // === impl Identity ===
@@ -60,6 +64,16 @@ impl Identity {
                 }
             }
         }
+        // Bindings match URI SANs as strings: a SPIFFE ID that is not in the spec's one spelling (`..`, `%2F`, a
+        // query, upper case in the trust domain, …) could match a pattern it does not name. Refused, not dropped:
+        // the handshake failure says why.
+        let spiffe: Vec<&String> = uri_sans.iter().filter(|u| has_spiffe_scheme(u)).collect();
+        if spiffe.len() > 1 {
+            return Err(IdentityError::SeveralSpiffeIds(spiffe.len()));
+        }
+        if let Some(bad) = spiffe.into_iter().find(|u| !is_spiffe_id(u)) {
+            return Err(IdentityError::BadSpiffeId(bad.clone()));
+        }
         Ok(Identity {
             common_name: cns.into_iter().next(),
             organizations,
@@ -79,6 +93,32 @@ impl Identity {
             .or_else(|| self.dns_sans.first().map(String::as_str))
             .unwrap_or(&self.fingerprint_sha256)
     }
+}
+
+fn has_spiffe_scheme(uri: &str) -> bool {
+    uri.get(..9).is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://"))
+}
+
+/// A SPIFFE ID as the SPIFFE ID specification (section 2) allows it: `spiffe://` in lower case, a trust domain of
+/// lower-case letters, digits, `.`, `-` and `_`, then a path of segments of letters, digits, `.`, `-` and `_`,
+/// none empty, `.` or `..`, and no trailing `/`; no port, user info, query, fragment or percent-encoding.
+pub fn is_spiffe_id(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    domain_ok && (path.is_empty() || path[1..].split('/').all(segment_ok))
 }
 
 #[cfg(test)]
@@ -106,6 +146,43 @@ mod tests {
         assert_eq!(id.fingerprint_sha256, hex::encode(Sha256::digest(&d)));
         assert_eq!(id.fingerprint_sha256.len(), 64);
         assert!(!id.serial.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn spiffe_ids_are_in_their_one_spelling_and_one_per_certificate() -> Result<(), Box<dyn std::error::Error>> {
+        for good in
+            ["spiffe://cluster.local/ns/kube-system/sa/cilium", "spiffe://example.org", "spiffe://a_b-c.d/x.y/Z-9_"]
+        {
+            assert!(is_spiffe_id(good), "{good}");
+        }
+        for bad in [
+            "spiffe://cluster.local/ns/x/../kube-system/sa/cilium",
+            "spiffe://cluster.local/ns/./kube-system",
+            "spiffe://cluster.local/ns/kube-system/sa/cilium/",
+            "spiffe://cluster.local//ns",
+            "spiffe://cluster.local/ns/kube-system/sa/cilium?a",
+            "spiffe://cluster.local/ns/kube-system/sa/cilium#b",
+            "spiffe://cluster.local/ns%2Fkube-system",
+            "spiffe://Cluster.local/ns",
+            "spiffe://cluster.local:443/ns",
+            "spiffe://user@cluster.local/ns",
+            "SPIFFE://cluster.local/ns",
+            "spiffe:///ns",
+            "spiffe://",
+        ] {
+            assert!(!is_spiffe_id(bad), "{bad}");
+        }
+        let ca = DevCa::new("test ca")?;
+        let bad = "spiffe://cluster.local/ns/x/../kube-system/sa/cilium";
+        let issued = ca.issue(LeafKind::Client, "c", None, &[], &[bad])?;
+        assert_eq!(Identity::from_der(&der(&issued.cert_pem)), Err(IdentityError::BadSpiffeId(bad.into())));
+        let two = ["spiffe://cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/c/sa/d"];
+        let issued = ca.issue(LeafKind::Client, "c", None, &[], &two)?;
+        assert_eq!(Identity::from_der(&der(&issued.cert_pem)), Err(IdentityError::SeveralSpiffeIds(2)));
+        // Other URIs are read as they are.
+        let issued = ca.issue(LeafKind::Client, "c", None, &[], &["https://example.org/a/../b", two[0]])?;
+        assert_eq!(Identity::from_der(&der(&issued.cert_pem))?.uri_sans.len(), 2);
         Ok(())
     }
 

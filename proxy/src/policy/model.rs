@@ -1089,11 +1089,9 @@ fn normalize_fingerprint(text: &str) -> String {
 /// Normalizes and checks a `fingerprint_sha256` pattern.
 fn check_fingerprint(text: &str) -> Result<Pattern, &'static str> {
     let normalized = normalize_fingerprint(text);
-    if !normalized.chars().all(|c| c.is_ascii_hexdigit() || c == '*') {
-        return Err("expected hex digits, optionally with `:` separators and `*`");
-    }
-    if !normalized.contains('*') && normalized.len() != 64 {
-        return Err("a SHA-256 fingerprint has 64 hex digits");
+    // A pin names one certificate: no wildcards (`*` alone would bind every certificate the CAs trust).
+    if !normalized.chars().all(|c| c.is_ascii_hexdigit()) || normalized.len() != 64 {
+        return Err("a SHA-256 fingerprint is 64 hex digits (optionally with `:` separators), without wildcards");
     }
     Ok(Pattern::new(&normalized))
 }
@@ -1303,6 +1301,15 @@ bindings:
             "policies/x.yaml:4:",
             "64 hex digits",
         );
+        for wild in ["*", "ab*"] {
+            assert_error(
+                &format!(
+                    "roles: [ {{ name: a }} ]\nbindings:\n  - role: a\n    subjects: [ {{ fingerprint_sha256: \"{wild}\" }} ]\n"
+                ),
+                "policies/x.yaml:4:",
+                "without wildcards",
+            );
+        }
     }
 
     #[test]
