@@ -75,7 +75,7 @@ struct ServeArgs {
 enum PolicyCommand {
     /// Decide one request for one identity, and say which role and rule decided it.
     /// Exits 0 on allow, 1 on deny.
-    Check(CheckArgs),
+    Check(Box<CheckArgs>),
     /// Load a policy file and report the first problem in it, with its line.
     Validate {
         /// The policy file.
@@ -106,6 +106,9 @@ struct CheckArgs {
     /// The certificate's SHA-256 fingerprint (hex).
     #[arg(long)]
     fingerprint_sha256: Option<String>,
+    /// The name (in the proxy's `tls.issuers`) of a CA the certificate chains to (repeatable).
+    #[arg(long)]
+    issuer: Vec<String>,
     /// The RPC to decide.
     #[arg(long, value_enum)]
     rpc: Rpc,
@@ -200,7 +203,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Policy(PolicyCommand::Check(args)) => policy_check(args),
+        Command::Policy(PolicyCommand::Check(args)) => policy_check(*args),
         Command::Policy(PolicyCommand::Validate { policy }) => match Policy::load(&policy) {
             Ok(_) => {
                 println!("{}: ok", policy.display());
@@ -369,6 +372,7 @@ fn policy_check(args: CheckArgs) -> ExitCode {
         uri_sans: args.uri_san.clone(),
         serial: String::new(),
         fingerprint_sha256: args.fingerprint_sha256.clone().unwrap_or_default().to_lowercase().replace(':', ""),
+        issuers: args.issuer.clone(),
     };
     let needs = match check_needs(&args) {
         Ok(n) => n,
@@ -562,8 +566,17 @@ fn config_check(path: PathBuf) -> ExitCode {
     for warning in expiries.iter().filter_map(|e| e.warning(now)) {
         eprintln!("etcd-guard: warning: {warning}");
     }
-    if let Err(e) = Policy::load(&config.policy_file) {
-        problems.push(format!("policy: {e}"));
+    match Policy::load(&config.policy_file) {
+        Ok(policy) => {
+            let names: Vec<&str> = config.tls.issuers.keys().map(String::as_str).collect();
+            for issuer in policy.unknown_issuers(&names) {
+                eprintln!(
+                    "etcd-guard: warning: policy: bindings name issuer {issuer:?}, which tls.issuers does not \
+                     define ({names:?}): they match no certificate"
+                );
+            }
+        }
+        Err(e) => problems.push(format!("policy: {e}")),
     }
     if let Some(p) = audit_problem(&config.audit) {
         problems.push(format!("audit: {p}"));

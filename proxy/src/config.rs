@@ -100,6 +100,8 @@ pub struct ListenerTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: PathBuf,
+    /// Names for CAs of the client CA bundle (`tls.issuers`), for `issuer:` in bindings: name → CA file.
+    pub issuers: std::collections::BTreeMap<String, PathBuf>,
     pub crl_files: Vec<PathBuf>,
     /// Accept CRLs whose nextUpdate has passed (not recommended: revocations since are unknown).
     pub danger_accept_expired_crls: bool,
@@ -252,6 +254,8 @@ struct RawTls {
     key_file: PathBuf,
     client_ca_file: PathBuf,
     #[serde(default)]
+    issuers: std::collections::BTreeMap<String, PathBuf>,
+    #[serde(default)]
     crl_files: Vec<PathBuf>,
     #[serde(default)]
     danger_accept_expired_crls: bool,
@@ -307,6 +311,11 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_request_bytes() -> usize {
     DEFAULT_MAX_REQUEST_BYTES
 }
+/// A name for a CA in `tls.issuers`.
+fn is_issuer_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 fn default_max_connections() -> u32 {
     // Bounds file descriptors and memory against a flood of connections (or handshakes); each client connection
     // with streams also holds connections to etcd of its own.
@@ -382,6 +391,12 @@ impl Config {
         if raw.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
             return Err(invalid("worker_threads", "must be between 1 and 1024".into()));
         }
+        if let Some(name) = raw.tls.issuers.keys().find(|n| !is_issuer_name(n)) {
+            return Err(invalid(
+                "tls.issuers",
+                format!("{name:?}: a name is lower-case letters, digits, `-` and `_` (as in a binding's `issuer:`)"),
+            ));
+        }
         if raw.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be greater than 0".into()));
         }
@@ -395,6 +410,7 @@ impl Config {
                 cert_file: resolve(&raw.tls.cert_file),
                 key_file: resolve(&raw.tls.key_file),
                 client_ca_file: resolve(&raw.tls.client_ca_file),
+                issuers: raw.tls.issuers.iter().map(|(name, file)| (name.clone(), resolve(file))).collect(),
                 crl_files: raw.tls.crl_files.iter().map(|p| resolve(p)).collect(),
                 danger_accept_expired_crls: raw.tls.danger_accept_expired_crls,
                 handshake_timeout: Duration::from_millis(raw.tls.handshake_timeout_ms),
@@ -495,6 +511,23 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         for bad in ["0", "65"] {
             let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("upstream.connections_per_endpoint"), "{bad}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn issuer_names_are_plain() -> Result<(), ConfigError> {
+        let set = |n: &str| {
+            EXAMPLE.replace(
+                "  client_ca_file: ca.crt\n",
+                &format!("  client_ca_file: ca.crt\n  issuers: {{ {n}: x.crt }}\n"),
+            )
+        };
+        let c = Config::parse(&set("etcd-ca_2"), Path::new("/etc/g/c.yaml"))?;
+        assert_eq!(c.tls.issuers.get("etcd-ca_2"), Some(&PathBuf::from("/etc/g/x.crt")));
+        for bad in ["Etcd", "\"a b\"", "\"\""] {
+            let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("tls.issuers"), "{bad}: {err}");
         }
         Ok(())
     }

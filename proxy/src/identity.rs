@@ -17,6 +17,8 @@ pub struct Identity {
     pub serial: String,
     /// SHA-256 of the DER certificate, lowercase hex without separators.
     pub fingerprint_sha256: String,
+    /// The names (`tls.issuers`) of the CAs the certificate chains to; set by the listener after the handshake.
+    pub issuers: Vec<String>,
 }
 
 /// Why a certificate could not be turned into an identity.
@@ -82,6 +84,7 @@ impl Identity {
             uri_sans,
             serial: hex::encode(cert.raw_serial()),
             fingerprint_sha256: hex::encode(Sha256::digest(der)),
+            issuers: Vec::new(),
         })
     }
 

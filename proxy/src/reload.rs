@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, watch};
-use tokio_rustls::TlsAcceptor;
 use tracing::{error, info};
 
 use crate::config::Config;
@@ -22,7 +21,7 @@ use crate::tls::{self, ClientTrust};
 pub struct Reloader {
     config: Config,
     shared: Arc<Shared>,
-    acceptor: Arc<RwLock<TlsAcceptor>>,
+    acceptor: Arc<RwLock<tls::Acceptor>>,
     trust: Arc<ClientTrust>,
     trigger: Arc<Notify>,
     stamps: Vec<(Part, PathBuf, Option<Stamp>)>,
@@ -63,12 +62,14 @@ impl Reloader {
     pub fn new(
         config: Config,
         shared: Arc<Shared>,
-        acceptor: Arc<RwLock<TlsAcceptor>>,
+        acceptor: Arc<RwLock<tls::Acceptor>>,
         trust: Arc<ClientTrust>,
     ) -> Reloader {
         let mut files = vec![(Part::Policy, config.policy_file.clone())];
         let t = &config.tls;
-        for f in [&t.cert_file, &t.key_file, &t.client_ca_file].into_iter().chain(&t.crl_files) {
+        for f in
+            [&t.cert_file, &t.key_file, &t.client_ca_file].into_iter().chain(&t.crl_files).chain(t.issuers.values())
+        {
             files.push((Part::Listener, f.clone()));
         }
         let u = &config.upstream;
@@ -130,6 +131,7 @@ impl Reloader {
                     self.config.policy_file.display()
                 )),
                 Ok(p) => {
+                    crate::server::warn_unknown_issuers(&p, &self.config.tls);
                     self.shared.replace_policy(p);
                     Ok(())
                 }
@@ -139,8 +141,7 @@ impl Reloader {
                 .map(|tls| {
                     self.shared.metrics.certificates(&tls.expiries);
                     // New handshakes first, then open connections (see `ClientTrust::watch`).
-                    let acceptor = TlsAcceptor::from(tls.config.clone());
-                    *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
+                    *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.acceptor.clone();
                     if !self.trust.replace(&tls) {
                         info!("client CA bundle and CRLs unchanged: open connections are not checked again");
                     }

@@ -10,7 +10,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::audit::{AuditError, AuditLog};
@@ -44,7 +43,7 @@ pub struct Proxy {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     health_check_interval: Duration,
-    acceptor: Arc<RwLock<TlsAcceptor>>,
+    acceptor: Arc<RwLock<tls::Acceptor>>,
     trust: Arc<ClientTrust>,
     shared: Arc<Shared>,
     reloader: Reloader,
@@ -80,6 +79,7 @@ impl Proxy {
     /// connections of its own. The listener, metrics, reloads and health probes stay on the caller's runtime.
     pub async fn bind_with_workers(config: &Config, workers: Vec<Handle>) -> Result<Proxy, StartError> {
         let policy = Policy::load(&config.policy_file)?;
+        warn_unknown_issuers(&policy, &config.tls);
         let server_tls = tls::server_config(&config.tls)?;
         let upstream_tls = tls::upstream_connections(&config.upstream)?;
         let audit = AuditLog::open(&config.audit)?;
@@ -110,7 +110,7 @@ impl Proxy {
         shared.metrics.certificates(&server_tls.expiries);
         shared.metrics.certificates(&upstream_tls.expiries);
         let trust = Arc::new(ClientTrust::new(&server_tls));
-        let acceptor = Arc::new(RwLock::new(TlsAcceptor::from(server_tls.config)));
+        let acceptor = Arc::new(RwLock::new(server_tls.acceptor));
         let reloader = Reloader::new(config.clone(), shared.clone(), acceptor.clone(), trust.clone());
         Ok(Proxy {
             listener,
@@ -259,13 +259,13 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-    (acceptor, trust): (TlsAcceptor, watch::Receiver<Arc<dyn ClientCertVerifier>>),
+    (acceptor, trust): (tls::Acceptor, watch::Receiver<Arc<dyn ClientCertVerifier>>),
     shared: Arc<Shared>,
     (handshake_timeout, max_concurrent_streams, grace): (Duration, u32, Duration),
     stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+    let stream = match tokio::time::timeout(handshake_timeout, acceptor.tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(conn = id, %peer, error = %e, "TLS handshake refused");
@@ -282,7 +282,9 @@ async fn connection(
     let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
     let mut trust = PeerTrust::new(chain, trust);
     let identity = match chain.first().map(|c| Identity::from_der(c.as_ref())) {
-        Some(Ok(identity)) => identity,
+        Some(Ok(identity)) => {
+            Identity { issuers: acceptor.issuers.of(chain, rustls_pki_types::UnixTime::now()), ..identity }
+        }
         Some(Err(e)) => {
             info!(conn = id, %peer, error = %e, "client certificate refused");
             shared.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: "bad_identity" }).inc();
@@ -339,6 +341,18 @@ async fn connection(
         debug!(conn = id, error = %e, "connection ended with an error");
     }
     debug!(conn = id, "client disconnected");
+}
+
+/// Warn of `issuer:` selectors that name no CA of `tls.issuers` (they match no certificate).
+pub fn warn_unknown_issuers(policy: &Policy, tls: &crate::config::ListenerTls) {
+    let names: Vec<&str> = tls.issuers.keys().map(String::as_str).collect();
+    for issuer in policy.unknown_issuers(&names) {
+        warn!(
+            issuer,
+            configured = ?names,
+            "the policy binds certificates of issuer {issuer:?}, which tls.issuers does not name: those bindings match no certificate"
+        );
+    }
 }
 
 /// A short, bounded label for a failed handshake.

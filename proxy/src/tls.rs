@@ -85,6 +85,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
         .into_iter()
         .flatten()
         .collect();
+    let issuers = Arc::new(Issuers::load(&tls.issuers, &tls.client_ca_file, &cas, &provider)?);
     for ca in cas {
         roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
     }
@@ -106,7 +107,8 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     // long-lived connections, so this costs little.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok(ServerTls { config: Arc::new(config), client_verifier: verifier, trust_digest, expiries })
+    let acceptor = Acceptor { tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)), issuers };
+    Ok(ServerTls { acceptor, client_verifier: verifier, trust_digest, expiries })
 }
 
 /// What a client certificate verifier is made of — the CA certificates, the CRLs and whether expired CRLs are
@@ -132,11 +134,28 @@ pub type TrustDigest = [u8; 32];
 /// The listener's TLS: the rustls configuration for new handshakes and the client certificate verifier it uses
 /// (the client CA bundle and CRLs), which open connections are checked against again after a reload.
 pub struct ServerTls {
-    pub config: Arc<ServerConfig>,
+    pub acceptor: Acceptor,
     pub client_verifier: Arc<dyn ClientCertVerifier>,
     pub trust_digest: TrustDigest,
     /// When the listener's certificate and the client CAs expire.
     pub expiries: Vec<Expiry>,
+}
+
+/// What new client connections are accepted with: the TLS configuration and the named CAs (`tls.issuers`) their
+/// certificates are matched against.
+#[derive(Clone)]
+pub struct Acceptor {
+    pub tls: tokio_rustls::TlsAcceptor,
+    pub issuers: Arc<Issuers>,
+}
+
+/// The CAs of the client CA bundle that `tls.issuers` names, so that a binding can require a certificate to come
+/// from one of them (`issuer:`): with a bundle of etcd's CA and a CA for components, a component certificate must
+/// not pass for kube-apiserver's by taking its common name.
+#[derive(Default)]
+pub struct Issuers {
+    /// Name → a verifier that trusts only that name's CAs (no CRLs: revocation is the listener verifier's job).
+    named: Vec<(String, Arc<dyn ClientCertVerifier>)>,
 }
 
 /// The upstream leg: the connections to etcd and when the files they use expire.
@@ -174,6 +193,54 @@ pub struct PeerTrust {
     chain: Vec<CertificateDer<'static>>,
     verified_at: UnixTime,
     verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>,
+}
+
+// === impl Issuers ===
+
+impl Issuers {
+    /// Each named file's CAs, which must all be in the client CA bundle (`bundle`, read from `bundle_path`):
+    /// a name cannot widen what is trusted.
+    fn load(
+        named: &std::collections::BTreeMap<String, PathBuf>,
+        bundle_path: &Path,
+        bundle: &[CertificateDer<'static>],
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Issuers, TlsError> {
+        let mut issuers = Issuers::default();
+        for (name, path) in named {
+            let mut roots = RootCertStore::empty();
+            for ca in load_certs(path)? {
+                if !bundle.contains(&ca) {
+                    return Err(TlsError::Unusable {
+                        path: path.clone(),
+                        message: format!(
+                            "tls.issuers.{name}: a CA in this file is not in tls.client_ca_file ({}); every issuer's \
+                             CAs must be in the client CA bundle",
+                            bundle_path.display()
+                        ),
+                    });
+                }
+                roots.add(ca).map_err(|e| TlsError::Pem { path: path.clone(), message: e.to_string() })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Verifier { path: path.clone(), message: e.to_string() })?;
+            issuers.named.push((name.clone(), verifier));
+        }
+        Ok(issuers)
+    }
+
+    /// The names whose CAs `chain` (leaf first, verified by the listener) leads to, as of `now`.
+    pub fn of(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Vec<String> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Vec::new();
+        };
+        self.named
+            .iter()
+            .filter(|(_, verifier)| verifier.verify_client_cert(leaf, intermediates, now).is_ok())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
 }
 
 // === impl ClientTrust ===
@@ -461,6 +528,7 @@ mod tests {
             cert_file: dir.join("server.crt"),
             key_file: dir.join("server.key"),
             client_ca_file: dir.join("ca.crt"),
+            issuers: Default::default(),
             crl_files: vec![dir.join(crl)],
             danger_accept_expired_crls: danger,
             handshake_timeout: std::time::Duration::from_secs(1),

@@ -28,6 +28,8 @@ fn policy_check_allows_with_the_deciding_role_and_exits_0() -> TestResult {
         &p,
         "--common-name",
         "kube-apiserver-etcd-client",
+        "--issuer",
+        "etcd",
         "--rpc",
         "put",
         "--key",

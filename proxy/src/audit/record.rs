@@ -80,6 +80,11 @@ impl Subject {
         }
         json.push_str(",\"fingerprint_sha256\":");
         push_json_str(&mut json, &identity.fingerprint_sha256);
+        // Only with `tls.issuers` set: records without it keep their shape.
+        if !identity.issuers.is_empty() {
+            json.push_str(",\"issuers\":");
+            push_json_str_list(&mut json, &identity.issuers);
+        }
         json.push_str("},\"roles\":");
         push_json_str_list(&mut json, roles);
         Subject { json }
@@ -586,6 +591,7 @@ mod tests {
             uri_sans: vec!["spiffe://x/y".into()],
             serial: "01".into(),
             fingerprint_sha256: "ab".into(),
+            issuers: vec![],
         };
         let subject = Arc::new(Subject::new(7, SocketAddr::from(([127, 0, 0, 1], 5)), &identity, &["cilium".into()]));
         let r = Record {
@@ -688,6 +694,7 @@ mod tests {
             uri_sans: vec![],
             serial: "02".into(),
             fingerprint_sha256: "cd".into(),
+            issuers: vec![],
         };
         let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 40000));
         let proxy = (0, SocketAddr::from(([0, 0, 0, 0], 0)));

@@ -952,6 +952,7 @@ mod tests {
             uri_sans: vec![],
             serial: "1".into(),
             fingerprint_sha256: "00".into(),
+            issuers: vec![],
         };
         Arc::new(Subject::new(1, "127.0.0.1:1".parse().unwrap_or(std::net::SocketAddr::from(([0; 4], 0))), &id, &[]))
     }

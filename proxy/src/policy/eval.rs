@@ -131,6 +131,22 @@ impl Policy {
         Ok(Policy::compile(document, origin))
     }
 
+    /// The `issuer:` patterns of its bindings that match none of `names` (the proxy's `tls.issuers`): such a
+    /// selector matches no certificate, most likely by mistake.
+    pub fn unknown_issuers<'a>(&'a self, names: &[&str]) -> Vec<&'a str> {
+        let mut unknown: Vec<&str> = self
+            .bindings
+            .iter()
+            .flat_map(|b| &b.subjects)
+            .filter_map(|s| s.issuer.as_ref())
+            .filter(|p| !names.iter().any(|n| p.matches(n)))
+            .map(|p| p.as_str())
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        unknown
+    }
+
     /// Whether it has neither roles nor bindings (an empty file, `{}`): it denies every request.
     pub fn is_empty(&self) -> bool {
         self.roles.is_empty() && self.bindings.is_empty()
@@ -573,6 +589,25 @@ bindings:
 
     fn cn(name: &str) -> Identity {
         Identity { common_name: Some(name.to_owned()), ..Identity::default() }
+    }
+
+    #[test]
+    fn an_issuer_in_a_selector_requires_the_certificate_to_chain_to_that_ca() -> Result<(), PolicyError> {
+        let p = Policy::from_yaml(
+            "roles: [ { name: r, keys: [ { prefix: a/, access: read } ] } ]\n\
+             bindings:\n  - role: r\n    subjects: [ { common_name: x, issuer: etcd }, { issuer: \"mon*\" } ]\n",
+            "p.yaml",
+        )?;
+        let with = |issuers: &[&str]| Identity { issuers: issuers.iter().map(|s| s.to_string()).collect(), ..cn("x") };
+        assert!(p.permissions_for(&with(&["etcd"])).roles.contains(&"r".to_string()));
+        assert!(p.permissions_for(&with(&["components", "etcd"])).roles.contains(&"r".to_string()));
+        assert!(p.permissions_for(&with(&[])).roles.is_empty(), "the CN alone");
+        assert!(p.permissions_for(&with(&["components"])).roles.is_empty());
+        assert!(p.permissions_for(&Identity { common_name: None, ..with(&["monitoring"]) }).roles.len() == 1);
+        assert_eq!(p.unknown_issuers(&["etcd", "monitoring"]), Vec::<&str>::new());
+        assert_eq!(p.unknown_issuers(&["etcd"]), ["mon*"]);
+        assert_eq!(p.unknown_issuers(&[]), ["etcd", "mon*"]);
+        Ok(())
     }
 
     fn point(key: &str) -> KeyRange {

@@ -200,6 +200,8 @@ pub struct Selector {
     pub uri_san: Option<Pattern>,
     /// Matches the certificate's SHA-256 fingerprint, ignoring case and `:`.
     pub fingerprint_sha256: Option<Pattern>,
+    /// Matches if the certificate chains to a CA with this name in the proxy's `tls.issuers`.
+    pub issuer: Option<Pattern>,
 }
 
 /// A case-sensitive glob where `*` matches any run of characters (also empty,
@@ -647,6 +649,7 @@ impl Selector {
                 .fingerprint_sha256
                 .as_ref()
                 .is_none_or(|p| p.matches(&normalize_fingerprint(&id.fingerprint_sha256)))
+            && any(&self.issuer, &id.issuers)
     }
 
     fn is_empty(&self) -> bool {
@@ -661,6 +664,7 @@ impl Selector {
             ("dns_san", &self.dns_san),
             ("uri_san", &self.uri_san),
             ("fingerprint_sha256", &self.fingerprint_sha256),
+            ("issuer", &self.issuer),
         ]
         .into_iter()
         .filter_map(|(name, p)| p.as_ref().map(|p| (name, p)))
@@ -822,6 +826,7 @@ struct RawSelector {
     dns_san: Option<String>,
     uri_san: Option<String>,
     fingerprint_sha256: Option<String>,
+    issuer: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for RawKey {
@@ -1037,6 +1042,7 @@ impl Validator<'_> {
                 dns_san: glob(&s.dns_san),
                 uri_san: glob(&s.uri_san),
                 fingerprint_sha256: fingerprint,
+                issuer: glob(&s.issuer),
             };
             if compiled.is_empty() {
                 return Err(
