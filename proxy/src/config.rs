@@ -371,6 +371,13 @@ impl Config {
                 invalid("metrics_listen", format!("{text:?} is not an address like 127.0.0.1:23791 (or \"off\"): {e}"))
             })?),
         };
+        // Zero would fail every handshake and every connection to etcd.
+        if raw.tls.handshake_timeout_ms == 0 {
+            return Err(invalid("tls.handshake_timeout_ms", "must be greater than 0".into()));
+        }
+        if raw.upstream.connect_timeout_ms == 0 {
+            return Err(invalid("upstream.connect_timeout_ms", "must be greater than 0".into()));
+        }
         if raw.upstream.health_check_interval_ms < 100 {
             return Err(invalid("upstream.health_check_interval_ms", "must be at least 100".into()));
         }
@@ -513,6 +520,25 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
             assert!(err.contains("upstream.connections_per_endpoint"), "{bad}: {err}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for (key, line) in [
+            (
+                "tls.handshake_timeout_ms",
+                ("  client_ca_file: ca.crt\n", "  client_ca_file: ca.crt\n  handshake_timeout_ms: 0\n"),
+            ),
+            (
+                "upstream.connect_timeout_ms",
+                ("  key_file: upstream-client.key\n", "  key_file: upstream-client.key\n  connect_timeout_ms: 0\n"),
+            ),
+        ] {
+            let text = EXAMPLE.replace(line.0, line.1);
+            assert_ne!(text, EXAMPLE, "{key}");
+            let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

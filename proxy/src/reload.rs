@@ -46,6 +46,8 @@ struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
+    /// The inode's change time: a `chmod` that makes an unreadable file readable changes only this.
+    changed: (i64, i64),
 }
 
 // === impl ReloadHandle ===
@@ -178,8 +180,11 @@ async fn sleep_or_forever(every: Option<Duration>) {
 fn stamp(path: &PathBuf) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&m);
+    let (inode, changed) = {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), (m.ctime(), m.ctime_nsec()))
+    };
     #[cfg(not(unix))]
-    let inode = 0;
-    Some(Stamp { modified: m.modified().ok(), len: m.len(), inode })
+    let (inode, changed) = (0, (0, 0));
+    Some(Stamp { modified: m.modified().ok(), len: m.len(), inode, changed })
 }

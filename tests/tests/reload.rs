@@ -210,6 +210,19 @@ async fn a_changed_policy_file_is_noticed_without_a_signal() -> TestResult {
     Ok(())
 }
 
+/// A file whose mode alone changed is loaded again: a `chmod` that fixes an unreadable file is picked up without a
+/// signal (before: only the modification time, size and inode were compared). Root reads any file, so the test
+/// counts the reload itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_whose_permissions_changed_is_loaded_again() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let s = start_polling(BEFORE, 100).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = metric(&s, r#"etcd_guard_reloads_total{result="ok"}"#)?;
+    std::fs::set_permissions(s.pki.path("policy.yaml"), std::fs::Permissions::from_mode(0o640))?;
+    reaches(&s, r#"etcd_guard_reloads_total{result="ok"}"#, before + 1.0).await
+}
+
 /// Wait until the metric `prefix` is at least `floor`.
 async fn reaches(s: &Setup, prefix: &str, floor: f64) -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(5);
