@@ -22,6 +22,17 @@ pub const LOCAL_SANS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// File stems [`init_dir`] uses itself; a client may not be named like one of them.
 const RESERVED_STEMS: [&str; 4] = ["ca", "server", "etcd-server", "upstream-client"];
 
+/// Common names of [`init_dir`]'s own certificates: a client named `etcd-guard` would carry the proxy's upstream
+/// identity (root on etcd, which trusts the same CA), one named `etcd` etcd's.
+const RESERVED_NAMES: [&str; 2] = ["etcd-guard", "etcd"];
+
+/// How long the development CA is valid, from an hour ago.
+pub const CA_VALIDITY: time::Duration = time::Duration::days(10 * 365);
+
+/// How long a leaf certificate of the development CA is valid, from an hour ago (`etcd-guard` warns 30 days ahead,
+/// and `certs init --keep-existing` notes a kept pair that expires within 30 days).
+pub const LEAF_VALIDITY: time::Duration = time::Duration::days(365);
+
 /// Errors while generating, reading or writing development certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
@@ -248,7 +259,11 @@ impl DevCa {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Signs leaves only: no intermediate CA can be made under it.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + CA_VALIDITY;
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
@@ -316,6 +331,9 @@ impl DevCa {
         }
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + LEAF_VALIDITY;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = match kind {
             LeafKind::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
@@ -437,6 +455,12 @@ pub fn init_dir(dir: &Path, options: &InitOptions) -> Result<InitReport, CertsEr
         if RESERVED_STEMS.contains(&name) {
             return Err(CertsError::ClientName(name.to_string(), "certs init writes a file of that name itself"));
         }
+        if RESERVED_NAMES.contains(&name) {
+            return Err(CertsError::ClientName(
+                name.to_string(),
+                "the common name of certs init's own certificates (the proxy's root identity towards etcd, or etcd's)",
+            ));
+        }
         if options.clients[..i].iter().any(|c| c.common_name == name) {
             return Err(CertsError::ClientName(name.to_string(), "named twice"));
         }
@@ -456,7 +480,7 @@ pub fn init_dir(dir: &Path, options: &InitOptions) -> Result<InitReport, CertsEr
                 .into(),
         });
     }
-    fs::create_dir_all(dir).map_err(|source| CertsError::Write { path: dir.to_path_buf(), source })?;
+    create_private_dir(dir)?;
     let mut report = InitReport::default();
     let ca = init_ca(dir, options.keep_existing, &mut report)?;
     let mut leaves = vec![
@@ -499,6 +523,16 @@ pub fn init_dir(dir: &Path, options: &InitOptions) -> Result<InitReport, CertsEr
         init_leaf(dir, &ca, leaf, options.keep_existing, &mut report)?;
     }
     Ok(report)
+}
+
+/// Create `dir` (and its parents) if missing; a folder it creates is its owner's alone (0700: it holds private
+/// keys), whatever the umask. An existing folder is left as it is.
+fn create_private_dir(dir: &Path) -> Result<(), CertsError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| CertsError::Write { path: dir.to_path_buf(), source })
 }
 
 /// Without `--keep-existing` or `--force`: the first of the files `certs init` would write that is already there.
@@ -567,6 +601,9 @@ fn init_leaf(dir: &Path, ca: &DevCa, leaf: &Leaf<'_>, keep: bool, report: &mut I
                         key.display()
                     ));
                 }
+                if let Some(warning) = expiry_warning(&crt, &read(&crt)?) {
+                    report.notes.push(format!("{warning}: delete it and {} to re-issue both", key.display()));
+                }
                 report.files.push(FileOutcome::Kept(crt));
                 report.files.push(FileOutcome::Kept(key));
                 return Ok(());
@@ -597,6 +634,14 @@ fn incomplete(present: &Path, missing: &Path) -> CertsError {
 
 /// The requested SANs (`sans`: DNS names or IP addresses, `uri_sans`: URIs) that the certificate lacks, as
 /// written. A certificate that cannot be read lacks them all.
+/// Whether a kept certificate expires within 30 days (or has expired).
+fn expiry_warning(path: &Path, cert_pem: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    let expiry = crate::tls::Expiry::of("kept", path, std::slice::from_ref(&der))?;
+    expiry.warning(time::OffsetDateTime::now_utc().unix_timestamp())
+}
+
 fn missing_names(cert_pem: &str, sans: &[&str], uri_sans: &[&str]) -> Vec<String> {
     let mut dns = Vec::new();
     let mut ips = Vec::new();
@@ -737,11 +782,59 @@ mod tests {
             let err = init_dir(dir.path(), &options(&[], &[], &[san], false)?);
             assert!(matches!(err, Err(CertsError::San(_))), "{san:?}: {err:?}");
         }
-        for clients in [&["server"][..], &["ca"], &["a", "a:org"]] {
+        for clients in [&["server"][..], &["ca"], &["a", "a:org"], &["etcd-guard"], &["etcd"]] {
             let err = init_dir(dir.path(), &options(clients, &[], &[], false)?);
             assert!(matches!(err, Err(CertsError::ClientName(..))), "{clients:?}: {err:?}");
         }
         assert_eq!(fs::read_dir(dir.path())?.count(), 0, "nothing is written when the arguments are wrong");
+        Ok(())
+    }
+
+    #[test]
+    fn the_ca_signs_leaves_only_and_everything_expires() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        init_dir(dir.path(), &options(&["admin"], &[], &[], false)?)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let read = |name: &str| -> Result<(Option<u32>, i64), Box<dyn std::error::Error>> {
+            let text = fs::read_to_string(dir.path().join(name))?;
+            let (_, pem) = x509_parser::pem::parse_x509_pem(text.as_bytes())?;
+            let cert = pem.parse_x509()?;
+            let path_len = cert.basic_constraints()?.and_then(|b| b.value.path_len_constraint);
+            Ok((path_len, cert.validity().not_after.timestamp() - now))
+        };
+        let (path_len, ca_left) = read("ca.crt")?;
+        assert_eq!(path_len, Some(0));
+        assert!((CA_VALIDITY.whole_seconds() - 60..=CA_VALIDITY.whole_seconds()).contains(&ca_left), "{ca_left}");
+        for leaf in ["server.crt", "upstream-client.crt", "admin.crt"] {
+            let (_, left) = read(leaf)?;
+            assert!(
+                (LEAF_VALIDITY.whole_seconds() - 60..=LEAF_VALIDITY.whole_seconds()).contains(&left),
+                "{leaf}: {left}"
+            );
+        }
+        // A kept pair that expires soon is noted.
+        let ca = DevCa::from_pem(
+            &fs::read_to_string(dir.path().join("ca.crt"))?,
+            &fs::read_to_string(dir.path().join("ca.key"))?,
+        )?;
+        let soon = ca.issue_with(LeafKind::Client, "admin", None, &[], &[], |p| {
+            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+        })?;
+        fs::write(dir.path().join("admin.crt"), soon.cert_pem)?;
+        fs::write(dir.path().join("admin.key"), soon.key_pem)?;
+        let report = init_dir(dir.path(), &options(&["admin"], &[], &[], true)?)?;
+        assert!(report.notes.iter().any(|n| n.contains("admin.crt") && n.contains("expires in")), "{:?}", report.notes);
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_folder_it_creates_is_its_owners_alone() -> TestResult {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let made = dir.path().join("new/certs");
+        init_dir(&made, &options(&[], &[], &[], false)?)?;
+        assert_eq!(fs::metadata(&made)?.permissions().mode() & 0o777, 0o700);
         Ok(())
     }
 
