@@ -97,6 +97,8 @@ pub struct Metrics {
     pub connections_untrusted: Counter,
     /// When the certificate files in force expire (earliest notAfter per file), Unix seconds.
     pub certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// The earliest nextUpdate of the CRLs in force, Unix seconds.
+    pub crl_next_update: Gauge,
     /// Reloads of the policy and certificates, by result.
     pub reloads: Family<ResultLabels, Counter>,
     /// Requests refused by a limit, by limit.
@@ -218,6 +220,13 @@ impl Metrics {
              certificate: listener, client_ca, upstream_client, upstream_ca",
             certificate_expiry.clone(),
         );
+        let crl_next_update = Gauge::default();
+        registry.register(
+            "crl_next_update_timestamp_seconds",
+            "The earliest nextUpdate of the CRLs in force (tls.crl_files), Unix seconds; once it passes, new \
+             handshakes are refused until a fresh CRL is loaded",
+            crl_next_update.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
         let limited = Family::<LimitLabels, Counter>::default();
@@ -266,6 +275,7 @@ impl Metrics {
             handshake_failures,
             connections_untrusted,
             certificate_expiry,
+            crl_next_update,
             reloads,
             limited,
             lease_lookups,
@@ -278,7 +288,14 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with gauges that mirror other state refreshed first.
+    /// The listener's: its certificates' expiry and the CRLs' next update.
+    pub fn listener(&self, tls: &crate::tls::ServerTls) {
+        self.certificates(&tls.expiries);
+        if let Some(next) = tls.crl_next_update {
+            self.crl_next_update.set(next);
+        }
+    }
+
     /// Put the expiry of certificate files now in force in the metrics, and warn of those that expire soon.
     pub fn certificates(&self, expiries: &[crate::tls::Expiry]) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
@@ -290,6 +307,7 @@ impl Metrics {
         }
     }
 
+    /// The text exposition, with gauges that mirror other state refreshed first.
     pub fn render(&self, upstream: &Upstream, audit: &AuditLog) -> String {
         for (endpoint, healthy) in upstream.health() {
             self.upstream_healthy.get_or_create(&EndpointLabels { endpoint }).set(i64::from(healthy));

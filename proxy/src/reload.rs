@@ -141,7 +141,7 @@ impl Reloader {
             },
             Part::Listener => tls::server_config(&self.config.tls)
                 .map(|tls| {
-                    self.shared.metrics.certificates(&tls.expiries);
+                    self.shared.metrics.listener(&tls);
                     // New handshakes first, then open connections (see `ClientTrust::watch`).
                     *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.acceptor.clone();
                     if !self.trust.replace(&tls) {

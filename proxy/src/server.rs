@@ -107,7 +107,7 @@ impl Proxy {
             )
             .coalescing_watches(config.watch.coalesce),
         );
-        shared.metrics.certificates(&server_tls.expiries);
+        shared.metrics.listener(&server_tls);
         shared.metrics.certificates(&upstream_tls.expiries);
         let trust = Arc::new(ClientTrust::new(&server_tls));
         let acceptor = Arc::new(RwLock::new(server_tls.acceptor));

@@ -71,8 +71,14 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     let mut roots = RootCertStore::empty();
     let cas = load_certs(&tls.client_ca_file)?;
     let mut crls = Vec::new();
+    let mut crl_next_update: Option<i64> = None;
     for path in &tls.crl_files {
         let loaded = load_crls(path)?;
+        for crl in &loaded {
+            if let Some(next) = next_update(crl) {
+                crl_next_update = Some(crl_next_update.map_or(next, |n| n.min(next)));
+            }
+        }
         if !tls.danger_accept_expired_crls {
             for crl in &loaded {
                 check_crl_current(path, crl)?;
@@ -108,7 +114,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     let acceptor = Acceptor { tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)), issuers };
-    Ok(ServerTls { acceptor, client_verifier: verifier, trust_digest, expiries })
+    Ok(ServerTls { acceptor, client_verifier: verifier, trust_digest, expiries, crl_next_update })
 }
 
 /// What a client certificate verifier is made of — the CA certificates, the CRLs and whether expired CRLs are
@@ -139,6 +145,9 @@ pub struct ServerTls {
     pub trust_digest: TrustDigest,
     /// When the listener's certificate and the client CAs expire.
     pub expiries: Vec<Expiry>,
+    /// The earliest nextUpdate of the CRLs (Unix seconds): once it passes, every new handshake is refused until a
+    /// fresh CRL is loaded (unless `danger_accept_expired_crls`).
+    pub crl_next_update: Option<i64>,
 }
 
 /// What new client connections are accepted with: the TLS configuration and the named CAs (`tls.issuers`) their
@@ -438,6 +447,13 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
         return Ok(vec![CertificateRevocationListDer::from(bytes)]);
     }
     Ok(pem)
+}
+
+/// A CRL's nextUpdate, Unix seconds (none if it has none or does not parse; the verifier refuses the latter).
+fn next_update(crl: &CertificateRevocationListDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref()).ok()?;
+    parsed.next_update().map(|t| t.timestamp())
 }
 
 /// Refuse a CRL whose nextUpdate has passed: revocations issued since are unknown.

@@ -210,6 +210,18 @@ async fn a_changed_policy_file_is_noticed_without_a_signal() -> TestResult {
     Ok(())
 }
 
+/// The CRLs' nextUpdate is a metric (once it passes, new handshakes are refused), and follows a reloaded CRL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_crls_next_update_is_a_metric() -> TestResult {
+    let s = start(BEFORE).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as f64;
+    let next = metric(&s, "etcd_guard_crl_next_update_timestamp_seconds ")?;
+    assert!((now + 3500.0..=now + 3700.0).contains(&next), "{next} vs now {now}");
+    std::fs::write(s.pki.path("crl.pem"), s.pki.ca.crl(&[], 2, Duration::from_secs(7200))?)?;
+    s.proxy.reload.trigger();
+    reaches(&s, "etcd_guard_crl_next_update_timestamp_seconds ", now + 7000.0).await
+}
+
 /// A file whose mode alone changed is loaded again: a `chmod` that fixes an unreadable file is picked up without a
 /// signal (before: only the modification time, size and inode were compared). Root reads any file, so the test
 /// counts the reload itself.
