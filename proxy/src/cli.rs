@@ -301,8 +301,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             _ = &mut serving => {}
             _ = signals.shutdown(&reload) => {
                 tracing::warn!("second signal: ending the open connections without waiting for them");
-                // Dropping the accept loop's task ends its connections; the calls they drop are recorded.
-                serving.abort();
+                // Stopped again: the drain ends its connections and waits for their tasks to be gone, so the calls
+                // they drop are recorded before the audit log closes below.
+                let _ = stop_tx.send(true);
                 let _ = serving.await;
             }
         }

@@ -150,7 +150,9 @@ impl Proxy {
 
     /// Serve until `stop` turns true, then shut down gracefully: stop accepting, end open streams with
     /// `Unavailable` (clients reconnect elsewhere), let unary calls in flight finish, and wait (at most
-    /// `shutdown_grace`) for the connections to close.
+    /// `shutdown_grace`) for the connections to close. A second `stop` (sent again) ends the wait at once. The
+    /// connections still open then are ended, and returns only once their tasks are gone, so the records of the
+    /// calls they drop are queued before the caller closes the audit log.
     pub async fn serve(self, mut stop: watch::Receiver<bool>) {
         let next_id = AtomicU64::new(1);
         let mut connections = tokio::task::JoinSet::new();
@@ -222,12 +224,35 @@ impl Proxy {
         info!(open = connections.len(), "listener closed; draining connections");
         self.shared.begin_shutdown();
         let drained = tokio::time::timeout(self.shutdown_grace + Duration::from_secs(1), async {
+            // A dropped sender is no second stop.
+            let mut stop_open = true;
+            loop {
+                tokio::select! {
+                    joined = connections.join_next() => if joined.is_none() { return true },
+                    changed = stop.changed(), if stop_open => match changed {
+                        Ok(()) => return false,
+                        Err(_) => stop_open = false,
+                    },
+                }
+            }
+        })
+        .await;
+        match drained {
+            Ok(true) => return,
+            Ok(false) => warn!(open = connections.len(), "stopped again: ending the open connections now"),
+            Err(_) => {
+                warn!(open = connections.len(), "connections still open after the shutdown grace period; closing them")
+            }
+        }
+        // Tasks on worker runtimes end at their next turn; wait for them (bounded), so that what they drop is
+        // recorded before the audit log closes.
+        connections.abort_all();
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
             while connections.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
-            warn!(open = connections.len(), "connections still open after the shutdown grace period; closing them");
-            connections.abort_all();
+        if ended.is_err() {
+            warn!(open = connections.len(), "connections still not ended 5 s after they were aborted");
         }
     }
 

@@ -193,6 +193,8 @@ impl AuditLog {
     pub fn submit_now(&self, record: Record) {
         let Some(inner) = &self.inner else { return };
         if inner.closed.load(Ordering::SeqCst) {
+            // Too late for the file: at least counted (etcd_guard_audit_records_lost_total).
+            inner.stats.lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
         match inner.tx.try_send(Msg::Record(record, None)) {
