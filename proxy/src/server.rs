@@ -23,7 +23,6 @@ use crate::reload::{ReloadHandle, Reloader};
 use crate::service::{Conn, Guard, Shared};
 use crate::tls::{self, ClientTrust, PeerTrust, TlsError};
 use crate::upstream::Upstream;
-use rustls::server::danger::ClientCertVerifier;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -247,10 +246,9 @@ impl Proxy {
         // Tasks on worker runtimes end at their next turn; wait for them (bounded), so that what they drop is
         // recorded before the audit log closes.
         connections.abort_all();
-        let ended = tokio::time::timeout(Duration::from_secs(5), async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
+        let ended =
+            tokio::time::timeout(Duration::from_secs(5), async { while connections.join_next().await.is_some() {} })
+                .await;
         if ended.is_err() {
             warn!(open = connections.len(), "connections still not ended 5 s after they were aborted");
         }
@@ -284,7 +282,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-    (acceptor, trust): (tls::Acceptor, watch::Receiver<Arc<dyn ClientCertVerifier>>),
+    (acceptor, trust): (tls::Acceptor, watch::Receiver<tls::Trust>),
     shared: Arc<Shared>,
     (handshake_timeout, max_concurrent_streams, grace): (Duration, u32, Duration),
     stop: watch::Receiver<bool>,
@@ -305,11 +303,9 @@ async fn connection(
         }
     };
     let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
-    let mut trust = PeerTrust::new(chain, trust);
+    let mut trust = PeerTrust::new(chain, &acceptor, trust);
     let identity = match chain.first().map(|c| Identity::from_der(c.as_ref())) {
-        Some(Ok(identity)) => {
-            Identity { issuers: acceptor.issuers.of(chain, rustls_pki_types::UnixTime::now()), ..identity }
-        }
+        Some(Ok(identity)) => Identity { issuers: trust.issuers().to_vec(), ..identity },
         Some(Err(e)) => {
             info!(conn = id, %peer, error = %e, "client certificate refused");
             shared.metrics.handshake_failures.get_or_create(&ReasonLabels { reason: "bad_identity" }).inc();

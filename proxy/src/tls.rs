@@ -86,12 +86,12 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
         }
         crls.extend(loaded);
     }
-    let trust_digest = trust_digest(&cas, &crls, tls.danger_accept_expired_crls);
+    let issuers = Arc::new(Issuers::load(tls, &cas, &crls, &provider)?);
+    let trust_digest = trust_digest(&cas, &crls, tls.danger_accept_expired_crls, &issuers);
     let expiries = [Expiry::of("listener", &tls.cert_file, &chain), Expiry::of("client_ca", &tls.client_ca_file, &cas)]
         .into_iter()
         .flatten()
         .collect();
-    let issuers = Arc::new(Issuers::load(&tls.issuers, &tls.client_ca_file, &cas, &provider)?);
     for ca in cas {
         roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
     }
@@ -113,24 +113,36 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     // long-lived connections, so this costs little.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    let acceptor = Acceptor { tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)), issuers };
-    Ok(ServerTls { acceptor, client_verifier: verifier, trust_digest, expiries, crl_next_update })
+    let acceptor = Acceptor { tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)), issuers: issuers.clone() };
+    let trust = Trust { verifier, issuers };
+    Ok(ServerTls { acceptor, trust, trust_digest, expiries, crl_next_update })
 }
 
-/// What a client certificate verifier is made of — the CA certificates, the CRLs and whether expired CRLs are
-/// accepted — as one digest, so a reload that changed none of it leaves open connections alone.
+/// What a client certificate verifier is made of — the CA certificates, the CRLs, whether expired CRLs are
+/// accepted and the named CAs — as one digest, so a reload that changed none of it leaves open connections alone.
 fn trust_digest(
     cas: &[CertificateDer<'_>],
     crls: &[CertificateRevocationListDer<'_>],
     accept_expired: bool,
+    issuers: &Issuers,
 ) -> TrustDigest {
     let mut h = Sha256::new();
-    for der in cas.iter().map(|c| c.as_ref()).chain([&[][..]]).chain(crls.iter().map(|c| c.as_ref())) {
-        // Each part with its length, and an empty one between the CAs and the CRLs: no two inputs hash alike.
+    let mut part = |der: &[u8]| {
+        // Each part with its length, and an empty one between lists: no two inputs hash alike.
         h.update((der.len() as u64).to_be_bytes());
         h.update(der);
+    };
+    for der in cas.iter().map(|c| c.as_ref()).chain([&[][..]]).chain(crls.iter().map(|c| c.as_ref())) {
+        part(der);
     }
-    h.update([u8::from(accept_expired)]);
+    part(&[u8::from(accept_expired)]);
+    for (name, ders) in &issuers.digested {
+        part(&[]);
+        part(name.as_bytes());
+        for der in ders {
+            part(der);
+        }
+    }
     h.finalize().into()
 }
 
@@ -141,7 +153,7 @@ pub type TrustDigest = [u8; 32];
 /// (the client CA bundle and CRLs), which open connections are checked against again after a reload.
 pub struct ServerTls {
     pub acceptor: Acceptor,
-    pub client_verifier: Arc<dyn ClientCertVerifier>,
+    pub trust: Trust,
     pub trust_digest: TrustDigest,
     /// When the listener's certificate and the client CAs expire.
     pub expiries: Vec<Expiry>,
@@ -163,8 +175,17 @@ pub struct Acceptor {
 /// not pass for kube-apiserver's by taking its common name.
 #[derive(Default)]
 pub struct Issuers {
-    /// Name → a verifier that trusts only that name's CAs (no CRLs: revocation is the listener verifier's job).
+    /// Name → a verifier that trusts only that name's CAs, with the listener's CRLs.
     named: Vec<(String, Arc<dyn ClientCertVerifier>)>,
+    /// Name → its CA certificates (DER), for the trust digest.
+    digested: Vec<(String, Vec<Vec<u8>>)>,
+}
+
+/// What open connections are checked against after a reload: the client certificate verifier and the named CAs.
+#[derive(Clone)]
+pub struct Trust {
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    pub issuers: Arc<Issuers>,
 }
 
 /// The upstream leg: the connections to etcd and when the files they use expire.
@@ -192,33 +213,38 @@ pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(3
 /// ([`ClientTrust::untrusted`]): a certificate a new CRL revokes, or a CA taken out of the bundle, loses its open
 /// connections too, not only its next handshake.
 pub struct ClientTrust {
-    verifier: watch::Sender<Arc<dyn ClientCertVerifier>>,
+    trust: watch::Sender<Trust>,
     digest: Mutex<TrustDigest>,
 }
 
-/// A connection's view of [`ClientTrust`]: its client's chain, the time of its handshake, and the verifier it was
-/// last checked against.
+/// A connection's view of [`ClientTrust`]: its client's chain, the time of its handshake, the names of the CAs it
+/// chains to (`tls.issuers`), and the trust it was last checked against.
 pub struct PeerTrust {
     chain: Vec<CertificateDer<'static>>,
     verified_at: UnixTime,
-    verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>,
+    issuers: Vec<String>,
+    trust: watch::Receiver<Trust>,
 }
 
 // === impl Issuers ===
 
 impl Issuers {
-    /// Each named file's CAs, which must all be in the client CA bundle (`bundle`, read from `bundle_path`):
-    /// a name cannot widen what is trusted.
+    /// Each named file's CAs, which must all be in the client CA bundle (`bundle`): a name cannot widen what is
+    /// trusted. Their verifiers check revocation as the listener's does, so a name is found only along a path the
+    /// listener's verifier would accept too.
     fn load(
-        named: &std::collections::BTreeMap<String, PathBuf>,
-        bundle_path: &Path,
+        tls: &config::ListenerTls,
         bundle: &[CertificateDer<'static>],
+        crls: &[CertificateRevocationListDer<'static>],
         provider: &Arc<CryptoProvider>,
     ) -> Result<Issuers, TlsError> {
+        let bundle_path = &tls.client_ca_file;
         let mut issuers = Issuers::default();
-        for (name, path) in named {
+        for (name, path) in &tls.issuers {
             let mut roots = RootCertStore::empty();
-            for ca in load_certs(path)? {
+            let cas = load_certs(path)?;
+            issuers.digested.push((name.clone(), cas.iter().map(|c| c.to_vec()).collect()));
+            for ca in cas {
                 if !bundle.contains(&ca) {
                     return Err(TlsError::Unusable {
                         path: path.clone(),
@@ -231,9 +257,13 @@ impl Issuers {
                 }
                 roots.add(ca).map_err(|e| TlsError::Pem { path: path.clone(), message: e.to_string() })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier { path: path.clone(), message: e.to_string() })?;
+            let mut builder =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls.to_vec());
+            if !tls.danger_accept_expired_crls {
+                builder = builder.enforce_revocation_expiration();
+            }
+            let verifier =
+                builder.build().map_err(|e| TlsError::Verifier { path: path.clone(), message: e.to_string() })?;
             issuers.named.push((name.clone(), verifier));
         }
         Ok(issuers)
@@ -256,7 +286,7 @@ impl Issuers {
 
 impl ClientTrust {
     pub fn new(tls: &ServerTls) -> ClientTrust {
-        ClientTrust { verifier: watch::Sender::new(tls.client_verifier.clone()), digest: Mutex::new(tls.trust_digest) }
+        ClientTrust { trust: watch::Sender::new(tls.trust.clone()), digest: Mutex::new(tls.trust_digest) }
     }
 
     /// Put a reloaded verifier in force for open connections, if it is made of other CAs or CRLs than the one in
@@ -267,40 +297,53 @@ impl ClientTrust {
             return false;
         }
         *digest = tls.trust_digest;
-        self.verifier.send_replace(tls.client_verifier.clone());
+        self.trust.send_replace(tls.trust.clone());
         true
     }
 
     /// Taken before the handshake's acceptor is (the reload replaces the acceptor first), so that a reload between
     /// the two is still seen by the connection.
-    pub fn watch(&self) -> watch::Receiver<Arc<dyn ClientCertVerifier>> {
-        self.verifier.subscribe()
+    pub fn watch(&self) -> watch::Receiver<Trust> {
+        self.trust.subscribe()
     }
 }
 
 // === impl PeerTrust ===
 
 impl PeerTrust {
-    /// After a handshake that verified `chain` (leaf first).
-    pub fn new(chain: &[CertificateDer<'_>], verifier: watch::Receiver<Arc<dyn ClientCertVerifier>>) -> PeerTrust {
-        let chain = chain.iter().map(|c| c.clone().into_owned()).collect();
-        PeerTrust { chain, verified_at: UnixTime::now(), verifier }
+    /// After a handshake that verified `chain` (leaf first) with `acceptor`: the connection's trust, and the
+    /// names of the CAs its certificate chains to.
+    pub fn new(chain: &[CertificateDer<'_>], acceptor: &Acceptor, trust: watch::Receiver<Trust>) -> PeerTrust {
+        let chain: Vec<_> = chain.iter().map(|c| c.clone().into_owned()).collect();
+        let verified_at = UnixTime::now();
+        let issuers = acceptor.issuers.of(&chain, verified_at);
+        PeerTrust { chain, verified_at, issuers, trust }
     }
 
-    /// Resolves when a reloaded verifier no longer trusts the chain, with the reason. The chain is checked as of
-    /// its handshake: a reload ends connections whose certificate was revoked or whose CA was removed, not those
-    /// whose certificate expired since they were made (etcd does not end those either).
-    pub async fn untrusted(&mut self) -> rustls::Error {
+    /// The names (`tls.issuers`) of the CAs the certificate chains to, as of its handshake.
+    pub fn issuers(&self) -> &[String] {
+        &self.issuers
+    }
+
+    /// Resolves when a reloaded trust no longer trusts the chain, or names its CAs differently, with the reason.
+    /// The chain is checked as of its handshake: a reload ends connections whose certificate was revoked, whose
+    /// CA was removed or whose issuers changed (their permissions were found with the old ones), not those whose
+    /// certificate expired since they were made (etcd does not end those either).
+    pub async fn untrusted(&mut self) -> String {
         loop {
-            if self.verifier.changed().await.is_err() {
+            if self.trust.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            let verifier = self.verifier.borrow_and_update().clone();
+            let trust = self.trust.borrow_and_update().clone();
             let Some((leaf, intermediates)) = self.chain.split_first() else {
-                return rustls::Error::NoCertificatesPresented;
+                return rustls::Error::NoCertificatesPresented.to_string();
             };
-            if let Err(e) = verifier.verify_client_cert(leaf, intermediates, self.verified_at) {
-                return e;
+            if let Err(e) = trust.verifier.verify_client_cert(leaf, intermediates, self.verified_at) {
+                return e.to_string();
+            }
+            let issuers = trust.issuers.of(&self.chain, self.verified_at);
+            if issuers != self.issuers {
+                return format!("the CAs tls.issuers names for it changed from {:?} to {issuers:?}", self.issuers);
             }
         }
     }

@@ -116,3 +116,48 @@ async fn an_issuer_outside_the_client_ca_bundle_is_refused() -> TestResult {
     assert!(err.contains("other-ca.crt") && err.contains("not in tls.client_ca_file"), "{err}");
     Ok(())
 }
+
+/// A reload that changes which CAs a name covers ends the open connections whose issuers it changed (their
+/// permissions were found with the old ones): fixing a wrong `etcd:` entry takes effect on open connections too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_a_connections_issuers_ends_it() -> TestResult {
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    let components = DevCa::new("components CA")?;
+    let both = format!("{}{}", std::fs::read_to_string(pki.ca_file())?, components.cert_pem());
+    std::fs::write(pki.path("bundle.crt"), &both)?;
+    // The mistake: `etcd` names the whole bundle.
+    std::fs::write(pki.path("etcd-issuer.crt"), &both)?;
+    std::fs::write(pki.path("policy.yaml"), POLICY)?;
+    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: etcd-issuer.crt }"))?;
+    let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
+    let addr = proxy.local_addr;
+    let admin = pki.client("admin", "admin", None, &[])?;
+    let mut real = client(&pki, addr, &admin).await?;
+    real.put("/registry/secrets/a", "s", None).await?;
+    let forged = components.issue(LeafKind::Client, "admin", None, &[], &[])?;
+    let forged = pki.write_pair("forged", &forged.cert_pem, &forged.key_pem)?;
+    let mut f = client(&pki, addr, &forged).await?;
+    f.get("/registry/secrets/a", None).await?;
+
+    // The fix: only etcd's CA is `etcd`.
+    std::fs::copy(pki.ca_file(), pki.path("etcd-issuer.crt"))?;
+    proxy.reload.trigger();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match f.get("/registry/secrets/a", None).await {
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Ok(_) => return Err("the forged admin's open connection kept admin's grants".into()),
+            // Its connection ends; a new one is denied.
+            Err(_) => break,
+        }
+    }
+    let mut again = client(&pki, addr, &forged).await?;
+    assert!(denied(again.get("/registry/secrets/a", None).await));
+    // The real admin's issuers did not change: its connection is left alone and still served.
+    real.get("/registry/secrets/a", None).await?;
+    proxy.stop().await;
+    Ok(())
+}
