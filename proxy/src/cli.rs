@@ -569,12 +569,8 @@ fn config_check(path: PathBuf) -> ExitCode {
     }
     match Policy::load(&config.policy_file) {
         Ok(policy) => {
-            let names: Vec<&str> = config.tls.issuers.keys().map(String::as_str).collect();
-            for issuer in policy.unknown_issuers(&names) {
-                eprintln!(
-                    "etcd-guard: warning: policy: bindings name issuer {issuer:?}, which tls.issuers does not \
-                     define ({names:?}): they match no certificate"
-                );
+            if let Err(e) = crate::server::check_issuers(&policy, &config.tls) {
+                problems.push(format!("policy: {e}"));
             }
         }
         Err(e) => problems.push(format!("policy: {e}")),

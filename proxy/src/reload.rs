@@ -132,11 +132,7 @@ impl Reloader {
                      file is taken for one being written. To deny everyone, keep a role and remove the bindings",
                     self.config.policy_file.display()
                 )),
-                Ok(p) => {
-                    crate::server::warn_unknown_issuers(&p, &self.config.tls);
-                    self.shared.replace_policy(p);
-                    Ok(())
-                }
+                Ok(p) => crate::server::check_issuers(&p, &self.config.tls).map(|()| self.shared.replace_policy(p)),
                 Err(e) => Err(e.to_string()),
             },
             Part::Listener => tls::server_config(&self.config.tls)

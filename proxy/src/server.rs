@@ -33,6 +33,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("{0}")]
+    Issuers(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -78,7 +80,7 @@ impl Proxy {
     /// connections of its own. The listener, metrics, reloads and health probes stay on the caller's runtime.
     pub async fn bind_with_workers(config: &Config, workers: Vec<Handle>) -> Result<Proxy, StartError> {
         let policy = Policy::load(&config.policy_file)?;
-        warn_unknown_issuers(&policy, &config.tls);
+        check_issuers(&policy, &config.tls).map_err(StartError::Issuers)?;
         let server_tls = tls::server_config(&config.tls)?;
         let upstream_tls = tls::upstream_connections(&config.upstream)?;
         let audit = AuditLog::open(&config.audit)?;
@@ -364,16 +366,21 @@ async fn connection(
     debug!(conn = id, "client disconnected");
 }
 
-/// Warn of `issuer:` selectors that name no CA of `tls.issuers` (they match no certificate).
-pub fn warn_unknown_issuers(policy: &Policy, tls: &crate::config::ListenerTls) {
+/// Refuse a policy whose `issuer:` selectors name no CA of `tls.issuers`: such a binding would match no certificate,
+/// which is a mistake (e.g. the shipped policies, which bind kube-apiserver with `issuer: etcd`, without
+/// `tls.issuers.etcd`), not a way to deny.
+pub fn check_issuers(policy: &Policy, tls: &crate::config::ListenerTls) -> Result<(), String> {
     let names: Vec<&str> = tls.issuers.keys().map(String::as_str).collect();
-    for issuer in policy.unknown_issuers(&names) {
-        warn!(
-            issuer,
-            configured = ?names,
-            "the policy binds certificates of issuer {issuer:?}, which tls.issuers does not name: those bindings match no certificate"
-        );
+    let unknown = policy.unknown_issuers(&names);
+    if unknown.is_empty() {
+        return Ok(());
     }
+    Err(format!(
+        "{}: bindings require issuer {unknown:?}, which the configuration's tls.issuers does not name (it names \
+         {names:?}); add it, e.g. `tls: {{ issuers: {{ etcd: /etc/kubernetes/pki/etcd/ca.crt }} }}` (its CAs must be in \
+         tls.client_ca_file), or change the bindings",
+        policy.origin()
+    ))
 }
 
 /// A short, bounded label for a failed handshake.

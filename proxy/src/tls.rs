@@ -205,6 +205,9 @@ pub struct Expiry {
     pub not_after: i64,
 }
 
+/// How far ahead of our clock a certificate of our own may start (`notBefore`) and still be loaded.
+pub const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Warn this long before a certificate expires.
 pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
@@ -539,7 +542,8 @@ fn check_leaf(path: &Path, chain: &[CertificateDer<'_>], purpose: Purpose) -> Re
     if validity.not_after.timestamp() < now {
         return Err(unusable(format!("the certificate expired at {} (its notAfter)", validity.not_after)));
     }
-    if validity.not_before.timestamp() > now {
+    // A renewed certificate may be stamped by an issuer whose clock is a little ahead of ours.
+    if validity.not_before.timestamp() > now + CLOCK_SKEW.as_secs() as i64 {
         return Err(unusable(format!(
             "the certificate is not valid before {} (its notBefore; is the clock right?)",
             validity.not_before
@@ -655,6 +659,15 @@ mod tests {
             )?;
             let err = refused(name).unwrap_or_default();
             assert!(err.contains("not valid before"), "{name}: {err}");
+            // A minute ahead of our clock (an issuer's clock a little fast): loaded.
+            write(
+                name,
+                ca.issue_with(kind, "x", None, &["localhost"], &[], |p| {
+                    p.not_before = (now + std::time::Duration::from_secs(60)).into();
+                    p.not_after = (now + 2 * hour).into();
+                })?,
+            )?;
+            assert_eq!(refused(name), None, "{name}: a minute of clock skew");
             write(name, ca.issue(wrong_kind, "x", None, &["localhost"], &[])?)?;
             let err = refused(name).unwrap_or_default();
             assert!(err.contains("extended key usage"), "{name}: {err}");

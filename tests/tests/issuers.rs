@@ -110,10 +110,16 @@ async fn an_issuer_outside_the_client_ca_bundle_is_refused() -> TestResult {
     std::fs::write(pki.path("other-ca.crt"), DevCa::new("other CA")?.cert_pem())?;
     std::fs::copy(pki.ca_file(), pki.path("bundle.crt"))?;
     std::fs::write(pki.path("policy.yaml"), POLICY)?;
-    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: ca.crt, other: other-ca.crt }"))?;
+    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: ca.crt, components: other-ca.crt }"))?;
     let err = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await.err().map(|e| e.to_string());
     let err = err.unwrap_or_default();
     assert!(err.contains("other-ca.crt") && err.contains("not in tls.client_ca_file"), "{err}");
+    // A policy that requires an issuer the configuration does not name is a mistake, not a way to deny: refused at
+    // start (and on reload, where the previous policy stays).
+    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: ca.crt }"))?;
+    let err = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await.err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    assert!(err.contains(r#"["components"]"#) && err.contains("does not name"), "{err}");
     Ok(())
 }
 
@@ -129,7 +135,9 @@ async fn a_reload_that_changes_a_connections_issuers_ends_it() -> TestResult {
     // The mistake: `etcd` names the whole bundle.
     std::fs::write(pki.path("etcd-issuer.crt"), &both)?;
     std::fs::write(pki.path("policy.yaml"), POLICY)?;
-    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: etcd-issuer.crt }"))?;
+    std::fs::write(pki.path("components-ca.crt"), components.cert_pem())?;
+    let issuers = "{ etcd: etcd-issuer.crt, components: components-ca.crt }";
+    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, issuers))?;
     let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
     let addr = proxy.local_addr;
     let admin = pki.client("admin", "admin", None, &[])?;

@@ -208,6 +208,26 @@ impl Policy {
         }
     }
 
+    /// Why nothing is bound to `id`, naming a binding that only its `issuer:` keeps from matching.
+    fn no_binding(&self, id: &Identity) -> String {
+        let near = self.bindings.iter().find_map(|b| {
+            b.subjects
+                .iter()
+                .filter(|s| s.issuer.is_some() && super::Selector { issuer: None, ..(*s).clone() }.matches(id))
+                .find_map(|s| s.issuer.as_ref())
+                .map(|issuer| (b, issuer))
+        });
+        match near {
+            Some((b, issuer)) => format!(
+                "no binding matches this identity (role {:?}'s binding would, for a certificate of issuer {:?}: \
+                 `--issuer` names the CAs a certificate chains to)",
+                b.role,
+                issuer.as_str()
+            ),
+            None => "no binding matches this identity".to_owned(),
+        }
+    }
+
     /// Explains the decision on a key request by `id`.
     pub fn explain(&self, id: &Identity, access: Access, range: &KeyRange) -> Explanation {
         let resolution = self.resolve(id);
@@ -215,9 +235,7 @@ impl Policy {
         let decision = permissions.check(access, range);
         let mut reasons = Vec::new();
         match &decision {
-            _ if resolution.matched.is_empty() => {
-                reasons.push("no binding matches this identity".to_owned());
-            }
+            _ if resolution.matched.is_empty() => reasons.push(self.no_binding(id)),
             Ok(()) => self.explain_allow(&resolution, access, range, &mut reasons),
             Err(denied) => {
                 reasons.push(denied.reason.clone());
@@ -240,7 +258,7 @@ impl Policy {
         let granting: Vec<&Role> =
             resolution.counted.iter().map(|&i| &self.roles[i].role).filter(|role| role.cluster.contains(cap)).collect();
         if resolution.matched.is_empty() {
-            reasons.push("no binding matches this identity".to_owned());
+            reasons.push(self.no_binding(id));
         } else if granting.is_empty() {
             reasons.push(format!(
                 "capability \"{cap}\" not granted: none of the roles {} grants it",
@@ -607,6 +625,8 @@ bindings:
         assert_eq!(p.unknown_issuers(&["etcd", "monitoring"]), Vec::<&str>::new());
         assert_eq!(p.unknown_issuers(&["etcd"]), ["mon*"]);
         assert_eq!(p.unknown_issuers(&[]), ["etcd", "mon*"]);
+        let why = p.explain(&cn("x"), Access::Read, &point("a/1")).reasons.join(" ");
+        assert!(why.contains(r#"role "r"'s binding would, for a certificate of issuer "etcd""#), "{why}");
         Ok(())
     }
 
