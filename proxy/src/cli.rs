@@ -308,9 +308,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
         // Every answered request's record is queued; write them all before exiting.
-        audit.close(std::time::Duration::from_secs(10)).await;
-        tracing::info!("audit log flushed; bye");
-        ExitCode::SUCCESS
+        match audit.close(std::time::Duration::from_secs(10)).await {
+            0 => {
+                tracing::info!("audit log flushed; bye");
+                ExitCode::SUCCESS
+            }
+            // Said by close(); the exit status tells the service manager.
+            _ => ExitCode::FAILURE,
+        }
     });
     drop(runtime);
     workers.stop();

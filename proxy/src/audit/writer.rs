@@ -91,6 +91,8 @@ struct Inner {
     sending: AtomicUsize,
     next_stream: AtomicU64,
     stats: Arc<AuditStats>,
+    /// Records still unwritten when the writer gave up on a shutdown's flush (the log kept failing).
+    unwritten: AtomicU64,
 }
 
 enum Msg {
@@ -127,6 +129,11 @@ impl AuditLog {
                 (Sink::File(file), seq, prev)
             }
         };
+        AuditLog::start(config, sink, hasher, seq, prev)
+    }
+
+    /// Start the writer thread on an open sink whose chain stands at `seq`, `prev`.
+    fn start(config: &AuditConfig, sink: Sink, hasher: Hasher, seq: u64, prev: String) -> Result<AuditLog, AuditError> {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(AuditStats::default());
         let inner = Arc::new(Inner {
@@ -138,6 +145,7 @@ impl AuditLog {
             sending: AtomicUsize::new(0),
             next_stream: AtomicU64::new(1),
             stats: stats.clone(),
+            unwritten: AtomicU64::new(0),
         });
         let writer = Writer {
             sink,
@@ -237,21 +245,32 @@ impl AuditLog {
     }
 
     /// Stop taking records, write everything queued, sync the file. Requests that try to submit afterwards are
-    /// refused, so every answered request is in the log when this returns.
-    pub async fn close(&self, timeout: Duration) {
-        let Some(inner) = &self.inner else { return };
+    /// refused, so every answered request is in the log when this returns. Returns how many records could not be
+    /// written (the log kept failing, or the deadline passed): 0 when everything is in the file.
+    pub async fn close(&self, timeout: Duration) -> u64 {
+        let Some(inner) = &self.inner else { return 0 };
         inner.closed.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
         while inner.sending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let (ack_tx, ack_rx) = oneshot::channel();
+        let mut unwritten = 0;
         if inner.tx.send(Msg::Flush(ack_tx)).await.is_ok() {
             let left = deadline.saturating_duration_since(Instant::now());
-            if tokio::time::timeout(left, ack_rx).await.is_err() {
-                error!("audit: records were still unwritten when the shutdown deadline passed");
+            match tokio::time::timeout(left, ack_rx).await {
+                Ok(_) => unwritten = inner.unwritten.load(Ordering::SeqCst),
+                Err(_) => {
+                    // Still queued or being written: not known to be in the file.
+                    unwritten = (inner.stats.queued.load(Ordering::SeqCst) as u64).max(1);
+                }
             }
         }
+        if unwritten > 0 {
+            error!(unwritten, "audit: records could not be written before the shutdown; they are lost");
+            inner.stats.lost.fetch_add(unwritten, Ordering::Relaxed);
+        }
+        unwritten
     }
 }
 
@@ -348,7 +367,9 @@ impl Writer {
         // The last window brought nothing: wait for a record (woken by its sender) rather than sleep on.
         let mut quiet = true;
         loop {
-            if quiet && self.pending.is_empty() && acks.is_empty() {
+            // A failing log is tried again every RETRY also with nothing to write (a failed sync clears only
+            // with a sync that succeeds).
+            if quiet && self.pending.is_empty() && acks.is_empty() && !self.shared.failing.load(Ordering::Relaxed) {
                 match rx.blocking_recv() {
                     Some(msg) => self.take(msg, &mut acks),
                     None => break,
@@ -374,7 +395,16 @@ impl Writer {
                 }
             }
             let wrote = self.write_pending();
-            self.tell_written(wrote.is_ok());
+            let synced = self.tell_written(wrote.is_ok());
+            let wrote = match wrote {
+                // With `synced`, a failed sync fails the log as a failed write does (after an fsync error the
+                // kernel may have dropped the pages), and it works again only once a sync succeeds.
+                Ok(()) if !synced => Err(io::Error::other("syncing the written records failed")),
+                Ok(()) if self.answer_after == AnswerAfter::Synced && self.shared.failing.load(Ordering::Relaxed) => {
+                    self.sink.sync()
+                }
+                other => other,
+            };
             match wrote {
                 Ok(()) => {
                     failed_attempts = 0;
@@ -383,8 +413,10 @@ impl Writer {
                     }
                     if !acks.is_empty() {
                         if let Err(e) = self.sink.sync() {
-                            warn!(error = %e, "audit: sync failed");
+                            error!(error = %e, "audit: sync at shutdown failed");
+                            self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                         }
+                        self.shared.unwritten.store(0, Ordering::SeqCst);
                         for ack in acks.drain(..) {
                             let _ = ack.send(());
                         }
@@ -399,8 +431,10 @@ impl Writer {
                         self.last_error_log = Some(now);
                         error!(error = %e, pending = self.pending.len(), "audit: cannot write records");
                     }
-                    // A shutdown waits a bounded time for a log that does not come back.
+                    // A shutdown waits a bounded time for a log that does not come back; it is told how many
+                    // records are left.
                     if !acks.is_empty() && failed_attempts > 25 {
+                        self.shared.unwritten.store(self.pending.len() as u64, Ordering::SeqCst);
                         for ack in acks.drain(..) {
                             let _ = ack.send(());
                         }
@@ -411,7 +445,7 @@ impl Writer {
         }
         // Every sender is gone: write what is left.
         let wrote = self.write_pending();
-        self.tell_written(wrote.is_ok());
+        let _ = self.tell_written(wrote.is_ok());
         let _ = self.sink.sync();
     }
 
@@ -443,6 +477,9 @@ impl Writer {
     /// failed write is consumed: the chain state is restored and a partial write is cut off, so the retry writes
     /// the same lines.
     fn write_pending(&mut self) -> io::Result<()> {
+        // Records per write: all that fit in the active file, halved after each failed write (a nearly full disk
+        // takes what it has room for, so the backlog shrinks), down to one.
+        let mut limit = usize::MAX;
         loop {
             let lost_now = self.shared.stats.lost.load(Ordering::Relaxed).saturating_sub(self.lost_reported);
             if self.pending.is_empty() && lost_now == 0 {
@@ -458,6 +495,9 @@ impl Writer {
             let pending = std::mem::take(&mut self.pending);
             let mut taken = 0;
             for (r, _) in &pending {
+                if taken == limit {
+                    break;
+                }
                 let (len, seq) = (self.buf.len(), self.seq);
                 self.saved_prev.clone_from(&self.prev);
                 self.append(r);
@@ -478,6 +518,10 @@ impl Writer {
                 }
                 Err(e) => {
                     (self.seq, self.prev) = (seq0, prev0);
+                    if taken > 1 {
+                        limit = taken / 2;
+                        continue;
+                    }
                     return Err(e);
                 }
             }
@@ -487,7 +531,7 @@ impl Writer {
     /// Tell the answers waiting for the records of the last `write_pending` whether they may be given: yes once
     /// written (`answer_after: written`) or written and synced (`synced`); no if the write or the sync failed, and
     /// then also for every record still pending (each is written later, and its answer has been refused).
-    fn tell_written(&mut self, wrote: bool) {
+    fn tell_written(&mut self, wrote: bool) -> bool {
         // The records in `written` are in the file, also when a later part of the same batch failed.
         let mut ok = true;
         if !self.written.is_empty() && self.answer_after == AnswerAfter::Synced {
@@ -500,11 +544,12 @@ impl Writer {
         for w in self.written.drain(..) {
             let _ = w.send(ok);
         }
-        if !wrote {
+        if !wrote || !ok {
             for w in self.pending.iter_mut().filter_map(|(_, w)| w.take()) {
                 let _ = w.send(false);
             }
         }
+        ok
     }
 
     fn append(&mut self, r: &Record) {
@@ -565,6 +610,8 @@ fn lost_record(n: u64) -> Record {
 enum Sink {
     Stdout,
     File(FileSink),
+    #[cfg(test)]
+    Faulty(tests::Faulty),
 }
 
 impl Sink {
@@ -574,6 +621,8 @@ impl Sink {
             Sink::Stdout => u64::MAX,
             Sink::File(f) if f.len == 0 || f.len >= f.max_bytes => f.max_bytes,
             Sink::File(f) => f.max_bytes - f.len,
+            #[cfg(test)]
+            Sink::Faulty(_) => u64::MAX,
         }
     }
 
@@ -585,6 +634,8 @@ impl Sink {
                 out.flush()
             }
             Sink::File(f) => f.write(buf, first_seq),
+            #[cfg(test)]
+            Sink::Faulty(f) => f.write(buf),
         }
     }
 
@@ -592,6 +643,8 @@ impl Sink {
         match self {
             Sink::Stdout => io::stdout().lock().flush(),
             Sink::File(f) => f.sync(),
+            #[cfg(test)]
+            Sink::Faulty(f) => f.sync(),
         }
     }
 }
@@ -916,6 +969,48 @@ mod tests {
     use crate::audit::record::Subject;
     use crate::identity::Identity;
 
+    /// A sink whose writes longer than `max_write` bytes fail as on a full disk (leaving nothing), and whose syncs
+    /// fail while `sync_fails`.
+    #[derive(Clone)]
+    pub(super) struct Faulty {
+        pub max_write: Arc<AtomicUsize>,
+        pub sync_fails: Arc<AtomicBool>,
+        pub out: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Faulty {
+        fn new() -> Faulty {
+            Faulty {
+                max_write: Arc::new(AtomicUsize::new(usize::MAX)),
+                sync_fails: Arc::new(AtomicBool::new(false)),
+                out: Arc::default(),
+            }
+        }
+
+        pub(super) fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+            if buf.len() > self.max_write.load(Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            self.out.lock().map_err(|_| io::Error::other("poisoned"))?.extend_from_slice(buf);
+            Ok(())
+        }
+
+        pub(super) fn sync(&mut self) -> io::Result<()> {
+            if self.sync_fails.load(Ordering::SeqCst) { Err(io::Error::from_raw_os_error(5)) } else { Ok(()) }
+        }
+
+        fn lines(&self) -> Vec<String> {
+            let out = self.out.lock().map(|o| o.clone()).unwrap_or_default();
+            String::from_utf8_lossy(&out).lines().map(str::to_string).collect()
+        }
+    }
+
+    fn open_faulty(cfg: &AuditConfig) -> Result<(AuditLog, Faulty), AuditError> {
+        let faulty = Faulty::new();
+        let log = AuditLog::start(cfg, Sink::Faulty(faulty.clone()), Hasher::unkeyed(), 0, GENESIS.to_string())?;
+        Ok((log, faulty))
+    }
+
     fn config(dir: &Path) -> AuditConfig {
         AuditConfig {
             enabled: true,
@@ -1097,6 +1192,73 @@ mod tests {
         log.close(Duration::from_secs(5)).await;
         let lines = all_lines(&folder);
         assert!(lines.iter().any(|l| l.contains("\"k1\"")), "{lines:?}");
+        Ok(())
+    }
+
+    /// Wait (at most 10 s) for `done`.
+    async fn eventually(what: &str, done: impl Fn() -> bool) -> Result<(), Box<dyn std::error::Error>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if Instant::now() > deadline {
+                return Err(format!("not within 10 s: {what}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_nearly_full_disk_takes_the_backlog_in_what_fits() -> Result<(), Box<dyn std::error::Error>> {
+        let s = subject();
+        let (log, faulty) = open_faulty(&config(Path::new("/unused")))?;
+        faulty.max_write.store(0, Ordering::SeqCst);
+        for n in 0..40 {
+            log.submit_now(record(&s, n));
+        }
+        eventually("the log fails", || log.is_failing()).await?;
+        // Room for a few records per write only: before, the whole backlog was retried as one write for good.
+        let one = record(&s, 0);
+        let mut line = String::new();
+        one.write_body(1, GENESIS, &mut line);
+        faulty.max_write.store(line.len() * 3 + 200, Ordering::SeqCst);
+        eventually("every record written", || faulty.lines().len() == 40).await?;
+        eventually("the log works again", || !log.is_failing()).await?;
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        let lines = faulty.lines();
+        assert!(lines.iter().enumerate().all(|(i, l)| l.contains(&format!("\"k{i}\""))), "in order: {lines:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn with_answer_after_synced_a_failed_sync_fails_the_log() -> Result<(), Box<dyn std::error::Error>> {
+        let s = subject();
+        let mut cfg = config(Path::new("/unused"));
+        cfg.answer_after = AnswerAfter::Synced;
+        let (log, faulty) = open_faulty(&cfg)?;
+        log.submit(record(&s, 0)).await?;
+        faulty.sync_fails.store(true, Ordering::SeqCst);
+        assert!(log.submit(record(&s, 1)).await.is_err_and(|e| e.code() == Code::Unavailable));
+        // Before: the answer was refused, but the log counted as working, so requests went on being admitted
+        // (and applied at etcd, then answered Unavailable).
+        assert!(log.is_failing());
+        assert!(log.admit().is_err());
+        faulty.sync_fails.store(false, Ordering::SeqCst);
+        eventually("the log works again", || !log.is_failing()).await?;
+        log.submit(record(&s, 2)).await?;
+        assert_eq!(log.close(Duration::from_secs(5)).await, 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn close_says_how_many_records_it_could_not_write() -> Result<(), Box<dyn std::error::Error>> {
+        let s = subject();
+        let (log, faulty) = open_faulty(&config(Path::new("/unused")))?;
+        faulty.max_write.store(0, Ordering::SeqCst);
+        for n in 0..5 {
+            log.submit_now(record(&s, n));
+        }
+        assert_eq!(log.close(Duration::from_secs(15)).await, 5);
+        assert_eq!(log.stats().map(|s| s.lost.load(Ordering::SeqCst)), Some(5));
         Ok(())
     }
 
