@@ -650,15 +650,26 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Bytes in the audit files the proxies wrote (`audit-*.log*` in the working folder).
+/// Bytes in the audit files the proxies wrote (in the `audit-<name>/` folders of the working folder).
 fn audit_bytes(dir: &Path) -> u64 {
+    let files_in = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
+                .map(|e| files_in(&e.path()))
                 .sum()
         })
         .unwrap_or(0)

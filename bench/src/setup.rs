@@ -196,7 +196,7 @@ impl Etcd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuditConfig {
-    /// `audit: { file: <dir>/audit-<name>.log, max_files: 2 }`.
+    /// `audit: { file: <dir>/audit-<name>/audit.log, max_files: 2 }` (a folder per proxy: one writer per folder).
     On,
     /// `audit: { enabled: false }`.
     Off,
@@ -240,7 +240,7 @@ pub fn write_proxy_config(
     let audit_section = match options.audit {
         AuditConfig::On => {
             let when = options.answer_after.map(|when| format!(", answer_after: {when}")).unwrap_or_default();
-            format!("audit: {{ file: audit-{name}.log, max_files: 2{when} }}\n")
+            format!("audit: {{ file: audit-{name}/audit.log, max_files: 2{when} }}\n")
         }
         AuditConfig::Off => "audit: { enabled: false }\n".to_string(),
         AuditConfig::Omitted => String::new(),

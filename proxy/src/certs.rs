@@ -646,10 +646,10 @@ fn missing_names(cert_pem: &str, sans: &[&str], uri_sans: &[&str]) -> Vec<String
     let mut dns = Vec::new();
     let mut ips = Vec::new();
     let mut uris = Vec::new();
-    if let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) {
-        if let Ok(cert) = pem.parse_x509() {
-            collect_sans(&cert, &mut dns, &mut ips, &mut uris);
-        }
+    if let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        && let Ok(cert) = pem.parse_x509()
+    {
+        collect_sans(&cert, &mut dns, &mut ips, &mut uris);
     }
     let mut missing = Vec::new();
     for san in sans {

@@ -512,10 +512,10 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
     if !audit.enabled {
         return None;
     }
-    if let Some(key) = &audit.hmac_key_file {
-        if let Err(e) = crate::audit::chain::Hasher::from_key_file(key) {
-            return Some(e.to_string());
-        }
+    if let Some(key) = &audit.hmac_key_file
+        && let Err(e) = crate::audit::chain::Hasher::from_key_file(key)
+    {
+        return Some(e.to_string());
     }
     let crate::config::AuditOutput::File(path) = &audit.output else { return None };
     if path.exists() {

@@ -507,10 +507,10 @@ fn check_crl_current(path: &Path, crl: &CertificateRevocationListDer<'_>) -> Res
     use x509_parser::prelude::FromDer;
     let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
         .map_err(|e| TlsError::BadCrl { path: path.to_path_buf(), message: e.to_string() })?;
-    if let Some(next) = parsed.next_update() {
-        if next.timestamp() < ::time::OffsetDateTime::now_utc().unix_timestamp() {
-            return Err(TlsError::CrlExpired { path: path.to_path_buf(), next_update: next.to_string() });
-        }
+    if let Some(next) = parsed.next_update()
+        && next.timestamp() < ::time::OffsetDateTime::now_utc().unix_timestamp()
+    {
+        return Err(TlsError::CrlExpired { path: path.to_path_buf(), next_update: next.to_string() });
     }
     Ok(())
 }

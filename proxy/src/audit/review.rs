@@ -380,10 +380,10 @@ impl Filter {
         if self.rpc.as_deref().is_some_and(|rpc| !rpc_matches(rpc, record.rpc())) {
             return false;
         }
-        if let Some(pattern) = &self.identity {
-            if !record.identity.as_ref().is_some_and(|id| id.any_name(|name| pattern.matches(name))) {
-                return false;
-            }
+        if let Some(pattern) = &self.identity
+            && !record.identity.as_ref().is_some_and(|id| id.any_name(|name| pattern.matches(name)))
+        {
+            return false;
         }
         if self.since.is_some() || self.until.is_some() {
             let Some(t) = record.time.as_ref().and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()) else {

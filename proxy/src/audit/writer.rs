@@ -54,6 +54,11 @@ pub enum AuditError {
     BrokenTail { path: PathBuf, keyed: &'static str },
     #[error("audit: {path}: the last record is not an audit record: {reason}")]
     NotARecord { path: PathBuf, reason: String },
+    #[error(
+        "audit: {path}: another etcd-guard writes an audit log in this folder (it holds the folder's lock); two \
+         writers would interleave their chains. Give each instance a folder of its own"
+    )]
+    Locked { path: PathBuf },
 }
 
 // === impl AuditError ===
@@ -364,6 +369,9 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
         let mut failed_attempts = 0u32;
+        // A flush is asked for by `close`: once it is answered the writer ends, and gives up the file and the
+        // folder's lock.
+        let mut closing = false;
         // The last window brought nothing: wait for a record (woken by its sender) rather than sleep on.
         let mut quiet = true;
         loop {
@@ -416,10 +424,7 @@ impl Writer {
                             error!(error = %e, "audit: sync at shutdown failed");
                             self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                         }
-                        self.shared.unwritten.store(0, Ordering::SeqCst);
-                        for ack in acks.drain(..) {
-                            let _ = ack.send(());
-                        }
+                        closing = true;
                     }
                 }
                 Err(e) => {
@@ -434,19 +439,29 @@ impl Writer {
                     // A shutdown waits a bounded time for a log that does not come back; it is told how many
                     // records are left.
                     if !acks.is_empty() && failed_attempts > 25 {
-                        self.shared.unwritten.store(self.pending.len() as u64, Ordering::SeqCst);
-                        for ack in acks.drain(..) {
-                            let _ = ack.send(());
-                        }
+                        closing = true;
                     }
                     std::thread::sleep(RETRY);
                 }
             }
+            if closing {
+                break;
+            }
         }
-        // Every sender is gone: write what is left.
+        // Closed, or every sender is gone: write what is left.
+        while let Ok(msg) = rx.try_recv() {
+            self.take(msg, &mut acks);
+        }
         let wrote = self.write_pending();
         let _ = self.tell_written(wrote.is_ok());
         let _ = self.sink.sync();
+        self.shared.unwritten.store(self.pending.len() as u64, Ordering::SeqCst);
+        // The file and the folder's lock are given up before `close` hears back, so the folder is free for the
+        // next writer when it returns.
+        drop(self);
+        for ack in acks {
+            let _ = ack.send(());
+        }
     }
 
     fn take(&mut self, msg: Msg, acks: &mut Vec<oneshot::Sender<()>>) {
@@ -534,12 +549,13 @@ impl Writer {
     fn tell_written(&mut self, wrote: bool) -> bool {
         // The records in `written` are in the file, also when a later part of the same batch failed.
         let mut ok = true;
-        if !self.written.is_empty() && self.answer_after == AnswerAfter::Synced {
-            if let Err(e) = self.sink.sync() {
-                warn!(error = %e, "audit: sync failed");
-                self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                ok = false;
-            }
+        if !self.written.is_empty()
+            && self.answer_after == AnswerAfter::Synced
+            && let Err(e) = self.sink.sync()
+        {
+            warn!(error = %e, "audit: sync failed");
+            self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            ok = false;
         }
         for w in self.written.drain(..) {
             let _ = w.send(ok);
@@ -651,6 +667,8 @@ impl Sink {
 
 /// The active audit file plus its rotated predecessors `<name>.<first seq, 20 digits>`.
 struct FileSink {
+    /// The folder, locked (`flock`) for as long as this writer lives: one writer per folder.
+    _lock: File,
     path: PathBuf,
     file: Option<File>,
     /// Device and inode of the open file, to notice that it was removed or replaced.
@@ -676,18 +694,35 @@ impl FileSink {
         hasher: &Hasher,
     ) -> Result<(FileSink, u64, String), AuditError> {
         let io_err = |source| AuditError::Io { path: path.to_path_buf(), source };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Records name identities and keys (Secrets' names among them): not for every local user.
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(dir)
-                .map_err(|source| AuditError::Io { path: dir.to_path_buf(), source })?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        // Records name identities and keys (Secrets' names among them): not for every local user.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|source| AuditError::Io { path: dir.to_path_buf(), source })?;
+        // One writer per folder: a second instance would interleave its chain with ours, cut our records off
+        // after a failed write and race our rotations. The lock is the folder's own, so no file is added to it.
+        let lock = File::open(dir).map_err(|source| AuditError::Io { path: dir.to_path_buf(), source })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(AuditError::Locked { path: dir.to_path_buf() }),
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(AuditError::Io { path: dir.to_path_buf(), source });
+            }
         }
         let mut file = open_active(path).map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
-        let mut sink =
-            FileSink { path: path.to_path_buf(), file: None, ident: None, len, first_seq: None, max_bytes, max_files };
+        let mut sink = FileSink {
+            _lock: lock,
+            path: path.to_path_buf(),
+            file: None,
+            ident: None,
+            len,
+            first_seq: None,
+            max_bytes,
+            max_files,
+        };
         // Where the chain stands: the active file's last record, else the newest rotated file's.
         let mut tail_source = None;
         let mut cut = None;
@@ -711,12 +746,12 @@ impl FileSink {
             sink.first_seq = starts_at(path).map_err(io_err)?;
             tail_source = last.map(|l| (path.to_path_buf(), l));
         }
-        if tail_source.is_none() {
-            if let Some(rotated) = sink.rotated_files().map_err(io_err)?.pop() {
-                let mut f = File::open(&rotated).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-                let tail = read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-                tail_source = tail.last.map(|l| (rotated, l));
-            }
+        if tail_source.is_none()
+            && let Some(rotated) = sink.rotated_files().map_err(io_err)?.pop()
+        {
+            let mut f = File::open(&rotated).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
+            let tail = read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
+            tail_source = tail.last.map(|l| (rotated, l));
         }
         let (seq, prev) = match tail_source {
             None => (0, GENESIS.to_string()),
@@ -872,12 +907,12 @@ impl FileSink {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(digits) = name.strip_prefix(&prefix) {
-                if digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()) {
-                    if let Ok(seq) = digits.parse::<u64>() {
-                        found.push((seq, entry.path()));
-                    }
-                }
+            if let Some(digits) = name.strip_prefix(&prefix)
+                && digits.len() == 20
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && let Ok(seq) = digits.parse::<u64>()
+            {
+                found.push((seq, entry.path()));
             }
         }
         found.sort();
@@ -1204,6 +1239,34 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn one_writer_per_folder() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let first = AuditLog::open(&config(dir.path()))?;
+        first.submit(record(&s, 1)).await?;
+        // Another instance (here the same process; flock locks are per open file) is refused, with the folder.
+        let mut other = config(dir.path());
+        other.output = AuditOutput::File(dir.path().join("other.log"));
+        let second = AuditLog::open(&other);
+        assert!(matches!(&second, Err(AuditError::Locked { path }) if path == dir.path()), "{:?}", second.err());
+        // Once the first is closed, its writer ends and gives the folder up.
+        first.close(Duration::from_secs(5)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            match AuditLog::open(&config(dir.path())) {
+                Err(AuditError::Locked { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => break other?,
+            }
+        };
+        again.submit(record(&s, 2)).await?;
+        again.close(Duration::from_secs(5)).await;
+        check_chain(&all_lines(dir.path()), &Hasher::unkeyed());
         Ok(())
     }
 

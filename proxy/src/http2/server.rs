@@ -218,10 +218,8 @@ where
             return;
         }
     };
-    if !end {
-        if let Err(e) = send_body(body, &mut stream).await {
-            debug!(error = %e, "response body not sent");
-        }
+    if !end && let Err(e) = send_body(body, &mut stream).await {
+        debug!(error = %e, "response body not sent");
     }
 }
 

@@ -575,15 +575,13 @@ async fn shared_first(
                     (o.ids.auto(), !o.no_share && o.pending.is_empty())
                 }
             };
-            if may_share {
-                if let Some(hubs) = &g.shared.watch_hub {
-                    let joined = hubs.join(create, id, &hub.down, &hub.detach, &g.shared.upstream, meta).await;
-                    if let Joined::Shared(sub) = joined {
-                        let counted = Counted::new(&g.shared.metrics.open_watches);
-                        let watch = JoinedWatch { sub, create: create.clone(), range, slot, counted: Some(counted) };
-                        lock(order).joined.insert(id, watch);
-                        return Handled::Done;
-                    }
+            if may_share && let Some(hubs) = &g.shared.watch_hub {
+                let joined = hubs.join(create, id, &hub.down, &hub.detach, &g.shared.upstream, meta).await;
+                if let Joined::Shared(sub) = joined {
+                    let counted = Counted::new(&g.shared.metrics.open_watches);
+                    let watch = JoinedWatch { sub, create: create.clone(), range, slot, counted: Some(counted) };
+                    lock(order).joined.insert(id, watch);
+                    return Handled::Done;
                 }
             }
             create.watch_id = id;
@@ -754,10 +752,10 @@ async fn revoke_withdrawn(
     for (answer, watch_id, reason) in shared {
         record_revocation(g, stream_id, watch_id, &reason).await;
         // Behind the shared watch's last frames for it.
-        if let Some(hub) = streams.hub {
-            if hub.down.send(HubItem::Frame(answer)).await.is_err() {
-                return false;
-            }
+        if let Some(hub) = streams.hub
+            && hub.down.send(HubItem::Frame(answer)).await.is_err()
+        {
+            return false;
         }
     }
     true
@@ -1014,10 +1012,10 @@ impl futures_util::Stream for ToClient {
             }
             // The proxy's own messages come before etcd's: they are few, and a shutdown or an error must not wait
             // behind a flood of events.
-            if this.since_own >= OWN_EVERY {
-                if let Poll::Ready(item) = this.poll_own(cx) {
-                    return Poll::Ready(item);
-                }
+            if this.since_own >= OWN_EVERY
+                && let Poll::Ready(item) = this.poll_own(cx)
+            {
+                return Poll::Ready(item);
             }
             if let Poll::Ready(Some(item)) = Pin::new(&mut this.upstream).poll_next(cx) {
                 match item {

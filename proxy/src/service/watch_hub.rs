@@ -686,10 +686,10 @@ impl SharedWatch {
                     let _ = send(&mut sub, HubItem::HandedOver(id));
                 } else if !gets_cancel {
                     detach(sub, metrics);
-                } else if let Some(bytes) = rewrite(frame.message(), sub.watch_id, 0, 0) {
-                    if send(&mut sub, HubItem::Frame(bytes)) != Sent::Queued {
-                        detach(sub, metrics);
-                    }
+                } else if let Some(bytes) = rewrite(frame.message(), sub.watch_id, 0, 0)
+                    && send(&mut sub, HubItem::Frame(bytes)) != Sent::Queued
+                {
+                    detach(sub, metrics);
                 }
             }
             st.closed = true;
