@@ -614,7 +614,7 @@ fn lost_record(n: u64) -> Record {
         stream: None,
         ops: "[]".into(),
         decision: Decision::Allow,
-        reason: format!("{n} records could not be written while the audit log was failing (on_write_failure: allow)"),
+        reason: format!("{n} records could not be written while the audit log was failing"),
         code: Code::DataLoss,
         revision: None,
         latency_us: 0,
@@ -764,6 +764,14 @@ impl FileSink {
                 (seq, hash)
             }
         };
+        // What a crash leaves is the start of the next record: `{"seq":<next>,"time":"…` cut anywhere. Anything else
+        // at the end (text added while the proxy was stopped) is not vouched for.
+        if let Some(torn) = &cut {
+            let expected = format!("{{\"seq\":{},\"time\":\"", seq + 1);
+            if !(torn.starts_with(expected.as_bytes()) || expected.as_bytes().starts_with(torn)) {
+                return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
+            }
+        }
         let (seq, prev) = match cut {
             // The chain goes on with a record that names the cut-off line's bytes: only the writer (the key's
             // holder, with an HMAC key) can vouch for one, so `audit verify` can tell it from an inserted line.
@@ -1487,10 +1495,25 @@ mod tests {
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
         assert_eq!((report.problem, report.records, report.notes.len()), (None, 2, 0));
 
+        let good = std::fs::read_to_string(&active)?;
         // A forged record put at the end without its newline (say while the proxy was stopped).
         let mut file = OpenOptions::new().append(true).open(&active)?;
         file.write_all(br#"{"seq":3,"rpc":"KV/Range","hash":"00"}"#)?;
         assert!(matches!(AuditLog::open(&config(dir.path())), Err(AuditError::BrokenTail { .. })));
+        // Nor is text that is not the start of the next record, cut (before: any line that was not JSON was).
+        for junk in [&br#"{"seq":3,"rpc":"KV/Put","key":"forged"#[..], b"anything at all", br#"{"seq":9,"time":"2"#] {
+            std::fs::write(&active, &good)?;
+            OpenOptions::new().append(true).open(&active)?.write_all(junk)?;
+            let opened = AuditLog::open(&config(dir.path()));
+            assert!(matches!(opened, Err(AuditError::BrokenTail { .. })), "{}", String::from_utf8_lossy(junk));
+        }
+        // What a crash leaves is: the next record's start, cut anywhere.
+        for cut in [&br#"{"se"#[..], br#"{"seq":3,"time":"2026-12-0"#] {
+            std::fs::write(&active, &good)?;
+            OpenOptions::new().append(true).open(&active)?.write_all(cut)?;
+            let log = AuditLog::open(&config(dir.path()))?;
+            log.close(Duration::from_secs(5)).await;
+        }
         Ok(())
     }
 
