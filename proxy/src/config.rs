@@ -132,6 +132,8 @@ pub struct Limits {
     /// Client connections open at once, counted from the accept (TLS handshakes in progress included); more are
     /// closed at once.
     pub max_connections: u32,
+    /// TLS handshakes in progress from one client address; more are closed at once.
+    pub max_handshakes_per_address: u32,
 }
 
 /// Why a configuration was refused.
@@ -289,6 +291,8 @@ struct RawLimits {
     max_concurrent_requests: Option<u32>,
     #[serde(default = "default_max_connections")]
     max_connections: u32,
+    #[serde(default = "default_max_handshakes_per_address")]
+    max_handshakes_per_address: u32,
 }
 
 impl Default for RawLimits {
@@ -298,6 +302,7 @@ impl Default for RawLimits {
             max_concurrent_streams: default_max_concurrent_streams(),
             max_concurrent_requests: None,
             max_connections: default_max_connections(),
+            max_handshakes_per_address: default_max_handshakes_per_address(),
         }
     }
 }
@@ -320,6 +325,11 @@ fn default_max_connections() -> u32 {
     // Bounds file descriptors and memory against a flood of connections (or handshakes); each client connection
     // with streams also holds connections to etcd of its own.
     10_000
+}
+fn default_max_handshakes_per_address() -> u32 {
+    // One address cannot take every connection slot with handshakes it never finishes; a reconnecting client
+    // (kube-apiserver, an agent) opens a few at once.
+    64
 }
 fn default_max_concurrent_streams() -> u32 {
     // etcd's default (`--max-concurrent-streams`) is unlimited; kube-apiserver multiplexes every watch on one
@@ -407,6 +417,9 @@ impl Config {
         if raw.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be greater than 0".into()));
         }
+        if raw.limits.max_handshakes_per_address == 0 {
+            return Err(invalid("limits.max_handshakes_per_address", "must be greater than 0".into()));
+        }
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
         }
@@ -438,6 +451,7 @@ impl Config {
                 max_concurrent_streams: raw.limits.max_concurrent_streams,
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
                 max_connections: raw.limits.max_connections,
+                max_handshakes_per_address: raw.limits.max_handshakes_per_address,
             },
             audit: Audit {
                 enabled: raw.audit.enabled,
@@ -565,6 +579,10 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         assert_eq!(Config::parse(&set("3"), Path::new("c.yaml"))?.limits.max_connections, 3);
         let err = Config::parse(&set("0"), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("limits.max_connections"), "{err}");
+        let per_address = format!("{EXAMPLE}\nlimits: {{ max_handshakes_per_address: 0 }}\n");
+        let err = Config::parse(&per_address, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("limits.max_handshakes_per_address"), "{err}");
+        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.limits.max_handshakes_per_address, 64);
         Ok(())
     }
 

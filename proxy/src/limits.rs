@@ -207,6 +207,51 @@ impl Drop for WatchSlot {
     }
 }
 
+/// TLS handshakes in progress per client address (`limits.max_handshakes_per_address`), so that one address cannot
+/// hold every connection slot with handshakes it never finishes.
+#[derive(Clone)]
+pub struct Handshakes {
+    max: u32,
+    open: Arc<Mutex<HashMap<std::net::IpAddr, u32>>>,
+}
+
+/// One handshake in progress; counted off when dropped (the handshake ended, however).
+pub struct HandshakeSlot {
+    ip: std::net::IpAddr,
+    open: Arc<Mutex<HashMap<std::net::IpAddr, u32>>>,
+}
+
+// === impl Handshakes ===
+
+impl Handshakes {
+    pub fn new(max: u32) -> Handshakes {
+        Handshakes { max: max.max(1), open: Arc::default() }
+    }
+
+    /// A slot for a handshake from `ip`, unless `max` are in progress from it.
+    pub fn try_start(&self, ip: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot { ip, open: self.open.clone() })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

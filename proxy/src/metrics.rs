@@ -80,7 +80,7 @@ pub struct Metrics {
     /// Client connections open now.
     pub connections: Gauge,
     /// Client connections closed at once because `limits.max_connections` were open.
-    pub connections_refused: Counter,
+    pub connections_refused: Family<LimitLabels, Counter>,
     /// Watches open now (created by etcd, not yet canceled).
     pub open_watches: Gauge,
     /// Upstream watches shared by several client watches now (`watch.coalesce`).
@@ -194,10 +194,11 @@ impl Metrics {
         );
         let connections = Gauge::default();
         registry.register("client_connections", "Client connections open now", connections.clone());
-        let connections_refused = Counter::default();
+        let connections_refused = Family::<LimitLabels, Counter>::default();
         registry.register(
             "client_connections_refused",
-            "Client connections closed at once because limits.max_connections were open (handshakes included)",
+            "Client connections closed at once, by limit: max_connections (open connections, handshakes included), \
+             max_handshakes_per_address (handshakes in progress from one address)",
             connections_refused.clone(),
         );
         let handshake_failures = Family::<ReasonLabels, Counter>::default();

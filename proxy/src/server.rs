@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::http2;
 use crate::identity::Identity;
 use crate::limits::Limiter;
-use crate::metrics::{self, HealthState, Metrics, ReasonLabels};
+use crate::metrics::{self, HealthState, LimitLabels, Metrics, ReasonLabels};
 use crate::policy::{Policy, PolicyError};
 use crate::reload::{ReloadHandle, Reloader};
 use crate::service::{Conn, Guard, Shared};
@@ -53,6 +53,8 @@ pub struct Proxy {
     max_concurrent_streams: u32,
     /// One permit per client connection open (`limits.max_connections`), held from the accept to the close.
     connection_slots: Arc<Semaphore>,
+    /// Handshakes in progress per client address (`limits.max_handshakes_per_address`).
+    handshakes: crate::limits::Handshakes,
     /// The worker runtimes connections are given to in turn; none: connections run on the caller's runtime.
     workers: Vec<Handle>,
 }
@@ -125,6 +127,7 @@ impl Proxy {
             handshake_timeout: config.tls.handshake_timeout,
             max_concurrent_streams: config.limits.max_concurrent_streams,
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
+            handshakes: crate::limits::Handshakes::new(config.limits.max_handshakes_per_address),
             workers,
         })
     }
@@ -181,15 +184,22 @@ impl Proxy {
                 },
                 _ = stop.changed() => break,
             };
-            // Over the limit: closed before any TLS work, so a flood costs an accept and a close each.
-            let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
-                drop(tcp);
-                self.shared.metrics.connections_refused.inc();
-                if warned_full.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                    warned_full = Some(Instant::now());
-                    warn!(%peer, "limits.max_connections client connections are open; new ones are closed at once (logged at most every 10 s; see etcd_guard_client_connections_refused_total)");
+            // Over a limit: closed before any TLS work, so a flood costs an accept and a close each.
+            let slots = match self.connection_slots.clone().try_acquire_owned() {
+                Ok(slot) => self.handshakes.try_start(peer.ip()).map(|h| (slot, h)).ok_or("max_handshakes_per_address"),
+                Err(_) => Err("max_connections"),
+            };
+            let (slot, handshaking) = match slots {
+                Ok(slots) => slots,
+                Err(limit) => {
+                    drop(tcp);
+                    self.shared.metrics.connections_refused.get_or_create(&LimitLabels { limit }).inc();
+                    if warned_full.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        warned_full = Some(Instant::now());
+                        warn!(%peer, limit, "a connection limit (limits.{limit}) is reached; new connections over it are closed at once (logged at most every 10 s; see etcd_guard_client_connections_refused_total)");
+                    }
+                    continue;
                 }
-                continue;
             };
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             // In this order: a reload replaces the acceptor, then the trust of open connections.
@@ -201,7 +211,7 @@ impl Proxy {
             match self.workers.get(id as usize % self.workers.len().max(1)) {
                 None => drop(connections.spawn(async move {
                     let _slot = slot;
-                    connection(tcp, peer, id, (acceptor, trust), shared, settings, stop).await
+                    connection(tcp, peer, id, (acceptor, trust, handshaking), shared, settings, stop).await
                 })),
                 // The socket moves to the worker's own reactor.
                 Some(worker) => match tcp.into_std() {
@@ -209,7 +219,10 @@ impl Proxy {
                         let serve = async move {
                             let _slot = slot;
                             match TcpStream::from_std(tcp) {
-                                Ok(tcp) => connection(tcp, peer, id, (acceptor, trust), shared, settings, stop).await,
+                                Ok(tcp) => {
+                                    connection(tcp, peer, id, (acceptor, trust, handshaking), shared, settings, stop)
+                                        .await
+                                }
                                 Err(e) => warn!(conn = id, %peer, error = %e, "cannot hand the connection to a worker"),
                             }
                         };
@@ -284,7 +297,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-    (acceptor, trust): (tls::Acceptor, watch::Receiver<tls::Trust>),
+    (acceptor, trust, handshaking): (tls::Acceptor, watch::Receiver<tls::Trust>, crate::limits::HandshakeSlot),
     shared: Arc<Shared>,
     (handshake_timeout, max_concurrent_streams, grace): (Duration, u32, Duration),
     stop: watch::Receiver<bool>,
@@ -304,6 +317,7 @@ async fn connection(
             return;
         }
     };
+    drop(handshaking);
     let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
     let mut trust = PeerTrust::new(chain, &acceptor, trust);
     let identity = match chain.first().map(|c| Identity::from_der(c.as_ref())) {

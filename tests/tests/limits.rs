@@ -158,27 +158,41 @@ async fn requests_whose_message_never_arrives_are_capped_per_connection() -> Tes
     Ok(())
 }
 
-/// `limits.max_connections` counts connections from the accept, handshakes included: over it, a new connection is
-/// closed before any TLS work, and counted; once one closes, the next is served.
+/// `limits.max_connections` counts connections from the accept, handshakes included, and
+/// `limits.max_handshakes_per_address` handshakes in progress from one address: over either, a new connection is
+/// closed before any TLS work, and counted by limit; once one closes, the next is served.
 #[tokio::test(flavor = "multi_thread")]
-async fn connections_over_max_connections_are_closed_at_once() -> TestResult {
-    let h = Harness::with_config(POLICY, "limits: { max_connections: 2 }\n").await?;
-    let admin = h.admin()?;
-    // Two connections that never start TLS hold both slots (until the 10 s handshake timeout).
-    let first = tokio::net::TcpStream::connect(h.proxy_addr).await?;
-    let second = tokio::net::TcpStream::connect(h.proxy_addr).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let third = tokio::time::timeout(Duration::from_secs(5), etcd_guard_tests::bare_h2(&h, &admin, None)).await?;
-    assert!(third.is_err(), "a third connection was served");
-    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
-    let (_, metrics) = http_get(addr, "/metrics")?;
-    assert!(
-        metrics.lines().any(|l| l.starts_with("etcd_guard_client_connections_refused_total ") && !l.ends_with(" 0")),
-        "{metrics}"
-    );
-    drop((first, second));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut c = h.client(&admin).await?;
-    c.put("after", "v", None).await?;
+async fn connections_over_a_connection_limit_are_closed_at_once() -> TestResult {
+    for (limit, section) in [
+        ("max_connections", "limits: { max_connections: 2 }\n"),
+        ("max_handshakes_per_address", "limits: { max_handshakes_per_address: 2 }\n"),
+    ] {
+        let h = Harness::with_config(POLICY, section).await?;
+        let admin = h.admin()?;
+        // Two connections that never start TLS hold both slots (until the 10 s handshake timeout).
+        let first = tokio::net::TcpStream::connect(h.proxy_addr).await?;
+        let second = tokio::net::TcpStream::connect(h.proxy_addr).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let third = tokio::time::timeout(Duration::from_secs(5), etcd_guard_tests::bare_h2(&h, &admin, None)).await?;
+        assert!(third.is_err(), "{limit}: a third connection was served");
+        let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+        let (_, metrics) = http_get(addr, "/metrics")?;
+        let counted = format!("etcd_guard_client_connections_refused_total{{limit=\"{limit}\"}} ");
+        assert!(metrics.lines().any(|l| l.starts_with(&counted) && !l.ends_with(" 0")), "{counted}: {metrics}");
+        drop((first, second));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut c = h.client(&admin).await?;
+        c.put("after", "v", None).await?;
+        // A client that finished its handshake no longer counts against the address.
+        if limit == "max_handshakes_per_address" {
+            let mut more = Vec::new();
+            for _ in 0..3 {
+                more.push(h.client(&admin).await?);
+            }
+            for c in &mut more {
+                c.put("more", "v", None).await?;
+            }
+        }
+    }
     Ok(())
 }
