@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::chain::{GENESIS, Hasher, split_line};
 use super::read::{self, AuditFile, ChainFields, Line, LineReader, MAX_LINE_BYTES, ReadError};
-use super::writer::CUT_RPC;
+use super::writer::{CLOSE_RPC, CUT_RPC};
 
 /// Arguments of `etcd-guard audit verify`.
 #[derive(Debug, clap::Args)]
@@ -198,6 +198,8 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     };
     let mut last: Option<Good> = None;
     let mut pending: Option<Pending> = None;
+    // The last intact line's bytes: whether the chain ends with the writer's close record.
+    let mut last_line: Vec<u8> = Vec::new();
     let unreadable = |file: &AuditFile, source| ReadError::Unreadable { path: file.path.display().to_string(), source };
     for (index, file) in files.iter().enumerate() {
         let mut reader = LineReader::open(&file.path).map_err(|e| unreadable(file, e))?;
@@ -256,6 +258,10 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                     }
                     report.records += 1;
                     last = Some(Good { seq: record.seq, hash: record.hash, file: index, line: number });
+                    if let Line::Complete(bytes) = line {
+                        last_line.clear();
+                        last_line.extend_from_slice(bytes);
+                    }
                 }
             }
         }
@@ -264,6 +270,21 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
         // The last line: nothing after it can show it was inserted.
         report.problem = Some(defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None));
         return Ok(report);
+    }
+    if let Some(g) = &last {
+        #[derive(serde::Deserialize)]
+        struct Rpc<'a> {
+            #[serde(borrow)]
+            rpc: std::borrow::Cow<'a, str>,
+        }
+        let closed = serde_json::from_slice::<Rpc<'_>>(&last_line).is_ok_and(|r| r.rpc == CLOSE_RPC);
+        if !closed {
+            report.notes.push(format!(
+                "the last record (seq {}) is not the writer's close record: the proxy is still writing, or it stopped \
+                 without closing the log (crash, kill), or records were removed from the end",
+                g.seq
+            ));
+        }
     }
     report.last = last.map(|g| (g.seq, hex::encode(g.hash)));
     Ok(report)
@@ -499,7 +520,9 @@ mod tests {
             assert_eq!(report.records, 10);
             assert_eq!(report.first, Some((1, GENESIS.to_owned())));
             assert_eq!(report.last.as_ref().map(|l| l.0), Some(10));
-            assert!(report.notes.is_empty());
+            // These records end without the writer's close record (a log still written, or cut at the end).
+            assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+            assert!(report.notes[0].starts_with("the last record (seq 10) is not the writer's close record"));
             assert!(report.to_string().starts_with("ok: 10 records in 2 files, seq 1..=10, last hash "));
         }
         Ok(())
@@ -512,7 +535,7 @@ mod tests {
         let (_, new) = two_files(dir.path(), &h, |_| {})?;
         let report = check(&[new], &h)?;
         assert_eq!(report.problem, None);
-        assert_eq!(report.notes.len(), 1);
+        assert_eq!(report.notes.len(), 2);
         assert!(report.notes[0].starts_with("chain starts at seq 7 (prev_hash "), "{:?}", report.notes);
         Ok(())
     }

@@ -127,14 +127,29 @@ impl AuditLog {
             Some(path) => Hasher::from_key_file(path)?,
             None => Hasher::unkeyed(),
         };
-        let (sink, seq, prev) = match &config.output {
-            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string()),
+        let (sink, seq, prev, previous) = match &config.output {
+            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), Previous::None),
             AuditOutput::File(path) => {
-                let (file, seq, prev) = FileSink::open(path, config.max_file_bytes, config.max_files, &hasher)?;
-                (Sink::File(file), seq, prev)
+                let (file, seq, prev, previous) =
+                    FileSink::open(path, config.max_file_bytes, config.max_files, &hasher)?;
+                (Sink::File(file), seq, prev, previous)
             }
         };
-        AuditLog::start(config, sink, hasher, seq, prev)
+        if previous == Previous::NotClosed {
+            warn!(
+                after_seq = seq,
+                "audit: the log's last record is not a close record: the previous run stopped without closing it (crash, kill), or records were removed from its end"
+            );
+        }
+        let log = AuditLog::start(config, sink, hasher, seq, prev)?;
+        // Every start is in the chain, with what it found: a restart, and a tail that ends without a close, are
+        // visible to a reviewer (and to `audit verify`).
+        if let Some(inner) = &log.inner
+            && inner.tx.try_send(Msg::Record(open_record(seq, previous), None)).is_ok()
+        {
+            inner.stats.queued.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(log)
     }
 
     /// Start the writer thread on an open sink whose chain stands at `seq`, `prev`.
@@ -470,7 +485,11 @@ impl Writer {
                 self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.pending.push((r, written));
             }
-            Msg::Flush(ack) => acks.push(ack),
+            Msg::Flush(ack) => {
+                // The last record of a run that closed cleanly.
+                self.pending.push((close_record(), None));
+                acks.push(ack);
+            }
         }
     }
 
@@ -554,7 +573,9 @@ impl Writer {
             && let Err(e) = self.sink.sync()
         {
             warn!(error = %e, "audit: sync failed");
-            self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            // Failing before the refused answers hear of it: a caller that sees its refusal sees the log fail.
+            // (Counted as a write error by the caller.)
+            self.shared.failing.store(true, Ordering::Relaxed);
             ok = false;
         }
         for w in self.written.drain(..) {
@@ -599,6 +620,71 @@ pub fn cut_record(line: &[u8]) -> Record {
         reason: "the line before this record was cut off (the proxy stopped while writing it); what it said is lost"
             .into(),
         code: Code::DataLoss,
+        revision: None,
+        latency_us: 0,
+    }
+}
+
+/// The `rpc` of the record a writer starts with ([`open_record`]).
+pub const OPEN_RPC: &str = "etcd-guard/AuditOpen";
+
+/// The `rpc` of the record a writer ends with when it is closed (a clean shutdown).
+pub const CLOSE_RPC: &str = "etcd-guard/AuditClose";
+
+/// How the log a writer opens ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Previous {
+    /// No record before: a new log.
+    None,
+    /// With a close record: the previous run shut down cleanly.
+    Closed,
+    /// Without one: the previous run crashed or was killed, or records were removed from the end.
+    NotClosed,
+}
+
+/// The first record of every run: `{"op":"open","after_seq":N,"previous":"none|closed|not_closed"}`.
+fn open_record(after_seq: u64, previous: Previous) -> Record {
+    let (word, reason) = match previous {
+        Previous::None => ("none", "audit log opened: a new chain"),
+        Previous::Closed => ("closed", "audit log opened after a clean close"),
+        Previous::NotClosed => (
+            "not_closed",
+            "audit log opened; the record before this one is not a close record: the previous run stopped without \
+             closing the log (crash, kill), or records were removed from its end",
+        ),
+    };
+    let mut ops = Ops::new();
+    ops.op("open", |op| {
+        op.num_always("after_seq", i64::try_from(after_seq).unwrap_or(i64::MAX));
+        op.text("previous", word);
+    });
+    Record {
+        subject: Arc::new(Subject::proxy()),
+        time: SystemTime::now(),
+        rpc: OPEN_RPC,
+        event: Event::Call,
+        stream: None,
+        ops: ops.finish(),
+        decision: Decision::Allow,
+        reason: reason.into(),
+        code: if previous == Previous::NotClosed { Code::DataLoss } else { Code::Ok },
+        revision: None,
+        latency_us: 0,
+    }
+}
+
+/// The last record of a run that shut down cleanly.
+fn close_record() -> Record {
+    Record {
+        subject: Arc::new(Subject::proxy()),
+        time: SystemTime::now(),
+        rpc: CLOSE_RPC,
+        event: Event::Call,
+        stream: None,
+        ops: "[]".into(),
+        decision: Decision::Allow,
+        reason: "audit log closed (clean shutdown)".into(),
+        code: Code::Ok,
         revision: None,
         latency_us: 0,
     }
@@ -692,7 +778,7 @@ impl FileSink {
         max_bytes: u64,
         max_files: usize,
         hasher: &Hasher,
-    ) -> Result<(FileSink, u64, String), AuditError> {
+    ) -> Result<(FileSink, u64, String, Previous), AuditError> {
         let io_err = |source| AuditError::Io { path: path.to_path_buf(), source };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         // Records name identities and keys (Secrets' names among them): not for every local user.
@@ -753,15 +839,20 @@ impl FileSink {
             let tail = read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
             tail_source = tail.last.map(|l| (rotated, l));
         }
-        let (seq, prev) = match tail_source {
-            None => (0, GENESIS.to_string()),
+        let (seq, prev, previous) = match tail_source {
+            None => (0, GENESIS.to_string(), Previous::None),
             Some((from, line)) => {
                 if !chain::line_is_intact(hasher, &line) {
                     return Err(AuditError::broken_tail(from, hasher));
                 }
                 let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
                 let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
-                (seq, hash)
+                let previous = if cut.is_none() && line_rpc(&line).as_deref() == Some(CLOSE_RPC) {
+                    Previous::Closed
+                } else {
+                    Previous::NotClosed
+                };
+                (seq, hash, previous)
             }
         };
         // What a crash leaves is the start of the next record: `{"seq":<next>,"time":"…` cut anywhere. Anything else
@@ -789,7 +880,7 @@ impl FileSink {
         sink.ident = file_ident(&file);
         sink.file = Some(file);
         info!(path = %path.display(), next_seq = seq + 1, "audit log open");
-        Ok((sink, seq, prev))
+        Ok((sink, seq, prev, previous))
     }
 
     fn write(&mut self, buf: &[u8], first_seq: u64) -> io::Result<()> {
@@ -998,6 +1089,15 @@ fn read_last_line(file: &mut File) -> io::Result<Tail> {
     }
 }
 
+/// The `rpc` of a record line.
+fn line_rpc(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        rpc: String,
+    }
+    serde_json::from_slice::<Head>(line).ok().map(|h| h.rpc)
+}
+
 fn line_seq(line: &[u8]) -> Result<u64, String> {
     #[derive(serde::Deserialize)]
     struct Head {
@@ -1109,6 +1209,11 @@ mod tests {
             .collect()
     }
 
+    /// [`all_lines`] without the writer's own open and close records.
+    fn request_lines(dir: &Path) -> Vec<String> {
+        all_lines(dir).into_iter().filter(|l| !l.contains(OPEN_RPC) && !l.contains(CLOSE_RPC)).collect()
+    }
+
     fn check_chain(lines: &[String], hasher: &Hasher) {
         let mut prev = GENESIS.to_string();
         for (i, l) in lines.iter().enumerate() {
@@ -1175,8 +1280,12 @@ mod tests {
         log.close(Duration::from_secs(5)).await;
         let files = std::fs::read_dir(dir.path())?.count();
         assert!(files > 2, "rotated by size: {files} files");
+        assert_eq!(request_lines(dir.path()).len(), 60);
         let lines = all_lines(dir.path());
-        assert_eq!(lines.len(), 60);
+        // Each run begins with an open record and ends with a close record; the second says the first closed.
+        assert_eq!(lines.len(), 64);
+        assert!(lines[0].contains(OPEN_RPC) && lines[0].contains(r#""previous":"none""#), "{}", lines[0]);
+        assert!(lines[41].contains(CLOSE_RPC) && lines[42].contains(r#""previous":"closed""#), "{}", lines[42]);
         check_chain(&lines, &Hasher::unkeyed());
         Ok(())
     }
@@ -1193,7 +1302,7 @@ mod tests {
             for n in 0..30 {
                 log.submit(record(&s, n)).await?;
                 // No waiting: with `queued` the record would reach the file up to a batch window later.
-                let lines = all_lines(dir.path());
+                let lines = request_lines(dir.path());
                 assert_eq!(lines.len(), n + 1, "{answer_after:?}: record {n} is not in the file yet");
                 assert!(lines[n].contains(&format!("\"k{n}\"")), "{}", lines[n]);
             }
@@ -1202,7 +1311,7 @@ mod tests {
             for r in futures_util::future::join_all(at_once).await {
                 r?;
             }
-            assert_eq!(all_lines(dir.path()).len(), 90, "{answer_after:?}");
+            assert_eq!(request_lines(dir.path()).len(), 90, "{answer_after:?}");
             log.close(Duration::from_secs(5)).await;
             check_chain(&all_lines(dir.path()), &Hasher::unkeyed());
         }
@@ -1296,7 +1405,8 @@ mod tests {
         eventually("the log works again", || !log.is_failing()).await?;
         assert_eq!(log.close(Duration::from_secs(5)).await, 0);
         let lines = faulty.lines();
-        assert!(lines.iter().enumerate().all(|(i, l)| l.contains(&format!("\"k{i}\""))), "in order: {lines:?}");
+        assert!(lines[..40].iter().enumerate().all(|(i, l)| l.contains(&format!("\"k{i}\""))), "in order: {lines:?}");
+        assert!(lines[40].contains(CLOSE_RPC), "{}", lines[40]);
         Ok(())
     }
 
@@ -1328,8 +1438,9 @@ mod tests {
         for n in 0..5 {
             log.submit_now(record(&s, n));
         }
-        assert_eq!(log.close(Duration::from_secs(15)).await, 5);
-        assert_eq!(log.stats().map(|s| s.lost.load(Ordering::SeqCst)), Some(5));
+        // The five, and the close record.
+        assert_eq!(log.close(Duration::from_secs(15)).await, 6);
+        assert_eq!(log.stats().map(|s| s.lost.load(Ordering::SeqCst)), Some(6));
         Ok(())
     }
 
@@ -1411,7 +1522,8 @@ mod tests {
                     .iter()
                     .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["seq"].as_u64())
                     .collect();
-                assert_eq!(seqs.last(), Some(&12), "{names:?}");
+                // 3 runs of an open record, 4 records and a close record.
+                assert_eq!(seqs.last(), Some(&18), "{names:?}");
                 assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?} in {names:?}");
             }
         }
@@ -1427,7 +1539,8 @@ mod tests {
         let log = AuditLog::open(&config(dir.path()))?;
         let active = dir.path().join("audit.log");
         let mut n = 0;
-        while std::fs::metadata(&active)?.len() < 4096 - 400 {
+        // Near the limit, short of a rotation (records are about 420 bytes).
+        while std::fs::metadata(&active)?.len() < 4096 - 860 {
             log.submit(record(&s, n)).await?;
             n += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1440,7 +1553,8 @@ mod tests {
         log.close(Duration::from_secs(5)).await;
         assert!(!log.is_failing());
         let text = std::fs::read_to_string(&active)?;
-        assert_eq!(text.lines().count(), 3, "{text}");
+        // The three, and the close record.
+        assert_eq!(text.lines().count(), 4, "{text}");
         Ok(())
     }
 
@@ -1458,7 +1572,8 @@ mod tests {
         }
         log.close(Duration::from_secs(5)).await;
         let mut file = OpenOptions::new().append(true).open(dir.path().join("audit.log"))?;
-        file.write_all(br#"{"seq":4,"time":"2026-12-02T0"#)?;
+        // Open record, 3 records, close record: a crash cut the next one.
+        file.write_all(br#"{"seq":6,"time":"2026-12-02T0"#)?;
         let log = AuditLog::open(&config(dir.path()))?;
         for n in 3..5 {
             log.submit(record(&s, n)).await?;
@@ -1467,9 +1582,12 @@ mod tests {
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
         assert_eq!(report.problem, None, "{report:?}");
-        assert_eq!((report.records, report.notes.len()), (6, 1), "3, the writer's record for the cut, 2: {report:?}");
-        let text = std::fs::read_to_string(dir.path().join("audit.log"))?;
-        assert!(text.lines().nth(4).is_some_and(|l| l.contains(CUT_RPC) && l.contains(r#""bytes":29"#)), "{text}");
+        assert_eq!((report.records, report.notes.len()), (10, 1), "5, the writer's record for the cut, 4: {report:?}");
+        let lines = all_lines(dir.path());
+        let cut = lines.iter().position(|l| l.contains(CUT_RPC)).ok_or("no cut record")?;
+        assert!(lines[cut].contains(r#""bytes":29"#) && lines[cut - 1].starts_with(r#"{"seq":6,"time":"2026-12-02T0"#));
+        // The run after a crash says that the one before did not close.
+        assert!(lines[cut + 1].contains(OPEN_RPC) && lines[cut + 1].contains("not_closed"), "{}", lines[cut + 1]);
         Ok(())
     }
 
@@ -1493,7 +1611,8 @@ mod tests {
         log.close(Duration::from_secs(5)).await;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
-        assert_eq!((report.problem, report.records, report.notes.len()), (None, 2, 0));
+        // Each run: open record, a record, close record.
+        assert_eq!((report.problem, report.records, report.notes.len()), (None, 6, 0));
 
         let good = std::fs::read_to_string(&active)?;
         // A forged record put at the end without its newline (say while the proxy was stopped).
@@ -1508,7 +1627,7 @@ mod tests {
             assert!(matches!(opened, Err(AuditError::BrokenTail { .. })), "{}", String::from_utf8_lossy(junk));
         }
         // What a crash leaves is: the next record's start, cut anywhere.
-        for cut in [&br#"{"se"#[..], br#"{"seq":3,"time":"2026-12-0"#] {
+        for cut in [&br#"{"se"#[..], br#"{"seq":7,"time":"2026-12-0"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(cut)?;
             let log = AuditLog::open(&config(dir.path()))?;
