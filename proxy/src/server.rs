@@ -85,7 +85,6 @@ impl Proxy {
         check_issuers(&policy, &config.tls).map_err(StartError::Issuers)?;
         let server_tls = tls::server_config(&config.tls)?;
         let upstream_tls = tls::upstream_connections(&config.upstream)?;
-        let audit = AuditLog::open(&config.audit)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
             None => None,
@@ -93,6 +92,8 @@ impl Proxy {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        // Last: its open record says a run began, which a start that fails before serving should not leave.
+        let audit = AuditLog::open(&config.audit)?;
         let advertise_client_urls = if config.advertise_client_urls.is_empty() {
             vec![format!("https://{}", listener.local_addr().unwrap_or(config.listen))]
         } else {
