@@ -639,7 +639,7 @@ fn expiry_warning(path: &Path, cert_pem: &str) -> Option<String> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
     let expiry = crate::tls::Expiry::of("kept", path, std::slice::from_ref(&der))?;
-    expiry.warning(time::OffsetDateTime::now_utc().unix_timestamp())
+    expiry.warning_now()
 }
 
 fn missing_names(cert_pem: &str, sans: &[&str], uri_sans: &[&str]) -> Vec<String> {

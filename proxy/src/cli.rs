@@ -568,8 +568,7 @@ fn config_check(path: PathBuf) -> ExitCode {
     }
     // Expiring certificates are worth a warning, not a failure: the proxy serves with them (clients and etcd
     // refuse expired ones).
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    for warning in expiries.iter().filter_map(|e| e.warning(now)) {
+    for warning in expiries.iter().filter_map(crate::tls::Expiry::warning_now) {
         eprintln!("etcd-guard: warning: {warning}");
     }
     match Policy::load(&config.policy_file) {

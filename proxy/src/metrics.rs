@@ -299,10 +299,9 @@ impl Metrics {
 
     /// Put the expiry of certificate files now in force in the metrics, and warn of those that expire soon.
     pub fn certificates(&self, expiries: &[crate::tls::Expiry]) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         for e in expiries {
             self.certificate_expiry.get_or_create(&CertificateLabels { certificate: e.certificate }).set(e.not_after);
-            if let Some(warning) = e.warning(now) {
+            if let Some(warning) = e.warning_now() {
                 warn!(certificate = e.certificate, file = %e.path.display(), "{warning}");
             }
         }

@@ -71,18 +71,24 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     let mut roots = RootCertStore::empty();
     let cas = load_certs(&tls.client_ca_file)?;
     let mut crls = Vec::new();
-    let mut crl_next_update: Option<i64> = None;
+    let mut earliest_next_update: Option<i64> = None;
     for path in &tls.crl_files {
         let loaded = load_crls(path)?;
         for crl in &loaded {
-            if let Some(next) = next_update(crl) {
-                crl_next_update = Some(crl_next_update.map_or(next, |n| n.min(next)));
+            let next = match crl_next_update(path, crl) {
+                Ok(next) => next,
+                // Not refused here with danger_accept_expired_crls: the verifier refuses a CRL it cannot parse.
+                Err(_) if tls.danger_accept_expired_crls => None,
+                Err(e) => return Err(e),
+            };
+            let Some(next) = next else { continue };
+            // A CRL whose nextUpdate has passed is refused: revocations issued since are unknown.
+            if !tls.danger_accept_expired_crls && next.timestamp() < ::time::OffsetDateTime::now_utc().unix_timestamp()
+            {
+                return Err(TlsError::CrlExpired { path: path.to_path_buf(), next_update: next.to_string() });
             }
-        }
-        if !tls.danger_accept_expired_crls {
-            for crl in &loaded {
-                check_crl_current(path, crl)?;
-            }
+            let next = next.timestamp();
+            earliest_next_update = Some(earliest_next_update.map_or(next, |n| n.min(next)));
         }
         crls.extend(loaded);
     }
@@ -95,12 +101,8 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     for ca in cas {
         roots.add(ca).map_err(|e| TlsError::Pem { path: tls.client_ca_file.clone(), message: e.to_string() })?;
     }
-    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls);
-    if !tls.danger_accept_expired_crls {
-        builder = builder.enforce_revocation_expiration();
-    }
-    let verifier =
-        builder.build().map_err(|e| TlsError::Verifier { path: tls.client_ca_file.clone(), message: e.to_string() })?;
+    let verifier = client_verifier(roots, &crls, tls.danger_accept_expired_crls, &provider)
+        .map_err(|e| TlsError::Verifier { path: tls.client_ca_file.clone(), message: e.to_string() })?;
 
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -115,7 +117,23 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     config.send_tls13_tickets = 0;
     let acceptor = Acceptor { tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)), issuers: issuers.clone() };
     let trust = Trust { verifier, issuers };
-    Ok(ServerTls { acceptor, trust, trust_digest, expiries, crl_next_update })
+    Ok(ServerTls { acceptor, trust, trust_digest, expiries, crl_next_update: earliest_next_update })
+}
+
+/// A client certificate verifier trusting `roots`, checking revocation against `crls` (expired CRLs refused
+/// unless `accept_expired`): the listener's, and each named CA's of `tls.issuers`.
+fn client_verifier(
+    roots: RootCertStore,
+    crls: &[CertificateRevocationListDer<'static>],
+    accept_expired: bool,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::server::VerifierBuilderError> {
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls.to_vec());
+    if !accept_expired {
+        builder = builder.enforce_revocation_expiration();
+    }
+    builder.build()
 }
 
 /// What a client certificate verifier is made of — the CA certificates, the CRLs, whether expired CRLs are
@@ -260,13 +278,8 @@ impl Issuers {
                 }
                 roots.add(ca).map_err(|e| TlsError::Pem { path: path.clone(), message: e.to_string() })?;
             }
-            let mut builder =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls.to_vec());
-            if !tls.danger_accept_expired_crls {
-                builder = builder.enforce_revocation_expiration();
-            }
-            let verifier =
-                builder.build().map_err(|e| TlsError::Verifier { path: path.clone(), message: e.to_string() })?;
+            let verifier = client_verifier(roots, crls, tls.danger_accept_expired_crls, provider)
+                .map_err(|e| TlsError::Verifier { path: path.clone(), message: e.to_string() })?;
             issuers.named.push((name.clone(), verifier));
         }
         Ok(issuers)
@@ -441,6 +454,11 @@ impl Expiry {
         self.not_after.saturating_sub(now)
     }
 
+    /// [`Expiry::warning`] as of now.
+    pub fn warning_now(&self) -> Option<String> {
+        self.warning(::time::OffsetDateTime::now_utc().unix_timestamp())
+    }
+
     /// A warning if it expires within [`EXPIRY_WARNING`] of `now`, or has expired.
     pub fn warning(&self, now: i64) -> Option<String> {
         let left = self.seconds_left(now);
@@ -495,24 +513,15 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(pem)
 }
 
-/// A CRL's nextUpdate, Unix seconds (none if it has none or does not parse; the verifier refuses the latter).
-fn next_update(crl: &CertificateRevocationListDer<'_>) -> Option<i64> {
-    use x509_parser::prelude::FromDer;
-    let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref()).ok()?;
-    parsed.next_update().map(|t| t.timestamp())
-}
-
-/// Refuse a CRL whose nextUpdate has passed: revocations issued since are unknown.
-fn check_crl_current(path: &Path, crl: &CertificateRevocationListDer<'_>) -> Result<(), TlsError> {
+/// A CRL's nextUpdate, if it has one (parsed once, for the expiry check and the metric).
+fn crl_next_update(
+    path: &Path,
+    crl: &CertificateRevocationListDer<'_>,
+) -> Result<Option<x509_parser::time::ASN1Time>, TlsError> {
     use x509_parser::prelude::FromDer;
     let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
         .map_err(|e| TlsError::BadCrl { path: path.to_path_buf(), message: e.to_string() })?;
-    if let Some(next) = parsed.next_update()
-        && next.timestamp() < ::time::OffsetDateTime::now_utc().unix_timestamp()
-    {
-        return Err(TlsError::CrlExpired { path: path.to_path_buf(), next_update: next.to_string() });
-    }
-    Ok(())
+    Ok(parsed.next_update())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

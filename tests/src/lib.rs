@@ -132,6 +132,13 @@ impl Pki {
         Ok(ClientCert { cert, key, serial: Vec::new() })
     }
 
+    /// `etcd-client` TLS options for `who`: the test CA, and `who`'s certificate and key.
+    pub fn client_tls(&self, who: &ClientCert) -> TestResult<etcd_client::TlsOptions> {
+        Ok(etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(self.ca_file())?))
+            .identity(etcd_client::Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?)))
+    }
+
     /// Issue a client certificate.
     pub fn client(&self, name: &str, cn: &str, org: Option<&str>, uris: &[&str]) -> TestResult<ClientCert> {
         self.write_leaf(name, LeafKind::Client, cn, org, &[], uris)
@@ -479,9 +486,7 @@ metrics_listen: "127.0.0.1:0"
 
     /// An `etcd-client` connection through the proxy.
     pub async fn client(&self, cert: &ClientCert) -> TestResult<etcd_client::Client> {
-        let tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(self.pki.ca_file())?))
-            .identity(etcd_client::Identity::from_pem(std::fs::read(&cert.cert)?, std::fs::read(&cert.key)?));
+        let tls = self.pki.client_tls(cert)?;
         let opts = etcd_client::ConnectOptions::new()
             .with_tls(tls)
             .with_connect_timeout(Duration::from_secs(5))
@@ -492,12 +497,12 @@ metrics_listen: "127.0.0.1:0"
     /// An `etcd-client` connection straight to etcd (the proxy's upstream certificate), for reference answers. No
     /// call timeout: its watches may last the whole test.
     pub async fn client_direct(&self) -> TestResult<etcd_client::Client> {
-        let tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(self.pki.ca_file())?))
-            .identity(etcd_client::Identity::from_pem(
-                std::fs::read(self.pki.path("upstream-client.crt"))?,
-                std::fs::read(self.pki.path("upstream-client.key"))?,
-            ));
+        let upstream = ClientCert {
+            cert: self.pki.path("upstream-client.crt"),
+            key: self.pki.path("upstream-client.key"),
+            serial: Vec::new(),
+        };
+        let tls = self.pki.client_tls(&upstream)?;
         let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_connect_timeout(Duration::from_secs(5));
         Ok(etcd_client::Client::connect([self.etcd.client_url.clone()], Some(opts)).await?)
     }

@@ -59,9 +59,7 @@ audit: {{ file: audit/audit.log }}
     let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
     let metrics_addr = proxy.metrics_addr.ok_or("no metrics listener")?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(std::fs::read(&admin.cert)?, std::fs::read(&admin.key)?));
+    let tls = pki.client_tls(&admin)?;
     let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_timeout(Duration::from_secs(3));
     let mut c = etcd_client::Client::connect([format!("https://{}", proxy.local_addr)], Some(opts)).await?;
     until_steady(&mut c, "before").await?;

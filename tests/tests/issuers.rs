@@ -37,10 +37,7 @@ audit: {{ file: {} }}
 }
 
 async fn client(pki: &Pki, addr: std::net::SocketAddr, who: &ClientCert) -> TestResult<etcd_client::Client> {
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?));
-    let opts = etcd_client::ConnectOptions::new().with_tls(tls);
+    let opts = etcd_client::ConnectOptions::new().with_tls(pki.client_tls(who)?);
     Ok(etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?)
 }
 

@@ -69,9 +69,7 @@ async fn client(s: &Setup, who: &ClientCert) -> TestResult<etcd_client::Client> 
 
 /// A client whose requests wait up to `timeout` for their answers.
 async fn client_waiting(s: &Setup, who: &ClientCert, timeout: Duration) -> TestResult<etcd_client::Client> {
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(s.pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?));
+    let tls = s.pki.client_tls(who)?;
     let opts = etcd_client::ConnectOptions::new()
         .with_tls(tls)
         .with_connect_timeout(Duration::from_secs(3))

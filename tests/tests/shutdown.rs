@@ -15,9 +15,7 @@ async fn sigterm_under_load_loses_no_record_of_an_answered_request() -> TestResu
 
     // Load: 8 clients putting unique keys until the proxy stops answering (bounded at 20 s).
     let admin = pki.client("admin", "admin", None, &[])?;
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(std::fs::read(&admin.cert)?, std::fs::read(&admin.key)?));
+    let tls = pki.client_tls(&admin)?;
     let mut tasks = Vec::new();
     for t in 0..8 {
         let opts = etcd_client::ConnectOptions::new().with_tls(tls.clone()).with_timeout(Duration::from_secs(5));
@@ -107,9 +105,7 @@ async fn a_second_sigterm_ends_the_drain_at_once() -> TestResult {
     let etcd = Etcd::start(&pki)?;
     let (mut proxy, addr) = start_proxy(&pki, &etcd, "shutdown_grace_ms: 60000\n")?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca_file())?))
-        .identity(etcd_client::Identity::from_pem(std::fs::read(&admin.cert)?, std::fs::read(&admin.key)?));
+    let tls = pki.client_tls(&admin)?;
     let opts = etcd_client::ConnectOptions::new().with_tls(tls);
     let mut c = etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?;
     c.put("drain/before", "v", None).await?;

@@ -343,6 +343,15 @@ pub fn first_seq(path: &Path) -> io::Result<FirstSeq> {
     Ok(if reader.line_number() == 0 { FirstSeq::Empty } else { FirstSeq::Unknown })
 }
 
+/// The `rpc` of a record line, if it parses.
+pub fn rpc_of(line: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct RpcOnly {
+        rpc: String,
+    }
+    serde_json::from_slice::<RpcOnly>(line).ok().map(|r| r.rpc)
+}
+
 /// The `seq` of a line: from the parsed record, or else from a line that at least starts with `{"seq":<digits>`
 /// (the writer puts `seq` first), so that a damaged line can still be placed.
 pub fn seq_of(line: &[u8]) -> Option<u64> {

@@ -272,12 +272,7 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
         return Ok(report);
     }
     if let Some(g) = &last {
-        #[derive(serde::Deserialize)]
-        struct Rpc<'a> {
-            #[serde(borrow)]
-            rpc: std::borrow::Cow<'a, str>,
-        }
-        let closed = serde_json::from_slice::<Rpc<'_>>(&last_line).is_ok_and(|r| r.rpc == CLOSE_RPC);
+        let closed = read::rpc_of(&last_line).as_deref() == Some(CLOSE_RPC);
         if !closed {
             report.notes.push(format!(
                 "the last record (seq {}) is not the writer's close record: the proxy is still writing, or it stopped \

@@ -847,7 +847,7 @@ impl FileSink {
                 }
                 let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
                 let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
-                let previous = if cut.is_none() && line_rpc(&line).as_deref() == Some(CLOSE_RPC) {
+                let previous = if cut.is_none() && super::read::rpc_of(&line).as_deref() == Some(CLOSE_RPC) {
                     Previous::Closed
                 } else {
                     Previous::NotClosed
@@ -1087,15 +1087,6 @@ fn read_last_line(file: &mut File) -> io::Result<Tail> {
             return Err(io::Error::other("no line boundary in the last 64 MiB"));
         }
     }
-}
-
-/// The `rpc` of a record line.
-fn line_rpc(line: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        rpc: String,
-    }
-    serde_json::from_slice::<Head>(line).ok().map(|h| h.rpc)
 }
 
 fn line_seq(line: &[u8]) -> Result<u64, String> {
