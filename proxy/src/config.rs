@@ -61,6 +61,30 @@ pub struct Audit {
     pub answer_after: AnswerAfter,
     /// Records waiting for the writer; when full, requests wait.
     pub queue: usize,
+    /// How many denials of one identity get a record each; the rest are counted in summary records (`None`: every
+    /// denial gets its own record).
+    pub denial_records: Option<DenialRecords>,
+}
+
+/// The denials of one identity (certificate) that get a record each (`audit.denial_records`): a token bucket. A
+/// denial over it is counted in a summary record of the identity instead (`"event":"summary"`, docs/audit.md), so
+/// that a client whose every request is denied — any holder of a certificate from the client CA — cannot fill the
+/// log and rotate older records away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenialRecords {
+    /// Records per second, after the burst. 0: every denial gets its own record (no summaries).
+    #[serde(default = "default_denial_records_per_second")]
+    pub per_second: u32,
+    /// Records at once.
+    #[serde(default = "default_denial_records_burst")]
+    pub burst: u32,
+}
+
+impl Default for DenialRecords {
+    fn default() -> Self {
+        DenialRecords { per_second: default_denial_records_per_second(), burst: default_denial_records_burst() }
+    }
 }
 
 /// When a request's answer may be sent, relative to its audit record.
@@ -193,6 +217,8 @@ struct RawAudit {
     answer_after: AnswerAfter,
     #[serde(default = "default_audit_queue")]
     queue: usize,
+    #[serde(default)]
+    denial_records: DenialRecords,
 }
 
 impl Default for RawAudit {
@@ -206,6 +232,7 @@ impl Default for RawAudit {
             on_write_failure: default_on_write_failure(),
             answer_after: default_answer_after(),
             queue: default_audit_queue(),
+            denial_records: DenialRecords::default(),
         }
     }
 }
@@ -247,6 +274,14 @@ fn default_answer_after() -> AnswerAfter {
 }
 fn default_audit_queue() -> usize {
     65_536
+}
+/// About 6 KiB/s of records per denied identity once its burst is spent (and a summary per RPC every 10 s): one
+/// client needs more than a day, not a minute, to rotate the default 1 GiB of audit files away.
+fn default_denial_records_per_second() -> u32 {
+    10
+}
+fn default_denial_records_burst() -> u32 {
+    200
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,6 +435,12 @@ impl Config {
         if raw.audit.queue == 0 {
             return Err(invalid("audit.queue", "must be greater than 0".into()));
         }
+        if raw.audit.denial_records.per_second > 0 && raw.audit.denial_records.burst == 0 {
+            return Err(invalid(
+                "audit.denial_records.burst",
+                "must be at least 1 (or set per_second: 0 to record every denial on its own)".into(),
+            ));
+        }
         let audit_output = if raw.audit.file.as_os_str() == "-" {
             AuditOutput::Stdout
         } else {
@@ -462,6 +503,7 @@ impl Config {
                 on_write_failure: raw.audit.on_write_failure,
                 answer_after: raw.audit.answer_after,
                 queue: raw.audit.queue,
+                denial_records: (raw.audit.denial_records.per_second > 0).then_some(raw.audit.denial_records),
             },
             metrics_listen,
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),

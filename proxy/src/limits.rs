@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 
+use crate::audit::Record;
+use crate::audit::summary::Unrecorded;
+use crate::config::DenialRecords;
 use crate::metrics::{LimitLabels, Metrics};
 use crate::policy::Limits;
 
@@ -18,6 +21,8 @@ pub struct Limiter {
     usage: Mutex<Identities>,
     global_in_flight: Arc<AtomicU32>,
     global_max: Option<u32>,
+    /// Denials per identity that get a record each (`audit.denial_records`); `None`: all.
+    denial_records: Option<DenialRecords>,
 }
 
 /// The usage of each identity that has something open (a connection, a call, a watch): an identity's usage lives
@@ -30,10 +35,10 @@ struct Identities {
     prune_at: usize,
 }
 
-/// One identity's entry: its usage while anything of it is open, and its rate bucket.
+/// One identity's entry: its usage while anything of it is open, and its rate buckets.
 struct Known {
     usage: Weak<Usage>,
-    bucket: Arc<Mutex<Option<Bucket>>>,
+    buckets: Arc<Mutex<Buckets>>,
 }
 
 /// What one identity uses now.
@@ -42,7 +47,18 @@ pub struct Usage {
     in_flight: AtomicU32,
     watches: AtomicU32,
     /// Shared with the identity's entry in [`Identities`], which outlives this.
-    bucket: Arc<Mutex<Option<Bucket>>>,
+    buckets: Arc<Mutex<Buckets>>,
+}
+
+/// An identity's token buckets, each made at its first use.
+#[derive(Debug, Default)]
+struct Buckets {
+    /// Its requests (the policy's `requests_per_second`).
+    requests: Option<Bucket>,
+    /// Its denials that get a record each (`audit.denial_records`).
+    denial_records: Option<Bucket>,
+    /// Its denials over that, for summary records.
+    unrecorded: Unrecorded,
 }
 
 #[derive(Debug)]
@@ -77,7 +93,18 @@ pub enum Limited {
 
 impl Limiter {
     pub fn new(global_max: Option<u32>) -> Limiter {
-        Limiter { usage: Mutex::default(), global_in_flight: Arc::new(AtomicU32::new(0)), global_max }
+        Limiter {
+            usage: Mutex::default(),
+            global_in_flight: Arc::new(AtomicU32::new(0)),
+            global_max,
+            denial_records: None,
+        }
+    }
+
+    /// The same, giving each identity's denials a record each only at `rate` (`None`: every denial).
+    pub fn recording_denials(mut self, rate: Option<DenialRecords>) -> Limiter {
+        self.denial_records = rate;
+        self
     }
 
     /// The usage of the identity with this certificate fingerprint (shared by its connections, calls and watches).
@@ -87,12 +114,12 @@ impl Limiter {
             if let Some(usage) = known.usage.upgrade() {
                 return usage;
             }
-            let usage = Arc::new(Usage { bucket: known.bucket.clone(), ..Usage::default() });
+            let usage = Arc::new(Usage { buckets: known.buckets.clone(), ..Usage::default() });
             known.usage = Arc::downgrade(&usage);
             return usage;
         }
         let usage = Arc::new(Usage::default());
-        let known = Known { usage: Arc::downgrade(&usage), bucket: usage.bucket.clone() };
+        let known = Known { usage: Arc::downgrade(&usage), buckets: usage.buckets.clone() };
         ids.by_fingerprint.insert(fingerprint.to_string(), known);
         if ids.by_fingerprint.len() >= ids.prune_at {
             let now = Instant::now();
@@ -124,19 +151,54 @@ impl Limiter {
     /// Count one call or stream message against the identity's rate.
     pub fn rate(&self, usage: &Usage, limits: &Limits, who: &str, metrics: &Metrics) -> Result<(), Status> {
         let Some(rate) = limits.requests_per_second else { return Ok(()) };
-        let burst = f64::from(limits.burst.unwrap_or(rate).max(1));
-        let mut bucket = usage.bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = Instant::now();
-        let b = bucket.get_or_insert(Bucket { tokens: burst, last: now, full_at: now });
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * f64::from(rate)).min(burst);
-        b.last = now;
-        if b.tokens < 1.0 {
+        let burst = limits.burst.unwrap_or(rate);
+        let mut buckets = usage.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !Bucket::take(&mut buckets.requests, rate, burst) {
             return Err(limited(metrics, Limited::Rate, format!("{who} may make {rate} requests per second")));
         }
-        b.tokens -= 1.0;
-        let refill = Duration::try_from_secs_f64((burst - b.tokens) / f64::from(rate.max(1))).unwrap_or(Duration::MAX);
-        b.full_at = now.checked_add(refill).or_else(|| now.checked_add(Duration::from_secs(86_400))).unwrap_or(now);
         Ok(())
+    }
+
+    /// A denial of the identity (of a request that was not forwarded): the records to write now, in order, and
+    /// whether the denial itself was counted for a summary rather than recorded. Within `audit.denial_records` it
+    /// gets its own record, after the summary records of earlier denials (each of which takes a token too);
+    /// over it, it is counted (written by a later denial, or [`Limiter::summaries_due`]). So a client with nothing
+    /// but denials cannot flood the log.
+    pub fn record_denial(&self, usage: &Usage, denial: Record) -> (Vec<Record>, bool) {
+        let Some(DenialRecords { per_second, burst }) = self.denial_records else { return (vec![denial], false) };
+        let mut buckets = usage.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let b = &mut *buckets;
+        let mut now = Vec::new();
+        while !b.unrecorded.is_empty() && Bucket::take(&mut b.denial_records, per_second, burst) {
+            now.extend(b.unrecorded.take_one());
+        }
+        if b.unrecorded.is_empty() && Bucket::take(&mut b.denial_records, per_second, burst) {
+            now.push(denial);
+            return (now, false);
+        }
+        b.unrecorded.add(denial);
+        (now, true)
+    }
+
+    /// The summary records of every identity with denials counted `older_than` ago or longer (all with
+    /// `Duration::ZERO`, at shutdown), which are forgotten. At most one per identity and RPC per call: written
+    /// every few seconds, they cost no token.
+    pub fn summaries_due(&self, older_than: Duration) -> Vec<Record> {
+        let cutoff = Instant::now().checked_sub(older_than);
+        let ids = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut due = Vec::new();
+        for known in ids.by_fingerprint.values() {
+            let mut buckets = known.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let ripe = match cutoff {
+                _ if older_than.is_zero() => !buckets.unrecorded.is_empty(),
+                Some(cutoff) => buckets.unrecorded.started_before(cutoff),
+                None => false,
+            };
+            if ripe {
+                due.extend(buckets.unrecorded.take_all());
+            }
+        }
+        due
     }
 
     /// Take a slot for a new watch.
@@ -168,10 +230,33 @@ fn limited(metrics: &Metrics, which: Limited, what: String) -> Status {
 // === impl Known ===
 
 impl Known {
-    /// Whether its bucket (if any) has filled up again by `now`: forgetting it then changes nothing.
+    /// Whether its buckets have filled up again by `now` and no denial waits for its summary: forgetting it then
+    /// changes nothing.
     fn is_full(&self, now: Instant) -> bool {
-        let bucket = self.bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        bucket.as_ref().is_none_or(|b| now >= b.full_at)
+        let buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        buckets.unrecorded.is_empty()
+            && [&buckets.requests, &buckets.denial_records].iter().all(|b| b.as_ref().is_none_or(|b| now >= b.full_at))
+    }
+}
+
+// === impl Bucket ===
+
+impl Bucket {
+    /// Take a token from the bucket in `slot` (made full at its first use), refilled at `rate` per second up to
+    /// `burst` (at least 1). `false`: none left.
+    fn take(slot: &mut Option<Bucket>, rate: u32, burst: u32) -> bool {
+        let burst = f64::from(burst.max(1));
+        let now = Instant::now();
+        let b = slot.get_or_insert(Bucket { tokens: burst, last: now, full_at: now });
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * f64::from(rate)).min(burst);
+        b.last = now;
+        if b.tokens < 1.0 {
+            return false;
+        }
+        b.tokens -= 1.0;
+        let refill = Duration::try_from_secs_f64((burst - b.tokens) / f64::from(rate.max(1))).unwrap_or(Duration::MAX);
+        b.full_at = now.checked_add(refill).or_else(|| now.checked_add(Duration::from_secs(86_400))).unwrap_or(now);
+        true
     }
 }
 
@@ -274,6 +359,44 @@ mod tests {
         }
         let known = l.usage.lock().unwrap().by_fingerprint.len();
         assert!(known <= 64, "{known} entries kept");
+    }
+
+    fn denial(rpc: &'static str) -> Record {
+        let subject = Arc::new(crate::audit::Subject::proxy());
+        crate::audit::summary::tests::denial(&subject, rpc, tonic::Code::PermissionDenied, 1, "no binding matches")
+    }
+
+    #[test]
+    fn denials_over_the_budget_are_counted_until_a_token_or_the_sweep_writes_their_summary() {
+        use crate::audit::Event;
+        let every = Limiter::new(None);
+        assert_eq!(every.record_denial(&every.usage("a"), denial("KV/Range")).0.len(), 1, "no budget: each recorded");
+
+        let l = Limiter::new(None).recording_denials(Some(DenialRecords { per_second: 0, burst: 3 }));
+        let a = l.usage("a");
+        let outcomes: Vec<(usize, bool)> =
+            (0..10).map(|_| l.record_denial(&a, denial("KV/Range"))).map(|(now, s)| (now.len(), s)).collect();
+        assert_eq!(outcomes[..3], [(1, false); 3], "the burst");
+        assert!(outcomes[3..].iter().all(|&o| o == (0, true)), "{outcomes:?}");
+        l.record_denial(&a, denial("KV/Put"));
+        // Another identity has its own budget; a reconnect of this one (dropped usage) does not.
+        assert_eq!(l.record_denial(&l.usage("b"), denial("KV/Range")).0.len(), 1);
+        drop(a);
+        let a = l.usage("a");
+        assert_eq!(l.record_denial(&a, denial("KV/Range")).0.len(), 0);
+        // Pruning (at 64 entries) keeps an identity whose denials wait for their summary.
+        drop(a);
+        for i in 0..100 {
+            drop(l.usage(&format!("other-{i}")));
+        }
+        // Not due yet; then all of them, one record per RPC, and nothing after.
+        assert!(l.summaries_due(Duration::from_secs(3600)).is_empty());
+        let due = l.summaries_due(Duration::ZERO);
+        let counts: Vec<(&str, Event)> = due.iter().map(|r| (r.rpc, r.event)).collect();
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(matches!(counts[0], ("KV/Range", Event::Summary { count: 8, .. })), "{counts:?}");
+        assert!(matches!(counts[1], ("KV/Put", Event::Summary { count: 1, .. })), "{counts:?}");
+        assert!(l.summaries_due(Duration::ZERO).is_empty());
     }
 
     fn limits(concurrent: Option<u32>, rps: Option<u32>, watches: Option<u32>) -> Limits {

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub latency: Family<RpcLabels, Histogram>,
     /// Denials not enforced because of `audit-only` bindings.
     pub would_deny: Family<RpcLabels, Counter>,
+    /// Denials counted in summary records rather than recorded each (`audit.denial_records`).
+    pub audit_denials_summarised: Counter,
     /// Streams open now, by RPC.
     pub open_streams: Family<RpcLabels, Gauge>,
     /// Client connections open now.
@@ -168,6 +170,12 @@ impl Metrics {
         );
         let would_deny = Family::<RpcLabels, Counter>::default();
         registry.register("would_deny", "Denials not enforced because of audit-only bindings", would_deny.clone());
+        let audit_denials_summarised = Counter::default();
+        registry.register(
+            "audit_denials_summarised",
+            "Denials counted in summary audit records rather than recorded each (audit.denial_records)",
+            audit_denials_summarised.clone(),
+        );
         let open_streams = Family::<RpcLabels, Gauge>::default();
         registry.register("open_streams", "Streams open now, by RPC", open_streams.clone());
         let open_watches = Gauge::default();
@@ -265,6 +273,7 @@ impl Metrics {
             requests,
             latency,
             would_deny,
+            audit_denials_summarised,
             open_streams,
             connections,
             connections_refused,

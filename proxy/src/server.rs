@@ -107,7 +107,7 @@ impl Proxy {
                 config.limits.max_request_bytes,
                 audit,
                 Arc::new(Metrics::new()),
-                Limiter::new(config.limits.max_concurrent_requests),
+                Limiter::new(config.limits.max_concurrent_requests).recording_denials(config.audit.denial_records),
             )
             .coalescing_watches(config.watch.coalesce),
         );
@@ -171,6 +171,7 @@ impl Proxy {
         }
         tokio::spawn(probe_upstream(self.shared.upstream.clone(), self.health_check_interval, stop.clone()));
         tokio::spawn(self.reloader.run(stop.clone()));
+        tokio::spawn(write_summaries(self.shared.clone(), stop.clone()));
         let mut warned_full: Option<Instant> = None;
         loop {
             let (tcp, peer) = tokio::select! {
@@ -253,7 +254,7 @@ impl Proxy {
         })
         .await;
         match drained {
-            Ok(true) => return,
+            Ok(true) => return self.shared.write_summaries(Duration::ZERO),
             Ok(false) => warn!(open = connections.len(), "stopped again: ending the open connections now"),
             Err(_) => {
                 warn!(open = connections.len(), "connections still open after the shutdown grace period; closing them")
@@ -268,6 +269,7 @@ impl Proxy {
         if ended.is_err() {
             warn!(open = connections.len(), "connections still not ended 5 s after they were aborted");
         }
+        self.shared.write_summaries(Duration::ZERO);
     }
 
     /// Serve in the background.
@@ -292,6 +294,22 @@ impl Running {
         self.audit.close(Duration::from_secs(10)).await;
     }
 }
+
+/// Every few seconds, the summary records of denials counted since (`audit.denial_records`), so that they do not
+/// wait for the identity's next recorded denial, which may never come.
+async fn write_summaries(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.write_summaries(SUMMARY_INTERVAL),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// How long denials wait at most (about) for their summary record.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One client connection: handshake, identity, then HTTP/2 until the client goes away.
 async fn connection(

@@ -407,3 +407,93 @@ async fn a_call_canceled_after_it_was_forwarded_is_recorded() -> TestResult {
     assert!(!contains(&all_bytes(&h.audit_dir())?, SECRET));
     Ok(())
 }
+
+/// A client with nothing but denials (here one no binding matches: any holder of a certificate from the client CA)
+/// gets `audit.denial_records` records of its own; the rest of its denials are counted in summary records, written
+/// before its next recorded denial (each taking a record of the budget) and at shutdown at the latest. Every denial
+/// is accounted for, by the records' counts and by `audit review --summary`; allowed requests are recorded each,
+/// whatever the denials did.
+#[tokio::test(flavor = "multi_thread")]
+async fn denials_over_the_record_budget_are_counted_in_summary_records() -> TestResult {
+    let extra = "audit: { file: audit/audit.log, denial_records: { per_second: 1, burst: 5 } }\n";
+    let mut h = Harness::with_config(TEST_POLICY, extra).await?;
+    let nobody = h.nobody()?;
+    const DENIED: u64 = 60;
+    let started = Instant::now();
+    {
+        let mut c = h.client(&nobody).await?;
+        for i in 0..DENIED {
+            let e = c.get(format!("k{i}"), None).await.err().ok_or("a get by nobody was served")?;
+            assert!(e.to_string().contains("etcdserver: permission denied"), "{e}");
+        }
+        // Two records' worth of refill: the summary of the denials before, then the late one's own record.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        c.get("late", None).await.err().ok_or("a get by nobody was served")?;
+        for i in 0..10 {
+            c.get(format!("after{i}"), None).await.err().ok_or("a get by nobody was served")?;
+        }
+    }
+    // A new connection of the same certificate has no fresh budget.
+    let mut c = h.client(&nobody).await?;
+    for i in 0..5 {
+        c.get(format!("again{i}"), None).await.err().ok_or("a get by nobody was served")?;
+    }
+    let elapsed = started.elapsed().as_secs();
+    // Allowed requests are recorded each, over any budget of denials.
+    let mut admin = h.client(&h.admin()?).await?;
+    for i in 0..20 {
+        admin.put(format!("app/allowed{i}"), SECRET, None).await?;
+    }
+    let metrics = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics listener")?;
+    let (status, body) = tokio::task::block_in_place(|| etcd_guard_tests::http_get(metrics, "/metrics"))?;
+    assert_eq!(status, 200);
+    let summarised = body
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd_guard_audit_denials_summarised_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or("no etcd_guard_audit_denials_summarised_total")? as u64;
+    // The summary of the last denials is written at shutdown at the latest.
+    h.stop_proxy().await;
+    let dir = h.audit_dir();
+    let records = read_chain(&dir)?;
+
+    let own = select(&records, "nobody", "KV/Range", "call");
+    let summaries = select(&records, "nobody", "KV/Range", "summary");
+    let total = DENIED + 16;
+    // The burst and the refill: records of their own and summaries together.
+    let budget = 5 + elapsed + 1;
+    assert!(own.len() >= 6, "{} records of their own", own.len());
+    assert!((own.len() + summaries.len()) as u64 <= budget + 1, "{} + {} records", own.len(), summaries.len());
+    assert!(summaries.len() >= 2, "a summary before the late denial and one at shutdown: {summaries:?}");
+    let counted: u64 = summaries.iter().filter_map(|s| s["count"].as_u64()).sum();
+    assert_eq!(own.len() as u64 + counted, total, "every denial is accounted for");
+    assert_eq!(counted, summarised, "etcd_guard_audit_denials_summarised_total");
+    for s in &summaries {
+        assert_eq!(s["decision"], "deny");
+        assert_eq!(s["code"], "PermissionDenied");
+        assert_eq!(s["ops"], serde_json::json!([]));
+        assert!(s["reason"].as_str().is_some_and(|r| r.contains("no binding matches")), "{s}");
+        assert!(s["last_time"].as_str() >= s["time"].as_str(), "{s}");
+    }
+    // The summary of the denials before the late one comes right before the late one's record.
+    let late = records
+        .iter()
+        .position(|r| r["identity"]["common_name"] == "nobody" && r["ops"][0]["key"] == "late")
+        .ok_or("no record of the late denial")?;
+    assert_eq!(records[late - 1]["event"], "summary", "{}", records[late - 1]);
+    assert_eq!(select(&records, "admin", "KV/Put", "call").len(), 20);
+    assert!(!contains(&all_bytes(&dir)?, SECRET));
+
+    // `audit review --summary` counts the requests, not the records.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+        .args(["audit", "review", "--identity", "nobody", "--summary", "--output", "json"])
+        .arg(&dir)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(summary["requests"], total, "{summary}");
+    assert_eq!(summary["records"], own.len() as u64 + summaries.len() as u64, "{summary}");
+    let counts = summary["counts"].as_array().ok_or("no counts")?;
+    assert!(counts.iter().any(|c| c["rpc"] == "KV/Range" && c["count"] == total), "{summary}");
+    Ok(())
+}

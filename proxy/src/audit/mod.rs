@@ -5,6 +5,7 @@ pub mod chain;
 pub mod describe;
 pub mod record;
 pub mod review;
+pub mod summary;
 pub mod verify;
 pub mod writer;
 

@@ -165,6 +165,9 @@ pub struct Record<'a, O> {
     /// The gRPC code of the answer.
     #[serde(borrow, default)]
     pub code: Option<Text<'a>>,
+    /// The requests a summary record stands for (`"event":"summary"`); absent on others (one request each).
+    #[serde(default)]
+    pub count: Option<u64>,
 }
 
 /// A record whose `ops` were skipped.
@@ -495,6 +498,11 @@ impl<O> Record<'_, O> {
     /// The field as text, `""` when absent.
     pub fn decision(&self) -> &str {
         self.decision.as_ref().map_or("", Text::as_str)
+    }
+
+    /// The requests this record stands for: a summary record's `count`, else 1.
+    pub fn requests(&self) -> u64 {
+        self.count.unwrap_or(1)
     }
 
     /// Whether the record is a denial (`deny` or `would_deny`).

@@ -39,6 +39,9 @@ pub enum Event {
     Message,
     /// The end of a stream.
     End,
+    /// Denials of one RPC on one connection that got no record of their own (`audit.denial_records`): `count` of
+    /// them, from the record's `time` to `last`.
+    Summary { count: u64, last: SystemTime },
 }
 
 /// A record before the writer numbers and chains it.
@@ -118,6 +121,7 @@ impl Event {
             Event::Call => "call",
             Event::Message => "message",
             Event::End => "end",
+            Event::Summary { .. } => "summary",
         }
     }
 }
@@ -142,6 +146,13 @@ impl Record {
         out.push_str(",\"event\":\"");
         out.push_str(self.event.as_str());
         out.push('"');
+        if let Event::Summary { count, last } = self.event {
+            out.push_str(",\"count\":");
+            push_u64(out, count);
+            out.push_str(",\"last_time\":\"");
+            push_time(out, last);
+            out.push('"');
+        }
         if let Some(stream) = self.stream {
             out.push_str(",\"stream\":");
             push_u64(out, stream);

@@ -186,6 +186,8 @@ pub struct Summary {
     denied: HashMap<String, u64>,
     /// Matching records.
     records: u64,
+    /// The requests they stand for (a summary record stands for its `count`).
+    requests: u64,
 }
 
 /// How many of the most denied keys the summary lists.
@@ -611,7 +613,7 @@ pub struct Count {
     pub rpc: String,
     /// The decision.
     pub decision: String,
-    /// Matching records.
+    /// Requests of the matching records (a summary record, `"event":"summary"`, counts its `count`).
     pub count: u64,
 }
 
@@ -631,8 +633,11 @@ impl Summary {
     /// Count `record`; `targets` are its keys (needed for denials only).
     pub fn add<O>(&mut self, record: &Record<'_, O>, targets: &[Target<'_>]) {
         self.records += 1;
+        // `count` comes from the file: added without overflowing, whatever it says.
+        self.requests = self.requests.saturating_add(record.requests());
         let key = [self.number(record.identity_label()), self.number(record.rpc()), self.number(record.decision())];
-        *self.counts.entry(key).or_default() += 1;
+        let count = self.counts.entry(key).or_default();
+        *count = count.saturating_add(record.requests());
         if record.is_denial() {
             let mut keys: Vec<String> = targets.iter().map(ToString::to_string).collect();
             keys.sort_unstable();
@@ -690,7 +695,15 @@ impl Summary {
     }
 
     fn write_text(&self, out: &mut dyn Write) -> io::Result<()> {
-        writeln!(out, "{} records", self.records)?;
+        if self.requests == self.records {
+            writeln!(out, "{} records", self.records)?;
+        } else {
+            writeln!(
+                out,
+                "{} records, standing for {} requests (summary records count theirs)",
+                self.records, self.requests
+            )?;
+        }
         let counts = self.counts();
         if !counts.is_empty() {
             writeln!(out)?;
@@ -725,6 +738,7 @@ impl Summary {
     fn write_json(&self, out: &mut dyn Write) -> io::Result<()> {
         let value = serde_json::json!({
             "records": self.records,
+            "requests": self.requests,
             "counts": self.counts(),
             "most_denied_keys": self.most_denied(),
         });

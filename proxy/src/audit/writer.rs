@@ -315,6 +315,8 @@ impl Drop for Sending<'_> {
 impl Inner {
     async fn submit(&self, record: Record) -> Result<(), Status> {
         if self.closed.load(Ordering::SeqCst) {
+            // Too late for the file: at least counted (etcd_guard_audit_records_lost_total).
+            self.stats.lost.fetch_add(1, Ordering::Relaxed);
             return Err(Status::unavailable("etcd-guard: shutting down"));
         }
         if self.on_failure == OnWriteFailure::Deny && self.failing.load(Ordering::Relaxed) {
@@ -341,7 +343,10 @@ impl Inner {
         match self.tx.try_send(Msg::Record(record, written)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => Box::pin(self.tx.send(msg)).await.map_err(|_| stopped())?,
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(stopped()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                return Err(stopped());
+            }
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match word {
@@ -1155,6 +1160,7 @@ mod tests {
             on_write_failure: OnWriteFailure::Deny,
             answer_after: AnswerAfter::Queued,
             queue: 128,
+            denial_records: None,
         }
     }
 

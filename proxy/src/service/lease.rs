@@ -1,6 +1,7 @@
 //! `etcdserverpb.Lease`. Lease IDs are global in etcd, so leases are a channel between tenants: revoking or
 //! keeping alive a lease acts on every key attached to it, and the proxy asks etcd which keys those are.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -92,7 +93,7 @@ async fn keep_alive(
                     (Verdict { decision: Decision::Deny, reason: status.message().to_string() }, status.code())
                 }
             };
-            let audited = g.audit(RPC, record, &verdict, code, None, at).await;
+            let audited = g.audit_refusal(RPC, record, Cow::Borrowed(&verdict), code, at).await;
             let refusal = match (code, audited) {
                 (Code::Ok, Ok(())) => None,
                 (Code::Ok, Err(status)) => Some(status),

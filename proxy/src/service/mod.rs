@@ -281,6 +281,13 @@ impl Shared {
         self
     }
 
+    /// Queue the summary records of denials counted `older_than` ago or longer (`audit.denial_records`).
+    pub fn write_summaries(&self, older_than: std::time::Duration) {
+        for record in self.limiter.summaries_due(older_than) {
+            self.audit.submit_now(record);
+        }
+    }
+
     /// The generation of the policy in force (one more with every reload).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -378,7 +385,7 @@ impl Guard {
         let at = Arrival::now();
         let record = self.record(rpc, Event::Call, None, &Unread(path), at);
         let verdict = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-        let _ = self.audit_with(rpc, record, Cow::Owned(verdict), status.code(), None, at).await;
+        let _ = self.audit_refusal(rpc, record, Cow::Owned(verdict), status.code(), at).await;
     }
 
     /// Decide a request: every need against the caller's permissions; lease needs ask etcd which keys are
@@ -547,6 +554,43 @@ impl Guard {
         self.shared.audit.submit(r).await
     }
 
+    /// [`Guard::audit`] where a denial means the request was not forwarded (for other decisions it is `audit`). Not
+    /// every such denial gets a record of its own: over `audit.denial_records`, they are counted in the identity's
+    /// summary records instead, so that a client with nothing but denials cannot flood the log
+    /// ([`Limiter::record_denial`](crate::limits::Limiter::record_denial)). Denials of what reached etcd (an answer
+    /// withheld, a permission withdrawn while a call waited) are always recorded each.
+    pub async fn audit_refusal(
+        &self,
+        rpc: &'static str,
+        record: Option<Record>,
+        verdict: Cow<'_, Verdict>,
+        code: Code,
+        at: Arrival,
+    ) -> Result<(), Status> {
+        let mut r = match record {
+            Some(r) if verdict.decision == Decision::Deny => r,
+            record => return self.audit_with(rpc, record, verdict, code, None, at).await,
+        };
+        self.count(rpc, verdict.decision, code, at);
+        r.reason = verdict.into_owned().reason;
+        r.code = code;
+        r.latency_us = at.micros();
+        let (now, summarised) = self.shared.limiter.record_denial(&self.conn.usage, r);
+        if summarised {
+            self.shared.metrics.audit_denials_summarised.inc();
+        }
+        let mut now = now.into_iter().peekable();
+        while let Some(record) = now.next() {
+            if now.peek().is_none() && !summarised {
+                // The denial's own record, last: as any record, it may wait for room in the queue.
+                return self.shared.audit.submit(record).await;
+            }
+            // Summary records are queued without waiting: a client that resets its call must not make them vanish.
+            self.shared.audit.submit_now(record);
+        }
+        Ok(())
+    }
+
     /// Count a request (or stream message) in the metrics.
     fn count(&self, rpc: &'static str, decision: Decision, code: Code, at: Arrival) {
         let m = &self.shared.metrics;
@@ -581,7 +625,7 @@ impl Guard {
             Ok(p) => p,
             Err(status) => {
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit_with(rpc, record, Cow::Owned(v), status.code(), None, at).await;
+                let _ = self.audit_refusal(rpc, record, Cow::Owned(v), status.code(), at).await;
                 return Err(status);
             }
         };
@@ -597,16 +641,16 @@ impl Guard {
             Err(status) => {
                 // A malformed request (answered as etcd answers it) or a check that could not be made.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = self.audit_with(rpc, record, Cow::Owned(v), status.code(), None, at).await;
+                let _ = self.audit_refusal(rpc, record, Cow::Owned(v), status.code(), at).await;
                 return Err(status);
             }
         };
         if verdict.decision == Decision::Deny {
-            let _ = self.audit_with(rpc, record, Cow::Owned(verdict), Code::PermissionDenied, None, at).await;
+            let _ = self.audit_refusal(rpc, record, Cow::Owned(verdict), Code::PermissionDenied, at).await;
             return Err(permission_denied());
         }
         if let Err(status) = self.shared.audit.admit() {
-            let _ = self.audit_with(rpc, record, Cow::Owned(verdict), status.code(), None, at).await;
+            let _ = self.audit_refusal(rpc, record, Cow::Owned(verdict), status.code(), at).await;
             return Err(status);
         }
         let forwarding = Forwarding { guard: self, rpc, record, decision: verdict.decision, at, done: false };

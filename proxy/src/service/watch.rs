@@ -12,6 +12,7 @@
 //! "rpc error: code = PermissionDenied desc = etcdserver: permission denied"). clientv3 pairs `created`
 //! responses with its creates in order, so a denial waits behind creates still pending at etcd.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -444,7 +445,7 @@ async fn inbound_loop(
             Err(status) => {
                 // The check itself failed: end the stream.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                let _ = g.audit(RPC, record, &v, status.code(), None, at).await;
+                let _ = g.audit_refusal(RPC, record, Cow::Owned(v), status.code(), at).await;
                 let code = status.code();
                 let _ = down_tx.send(Err(status)).await;
                 return code;
@@ -472,7 +473,7 @@ async fn inbound_loop(
             Ok(()) => Code::PermissionDenied,
             Err(status) => status.code(),
         };
-        let audited = g.audit(RPC, record, &verdict, code, None, at).await;
+        let audited = g.audit_refusal(RPC, record, Cow::Borrowed(&verdict), code, at).await;
         if let Err(status) = admitted.and(audited) {
             let code = status.code();
             let _ = down_tx.send(Err(status)).await;
