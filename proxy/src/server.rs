@@ -157,7 +157,8 @@ impl Proxy {
     /// `Unavailable` (clients reconnect elsewhere), let unary calls in flight finish, and wait (at most
     /// `shutdown_grace`) for the connections to close. A second `stop` (sent again) ends the wait at once. The
     /// connections still open then are ended, and returns only once their tasks are gone, so the records of the
-    /// calls they drop are queued before the caller closes the audit log.
+    /// calls they drop, and the summary records of denials still counted, are queued before the caller closes the
+    /// audit log.
     pub async fn serve(self, mut stop: watch::Receiver<bool>) {
         let next_id = AtomicU64::new(1);
         let mut connections = tokio::task::JoinSet::new();
@@ -171,7 +172,7 @@ impl Proxy {
         }
         tokio::spawn(probe_upstream(self.shared.upstream.clone(), self.health_check_interval, stop.clone()));
         tokio::spawn(self.reloader.run(stop.clone()));
-        tokio::spawn(write_summaries(self.shared.clone(), stop.clone()));
+        tokio::spawn(sweep_summaries(self.shared.clone(), stop.clone()));
         let mut warned_full: Option<Instant> = None;
         loop {
             let (tcp, peer) = tokio::select! {
@@ -297,7 +298,7 @@ impl Running {
 
 /// Every few seconds, the summary records of denials counted since (`audit.denial_records`), so that they do not
 /// wait for the identity's next recorded denial, which may never come.
-async fn write_summaries(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn sweep_summaries(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -39,7 +39,7 @@ pub enum Event {
     Message,
     /// The end of a stream.
     End,
-    /// Denials of one RPC on one connection that got no record of their own (`audit.denial_records`): `count` of
+    /// Denials of one RPC by one identity that got no record of their own (`audit.denial_records`): `count` of
     /// them, from the record's `time` to `last`.
     Summary { count: u64, last: SystemTime },
 }
