@@ -181,7 +181,13 @@ pub fn watch(r: &pb::WatchRequest) -> Needs {
 
 // === Lease ===
 
-pub fn lease_grant(_: &pb::LeaseGrantRequest) -> Result<Needs, Status> {
+/// A grant with an ID of the client's choosing needs every cluster capability too: etcd picks an ID (when the
+/// request's is 0, as clientv3's `Grant` always sends) from a per-member counter and does not retry when it is
+/// taken, so IDs granted ahead of that counter make other clients' grants fail (`lease already exists`).
+pub fn lease_grant(r: &pb::LeaseGrantRequest) -> Result<Needs, Status> {
+    if r.id != 0 {
+        return Ok(Needs(vec![Need::Cap(Capability::Lease), Need::Admin]));
+    }
     Ok(Needs::cap(Capability::Lease))
 }
 
@@ -354,6 +360,15 @@ mod tests {
             put(&p)?.0,
             vec![write(b"k", b""), read(b"k", b""), Need::Cap(Capability::Lease), Need::LeaseKeys(Access::Write, 7)]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_lease_id_of_the_clients_choosing_needs_every_capability() -> Result<(), Status> {
+        let etcds_choice = pb::LeaseGrantRequest { ttl: 60, id: 0 };
+        assert_eq!(lease_grant(&etcds_choice)?.0, vec![Need::Cap(Capability::Lease)]);
+        let chosen = pb::LeaseGrantRequest { ttl: 60, id: 0x7e57 };
+        assert_eq!(lease_grant(&chosen)?.0, vec![Need::Cap(Capability::Lease), Need::Admin]);
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! prefix and is denied everything else with etcd's exact error.
 
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, ProclaimOptions, PutOptions, ResignOptions, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions, ProclaimOptions, PutOptions, ResignOptions, Txn,
+    TxnOp, WatchOptions,
 };
 use etcd_guard_tests::{Harness, TestResult, http_get, stderr, stdout};
 
@@ -187,6 +188,16 @@ async fn leases_of_another_identity_are_off_limits() -> TestResult {
     let own = c.lease_grant(60, None).await?.id();
     c.put("cilium/leased", "1", Some(PutOptions::new().with_lease(own))).await?;
     c.lease_revoke(own).await?;
+
+    // A lease ID of the client's choosing: granted ahead of etcd's counter, it would make others' grants fail
+    // ("lease already exists"). Only an identity with every cluster capability may choose one.
+    let ahead = own + 1_000;
+    let e = c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(ahead))).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "grant with a chosen ID: {e:?}");
+    assert!(b.lease_time_to_live(ahead, None).await?.ttl() <= 0, "no lease was granted");
+    let mut admin = h.client(&h.admin()?).await?;
+    assert_eq!(admin.lease_grant(60, Some(LeaseGrantOptions::new().with_id(ahead))).await?.id(), ahead);
+    admin.lease_revoke(ahead).await?;
     Ok(())
 }
 
