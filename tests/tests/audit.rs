@@ -202,6 +202,28 @@ async fn every_request_of_a_mixed_session_is_recorded_once_without_values() -> T
     let about_secret = String::from_utf8_lossy(&out.stdout).lines().count();
     // The put, the txn (compare on it), the denied read; the prefix range and watches on app/ cover it too.
     assert!(about_secret >= 3, "{about_secret}");
+
+    // A denial turned into an allow by editing the file: review still shows the line, but warns and exits 1, as
+    // the chain no longer verifies (`--no-verify` takes the lines at their word).
+    let active = dir.join("audit.log");
+    let text = std::fs::read_to_string(&active)?;
+    let forged = text.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
+    assert_ne!(forged, text);
+    std::fs::write(&active, forged)?;
+    let review_allowed = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+            .args(["audit", "review", "--identity", "spiffe://*/sa/cilium", "--decision", "allow", "--output", "json"])
+            .args(extra)
+            .arg(&dir)
+            .output()
+    };
+    let out = review_allowed(&[])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("warning: the audit chain does not verify"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("app/secret"), "the forged record is still shown");
+    let out = review_allowed(&["--no-verify"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 

@@ -16,8 +16,10 @@ use std::process::ExitCode;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Duration, OffsetDateTime, Time};
 
+use super::chain::Hasher;
 use super::read::{self, AuditFile, FullRecord, LightRecord, Line, LineReader, ReadError, Record, Target};
 use super::record::is_hidden;
+use super::verify::ProblemKind;
 use crate::policy::{KeyRange, Pattern, RangeError, unescape_key};
 
 /// Arguments of `etcd-guard audit review`.
@@ -54,6 +56,13 @@ pub struct ReviewArgs {
     /// Print counts per identity, RPC and decision, and the most denied keys, instead of records.
     #[arg(long)]
     pub summary: bool,
+    /// The HMAC key the chain is keyed with (the file named by the proxy's `audit.hmac_key_file`), to verify the
+    /// chain after the review as `audit verify` does.
+    #[arg(long, value_name = "FILE")]
+    pub hmac_key: Option<PathBuf>,
+    /// Do not verify the chain after the review.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// A decision to filter on.
@@ -193,12 +202,30 @@ pub struct Summary {
 /// How many of the most denied keys the summary lists.
 const TOP_DENIED: usize = 20;
 
-/// Run `audit review`: 0 when the files were read (whether or not anything matched), 2 on errors.
+/// Run `audit review`: 0 when the files were read (whether or not anything matched), 1 when they were but their
+/// chain does not verify (the records shown may have been altered; [`verified`]), 2 on errors.
 pub fn run(args: ReviewArgs) -> ExitCode {
+    // The key first: a wrong path is an error before anything is printed.
+    let hasher = match &args.hmac_key {
+        Some(path) => match Hasher::from_key_file(path) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("etcd-guard: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
         Err(code) => return code,
     };
+    if let Some(rpc) = args.rpc.as_deref().filter(|rpc| !is_known_rpc(rpc)) {
+        eprintln!(
+            "etcd-guard: note: --rpc {rpc:?} names no RPC etcd-guard records (e.g. KV/Range or Range, \
+             Watch/Watch, Lease/LeaseKeepAlive, etcd-guard/AuditOpen; case does not matter)"
+        );
+    }
     let filter = Filter {
         identity: args.identity.as_deref().map(Pattern::new),
         rpc: args.rpc,
@@ -234,10 +261,80 @@ pub fn run(args: ReviewArgs) -> ExitCode {
                     stats.first_skipped.as_deref().unwrap_or("?")
                 );
             }
-            ExitCode::SUCCESS
+            if args.no_verify {
+                return ExitCode::SUCCESS;
+            }
+            verified(&files, hasher.as_ref())
         }
         // `… | head` closed the pipe: nothing more is wanted.
         Err(ReviewError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("etcd-guard: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// What verifying the chain after a review found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// The chain verifies.
+    Verified,
+    /// Not checked: without a key the first hash does not verify, which is what an HMAC-keyed chain looks like
+    /// (the message says what verify found, in case it is not).
+    Keyed(String),
+    /// It verifies up to a last line without its newline, which a log being written can show for a moment.
+    Unfinished(String),
+    /// It does not verify: verify's message, and the records in order before the problem.
+    Failed(String, u64),
+}
+
+/// Verify the chain of `files` after a review (as `audit verify` does, with `key` or unkeyed), so that a reviewer
+/// does not take altered records at their word. Without a key, a chain whose first hash does not verify unkeyed is
+/// taken for an HMAC-keyed one, whose hashes cannot be checked without its key.
+///
+/// # Errors
+///
+/// A file cannot be read.
+pub fn verification(files: &[AuditFile], key: Option<&Hasher>) -> Result<Verification, ReadError> {
+    let unkeyed = Hasher::unkeyed();
+    let report = super::verify::verify(files, key.unwrap_or(&unkeyed))?;
+    Ok(match report.problem {
+        None => Verification::Verified,
+        Some(p) if key.is_none() && report.records == 0 && p.kind == ProblemKind::Altered => {
+            Verification::Keyed(p.message)
+        }
+        Some(p) if p.unfinished_last_line => Verification::Unfinished(p.message),
+        Some(p) => Verification::Failed(p.message, report.records),
+    })
+}
+
+/// [`verification`], told on standard error: 1 if the chain does not verify.
+fn verified(files: &[AuditFile], key: Option<&Hasher>) -> ExitCode {
+    match verification(files, key) {
+        Ok(Verification::Verified) => ExitCode::SUCCESS,
+        Ok(Verification::Keyed(message)) => {
+            eprintln!(
+                "etcd-guard: note: the records were not verified: the first one's hash does not verify without a \
+                 key (an HMAC-keyed chain: pass --hmac-key to verify it; else: {message})"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Verification::Unfinished(message)) => {
+            eprintln!(
+                "etcd-guard: note: the chain verifies up to its last line, which has no newline yet (the proxy may \
+                 be writing it; `etcd-guard audit verify` again to be sure): {message}"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Verification::Failed(message, in_order)) => {
+            eprintln!(
+                "etcd-guard: warning: the audit chain does not verify, so the records above may have been altered, \
+                 added or removed: {message} ({in_order} records in order before it; `etcd-guard audit verify` for \
+                 the details)"
+            );
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("etcd-guard: {e}");
             ExitCode::from(2)
@@ -405,6 +502,14 @@ impl Filter {
             Some(keys) => targets.iter().any(|t| t.range().intersects(keys)),
         }
     }
+}
+
+/// Whether `--rpc wanted` matches an RPC records can name: etcd's (as `service::rpc_name` writes them), `Unknown`,
+/// and the writer's own.
+fn is_known_rpc(wanted: &str) -> bool {
+    let etcd = etcd_guard_proto::methods::ALL.iter().map(|path| crate::service::rpc_name(path));
+    let own = super::writer::OWN_RPCS.into_iter().chain([crate::service::UNKNOWN_RPC]);
+    etcd.chain(own).any(|rpc| rpc_matches(wanted, rpc))
 }
 
 /// `KV/Range` against `kv/range` or `range`.
@@ -794,6 +899,50 @@ mod tests {
         Ok((dir, files))
     }
 
+    #[test]
+    fn the_chain_is_verified_after_a_review_and_a_keyed_one_only_noted_without_its_key() -> TestResult {
+        let (dir, files) = fixture()?;
+        assert_eq!(verification(&files, None)?, Verification::Verified);
+        // One record's decision changed: the review shows it, the verification says it is not to be trusted.
+        let active = dir.path().join("audit.log");
+        let text =
+            std::fs::read_to_string(&active)?.replacen("\"decision\":\"would_deny\"", "\"decision\":\"allow\"", 1);
+        std::fs::write(&active, text)?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        match verification(&files, None)? {
+            Verification::Failed(message, in_order) => {
+                assert_eq!(in_order, 5, "{message}");
+                assert!(message.contains("audit.log:1"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // An HMAC-keyed chain: noted without the key, verified with it, and a wrong key fails.
+        let keyed_dir = tempfile::tempdir()?;
+        let key = Hasher::keyed(b"0123456789abcdef0123456789abcdef");
+        write(&keyed_dir.path().join("audit.log"), &chain(&key, 1, GENESIS, &specs()))?;
+        let keyed = audit_files(&[keyed_dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert!(matches!(verification(&keyed, None)?, Verification::Keyed(_)));
+        assert_eq!(verification(&keyed, Some(&key))?, Verification::Verified);
+        let wrong = Hasher::keyed(b"another key, just as long as it..");
+        assert!(matches!(verification(&keyed, Some(&wrong))?, Verification::Failed(_, 0)));
+
+        // A last line still being written (no newline yet) is only noted; cut anywhere else, it is a problem.
+        let live = tempfile::tempdir()?;
+        let mut lines = chain(&Hasher::unkeyed(), 1, GENESIS, &specs());
+        if let Some(last) = lines.last_mut() {
+            last.truncate(40);
+        }
+        let path = live.path().join("audit.log");
+        write(&path, &lines)?;
+        let bytes = std::fs::read(&path)?;
+        let files = audit_files(&[live.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert!(matches!(verification(&files, None)?, Verification::Unfinished(_)));
+        std::fs::write(&path, [&bytes[..], b"\n"].concat())?;
+        assert!(matches!(verification(&files, None)?, Verification::Failed(_, 9)));
+        Ok(())
+    }
+
     /// The seqs `filter` keeps.
     fn seqs(files: &[AuditFile], filter: &Filter) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
         let mut out = Vec::new();
@@ -1004,6 +1153,17 @@ mod tests {
         assert_eq!((stats.lines, stats.matched, stats.skipped), (4, 3, 1));
         assert!(stats.first_skipped.is_some_and(|s| s.ends_with("audit.log:2")));
         Ok(())
+    }
+
+    #[test]
+    fn known_rpcs() {
+        for known in ["KV/Range", "range", "watch/watch", "LeaseKeepAlive", "Unknown", "etcd-guard/AuditOpen", "Check"]
+        {
+            assert!(is_known_rpc(known), "{known}");
+        }
+        for unknown in ["etcdserverpb.KV/Range", "/etcdserverpb.KV/Range", "KV/Ranges", "Get", "AuditOpen/x", ""] {
+            assert!(!is_known_rpc(unknown), "{unknown}");
+        }
     }
 
     #[test]

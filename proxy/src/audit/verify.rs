@@ -62,6 +62,9 @@ pub struct Problem {
     pub line: u64,
     /// A sentence that names the file and line and says what is wrong.
     pub message: String,
+    /// The problem is a last line without its newline: a crash's leftover, an edit — or, in a log being written,
+    /// a write still under way.
+    pub unfinished_last_line: bool,
 }
 
 /// The result of checking a set of files.
@@ -349,7 +352,9 @@ fn out_of_order(files: &[AuditFile], last: Option<&Good>, record: &Intact, file:
     let last = last?;
     let here = at(files, file, line);
     let before = format!("seq {} at {}", last.seq, at(files, last.file, last.line));
-    let problem = |kind, message| Some(Problem { kind, path: files[file].path.clone(), line, message });
+    let problem = |kind, message| {
+        Some(Problem { kind, path: files[file].path.clone(), line, message, unfinished_last_line: false })
+    };
     let expected = last.seq.saturating_add(1);
     if record.seq <= last.seq {
         return problem(
@@ -418,7 +423,7 @@ fn defect_problem(
             "; this is the first record: if the log is keyed (audit.hmac_key_file), pass --hmac-key"
         });
     }
-    Problem { kind, path: files[p.file].path.clone(), line: p.line, message }
+    Problem { kind, path: files[p.file].path.clone(), line: p.line, message, unfinished_last_line: p.defect.partial }
 }
 
 /// `path:line`.

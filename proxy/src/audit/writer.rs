@@ -636,6 +636,12 @@ pub const OPEN_RPC: &str = "etcd-guard/AuditOpen";
 /// The `rpc` of the record a writer ends with when it is closed (a clean shutdown).
 pub const CLOSE_RPC: &str = "etcd-guard/AuditClose";
 
+/// The RPC of the writer's record noting records lost while the log failed.
+pub const LOST_RPC: &str = "etcd-guard/AuditLost";
+
+/// The RPCs of the records the writer writes on its own behalf.
+pub const OWN_RPCS: [&str; 4] = [OPEN_RPC, CLOSE_RPC, CUT_RPC, LOST_RPC];
+
 /// How the log a writer opens ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Previous {
@@ -700,7 +706,7 @@ fn lost_record(n: u64) -> Record {
     Record {
         subject: Arc::new(Subject::proxy()),
         time: SystemTime::now(),
-        rpc: "etcd-guard/AuditLost",
+        rpc: LOST_RPC,
         event: Event::Call,
         stream: None,
         ops: "[]".into(),

@@ -99,7 +99,7 @@ const MAX_LEASE_LOOKUPS: usize = 1024;
 pub type Inspection<M> = (fn(&M) -> bool, fn(&Framed, &View) -> Option<String>);
 
 /// The RPC a record names for a request of a method the proxy does not know (its op holds the path).
-const UNKNOWN_RPC: &str = "Unknown";
+pub const UNKNOWN_RPC: &str = "Unknown";
 
 /// A request refused before its message was read: described by its method alone, or, for a method the proxy
 /// does not know, by its path (cut to 256 characters).
