@@ -5,6 +5,8 @@ use etcd_client::{
     Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions, ProclaimOptions, PutOptions, ResignOptions, Txn,
     TxnOp, WatchOptions,
 };
+use std::time::Duration;
+
 use etcd_guard_tests::{Harness, TestResult, http_get, stderr, stdout};
 
 const DENIED: &str = "etcdserver: permission denied";
@@ -373,5 +375,85 @@ async fn read_only_role_with_deny_cannot_read_secrets() -> TestResult {
         let out = h.ctl(&mon, &args)?;
         assert!(stderr(&out).contains(DENIED), "{args:?}: {}", stderr(&out));
     }
+    Ok(())
+}
+
+/// A client that does not read its Watch stream holds etcd's answers to its creates in the proxy; creates the
+/// proxy refuses wait behind them, in order. Their number is bounded: past 4096 waiting, the stream ends with
+/// `ResourceExhausted` instead of the proxy holding every refusal a client sends.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_watch_creates_waiting_behind_unread_answers_are_bounded() -> TestResult {
+    use bytes::{Buf, Bytes};
+    use etcd_guard_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse, watch_request};
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tonic::codegen::Service;
+
+    fn create(key: &str) -> Bytes {
+        let msg = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })),
+        };
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
+        framed.extend_from_slice(&msg.encode_to_vec());
+        Bytes::from(framed)
+    }
+
+    let h = Harness::start().await?;
+    // A stream window of 64 bytes, not read until the end: etcd's answers stay in the proxy.
+    let mut conn = etcd_guard_tests::bare_h2_with(&h, &h.cilium()?, None, Some(64)).await?;
+    let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(8192);
+    let body = tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let request = http::Request::post(format!("https://localhost{}", etcd_guard_proto::methods::WATCH_WATCH))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)?;
+    std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
+    let answer = tokio::spawn(conn.call(request));
+    const ALLOWED: usize = 100;
+    for i in 0..ALLOWED {
+        feed.send(Ok(Frame::data(create(&format!("cilium/{i}"))))).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const REFUSED: usize = 5000;
+    for _ in 0..REFUSED {
+        feed.send(Ok(Frame::data(create("secret/x")))).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(feed);
+
+    // Now read everything.
+    let response = tokio::time::timeout(Duration::from_secs(10), answer).await???;
+    let mut body = response.into_body();
+    let (mut data, mut status) = (Vec::new(), None);
+    while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(bytes) => data.extend_from_slice(&bytes),
+            Err(frame) => {
+                status = frame.trailers_ref().and_then(|t| t.get("grpc-status")).map(|s| s.as_bytes().to_vec());
+            }
+        }
+    }
+    let (mut created, mut canceled) = (0, 0);
+    let mut rest = &data[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        rest.advance(5);
+        let response = WatchResponse::decode(&rest[..len.min(rest.len())])?;
+        rest.advance(len.min(rest.len()));
+        if response.canceled {
+            canceled += 1;
+        } else if response.created {
+            created += 1;
+        }
+    }
+    assert!(created > 0 && created <= ALLOWED, "{created} allowed creates answered");
+    assert!(canceled < REFUSED, "{canceled} refusals answered: the stream should have ended before");
+    assert_eq!(status.as_deref(), Some(&b"8"[..]), "ResourceExhausted; {canceled} refusals answered first");
     Ok(())
 }

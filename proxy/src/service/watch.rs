@@ -71,6 +71,10 @@ struct WatchResponseHead {
 /// etcd's answer to a create whose client-chosen watch ID is already in use on the stream.
 const DUPLICATE_ID_REASON: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
+/// How many creates may wait for their answers on one stream (those the proxy refused wait behind those at etcd);
+/// one more ends the stream with `ResourceExhausted`.
+const MAX_PENDING_CREATES: usize = 4096;
+
 /// How many frames of shared watches may wait for a client stream before its slowest shared watch is detached.
 const HUB_QUEUE: usize = 256;
 
@@ -505,15 +509,26 @@ async fn inbound_loop(
             }
             Some(reason) if is_create => {
                 // Behind creates still pending at etcd, the refusal waits for their answers; else it goes now.
-                let now = {
+                let (now, too_many) = {
                     let mut o = lock(order);
                     if o.pending.is_empty() {
-                        Some(denial(o.header, &reason))
+                        (Some(denial(o.header, &reason)), false)
+                    } else if o.pending.len() >= MAX_PENDING_CREATES {
+                        (None, true)
                     } else {
                         o.pending.push_back(Pending::Refused(reason));
-                        None
+                        (None, false)
                     }
                 };
+                if too_many {
+                    // Nothing else bounds refusals waiting behind creates whose answers from etcd the client does
+                    // not read: the stream ends.
+                    let status = Status::resource_exhausted(format!(
+                        "etcd-guard: more than {MAX_PENDING_CREATES} watch creates wait for their answers on this stream"
+                    ));
+                    let _ = down_tx.send(Err(status)).await;
+                    return Code::ResourceExhausted;
+                }
                 if let Some(answer) = now {
                     // With shared watches, in their queue: answers the proxy made for earlier creates are there.
                     let sent = match streams.hub {
