@@ -403,7 +403,9 @@ async fn refused_watch_creates_waiting_behind_unread_answers_are_bounded() -> Te
         Bytes::from(framed)
     }
 
-    let h = Harness::start().await?;
+    // Creates at etcd: with `watch.coalesce` they would join shared watches, answered through a bounded queue.
+    let extra = "audit: { file: audit/audit.log }\nwatch: { coalesce: false }\n";
+    let h = Harness::with_config(etcd_guard_tests::TEST_POLICY, extra).await?;
     // A stream window of 64 bytes, not read until the end: etcd's answers stay in the proxy.
     let mut conn = etcd_guard_tests::bare_h2_with(&h, &h.cilium()?, None, Some(64)).await?;
     let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(8192);
