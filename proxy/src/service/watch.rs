@@ -184,16 +184,29 @@ fn revoke_active(view: &View, o: &mut Order) {
         o.active.remove(&id);
         o.revoke(id, reason);
     }
-    // A watch handing over whose own watch etcd has not opened yet would get its shared watch's frames up to the
-    // hand-over revision, which etcd's answer sets after the reload: one the reload withdrew leaves its shared watch
-    // now (its own watch is checked as etcd opens it, `handover_watch`, and revoked then). Once etcd has answered,
-    // the hand-over revision precedes the reload and the hand-over runs its course.
+    // A shared watch the reload withdrew gets nothing more from now on, even while the inbound loop, which records
+    // it and answers the client (`revoke_withdrawn`), waits on something else (a join waiting for etcd).
+    let shared = withdrawn_from(view, o.joined.iter().map(|(id, w)| (*id, w.range.as_ref())));
+    for (id, _) in shared {
+        if let Some(watch) = o.joined.get(&id) {
+            let _ = watch.sub.leave();
+        }
+    }
+    // A watch handing over that the reload withdrew gets nothing more from its shared watch. If etcd has not opened
+    // its own watch yet, it leaves the shared watch now (its own watch is checked as etcd opens it, and revoked
+    // then; the hand-over ends there, `handed`). If etcd has (the own watch, in `active`, was revoked above), the
+    // shared watch's frames up to the hand-over revision are cut short: the hand-over ends as the stream reads
+    // `HandedOver`, and etcd's frames held for it are released, those of the revoked watch dropped.
     if !o.handing.is_empty() {
-        let unanswered = |id: &i64| o.pending.iter().any(|p| matches!(p, Pending::Handover(w) if w == id));
-        let waiting = o.handing.iter().filter(|(id, _)| unanswered(id));
-        for (id, _) in withdrawn_from(view, waiting.map(|(id, w)| (*id, w.range.as_ref()))) {
+        let gone = withdrawn_from(view, o.handing.iter().map(|(id, w)| (*id, w.range.as_ref())));
+        for (id, _) in gone {
+            let unanswered = o.pending.iter().any(|p| matches!(p, Pending::Handover(w) if *w == id));
             if let Some(watch) = o.handing.get(&id) {
-                let _ = watch.sub.leave();
+                if unanswered {
+                    let _ = watch.sub.leave();
+                } else {
+                    watch.sub.cut_hand_over();
+                }
             }
         }
     }
@@ -270,8 +283,9 @@ type Up = mpsc::Sender<Box<pb::WatchRequest>>;
 struct ToClient {
     /// The upstream call, then etcd's responses.
     upstream: StreamCall,
-    /// Refusals released by the last `created`: sent before anything else.
-    released: VecDeque<Bytes>,
+    /// Refusals released by the last `created`, and etcd's frames held while watches handed over: sent before
+    /// anything else.
+    released: Released,
     /// Frames of shared watches (and the proxy's answers that must follow them), when the stream may have any;
     /// with the stream's count of their bytes.
     hub: Option<(mpsc::Receiver<HubItem>, watch_hub::DetachTx)>,
@@ -322,7 +336,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     };
     let to_client = ToClient {
         upstream,
-        released: VecDeque::new(),
+        released: Released::default(),
         hub: hub_rx,
         own: down_rx,
         own_closed: false,
@@ -896,7 +910,7 @@ impl ToClient {
         }
         while let Some(Pending::Refused(_)) = o.pending.front() {
             let Some((Pending::Refused(reason), _)) = o.answered() else { break };
-            self.released.push_back(denial(o.header, &reason));
+            self.released.push(denial(o.header, &reason), None);
         }
         if !o.after_reload.is_empty() {
             self.recheck.notify_one();
@@ -934,7 +948,7 @@ fn pass_on(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Byt
 }
 
 /// etcd answered the create of a watch handing over: it serves the client from the answer's revision on.
-fn handed(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64, head: &WatchResponseHead) {
+fn handed(released: &mut Released, o: &mut Order, id: i64, head: &WatchResponseHead) {
     let Some(watch) = o.handing.get_mut(&id) else { return };
     if head.canceled {
         // etcd refused the create: the watch stays shared.
@@ -958,18 +972,44 @@ fn handed(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64, head: &WatchRe
 }
 
 /// Once no watch is handing over, etcd's held frames go first, in order, as they would have gone.
-fn release_held(released: &mut VecDeque<Bytes>, o: &mut Order) {
+fn release_held(released: &mut Released, o: &mut Order) {
     if o.handing.is_empty() {
         while let Some(frame) = o.held.pop_front() {
             let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
-            released.extend(pass_on(o, frame, &head));
+            let of = (!head.created && !head.canceled && head.watch_id >= 0).then_some(head.watch_id);
+            if let Some(bytes) = pass_on(o, frame, &head) {
+                released.push(bytes, of);
+            }
         }
+    }
+}
+
+/// What goes to the client before anything else: refusals released by a `created`, and etcd's frames released
+/// after a hand-over — with, for a frame of one watch's events, its ID: a reload may withdraw the watch while its
+/// frames wait here, and then they are dropped as they would have been at etcd's side ([`pass_on`]).
+#[derive(Default)]
+struct Released(VecDeque<(Bytes, Option<i64>)>);
+
+impl Released {
+    fn push(&mut self, bytes: Bytes, of: Option<i64>) {
+        self.0.push_back((bytes, of));
+    }
+
+    /// The next one to send, skipping those of watches revoked since they were released.
+    fn next(&mut self, order: &Mutex<Order>) -> Option<Bytes> {
+        while let Some((bytes, of)) = self.0.pop_front() {
+            if of.is_some_and(|id| lock(order).revoked.contains(&id)) {
+                continue;
+            }
+            return Some(bytes);
+        }
+        None
     }
 }
 
 /// A watch's hand-over is over ([`HubItem::HandedOver`]); if etcd has not yet answered the create of its own
 /// watch (the shared watch ended first), it is over once etcd has ([`handed`]).
-fn handed_over(released: &mut VecDeque<Bytes>, o: &mut Order, id: i64) {
+fn handed_over(released: &mut Released, o: &mut Order, id: i64) {
     if o.pending.iter().any(|p| matches!(p, Pending::Handover(waiting) if *waiting == id)) {
         return;
     }
@@ -1000,7 +1040,7 @@ impl futures_util::Stream for ToClient {
             }
             this.revoke_if_reloaded();
             // Refusals released by a `created` follow it before anything else (clients pair them in order).
-            if let Some(bytes) = this.released.pop_front() {
+            if let Some(bytes) = this.released.next(&this.order) {
                 return Poll::Ready(Some(Ok(bytes)));
             }
             // Frames of shared watches come before etcd's frames on this stream: a watch detached from a shared
@@ -1193,8 +1233,31 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         assert_eq!(from_etcd(&mut o, event(3, 22)), Some(event(3, 22)));
     }
 
+    /// A reload that withdrew a shared watch stops its frames at once; the inbound loop records it and answers the
+    /// client (it stays in `joined` for that).
+    #[test]
+    fn a_reload_stops_the_frames_of_a_shared_watch_it_withdrew_at_once() {
+        let view = view_reading("a/", 3);
+        let mut o = Order::default();
+        for (id, prefix) in [(1, "a/"), (2, "b/")] {
+            let joined = JoinedWatch {
+                sub: watch_hub::test_live_subscription(),
+                create: pb::WatchCreateRequest::default(),
+                range: Some(KeyRange::prefix(prefix)),
+                slot: None,
+                counted: None,
+            };
+            o.joined.insert(id, joined);
+        }
+        revoke_active(&view, &mut o);
+        assert!(o.joined[&1].sub.is_subscribed());
+        assert!(!o.joined[&2].sub.is_subscribed(), "withdrawn: nothing more from its shared watch");
+        assert!(o.joined.contains_key(&2), "left for the inbound loop to record and answer");
+    }
+
     /// A watch handing over to a watch of its own gets its shared watch's frames up to the hand-over revision; a
-    /// reload that withdrew it ends that at once (its own watch is revoked as etcd opens it).
+    /// reload that withdrew it ends that at once, whether etcd has opened its own watch yet or not (if not, that
+    /// watch is revoked as etcd opens it).
     #[test]
     fn a_reload_ends_the_shared_frames_of_a_watch_it_withdrew_while_it_hands_over() {
         let view = view_reading("a/", 3);
@@ -1216,9 +1279,46 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         revoke_active(&view, &mut o);
         assert!(o.handing[&1].sub.is_subscribed(), "still allowed: it goes on until its hand-over");
         assert!(!o.handing[&2].sub.is_subscribed(), "withdrawn: nothing more from its shared watch");
-        assert!(o.handing[&3].sub.is_subscribed(), "answered: given what precedes the reload, then handed over");
+        assert!(!o.handing[&3].sub.is_subscribed(), "answered and withdrawn: cut short, nothing more either");
         // The hand-over ends as etcd answers the own watch's create (checked then, as it was pushed stale).
         assert!(matches!(o.handing[&2].sub.hand_over(30), HandOver::Gone));
+    }
+
+    /// etcd's frames released after a hand-over wait for the client to read them: a reload that withdraws their
+    /// watch meanwhile drops them there too (the watch's cancel, when etcd sends it, becomes etcd's denial).
+    #[test]
+    fn released_frames_of_a_watch_a_reload_withdrew_are_dropped_as_they_leave() {
+        let order = Mutex::new(Order::default());
+        let mut released = Released::default();
+        {
+            let mut o = lock(&order);
+            o.active.insert(2, active());
+            o.active.insert(4, active());
+            o.handing.insert(
+                1,
+                JoinedWatch {
+                    sub: watch_hub::test_subscription(),
+                    create: pb::WatchCreateRequest::default(),
+                    range: None,
+                    slot: None,
+                    counted: None,
+                },
+            );
+            let progress = pb::WatchResponse { header: at(20), watch_id: -1, ..Default::default() };
+            for resp in [progress, event(2, 21), event(4, 21), event(2, 22)] {
+                assert_eq!(from_etcd(&mut o, resp), None, "held while watch 1 hands over");
+            }
+            o.handing.remove(&1);
+            release_held(&mut released, &mut o);
+            released.push(denial(at(22), "refused"), None);
+            // The client has not read them yet when a reload withdraws watch 2.
+            o.revoke(2, "withdrawn".into());
+        }
+        let left: Vec<pb::WatchResponse> = std::iter::from_fn(|| released.next(&order)).map(|b| decoded(&b)).collect();
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert_eq!(left[0].watch_id, -1);
+        assert_eq!(left[1], event(4, 21));
+        assert!(left[2].canceled, "{:?}", left[2]);
     }
 
     #[test]
@@ -1245,9 +1345,9 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         assert_eq!(from_etcd(&mut o, cancel), None);
         // Watch 1 has handed over: they go, in etcd's order, and the cancel ends watch 3.
         o.handing.remove(&1);
-        let mut released = VecDeque::new();
+        let mut released = Released::default();
         release_held(&mut released, &mut o);
-        let released: Vec<pb::WatchResponse> = released.iter().map(decoded).collect();
+        let released: Vec<pb::WatchResponse> = released.0.iter().map(|(bytes, _)| decoded(bytes)).collect();
         assert_eq!(released.len(), 3, "{released:?}");
         assert_eq!(released[0], progress);
         assert_eq!(released[1], event(2, 21));

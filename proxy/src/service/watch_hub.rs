@@ -1026,6 +1026,18 @@ impl Subscription {
         true
     }
 
+    /// End a hand-over at once (a reload withdrew the watch after etcd answered its own watch's create): the
+    /// subscriber is given nothing more from the shared watch, and [`HubItem::HandedOver`] follows what it was
+    /// given already, so that the stream stops holding etcd's frames for it. False if it had already left.
+    pub fn cut_hand_over(&self) -> bool {
+        let st = lock(&self.watch.state);
+        let Some(at) = self.position(&st) else { return false };
+        let (mut sub, _) = self.take_out(st, at);
+        let id = sub.watch_id;
+        let _ = send(&mut sub, HubItem::HandedOver(id));
+        true
+    }
+
     /// The hand-over did not happen (etcd refused the own watch's create): the subscriber stays, is given what was
     /// parked for it, and may be detached for being slow again.
     pub fn end_handover(&self) {
