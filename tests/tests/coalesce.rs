@@ -1026,3 +1026,28 @@ async fn an_unreadable_message_ends_the_stream_and_its_shared_watches() -> TestR
     drop(feed);
     Ok(())
 }
+
+/// etcd frees a watch ID as it reads the cancel: a create with that ID right behind the cancel, sent before the
+/// cancel's answer came, is accepted through the proxy as by etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_id_can_be_taken_again_right_behind_its_cancel() -> TestResult {
+    let h = start().await?;
+    let mut through_proxy = h.client(&h.admin()?).await?;
+    let mut direct = h.client_direct().await?;
+    for (what, c) in [("from etcd", &mut direct), ("through the proxy", &mut through_proxy)] {
+        let mut s = c.watch("r/", Some(prefix().with_watch_id(5))).await?;
+        assert_eq!(created(&mut s).await.context(what)?.watch_id(), 5, "{what}");
+        s.cancel(5).await?;
+        s.watch("r/", Some(prefix().with_watch_id(5))).await?;
+        let canceled = next(&mut s).await.context(what)?;
+        assert!(canceled.canceled() && canceled.watch_id() == 5, "{what}: {canceled:?}");
+        let again = created(&mut s).await.context(what)?;
+        assert_eq!(again.watch_id(), 5, "{what}: {again:?}");
+        // And it is a live watch.
+        let rev = put(c, "r/a", "1").await?;
+        let event = next(&mut s).await.context(what)?;
+        assert_eq!((event.watch_id(), event.events().len()), (5, 1), "{what}: {event:?}");
+        assert_eq!(event.events()[0].kv().map(|kv| kv.mod_revision()), Some(rev), "{what}");
+    }
+    Ok(())
+}

@@ -242,6 +242,12 @@ struct JoinedWatch {
 struct Ids {
     next: i64,
     used: HashSet<i64>,
+    /// IDs of the stream's own watches whose cancel is on its way to etcd: etcd frees such an ID as it reads the
+    /// cancel, before the next create, so a create may take it again at once.
+    canceling: HashSet<i64>,
+    /// IDs taken again that way, with how many of etcd's cancel answers for the earlier watches are still to come
+    /// (each frees nothing: the ID is the new watch's).
+    taken_again: HashMap<i64, u32>,
 }
 
 impl Ids {
@@ -255,12 +261,35 @@ impl Ids {
         id
     }
 
-    /// Take `id`; false if it is in use.
+    /// Take `id`; false if it is in use (and its cancel is not on its way to etcd).
     fn claim(&mut self, id: i64) -> bool {
-        self.used.insert(id)
+        if self.used.insert(id) {
+            return true;
+        }
+        if self.canceling.remove(&id) {
+            *self.taken_again.entry(id).or_default() += 1;
+            return true;
+        }
+        false
     }
 
+    /// The cancel of the stream's own watch `id` goes to etcd.
+    fn canceling(&mut self, id: i64) {
+        if self.used.contains(&id) {
+            self.canceling.insert(id);
+        }
+    }
+
+    /// etcd ended watch `id` (or refused its create).
     fn free(&mut self, id: i64) {
+        if let Some(left) = self.taken_again.get_mut(&id) {
+            *left -= 1;
+            if *left == 0 {
+                self.taken_again.remove(&id);
+            }
+            return;
+        }
+        self.canceling.remove(&id);
         self.used.remove(&id);
     }
 }
@@ -622,7 +651,11 @@ async fn shared_first(
             let id = cancel.watch_id;
             let answer = {
                 let mut o = lock(order);
-                let Some(watch) = o.joined.remove(&id) else { return Handled::Forward };
+                let Some(watch) = o.joined.remove(&id) else {
+                    // One of the stream's own watches (or no watch): etcd answers it.
+                    o.ids.canceling(id);
+                    return Handled::Forward;
+                };
                 o.ids.free(id);
                 let header = watch.sub.leave().flatten().or(o.header);
                 let resp = pb::WatchResponse {
@@ -1185,6 +1218,24 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         let policy = crate::policy::Policy::from_yaml(&yaml, "test").unwrap();
         let identity = crate::identity::Identity { common_name: Some("c".into()), ..Default::default() };
         View::new(1, "127.0.0.1:1".parse().unwrap(), &identity, generation, &policy)
+    }
+
+    /// etcd frees an ID as it reads the cancel: a create right behind the cancel may take it again, and etcd's
+    /// answer to the cancel, which comes later, does not free the new watch's ID.
+    #[test]
+    fn a_watch_id_is_free_again_once_its_cancel_is_on_its_way() {
+        let mut ids = Ids::default();
+        assert!(ids.claim(5) && !ids.claim(5));
+        ids.canceling(5);
+        assert!(ids.claim(5), "taken again behind its cancel");
+        assert!(!ids.claim(5), "in use by the new watch");
+        ids.free(5);
+        assert!(!ids.claim(5), "etcd's answer to the cancel freed nothing");
+        ids.free(5);
+        assert!(ids.claim(5), "the new watch ended");
+        assert_eq!(ids.auto(), 0);
+        ids.canceling(7);
+        assert!(ids.claim(7), "an ID not in use");
     }
 
     #[test]
