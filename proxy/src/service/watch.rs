@@ -188,8 +188,10 @@ fn revoke_active(view: &View, o: &mut Order) {
     // it and answers the client (`revoke_withdrawn`), waits on something else (a join waiting for etcd).
     let shared = withdrawn_from(view, o.joined.iter().map(|(id, w)| (*id, w.range.as_ref())));
     for (id, _) in shared {
-        if let Some(watch) = o.joined.get(&id) {
-            let _ = watch.sub.leave();
+        if let Some(watch) = o.joined.get_mut(&id)
+            && let Some(header) = watch.sub.leave()
+        {
+            watch.left = Some(header);
         }
     }
     // A watch handing over that the reload withdrew gets nothing more from its shared watch. If etcd has not opened
@@ -229,6 +231,9 @@ fn allowed_after_reload(g: &Guard, o: &mut Order, id: i64, range: Option<&KeyRan
 /// A client watch served by a shared watch.
 struct JoinedWatch {
     sub: Subscription,
+    /// Set when a reload made it leave its shared watch ahead of the inbound loop's revocation: the header of
+    /// etcd's last response on the shared watch then, for the cancel the client gets.
+    left: Option<Option<pb::ResponseHeader>>,
     /// Its create (with the start revision replaced when it moves to a watch of its own).
     create: pb::WatchCreateRequest,
     range: Option<KeyRange>,
@@ -638,7 +643,8 @@ async fn shared_first(
                 let joined = hubs.join(create, id, &hub.down, &hub.detach, &g.shared.upstream, meta).await;
                 if let Joined::Shared(sub) = joined {
                     let counted = Counted::new(&g.shared.metrics.open_watches);
-                    let watch = JoinedWatch { sub, create: create.clone(), range, slot, counted: Some(counted) };
+                    let watch =
+                        JoinedWatch { sub, left: None, create: create.clone(), range, slot, counted: Some(counted) };
                     lock(order).joined.insert(id, watch);
                     return Handled::Done;
                 }
@@ -657,7 +663,7 @@ async fn shared_first(
                     return Handled::Forward;
                 };
                 o.ids.free(id);
-                let header = watch.sub.leave().flatten().or(o.header);
+                let header = watch.sub.leave().or(watch.left).flatten().or(o.header);
                 let resp = pb::WatchResponse {
                     header: Some(header.unwrap_or_default()),
                     watch_id: id,
@@ -800,7 +806,7 @@ async fn revoke_withdrawn(
         for (id, reason) in gone_shared {
             if let Some(watch) = o.joined.remove(&id) {
                 o.ids.free(id);
-                let header = watch.sub.leave().flatten().or(o.header);
+                let header = watch.sub.leave().or(watch.left).flatten().or(o.header);
                 shared.push((revoked(header, id), id, reason));
             }
         }
@@ -1293,6 +1299,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         for (id, prefix) in [(1, "a/"), (2, "b/")] {
             let joined = JoinedWatch {
                 sub: watch_hub::test_live_subscription(),
+                left: None,
                 create: pb::WatchCreateRequest::default(),
                 range: Some(KeyRange::prefix(prefix)),
                 slot: None,
@@ -1304,6 +1311,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         assert!(o.joined[&1].sub.is_subscribed());
         assert!(!o.joined[&2].sub.is_subscribed(), "withdrawn: nothing more from its shared watch");
         assert!(o.joined.contains_key(&2), "left for the inbound loop to record and answer");
+        assert!(o.joined[&2].left.is_some(), "with the shared watch's header then, for the cancel");
     }
 
     /// A watch handing over to a watch of its own gets its shared watch's frames up to the hand-over revision; a
@@ -1315,6 +1323,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         let mut o = Order::default();
         let handing = |prefix| JoinedWatch {
             sub: watch_hub::test_live_subscription(),
+            left: None,
             create: pb::WatchCreateRequest::default(),
             range: Some(KeyRange::prefix(prefix)),
             slot: None,
@@ -1349,6 +1358,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
                 1,
                 JoinedWatch {
                     sub: watch_hub::test_subscription(),
+                    left: None,
                     create: pb::WatchCreateRequest::default(),
                     range: None,
                     slot: None,
@@ -1377,6 +1387,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         let mut o = Order::default();
         let joined = JoinedWatch {
             sub: watch_hub::test_subscription(),
+            left: None,
             create: pb::WatchCreateRequest::default(),
             range: None,
             slot: None,
