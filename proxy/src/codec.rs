@@ -314,9 +314,22 @@ where
 {
     use http_body_util::BodyExt;
     let mut data = Gather::default();
+    // The prefix as it arrives: a message declared larger than allowed is refused at once, as grpc-go refuses it,
+    // rather than held while the rest of it comes (or never does).
+    let (mut head, mut head_len) = ([0u8; PREFIX_BYTES], 0);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Status::internal(format!("grpc: error reading request: {e}")))?;
         let Ok(chunk) = frame.into_data() else { continue };
+        if head_len < PREFIX_BYTES {
+            let take = (PREFIX_BYTES - head_len).min(chunk.len());
+            head[head_len..head_len + take].copy_from_slice(&chunk[..take]);
+            head_len += take;
+            if let Some((_, len)) = prefix(&head[..head_len])
+                && len > max_bytes
+            {
+                return Err(too_large(len, max_bytes));
+            }
+        }
         data.push(chunk);
         if data.len() > max_bytes.saturating_add(PREFIX_BYTES) {
             return Err(too_large(data.len() - PREFIX_BYTES, max_bytes));
@@ -504,6 +517,27 @@ mod tests {
         d.push(Bytes::from_static(&[0, 0, 0]));
         assert_eq!(d.next_frame(1024), Ok(None));
         assert!(!d.is_empty(), "a partial prefix waits");
+    }
+
+    /// A unary message declared larger than allowed is refused as soon as its prefix is in, not once the client
+    /// has sent (or stopped sending) the rest.
+    #[tokio::test]
+    async fn a_message_declared_too_large_is_refused_at_its_prefix() {
+        use futures_util::StreamExt;
+        use http_body_util::{BodyExt, StreamBody};
+        // The prefix in two pieces (declaring 3 MiB), one byte of the message, then nothing more, ever.
+        let chunks = futures_util::stream::iter([&[0u8, 0, 0x30][..], &[0, 0], &[7]])
+            .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::copy_from_slice(c))))
+            .chain(futures_util::stream::pending());
+        let body = StreamBody::new(chunks).boxed_unsync();
+        let headers = http::HeaderMap::new();
+        let read = read_request::<etcd_guard_proto::etcdserverpb::RangeRequest, _>(body, &headers, 2 << 20);
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+        let status = refused.map(Result::err).ok().flatten().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(
+            status,
+            Some((Code::ResourceExhausted, "grpc: received message larger than max (3145728 vs. 2097152)".into()))
+        );
     }
 
     #[tokio::test]
