@@ -1051,3 +1051,42 @@ async fn a_watch_id_can_be_taken_again_right_behind_its_cancel() -> TestResult {
     }
     Ok(())
 }
+
+/// A Watch or LeaseKeepAlive stream opens its stream at etcd with the first message it forwards: the streams of a
+/// client whose every message is refused (here one bound to nothing) open nothing at etcd, shared watches or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_whose_messages_are_all_refused_open_nothing_at_etcd() -> TestResult {
+    const KEEP_ALIVES_STARTED: &str = r#"grpc_server_started_total{grpc_method="LeaseKeepAlive",grpc_service="etcdserverpb.Lease",grpc_type="bidi_stream"}"#;
+    for coalesce in [false, true] {
+        let extra = format!("audit: {{ file: audit/audit.log }}\nwatch: {{ coalesce: {coalesce} }}\n");
+        let h = Harness::with_config(TEST_POLICY, &extra).await?;
+        let what = format!("coalesce: {coalesce}");
+        let (streams, keep_alives) =
+            (etcd_metric(&h, ETCD_STREAMS).await?, etcd_metric(&h, KEEP_ALIVES_STARTED).await.unwrap_or(0.0));
+        let mut nobody = h.client(&h.nobody()?).await?;
+        let mut held = Vec::new();
+        for i in 0..10 {
+            let mut s = nobody.watch(format!("k{i}"), None).await?;
+            let refused = next(&mut s).await.context(&what)?;
+            assert!(refused.canceled(), "{what}: {refused:?}");
+            held.push(s);
+        }
+        for _ in 0..3 {
+            // Refused: the stream ends with etcd's error, and etcd never saw it.
+            let kept = nobody.lease_keep_alive(0x1234).await;
+            if let Ok((mut keeper, mut answers)) = kept {
+                let _ = keeper.keep_alive().await;
+                let _ = tokio::time::timeout(WAIT, answers.message()).await;
+            }
+        }
+        // An allowed watch on the same kind of stream does open one.
+        let mut admin = h.client(&h.admin()?).await?;
+        let mut s = admin.watch("k", Some(WatchOptions::new().with_prev_key())).await?;
+        created(&mut s).await.context(&what)?;
+        assert_eq!(etcd_metric(&h, ETCD_STREAMS).await?, streams + 1.0, "{what}: only the allowed watch's stream");
+        let started = etcd_metric(&h, KEEP_ALIVES_STARTED).await.unwrap_or(0.0);
+        assert_eq!(started, keep_alives, "{what}: no keep-alive stream at etcd");
+        drop(held);
+    }
+    Ok(())
+}

@@ -352,22 +352,18 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     };
 
     // etcd sends the stream's headers only with its first message, so the upstream call is made by the outbound
-    // stream, beside the inbound loop, rather than before it.
+    // stream, beside the inbound loop, rather than before it; and only with the first message forwarded: a stream
+    // whose messages are all refused (a client bound to nothing), or all served by shared watches, never opens
+    // one at etcd. Until then (and for good, if none comes) it is open and silent, as an etcd stream without
+    // watches (etcd does not end a Watch stream when the client ends its side).
     let upstream = g.shared.upstream.for_streams(&g.conn.streams);
     let up_meta = meta.clone();
-    let upstream = if hub.is_some() {
-        // A stream whose watches are all shared never needs etcd: its own upstream stream is opened with the
-        // first message it forwards. Until then (and for good, if none comes) it is open and silent, as an etcd
-        // stream without watches.
-        StreamCall::new(async move {
-            let mut up_rx = up_rx;
-            let Some(first) = up_rx.recv().await else { return std::future::pending().await };
-            let messages = futures_util::stream::iter([first]).chain(ReceiverStream::new(up_rx));
-            upstream.streaming(WATCH, Box::pin(messages), &up_meta).await
-        })
-    } else {
-        StreamCall::new(async move { upstream.streaming(WATCH, ReceiverStream::new(up_rx), &up_meta).await })
-    };
+    let upstream = StreamCall::new(async move {
+        let mut up_rx = up_rx;
+        let Some(first) = up_rx.recv().await else { return std::future::pending().await };
+        let messages = futures_util::stream::iter([first]).chain(ReceiverStream::new(up_rx));
+        upstream.streaming(WATCH, Box::pin(messages), &up_meta).await
+    });
     let to_client = ToClient {
         upstream,
         released: Released::default(),
