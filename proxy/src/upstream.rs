@@ -22,7 +22,9 @@ use crate::http2::RecvBody;
 use crate::http2::client::{self, Connection};
 
 /// Client metadata forwarded to etcd. Everything else (notably `token`, `authorization` and `grpcgateway-*`,
-/// which would change who etcd thinks is calling) is dropped.
+/// which would change who etcd thinks is calling) is dropped, and so is a value of these that is not one etcd's
+/// clients send (`hasleader: true`, `client-api-version: 3.5`): etcd 3.4 panics on a `client-api-version` that
+/// is not UTF-8 (it becomes a metric label, etcd issue 13553), and every distinct value is a new metric series.
 pub static FORWARDED_METADATA: [HeaderName; 2] =
     [HeaderName::from_static("hasleader"), HeaderName::from_static("client-api-version")];
 
@@ -479,6 +481,19 @@ where
     }
 }
 
+/// A `client-api-version` as etcd's clients send it: `3.5` (numbers of at most 4 digits, 2 or 3 of them).
+fn is_api_version(value: &[u8]) -> bool {
+    let parts = value.split(|&b| b == b'.');
+    let mut n = 0;
+    for part in parts {
+        n += 1;
+        if part.is_empty() || part.len() > 4 || !part.iter().all(u8::is_ascii_digit) || n > 3 {
+            return false;
+        }
+    }
+    n >= 2
+}
+
 /// grpc-go's message for a call whose deadline passed.
 pub const DEADLINE_EXCEEDED: &str = "context deadline exceeded";
 
@@ -487,7 +502,9 @@ pub const DEADLINE_EXCEEDED: &str = "context deadline exceeded";
 impl CallMeta {
     /// Take what may travel upstream from a client's request headers.
     pub fn from_headers(headers: &HeaderMap) -> CallMeta {
-        let forwarded = [headers.get(&FORWARDED_METADATA[0]).cloned(), headers.get(&FORWARDED_METADATA[1]).cloned()];
+        let has_leader = headers.get(&FORWARDED_METADATA[0]).filter(|v| v.as_bytes() == b"true");
+        let api_version = headers.get(&FORWARDED_METADATA[1]).filter(|v| is_api_version(v.as_bytes()));
+        let forwarded = [has_leader.cloned(), api_version.cloned()];
         let timeout = headers.get(&GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         CallMeta { forwarded, timeout }
     }
@@ -569,6 +586,34 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_metadata_values_etcds_clients_send_are_forwarded() {
+        let meta = |pairs: &[(&str, &[u8])]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_bytes(value).unwrap());
+            }
+            let sent = CallMeta::from_headers(&h).headers();
+            (sent.get("hasleader").cloned(), sent.get("client-api-version").cloned())
+        };
+        let (leader, version) = meta(&[("hasleader", b"true"), ("client-api-version", b"3.5")]);
+        assert_eq!(
+            (leader.as_ref().map(HeaderValue::as_bytes), version.as_ref().map(HeaderValue::as_bytes)),
+            (Some(&b"true"[..]), Some(&b"3.5"[..]))
+        );
+        for bad in [&b"\xff\xfe"[..], b"3", b"3.", b".5", b"3.5.1.2", b"35555.1", b"3.x", b"v3.5", b""] {
+            assert_eq!(meta(&[("client-api-version", bad)]).1, None, "{bad:?}");
+        }
+        assert_eq!(
+            meta(&[("client-api-version", b"3.4.23")]).1.as_ref().map(HeaderValue::as_bytes),
+            Some(&b"3.4.23"[..])
+        );
+        for bad in [&b"false"[..], b"TRUE", b"\xff", b"true "] {
+            assert_eq!(meta(&[("hasleader", bad)]).0, None, "{bad:?}");
+        }
+        assert_eq!(meta(&[("token", b"abc"), ("authorization", b"x")]), (None, None));
+    }
 
     #[test]
     fn grpc_timeout_units() {
