@@ -326,12 +326,24 @@ async fn deny_on_write_failure_refuses_requests_until_the_log_works_again() -> T
     let mut h = Harness::start().await?;
     let mut a = h.client(&h.admin()?).await?;
     a.put("before", "v", None).await?;
+    let lease_during_failure = a.lease_grant(60, None).await?.id();
     written(&h.audit_dir(), "\"before\"").await?;
     // The audit folder disappears: the writer cannot reopen its file.
     std::fs::remove_dir_all(h.audit_dir())?;
     let seen = put_until(&mut a, "during", is_unavailable).await?;
     let refused = seen.last().cloned().unwrap_or(Ok(()));
     assert!(refused.as_ref().is_err_and(|e| e.contains("audit log")), "{seen:?}");
+    // A keep-alive the policy allows is refused too, and says why (not the rule that allowed it).
+    // (etcd-client sends the first keep-alive as it opens the stream: the refusal may answer the open.)
+    let refusal = match a.lease_keep_alive(lease_during_failure).await {
+        Err(e) => e.to_string(),
+        Ok((mut keeper, mut answers)) => {
+            let _ = keeper.keep_alive().await;
+            let answer = tokio::time::timeout(Duration::from_secs(10), answers.message()).await?;
+            answer.err().map(|e| e.to_string()).unwrap_or_default()
+        }
+    };
+    assert!(refusal.contains("audit log cannot be written") && !refusal.contains("role"), "{refusal}");
     // It comes back: requests are served again.
     std::fs::create_dir_all(h.audit_dir())?;
     put_until(&mut a, "after", Result::is_ok).await?;

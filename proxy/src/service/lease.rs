@@ -89,11 +89,15 @@ async fn keep_alive(
             };
             let at = Arrival::now();
             let mut record = g.record(RPC, Event::Message, stream_id, &msg, at);
+            // The status a keep-alive is refused with, when the proxy refuses it for a reason of its own.
+            let mut refused_with = None;
             let (verdict, code) = match g.decide(&authz::lease_keep_alive(&msg), &meta, &mut record).await {
                 Ok(v) if v.decision == Decision::Deny => (v, Code::PermissionDenied),
                 Ok(v) => match g.shared.audit.admit() {
                     Ok(()) => (v, Code::Ok),
-                    Err(status) => (v, status.code()),
+                    // Allowed, but not served (shutting down, or the audit log cannot be written): the client
+                    // hears why, not the rule that allowed it.
+                    Err(status) => (v, refused_with.insert(status).code()),
                 },
                 Err(status) => {
                     (Verdict { decision: Decision::Deny, reason: status.message().to_string() }, status.code())
@@ -104,7 +108,7 @@ async fn keep_alive(
                 (Code::Ok, Ok(())) => None,
                 (Code::Ok, Err(status)) => Some(status),
                 (Code::PermissionDenied, _) => Some(permission_denied()),
-                (code, _) => Some(Status::new(code, verdict.reason.clone())),
+                (code, _) => Some(refused_with.unwrap_or_else(|| Status::new(code, verdict.reason.clone()))),
             };
             if let Some(status) = refusal {
                 // A refused keep-alive ends the stream, as etcd ends it.
