@@ -1209,6 +1209,11 @@ mod tests {
         Active { range: None, _slot: None, _counted: None }
     }
 
+    /// A client watch on a shared watch (`sub`), watching `range`.
+    fn joined(sub: Subscription, range: Option<KeyRange>) -> JoinedWatch {
+        JoinedWatch { sub, left: None, create: pb::WatchCreateRequest::default(), range, slot: None, counted: None }
+    }
+
     /// The view of an identity that may read the keys under `prefix`, under policy generation `generation`.
     fn view_reading(prefix: &str, generation: u64) -> View {
         let yaml = format!(
@@ -1293,14 +1298,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         let view = view_reading("a/", 3);
         let mut o = Order::default();
         for (id, prefix) in [(1, "a/"), (2, "b/")] {
-            let joined = JoinedWatch {
-                sub: watch_hub::test_live_subscription(),
-                left: None,
-                create: pb::WatchCreateRequest::default(),
-                range: Some(KeyRange::prefix(prefix)),
-                slot: None,
-                counted: None,
-            };
+            let joined = joined(watch_hub::test_live_subscription(), Some(KeyRange::prefix(prefix)));
             o.joined.insert(id, joined);
         }
         revoke_active(&view, &mut o);
@@ -1317,14 +1315,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
     fn a_reload_ends_the_shared_frames_of_a_watch_it_withdrew_while_it_hands_over() {
         let view = view_reading("a/", 3);
         let mut o = Order::default();
-        let handing = |prefix| JoinedWatch {
-            sub: watch_hub::test_live_subscription(),
-            left: None,
-            create: pb::WatchCreateRequest::default(),
-            range: Some(KeyRange::prefix(prefix)),
-            slot: None,
-            counted: None,
-        };
+        let handing = |prefix| joined(watch_hub::test_live_subscription(), Some(KeyRange::prefix(prefix)));
         for (id, prefix) in [(1, "a/"), (2, "b/"), (3, "b/")] {
             o.handing.insert(id, handing(prefix));
         }
@@ -1350,17 +1341,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
             let mut o = lock(&order);
             o.active.insert(2, active());
             o.active.insert(4, active());
-            o.handing.insert(
-                1,
-                JoinedWatch {
-                    sub: watch_hub::test_subscription(),
-                    left: None,
-                    create: pb::WatchCreateRequest::default(),
-                    range: None,
-                    slot: None,
-                    counted: None,
-                },
-            );
+            o.handing.insert(1, joined(watch_hub::test_subscription(), None));
             let progress = pb::WatchResponse { header: at(20), watch_id: -1, ..Default::default() };
             for resp in [progress, event(2, 21), event(4, 21), event(2, 22)] {
                 assert_eq!(from_etcd(&mut o, resp), None, "held while watch 1 hands over");
@@ -1381,14 +1362,7 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
     #[test]
     fn while_a_watch_hands_over_etcds_later_frames_wait_in_order_and_cancels_are_still_noted() {
         let mut o = Order::default();
-        let joined = JoinedWatch {
-            sub: watch_hub::test_subscription(),
-            left: None,
-            create: pb::WatchCreateRequest::default(),
-            range: None,
-            slot: None,
-            counted: None,
-        };
+        let joined = joined(watch_hub::test_subscription(), None);
         o.handing.insert(1, joined);
         o.active.insert(2, active());
         o.active.insert(3, active());
