@@ -416,13 +416,18 @@ pub struct StreamCall {
     frames: Option<Frames>,
 }
 
-/// A streaming call until etcd answers it.
-type Call = Pin<Box<dyn Future<Output = Result<Frames, Status>> + Send>>;
+/// A streaming call until etcd answers it (`None`: no call was made).
+type Call = Pin<Box<dyn Future<Output = Option<Result<Frames, Status>>> + Send>>;
 
 // === impl StreamCall ===
 
 impl StreamCall {
     pub fn new(call: impl Future<Output = Result<Frames, Status>> + Send + 'static) -> StreamCall {
+        StreamCall::unless(async move { Some(call.await) })
+    }
+
+    /// A call that may turn out not to be made at all (`None`): then the stream ends without one.
+    pub fn unless(call: impl Future<Output = Option<Result<Frames, Status>>> + Send + 'static) -> StreamCall {
         StreamCall { call: Some(Box::pin(call)), frames: None }
     }
 
@@ -447,8 +452,9 @@ impl futures_util::Stream for StreamCall {
             let answered = ready!(call.as_mut().poll(cx));
             this.call = None;
             match answered {
-                Ok(frames) => this.frames = Some(frames),
-                Err(status) => return Poll::Ready(Some(Err(status))),
+                Some(Ok(frames)) => this.frames = Some(frames),
+                Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+                None => return Poll::Ready(None),
             }
         }
         let Some(frames) = this.frames.as_mut() else { return Poll::Ready(None) };

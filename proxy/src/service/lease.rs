@@ -62,15 +62,15 @@ async fn keep_alive(
 
     // etcd answers the stream's headers only with its first message, so the upstream call is made by the client's
     // response stream, beside the inbound loop, rather than before it; and only with the first keep-alive
-    // forwarded: a stream whose keep-alives are all refused (a client bound to nothing) opens none at etcd. A
-    // client that ends its side having sent nothing gets etcd's answer to that.
+    // forwarded: a stream whose keep-alives are all refused (a client bound to nothing) opens none at etcd. One
+    // whose client ends its side having sent nothing ends as etcd ends it then (OK, no answers).
     let upstream = g.shared.upstream.for_streams(&g.conn.streams);
     let up_meta = meta.clone();
-    let upstream = StreamCall::new(async move {
+    let upstream = StreamCall::unless(async move {
         let mut up_rx = up_rx;
-        let first = up_rx.recv().await;
-        let messages = futures_util::StreamExt::chain(futures_util::stream::iter(first), ReceiverStream::new(up_rx));
-        upstream.streaming(KEEP_ALIVE, Box::pin(messages), &up_meta).await
+        let first = up_rx.recv().await?;
+        let messages = futures_util::StreamExt::chain(futures_util::stream::iter([first]), ReceiverStream::new(up_rx));
+        Some(upstream.streaming(KEEP_ALIVE, Box::pin(messages), &up_meta).await)
     });
     let to_client = ToClient { upstream, end: Some(end_rx) };
 
