@@ -524,6 +524,28 @@ metrics_listen: "127.0.0.1:0"
     }
 }
 
+/// `message` as one gRPC frame: uncompressed, its 4-byte length, its bytes (which need not be a valid message).
+pub fn grpc_frame(message: &[u8]) -> bytes::Bytes {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+/// `msg` encoded, as one gRPC frame.
+pub fn grpc_message(msg: &impl prost::Message) -> bytes::Bytes {
+    grpc_frame(&msg.encode_to_vec())
+}
+
+/// A gRPC call of `method` (its full path, e.g. `methods::KV_RANGE`) with `body`, for a [`BareH2`] connection.
+pub fn grpc_request(method: &str, body: tonic::body::Body) -> TestResult<http::Request<tonic::body::Body>> {
+    Ok(http::Request::post(format!("https://localhost{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)?)
+}
+
 /// A bare HTTP/2 connection to the proxy. Unlike tonic's `Channel` it does not enforce `grpc-timeout` itself, so
 /// whatever answer comes back was decided on the far side.
 #[derive(Clone)]

@@ -975,15 +975,8 @@ async fn an_unreadable_message_ends_the_stream_and_its_shared_watches() -> TestR
     use bytes::Bytes;
     use http_body::Frame;
     use http_body_util::BodyExt;
-    use prost::Message;
     use tonic::codegen::Service;
 
-    fn framed(message: &[u8]) -> Bytes {
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        framed.extend_from_slice(message);
-        Bytes::from(framed)
-    }
     let h = start().await?;
     let mut conn = etcd_guard_tests::bare_h2(&h, &h.cilium()?, None).await?;
     // Another stream's watch, so that this one joins a shared watch.
@@ -992,10 +985,7 @@ async fn an_unreadable_message_ends_the_stream_and_its_shared_watches() -> TestR
 
     let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
     let body = tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    let request = http::Request::post(format!("https://localhost{}", etcd_guard_proto::methods::WATCH_WATCH))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)?;
+    let request = etcd_guard_tests::grpc_request(etcd_guard_proto::methods::WATCH_WATCH, body)?;
     let create = etcd_guard_proto::etcdserverpb::WatchRequest {
         request_union: Some(etcd_guard_proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(
             etcd_guard_proto::etcdserverpb::WatchCreateRequest {
@@ -1005,7 +995,7 @@ async fn an_unreadable_message_ends_the_stream_and_its_shared_watches() -> TestR
             },
         )),
     };
-    feed.send(Ok(Frame::data(framed(&create.encode_to_vec())))).await?;
+    feed.send(Ok(Frame::data(etcd_guard_tests::grpc_message(&create)))).await?;
     std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
     let mut answer = tokio::time::timeout(WAIT, conn.call(request)).await??.into_body();
     let created = tokio::time::timeout(WAIT, answer.frame()).await?.ok_or("the stream ended")??;
@@ -1013,7 +1003,7 @@ async fn an_unreadable_message_ends_the_stream_and_its_shared_watches() -> TestR
     settles(&h, SUBSCRIBERS, 2.0).await.context("both watches share one upstream watch")?;
 
     // Not a WatchRequest (a length-delimited field whose length runs past the end).
-    feed.send(Ok(Frame::data(framed(&[0x0a, 0x7f, 0x01])))).await?;
+    feed.send(Ok(Frame::data(etcd_guard_tests::grpc_frame(&[0x0a, 0x7f, 0x01])))).await?;
     let status = loop {
         let frame = tokio::time::timeout(WAIT, answer.frame()).await.map_err(|_| "the stream did not end")?;
         let frame = frame.ok_or("the stream ended without a status")??;

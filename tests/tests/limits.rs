@@ -97,15 +97,11 @@ async fn requests_whose_message_never_arrives_are_capped_per_connection() -> Tes
     use etcd_guard::http2::server::MAX_RECEIVING;
     use etcd_guard_proto::methods::KV_RANGE;
     use http_body::Frame;
-    use prost::Message;
     use tonic::codegen::Service;
 
     type Sender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
     fn request(body: tonic::body::Body) -> TestResult<http::Request<tonic::body::Body>> {
-        Ok(http::Request::post(format!("https://localhost{KV_RANGE}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(body)?)
+        etcd_guard_tests::grpc_request(KV_RANGE, body)
     }
     /// A request body that is sent as it is fed.
     fn fed() -> (Sender, tonic::body::Body) {
@@ -115,10 +111,7 @@ async fn requests_whose_message_never_arrives_are_capped_per_connection() -> Tes
     }
     fn message() -> Bytes {
         let msg = etcd_guard_proto::etcdserverpb::RangeRequest { key: b"cilium/x".to_vec(), ..Default::default() };
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
-        framed.extend_from_slice(&msg.encode_to_vec());
-        Bytes::from(framed)
+        etcd_guard_tests::grpc_message(&msg)
     }
     /// The answer's grpc-status (a trailers-only answer carries it in its headers).
     async fn grpc_status(response: http::Response<hyper::body::Incoming>) -> TestResult<String> {

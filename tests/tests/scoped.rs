@@ -397,10 +397,7 @@ async fn refused_watch_creates_waiting_behind_unread_answers_are_bounded() -> Te
                 ..Default::default()
             })),
         };
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
-        framed.extend_from_slice(&msg.encode_to_vec());
-        Bytes::from(framed)
+        etcd_guard_tests::grpc_message(&msg)
     }
 
     // Creates at etcd: with `watch.coalesce` they would join shared watches, answered through a bounded queue.
@@ -410,10 +407,7 @@ async fn refused_watch_creates_waiting_behind_unread_answers_are_bounded() -> Te
     let mut conn = etcd_guard_tests::bare_h2_with(&h, &h.cilium()?, None, Some(64)).await?;
     let (feed, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(8192);
     let body = tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    let request = http::Request::post(format!("https://localhost{}", etcd_guard_proto::methods::WATCH_WATCH))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)?;
+    let request = etcd_guard_tests::grpc_request(etcd_guard_proto::methods::WATCH_WATCH, body)?;
     std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
     let answer = tokio::spawn(conn.call(request));
     const ALLOWED: usize = 100;

@@ -171,7 +171,6 @@ async fn compressed_streams_are_refused_and_recorded() -> TestResult {
 async fn metadata_etcd_could_choke_on_is_not_forwarded() -> TestResult {
     use etcd_guard_proto::etcdserverpb::RangeRequest;
     use http_body_util::BodyExt;
-    use prost::Message;
     use tonic::codegen::Service;
 
     let h = Harness::start().await?;
@@ -181,15 +180,9 @@ async fn metadata_etcd_could_choke_on_is_not_forwarded() -> TestResult {
         [("client-api-version", &b"\xff\xfe"[..]), ("client-api-version", b"3.5\xc3"), ("hasleader", b"\xff")]
     {
         let msg = RangeRequest { key: b"app/x".to_vec(), ..Default::default() };
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
-        framed.extend_from_slice(&msg.encode_to_vec());
-        let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(framed)));
-        let request = http::Request::post(format!("https://localhost{}", etcd_guard_proto::methods::KV_RANGE))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header(name, http::HeaderValue::from_bytes(value)?)
-            .body(body)?;
+        let body = tonic::body::Body::new(http_body_util::Full::new(etcd_guard_tests::grpc_message(&msg)));
+        let mut request = etcd_guard_tests::grpc_request(etcd_guard_proto::methods::KV_RANGE, body)?;
+        request.headers_mut().insert(name, http::HeaderValue::from_bytes(value)?);
         std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
         let response = conn.call(request).await?;
         let status = match response.headers().get("grpc-status").cloned() {
