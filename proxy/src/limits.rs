@@ -69,6 +69,14 @@ struct Bucket {
     full_at: Instant,
 }
 
+/// What [`Limiter::record_denial`] says to write now.
+pub struct Denied {
+    /// Summary records of the identity's earlier denials, first.
+    pub summaries: Vec<Record>,
+    /// The denial's own record; `None`: it was counted for a summary.
+    pub own: Option<Record>,
+}
+
 /// A call in flight; releases its slots when dropped.
 pub struct Permit {
     usage: Option<Arc<Usage>>,
@@ -159,25 +167,25 @@ impl Limiter {
         Ok(())
     }
 
-    /// A denial of the identity (of a request that was not forwarded): the records to write now, in order, and
-    /// whether the denial itself was counted for a summary rather than recorded. Within `audit.denial_records` it
-    /// gets its own record, after the summary records of earlier denials (each of which takes a token too);
-    /// over it, it is counted (written by a later denial, or [`Limiter::summaries_due`]). So a client with nothing
-    /// but denials cannot flood the log.
-    pub fn record_denial(&self, usage: &Usage, denial: Record) -> (Vec<Record>, bool) {
-        let Some(DenialRecords { per_second, burst }) = self.denial_records else { return (vec![denial], false) };
+    /// A denial of the identity (of a request that was not forwarded): the records to write now. Within
+    /// `audit.denial_records` it gets its own record, after the summary records of earlier denials (each of which
+    /// takes a token too); over it, it is counted (written by a later denial, or [`Limiter::summaries_due`]). So a
+    /// client with nothing but denials cannot flood the log.
+    pub fn record_denial(&self, usage: &Usage, denial: Record) -> Denied {
+        let Some(DenialRecords { per_second, burst }) = self.denial_records else {
+            return Denied { summaries: Vec::new(), own: Some(denial) };
+        };
         let mut buckets = usage.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let b = &mut *buckets;
-        let mut now = Vec::new();
+        let mut summaries = Vec::new();
         while !b.unrecorded.is_empty() && Bucket::take(&mut b.denial_records, per_second, burst) {
-            now.extend(b.unrecorded.take_one());
+            summaries.extend(b.unrecorded.take_one());
         }
         if b.unrecorded.is_empty() && Bucket::take(&mut b.denial_records, per_second, burst) {
-            now.push(denial);
-            return (now, false);
+            return Denied { summaries, own: Some(denial) };
         }
         b.unrecorded.add(denial);
-        (now, true)
+        Denied { summaries, own: None }
     }
 
     /// The summary records of every identity with denials counted `older_than` ago or longer (all with
@@ -370,20 +378,24 @@ mod tests {
     fn denials_over_the_budget_are_counted_until_a_token_or_the_sweep_writes_their_summary() {
         use crate::audit::Event;
         let every = Limiter::new(None);
-        assert_eq!(every.record_denial(&every.usage("a"), denial("KV/Range")).0.len(), 1, "no budget: each recorded");
+        let written = |d: Denied| (d.summaries.len() + usize::from(d.own.is_some()), d.own.is_none());
+        assert_eq!(
+            written(every.record_denial(&every.usage("a"), denial("KV/Range"))).0,
+            1,
+            "no budget: each recorded"
+        );
 
         let l = Limiter::new(None).recording_denials(Some(DenialRecords { per_second: 0, burst: 3 }));
         let a = l.usage("a");
-        let outcomes: Vec<(usize, bool)> =
-            (0..10).map(|_| l.record_denial(&a, denial("KV/Range"))).map(|(now, s)| (now.len(), s)).collect();
+        let outcomes: Vec<(usize, bool)> = (0..10).map(|_| written(l.record_denial(&a, denial("KV/Range")))).collect();
         assert_eq!(outcomes[..3], [(1, false); 3], "the burst");
         assert!(outcomes[3..].iter().all(|&o| o == (0, true)), "{outcomes:?}");
         l.record_denial(&a, denial("KV/Put"));
         // Another identity has its own budget; a reconnect of this one (dropped usage) does not.
-        assert_eq!(l.record_denial(&l.usage("b"), denial("KV/Range")).0.len(), 1);
+        assert_eq!(written(l.record_denial(&l.usage("b"), denial("KV/Range"))).0, 1);
         drop(a);
         let a = l.usage("a");
-        assert_eq!(l.record_denial(&a, denial("KV/Range")).0.len(), 0);
+        assert_eq!(written(l.record_denial(&a, denial("KV/Range"))).0, 0);
         // Pruning (at 64 entries) keeps an identity whose denials wait for their summary.
         drop(a);
         for i in 0..100 {

@@ -575,20 +575,19 @@ impl Guard {
         r.reason = verdict.into_owned().reason;
         r.code = code;
         r.latency_us = at.micros();
-        let (now, summarised) = self.shared.limiter.record_denial(&self.conn.usage, r);
-        if summarised {
-            self.shared.metrics.audit_denials_summarised.inc();
+        let denied = self.shared.limiter.record_denial(&self.conn.usage, r);
+        // Summary records are queued without waiting: a client that resets its call must not make them vanish.
+        for summary in denied.summaries {
+            self.shared.audit.submit_now(summary);
         }
-        let mut now = now.into_iter().peekable();
-        while let Some(record) = now.next() {
-            if now.peek().is_none() && !summarised {
-                // The denial's own record, last: as any record, it may wait for room in the queue.
-                return self.shared.audit.submit(record).await;
+        match denied.own {
+            // As any record, the denial's own may wait for room in the queue.
+            Some(own) => self.shared.audit.submit(own).await,
+            None => {
+                self.shared.metrics.audit_denials_summarised.inc();
+                Ok(())
             }
-            // Summary records are queued without waiting: a client that resets its call must not make them vanish.
-            self.shared.audit.submit_now(record);
         }
-        Ok(())
     }
 
     /// Count a request (or stream message) in the metrics.
