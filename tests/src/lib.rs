@@ -566,17 +566,6 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for BareH2 {
 }
 
 pub async fn bare_h2(h: &Harness, who: &ClientCert, ping_every: Option<Duration>) -> TestResult<BareH2> {
-    bare_h2_with(h, who, ping_every, None).await
-}
-
-/// [`bare_h2`] whose streams take at most `window` bytes before the client reads them (HTTP/2's initial stream
-/// window), when given.
-pub async fn bare_h2_with(
-    h: &Harness,
-    who: &ClientCert,
-    ping_every: Option<Duration>,
-    window: Option<u32>,
-) -> TestResult<BareH2> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -597,9 +586,6 @@ pub async fn bare_h2_with(
     builder.timer(hyper_util::rt::TokioTimer::new());
     if let Some(every) = ping_every {
         builder.keep_alive_interval(every).keep_alive_timeout(Duration::from_secs(5)).keep_alive_while_idle(true);
-    }
-    if let Some(window) = window {
-        builder.initial_stream_window_size(window);
     }
     let (send, conn) = builder.handshake(hyper_util::rt::TokioIo::new(tls)).await?;
     tokio::spawn(conn);
