@@ -110,6 +110,7 @@ pub struct Metrics {
     /// Requests that waited for the keys of a lease (several share one lookup).
     pub lease_lookup_waits: Counter,
     upstream_healthy: Family<EndpointLabels, Gauge>,
+    upstream_retried: Counter,
     audit_queue: Gauge,
     audit_written: Counter,
     audit_errors: Counter,
@@ -256,6 +257,12 @@ impl Metrics {
         );
         let upstream_healthy = Family::<EndpointLabels, Gauge>::default();
         registry.register("upstream_endpoint_healthy", "1 if the etcd endpoint is healthy", upstream_healthy.clone());
+        let upstream_retried = Counter::default();
+        registry.register(
+            "upstream_calls_retried",
+            "Calls etcd did not process (stream refused, connection going away or not made) made again",
+            upstream_retried.clone(),
+        );
         let audit_queue = Gauge::default();
         registry.register("audit_queue_depth", "Audit records waiting for the writer", audit_queue.clone());
         let audit_written = Counter::default();
@@ -291,6 +298,7 @@ impl Metrics {
             lease_lookups,
             lease_lookup_waits,
             upstream_healthy,
+            upstream_retried,
             audit_queue,
             audit_written,
             audit_errors,
@@ -321,15 +329,16 @@ impl Metrics {
         for (endpoint, healthy) in upstream.health() {
             self.upstream_healthy.get_or_create(&EndpointLabels { endpoint }).set(i64::from(healthy));
         }
+        // Counters only go up: add what they are behind by.
+        let sync = |c: &Counter, v: u64| {
+            let have = c.get();
+            if v > have {
+                c.inc_by(v - have);
+            }
+        };
+        sync(&self.upstream_retried, upstream.retried());
         if let Some(stats) = audit.stats() {
             self.audit_queue.set(stats.queued.load(Ordering::Relaxed) as i64);
-            // Counters only go up: add what they are behind by.
-            let sync = |c: &Counter, v: u64| {
-                let have = c.get();
-                if v > have {
-                    c.inc_by(v - have);
-                }
-            };
             sync(&self.audit_written, stats.written.load(Ordering::Relaxed));
             sync(&self.audit_errors, stats.write_errors.load(Ordering::Relaxed));
             sync(&self.audit_lost, stats.lost.load(Ordering::Relaxed));

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -33,12 +33,19 @@ static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// etcd's maximum response size is unbounded in practice (clientv3 accepts up to `i32::MAX`).
 const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
+/// How many times in all a call etcd did not process ([`client::Error::unprocessed`]) is made: again on another
+/// endpoint (or a new connection), as gRPC clients retry such calls transparently. An etcd member that restarts
+/// turns calls away with a `GOAWAY`; without this its clients would see `Unavailable` for calls etcd never saw.
+const ATTEMPTS: usize = 3;
+
 /// A handle to the upstream etcd cluster. Cheap to clone.
 ///
 /// Each endpoint has its own multiplexed HTTP/2 connections (made again at the next call after one drops). Calls
 /// go round robin over the endpoints that are healthy; an endpoint is marked unhealthy when a call to it fails at
 /// the transport level, and healthy again when a periodic probe (Maintenance/Status) succeeds. With no healthy
-/// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call.
+/// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call. A unary or
+/// server-streaming call that etcd did not process (refused stream, `GOAWAY`, no connection) is made again on
+/// another endpoint ([`ATTEMPTS`]).
 ///
 /// With worker threads ([`crate::runtime`]) each worker has connections of its own, made and driven on its thread,
 /// and a call made on a worker uses that worker's; calls made elsewhere (health probes) use any.
@@ -54,6 +61,8 @@ pub struct Upstream {
     probed: Arc<AtomicBool>,
     next: Arc<AtomicUsize>,
     workers: Arc<[Handle]>,
+    /// Calls made again because etcd did not process them (shared by the streams' upstreams).
+    retried: Arc<AtomicU64>,
 }
 
 /// One connection to an etcd endpoint.
@@ -97,8 +106,8 @@ impl Upstream {
     pub fn for_workers(endpoints: Vec<(String, Connection)>, workers: Vec<Handle>) -> Upstream {
         let workers: Arc<[Handle]> = workers.into();
         let members = Arc::new(RwLock::new(members(endpoints, &workers)));
-        let (replaced, probed) = (Arc::default(), Arc::default());
-        Upstream { members, replaced, probed, next: Arc::new(AtomicUsize::new(0)), workers }
+        let (replaced, probed, retried) = (Arc::default(), Arc::default(), Arc::default());
+        Upstream { members, replaced, probed, next: Arc::new(AtomicUsize::new(0)), workers, retried }
     }
 
     /// New connections (after a reload of the upstream certificate). Calls in progress finish on the old ones.
@@ -139,8 +148,9 @@ impl Upstream {
         // Round robin from where the shared one is: the first streams of all clients do not all go to one endpoint.
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let (replaced_own, next) = (Arc::default(), Arc::new(AtomicUsize::new(start)));
-        let probed = self.probed.clone();
-        let upstream = Upstream { members, replaced: replaced_own, probed, next, workers: Arc::from(Vec::new()) };
+        let (probed, retried) = (self.probed.clone(), self.retried.clone());
+        let workers = Arc::from(Vec::new());
+        let upstream = Upstream { members, replaced: replaced_own, probed, next, workers, retried };
         *slot = Some((replaced, upstream.clone()));
         upstream
     }
@@ -161,6 +171,11 @@ impl Upstream {
     /// Whether every endpoint has been probed at least once ([`Upstream::probe`]).
     pub fn probed(&self) -> bool {
         self.probed.load(Ordering::Acquire)
+    }
+
+    /// How many calls were made again because etcd did not process them.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
     }
 
     /// Whether at least one endpoint is healthy.
@@ -189,9 +204,10 @@ impl Upstream {
         self.probed.store(true, Ordering::Release);
     }
 
-    /// The endpoint for the next call: round robin over the healthy ones, else over all; on a worker thread, over
-    /// that worker's connections.
-    fn pick(&self) -> Result<Arc<Member>, Status> {
+    /// The endpoint for the next call: round robin over the healthy ones other than `avoid` (an endpoint that just
+    /// turned the call away), else over the healthy ones, else over all; on a worker thread, over that worker's
+    /// connections.
+    fn pick(&self, avoid: Option<&str>) -> Result<Arc<Member>, Status> {
         let all = self.current();
         let per_worker = all.len() / self.workers.len().max(1);
         let members = match crate::runtime::current_worker() {
@@ -200,8 +216,10 @@ impl Upstream {
         };
         let n = members.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let healthy = (0..n).filter_map(|i| members.get((start + i) % n)).find(|m| m.healthy.load(Ordering::Relaxed));
-        match healthy.or_else(|| members.get(start % n)) {
+        let healthy = |m: &&Arc<Member>| m.healthy.load(Ordering::Relaxed);
+        let in_turn = || (0..n).filter_map(|i| members.get((start + i) % n));
+        let other = avoid.and_then(|url| in_turn().filter(healthy).find(|m| m.url != url));
+        match other.or_else(|| in_turn().find(healthy)).or_else(|| members.get(start % n)) {
             Some(m) => Ok(m.clone()),
             // The configuration requires at least one endpoint; this is defence in depth.
             None => Err(Status::unavailable("etcd-guard: no upstream endpoint configured")),
@@ -213,9 +231,37 @@ impl Upstream {
     where
         M: prost::Message,
     {
-        let member = self.pick()?;
         // etcd enforces the deadline too (it gets `grpc-timeout`); this answers in time if etcd cannot.
-        within(meta.timeout, member.call(path, &msg, meta)).await
+        within(meta.timeout, async {
+            let (member, response) = self.send(path, meta, codec::frame(&msg)).await?;
+            member.answer(response).await
+        })
+        .await
+    }
+
+    /// Put a call whose whole body is `body` on the next endpoint's connection; one etcd did not process is made
+    /// again on another endpoint, up to [`ATTEMPTS`] times in all. The endpoint that took it, and etcd's answer.
+    async fn send(
+        &self,
+        path: &'static str,
+        meta: &CallMeta,
+        body: Bytes,
+    ) -> Result<(Arc<Member>, http::Response<h2::RecvStream>), Status> {
+        let mut avoid = None;
+        for attempt in 1.. {
+            let member = self.pick(avoid.as_deref())?;
+            match member.connection.send(member.head(path, meta), body.clone()).await {
+                Ok(response) => return Ok((member, response)),
+                Err(e) if e.unprocessed() && attempt < ATTEMPTS => {
+                    let _ = member.unreachable(&e);
+                    self.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(endpoint = %member.url, error = %e, path, "etcd did not process a call; making it again");
+                    avoid = Some(member.url.clone());
+                }
+                Err(e) => return Err(member.unreachable(&e)),
+            }
+        }
+        Err(Status::unavailable("etcd-guard: upstream unavailable"))
     }
 
     /// A unary call whose response the proxy needs to read (lease lookups, MemberList).
@@ -235,12 +281,7 @@ impl Upstream {
     where
         M: prost::Message,
     {
-        let member = self.pick()?;
-        let response = member
-            .connection
-            .send(member.head(path, meta), codec::frame(&msg))
-            .await
-            .map_err(|e| member.unreachable(&e))?;
+        let (member, response) = self.send(path, meta, codec::frame(&msg)).await?;
         member.frames(response.map(RecvBody::new))
     }
 
@@ -251,7 +292,9 @@ impl Upstream {
         M: prost::Message,
         S: futures_util::Stream<Item = M> + Send + Unpin + 'static,
     {
-        let member = self.pick()?;
+        // Not made again if etcd does not process it: `messages` are taken by the first attempt (the client's watch
+        // or keep-alive stream starts again, as with etcd directly).
+        let member = self.pick(None)?;
         let request = member.head(path, meta).map(|()| Messages(messages));
         let response = member.connection.send_streaming(request).await.map_err(|e| member.unreachable(&e))?;
         member.frames(response)
@@ -280,6 +323,11 @@ impl Member {
     async fn call<M: prost::Message>(&self, path: &'static str, msg: &M, meta: &CallMeta) -> Result<Framed, Status> {
         let response =
             self.connection.send(self.head(path, meta), codec::frame(msg)).await.map_err(|e| self.unreachable(&e))?;
+        self.answer(response).await
+    }
+
+    /// etcd's answer to a unary call: the message's bytes, or etcd's status.
+    async fn answer(&self, response: http::Response<h2::RecvStream>) -> Result<Framed, Status> {
         let (head, mut body) = response.into_parts();
         self.accepted(&head)?;
         let mut data = codec::Gather::default();
@@ -318,8 +366,9 @@ impl Member {
         if let Some(status) = codec::status_from_trailers(&head.headers) {
             return Err(status);
         }
-        if head.status != http::StatusCode::OK {
-            return Err(self.broken(format!("etcd answered HTTP status {}", head.status)));
+        let grpc = head.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if head.status != http::StatusCode::OK || !grpc {
+            return Err(not_grpc(head));
         }
         Ok(())
     }
@@ -331,9 +380,10 @@ impl Member {
         Ok(Frames { body, deframer: Deframer::default(), member: self.clone(), done: false })
     }
 
-    /// The connection could not be made or broke under the call: the client is told `Unavailable`.
+    /// The connection could not be made, broke under the call, or etcd turned the call away: the client is told
+    /// `Unavailable`. The endpoint is marked unhealthy unless it turned the call away while working.
     fn unreachable(&self, e: &client::Error) -> Status {
-        if self.healthy.swap(false, Ordering::Relaxed) {
+        if e.endpoint_failed() && self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(endpoint = %self.url, error = %e, "upstream endpoint failed");
         }
         Status::unavailable(format!("etcd-guard: upstream unavailable: {e}"))
@@ -343,6 +393,24 @@ impl Member {
     fn broken(&self, message: String) -> Status {
         Status::new(Code::Internal, format!("etcd-guard: {message}"))
     }
+}
+
+/// An answer that is not gRPC's (e.g. etcd's HTTP server answering for its gRPC server, which has stopped): the
+/// code a gRPC client gives it (grpc-go's table of HTTP statuses: `Unknown` for 200), as a client of etcd sees it.
+fn not_grpc(head: &http::response::Parts) -> Status {
+    let code = match head.status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502..=504 => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    let content_type = head.headers.get(CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let content_type = content_type.as_deref().unwrap_or("none");
+    let message =
+        format!("etcd-guard: etcd's answer is not gRPC (HTTP status {}, content-type {content_type})", head.status);
+    Status::new(code, message)
 }
 
 /// etcd's answers on a streaming call: each a whole gRPC frame as etcd sent it, then the end (`None` after
@@ -619,6 +687,263 @@ mod tests {
             assert_eq!(meta(&[("hasleader", bad)]).0, None, "{bad:?}");
         }
         assert_eq!(meta(&[("token", b"abc"), ("authorization", b"x")]), (None, None));
+    }
+
+    // === Calls etcd did not process ===
+    //
+    // etcd cannot be made to refuse a stream or to go away at a chosen moment, so these tests put the HTTP/2
+    // behaviours the retry is about (RFC 9113 §8.7) on a small TLS endpoint of their own.
+
+    mod unprocessed {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::Duration;
+
+        use bytes::Bytes;
+        use etcd_guard_proto::etcdserverpb::{RangeRequest, RangeResponse};
+        use h2::Reason;
+        use h2::server::SendResponse;
+        use http::{HeaderMap, HeaderValue};
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpListener;
+        use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+        use crate::certs::{DevCa, LeafKind};
+        use crate::codec;
+        use crate::http2::client::{Connection, Connector};
+        use crate::upstream::{CallMeta, Upstream};
+
+        type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+        /// What the endpoint does on one of its connections.
+        #[derive(Clone, Copy)]
+        enum Plan {
+            /// Answers every call.
+            Answer,
+            /// Resets its first call with `REFUSED_STREAM`, answers the others.
+            RefuseFirst,
+            /// Takes its first call, goes away gracefully (`GOAWAY`), and answers that call a second later.
+            GoAwayHolding,
+            /// At its first call's HEADERS, sends `GOAWAY` with last stream ID 0 and closes (raw HTTP/2).
+            GoAwayBelow,
+            /// Takes its first call, then closes the connection without a word.
+            CloseTaken,
+            /// Answers its first call with an empty HTTP 200 (no gRPC content-type, no status), as etcd's HTTP
+            /// server does for its stopped gRPC server.
+            NotGrpcFirst,
+        }
+
+        struct Endpoint {
+            connector: Connector,
+            /// Connections accepted.
+            connections: Arc<AtomicUsize>,
+            /// Calls answered.
+            answered: Arc<AtomicUsize>,
+            /// Set once a `GoAwayHolding` connection has started going away.
+            gone_away: Arc<tokio::sync::Notify>,
+        }
+
+        async fn endpoint(plans: Vec<Plan>) -> TestResult<Endpoint> {
+            let ca = DevCa::new("test ca")?;
+            let leaf = ca.issue(LeafKind::Server, "localhost", None, &["localhost"], &[])?;
+            let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())?];
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+            let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)?;
+            server.alpn_protocols = vec![b"h2".to_vec()];
+            let acceptor = TlsAcceptor::from(Arc::new(server));
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
+            let mut client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            client.alpn_protocols = vec![b"h2".to_vec()];
+
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let connector = Connector {
+                tls: TlsConnector::from(Arc::new(client)),
+                scheme: http::uri::Scheme::HTTPS,
+                authority: listener.local_addr()?.to_string().parse()?,
+                server_name: ServerName::try_from("localhost")?,
+                connect_timeout: Duration::from_secs(2),
+                connection_window: 1 << 20,
+                stream_window: 1 << 20,
+                keep_alive_interval: Duration::from_secs(30),
+                keep_alive_timeout: Duration::from_secs(10),
+            };
+            let (connections, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let gone_away = Arc::new(tokio::sync::Notify::new());
+            let (counted, a, g) = (connections.clone(), answered.clone(), gone_away.clone());
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let plan = plans.get(counted.fetch_add(1, Ordering::SeqCst)).copied().unwrap_or(Plan::Answer);
+                    let (acceptor, answered, gone_away) = (acceptor.clone(), a.clone(), g.clone());
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            serve(tls, plan, answered, gone_away).await;
+                        }
+                    });
+                }
+            });
+            Ok(Endpoint { connector, connections, answered, gone_away })
+        }
+
+        async fn serve(
+            mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            plan: Plan,
+            answered: Arc<AtomicUsize>,
+            gone_away: Arc<tokio::sync::Notify>,
+        ) {
+            if let Plan::GoAwayBelow = plan {
+                let mut preface = [0u8; 24];
+                if tls.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if tls.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                    let mut payload = vec![0; len];
+                    if tls.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    if head[3] == 0x1 {
+                        break;
+                    }
+                }
+                // An empty SETTINGS, then GOAWAY: last stream ID 0, NO_ERROR.
+                let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+                frames.extend_from_slice(&[0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                let _ = tls.write_all(&frames).await;
+                let _ = tls.shutdown().await;
+                return;
+            }
+            let Ok(mut conn) = h2::server::handshake(tls).await else { return };
+            let mut first = true;
+            while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                match (plan, std::mem::take(&mut first)) {
+                    (Plan::RefuseFirst, true) => respond.send_reset(Reason::REFUSED_STREAM),
+                    (Plan::CloseTaken, true) => return,
+                    (Plan::NotGrpcFirst, true) => {
+                        let _ = respond.send_response(http::Response::new(()), true);
+                    }
+                    (Plan::GoAwayHolding, true) => {
+                        conn.graceful_shutdown();
+                        gone_away.notify_one();
+                        let answered = answered.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            answer(&mut respond, &answered);
+                        });
+                    }
+                    _ => answer(&mut respond, &answered),
+                }
+            }
+        }
+
+        /// etcd's answer to a Range with no keys.
+        fn answer(respond: &mut SendResponse<Bytes>, answered: &AtomicUsize) {
+            let mut head = http::Response::new(());
+            head.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+            let Ok(mut stream) = respond.send_response(head, false) else { return };
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let sent = stream.send_data(codec::frame(&RangeResponse::default()), false);
+            if sent.and_then(|()| stream.send_trailers(trailers)).is_ok() {
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+
+        fn upstream(e: &Endpoint) -> Upstream {
+            let url = format!("https://{}", e.connector.authority);
+            Upstream::new(vec![(url, Connection::new(e.connector.clone()))])
+        }
+
+        async fn range(upstream: &Upstream) -> Result<RangeResponse, tonic::Status> {
+            let meta = CallMeta { timeout: Some(Duration::from_secs(5)), ..CallMeta::default() };
+            let req = RangeRequest { key: b"k".to_vec(), ..RangeRequest::default() };
+            upstream.unary_decoded(etcd_guard_proto::methods::KV_RANGE, req, &meta).await
+        }
+
+        #[tokio::test]
+        async fn a_refused_stream_is_made_again() -> TestResult {
+            let e = endpoint(vec![Plan::RefuseFirst]).await?;
+            let upstream = upstream(&e);
+            range(&upstream).await?;
+            assert_eq!((upstream.retried(), e.answered.load(Ordering::SeqCst)), (1, 1));
+            assert_eq!(upstream.health(), vec![(format!("https://{}", e.connector.authority), true)]);
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_call_above_the_goaway_last_stream_id_is_made_again_on_a_new_connection() -> TestResult {
+            let e = endpoint(vec![Plan::GoAwayBelow]).await?;
+            let upstream = upstream(&e);
+            range(&upstream).await?;
+            assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (1, 2));
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_call_made_while_the_connection_goes_away_goes_on_a_new_one() -> TestResult {
+            let e = endpoint(vec![Plan::GoAwayHolding]).await?;
+            let upstream = upstream(&e);
+            let held = tokio::spawn({
+                let upstream = upstream.clone();
+                async move { range(&upstream).await }
+            });
+            e.gone_away.notified().await;
+            // The GOAWAY crosses loopback in well under this.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            range(&upstream).await?;
+            assert_eq!((e.connections.load(Ordering::SeqCst), e.answered.load(Ordering::SeqCst)), (2, 1));
+            // The call the old connection had taken is answered there.
+            held.await??;
+            assert_eq!(e.answered.load(Ordering::SeqCst), 2);
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_call_the_endpoint_took_is_not_made_again() -> TestResult {
+            // It may have been applied: the client is told, as by a gRPC client whose connection broke.
+            let e = endpoint(vec![Plan::CloseTaken]).await?;
+            let upstream = upstream(&e);
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (0, 1));
+            // The next call gets a new connection.
+            range(&upstream).await?;
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn an_answer_that_is_not_grpc_is_unknown_and_not_made_again() -> TestResult {
+            let e = endpoint(vec![Plan::NotGrpcFirst]).await?;
+            let upstream = upstream(&e);
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+            assert!(status.message().contains("HTTP status 200"), "{status:?}");
+            assert_eq!(upstream.retried(), 0);
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_call_is_made_three_times_at_most() -> TestResult {
+            // Every connection goes away below the call: three attempts, then Unavailable.
+            let e = endpoint(vec![Plan::GoAwayBelow; 10]).await?;
+            let upstream = upstream(&e);
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (2, 3));
+            Ok(())
+        }
     }
 
     #[test]

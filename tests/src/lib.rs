@@ -198,6 +198,15 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// Stop member `i` as an operator's restart does (`SIGTERM`: etcd finishes the calls it took, turns new ones
+    /// away with `GOAWAY`, and leaves the cluster's leadership to another member first).
+    pub fn stop(&mut self, i: usize) -> TestResult {
+        if let Some(mut m) = self.members.get_mut(i).and_then(Option::take) {
+            m.stop()?;
+        }
+        Ok(())
+    }
+
     /// Start member `i` again with its data.
     pub fn restart(&mut self, pki: &Pki, i: usize) -> TestResult {
         let child = self.spawn(pki, i, "existing")?;
@@ -335,6 +344,13 @@ impl Etcd {
     /// Stop etcd now (the data folder stays until the harness is dropped).
     pub fn kill(&mut self) -> TestResult {
         self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Stop etcd gracefully (`SIGTERM`) and wait until it has ended.
+    pub fn stop(&mut self) -> TestResult {
+        self.signal("TERM")?;
         self.child.wait()?;
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{Ping, PingPong};
+use h2::{Ping, PingPong, Reason};
 use http::Uri;
 use http::uri::{Authority, Scheme};
 use http_body::Body;
@@ -36,8 +36,38 @@ pub enum Error {
     Connect { endpoint: String, message: String },
     #[error("connecting to {endpoint} timed out")]
     ConnectTimeout { endpoint: String },
+    /// The connection could not take the call (it broke, or etcd is closing it): nothing of it was sent.
+    #[error(transparent)]
+    NotSent(h2::Error),
     #[error(transparent)]
     H2(#[from] h2::Error),
+}
+
+// === impl Error ===
+
+impl Error {
+    /// Whether etcd did not process the call, for certain: it was not sent (no connection, or one that could not
+    /// take it), or etcd refused its stream (`REFUSED_STREAM`) or went away without processing it (a `GOAWAY`
+    /// whose last stream ID is below the call's). Such a call may be made again on another connection, whatever
+    /// it does: etcd cannot apply it twice (RFC 9113 §8.7). A call that broke after etcd took it may have been
+    /// applied, and is not.
+    pub fn unprocessed(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::NotSent(_) => true,
+            // h2 gives a stream a remote GOAWAY error only when the GOAWAY's last stream ID is below it; the calls
+            // etcd had taken fail with the connection's own error when it closes.
+            Error::H2(e) => e.is_remote() && (e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM)),
+        }
+    }
+
+    /// Whether the endpoint failed (no connection, or one that broke), rather than turned a call away while
+    /// working (`GOAWAY`, `REFUSED_STREAM`).
+    pub fn endpoint_failed(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::ConnectTimeout { .. } => true,
+            Error::NotSent(e) | Error::H2(e) => !(e.is_remote() && (e.is_go_away() || e.is_reset())),
+        }
+    }
 }
 
 /// How to reach one endpoint.
@@ -112,8 +142,9 @@ impl Connection {
     /// Send a request whose whole body is `body` (a unary call); the answer's body is read by the caller.
     pub async fn send(&self, head: http::Request<()>, body: Bytes) -> Result<http::Response<h2::RecvStream>, Error> {
         let mut sender = self.ready().await?;
-        let (response, mut stream) = sender.send_request(head, false)?;
-        stream.send_data(body, true)?;
+        let (response, mut stream) = sender.send_request(head, false).map_err(Error::NotSent)?;
+        // A failure here leaves etcd a call without its message (a gRPC server does not run it).
+        stream.send_data(body, true).map_err(Error::NotSent)?;
         Ok(response.await?)
     }
 
@@ -126,7 +157,8 @@ impl Connection {
         let mut sender = self.ready().await?;
         let (head, body) = req.into_parts();
         let end = body.is_end_stream();
-        let (response, mut stream) = sender.send_request(http::Request::from_parts(head, ()), end)?;
+        let (response, mut stream) =
+            sender.send_request(http::Request::from_parts(head, ()), end).map_err(Error::NotSent)?;
         if !end {
             tokio::spawn(async move {
                 if let Err(e) = send_body(body, &mut stream).await {
@@ -137,7 +169,9 @@ impl Connection {
         Ok(response.await?.map(RecvBody::new))
     }
 
-    /// A sender with room for one more stream, connecting first when there is no live connection.
+    /// A sender with room for one more stream, connecting first when there is no live connection, or when the live
+    /// one can take no more calls (it broke, or etcd is closing it with a `GOAWAY`: its calls in progress finish
+    /// there).
     async fn ready(&self) -> Result<SendRequest<Bytes>, Error> {
         let live = match self.live() {
             Some(live) => live,
@@ -148,7 +182,12 @@ impl Connection {
             Ok(sender) => Ok(sender),
             Err(e) => {
                 self.forget(live.generation);
-                Err(e.into())
+                debug!(endpoint = %self.connector.authority, error = %e, "upstream connection takes no more calls");
+                let live = Box::pin(self.connect()).await?;
+                live.sender.ready().await.map_err(|e| {
+                    self.forget(live.generation);
+                    Error::NotSent(e)
+                })
             }
         }
     }
