@@ -291,7 +291,9 @@ pub enum Verification {
 
 /// Verify the chain of `files` after a review (as `audit verify` does, with `key` or unkeyed), so that a reviewer
 /// does not take altered records at their word. Without a key, a chain whose first hash does not verify unkeyed is
-/// taken for an HMAC-keyed one, whose hashes cannot be checked without its key.
+/// taken for an HMAC-keyed one, whose hashes cannot be checked without its key — unless some other line verifies
+/// unkeyed: then it is an unkeyed chain whose first records were altered. A last line without its newline is
+/// noted only while a proxy writes the folder (holds its lock); otherwise it is what became of an altered record.
 ///
 /// # Errors
 ///
@@ -301,12 +303,28 @@ pub fn verification(files: &[AuditFile], key: Option<&Hasher>) -> Result<Verific
     let report = super::verify::verify(files, key.unwrap_or(&unkeyed))?;
     Ok(match report.problem {
         None => Verification::Verified,
-        Some(p) if key.is_none() && report.records == 0 && p.kind == ProblemKind::Altered => {
+        Some(p)
+            if key.is_none()
+                && report.records == 0
+                && p.kind == ProblemKind::Altered
+                && !super::verify::any_line_verifies(files, &unkeyed)? =>
+        {
             Verification::Keyed(p.message)
         }
-        Some(p) if p.unfinished_last_line => Verification::Unfinished(p.message),
+        Some(p) if p.unfinished_last_line && files.last().is_some_and(|f| being_written(&f.path)) => {
+            Verification::Unfinished(p.message)
+        }
         Some(p) => Verification::Failed(p.message, report.records),
     })
+}
+
+/// Whether a proxy is writing the folder of `file` now (it holds the folder's lock, `audit::writer`).
+fn being_written(file: &std::path::Path) -> bool {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir).is_ok_and(|d| matches!(d.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// [`verification`], told on standard error: 1 if the chain does not verify.
@@ -322,8 +340,8 @@ fn verified(files: &[AuditFile], key: Option<&Hasher>) -> ExitCode {
         }
         Ok(Verification::Unfinished(message)) => {
             eprintln!(
-                "etcd-guard: note: the chain verifies up to its last line, which has no newline yet (the proxy may \
-                 be writing it; `etcd-guard audit verify` again to be sure): {message}"
+                "etcd-guard: note: the chain verifies up to its last line, which has no newline yet (a proxy is \
+                 writing this folder; `etcd-guard audit verify` again to be sure): {message}"
             );
             ExitCode::SUCCESS
         }
@@ -927,7 +945,8 @@ mod tests {
         let wrong = Hasher::keyed(b"another key, just as long as it..");
         assert!(matches!(verification(&keyed, Some(&wrong))?, Verification::Failed(_, 0)));
 
-        // A last line still being written (no newline yet) is only noted; cut anywhere else, it is a problem.
+        // A last line without its newline is only noted while a proxy writes the folder (holds its lock); cut
+        // anywhere else, or with no proxy writing, it is a problem.
         let live = tempfile::tempdir()?;
         let mut lines = chain(&Hasher::unkeyed(), 1, GENESIS, &specs());
         if let Some(last) = lines.last_mut() {
@@ -937,9 +956,23 @@ mod tests {
         write(&path, &lines)?;
         let bytes = std::fs::read(&path)?;
         let files = audit_files(&[live.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert!(matches!(verification(&files, None)?, Verification::Failed(_, 9)));
+        let lock = std::fs::File::open(live.path())?;
+        lock.try_lock()?;
         assert!(matches!(verification(&files, None)?, Verification::Unfinished(_)));
         std::fs::write(&path, [&bytes[..], b"\n"].concat())?;
         assert!(matches!(verification(&files, None)?, Verification::Failed(_, 9)));
+        drop(lock);
+
+        // An unkeyed chain whose first record was altered is not taken for a keyed one: its other lines verify.
+        let altered = tempfile::tempdir()?;
+        let mut lines = chain(&Hasher::unkeyed(), 1, GENESIS, &specs());
+        if let Some(byte) = lines.first_mut().and_then(|first| first.get_mut(20)) {
+            *byte ^= 1; // a digit of its time
+        }
+        write(&altered.path().join("audit.log"), &lines)?;
+        let files = audit_files(&[altered.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert!(matches!(verification(&files, None)?, Verification::Failed(_, 0)), "{:?}", verification(&files, None));
         Ok(())
     }
 

@@ -318,6 +318,27 @@ fn check_line(hasher: &Hasher, line: Line<'_>) -> Result<Intact, Defect> {
     Ok(intact)
 }
 
+/// Whether any line of `files` has a hash that verifies with `hasher` (however it chains): an unkeyed chain whose
+/// first records were altered still has such lines, an HMAC-keyed one has none without its key. Stops at the first.
+///
+/// # Errors
+///
+/// A file cannot be read.
+pub fn any_line_verifies(files: &[AuditFile], hasher: &Hasher) -> Result<bool, ReadError> {
+    for file in files {
+        let unreadable = |source| ReadError::Unreadable { path: file.path.display().to_string(), source };
+        let mut reader = LineReader::open(&file.path).map_err(unreadable)?;
+        while let Some((_, line)) = reader.next_line().map_err(unreadable)? {
+            if let Line::Complete(bytes) = line
+                && check_bytes(hasher, bytes).is_ok()
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Check a line's hash and fields; on failure, why and whether it was the hash that did not verify.
 fn check_bytes(hasher: &Hasher, bytes: &[u8]) -> Result<Intact, (String, bool)> {
     if bytes.is_empty() {
