@@ -204,7 +204,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Policy(PolicyCommand::Check(args)) => policy_check(*args),
-        Command::Policy(PolicyCommand::Validate { policy }) => match Policy::load(&policy) {
+        Command::Policy(PolicyCommand::Validate { policy }) => match Policy::load_in_force(&policy) {
             Ok(_) => {
                 println!("{}: ok", policy.display());
                 ExitCode::SUCCESS
@@ -571,7 +571,7 @@ fn config_check(path: PathBuf) -> ExitCode {
     for warning in expiries.iter().filter_map(crate::tls::Expiry::warning_now) {
         eprintln!("etcd-guard: warning: {warning}");
     }
-    match Policy::load(&config.policy_file) {
+    match Policy::load_in_force(&config.policy_file) {
         Ok(policy) => {
             if let Err(e) = crate::server::check_issuers(&policy, &config.tls) {
                 problems.push(format!("policy: {e}"));

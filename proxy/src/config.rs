@@ -408,7 +408,20 @@ impl Config {
             ep.parse::<http::Uri>().map_err(|e| invalid("upstream.endpoints", format!("{ep:?}: {e}")))?;
         }
         for url in &raw.advertise_client_urls {
-            url.parse::<http::Uri>().map_err(|e| invalid("advertise_client_urls", format!("{url:?}: {e}")))?;
+            // What clients (clientv3's MemberList-based endpoint sync) dial: the proxy's TLS listener.
+            let uri =
+                url.parse::<http::Uri>().map_err(|e| invalid("advertise_client_urls", format!("{url:?}: {e}")))?;
+            let bare = uri.path_and_query().is_none_or(|p| p.as_str() == "/");
+            if uri.scheme_str() != Some("https")
+                || uri.host().is_none_or(str::is_empty)
+                || uri.port().is_none()
+                || !bare
+            {
+                return Err(invalid(
+                    "advertise_client_urls",
+                    format!("{url:?}: must be https://<host>:<port> (the proxy's listener speaks TLS only)"),
+                ));
+            }
         }
         let metrics_listen = match raw.metrics_listen.as_str() {
             "off" | "" => None,
@@ -463,6 +476,22 @@ impl Config {
         }
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
+        }
+        // Zero would refuse every stream, or every unary call.
+        if raw.limits.max_concurrent_streams == 0 {
+            return Err(invalid("limits.max_concurrent_streams", "must be greater than 0".into()));
+        }
+        if raw.limits.max_concurrent_requests == Some(0) {
+            return Err(invalid(
+                "limits.max_concurrent_requests",
+                "must be greater than 0 (or left out: no limit)".into(),
+            ));
+        }
+        if (1..100).contains(&raw.reload_check_interval_ms) {
+            return Err(invalid("reload_check_interval_ms", "must be 0 (only on SIGHUP) or at least 100".into()));
+        }
+        if raw.audit.file.as_os_str().is_empty() {
+            return Err(invalid("audit.file", "must name a file (or \"-\" for standard output)".into()));
         }
         Ok(Config {
             origin: path.to_path_buf(),
@@ -636,6 +665,38 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         for bad in ["0", "1025"] {
             let err = Config::parse(&set(bad), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("worker_threads"), "{bad}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn values_that_would_refuse_everything_or_spin_are_refused() -> Result<(), ConfigError> {
+        // EXAMPLE has an advertise_client_urls line of its own: replaced, not repeated.
+        let with = |extra: &str| match extra.strip_prefix("advertise_client_urls: ") {
+            Some(urls) => EXAMPLE.replace(r#"["https://127.0.0.1:23790"]"#, urls),
+            None => format!("{EXAMPLE}\n{extra}\n"),
+        };
+        for (extra, key) in [
+            ("limits: { max_concurrent_streams: 0 }", "limits.max_concurrent_streams"),
+            ("limits: { max_concurrent_requests: 0 }", "limits.max_concurrent_requests"),
+            ("reload_check_interval_ms: 1", "reload_check_interval_ms"),
+            ("audit: { file: \"\" }", "audit.file"),
+            ("advertise_client_urls: [\"foo\"]", "advertise_client_urls"),
+            ("advertise_client_urls: [\"127.0.0.1:23790\"]", "advertise_client_urls"),
+            ("advertise_client_urls: [\"http://x:1\"]", "advertise_client_urls"),
+            ("advertise_client_urls: [\"https://x\"]", "advertise_client_urls"),
+            ("advertise_client_urls: [\"https://x:1/v3\"]", "advertise_client_urls"),
+        ] {
+            let err = Config::parse(&with(extra), Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(key) && err.contains("must"), "{extra}: {err}");
+        }
+        for fine in [
+            "reload_check_interval_ms: 0",
+            "reload_check_interval_ms: 100",
+            "limits: { max_concurrent_requests: 1 }",
+            "advertise_client_urls: [\"https://etcd-guard.kube-system.svc:2379\", \"https://[::1]:2379/\"]",
+        ] {
+            Config::parse(&with(fine), Path::new("c.yaml"))?;
         }
         Ok(())
     }

@@ -123,15 +123,9 @@ impl Reloader {
     /// Load one part and put it in force, or keep the old one.
     pub fn reload(&self, part: Part) {
         let result = match part {
-            Part::Policy => match Policy::load(&self.config.policy_file) {
-                // An editor or `cat >` empties the file before it writes the new one: a reload that comes in
-                // between must not take every permission away (and cancel every watch). Denying everyone on
-                // purpose takes a policy that says so: roles without bindings.
-                Ok(p) if p.is_empty() => Err(format!(
-                    "{}: the policy is empty (no roles, no bindings: every request would be denied); an empty \
-                     file is taken for one being written. To deny everyone, keep a role and remove the bindings",
-                    self.config.policy_file.display()
-                )),
+            // An editor or `cat >` empties the file before it writes the new one: a reload that comes in between
+            // must not take every permission away (and cancel every watch): `load_in_force` refuses it.
+            Part::Policy => match Policy::load_in_force(&self.config.policy_file) {
                 Ok(p) => crate::server::check_issuers(&p, &self.config.tls).map(|()| self.shared.replace_policy(p)),
                 Err(e) => Err(e.to_string()),
             },

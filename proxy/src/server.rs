@@ -81,7 +81,7 @@ impl Proxy {
     /// The same, serving connections on `workers` ([`crate::runtime::Workers`]), each worker with upstream
     /// connections of its own. The listener, metrics, reloads and health probes stay on the caller's runtime.
     pub async fn bind_with_workers(config: &Config, workers: Vec<Handle>) -> Result<Proxy, StartError> {
-        let policy = Policy::load(&config.policy_file)?;
+        let policy = Policy::load_in_force(&config.policy_file)?;
         check_issuers(&policy, &config.tls).map_err(StartError::Issuers)?;
         let server_tls = tls::server_config(&config.tls)?;
         let upstream_tls = tls::upstream_connections(&config.upstream)?;
@@ -95,7 +95,14 @@ impl Proxy {
         // Last: its open record says a run began, which a start that fails before serving should not leave.
         let audit = AuditLog::open(&config.audit)?;
         let advertise_client_urls = if config.advertise_client_urls.is_empty() {
-            vec![format!("https://{}", listener.local_addr().unwrap_or(config.listen))]
+            let local = listener.local_addr().unwrap_or(config.listen);
+            if local.ip().is_unspecified() {
+                tracing::warn!(
+                    listen = %local,
+                    "MemberList will answer https://{local}, which clients cannot dial; set advertise_client_urls"
+                );
+            }
+            vec![format!("https://{local}")]
         } else {
             config.advertise_client_urls.clone()
         };

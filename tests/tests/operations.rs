@@ -130,7 +130,7 @@ async fn not_ready_before_etcd_has_answered() -> TestResult {
     let pki = Pki::new()?;
     let etcd = Etcd::start(&pki)?;
     etcd.pause()?;
-    std::fs::write(pki.path("policy.yaml"), "roles: []\nbindings: []\n")?;
+    std::fs::write(pki.path("policy.yaml"), "roles: [ { name: nothing } ]\n")?;
     let config = format!(
         r#"listen: "127.0.0.1:0"
 tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}

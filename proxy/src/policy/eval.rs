@@ -164,6 +164,19 @@ impl Policy {
         Policy::from_yaml(&text, &origin)
     }
 
+    /// [`Policy::load`] for a policy to put in force (at start, on reload) or to check for that: an empty one
+    /// ([`Policy::is_empty`]) is refused ([`PolicyError::Empty`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Policy::load`], and [`PolicyError::Empty`].
+    pub fn load_in_force(path: &Path) -> Result<Policy, PolicyError> {
+        match Policy::load(path)? {
+            p if p.is_empty() => Err(PolicyError::Empty { path: path.display().to_string() }),
+            p => Ok(p),
+        }
+    }
+
     /// Compiles a validated document: per role, the union of its grants minus
     /// the union of its own denials, for read and for write. O(n log n).
     pub fn compile(document: PolicyDocument, origin: &str) -> Policy {
@@ -567,6 +580,21 @@ fn quoted_range(range: &KeyRange) -> String {
 mod tests {
     use super::*;
     use crate::policy::range::End;
+
+    #[test]
+    fn an_empty_policy_is_not_put_in_force() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("p.yaml");
+        for empty in ["", "{}\n", "# nothing yet\n", "roles: []\nbindings: []\n"] {
+            std::fs::write(&path, empty)?;
+            assert!(Policy::load(&path)?.is_empty(), "{empty:?}");
+            assert!(matches!(Policy::load_in_force(&path), Err(PolicyError::Empty { .. })), "{empty:?}");
+        }
+        // Denying everyone on purpose: a role, no bindings.
+        std::fs::write(&path, "roles: [ { name: nobody } ]\n")?;
+        assert!(!Policy::load_in_force(&path)?.is_empty());
+        Ok(())
+    }
 
     const EXAMPLE: &str = r#"
 roles:

@@ -227,6 +227,18 @@ pub struct SourceLocation {
 /// Why a policy could not be loaded.
 #[derive(Debug, Error)]
 pub enum PolicyError {
+    /// The policy has neither roles nor bindings: it would deny every request. Refused where a policy is put in
+    /// force (start, reload) or checked for that (`policy validate`, `config check`): an editor or `cat >` empties
+    /// the file before writing the new one, and a policy that denies everyone on purpose says so (a role, no
+    /// bindings).
+    #[error(
+        "{path}: the policy is empty (no roles, no bindings: every request would be denied); an empty file is taken \
+         for one being written. To deny everyone, keep a role and remove the bindings"
+    )]
+    Empty {
+        /// The file's path.
+        path: String,
+    },
     /// The policy file could not be read.
     #[error("{path}: cannot read policy file: {source}")]
     Io {
@@ -752,7 +764,7 @@ impl PolicyError {
     /// Where in the file the problem is, if known.
     pub fn location(&self) -> Option<&SourceLocation> {
         match self {
-            PolicyError::Io { .. } => None,
+            PolicyError::Io { .. } | PolicyError::Empty { .. } => None,
             PolicyError::Syntax { at, .. } | PolicyError::Invalid { at, .. } => Some(at),
         }
     }
