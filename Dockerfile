@@ -9,6 +9,8 @@
 #
 # The configuration should set `audit.file: /var/log/etcd-guard/audit.log` (the default, audit.log beside the
 # configuration, is in a read-only place here) and, to publish the health listener, `metrics_listen: "0.0.0.0:23791"`.
+# The image runs as uid 65532: the keys in ./pki must be readable by it (`etcd-guard certs init` writes them 0600 for
+# the user who ran it: `sudo chown -R 65532 pki`, or `docker run --user "$(id -u)"`).
 #
 # docker-compose.yml builds this file; docs/deployment.md describes the deployments.
 

@@ -94,10 +94,16 @@ ctl() {
     ETCDCTL_API=3 etcdctl --endpoints="https://127.0.0.1:$proxy_port" --cacert="$dir/ca.crt" \
         --cert="$dir/$who.crt" --key="$dir/$who.key" --dial-timeout=3s "$@"
 }
+healthy=false
 for _ in $(seq 1 100); do
-    ctl admin endpoint health >/dev/null 2>&1 && break
+    if ctl admin endpoint health >/dev/null 2>&1; then healthy=true; break; fi
     sleep 0.2
 done
+if ! $healthy; then
+    echo "etcd-guard did not answer within 20 s; the end of its log ($dir/etcd-guard.log) and etcd's:" >&2
+    tail -n 20 "$dir/etcd-guard.log" "$dir/etcd.log" >&2 || true
+    exit 1
+fi
 
 show() {
     local who=$1; shift

@@ -23,7 +23,14 @@ if ((${#need[@]})); then
 fi
 # Debian's package may start a system etcd; the demo and tests start their own on other ports and do not use it.
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "cargo is required (https://rustup.rs)" >&2
+    echo "cargo is required: Rust installed by rustup (https://rustup.rs)" >&2
+    exit 1
+fi
+# The workspace's rust-version (Cargo.toml), against the rustc cargo uses.
+want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml" | head -n 1)
+have=$(rustc --version 2>/dev/null | awk '{print $2}')
+if [ -n "$want" ] && [ "$(printf '%s\n%s\n' "$want" "${have:-0}" | sort -V | head -n 1)" != "$want" ]; then
+    echo "Rust $want or newer is required; this is ${have:-unknown} (rustup update)" >&2
     exit 1
 fi
 for component in rustfmt clippy; do
@@ -31,3 +38,7 @@ for component in rustfmt clippy; do
         rustup component add "$component" >/dev/null 2>&1 || true
     fi
 done
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    echo "cargo fmt and cargo clippy are required: rustup component add rustfmt clippy" >&2
+    exit 1
+fi

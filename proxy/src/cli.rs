@@ -121,7 +121,7 @@ struct CheckArgs {
     /// Treat the key as a prefix (like `etcdctl --prefix`).
     #[arg(long)]
     prefix: bool,
-    /// For put and delete: also return the previous value (needs read too).
+    /// For put, delete and watch: also return the previous value (needs read too).
     #[arg(long)]
     prev_kv: bool,
 }
@@ -415,7 +415,30 @@ fn policy_check(args: CheckArgs) -> ExitCode {
 }
 
 /// Build the request `policy check` describes and ask [`authz`] what it needs — the same code the proxy runs.
+/// A flag the RPC does not take is an error rather than left out of the answer.
 fn check_needs(args: &CheckArgs) -> Result<Needs, String> {
+    // Which of --key, --range-end/--prefix and --prev-kv the RPC takes.
+    let (takes_key, takes_range, takes_prev_kv) = match args.rpc {
+        Rpc::Range | Rpc::Get => (true, true, false),
+        Rpc::Delete | Rpc::Watch => (true, true, true),
+        Rpc::Put => (true, false, true),
+        Rpc::Lock | Rpc::Unlock | Rpc::Campaign | Rpc::Leader => (true, false, false),
+        _ => (false, false, false),
+    };
+    let rpc = args.rpc.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default();
+    let not_for = |flag: &str| Err(format!("{flag} does not apply to --rpc {rpc}"));
+    if args.key.is_some() && !takes_key {
+        return not_for("--key");
+    }
+    if args.range_end.is_some() && !takes_range {
+        return not_for("--range-end");
+    }
+    if args.prefix && !takes_range {
+        return not_for("--prefix");
+    }
+    if args.prev_kv && !takes_prev_kv {
+        return not_for("--prev-kv");
+    }
     let key = match &args.key {
         Some(k) => unescape_key(k).map_err(|e| format!("--key: {e}"))?,
         None => Vec::new(),
@@ -451,6 +474,7 @@ fn check_needs(args: &CheckArgs) -> Result<Needs, String> {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
                 key,
                 range_end,
+                prev_kv: args.prev_kv,
                 ..Default::default()
             })),
         })),

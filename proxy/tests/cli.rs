@@ -81,6 +81,30 @@ fn policy_check_denies_outside_a_prefix_and_exits_1() -> TestResult {
 }
 
 #[test]
+fn policy_check_refuses_flags_its_rpc_does_not_take() -> TestResult {
+    let p = policy_path();
+    let check = |extra: &[&str]| {
+        let mut args = vec!["policy", "check", "--policy", &p, "--common-name", "cilium-agent"];
+        args.extend_from_slice(extra);
+        guard(&args)
+    };
+    for (extra, flag) in [
+        (&["--rpc", "put", "--key", "cilium/a", "--range-end", "cilium/z"][..], "--range-end"),
+        (&["--rpc", "get", "--key", "cilium/a", "--prev-kv"][..], "--prev-kv"),
+        (&["--rpc", "status", "--key", "cilium/a"][..], "--key"),
+        (&["--rpc", "lock", "--key", "cilium/a", "--prefix"][..], "--prefix"),
+    ] {
+        let o = check(extra)?;
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", text(&o));
+        assert!(text(&o).contains(&format!("{flag} does not apply")), "{extra:?}: {}", text(&o));
+    }
+    // What they do take still works.
+    let o = check(&["--rpc", "delete", "--prefix", "--key", "cilium/state/nodes/", "--prev-kv"])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    Ok(())
+}
+
+#[test]
 fn policy_check_explains_a_deny_rule() -> TestResult {
     let p = policy_path();
     let o = guard(&[
@@ -117,6 +141,9 @@ fn policy_validate_names_file_and_line() -> TestResult {
     Ok(())
 }
 
+/// A policy that denies everyone on purpose (a role, no bindings; an empty one is refused).
+const NOBODY: &str = "roles: [ { name: nobody } ]\n";
+
 fn write_config(dir: &Path, extra_policy: &str) -> std::io::Result<std::path::PathBuf> {
     std::fs::write(dir.join("policy.yaml"), extra_policy)?;
     let path = dir.join("etcd-guard.yaml");
@@ -147,9 +174,18 @@ fn certs_init_then_config_check_passes() -> TestResult {
     for f in ["ca.crt", "server.crt", "server.key", "upstream-client.crt", "admin.crt", "prometheus.key"] {
         assert!(dir.path().join(f).is_file(), "{f} written");
     }
-    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let cfg = write_config(dir.path(), NOBODY)?;
     let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
     assert!(o.status.success(), "{}", text(&o));
+
+    // An empty policy (what an editor leaves while it writes the file) is refused as at start and on reload.
+    std::fs::write(dir.path().join("policy.yaml"), "")?;
+    let policy = dir.path().join("policy.yaml").display().to_string();
+    for cmd in [vec!["config", "check", "--config", &cfg.display().to_string()], vec!["policy", "validate", &policy]] {
+        let o = guard(&cmd)?;
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {}", text(&o));
+        assert!(text(&o).contains("the policy is empty"), "{cmd:?}: {}", text(&o));
+    }
     Ok(())
 }
 
@@ -158,7 +194,7 @@ fn broken_configs_are_refused_at_start_naming_file_and_problem() -> TestResult {
     let dir = tempfile::tempdir()?;
     let d = dir.path().display().to_string();
     assert!(guard(&["certs", "init", "--dir", &d, "--client", "admin"])?.status.success());
-    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let cfg = write_config(dir.path(), NOBODY)?;
     let cfg_s = cfg.display().to_string();
 
     // A key that does not belong to the certificate.
@@ -213,7 +249,7 @@ fn checkable_dir() -> Result<(tempfile::TempDir, std::path::PathBuf), Box<dyn st
     let dir = tempfile::tempdir()?;
     let d = dir.path().display().to_string();
     assert!(guard(&["certs", "init", "--dir", &d])?.status.success());
-    let cfg = write_config(dir.path(), "roles: []\nbindings: []\n")?;
+    let cfg = write_config(dir.path(), NOBODY)?;
     Ok((dir, cfg))
 }
 
