@@ -260,7 +260,7 @@ impl Metrics {
         let upstream_retried = Counter::default();
         registry.register(
             "upstream_calls_retried",
-            "Calls etcd did not process (stream refused, connection going away or not made) made again",
+            "Attempts made again because etcd did not process a call (stream refused, connection going away or not made)",
             upstream_retried.clone(),
         );
         let audit_queue = Gauge::default();

@@ -204,10 +204,9 @@ impl Upstream {
         self.probed.store(true, Ordering::Release);
     }
 
-    /// The endpoint for the next call: round robin over the healthy ones other than `avoid` (an endpoint that just
-    /// turned the call away), else over the healthy ones, else over all; on a worker thread, over that worker's
-    /// connections.
-    fn pick(&self, avoid: Option<&str>) -> Result<Arc<Member>, Status> {
+    /// The endpoint for the next call: round robin over the healthy ones not in `tried` (endpoints that turned the
+    /// call away), else over the healthy ones, else over all; on a worker thread, over that worker's connections.
+    fn pick(&self, tried: &[String]) -> Result<Arc<Member>, Status> {
         let all = self.current();
         let per_worker = all.len() / self.workers.len().max(1);
         let members = match crate::runtime::current_worker() {
@@ -218,7 +217,8 @@ impl Upstream {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let healthy = |m: &&Arc<Member>| m.healthy.load(Ordering::Relaxed);
         let in_turn = || (0..n).filter_map(|i| members.get((start + i) % n));
-        let other = avoid.and_then(|url| in_turn().filter(healthy).find(|m| m.url != url));
+        let untried = || in_turn().filter(healthy).find(|m| !tried.contains(&m.url));
+        let other = if tried.is_empty() { None } else { untried() };
         match other.or_else(|| in_turn().find(healthy)).or_else(|| members.get(start % n)) {
             Some(m) => Ok(m.clone()),
             // The configuration requires at least one endpoint; this is defence in depth.
@@ -240,26 +240,41 @@ impl Upstream {
     }
 
     /// Put a call whose whole body is `body` on the next endpoint's connection; one etcd did not process is made
-    /// again on another endpoint, up to [`ATTEMPTS`] times in all. The endpoint that took it, and etcd's answer.
+    /// again on an endpoint not tried yet if there is a healthy one, up to [`ATTEMPTS`] times in all, and once
+    /// only if etcd refused the call itself (as gRPC clients do: a refusal may mean etcd is overloaded), each time
+    /// with the time left of the client's deadline. The endpoint that took it, and etcd's answer.
     async fn send(
         &self,
         path: &'static str,
         meta: &CallMeta,
         body: Bytes,
     ) -> Result<(Arc<Member>, http::Response<h2::RecvStream>), Status> {
-        let mut avoid = None;
+        let started = std::time::Instant::now();
+        let mut tried: Vec<String> = Vec::new();
+        let mut again: Option<CallMeta> = None;
+        let mut refused = false;
         for attempt in 1.. {
-            let member = self.pick(avoid.as_deref())?;
-            match member.connection.send(member.head(path, meta), body.clone()).await {
+            let member = self.pick(&tried)?;
+            let meta_now = again.as_ref().unwrap_or(meta);
+            let e = match member.connection.send(member.head(path, meta_now), body.clone()).await {
                 Ok(response) => return Ok((member, response)),
-                Err(e) if e.unprocessed() && attempt < ATTEMPTS => {
-                    let _ = member.unreachable(&e);
-                    self.retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(endpoint = %member.url, error = %e, path, "etcd did not process a call; making it again");
-                    avoid = Some(member.url.clone());
-                }
-                Err(e) => return Err(member.unreachable(&e)),
+                Err(e) => e,
+            };
+            let status = member.unreachable(&e);
+            if !e.unprocessed() || attempt >= ATTEMPTS || (refused && e.refused()) {
+                return Err(status);
             }
+            refused |= e.refused();
+            again = Some(match meta.timeout {
+                Some(t) => match t.checked_sub(started.elapsed()).filter(|left| !left.is_zero()) {
+                    Some(left) => meta.with_timeout(Some(left)),
+                    None => return Err(Status::deadline_exceeded(DEADLINE_EXCEEDED)),
+                },
+                None => meta.clone(),
+            });
+            self.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(endpoint = %member.url, error = %e, path, "etcd did not process a call; making it again");
+            tried.push(member.url.clone());
         }
         Err(Status::unavailable("etcd-guard: upstream unavailable"))
     }
@@ -294,7 +309,7 @@ impl Upstream {
     {
         // Not made again if etcd does not process it: `messages` are taken by the first attempt (the client's watch
         // or keep-alive stream starts again, as with etcd directly).
-        let member = self.pick(None)?;
+        let member = self.pick(&[])?;
         let request = member.head(path, meta).map(|()| Messages(messages));
         let response = member.connection.send_streaming(request).await.map_err(|e| member.unreachable(&e))?;
         member.frames(response)
@@ -733,6 +748,8 @@ mod tests {
             /// Answers its first call with an empty HTTP 200 (no gRPC content-type, no status), as etcd's HTTP
             /// server does for its stopped gRPC server.
             NotGrpcFirst,
+            /// Resets every call with `REFUSED_STREAM`.
+            RefuseEvery,
         }
 
         struct Endpoint {
@@ -743,6 +760,8 @@ mod tests {
             answered: Arc<AtomicUsize>,
             /// Set once a `GoAwayHolding` connection has started going away.
             gone_away: Arc<tokio::sync::Notify>,
+            /// The `grpc-timeout` of every call received, in order.
+            timeouts: Arc<std::sync::Mutex<Vec<String>>>,
         }
 
         async fn endpoint(plans: Vec<Plan>) -> TestResult<Endpoint> {
@@ -778,19 +797,20 @@ mod tests {
             };
             let (connections, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
             let gone_away = Arc::new(tokio::sync::Notify::new());
-            let (counted, a, g) = (connections.clone(), answered.clone(), gone_away.clone());
+            let timeouts = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (counted, a, g, t) = (connections.clone(), answered.clone(), gone_away.clone(), timeouts.clone());
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = listener.accept().await {
                     let plan = plans.get(counted.fetch_add(1, Ordering::SeqCst)).copied().unwrap_or(Plan::Answer);
-                    let (acceptor, answered, gone_away) = (acceptor.clone(), a.clone(), g.clone());
+                    let (acceptor, answered, gone_away, timeouts) = (acceptor.clone(), a.clone(), g.clone(), t.clone());
                     tokio::spawn(async move {
                         if let Ok(tls) = acceptor.accept(tcp).await {
-                            serve(tls, plan, answered, gone_away).await;
+                            serve(tls, plan, answered, gone_away, timeouts).await;
                         }
                     });
                 }
             });
-            Ok(Endpoint { connector, connections, answered, gone_away })
+            Ok(Endpoint { connector, connections, answered, gone_away, timeouts })
         }
 
         async fn serve(
@@ -798,6 +818,7 @@ mod tests {
             plan: Plan,
             answered: Arc<AtomicUsize>,
             gone_away: Arc<tokio::sync::Notify>,
+            timeouts: Arc<std::sync::Mutex<Vec<String>>>,
         ) {
             if let Plan::GoAwayBelow = plan {
                 let mut preface = [0u8; 24];
@@ -827,8 +848,12 @@ mod tests {
             }
             let Ok(mut conn) = h2::server::handshake(tls).await else { return };
             let mut first = true;
-            while let Some(Ok((_request, mut respond))) = conn.accept().await {
+            while let Some(Ok((request, mut respond))) = conn.accept().await {
+                if let (Ok(mut t), Some(v)) = (timeouts.lock(), request.headers().get("grpc-timeout")) {
+                    t.push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+                }
                 match (plan, std::mem::take(&mut first)) {
+                    (Plan::RefuseEvery, _) => respond.send_reset(Reason::REFUSED_STREAM),
                     (Plan::RefuseFirst, true) => respond.send_reset(Reason::REFUSED_STREAM),
                     (Plan::CloseTaken, true) => return,
                     (Plan::NotGrpcFirst, true) => {
@@ -879,6 +904,23 @@ mod tests {
             range(&upstream).await?;
             assert_eq!((upstream.retried(), e.answered.load(Ordering::SeqCst)), (1, 1));
             assert_eq!(upstream.health(), vec![(format!("https://{}", e.connector.authority), true)]);
+            // The second attempt carries what is left of the client's deadline, not all of it again.
+            let micros = |t: &String| t.strip_suffix('u').and_then(|n| n.parse::<u64>().ok());
+            let timeouts: Vec<Option<u64>> = e.timeouts.lock().map_err(|_| "poisoned")?.iter().map(micros).collect();
+            match timeouts[..] {
+                [Some(first), Some(second)] => assert!(second < first && first <= 5_000_000, "{timeouts:?}"),
+                _ => return Err(format!("{timeouts:?}").into()),
+            }
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn a_call_etcd_refuses_is_made_again_once_only() -> TestResult {
+            let e = endpoint(vec![Plan::RefuseEvery; 10]).await?;
+            let upstream = upstream(&e);
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!((upstream.retried(), e.timeouts.lock().map_err(|_| "poisoned")?.len()), (1, 2));
             Ok(())
         }
 
@@ -907,6 +949,12 @@ mod tests {
             // The call the old connection had taken is answered there.
             held.await??;
             assert_eq!(e.answered.load(Ordering::SeqCst), 2);
+            // The old connection ending (once its call was answered) leaves the new one in use.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for _ in 0..3 {
+                range(&upstream).await?;
+            }
+            assert_eq!((e.connections.load(Ordering::SeqCst), e.answered.load(Ordering::SeqCst)), (2, 5));
             Ok(())
         }
 
@@ -935,13 +983,24 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn a_call_is_made_three_times_at_most() -> TestResult {
-            // Every connection goes away below the call: three attempts, then Unavailable.
+        async fn a_call_no_connection_takes_is_tried_three_times_at_most() -> TestResult {
+            // Every connection goes away below the call: etcd refused it, so it is made again once only.
             let e = endpoint(vec![Plan::GoAwayBelow; 10]).await?;
             let upstream = upstream(&e);
             let status = range(&upstream).await.err().ok_or("answered")?;
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-            assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (2, 3));
+            assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (1, 2));
+            // Nothing listens (the endpoint's port, closed): three attempts to connect, then Unavailable.
+            let closed = TcpListener::bind("127.0.0.1:0").await?;
+            let mut connector = e.connector.clone();
+            connector.authority = closed.local_addr()?.to_string().parse()?;
+            drop(closed);
+            let url = format!("https://{}", connector.authority);
+            let upstream = Upstream::new(vec![(url, Connection::new(connector))]);
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("cannot connect"), "{status:?}");
+            assert_eq!(upstream.retried(), 2);
             Ok(())
         }
     }

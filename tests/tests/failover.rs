@@ -100,7 +100,7 @@ audit: {{ file: audit/audit.log }}
 /// failures during its stop (an empty HTTP answer, a call it holds past the client's deadline) reach a direct
 /// client too, and are let through.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rolling_restart_of_etcd_fails_no_call_etcd_did_not_see() -> TestResult {
+async fn a_rolling_restart_of_etcd_fails_no_call_for_want_of_a_retry() -> TestResult {
     let pki = Pki::new()?;
     let mut cluster = EtcdCluster::start(&pki, 3)?;
     std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
@@ -161,7 +161,10 @@ audit: {{ file: audit/audit.log }}
         failed.extend(f);
     }
     eprintln!("rolling restart: {ok} puts, {} failed: {failed:?}", failed.len());
-    let by_proxy: Vec<&String> = failed.iter().filter(|e| e.contains("upstream unavailable")).collect();
+    // The proxy's failures for calls etcd did not process: no connection to a stopped member, a GOAWAY, a
+    // refused stream. (A connection that breaks under a call etcd took is answered `Unavailable` too, rightly.)
+    let unprocessed = ["cannot connect", "connecting to", "connection error received", "refused stream"];
+    let by_proxy: Vec<&String> = failed.iter().filter(|e| unprocessed.iter().any(|u| e.contains(u))).collect();
     assert!(by_proxy.is_empty(), "{by_proxy:?}");
     assert!(ok > 100, "{ok}");
     drop(c);

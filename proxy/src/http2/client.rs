@@ -36,7 +36,8 @@ pub enum Error {
     Connect { endpoint: String, message: String },
     #[error("connecting to {endpoint} timed out")]
     ConnectTimeout { endpoint: String },
-    /// The connection could not take the call (it broke, or etcd is closing it): nothing of it was sent.
+    /// The connection could not take the call (it broke, or etcd is closing it), or its message could not follow
+    /// its headers: etcd got no call, or one without its message, which a gRPC server does not run.
     #[error(transparent)]
     NotSent(h2::Error),
     #[error(transparent)]
@@ -61,12 +62,19 @@ impl Error {
     }
 
     /// Whether the endpoint failed (no connection, or one that broke), rather than turned a call away while
-    /// working (`GOAWAY`, `REFUSED_STREAM`).
+    /// working (`GOAWAY`, `REFUSED_STREAM`) or the call was refused by h2 itself (a stream closed under it).
     pub fn endpoint_failed(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::ConnectTimeout { .. } => true,
-            Error::NotSent(e) | Error::H2(e) => !(e.is_remote() && (e.is_go_away() || e.is_reset())),
+            Error::NotSent(e) => e.is_io() || (e.is_go_away() && e.is_library()),
+            Error::H2(e) => !(e.is_remote() && (e.is_go_away() || e.is_reset())),
         }
+    }
+
+    /// Whether etcd refused this very call (`REFUSED_STREAM`, or a `GOAWAY` below it), rather than no call being
+    /// made: gRPC clients make such a call again once only.
+    pub fn refused(&self) -> bool {
+        matches!(self, Error::H2(_)) && self.unprocessed()
     }
 }
 
@@ -94,6 +102,8 @@ pub struct Connection {
     connecting: tokio::sync::Mutex<()>,
     /// Connection attempts that failed.
     failures: AtomicU64,
+    /// Connections made: each one's generation, so that an old connection that ends forgets only itself.
+    generations: AtomicU64,
     /// Where the connection is made and driven (a worker's runtime); `None`: the caller's.
     runtime: Option<Handle>,
 }
@@ -113,6 +123,7 @@ impl Connection {
             current: Arc::new(Mutex::new(None)),
             connecting: tokio::sync::Mutex::new(()),
             failures: AtomicU64::new(0),
+            generations: AtomicU64::new(0),
             runtime: None,
         }
     }
@@ -238,12 +249,13 @@ impl Connection {
         cork: cork::Cork<TlsStream>,
     ) -> Live {
         let c = &self.connector;
-        let generation = {
+        // Never one an earlier connection had: its driver forgets its own generation when it ends, which must not
+        // be this one (it would be dropped while in use, and its successor by this one's driver, and so on).
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        {
             let mut slot = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let generation = slot.as_ref().map_or(1, |l| l.generation + 1);
             *slot = Some(Live { generation, sender: sender.clone() });
-            generation
-        };
+        }
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
         let endpoint = c.authority.to_string();
