@@ -291,28 +291,26 @@ pub fn campaign(r: &v3electionpb::CampaignRequest) -> Result<Needs, Status> {
 /// Proclaim writes the leader key, under the leader's lease; Resign deletes it. For both, etcd's election server
 /// first makes a session on `leader.lease`: it keeps that lease alive (or grants a new one when it is 0), so both
 /// need what a keep-alive (or a grant) needs — else a caller could attach a key it may write to another identity's
-/// lease (Proclaim) or keep that lease alive.
-fn leader_key(needs: &mut Needs, leader: Option<&v3electionpb::LeaderKey>) {
-    match leader {
-        Some(l) => {
-            read_write_prefix(needs, &l.name);
-            needs.push(Need::Key(Access::Read, KeyRange::point(l.key.as_slice())));
-            needs.push(Need::Key(Access::Write, KeyRange::point(l.key.as_slice())));
-            with_lease(needs, l.lease);
-        }
-        None => needs.push(Need::Never("no leader key")),
-    }
+/// lease (Proclaim) or keep that lease alive. Without a leader key etcd does nothing and answers as its election
+/// server does (`ErrMissingLeaderKey`, a plain error: `Unknown`).
+fn leader_key(needs: &mut Needs, leader: Option<&v3electionpb::LeaderKey>) -> Result<(), Status> {
+    let l = leader.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
+    read_write_prefix(needs, &l.name);
+    needs.push(Need::Key(Access::Read, KeyRange::point(l.key.as_slice())));
+    needs.push(Need::Key(Access::Write, KeyRange::point(l.key.as_slice())));
+    with_lease(needs, l.lease);
+    Ok(())
 }
 
 pub fn proclaim(r: &v3electionpb::ProclaimRequest) -> Result<Needs, Status> {
     let mut needs = Needs::default();
-    leader_key(&mut needs, r.leader.as_ref());
+    leader_key(&mut needs, r.leader.as_ref())?;
     Ok(needs)
 }
 
 pub fn resign(r: &v3electionpb::ResignRequest) -> Result<Needs, Status> {
     let mut needs = Needs::default();
-    leader_key(&mut needs, r.leader.as_ref());
+    leader_key(&mut needs, r.leader.as_ref())?;
     Ok(needs)
 }
 
@@ -430,7 +428,13 @@ mod tests {
         let l = lock(&v3lockpb::LockRequest { name: b"cilium/.initlock".to_vec(), lease: 5 })?;
         assert_eq!(l.0[0], Need::Key(Access::Read, KeyRange::prefix(b"cilium/.initlock/")));
         assert!(l.0.contains(&Need::LeaseKeys(Access::Write, 5)));
-        assert!(matches!(resign(&v3electionpb::ResignRequest { leader: None })?.0.as_slice(), [Need::Never(_)]));
+        let missing =
+            resign(&v3electionpb::ResignRequest { leader: None }).err().ok_or_else(|| Status::internal("accepted"))?;
+        assert_eq!((missing.code(), missing.message()), (tonic::Code::Unknown, "\"leader\" field must be provided"));
+        let missing = proclaim(&v3electionpb::ProclaimRequest { leader: None, value: vec![] })
+            .err()
+            .ok_or_else(|| Status::internal("accepted"))?;
+        assert_eq!(missing.code(), tonic::Code::Unknown);
         // Proclaim and Resign use the leader's lease (etcd's election server keeps it alive; Proclaim attaches the
         // leader key to it): what a keep-alive of it needs, or a grant when it is 0.
         let leader = v3electionpb::LeaderKey { name: b"e".to_vec(), key: b"e/1".to_vec(), rev: 3, lease: 7 };

@@ -384,8 +384,13 @@ impl Config {
 
     /// Parse configuration text read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let parse_error = |message: String| ConfigError::Parse { path: path.to_path_buf(), message };
+        if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            return Err(parse_error("the file has no settings (it is empty, or only comments)".into()));
+        }
         let raw: RawConfig = serde_saphyr::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+            // The parser's excerpt names its source `<input>`: this file.
+            .map_err(|e| parse_error(e.to_string().replace("--> <input>:", &format!("--> {}:", path.display()))))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let invalid =
@@ -667,6 +672,15 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
             assert!(err.contains("worker_threads"), "{bad}: {err}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn parse_errors_name_the_file() {
+        let err = |text: &str| Config::parse(text, Path::new("/etc/g/c.yaml")).err().map(|e| e.to_string());
+        let empty = err("# nothing here yet\n\n").unwrap_or_default();
+        assert!(empty.contains("/etc/g/c.yaml") && empty.contains("no settings"), "{empty}");
+        let missing = err("listen: 5\n").unwrap_or_default();
+        assert!(missing.contains("--> /etc/g/c.yaml:1:") && !missing.contains("<input>"), "{missing}");
     }
 
     #[test]

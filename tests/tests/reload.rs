@@ -445,7 +445,9 @@ async fn watches_created_while_a_reload_lands_are_canceled_too() -> TestResult {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    const MOST: usize = 5000;
+    // Below the proxy's bound of 4,096 creates waiting for etcd's answers on one stream (which a loaded machine,
+    // etcd answering slower than the client sends, would reach).
+    const MOST: usize = 4000;
     let s = start(BEFORE).await?;
     let mut c = client(&s, &s.pki.client("cilium", "cilium-agent", None, &[])?).await?;
     let prefix = || Some(WatchOptions::new().with_prefix());

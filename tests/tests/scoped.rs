@@ -173,6 +173,15 @@ async fn leases_of_another_identity_are_off_limits() -> TestResult {
     assert!(e.as_ref().is_some_and(is_denied), "proclaim with another's lease: {e:?}");
     let e = c.resign(Some(ResignOptions::new().with_leader(theirs))).await.err();
     assert!(e.as_ref().is_some_and(is_denied), "resign with another's lease: {e:?}");
+    // Without a leader key etcd does nothing and says so; the proxy answers the same, whoever asks.
+    let mut direct = h.client_direct().await?;
+    for (what, through_proxy) in [("cilium", &mut c), ("etcd", &mut direct)] {
+        let e = through_proxy.proclaim("v2", None).await.err();
+        let text = format!("{e:?}");
+        assert!(text.contains("Unknown") && text.contains("leader\\\" field must be provided"), "{what}: {text}");
+        let e = through_proxy.resign(None).await.err();
+        assert!(format!("{e:?}").contains("field must be provided"), "{what}: {e:?}");
+    }
     // With its own lease, as a campaigner uses them.
     c.proclaim("v2", Some(ProclaimOptions::new().with_leader(leader.clone()))).await?;
     c.resign(Some(ResignOptions::new().with_leader(leader))).await?;
