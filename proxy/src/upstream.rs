@@ -252,8 +252,9 @@ impl Upstream {
         let started = std::time::Instant::now();
         let mut tried: Vec<String> = Vec::new();
         let mut again: Option<CallMeta> = None;
-        let mut refused = false;
-        for attempt in 1.. {
+        let (mut attempt, mut refused) = (0, false);
+        loop {
+            attempt += 1;
             let member = self.pick(&tried)?;
             let meta_now = again.as_ref().unwrap_or(meta);
             let e = match member.connection.send(member.head(path, meta_now), body.clone()).await {
@@ -276,7 +277,6 @@ impl Upstream {
             tracing::debug!(endpoint = %member.url, error = %e, path, "etcd did not process a call; making it again");
             tried.push(member.url.clone());
         }
-        Err(Status::unavailable("etcd-guard: upstream unavailable"))
     }
 
     /// A unary call whose response the proxy needs to read (lease lookups, MemberList).
@@ -891,6 +891,14 @@ mod tests {
             Upstream::new(vec![(url, Connection::new(e.connector.clone()))])
         }
 
+        /// A Range that fails against an endpoint following `plans`: the endpoint, the upstream and the status.
+        async fn failing(plans: Vec<Plan>) -> TestResult<(Endpoint, Upstream, tonic::Status)> {
+            let e = endpoint(plans).await?;
+            let upstream = upstream(&e);
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            Ok((e, upstream, status))
+        }
+
         async fn range(upstream: &Upstream) -> Result<RangeResponse, tonic::Status> {
             let meta = CallMeta { timeout: Some(Duration::from_secs(5)), ..CallMeta::default() };
             let req = RangeRequest { key: b"k".to_vec(), ..RangeRequest::default() };
@@ -916,9 +924,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_call_etcd_refuses_is_made_again_once_only() -> TestResult {
-            let e = endpoint(vec![Plan::RefuseEvery; 10]).await?;
-            let upstream = upstream(&e);
-            let status = range(&upstream).await.err().ok_or("answered")?;
+            let (e, upstream, status) = failing(vec![Plan::RefuseEvery; 10]).await?;
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
             assert_eq!((upstream.retried(), e.timeouts.lock().map_err(|_| "poisoned")?.len()), (1, 2));
             Ok(())
@@ -961,9 +967,7 @@ mod tests {
         #[tokio::test]
         async fn a_call_the_endpoint_took_is_not_made_again() -> TestResult {
             // It may have been applied: the client is told, as by a gRPC client whose connection broke.
-            let e = endpoint(vec![Plan::CloseTaken]).await?;
-            let upstream = upstream(&e);
-            let status = range(&upstream).await.err().ok_or("answered")?;
+            let (e, upstream, status) = failing(vec![Plan::CloseTaken]).await?;
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
             assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (0, 1));
             // The next call gets a new connection.
@@ -973,9 +977,7 @@ mod tests {
 
         #[tokio::test]
         async fn an_answer_that_is_not_grpc_is_unknown_and_not_made_again() -> TestResult {
-            let e = endpoint(vec![Plan::NotGrpcFirst]).await?;
-            let upstream = upstream(&e);
-            let status = range(&upstream).await.err().ok_or("answered")?;
+            let (_endpoint, upstream, status) = failing(vec![Plan::NotGrpcFirst]).await?;
             assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
             assert!(status.message().contains("HTTP status 200"), "{status:?}");
             assert_eq!(upstream.retried(), 0);
@@ -985,9 +987,7 @@ mod tests {
         #[tokio::test]
         async fn a_call_no_connection_takes_is_tried_three_times_at_most() -> TestResult {
             // Every connection goes away below the call: etcd refused it, so it is made again once only.
-            let e = endpoint(vec![Plan::GoAwayBelow; 10]).await?;
-            let upstream = upstream(&e);
-            let status = range(&upstream).await.err().ok_or("answered")?;
+            let (e, upstream, status) = failing(vec![Plan::GoAwayBelow; 10]).await?;
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
             assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (1, 2));
             // Nothing listens (the endpoint's port, closed): three attempts to connect, then Unavailable.

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use etcd_guard::config::Config;
-use etcd_guard::server::Proxy;
+use etcd_guard::server::{Proxy, Running};
 use etcd_guard_tests::{EtcdCluster, Pki, TEST_POLICY, TestResult, http_get, watch_matrix};
 
 /// Put until 20 puts in a row succeed; returns (failures, time taken). Bounded at 20 s.
@@ -28,15 +28,8 @@ async fn until_steady(c: &mut etcd_client::Client, tag: &str) -> TestResult<(usi
     Ok((failures, start.elapsed()))
 }
 
-fn endpoint_health(metrics: &str, url: &str) -> Option<f64> {
-    let prefix = format!("etcd_guard_upstream_endpoint_healthy{{endpoint=\"{url}\"}}");
-    metrics.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn requests_fail_over_to_the_other_members_and_come_back() -> TestResult {
-    let pki = Pki::new()?;
-    let mut cluster = EtcdCluster::start(&pki, 3)?;
+/// A proxy in front of every member of `cluster`, probing them every 300 ms, with a metrics listener.
+async fn proxy_in_front_of(pki: &Pki, cluster: &EtcdCluster) -> TestResult<Running> {
     std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
     let endpoints: Vec<String> = cluster.client_urls.iter().map(|u| format!("\"{u}\"")).collect();
     let config = format!(
@@ -56,7 +49,19 @@ audit: {{ file: audit/audit.log }}
         watch_matrix("")
     );
     std::fs::write(pki.path("etcd-guard.yaml"), config)?;
-    let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
+    Ok(Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn())
+}
+
+fn endpoint_health(metrics: &str, url: &str) -> Option<f64> {
+    let prefix = format!("etcd_guard_upstream_endpoint_healthy{{endpoint=\"{url}\"}}");
+    metrics.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_fail_over_to_the_other_members_and_come_back() -> TestResult {
+    let pki = Pki::new()?;
+    let mut cluster = EtcdCluster::start(&pki, 3)?;
+    let proxy = proxy_in_front_of(&pki, &cluster).await?;
     let metrics_addr = proxy.metrics_addr.ok_or("no metrics listener")?;
     let admin = pki.client("admin", "admin", None, &[])?;
     let tls = pki.client_tls(&admin)?;
@@ -103,25 +108,7 @@ audit: {{ file: audit/audit.log }}
 async fn a_rolling_restart_of_etcd_fails_no_call_for_want_of_a_retry() -> TestResult {
     let pki = Pki::new()?;
     let mut cluster = EtcdCluster::start(&pki, 3)?;
-    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
-    let endpoints: Vec<String> = cluster.client_urls.iter().map(|u| format!("\"{u}\"")).collect();
-    let config = format!(
-        r#"listen: "127.0.0.1:0"
-tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
-upstream:
-  endpoints: [{}]
-  ca_file: ca.crt
-  cert_file: upstream-client.crt
-  key_file: upstream-client.key
-  health_check_interval_ms: 300
-policy_file: policy.yaml
-metrics_listen: "127.0.0.1:0"
-audit: {{ file: audit/audit.log }}
-"#,
-        endpoints.join(", "),
-    );
-    std::fs::write(pki.path("etcd-guard.yaml"), config)?;
-    let proxy = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn();
+    let proxy = proxy_in_front_of(&pki, &cluster).await?;
     let admin = pki.client("admin", "admin", None, &[])?;
     let tls = pki.client_tls(&admin)?;
     let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_timeout(Duration::from_secs(5));
