@@ -8,7 +8,10 @@
 //! had authorization bugs: nested transactions, puts with `prev_kv` or a lease inside transactions, leases,
 //! maintenance and cluster RPCs, Lock/Election.
 
-use etcd_guard_proto::etcdserverpb::{self as pb, alarm_request::AlarmAction, compare, request_op, watch_request};
+use etcd_guard_proto::etcdserverpb::{
+    self as pb, AlarmType, alarm_request::AlarmAction, compare, downgrade_request::DowngradeAction, range_request,
+    request_op, watch_create_request::FilterType, watch_request,
+};
 use etcd_guard_proto::{v3electionpb, v3lockpb};
 use tonic::Status;
 
@@ -102,6 +105,14 @@ fn add_range(needs: &mut Needs, r: &pb::RangeRequest) -> Result<(), Status> {
         return Err(err_empty_key());
     }
     needs.key(Access::Read, &r.key, &r.range_end);
+    // An enum value this proxy does not know is refused, not forwarded: etcd 3.4 and 3.5 crash on a sort target
+    // outside theirs (they sort with a nil comparator).
+    if range_request::SortOrder::try_from(r.sort_order).is_err() {
+        needs.push(Need::Never("unknown sort order"));
+    }
+    if range_request::SortTarget::try_from(r.sort_target).is_err() {
+        needs.push(Need::Never("unknown sort target"));
+    }
     Ok(())
 }
 
@@ -140,9 +151,12 @@ fn add_txn(needs: &mut Needs, r: &pb::TxnRequest, depth: usize) -> Result<(), St
         if c.key.is_empty() {
             return Err(err_empty_key());
         }
-        // A compare target this proxy does not know is refused.
+        // A compare target or result this proxy does not know is refused.
         if compare::CompareTarget::try_from(c.target).is_err() {
             needs.push(Need::Never("unknown compare target"));
+        }
+        if compare::CompareResult::try_from(c.result).is_err() {
+            needs.push(Need::Never("unknown compare result"));
         }
         needs.key(Access::Read, &c.key, &c.range_end);
     }
@@ -169,6 +183,9 @@ pub fn watch(r: &pb::WatchRequest) -> Needs {
             let mut needs = Needs::default();
             let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
             needs.key(Access::Read, key, &c.range_end);
+            if c.filters.iter().any(|f| FilterType::try_from(*f).is_err()) {
+                needs.push(Need::Never("unknown watch filter"));
+            }
             needs
         }
         // etcd checks neither: they only touch the caller's own watches.
@@ -227,13 +244,40 @@ pub fn members<M>(_: &M) -> Result<Needs, Status> {
 
 // === Maintenance ===
 
-/// Alarm GET needs `status`; activating or deactivating an alarm needs `alarm`.
+/// Alarm GET needs `status`; activating or deactivating an alarm needs `alarm`. An action or alarm type this proxy
+/// does not know is refused (etcd 3.4 and 3.5 crash on an unknown action: they answer a nil response).
 pub fn alarm(r: &pb::AlarmRequest) -> Result<Needs, Status> {
-    if r.action == AlarmAction::Get as i32 {
-        Ok(Needs::cap(Capability::Status))
+    let mut needs = if r.action == AlarmAction::Get as i32 {
+        Needs::cap(Capability::Status)
     } else {
-        Ok(Needs::cap(Capability::Alarm))
+        Needs::cap(Capability::Alarm)
+    };
+    if AlarmAction::try_from(r.action).is_err() {
+        needs.push(Need::Never("unknown alarm action"));
     }
+    if AlarmType::try_from(r.alarm).is_err() {
+        needs.push(Need::Never("unknown alarm type"));
+    }
+    Ok(needs)
+}
+
+/// Downgrade needs `downgrade`; an action this proxy does not know is refused.
+pub fn downgrade(r: &pb::DowngradeRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::cap(Capability::Downgrade);
+    if DowngradeAction::try_from(r.action).is_err() {
+        needs.push(Need::Never("unknown downgrade action"));
+    }
+    Ok(needs)
+}
+
+/// Auth RoleGrantPermission needs `auth`; a permission type this proxy does not know is refused.
+pub fn role_grant_permission(r: &pb::AuthRoleGrantPermissionRequest) -> Result<Needs, Status> {
+    let mut needs = Needs::cap(Capability::Auth);
+    let perm_type = r.perm.as_ref().map_or(0, |p| p.perm_type);
+    if etcd_guard_proto::authpb::permission::Type::try_from(perm_type).is_err() {
+        needs.push(Need::Never("unknown permission type"));
+    }
+    Ok(needs)
 }
 
 /// A request that needs one capability, whatever it says.
@@ -421,6 +465,43 @@ mod tests {
             })),
         };
         assert_eq!(watch(&w).0, vec![read(b"\0", b"\0")]);
+    }
+
+    #[test]
+    fn enum_values_this_proxy_does_not_know_are_never_allowed() -> Result<(), Status> {
+        let never = |needs: Needs| needs.0.iter().any(|n| matches!(n, Need::Never(_)));
+        let r = |sort_order, sort_target| pb::RangeRequest {
+            key: b"k".to_vec(),
+            sort_order,
+            sort_target,
+            ..Default::default()
+        };
+        assert!(!never(range(&r(2, 4))?));
+        assert!(never(range(&r(0, 5))?) && never(range(&r(3, 0))?));
+        let cmp = |result| pb::Compare { key: b"k".to_vec(), result, ..Default::default() };
+        assert!(!never(txn(&pb::TxnRequest { compare: vec![cmp(3)], ..Default::default() })?));
+        assert!(never(txn(&pb::TxnRequest { compare: vec![cmp(4)], ..Default::default() })?));
+        let op = pb::RequestOp { request: Some(request_op::Request::RequestRange(r(0, 9))) };
+        assert!(never(txn(&pb::TxnRequest { failure: vec![op], ..Default::default() })?));
+        let create = |filters| pb::WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+                key: b"k".to_vec(),
+                filters,
+                ..Default::default()
+            })),
+        };
+        assert!(!never(watch(&create(vec![0, 1]))) && never(watch(&create(vec![2]))));
+        assert!(!never(alarm(&pb::AlarmRequest { action: 2, member_id: 0, alarm: 2 })?));
+        assert!(never(alarm(&pb::AlarmRequest { action: 3, member_id: 0, alarm: 0 })?));
+        assert!(never(alarm(&pb::AlarmRequest { action: 0, member_id: 0, alarm: 9 })?));
+        assert!(!never(downgrade(&pb::DowngradeRequest { action: 2, version: String::new() })?));
+        assert!(never(downgrade(&pb::DowngradeRequest { action: 3, version: String::new() })?));
+        let perm = |perm_type| pb::AuthRoleGrantPermissionRequest {
+            name: "r".into(),
+            perm: Some(etcd_guard_proto::authpb::Permission { perm_type, key: b"k".to_vec(), range_end: Vec::new() }),
+        };
+        assert!(!never(role_grant_permission(&perm(2))?) && never(role_grant_permission(&perm(3))?));
+        Ok(())
     }
 
     #[test]

@@ -401,7 +401,13 @@ impl Member {
         if e.endpoint_failed() && self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(endpoint = %self.url, error = %e, "upstream endpoint failed");
         }
-        Status::unavailable(format!("etcd-guard: upstream unavailable: {e}"))
+        // Without etcd's address (clients never learn it: MemberList answers the proxy's), which the log has.
+        let why = match e {
+            client::Error::Connect { message, .. } => format!("cannot connect to etcd: {message}"),
+            client::Error::ConnectTimeout { .. } => "connecting to etcd timed out".to_owned(),
+            client::Error::NotSent(e) | client::Error::H2(e) => e.to_string(),
+        };
+        Status::unavailable(format!("etcd-guard: upstream unavailable: {why}"))
     }
 
     /// etcd's answer could not be understood.
@@ -996,10 +1002,12 @@ mod tests {
             connector.authority = closed.local_addr()?.to_string().parse()?;
             drop(closed);
             let url = format!("https://{}", connector.authority);
-            let upstream = Upstream::new(vec![(url, Connection::new(connector))]);
+            let upstream = Upstream::new(vec![(url, Connection::new(connector.clone()))]);
             let status = range(&upstream).await.err().ok_or("answered")?;
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-            assert!(status.message().contains("cannot connect"), "{status:?}");
+            assert!(status.message().contains("cannot connect to etcd"), "{status:?}");
+            // Not etcd's address: clients never learn it.
+            assert!(!status.message().contains(&connector.authority.to_string()), "{status:?}");
             assert_eq!(upstream.retried(), 2);
             Ok(())
         }

@@ -197,3 +197,46 @@ async fn metadata_etcd_could_choke_on_is_not_forwarded() -> TestResult {
     assert_eq!(h.client_direct().await?.get("app/after", None).await?.count(), 1);
     Ok(())
 }
+
+/// Enum values outside etcd's crash etcd 3.4 and 3.5: a Range whose sort target is not one of theirs (they sort
+/// with a nil comparator), an Alarm whose action is not (a nil answer). The proxy refuses every value it does not
+/// know, in Range (also inside Txn), compares, watch filters, Alarm, Downgrade and permissions, as any field it
+/// does not understand; here the admin (every capability) sends them, and etcd is still there after each.
+#[tokio::test(flavor = "multi_thread")]
+async fn enum_values_etcd_does_not_know_are_refused_not_forwarded() -> TestResult {
+    use etcd_guard_proto::etcdserverpb::kv_client::KvClient;
+    use etcd_guard_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use etcd_guard_proto::etcdserverpb::{AlarmRequest, RangeRequest, RequestOp, TxnRequest, request_op};
+
+    let h = Harness::start().await?;
+    let admin = h.admin()?;
+    let mut kv =
+        KvClient::with_origin(etcd_guard_tests::bare_h2(&h, &admin, None).await?, "https://localhost".parse()?);
+    let mut maintenance = MaintenanceClient::with_origin(
+        etcd_guard_tests::bare_h2(&h, &admin, None).await?,
+        "https://localhost".parse()?,
+    );
+    let range = |sort_order, sort_target| RangeRequest {
+        key: b"app/x".to_vec(),
+        sort_order,
+        sort_target,
+        ..Default::default()
+    };
+    let mut direct = h.client_direct().await?;
+    for (what, r) in
+        [("sort target 9", range(0, 9)), ("sort order 9 with target 9", range(9, 9)), ("sort order 7", range(7, 0))]
+    {
+        let denied = kv.range(r.clone()).await.err().map(|s| s.code());
+        assert_eq!(denied, Some(tonic::Code::PermissionDenied), "{what}");
+        let op = RequestOp { request: Some(request_op::Request::RequestRange(r)) };
+        let denied = kv.txn(TxnRequest { success: vec![op], ..Default::default() }).await.err().map(|s| s.code());
+        assert_eq!(denied, Some(tonic::Code::PermissionDenied), "{what} in a txn");
+        direct.get("app/x", None).await.map_err(|e| format!("etcd is gone after {what}: {e}"))?;
+    }
+    let denied = maintenance.alarm(AlarmRequest { action: 7, member_id: 0, alarm: 0 }).await.err().map(|s| s.code());
+    assert_eq!(denied, Some(tonic::Code::PermissionDenied), "alarm action 7");
+    direct.get("app/x", None).await.map_err(|e| format!("etcd is gone after alarm action 7: {e}"))?;
+    // The values etcd knows still go through: a Range sorted by value, descending.
+    kv.range(range(2, 4)).await?;
+    Ok(())
+}

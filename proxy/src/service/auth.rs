@@ -4,7 +4,7 @@
 use etcd_guard_proto::etcdserverpb as pb;
 
 use super::{Answer, Guard, HttpRequest};
-use crate::authz::capability;
+use crate::authz::{self, capability};
 use crate::policy::Capability;
 
 pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
@@ -81,7 +81,7 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
             g.unary::<pb::AuthRoleGrantPermissionRequest, _>(
                 req,
                 "/etcdserverpb.Auth/RoleGrantPermission",
-                capability(Capability::Auth),
+                authz::role_grant_permission,
             )
             .await
         }

@@ -32,8 +32,7 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
             g.unary::<pb::MoveLeaderRequest, _>(req, "/etcdserverpb.Maintenance/MoveLeader", check).await
         }
         "Downgrade" => {
-            let check = capability(Capability::Downgrade);
-            g.unary::<pb::DowngradeRequest, _>(req, "/etcdserverpb.Maintenance/Downgrade", check).await
+            g.unary::<pb::DowngradeRequest, _>(req, "/etcdserverpb.Maintenance/Downgrade", authz::downgrade).await
         }
         _ => return None,
     })
