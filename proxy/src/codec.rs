@@ -313,6 +313,9 @@ where
     B::Error: std::fmt::Display,
 {
     use http_body_util::BodyExt;
+    // As grpc-go (etcd) does before reading: a `grpc-encoding` it has no decompressor for is refused whatever the
+    // message's compressed flag says.
+    check_request_encoding(headers)?;
     let mut data = Gather::default();
     // The prefix as it arrives: a message declared larger than allowed is refused at once, as grpc-go refuses it,
     // rather than held while the rest of it comes (or never does).
@@ -538,6 +541,28 @@ mod tests {
             status,
             Some((Code::ResourceExhausted, "grpc: received message larger than max (3145728 vs. 2097152)".into()))
         );
+    }
+
+    /// A `grpc-encoding` etcd has no decompressor for is refused as etcd refuses it, also with an uncompressed
+    /// message (which etcd does not serve either).
+    #[tokio::test]
+    async fn a_unary_request_with_an_encoding_etcd_lacks_is_unimplemented() {
+        let message = Bytes::from_static(&[0, 0, 0, 0, 3, 0x0a, 0x01, b'k']);
+        let read = |encoding: Option<&'static str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(e) = encoding {
+                headers.insert("grpc-encoding", http::HeaderValue::from_static(e));
+            }
+            let body = http_body_util::Full::new(message.clone());
+            async move { read_request::<etcd_guard_proto::etcdserverpb::RangeRequest, _>(body, &headers, 1024).await }
+        };
+        let refused = read(Some("gzip")).await.err().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(
+            refused,
+            Some((Code::Unimplemented, "grpc: Decompressor is not installed for grpc-encoding \"gzip\"".into()))
+        );
+        assert_eq!(read(Some("identity")).await.ok().map(|r| r.key), Some(b"k".to_vec()));
+        assert_eq!(read(None).await.ok().map(|r| r.key), Some(b"k".to_vec()));
     }
 
     #[tokio::test]
