@@ -342,12 +342,9 @@ where
     let Some((compressed, len)) = prefix(&body) else {
         return Err(Status::internal("grpc: error while receiving the request: no complete message"));
     };
+    // Any other encoding was refused above.
     if compressed {
-        let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
-        return Err(match encoding {
-            "" | "identity" => Status::internal("grpc: compressed flag set with identity or empty encoding"),
-            other => Status::unimplemented(format!("grpc: Decompressor is not installed for grpc-encoding {other:?}")),
-        });
+        return Err(Status::internal("grpc: compressed flag set with identity or empty encoding"));
     }
     if len > max_bytes {
         return Err(too_large(len, max_bytes));
