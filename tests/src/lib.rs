@@ -139,6 +139,11 @@ impl Pki {
             .identity(etcd_client::Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?)))
     }
 
+    /// The proxy's own client certificate towards etcd (etcd's root user): for tests that ask etcd directly.
+    pub fn upstream_client(&self) -> ClientCert {
+        ClientCert { cert: self.path("upstream-client.crt"), key: self.path("upstream-client.key"), serial: Vec::new() }
+    }
+
     /// Issue a client certificate.
     pub fn client(&self, name: &str, cn: &str, org: Option<&str>, uris: &[&str]) -> TestResult<ClientCert> {
         self.write_leaf(name, LeafKind::Client, cn, org, &[], uris)
@@ -156,8 +161,25 @@ pub struct EtcdCluster {
 // === impl EtcdCluster ===
 
 impl EtcdCluster {
-    /// Start `n` members and wait until each answers.
+    /// Start `n` members and wait until each answers. A port taken between [`free_port`] and a member's bind (by
+    /// another test's etcd, whose outgoing connections use the same port range) starts the cluster again on new
+    /// ports, as [`Etcd::start`] does.
     pub fn start(pki: &Pki, n: usize) -> TestResult<EtcdCluster> {
+        let mut attempt = 1;
+        loop {
+            match EtcdCluster::start_once(pki, n) {
+                Err(StartFailed::PortTaken(log)) if attempt < 3 => {
+                    eprintln!("an etcd member could not bind a free port (attempt {attempt}), trying others: {log}");
+                    attempt += 1;
+                }
+                Err(StartFailed::PortTaken(log)) => return Err(format!("etcd could not bind its ports: {log}").into()),
+                Err(StartFailed::Other(e)) => return Err(e),
+                Ok(cluster) => return Ok(cluster),
+            }
+        }
+    }
+
+    fn start_once(pki: &Pki, n: usize) -> Result<EtcdCluster, StartFailed> {
         let mut client_urls = Vec::new();
         let mut peer_urls = Vec::new();
         let mut data = Vec::new();
@@ -173,10 +195,29 @@ impl EtcdCluster {
         }
         for (i, child) in children.into_iter().enumerate() {
             let mut etcd = Etcd { child, client_url: cluster.client_urls[i].clone(), _data: tempfile::tempdir()? };
-            etcd.wait_ready(pki)?;
+            if let Err(e) = etcd.wait_ready(pki) {
+                // The member that failed may be any of them: each one's log is looked at.
+                let taken = cluster.data.iter().find_map(|d| port_taken(&d.path().join("etcd.log")));
+                return Err(match taken {
+                    Some(line) => StartFailed::PortTaken(line),
+                    None => StartFailed::Other(format!("{e}; {}", cluster.logs_tail()).into()),
+                });
+            }
             cluster.members.push(Some(etcd));
         }
         Ok(cluster)
+    }
+
+    /// The last lines of every member's log, for an error message.
+    fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        for (i, d) in self.data.iter().enumerate() {
+            let log = std::fs::read_to_string(d.path().join("etcd.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(3)..].join("\n");
+            out.push_str(&format!("\nmember m{i}'s log ends with:\n{tail}"));
+        }
+        out
     }
 
     fn spawn(&self, pki: &Pki, i: usize, state: &str) -> TestResult<Child> {
@@ -207,6 +248,14 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// Whether member `i` is running (started, not stopped, and not ended by itself).
+    pub fn alive(&mut self, i: usize) -> TestResult<bool> {
+        match self.members.get_mut(i).and_then(Option::as_mut) {
+            Some(m) => Ok(m.child.try_wait()?.is_none()),
+            None => Ok(false),
+        }
+    }
+
     /// Start member `i` again with its data.
     pub fn restart(&mut self, pki: &Pki, i: usize) -> TestResult {
         let child = self.spawn(pki, i, "existing")?;
@@ -215,6 +264,30 @@ impl EtcdCluster {
         self.members[i] = Some(etcd);
         Ok(())
     }
+}
+
+/// A proxy in front of every member of `cluster`, probing them every 300 ms, with a metrics listener.
+pub async fn proxy_in_front_of(pki: &Pki, cluster: &EtcdCluster) -> TestResult<Running> {
+    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
+    let endpoints: Vec<String> = cluster.client_urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let config = format!(
+        r#"listen: "127.0.0.1:0"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream:
+  endpoints: [{}]
+  ca_file: ca.crt
+  cert_file: upstream-client.crt
+  key_file: upstream-client.key
+  health_check_interval_ms: 300
+policy_file: policy.yaml
+metrics_listen: "127.0.0.1:0"
+audit: {{ file: audit/audit.log }}
+{}"#,
+        endpoints.join(", "),
+        watch_matrix("")
+    );
+    std::fs::write(pki.path("etcd-guard.yaml"), config)?;
+    Ok(Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn())
 }
 
 /// The folder of the `etcd` and `etcdctl` the tests run: `ETCD_GUARD_TEST_ETCD_DIR` (e.g. the etcd 3.5 of
@@ -272,8 +345,39 @@ impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for StartFailed 
 }
 
 /// A free loopback port (the listener is dropped right away; good enough for tests on one machine).
+///
+/// Ports are taken below the kernel's ephemeral range (`ip_local_port_range`), which outgoing connections use: an
+/// etcd member's port picked there could be taken by another member's connection while it restarts. A port is
+/// handed out once per test process, and each process starts at its own place in the range.
 pub fn free_port() -> TestResult<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    const LOW: u16 = 10_000;
+    let high = ephemeral_low().max(LOW + 1_000);
+    let mut next = NEXT.lock().map_err(|_| "free_port: lock poisoned")?;
+    let span = u32::from(high - LOW);
+    let mut port = next.unwrap_or(LOW + (std::process::id().wrapping_mul(7_919) % span) as u16);
+    for _ in 0..span {
+        port = if port + 1 >= high { LOW } else { port + 1 };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some(port);
+            return Ok(port);
+        }
+    }
+    Err("free_port: no free port below the ephemeral range".into())
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default if it cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
+}
+
+/// The line of an etcd log that says a port was taken, if there is one.
+fn port_taken(log: &Path) -> Option<String> {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    log.lines().find(|l| l.contains("address already in use")).map(str::to_string)
 }
 
 impl Etcd {
@@ -311,13 +415,10 @@ impl Etcd {
         let mut etcd = Etcd { child, client_url, _data: data };
         match etcd.wait_ready(pki) {
             Ok(()) => Ok(etcd),
-            Err(e) => {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                match log.lines().find(|l| l.contains("address already in use")) {
-                    Some(line) => Err(StartFailed::PortTaken(line.to_string())),
-                    None => Err(StartFailed::Other(e)),
-                }
-            }
+            Err(e) => match port_taken(&log_path) {
+                Some(line) => Err(StartFailed::PortTaken(line)),
+                None => Err(StartFailed::Other(e)),
+            },
         }
     }
 
@@ -492,11 +593,7 @@ metrics_listen: "127.0.0.1:0"
 
     /// etcdctl straight to etcd (as the proxy's own upstream identity).
     pub fn ctl_direct(&self, args: &[&str]) -> TestResult<Output> {
-        let upstream = ClientCert {
-            cert: self.pki.path("upstream-client.crt"),
-            key: self.pki.path("upstream-client.key"),
-            serial: Vec::new(),
-        };
+        let upstream = self.pki.upstream_client();
         etcdctl_at(&self.etcd.client_url, &self.pki.ca_file(), &upstream, args)
     }
 
@@ -513,11 +610,7 @@ metrics_listen: "127.0.0.1:0"
     /// An `etcd-client` connection straight to etcd (the proxy's upstream certificate), for reference answers. No
     /// call timeout: its watches may last the whole test.
     pub async fn client_direct(&self) -> TestResult<etcd_client::Client> {
-        let upstream = ClientCert {
-            cert: self.pki.path("upstream-client.crt"),
-            key: self.pki.path("upstream-client.key"),
-            serial: Vec::new(),
-        };
+        let upstream = self.pki.upstream_client();
         let tls = self.pki.client_tls(&upstream)?;
         let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_connect_timeout(Duration::from_secs(5));
         Ok(etcd_client::Client::connect([self.etcd.client_url.clone()], Some(opts)).await?)

@@ -3,9 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_guard::config::Config;
-use etcd_guard::server::{Proxy, Running};
-use etcd_guard_tests::{EtcdCluster, Pki, TEST_POLICY, TestResult, http_get, watch_matrix};
+use etcd_guard_tests::{EtcdCluster, Pki, TestResult, http_get, proxy_in_front_of};
 
 /// Put until 20 puts in a row succeed; returns (failures, time taken). Bounded at 20 s.
 async fn until_steady(c: &mut etcd_client::Client, tag: &str) -> TestResult<(usize, Duration)> {
@@ -26,30 +24,6 @@ async fn until_steady(c: &mut etcd_client::Client, tag: &str) -> TestResult<(usi
         }
     }
     Ok((failures, start.elapsed()))
-}
-
-/// A proxy in front of every member of `cluster`, probing them every 300 ms, with a metrics listener.
-async fn proxy_in_front_of(pki: &Pki, cluster: &EtcdCluster) -> TestResult<Running> {
-    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
-    let endpoints: Vec<String> = cluster.client_urls.iter().map(|u| format!("\"{u}\"")).collect();
-    let config = format!(
-        r#"listen: "127.0.0.1:0"
-tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
-upstream:
-  endpoints: [{}]
-  ca_file: ca.crt
-  cert_file: upstream-client.crt
-  key_file: upstream-client.key
-  health_check_interval_ms: 300
-policy_file: policy.yaml
-metrics_listen: "127.0.0.1:0"
-audit: {{ file: audit/audit.log }}
-{}"#,
-        endpoints.join(", "),
-        watch_matrix("")
-    );
-    std::fs::write(pki.path("etcd-guard.yaml"), config)?;
-    Ok(Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await?.spawn())
 }
 
 fn endpoint_health(metrics: &str, url: &str) -> Option<f64> {
