@@ -15,11 +15,17 @@ use etcd_guard_proto::etcdserverpb::{
 use etcd_guard_proto::{v3electionpb, v3lockpb};
 use tonic::Status;
 
-use crate::policy::{Access, Capability, KeyRange};
+use crate::policy::{Access, Capability, KeyRange, RangeSet};
 
 /// How deep transactions may nest. etcd has no limit of its own beyond the message size; kube-apiserver never
 /// nests. Deeper requests are denied.
 pub const MAX_TXN_DEPTH: usize = 16;
+
+/// How many operations one transaction may run (etcd's default `--max-txn-ops`), counted over the branches it
+/// may take at every level: etcd bounds each level's lists only, so a few kilobytes of nested transactions could
+/// make it run tens of thousands of ranges into one answer (gigabytes: etcd 3.4 and 3.5 run out of memory, and
+/// with a put inside, again at every restart, since the request is in the raft log).
+pub const MAX_TXN_OPS: usize = 128;
 
 /// One permission a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,10 +95,76 @@ pub fn delete_range(r: &pb::DeleteRangeRequest) -> Result<Needs, Status> {
 }
 
 /// Txn: read on every compare, and every op of *both* branches like its own RPC, recursively.
+///
+/// Refused as etcd refuses them, before any permission is looked at: more than [`MAX_TXN_OPS`] operations on the
+/// way through the transaction ([`txn_cost`]), and a put with `ignore_value` or `ignore_lease` on a key that a
+/// delete of the same branch covers ([`deletes_ignore_put`]).
 pub fn txn(r: &pb::TxnRequest) -> Result<Needs, Status> {
     let mut needs = Needs::default();
     add_txn(&mut needs, r, 1)?;
+    if txn_cost(r, 1) > MAX_TXN_OPS {
+        return Err(Status::invalid_argument("etcdserver: too many operations in txn request"));
+    }
+    if deletes_ignore_put(&r.success) || deletes_ignore_put(&r.failure) {
+        return Err(Status::invalid_argument("etcdserver: duplicate key given in txn request"));
+    }
     Ok(needs)
+}
+
+/// The most operations (and compares) etcd may run for `r`: at each level the larger of its compares and the
+/// costlier branch, a nested transaction counting what it may run itself. Past [`MAX_TXN_DEPTH`] the count stops
+/// (such a request is refused anyway).
+fn txn_cost(r: &pb::TxnRequest, depth: usize) -> usize {
+    let branch = |ops: &[pb::RequestOp]| -> usize {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(request_op::Request::RequestTxn(t)) if depth < MAX_TXN_DEPTH => txn_cost(t, depth + 1).max(1),
+                _ => 1,
+            })
+            .fold(0, usize::saturating_add)
+    };
+    r.compare.len().max(branch(&r.success)).max(branch(&r.failure))
+}
+
+/// Whether a put with `ignore_value` or `ignore_lease` in `ops` (or in a transaction nested there) is on a key that
+/// a delete there covers. etcd refuses a put and a delete of one key in a transaction ("duplicate key"), but its
+/// check reads a delete's `range_end` of `"\0"` (to the end of the keyspace) as an empty interval: it lets such a
+/// pair through, and when the delete runs first, the put finds no previous value to keep and etcd 3.4 and 3.5
+/// panic applying it — on every member, and again at every restart. Any role with write access to the end of the
+/// keyspace could do that; this check is the one etcd meant to make, for the puts that crash it.
+fn deletes_ignore_put(ops: &[pb::RequestOp]) -> bool {
+    let mut deletes = Vec::new();
+    let mut puts = Vec::new();
+    collect_deletes_and_ignore_puts(ops, &mut deletes, &mut puts, 1);
+    if deletes.is_empty() || puts.is_empty() {
+        return false;
+    }
+    let deleted = RangeSet::from_ranges(deletes);
+    puts.iter().any(|key| deleted.contains_key(key))
+}
+
+fn collect_deletes_and_ignore_puts<'a>(
+    ops: &'a [pb::RequestOp],
+    deletes: &mut Vec<KeyRange>,
+    puts: &mut Vec<&'a [u8]>,
+    depth: usize,
+) {
+    for op in ops {
+        match &op.request {
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                if let Ok(range) = KeyRange::from_etcd(&d.key, &d.range_end) {
+                    deletes.push(range);
+                }
+            }
+            Some(request_op::Request::RequestPut(p)) if p.ignore_value || p.ignore_lease => puts.push(&p.key),
+            // Both branches of a nested transaction, as etcd merges them (a deeper one is refused anyway).
+            Some(request_op::Request::RequestTxn(t)) if depth < MAX_TXN_DEPTH => {
+                collect_deletes_and_ignore_puts(&t.success, deletes, puts, depth + 1);
+                collect_deletes_and_ignore_puts(&t.failure, deletes, puts, depth + 1);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Compact: the `compact` capability.
@@ -237,15 +309,69 @@ pub fn member_list(_: &pb::MemberListRequest) -> Result<Needs, Status> {
     Ok(Needs::cap(Capability::Status))
 }
 
-/// MemberAdd, MemberRemove, MemberUpdate, MemberPromote.
+/// MemberRemove, MemberPromote.
 pub fn members<M>(_: &M) -> Result<Needs, Status> {
     Ok(Needs::cap(Capability::Members))
+}
+
+/// MemberAdd: `members`; peer URLs checked as for MemberUpdate ([`check_peer_urls`]).
+pub fn member_add(r: &pb::MemberAddRequest) -> Result<Needs, Status> {
+    check_peer_urls(&r.peer_ur_ls)?;
+    Ok(Needs::cap(Capability::Members))
+}
+
+/// MemberUpdate: `members`. etcd 3.4 and 3.5 store a MemberUpdate's peer URLs unchecked, and every other member
+/// then panics dialling them (and again at every restart, as they are in the raft log), so they are checked here
+/// as etcd checks MemberAdd's ([`check_peer_urls`]).
+pub fn member_update(r: &pb::MemberUpdateRequest) -> Result<Needs, Status> {
+    check_peer_urls(&r.peer_ur_ls)?;
+    Ok(Needs::cap(Capability::Members))
+}
+
+/// etcd's answer to peer URLs it cannot use (`ErrGRPCMemberBadURLs`).
+fn err_bad_urls() -> Status {
+    Status::invalid_argument("etcdserver: given member URLs are invalid")
+}
+
+/// At least one URL, each `scheme://host:port` with a scheme etcd dials (`http`, `https`, `unix`, `unixs`), a
+/// host, a decimal port, and nothing else (no user, path, query or fragment). A little stricter than etcd's
+/// `types.NewURLs`, never looser.
+fn check_peer_urls(urls: &[String]) -> Result<(), Status> {
+    if urls.is_empty() || !urls.iter().all(|u| peer_url_ok(u)) {
+        return Err(err_bad_urls());
+    }
+    Ok(())
+}
+
+fn peer_url_ok(url: &str) -> bool {
+    let Some((scheme, authority)) = url.split_once("://") else {
+        return false;
+    };
+    if !matches!(scheme, "http" | "https" | "unix" | "unixs") {
+        return false;
+    }
+    if authority
+        .bytes()
+        .any(|b| matches!(b, b'/' | b'?' | b'#' | b'@' | b'\\') || b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return false;
+    }
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[') {
+        // An IPv6 literal.
+        Some(v6) => v6.strip_suffix(']').is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => !host.is_empty() && !host.contains([':', '[', ']']),
+    };
+    host_ok && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
 }
 
 // === Maintenance ===
 
 /// Alarm GET needs `status`; activating or deactivating an alarm needs `alarm`. An action or alarm type this proxy
-/// does not know is refused (etcd 3.4 and 3.5 crash on an unknown action: they answer a nil response).
+/// does not know is refused (etcd 3.4 and 3.5 crash on an unknown action: they answer a nil response), and so is
+/// activating or deactivating alarm NONE.
 pub fn alarm(r: &pb::AlarmRequest) -> Result<Needs, Status> {
     let mut needs = if r.action == AlarmAction::Get as i32 {
         Needs::cap(Capability::Status)
@@ -257,6 +383,11 @@ pub fn alarm(r: &pb::AlarmRequest) -> Result<Needs, Status> {
     }
     if AlarmType::try_from(r.alarm).is_err() {
         needs.push(Need::Never("unknown alarm type"));
+    }
+    // etcd 3.4 stops (fatal "key required") applying an activation or deactivation of alarm NONE, on every member
+    // and again at every restart; 3.5 takes it as a no-op.
+    if r.action != AlarmAction::Get as i32 && r.alarm == AlarmType::None as i32 {
+        needs.push(Need::Never("alarm NONE activated or deactivated"));
     }
     Ok(needs)
 }
@@ -453,6 +584,130 @@ mod tests {
         let empty = pb::TxnRequest { success: vec![pb::RequestOp { request: None }], ..Default::default() };
         let refused = txn(&empty).err().map(|s| (s.code(), s.message().to_string()));
         assert_eq!(refused, Some((tonic::Code::InvalidArgument, "etcdserver: key not found".to_string())));
+        Ok(())
+    }
+
+    fn op(request: request_op::Request) -> pb::RequestOp {
+        pb::RequestOp { request: Some(request) }
+    }
+
+    fn range_op(key: &[u8]) -> pb::RequestOp {
+        op(request_op::Request::RequestRange(pb::RangeRequest { key: key.to_vec(), ..Default::default() }))
+    }
+
+    fn nested(success: Vec<pb::RequestOp>) -> pb::RequestOp {
+        op(request_op::Request::RequestTxn(pb::TxnRequest { success, ..Default::default() }))
+    }
+
+    fn refusal(r: &pb::TxnRequest) -> Option<String> {
+        txn(r).err().map(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+
+    #[test]
+    fn txn_operations_are_counted_over_the_way_through_nested_transactions() {
+        let too_many = Some("InvalidArgument: etcdserver: too many operations in txn request".to_string());
+        // etcd's own limit per list, both branches full: allowed (only one runs).
+        let flat = pb::TxnRequest {
+            compare: Vec::new(),
+            success: (0..MAX_TXN_OPS).map(|_| range_op(b"k")).collect(),
+            failure: (0..MAX_TXN_OPS).map(|_| range_op(b"k")).collect(),
+        };
+        assert_eq!(refusal(&flat), None);
+        let mut over = flat.clone();
+        over.success.push(range_op(b"k"));
+        assert_eq!(refusal(&over), too_many);
+        // 12 × 12 × 12 ranges in three levels, each level within etcd's limit: 1,728 run.
+        let level2 = nested((0..12).map(|_| range_op(b"k")).collect());
+        let level1 = nested((0..12).map(|_| level2.clone()).collect());
+        let tree = pb::TxnRequest { success: (0..12).map(|_| level1.clone()).collect(), ..Default::default() };
+        assert_eq!(refusal(&tree), too_many);
+        // 8 × 16 = 128 run: allowed.
+        let level1 = nested((0..16).map(|_| range_op(b"k")).collect());
+        let tree = pb::TxnRequest { success: (0..8).map(|_| level1.clone()).collect(), ..Default::default() };
+        assert_eq!(refusal(&tree), None);
+    }
+
+    #[test]
+    fn a_put_keeping_the_value_of_a_key_deleted_in_the_same_transaction_is_refused() {
+        let duplicate = Some("InvalidArgument: etcdserver: duplicate key given in txn request".to_string());
+        let delete = |key: &[u8], end: &[u8]| {
+            op(request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                key: key.to_vec(),
+                range_end: end.to_vec(),
+                ..Default::default()
+            }))
+        };
+        let put = |key: &[u8], ignore_value: bool, ignore_lease: bool| {
+            op(request_op::Request::RequestPut(pb::PutRequest {
+                key: key.to_vec(),
+                ignore_value,
+                ignore_lease,
+                ..Default::default()
+            }))
+        };
+        let t = |success: Vec<pb::RequestOp>| pb::TxnRequest { success, ..Default::default() };
+        // What crashed etcd: a delete to the end of the keyspace, then a put keeping the deleted value or lease.
+        assert_eq!(refusal(&t(vec![delete(b"zz/", b"\0"), put(b"zz/k2", true, false)])), duplicate);
+        assert_eq!(refusal(&t(vec![delete(b"zz/", b"\0"), put(b"zz/k2", false, true)])), duplicate);
+        assert_eq!(refusal(&t(vec![put(b"zz/k2", true, false), delete(b"zz/", b"\0")])), duplicate);
+        assert_eq!(refusal(&t(vec![delete(b"zz/", b"\0"), nested(vec![put(b"zz/k2", true, false)])])), duplicate);
+        assert_eq!(refusal(&t(vec![nested(vec![delete(b"\0", b"\0")]), put(b"a", false, true)])), duplicate);
+        assert_eq!(refusal(&t(vec![delete(b"zz/", b"zz0"), put(b"zz/k2", true, false)])), duplicate);
+        // Not the same key, not a put that keeps anything, or the other branch: as etcd.
+        assert_eq!(refusal(&t(vec![delete(b"zz/", b"\0"), put(b"zy", true, false)])), None);
+        assert_eq!(refusal(&t(vec![delete(b"zz/", b"\0"), put(b"zz/k2", false, false)])), None);
+        let branches = pb::TxnRequest {
+            success: vec![delete(b"zz/", b"\0")],
+            failure: vec![put(b"zz/k2", true, false)],
+            ..Default::default()
+        };
+        assert_eq!(refusal(&branches), None);
+    }
+
+    #[test]
+    fn member_peer_urls_are_checked() {
+        let update = |urls: &[&str]| {
+            member_update(&pb::MemberUpdateRequest { id: 1, peer_ur_ls: urls.iter().map(|u| u.to_string()).collect() })
+                .err()
+                .map(|s| (s.code(), s.message().to_string()))
+        };
+        for good in [&["http://10.0.0.1:2380"][..], &["https://etcd-1.example:2380", "http://[fd00::1]:2380"]] {
+            assert_eq!(update(good), None, "{good:?}");
+        }
+        let bad = Some((tonic::Code::InvalidArgument, "etcdserver: given member URLs are invalid".to_string()));
+        for urls in [
+            &[][..],
+            &["x"],
+            &[""],
+            &["10.0.0.1:2380"],
+            &["ftp://10.0.0.1:2380"],
+            &["http://10.0.0.1"],
+            &["http://10.0.0.1:"],
+            &["http://10.0.0.1:99999"],
+            &["http://10.0.0.1:2380/"],
+            &["http://10.0.0.1:2380?a"],
+            &["http://u@10.0.0.1:2380"],
+            &["http://:2380"],
+            &["http://fd00::1:2380"],
+            &["http://[fd00::1:2380"],
+            &["http://10.0.0.1:2380", " http://10.0.0.2:2380"],
+        ] {
+            assert_eq!(update(urls), bad, "{urls:?}");
+        }
+        let add = member_add(&pb::MemberAddRequest { peer_ur_ls: vec!["x".into()], is_learner: false });
+        assert_eq!(add.err().map(|s| s.code()), Some(tonic::Code::InvalidArgument));
+    }
+
+    #[test]
+    fn activating_or_deactivating_alarm_none_is_never_allowed() -> Result<(), Status> {
+        let needs = |action: AlarmAction, kind: AlarmType| {
+            alarm(&pb::AlarmRequest { action: action as i32, member_id: 0, alarm: kind as i32 })
+        };
+        let never = |n: Needs| n.0.iter().any(|n| matches!(n, Need::Never(_)));
+        assert!(never(needs(AlarmAction::Activate, AlarmType::None)?));
+        assert!(never(needs(AlarmAction::Deactivate, AlarmType::None)?));
+        assert!(!never(needs(AlarmAction::Get, AlarmType::None)?));
+        assert!(!never(needs(AlarmAction::Deactivate, AlarmType::Nospace)?));
         Ok(())
     }
 

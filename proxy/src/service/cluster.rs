@@ -31,12 +31,14 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
             )
             .await
         }
-        "MemberAdd" => g.unary::<pb::MemberAddRequest, _>(req, "/etcdserverpb.Cluster/MemberAdd", authz::members).await,
+        "MemberAdd" => {
+            g.unary::<pb::MemberAddRequest, _>(req, "/etcdserverpb.Cluster/MemberAdd", authz::member_add).await
+        }
         "MemberRemove" => {
             g.unary::<pb::MemberRemoveRequest, _>(req, "/etcdserverpb.Cluster/MemberRemove", authz::members).await
         }
         "MemberUpdate" => {
-            g.unary::<pb::MemberUpdateRequest, _>(req, "/etcdserverpb.Cluster/MemberUpdate", authz::members).await
+            g.unary::<pb::MemberUpdateRequest, _>(req, "/etcdserverpb.Cluster/MemberUpdate", authz::member_update).await
         }
         "MemberPromote" => {
             g.unary::<pb::MemberPromoteRequest, _>(req, "/etcdserverpb.Cluster/MemberPromote", authz::members).await
