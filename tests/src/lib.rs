@@ -165,18 +165,7 @@ impl EtcdCluster {
     /// another test's etcd, whose outgoing connections use the same port range) starts the cluster again on new
     /// ports, as [`Etcd::start`] does.
     pub fn start(pki: &Pki, n: usize) -> TestResult<EtcdCluster> {
-        let mut attempt = 1;
-        loop {
-            match EtcdCluster::start_once(pki, n) {
-                Err(StartFailed::PortTaken(log)) if attempt < 3 => {
-                    eprintln!("an etcd member could not bind a free port (attempt {attempt}), trying others: {log}");
-                    attempt += 1;
-                }
-                Err(StartFailed::PortTaken(log)) => return Err(format!("etcd could not bind its ports: {log}").into()),
-                Err(StartFailed::Other(e)) => return Err(e),
-                Ok(cluster) => return Ok(cluster),
-            }
-        }
+        on_new_ports_if_taken(|| EtcdCluster::start_once(pki, n))
     }
 
     fn start_once(pki: &Pki, n: usize) -> Result<EtcdCluster, StartFailed> {
@@ -374,6 +363,22 @@ fn ephemeral_low() -> u16 {
         .unwrap_or(32_768)
 }
 
+/// `start` again (it picks new ports) while a port it picked was taken before etcd bound it; three attempts.
+fn on_new_ports_if_taken<T>(mut start: impl FnMut() -> Result<T, StartFailed>) -> TestResult<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(StartFailed::PortTaken(log)) if attempt < 3 => {
+                eprintln!("etcd could not bind a free port (attempt {attempt}), trying others: {log}");
+                attempt += 1;
+            }
+            Err(StartFailed::PortTaken(log)) => return Err(format!("etcd could not bind its ports: {log}").into()),
+            Err(StartFailed::Other(e)) => return Err(e),
+            Ok(started) => return Ok(started),
+        }
+    }
+}
+
 /// The line of an etcd log that says a port was taken, if there is one.
 fn port_taken(log: &Path) -> Option<String> {
     let log = std::fs::read_to_string(log).unwrap_or_default();
@@ -384,18 +389,7 @@ impl Etcd {
     /// Start etcd with mutual TLS on its client port (client certificates required), waiting until it answers.
     /// A port taken between [`free_port`] and etcd's bind (by another test's process) is retried with new ports.
     pub fn start(pki: &Pki) -> TestResult<Etcd> {
-        let mut attempt = 1;
-        loop {
-            match Etcd::start_once(pki) {
-                Err(StartFailed::PortTaken(log)) if attempt < 3 => {
-                    eprintln!("etcd could not bind a free port (attempt {attempt}), trying others: {log}");
-                    attempt += 1;
-                }
-                Err(StartFailed::PortTaken(log)) => return Err(format!("etcd could not bind its ports: {log}").into()),
-                Err(StartFailed::Other(e)) => return Err(e),
-                Ok(etcd) => return Ok(etcd),
-            }
-        }
+        on_new_ports_if_taken(|| Etcd::start_once(pki))
     }
 
     fn start_once(pki: &Pki) -> Result<Etcd, StartFailed> {
