@@ -13,7 +13,7 @@ roles:
     cluster: [admin]
   - name: cilium
     keys: [ { prefix: "cilium/", access: readwrite } ]
-    cluster: [status]
+    cluster: [status, lease]
     limits: { requests_per_second: 20, burst: 20, open_watches: 2, concurrent_requests: 8 }
 bindings:
   - role: admin
@@ -58,6 +58,45 @@ async fn one_identity_over_its_rate_does_not_slow_another() -> TestResult {
     let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
     let (_, metrics) = http_get(addr, "/metrics")?;
     assert!(metrics.contains(r#"etcd_guard_limited_total{limit="rate"}"#), "{metrics}");
+    Ok(())
+}
+
+/// Each keep-alive of a scoped identity makes the proxy ask etcd for the lease's keys: those lookups take from the
+/// identity's rate, so a keep-alive stream cannot make etcd list a lease's keys faster than the identity may call.
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_key_lookups_take_from_the_identitys_rate() -> TestResult {
+    let h = Harness::with_policy(POLICY).await?;
+    let mut cilium = h.client(&h.cilium()?).await?;
+    let lease = cilium.lease_grant(60, None).await?.id();
+    cilium.put("cilium/leased", "v", Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    let (mut keeper, mut answers) = cilium.lease_keep_alive(lease).await?;
+    // 200 keep-alives sent without waiting (the burst is 20; whatever the machine's speed, 200 take far less than
+    // the 9 s in which the rate would refill that many), then every answer read.
+    let sender = tokio::spawn(async move {
+        for _ in 0..200 {
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
+        }
+        keeper
+    });
+    let (mut answered, mut ended) = (0, None);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), answers.message()).await {
+            Ok(Ok(Some(_))) => answered += 1,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                ended = Some(e.to_string());
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    drop(sender.await?);
+    eprintln!("{answered} keep-alives answered, then: {ended:?}");
+    assert!(answered < 200, "keep-alives past the rate were answered: {answered}");
+    let ended = ended.ok_or("the keep-alive stream was not ended")?;
+    assert!(ended.contains("requests per second"), "{ended}");
     Ok(())
 }
 

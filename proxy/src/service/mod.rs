@@ -450,6 +450,11 @@ impl Guard {
                     )));
                 }
                 looked_up.insert((*access, *lease));
+                // A lookup is a request to etcd on the identity's behalf (listing every key of the lease): it takes
+                // one from the identity's rate as a call does. Otherwise a keep-alive stream (its messages are not
+                // calls) could make etcd list a large lease's keys as fast as it sends.
+                let (limiter, metrics) = (&self.shared.limiter, &self.shared.metrics);
+                limiter.rate(&self.conn.usage, &perms.limits, self.conn.who(), metrics)?;
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
                 let shared = &self.shared;
                 let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
