@@ -61,10 +61,10 @@ async fn one_identity_over_its_rate_does_not_slow_another() -> TestResult {
     Ok(())
 }
 
-/// Each keep-alive of a scoped identity makes the proxy ask etcd for the lease's keys: those lookups take from the
+/// Each keep-alive of a scoped identity makes the proxy ask etcd for the lease's keys: keep-alives take from the
 /// identity's rate, so a keep-alive stream cannot make etcd list a lease's keys faster than the identity may call.
 #[tokio::test(flavor = "multi_thread")]
-async fn lease_key_lookups_take_from_the_identitys_rate() -> TestResult {
+async fn lease_keep_alives_take_from_the_identitys_rate() -> TestResult {
     let h = Harness::with_policy(POLICY).await?;
     let mut cilium = h.client(&h.cilium()?).await?;
     let lease = cilium.lease_grant(60, None).await?.id();

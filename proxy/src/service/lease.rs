@@ -91,7 +91,13 @@ async fn keep_alive(
             let mut record = g.record(RPC, Event::Message, stream_id, &msg, at);
             // The status a keep-alive is refused with, when the proxy refuses it for a reason of its own.
             let mut refused_with = None;
-            let (verdict, code) = match g.decide(&authz::lease_keep_alive(&msg), &meta, &mut record).await {
+            // Each keep-alive counts against the identity's rate, as a call: otherwise one stream could make etcd
+            // list a large lease's keys (the lookup below) dozens of times a second beyond the rate.
+            let decided = match g.rate_one() {
+                Ok(()) => g.decide(&authz::lease_keep_alive(&msg), &meta, &mut record).await,
+                Err(status) => Err(status),
+            };
+            let (verdict, code) = match decided {
                 Ok(v) if v.decision == Decision::Deny => (v, Code::PermissionDenied),
                 Ok(v) => match g.shared.audit.admit() {
                     Ok(()) => (v, Code::Ok),

@@ -450,11 +450,6 @@ impl Guard {
                     )));
                 }
                 looked_up.insert((*access, *lease));
-                // A lookup is a request to etcd on the identity's behalf (listing every key of the lease): it takes
-                // one from the identity's rate as a call does. Otherwise a keep-alive stream (its messages are not
-                // calls) could make etcd list a large lease's keys as fast as it sends.
-                let (limiter, metrics) = (&self.shared.limiter, &self.shared.metrics);
-                limiter.rate(&self.conn.usage, &perms.limits, self.conn.who(), metrics)?;
                 // Boxed: a lookup is rare, and its future would otherwise make every call's future larger.
                 let shared = &self.shared;
                 let found = Box::pin(shared.lease_keys.get(*lease, &shared.upstream, &shared.metrics, meta)).await?;
@@ -476,6 +471,14 @@ impl Guard {
         let (limiter, metrics, who) = (&self.shared.limiter, &self.shared.metrics, self.conn.who());
         limiter.rate(&self.conn.usage, limits, who, metrics)?;
         limiter.watch(&self.conn.usage, limits, who, metrics)
+    }
+
+    /// One message of a stream that counts as a call against the identity's rate (a lease keep-alive, which for
+    /// an identity that may not write every key makes the proxy ask etcd for every key of the lease).
+    pub fn rate_one(&self) -> Result<(), Status> {
+        let view = self.conn.view(&self.shared);
+        let (limiter, metrics) = (&self.shared.limiter, &self.shared.metrics);
+        limiter.rate(&self.conn.usage, &view.permissions.limits, self.conn.who(), metrics)
     }
 
     /// Start an audit record for this connection (`None` when auditing is off, so nothing is rendered).
