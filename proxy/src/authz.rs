@@ -96,13 +96,14 @@ pub fn delete_range(r: &pb::DeleteRangeRequest) -> Result<Needs, Status> {
 
 /// Txn: read on every compare, and every op of *both* branches like its own RPC, recursively.
 ///
-/// Refused as etcd refuses them, before any permission is looked at: more than [`MAX_TXN_OPS`] operations on the
-/// way through the transaction ([`txn_cost`]), and a put with `ignore_value` or `ignore_lease` on a key that a
+/// Refused as etcd refuses them, before any permission is looked at: more than [`MAX_TXN_OPS`] operations, or
+/// compares, on the way through the transaction ([`txn_cost`]), and a put with `ignore_value` or `ignore_lease` on a key that a
 /// delete of the same branch covers ([`deletes_ignore_put`]).
 pub fn txn(r: &pb::TxnRequest) -> Result<Needs, Status> {
     let mut needs = Needs::default();
     add_txn(&mut needs, r, 1)?;
-    if txn_cost(r, 1) > MAX_TXN_OPS {
+    let cost = txn_cost(r, 1);
+    if cost.ops > MAX_TXN_OPS || cost.compares > MAX_TXN_OPS {
         return Err(Status::invalid_argument("etcdserver: too many operations in txn request"));
     }
     if deletes_ignore_put(&r.success) || deletes_ignore_put(&r.failure) {
@@ -111,19 +112,36 @@ pub fn txn(r: &pb::TxnRequest) -> Result<Needs, Status> {
     Ok(needs)
 }
 
-/// The most operations (and compares) etcd may run for `r`: at each level the larger of its compares and the
-/// costlier branch, a nested transaction counting what it may run itself. Past [`MAX_TXN_DEPTH`] the count stops
-/// (such a request is refused anyway).
-fn txn_cost(r: &pb::TxnRequest, depth: usize) -> usize {
-    let branch = |ops: &[pb::RequestOp]| -> usize {
+/// The most operations etcd may run for `r`, and the most compares, each along the way it may take: at each level
+/// the costlier branch, a nested transaction counting what it may run itself; its compares run besides. Past
+/// [`MAX_TXN_DEPTH`] the count stops (such a request is refused anyway).
+fn txn_cost(r: &pb::TxnRequest, depth: usize) -> TxnCost {
+    let branch = |ops: &[pb::RequestOp]| -> TxnCost {
         ops.iter()
             .map(|op| match &op.request {
-                Some(request_op::Request::RequestTxn(t)) if depth < MAX_TXN_DEPTH => txn_cost(t, depth + 1).max(1),
-                _ => 1,
+                Some(request_op::Request::RequestTxn(t)) if depth < MAX_TXN_DEPTH => {
+                    let nested = txn_cost(t, depth + 1);
+                    TxnCost { ops: nested.ops.max(1), compares: nested.compares }
+                }
+                _ => TxnCost { ops: 1, compares: 0 },
             })
-            .fold(0, usize::saturating_add)
+            .fold(TxnCost::default(), |a, b| TxnCost {
+                ops: a.ops.saturating_add(b.ops),
+                compares: a.compares.saturating_add(b.compares),
+            })
     };
-    r.compare.len().max(branch(&r.success)).max(branch(&r.failure))
+    let (success, failure) = (branch(&r.success), branch(&r.failure));
+    TxnCost {
+        ops: success.ops.max(failure.ops),
+        compares: r.compare.len().saturating_add(success.compares.max(failure.compares)),
+    }
+}
+
+/// What a transaction may make etcd run ([`txn_cost`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct TxnCost {
+    ops: usize,
+    compares: usize,
 }
 
 /// Whether a put with `ignore_value` or `ignore_lease` in `ops` (or in a transaction nested there) is on a key that
@@ -333,11 +351,13 @@ fn err_bad_urls() -> Status {
     Status::invalid_argument("etcdserver: given member URLs are invalid")
 }
 
-/// At least one URL, each `scheme://host:port` with a scheme etcd dials (`http`, `https`, `unix`, `unixs`), a
-/// host, a decimal port, and nothing else (no user, path, query or fragment). A little stricter than etcd's
-/// `types.NewURLs`, never looser.
+/// At least one URL, each `scheme://host:port` with a scheme etcd dials (`http`, `https`, `unix`, `unixs`, in any
+/// case), a host of letters, digits, `-`, `.` and `_` or an IPv6 literal in brackets (with a `%25` zone), a decimal
+/// port, and nothing else (no user, path, query, fragment or percent escape); surrounding whitespace is trimmed, as
+/// etcd trims it. A little stricter than etcd's `types.NewURLs` (Go's `url.Parse`), never looser: what passes
+/// here, etcd's members can dial.
 fn check_peer_urls(urls: &[String]) -> Result<(), Status> {
-    if urls.is_empty() || !urls.iter().all(|u| peer_url_ok(u)) {
+    if urls.is_empty() || !urls.iter().all(|u| peer_url_ok(u.trim())) {
         return Err(err_bad_urls());
     }
     Ok(())
@@ -347,22 +367,20 @@ fn peer_url_ok(url: &str) -> bool {
     let Some((scheme, authority)) = url.split_once("://") else {
         return false;
     };
-    if !matches!(scheme, "http" | "https" | "unix" | "unixs") {
-        return false;
-    }
-    if authority
-        .bytes()
-        .any(|b| matches!(b, b'/' | b'?' | b'#' | b'@' | b'\\') || b.is_ascii_whitespace() || b.is_ascii_control())
-    {
+    if !["http", "https", "unix", "unixs"].iter().any(|s| scheme.eq_ignore_ascii_case(s)) {
         return false;
     }
     let Some((host, port)) = authority.rsplit_once(':') else {
         return false;
     };
-    let host_ok = match host.strip_prefix('[') {
-        // An IPv6 literal.
-        Some(v6) => v6.strip_suffix(']').is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
-        None => !host.is_empty() && !host.contains([':', '[', ']']),
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => {
+            let (address, zone) = v6.split_once("%25").unwrap_or((v6, "a"));
+            address.parse::<std::net::Ipv6Addr>().is_ok()
+                && !zone.is_empty()
+                && zone.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        }
+        None => !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
     };
     host_ok && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
 }
@@ -621,6 +639,27 @@ mod tests {
         let level1 = nested((0..12).map(|_| level2.clone()).collect());
         let tree = pb::TxnRequest { success: (0..12).map(|_| level1.clone()).collect(), ..Default::default() };
         assert_eq!(refusal(&tree), too_many);
+        // Compares run besides the branch: 16 levels of 100 compares each, with one op, are 1,600 compares.
+        let mut chain = pb::TxnRequest::default();
+        for _ in 0..15 {
+            let compare = (0..100)
+                .map(|_| pb::Compare {
+                    key: b"k".to_vec(),
+                    target: compare::CompareTarget::Version as i32,
+                    ..Default::default()
+                })
+                .collect();
+            chain = pb::TxnRequest {
+                compare,
+                success: vec![op(request_op::Request::RequestTxn(chain))],
+                failure: Vec::new(),
+            };
+        }
+        assert_eq!(refusal(&chain), too_many);
+        // 128 compares and 128 operations in one level: allowed, as etcd allows them.
+        let mut full = flat.clone();
+        full.compare = (0..MAX_TXN_OPS).map(|_| pb::Compare { key: b"k".to_vec(), ..Default::default() }).collect();
+        assert_eq!(refusal(&full), None);
         // 8 × 16 = 128 run: allowed.
         let level1 = nested((0..16).map(|_| range_op(b"k")).collect());
         let tree = pb::TxnRequest { success: (0..8).map(|_| level1.clone()).collect(), ..Default::default() };
@@ -671,7 +710,11 @@ mod tests {
                 .err()
                 .map(|s| (s.code(), s.message().to_string()))
         };
-        for good in [&["http://10.0.0.1:2380"][..], &["https://etcd-1.example:2380", "http://[fd00::1]:2380"]] {
+        for good in [
+            &["http://10.0.0.1:2380"][..],
+            &["https://etcd-1.example:2380", "http://[fd00::1]:2380"],
+            &["HTTP://etcd_1:2380", " http://10.0.0.2:2380 ", "http://[fe80::1%25eth0]:2380"],
+        ] {
             assert_eq!(update(good), None, "{good:?}");
         }
         let bad = Some((tonic::Code::InvalidArgument, "etcdserver: given member URLs are invalid".to_string()));
@@ -690,7 +733,11 @@ mod tests {
             &["http://:2380"],
             &["http://fd00::1:2380"],
             &["http://[fd00::1:2380"],
-            &["http://10.0.0.1:2380", " http://10.0.0.2:2380"],
+            &["http://10.0.0.1:2380", "http://10.0.0.2:2380x"],
+            &["http://a%41:2380"],
+            &["http://a{b:2380"],
+            &["http://[fe80::1%eth0]:2380"],
+            &["http://[fe80::1%25]:2380"],
         ] {
             assert_eq!(update(urls), bad, "{urls:?}");
         }
