@@ -178,12 +178,13 @@ impl EtcdCluster {
             data.push(tempfile::tempdir()?);
         }
         let mut cluster = EtcdCluster { members: Vec::new(), client_urls, peer_urls, data };
-        let mut children = Vec::new();
+        // Each member is held as an `Etcd` from its spawn on, so that a failed start stops every one (dropped).
+        let mut started = Vec::new();
         for i in 0..n {
-            children.push(cluster.spawn(pki, i, "new")?);
+            let child = cluster.spawn(pki, i, "new")?;
+            started.push(Etcd { child, client_url: cluster.client_urls[i].clone(), _data: tempfile::tempdir()? });
         }
-        for (i, child) in children.into_iter().enumerate() {
-            let mut etcd = Etcd { child, client_url: cluster.client_urls[i].clone(), _data: tempfile::tempdir()? };
+        for mut etcd in started {
             if let Err(e) = etcd.wait_ready(pki) {
                 // The member that failed may be any of them: each one's log is looked at.
                 let taken = cluster.data.iter().find_map(|d| port_taken(&d.path().join("etcd.log")));
@@ -341,7 +342,11 @@ impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for StartFailed 
 pub fn free_port() -> TestResult<u16> {
     static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
     const LOW: u16 = 10_000;
-    let high = ephemeral_low().max(LOW + 1_000);
+    // A kernel whose ephemeral range starts this low leaves no room below it: the ports above 10,000 then.
+    let high = match ephemeral_low() {
+        low if low > LOW + 1_000 => low,
+        _ => u16::MAX,
+    };
     let mut next = NEXT.lock().map_err(|_| "free_port: lock poisoned")?;
     let span = u32::from(high - LOW);
     let mut port = next.unwrap_or(LOW + (std::process::id().wrapping_mul(7_919) % span) as u16);
