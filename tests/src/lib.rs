@@ -144,6 +144,20 @@ impl Pki {
         ClientCert { cert: self.path("upstream-client.crt"), key: self.path("upstream-client.key"), serial: Vec::new() }
     }
 
+    /// An `etcd-client` connection to `url` (the proxy's or etcd's) as `who`, with a call timeout if given.
+    pub async fn etcd_client(
+        &self,
+        url: &str,
+        who: &ClientCert,
+        timeout: Option<Duration>,
+    ) -> TestResult<etcd_client::Client> {
+        let mut opts = etcd_client::ConnectOptions::new().with_tls(self.client_tls(who)?);
+        if let Some(timeout) = timeout {
+            opts = opts.with_timeout(timeout);
+        }
+        Ok(etcd_client::Client::connect([url], Some(opts)).await?)
+    }
+
     /// Issue a client certificate.
     pub fn client(&self, name: &str, cn: &str, org: Option<&str>, uris: &[&str]) -> TestResult<ClientCert> {
         self.write_leaf(name, LeafKind::Client, cn, org, &[], uris)

@@ -90,13 +90,11 @@ async fn a_member_update_with_peer_urls_etcd_cannot_use_is_refused() -> TestResu
     let mut cluster = EtcdCluster::start(&pki, 2)?;
     let proxy = proxy_in_front_of(&pki, &cluster).await?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let opts =
-        etcd_client::ConnectOptions::new().with_tls(pki.client_tls(&admin)?).with_timeout(Duration::from_secs(5));
-    let mut c = etcd_client::Client::connect([format!("https://{}", proxy.local_addr)], Some(opts)).await?;
+    let proxy_url = format!("https://{}", proxy.local_addr);
+    let mut c = pki.etcd_client(&proxy_url, &admin, Some(Duration::from_secs(5))).await?;
     // The proxy answers MemberList with itself: etcd is asked directly.
-    let opts = etcd_client::ConnectOptions::new().with_tls(pki.client_tls(&pki.upstream_client())?);
-    let members =
-        etcd_client::Client::connect([cluster.client_urls[0].as_str()], Some(opts)).await?.member_list().await?;
+    let mut direct = pki.etcd_client(&cluster.client_urls[0], &pki.upstream_client(), None).await?;
+    let members = direct.member_list().await?;
     let m1 = members.members().iter().find(|m| m.name() == "m1").ok_or("no member m1")?;
     let (id, peer_urls) = (m1.id(), m1.peer_urls().to_vec());
     for urls in [vec!["x".to_string()], Vec::new(), vec!["http://127.0.0.1:2380/path".to_string()]] {

@@ -38,9 +38,8 @@ async fn requests_fail_over_to_the_other_members_and_come_back() -> TestResult {
     let proxy = proxy_in_front_of(&pki, &cluster).await?;
     let metrics_addr = proxy.metrics_addr.ok_or("no metrics listener")?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let tls = pki.client_tls(&admin)?;
-    let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_timeout(Duration::from_secs(3));
-    let mut c = etcd_client::Client::connect([format!("https://{}", proxy.local_addr)], Some(opts)).await?;
+    let proxy_url = format!("https://{}", proxy.local_addr);
+    let mut c = pki.etcd_client(&proxy_url, &admin, Some(Duration::from_secs(3))).await?;
     until_steady(&mut c, "before").await?;
 
     // Kill a member: requests go to the other two within seconds.
@@ -84,9 +83,8 @@ async fn a_rolling_restart_of_etcd_fails_no_call_for_want_of_a_retry() -> TestRe
     let mut cluster = EtcdCluster::start(&pki, 3)?;
     let proxy = proxy_in_front_of(&pki, &cluster).await?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let tls = pki.client_tls(&admin)?;
-    let opts = etcd_client::ConnectOptions::new().with_tls(tls).with_timeout(Duration::from_secs(5));
-    let c = etcd_client::Client::connect([format!("https://{}", proxy.local_addr)], Some(opts)).await?;
+    let proxy_url = format!("https://{}", proxy.local_addr);
+    let c = pki.etcd_client(&proxy_url, &admin, Some(Duration::from_secs(5))).await?;
 
     // Puts from 8 tasks, each waiting for its answer, while every member is restarted in turn.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

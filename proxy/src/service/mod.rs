@@ -466,15 +466,15 @@ impl Guard {
     /// A slot for a new watch under the identity's limits (and one call against its rate). Watches are counted
     /// under no limit too, so a reload that sets `open_watches` finds the ones already open.
     pub fn watch_slot(&self) -> Result<crate::limits::WatchSlot, Status> {
+        self.rate_one()?;
         let view = self.conn.view(&self.shared);
-        let limits = &view.permissions.limits;
-        let (limiter, metrics, who) = (&self.shared.limiter, &self.shared.metrics, self.conn.who());
-        limiter.rate(&self.conn.usage, limits, who, metrics)?;
-        limiter.watch(&self.conn.usage, limits, who, metrics)
+        let (limiter, metrics) = (&self.shared.limiter, &self.shared.metrics);
+        limiter.watch(&self.conn.usage, &view.permissions.limits, self.conn.who(), metrics)
     }
 
-    /// One message of a stream that counts as a call against the identity's rate (a lease keep-alive, which for
-    /// an identity that may not write every key makes the proxy ask etcd for every key of the lease).
+    /// One call against the identity's rate, for what counts as one without being a call: a watch create, a lease
+    /// keep-alive (which, for an identity that may not write every key, makes the proxy ask etcd for the lease's
+    /// keys).
     pub fn rate_one(&self) -> Result<(), Status> {
         let view = self.conn.view(&self.shared);
         let (limiter, metrics) = (&self.shared.limiter, &self.shared.metrics);
