@@ -17,6 +17,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 
+use crate::http2::{Patience, UnreadLimit};
+
 /// The first allocation of a client stream's decode buffer. tonic's default is 8 KiB, held for as long as a
 /// stream is open: with 10,000 watch streams that added up. Most etcd requests are far smaller; a larger one grows
 /// the buffer to fit.
@@ -198,6 +200,8 @@ pub type FrameStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Sta
 #[derive(Default)]
 pub struct StreamBody {
     stream: Option<FrameStream>,
+    /// How long its frames wait for a client that reads none of them.
+    unread: Option<UnreadLimit>,
     /// The status that ended the stream while frames were being gathered: sent after them.
     end: Option<http::HeaderMap>,
     /// The last poll found a frame ready.
@@ -260,6 +264,18 @@ impl http_body::Body for StreamBody {
     }
 }
 
+impl Patience for StreamBody {
+    fn patience(&self) -> Option<std::time::Duration> {
+        self.unread.as_ref().map(UnreadLimit::after)
+    }
+
+    fn ran_out(&mut self) {
+        if let Some(unread) = &self.unread {
+            unread.mark_ran_out();
+        }
+    }
+}
+
 impl StreamBody {
     fn ended(&mut self, trailers: http::HeaderMap) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
         self.stream = None;
@@ -267,9 +283,11 @@ impl StreamBody {
     }
 }
 
-/// A streamed answer to the client: `application/grpc`, then the frames of `stream` and its status.
-pub fn streamed_response(stream: FrameStream) -> crate::http2::Reply<StreamBody> {
-    let mut response = http::Response::new(StreamBody { stream: Some(stream), end: None, busy: false });
+/// A streamed answer to the client: `application/grpc`, then the frames of `stream` and its status; reset if the
+/// client reads none of it for `unread`'s time.
+pub fn streamed_response(stream: FrameStream, unread: Option<UnreadLimit>) -> crate::http2::Reply<StreamBody> {
+    let body = StreamBody { stream: Some(stream), unread, end: None, busy: false };
+    let mut response = http::Response::new(body);
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     crate::http2::Reply::Streamed(response)
 }
@@ -570,7 +588,8 @@ mod tests {
             Ok(Bytes::from_static(b"two")),
             Err(Status::permission_denied("etcdserver: permission denied")),
         ];
-        let crate::http2::Reply::Streamed(response) = streamed_response(Box::pin(futures_util::stream::iter(items)))
+        let crate::http2::Reply::Streamed(response) =
+            streamed_response(Box::pin(futures_util::stream::iter(items)), None)
         else {
             return Err("not streamed".into());
         };
@@ -592,7 +611,7 @@ mod tests {
         assert_eq!((status.code(), status.message()), (Code::PermissionDenied, "etcdserver: permission denied"));
         assert!(http_body::Body::is_end_stream(&body));
 
-        let ended = streamed_response(Box::pin(futures_util::stream::empty()));
+        let ended = streamed_response(Box::pin(futures_util::stream::empty()), None);
         let crate::http2::Reply::Streamed(response) = ended else { return Err("not streamed".into()) };
         let trailers = response.into_body().collect().await?.trailers().cloned().ok_or("no trailers")?;
         assert_eq!(trailers.get("grpc-status").map(http::HeaderValue::as_bytes), Some(&b"0"[..]));
@@ -603,7 +622,7 @@ mod tests {
     /// The DATA frames and the `grpc-status` of a streamed answer.
     async fn read_streamed(stream: FrameStream) -> Result<(Vec<Bytes>, Option<String>), Box<dyn std::error::Error>> {
         use http_body_util::BodyExt;
-        let crate::http2::Reply::Streamed(response) = streamed_response(stream) else {
+        let crate::http2::Reply::Streamed(response) = streamed_response(stream, None) else {
             return Err("not streamed".into());
         };
         let mut body = response.into_body();

@@ -158,6 +158,9 @@ pub struct Limits {
     pub max_connections: u32,
     /// TLS handshakes in progress from one client address; more are closed at once.
     pub max_handshakes_per_address: u32,
+    /// How long etcd's answers on a stream (Watch, Snapshot, LeaseKeepAlive, Observe) wait for a client that reads
+    /// none of them before the stream is reset, and etcd's call canceled with it (`None`: as long as it takes).
+    pub unread_stream_timeout: Option<Duration>,
 }
 
 /// Why a configuration was refused.
@@ -328,6 +331,8 @@ struct RawLimits {
     max_connections: u32,
     #[serde(default = "default_max_handshakes_per_address")]
     max_handshakes_per_address: u32,
+    #[serde(default = "default_unread_stream_timeout_ms")]
+    unread_stream_timeout_ms: u64,
 }
 
 impl Default for RawLimits {
@@ -338,6 +343,7 @@ impl Default for RawLimits {
             max_concurrent_requests: None,
             max_connections: default_max_connections(),
             max_handshakes_per_address: default_max_handshakes_per_address(),
+            unread_stream_timeout_ms: default_unread_stream_timeout_ms(),
         }
     }
 }
@@ -365,6 +371,12 @@ fn default_max_handshakes_per_address() -> u32 {
     // One address cannot take every connection slot with handshakes it never finishes; a reconnecting client
     // (kube-apiserver, an agent) opens a few at once.
     64
+}
+fn default_unread_stream_timeout_ms() -> u64 {
+    // etcd keeps a Snapshot's read transaction open while its client does not read, and a Defragment then stops
+    // the whole member; a watch's unread history is held in etcd and in the proxy. clientv3 reads every stream as
+    // it comes, so a client that reads nothing for this long is stuck or hostile.
+    30_000
 }
 fn default_max_concurrent_streams() -> u32 {
     // etcd's default (`--max-concurrent-streams`) is unlimited; kube-apiserver multiplexes every watch on one
@@ -479,6 +491,12 @@ impl Config {
         if raw.limits.max_handshakes_per_address == 0 {
             return Err(invalid("limits.max_handshakes_per_address", "must be greater than 0".into()));
         }
+        if (1..1000).contains(&raw.limits.unread_stream_timeout_ms) {
+            return Err(invalid(
+                "limits.unread_stream_timeout_ms",
+                "must be 0 (streams wait for their clients as long as it takes) or at least 1000".into(),
+            ));
+        }
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
         }
@@ -527,6 +545,10 @@ impl Config {
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
                 max_connections: raw.limits.max_connections,
                 max_handshakes_per_address: raw.limits.max_handshakes_per_address,
+                unread_stream_timeout: match raw.limits.unread_stream_timeout_ms {
+                    0 => None,
+                    ms => Some(Duration::from_millis(ms)),
+                },
             },
             audit: Audit {
                 enabled: raw.audit.enabled,
@@ -659,6 +681,17 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let err = Config::parse(&per_address, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("limits.max_handshakes_per_address"), "{err}");
         assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.limits.max_handshakes_per_address, 64);
+        let unread = |ms: &str| {
+            Config::parse(&format!("{EXAMPLE}\nlimits: {{ unread_stream_timeout_ms: {ms} }}\n"), Path::new("c.yaml"))
+        };
+        let err = unread("999").map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("limits.unread_stream_timeout_ms"), "{err}");
+        assert_eq!(unread("0")?.limits.unread_stream_timeout, None);
+        assert_eq!(unread("1000")?.limits.unread_stream_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            Config::parse(EXAMPLE, Path::new("c.yaml"))?.limits.unread_stream_timeout,
+            Some(Duration::from_secs(30))
+        );
         Ok(())
     }
 

@@ -116,7 +116,8 @@ impl Proxy {
                 Arc::new(Metrics::new()),
                 Limiter::new(config.limits.max_concurrent_requests).recording_denials(config.audit.denial_records),
             )
-            .coalescing_watches(config.watch.coalesce),
+            .coalescing_watches(config.watch.coalesce)
+            .resetting_unread_streams_after(config.limits.unread_stream_timeout),
         );
         shared.metrics.listener(&server_tls);
         shared.metrics.certificates(&upstream_tls.expiries);

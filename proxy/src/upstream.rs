@@ -559,6 +559,10 @@ impl futures_util::Stream for StreamCall {
 /// `messages` ends.
 struct Messages<S>(S);
 
+/// etcd reads a stream's messages as they come; a member that stops reading is a failure the connection's
+/// health checks see.
+impl<S> crate::http2::Patience for Messages<S> {}
+
 impl<M, S> Body for Messages<S>
 where
     M: prost::Message,

@@ -19,7 +19,7 @@ use tokio::runtime::Handle;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{RecvBody, cork, send_body};
+use super::{Patience, RecvBody, cork, send_body};
 
 type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -162,7 +162,7 @@ impl Connection {
     /// Send a request with a streaming body (fed by its own task while the answer is read).
     pub async fn send_streaming<B>(&self, req: http::Request<B>) -> Result<http::Response<RecvBody>, Error>
     where
-        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B: Body<Data = Bytes> + Patience + Unpin + Send + 'static,
         B::Error: std::fmt::Display + Send,
     {
         let mut sender = self.ready().await?;

@@ -16,8 +16,9 @@ pub mod server;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
@@ -115,23 +116,71 @@ impl<B> From<http::Response<B>> for Reply<B> {
     }
 }
 
+/// How long a body being sent waits for a peer that takes none of it.
+pub trait Patience {
+    /// How long one piece of the body may wait for room in the peer's flow-control window before the stream is
+    /// reset with `ENHANCE_YOUR_CALM` (the peer sees `ResourceExhausted`). `None`: as long as it takes.
+    fn patience(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Told once, as the stream is reset for running out of patience (before the body is dropped).
+    fn ran_out(&mut self) {}
+}
+
+/// How long a streamed answer waits for a client that reads none of it (`limits.unread_stream_timeout_ms`), and
+/// whether it ran out: shared by the body that is sent and whoever records how the stream ended.
+#[derive(Clone, Debug)]
+pub struct UnreadLimit {
+    after: Duration,
+    ran_out: Arc<AtomicBool>,
+}
+
+// === impl UnreadLimit ===
+
+impl UnreadLimit {
+    pub fn new(after: Duration) -> UnreadLimit {
+        UnreadLimit { after, ran_out: Arc::new(AtomicBool::new(false)) }
+    }
+
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+
+    /// Whether the stream was reset because its client read none of it for [`UnreadLimit::after`].
+    pub fn ran_out(&self) -> bool {
+        self.ran_out.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_ran_out(&self) {
+        self.ran_out.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How many bytes of a frame are handed to h2 at once: a large frame (a watch answer with a long history) leaves
+/// piece by piece, each once the peer's window has room, so a peer's progress is seen during it.
+const PIECE_BYTES: usize = 64 * 1024;
+
 /// Why sending a body stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("the peer reset the stream ({0:?})")]
     Reset(h2::Reason),
+    #[error("the peer took none of the stream's data for {0:?}: stream reset")]
+    Unread(Duration),
     #[error(transparent)]
     H2(#[from] h2::Error),
     #[error("the body failed: {0}")]
     Body(String),
 }
 
-/// Send `body` on `stream` frame by frame, waiting for flow-control capacity before taking the next frame (so a
-/// slow reader holds back a large body instead of having it buffered here), until the body ends or the peer
-/// resets the stream. A body that fails resets the stream.
+/// Send `body` on `stream` frame by frame, waiting for flow-control capacity before handing h2 each piece of a
+/// frame (so a slow reader holds back a large body instead of having it buffered here), until the body ends or the
+/// peer resets the stream. A body that fails resets the stream; so does a peer that takes none of a piece for the
+/// body's [`Patience`].
 pub async fn send_body<B>(mut body: B, stream: &mut SendStream<Bytes>) -> Result<(), SendError>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Patience + Unpin,
     B::Error: std::fmt::Display,
 {
     loop {
@@ -155,13 +204,17 @@ where
             Some(Ok(frame)) => frame,
         };
         let frame = match frame.into_data() {
-            Ok(mut data) => {
+            Ok(mut buf) => {
                 let eos = body.is_end_stream();
-                let data = data.copy_to_bytes(data.remaining());
-                if !data.is_empty() {
-                    wait_for_capacity(stream).await?;
+                let mut data = buf.copy_to_bytes(buf.remaining());
+                if data.is_empty() {
+                    stream.send_data(Bytes::new(), eos)?;
                 }
-                stream.send_data(data, eos)?;
+                while !data.is_empty() {
+                    let piece = data.split_to(data.len().min(PIECE_BYTES));
+                    wait_for_capacity(stream, &mut body).await?;
+                    stream.send_data(piece, eos && data.is_empty())?;
+                }
                 if eos {
                     return Ok(());
                 }
@@ -177,15 +230,30 @@ where
     }
 }
 
-/// Wait until the stream may send at least one byte (h2 buffers the rest of a frame until the window opens).
-async fn wait_for_capacity(stream: &mut SendStream<Bytes>) -> Result<(), SendError> {
+/// Wait until the stream may send at least one byte (h2 buffers the rest of a piece until the window opens), for
+/// at most the body's [`Patience`]: then the stream is reset.
+async fn wait_for_capacity<B: Patience>(stream: &mut SendStream<Bytes>, body: &mut B) -> Result<(), SendError> {
     stream.reserve_capacity(1);
-    while stream.capacity() == 0 {
-        match poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(SendError::Reset(h2::Reason::CANCEL)),
+    if stream.capacity() > 0 {
+        return Ok(());
+    }
+    let wait = async {
+        while stream.capacity() == 0 {
+            match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(SendError::Reset(h2::Reason::CANCEL)),
+            }
+        }
+        Ok(())
+    };
+    let Some(limit) = body.patience() else { return wait.await };
+    match tokio::time::timeout(limit, wait).await {
+        Ok(waited) => waited,
+        Err(_) => {
+            body.ran_out();
+            stream.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
+            Err(SendError::Unread(limit))
         }
     }
-    Ok(())
 }

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
-use super::{Receiving, RecvBody, Reply, cork, send_body};
+use super::{Patience, Receiving, RecvBody, Reply, cork, send_body};
 
 /// How a client connection is run.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +75,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     H: Fn(http::Request<RecvBody>) -> Fut,
     Fut: Future<Output = Reply<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B: Body<Data = Bytes> + Patience + Unpin + Send + 'static,
     B::Error: std::fmt::Display + Send,
 {
     // The connection's writes are gathered while this task runs, and leave before it waits (`cork`).
@@ -169,7 +169,7 @@ where
 async fn call<Fut, B>(mut answer: Pin<Box<Fut>>, mut respond: SendResponse<Bytes>)
 where
     Fut: Future<Output = Reply<B>>,
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Patience + Unpin,
     B::Error: std::fmt::Display,
 {
     // The answer is polled first: the reset is only looked at (a lock of the connection's state) while it waits.
@@ -206,7 +206,7 @@ fn send_whole(mut respond: SendResponse<Bytes>, response: http::Response<Bytes>,
 /// A response whose body is sent frame by frame, as the client's window allows.
 async fn send_streamed<B>(mut respond: SendResponse<Bytes>, response: http::Response<B>)
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Patience + Unpin,
     B::Error: std::fmt::Display,
 {
     let (head, body) = response.into_parts();

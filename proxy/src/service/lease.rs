@@ -16,6 +16,7 @@ use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, p
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::codec::Framed;
+use crate::http2::UnreadLimit;
 use crate::upstream::{CallMeta, StreamCall};
 
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
@@ -40,8 +41,10 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
         }
         "LeaseKeepAlive" => {
             let g2 = g.clone();
-            g.bidi::<pb::LeaseKeepAliveRequest, _, _>(req, RPC, move |inbound, meta| keep_alive(g2, inbound, meta))
-                .await
+            g.bidi::<pb::LeaseKeepAliveRequest, _, _>(req, RPC, move |inbound, meta, unread| {
+                keep_alive(g2, inbound, meta, unread)
+            })
+            .await
         }
         _ => return None,
     })
@@ -56,6 +59,7 @@ async fn keep_alive(
     g: Guard,
     mut inbound: Streaming<pb::LeaseKeepAliveRequest>,
     meta: CallMeta,
+    unread: Option<UnreadLimit>,
 ) -> Result<Outbound, Status> {
     let (end_tx, end_rx) = oneshot::channel::<Status>();
     let (up_tx, up_rx) = mpsc::channel::<pb::LeaseKeepAliveRequest>(16);
@@ -75,7 +79,7 @@ async fn keep_alive(
     let to_client = ToClient { upstream, end: Some(end_rx) };
 
     let stream_id = g.shared.audit.stream_id();
-    let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
+    let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now()).noting(unread);
     tokio::spawn(async move {
         let (code, refusal) = loop {
             let next = tokio::select! {

@@ -36,7 +36,7 @@ use crate::audit::record::code_name;
 use crate::audit::{AuditLog, Decision, Describe, Event, Ops, Record, Subject};
 use crate::authz::{Need, Needs};
 use crate::codec::{self, FrameStream, Framed, MessageDecoder, StreamBody};
-use crate::http2::{RecvBody, Reply};
+use crate::http2::{RecvBody, Reply, UnreadLimit};
 use crate::identity::Identity;
 use crate::limits::{Limiter, Permit, Usage};
 use crate::metrics::{Metrics, RequestHandles, RequestLabels, RpcLabels};
@@ -132,6 +132,9 @@ pub struct Shared {
     pub upstream: Upstream,
     pub advertise_client_urls: Vec<String>,
     pub max_request_bytes: usize,
+    /// How long etcd's answers on a stream wait for a client that reads none of them before the proxy resets the
+    /// stream, and etcd's call with it (`limits.unread_stream_timeout_ms`; `None`: as long as it takes).
+    unread_stream_timeout: Option<std::time::Duration>,
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
@@ -267,6 +270,7 @@ impl Shared {
             upstream,
             advertise_client_urls,
             max_request_bytes,
+            unread_stream_timeout: None,
             audit,
             metrics,
             limiter,
@@ -278,6 +282,12 @@ impl Shared {
     /// The same, with shared upstream watches (`watch.coalesce`) if `coalesce`.
     pub fn coalescing_watches(mut self, coalesce: bool) -> Shared {
         self.watch_hub = coalesce.then(|| watch_hub::Hub::new(self.metrics.clone()));
+        self
+    }
+
+    /// The same, resetting streams whose client reads none of etcd's answers for `timeout` (`None`: never).
+    pub fn resetting_unread_streams_after(mut self, timeout: Option<std::time::Duration>) -> Shared {
+        self.unread_stream_timeout = timeout;
         self
     }
 
@@ -470,6 +480,11 @@ impl Guard {
         let view = self.conn.view(&self.shared);
         let (limiter, metrics) = (&self.shared.limiter, &self.shared.metrics);
         limiter.watch(&self.conn.usage, &view.permissions.limits, self.conn.who(), metrics)
+    }
+
+    /// A new stream answer's patience with a client that reads none of it (`limits.unread_stream_timeout_ms`).
+    fn unread_limit(&self) -> Option<UnreadLimit> {
+        self.shared.unread_stream_timeout.map(UnreadLimit::new)
     }
 
     /// One call against the identity's rate, for what counts as one without being a call: a watch create, a lease
@@ -853,6 +868,8 @@ impl Guard {
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
+        let unread = self.unread_limit();
+        let noted = unread.clone();
         // Boxed here and in `bidi`: streams are few and long-lived; inline, their futures would make the future of
         // every unary call on the connection as large.
         let opened = Box::pin(async move {
@@ -871,7 +888,7 @@ impl Guard {
                 reloads: WatchStream::from_changes(self.shared.subscribe_reloads()),
             });
             let (verdict, forwarding, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
-            let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at);
+            let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at).noting(noted);
             self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.for_streams(&self.conn.streams).server_streaming(path, msg, &meta).await {
                 Ok(frames) => Ok(Audited { frames: Some(frames), end: Some(end), recheck: recheck.map(Box::new) }),
@@ -882,18 +899,18 @@ impl Guard {
             }
         });
         match opened.await {
-            Ok(stream) => codec::streamed_response(Box::pin(stream)),
+            Ok(stream) => codec::streamed_response(Box::pin(stream), unread),
             Err(status) => status.into_http().into(),
         }
     }
 
     /// A bidirectional RPC (`rpc` as records name it); `run` gets the client's messages, decoded, and returns the
-    /// stream of frames to answer with. A stream whose messages could not be read (a compression etcd does not
+    /// stream of frames to answer with (`run`'s [`UnreadLimit`] is the answer's: for its [`StreamEnd`]). A stream whose messages could not be read (a compression etcd does not
     /// know) is recorded as refused and not opened.
     pub async fn bidi<M, F, Fut>(&self, req: HttpRequest, rpc: &'static str, run: F) -> Answer
     where
         M: prost::Message + Default + Send + 'static,
-        F: FnOnce(Streaming<M>, CallMeta) -> Fut + Send,
+        F: FnOnce(Streaming<M>, CallMeta, Option<UnreadLimit>) -> Fut + Send,
         Fut: Future<Output = Result<Outbound, Status>> + Send,
     {
         let (head, body) = req.into_parts();
@@ -904,8 +921,9 @@ impl Guard {
         let meta = CallMeta::from_headers(&head.headers);
         let max = self.shared.max_request_bytes;
         let inbound = Streaming::new_request(MessageDecoder::<M>::default(), body, None, Some(max));
-        match Box::pin(run(inbound, meta)).await {
-            Ok(outbound) => codec::streamed_response(outbound),
+        let unread = self.unread_limit();
+        match Box::pin(run(inbound, meta, unread.clone())).await {
+            Ok(outbound) => codec::streamed_response(outbound, unread),
             Err(status) => status.into_http().into(),
         }
     }
@@ -1069,6 +1087,8 @@ pub struct StreamEnd {
     reason: String,
     decision: Decision,
     at: Arrival,
+    /// The stream answer's patience with its client: if it ran out, that is how the stream ended.
+    unread: Option<UnreadLimit>,
 }
 
 impl StreamEnd {
@@ -1104,7 +1124,13 @@ impl StreamEnd {
     ) -> StreamEnd {
         g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
         let (audit, metrics) = (g.shared.audit.clone(), g.shared.metrics.clone());
-        StreamEnd { conn: g.conn.clone(), audit, metrics, rpc, done: false, record, reason, decision, at }
+        StreamEnd { conn: g.conn.clone(), audit, metrics, rpc, done: false, record, reason, decision, at, unread: None }
+    }
+
+    /// Recorded as ended by the proxy if the stream's answer ran out of patience with its client.
+    pub fn noting(mut self, unread: Option<UnreadLimit>) -> StreamEnd {
+        self.unread = unread;
+        self
     }
 
     pub fn finish(mut self, code: Code) {
@@ -1127,6 +1153,14 @@ impl StreamEnd {
             if let Some(why) = self.conn.closed_because.get() {
                 // Ended with its connection, which the proxy closed: the client saw the connection go.
                 (self.decision, self.reason, code) = (Decision::Deny, why.clone(), Code::Unavailable);
+            } else if let Some(unread) = self.unread.as_ref().filter(|u| u.ran_out()) {
+                // Reset by the proxy (the client sees `ResourceExhausted`), and etcd's call canceled with it.
+                let why = format!(
+                    "the client read none of the stream's answers for {} ms (limits.unread_stream_timeout_ms): \
+                     stream reset",
+                    unread.after().as_millis()
+                );
+                (self.decision, self.reason, code) = (Decision::Deny, why, Code::ResourceExhausted);
             }
             r.decision = self.decision;
             r.reason = std::mem::take(&mut self.reason);

@@ -31,6 +31,7 @@ use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, V
 use crate::audit::{Decision, Event};
 use crate::authz;
 use crate::codec::Framed;
+use crate::http2::UnreadLimit;
 use crate::limits::WatchSlot;
 use crate::metrics::Counted;
 use crate::policy::{Access, KeyRange, Mode};
@@ -46,7 +47,8 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
     Some(match method {
         "Watch" => {
             let g2 = g.clone();
-            g.bidi::<pb::WatchRequest, _, _>(req, RPC, move |inbound, meta| serve(g2, inbound, meta)).await
+            g.bidi::<pb::WatchRequest, _, _>(req, RPC, move |inbound, meta, unread| serve(g2, inbound, meta, unread))
+                .await
         }
         _ => return None,
     })
@@ -337,7 +339,12 @@ struct ToClient {
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
-async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMeta) -> Result<Outbound, Status> {
+async fn serve(
+    g: Guard,
+    mut inbound: Streaming<pb::WatchRequest>,
+    meta: CallMeta,
+    unread: Option<UnreadLimit>,
+) -> Result<Outbound, Status> {
     let (down_tx, down_rx) = mpsc::channel(64);
     let (up_tx, up_rx): (Up, _) = mpsc::channel(64);
     let checked = g.shared.generation();
@@ -379,7 +386,7 @@ async fn serve(g: Guard, mut inbound: Streaming<pb::WatchRequest>, meta: CallMet
     };
 
     let stream_id = g.shared.audit.stream_id();
-    let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now());
+    let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now()).noting(unread);
     tokio::spawn(async move {
         let streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref(), recheck: &recheck };
         let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &streams).await;
