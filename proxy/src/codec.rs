@@ -59,7 +59,7 @@ impl<M: prost::Message + Default> Decoder for MessageDecoder<M> {
 // ([`Deframer`]) and passed on as they came ([`StreamBody`]), each after the proxy has read what it needs of it.
 
 /// The gRPC message prefix: a compression flag and a 4-byte big-endian length.
-const PREFIX_BYTES: usize = 5;
+pub const PREFIX_BYTES: usize = 5;
 
 /// One uncompressed gRPC frame holding `msg`.
 pub fn frame<M: prost::Message>(msg: &M) -> Bytes {
@@ -160,10 +160,53 @@ impl Deframer {
         }
     }
 
+    /// The next whole frame, as [`Deframer::next_frame`]; or, for a frame of more than `long` bytes, its start
+    /// once [`START_BYTES`] of it (or all) have arrived: the rest is then taken with [`Deframer::take`] as it comes.
+    pub fn next_part(&mut self, max: usize, long: usize) -> Result<Option<Part>, String> {
+        let buf = if self.partial.is_empty() { &self.rest[..] } else { &self.partial[..] };
+        let have = buf.len();
+        if let Some((false, len)) = prefix(buf)
+            && len > long
+            && len <= max
+            && have < PREFIX_BYTES + len
+        {
+            if have < PREFIX_BYTES + START_BYTES {
+                return Ok(None);
+            }
+            let start = self.take(have).unwrap_or_default();
+            let rest = PREFIX_BYTES + len - start.len();
+            return Ok(Some(Part::Start { start, rest }));
+        }
+        Ok(self.next_frame(max)?.map(Part::Whole))
+    }
+
+    /// Up to `n` bytes of what has arrived, if anything has (the rest of a long frame, see [`Deframer::next_part`]).
+    pub fn take(&mut self, n: usize) -> Option<Bytes> {
+        let taken = if self.partial.is_empty() {
+            self.rest.split_to(n.min(self.rest.len()))
+        } else {
+            self.partial.split_to(n.min(self.partial.len())).freeze()
+        };
+        (!taken.is_empty()).then_some(taken)
+    }
+
     /// Whether no part of a frame is waiting for the rest of it.
     pub fn is_empty(&self) -> bool {
         self.rest.is_empty() && self.partial.is_empty()
     }
+}
+
+/// How much of a long frame must have arrived before its start is handed out ([`Deframer::next_part`]): enough
+/// for the fields before a watch answer's events.
+pub const START_BYTES: usize = 4096;
+
+/// A frame as [`Deframer::next_part`] hands it out: whole, or the start of a long one, its prefix included, with
+/// the number of its bytes still to come; those come as `More` (from whoever reads them with [`Deframer::take`]).
+#[derive(Debug, PartialEq)]
+pub enum Part {
+    Whole(Framed),
+    Start { start: Bytes, rest: usize },
+    More(Bytes),
 }
 
 /// The compression flag and declared message length of the frame at the start of `buf`, if its prefix is there.
@@ -520,6 +563,47 @@ mod tests {
                 assert!(d.is_empty(), "cut at {a} and {b}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_long_frame_comes_out_as_its_start_and_the_rest_however_the_chunks_cut_it() -> Result<(), String> {
+        let long = Framed::encode(&Bytes::from(vec![9u8; 3 * START_BYTES])).into_bytes();
+        let short = frames(3);
+        let stream: Vec<u8> = [&short[..1], std::slice::from_ref(&long), &short[1..]].concat().concat();
+        let mut started = 0;
+        for cut in (0..stream.len()).step_by(97) {
+            let mut d = Deframer::default();
+            let (mut got, mut starts, mut rest) = (Vec::<u8>::new(), 0, 0);
+            for part in [&stream[..cut], &stream[cut..]] {
+                d.push(Bytes::copy_from_slice(part));
+                loop {
+                    if rest > 0 {
+                        let Some(more) = d.take(rest) else { break };
+                        rest -= more.len();
+                        got.extend_from_slice(&more);
+                        continue;
+                    }
+                    match d.next_part(1 << 20, START_BYTES)? {
+                        // The long one too, when all of it arrived in one chunk.
+                        Some(Part::Whole(frame)) => got.extend_from_slice(&frame.into_bytes()),
+                        Some(Part::Start { start, rest: more }) => {
+                            assert!(start.len() >= START_BYTES, "cut at {cut}");
+                            starts += 1;
+                            rest = more;
+                            got.extend_from_slice(&start);
+                        }
+                        Some(Part::More(_)) | None => break,
+                    }
+                }
+            }
+            assert_eq!(got, stream, "cut at {cut}");
+            assert!(starts <= 1 && rest == 0, "cut at {cut}");
+            assert!(d.is_empty(), "cut at {cut}");
+            started += starts;
+        }
+        // Cut inside the long frame, after at least `START_BYTES` of it: it starts before its end has arrived.
+        assert!(started >= 2 * START_BYTES / 97 - 2, "{started}");
         Ok(())
     }
 

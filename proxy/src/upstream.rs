@@ -17,7 +17,7 @@ use http_body::Body;
 use tokio::runtime::Handle;
 use tonic::{Code, Status};
 
-use crate::codec::{self, Deframer, Framed};
+use crate::codec::{self, Deframer, Framed, Part};
 use crate::http2::RecvBody;
 use crate::http2::client::{self, Connection};
 
@@ -392,7 +392,7 @@ impl Member {
     fn frames(self: &Arc<Self>, response: http::Response<RecvBody>) -> Result<Frames, Status> {
         let (head, body) = response.into_parts();
         self.accepted(&head)?;
-        Ok(Frames { body, deframer: Deframer::default(), member: self.clone(), done: false })
+        Ok(Frames { body, deframer: Deframer::default(), member: self.clone(), done: false, long: None, passing: 0 })
     }
 
     /// The connection could not be made, broke under the call, or etcd turned the call away: the client is told
@@ -442,6 +442,10 @@ pub struct Frames {
     member: Arc<Member>,
     /// The stream has ended (with its status, or a failure, already returned).
     done: bool,
+    /// Frames longer than this are handed out in parts as they arrive ([`Frames::poll_part`]), not gathered.
+    long: Option<usize>,
+    /// Bytes of the long frame being handed out that are still to come.
+    passing: usize,
 }
 
 // === impl Frames ===
@@ -453,47 +457,85 @@ impl Frames {
     }
 
     /// How the stream ended, once its body has: etcd's status (`None` for `OK`), or a failure.
-    fn end(&self, trailers: Option<&HeaderMap>) -> Option<Result<Framed, Status>> {
-        if !self.deframer.is_empty() {
+    fn end<T>(&self, trailers: Option<&HeaderMap>) -> Option<Result<T, Status>> {
+        if !self.deframer.is_empty() || self.passing > 0 {
             return Some(Err(self.member.broken("etcd's stream ended inside a message".into())));
         }
         self.member.ended(trailers, "stream").err().map(Err)
+    }
+
+    /// From now on, frames longer than `bytes` come from [`Frames::poll_part`] in parts, as they arrive: the
+    /// proxy does not hold one whole (a watch answer replaying a long history can be hundreds of MB).
+    pub fn in_parts_over(mut self, bytes: usize) -> Frames {
+        self.long = Some(bytes);
+        self
+    }
+
+    /// The next frame, or part of a long one ([`Frames::in_parts_over`]); `None` once etcd ended the stream with
+    /// `OK`.
+    pub fn poll_part(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Part, Status>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if self.passing > 0 {
+                if let Some(more) = self.deframer.take(self.passing) {
+                    self.passing -= more.len();
+                    return Poll::Ready(Some(Ok(Part::More(more))));
+                }
+            } else {
+                let next = match self.long {
+                    Some(long) => self.deframer.next_part(MAX_RESPONSE_BYTES, long),
+                    None => self.deframer.next_frame(MAX_RESPONSE_BYTES).map(|f| f.map(Part::Whole)),
+                };
+                match next {
+                    Ok(Some(part)) => {
+                        if let Part::Start { rest, .. } = &part {
+                            self.passing = *rest;
+                        }
+                        return Poll::Ready(Some(Ok(part)));
+                    }
+                    Ok(None) => {}
+                    Err(message) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(self.member.broken(message))));
+                    }
+                }
+            }
+            // `RecvBody` gives the flow-control capacity back as it hands out each chunk.
+            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            let ended = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => {
+                        self.deframer.push(chunk);
+                        continue;
+                    }
+                    Err(frame) => self.end(frame.trailers_ref()),
+                },
+                Some(Err(e)) => Some(Err(self.member.unreachable(&client::Error::H2(e)))),
+                None => self.end(None),
+            };
+            self.done = true;
+            return Poll::Ready(ended);
+        }
     }
 }
 
 impl futures_util::Stream for Frames {
     type Item = Result<Framed, Status>;
 
+    /// Whole frames only: a stream read this way is never [`Frames::in_parts_over`].
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        loop {
-            if this.done {
-                return Poll::Ready(None);
+        Poll::Ready(match ready!(this.poll_part(cx)) {
+            Some(Ok(Part::Whole(frame))) => Some(Ok(frame)),
+            Some(Ok(Part::Start { .. } | Part::More(_))) => {
+                this.done = true;
+                Some(Err(Status::internal("etcd-guard: a frame in parts where whole frames were expected")))
             }
-            match this.deframer.next_frame(MAX_RESPONSE_BYTES) {
-                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
-                Ok(None) => {}
-                Err(message) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(this.member.broken(message))));
-                }
-            }
-            // `RecvBody` gives the flow-control capacity back as it hands out each chunk.
-            let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-            let ended = match frame {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(chunk) => {
-                        this.deframer.push(chunk);
-                        continue;
-                    }
-                    Err(frame) => this.end(frame.trailers_ref()),
-                },
-                Some(Err(e)) => Some(Err(this.member.unreachable(&client::Error::H2(e)))),
-                None => this.end(None),
-            };
-            this.done = true;
-            return Poll::Ready(ended);
-        }
+            Some(Err(status)) => Some(Err(status)),
+            None => None,
+        })
     }
 }
 
@@ -532,26 +574,42 @@ impl StreamCall {
     }
 }
 
-impl futures_util::Stream for StreamCall {
-    type Item = Result<Framed, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if let Some(call) = this.call.as_mut() {
+impl StreamCall {
+    /// The next frame, or part of a long one ([`Frames::poll_part`]); after a failure or the end, `None`.
+    pub fn poll_part(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Part, Status>>> {
+        if let Some(call) = self.call.as_mut() {
             let answered = ready!(call.as_mut().poll(cx));
-            this.call = None;
+            self.call = None;
             match answered {
-                Some(Ok(frames)) => this.frames = Some(frames),
+                Some(Ok(frames)) => self.frames = Some(frames),
                 Some(Err(status)) => return Poll::Ready(Some(Err(status))),
                 None => return Poll::Ready(None),
             }
         }
-        let Some(frames) = this.frames.as_mut() else { return Poll::Ready(None) };
-        let next = ready!(Pin::new(frames).poll_next(cx));
+        let Some(frames) = self.frames.as_mut() else { return Poll::Ready(None) };
+        let next = ready!(frames.poll_part(cx));
         if !matches!(next, Some(Ok(_))) {
-            this.frames = None;
+            self.frames = None;
         }
         Poll::Ready(next)
+    }
+}
+
+impl futures_util::Stream for StreamCall {
+    type Item = Result<Framed, Status>;
+
+    /// Whole frames only: the call's frames are never [`Frames::in_parts_over`] when read this way.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        Poll::Ready(match ready!(this.poll_part(cx)) {
+            Some(Ok(Part::Whole(frame))) => Some(Ok(frame)),
+            Some(Ok(Part::Start { .. } | Part::More(_))) => {
+                this.close();
+                Some(Err(Status::internal("etcd-guard: a frame in parts where whole frames were expected")))
+            }
+            Some(Err(status)) => Some(Err(status)),
+            None => None,
+        })
     }
 }
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use etcd_client::{WatchOptions, WatchResponse, WatchStream};
-use etcd_guard_tests::{ClientCert, Harness, TestResult};
+use etcd_guard_tests::{ClientCert, Harness, TestResult, http_get};
 
 const TIMEOUT_MS: u64 = 2_000;
 
@@ -119,7 +119,19 @@ async fn an_unread_watch_of_a_long_history_is_reset_and_a_reading_one_is_not() -
 
     // Created, then never read: reset once the time is up.
     let (idle, mut unread) = watch_from_start(&h, &admin).await?;
-    tokio::time::sleep(Duration::from_millis(TIMEOUT_MS * 2)).await;
+    // However long etcd takes to start answering it on a busy machine: the unread stream ends, the reading one
+    // stays (read the client's side only after that, or the read itself would make room).
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let open_watch_streams = || -> TestResult<Option<f64>> {
+        let (_, metrics) = http_get(addr, "/metrics")?;
+        let line = metrics.lines().find(|l| l.starts_with(r#"etcd_guard_open_streams{rpc="Watch/Watch"}"#));
+        Ok(line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while open_watch_streams()? != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "the unread watch stream is still open after 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match unread.message().await {

@@ -1156,8 +1156,8 @@ impl StreamEnd {
             } else if let Some(unread) = self.unread.as_ref().filter(|u| u.ran_out()) {
                 // Reset by the proxy (the client sees `ResourceExhausted`), and etcd's call canceled with it.
                 let why = format!(
-                    "the client read none of the stream's answers for {} ms (limits.unread_stream_timeout_ms): \
-                     stream reset",
+                    "no room in the client's flow-control windows for the stream's answers for {} ms \
+                     (limits.unread_stream_timeout_ms): stream reset",
                     unread.after().as_millis()
                 );
                 (self.decision, self.reason, code) = (Decision::Deny, why, Code::ResourceExhausted);

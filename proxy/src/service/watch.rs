@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use etcd_guard_proto::etcdserverpb as pb;
 use futures_util::StreamExt;
 use prost::Message;
@@ -30,7 +30,7 @@ use super::watch_hub::{self, Detached, HandOver, HubItem, Joined, Subscription};
 use super::{Answer, Arrival, Guard, HttpRequest, Outbound, StreamEnd, Verdict, View};
 use crate::audit::{Decision, Event};
 use crate::authz;
-use crate::codec::Framed;
+use crate::codec::{self, Framed, Part};
 use crate::http2::UnreadLimit;
 use crate::limits::WatchSlot;
 use crate::metrics::Counted;
@@ -68,6 +68,52 @@ struct WatchResponseHead {
     created: bool,
     #[prost(bool, tag = "4")]
     canceled: bool,
+}
+
+/// etcd's watch answers longer than this are passed on in parts as they arrive, not held whole: one answer replaying
+/// a long history (a watch from an old revision) can be hundreds of MB.
+const LONG_FRAME: usize = 1 << 20;
+
+/// The field number of a watch answer's events. etcd writes a message's fields in the order of their numbers, so
+/// every field the proxy reads comes before the first event.
+const EVENTS_FIELD: u64 = 11;
+
+/// The head of a watch answer from the start of its message (the fields before its events), if all of it is there
+/// and it parses.
+fn head_before_events(start: &[u8]) -> Option<WatchResponseHead> {
+    use prost::encoding::decode_varint;
+    let mut rest = start;
+    loop {
+        let field_start = rest;
+        let key = decode_varint(&mut rest).ok()?;
+        if key >> 3 == EVENTS_FIELD {
+            let head_len = start.len() - field_start.len();
+            return WatchResponseHead::decode(start.get(..head_len)?).ok();
+        }
+        let skip = match key & 7 {
+            0 => {
+                decode_varint(&mut rest).ok()?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(decode_varint(&mut rest).ok()?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        rest = rest.get(skip..)?;
+    }
+}
+
+/// A long answer of etcd's being handed on in parts ([`LONG_FRAME`]), with its bytes still to come: until its last
+/// part nothing else reaches the client.
+enum Long {
+    /// Passed on as it comes.
+    Passing(usize),
+    /// Of a watch a reload withdrew: dropped as it comes.
+    Dropping(usize),
+    /// Gathered, then handled as a whole frame: one that answers a create or cancel, must wait while watches hand
+    /// over, or whose head is not in its start.
+    Gathering(BytesMut, usize),
 }
 
 /// etcd's answer to a create whose client-chosen watch ID is already in use on the stream.
@@ -329,6 +375,8 @@ struct ToClient {
     own_closed: bool,
     /// etcd's messages passed on since the proxy's own channel was last looked at.
     since_own: u32,
+    /// A long answer of etcd's being handed on in parts.
+    long: Option<Long>,
     order: Arc<Mutex<Order>>,
     /// Checks watches etcd opens for creates decided before a reload.
     guard: Guard,
@@ -369,7 +417,8 @@ async fn serve(
         let mut up_rx = up_rx;
         let Some(first) = up_rx.recv().await else { return std::future::pending().await };
         let messages = futures_util::stream::iter([first]).chain(ReceiverStream::new(up_rx));
-        upstream.streaming(WATCH, Box::pin(messages), &up_meta).await
+        let frames = upstream.streaming(WATCH, Box::pin(messages), &up_meta).await?;
+        Ok(frames.in_parts_over(LONG_FRAME))
     });
     let to_client = ToClient {
         upstream,
@@ -378,6 +427,7 @@ async fn serve(
         own: down_rx,
         own_closed: false,
         since_own: 0,
+        long: None,
         order: order.clone(),
         guard: g.clone(),
         recheck: recheck.clone(),
@@ -887,6 +937,73 @@ impl ToClient {
         }
     }
 
+    /// The start of a long answer of etcd's: passed on (or dropped) part by part when it is an event answer that
+    /// may go now, else gathered whole first. What to pass on now, if anything.
+    fn on_long_start(&mut self, start: Bytes, rest: usize) -> Option<Bytes> {
+        let head = start.get(codec::PREFIX_BYTES..).and_then(head_before_events);
+        let o = lock(&self.order);
+        match head.filter(|head| !head.created && !head.canceled && !waits(&o, head)) {
+            Some(head) if o.revoked.contains(&head.watch_id) => {
+                self.long = Some(Long::Dropping(rest));
+                None
+            }
+            Some(_) => {
+                self.long = Some(Long::Passing(rest));
+                Some(start)
+            }
+            None => {
+                self.long = Some(Long::Gathering(BytesMut::from(&start[..]), rest));
+                None
+            }
+        }
+    }
+
+    /// The next part of a long answer of etcd's: what to pass on, if anything (`Ready(None)`: nothing now).
+    fn poll_long(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
+        let more = match std::task::ready!(self.upstream.poll_part(cx)) {
+            Some(Ok(Part::More(more))) => more,
+            Some(Ok(Part::Whole(_) | Part::Start { .. })) => {
+                self.long = None;
+                self.upstream.close();
+                return Poll::Ready(Some(Err(Status::internal("etcd-guard: etcd's answer was cut short"))));
+            }
+            Some(Err(status)) => {
+                self.long = None;
+                return Poll::Ready(Some(Err(status)));
+            }
+            None => {
+                self.long = None;
+                return Poll::Ready(None);
+            }
+        };
+        let n = more.len();
+        match self.long.take() {
+            Some(Long::Passing(left)) => {
+                self.long = (left > n).then(|| Long::Passing(left - n));
+                Poll::Ready(Some(Ok(more)))
+            }
+            Some(Long::Dropping(left)) => {
+                self.long = (left > n).then(|| Long::Dropping(left - n));
+                Poll::Ready(None)
+            }
+            Some(Long::Gathering(mut gathered, left)) => {
+                gathered.extend_from_slice(&more);
+                if left > n {
+                    self.long = Some(Long::Gathering(gathered, left - n));
+                    return Poll::Ready(None);
+                }
+                match Framed::parse(gathered.freeze()) {
+                    Ok(frame) => Poll::Ready(self.on_response(frame).map(Ok)),
+                    Err(message) => {
+                        self.upstream.close();
+                        Poll::Ready(Some(Err(Status::internal(format!("etcd-guard: {message}")))))
+                    }
+                }
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
     /// Note what one of etcd's responses means for the open watches; the frame to pass on, if any.
     fn on_response(&mut self, frame: Framed) -> Option<Bytes> {
         let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
@@ -965,13 +1082,16 @@ impl ToClient {
 /// etcd's frames for them and progress answers wait for the shared watches' last frames, and every frame after
 /// one that waits waits too.
 fn etcd_frame(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Bytes> {
-    let waits = !o.held.is_empty()
-        || (!o.handing.is_empty() && (head.watch_id == -1 || o.handing.contains_key(&head.watch_id)));
-    if waits {
+    if waits(o, head) {
         o.held.push_back(frame);
         return None;
     }
     pass_on(o, frame, head)
+}
+
+/// Whether one of etcd's responses that answers no create must wait for the shared watches' last frames.
+fn waits(o: &Order, head: &WatchResponseHead) -> bool {
+    !o.held.is_empty() || (!o.handing.is_empty() && (head.watch_id == -1 || o.handing.contains_key(&head.watch_id)))
 }
 
 /// One of etcd's responses that answers no create, as the client gets it, if at all; a cancel ends the watch.
@@ -1075,6 +1195,13 @@ impl futures_util::Stream for ToClient {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            // A long answer of etcd's goes on alone to its last part: nothing may come between its bytes.
+            if this.long.is_some() {
+                match std::task::ready!(this.poll_long(cx)) {
+                    Some(item) => return Poll::Ready(Some(item)),
+                    None => continue,
+                }
+            }
             // Shared watches are rechecked after a reload by the inbound loop alone: once it has ended (and with it
             // the proxy's side of the stream), their frames stop.
             if this.hub.is_some() && this.own.is_closed() {
@@ -1115,17 +1242,22 @@ impl futures_util::Stream for ToClient {
             {
                 return Poll::Ready(item);
             }
-            if let Poll::Ready(Some(item)) = Pin::new(&mut this.upstream).poll_next(cx) {
-                match item {
-                    Ok(frame) => {
-                        this.since_own += 1;
-                        match this.on_response(frame) {
-                            Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
-                            // Answered a create of the proxy's own: nothing for the client.
-                            None => continue,
-                        }
+            if let Poll::Ready(Some(item)) = this.upstream.poll_part(cx) {
+                this.since_own += 1;
+                let passed = match item {
+                    Ok(Part::Whole(frame)) => this.on_response(frame),
+                    Ok(Part::Start { start, rest }) => this.on_long_start(start, rest),
+                    Ok(Part::More(_)) => {
+                        this.upstream.close();
+                        return Poll::Ready(Some(Err(Status::internal("etcd-guard: etcd's answer lost its start"))));
                     }
                     Err(status) => return Poll::Ready(Some(Err(status))),
+                };
+                match passed {
+                    Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                    // Answered a create of the proxy's own, or the start of an answer gathered first: nothing for
+                    // the client yet.
+                    None => continue,
                 }
             }
             // Before waiting, the own channel is always looked at (which also asks to be woken by it).
@@ -1214,6 +1346,27 @@ mod tests {
 
     fn active() -> Active {
         Active { range: None, _slot: None, _counted: None }
+    }
+
+    #[test]
+    fn the_head_of_a_long_answer_is_read_from_its_start() {
+        let mut resp = event(7, 42);
+        resp.fragment = true;
+        resp.compact_revision = 3;
+        let kv = mvccpb::KeyValue { key: b"big".to_vec(), value: vec![b'v'; 100_000], ..Default::default() };
+        resp.events.push(mvccpb::Event { kv: Some(kv), ..Default::default() });
+        let message = resp.encode_to_vec();
+        let whole = WatchResponseHead::decode(&message[..]).unwrap();
+        for cut in [20, 64, 4096, message.len()] {
+            let head = head_before_events(&message[..cut]).unwrap();
+            assert_eq!(head, whole, "cut at {cut}");
+            assert_eq!((head.watch_id, head.header().map(|h| h.revision)), (7, Some(42)));
+        }
+        // Not all of the head there, or no events at all (a create's or cancel's answer): gathered whole instead.
+        assert_eq!(head_before_events(&message[..3]), None);
+        let created = pb::WatchResponse { header: at(5), watch_id: 1, created: true, ..Default::default() };
+        assert_eq!(head_before_events(&created.encode_to_vec()), None);
+        assert_eq!(head_before_events(&[0xff, 0xff]), None, "a broken varint");
     }
 
     /// A client watch on a shared watch (`sub`), watching `range`.
