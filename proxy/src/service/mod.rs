@@ -891,7 +891,9 @@ impl Guard {
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at).noting(noted);
             self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.for_streams(&self.conn.streams).server_streaming(path, msg, &meta).await {
-                Ok(frames) => Ok(Audited { frames: Some(frames), end: Some(end), recheck: recheck.map(Box::new) }),
+                Ok(frames) => {
+                    Ok(Audited { frames: Some(frames), end: Some(end), ended: None, recheck: recheck.map(Box::new) })
+                }
                 Err(status) => {
                     end.finish(status.code());
                     Err(status)
@@ -1186,6 +1188,8 @@ struct Audited {
     /// etcd's answers; `None` once the proxy ended the stream.
     frames: Option<Frames>,
     end: Option<StreamEnd>,
+    /// How etcd ended the stream, once it has.
+    ended: Option<Code>,
     recheck: Option<Box<Recheck>>,
 }
 
@@ -1227,19 +1231,21 @@ impl futures_util::Stream for Audited {
         let Some(frames) = self.frames.as_mut() else { return Poll::Ready(None) };
         let item = ready!(Pin::new(frames).poll_next(cx));
         match &item {
-            None => {
-                if let Some(end) = self.end.take() {
-                    end.finish(Code::Ok);
-                }
-            }
-            Some(Err(status)) => {
-                if let Some(end) = self.end.take() {
-                    end.finish(status.code());
-                }
-            }
+            None => self.ended = Some(Code::Ok),
+            Some(Err(status)) => self.ended = Some(status.code()),
             Some(Ok(_)) => {}
         }
         Poll::Ready(item.map(|frame| frame.map(Framed::into_bytes)))
+    }
+}
+
+/// The end is recorded once the answer's body lets the stream go: etcd's end can be taken in the same batch as
+/// its last frames, which may still be waiting for the client (and then be reset for that, not end `OK`).
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if let Some(end) = self.end.take() {
+            end.finish(self.ended.unwrap_or(Code::Cancelled));
+        }
     }
 }
 
