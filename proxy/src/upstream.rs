@@ -403,9 +403,9 @@ impl Member {
         }
         // Without etcd's address (clients never learn it: MemberList answers the proxy's), which the log has.
         let why = match e {
-            client::Error::Connect { message, .. } => format!("cannot connect to etcd: {message}"),
+            client::Error::Connect { message, .. } => format!("cannot connect to etcd: {}", without_links(message)),
             client::Error::ConnectTimeout { .. } => "connecting to etcd timed out".to_owned(),
-            client::Error::NotSent(e) | client::Error::H2(e) => e.to_string(),
+            client::Error::NotSent(e) | client::Error::H2(e) => without_links(&e.to_string()).to_owned(),
         };
         Status::unavailable(format!("etcd-guard: upstream unavailable: {why}"))
     }
@@ -414,6 +414,12 @@ impl Member {
     fn broken(&self, message: String) -> Status {
         Status::new(Code::Internal, format!("etcd-guard: {message}"))
     }
+}
+
+/// An error's text without the documentation link some carry (rustls' "peer closed connection without sending
+/// TLS close_notify: https://docs.rs/rustls/…"): clients get the words, the proxy's log has the rest.
+fn without_links(message: &str) -> &str {
+    message.find(": https://").map_or(message, |at| &message[..at])
 }
 
 /// An answer that is not gRPC's (e.g. etcd's HTTP server answering for its gRPC server, which has stopped): the
@@ -743,6 +749,14 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_get_an_errors_words_without_its_documentation_link() {
+        let rustls = "connection error: peer closed connection without sending TLS close_notify: \
+                      https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof";
+        assert_eq!(without_links(rustls), "connection error: peer closed connection without sending TLS close_notify");
+        assert_eq!(without_links("connection refused (os error 111)"), "connection refused (os error 111)");
+    }
 
     #[test]
     fn only_metadata_values_etcds_clients_send_are_forwarded() {

@@ -559,3 +559,44 @@ async fn an_observe_stream_whose_permission_a_reload_withdrew_ends() -> TestResu
     assert!(end.is_some_and(|l| l.contains("PermissionDenied")), "the end is recorded");
     Ok(())
 }
+
+/// A watch replaying a long history passes etcd's answer to its client in parts; a reload that withdraws the watch
+/// while the answer is on its way stops the rest of it (the stream ends, since part of a message cannot be taken
+/// back), and the client gets none of the withdrawn events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_stops_a_long_answer_of_a_withdrawn_watch_on_its_way() -> TestResult {
+    let s = start(BEFORE).await?;
+    let mut admin = client(&s, &s.pki.client("admin", "admin", None, &[])?).await?;
+    for i in 0..24 {
+        admin.put(format!("shared/{i:02}"), vec![b'v'; 1 << 20], None).await?;
+    }
+    let cilium = s.pki.client("cilium", "cilium-agent", None, &[])?;
+    let c = s.pki.etcd_client(&format!("https://{}", s.proxy.local_addr), &cilium, None).await?;
+    let options = WatchOptions::new().with_prefix().with_start_revision(1);
+    let mut w = c.watch_client().max_decoding_message_size(64 << 20).watch("shared/", Some(options)).await?;
+    // Not read: the 24 MiB answer starts on its way and stops at the client's window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    std::fs::write(s.pki.path("policy.yaml"), BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, ""))?;
+    s.proxy.reload.trigger();
+    reaches(&s, r#"etcd_guard_reloads_total{result="ok"}"#, 1.0).await?;
+
+    let mut events = 0;
+    let ended = tokio::time::timeout(WAIT_LONG, async {
+        loop {
+            match w.message().await {
+                Ok(Some(answer)) if answer.canceled() => return Ok(answer.cancel_reason().to_string()),
+                Ok(Some(answer)) => events += answer.events().len(),
+                Ok(None) => return Ok("ended".to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(events, 0, "events of the withdrawn watch reached the client");
+    match ended {
+        Ok(reason) => assert_eq!(reason, DENIED_REASON),
+        Err(e) => assert!(is_denied(&e), "{e:?}"),
+    }
+    Ok(())
+}

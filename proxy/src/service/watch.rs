@@ -78,8 +78,8 @@ const LONG_FRAME: usize = 1 << 20;
 /// every field the proxy reads comes before the first event.
 const EVENTS_FIELD: u64 = 11;
 
-/// The head of a watch answer from the start of its message (the fields before its events), if all of it is there
-/// and it parses.
+/// The head of a watch answer from the start of its message (the fields before its events), if all of it is there,
+/// it parses and it has etcd's header (which etcd always sends, first).
 fn head_before_events(start: &[u8]) -> Option<WatchResponseHead> {
     use prost::encoding::decode_varint;
     let mut rest = start;
@@ -88,7 +88,8 @@ fn head_before_events(start: &[u8]) -> Option<WatchResponseHead> {
         let key = decode_varint(&mut rest).ok()?;
         if key >> 3 == EVENTS_FIELD {
             let head_len = start.len() - field_start.len();
-            return WatchResponseHead::decode(start.get(..head_len)?).ok();
+            let head = WatchResponseHead::decode(start.get(..head_len)?).ok()?;
+            return (!head.header.is_empty()).then_some(head);
         }
         let skip = match key & 7 {
             0 => {
@@ -107,8 +108,8 @@ fn head_before_events(start: &[u8]) -> Option<WatchResponseHead> {
 /// A long answer of etcd's being handed on in parts ([`LONG_FRAME`]), with its bytes still to come: until its last
 /// part nothing else reaches the client.
 enum Long {
-    /// Passed on as it comes.
-    Passing(usize),
+    /// Passed on as it comes (an answer of this watch).
+    Passing { watch_id: i64, left: usize },
     /// Of a watch a reload withdrew: dropped as it comes.
     Dropping(usize),
     /// Gathered, then handled as a whole frame: one that answers a create or cancel, must wait while watches hand
@@ -942,17 +943,21 @@ impl ToClient {
     fn on_long_start(&mut self, start: Bytes, rest: usize) -> Option<Bytes> {
         let head = start.get(codec::PREFIX_BYTES..).and_then(head_before_events);
         let o = lock(&self.order);
-        match head.filter(|head| !head.created && !head.canceled && !waits(&o, head)) {
+        match head.filter(|head| !head.created && !head.canceled) {
+            // Dropped whether or not it would wait: released, it would be dropped then (its cancel comes after it).
             Some(head) if o.revoked.contains(&head.watch_id) => {
                 self.long = Some(Long::Dropping(rest));
                 None
             }
-            Some(_) => {
-                self.long = Some(Long::Passing(rest));
+            Some(head) if !waits(&o, &head) => {
+                self.long = Some(Long::Passing { watch_id: head.watch_id, left: rest });
                 Some(start)
             }
-            None => {
-                self.long = Some(Long::Gathering(BytesMut::from(&start[..]), rest));
+            _ => {
+                // Grown as etcd's bytes come (etcd declares the length, up to 2 GiB: not reserved up front).
+                let mut gathered = BytesMut::with_capacity(start.len() + rest.min(LONG_FRAME));
+                gathered.extend_from_slice(&start);
+                self.long = Some(Long::Gathering(gathered, rest));
                 None
             }
         }
@@ -972,14 +977,22 @@ impl ToClient {
                 return Poll::Ready(Some(Err(status)));
             }
             None => {
+                // Not reached: `Frames` ends a stream cut inside a message with an error first.
                 self.long = None;
-                return Poll::Ready(None);
+                return Poll::Ready(Some(Err(Status::internal("etcd-guard: etcd's answer was cut short"))));
             }
         };
         let n = more.len();
         match self.long.take() {
-            Some(Long::Passing(left)) => {
-                self.long = (left > n).then(|| Long::Passing(left - n));
+            Some(Long::Passing { watch_id, left }) => {
+                // A reload that withdrew the watch while its answer passes: the rest of it is not sent, and since
+                // part of a message cannot be taken back, the stream ends (the client watches again, checked).
+                self.revoke_if_reloaded();
+                if lock(&self.order).revoked.contains(&watch_id) {
+                    self.upstream.close();
+                    return Poll::Ready(Some(Err(super::permission_denied())));
+                }
+                self.long = (left > n).then_some(Long::Passing { watch_id, left: left - n });
                 Poll::Ready(Some(Ok(more)))
             }
             Some(Long::Dropping(left)) => {
@@ -1367,6 +1380,11 @@ mod tests {
         let created = pb::WatchResponse { header: at(5), watch_id: 1, created: true, ..Default::default() };
         assert_eq!(head_before_events(&created.encode_to_vec()), None);
         assert_eq!(head_before_events(&[0xff, 0xff]), None, "a broken varint");
+        // Events before the header (etcd writes the header first): not taken for a head of watch 0.
+        let events = pb::WatchResponse { events: resp.events.clone(), ..Default::default() }.encode_to_vec();
+        let head = pb::WatchResponse { events: Vec::new(), ..resp.clone() }.encode_to_vec();
+        assert_eq!(head_before_events(&[&head[..], &events[..]].concat()), Some(whole.clone()));
+        assert_eq!(head_before_events(&[&events[..], &head[..]].concat()), None);
     }
 
     /// A client watch on a shared watch (`sub`), watching `range`.
