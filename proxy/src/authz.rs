@@ -21,10 +21,11 @@ use crate::policy::{Access, Capability, KeyRange, RangeSet};
 /// nests. Deeper requests are denied.
 pub const MAX_TXN_DEPTH: usize = 16;
 
-/// How many operations one transaction may run (etcd's default `--max-txn-ops`), counted over the branches it
-/// may take at every level: etcd bounds each level's lists only, so a few kilobytes of nested transactions could
-/// make it run tens of thousands of ranges into one answer (gigabytes: etcd 3.4 and 3.5 run out of memory, and
-/// with a put inside, again at every restart, since the request is in the raft log).
+/// How many operations one transaction may run by default (`limits.max_txn_ops`; etcd's default
+/// `--max-txn-ops`), counted over the branches it may take at every level: etcd bounds each level's lists only, so
+/// a few kilobytes of nested transactions could make it run tens of thousands of ranges into one answer (gigabytes:
+/// etcd 3.4 and 3.5 run out of memory, and with a put inside, again at every restart, since the request is in the
+/// raft log).
 pub const MAX_TXN_OPS: usize = 128;
 
 /// One permission a request needs.
@@ -96,14 +97,14 @@ pub fn delete_range(r: &pb::DeleteRangeRequest) -> Result<Needs, Status> {
 
 /// Txn: read on every compare, and every op of *both* branches like its own RPC, recursively.
 ///
-/// Refused as etcd refuses them, before any permission is looked at: more than [`MAX_TXN_OPS`] operations, or
-/// compares, on the way through the transaction ([`txn_cost`]), and a put with `ignore_value` or `ignore_lease` on a key that a
+/// Refused as etcd refuses them, before any permission is looked at: more than `max_ops` operations (etcd's
+/// `--max-txn-ops`, [`MAX_TXN_OPS`] by default), or compares, on the way through the transaction ([`txn_cost`]), and a put with `ignore_value` or `ignore_lease` on a key that a
 /// delete of the same branch covers ([`deletes_ignore_put`]).
-pub fn txn(r: &pb::TxnRequest) -> Result<Needs, Status> {
+pub fn txn(r: &pb::TxnRequest, max_ops: usize) -> Result<Needs, Status> {
     let mut needs = Needs::default();
     add_txn(&mut needs, r, 1)?;
     let cost = txn_cost(r, 1);
-    if cost.ops > MAX_TXN_OPS || cost.compares > MAX_TXN_OPS {
+    if cost.ops > max_ops || cost.compares > max_ops {
         return Err(Status::invalid_argument("etcdserver: too many operations in txn request"));
     }
     if deletes_ignore_put(&r.success) || deletes_ignore_put(&r.failure) {
@@ -585,7 +586,10 @@ mod tests {
             }],
             failure: vec![pb::RequestOp { request: Some(request_op::Request::RequestTxn(inner)) }],
         };
-        assert_eq!(txn(&t)?.0, vec![read(b"c", b"d"), write(b"s", b""), write(b"n", b""), read(b"n", b"")]);
+        assert_eq!(
+            txn(&t, MAX_TXN_OPS)?.0,
+            vec![read(b"c", b"d"), write(b"s", b""), write(b"n", b""), read(b"n", b"")]
+        );
         Ok(())
     }
 
@@ -598,9 +602,9 @@ mod tests {
                 ..Default::default()
             };
         }
-        assert!(txn(&t)?.0.iter().any(|n| matches!(n, Need::Never(_))));
+        assert!(txn(&t, MAX_TXN_OPS)?.0.iter().any(|n| matches!(n, Need::Never(_))));
         let empty = pb::TxnRequest { success: vec![pb::RequestOp { request: None }], ..Default::default() };
-        let refused = txn(&empty).err().map(|s| (s.code(), s.message().to_string()));
+        let refused = txn(&empty, MAX_TXN_OPS).err().map(|s| (s.code(), s.message().to_string()));
         assert_eq!(refused, Some((tonic::Code::InvalidArgument, "etcdserver: key not found".to_string())));
         Ok(())
     }
@@ -618,7 +622,7 @@ mod tests {
     }
 
     fn refusal(r: &pb::TxnRequest) -> Option<String> {
-        txn(r).err().map(|s| format!("{:?}: {}", s.code(), s.message()))
+        txn(r, MAX_TXN_OPS).err().map(|s| format!("{:?}: {}", s.code(), s.message()))
     }
 
     #[test]
@@ -634,6 +638,9 @@ mod tests {
         let mut over = flat.clone();
         over.success.push(range_op(b"k"));
         assert_eq!(refusal(&over), too_many);
+        // A cluster whose etcd runs with a larger `--max-txn-ops` (`limits.max_txn_ops`), or a smaller one.
+        assert!(txn(&over, MAX_TXN_OPS + 1).is_ok());
+        assert!(txn(&flat, MAX_TXN_OPS - 1).is_err());
         // 12 × 12 × 12 ranges in three levels, each level within etcd's limit: 1,728 run.
         let level2 = nested((0..12).map(|_| range_op(b"k")).collect());
         let level1 = nested((0..12).map(|_| level2.clone()).collect());
@@ -781,10 +788,10 @@ mod tests {
         assert!(!never(range(&r(2, 4))?));
         assert!(never(range(&r(0, 5))?) && never(range(&r(3, 0))?));
         let cmp = |result| pb::Compare { key: b"k".to_vec(), result, ..Default::default() };
-        assert!(!never(txn(&pb::TxnRequest { compare: vec![cmp(3)], ..Default::default() })?));
-        assert!(never(txn(&pb::TxnRequest { compare: vec![cmp(4)], ..Default::default() })?));
+        assert!(!never(txn(&pb::TxnRequest { compare: vec![cmp(3)], ..Default::default() }, MAX_TXN_OPS)?));
+        assert!(never(txn(&pb::TxnRequest { compare: vec![cmp(4)], ..Default::default() }, MAX_TXN_OPS)?));
         let op = pb::RequestOp { request: Some(request_op::Request::RequestRange(r(0, 9))) };
-        assert!(never(txn(&pb::TxnRequest { failure: vec![op], ..Default::default() })?));
+        assert!(never(txn(&pb::TxnRequest { failure: vec![op], ..Default::default() }, MAX_TXN_OPS)?));
         let create = |filters| pb::WatchRequest {
             request_union: Some(watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
                 key: b"k".to_vec(),

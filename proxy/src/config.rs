@@ -161,6 +161,8 @@ pub struct Limits {
     /// How long etcd's answers on a stream (Watch, Snapshot, LeaseKeepAlive, Observe) wait for a client that reads
     /// none of them before the stream is reset, and etcd's call canceled with it (`None`: as long as it takes).
     pub unread_stream_timeout: Option<Duration>,
+    /// Operations one transaction may run, counted over its nested levels (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
 }
 
 /// Why a configuration was refused.
@@ -333,6 +335,8 @@ struct RawLimits {
     max_handshakes_per_address: u32,
     #[serde(default = "default_unread_stream_timeout_ms")]
     unread_stream_timeout_ms: u64,
+    #[serde(default = "default_max_txn_ops")]
+    max_txn_ops: usize,
 }
 
 impl Default for RawLimits {
@@ -344,6 +348,7 @@ impl Default for RawLimits {
             max_connections: default_max_connections(),
             max_handshakes_per_address: default_max_handshakes_per_address(),
             unread_stream_timeout_ms: default_unread_stream_timeout_ms(),
+            max_txn_ops: default_max_txn_ops(),
         }
     }
 }
@@ -371,6 +376,9 @@ fn default_max_handshakes_per_address() -> u32 {
     // One address cannot take every connection slot with handshakes it never finishes; a reconnecting client
     // (kube-apiserver, an agent) opens a few at once.
     64
+}
+fn default_max_txn_ops() -> usize {
+    crate::authz::MAX_TXN_OPS
 }
 fn default_unread_stream_timeout_ms() -> u64 {
     // etcd keeps a Snapshot's read transaction open while its client does not read, and a Defragment then stops
@@ -497,6 +505,9 @@ impl Config {
                 "must be 0 (streams wait for their clients as long as it takes) or at least 1000".into(),
             ));
         }
+        if raw.limits.max_txn_ops == 0 {
+            return Err(invalid("limits.max_txn_ops", "must be greater than 0 (etcd's --max-txn-ops)".into()));
+        }
         if raw.limits.max_request_bytes == 0 {
             return Err(invalid("limits.max_request_bytes", "must be greater than 0".into()));
         }
@@ -545,6 +556,7 @@ impl Config {
                 max_concurrent_requests: raw.limits.max_concurrent_requests,
                 max_connections: raw.limits.max_connections,
                 max_handshakes_per_address: raw.limits.max_handshakes_per_address,
+                max_txn_ops: raw.limits.max_txn_ops,
                 unread_stream_timeout: match raw.limits.unread_stream_timeout_ms {
                     0 => None,
                     ms => Some(Duration::from_millis(ms)),
@@ -687,6 +699,11 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let err = unread("999").map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("limits.unread_stream_timeout_ms"), "{err}");
         assert_eq!(unread("0")?.limits.unread_stream_timeout, None);
+        let txn_ops =
+            |n: &str| Config::parse(&format!("{EXAMPLE}\nlimits: {{ max_txn_ops: {n} }}\n"), Path::new("c.yaml"));
+        assert!(txn_ops("0").map(|_| ()).unwrap_err().to_string().contains("limits.max_txn_ops"));
+        assert_eq!(txn_ops("1024")?.limits.max_txn_ops, 1024);
+        assert_eq!(Config::parse(EXAMPLE, Path::new("c.yaml"))?.limits.max_txn_ops, 128);
         assert_eq!(unread("1000")?.limits.unread_stream_timeout, Some(Duration::from_secs(1)));
         assert_eq!(
             Config::parse(EXAMPLE, Path::new("c.yaml"))?.limits.unread_stream_timeout,

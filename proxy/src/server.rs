@@ -117,7 +117,8 @@ impl Proxy {
                 Limiter::new(config.limits.max_concurrent_requests).recording_denials(config.audit.denial_records),
             )
             .coalescing_watches(config.watch.coalesce)
-            .resetting_unread_streams_after(config.limits.unread_stream_timeout),
+            .resetting_unread_streams_after(config.limits.unread_stream_timeout)
+            .running_txns_of(config.limits.max_txn_ops),
         );
         shared.metrics.listener(&server_tls);
         shared.metrics.certificates(&upstream_tls.expiries);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use etcd_client::WatchOptions;
+use etcd_client::{Txn, TxnOp, WatchOptions};
 use etcd_guard_tests::{Harness, TestResult, http_get};
 
 const POLICY: &str = r#"
@@ -226,5 +226,24 @@ async fn connections_over_a_connection_limit_are_closed_at_once() -> TestResult 
             }
         }
     }
+    Ok(())
+}
+
+/// `limits.max_txn_ops` follows etcd's `--max-txn-ops`: a transaction that may run more operations is refused as
+/// etcd refuses it, one within the bound goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn transactions_are_bounded_by_the_configured_max_txn_ops() -> TestResult {
+    let h = Harness::with_config(POLICY, "audit: { file: audit/audit.log }\nlimits: { max_txn_ops: 4 }\n").await?;
+    let mut admin = h.client(&h.admin()?).await?;
+    let puts =
+        |n: usize| Txn::new().and_then((0..n).map(|i| TxnOp::put(format!("t/{i}"), "v", None)).collect::<Vec<_>>());
+    assert!(admin.txn(puts(4)).await?.succeeded());
+    let refused = admin.txn(puts(5)).await.err();
+    assert!(
+        matches!(&refused, Some(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::InvalidArgument
+            && s.message() == "etcdserver: too many operations in txn request"),
+        "{refused:?}"
+    );
+    assert!(admin.get("t/4", None).await?.kvs().is_empty(), "nothing of the refused transaction was applied");
     Ok(())
 }

@@ -15,7 +15,10 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
         "DeleteRange" => {
             g.unary::<pb::DeleteRangeRequest, _>(req, "/etcdserverpb.KV/DeleteRange", authz::delete_range).await
         }
-        "Txn" => g.unary::<pb::TxnRequest, _>(req, "/etcdserverpb.KV/Txn", authz::txn).await,
+        "Txn" => {
+            let max_ops = g.shared.max_txn_ops;
+            g.unary::<pb::TxnRequest, _>(req, "/etcdserverpb.KV/Txn", move |r| authz::txn(r, max_ops)).await
+        }
         "Compact" => g.unary::<pb::CompactionRequest, _>(req, "/etcdserverpb.KV/Compact", authz::compact).await,
         _ => return None,
     })

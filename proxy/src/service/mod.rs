@@ -135,6 +135,8 @@ pub struct Shared {
     /// How long etcd's answers on a stream wait for a client that reads none of them before the proxy resets the
     /// stream, and etcd's call with it (`limits.unread_stream_timeout_ms`; `None`: as long as it takes).
     unread_stream_timeout: Option<std::time::Duration>,
+    /// Operations one transaction may run (`limits.max_txn_ops`, etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
@@ -271,6 +273,7 @@ impl Shared {
             advertise_client_urls,
             max_request_bytes,
             unread_stream_timeout: None,
+            max_txn_ops: crate::authz::MAX_TXN_OPS,
             audit,
             metrics,
             limiter,
@@ -288,6 +291,12 @@ impl Shared {
     /// The same, resetting streams whose client reads none of etcd's answers for `timeout` (`None`: never).
     pub fn resetting_unread_streams_after(mut self, timeout: Option<std::time::Duration>) -> Shared {
         self.unread_stream_timeout = timeout;
+        self
+    }
+
+    /// The same, with transactions of up to `max` operations (etcd's `--max-txn-ops`).
+    pub fn running_txns_of(mut self, max: usize) -> Shared {
+        self.max_txn_ops = max;
         self
     }
 
