@@ -533,15 +533,21 @@ impl futures_util::Stream for Frames {
     /// Whole frames only: a stream read this way is never [`Frames::in_parts_over`].
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        Poll::Ready(match ready!(this.poll_part(cx)) {
-            Some(Ok(Part::Whole(frame))) => Some(Ok(frame)),
-            Some(Ok(Part::Start { .. } | Part::More(_))) => {
-                this.done = true;
-                Some(Err(Status::internal("etcd-guard: a frame in parts where whole frames were expected")))
-            }
-            Some(Err(status)) => Some(Err(status)),
-            None => None,
-        })
+        let part = ready!(this.poll_part(cx));
+        Poll::Ready(whole_only(part, || this.done = true))
+    }
+}
+
+/// A whole frame (or the end, or a failure) as it is; a part of a long frame, where whole frames were expected,
+/// ends the stream (`stop`) as a failure.
+fn whole_only(part: Option<Result<Part, Status>>, stop: impl FnOnce()) -> Option<Result<Framed, Status>> {
+    match part? {
+        Ok(Part::Whole(frame)) => Some(Ok(frame)),
+        Ok(Part::Start { .. } | Part::More(_)) => {
+            stop();
+            Some(Err(Status::internal("etcd-guard: a frame in parts where whole frames were expected")))
+        }
+        Err(status) => Some(Err(status)),
     }
 }
 
@@ -607,15 +613,8 @@ impl futures_util::Stream for StreamCall {
     /// Whole frames only: the call's frames are never [`Frames::in_parts_over`] when read this way.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        Poll::Ready(match ready!(this.poll_part(cx)) {
-            Some(Ok(Part::Whole(frame))) => Some(Ok(frame)),
-            Some(Ok(Part::Start { .. } | Part::More(_))) => {
-                this.close();
-                Some(Err(Status::internal("etcd-guard: a frame in parts where whole frames were expected")))
-            }
-            Some(Err(status)) => Some(Err(status)),
-            None => None,
-        })
+        let part = ready!(this.poll_part(cx));
+        Poll::Ready(whole_only(part, || this.close()))
     }
 }
 
