@@ -94,6 +94,9 @@ async fn an_unread_snapshot_is_reset_so_a_defragment_does_not_stop_the_member() 
     assert!(reset_for_not_reading(&ended), "{ended:?}");
     drop((snapshot, snapshotter));
 
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let (_, metrics) = http_get(addr, "/metrics")?;
+    assert!(metrics.contains(r#"etcd_guard_limited_total{limit="unread_stream_timeout"} 1"#), "{metrics}");
     h.stop_proxy().await;
     reset_record(&h, "Maintenance/Snapshot")?;
     Ok(())

@@ -39,7 +39,7 @@ use crate::codec::{self, FrameStream, Framed, MessageDecoder, StreamBody};
 use crate::http2::{RecvBody, Reply, UnreadLimit};
 use crate::identity::Identity;
 use crate::limits::{Limiter, Permit, Usage};
-use crate::metrics::{Metrics, RequestHandles, RequestLabels, RpcLabels};
+use crate::metrics::{LimitLabels, Metrics, RequestHandles, RequestLabels, RpcLabels};
 use crate::policy::{Access, CapabilitySet, KeyRange, Mode, Permissions, Policy};
 use crate::upstream::{CallMeta, Frames, StreamConnections, Upstream};
 use etcd_guard_proto::etcdserverpb as pb;
@@ -1172,6 +1172,7 @@ impl StreamEnd {
                     unread.after().as_millis()
                 );
                 (self.decision, self.reason, code) = (Decision::Deny, why, Code::ResourceExhausted);
+                self.metrics.limited.get_or_create(&LimitLabels { limit: "unread_stream_timeout" }).inc();
             }
             r.decision = self.decision;
             r.reason = std::mem::take(&mut self.reason);
