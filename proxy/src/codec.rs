@@ -201,12 +201,13 @@ impl Deframer {
 pub const START_BYTES: usize = 4096;
 
 /// A frame as [`Deframer::next_part`] hands it out: whole, or the start of a long one, its prefix included, with
-/// the number of its bytes still to come; those come as `More` (from whoever reads them with [`Deframer::take`]).
+/// the number of its bytes still to come; those come as `More` (from whoever reads them with [`Deframer::take`]),
+/// `last` on the one that ends the frame.
 #[derive(Debug, PartialEq)]
 pub enum Part {
     Whole(Framed),
     Start { start: Bytes, rest: usize },
-    More(Bytes),
+    More { more: Bytes, last: bool },
 }
 
 /// The compression flag and declared message length of the frame at the start of `buf`, if its prefix is there.
@@ -593,7 +594,7 @@ mod tests {
                             rest = more;
                             got.extend_from_slice(&start);
                         }
-                        Some(Part::More(_)) | None => break,
+                        Some(Part::More { .. }) | None => break,
                     }
                 }
             }

@@ -487,7 +487,7 @@ impl Frames {
             if self.passing > 0 {
                 if let Some(more) = self.deframer.take(self.passing) {
                     self.passing -= more.len();
-                    return Poll::Ready(Some(Ok(Part::More(more))));
+                    return Poll::Ready(Some(Ok(Part::More { more, last: self.passing == 0 })));
                 }
             } else {
                 let next = match self.long {
@@ -543,7 +543,7 @@ impl futures_util::Stream for Frames {
 fn whole_only(part: Option<Result<Part, Status>>, stop: impl FnOnce()) -> Option<Result<Framed, Status>> {
     match part? {
         Ok(Part::Whole(frame)) => Some(Ok(frame)),
-        Ok(Part::Start { .. } | Part::More(_)) => {
+        Ok(Part::Start { .. } | Part::More { .. }) => {
             stop();
             Some(Err(Status::internal("etcd-guard: a frame in parts where whole frames were expected")))
         }

@@ -105,16 +105,16 @@ fn head_before_events(start: &[u8]) -> Option<WatchResponseHead> {
     }
 }
 
-/// A long answer of etcd's being handed on in parts ([`LONG_FRAME`]), with its bytes still to come: until its last
-/// part nothing else reaches the client.
+/// A long answer of etcd's being handed on in parts ([`LONG_FRAME`]): until its last part nothing else reaches the
+/// client.
 enum Long {
     /// Passed on as it comes (an answer of this watch).
-    Passing { watch_id: i64, left: usize },
+    Passing(i64),
     /// Of a watch a reload withdrew: dropped as it comes.
-    Dropping(usize),
+    Dropping,
     /// Gathered, then handled as a whole frame: one that answers a create or cancel, must wait while watches hand
     /// over, or whose head is not in its start.
-    Gathering(BytesMut, usize),
+    Gathering(BytesMut),
 }
 
 /// etcd's answer to a create whose client-chosen watch ID is already in use on the stream.
@@ -946,18 +946,18 @@ impl ToClient {
         match head.filter(|head| !head.created && !head.canceled) {
             // Dropped whether or not it would wait: released, it would be dropped then (its cancel comes after it).
             Some(head) if o.revoked.contains(&head.watch_id) => {
-                self.long = Some(Long::Dropping(rest));
+                self.long = Some(Long::Dropping);
                 None
             }
             Some(head) if !waits(&o, &head) => {
-                self.long = Some(Long::Passing { watch_id: head.watch_id, left: rest });
+                self.long = Some(Long::Passing(head.watch_id));
                 Some(start)
             }
             _ => {
                 // Grown as etcd's bytes come (etcd declares the length, up to 2 GiB: not reserved up front).
                 let mut gathered = BytesMut::with_capacity(start.len() + rest.min(LONG_FRAME));
                 gathered.extend_from_slice(&start);
-                self.long = Some(Long::Gathering(gathered, rest));
+                self.long = Some(Long::Gathering(gathered));
                 None
             }
         }
@@ -965,26 +965,22 @@ impl ToClient {
 
     /// The next part of a long answer of etcd's: what to pass on, if anything (`Ready(None)`: nothing now).
     fn poll_long(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
-        let more = match std::task::ready!(self.upstream.poll_part(cx)) {
-            Some(Ok(Part::More(more))) => more,
-            Some(Ok(Part::Whole(_) | Part::Start { .. })) => {
-                self.long = None;
-                self.upstream.close();
-                return Poll::Ready(Some(Err(Status::internal("etcd-guard: etcd's answer was cut short"))));
-            }
+        let (more, last) = match std::task::ready!(self.upstream.poll_part(cx)) {
+            Some(Ok(Part::More { more, last })) => (more, last),
             Some(Err(status)) => {
                 self.long = None;
                 return Poll::Ready(Some(Err(status)));
             }
-            None => {
-                // Not reached: `Frames` ends a stream cut inside a message with an error first.
+            // Not reached: `Frames` hands out a long frame's parts to its last, and ends a stream cut inside one with
+            // an error.
+            Some(Ok(Part::Whole(_) | Part::Start { .. })) | None => {
                 self.long = None;
+                self.upstream.close();
                 return Poll::Ready(Some(Err(Status::internal("etcd-guard: etcd's answer was cut short"))));
             }
         };
-        let n = more.len();
         match self.long.take() {
-            Some(Long::Passing { watch_id, left }) => {
+            Some(Long::Passing(watch_id)) => {
                 // A reload that withdrew the watch while its answer passes: the rest of it is not sent, and since
                 // part of a message cannot be taken back, the stream ends (the client watches again, checked).
                 self.revoke_if_reloaded();
@@ -992,17 +988,17 @@ impl ToClient {
                     self.upstream.close();
                     return Poll::Ready(Some(Err(super::permission_denied())));
                 }
-                self.long = (left > n).then_some(Long::Passing { watch_id, left: left - n });
+                self.long = (!last).then_some(Long::Passing(watch_id));
                 Poll::Ready(Some(Ok(more)))
             }
-            Some(Long::Dropping(left)) => {
-                self.long = (left > n).then(|| Long::Dropping(left - n));
+            Some(Long::Dropping) => {
+                self.long = (!last).then_some(Long::Dropping);
                 Poll::Ready(None)
             }
-            Some(Long::Gathering(mut gathered, left)) => {
+            Some(Long::Gathering(mut gathered)) => {
                 gathered.extend_from_slice(&more);
-                if left > n {
-                    self.long = Some(Long::Gathering(gathered, left - n));
+                if !last {
+                    self.long = Some(Long::Gathering(gathered));
                     return Poll::Ready(None);
                 }
                 match Framed::parse(gathered.freeze()) {
@@ -1260,7 +1256,7 @@ impl futures_util::Stream for ToClient {
                 let passed = match item {
                     Ok(Part::Whole(frame)) => this.on_response(frame),
                     Ok(Part::Start { start, rest }) => this.on_long_start(start, rest),
-                    Ok(Part::More(_)) => {
+                    Ok(Part::More { .. }) => {
                         this.upstream.close();
                         return Poll::Ready(Some(Err(Status::internal("etcd-guard: etcd's answer lost its start"))));
                     }
