@@ -6,6 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures_util::Stream as _;
+
 use bytes::Bytes;
 use etcd_guard_proto::etcdserverpb as pb;
 use tokio::sync::{mpsc, oneshot};
@@ -54,14 +56,15 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
 ///
 /// etcd's answers are read by the client's response stream itself ([`ToClient`]), as for watches: no task or
 /// queue of the proxy's between the two connections. The proxy's only message of its own is the status that ends
-/// the stream early (a refusal, a shutdown), handed over once.
+/// the stream early (a refusal, a shutdown, a message that cannot be read), handed over once. The stream's end
+/// is recorded by the response stream, as it ended for the client.
 async fn keep_alive(
     g: Guard,
     mut inbound: Streaming<pb::LeaseKeepAliveRequest>,
     meta: CallMeta,
     unread: Option<UnreadLimit>,
 ) -> Result<Outbound, Status> {
-    let (end_tx, end_rx) = oneshot::channel::<Status>();
+    let (end_tx, end_rx) = oneshot::channel::<Ending>();
     let (up_tx, up_rx) = mpsc::channel::<pb::LeaseKeepAliveRequest>(16);
 
     // etcd answers the stream's headers only with its first message, so the upstream call is made by the client's
@@ -76,20 +79,22 @@ async fn keep_alive(
         let messages = futures_util::StreamExt::chain(futures_util::stream::iter([first]), ReceiverStream::new(up_rx));
         Some(upstream.streaming(KEEP_ALIVE, Box::pin(messages), &up_meta).await)
     });
-    let to_client = ToClient { upstream, end: Some(end_rx) };
-
     let stream_id = g.shared.audit.stream_id();
-    let mut end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now()).noting(unread);
+    let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now()).noting(unread);
+    let to_client = ToClient { upstream, ending: Some(end_rx), end };
+
     tokio::spawn(async move {
-        let (code, refusal) = loop {
+        let ending = loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
-                _ = g.shared.shutdown_begun() => break (Code::Unavailable, Some(super::shutting_down())),
+                _ = g.shared.shutdown_begun() => break Some(Ending { status: super::shutting_down(), why: None }),
             };
             let msg = match next {
                 Ok(Some(m)) => m,
-                Ok(None) => break (Code::Ok, None),
-                Err(status) => break (status.code(), None),
+                // Half-closed: etcd ends the stream once it has answered what it got.
+                Ok(None) => break None,
+                // Ends the stream as etcd ends it (or, if the client's side is gone, only notes that).
+                Err(status) => break Some(Ending { status, why: None }),
             };
             let at = Arrival::now();
             let mut record = g.record(RPC, Event::Message, stream_id, &msg, at);
@@ -122,59 +127,76 @@ async fn keep_alive(
             };
             if let Some(status) = refusal {
                 // A refused keep-alive ends the stream, as etcd ends it.
-                end.set_reason(verdict.decision, verdict.reason);
-                break (status.code(), Some(status));
+                break Some(Ending { status, why: Some((verdict.decision, verdict.reason)) });
             }
             if up_tx.send(msg).await.is_err() {
-                break (Code::Unavailable, None);
+                // etcd's side has ended: the response stream passes on how.
+                break None;
             }
         };
         // Handed over before our side towards etcd closes, so the client sees this status rather than etcd's end.
-        if let Some(status) = refusal {
-            let _ = end_tx.send(status);
+        if let Some(ending) = ending {
+            let _ = end_tx.send(ending);
         }
         drop(up_tx);
-        end.finish(code);
     });
 
     Ok(Box::pin(to_client))
 }
 
+/// How the inbound side ends a keep-alive stream early.
+struct Ending {
+    status: Status,
+    /// For the end record, when the proxy refused a keep-alive: the decision and why.
+    why: Option<(Decision, String)>,
+}
+
 /// The client's side of one keep-alive stream: etcd's answers as they are read, or the status the proxy ended
-/// the stream with.
+/// the stream with; records how the stream ended.
 struct ToClient {
     upstream: StreamCall,
-    /// The status the inbound side ends the stream with, if it ends it (closed without one: it ended quietly).
-    end: Option<oneshot::Receiver<Status>>,
+    /// How the inbound side ends the stream, if it ends it (closed without one: it ended quietly).
+    ending: Option<oneshot::Receiver<Ending>>,
+    end: StreamEnd,
 }
 
 // === impl ToClient ===
+
+impl ToClient {
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
+        // etcd's answers that are ready go first: they answer keep-alives sent before a refusal.
+        if let Poll::Ready(Some(answer)) = Pin::new(&mut self.upstream).poll_next(cx) {
+            return Poll::Ready(Some(answer.map(Framed::into_bytes)));
+        }
+        if let Some(ending) = self.ending.as_mut() {
+            match Pin::new(ending).poll(cx) {
+                Poll::Ready(Ok(Ending { status, why })) => {
+                    // The stream ends here: etcd's side is dropped (which resets it).
+                    self.ending = None;
+                    self.upstream.close();
+                    if let Some((decision, reason)) = why {
+                        self.end.set_reason(decision, reason);
+                    }
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => self.ending = None,
+                Poll::Pending => {}
+            }
+        }
+        // Ends when etcd's side has ended and the inbound side has ended without a status of its own.
+        if self.ending.is_none() && self.upstream.is_done() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+}
 
 impl futures_util::Stream for ToClient {
     type Item = Result<Bytes, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        // etcd's answers that are ready go first: they answer keep-alives sent before a refusal.
-        if let Poll::Ready(Some(answer)) = Pin::new(&mut this.upstream).poll_next(cx) {
-            return Poll::Ready(Some(answer.map(Framed::into_bytes)));
-        }
-        if let Some(end) = this.end.as_mut() {
-            match Pin::new(end).poll(cx) {
-                Poll::Ready(Ok(status)) => {
-                    // The stream ends here: etcd's side is dropped (which resets it).
-                    this.end = None;
-                    this.upstream.close();
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Ready(Err(_)) => this.end = None,
-                Poll::Pending => {}
-            }
-        }
-        // Ends when etcd's side has ended and the inbound side has ended without a status of its own.
-        if this.end.is_none() && this.upstream.is_done() {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
+        let item = std::task::ready!(this.poll_item(cx));
+        Poll::Ready(this.end.note(item))
     }
 }

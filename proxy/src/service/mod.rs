@@ -900,9 +900,7 @@ impl Guard {
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at).noting(noted);
             self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.for_streams(&self.conn.streams).server_streaming(path, msg, &meta).await {
-                Ok(frames) => {
-                    Ok(Audited { frames: Some(frames), end: Some(end), ended: None, recheck: recheck.map(Box::new) })
-                }
+                Ok(frames) => Ok(Audited { frames: Some(frames), end, recheck: recheck.map(Box::new) }),
                 Err(status) => {
                     end.finish(status.code());
                     Err(status)
@@ -1086,8 +1084,9 @@ impl Drop for Forwarding<'_> {
     }
 }
 
-/// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or, if the stream is
-/// dropped first (the client went away), with `Cancelled`.
+/// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or when it is dropped,
+/// with how the stream's answer ended for its client ([`StreamEnd::note`]): `Cancelled` if it did not (the client
+/// went away).
 pub struct StreamEnd {
     conn: Arc<Conn>,
     audit: AuditLog,
@@ -1100,6 +1099,8 @@ pub struct StreamEnd {
     at: Arrival,
     /// The stream answer's patience with its client: if it ran out, that is how the stream ended.
     unread: Option<UnreadLimit>,
+    /// How the stream's answer ended for its client, once it has.
+    ended: Option<Code>,
 }
 
 impl StreamEnd {
@@ -1135,7 +1136,8 @@ impl StreamEnd {
     ) -> StreamEnd {
         g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
         let (audit, metrics) = (g.shared.audit.clone(), g.shared.metrics.clone());
-        StreamEnd { conn: g.conn.clone(), audit, metrics, rpc, done: false, record, reason, decision, at, unread: None }
+        let conn = g.conn.clone();
+        StreamEnd { conn, audit, metrics, rpc, done: false, record, reason, decision, at, unread: None, ended: None }
     }
 
     /// Recorded as ended by the proxy if the stream's answer ran out of patience with its client.
@@ -1146,6 +1148,22 @@ impl StreamEnd {
 
     pub fn finish(mut self, code: Code) {
         self.write(code);
+    }
+
+    /// Note an item the stream's answer hands to its client, and return what to hand it: the first error is how
+    /// the stream ended (`None`: it ended `OK`). An error that only says the client's side is gone (see
+    /// [`client_gone`]) ends the answer there, recorded as `Cancelled`: the client can be told nothing more.
+    pub fn note(&mut self, item: Option<Result<Bytes, Status>>) -> Option<Result<Bytes, Status>> {
+        match &item {
+            Some(Ok(_)) => return item,
+            Some(Err(status)) if client_gone(status) => {
+                self.ended.get_or_insert(Code::Cancelled);
+                return None;
+            }
+            Some(Err(status)) => self.ended.get_or_insert(status.code()),
+            None => self.ended.get_or_insert(Code::Ok),
+        };
+        item
     }
 
     /// Set the reason recorded at the end (e.g. why the proxy ended the stream).
@@ -1185,21 +1203,27 @@ impl StreamEnd {
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
-        self.write(Code::Cancelled);
+        self.write(self.ended.unwrap_or(Code::Cancelled));
     }
+}
+
+/// Whether reading a client's stream failed because the client's side of it is gone (the stream reset, the
+/// connection lost: an HTTP/2 error) rather than for what it sent (a message that cannot be read).
+pub fn client_gone(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|e| e.is::<h2::Error>())
 }
 
 /// Nothing to describe.
 struct NoOps;
 impl Describe for NoOps {}
 
-/// etcd's frames on a server-streaming call, passed on; records the stream's end.
+/// etcd's frames on a server-streaming call, passed on; records the stream's end (when the answer's body lets the
+/// stream go: etcd's end can be taken in the same batch as its last frames, which may still be waiting for the
+/// client, and then be reset for that rather than end `OK`).
 struct Audited {
     /// etcd's answers; `None` once the proxy ended the stream.
     frames: Option<Frames>,
-    end: Option<StreamEnd>,
-    /// How etcd ended the stream, once it has.
-    ended: Option<Code>,
+    end: StreamEnd,
     recheck: Option<Box<Recheck>>,
 }
 
@@ -1232,30 +1256,12 @@ impl futures_util::Stream for Audited {
         if let Some(verdict) = self.withdrawn(cx) {
             // Ended as etcd ends a call it refuses; etcd's stream is canceled with it.
             (self.frames, self.recheck) = (None, None);
-            if let Some(mut end) = self.end.take() {
-                end.set_reason(verdict.decision, verdict.reason);
-                end.finish(Code::PermissionDenied);
-            }
-            return Poll::Ready(Some(Err(permission_denied())));
+            self.end.set_reason(verdict.decision, verdict.reason);
+            return Poll::Ready(self.end.note(Some(Err(permission_denied()))));
         }
         let Some(frames) = self.frames.as_mut() else { return Poll::Ready(None) };
         let item = ready!(Pin::new(frames).poll_next(cx));
-        match &item {
-            None => self.ended = Some(Code::Ok),
-            Some(Err(status)) => self.ended = Some(status.code()),
-            Some(Ok(_)) => {}
-        }
-        Poll::Ready(item.map(|frame| frame.map(Framed::into_bytes)))
-    }
-}
-
-/// The end is recorded once the answer's body lets the stream go: etcd's end can be taken in the same batch as
-/// its last frames, which may still be waiting for the client (and then be reset for that, not end `OK`).
-impl Drop for Audited {
-    fn drop(&mut self) {
-        if let Some(end) = self.end.take() {
-            end.finish(self.ended.unwrap_or(Code::Cancelled));
-        }
+        Poll::Ready(self.end.note(item.map(|frame| frame.map(Framed::into_bytes))))
     }
 }
 

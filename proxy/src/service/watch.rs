@@ -386,6 +386,8 @@ struct ToClient {
     /// The policy generation last seen (`Order::checked`, without taking the lock for every frame).
     checked: u64,
     gauge: prometheus_client::metrics::gauge::Gauge,
+    /// The stream's end record, written as the stream ended for the client.
+    end: StreamEnd,
 }
 
 async fn serve(
@@ -398,6 +400,7 @@ async fn serve(
     let (up_tx, up_rx): (Up, _) = mpsc::channel(64);
     let checked = g.shared.generation();
     let order = Arc::new(Mutex::new(Order { checked, ..Order::default() }));
+    let stream_id = g.shared.audit.stream_id();
     let recheck = Arc::new(Notify::new());
     let (hub, hub_rx) = if g.shared.watch_hub.is_some() {
         let (down, hub_rx) = mpsc::channel(HUB_QUEUE);
@@ -434,16 +437,14 @@ async fn serve(
         recheck: recheck.clone(),
         checked,
         gauge: g.shared.metrics.open_watches.clone(),
+        end: StreamEnd::bidi(&g, RPC, stream_id, Arrival::now()).noting(unread),
     };
 
-    let stream_id = g.shared.audit.stream_id();
-    let end = StreamEnd::bidi(&g, RPC, stream_id, Arrival::now()).noting(unread);
     tokio::spawn(async move {
         let streams = Streams { down: &down_tx, up: &up_tx, hub: hub.as_ref(), recheck: &recheck };
-        let code = inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &streams).await;
+        inbound_loop(&g, &mut inbound, &meta, stream_id, &order, &streams).await;
         drop(hub);
         drop(up_tx);
-        end.finish(code);
     });
 
     Ok(Box::pin(to_client))
@@ -470,7 +471,8 @@ async fn next_detached(hub: Option<&HubSide>) -> Vec<Detached> {
     }
 }
 
-/// Check, record and forward the client's messages; returns the code the stream ends with.
+/// Check, record and forward the client's messages, until the stream ends (its end is recorded by [`ToClient`],
+/// as it ended for the client).
 async fn inbound_loop(
     g: &Guard,
     inbound: &mut Streaming<pb::WatchRequest>,
@@ -478,7 +480,7 @@ async fn inbound_loop(
     stream_id: Option<u64>,
     order: &Mutex<Order>,
     streams: &Streams<'_>,
-) -> Code {
+) {
     let (down_tx, up_tx) = (streams.down, streams.up);
     let mut reloads = g.shared.subscribe_reloads();
     let mut half_closed = false;
@@ -486,20 +488,20 @@ async fn inbound_loop(
         let next = tokio::select! {
             m = inbound.message(), if !half_closed => m,
             // Half-closed: until the client goes away or etcd ends the stream.
-            () = down_tx.closed(), if half_closed => return Code::Ok,
+            () = down_tx.closed(), if half_closed => return,
             _ = g.shared.shutdown_begun() => {
                 let _ = down_tx.send(Err(super::shutting_down())).await;
-                return Code::Unavailable;
+                return;
             }
             changed = reloads.changed() => {
                 if changed.is_ok() && !revoke_withdrawn(g, stream_id, order, streams, Revoke::All).await {
-                    return Code::Unavailable;
+                    return;
                 }
                 continue;
             }
             _ = streams.recheck.notified() => {
                 if !revoke_withdrawn(g, stream_id, order, streams, Revoke::AfterReload).await {
-                    return Code::Unavailable;
+                    return;
                 }
                 continue;
             }
@@ -510,7 +512,7 @@ async fn inbound_loop(
                 };
                 for create in creates {
                     if up_tx.send(create).await.is_err() {
-                        return Code::Unavailable;
+                        return;
                     }
                 }
                 continue;
@@ -528,9 +530,8 @@ async fn inbound_loop(
             Err(status) => {
                 // As etcd: a message that cannot be read ends the whole stream with the error (and so with it
                 // every watch on it, shared ones too, which only this loop rechecks after a reload).
-                let code = status.code();
                 let _ = down_tx.send(Err(status)).await;
-                return code;
+                return;
             }
         };
         let at = Arrival::now();
@@ -552,9 +553,8 @@ async fn inbound_loop(
                 // The check itself failed: end the stream.
                 let v = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
                 let _ = g.audit_refusal(RPC, record, Cow::Owned(v), status.code(), at).await;
-                let code = status.code();
                 let _ = down_tx.send(Err(status)).await;
-                return code;
+                return;
             }
         };
         let mut verdict = verdict;
@@ -581,9 +581,8 @@ async fn inbound_loop(
         };
         let audited = g.audit_refusal(RPC, record, Cow::Borrowed(&verdict), code, at).await;
         if let Err(status) = admitted.and(audited) {
-            let code = status.code();
             let _ = down_tx.send(Err(status)).await;
-            return code;
+            return;
         }
         let mut msg = msg;
         let refusal = if served {
@@ -592,7 +591,7 @@ async fn inbound_loop(
                     Handled::Done => continue,
                     Handled::Refused(reason) => Some(reason),
                     Handled::Forward => None,
-                    Handled::Gone => return Code::Cancelled,
+                    Handled::Gone => return,
                 }
             } else {
                 if is_create {
@@ -606,7 +605,7 @@ async fn inbound_loop(
         match refusal {
             None => {
                 if up_tx.send(Box::new(msg)).await.is_err() {
-                    return Code::Unavailable;
+                    return;
                 }
             }
             Some(reason) if is_create => {
@@ -629,7 +628,7 @@ async fn inbound_loop(
                         "etcd-guard: more than {MAX_PENDING_CREATES} watch creates wait for their answers on this stream"
                     ));
                     let _ = down_tx.send(Err(status)).await;
-                    return Code::ResourceExhausted;
+                    return;
                 }
                 if let Some(answer) = now {
                     // With shared watches, in their queue: answers the proxy made for earlier creates are there.
@@ -638,7 +637,7 @@ async fn inbound_loop(
                         None => down_tx.send(Ok(answer)).await.is_ok(),
                     };
                     if !sent {
-                        return Code::Cancelled;
+                        return;
                     }
                 }
             }
@@ -1203,6 +1202,14 @@ impl futures_util::Stream for ToClient {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        let item = std::task::ready!(this.poll_item(cx));
+        Poll::Ready(this.end.note(item))
+    }
+}
+
+impl ToClient {
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
+        let this = self;
         loop {
             // A long answer of etcd's goes on alone to its last part: nothing may come between its bytes.
             if this.long.is_some() {
