@@ -74,6 +74,12 @@ struct WatchResponseHead {
 /// a long history (a watch from an old revision) can be hundreds of MB.
 const LONG_FRAME: usize = 1 << 20;
 
+/// The most bytes of etcd's answers a stream holds back while its watches hand over from shared watches (their
+/// later frames wait for the shared watches' last ones, [`etcd_frame`]). Past it the stream ends as a hand-over
+/// past its deadline does, with `Unavailable` (clients resume their watches on a new stream): etcd may send
+/// faster than a shared watch catches up, and nothing else bounds what waits.
+const MAX_HELD_BYTES: usize = 64 << 20;
+
 /// The field number of a watch answer's events. etcd writes a message's fields in the order of their numbers, so
 /// every field the proxy reads comes before the first event.
 const EVENTS_FIELD: u64 = 11;
@@ -172,6 +178,8 @@ struct Order {
     /// its revision and before any later one).
     handing: HashMap<i64, JoinedWatch>,
     held: VecDeque<Framed>,
+    /// The bytes in `held` (at most [`MAX_HELD_BYTES`]).
+    held_bytes: usize,
     /// How many of the creates at the front of `pending` were decided before the last policy reload. A reload
     /// checks the open watches again, but these are not open yet: each watch etcd opens for one of them is
     /// checked as it opens ([`allowed_after_reload`]), so none escapes the reload.
@@ -378,6 +386,8 @@ struct ToClient {
     since_own: u32,
     /// A long answer of etcd's being handed on in parts.
     long: Option<Long>,
+    /// Why the stream ends, when it must end on its way (too much held back while watches hand over).
+    failed: Option<Status>,
     order: Arc<Mutex<Order>>,
     /// Checks watches etcd opens for creates decided before a reload.
     guard: Guard,
@@ -432,6 +442,7 @@ async fn serve(
         own_closed: false,
         since_own: 0,
         long: None,
+        failed: None,
         order: order.clone(),
         guard: g.clone(),
         recheck: recheck.clone(),
@@ -941,7 +952,7 @@ impl ToClient {
     /// may go now, else gathered whole first. What to pass on now, if anything.
     fn on_long_start(&mut self, start: Bytes, rest: usize) -> Option<Bytes> {
         let head = start.get(codec::PREFIX_BYTES..).and_then(head_before_events);
-        let o = lock(&self.order);
+        let mut o = lock(&self.order);
         match head.filter(|head| !head.created && !head.canceled) {
             // Dropped whether or not it would wait: released, it would be dropped then (its cancel comes after it).
             Some(head) if o.revoked.contains(&head.watch_id) => {
@@ -951,6 +962,14 @@ impl ToClient {
             Some(head) if !waits(&o, &head) => {
                 self.long = Some(Long::Passing(head.watch_id));
                 Some(start)
+            }
+            // To wait whole for watches handing over, but more than a stream holds back: it ends.
+            Some(_) if o.held_bytes.saturating_add(start.len()).saturating_add(rest) > MAX_HELD_BYTES => {
+                if let Err(status) = hold(&mut o, start.len().saturating_add(rest)) {
+                    self.failed = Some(status);
+                }
+                self.long = Some(Long::Dropping);
+                None
             }
             _ => {
                 // Grown as etcd's bytes come (etcd declares the length, up to 2 GiB: not reserved up front).
@@ -1017,7 +1036,13 @@ impl ToClient {
         let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
         let mut o = lock(&self.order);
         if !head.created {
-            return etcd_frame(&mut o, frame, &head);
+            return match etcd_frame(&mut o, frame, &head) {
+                Ok(passed) => passed,
+                Err(status) => {
+                    self.failed = Some(status);
+                    None
+                }
+            };
         }
         if let Some(header) = head.header() {
             o.header = Some(header);
@@ -1089,12 +1114,29 @@ impl ToClient {
 /// One of etcd's responses that answers no create: the frame to pass on now, if any. While watches hand over,
 /// etcd's frames for them and progress answers wait for the shared watches' last frames, and every frame after
 /// one that waits waits too.
-fn etcd_frame(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Option<Bytes> {
+fn etcd_frame(o: &mut Order, frame: Framed, head: &WatchResponseHead) -> Result<Option<Bytes>, Status> {
     if waits(o, head) {
+        hold(o, frame.message().len())?;
         o.held.push_back(frame);
-        return None;
+        return Ok(None);
     }
-    pass_on(o, frame, head)
+    Ok(pass_on(o, frame, head))
+}
+
+/// Count `bytes` more held back while watches hand over; past [`MAX_HELD_BYTES`] the stream ends (and what it held
+/// is let go).
+fn hold(o: &mut Order, bytes: usize) -> Result<(), Status> {
+    o.held_bytes = o.held_bytes.saturating_add(bytes);
+    if o.held_bytes <= MAX_HELD_BYTES {
+        return Ok(());
+    }
+    (o.held, o.held_bytes) = (VecDeque::new(), 0);
+    tracing::warn!(
+        max_bytes = MAX_HELD_BYTES,
+        "etcd sent more for a watch stream than the proxy holds while its watches hand over from shared watches; \
+         the client stream ends with Unavailable (clients resume their watches)"
+    );
+    Err(Status::unavailable("etcd-guard: a watch hand-over held back too much; resume the watches"))
 }
 
 /// Whether one of etcd's responses that answers no create must wait for the shared watches' last frames.
@@ -1144,6 +1186,7 @@ fn handed(released: &mut Released, o: &mut Order, id: i64, head: &WatchResponseH
 /// Once no watch is handing over, etcd's held frames go first, in order, as they would have gone.
 fn release_held(released: &mut Released, o: &mut Order) {
     if o.handing.is_empty() {
+        o.held_bytes = 0;
         while let Some(frame) = o.held.pop_front() {
             let head = WatchResponseHead::decode(frame.message_bytes()).unwrap_or_default();
             let of = (!head.created && !head.canceled && head.watch_id >= 0).then_some(head.watch_id);
@@ -1211,6 +1254,11 @@ impl ToClient {
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
         let this = self;
         loop {
+            if let Some(status) = this.failed.take() {
+                this.long = None;
+                this.upstream.close();
+                return Poll::Ready(Some(Err(status)));
+            }
             // A long answer of etcd's goes on alone to its last part: nothing may come between its bytes.
             if this.long.is_some() {
                 match std::task::ready!(this.poll_long(cx)) {
@@ -1347,7 +1395,7 @@ mod tests {
     fn from_etcd(o: &mut Order, resp: pb::WatchResponse) -> Option<pb::WatchResponse> {
         let frame = Framed::encode(&resp);
         let head = WatchResponseHead::decode(frame.message_bytes()).unwrap();
-        etcd_frame(o, frame, &head).map(|b| decoded(&b))
+        etcd_frame(o, frame, &head).unwrap().map(|b| decoded(&b))
     }
 
     fn at(revision: i64) -> Option<pb::ResponseHeader> {
@@ -1538,6 +1586,34 @@ bindings: [ {{ role: r, subjects: [ {{ common_name: "c" }} ] }} ]
         assert_eq!(left[0].watch_id, -1);
         assert_eq!(left[1], event(4, 21));
         assert!(left[2].canceled, "{:?}", left[2]);
+    }
+
+    /// What waits for a hand-over is bounded: past `MAX_HELD_BYTES` the stream ends (`Unavailable`) and lets it go.
+    #[test]
+    fn frames_held_while_a_watch_hands_over_are_bounded() {
+        let mut o = Order::default();
+        o.handing.insert(1, joined(watch_hub::test_subscription(), None));
+        let big = |revision: i64| {
+            let kv = mvccpb::KeyValue { key: b"k".to_vec(), value: vec![0; 8 << 20], ..Default::default() };
+            let event = mvccpb::Event { kv: Some(kv), ..Default::default() };
+            let resp =
+                pb::WatchResponse { header: at(revision), watch_id: 1, events: vec![event], ..Default::default() };
+            let frame = Framed::encode(&resp);
+            let head = WatchResponseHead::decode(frame.message_bytes()).unwrap();
+            (frame, head)
+        };
+        let fits = MAX_HELD_BYTES / (8 << 20) - 1;
+        for revision in 0..fits {
+            let (frame, head) = big(revision as i64 + 10);
+            let held = etcd_frame(&mut o, frame, &head).map(|passed| passed.is_none()).map_err(|s| s.code());
+            assert_eq!(held, Ok(true), "held");
+        }
+        assert_eq!(o.held.len(), fits);
+        let (frame, head) = big(99);
+        let (frame2, head2) = big(100);
+        let ended = etcd_frame(&mut o, frame, &head).and_then(|_| etcd_frame(&mut o, frame2, &head2));
+        assert_eq!(ended.map(|passed| passed.is_none()).map_err(|s| s.code()), Err(tonic::Code::Unavailable));
+        assert!(o.held.is_empty() && o.held_bytes == 0, "let go");
     }
 
     #[test]
