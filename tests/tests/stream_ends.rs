@@ -88,6 +88,36 @@ async fn streams_of_a_client_that_went_away_end_cancelled() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn streams_a_client_resets_end_cancelled() -> TestResult {
+    let mut h = Harness::start().await?;
+    let admin = h.admin()?;
+    let client = h.pki.etcd_client(&h.proxy_url(), &admin, None).await?;
+    let mut watch = client.watch_client();
+    let (watcher, mut events) = watch.watch("ends/", None).await?.split();
+    let mut lease = client.lease_client();
+    let id = lease.grant(60, None).await?.id();
+    let (mut keeper, mut answers) = lease.keep_alive(id).await?;
+    keeper.keep_alive().await?;
+    tokio::time::timeout(Duration::from_secs(10), answers.message()).await??.ok_or("no keep-alive answer")?;
+    let _ = tokio::time::timeout(Duration::from_millis(300), events.message()).await;
+
+    // Both sides of each stream let go while the connection stays: the client resets the streams (CANCEL).
+    drop((watcher, events, keeper, answers));
+    until_open(&h, "Watch/Watch", 0.0).await?;
+    until_open(&h, "Lease/LeaseKeepAlive", 0.0).await?;
+    client.kv_client().put("ends/after", "1", None).await?;
+
+    h.stop_proxy().await;
+    drop(client);
+    for rpc in ["Watch/Watch", "Lease/LeaseKeepAlive"] {
+        let ends = end_records(&h, rpc)?;
+        assert_eq!(ends.len(), 1, "{rpc}: {ends:#?}");
+        assert_eq!(ends[0]["code"], "Cancelled", "{}", ends[0]);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn streams_etcd_ended_are_recorded_with_the_status_their_client_got() -> TestResult {
     let mut h = Harness::start().await?;
     let admin = h.admin()?;

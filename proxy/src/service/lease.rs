@@ -191,6 +191,16 @@ impl ToClient {
     }
 }
 
+/// A stream let go before it took the inbound side's end (the client went away first): its end record still says
+/// why the proxy refused.
+impl Drop for ToClient {
+    fn drop(&mut self) {
+        if let Some(Ok(Ending { why: Some((decision, reason)), .. })) = self.ending.as_mut().map(|e| e.try_recv()) {
+            self.end.set_reason(decision, reason);
+        }
+    }
+}
+
 impl futures_util::Stream for ToClient {
     type Item = Result<Bytes, Status>;
 

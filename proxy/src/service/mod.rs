@@ -332,6 +332,11 @@ impl Shared {
         self.shutting_down.send_replace(true);
     }
 
+    /// Whether the proxy has begun to shut down.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
     /// Resolves when the proxy begins to shut down.
     pub async fn shutdown_begun(&self) {
         let mut rx = self.shutting_down.subscribe();
@@ -929,6 +934,7 @@ impl Guard {
         }
         let meta = CallMeta::from_headers(&head.headers);
         let max = self.shared.max_request_bytes;
+        let body = http_body_util::BodyExt::map_err(body, ClientGone);
         let inbound = Streaming::new_request(MessageDecoder::<M>::default(), body, None, Some(max));
         let unread = self.unread_limit();
         match Box::pin(run(inbound, meta, unread.clone())).await {
@@ -1101,6 +1107,9 @@ pub struct StreamEnd {
     unread: Option<UnreadLimit>,
     /// How the stream's answer ended for its client, once it has.
     ended: Option<Code>,
+    /// Whether the proxy is shutting down: a stream it lets go then without an end of its own (its client did not
+    /// read the shutdown's status in `shutdown_grace`) ended with its connection, as the client saw it.
+    shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
 impl StreamEnd {
@@ -1136,8 +1145,21 @@ impl StreamEnd {
     ) -> StreamEnd {
         g.shared.metrics.open_streams.get_or_create(&RpcLabels { rpc }).inc();
         let (audit, metrics) = (g.shared.audit.clone(), g.shared.metrics.clone());
-        let conn = g.conn.clone();
-        StreamEnd { conn, audit, metrics, rpc, done: false, record, reason, decision, at, unread: None, ended: None }
+        let (conn, shutting_down) = (g.conn.clone(), g.shared.shutting_down.subscribe());
+        StreamEnd {
+            conn,
+            audit,
+            metrics,
+            rpc,
+            done: false,
+            record,
+            reason,
+            decision,
+            at,
+            unread: None,
+            ended: None,
+            shutting_down,
+        }
     }
 
     /// Recorded as ended by the proxy if the stream's answer ran out of patience with its client.
@@ -1203,15 +1225,30 @@ impl StreamEnd {
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
-        self.write(self.ended.unwrap_or(Code::Cancelled));
+        let code = match self.ended {
+            Some(code) => code,
+            None if *self.shutting_down.borrow() => {
+                self.reason = "the proxy shut down".into();
+                Code::Unavailable
+            }
+            None => Code::Cancelled,
+        };
+        self.write(code);
     }
 }
 
 /// Whether reading a client's stream failed because the client's side of it is gone (the stream reset, the
-/// connection lost: an HTTP/2 error) rather than for what it sent (a message that cannot be read).
+/// connection lost: see [`ClientGone`]) rather than for what it sent (a message that cannot be read).
 pub fn client_gone(status: &Status) -> bool {
-    std::error::Error::source(status).is_some_and(|e| e.is::<h2::Error>())
+    std::error::Error::source(status).is_some_and(|e| e.is::<ClientGone>())
 }
+
+/// A client's stream of messages broke (an HTTP/2 error: the stream reset, the connection lost). Its own type so
+/// that tonic's decoder passes it on as an error: as an `h2::Error`, a reset with `CANCEL` (how clients cancel a
+/// stream) would read as the client ending its side, and a keep-alive stream would then be recorded `OK`.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ClientGone(#[from] h2::Error);
 
 /// Nothing to describe.
 struct NoOps;

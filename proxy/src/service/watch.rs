@@ -1004,6 +1004,9 @@ impl ToClient {
                 self.revoke_if_reloaded();
                 if lock(&self.order).revoked.contains(&watch_id) {
                     self.upstream.close();
+                    let why = format!("watch {watch_id}, whose answer was passing: the stream ends");
+                    let verdict = super::withdrawal(&why);
+                    self.end.set_reason(verdict.decision, verdict.reason);
                     return Poll::Ready(Some(Err(super::permission_denied())));
                 }
                 self.long = (!last).then_some(Long::Passing(watch_id));
