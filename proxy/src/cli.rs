@@ -205,8 +205,11 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Policy(PolicyCommand::Check(args)) => policy_check(*args),
         Command::Policy(PolicyCommand::Validate { policy }) => match Policy::load_in_force(&policy) {
-            Ok(_) => {
-                println!("{}: ok", policy.display());
+            Ok(loaded) => {
+                for warning in loaded.warnings() {
+                    eprintln!("etcd-guard: warning: {warning}");
+                }
+                say(format_args!("{}: ok", policy.display()));
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
@@ -216,6 +219,13 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Review(args)) => crate::audit::review::run(args),
         Command::Audit(AuditCommand::Verify(args)) => crate::audit::verify::run(args),
     }
+}
+
+/// A line on standard output. A closed pipe (`… | head -1`, `… | grep -q`) is not an error worth a panic: the
+/// exit code still says what was decided.
+fn say(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -385,6 +395,8 @@ fn policy_check(args: CheckArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let mut allowed = true;
+    // A request the proxy does not understand is refused even under audit-only bindings.
+    let mut never = false;
     for need in &needs.0 {
         let (ok, text) = match need {
             Need::Key(access, range) => {
@@ -399,17 +411,26 @@ fn policy_check(args: CheckArgs) -> ExitCode {
                 let ok = policy.permissions_for(&identity).caps == CapabilitySet::all();
                 (ok, format!("{} admin (every cluster capability)", if ok { "ALLOW" } else { "DENY" }))
             }
-            Need::Never(why) => (false, format!("DENY {why}")),
+            Need::Never(why) => {
+                never = true;
+                (false, format!("DENY {why}"))
+            }
             Need::LeaseKeys(..) => (true, "lease keys: checked against etcd at request time".to_string()),
         };
         allowed &= ok;
-        println!("{text}");
+        say(text);
     }
     if allowed {
-        println!("allow");
+        say("allow");
+        ExitCode::SUCCESS
+    } else if !never && policy.permissions_for(&identity).mode() == crate::policy::Mode::AuditOnly {
+        // What the proxy does: serves it, recorded as `would_deny`.
+        say(
+            "would-deny: only audit-only bindings match this identity, so the proxy serves the request (recorded as decision \"would_deny\")",
+        );
         ExitCode::SUCCESS
     } else {
-        println!("deny");
+        say("deny");
         ExitCode::from(1)
     }
 }
@@ -519,7 +540,7 @@ fn certs_init(args: CertsInitArgs) -> ExitCode {
     match certs::init_dir(&args.dir, &options) {
         Ok(report) => {
             for f in &report.files {
-                println!("{f}");
+                say(f);
             }
             for note in &report.notes {
                 eprintln!("etcd-guard: note: {note}");
@@ -536,12 +557,19 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
     if !audit.enabled {
         return None;
     }
-    if let Some(key) = &audit.hmac_key_file
-        && let Err(e) = crate::audit::chain::Hasher::from_key_file(key)
-    {
-        return Some(e.to_string());
-    }
+    let hasher = match &audit.hmac_key_file {
+        Some(key) => match crate::audit::chain::Hasher::from_key_file(key) {
+            Ok(h) => h,
+            Err(e) => return Some(e.to_string()),
+        },
+        None => crate::audit::chain::Hasher::unkeyed(),
+    };
     let crate::config::AuditOutput::File(path) = &audit.output else { return None };
+    // The log the proxy would go on with: its last record must verify under the configured key, or `serve`
+    // refuses to start.
+    if let Err(e) = crate::audit::writer::check_tail(path, &hasher) {
+        return Some(e.to_string().trim_start_matches("audit: ").to_string());
+    }
     if path.exists() {
         return std::fs::OpenOptions::new()
             .append(true)
@@ -600,14 +628,26 @@ fn config_check(path: PathBuf) -> ExitCode {
             if let Err(e) = crate::server::check_issuers(&policy, &config.tls) {
                 problems.push(format!("policy: {e}"));
             }
+            for warning in policy.warnings() {
+                eprintln!("etcd-guard: warning: {warning}");
+            }
         }
         Err(e) => problems.push(format!("policy: {e}")),
     }
     if let Some(p) = audit_problem(&config.audit) {
         problems.push(format!("audit: {p}"));
     }
+    if !config.audit.enabled {
+        eprintln!("etcd-guard: warning: auditing is off (audit.enabled: false): no request is recorded");
+    }
+    if config.metrics_listen == Some(config.listen) && config.listen.port() != 0 {
+        problems.push(format!(
+            "metrics_listen and listen are both {}: give the metrics listener its own port",
+            config.listen
+        ));
+    }
     if problems.is_empty() {
-        println!("{}: ok", path.display());
+        say(format_args!("{}: ok", path.display()));
         ExitCode::SUCCESS
     } else {
         for p in &problems {

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::ResultLabels;
@@ -25,6 +25,8 @@ pub struct Reloader {
     trust: Arc<ClientTrust>,
     trigger: Arc<Notify>,
     stamps: Vec<(Part, PathBuf, Option<Stamp>)>,
+    /// The configuration file as it was at start: it is not reloaded, and a change to it is worth a warning.
+    config_stamp: Option<Stamp>,
 }
 
 /// Asks a running proxy to reload everything now.
@@ -79,7 +81,8 @@ impl Reloader {
             files.push((Part::Upstream, f.clone()));
         }
         let stamps = files.into_iter().map(|(part, path)| (part, path.clone(), stamp(&path))).collect();
-        Reloader { config, shared, acceptor, trust, trigger: Arc::new(Notify::new()), stamps }
+        let config_stamp = stamp(&config.origin);
+        Reloader { config, shared, acceptor, trust, trigger: Arc::new(Notify::new()), stamps, config_stamp }
     }
 
     pub fn handle(&self) -> ReloadHandle {
@@ -101,6 +104,21 @@ impl Reloader {
             for part in changed {
                 self.reload(part);
             }
+            self.note_config_change();
+        }
+    }
+
+    /// A configuration file that changed since start is not applied (only the files it names are reloaded): say so
+    /// once per change, or an edited `policy_file:` or listener setting would look applied after a SIGHUP.
+    fn note_config_change(&mut self) {
+        let now = stamp(&self.config.origin);
+        if now != self.config_stamp {
+            self.config_stamp = now;
+            warn!(
+                file = %self.config.origin.display(),
+                "the configuration file changed; it is read only at start (a reload loads the policy and \
+                 certificates it named then): restart etcd-guard to apply it"
+            );
         }
     }
 
@@ -126,7 +144,12 @@ impl Reloader {
             // An editor or `cat >` empties the file before it writes the new one: a reload that comes in between
             // must not take every permission away (and cancel every watch): `load_in_force` refuses it.
             Part::Policy => match Policy::load_in_force(&self.config.policy_file) {
-                Ok(p) => crate::server::check_issuers(&p, &self.config.tls).map(|()| self.shared.replace_policy(p)),
+                Ok(p) => crate::server::check_issuers(&p, &self.config.tls).map(|()| {
+                    for warning in p.warnings() {
+                        warn!("{warning}");
+                    }
+                    self.shared.replace_policy(p)
+                }),
                 Err(e) => Err(e.to_string()),
             },
             Part::Listener => tls::server_config(&self.config.tls)
@@ -148,6 +171,10 @@ impl Reloader {
         };
         let metrics = &self.shared.metrics;
         match result {
+            Ok(()) if part == Part::Policy => {
+                info!(part = ?part, file = %self.config.policy_file.display(), "reloaded");
+                metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+            }
             Ok(()) => {
                 info!(part = ?part, "reloaded");
                 metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();

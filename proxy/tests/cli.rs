@@ -285,3 +285,119 @@ fn config_check_reports_an_audit_log_that_cannot_be_written() -> TestResult {
     assert!(text(&o).contains("audit") && text(&o).contains("not-a-folder"), "{}", text(&o));
     Ok(())
 }
+
+/// `serve` refuses to go on with an audit log whose last record does not verify under the configured HMAC key (a
+/// changed or removed key): `config check` says so too, rather than `ok` before a service manager's restart loop.
+#[test]
+fn config_check_refuses_a_key_the_audit_log_was_not_written_with() -> TestResult {
+    let (dir, cfg) = checkable_dir()?;
+    let base = std::fs::read_to_string(&cfg)?;
+    std::fs::write(dir.path().join("a.key"), "0123456789abcdef0123456789abcdef")?;
+    std::fs::write(dir.path().join("b.key"), "fedcba9876543210fedcba9876543210")?;
+    let with_key = |key: &str| -> std::io::Result<()> {
+        let audit = match key {
+            "" => "audit: { file: audit/audit.log }\n".to_string(),
+            key => format!("audit: {{ file: audit/audit.log, hmac_key_file: {key} }}\n"),
+        };
+        std::fs::write(&cfg, format!("{base}{audit}"))
+    };
+    // A run with key a leaves its opening record.
+    with_key("a.key")?;
+    let mut serving = Command::new(env!("CARGO_BIN_EXE_etcd-guard"))
+        .args(["serve", "--config", &cfg.display().to_string(), "--metrics-listen", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let log = dir.path().join("audit/audit.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(&log).map_or(true, |t| !t.ends_with('\n')) {
+        if std::time::Instant::now() > deadline {
+            let _ = serving.kill();
+            return Err("no audit record 20 s after start".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    serving.kill()?;
+    serving.wait()?;
+
+    let check = || guard(&["config", "check", "--config", &cfg.display().to_string()]);
+    let o = check()?;
+    assert_eq!(o.status.code(), Some(0), "the same key: {}", text(&o));
+    for (key, keyed) in [("b.key", "with the configured HMAC key"), ("", "(unkeyed)")] {
+        with_key(key)?;
+        let o = check()?;
+        assert_eq!(o.status.code(), Some(2), "{key:?}: {}", text(&o));
+        let t = text(&o);
+        assert!(t.contains("audit.log") && t.contains(keyed) && t.contains("hmac_key_file"), "{key:?}: {t}");
+    }
+    Ok(())
+}
+
+/// An `audit-only` binding serves what its roles would deny: `policy check` says `would-deny` and exits 0 as the
+/// proxy serves it, and `policy validate` and `config check` warn about such bindings.
+#[test]
+fn audit_only_bindings_are_named_and_checked_as_the_proxy_serves_them() -> TestResult {
+    let (dir, cfg) = checkable_dir()?;
+    let policy = "roles:\n  - { name: r, keys: [ { prefix: \"app/\", access: read } ] }\n\
+                  bindings:\n  - { role: r, mode: audit-only, subjects: [ { common_name: trial } ] }\n";
+    std::fs::write(dir.path().join("policy.yaml"), policy)?;
+    let p = dir.path().join("policy.yaml").display().to_string();
+    let check = |rpc: &str, key: &str| {
+        guard(&["policy", "check", "--policy", &p, "--common-name", "trial", "--rpc", rpc, "--key", key])
+    };
+    let o = check("get", "app/x")?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).trim_end().ends_with("allow"), "{}", text(&o));
+    let o = check("put", "other")?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).lines().last().is_some_and(|l| l.starts_with("would-deny")),
+        "{}",
+        text(&o)
+    );
+    // Another identity is bound to nothing: denied.
+    let o = guard(&["policy", "check", "--policy", &p, "--common-name", "other", "--rpc", "get", "--key", "app/x"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+
+    for cmd in [vec!["policy", "validate", p.as_str()], vec!["config", "check", "--config", &cfg.to_string_lossy()]] {
+        let o = guard(&cmd)?;
+        assert_eq!(o.status.code(), Some(0), "{cmd:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("warning") && err.contains("audit-only bindings[0]") && err.contains("\"r\""),
+            "{cmd:?}: {err}"
+        );
+    }
+    Ok(())
+}
+
+/// `policy check … | head -1` (or `grep -q`) closes the pipe early: the exit code still says the decision.
+#[test]
+fn policy_check_with_its_output_closed_exits_with_the_decision() -> TestResult {
+    let p = policy_path();
+    for (key, code) in [("/registry/secrets/x", "rc=1"), ("", "rc=2")] {
+        let o = Command::new("sh")
+            // The reader is gone (`true` exits at once) before the check has loaded its policy and writes.
+            .args([
+                "-c",
+                r#"exec 3>&1; { "$@" 2>/dev/null; echo "rc=$?" >&3; } | true"#,
+                "sh",
+                env!("CARGO_BIN_EXE_etcd-guard"),
+            ])
+            .args(["policy", "check", "--policy", &p, "--common-name", "cilium-agent", "--rpc", "get", "--key", key])
+            .output()?;
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), code, "{key:?}: {}", text(&o));
+    }
+    Ok(())
+}
+
+#[test]
+fn config_check_refuses_metrics_on_the_listen_address() -> TestResult {
+    let (_dir, cfg) = checkable_dir()?;
+    let base = std::fs::read_to_string(&cfg)?.replace("127.0.0.1:0", "127.0.0.1:42379");
+    std::fs::write(&cfg, format!("{base}metrics_listen: \"127.0.0.1:42379\"\n"))?;
+    let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("metrics_listen") && text(&o).contains("listen"), "{}", text(&o));
+    Ok(())
+}

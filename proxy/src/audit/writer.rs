@@ -48,8 +48,9 @@ pub enum AuditError {
     #[error("audit: {0}")]
     Key(#[from] chain::KeyError),
     #[error(
-        "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain \
-         (move the file away to start a new one, and keep it for review)"
+        "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain (a changed or \
+         removed audit.hmac_key_file does this: restore it; to change the key or start over, move the file away \
+         to start a new chain, and keep it for review)"
     )]
     BrokenTail { path: PathBuf, keyed: &'static str },
     #[error("audit: {path}: the last record is not an audit record: {reason}")]
@@ -1007,26 +1008,53 @@ impl FileSink {
 
     /// Rotated files of this log, oldest first.
     fn rotated_files(&self) -> io::Result<Vec<PathBuf>> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let base = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let prefix = format!("{base}.");
-        let mut found: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(digits) = name.strip_prefix(&prefix)
-                && digits.len() == 20
-                && digits.bytes().all(|b| b.is_ascii_digit())
-                && let Ok(seq) = digits.parse::<u64>()
-            {
-                found.push((seq, entry.path()));
-            }
+        rotated_files(&self.path)
+    }
+}
+
+/// The rotated files of the audit log at `path`, oldest first.
+fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!("{base}.");
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(digits) = name.strip_prefix(&prefix)
+            && digits.len() == 20
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(seq) = digits.parse::<u64>()
+        {
+            found.push((seq, entry.path()));
         }
-        found.sort();
-        Ok(found.into_iter().map(|(_, p)| p).collect())
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Whether the audit log at `path` can go on under `hasher` (for `config check`; reads only): its last record — the
+/// active file's, else the newest rotated file's — verifies, as the writer requires when it opens the log. A missing
+/// log is fine; a line cut off by a crash is left to the writer.
+pub fn check_tail(path: &Path, hasher: &Hasher) -> Result<(), AuditError> {
+    let io_err = |at: &Path, source| AuditError::Io { path: at.to_path_buf(), source };
+    let mut last = match File::open(path) {
+        Ok(mut f) => read_last_line(&mut f).map_err(|e| io_err(path, e))?.last.map(|l| (path.to_path_buf(), l)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(path, e)),
+    };
+    if last.is_none()
+        && let Some(rotated) = rotated_files(path).ok().and_then(|mut r| r.pop())
+    {
+        let mut f = File::open(&rotated).map_err(|e| io_err(&rotated, e))?;
+        last = read_last_line(&mut f).map_err(|e| io_err(&rotated, e))?.last.map(|l| (rotated, l));
+    }
+    match last {
+        Some((from, line)) if !chain::line_is_intact(hasher, &line) => Err(AuditError::broken_tail(from, hasher)),
+        _ => Ok(()),
     }
 }
 

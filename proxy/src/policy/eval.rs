@@ -177,6 +177,24 @@ impl Policy {
         }
     }
 
+    /// What an operator should know about a policy that loads: its `audit-only` bindings, which take nothing
+    /// away — an identity that only they match is served what its roles would deny (recorded as `would_deny`).
+    pub fn warnings(&self) -> Vec<String> {
+        let audit_only: Vec<String> = (self.bindings.iter().enumerate())
+            .filter(|(_, b)| b.mode == BindingMode::AuditOnly)
+            .map(|(i, b)| format!("bindings[{i}] (role {:?}, line {})", b.role, b.line))
+            .collect();
+        if audit_only.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "{}: audit-only {}: an identity that only these match is served every request, what its roles would \
+             deny recorded as decision \"would_deny\" (set mode: enforce once the records show nothing unexpected)",
+            self.origin,
+            audit_only.join(", ")
+        )]
+    }
+
     /// Compiles a validated document: per role, the union of its grants minus
     /// the union of its own denials, for read and for write. O(n log n).
     pub fn compile(document: PolicyDocument, origin: &str) -> Policy {
