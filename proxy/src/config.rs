@@ -410,7 +410,10 @@ impl Config {
         }
         let raw: RawConfig = serde_saphyr::from_str(text)
             // The parser's excerpt names its source `<input>`: this file.
-            .map_err(|e| parse_error(e.to_string().replace("--> <input>:", &format!("--> {}:", path.display()))))?;
+            .map_err(|e| {
+                let message = crate::policy::model::parser_advice_removed(&e.to_string());
+                parse_error(message.replace("--> <input>:", &format!("--> {}:", path.display())))
+            })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let invalid =
@@ -620,6 +623,14 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.starts_with("c.yaml:"), "{err}");
         assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_in_the_editors_terms() {
+        let text = format!("{EXAMPLE}\nlisten: \"127.0.0.1:1\"\n");
+        let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("c.yaml") && err.contains("duplicate") && err.contains("listen"), "{err}");
+        assert!(!err.contains("DuplicateKeyPolicy"), "{err}");
     }
 
     #[test]

@@ -424,9 +424,10 @@ pub fn check_issuers(policy: &Policy, tls: &crate::config::ListenerTls) -> Resul
     if unknown.is_empty() {
         return Ok(());
     }
+    let example = unknown.first().copied().unwrap_or("etcd");
     Err(format!(
         "{}: bindings require issuer {unknown:?}, which the configuration's tls.issuers does not name (it names \
-         {names:?}); add it, e.g. `tls: {{ issuers: {{ etcd: /etc/kubernetes/pki/etcd/ca.crt }} }}` (its CAs must be in \
+         {names:?}); add it, e.g. `tls: {{ issuers: {{ {example}: /path/to/its-ca.crt }} }}` (its CAs must be in \
          tls.client_ca_file), or change the bindings",
         policy.origin()
     ))

@@ -1081,6 +1081,12 @@ impl Validator<'_> {
 
 // === helpers ===
 
+/// The YAML parser's advice meant for programs that use it (not for whoever edits the file) taken out of its
+/// message.
+pub(crate) fn parser_advice_removed(message: &str) -> String {
+    message.replace(", set DuplicateKeyPolicy in Options if acceptable", " (a key may appear once per mapping)")
+}
+
 /// Turns a serde-saphyr error into a located [`PolicyError::Syntax`].
 fn syntax_error(origin: &str, err: &serde_saphyr::Error) -> PolicyError {
     let at = match err.location() {
@@ -1089,7 +1095,7 @@ fn syntax_error(origin: &str, err: &serde_saphyr::Error) -> PolicyError {
     };
     let message = serde_saphyr::DefaultMessageFormatter.format_message(err.without_snippet());
     // The message may quote input text: keep control characters out of logs.
-    let message = message
+    let message = parser_advice_removed(&message)
         .chars()
         .flat_map(|c| {
             let escaped: Vec<char> = if c.is_control() { c.escape_debug().collect() } else { vec![c] };
@@ -1369,6 +1375,7 @@ bindings:
         );
         assert_error("roles:\n  - name: a\n   bad: [\n", "policies/x.yaml:3:", "");
         assert_error("roles:\n  - name: a\n    name: b\n", "policies/x.yaml:3:", "duplicate");
+        assert_error("roles:\n  - name: a\n    name: b\n", "policies/x.yaml:3:", "a key may appear once per mapping");
         assert_error("bindings:\n  - subjects: [ { common_name: a } ]\n", "policies/x.yaml:2:", "missing field `role`");
     }
 
