@@ -426,6 +426,20 @@ impl Config {
         if raw.upstream.endpoints.is_empty() {
             return Err(invalid("upstream.endpoints", "at least one endpoint is required".into()));
         }
+        // Resolved, an empty path would name the configuration's folder.
+        for (key, file) in [
+            ("policy_file", &raw.policy_file),
+            ("tls.cert_file", &raw.tls.cert_file),
+            ("tls.key_file", &raw.tls.key_file),
+            ("tls.client_ca_file", &raw.tls.client_ca_file),
+            ("upstream.ca_file", &raw.upstream.ca_file),
+            ("upstream.cert_file", &raw.upstream.cert_file),
+            ("upstream.key_file", &raw.upstream.key_file),
+        ] {
+            if file.as_os_str().is_empty() {
+                return Err(invalid(key, "is empty: name a file".into()));
+            }
+        }
         for ep in &raw.upstream.endpoints {
             if !ep.starts_with("https://") {
                 return Err(invalid(
@@ -631,6 +645,13 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("c.yaml") && err.contains("duplicate") && err.contains("listen"), "{err}");
         assert!(!err.contains("DuplicateKeyPolicy"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_file_name_is_refused_by_its_key() {
+        let text = EXAMPLE.replace("policy_file: policies/kubernetes.yaml", "policy_file: \"\"");
+        let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("policy_file") && err.contains("empty"), "{err}");
     }
 
     #[test]
