@@ -198,7 +198,7 @@ enum ConfigCommand {
     },
 }
 
-/// Run the command line; the exit code follows the command (policy check: 0 allow, 1 deny; errors: 2).
+/// Run the command line; the exit code follows the command (policy check: 0 allow, 1 deny, 3 would-deny; errors: 2).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -223,7 +223,7 @@ pub fn main() -> ExitCode {
 
 /// A line on standard output. A closed pipe (`… | head -1`, `… | grep -q`) is not an error worth a panic: the
 /// exit code still says what was decided.
-fn say(line: impl std::fmt::Display) {
+pub(crate) fn say(line: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
@@ -424,11 +424,11 @@ fn policy_check(args: CheckArgs) -> ExitCode {
         say("allow");
         ExitCode::SUCCESS
     } else if !never && policy.permissions_for(&identity).mode() == crate::policy::Mode::AuditOnly {
-        // What the proxy does: serves it, recorded as `would_deny`.
-        say(
-            "would-deny: only audit-only bindings match this identity, so the proxy serves the request (recorded as decision \"would_deny\")",
-        );
-        ExitCode::SUCCESS
+        // What the proxy does: serves it (the audit log says `would_deny`); once the bindings enforce, it denies
+        // it. Neither `allow` nor `deny`: an intent check of either kind fails on it.
+        say("would-deny: only audit-only bindings match this identity, so the proxy serves the request now (the \
+             audit log records decision \"would_deny\") and denies it once they enforce");
+        ExitCode::from(3)
     } else {
         say("deny");
         ExitCode::from(1)
@@ -553,6 +553,12 @@ fn certs_init(args: CertsInitArgs) -> ExitCode {
 
 /// Whether the audit log can be opened where the configuration says (leaving nothing behind), and its HMAC key
 /// read, as `serve` will.
+/// Whether two listeners cannot both bind: the same port (not 0, which picks a free one) on the same address, or
+/// on a wildcard address and any other.
+fn clash(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
     if !audit.enabled {
         return None;
@@ -640,9 +646,9 @@ fn config_check(path: PathBuf) -> ExitCode {
     if !config.audit.enabled {
         eprintln!("etcd-guard: warning: auditing is off (audit.enabled: false): no request is recorded");
     }
-    if config.metrics_listen == Some(config.listen) && config.listen.port() != 0 {
+    if let Some(metrics) = config.metrics_listen.filter(|m| clash(*m, config.listen)) {
         problems.push(format!(
-            "metrics_listen and listen are both {}: give the metrics listener its own port",
+            "metrics_listen {metrics} and listen {} take the same port: give the metrics listener its own",
             config.listen
         ));
     }

@@ -435,9 +435,14 @@ impl Config {
             ("upstream.ca_file", &raw.upstream.ca_file),
             ("upstream.cert_file", &raw.upstream.cert_file),
             ("upstream.key_file", &raw.upstream.key_file),
-        ] {
+        ]
+        .into_iter()
+        .chain(raw.audit.hmac_key_file.iter().map(|f| ("audit.hmac_key_file", f)))
+        .chain(raw.tls.crl_files.iter().map(|f| ("tls.crl_files", f)))
+        .chain(raw.tls.issuers.values().map(|f| ("tls.issuers", f)))
+        {
             if file.as_os_str().is_empty() {
-                return Err(invalid(key, "is empty: name a file".into()));
+                return Err(invalid(key, "must name a file (it is empty)".into()));
             }
         }
         for ep in &raw.upstream.endpoints {

@@ -25,8 +25,10 @@ pub struct Reloader {
     trust: Arc<ClientTrust>,
     trigger: Arc<Notify>,
     stamps: Vec<(Part, PathBuf, Option<Stamp>)>,
-    /// The configuration file as it was at start: it is not reloaded, and a change to it is worth a warning.
+    /// The configuration file as it was at start (its stamp, and its bytes): it is not reloaded, and a change to
+    /// it is worth a warning.
     config_stamp: Option<Stamp>,
+    config_bytes: Option<Vec<u8>>,
 }
 
 /// Asks a running proxy to reload everything now.
@@ -81,8 +83,9 @@ impl Reloader {
             files.push((Part::Upstream, f.clone()));
         }
         let stamps = files.into_iter().map(|(part, path)| (part, path.clone(), stamp(&path))).collect();
-        let config_stamp = stamp(&config.origin);
-        Reloader { config, shared, acceptor, trust, trigger: Arc::new(Notify::new()), stamps, config_stamp }
+        let (config_stamp, config_bytes) = (stamp(&config.origin), std::fs::read(&config.origin).ok());
+        let trigger = Arc::new(Notify::new());
+        Reloader { config, shared, acceptor, trust, trigger, stamps, config_stamp, config_bytes }
     }
 
     pub fn handle(&self) -> ReloadHandle {
@@ -110,10 +113,17 @@ impl Reloader {
 
     /// A configuration file that changed since start is not applied (only the files it names are reloaded): say so
     /// once per change, or an edited `policy_file:` or listener setting would look applied after a SIGHUP.
+    /// Only a change of its bytes counts: a `chmod`, or a Kubernetes ConfigMap update that swaps every file's
+    /// inode, does not.
     fn note_config_change(&mut self) {
         let now = stamp(&self.config.origin);
-        if now != self.config_stamp {
-            self.config_stamp = now;
+        if now == self.config_stamp {
+            return;
+        }
+        self.config_stamp = now;
+        let bytes = std::fs::read(&self.config.origin).ok();
+        if bytes != self.config_bytes {
+            self.config_bytes = bytes;
             warn!(
                 file = %self.config.origin.display(),
                 "the configuration file changed; it is read only at start (a reload loads the policy and \

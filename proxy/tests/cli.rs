@@ -333,8 +333,8 @@ fn config_check_refuses_a_key_the_audit_log_was_not_written_with() -> TestResult
     Ok(())
 }
 
-/// An `audit-only` binding serves what its roles would deny: `policy check` says `would-deny` and exits 0 as the
-/// proxy serves it, and `policy validate` and `config check` warn about such bindings.
+/// An `audit-only` binding serves what its roles would deny: `policy check` says `would-deny` (exit 3: neither what
+/// `allow` nor what `deny` intends), and `policy validate` and `config check` warn about such bindings.
 #[test]
 fn audit_only_bindings_are_named_and_checked_as_the_proxy_serves_them() -> TestResult {
     let (dir, cfg) = checkable_dir()?;
@@ -349,7 +349,7 @@ fn audit_only_bindings_are_named_and_checked_as_the_proxy_serves_them() -> TestR
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).trim_end().ends_with("allow"), "{}", text(&o));
     let o = check("put", "other")?;
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).lines().last().is_some_and(|l| l.starts_with("would-deny")),
         "{}",
@@ -395,9 +395,14 @@ fn policy_check_with_its_output_closed_exits_with_the_decision() -> TestResult {
 fn config_check_refuses_metrics_on_the_listen_address() -> TestResult {
     let (_dir, cfg) = checkable_dir()?;
     let base = std::fs::read_to_string(&cfg)?.replace("127.0.0.1:0", "127.0.0.1:42379");
-    std::fs::write(&cfg, format!("{base}metrics_listen: \"127.0.0.1:42379\"\n"))?;
+    for metrics in ["127.0.0.1:42379", "0.0.0.0:42379"] {
+        std::fs::write(&cfg, format!("{base}metrics_listen: \"{metrics}\"\n"))?;
+        let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+        assert_eq!(o.status.code(), Some(2), "{metrics}: {}", text(&o));
+        assert!(text(&o).contains("metrics_listen") && text(&o).contains("same port"), "{}", text(&o));
+    }
+    std::fs::write(&cfg, format!("{base}metrics_listen: \"127.0.0.1:42380\"\n"))?;
     let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("metrics_listen") && text(&o).contains("listen"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     Ok(())
 }

@@ -167,18 +167,18 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         }
     };
     for note in &report.notes {
-        println!("note: {note}");
+        crate::cli::say(format_args!("note: {note}"));
     }
     match &report.problem {
         Some(problem) => {
-            println!("{problem}");
+            crate::cli::say(problem);
             if report.records > 0 {
-                println!("({} records before it are in order)", report.records);
+                crate::cli::say(format_args!("({} records before it are in order)", report.records));
             }
             ExitCode::from(1)
         }
         None => {
-            println!("{report}");
+            crate::cli::say(&report);
             ExitCode::SUCCESS
         }
     }

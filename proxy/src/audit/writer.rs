@@ -821,59 +821,16 @@ impl FileSink {
             max_bytes,
             max_files,
         };
-        // Where the chain stands: the active file's last record, else the newest rotated file's.
-        let mut tail_source = None;
-        let mut cut = None;
+        let Standing { seq, prev, previous, cut, unterminated } = standing(path, Some(&mut file), hasher)?;
+        if unterminated {
+            if cut.is_some() {
+                warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
+            }
+            file.write_all(b"\n").map_err(io_err)?;
+            sink.len += 1;
+        }
         if len > 0 {
-            let Tail { mut last, torn } = read_last_line(&mut file).map_err(io_err)?;
-            if let Some(torn) = torn {
-                if chain::line_is_intact(hasher, &torn) {
-                    // Written whole but for its newline: the chain goes on from it.
-                    last = Some(torn);
-                } else if serde_json::from_slice::<serde::de::IgnoredAny>(&torn).is_ok() {
-                    // A whole JSON line that does not verify is not what a crash leaves (a cut-off record is never
-                    // valid JSON): it is not vouched for, and the file is left as it is.
-                    return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
-                } else {
-                    warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
-                    cut = Some(torn);
-                }
-                file.write_all(b"\n").map_err(io_err)?;
-                sink.len += 1;
-            }
             sink.first_seq = starts_at(path).map_err(io_err)?;
-            tail_source = last.map(|l| (path.to_path_buf(), l));
-        }
-        if tail_source.is_none()
-            && let Some(rotated) = sink.rotated_files().map_err(io_err)?.pop()
-        {
-            let mut f = File::open(&rotated).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-            let tail = read_last_line(&mut f).map_err(|source| AuditError::Io { path: rotated.clone(), source })?;
-            tail_source = tail.last.map(|l| (rotated, l));
-        }
-        let (seq, prev, previous) = match tail_source {
-            None => (0, GENESIS.to_string(), Previous::None),
-            Some((from, line)) => {
-                if !chain::line_is_intact(hasher, &line) {
-                    return Err(AuditError::broken_tail(from, hasher));
-                }
-                let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
-                let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
-                let previous = if cut.is_none() && super::read::rpc_of(&line).as_deref() == Some(CLOSE_RPC) {
-                    Previous::Closed
-                } else {
-                    Previous::NotClosed
-                };
-                (seq, hash, previous)
-            }
-        };
-        // What a crash leaves is the start of the next record: `{"seq":<next>,"time":"…` cut anywhere. Anything else
-        // at the end (text added while the proxy was stopped) is not vouched for.
-        if let Some(torn) = &cut {
-            let expected = format!("{{\"seq\":{},\"time\":\"", seq + 1);
-            if !(torn.starts_with(expected.as_bytes()) || expected.as_bytes().starts_with(torn)) {
-                return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
-            }
         }
         let (seq, prev) = match cut {
             // The chain goes on with a record that names the cut-off line's bytes: only the writer (the key's
@@ -1039,26 +996,93 @@ fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
-/// Whether the audit log at `path` can go on under `hasher` (for `config check`; reads only): its last record — the
-/// active file's, else the newest rotated file's — verifies, as the writer requires when it opens the log. A missing
-/// log is fine; a line cut off by a crash is left to the writer.
-pub fn check_tail(path: &Path, hasher: &Hasher) -> Result<(), AuditError> {
+/// Where the chain of an audit log stands: what its writer goes on from ([`standing`]).
+struct Standing {
+    /// The last record's sequence number and hash (0 and [`GENESIS`] for a new chain).
+    seq: u64,
+    prev: String,
+    previous: Previous,
+    /// The active file's last line as a crash cut it off (not a whole record): it stays, and a record vouching
+    /// for its bytes follows.
+    cut: Option<Vec<u8>>,
+    /// The active file's last line has no newline (cut off, or a whole record but for it).
+    unterminated: bool,
+}
+
+/// Where the chain of the audit log at `path` stands: its last record — the active file's (`active`, if it exists),
+/// else the newest rotated file's — must verify under `hasher`; a last line a crash cut off must be the start of the
+/// next record. Reads only: `FileSink::open` acts on it, `config check` asks it ([`check_tail`]).
+fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<Standing, AuditError> {
     let io_err = |at: &Path, source| AuditError::Io { path: at.to_path_buf(), source };
-    let mut last = match File::open(path) {
-        Ok(mut f) => read_last_line(&mut f).map_err(|e| io_err(path, e))?.last.map(|l| (path.to_path_buf(), l)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_err(path, e)),
+    let mut tail_source = None;
+    let mut cut = None;
+    let mut unterminated = false;
+    if let Some(file) = active {
+        let Tail { mut last, torn } = read_last_line(file).map_err(|e| io_err(path, e))?;
+        if let Some(torn) = torn {
+            unterminated = true;
+            if chain::line_is_intact(hasher, &torn) {
+                // Written whole but for its newline: the chain goes on from it.
+                last = Some(torn);
+            } else if serde_json::from_slice::<serde::de::IgnoredAny>(&torn).is_ok() {
+                // A whole JSON line that does not verify is not what a crash leaves (a cut-off record is never
+                // valid JSON): it is not vouched for, and the file is left as it is.
+                return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
+            } else {
+                cut = Some(torn);
+            }
+        }
+        tail_source = last.map(|l| (path.to_path_buf(), l));
+    }
+    if tail_source.is_none() {
+        let rotated = match rotated_files(path) {
+            Ok(mut files) => files.pop(),
+            // No folder yet (`config check` before the first start): no log either.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(path, e)),
+        };
+        if let Some(rotated) = rotated {
+            let mut f = File::open(&rotated).map_err(|e| io_err(&rotated, e))?;
+            let tail = read_last_line(&mut f).map_err(|e| io_err(&rotated, e))?;
+            tail_source = tail.last.map(|l| (rotated, l));
+        }
+    }
+    let (seq, prev, previous) = match tail_source {
+        None => (0, GENESIS.to_string(), Previous::None),
+        Some((from, line)) => {
+            if !chain::line_is_intact(hasher, &line) {
+                return Err(AuditError::broken_tail(from, hasher));
+            }
+            let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
+            let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
+            let previous = if cut.is_none() && super::read::rpc_of(&line).as_deref() == Some(CLOSE_RPC) {
+                Previous::Closed
+            } else {
+                Previous::NotClosed
+            };
+            (seq, hash, previous)
+        }
     };
-    if last.is_none()
-        && let Some(rotated) = rotated_files(path).ok().and_then(|mut r| r.pop())
-    {
-        let mut f = File::open(&rotated).map_err(|e| io_err(&rotated, e))?;
-        last = read_last_line(&mut f).map_err(|e| io_err(&rotated, e))?.last.map(|l| (rotated, l));
+    // What a crash leaves is the start of the next record: `{"seq":<next>,"time":"…` cut anywhere. Anything else
+    // at the end (text added while the proxy was stopped) is not vouched for.
+    if let Some(torn) = &cut {
+        let expected = format!("{{\"seq\":{},\"time\":\"", seq + 1);
+        if !(torn.starts_with(expected.as_bytes()) || expected.as_bytes().starts_with(torn)) {
+            return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
+        }
     }
-    match last {
-        Some((from, line)) if !chain::line_is_intact(hasher, &line) => Err(AuditError::broken_tail(from, hasher)),
-        _ => Ok(()),
-    }
+    Ok(Standing { seq, prev, previous, cut, unterminated })
+}
+
+/// Whether the audit log at `path` can go on under `hasher`, as the writer requires when it opens it (for
+/// `config check`; reads only, takes no lock). A missing log is fine.
+pub fn check_tail(path: &Path, hasher: &Hasher) -> Result<(), AuditError> {
+    let mut active = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(source) => return Err(AuditError::Io { path: path.to_path_buf(), source }),
+    };
+    standing(path, active.as_mut(), hasher).map(|_| ())
 }
 
 /// `<path>.<first seq, 20 digits>`.
@@ -1488,7 +1512,10 @@ mod tests {
         let key = dir.path().join("key");
         std::fs::write(&key, "0123456789abcdef0123")?;
         let mut keyed = config(dir.path());
-        keyed.hmac_key_file = Some(key);
+        keyed.hmac_key_file = Some(key.clone());
+        let active = dir.path().join("audit.log");
+        assert!(matches!(check_tail(&active, &Hasher::from_key_file(&key)?), Err(AuditError::BrokenTail { .. })));
+        assert!(check_tail(&active, &Hasher::unkeyed()).is_ok());
         assert!(matches!(AuditLog::open(&keyed), Err(AuditError::BrokenTail { .. })));
         Ok(())
     }
@@ -1640,6 +1667,9 @@ mod tests {
         // The newline of the last record is lost.
         let text = std::fs::read_to_string(&active)?;
         std::fs::write(&active, text.trim_end())?;
+        // `config check` (`check_tail`) agrees with the writer each time.
+        let unkeyed = Hasher::unkeyed();
+        assert!(check_tail(&active, &unkeyed).is_ok());
         let log = AuditLog::open(&config(dir.path()))?;
         log.submit(record(&s, 1)).await?;
         log.close(Duration::from_secs(5)).await;
@@ -1652,11 +1682,13 @@ mod tests {
         // A forged record put at the end without its newline (say while the proxy was stopped).
         let mut file = OpenOptions::new().append(true).open(&active)?;
         file.write_all(br#"{"seq":3,"rpc":"KV/Range","hash":"00"}"#)?;
+        assert!(matches!(check_tail(&active, &unkeyed), Err(AuditError::BrokenTail { .. })));
         assert!(matches!(AuditLog::open(&config(dir.path())), Err(AuditError::BrokenTail { .. })));
         // Nor is text that is not the start of the next record, cut (before: any line that was not JSON was).
         for junk in [&br#"{"seq":3,"rpc":"KV/Put","key":"forged"#[..], b"anything at all", br#"{"seq":9,"time":"2"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(junk)?;
+            assert!(check_tail(&active, &unkeyed).is_err(), "{}", String::from_utf8_lossy(junk));
             let opened = AuditLog::open(&config(dir.path()));
             assert!(matches!(opened, Err(AuditError::BrokenTail { .. })), "{}", String::from_utf8_lossy(junk));
         }
@@ -1664,6 +1696,7 @@ mod tests {
         for cut in [&br#"{"se"#[..], br#"{"seq":7,"time":"2026-12-0"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(cut)?;
+            assert!(check_tail(&active, &unkeyed).is_ok(), "{}", String::from_utf8_lossy(cut));
             let log = AuditLog::open(&config(dir.path()))?;
             log.close(Duration::from_secs(5)).await;
         }

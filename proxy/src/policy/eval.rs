@@ -188,8 +188,9 @@ impl Policy {
             return Vec::new();
         }
         vec![format!(
-            "{}: audit-only {}: an identity that only these match is served every request, what its roles would \
-             deny recorded as decision \"would_deny\" (set mode: enforce once the records show nothing unexpected)",
+            "{}: audit-only {}: an identity that only these match is served what its roles would deny (recorded as \
+             decision \"would_deny\"; requests the proxy does not understand are still refused and limits still \
+             apply): set mode: enforce once the records show nothing unexpected",
             self.origin,
             audit_only.join(", ")
         )]

@@ -1090,6 +1090,9 @@ impl Drop for Forwarding<'_> {
     }
 }
 
+/// The reason a bidirectional stream's end record gives, unless something more is known.
+const STREAM_ENDED: &str = "stream ended";
+
 /// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or when it is dropped,
 /// with how the stream's answer ended for its client ([`StreamEnd::note`]): `Cancelled` if it did not (the client
 /// went away).
@@ -1131,7 +1134,7 @@ impl StreamEnd {
             r.ops = "[]".into();
             r
         });
-        StreamEnd::open(g, rpc, record, Decision::Allow, "stream ended".into(), at)
+        StreamEnd::open(g, rpc, record, Decision::Allow, STREAM_ENDED.into(), at)
     }
 
     /// Count the stream as open; the end record is written once.
@@ -1182,7 +1185,13 @@ impl StreamEnd {
                 self.ended.get_or_insert(Code::Cancelled);
                 return None;
             }
-            Some(Err(status)) => self.ended.get_or_insert(status.code()),
+            Some(Err(status)) => {
+                if self.ended.is_none() && self.reason == STREAM_ENDED {
+                    // Why, as the client was told (etcd's message, or the proxy's: a hand-over that did not end).
+                    self.reason = format!("{STREAM_ENDED}: {}", status.message());
+                }
+                self.ended.get_or_insert(status.code())
+            }
             None => self.ended.get_or_insert(Code::Ok),
         };
         item
@@ -1228,7 +1237,9 @@ impl Drop for StreamEnd {
         let code = match self.ended {
             Some(code) => code,
             None if *self.shutting_down.borrow() => {
-                self.reason = "the proxy shut down".into();
+                if self.reason == STREAM_ENDED {
+                    self.reason = "the proxy shut down".into();
+                }
                 Code::Unavailable
             }
             None => Code::Cancelled,
