@@ -247,6 +247,23 @@ pub struct PeerTrust {
     trust: watch::Receiver<Trust>,
 }
 
+/// Whether `cert` says it is a CA (basic constraints `CA:TRUE`); a certificate that cannot be parsed is left to the
+/// verifier, which refuses it.
+fn is_ca(cert: &CertificateDer<'_>) -> bool {
+    match x509_parser::parse_x509_certificate(cert) {
+        Ok((_, parsed)) => parsed.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca),
+        Err(_) => true,
+    }
+}
+
+/// `"CN=…"`: a certificate's subject, for messages.
+fn subject_of(cert: &CertificateDer<'_>) -> String {
+    match x509_parser::parse_x509_certificate(cert) {
+        Ok((_, parsed)) => format!("{:?}", parsed.subject().to_string()),
+        Err(_) => "a certificate".into(),
+    }
+}
+
 // === impl Issuers ===
 
 impl Issuers {
@@ -266,12 +283,23 @@ impl Issuers {
             let cas = load_certs(path)?;
             issuers.digested.push((name.clone(), cas.iter().map(|c| c.to_vec()).collect()));
             for ca in cas {
+                if !is_ca(&ca) {
+                    return Err(TlsError::Unusable {
+                        path: path.clone(),
+                        message: format!(
+                            "tls.issuers.{name}: {} in this file is not a CA certificate (a server or client \
+                             certificate?): name the CA that issued the clients' certificates",
+                            subject_of(&ca)
+                        ),
+                    });
+                }
                 if !bundle.contains(&ca) {
                     return Err(TlsError::Unusable {
                         path: path.clone(),
                         message: format!(
-                            "tls.issuers.{name}: a CA in this file is not in tls.client_ca_file ({}); every issuer's \
-                             CAs must be in the client CA bundle",
+                            "tls.issuers.{name}: the CA {} in this file is not in tls.client_ca_file ({}); every \
+                             issuer's CAs must be in the client CA bundle",
+                            subject_of(&ca),
                             bundle_path.display()
                         ),
                     });

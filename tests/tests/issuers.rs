@@ -111,6 +111,11 @@ async fn an_issuer_outside_the_client_ca_bundle_is_refused() -> TestResult {
     let err = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await.err().map(|e| e.to_string());
     let err = err.unwrap_or_default();
     assert!(err.contains("other-ca.crt") && err.contains("not in tls.client_ca_file"), "{err}");
+    // A server certificate named as an issuer (a common slip) is called what it is.
+    std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: ca.crt, components: server.crt }"))?;
+    let err = Proxy::bind(&Config::load(&pki.path("etcd-guard.yaml"))?).await.err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    assert!(err.contains("server.crt") && err.contains("not a CA certificate"), "{err}");
     // A policy that requires an issuer the configuration does not name is a mistake, not a way to deny: refused at
     // start (and on reload, where the previous policy stays).
     std::fs::write(pki.path("etcd-guard.yaml"), config(&pki, &etcd, "{ etcd: ca.crt }"))?;
