@@ -437,6 +437,14 @@ fn defect_problem(
         (_, None) if !p.defect.partial => message.push_str(" (the last line: it may also have been appended)"),
         _ => {}
     }
+    if p.line == 1 && p.defect.seq.is_none() {
+        // A whole file whose first line is no record at all: often another program's log in the audit folder.
+        message.push_str(&format!(
+            "; if {} is not an audit file (another log kept in the audit folder), give the audit files by name or \
+             move it out of the folder",
+            files[p.file].path.display()
+        ));
+    }
     if last.is_none() && p.defect.hash_mismatch {
         message.push_str(if hasher.is_keyed() {
             "; this is the first record: is the HMAC key the one the log was written with?"
@@ -729,6 +737,20 @@ mod tests {
         two_files(dir.path(), &h, |lines| lines[4] = b"hello\n".to_vec())?;
         let report = check(&[dir.path().to_path_buf()], &h)?;
         assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001".to_owned(), 5)));
+        Ok(())
+    }
+
+    /// Another program's log kept in the audit folder is still a problem (a file of records replaced whole must not
+    /// pass), named with a hint.
+    #[test]
+    fn another_log_in_the_folder_is_reported_with_a_hint() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        two_files(dir.path(), &h, |_| {})?;
+        std::fs::write(dir.path().join("etcd-guard.log"), "2026-12-03T07:00:00Z INFO etcd-guard serving\n")?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("etcd-guard.log:1") && text.contains("not an audit file"), "{text}");
         Ok(())
     }
 
