@@ -332,11 +332,6 @@ impl Shared {
         self.shutting_down.send_replace(true);
     }
 
-    /// Whether the proxy has begun to shut down.
-    pub fn is_shutting_down(&self) -> bool {
-        *self.shutting_down.borrow()
-    }
-
     /// Resolves when the proxy begins to shut down.
     pub async fn shutdown_begun(&self) {
         let mut rx = self.shutting_down.subscribe();

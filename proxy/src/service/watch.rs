@@ -965,9 +965,7 @@ impl ToClient {
             }
             // To wait whole for watches handing over, but more than a stream holds back: it ends.
             Some(_) if o.held_bytes.saturating_add(start.len()).saturating_add(rest) > MAX_HELD_BYTES => {
-                if let Err(status) = hold(&mut o, start.len().saturating_add(rest)) {
-                    self.failed = Some(status);
-                }
+                self.failed = hold(&mut o, start.len().saturating_add(rest)).err();
                 self.long = Some(Long::Dropping);
                 None
             }
