@@ -643,8 +643,8 @@ fn config_check(path: PathBuf) -> ExitCode {
     if let Some(p) = audit_problem(&config.audit) {
         problems.push(format!("audit: {p}"));
     }
-    if !config.audit.enabled {
-        eprintln!("etcd-guard: warning: auditing is off (audit.enabled: false): no request is recorded");
+    for warning in config.warnings() {
+        eprintln!("etcd-guard: warning: {warning}");
     }
     if let Some(metrics) = config.metrics_listen.filter(|m| clash(*m, config.listen)) {
         problems.push(format!(

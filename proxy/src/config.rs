@@ -395,6 +395,21 @@ fn default_max_concurrent_streams() -> u32 {
 // === impl Config ===
 
 impl Config {
+    /// What an operator should know about a configuration that loads (logged at start, printed by `config check`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !self.audit.enabled {
+            warnings.push("auditing is off (audit.enabled: false): no request is recorded".to_string());
+        }
+        if let Some(metrics) = self.metrics_listen.filter(|m| !m.ip().is_loopback()) {
+            warnings.push(format!(
+                "metrics_listen {metrics} is not a loopback address: /metrics, /healthz and /readyz are plain HTTP \
+                 without authentication (the metrics name identities and RPCs)"
+            ));
+        }
+        warnings
+    }
+
     /// Read and check a configuration file. Paths inside it resolve against its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =

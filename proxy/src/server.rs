@@ -83,11 +83,8 @@ impl Proxy {
     pub async fn bind_with_workers(config: &Config, workers: Vec<Handle>) -> Result<Proxy, StartError> {
         let policy = Policy::load_in_force(&config.policy_file)?;
         check_issuers(&policy, &config.tls).map_err(StartError::Issuers)?;
-        for warning in policy.warnings() {
+        for warning in config.warnings().into_iter().chain(policy.warnings()) {
             tracing::warn!("{warning}");
-        }
-        if !config.audit.enabled {
-            tracing::warn!("auditing is off (audit.enabled: false): no request is recorded");
         }
         let server_tls = tls::server_config(&config.tls)?;
         let upstream_tls = tls::upstream_connections(&config.upstream)?;

@@ -404,5 +404,11 @@ fn config_check_refuses_metrics_on_the_listen_address() -> TestResult {
     std::fs::write(&cfg, format!("{base}metrics_listen: \"127.0.0.1:42380\"\n"))?;
     let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("warning"), "{}", text(&o));
+    // Off loopback: allowed, with a warning (plain HTTP, no authentication).
+    std::fs::write(&cfg, format!("{base}metrics_listen: \"0.0.0.0:42380\"\n"))?;
+    let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("warning: metrics_listen 0.0.0.0:42380 is not a loopback address"), "{}", text(&o));
     Ok(())
 }

@@ -180,20 +180,32 @@ impl Policy {
     /// What an operator should know about a policy that loads: its `audit-only` bindings, which take nothing
     /// away — an identity that only they match is served what its roles would deny (recorded as `would_deny`).
     pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        // A subject that every client certificate matches grants its role to anyone the client CA signed.
+        for (i, b) in self.bindings.iter().enumerate() {
+            if let Some(j) = b.subjects.iter().position(|s| s.matches_everyone()) {
+                warnings.push(format!(
+                    "{}: bindings[{i}] (role {:?}, line {}) subjects[{j}] matches every client certificate the \
+                     client CA signs: is that meant?",
+                    self.origin, b.role, b.line
+                ));
+            }
+        }
         let audit_only: Vec<String> = (self.bindings.iter().enumerate())
             .filter(|(_, b)| b.mode == BindingMode::AuditOnly)
             .map(|(i, b)| format!("bindings[{i}] (role {:?}, line {})", b.role, b.line))
             .collect();
         if audit_only.is_empty() {
-            return Vec::new();
+            return warnings;
         }
-        vec![format!(
+        warnings.push(format!(
             "{}: audit-only {}: an identity that only these match is served what its roles would deny (recorded as \
              decision \"would_deny\"; requests the proxy does not understand are still refused and limits still \
              apply): set mode: enforce once the records show nothing unexpected",
             self.origin,
             audit_only.join(", ")
-        )]
+        ));
+        warnings
     }
 
     /// Compiles a validated document: per role, the union of its grants minus
@@ -875,6 +887,34 @@ bindings:
         );
         assert!(e.to_string().starts_with("DENY capability defragment\n"));
         assert!(!policy.explain_capability(&cn("x"), Capability::Status).allowed);
+    }
+
+    /// What `serve`, `config check` and `policy validate` warn about: bindings any client certificate matches, and
+    /// audit-only bindings.
+    #[test]
+    fn warnings_name_bindings_everyone_matches_and_audit_only_ones() {
+        let yaml = r#"
+roles:
+  - { name: wide, keys: [ { prefix: "", access: readwrite } ] }
+  - { name: narrow, keys: [ { prefix: "app/", access: read } ] }
+bindings:
+  - { role: narrow, subjects: [ { common_name: "app" }, { common_name: "**" } ] }
+  - { role: wide, mode: audit-only, subjects: [ { common_name: "app-*" } ] }
+  - { role: narrow, subjects: [ { common_name: "*", organization: "ops" }, { common_name: "*", issuer: "x" } ] }
+"#;
+        let policy = Policy::from_yaml(yaml, "w.yaml").expect("valid");
+        let warnings = policy.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(
+            warnings[0].contains("bindings[0]") && warnings[0].contains("subjects[1] matches every"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("audit-only bindings[1] (role \"wide\""), "{warnings:?}");
+        let quiet = Policy::from_yaml(
+            "roles: [ { name: r } ]\nbindings: [ { role: r, subjects: [ { common_name: a } ] } ]\n",
+            "q.yaml",
+        );
+        assert_eq!(quiet.expect("valid").warnings(), Vec::<String>::new());
     }
 
     #[test]

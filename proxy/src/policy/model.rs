@@ -695,6 +695,23 @@ impl fmt::Display for Selector {
     }
 }
 
+// === impl Selector ===
+
+impl Selector {
+    /// Whether the selector matches every certificate the client CA signs: no issuer, nothing that narrows it to
+    /// certificates carrying a field (O, OU, SANs), and a common name or fingerprint pattern — fields every
+    /// certificate has — of stars only.
+    pub fn matches_everyone(&self) -> bool {
+        let stars = |p: &Option<Pattern>| p.as_ref().is_some_and(Pattern::matches_anything);
+        let unset_or_stars = |p: &Option<Pattern>| p.as_ref().is_none_or(Pattern::matches_anything);
+        self.issuer.is_none()
+            && [&self.organization, &self.organizational_unit, &self.dns_san, &self.uri_san].iter().all(|p| p.is_none())
+            && (stars(&self.common_name) || stars(&self.fingerprint_sha256))
+            && unset_or_stars(&self.common_name)
+            && unset_or_stars(&self.fingerprint_sha256)
+    }
+}
+
 // === impl Pattern ===
 
 impl Pattern {
@@ -706,6 +723,11 @@ impl Pattern {
     /// The glob as written (after normalization for fingerprints).
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// Whether the glob matches every value (only stars).
+    pub fn matches_anything(&self) -> bool {
+        self.parts.iter().all(String::is_empty)
     }
 
     /// Whether `value` matches the glob entirely.
