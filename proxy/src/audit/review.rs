@@ -31,9 +31,10 @@ pub struct ReviewArgs {
     /// Only records whose certificate CN, DNS SAN or URI SAN matches; `*` matches any run of characters.
     #[arg(long, value_name = "GLOB")]
     pub identity: Option<String>,
-    /// Only this RPC: `KV/Range`, or just the method, `Range` (case-insensitive).
+    /// Only this RPC: `KV/Range`, or just the method, `Range` (case-insensitive). Repeat for any of several
+    /// (`--rpc Put --rpc Txn --rpc DeleteRange`).
     #[arg(long, value_name = "RPC")]
-    pub rpc: Option<String>,
+    pub rpc: Vec<String>,
     /// Only records with this decision.
     #[arg(long, value_enum)]
     pub decision: Option<DecisionArg>,
@@ -125,8 +126,8 @@ pub enum ReviewError {
 pub struct Filter {
     /// Matches the CN or any DNS or URI SAN.
     pub identity: Option<Pattern>,
-    /// `Service/Method`, or just `Method` (no `/`); compared case-insensitively.
-    pub rpc: Option<String>,
+    /// Any of these: `Service/Method`, or just `Method` (no `/`); compared case-insensitively. None: every RPC.
+    pub rpc: Vec<String>,
     /// `allow`, `deny` or `would_deny`.
     pub decision: Option<DecisionArg>,
     /// Some operation's keys overlap this range.
@@ -191,8 +192,10 @@ pub struct Summary {
     texts: Vec<String>,
     /// (identity, rpc, decision) numbers → count.
     counts: HashMap<[usize; 3], u64>,
-    /// key or interval text → denied records naming it.
+    /// key or interval text → denied records naming it; at most [`DENIED_KEYS_KEPT`] keys.
     denied: HashMap<String, u64>,
+    /// Keys denied rarely were let go to keep `denied` bounded: its counts are a floor, its top approximate.
+    denied_pruned: bool,
     /// Matching records.
     records: u64,
     /// The requests they stand for (a summary record stands for its `count`).
@@ -201,6 +204,11 @@ pub struct Summary {
 
 /// How many of the most denied keys the summary lists.
 const TOP_DENIED: usize = 20;
+
+/// How many distinct denied keys the summary counts at once. Past it, the less denied half is let go (a log of
+/// millions of distinct denied keys would otherwise take gigabytes to summarise); a key denied often keeps its
+/// place, and the output says the counts are approximate.
+const DENIED_KEYS_KEPT: usize = 100_000;
 
 /// Run `audit review`: 0 when the files were read (whether or not anything matched), 1 when they were but their
 /// chain does not verify (the records shown may have been altered; [`verified`]), 2 on errors.
@@ -220,7 +228,7 @@ pub fn run(args: ReviewArgs) -> ExitCode {
         Ok(files) => files,
         Err(code) => return code,
     };
-    if let Some(rpc) = args.rpc.as_deref().filter(|rpc| !is_known_rpc(rpc)) {
+    for rpc in args.rpc.iter().filter(|rpc| !is_known_rpc(rpc)) {
         eprintln!(
             "etcd-guard: note: --rpc {rpc:?} names no RPC etcd-guard records (e.g. KV/Range or Range, \
              Watch/Watch, Lease/LeaseKeepAlive, etcd-guard/AuditOpen; case does not matter)"
@@ -494,7 +502,7 @@ impl Filter {
         if self.decision.is_some_and(|d| record.decision() != d.as_str()) {
             return false;
         }
-        if self.rpc.as_deref().is_some_and(|rpc| !rpc_matches(rpc, record.rpc())) {
+        if !self.rpc.is_empty() && !self.rpc.iter().any(|rpc| rpc_matches(rpc, record.rpc())) {
             return false;
         }
         if let Some(pattern) = &self.identity
@@ -766,9 +774,27 @@ impl Summary {
             keys.sort_unstable();
             keys.dedup();
             for key in keys {
-                *self.denied.entry(key).or_default() += 1;
+                self.count_denied(key);
             }
         }
+    }
+
+    /// One more denied record naming `key`.
+    fn count_denied(&mut self, key: String) {
+        if self.denied.len() >= DENIED_KEYS_KEPT && !self.denied.contains_key(&key) {
+            self.prune_denied();
+        }
+        *self.denied.entry(key).or_default() += 1;
+    }
+
+    /// Keep the more denied half of the keys counted (ties broken by key, so the result does not depend on the
+    /// map's order).
+    fn prune_denied(&mut self) {
+        let mut counts: Vec<(u64, String)> = self.denied.drain().map(|(key, count)| (count, key)).collect();
+        counts.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        counts.truncate(DENIED_KEYS_KEPT / 2);
+        self.denied = counts.into_iter().map(|(count, key)| (key, count)).collect();
+        self.denied_pruned = true;
     }
 
     /// The number of `text`, allocating only for a new one.
@@ -847,7 +873,15 @@ impl Summary {
         if denied.is_empty() {
             return writeln!(out, "no denied keys");
         }
-        writeln!(out, "most denied keys (top {TOP_DENIED}):")?;
+        if self.denied_pruned {
+            writeln!(
+                out,
+                "most denied keys (top {TOP_DENIED}; approximate: over {DENIED_KEYS_KEPT} distinct keys were denied, \
+                 and those denied least were let go while counting):"
+            )?;
+        } else {
+            writeln!(out, "most denied keys (top {TOP_DENIED}):")?;
+        }
         let rows: Vec<[String; 2]> = denied.iter().map(|d| [d.count.to_string(), clean(&d.key)]).collect();
         let header = ["COUNT", "KEY"];
         let widths = widths_for(&header, rows.iter().map(|r| &r[..]), &[20, 200]);
@@ -864,6 +898,7 @@ impl Summary {
             "requests": self.requests,
             "counts": self.counts(),
             "most_denied_keys": self.most_denied(),
+            "most_denied_keys_approximate": self.denied_pruned,
         });
         serde_json::to_writer(&mut *out, &value).map_err(io::Error::from)?;
         out.write_all(b"\n")
@@ -1023,12 +1058,15 @@ mod tests {
     #[test]
     fn rpc_filter_takes_service_and_method_or_method() -> TestResult {
         let (_dir, files) = fixture()?;
-        let by = |rpc: &str| seqs(&files, &Filter { rpc: Some(rpc.to_owned()), ..Filter::default() });
+        let by = |rpc: &str| seqs(&files, &Filter { rpc: vec![rpc.to_owned()], ..Filter::default() });
         assert_eq!(by("KV/Put")?, [3, 5, 6]);
         assert_eq!(by("put")?, [3, 5, 6]);
         assert_eq!(by("kv/txn")?, [7]);
         assert_eq!(by("Lock")?, [9]);
         assert_eq!(by("Lock/Put")?, Vec::<u64>::new());
+        // Several: any of them.
+        let writes = Filter { rpc: vec!["Put".into(), "Txn".into()], ..Filter::default() };
+        assert_eq!(seqs(&files, &writes)?, [3, 5, 6, 7]);
         Ok(())
     }
 
@@ -1133,6 +1171,27 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("most denied keys (top 20):\nCOUNT  KEY\n    2  sec/x\n"), "{text}");
+        Ok(())
+    }
+
+    /// Millions of distinct denied keys do not take gigabytes: the count keeps at most DENIED_KEYS_KEPT keys, the
+    /// often denied ones stay on top, and the output says it is approximate.
+    #[test]
+    fn the_most_denied_keys_are_counted_in_bounded_memory() -> TestResult {
+        let mut summary = Summary::default();
+        for i in 0..(DENIED_KEYS_KEPT * 3) {
+            summary.count_denied(format!("scan/{i:08}"));
+            if i % 1000 == 0 {
+                summary.count_denied("hot/key".to_owned());
+            }
+            assert!(summary.denied.len() <= DENIED_KEYS_KEPT);
+        }
+        let top = summary.most_denied();
+        assert_eq!((top[0].key.as_str(), top[0].count), ("hot/key", 300));
+        let mut out = Vec::new();
+        summary.write_json(&mut out)?;
+        let v: serde_json::Value = serde_json::from_slice(&out)?;
+        assert_eq!(v["most_denied_keys_approximate"], true);
         Ok(())
     }
 
