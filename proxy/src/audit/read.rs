@@ -188,6 +188,12 @@ pub struct RecordIdentity<'a> {
     /// URI subject alternative names.
     #[serde(borrow, default)]
     pub uri_sans: Vec<Text<'a>>,
+    /// The certificate's SHA-256 fingerprint, lowercase hex.
+    #[serde(borrow, default)]
+    pub fingerprint_sha256: Option<Text<'a>>,
+    /// The `tls.issuers` names the certificate chains to (absent without `tls.issuers`).
+    #[serde(borrow, default)]
+    pub issuers: Vec<Text<'a>>,
 }
 
 /// One operation, or one `compare` of a `txn` (which has no `op`). Only the fields that name keys are read.
@@ -716,17 +722,24 @@ pub(crate) mod testing {
     /// One sealed line (with its newline) for record `seq` after `prev`, and its hash.
     pub fn line(hasher: &Hasher, seq: u64, prev: &str, spec: &Spec) -> (Vec<u8>, String) {
         let uri = spec.uri_san.map(json).unwrap_or_default();
+        // Two certificates of one name from two CAs: carol's come from the components CA.
+        let (fingerprint, issuers) = match spec.common_name {
+            "carol" => ("c0ffee00", r#","issuers":["components"]"#),
+            _ => ("3f00", r#","issuers":["etcd"]"#),
+        };
         let body = format!(
             concat!(
                 r#"{{"seq":{seq},"time":"{time}","conn":1,"peer":"10.0.0.5:53122","identity":{{"common_name":{cn},"#,
                 r#""organizations":[],"organizational_units":[],"dns_sans":[],"uri_sans":[{uri}],"#,
-                r#""fingerprint_sha256":"3f00"}},"roles":["r"],"rpc":"{rpc}","event":"call","ops":{ops},"#,
+                r#""fingerprint_sha256":"{fingerprint}"{issuers}}},"roles":["r"],"rpc":"{rpc}","event":"call","ops":{ops},"#,
                 r#""decision":"{decision}","reason":{reason},"code":"{code}","latency_us":10,"prev_hash":"{prev}""#
             ),
             seq = seq,
             time = time_of(seq),
             cn = json(spec.common_name),
             uri = uri,
+            fingerprint = fingerprint,
+            issuers = issuers,
             rpc = spec.rpc,
             ops = spec.ops,
             decision = spec.decision,

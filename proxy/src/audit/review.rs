@@ -31,6 +31,14 @@ pub struct ReviewArgs {
     /// Only records whose certificate CN, DNS SAN or URI SAN matches; `*` matches any run of characters.
     #[arg(long, value_name = "GLOB")]
     pub identity: Option<String>,
+    /// Only records whose certificate's SHA-256 fingerprint starts with HEX (case and `:` ignored): one
+    /// certificate among others of the same name.
+    #[arg(long, value_name = "HEX", value_parser = parse_fingerprint)]
+    pub fingerprint: Option<String>,
+    /// Only records whose certificate chains to the CA that `tls.issuers` names NAME (recorded with `tls.issuers`
+    /// set): tells apart certificates of the same name from different CAs.
+    #[arg(long, value_name = "NAME")]
+    pub issuer: Option<String>,
     /// Only this RPC: `KV/Range`, or just the method, `Range` (case-insensitive). Repeat for any of several
     /// (`--rpc Put --rpc Txn --rpc DeleteRange`).
     #[arg(long, value_name = "RPC")]
@@ -126,6 +134,10 @@ pub enum ReviewError {
 pub struct Filter {
     /// Matches the CN or any DNS or URI SAN.
     pub identity: Option<Pattern>,
+    /// The certificate's fingerprint starts with this (lowercase hex).
+    pub fingerprint: Option<String>,
+    /// The certificate chains to the CA of this `tls.issuers` name.
+    pub issuer: Option<String>,
     /// Any of these: `Service/Method`, or just `Method` (no `/`); compared case-insensitively. None: every RPC.
     pub rpc: Vec<String>,
     /// `allow`, `deny` or `would_deny`.
@@ -202,6 +214,15 @@ pub struct Summary {
     requests: u64,
 }
 
+/// `--fingerprint`: hex digits, `:` and case ignored (as `openssl x509 -fingerprint` prints them), lowercase.
+fn parse_fingerprint(text: &str) -> Result<String, String> {
+    let hex: String = text.chars().filter(|&c| c != ':').map(|c| c.to_ascii_lowercase()).collect();
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{text:?} is not a (start of a) hex fingerprint, e.g. 3F:00:A1 or 3f00a1"));
+    }
+    Ok(hex)
+}
+
 /// How many of the most denied keys the summary lists.
 const TOP_DENIED: usize = 20;
 
@@ -236,6 +257,8 @@ pub fn run(args: ReviewArgs) -> ExitCode {
     }
     let filter = Filter {
         identity: args.identity.as_deref().map(Pattern::new),
+        fingerprint: args.fingerprint,
+        issuer: args.issuer,
         rpc: args.rpc,
         decision: args.decision,
         keys: args.key_prefix.map(|p| KeyRange::prefix(p.0)),
@@ -507,6 +530,20 @@ impl Filter {
         }
         if let Some(pattern) = &self.identity
             && !record.identity.as_ref().is_some_and(|id| id.any_name(|name| pattern.matches(name)))
+        {
+            return false;
+        }
+        if let Some(prefix) = &self.fingerprint
+            && !record
+                .identity
+                .as_ref()
+                .and_then(|id| id.fingerprint_sha256.as_ref())
+                .is_some_and(|f| f.starts_with(prefix.as_str()))
+        {
+            return false;
+        }
+        if let Some(issuer) = &self.issuer
+            && !record.identity.as_ref().is_some_and(|id| id.issuers.iter().any(|i| i.as_str() == issuer))
         {
             return false;
         }
@@ -1067,6 +1104,13 @@ mod tests {
         // Several: any of them.
         let writes = Filter { rpc: vec!["Put".into(), "Txn".into()], ..Filter::default() };
         assert_eq!(seqs(&files, &writes)?, [3, 5, 6, 7]);
+        // One certificate, or one CA, among others (the fixture's carol comes from the components CA).
+        let fingerprint = |hex: &str| Filter { fingerprint: parse_fingerprint(hex).ok(), ..Filter::default() };
+        assert_eq!(seqs(&files, &fingerprint("C0:FF"))?, [6]);
+        assert_eq!(seqs(&files, &fingerprint("c0ffee00aa"))?, Vec::<u64>::new());
+        assert!(parse_fingerprint("xyz").is_err());
+        let issuer = Filter { issuer: Some("components".into()), ..Filter::default() };
+        assert_eq!(seqs(&files, &issuer)?, [6]);
         Ok(())
     }
 
