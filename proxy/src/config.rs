@@ -401,7 +401,7 @@ impl Config {
         if !self.audit.enabled {
             warnings.push("auditing is off (audit.enabled: false): no request is recorded".to_string());
         }
-        if let Some(metrics) = self.metrics_listen.filter(|m| !m.ip().is_loopback()) {
+        if let Some(metrics) = self.metrics_listen.filter(|m| !m.ip().to_canonical().is_loopback()) {
             warnings.push(format!(
                 "metrics_listen {metrics} is not a loopback address: /metrics, /healthz and /readyz are plain HTTP \
                  without authentication (the metrics name identities and RPCs)"

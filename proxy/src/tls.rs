@@ -247,13 +247,14 @@ pub struct PeerTrust {
     trust: watch::Receiver<Trust>,
 }
 
-/// Whether `cert` says it is a CA (basic constraints `CA:TRUE`); a certificate that cannot be parsed is left to the
-/// verifier, which refuses it.
+/// Whether `cert` may be a CA: refused only when it says it is not (basic constraints `CA:FALSE`, or a key usage
+/// without certificate signing). A certificate without either extension (a v1 CA, which the verifier accepts as a
+/// trust anchor), or one that cannot be parsed, is left to the verifier.
 fn is_ca(cert: &CertificateDer<'_>) -> bool {
-    match x509_parser::parse_x509_certificate(cert) {
-        Ok((_, parsed)) => parsed.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca),
-        Err(_) => true,
-    }
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else { return true };
+    let says_not_ca = parsed.basic_constraints().ok().flatten().is_some_and(|b| !b.value.ca);
+    let cannot_sign = parsed.key_usage().ok().flatten().is_some_and(|k| !k.value.key_cert_sign());
+    !(says_not_ca || cannot_sign)
 }
 
 /// `"CN=…"`: a certificate's subject, for messages.
@@ -622,6 +623,21 @@ mod tests {
     use crate::certs::{self, DevCa, InitOptions};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// `tls.issuers` refuses only what says it is no CA: a v1-style CA without extensions stays accepted.
+    #[test]
+    fn only_certificates_that_say_they_are_no_ca_are_refused_as_issuers() -> TestResult {
+        let der = |is_ca: rcgen::IsCa| -> Result<CertificateDer<'static>, rcgen::Error> {
+            let mut params = rcgen::CertificateParams::new(vec!["x".to_string()])?;
+            params.is_ca = is_ca;
+            let key = rcgen::KeyPair::generate()?;
+            Ok(params.self_signed(&key)?.der().clone())
+        };
+        assert!(is_ca(&der(rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained))?));
+        assert!(is_ca(&der(rcgen::IsCa::NoCa)?), "no basic constraints: left to the verifier");
+        assert!(!is_ca(&der(rcgen::IsCa::ExplicitNoCa)?));
+        Ok(())
+    }
 
     fn listener(dir: &Path, crl: &str, danger: bool) -> config::ListenerTls {
         config::ListenerTls {

@@ -31,8 +31,8 @@ pub struct ReviewArgs {
     /// Only records whose certificate CN, DNS SAN or URI SAN matches; `*` matches any run of characters.
     #[arg(long, value_name = "GLOB")]
     pub identity: Option<String>,
-    /// Only records whose certificate's SHA-256 fingerprint starts with HEX (case and `:` ignored): one
-    /// certificate among others of the same name.
+    /// Only records whose certificate's SHA-256 fingerprint starts with HEX (case and `:` ignored, as `openssl x509
+    /// -noout -fingerprint -sha256` prints it): one certificate among others of the same name.
     #[arg(long, value_name = "HEX", value_parser = parse_fingerprint)]
     pub fingerprint: Option<String>,
     /// Only records whose certificate chains to the CA that `tls.issuers` names NAME (recorded with `tls.issuers`
@@ -204,9 +204,13 @@ pub struct Summary {
     texts: Vec<String>,
     /// (identity, rpc, decision) numbers → count.
     counts: HashMap<[usize; 3], u64>,
-    /// key or interval text → denied records naming it; at most [`DENIED_KEYS_KEPT`] keys.
+    /// key or interval text → denied records naming it; at most [`DENIED_KEYS_KEPT`] keys, counted as Misra and
+    /// Gries count frequent items: once full, a key not in it takes one off every count instead (and keys that
+    /// reach 0 leave). Each count is then low by at most `denied_total / (DENIED_KEYS_KEPT + 1)`.
     denied: HashMap<String, u64>,
-    /// Keys denied rarely were let go to keep `denied` bounded: its counts are a floor, its top approximate.
+    /// Keys counted into `denied` (each denied record's keys once).
+    denied_total: u64,
+    /// Counts were taken off: they are floors, within the bound above.
     denied_pruned: bool,
     /// Matching records.
     records: u64,
@@ -214,11 +218,15 @@ pub struct Summary {
     requests: u64,
 }
 
-/// `--fingerprint`: hex digits, `:` and case ignored (as `openssl x509 -fingerprint` prints them), lowercase.
+/// `--fingerprint`: hex digits of a SHA-256 fingerprint (or its start), `:` and case ignored (as `openssl x509
+/// -fingerprint -sha256` prints them), lowercase.
 fn parse_fingerprint(text: &str) -> Result<String, String> {
     let hex: String = text.chars().filter(|&c| c != ':').map(|c| c.to_ascii_lowercase()).collect();
     if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("{text:?} is not a (start of a) hex fingerprint, e.g. 3F:00:A1 or 3f00a1"));
+    }
+    if hex.len() > 64 {
+        return Err(format!("{text:?} is longer than a SHA-256 fingerprint (64 hex digits)"));
     }
     Ok(hex)
 }
@@ -226,9 +234,8 @@ fn parse_fingerprint(text: &str) -> Result<String, String> {
 /// How many of the most denied keys the summary lists.
 const TOP_DENIED: usize = 20;
 
-/// How many distinct denied keys the summary counts at once. Past it, the less denied half is let go (a log of
-/// millions of distinct denied keys would otherwise take gigabytes to summarise); a key denied often keeps its
-/// place, and the output says the counts are approximate.
+/// How many distinct denied keys the summary counts at once (a log of millions of distinct denied keys would
+/// otherwise take gigabytes to summarise). Past it the counts are approximate, within a bound the output gives.
 const DENIED_KEYS_KEPT: usize = 100_000;
 
 /// Run `audit review`: 0 when the files were read (whether or not anything matched), 1 when they were but their
@@ -816,22 +823,26 @@ impl Summary {
         }
     }
 
-    /// One more denied record naming `key`.
+    /// One more denied record naming `key`. A full table takes one off every count instead of adding `key`: each
+    /// such step takes as much off as DENIED_KEYS_KEPT additions put on, so its cost is paid for.
     fn count_denied(&mut self, key: String) {
-        if self.denied.len() >= DENIED_KEYS_KEPT && !self.denied.contains_key(&key) {
-            self.prune_denied();
+        self.denied_total = self.denied_total.saturating_add(1);
+        if let Some(count) = self.denied.get_mut(&key) {
+            *count += 1;
+        } else if self.denied.len() < DENIED_KEYS_KEPT {
+            self.denied.insert(key, 1);
+        } else {
+            self.denied.retain(|_, count| {
+                *count -= 1;
+                *count > 0
+            });
+            self.denied_pruned = true;
         }
-        *self.denied.entry(key).or_default() += 1;
     }
 
-    /// Keep the more denied half of the keys counted (ties broken by key, so the result does not depend on the
-    /// map's order).
-    fn prune_denied(&mut self) {
-        let mut counts: Vec<(u64, String)> = self.denied.drain().map(|(key, count)| (count, key)).collect();
-        counts.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        counts.truncate(DENIED_KEYS_KEPT / 2);
-        self.denied = counts.into_iter().map(|(count, key)| (key, count)).collect();
-        self.denied_pruned = true;
+    /// How much any count of the most denied keys may be low by.
+    fn denied_error(&self) -> u64 {
+        if self.denied_pruned { self.denied_total / (DENIED_KEYS_KEPT as u64 + 1) } else { 0 }
     }
 
     /// The number of `text`, allocating only for a new one.
@@ -914,7 +925,8 @@ impl Summary {
             writeln!(
                 out,
                 "most denied keys (top {TOP_DENIED}; approximate: over {DENIED_KEYS_KEPT} distinct keys were denied, \
-                 and those denied least were let go while counting):"
+                 so each count may be low by up to {}):",
+                self.denied_error()
             )?;
         } else {
             writeln!(out, "most denied keys (top {TOP_DENIED}):")?;
@@ -936,6 +948,7 @@ impl Summary {
             "counts": self.counts(),
             "most_denied_keys": self.most_denied(),
             "most_denied_keys_approximate": self.denied_pruned,
+            "most_denied_keys_max_undercount": self.denied_error(),
         });
         serde_json::to_writer(&mut *out, &value).map_err(io::Error::from)?;
         out.write_all(b"\n")
@@ -1223,19 +1236,24 @@ mod tests {
     #[test]
     fn the_most_denied_keys_are_counted_in_bounded_memory() -> TestResult {
         let mut summary = Summary::default();
-        for i in 0..(DENIED_KEYS_KEPT * 3) {
+        // One-off keys (a scan) with a key denied 30 times spread evenly among them, last in key order.
+        let scans = DENIED_KEYS_KEPT * 10;
+        for i in 0..scans {
             summary.count_denied(format!("scan/{i:08}"));
-            if i % 1000 == 0 {
-                summary.count_denied("hot/key".to_owned());
+            if i % (scans / 30) == 0 {
+                summary.count_denied("zz/hot".to_owned());
             }
             assert!(summary.denied.len() <= DENIED_KEYS_KEPT);
         }
         let top = summary.most_denied();
-        assert_eq!((top[0].key.as_str(), top[0].count), ("hot/key", 300));
+        let error = summary.denied_error();
+        assert_eq!(top[0].key, "zz/hot", "{:?}", &top[..3]);
+        assert!(top[0].count <= 30 && top[0].count + error >= 30, "{} + {error}", top[0].count);
         let mut out = Vec::new();
         summary.write_json(&mut out)?;
         let v: serde_json::Value = serde_json::from_slice(&out)?;
         assert_eq!(v["most_denied_keys_approximate"], true);
+        assert_eq!(v["most_denied_keys_max_undercount"], error);
         Ok(())
     }
 

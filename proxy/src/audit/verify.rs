@@ -437,7 +437,7 @@ fn defect_problem(
         (_, None) if !p.defect.partial => message.push_str(" (the last line: it may also have been appended)"),
         _ => {}
     }
-    if p.line == 1 && p.defect.seq.is_none() {
+    if p.line == 1 && p.defect.seq.is_none() && files[p.file].first_seq == super::read::FirstSeq::Unknown {
         // A whole file whose first line is no record at all: often another program's log in the audit folder.
         message.push_str(&format!(
             "; if {} is not an audit file (another log kept in the audit folder), give the audit files by name or \

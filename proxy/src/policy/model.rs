@@ -698,9 +698,9 @@ impl fmt::Display for Selector {
 // === impl Selector ===
 
 impl Selector {
-    /// Whether the selector matches every certificate the client CA signs: no issuer, nothing that narrows it to
-    /// certificates carrying a field (O, OU, SANs), and a common name or fingerprint pattern — fields every
-    /// certificate has — of stars only.
+    /// Whether the selector matches (nearly) every certificate the client CA signs: no issuer, nothing that narrows
+    /// it to certificates carrying a field (O, OU, SANs), and a common name pattern of stars only (a certificate
+    /// without a CN aside). A fingerprint pattern cannot be stars (refused when the policy loads).
     pub fn matches_everyone(&self) -> bool {
         let stars = |p: &Option<Pattern>| p.as_ref().is_some_and(Pattern::matches_anything);
         let unset_or_stars = |p: &Option<Pattern>| p.as_ref().is_none_or(Pattern::matches_anything);
@@ -725,9 +725,9 @@ impl Pattern {
         &self.text
     }
 
-    /// Whether the glob matches every value (only stars).
+    /// Whether the glob matches every value (stars only; an empty glob matches only the empty value).
     pub fn matches_anything(&self) -> bool {
-        self.parts.iter().all(String::is_empty)
+        self.parts.len() > 1 && self.parts.iter().all(String::is_empty)
     }
 
     /// Whether `value` matches the glob entirely.
@@ -1405,6 +1405,13 @@ bindings:
     fn syntax_error_messages_have_no_control_characters() {
         let message = error("roles:\n  - name: a\n    \"ke\\u0007ys\": []\n");
         assert!(!message.chars().any(char::is_control), "{message:?}");
+    }
+
+    #[test]
+    fn globs_that_match_anything_are_stars_only() {
+        for (glob, anything) in [("*", true), ("**", true), ("", false), ("a*", false), ("*a", false)] {
+            assert_eq!(Pattern::new(glob).matches_anything(), anything, "{glob:?}");
+        }
     }
 
     #[test]
