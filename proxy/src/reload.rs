@@ -181,12 +181,11 @@ impl Reloader {
         };
         let metrics = &self.shared.metrics;
         match result {
-            Ok(()) if part == Part::Policy => {
-                info!(part = ?part, file = %self.config.policy_file.display(), "reloaded");
-                metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
-            }
             Ok(()) => {
-                info!(part = ?part, "reloaded");
+                match part {
+                    Part::Policy => info!(part = ?part, file = %self.config.policy_file.display(), "reloaded"),
+                    _ => info!(part = ?part, "reloaded"),
+                }
                 metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
             }
             Err(e) => {

@@ -854,20 +854,20 @@ impl FileSink {
 
     /// Errors name the file and what was being done (rotating, opening, writing).
     fn write(&mut self, buf: &[u8], first_seq: u64) -> io::Result<()> {
-        let path = self.path.clone();
-        let at = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+        let at =
+            |path: &Path, what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
         self.check_still_there();
         if self.len > 0 && self.len + buf.len() as u64 > self.max_bytes {
-            self.rotate(first_seq).map_err(|e| at("rotating", e))?;
+            self.rotate(first_seq).map_err(|e| at(&self.path, "rotating", e))?;
         }
         if self.file.is_none() {
-            self.reopen().map_err(|e| at("opening", e))?;
+            self.reopen().map_err(|e| at(&self.path, "opening", e))?;
         }
         let file = self.file.as_mut().ok_or_else(|| io::Error::other("audit file not open"))?;
         if let Err(e) = file.write_all(buf) {
             // Cut off a partial write so that the retry does not leave half a line behind.
             let _ = file.set_len(self.len);
-            return Err(at("writing", e));
+            return Err(at(&self.path, "writing", e));
         }
         if self.len == 0 {
             self.first_seq = Some(first_seq);

@@ -702,13 +702,11 @@ impl Selector {
     /// it to certificates carrying a field (O, OU, SANs), and a common name pattern of stars only (a certificate
     /// without a CN aside). A fingerprint pattern cannot be stars (refused when the policy loads).
     pub fn matches_everyone(&self) -> bool {
-        let stars = |p: &Option<Pattern>| p.as_ref().is_some_and(Pattern::matches_anything);
-        let unset_or_stars = |p: &Option<Pattern>| p.as_ref().is_none_or(Pattern::matches_anything);
+        let narrowing =
+            [&self.organization, &self.organizational_unit, &self.dns_san, &self.uri_san, &self.fingerprint_sha256];
         self.issuer.is_none()
-            && [&self.organization, &self.organizational_unit, &self.dns_san, &self.uri_san].iter().all(|p| p.is_none())
-            && (stars(&self.common_name) || stars(&self.fingerprint_sha256))
-            && unset_or_stars(&self.common_name)
-            && unset_or_stars(&self.fingerprint_sha256)
+            && narrowing.iter().all(|p| p.is_none())
+            && self.common_name.as_ref().is_some_and(Pattern::matches_anything)
     }
 }
 
