@@ -133,6 +133,65 @@ async fn a_second_sigterm_ends_the_drain_at_once() -> TestResult {
     Ok(())
 }
 
+/// Calls that last until their client lets go do not hold the drain: a Lock waiting for a lock another client
+/// holds, and an election's Observe stream, end with `Unavailable` at the first SIGTERM (clients ask again
+/// elsewhere), as watches do, and the proxy exits long before its 60 s grace. Their records say so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_lock_and_an_observe_stream_do_not_hold_the_drain() -> TestResult {
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    let (mut proxy, addr) = start_proxy(&pki, &etcd, "shutdown_grace_ms: 60000\n")?;
+    let admin = pki.client("admin", "admin", None, &[])?;
+    let tls = pki.client_tls(&admin)?;
+    let opts = etcd_client::ConnectOptions::new().with_tls(tls.clone());
+    let mut holder = etcd_client::Client::connect([format!("https://{addr}")], Some(opts.clone())).await?;
+    let mut waiter = etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?;
+
+    let held = holder.lease_grant(60, None).await?.id();
+    holder.lock("drain/lock", Some(etcd_client::LockOptions::new().with_lease(held))).await?;
+    let waits = waiter.lease_grant(60, None).await?.id();
+    let mut locker = waiter.clone();
+    let waiting = tokio::spawn(async move {
+        locker.lock("drain/lock", Some(etcd_client::LockOptions::new().with_lease(waits))).await.map(|_| ())
+    });
+    holder.campaign("drain/leader", "one", held).await?;
+    let mut observe = waiter.observe("drain/leader").await?;
+    let leader = tokio::time::timeout(Duration::from_secs(5), observe.message()).await??.ok_or("stream ended")?;
+    assert_eq!(leader.kv().map(|kv| kv.value()), Some(&b"one"[..]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the lock was granted: nothing waits");
+
+    let asked = Instant::now();
+    term(&proxy)?;
+    let status = wait_exit(&mut proxy, Duration::from_secs(30))?;
+    assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
+    assert!(asked.elapsed() < Duration::from_secs(30), "the drain waited for them");
+    let locked = tokio::time::timeout(Duration::from_secs(10), waiting).await??;
+    match locked {
+        Err(etcd_client::Error::GRpcStatus(s)) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        other => return Err(format!("the waiting lock: {other:?}").into()),
+    }
+    match tokio::time::timeout(Duration::from_secs(10), observe.message()).await? {
+        Err(etcd_client::Error::GRpcStatus(s)) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        other => return Err(format!("the observe stream: {other:?}").into()),
+    }
+
+    let text = std::fs::read_to_string(pki.path("audit/audit.log"))?;
+    let records: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lock = records
+        .iter()
+        .filter(|r| r["rpc"] == "Lock/Lock")
+        .nth(1)
+        .ok_or_else(|| format!("no record of the waiting lock: {text}"))?;
+    assert_eq!(lock["code"], "Unavailable", "{lock}");
+    let end = records
+        .iter()
+        .find(|r| r["rpc"] == "Election/Observe" && r["event"] == "end")
+        .ok_or_else(|| format!("no end record of the observe stream: {text}"))?;
+    assert_eq!(end["code"], "Unavailable", "{end}");
+    Ok(())
+}
+
 /// Start the proxy binary in front of `etcd` (`extra`: more configuration lines); wait until it listens.
 fn start_proxy(pki: &Pki, etcd: &Etcd, extra: &str) -> TestResult<(Child, String)> {
     let port = free_port()?;

@@ -793,7 +793,9 @@ impl Guard {
     /// A unary RPC that may wait at etcd for as long as others hold what it waits for (Lock, Campaign). While it
     /// waits it is checked again after every policy reload (by the view, as server streams are): a reload that
     /// withdraws its permission ends it with etcd's `PermissionDenied`, and etcd's call is dropped, so etcd takes
-    /// the waiter's key back as it does when a client goes away.
+    /// the waiter's key back as it does when a client goes away. A shutdown ends it with `Unavailable` (the client
+    /// asks again elsewhere), as it ends watches: a waiter would otherwise hold the drain for all of
+    /// `shutdown_grace`.
     pub async fn unary_waiting<M, F>(&self, req: HttpRequest, path: &'static str, authorize: F) -> Answer
     where
         M: prost::Message + Default + Describe + Send + Sync + 'static,
@@ -812,18 +814,22 @@ impl Guard {
             let kept = needs.as_ref().ok().cloned();
             let (mut verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let call = self.shared.upstream.unary(path, msg, &meta);
-            let answered = match kept {
-                None => call.await,
-                Some(needs) => tokio::select! {
-                    // etcd's answer first: a lock etcd granted in the same turn as a withdrawal is not dropped
-                    // unseen (its key would stay, unknown to the client, until its lease ends).
-                    biased;
-                    answered = call => answered,
-                    withdrawn = self.withdrawn_by_reload(&needs, reloads) => {
-                        verdict = withdrawn;
-                        Err(permission_denied())
-                    }
-                },
+            let withdrawn = async {
+                match kept {
+                    Some(needs) => self.withdrawn_by_reload(&needs, reloads).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let answered = tokio::select! {
+                // etcd's answer first: a lock etcd granted in the same turn as a withdrawal or a shutdown is not
+                // dropped unseen (its key would stay, unknown to the client, until its lease ends).
+                biased;
+                answered = call => answered,
+                withdrawn = withdrawn => {
+                    verdict = withdrawn;
+                    Err(permission_denied())
+                }
+                () = self.shared.shutdown_begun() => Err(shutting_down()),
             };
             self.finish(forwarding, verdict, answered).await
         });
@@ -900,7 +906,13 @@ impl Guard {
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at).noting(noted);
             self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
             match self.shared.upstream.for_streams(&self.conn.streams).server_streaming(path, msg, &meta).await {
-                Ok(frames) => Ok(Audited { frames: Some(frames), end, recheck: recheck.map(Box::new) }),
+                Ok(frames) => {
+                    // Streams without an end of their own end at a shutdown, as watches do; the others (a
+                    // snapshot, a streamed range) get `shutdown_grace` to finish.
+                    let shutdown =
+                        ends_at_shutdown(path).then(|| WatchStream::new(self.shared.shutting_down.subscribe()));
+                    Ok(Audited { frames: Some(frames), end, recheck: recheck.map(Box::new), shutdown })
+                }
                 Err(status) => {
                     end.finish(status.code());
                     Err(status)
@@ -1268,6 +1280,14 @@ struct Audited {
     frames: Option<Frames>,
     end: StreamEnd,
     recheck: Option<Box<Recheck>>,
+    /// For a stream that ends at a shutdown: turns true when the proxy begins to shut down.
+    shutdown: Option<WatchStream<bool>>,
+}
+
+/// Whether a server stream of `path` is ended by a shutdown: those that last until their client lets go (Observe,
+/// Health's Watch).
+fn ends_at_shutdown(path: &str) -> bool {
+    path == methods::ELECTION_OBSERVE || path == methods::HEALTH_WATCH
 }
 
 /// What a server stream needs, checked again under each reloaded policy.
@@ -1278,6 +1298,16 @@ struct Recheck {
 }
 
 impl Audited {
+    /// Whether the proxy has begun to shut down (for a stream that ends then).
+    fn shut_down(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(shutdown) = self.shutdown.as_mut() else { return false };
+        let mut down = false;
+        while let Poll::Ready(Some(now)) = shutdown.poll_next_unpin(cx) {
+            down |= now;
+        }
+        down
+    }
+
     /// After a reload: the reason the policy in force refuses the stream now, if it does.
     fn withdrawn(&mut self, cx: &mut Context<'_>) -> Option<Verdict> {
         let recheck = self.recheck.as_mut()?;
@@ -1301,6 +1331,10 @@ impl futures_util::Stream for Audited {
             (self.frames, self.recheck) = (None, None);
             self.end.set_reason(verdict.decision, verdict.reason);
             return Poll::Ready(self.end.note(Some(Err(permission_denied()))));
+        }
+        if self.frames.is_some() && self.shut_down(cx) {
+            (self.frames, self.recheck, self.shutdown) = (None, None, None);
+            return Poll::Ready(self.end.note(Some(Err(shutting_down()))));
         }
         let Some(frames) = self.frames.as_mut() else { return Poll::Ready(None) };
         let item = ready!(Pin::new(frames).poll_next(cx));
