@@ -183,10 +183,16 @@ impl Policy {
         let mut warnings = Vec::new();
         // A subject that every client certificate matches grants its role to anyone the client CA signed.
         for (i, b) in self.bindings.iter().enumerate() {
-            if let Some(j) = b.subjects.iter().position(|s| s.matches_everyone()) {
+            if let Some((j, fields)) =
+                b.subjects.iter().enumerate().find_map(|(j, s)| Some((j, s.matches_everyone_with()?)))
+            {
+                let carrying = match fields.as_slice() {
+                    [] => String::new(),
+                    fields => format!(" that has any {}", fields.join(" and any ")),
+                };
                 warnings.push(format!(
                     "{}: bindings[{i}] (role {:?}, line {}) subjects[{j}] matches every client certificate the \
-                     client CA signs: is that meant?",
+                     client CA signs{carrying}: is that meant?",
                     self.origin, b.role, b.line
                 ));
             }
@@ -901,15 +907,28 @@ bindings:
   - { role: narrow, subjects: [ { common_name: "app" }, { common_name: "**" } ] }
   - { role: wide, mode: audit-only, subjects: [ { common_name: "app-*" } ] }
   - { role: narrow, subjects: [ { common_name: "*", organization: "ops" }, { common_name: "*", issuer: "x" } ] }
+  - { role: narrow, subjects: [ { uri_san: "spiffe://*" }, { uri_san: "*" } ] }
+  - { role: narrow, subjects: [ { common_name: "*", issuer: "*", organization: "**" } ] }
 "#;
         let policy = Policy::from_yaml(yaml, "w.yaml").expect("valid");
         let warnings = policy.warnings();
-        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
         assert!(
-            warnings[0].contains("bindings[0]") && warnings[0].contains("subjects[1] matches every"),
+            warnings[0].contains("bindings[0]")
+                && warnings[0].contains("subjects[1] matches every client certificate the client CA signs: is"),
             "{warnings:?}"
         );
-        assert!(warnings[1].contains("audit-only bindings[1] (role \"wide\""), "{warnings:?}");
+        assert!(
+            warnings[1].contains("bindings[3]")
+                && warnings[1].contains("subjects[1] matches every")
+                && warnings[1].contains("signs that has any uri_san:"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[2].contains("bindings[4]") && warnings[2].contains("that has any organization and any issuer:"),
+            "{warnings:?}"
+        );
+        assert!(warnings[3].contains("audit-only bindings[1] (role \"wide\""), "{warnings:?}");
         let quiet = Policy::from_yaml(
             "roles: [ { name: r } ]\nbindings: [ { role: r, subjects: [ { common_name: a } ] } ]\n",
             "q.yaml",

@@ -698,15 +698,28 @@ impl fmt::Display for Selector {
 // === impl Selector ===
 
 impl Selector {
-    /// Whether the selector matches (nearly) every certificate the client CA signs: no issuer, nothing that narrows
-    /// it to certificates carrying a field (O, OU, SANs), and a common name pattern of stars only (a certificate
-    /// without a CN aside). A fingerprint pattern cannot be stars (refused when the policy loads).
-    pub fn matches_everyone(&self) -> bool {
-        let narrowing =
-            [&self.organization, &self.organizational_unit, &self.dns_san, &self.uri_san, &self.fingerprint_sha256];
-        self.issuer.is_none()
-            && narrowing.iter().all(|p| p.is_none())
-            && self.common_name.as_ref().is_some_and(Pattern::matches_anything)
+    /// Whether every pattern of the selector is stars only, so that it matches (nearly) every certificate the client
+    /// CA signs: `Some` with the fields a certificate must carry to match (none: every certificate, one without a
+    /// CN aside; `["uri_san"]`: every one with a URI SAN, which in a cluster of SPIFFE IDs is everyone). `None` when a
+    /// pattern narrows it. A fingerprint pattern cannot be stars (refused when the policy loads).
+    pub fn matches_everyone_with(&self) -> Option<Vec<&'static str>> {
+        let fields = [
+            ("organization", &self.organization),
+            ("organizational_unit", &self.organizational_unit),
+            ("dns_san", &self.dns_san),
+            ("uri_san", &self.uri_san),
+            ("fingerprint_sha256", &self.fingerprint_sha256),
+            ("issuer", &self.issuer),
+        ];
+        let given = || fields.iter().filter_map(|(name, p)| p.as_ref().map(|p| (*name, p)));
+        let cn = self.common_name.as_ref();
+        if cn.is_none() && given().next().is_none() {
+            return None;
+        }
+        if cn.is_some_and(|p| !p.matches_anything()) || given().any(|(_, p)| !p.matches_anything()) {
+            return None;
+        }
+        Some(given().map(|(name, _)| name).collect())
     }
 }
 
