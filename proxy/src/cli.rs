@@ -296,13 +296,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             Ok(p) => p,
             Err(e) => return fail(e),
         };
+        // Before "serving" is said: a SIGHUP or SIGTERM from then on (a service manager's reload right after
+        // start) is handled, not the default action of ending the process.
+        let mut signals = Signals::install();
         let addr = proxy.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, worker_threads = threads, "etcd-guard serving");
         let audit = proxy.audit();
         let reload = proxy.reload_handle();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn(proxy.serve(stop_rx));
-        let mut signals = Signals::install();
         signals.shutdown(&reload).await;
         tracing::info!("shutting down: draining connections (a second SIGTERM or SIGINT ends them at once)");
         let _ = stop_tx.send(true);
@@ -335,8 +337,9 @@ fn serve(args: ServeArgs) -> ExitCode {
 /// The signals that stop the proxy (SIGTERM, SIGINT) and reload it (SIGHUP), installed once so that a second
 /// stop signal during the drain is seen too.
 struct Signals {
+    /// SIGTERM, SIGHUP, SIGINT.
     #[cfg(unix)]
-    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
 // === impl Signals ===
@@ -346,8 +349,8 @@ impl Signals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
-                (Ok(term), Ok(hup)) => Signals { unix: Some((term, hup)) },
+            match (signal(SignalKind::terminate()), signal(SignalKind::hangup()), signal(SignalKind::interrupt())) {
+                (Ok(term), Ok(hup), Ok(int)) => Signals { unix: Some((term, hup, int)) },
                 _ => {
                     tracing::warn!("cannot install signal handlers; only Ctrl-C stops the proxy");
                     Signals { unix: None }
@@ -361,12 +364,12 @@ impl Signals {
     /// Wait for SIGTERM or SIGINT; SIGHUP reloads the policy and certificates meanwhile.
     async fn shutdown(&mut self, reload: &crate::reload::ReloadHandle) {
         #[cfg(unix)]
-        if let Some((term, hup)) = &mut self.unix {
+        if let Some((term, hup, int)) = &mut self.unix {
             loop {
                 tokio::select! {
                     _ = hup.recv() => reload.trigger(),
                     _ = term.recv() => return,
-                    _ = tokio::signal::ctrl_c() => return,
+                    _ = int.recv() => return,
                 }
             }
         }

@@ -412,3 +412,51 @@ fn config_check_refuses_metrics_on_the_listen_address() -> TestResult {
     assert!(text(&o).contains("warning: metrics_listen 0.0.0.0:42380 is not a loopback address"), "{}", text(&o));
     Ok(())
 }
+
+/// A SIGHUP reloads the files the configuration names, not the configuration file itself: a change of its bytes is
+/// warned about once (restart to apply it); a SIGHUP without one, or after only its time stamp moved, says nothing.
+#[test]
+fn a_reload_after_editing_the_configuration_file_says_it_was_not_applied() -> TestResult {
+    let (dir, cfg) = checkable_dir()?;
+    let stderr = std::fs::File::create(dir.path().join("serve.log"))?;
+    let mut serving = Command::new(env!("CARGO_BIN_EXE_etcd-guard"))
+        .args(["serve", "--config", &cfg.display().to_string(), "--metrics-listen", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()?;
+    let result = (|| -> TestResult {
+        let log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+        let wait_for = |what: &str, count: usize| -> TestResult {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while log().matches(what).count() < count {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("no {count}× {what:?} within 20 s: {}", log()).into());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Ok(())
+        };
+        let hup = |n: usize| -> TestResult {
+            assert!(Command::new("kill").args(["-HUP", &serving.id().to_string()]).status()?.success());
+            // Every part reloaded (policy, listener, upstream), so the configuration file was looked at.
+            wait_for("reloaded", 3 * n)
+        };
+        let warning = "the configuration file changed";
+        wait_for("etcd-guard serving", 1)?;
+        hup(1)?;
+        // Same bytes, newer time stamp.
+        let text = std::fs::read_to_string(&cfg)?;
+        std::fs::write(&cfg, &text)?;
+        hup(2)?;
+        std::fs::write(&cfg, format!("{text}shutdown_grace_ms: 5000\n"))?;
+        hup(3)?;
+        wait_for(warning, 1)?;
+        hup(4)?;
+        assert_eq!(log().matches(warning).count(), 1, "{}", log());
+        assert!(log().contains("restart etcd-guard to apply it"), "{}", log());
+        Ok(())
+    })();
+    serving.kill()?;
+    serving.wait()?;
+    result
+}
