@@ -292,13 +292,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let handles = workers.handles();
     let code = runtime.block_on(async move {
+        // First: a SIGHUP or SIGTERM while the proxy starts (a service manager's reload right after start) is
+        // handled once it serves, not the default action of ending the process.
+        let mut signals = Signals::install();
         let proxy = match Proxy::bind_with_workers(&config, handles).await {
             Ok(p) => p,
             Err(e) => return fail(e),
         };
-        // Before "serving" is said: a SIGHUP or SIGTERM from then on (a service manager's reload right after
-        // start) is handled, not the default action of ending the process.
-        let mut signals = Signals::install();
         let addr = proxy.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %addr, upstream = ?config.upstream.endpoints, worker_threads = threads, "etcd-guard serving");
         let audit = proxy.audit();
