@@ -283,6 +283,18 @@ impl Limited {
 
 // === impl Permit ===
 
+impl Permit {
+    /// Give back the call's slot of the global limit (`limits.max_concurrent_requests`), keeping its identity's:
+    /// for a call that waits at etcd for as long as others hold a lock (Lock, Campaign). The global limit bounds
+    /// the proxy's work in flight, which a waiting call does not add to; held, it would let one identity without a
+    /// limit of its own fill the whole budget with waiters and starve everyone else.
+    pub fn release_global(&mut self) {
+        if let Some(g) = self.global.take() {
+            g.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(u) = &self.usage {

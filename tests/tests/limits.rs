@@ -247,3 +247,34 @@ async fn transactions_are_bounded_by_the_configured_max_txn_ops() -> TestResult 
     assert!(admin.get("t/4", None).await?.kvs().is_empty(), "nothing of the refused transaction was applied");
     Ok(())
 }
+
+/// Lock calls waiting at etcd for a lock another client holds count against their identity's concurrency limit but
+/// not against the proxy-wide `limits.max_concurrent_requests`: one identity's waiters cannot fill that budget and
+/// starve everyone else.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_locks_do_not_hold_the_global_budget() -> TestResult {
+    let h = Harness::with_config(POLICY, "limits: { max_concurrent_requests: 2 }\n").await?;
+    let mut admin = h.client(&h.admin()?).await?;
+    let held = admin.lease_grant(60, None).await?.id();
+    admin.lock("cilium/lk", Some(etcd_client::LockOptions::new().with_lease(held))).await?;
+    let cilium = h.client(&h.cilium()?).await?;
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut c = cilium.clone();
+        let lease = c.lease_grant(60, None).await?.id();
+        waiting.push(tokio::spawn(async move {
+            c.lock("cilium/lk", Some(etcd_client::LockOptions::new().with_lease(lease))).await.map(|_| ())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for w in &waiting {
+        assert!(!w.is_finished(), "a waiting lock was answered while the lock is held");
+    }
+    for i in 0..5 {
+        admin.put(format!("a/{i}"), "v", None).await?;
+    }
+    for w in waiting {
+        w.abort();
+    }
+    Ok(())
+}

@@ -812,7 +812,9 @@ impl Guard {
             // Subscribed before the check: a reload that lands during the check is checked too.
             let reloads = self.shared.subscribe_reloads();
             let kept = needs.as_ref().ok().cloned();
-            let (mut verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            let (mut verdict, forwarding, mut permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
+            // Its identity's limit still counts the waiter; the proxy-wide one does not (`release_global`).
+            permit.release_global();
             let call = self.shared.upstream.unary(path, msg, &meta);
             let withdrawn = async {
                 match kept {
