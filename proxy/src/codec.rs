@@ -355,6 +355,42 @@ fn status_trailers(status: &Status) -> http::HeaderMap {
     trailers
 }
 
+/// What makes a request a gRPC call the proxy understands, checked before anything else: `:method` POST, a
+/// `content-type` of `application/grpc` or `application/grpc+proto` (parameters after `;` aside; grpc-go accepts
+/// no other codec for etcd either), a `:path` without a query, and a `grpc-timeout`, if any, as gRPC defines it
+/// (at most 8 digits and a unit). Anything else is refused rather than read as protobuf or run without its
+/// deadline (fail closed); etcd's clients always send these exactly.
+pub fn check_grpc_request(method: &http::Method, uri: &http::Uri, headers: &http::HeaderMap) -> Result<(), Status> {
+    if method != http::Method::POST {
+        return Err(Status::internal(format!("etcd-guard: a gRPC request's :method is POST, not {method}")));
+    }
+    let content_type = headers.get(http::header::CONTENT_TYPE).map(http::HeaderValue::as_bytes);
+    if !content_type.is_some_and(is_grpc_proto) {
+        let shown = content_type.map_or("none".into(), |v| format!("{:?}", String::from_utf8_lossy(v)));
+        return Err(Status::internal(format!(
+            "etcd-guard: content-type {shown} is not application/grpc (protobuf messages only)"
+        )));
+    }
+    if uri.query().is_some() {
+        return Err(Status::unimplemented("etcd-guard: a gRPC method's path carries no query"));
+    }
+    if let Some(v) = headers.get("grpc-timeout")
+        && v.to_str().ok().and_then(crate::upstream::parse_grpc_timeout).is_none()
+    {
+        return Err(Status::internal(format!(
+            "etcd-guard: malformed grpc-timeout {:?}",
+            String::from_utf8_lossy(v.as_bytes())
+        )));
+    }
+    Ok(())
+}
+
+/// `application/grpc` or `application/grpc+proto`, either with parameters after `;`.
+fn is_grpc_proto(content_type: &[u8]) -> bool {
+    let base = content_type.split(|b| *b == b';').next().unwrap_or_default();
+    matches!(base.trim_ascii_end(), b"application/grpc" | b"application/grpc+proto")
+}
+
 /// A client stream's messages must come uncompressed (the proxy offers no compression, like etcd): any other
 /// `grpc-encoding` is refused up front, worded as grpc-go (etcd) words it.
 pub fn check_request_encoding(headers: &http::HeaderMap) -> Result<(), Status> {

@@ -240,3 +240,55 @@ async fn enum_values_etcd_does_not_know_are_refused_not_forwarded() -> TestResul
     kv.range(range(2, 4)).await?;
     Ok(())
 }
+
+/// Requests that are not gRPC calls as etcd's clients make them are refused before their message is read, and
+/// recorded: another `:method` (a HEAD got a body), a `content-type` other than protobuf gRPC (a JSON body would
+/// have been read as protobuf), a path with a query, a `grpc-timeout` gRPC does not define (it was ignored: the
+/// call ran without a deadline). etcd's own clients' requests (`application/grpc`, `+proto`) are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_are_not_grpc_calls_are_refused_and_recorded() -> TestResult {
+    use etcd_guard_proto::etcdserverpb::RangeRequest;
+    use http_body_util::BodyExt;
+    use tonic::codegen::Service;
+
+    let h = Harness::start().await?;
+    let mut conn = etcd_guard_tests::bare_h2(&h, &h.admin()?, None).await?;
+    let msg = RangeRequest { key: b"app/x".to_vec(), ..Default::default() };
+    let range = etcd_guard_proto::methods::KV_RANGE;
+    let cases: [(&str, &str, Option<&str>, Option<&str>, &str); 11] = [
+        // method, path, content-type, grpc-timeout, expected grpc-status
+        ("POST", range, Some("application/grpc"), None, "0"),
+        ("POST", range, Some("application/grpc+proto"), Some("5S"), "0"),
+        ("POST", range, Some("application/grpc; charset=utf-8"), None, "0"),
+        ("GET", range, Some("application/grpc"), None, "13"),
+        ("HEAD", range, Some("application/grpc"), None, "13"),
+        ("POST", range, None, None, "13"),
+        ("POST", range, Some("application/json"), None, "13"),
+        ("POST", range, Some("application/grpc+json"), None, "13"),
+        ("POST", "/etcdserverpb.KV/Range?x=1", Some("application/grpc"), None, "12"),
+        ("POST", range, Some("application/grpc"), Some("abc"), "13"),
+        ("POST", range, Some("application/grpc"), Some("-5m"), "13"),
+    ];
+    for (method, path, content_type, timeout, expected) in cases {
+        let body = tonic::body::Body::new(http_body_util::Full::new(etcd_guard_tests::grpc_message(&msg)));
+        let mut request = http::Request::builder().method(method).uri(format!("https://localhost{path}"));
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        if let Some(t) = timeout {
+            request = request.header("grpc-timeout", t);
+        }
+        let request = request.header("te", "trailers").body(body)?;
+        std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
+        let response = conn.call(request).await?;
+        let status = match response.headers().get("grpc-status").cloned() {
+            Some(status) => Some(status),
+            None => response.into_body().collect().await?.trailers().and_then(|t| t.get("grpc-status").cloned()),
+        };
+        let case = format!("{method} {path} {content_type:?} {timeout:?}");
+        assert_eq!(status.as_ref().map(http::HeaderValue::as_bytes), Some(expected.as_bytes()), "{case}");
+    }
+    let record = audited(h, |r| r["reason"].as_str().is_some_and(|r| r.contains("not application/grpc"))).await?;
+    assert_eq!((&record["rpc"], &record["decision"]), (&"KV/Range".into(), &"deny".into()), "{record}");
+    Ok(())
+}
