@@ -255,8 +255,9 @@ async fn requests_that_are_not_grpc_calls_are_refused_and_recorded() -> TestResu
     let mut conn = etcd_guard_tests::bare_h2(&h, &h.admin()?, None).await?;
     let msg = RangeRequest { key: b"app/x".to_vec(), ..Default::default() };
     let range = etcd_guard_proto::methods::KV_RANGE;
-    let cases: [(&str, &str, Option<&str>, Option<&str>, &str); 11] = [
-        // method, path, content-type, grpc-timeout, expected grpc-status
+    /// `:method`, path, `content-type`, `grpc-timeout`, the grpc-status expected.
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, &'a str);
+    let cases: [Case; 11] = [
         ("POST", range, Some("application/grpc"), None, "0"),
         ("POST", range, Some("application/grpc+proto"), Some("5S"), "0"),
         ("POST", range, Some("application/grpc; charset=utf-8"), None, "0"),
