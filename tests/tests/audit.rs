@@ -442,6 +442,50 @@ async fn a_call_canceled_after_it_was_forwarded_is_recorded() -> TestResult {
     Ok(())
 }
 
+/// An allowed call that failed is recorded with what its client was told beside the grant: a write etcd refused
+/// (a lease it does not know), and one whose deadline passed while etcd held it (it may still be applied, as
+/// without the proxy: the reviewer must be able to tell it from a refusal).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_allowed_call_is_recorded_with_how_it_failed() -> TestResult {
+    use etcd_guard_proto::etcdserverpb::PutRequest;
+    use http_body_util::BodyExt;
+    use tonic::codegen::Service;
+
+    let mut h = Harness::start().await?;
+    let mut c = h.client(&h.admin()?).await?;
+    let unknown = c.put("leased", SECRET, Some(etcd_client::PutOptions::new().with_lease(0x1234))).await;
+    assert!(unknown.is_err(), "{unknown:?}");
+    let mut conn = etcd_guard_tests::bare_h2(&h, &h.admin()?, None).await?;
+    h.etcd.pause()?;
+    let msg = PutRequest { key: b"late".to_vec(), value: SECRET.as_bytes().to_vec(), ..Default::default() };
+    let body = tonic::body::Body::new(http_body_util::Full::new(etcd_guard_tests::grpc_message(&msg)));
+    let mut request = etcd_guard_tests::grpc_request(etcd_guard_proto::methods::KV_PUT, body)?;
+    request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("300m"));
+    std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
+    let response = tokio::time::timeout(Duration::from_secs(10), conn.call(request)).await??;
+    let status = match response.headers().get("grpc-status").cloned() {
+        Some(status) => Some(status),
+        None => response.into_body().collect().await?.trailers().and_then(|t| t.get("grpc-status").cloned()),
+    };
+    h.etcd.resume()?;
+    assert_eq!(status.as_ref().map(http::HeaderValue::as_bytes), Some(&b"4"[..]), "DeadlineExceeded");
+    h.stop_proxy().await;
+    let records = read_chain(&h.audit_dir())?;
+    let find = |key: &str| records.iter().find(|r| r["rpc"] == "KV/Put" && r["ops"][0]["key"] == key);
+    let leased = find("leased").ok_or("no record of the leased put")?;
+    assert_eq!((&leased["decision"], &leased["code"]), (&"allow".into(), &"NotFound".into()), "{leased}");
+    let reason = leased["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("role ") && reason.ends_with("; failed: etcdserver: requested lease not found"),
+        "{leased}"
+    );
+    let late = find("late").ok_or("no record of the late put")?;
+    assert_eq!((&late["decision"], &late["code"]), (&"allow".into(), &"DeadlineExceeded".into()), "{late}");
+    assert!(late["reason"].as_str().is_some_and(|r| r.contains("; failed: ")), "{late}");
+    assert!(!contains(&all_bytes(&h.audit_dir())?, SECRET));
+    Ok(())
+}
+
 /// A client with nothing but denials (here one no binding matches: any holder of a certificate from the client CA)
 /// gets `audit.denial_records` records of its own; the rest of its denials are counted in summary records, written
 /// before its next recorded denial (each taking a record of the budget) and at shutdown at the latest. Every denial

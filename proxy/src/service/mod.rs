@@ -705,9 +705,17 @@ impl Guard {
     ) -> Result<Framed, Status> {
         let (rpc, at) = (forwarding.rpc, forwarding.at);
         let record = forwarding.into_record();
+        let mut verdict = verdict;
         let (code, revision) = match &answer {
             Ok(framed) => (Code::Ok, header_revision(framed)),
-            Err(status) => (status.code(), None),
+            Err(status) => {
+                // What the client was told, beside the grant: a write that etcd answered "request timed out", or
+                // whose deadline passed, may have been applied (as without the proxy), and the reviewer sees why.
+                if record.is_some() && verdict.decision != Decision::Deny {
+                    failed_with(&mut verdict.reason, status);
+                }
+                (status.code(), None)
+            }
         };
         self.audit_with(rpc, record, Cow::Owned(verdict), code, revision, at).await?;
         answer
@@ -999,6 +1007,15 @@ fn decided_under(record: &mut Option<Record>, view: &View) {
     if let Some(r) = record.as_mut().filter(|r| !Arc::ptr_eq(&r.subject, &view.subject)) {
         r.subject = view.subject.clone();
     }
+}
+
+/// `reason` of an allowed call that failed, followed by the failure as its client was told it (cut to 256
+/// characters; etcd's and the proxy's messages carry no values).
+fn failed_with(reason: &mut String, status: &Status) {
+    let message = status.message();
+    let cut = message.char_indices().nth(256).map_or(message, |(at, _)| &message[..at]);
+    reason.push_str("; failed: ");
+    reason.push_str(if cut.is_empty() { "(no message)" } else { cut });
 }
 
 /// The HTTP answer to a unary call: etcd's message, or a status.
