@@ -20,6 +20,9 @@ use crate::policy::Limits;
 pub struct Limiter {
     usage: Mutex<Identities>,
     global_in_flight: Arc<AtomicU32>,
+    /// Calls waiting at etcd for a lock or leadership others hold (Lock, Campaign), moved out of
+    /// `global_in_flight` into a budget of their own of the same size ([`Limiter::waiting`]).
+    global_waiting: Arc<AtomicU32>,
     global_max: Option<u32>,
     /// Denials per identity that get a record each (`audit.denial_records`); `None`: all.
     denial_records: Option<DenialRecords>,
@@ -104,6 +107,7 @@ impl Limiter {
         Limiter {
             usage: Mutex::default(),
             global_in_flight: Arc::new(AtomicU32::new(0)),
+            global_waiting: Arc::new(AtomicU32::new(0)),
             global_max,
             denial_records: None,
         }
@@ -154,6 +158,20 @@ impl Limiter {
         permit.usage = Some(usage.clone());
         self.rate(usage, limits, who, metrics)?;
         Ok(permit)
+    }
+
+    /// A call admitted by [`Limiter::call`] that may wait at etcd for as long as others hold a lock (Lock,
+    /// Campaign): its slot of `limits.max_concurrent_requests` moves to the waiters' own budget of the same size
+    /// (if that has room; otherwise it stays). The global limit is there for the proxy's work in flight, to which a
+    /// waiter adds nothing: in it, one identity without a limit of its own could fill the budget with waiters and
+    /// starve every other client. Its identity's limit still counts it; and waiters stay bounded proxy-wide, so they
+    /// cannot take every stream of the upstream connections either.
+    pub fn waiting(&self, permit: &mut Permit) {
+        let (Some(max), Some(global)) = (self.global_max, permit.global.as_ref()) else { return };
+        if Arc::ptr_eq(global, &self.global_in_flight) && acquire(&self.global_waiting, max) {
+            global.fetch_sub(1, Ordering::AcqRel);
+            permit.global = Some(self.global_waiting.clone());
+        }
     }
 
     /// Count one call or stream message against the identity's rate.
@@ -283,18 +301,6 @@ impl Limited {
 
 // === impl Permit ===
 
-impl Permit {
-    /// Give back the call's slot of the global limit (`limits.max_concurrent_requests`), keeping its identity's:
-    /// for a call that waits at etcd for as long as others hold a lock (Lock, Campaign). The global limit bounds
-    /// the proxy's work in flight, which a waiting call does not add to; held, it would let one identity without a
-    /// limit of its own fill the whole budget with waiters and starve everyone else.
-    pub fn release_global(&mut self) {
-        if let Some(g) = self.global.take() {
-            g.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(u) = &self.usage {
@@ -379,6 +385,32 @@ mod tests {
         }
         let known = l.usage.lock().unwrap().by_fingerprint.len();
         assert!(known <= 64, "{known} entries kept");
+    }
+
+    /// Waiters move to a budget of their own, as large as the global one: other calls keep the global budget,
+    /// and waiters stay bounded (past their budget they take global slots again). Each slot is given back once.
+    #[test]
+    fn waiting_calls_have_a_global_budget_of_their_own() {
+        let (l, m) = (Limiter::new(Some(2)), Metrics::new());
+        let (usage, lim) = (l.usage("a"), limits(None, None, None));
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let mut p = l.call(&usage, &lim, "a", &m).expect("a slot");
+            l.waiting(&mut p);
+            waiters.push(p);
+        }
+        let (in_flight, waiting) =
+            (|| l.global_in_flight.load(Ordering::Relaxed), || l.global_waiting.load(Ordering::Relaxed));
+        assert_eq!((in_flight(), waiting()), (1, 2));
+        let other = l.call(&usage, &lim, "a", &m).expect("a call beside two waiters");
+        assert!(l.call(&usage, &lim, "a", &m).is_err(), "the third waiter took a global slot");
+        drop((waiters, other));
+        assert_eq!((in_flight(), waiting(), usage.in_flight.load(Ordering::Relaxed)), (0, 0, 0));
+        // Without a global limit there is nothing to move.
+        let unlimited = Limiter::new(None);
+        let mut p = unlimited.call(&usage, &lim, "a", &m).expect("a slot");
+        unlimited.waiting(&mut p);
+        assert_eq!(unlimited.global_waiting.load(Ordering::Relaxed), 0);
     }
 
     fn denial(rpc: &'static str) -> Record {

@@ -134,7 +134,8 @@ async fn a_second_sigterm_ends_the_drain_at_once() -> TestResult {
 }
 
 /// Calls that last until their client lets go do not hold the drain: a Lock waiting for a lock another client
-/// holds, and an election's Observe stream, end with `Unavailable` at the first SIGTERM (clients ask again
+/// holds, and an election's Observe streams (one of an election without a leader, which etcd has not answered
+/// at all yet), end with `Unavailable` at the first SIGTERM (clients ask again
 /// elsewhere), as watches do, and the proxy exits long before its 60 s grace. Their records say so.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_waiting_lock_and_an_observe_stream_do_not_hold_the_drain() -> TestResult {
@@ -153,6 +154,12 @@ async fn a_waiting_lock_and_an_observe_stream_do_not_hold_the_drain() -> TestRes
     let mut locker = waiter.clone();
     let waiting = tokio::spawn(async move {
         locker.lock("drain/lock", Some(etcd_client::LockOptions::new().with_lease(waits))).await.map(|_| ())
+    });
+    // An Observe of an election nobody leads: etcd has not even answered its headers.
+    let mut observer = waiter.clone();
+    let leaderless = tokio::spawn(async move {
+        let mut stream = observer.observe("drain/nobody").await?;
+        stream.message().await.map(|_| ())
     });
     holder.campaign("drain/leader", "one", held).await?;
     let mut observe = waiter.observe("drain/leader").await?;
@@ -174,6 +181,10 @@ async fn a_waiting_lock_and_an_observe_stream_do_not_hold_the_drain() -> TestRes
     match tokio::time::timeout(Duration::from_secs(10), observe.message()).await? {
         Err(etcd_client::Error::GRpcStatus(s)) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
         other => return Err(format!("the observe stream: {other:?}").into()),
+    }
+    match tokio::time::timeout(Duration::from_secs(10), leaderless).await?? {
+        Err(etcd_client::Error::GRpcStatus(s)) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        other => return Err(format!("the observe stream without a leader: {other:?}").into()),
     }
 
     let text = std::fs::read_to_string(pki.path("audit/audit.log"))?;

@@ -828,8 +828,13 @@ impl Guard {
             let reloads = self.shared.subscribe_reloads();
             let kept = needs.as_ref().ok().cloned();
             let (mut verdict, forwarding, mut permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
-            // Its identity's limit still counts the waiter; the proxy-wide one does not (`release_global`).
-            permit.release_global();
+            // Not forwarded once a shutdown has begun: etcd could grant it just as the shutdown drops the call,
+            // and the key would stay held, unknown to the client, until its lease ends.
+            if *self.shared.shutting_down.borrow() {
+                return self.finish(forwarding, verdict, Err(shutting_down())).await;
+            }
+            // Its identity's limit still counts the waiter; proxy-wide, waiters have a budget of their own.
+            self.shared.limiter.waiting(&mut permit);
             let call = self.shared.upstream.unary(path, msg, &meta);
             let withdrawn = async {
                 match kept {
@@ -922,7 +927,20 @@ impl Guard {
             let (verdict, forwarding, _permit) = self.check(rpc, stream_id, &msg, needs, &meta, at).await?;
             let end = StreamEnd::new(self, rpc, stream_id, &msg, &verdict, at).noting(noted);
             self.audit(rpc, forwarding.into_record(), &verdict, Code::Ok, None, at).await?;
-            match self.shared.upstream.for_streams(&self.conn.streams).server_streaming(path, msg, &meta).await {
+            let upstream = self.shared.upstream.for_streams(&self.conn.streams);
+            let open = upstream.server_streaming(path, msg, &meta);
+            // etcd answers an Observe (its headers too) only once the election has a leader: a shutdown ends
+            // one still opening as well.
+            let opened = if ends_at_shutdown(path) {
+                tokio::select! {
+                    biased;
+                    opened = open => opened,
+                    () = self.shared.shutdown_begun() => Err(shutting_down()),
+                }
+            } else {
+                open.await
+            };
+            match opened {
                 Ok(frames) => {
                     // Streams without an end of their own end at a shutdown, as watches do; the others (a
                     // snapshot, a streamed range) get `shutdown_grace` to finish.
