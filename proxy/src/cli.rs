@@ -74,7 +74,8 @@ struct ServeArgs {
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Decide one request for one identity, and say which role and rule decided it.
-    /// Exits 0 on allow, 1 on deny.
+    /// Exits 0 on allow, 1 on deny, 3 on would-deny (only `audit-only` bindings match: served now, denied once
+    /// they enforce), 2 on an error.
     Check(Box<CheckArgs>),
     /// Load a policy file and report the first problem in it, with its line.
     Validate {
