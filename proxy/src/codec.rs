@@ -352,7 +352,31 @@ fn status_trailers(status: &Status) -> http::HeaderMap {
         let code = http::HeaderValue::from(status.code() as i32);
         trailers.insert(GRPC_STATUS.clone(), code);
     }
+    if !status.message().is_empty() {
+        trailers.insert(GRPC_MESSAGE.clone(), grpc_message(status.message()));
+    }
     trailers
+}
+
+/// Bytes of a `grpc-message` that gRPC percent-encodes: controls, `%` and everything beyond ASCII (which
+/// `percent_encoding` always encodes). Spaces and other printable characters go as they are, as grpc-go (etcd)
+/// sends them: `etcdserver: permission denied`, byte for byte (tonic would send `etcdserver:%20permission%20denied`,
+/// which clients decode alike, but a reader of the raw trailers would not recognise).
+const GRPC_MESSAGE_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+fn grpc_message(message: &str) -> http::HeaderValue {
+    let encoded = percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE_ENCODED).to_string();
+    // Only visible ASCII and spaces are left, which a header value takes.
+    http::HeaderValue::from_str(&encoded).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
+/// A trailers-only answer with `status` (a refusal, or a failure before any message).
+pub fn status_response<B: Default>(status: &Status) -> http::Response<B> {
+    let mut response = http::Response::new(B::default());
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers.extend(status_trailers(status));
+    response
 }
 
 /// What makes a request a gRPC call the proxy understands, checked before anything else: `:method` POST, a
@@ -534,6 +558,21 @@ static GRPC_STATUS_DETAILS: http::HeaderName = http::HeaderName::from_static("gr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `grpc-message` as gRPC encodes it (and grpc-go sends it): spaces and printable ASCII as they are; `%`,
+    /// controls and non-ASCII percent-encoded; decoded back to the same message.
+    #[test]
+    fn grpc_messages_are_percent_encoded_as_grpc_says() {
+        let plain = grpc_message("etcdserver: permission denied");
+        assert_eq!(plain.as_bytes(), b"etcdserver: permission denied");
+        let odd = "100% sure\nnot \u{e9}t\u{e9}";
+        let encoded = grpc_message(odd);
+        assert_eq!(encoded.as_bytes(), b"100%25 sure%0Anot %C3%A9t%C3%A9");
+        let trailers = status_trailers(&Status::internal(odd));
+        assert_eq!(status_from_trailers(&trailers).map(|s| s.message().to_string()).as_deref(), Some(odd));
+        let response: http::Response<()> = status_response(&Status::permission_denied("etcdserver: permission denied"));
+        assert_eq!(response.headers().get("grpc-status").map(http::HeaderValue::as_bytes), Some(&b"7"[..]));
+    }
 
     #[test]
     fn gather_keeps_one_chunk_and_joins_several() {

@@ -293,3 +293,26 @@ async fn requests_that_are_not_grpc_calls_are_refused_and_recorded() -> TestResu
     assert_eq!((&record["rpc"], &record["decision"]), (&"KV/Range".into(), &"deny".into()), "{record}");
     Ok(())
 }
+
+/// A denial's trailers are etcd's byte for byte: `grpc-status: 7` and `grpc-message: etcdserver: permission
+/// denied` as grpc-go sends it (spaces as they are; before, `etcdserver:%20permission%20denied`, which clients
+/// decode alike but a reader of the raw answer would not recognise).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denial_carries_etcds_message_byte_for_byte() -> TestResult {
+    use etcd_guard_proto::etcdserverpb::RangeRequest;
+    use tonic::codegen::Service;
+
+    let h = Harness::start().await?;
+    let mut conn = etcd_guard_tests::bare_h2(&h, &h.nobody()?, None).await?;
+    let msg = RangeRequest { key: b"app/x".to_vec(), ..Default::default() };
+    let body = tonic::body::Body::new(http_body_util::Full::new(etcd_guard_tests::grpc_message(&msg)));
+    let request = etcd_guard_tests::grpc_request(etcd_guard_proto::methods::KV_RANGE, body)?;
+    std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
+    let response = conn.call(request).await?;
+    let headers = response.headers();
+    assert_eq!(headers.get("grpc-status").map(http::HeaderValue::as_bytes), Some(&b"7"[..]), "{headers:?}");
+    let message = headers.get("grpc-message").map(http::HeaderValue::as_bytes);
+    assert_eq!(message, Some(&b"etcdserver: permission denied"[..]), "{headers:?}");
+    assert_eq!(headers.get("content-type").map(http::HeaderValue::as_bytes), Some(&b"application/grpc"[..]));
+    Ok(())
+}

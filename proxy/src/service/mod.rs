@@ -377,7 +377,7 @@ impl Guard {
                 Some(known) => self.refused_unread(rpc_name(known), None, &status).await,
                 None => self.refused_unread(UNKNOWN_RPC, Some(path), &status).await,
             }
-            return status.into_http().into();
+            return codec::status_response(&status).into();
         }
         let routed = match service {
             "etcdserverpb.KV" => kv::route(&self, method, req).await,
@@ -402,7 +402,7 @@ impl Guard {
     async fn unrouted(&self, path: &str, message: String) -> Answer {
         let status = Status::unimplemented(message);
         self.refused_unread(UNKNOWN_RPC, Some(path), &status).await;
-        status.into_http().into()
+        codec::status_response(&status).into()
     }
 
     /// Record a request refused before its message could be read (or its method found). It is not served either
@@ -749,7 +749,7 @@ impl Guard {
     {
         let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
             Ok(read) => read,
-            Err(status) => return status.into_http().into(),
+            Err(status) => return codec::status_response(&status).into(),
         };
         let needs = authorize(&msg);
         let rpc = rpc_name(path);
@@ -793,7 +793,7 @@ impl Guard {
     {
         let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
             Ok(read) => read,
-            Err(status) => return status.into_http().into(),
+            Err(status) => return codec::status_response(&status).into(),
         };
         let needs = authorize(&msg);
         let rpc = rpc_name(path);
@@ -818,7 +818,7 @@ impl Guard {
     {
         let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
             Ok(read) => read,
-            Err(status) => return status.into_http().into(),
+            Err(status) => return codec::status_response(&status).into(),
         };
         let needs = authorize(&msg);
         let rpc = rpc_name(path);
@@ -956,7 +956,7 @@ impl Guard {
         });
         match opened.await {
             Ok(stream) => codec::streamed_response(Box::pin(stream), unread),
-            Err(status) => status.into_http().into(),
+            Err(status) => codec::status_response(&status).into(),
         }
     }
 
@@ -972,7 +972,7 @@ impl Guard {
         let (head, body) = req.into_parts();
         if let Err(status) = codec::check_request_encoding(&head.headers) {
             self.refused_unread(rpc, None, &status).await;
-            return status.into_http().into();
+            return codec::status_response(&status).into();
         }
         let meta = CallMeta::from_headers(&head.headers);
         let max = self.shared.max_request_bytes;
@@ -981,7 +981,7 @@ impl Guard {
         let unread = self.unread_limit();
         match Box::pin(run(inbound, meta, unread.clone())).await {
             Ok(outbound) => codec::streamed_response(outbound, unread),
-            Err(status) => status.into_http().into(),
+            Err(status) => codec::status_response(&status).into(),
         }
     }
 }
@@ -1040,7 +1040,7 @@ fn failed_with(reason: &mut String, status: &Status) {
 fn unary_answer(answered: Result<Framed, Status>) -> Answer {
     match answered {
         Ok(message) => codec::unary_response(message),
-        Err(status) => status.into_http().into(),
+        Err(status) => codec::status_response(&status).into(),
     }
 }
 
