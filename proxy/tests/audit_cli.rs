@@ -89,6 +89,18 @@ fn verify_points_at_the_altered_line_and_exits_1() -> TestResult {
     Ok(())
 }
 
+/// Files without a single record verify nothing: a log the proxy wrote starts with its `open` record, so an
+/// emptied one must not pass (before: "ok", exit 0).
+#[test]
+fn verify_refuses_files_without_records() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("audit.log"), "")?;
+    let o = guard(&["audit", "verify", &dir.path().to_string_lossy()])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no records") && text(&o).contains("never empty"), "{}", text(&o));
+    Ok(())
+}
+
 #[test]
 fn verify_with_hmac_key_right_and_wrong() -> TestResult {
     let dir = tempfile::tempdir()?;

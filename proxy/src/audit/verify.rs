@@ -177,6 +177,14 @@ pub fn run(args: VerifyArgs) -> ExitCode {
             }
             ExitCode::from(1)
         }
+        None if report.records == 0 => {
+            // Nothing verified is no proof of anything: a log the proxy opened starts with its `open` record.
+            crate::cli::say(format_args!(
+                "no records: {report}; nothing to verify — etcd-guard writes an `open` record when it opens a log, so \
+                 a log it has written is never empty (emptied, or not an audit log yet)"
+            ));
+            ExitCode::from(1)
+        }
         None => {
             crate::cli::say(&report);
             ExitCode::SUCCESS
@@ -492,7 +500,7 @@ impl fmt::Display for Report {
             (Some((first, _)), Some((last, hash))) => {
                 write!(f, "ok: {} records in {files}, seq {first}..={last}, last hash {hash} ({how})", self.records)
             }
-            _ => write!(f, "ok: no records ({files}, all empty)"),
+            _ => write!(f, "{files}, all empty"),
         }
     }
 }
@@ -800,7 +808,7 @@ mod tests {
         write(&dir.path().join("audit.log"), &[])?;
         let report = check(&[dir.path().to_path_buf()], &Hasher::unkeyed())?;
         assert_eq!(report.problem, None);
-        assert_eq!(report.to_string(), "ok: no records (1 file, all empty)");
+        assert_eq!(report.to_string(), "1 file, all empty");
         Ok(())
     }
 }
