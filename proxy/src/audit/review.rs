@@ -782,7 +782,8 @@ impl Table<'_> {
 /// One line of the summary.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Count {
-    /// CN, else first URI SAN, else first DNS SAN.
+    /// CN, else first URI SAN, else first DNS SAN; then, in brackets, the `tls.issuers` names its certificate
+    /// chains to, when the log has them (names of different CAs are counted apart).
     pub identity: String,
     /// `Service/Method`.
     pub rpc: String,
@@ -810,7 +811,7 @@ impl Summary {
         self.records += 1;
         // `count` comes from the file: added without overflowing, whatever it says.
         self.requests = self.requests.saturating_add(record.requests());
-        let key = [self.number(record.identity_label()), self.number(record.rpc()), self.number(record.decision())];
+        let key = [self.number(&record.identity_group()), self.number(record.rpc()), self.number(record.decision())];
         let count = self.counts.entry(key).or_default();
         *count = count.saturating_add(record.requests());
         if record.is_denial() {
@@ -1203,9 +1204,12 @@ mod tests {
         let counts = v["counts"].as_array().ok_or("counts")?;
         assert_eq!(
             counts[0],
-            serde_json::json!({"identity": "alice", "rpc": "KV/Range", "decision": "allow", "count": 3})
+            serde_json::json!({"identity": "alice [issuer etcd]", "rpc": "KV/Range", "decision": "allow", "count": 3})
         );
-        assert_eq!(counts[1], serde_json::json!({"identity": "bob", "rpc": "KV/Put", "decision": "deny", "count": 2}));
+        let bob = serde_json::json!({"identity": "bob [issuer etcd]", "rpc": "KV/Put", "decision": "deny", "count": 2});
+        assert_eq!(counts[1], bob);
+        // Named with the CA its certificate chains to: one name from two CAs is counted apart.
+        assert!(counts.iter().any(|c| c["identity"] == "carol [issuer components]"), "{counts:?}");
         let total: u64 = counts.iter().filter_map(|c| c["count"].as_u64()).sum();
         assert_eq!(total, 10);
         assert_eq!(
@@ -1224,7 +1228,9 @@ mod tests {
         review(&files, &filter, Mode::SummaryText, &mut out)?;
         let text = String::from_utf8(out)?;
         assert!(
-            text.starts_with("3 records\n\nCOUNT  IDENTITY  RPC     DECISION\n    2  bob       KV/Put  deny\n"),
+            text.starts_with(
+                "3 records\n\nCOUNT  IDENTITY           RPC     DECISION\n    2  bob [issuer etcd]  KV/Put  deny\n"
+            ),
             "{text}"
         );
         assert!(text.contains("most denied keys (top 20):\nCOUNT  KEY\n    2  sec/x\n"), "{text}");
