@@ -95,6 +95,8 @@ pub struct WatchSlot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limited {
     Global,
+    /// The waiting Lock and Campaign calls' own budget ([`Limiter::waiting`]).
+    Waiting,
     Concurrency,
     Rate,
     Watches,
@@ -161,17 +163,22 @@ impl Limiter {
     }
 
     /// A call admitted by [`Limiter::call`] that may wait at etcd for as long as others hold a lock (Lock,
-    /// Campaign): its slot of `limits.max_concurrent_requests` moves to the waiters' own budget of the same size
-    /// (if that has room; otherwise it stays). The global limit is there for the proxy's work in flight, to which a
-    /// waiter adds nothing: in it, one identity without a limit of its own could fill the budget with waiters and
-    /// starve every other client. Its identity's limit still counts it; and waiters stay bounded proxy-wide, so they
-    /// cannot take every stream of the upstream connections either.
-    pub fn waiting(&self, permit: &mut Permit) {
-        let (Some(max), Some(global)) = (self.global_max, permit.global.as_ref()) else { return };
-        if Arc::ptr_eq(global, &self.global_in_flight) && acquire(&self.global_waiting, max) {
-            global.fetch_sub(1, Ordering::AcqRel);
-            permit.global = Some(self.global_waiting.clone());
+    /// Campaign): its slot of `limits.max_concurrent_requests` moves to the waiters' own budget of the same size,
+    /// and with that one full it is refused (`ResourceExhausted`). The global limit is there for the proxy's work in
+    /// flight, to which a waiter adds nothing: in it, one identity without a limit of its own could fill the budget
+    /// with waiters and starve every other client. Its identity's limit still counts it.
+    pub fn waiting(&self, permit: &mut Permit, metrics: &Metrics) -> Result<(), Status> {
+        let (Some(max), Some(global)) = (self.global_max, permit.global.as_ref()) else { return Ok(()) };
+        if !Arc::ptr_eq(global, &self.global_in_flight) {
+            return Ok(());
         }
+        if !acquire(&self.global_waiting, max) {
+            let what = format!("the proxy has {max} Lock and Campaign calls waiting");
+            return Err(limited(metrics, Limited::Waiting, what));
+        }
+        global.fetch_sub(1, Ordering::AcqRel);
+        permit.global = Some(self.global_waiting.clone());
+        Ok(())
     }
 
     /// Count one call or stream message against the identity's rate.
@@ -292,6 +299,7 @@ impl Limited {
     pub fn as_str(self) -> &'static str {
         match self {
             Limited::Global => "global",
+            Limited::Waiting => "waiting",
             Limited::Concurrency => "concurrency",
             Limited::Rate => "rate",
             Limited::Watches => "watches",
@@ -387,29 +395,33 @@ mod tests {
         assert!(known <= 64, "{known} entries kept");
     }
 
-    /// Waiters move to a budget of their own, as large as the global one: other calls keep the global budget,
-    /// and waiters stay bounded (past their budget they take global slots again). Each slot is given back once.
+    /// Waiters move to a budget of their own, as large as the global one: other calls keep the whole global
+    /// budget, and a waiter past its budget is refused. Each slot is given back once.
     #[test]
     fn waiting_calls_have_a_global_budget_of_their_own() {
         let (l, m) = (Limiter::new(Some(2)), Metrics::new());
         let (usage, lim) = (l.usage("a"), limits(None, None, None));
         let mut waiters = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..2 {
             let mut p = l.call(&usage, &lim, "a", &m).expect("a slot");
-            l.waiting(&mut p);
+            assert!(l.waiting(&mut p, &m).is_ok());
             waiters.push(p);
         }
+        let mut third = l.call(&usage, &lim, "a", &m).expect("a global slot: the waiters left theirs");
+        let refused = l.waiting(&mut third, &m).err().map(|s| s.message().to_string());
+        assert!(refused.is_some_and(|m| m.contains("2 Lock and Campaign calls waiting")));
+        drop(third);
         let (in_flight, waiting) =
             (|| l.global_in_flight.load(Ordering::Relaxed), || l.global_waiting.load(Ordering::Relaxed));
-        assert_eq!((in_flight(), waiting()), (1, 2));
-        let other = l.call(&usage, &lim, "a", &m).expect("a call beside two waiters");
-        assert!(l.call(&usage, &lim, "a", &m).is_err(), "the third waiter took a global slot");
-        drop((waiters, other));
+        assert_eq!((in_flight(), waiting()), (0, 2));
+        let others = [l.call(&usage, &lim, "a", &m), l.call(&usage, &lim, "a", &m)];
+        assert!(others.iter().all(Result::is_ok), "two calls beside two waiters");
+        drop((waiters, others));
         assert_eq!((in_flight(), waiting(), usage.in_flight.load(Ordering::Relaxed)), (0, 0, 0));
         // Without a global limit there is nothing to move.
         let unlimited = Limiter::new(None);
         let mut p = unlimited.call(&usage, &lim, "a", &m).expect("a slot");
-        unlimited.waiting(&mut p);
+        assert!(unlimited.waiting(&mut p, &m).is_ok());
         assert_eq!(unlimited.global_waiting.load(Ordering::Relaxed), 0);
     }
 

@@ -248,9 +248,9 @@ async fn transactions_are_bounded_by_the_configured_max_txn_ops() -> TestResult 
     Ok(())
 }
 
-/// Lock calls waiting at etcd for a lock another client holds count against their identity's concurrency limit but
-/// not against the proxy-wide `limits.max_concurrent_requests`: one identity's waiters cannot fill that budget and
-/// starve everyone else.
+/// Lock calls waiting at etcd for a lock another client holds count against their identity's concurrency limit and
+/// a proxy-wide budget of their own (as large as `limits.max_concurrent_requests`), not against the calls' one: one
+/// identity's waiters cannot fill that and starve everyone else, and past their own budget they are refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn waiting_locks_do_not_hold_the_global_budget() -> TestResult {
     let h = Harness::with_config(POLICY, "limits: { max_concurrent_requests: 2 }\n").await?;
@@ -265,10 +265,19 @@ async fn waiting_locks_do_not_hold_the_global_budget() -> TestResult {
         waiting.push(tokio::spawn(async move {
             c.lock("cilium/lk", Some(etcd_client::LockOptions::new().with_lease(lease))).await.map(|_| ())
         }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = waiting.pop().ok_or("no third waiter")?;
     for w in &waiting {
         assert!(!w.is_finished(), "a waiting lock was answered while the lock is held");
+    }
+    match tokio::time::timeout(Duration::from_secs(5), third).await?? {
+        Err(etcd_client::Error::GRpcStatus(s)) => {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+            assert!(s.message().contains("Lock and Campaign calls waiting"), "{s:?}");
+        }
+        other => return Err(format!("the third waiter: {other:?}").into()),
     }
     for i in 0..5 {
         admin.put(format!("a/{i}"), "v", None).await?;

@@ -834,7 +834,9 @@ impl Guard {
                 return self.finish(forwarding, verdict, Err(shutting_down())).await;
             }
             // Its identity's limit still counts the waiter; proxy-wide, waiters have a budget of their own.
-            self.shared.limiter.waiting(&mut permit);
+            if let Err(status) = self.shared.limiter.waiting(&mut permit, &self.shared.metrics) {
+                return self.finish(forwarding, verdict, Err(status)).await;
+            }
             let call = self.shared.upstream.unary(path, msg, &meta);
             let withdrawn = async {
                 match kept {
