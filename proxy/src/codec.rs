@@ -380,31 +380,38 @@ pub fn status_response<B: Default>(status: &Status) -> http::Response<B> {
 }
 
 /// What makes a request a gRPC call the proxy understands, checked before anything else: `:method` POST, a
-/// `content-type` of `application/grpc` or `application/grpc+proto` (parameters after `;` aside; grpc-go accepts
-/// no other codec for etcd either), a `:path` without a query, and a `grpc-timeout`, if any, as gRPC defines it
-/// (at most 8 digits and a unit). Anything else is refused rather than read as protobuf or run without its
-/// deadline (fail closed); etcd's clients always send these exactly.
-pub fn check_grpc_request(method: &http::Method, uri: &http::Uri, headers: &http::HeaderMap) -> Result<(), Status> {
+/// `content-type` of `application/grpc` or `application/grpc+proto` (parameters after `;` aside: a message in
+/// another codec would be read as protobuf), a `:path` without a query, and a `grpc-timeout`, if any, as gRPC
+/// defines it (at most 8 digits and a unit). Anything else is refused rather than read as protobuf or run without
+/// its deadline (fail closed); etcd's clients always send these exactly. The refusal is grpc-go's: HTTP 405,
+/// 415 or 400 with its gRPC status (a path with a query is an unknown method).
+pub fn check_grpc_request(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), (http::StatusCode, Status)> {
     if method != http::Method::POST {
-        return Err(Status::internal(format!("etcd-guard: a gRPC request's :method is POST, not {method}")));
+        let status = Status::internal(format!("etcd-guard: a gRPC request's :method is POST, not {method}"));
+        return Err((http::StatusCode::METHOD_NOT_ALLOWED, status));
     }
     let content_type = headers.get(http::header::CONTENT_TYPE).map(http::HeaderValue::as_bytes);
     if !content_type.is_some_and(is_grpc_proto) {
         let shown = content_type.map_or("none".into(), |v| format!("{:?}", String::from_utf8_lossy(v)));
-        return Err(Status::internal(format!(
-            "etcd-guard: content-type {shown} is not application/grpc (protobuf messages only)"
-        )));
+        let status = Status::invalid_argument(format!(
+            "etcd-guard: invalid gRPC request content-type {shown} (application/grpc, protobuf messages only)"
+        ));
+        return Err((http::StatusCode::UNSUPPORTED_MEDIA_TYPE, status));
     }
     if uri.query().is_some() {
-        return Err(Status::unimplemented("etcd-guard: a gRPC method's path carries no query"));
+        let status = Status::unimplemented("etcd-guard: a gRPC method's path carries no query");
+        return Err((http::StatusCode::OK, status));
     }
     if let Some(v) = headers.get("grpc-timeout")
         && v.to_str().ok().and_then(crate::upstream::parse_grpc_timeout).is_none()
     {
-        return Err(Status::internal(format!(
-            "etcd-guard: malformed grpc-timeout {:?}",
-            String::from_utf8_lossy(v.as_bytes())
-        )));
+        let shown = String::from_utf8_lossy(v.as_bytes());
+        let status = Status::internal(format!("etcd-guard: malformed grpc-timeout {shown:?}"));
+        return Err((http::StatusCode::BAD_REQUEST, status));
     }
     Ok(())
 }

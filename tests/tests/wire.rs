@@ -255,22 +255,22 @@ async fn requests_that_are_not_grpc_calls_are_refused_and_recorded() -> TestResu
     let mut conn = etcd_guard_tests::bare_h2(&h, &h.admin()?, None).await?;
     let msg = RangeRequest { key: b"app/x".to_vec(), ..Default::default() };
     let range = etcd_guard_proto::methods::KV_RANGE;
-    /// `:method`, path, `content-type`, `grpc-timeout`, the grpc-status expected.
-    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, &'a str);
+    /// `:method`, path, `content-type`, `grpc-timeout`, the HTTP status and grpc-status expected (grpc-go's).
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, u16, &'a str);
     let cases: [Case; 11] = [
-        ("POST", range, Some("application/grpc"), None, "0"),
-        ("POST", range, Some("application/grpc+proto"), Some("5S"), "0"),
-        ("POST", range, Some("application/grpc; charset=utf-8"), None, "0"),
-        ("GET", range, Some("application/grpc"), None, "13"),
-        ("HEAD", range, Some("application/grpc"), None, "13"),
-        ("POST", range, None, None, "13"),
-        ("POST", range, Some("application/json"), None, "13"),
-        ("POST", range, Some("application/grpc+json"), None, "13"),
-        ("POST", "/etcdserverpb.KV/Range?x=1", Some("application/grpc"), None, "12"),
-        ("POST", range, Some("application/grpc"), Some("abc"), "13"),
-        ("POST", range, Some("application/grpc"), Some("-5m"), "13"),
+        ("POST", range, Some("application/grpc"), None, 200, "0"),
+        ("POST", range, Some("application/grpc+proto"), Some("5S"), 200, "0"),
+        ("POST", range, Some("application/grpc; charset=utf-8"), None, 200, "0"),
+        ("GET", range, Some("application/grpc"), None, 405, "13"),
+        ("HEAD", range, Some("application/grpc"), None, 405, "13"),
+        ("POST", range, None, None, 415, "3"),
+        ("POST", range, Some("application/json"), None, 415, "3"),
+        ("POST", range, Some("application/grpc+json"), None, 415, "3"),
+        ("POST", "/etcdserverpb.KV/Range?x=1", Some("application/grpc"), None, 200, "12"),
+        ("POST", range, Some("application/grpc"), Some("abc"), 400, "13"),
+        ("POST", range, Some("application/grpc"), Some("-5m"), 400, "13"),
     ];
-    for (method, path, content_type, timeout, expected) in cases {
+    for (method, path, content_type, timeout, http_status, expected) in cases {
         let body = tonic::body::Body::new(http_body_util::Full::new(etcd_guard_tests::grpc_message(&msg)));
         let mut request = http::Request::builder().method(method).uri(format!("https://localhost{path}"));
         if let Some(ct) = content_type {
@@ -282,14 +282,16 @@ async fn requests_that_are_not_grpc_calls_are_refused_and_recorded() -> TestResu
         let request = request.header("te", "trailers").body(body)?;
         std::future::poll_fn(|cx| conn.poll_ready(cx)).await?;
         let response = conn.call(request).await?;
+        let case = format!("{method} {path} {content_type:?} {timeout:?}");
+        assert_eq!(response.status().as_u16(), http_status, "{case}");
         let status = match response.headers().get("grpc-status").cloned() {
             Some(status) => Some(status),
             None => response.into_body().collect().await?.trailers().and_then(|t| t.get("grpc-status").cloned()),
         };
-        let case = format!("{method} {path} {content_type:?} {timeout:?}");
         assert_eq!(status.as_ref().map(http::HeaderValue::as_bytes), Some(expected.as_bytes()), "{case}");
     }
-    let record = audited(h, |r| r["reason"].as_str().is_some_and(|r| r.contains("not application/grpc"))).await?;
+    let record =
+        audited(h, |r| r["reason"].as_str().is_some_and(|r| r.contains("content-type \"application/json\""))).await?;
     assert_eq!((&record["rpc"], &record["decision"]), (&"KV/Range".into(), &"deny".into()), "{record}");
     Ok(())
 }

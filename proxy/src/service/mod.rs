@@ -372,12 +372,14 @@ impl Guard {
             Some(parts) => parts,
             None => return self.unrouted(path, format!("malformed method name: {path:?}")).await,
         };
-        if let Err(status) = codec::check_grpc_request(req.method(), &uri, req.headers()) {
+        if let Err((http_status, status)) = codec::check_grpc_request(req.method(), &uri, req.headers()) {
             match methods::ALL.iter().find(|m| **m == path) {
                 Some(known) => self.refused_unread(rpc_name(known), None, &status).await,
                 None => self.refused_unread(UNKNOWN_RPC, Some(path), &status).await,
             }
-            return codec::status_response(&status).into();
+            let mut response: http::Response<_> = codec::status_response(&status);
+            *response.status_mut() = http_status;
+            return response.into();
         }
         let routed = match service {
             "etcdserverpb.KV" => kv::route(&self, method, req).await,
