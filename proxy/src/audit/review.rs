@@ -198,8 +198,10 @@ const MAX_WIDTHS: [usize; COLUMNS] = [27, 20, 40, 28, 10, 18, 48, 100];
 /// Counts per identity × RPC × decision, and per denied key.
 #[derive(Debug, Default)]
 pub struct Summary {
-    /// Each identity, RPC and decision text seen, numbered.
+    /// Each identity (name and issuers: [`Record::identity_group`]), RPC and decision text seen, numbered.
     numbers: HashMap<String, usize>,
+    /// The name and issuers of each identity's number.
+    identities: HashMap<usize, (String, Vec<String>)>,
     /// The texts by number.
     texts: Vec<String>,
     /// (identity, rpc, decision) numbers → count.
@@ -325,6 +327,8 @@ pub enum Verification {
     Unfinished(String),
     /// It does not verify: verify's message, and the records in order before the problem.
     Failed(String, u64),
+    /// The files hold no record at all (and no proxy is opening them): nothing was verified.
+    Empty,
 }
 
 /// Verify the chain of `files` after a review (as `audit verify` does, with `key` or unkeyed), so that a reviewer
@@ -339,7 +343,10 @@ pub enum Verification {
 pub fn verification(files: &[AuditFile], key: Option<&Hasher>) -> Result<Verification, ReadError> {
     let unkeyed = Hasher::unkeyed();
     let report = super::verify::verify(files, key.unwrap_or(&unkeyed))?;
+    let written_now = || files.last().is_some_and(|f| being_written(&f.path));
     Ok(match report.problem {
+        // A log a proxy is opening this very moment has its `open` record on the way.
+        None if report.records == 0 && !written_now() => Verification::Empty,
         None => Verification::Verified,
         Some(p)
             if key.is_none()
@@ -349,9 +356,7 @@ pub fn verification(files: &[AuditFile], key: Option<&Hasher>) -> Result<Verific
         {
             Verification::Keyed(p.message)
         }
-        Some(p) if p.unfinished_last_line && files.last().is_some_and(|f| being_written(&f.path)) => {
-            Verification::Unfinished(p.message)
-        }
+        Some(p) if p.unfinished_last_line && written_now() => Verification::Unfinished(p.message),
         Some(p) => Verification::Failed(p.message, report.records),
     })
 }
@@ -382,6 +387,10 @@ fn verified(files: &[AuditFile], key: Option<&Hasher>) -> ExitCode {
                  writing this folder; `etcd-guard audit verify` again to be sure): {message}"
             );
             ExitCode::SUCCESS
+        }
+        Ok(Verification::Empty) => {
+            eprintln!("etcd-guard: warning: no records in these files: {}", super::verify::NOTHING_VERIFIED);
+            ExitCode::from(1)
         }
         Ok(Verification::Failed(message, in_order)) => {
             eprintln!(
@@ -782,9 +791,11 @@ impl Table<'_> {
 /// One line of the summary.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Count {
-    /// CN, else first URI SAN, else first DNS SAN; then, in brackets, the `tls.issuers` names its certificate
-    /// chains to, when the log has them (names of different CAs are counted apart).
+    /// CN, else first URI SAN, else first DNS SAN (what `--identity` takes).
     pub identity: String,
+    /// The `tls.issuers` names its certificate chains to, when the log records them: one name from different CAs
+    /// is counted apart (the table shows them in brackets after the name).
+    pub issuers: Vec<String>,
     /// `Service/Method`.
     pub rpc: String,
     /// The decision.
@@ -802,8 +813,21 @@ pub struct DeniedKey {
     pub count: u64,
 }
 
-/// Widest a summary column gets.
-const SUMMARY_MAX_WIDTHS: [usize; 4] = [20, 60, 40, 12];
+/// Widest a summary column gets (an identity with its issuers: a SPIFFE ID and a CA name fit).
+const SUMMARY_MAX_WIDTHS: [usize; 4] = [20, 100, 40, 12];
+
+// === impl Count ===
+
+impl Count {
+    /// The identity as the table shows it: its name, then the issuers in brackets (`name [issuer etcd]`).
+    fn label(&self) -> String {
+        match self.issuers.as_slice() {
+            [] => self.identity.clone(),
+            [one] => format!("{} [issuer {one}]", self.identity),
+            many => format!("{} [issuers {}]", self.identity, many.join(", ")),
+        }
+    }
+}
 
 impl Summary {
     /// Count `record`; `targets` are its keys (needed for denials only).
@@ -811,7 +835,12 @@ impl Summary {
         self.records += 1;
         // `count` comes from the file: added without overflowing, whatever it says.
         self.requests = self.requests.saturating_add(record.requests());
-        let key = [self.number(&record.identity_group()), self.number(record.rpc()), self.number(record.decision())];
+        let identity = self.number(&record.identity_group());
+        self.identities.entry(identity).or_insert_with(|| {
+            let issuers = record.identity.as_ref().map(|i| i.issuers.iter().map(|n| n.as_str().to_owned()).collect());
+            (record.identity_label().to_owned(), issuers.unwrap_or_default())
+        });
+        let key = [identity, self.number(record.rpc()), self.number(record.decision())];
         let count = self.counts.entry(key).or_default();
         *count = count.saturating_add(record.requests());
         if record.is_denial() {
@@ -869,16 +898,21 @@ impl Summary {
             .counts
             .iter()
             .map(|(&[identity, rpc, decision], &count)| Count {
-                identity: text(identity),
+                identity: self
+                    .identities
+                    .get(&identity)
+                    .map(|(name, _)| name.clone())
+                    .unwrap_or_else(|| text(identity)),
+                issuers: self.identities.get(&identity).map(|(_, issuers)| issuers.clone()).unwrap_or_default(),
                 rpc: text(rpc),
                 decision: text(decision),
                 count,
             })
             .collect();
         out.sort_by(|a, b| {
-            b.count
-                .cmp(&a.count)
-                .then_with(|| (&a.identity, &a.rpc, &a.decision).cmp(&(&b.identity, &b.rpc, &b.decision)))
+            b.count.cmp(&a.count).then_with(|| {
+                (&a.identity, &a.issuers, &a.rpc, &a.decision).cmp(&(&b.identity, &b.issuers, &b.rpc, &b.decision))
+            })
         });
         out
     }
@@ -907,7 +941,7 @@ impl Summary {
             writeln!(out)?;
             let rows: Vec<[String; 4]> = counts
                 .iter()
-                .map(|c| [c.count.to_string(), clean(&c.identity), clean(&c.rpc), clean(&c.decision)])
+                .map(|c| [c.count.to_string(), clean(&c.label()), clean(&c.rpc), clean(&c.decision)])
                 .collect();
             let header = ["COUNT", "IDENTITY", "RPC", "DECISION"];
             let widths = widths_for(&header, rows.iter().map(|r| &r[..]), &SUMMARY_MAX_WIDTHS);
@@ -1194,6 +1228,17 @@ mod tests {
         Ok(())
     }
 
+    /// Files without a record are not "verified": a log a proxy wrote always holds its `open` record (review
+    /// exits 1 on them, as verify does).
+    #[test]
+    fn files_without_records_are_not_verified() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        write(&dir.path().join("audit.log"), &[])?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert_eq!(verification(&files, None)?, Verification::Empty);
+        Ok(())
+    }
+
     #[test]
     fn summary_counts_and_most_denied_keys() -> TestResult {
         let (_dir, files) = fixture()?;
@@ -1204,12 +1249,12 @@ mod tests {
         let counts = v["counts"].as_array().ok_or("counts")?;
         assert_eq!(
             counts[0],
-            serde_json::json!({"identity": "alice [issuer etcd]", "rpc": "KV/Range", "decision": "allow", "count": 3})
+            serde_json::json!({"identity": "alice", "issuers": ["etcd"], "rpc": "KV/Range", "decision": "allow", "count": 3})
         );
-        let bob = serde_json::json!({"identity": "bob [issuer etcd]", "rpc": "KV/Put", "decision": "deny", "count": 2});
+        let bob = serde_json::json!({"identity": "bob", "issuers": ["etcd"], "rpc": "KV/Put", "decision": "deny", "count": 2});
         assert_eq!(counts[1], bob);
-        // Named with the CA its certificate chains to: one name from two CAs is counted apart.
-        assert!(counts.iter().any(|c| c["identity"] == "carol [issuer components]"), "{counts:?}");
+        // With the CA its certificate chains to: one name from two CAs is counted apart.
+        assert!(counts.iter().any(|c| c["identity"] == "carol" && c["issuers"][0] == "components"), "{counts:?}");
         let total: u64 = counts.iter().filter_map(|c| c["count"].as_u64()).sum();
         assert_eq!(total, 10);
         assert_eq!(

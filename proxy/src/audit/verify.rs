@@ -40,6 +40,10 @@ pub struct VerifyArgs {
     pub hmac_key: Option<PathBuf>,
 }
 
+/// Why files without a single record do not verify.
+pub const NOTHING_VERIFIED: &str = "nothing to verify — etcd-guard writes an `open` record when it opens a log, so a \
+                                    log it has written is never empty (emptied, or not an audit log yet)";
+
 /// What kind of tampering (or damage) a problem looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProblemKind {
@@ -179,10 +183,7 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         }
         None if report.records == 0 => {
             // Nothing verified is no proof of anything: a log the proxy opened starts with its `open` record.
-            crate::cli::say(format_args!(
-                "no records: {report}; nothing to verify — etcd-guard writes an `open` record when it opens a log, so \
-                 a log it has written is never empty (emptied, or not an audit log yet)"
-            ));
+            crate::cli::say(format_args!("no records: {report}; {NOTHING_VERIFIED}"));
             ExitCode::from(1)
         }
         None => {
