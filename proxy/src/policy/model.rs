@@ -703,23 +703,11 @@ impl Selector {
     /// CN aside; `["uri_san"]`: every one with a URI SAN, which in a cluster of SPIFFE IDs is everyone). `None` when a
     /// pattern narrows it. A fingerprint pattern cannot be stars (refused when the policy loads).
     pub fn matches_everyone_with(&self) -> Option<Vec<&'static str>> {
-        let fields = [
-            ("organization", &self.organization),
-            ("organizational_unit", &self.organizational_unit),
-            ("dns_san", &self.dns_san),
-            ("uri_san", &self.uri_san),
-            ("fingerprint_sha256", &self.fingerprint_sha256),
-            ("issuer", &self.issuer),
-        ];
-        let given = || fields.iter().filter_map(|(name, p)| p.as_ref().map(|p| (*name, p)));
-        let cn = self.common_name.as_ref();
-        if cn.is_none() && given().next().is_none() {
+        if self.is_empty() || self.fields().any(|(_, p)| !p.matches_anything()) {
             return None;
         }
-        if cn.is_some_and(|p| !p.matches_anything()) || given().any(|(_, p)| !p.matches_anything()) {
-            return None;
-        }
-        Some(given().map(|(name, _)| name).collect())
+        // A CN of stars only asks for a CN, which nearly every client certificate has.
+        Some(self.fields().map(|(name, _)| name).filter(|name| *name != "common_name").collect())
     }
 }
 
