@@ -244,6 +244,18 @@ fn init_logging() {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging();
+    // This thread's runtime (it runs the listener, signals, metrics, reloads and health probes), made first so that
+    // the signal handlers are in place before anything slow (the configuration, its files, the threads): a SIGHUP
+    // or SIGTERM while the proxy starts (a service manager's reload right after start) is acted on once it serves,
+    // not the default action of ending the process.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("starting the runtime: {e}")),
+    };
+    let mut signals = {
+        let _in_runtime = runtime.enter();
+        Signals::install()
+    };
     let mut config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -277,25 +289,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             crate::config::AuditOutput::File(file)
         };
     }
-    // Connections are served by worker threads, one runtime each; this thread runs the listener, signals,
-    // metrics, reloads and health probes.
+    // Connections are served by worker threads, one runtime each.
     let threads = config.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let workers = match Workers::start(threads) {
         Ok(w) => w,
         Err(e) => return fail(format!("starting the worker threads: {e}")),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            workers.stop();
-            return fail(format!("starting the runtime: {e}"));
-        }
-    };
     let handles = workers.handles();
     let code = runtime.block_on(async move {
-        // First: a SIGHUP or SIGTERM while the proxy starts (a service manager's reload right after start) is
-        // handled once it serves, not the default action of ending the process.
-        let mut signals = Signals::install();
         let proxy = match Proxy::bind_with_workers(&config, handles).await {
             Ok(p) => p,
             Err(e) => return fail(e),
