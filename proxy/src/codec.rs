@@ -391,7 +391,7 @@ pub fn check_grpc_request(
     headers: &http::HeaderMap,
 ) -> Result<(), (http::StatusCode, Status)> {
     if method != http::Method::POST {
-        let status = Status::internal(format!("etcd-guard: a gRPC request's :method is POST, not {method}"));
+        let status = Status::internal(format!("etcd-guard: a gRPC request's :method must be POST, got {method}"));
         return Err((http::StatusCode::METHOD_NOT_ALLOWED, status));
     }
     let content_type = headers.get(http::header::CONTENT_TYPE).map(http::HeaderValue::as_bytes);

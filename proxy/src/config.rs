@@ -667,6 +667,15 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         assert!(!err.contains("DuplicateKeyPolicy"), "{err}");
     }
 
+    /// serde's advice to programmers ("use Option<String>") is not the operator's: they are told what to do.
+    #[test]
+    fn a_null_value_is_refused_in_the_editors_terms() {
+        let text = format!("{EXAMPLE}\nmetrics_listen: null\n");
+        let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("c.yaml") && err.contains("null"), "{err}");
+        assert!(!err.contains("Option<") && err.contains("leave the key out"), "{err}");
+    }
+
     #[test]
     fn an_empty_file_name_is_refused_by_its_key() {
         let text = EXAMPLE.replace("policy_file: policies/kubernetes.yaml", "policy_file: \"\"");

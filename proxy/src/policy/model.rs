@@ -1105,7 +1105,9 @@ impl Validator<'_> {
 /// The YAML parser's advice meant for programs that use it (not for whoever edits the file) taken out of its
 /// message.
 pub(crate) fn parser_advice_removed(message: &str) -> String {
-    message.replace(", set DuplicateKeyPolicy in Options if acceptable", " (a key may appear once per mapping)")
+    message
+        .replace(", set DuplicateKeyPolicy in Options if acceptable", " (a key may appear once per mapping)")
+        .replace("; use Option<String>", " (leave the key out for its default)")
 }
 
 /// Turns a serde-saphyr error into a located [`PolicyError::Syntax`].

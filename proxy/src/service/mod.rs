@@ -837,7 +837,9 @@ impl Guard {
             }
             // Its identity's limit still counts the waiter; proxy-wide, waiters have a budget of their own.
             if let Err(status) = self.shared.limiter.waiting(&mut permit, &self.shared.metrics) {
-                return self.finish(forwarding, verdict, Err(status)).await;
+                // Recorded as every limit's refusal is: denied, with the limit's words.
+                let refused = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
+                return self.finish(forwarding, refused, Err(status)).await;
             }
             let call = self.shared.upstream.unary(path, msg, &meta);
             let withdrawn = async {
