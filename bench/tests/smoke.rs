@@ -80,8 +80,10 @@ fn every_workload_runs_through_both_paths() -> TestResult {
             assert_eq!(leg["errors"].as_u64(), Some(0), "{name} {label}: {leg}");
             assert!(leg["etcd_cpu_us_per_req"].as_f64().is_some_and(|us| us > 0.0), "{name} {label}: {leg}");
         }
-        // The proxy's own CPU per request, which the CPU target is judged on, was read from /proc.
-        assert!(legs[1]["proxy_cpu_us_per_req"].as_f64().is_some_and(|us| us > 0.0), "{name}: {case}");
+        // The proxy's own CPU per request, which the CPU target is judged on, was read from /proc (a figure, not
+        // null; it may be 0: /proc counts in 10 ms ticks, and a 0.3 s window of a debug build on a loaded machine
+        // can serve few requests — a fresh proxy's first calls wait for its upstream TLS handshakes).
+        assert!(legs[1]["proxy_cpu_us_per_req"].as_f64().is_some_and(|us| us >= 0.0), "{name}: {case}");
         assert!(case["ratio"].as_f64().is_some_and(|r| r > 0.0), "{name}: {case}");
     }
     let idle = results["idle"].as_array().ok_or("no idle-connection figures")?;

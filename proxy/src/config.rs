@@ -673,7 +673,10 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         let text = format!("{EXAMPLE}\nmetrics_listen: null\n");
         let err = Config::parse(&text, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("c.yaml") && err.contains("null"), "{err}");
-        assert!(!err.contains("Option<") && err.contains("leave the key out"), "{err}");
+        assert!(!err.contains("Option<") && err.contains("null is not a value here"), "{err}");
+        let two = format!("{EXAMPLE}\n---\nlisten: x\n");
+        let err = Config::parse(&two, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!err.contains("from_str_multiple") && err.contains("---"), "{err}");
     }
 
     #[test]

@@ -1107,7 +1107,15 @@ impl Validator<'_> {
 pub(crate) fn parser_advice_removed(message: &str) -> String {
     message
         .replace(", set DuplicateKeyPolicy in Options if acceptable", " (a key may appear once per mapping)")
-        .replace("; use Option<String>", " (leave the key out for its default)")
+        .replace("; use Option<String>", " (null is not a value here)")
+        .replace(
+            "; use from_str_multiple or from_str_multiple_with_options",
+            " (the file must hold one document: remove the extra `---`)",
+        )
+        .replace(
+            " If you just use !!binary for documentation/annotation, set ignore_binary_tag_for_string in Options",
+            "",
+        )
 }
 
 /// Turns a serde-saphyr error into a located [`PolicyError::Syntax`].

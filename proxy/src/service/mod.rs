@@ -837,9 +837,12 @@ impl Guard {
             }
             // Its identity's limit still counts the waiter; proxy-wide, waiters have a budget of their own.
             if let Err(status) = self.shared.limiter.waiting(&mut permit, &self.shared.metrics) {
-                // Recorded as every limit's refusal is: denied, with the limit's words.
+                // Recorded as every limit's refusal is (denied, with the limit's words, within the identity's
+                // `audit.denial_records`), and answered with the limit's status whatever became of the record.
                 let refused = Verdict { decision: Decision::Deny, reason: status.message().to_string() };
-                return self.finish(forwarding, refused, Err(status)).await;
+                let record = forwarding.into_record();
+                let _ = self.audit_refusal(rpc, record, Cow::Owned(refused), status.code(), at).await;
+                return Err(status);
             }
             let call = self.shared.upstream.unary(path, msg, &meta);
             let withdrawn = async {
