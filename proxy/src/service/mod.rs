@@ -958,7 +958,10 @@ impl Guard {
                     Ok(Audited { frames: Some(frames), end, recheck: recheck.map(Box::new), shutdown })
                 }
                 Err(status) => {
-                    end.finish(status.code());
+                    // Recorded as a stream that ended at once, with why.
+                    let mut end = end;
+                    let _ = end.note(Some(Err(status.clone())));
+                    drop(end);
                     Err(status)
                 }
             }
@@ -1231,10 +1234,6 @@ impl StreamEnd {
         self
     }
 
-    pub fn finish(mut self, code: Code) {
-        self.write(code);
-    }
-
     /// Note an item the stream's answer hands to its client, and return what to hand it: the first error is how
     /// the stream ended (`None`: it ended `OK`). An error that only says the client's side is gone (see
     /// [`client_gone`]) ends the answer there, recorded as `Cancelled`: the client can be told nothing more.
@@ -1246,9 +1245,12 @@ impl StreamEnd {
                 return None;
             }
             Some(Err(status)) => {
+                // Why, as the client was told (etcd's message, or the proxy's: a shutdown, a hand-over that did not
+                // end), after the grant a server stream's record names (a withdrawal has said why already).
                 if self.ended.is_none() && self.reason == STREAM_ENDED {
-                    // Why, as the client was told (etcd's message, or the proxy's: a hand-over that did not end).
                     self.reason = format!("{STREAM_ENDED}: {}", status.message());
+                } else if self.ended.is_none() && self.decision != Decision::Deny {
+                    self.reason = format!("{}; {STREAM_ENDED}: {}", self.reason, status.message());
                 }
                 self.ended.get_or_insert(status.code())
             }
