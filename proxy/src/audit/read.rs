@@ -496,21 +496,6 @@ impl<O> Record<'_, O> {
         self.identity.as_ref().map_or("-", RecordIdentity::label)
     }
 
-    /// The label, followed by the `tls.issuers` names the certificate chains to when the record has them
-    /// (`kube-apiserver-etcd-client [issuer etcd]`): two certificates of one name from different CAs — the
-    /// impersonation `tls.issuers` guards against — are told apart.
-    pub fn identity_group(&self) -> std::borrow::Cow<'_, str> {
-        let label = self.identity_label();
-        match self.identity.as_ref().map(|i| i.issuers.as_slice()) {
-            Some(issuers) if !issuers.is_empty() => {
-                let names: Vec<&str> = issuers.iter().map(Text::as_str).collect();
-                let noun = if names.len() == 1 { "issuer" } else { "issuers" };
-                std::borrow::Cow::Owned(format!("{label} [{noun} {}]", names.join(", ")))
-            }
-            _ => std::borrow::Cow::Borrowed(label),
-        }
-    }
-
     /// The field as text, `""` when absent.
     pub fn rpc(&self) -> &str {
         self.rpc.as_ref().map_or("", Text::as_str)

@@ -198,7 +198,7 @@ const MAX_WIDTHS: [usize; COLUMNS] = [27, 20, 40, 28, 10, 18, 48, 100];
 /// Counts per identity × RPC × decision, and per denied key.
 #[derive(Debug, Default)]
 pub struct Summary {
-    /// Each identity (name and issuers: [`Record::identity_group`]), RPC and decision text seen, numbered.
+    /// Each identity (its name, and its issuer names when the log has them), RPC and decision text seen, numbered.
     numbers: HashMap<String, usize>,
     /// The name and issuers of each identity's number.
     identities: HashMap<usize, (String, Vec<String>)>,
@@ -835,11 +835,16 @@ impl Summary {
         self.records += 1;
         // `count` comes from the file: added without overflowing, whatever it says.
         self.requests = self.requests.saturating_add(record.requests());
-        let identity = self.number(&record.identity_group());
-        self.identities.entry(identity).or_insert_with(|| {
-            let issuers = record.identity.as_ref().map(|i| i.issuers.iter().map(|n| n.as_str().to_owned()).collect());
-            (record.identity_label().to_owned(), issuers.unwrap_or_default())
+        // One name from different CAs is counted apart: the key is the name and the issuer names, each after its
+        // length (so that no name, whatever it holds, reads as another name and issuer).
+        let (name, issuers) = (record.identity_label(), record.identity.as_ref().map_or(&[][..], |i| &i.issuers[..]));
+        let key = issuers.iter().fold(format!("{}:{name}", name.len()), |key, issuer| {
+            format!("{key}{}:{}", issuer.as_str().len(), issuer.as_str())
         });
+        let identity = self.number(&key);
+        self.identities
+            .entry(identity)
+            .or_insert_with(|| (name.to_owned(), issuers.iter().map(|n| n.as_str().to_owned()).collect()));
         let key = [identity, self.number(record.rpc()), self.number(record.decision())];
         let count = self.counts.entry(key).or_default();
         *count = count.saturating_add(record.requests());
