@@ -395,6 +395,7 @@ async fn connection(
         shutdown_grace: grace,
         own_task: crate::service::is_streaming,
         message_stream: crate::service::is_message_stream,
+        refused_receiving: Some(metrics.limited.get_or_create(&LimitLabels { limit: "receiving" }).clone()),
     };
     let handle = |req| guard.clone().handle(req);
     // A reload whose client CA or CRLs no longer trust the certificate closes the connection.

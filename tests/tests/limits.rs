@@ -174,6 +174,10 @@ async fn requests_whose_message_never_arrives_are_capped_per_connection() -> Tes
     let refused = conn.call(request(tonic::body::Body::new(http_body_util::Full::new(message())))?).await;
     let refused = refused.err().ok_or("the request over the limit was served")?;
     assert!(format!("{refused:?}").contains("REFUSED_STREAM"), "{refused:?}");
+    // No gRPC call, so no audit record: counted for the operator.
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let (_, metrics) = http_get(addr, "/metrics")?;
+    assert!(metrics.contains("etcd_guard_limited_total{limit=\"receiving\"} 1"), "{metrics}");
 
     // One stalled request's message arrives: it is decided (this identity may do nothing) and answered ...
     let (feed, answer) = stalled.pop().ok_or("none stalled")?;

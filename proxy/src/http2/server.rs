@@ -26,7 +26,7 @@ use tracing::debug;
 use super::{Patience, Receiving, RecvBody, Reply, cork, send_body};
 
 /// How a client connection is run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// How long a client may take, after TLS, to start HTTP/2 (its preface and SETTINGS).
     pub handshake_timeout: Duration,
@@ -44,6 +44,8 @@ pub struct Settings {
     /// Requests (by path) that carry a stream of messages rather than one; the others count against
     /// [`MAX_RECEIVING`] until their message has arrived.
     pub message_stream: fn(&str) -> bool,
+    /// Counts requests refused for [`MAX_RECEIVING`] (`REFUSED_STREAM`; no gRPC call, so no audit record).
+    pub refused_receiving: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Requests of one message per connection whose message has not fully arrived yet; a further one is refused
@@ -124,6 +126,9 @@ where
                         } else {
                             let Some(counted) = Receiving::try_new(&receiving, MAX_RECEIVING) else {
                                 debug!(receiving = MAX_RECEIVING, "too many requests still arriving; refusing one");
+                                if let Some(refused) = &settings.refused_receiving {
+                                    refused.inc();
+                                }
                                 respond.send_reset(h2::Reason::REFUSED_STREAM);
                                 continue;
                             };
