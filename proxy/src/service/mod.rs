@@ -102,14 +102,13 @@ pub type Inspection<M> = (fn(&M) -> bool, fn(&Framed, &View) -> Option<String>);
 pub const UNKNOWN_RPC: &str = "Unknown";
 
 /// A request refused before its message was read: described by its method alone, or, for a method the proxy
-/// does not know, by its path (cut to 256 characters).
+/// does not know, by its path (cut to [`RECORDED_TEXT_CHARS`]).
 struct Unread<'a>(Option<&'a str>);
 
 impl Describe for Unread<'_> {
     fn describe(&self, ops: &mut Ops) {
         if let Some(path) = self.0 {
-            let cut = path.char_indices().nth(256).map_or(path, |(at, _)| &path[..at]);
-            ops.op("unknown_method", |op| op.text("path", cut));
+            ops.op("unknown_method", |op| op.text("path", first_chars(path, RECORDED_TEXT_CHARS)));
         }
     }
 }
@@ -1039,11 +1038,18 @@ fn decided_under(record: &mut Option<Record>, view: &View) {
     }
 }
 
-/// `reason` of an allowed call that failed, followed by the failure as its client was told it (cut to 256
-/// characters; etcd's and the proxy's messages carry no values).
+/// How much of a text the client sent or was told a record keeps (an unknown path, a failure's message).
+const RECORDED_TEXT_CHARS: usize = 256;
+
+/// The first `n` characters of `text`.
+fn first_chars(text: &str, n: usize) -> &str {
+    text.char_indices().nth(n).map_or(text, |(at, _)| &text[..at])
+}
+
+/// `reason` of an allowed call that failed, followed by the failure as its client was told it (cut to
+/// [`RECORDED_TEXT_CHARS`]; etcd's and the proxy's messages carry no values).
 fn failed_with(reason: &mut String, status: &Status) {
-    let message = status.message();
-    let cut = message.char_indices().nth(256).map_or(message, |(at, _)| &message[..at]);
+    let cut = first_chars(status.message(), RECORDED_TEXT_CHARS);
     reason.push_str("; failed: ");
     reason.push_str(if cut.is_empty() { "(no message)" } else { cut });
 }
