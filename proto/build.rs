@@ -16,6 +16,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={}", root.display());
     let files: Vec<PathBuf> = FILES.iter().map(|f| root.join(f)).collect();
     let fds = protox::compile(&files, [&root])?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        // Decoded as etcd decodes them (a `oneof` message field sent twice: the last wins whole): src/last_wins.rs.
+        .extern_path(".etcdserverpb.RequestOp", "crate::etcdserverpb::RequestOp")
+        .extern_path(".etcdserverpb.WatchRequest", "crate::etcdserverpb::WatchRequest")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -26,7 +26,11 @@ pub mod authpb {
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+
+    pub use crate::last_wins::{RequestOp, WatchRequest, request_op, watch_request};
 }
+
+mod last_wins;
 
 /// etcd's `v3lockpb` package: the `Lock` service.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]

@@ -82,6 +82,37 @@ fn nested_txn_round_trips() -> Result<(), prost::DecodeError> {
     Ok(())
 }
 
+/// A `oneof` message field sent twice: etcd's decoder keeps the last one whole (protobuf's merge would keep the
+/// first one's value under the second one's key).
+#[test]
+fn a_oneof_message_sent_twice_is_the_last_one_whole() -> Result<(), prost::DecodeError> {
+    // request_put { key: "a" value: "s" }, then request_put { key: "b" }.
+    let op = unhex("12060a016112017312030a0162");
+    let put = |key: &[u8], value: &[u8]| pb::RequestOp {
+        request: Some(request_op::Request::RequestPut(pb::PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            ..Default::default()
+        })),
+    };
+    assert_eq!(pb::RequestOp::decode(op.as_slice())?, put(b"b", b""));
+    // The same inside a transaction's op list, and with another variant in between.
+    let mut txn = vec![0x12, op.len() as u8];
+    txn.extend(&op);
+    assert_eq!(pb::TxnRequest::decode(txn.as_slice())?.success, vec![put(b"b", b"")]);
+    let op = unhex("12060a01611201731a030a016312030a0162");
+    assert_eq!(pb::RequestOp::decode(op.as_slice())?, put(b"b", b""));
+
+    // create_request { key: "a" range_end: "\0" }, then create_request { key: "b" }: a watch on "b" alone.
+    let w = pb::WatchRequest::decode(unhex("0a060a01611201000a030a0162").as_slice())?;
+    let create = pb::WatchCreateRequest { key: b"b".to_vec(), ..Default::default() };
+    assert_eq!(w.request_union, Some(watch_request::RequestUnion::CreateRequest(create)));
+    // Each occurrence is decoded whole, errors included; encoding is unchanged.
+    assert!(pb::WatchRequest::decode(unhex("0a060a01611201000a020a05").as_slice()).is_err());
+    assert_eq!(hex(&put(b"b", b"").encode_to_vec()), "12030a0162");
+    Ok(())
+}
+
 #[test]
 fn watch_fields_have_etcds_numbers() {
     // watch_id is field 7, fragment field 8.

@@ -50,20 +50,31 @@ impl<R: prost::Message + Default> Decoder for ProstDecoder<R> {
 }
 
 async fn channel(h: &Harness, who: &ClientCert) -> TestResult<Channel> {
+    channel_to(h, &h.proxy_url(), who).await
+}
+
+async fn channel_to(h: &Harness, url: &str, who: &ClientCert) -> TestResult<Channel> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(h.pki.ca_file())?))
         .identity(Identity::from_pem(std::fs::read(&who.cert)?, std::fs::read(&who.key)?))
         .domain_name("localhost");
-    Ok(Endpoint::from_shared(h.proxy_url())?.tls_config(tls)?.connect().await?)
+    Ok(Endpoint::from_shared(url.to_string())?.tls_config(tls)?.connect().await?)
 }
 
 async fn raw_range(ch: &Channel, bytes: &[u8]) -> Result<RangeResponse, Status> {
+    raw_unary(ch, "/etcdserverpb.KV/Range", bytes).await
+}
+
+async fn raw_unary<R: prost::Message + Default + Send + 'static>(
+    ch: &Channel,
+    path: &'static str,
+    bytes: &[u8],
+) -> Result<R, Status> {
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Range");
-    let resp = grpc
-        .unary(tonic::Request::new(Bytes::copy_from_slice(bytes)), path, RawRequest::<RangeResponse>(PhantomData))
-        .await?;
+    let path = http::uri::PathAndQuery::from_static(path);
+    let resp =
+        grpc.unary(tonic::Request::new(Bytes::copy_from_slice(bytes)), path, RawRequest::<R>(PhantomData)).await?;
     Ok(resp.into_inner())
 }
 
@@ -111,6 +122,40 @@ async fn non_canonical_encodings_are_forwarded_as_decoded() -> TestResult {
     let record = audited(h, |r| r["code"] == "Internal").await?;
     assert_eq!((&record["rpc"], &record["decision"]), (&"KV/Range".into(), &"deny".into()), "{record}");
     assert!(record["reason"].as_str().is_some_and(|r| r.contains("unmarshal")), "{record}");
+    Ok(())
+}
+
+/// A Txn op whose `request_put` is sent twice: etcd's decoder keeps the second one whole (its key, its empty
+/// value), and so must what the proxy forwards. protobuf's merge (prost's default) sent etcd the second's key with
+/// the first's value, a meaning the client's bytes do not have for etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_oneof_message_sent_twice_means_what_it_means_to_etcd() -> TestResult {
+    use etcd_guard_proto::etcdserverpb::TxnResponse;
+
+    let h = Harness::start().await?;
+    let first = [field(0x0a, b"cilium/one"), field(0x12, b"first-value")].concat();
+    let op = [field(0x12, &first), field(0x12, &field(0x0a, b"cilium/two"))].concat();
+    let txn = field(0x12, &op); // success: [op]
+    let direct = channel_to(&h, &h.etcd.client_url, &h.pki.upstream_client()).await?;
+    let through = channel(&h, &h.cilium()?).await?;
+    let mut seen = Vec::new();
+    for ch in [&direct, &through] {
+        let answer: TxnResponse = raw_unary(ch, "/etcdserverpb.KV/Txn", &txn).await?;
+        assert!(answer.succeeded);
+        let got = h.ctl_direct(&["get", "--prefix", "cilium/", "-w", "json"])?;
+        let kvs: serde_json::Value = serde_json::from_slice(&got.stdout)?;
+        let kvs: Vec<(String, String)> = kvs["kvs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|kv| (kv["key"].as_str().unwrap_or("?").to_string(), kv["value"].as_str().unwrap_or("").to_string()))
+            .collect();
+        seen.push(kvs);
+        assert!(h.ctl_direct(&["del", "--prefix", "cilium/"])?.status.success());
+    }
+    // etcdctl's JSON has keys and values in base64: "cilium/two" and "" (etcd stored no value).
+    assert_eq!(seen[0], vec![("Y2lsaXVtL3R3bw==".to_string(), String::new())], "etcd directly");
+    assert_eq!(seen[1], seen[0], "through the proxy");
     Ok(())
 }
 
