@@ -77,6 +77,9 @@ enum PolicyCommand {
     /// Exits 0 on allow, 1 on deny, 3 on would-deny (only `audit-only` bindings match: served now, denied once
     /// they enforce), 2 on an error.
     Check(Box<CheckArgs>),
+    /// List everything one identity is granted: the bindings that match it, its roles, the keys it may read and
+    /// write (deny rules applied, ranges merged), its cluster capabilities and limits. Exits 0, or 2 on an error.
+    Grants(Box<GrantsArgs>),
     /// Load a policy file and report the first problem in it, with its line.
     Validate {
         /// The policy file.
@@ -84,11 +87,15 @@ enum PolicyCommand {
     },
 }
 
+/// Who is asking, for `policy check` and `policy grants`: a certificate file, or its fields one by one.
 #[derive(Debug, Args)]
-struct CheckArgs {
-    /// The policy file.
-    #[arg(long)]
-    policy: PathBuf,
+struct IdentityArgs {
+    /// A client certificate (PEM; the first certificate in the file): its CN, O, OU, DNS and URI SANs and
+    /// fingerprint, read as the proxy reads them. Instead of the flags below but `--issuer`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "common_name", "organization", "organizational_unit", "dns_san", "uri_san", "fingerprint_sha256",
+    ])]
+    cert: Option<PathBuf>,
     /// The client certificate's subject CN.
     #[arg(long)]
     common_name: Option<String>,
@@ -107,9 +114,28 @@ struct CheckArgs {
     /// The certificate's SHA-256 fingerprint (hex).
     #[arg(long)]
     fingerprint_sha256: Option<String>,
-    /// The name (in the proxy's `tls.issuers`) of a CA the certificate chains to (repeatable).
+    /// The name (in the proxy's `tls.issuers`) of a CA the certificate chains to (repeatable; the proxy learns
+    /// these at the handshake, so they are given here also with `--cert`).
     #[arg(long)]
     issuer: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct GrantsArgs {
+    /// The policy file.
+    #[arg(long)]
+    policy: PathBuf,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The policy file.
+    #[arg(long)]
+    policy: PathBuf,
+    #[command(flatten)]
+    identity: IdentityArgs,
     /// The RPC to decide.
     #[arg(long, value_enum)]
     rpc: Rpc,
@@ -205,6 +231,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Policy(PolicyCommand::Check(args)) => policy_check(*args),
+        Command::Policy(PolicyCommand::Grants(args)) => policy_grants(*args),
         Command::Policy(PolicyCommand::Validate { policy }) => match Policy::load_in_force(&policy) {
             Ok(loaded) => {
                 for warning in loaded.warnings() {
@@ -380,20 +407,77 @@ impl Signals {
     }
 }
 
+// === impl IdentityArgs ===
+
+impl IdentityArgs {
+    /// The identity the proxy would see. With `--cert`, read from the file as the listener reads a verified
+    /// certificate (its chain is not verified here), and said on standard output first.
+    fn identity(&self) -> Result<Identity, String> {
+        let Some(path) = &self.cert else {
+            return Ok(Identity {
+                common_name: self.common_name.clone(),
+                organizations: self.organization.clone(),
+                organizational_units: self.organizational_unit.clone(),
+                dns_sans: self.dns_san.clone(),
+                uri_sans: self.uri_san.clone(),
+                serial: String::new(),
+                fingerprint_sha256: self.fingerprint_sha256.clone().unwrap_or_default().to_lowercase().replace(':', ""),
+                issuers: self.issuer.clone(),
+            });
+        };
+        let read = |e: &dyn std::fmt::Display| format!("--cert {}: {e}", path.display());
+        let bytes = std::fs::read(path).map_err(|e| read(&e))?;
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+            .next()
+            .ok_or_else(|| read(&"no PEM certificate in the file"))?
+            .map_err(|e| read(&e))?;
+        let identity =
+            Identity::from_der(&der).map_err(|e| read(&format!("the proxy refuses it at the handshake: {e}")))?;
+        say(format!("identity: {}", describe_identity(&identity)));
+        Ok(Identity { issuers: self.issuer.clone(), ..identity })
+    }
+}
+
+/// The fields of an identity a binding can match, for `--cert`'s first line.
+fn describe_identity(id: &Identity) -> String {
+    let mut parts = Vec::new();
+    if let Some(cn) = &id.common_name {
+        parts.push(format!("common_name {cn:?}"));
+    }
+    for (field, values) in [
+        ("organization", &id.organizations),
+        ("organizational_unit", &id.organizational_units),
+        ("dns_san", &id.dns_sans),
+        ("uri_san", &id.uri_sans),
+    ] {
+        parts.extend(values.iter().map(|v| format!("{field} {v:?}")));
+    }
+    parts.push(format!("fingerprint_sha256 {}", id.fingerprint_sha256));
+    parts.join(", ")
+}
+
+fn policy_grants(args: GrantsArgs) -> ExitCode {
+    let policy = match Policy::load(&args.policy) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let identity = match args.identity.identity() {
+        Ok(id) => id,
+        Err(e) => return fail(e),
+    };
+    say(policy.grants(&identity).to_string());
+    ExitCode::SUCCESS
+}
+
 fn policy_check(args: CheckArgs) -> ExitCode {
     let policy = match Policy::load(&args.policy) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let identity = Identity {
-        common_name: args.common_name.clone(),
-        organizations: args.organization.clone(),
-        organizational_units: args.organizational_unit.clone(),
-        dns_sans: args.dns_san.clone(),
-        uri_sans: args.uri_san.clone(),
-        serial: String::new(),
-        fingerprint_sha256: args.fingerprint_sha256.clone().unwrap_or_default().to_lowercase().replace(':', ""),
-        issuers: args.issuer.clone(),
+    let identity = match args.identity.identity() {
+        Ok(id) => id,
+        Err(e) => return fail(e),
     };
     let needs = match check_needs(&args) {
         Ok(n) => n,

@@ -460,3 +460,47 @@ fn a_reload_after_editing_the_configuration_file_says_it_was_not_applied() -> Te
     serving.wait()?;
     result
 }
+
+/// `policy grants` lists what a certificate gets, read from the certificate as the proxy reads it; `policy check
+/// --cert` decides for the same identity.
+#[test]
+fn policy_grants_lists_what_a_certificate_gets() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display().to_string();
+    let spiffe = "cilium-agent=spiffe://cluster.local/ns/kube-system/sa/cilium-agent";
+    let o = guard(&["certs", "init", "--dir", &d, "--client", "cilium-agent", "--client-uri", spiffe])?;
+    assert!(o.status.success(), "{}", text(&o));
+    let cert = dir.path().join("cilium-agent.crt").display().to_string();
+    let p = policy_path();
+
+    let o = guard(&["policy", "grants", "--policy", &p, "--cert", &cert])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = text(&o);
+    for expected in [
+        "identity: common_name \"cilium-agent\", uri_san \"spiffe://cluster.local/ns/kube-system/sa/cilium-agent\"",
+        "roles: \"cilium-agent\"",
+        "read:\n  prefix \"cilium/\"\nwrite:\n  [cilium/, cilium/.heartbeat)\n",
+        "cluster: status, lease",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
+
+    let o =
+        guard(&["policy", "check", "--policy", &p, "--cert", &cert, "--rpc", "get", "--key", "/registry/secrets/x"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let o = guard(&["policy", "check", "--policy", &p, "--cert", &cert, "--rpc", "put", "--key", "cilium/x"])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // Nothing bound: said, not an error.
+    let o = guard(&["policy", "grants", "--policy", &p, "--common-name", "somebody-else"])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("no binding matches this identity: every request is denied"), "{}", text(&o));
+    // A file without a certificate, and --cert beside a field of the identity, are errors.
+    let key = dir.path().join("cilium-agent.key").display().to_string();
+    let o = guard(&["policy", "grants", "--policy", &p, "--cert", &key])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no PEM certificate in the file"), "{}", text(&o));
+    let o = guard(&["policy", "grants", "--policy", &p, "--cert", &cert, "--common-name", "x"])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    Ok(())
+}

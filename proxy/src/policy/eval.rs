@@ -14,7 +14,7 @@ use thiserror::Error;
 use super::model::{
     Binding, BindingMode, Capability, CapabilitySet, KeyRule, Limits, PolicyDocument, PolicyError, Role,
 };
-use super::range::{KeyRange, RangeSet, escape_key};
+use super::range::{End, KeyRange, RangeSet, escape_key, prefix_end};
 use crate::identity::Identity;
 
 /// The kind of access a key request needs.
@@ -95,6 +95,17 @@ pub struct Explanation {
     pub bindings: Vec<String>,
     /// Why the decision was made, one line each.
     pub reasons: Vec<String>,
+}
+
+/// Everything one identity is granted, for humans (`etcd-guard policy grants`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    /// The bindings that matched the identity, one line each.
+    pub bindings: Vec<String>,
+    /// Why nothing is granted, when no binding matched.
+    pub no_binding: Option<String>,
+    /// What the identity may do: the same value the proxy computes for its connections.
+    pub permissions: Permissions,
 }
 
 /// A role compiled to key sets, with its rules kept for explanations.
@@ -328,6 +339,16 @@ impl Policy {
         }
     }
 
+    /// Everything `id` is granted: its bindings, and the key sets, capabilities and limits its connections get.
+    pub fn grants(&self, id: &Identity) -> Grants {
+        let resolution = self.resolve(id);
+        Grants {
+            bindings: resolution.describe_bindings(),
+            no_binding: resolution.matched.is_empty().then(|| self.no_binding(id)),
+            permissions: self.permissions_for(id),
+        }
+    }
+
     /// The name given to the parser (usually the file path).
     pub fn origin(&self) -> &str {
         &self.origin
@@ -550,6 +571,60 @@ impl fmt::Display for Explanation {
     }
 }
 
+// === impl Grants ===
+
+impl fmt::Display for Grants {
+    /// ```text
+    /// binding: bindings[2] role "cilium" via subjects[0] { uri_san: "spiffe://…" } (enforce)
+    /// roles: "cilium"
+    /// read:
+    ///   prefix "cilium/"
+    /// write:
+    ///   prefix "cilium/"
+    /// cluster: lease, status
+    /// limits: concurrent_requests 100
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(why) = &self.no_binding {
+            return write!(f, "{why}: every request is denied");
+        }
+        let p = &self.permissions;
+        for binding in &self.bindings {
+            writeln!(f, "binding: {binding}")?;
+        }
+        let roles: Vec<String> = p.roles.iter().map(|r| format!("{r:?}")).collect();
+        write!(f, "roles: {}", roles.join(", "))?;
+        if p.audit_only {
+            f.write_str(" (audit-only: nothing is denied, the audit log records what would be)")?;
+        }
+        if !p.ignored_audit_roles.is_empty() {
+            let ignored: Vec<String> = p.ignored_audit_roles.iter().map(|r| format!("{r:?}")).collect();
+            write!(f, "\nignored: audit-only roles {} (enforce bindings match too)", ignored.join(", "))?;
+        }
+        for (name, set) in [("read", &p.read), ("write", &p.write)] {
+            write!(f, "\n{name}:")?;
+            if set.is_empty() {
+                f.write_str(" (no keys)")?;
+            }
+            for range in set.ranges() {
+                write!(f, "\n  {}", described_range(range))?;
+            }
+        }
+        write!(f, "\ncluster: {}\nlimits: ", p.caps)?;
+        let l = &p.limits;
+        let limits: Vec<String> = [
+            ("concurrent_requests", l.concurrent_requests),
+            ("requests_per_second", l.requests_per_second),
+            ("burst", l.burst),
+            ("open_watches", l.open_watches),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| format!("{name} {v}")))
+        .collect();
+        if limits.is_empty() { f.write_str("(none of its own)") } else { f.write_str(&limits.join(", ")) }
+    }
+}
+
 // === impl CompiledRole ===
 
 impl CompiledRole {
@@ -609,6 +684,17 @@ fn compile_access(role: &Role, access: Access) -> RangeSet {
 }
 
 /// A range for messages: a point as `"key"`, else `[start, end)` unquoted.
+/// A range as a policy would name it: `"key"`, `prefix "app/"`, `every key`, else `[from, to)`.
+fn described_range(range: &KeyRange) -> String {
+    match range.end() {
+        End::Unbounded if range.start().is_empty() => "every key".to_owned(),
+        end if !range.start().is_empty() && *end == prefix_end(range.start()) => {
+            format!("prefix \"{}\"", escape_key(range.start()))
+        }
+        _ => quoted_range(range),
+    }
+}
+
 fn quoted_range(range: &KeyRange) -> String {
     if range.is_point() { format!("\"{}\"", escape_key(range.start())) } else { range.to_string() }
 }
@@ -630,6 +716,17 @@ mod tests {
         // Denying everyone on purpose: a role, no bindings.
         std::fs::write(&path, "roles: [ { name: nobody } ]\n")?;
         assert!(!Policy::load_in_force(&path)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn grants_name_ranges_as_a_policy_would() -> Result<(), crate::policy::RangeError> {
+        assert_eq!(described_range(&KeyRange::all()), "every key");
+        assert_eq!(described_range(&KeyRange::prefix(b"app/".to_vec())), "prefix \"app/\"");
+        assert_eq!(described_range(&KeyRange::prefix(b"a\xff".to_vec())), "prefix \"a\\xff\"");
+        assert_eq!(described_range(&KeyRange::point(b"app/x".to_vec())), "\"app/x\"");
+        assert_eq!(described_range(&KeyRange::new(b"a".to_vec(), End::Key(b"c".to_vec()))?), "[a, c)");
+        assert_eq!(described_range(&KeyRange::new(b"a".to_vec(), End::Unbounded)?), "[a, +inf)");
         Ok(())
     }
 

@@ -10,7 +10,7 @@ pub mod eval;
 pub mod model;
 pub mod range;
 
-pub use eval::{Access, Denied, Explanation, Mode, Permissions, Policy};
+pub use eval::{Access, Denied, Explanation, Grants, Mode, Permissions, Policy};
 pub use model::{
     Binding, BindingMode, Capability, CapabilitySet, KeyAccess, KeyRule, KeyRuleKind, Limits, Pattern, PolicyDocument,
     PolicyError, Role, Selector, SourceLocation, UnknownCapability, ValidationError,
