@@ -45,8 +45,9 @@ impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
         let subject = cert.subject();
-        let text = |attr: &x509_parser::x509::AttributeTypeAndValue<'_>| {
-            attr.as_str().map(str::to_string).map_err(|_| IdentityError::NotText)
+        let text = |attr: &x509_parser::x509::AttributeTypeAndValue<'_>| match attr.as_str() {
+            Ok(s) => Ok(s.to_string()),
+            Err(_) => bmp_string(attr).ok_or(IdentityError::NotText),
         };
         let cns = subject.iter_common_name().map(text).collect::<Result<Vec<_>, _>>()?;
         if cns.len() > 1 {
@@ -96,6 +97,17 @@ impl Identity {
             .or_else(|| self.dns_sans.first().map(String::as_str))
             .unwrap_or(&self.fingerprint_sha256)
     }
+}
+
+/// A BMPString attribute (UTF-16 big-endian, as older CAs write names and Go's x509 reads them) as text; `None`
+/// for another type, an odd length or a lone surrogate.
+fn bmp_string(attr: &x509_parser::x509::AttributeTypeAndValue<'_>) -> Option<String> {
+    let value = attr.attr_value();
+    if value.tag() != x509_parser::der_parser::asn1_rs::Tag::BmpString || value.data.len() % 2 != 0 {
+        return None;
+    }
+    let units = value.data.chunks_exact(2).map(|pair| u16::from_be_bytes([pair[0], pair[1]]));
+    char::decode_utf16(units).collect::<Result<String, _>>().ok()
 }
 
 fn has_spiffe_scheme(uri: &str) -> bool {
@@ -149,6 +161,22 @@ mod tests {
         assert_eq!(id.fingerprint_sha256, hex::encode(Sha256::digest(&d)));
         assert_eq!(id.fingerprint_sha256.len(), 64);
         assert!(!id.serial.is_empty());
+        Ok(())
+    }
+
+    /// Names written as BMPString (UTF-16, as older CAs write them; Go's x509 reads them) are read as text.
+    #[test]
+    fn bmp_string_names_are_text() -> Result<(), Box<dyn std::error::Error>> {
+        use rcgen::string::BmpString;
+        use rcgen::{DnType, DnValue};
+        let ca = DevCa::new("test ca")?;
+        let team = BmpString::try_from("t\u{e9}am")?;
+        let issued = ca.issue_with(LeafKind::Client, "app-a", None, &[], &[], |p| {
+            p.distinguished_name.push(DnType::OrganizationName, DnValue::BmpString(team));
+        })?;
+        let id = Identity::from_der(&der(&issued.cert_pem))?;
+        assert_eq!(id.common_name.as_deref(), Some("app-a"));
+        assert_eq!(id.organizations, vec!["t\u{e9}am".to_string()]);
         Ok(())
     }
 

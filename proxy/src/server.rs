@@ -338,7 +338,7 @@ async fn connection(
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            info!(conn = id, %peer, error = %e, "TLS handshake refused");
+            info!(conn = id, %peer, error = %tls::refusal_text(&e), "TLS handshake refused");
             let reason = handshake_failure_reason(&e);
             shared.metrics.handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
             return;
@@ -445,6 +445,10 @@ fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
             C::UnknownRevocationStatus | C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. },
         )) => "revocation_unknown",
         Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => "unknown_issuer",
+        Some(rustls::Error::InvalidCertificate(C::Other(_))) => match tls::chain_error(e) {
+            Some(tls::ChainError::Identity(_)) => "bad_identity",
+            _ => "bad_certificate",
+        },
         Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
         Some(rustls::Error::NoApplicationProtocol) => "no_h2",
         Some(_) => "tls_error",

@@ -20,6 +20,7 @@ use tokio_rustls::TlsConnector;
 use crate::http2::client::{Connection, Connector};
 
 use crate::config;
+use crate::identity::Identity;
 
 /// Why TLS material was refused.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     }
     let verifier = client_verifier(roots, &crls, tls.danger_accept_expired_crls, &provider)
         .map_err(|e| TlsError::Verifier { path: tls.client_ca_file.clone(), message: e.to_string() })?;
+    let verifier: Arc<dyn ClientCertVerifier> = Arc::new(StrictClientVerifier { webpki: verifier });
 
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -134,6 +136,31 @@ fn client_verifier(
         builder = builder.enforce_revocation_expiration();
     }
     builder.build()
+}
+
+/// The listener's client certificate verifier: webpki's (chain, validity, key usage for client authentication,
+/// revocation), then what webpki leaves out, so that a certificate the proxy cannot use is refused *in* the
+/// handshake, with a TLS alert the client reports (`certificate_unknown`), rather than by closing the connection
+/// after it:
+/// - every CA certificate the client sent on the way to its leaf must be allowed to sign certificates (a key
+///   usage, when it has one, with `keyCertSign`: RFC 5280 6.1.4 (n); webpki does not check it, so a key
+///   certified for something else, such as signing CRLs, could issue client identities);
+/// - the leaf must make an identity ([`Identity::from_der`]: one CN at most, text attributes, SPIFFE IDs in their
+///   one spelling).
+///
+/// It is also what open connections are checked against again after a reload.
+#[derive(Debug)]
+struct StrictClientVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+}
+
+/// Why [`StrictClientVerifier`] refused a certificate that webpki accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("the CA certificate {0} the client sent may not sign certificates (its key usage lacks keyCertSign)")]
+    SignerCannotSign(String),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// What a client certificate verifier is made of — the CA certificates, the CRLs, whether expired CRLs are
@@ -262,6 +289,99 @@ fn subject_of(cert: &CertificateDer<'_>) -> String {
     match x509_parser::parse_x509_certificate(cert) {
         Ok((_, parsed)) => format!("{:?}", parsed.subject().to_string()),
         Err(_) => "a certificate".into(),
+    }
+}
+
+// === impl StrictClientVerifier ===
+
+impl ClientCertVerifier for StrictClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.webpki.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.webpki.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_client_cert(end_entity, intermediates, now)?;
+        let refuse = |e: ChainError| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+        };
+        check_signers(end_entity, intermediates).map_err(refuse)?;
+        Identity::from_der(end_entity).map_err(|e| refuse(e.into()))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.webpki.requires_raw_public_keys()
+    }
+}
+
+/// The CA certificates a client sent that can be on the way from its leaf to a root (whose subject is the issuer
+/// of the leaf or of another one sent) must be allowed to sign certificates. Certificates sent that issued none
+/// of the others are not on any path and are left alone, as webpki leaves them.
+fn check_signers(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<(), ChainError> {
+    fn parse<'a>(der: &'a CertificateDer<'_>) -> Option<x509_parser::certificate::X509Certificate<'a>> {
+        x509_parser::parse_x509_certificate(der.as_ref()).ok().map(|(_, c)| c)
+    }
+    let sent: Vec<_> = intermediates.iter().filter_map(parse).collect();
+    let Some(leaf) = parse(end_entity) else { return Ok(()) };
+    let issuers: Vec<&[u8]> =
+        std::iter::once(leaf.issuer().as_raw()).chain(sent.iter().map(|c| c.issuer().as_raw())).collect();
+    for ca in &sent {
+        let signs = ca.key_usage().ok().flatten().is_none_or(|k| k.value.key_cert_sign());
+        if !signs && issuers.contains(&ca.subject().as_raw()) {
+            return Err(ChainError::SignerCannotSign(format!("{:?}", ca.subject().to_string())));
+        }
+    }
+    Ok(())
+}
+
+/// Why a handshake was refused, for the log: [`ChainError`]'s words rather than rustls' debug form of them.
+pub fn refusal_text(e: &std::io::Error) -> String {
+    match chain_error(e) {
+        Some(chain) => format!("invalid peer certificate: {chain}"),
+        None => e.to_string(),
+    }
+}
+
+/// The [`ChainError`] a handshake failed with, if it was [`StrictClientVerifier`] that refused it.
+pub fn chain_error(e: &std::io::Error) -> Option<&ChainError> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => other.0.downcast_ref(),
+        _ => None,
     }
 }
 
@@ -636,6 +756,66 @@ mod tests {
         assert!(is_ca(&der(rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained))?));
         assert!(is_ca(&der(rcgen::IsCa::NoCa)?), "no basic constraints: left to the verifier");
         assert!(!is_ca(&der(rcgen::IsCa::ExplicitNoCa)?));
+        Ok(())
+    }
+
+    /// webpki accepts a CA certificate whose key usage lacks keyCertSign on the way to the leaf, and leaves the
+    /// identity to the caller: the listener's verifier refuses both in the handshake.
+    #[test]
+    fn the_listener_refuses_signers_that_may_not_sign_and_certificates_without_an_identity() -> TestResult {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose as Ku};
+        let ca = |name: &str, usages: Vec<Ku>| -> Result<(CertificateParams, KeyPair), rcgen::Error> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = usages;
+            Ok((params, KeyPair::generate()?))
+        };
+        let (root_params, root_key) = ca("root", vec![Ku::KeyCertSign, Ku::CrlSign])?;
+        let root = root_params.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root_params, root_key);
+        let leaf = |issuer: &Issuer<'_, KeyPair>, uri: &str| -> Result<CertificateDer<'static>, rcgen::Error> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, "app");
+            params.subject_alt_names.push(rcgen::SanType::URI(uri.try_into()?));
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            Ok(params.signed_by(&KeyPair::generate()?, issuer)?.der().clone())
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(root.der().clone())?;
+        let verifier = StrictClientVerifier { webpki: client_verifier(roots, &[], false, &provider())? };
+        let now = UnixTime::now();
+        let verify = |leaf: &CertificateDer<'_>, sent: &[CertificateDer<'_>]| {
+            verifier.verify_client_cert(leaf, sent, now).map_err(|e| match e {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => o.to_string(),
+                other => format!("webpki: {other}"),
+            })
+        };
+        let good_id = "spiffe://td/ns/a/sa/app";
+
+        for (usages, signs) in
+            [(vec![Ku::KeyCertSign, Ku::DigitalSignature], true), (vec![Ku::DigitalSignature], false)]
+        {
+            let (params, key) = ca("intermediate", usages)?;
+            let cert = params.signed_by(&key, &root_issuer)?.der().clone();
+            let issuer = Issuer::new(params, key);
+            let result = verify(&leaf(&issuer, good_id)?, std::slice::from_ref(&cert));
+            if signs {
+                assert!(result.is_ok(), "{result:?}");
+            } else {
+                let e = result.err().unwrap_or_default();
+                assert!(e.contains("\"CN=intermediate\" the client sent may not sign certificates"), "{e}");
+            }
+            // An unrelated certificate sent along, which issued nothing of the chain, is not looked at.
+            let direct = leaf(&root_issuer, good_id)?;
+            assert!(verify(&direct, std::slice::from_ref(&cert)).is_ok());
+        }
+
+        let bad = verify(&leaf(&root_issuer, "spiffe://td/ns/../sa/app")?, &[]);
+        assert_eq!(
+            bad.err().as_deref(),
+            Some("the client certificate's URI SAN \"spiffe://td/ns/../sa/app\" is not a valid SPIFFE ID")
+        );
         Ok(())
     }
 

@@ -87,6 +87,31 @@ async fn certificates_are_checked_at_the_handshake() -> TestResult {
     Ok(())
 }
 
+/// A certificate that verifies but makes no identity (here a SPIFFE ID in another spelling than the spec's) is
+/// refused in the handshake with a TLS alert the client can report (before: the handshake completed and the
+/// proxy closed the connection without a word, which etcdctl reports as "context deadline exceeded"), and
+/// counted as `bad_identity`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_without_an_identity_is_refused_with_an_alert() -> TestResult {
+    let h = Harness::start().await?;
+    let bad = h.pki.ca.issue(LeafKind::Client, "app", None, &[], &["spiffe://cluster.local/ns/../sa/admin"])?;
+    let config = client_config(&h, Some((bad.cert_pem, bad.key_pem)), rustls::DEFAULT_VERSIONS)?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = tokio::net::TcpStream::connect(h.proxy_addr).await?;
+    let mut tls = connector.connect(ServerName::try_from("localhost")?, tcp).await?;
+    // TLS 1.3: the server's verdict on the client certificate arrives after the client's side of the handshake.
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut buf = [0u8; 9];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut buf)).await?;
+    let error = read.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("CertificateUnknown"), "the client gets an alert: {error:?}");
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let (_, metrics) = etcd_guard_tests::http_get(addr, "/metrics")?;
+    let line = "etcd_guard_tls_handshake_failures_total{reason=\"bad_identity\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
+    Ok(())
+}
+
 /// A client certificate that expired since its session began cannot resume the session: resumption would skip
 /// the certificate's verification (before: an expired certificate kept working for as long as its client kept
 /// resuming). Over TLS 1.3 and 1.2, with a client that keeps its sessions.
