@@ -113,6 +113,7 @@ pub struct Metrics {
     upstream_retried: Counter,
     audit_queue: Gauge,
     audit_written: Counter,
+    audit_last_seq: Gauge,
     audit_errors: Counter,
     audit_lost: Counter,
 }
@@ -267,6 +268,13 @@ impl Metrics {
         registry.register("audit_queue_depth", "Audit records waiting for the writer", audit_queue.clone());
         let audit_written = Counter::default();
         registry.register("audit_records_written", "Audit records written", audit_written.clone());
+        let audit_last_seq = Gauge::default();
+        registry.register(
+            "audit_last_seq",
+            "The seq of the last audit record written: a restart goes on from it, so a drop means the log was cut \
+             back or replaced",
+            audit_last_seq.clone(),
+        );
         let audit_errors = Counter::default();
         registry.register("audit_write_errors", "Failed attempts to write audit records", audit_errors.clone());
         let audit_lost = Counter::default();
@@ -301,6 +309,7 @@ impl Metrics {
             upstream_retried,
             audit_queue,
             audit_written,
+            audit_last_seq,
             audit_errors,
             audit_lost,
         }
@@ -340,6 +349,7 @@ impl Metrics {
         if let Some(stats) = audit.stats() {
             self.audit_queue.set(stats.queued.load(Ordering::Relaxed) as i64);
             sync(&self.audit_written, stats.written.load(Ordering::Relaxed));
+            self.audit_last_seq.set(i64::try_from(stats.last_seq.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             sync(&self.audit_errors, stats.write_errors.load(Ordering::Relaxed));
             sync(&self.audit_lost, stats.lost.load(Ordering::Relaxed));
         }

@@ -55,6 +55,10 @@ async fn health_readiness_and_metrics() -> TestResult {
     assert_eq!(sample(&metrics, "etcd_guard_open_watches "), Some(1.0), "{metrics}");
     assert_eq!(sample(&metrics, r#"etcd_guard_open_streams{rpc="Watch/Watch"}"#), Some(1.0), "{metrics}");
     assert!(sample(&metrics, "etcd_guard_audit_records_written_total").is_some(), "{metrics}");
+    // The open record, three puts, the denied get and the watch create are in the log (within its 5 ms batches).
+    wait_for("audit seq", || {
+        Ok(sample(&get(&h, "/metrics")?.1, "etcd_guard_audit_last_seq ").is_some_and(|s| s >= 6.0))
+    })?;
     assert_eq!(sample(&metrics, "etcd_guard_upstream_endpoint_healthy{"), Some(1.0), "{metrics}");
     // The standard process metrics, for CPU per request and memory in production (docs/deployment.md).
     assert!(sample(&metrics, "process_cpu_seconds_total ").is_some_and(|s| s >= 0.0), "{metrics}");

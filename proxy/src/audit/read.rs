@@ -222,6 +222,9 @@ pub struct Op<'a> {
     pub to_len: Option<u64>,
     #[serde(default)]
     pub name_len: Option<u64>,
+    /// How many ops an `omitted` op stands for.
+    #[serde(default)]
+    pub count: Option<u64>,
     /// A txn's comparisons.
     #[serde(borrow, default)]
     pub compare: Vec<Op<'a>>,
@@ -250,6 +253,9 @@ pub enum Target<'r> {
     /// A key or name the record cut to its first bytes (`key_len`, `name_len`): it stands for every key starting
     /// with them.
     Cut(&'r str),
+    /// Ops the record left out (`{"op":"omitted","count":N}`, past its bound on ops): they could name any key,
+    /// so for the filters they stand for every key.
+    Omitted(u64),
 }
 
 /// The files named by `paths` (the current folder when empty), in chain order.
@@ -270,13 +276,13 @@ pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> 
         match std::fs::metadata(path) {
             Ok(meta) if meta.is_dir() => match folder_files(path) {
                 Ok(found) if found.is_empty() => {
-                    errors.push(ReadError::NoAuditFiles { path: path.display().to_string() })
+                    errors.push(ReadError::NoAuditFiles { path: super::record::shown(path) })
                 }
                 Ok(found) => candidates.extend(found),
-                Err(source) => errors.push(ReadError::Folder { path: path.display().to_string(), source }),
+                Err(source) => errors.push(ReadError::Folder { path: super::record::shown(path), source }),
             },
             Ok(_) => candidates.push(path.clone()),
-            Err(source) => errors.push(ReadError::Path { path: path.display().to_string(), source }),
+            Err(source) => errors.push(ReadError::Path { path: super::record::shown(path), source }),
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -285,7 +291,7 @@ pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> 
         let canonical = match std::fs::canonicalize(&path) {
             Ok(c) => c,
             Err(source) => {
-                errors.push(ReadError::Unreadable { path: path.display().to_string(), source });
+                errors.push(ReadError::Unreadable { path: super::record::shown(&path), source });
                 continue;
             }
         };
@@ -294,7 +300,7 @@ pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> 
         }
         match first_seq(&path) {
             Ok(first_seq) => files.push(AuditFile { path, first_seq }),
-            Err(source) => errors.push(ReadError::Unreadable { path: path.display().to_string(), source }),
+            Err(source) => errors.push(ReadError::Unreadable { path: super::record::shown(&path), source }),
         }
     }
     if !errors.is_empty() {
@@ -496,6 +502,11 @@ impl<O> Record<'_, O> {
         self.identity.as_ref().map_or("-", RecordIdentity::label)
     }
 
+    /// Which field [`Record::identity_label`] comes from: `common_name`, `uri_san`, `dns_san`, or `""` for none.
+    pub fn identity_source(&self) -> &'static str {
+        self.identity.as_ref().map_or("", RecordIdentity::label_source)
+    }
+
     /// The field as text, `""` when absent.
     pub fn rpc(&self) -> &str {
         self.rpc.as_ref().map_or("", Text::as_str)
@@ -533,12 +544,19 @@ impl FullRecord<'_> {
 impl RecordIdentity<'_> {
     /// The CN, else the first URI SAN, else the first DNS SAN, else `-`.
     pub fn label(&self) -> &str {
-        self.common_name
-            .as_ref()
-            .filter(|cn| !cn.is_empty())
-            .or_else(|| self.uri_sans.first())
-            .or_else(|| self.dns_sans.first())
-            .map_or("-", Text::as_str)
+        self.labelled().map_or("-", |(name, _)| name.as_str())
+    }
+
+    /// Which field [`RecordIdentity::label`] comes from (`""` for none): a CN can read like a SPIFFE ID or a DNS
+    /// name, so a summary counts names from different fields apart.
+    pub fn label_source(&self) -> &'static str {
+        self.labelled().map_or("", |(_, source)| source)
+    }
+
+    fn labelled(&self) -> Option<(&Text<'_>, &'static str)> {
+        let cn = self.common_name.as_ref().filter(|cn| !cn.is_empty()).map(|cn| (cn, "common_name"));
+        cn.or_else(|| self.uri_sans.first().map(|u| (u, "uri_san")))
+            .or_else(|| self.dns_sans.first().map(|d| (d, "dns_san")))
     }
 
     /// Whether the CN or any DNS or URI SAN satisfies `matches`.
@@ -563,6 +581,9 @@ impl<'a> Op<'a> {
         }
         if let Some(name) = &self.name {
             out.push(if self.name_len.is_some() { Target::Cut(name) } else { Target::Name(name) });
+        }
+        if self.op.as_deref() == Some("omitted") {
+            out.push(Target::Omitted(self.count.unwrap_or(0)));
         }
         for op in self.compare.iter().chain(&self.success).chain(&self.failure) {
             op.collect_targets(out);
@@ -589,6 +610,7 @@ impl Target<'_> {
                 KeyRange::prefix(prefix)
             }
             Target::Cut(start) => KeyRange::prefix(key_bytes(start)),
+            Target::Omitted(_) => KeyRange::all(),
         }
     }
 }
@@ -606,6 +628,7 @@ impl fmt::Display for Target<'_> {
                 shown(f, start, Part::Alone)?;
                 f.write_char('…')
             }
+            Target::Omitted(count) => write!(f, "({count} ops omitted)"),
             Target::Interval { from, to } => {
                 let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
                 if prefix_end(&key_bytes(from)) == end {
@@ -884,6 +907,20 @@ mod tests {
         assert_eq!(interval("", None), "*");
         assert_eq!(interval("", Some("b")), "[\"\", b)");
         assert_eq!(Target::Key("").to_string(), "\"\"");
+    }
+
+    /// Ops a record left out could name any key: a key filter must not pass over the record (before, a write put
+    /// after enough others in one txn was in no `--key-prefix` review).
+    #[test]
+    fn omitted_ops_stand_for_every_key() -> Result<(), serde_json::Error> {
+        let op: Op<'_> =
+            serde_json::from_str(r#"{"op":"txn","success":[{"op":"put","key":"a/1"},{"op":"omitted","count":37}]}"#)?;
+        let mut targets = Vec::new();
+        op.collect_targets(&mut targets);
+        assert_eq!(targets, [Target::Key("a/1"), Target::Omitted(37)]);
+        assert_eq!(targets[1].range(), KeyRange::all());
+        assert_eq!(targets[1].to_string(), "(37 ops omitted)");
+        Ok(())
     }
 
     /// A key the record cut (its `key_len`) stands for every key starting with what was written, shown ending `…`;

@@ -443,6 +443,29 @@ pub fn is_hidden(c: char) -> bool {
             | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffd}' | '\u{e0000}'..='\u{e007f}')
 }
 
+/// `text` with control and invisible characters escaped ([`is_hidden`]), so that nothing in a record can move the
+/// terminal's cursor or hide or reorder what is shown.
+pub fn clean(text: &str) -> String {
+    if !text.chars().any(is_hidden) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_hidden(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A file's path for a message on a terminal: [`clean`], so that a file named to look like a verdict cannot
+/// rewrite the line it is shown in.
+pub fn shown(path: &std::path::Path) -> String {
+    clean(&path.display().to_string())
+}
+
 /// A JSON string for a key: UTF-8 text stays text; `\` becomes `\\`; control characters and bytes that are not
 /// UTF-8 become `\xNN` (then JSON-escaped, so the JSON text holds `\\xNN`). `crate::policy::unescape_key`
 /// reverses the decoded string exactly.

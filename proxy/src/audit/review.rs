@@ -18,7 +18,7 @@ use time::{Date, Duration, OffsetDateTime, Time};
 
 use super::chain::Hasher;
 use super::read::{self, AuditFile, FullRecord, LightRecord, Line, LineReader, ReadError, Record, Target};
-use super::record::is_hidden;
+use super::record::{clean, shown};
 use super::verify::ProblemKind;
 use crate::policy::{KeyRange, Pattern, RangeError, unescape_key};
 
@@ -200,8 +200,8 @@ const MAX_WIDTHS: [usize; COLUMNS] = [27, 20, 40, 28, 10, 18, 48, 100];
 pub struct Summary {
     /// Each identity (its name, and its issuer names when the log has them), RPC and decision text seen, numbered.
     numbers: HashMap<String, usize>,
-    /// The name and issuers of each identity's number.
-    identities: HashMap<usize, (String, Vec<String>)>,
+    /// The name, issuers and the name's field of each identity's number.
+    identities: HashMap<usize, (String, Vec<String>, &'static str)>,
     /// The texts by number.
     texts: Vec<String>,
     /// (identity, rpc, decision) numbers → count.
@@ -421,7 +421,7 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
         Mode::SummaryJson => Sink::Summary { out, json: true, summary: Summary::default() },
     };
     for file in files {
-        let unreadable = |source| ReadError::Unreadable { path: file.path.display().to_string(), source };
+        let unreadable = |source| ReadError::Unreadable { path: shown(&file.path), source };
         let mut reader = LineReader::open(&file.path).map_err(unreadable)?;
         while let Some((number, line)) = reader.next_line().map_err(unreadable)? {
             stats.lines += 1;
@@ -469,7 +469,7 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
                 None => {
                     stats.skipped += 1;
                     if stats.first_skipped.is_none() {
-                        stats.first_skipped = Some(format!("{}:{number}", file.path.display()));
+                        stats.first_skipped = Some(format!("{}:{number}", shown(&file.path)));
                     }
                 }
             }
@@ -663,7 +663,7 @@ fn row<O>(record: &Record<'_, O>, targets: &[Target<'_>]) -> [String; COLUMNS] {
     [
         text(&record.time),
         record.seq.to_string(),
-        clean(record.identity_label()),
+        identity_cell(record.identity_label()),
         text(&record.rpc),
         text(&record.decision),
         text(&record.code),
@@ -672,20 +672,27 @@ fn row<O>(record: &Record<'_, O>, targets: &[Target<'_>]) -> [String; COLUMNS] {
     ]
 }
 
-/// `text` with control and invisible characters escaped ([`is_hidden`]), so that nothing in a record can move the
-/// terminal's cursor or hide or reorder what is shown.
-fn clean(text: &str) -> String {
-    if !text.chars().any(is_hidden) {
-        return text.to_owned();
+/// An identity's name for a table: as it is when it is printable ASCII without a space at either end (nor a
+/// quote at its start); else
+/// quoted, with every other character escaped (`"\u{430}pp-a"`, `"app-a "`), so that no name can pass for
+/// another by look-alike letters or spaces a column does not show.
+fn identity_cell(name: &str) -> String {
+    let plain = |c: char| c.is_ascii_graphic() || c == ' ';
+    if name.chars().all(plain) && !name.starts_with([' ', '"']) && !name.ends_with(' ') {
+        return name.to_owned();
     }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if is_hidden(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
+    let mut out = String::from('"');
+    for c in name.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if plain(c) => out.push(c),
+            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
         }
     }
+    out.push('"');
     out
 }
 
@@ -793,6 +800,8 @@ impl Table<'_> {
 pub struct Count {
     /// CN, else first URI SAN, else first DNS SAN (what `--identity` takes).
     pub identity: String,
+    /// Which field `identity` comes from: `common_name`, `uri_san`, `dns_san` (`""` for records without one).
+    pub from: &'static str,
     /// The `tls.issuers` names its certificate chains to, when the log records them: one name from different CAs
     /// is counted apart (the table shows them in brackets after the name).
     pub issuers: Vec<String>,
@@ -819,12 +828,17 @@ const SUMMARY_MAX_WIDTHS: [usize; 4] = [20, 100, 40, 12];
 // === impl Count ===
 
 impl Count {
-    /// The identity as the table shows it: its name, then the issuers in brackets (`name [issuer etcd]`).
-    fn label(&self) -> String {
+    /// The identity as the table shows it: its name ([`identity_cell`]), with the field it comes from when
+    /// another identity has the same name from another field, then the issuers in brackets (`name [issuer etcd]`).
+    fn label(&self, with_field: bool) -> String {
+        let mut name = identity_cell(&self.identity);
+        if with_field {
+            name = format!("{name} ({})", self.from);
+        }
         match self.issuers.as_slice() {
-            [] => self.identity.clone(),
-            [one] => format!("{} [issuer {one}]", self.identity),
-            many => format!("{} [issuers {}]", self.identity, many.join(", ")),
+            [] => name,
+            [one] => format!("{name} [issuer {}]", clean(one)),
+            many => format!("{name} [issuers {}]", clean(&many.join(", "))),
         }
     }
 }
@@ -837,14 +851,16 @@ impl Summary {
         self.requests = self.requests.saturating_add(record.requests());
         // One name from different CAs is counted apart: the key is the name and the issuer names, each after its
         // length (so that no name, whatever it holds, reads as another name and issuer).
+        // The field the name comes from too: a CN that reads like a SPIFFE ID is not that workload.
         let (name, issuers) = (record.identity_label(), record.identity.as_ref().map_or(&[][..], |i| &i.issuers[..]));
-        let key = issuers.iter().fold(format!("{}:{name}", name.len()), |key, issuer| {
+        let source = record.identity_source();
+        let key = issuers.iter().fold(format!("{source}:{}:{name}", name.len()), |key, issuer| {
             format!("{key}{}:{}", issuer.as_str().len(), issuer.as_str())
         });
         let identity = self.number(&key);
         self.identities
             .entry(identity)
-            .or_insert_with(|| (name.to_owned(), issuers.iter().map(|n| n.as_str().to_owned()).collect()));
+            .or_insert_with(|| (name.to_owned(), issuers.iter().map(|n| n.as_str().to_owned()).collect(), source));
         let key = [identity, self.number(record.rpc()), self.number(record.decision())];
         let count = self.counts.entry(key).or_default();
         *count = count.saturating_add(record.requests());
@@ -906,9 +922,10 @@ impl Summary {
                 identity: self
                     .identities
                     .get(&identity)
-                    .map(|(name, _)| name.clone())
+                    .map(|(name, _, _)| name.clone())
                     .unwrap_or_else(|| text(identity)),
-                issuers: self.identities.get(&identity).map(|(_, issuers)| issuers.clone()).unwrap_or_default(),
+                issuers: self.identities.get(&identity).map(|(_, issuers, _)| issuers.clone()).unwrap_or_default(),
+                from: self.identities.get(&identity).map_or("", |(_, _, source)| source),
                 rpc: text(rpc),
                 decision: text(decision),
                 count,
@@ -916,7 +933,13 @@ impl Summary {
             .collect();
         out.sort_by(|a, b| {
             b.count.cmp(&a.count).then_with(|| {
-                (&a.identity, &a.issuers, &a.rpc, &a.decision).cmp(&(&b.identity, &b.issuers, &b.rpc, &b.decision))
+                (&a.identity, &a.issuers, a.from, &a.rpc, &a.decision).cmp(&(
+                    &b.identity,
+                    &b.issuers,
+                    b.from,
+                    &b.rpc,
+                    &b.decision,
+                ))
             })
         });
         out
@@ -944,9 +967,22 @@ impl Summary {
         let counts = self.counts();
         if !counts.is_empty() {
             writeln!(out)?;
+            // One name from different fields (a CN that reads like another certificate's SPIFFE ID) is counted
+            // apart and shown with its field.
+            let mut fields: HashMap<(&str, &[String]), Vec<&str>> = HashMap::new();
+            for c in &counts {
+                let seen = fields.entry((c.identity.as_str(), c.issuers.as_slice())).or_default();
+                if !seen.contains(&c.from) {
+                    seen.push(c.from);
+                }
+            }
             let rows: Vec<[String; 4]> = counts
                 .iter()
-                .map(|c| [c.count.to_string(), clean(&c.label()), clean(&c.rpc), clean(&c.decision)])
+                .map(|c| {
+                    let ambiguous =
+                        fields.get(&(c.identity.as_str(), c.issuers.as_slice())).is_some_and(|f| f.len() > 1);
+                    [c.count.to_string(), c.label(ambiguous), clean(&c.rpc), clean(&c.decision)]
+                })
                 .collect();
             let header = ["COUNT", "IDENTITY", "RPC", "DECISION"];
             let widths = widths_for(&header, rows.iter().map(|r| &r[..]), &SUMMARY_MAX_WIDTHS);
@@ -1254,9 +1290,9 @@ mod tests {
         let counts = v["counts"].as_array().ok_or("counts")?;
         assert_eq!(
             counts[0],
-            serde_json::json!({"identity": "alice", "issuers": ["etcd"], "rpc": "KV/Range", "decision": "allow", "count": 3})
+            serde_json::json!({"identity": "alice", "from": "common_name", "issuers": ["etcd"], "rpc": "KV/Range", "decision": "allow", "count": 3})
         );
-        let bob = serde_json::json!({"identity": "bob", "issuers": ["etcd"], "rpc": "KV/Put", "decision": "deny", "count": 2});
+        let bob = serde_json::json!({"identity": "bob", "from": "common_name", "issuers": ["etcd"], "rpc": "KV/Put", "decision": "deny", "count": 2});
         assert_eq!(counts[1], bob);
         // With the CA its certificate chains to: one name from two CAs is counted apart.
         assert!(counts.iter().any(|c| c["identity"] == "carol" && c["issuers"][0] == "components"), "{counts:?}");
@@ -1333,6 +1369,37 @@ mod tests {
         assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'));
         assert!(lines[10].contains("alice\\u{7}") && lines[10].contains("evil\\u{1b}[2J"), "{}", lines[10]);
         assert!(lines[10].contains(" esc\\x00 "), "{}", lines[10]);
+        Ok(())
+    }
+
+    /// A CN that reads like another certificate's SPIFFE ID, and names that look alike, are told apart: counted
+    /// apart, shown with their field, quoted and escaped.
+    #[test]
+    fn look_alike_identities_are_told_apart() -> TestResult {
+        let spiffe = "spiffe://c/ns/kube-system/sa/cilium";
+        let specs = [
+            Spec { common_name: "", uri_san: Some(spiffe), ..Spec::get("", "cilium/a") },
+            Spec { common_name: spiffe, ..Spec::get("", "cilium/b") },
+            Spec::get("app-a ", "x"),
+            Spec::get("\u{430}pp-a", "y"),
+        ];
+        let dir = tempfile::tempdir()?;
+        write(&dir.path().join("audit.log"), &chain(&Hasher::unkeyed(), 1, GENESIS, &specs))?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let mut out = Vec::new();
+        review(&files, &Filter::default(), Mode::SummaryText, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(text.contains(&format!("{spiffe} (uri_san) ")), "{text}");
+        assert!(text.contains(&format!("{spiffe} (common_name) ")), "{text}");
+        assert!(text.contains("\"app-a \" ") && text.contains("\"\\u{430}pp-a\" "), "{text}");
+        let mut out = Vec::new();
+        review(&files, &Filter::default(), Mode::Table, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(text.contains("\"app-a \" ") && text.contains("\"\\u{430}pp-a\" "), "{text}");
+        assert_eq!(identity_cell("plain-name.example"), "plain-name.example");
+        assert_eq!(identity_cell("a \"b\\"), "a \"b\\");
+        // A name that starts with a quote could pass for a quoted one: it is quoted too.
+        assert_eq!(identity_cell("\"app-a \""), "\"\\\"app-a \\\"\"");
         Ok(())
     }
 

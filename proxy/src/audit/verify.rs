@@ -27,7 +27,8 @@ use sha2::{Digest, Sha256};
 
 use super::chain::{GENESIS, Hasher, split_line};
 use super::read::{self, AuditFile, ChainFields, Line, LineReader, MAX_LINE_BYTES, ReadError};
-use super::writer::{CLOSE_RPC, CUT_RPC};
+use super::record::shown;
+use super::writer::{CLOSE_RPC, CUT_RPC, OPEN_RPC};
 
 /// Arguments of `etcd-guard audit verify`.
 #[derive(Debug, clap::Args)]
@@ -212,7 +213,7 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     let mut pending: Option<Pending> = None;
     // The last intact line's bytes: whether the chain ends with the writer's close record.
     let mut last_line: Vec<u8> = Vec::new();
-    let unreadable = |file: &AuditFile, source| ReadError::Unreadable { path: file.path.display().to_string(), source };
+    let unreadable = |file: &AuditFile, source| ReadError::Unreadable { path: shown(&file.path), source };
     for (index, file) in files.iter().enumerate() {
         let mut reader = LineReader::open(&file.path).map_err(|e| unreadable(file, e))?;
         while let Some((number, line)) = reader.next_line().map_err(|e| unreadable(file, e))? {
@@ -227,9 +228,10 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                     // proxy starts again) a record of its own that names the cut-off line's bytes, in the chain.
                     // Checking goes on, so that nothing after a crash escapes verification.
                     report.notes.push(format!(
-                        "{}:{}: a record cut off (the proxy stopped while writing it); the record after it vouches \
-                         for its bytes, and the chain goes on",
-                        files[p.file].path.display(),
+                        "{}:{}: a record cut off (the proxy stopped while writing it): its text is not verified, \
+                         do not trust it (the record after it vouches for its length and SHA-256 only); the chain \
+                         goes on",
+                        shown(&files[p.file].path),
                         p.line,
                     ));
                 } else {
@@ -259,6 +261,23 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                         return Ok(report);
                     }
                     if last.is_none() {
+                        if let Some(named) = named_seq(&file.path).filter(|&named| named < record.seq) {
+                            // Rotation names a file after its first record (or a later one): never an earlier one.
+                            report.problem = Some(Problem {
+                                kind: ProblemKind::Removed,
+                                path: file.path.clone(),
+                                line: number,
+                                message: format!(
+                                    "records {named}..={} missing from the start of {}: its name says it starts at \
+                                     seq {named}, its first record is seq {}",
+                                    record.seq - 1,
+                                    shown(&file.path),
+                                    record.seq
+                                ),
+                                unfinished_last_line: false,
+                            });
+                            return Ok(report);
+                        }
                         if record.seq != 1 || record.prev_hash != genesis() {
                             report.notes.push(format!(
                                 "chain starts at seq {} (prev_hash {}), earlier records are not in these files",
@@ -271,6 +290,14 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                     report.records += 1;
                     last = Some(Good { seq: record.seq, hash: record.hash, file: index, line: number });
                     if let Line::Complete(bytes) = line {
+                        if is_open_after_unclosed_run(bytes) {
+                            report.notes.push(format!(
+                                "{}: seq {}: the proxy started after a run that did not close the log (a crash, a \
+                                 kill, or records removed from its end while it was stopped)",
+                                at(files, index, number),
+                                record.seq
+                            ));
+                        }
                         last_line.clear();
                         last_line.extend_from_slice(bytes);
                     }
@@ -295,6 +322,20 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     }
     report.last = last.map(|g| (g.seq, hex::encode(g.hash)));
     Ok(report)
+}
+
+/// The seq a rotated file's name gives (`audit.log.00000000000000000042`), if it has one.
+fn named_seq(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let (_, digits) = name.rsplit_once('.')?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
+/// Whether an intact record is the writer's open record saying the run before it did not close the log. (Inside a
+/// JSON string a `"` is escaped, so no field's value can hold these texts.)
+fn is_open_after_unclosed_run(line: &[u8]) -> bool {
+    let has = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
+    has(format!("\"rpc\":\"{OPEN_RPC}\"").as_bytes()) && has(b"\"previous\":\"not_closed\"")
 }
 
 /// `GENESIS` as bytes.
@@ -335,7 +376,7 @@ fn check_line(hasher: &Hasher, line: Line<'_>) -> Result<Intact, Defect> {
 /// A file cannot be read.
 pub fn any_line_verifies(files: &[AuditFile], hasher: &Hasher) -> Result<bool, ReadError> {
     for file in files {
-        let unreadable = |source| ReadError::Unreadable { path: file.path.display().to_string(), source };
+        let unreadable = |source| ReadError::Unreadable { path: shown(&file.path), source };
         let mut reader = LineReader::open(&file.path).map_err(unreadable)?;
         while let Some((_, line)) = reader.next_line().map_err(unreadable)? {
             if let Line::Complete(bytes) = line
@@ -451,7 +492,7 @@ fn defect_problem(
         message.push_str(&format!(
             "; if {} is not an audit file (another log kept in the audit folder), give the audit files by name or \
              move it out of the folder",
-            files[p.file].path.display()
+            shown(&files[p.file].path)
         ));
     }
     if last.is_none() && p.defect.hash_mismatch {
@@ -466,7 +507,7 @@ fn defect_problem(
 
 /// `path:line`.
 fn at(files: &[AuditFile], file: usize, line: u64) -> String {
-    format!("{}:{line}", files.get(file).map_or(Path::new("?"), |f| f.path.as_path()).display())
+    format!("{}:{line}", shown(files.get(file).map_or(Path::new("?"), |f| f.path.as_path())))
 }
 
 // === impl ProblemKind ===
@@ -641,6 +682,52 @@ mod tests {
         assert_eq!(problem(&report), Some((ProblemKind::Inserted, "audit.log.00000000000000000001".to_owned(), 3)));
         let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
         assert!(text.contains("the next line (") && text.contains("chains to seq 2"), "{text}");
+        Ok(())
+    }
+
+    /// The start of the oldest file cut off: its name (rotation names a file after its first record) gives it
+    /// away. And a run that began after one that did not close the log is noted, where it began.
+    #[test]
+    fn a_first_file_that_starts_after_its_name_is_removed_and_unclosed_runs_are_noted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let (old, new) = two_files(dir.path(), &h, |lines| {
+            lines.drain(..2);
+        })?;
+        let report = check(&[old.clone(), new.clone()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log.00000000000000000001".to_owned(), 1)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("records 1..=2 missing from the start of"), "{text}");
+        // Named after a later record (its name was taken): fine, as rotation does it.
+        std::fs::rename(&old, dir.path().join("audit.log.00000000000000000004"))?;
+        assert_eq!(check(&[dir.path().to_path_buf()], &h)?.problem, None);
+
+        let mut lines = simple_chain(&h, 3);
+        let mut hash = split_line(lines[2].trim_ascii_end()).map(|(_, hash)| hash.to_owned()).unwrap_or_default();
+        let mut text = String::new();
+        crate::audit::writer::open_record(3, crate::audit::writer::Previous::NotClosed).write_body(4, &hash, &mut text);
+        h.seal(&mut text, 0, &mut hash);
+        lines.push(text.into_bytes());
+        let log = dir.path().join("run.log");
+        write(&log, &lines)?;
+        let report = check(&[log], &h)?;
+        assert_eq!(report.problem, None, "{report:?}");
+        let note = "run.log:4: seq 4: the proxy started after a run that did not close the log";
+        assert!(report.notes.iter().any(|n| n.contains(note)), "{:?}", report.notes);
+        Ok(())
+    }
+
+    /// File names are shown with control characters escaped: a name cannot rewrite the line it is shown in.
+    #[test]
+    fn file_names_cannot_rewrite_the_verdict() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let mut lines = simple_chain(&h, 3);
+        lines[1][20] ^= 1;
+        let log = dir.path().join("audit.log.\r\u{1b}[2Kok: 3 records");
+        write(&log, &lines)?;
+        let text = check(&[log], &h)?.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.starts_with("altered: ") && text.contains("audit.log.\\r\\u{1b}[2Kok: 3 records:2"), "{text}");
         Ok(())
     }
 

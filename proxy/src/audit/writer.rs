@@ -76,6 +76,8 @@ impl AuditError {
 #[derive(Debug, Default)]
 pub struct AuditStats {
     pub written: AtomicU64,
+    /// The `seq` of the last record written (0 before the first).
+    pub last_seq: AtomicU64,
     pub write_errors: AtomicU64,
     pub lost: AtomicU64,
     pub queued: AtomicUsize,
@@ -555,6 +557,7 @@ impl Writer {
                     self.written.extend(self.pending.drain(..taken).filter_map(|(_, w)| w));
                     self.lost_reported += lost_now;
                     self.shared.stats.written.fetch_add(taken as u64, Ordering::Relaxed);
+                    self.shared.stats.last_seq.store(self.seq, Ordering::Relaxed);
                 }
                 Err(e) => {
                     (self.seq, self.prev) = (seq0, prev0);
@@ -645,7 +648,7 @@ pub const OWN_RPCS: [&str; 4] = [OPEN_RPC, CLOSE_RPC, CUT_RPC, LOST_RPC];
 
 /// How the log a writer opens ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Previous {
+pub(super) enum Previous {
     /// No record before: a new log.
     None,
     /// With a close record: the previous run shut down cleanly.
@@ -655,7 +658,7 @@ enum Previous {
 }
 
 /// The first record of every run: `{"op":"open","after_seq":N,"previous":"none|closed|not_closed"}`.
-fn open_record(after_seq: u64, previous: Previous) -> Record {
+pub(super) fn open_record(after_seq: u64, previous: Previous) -> Record {
     let (word, reason) = match previous {
         Previous::None => ("none", "audit log opened: a new chain"),
         Previous::Closed => ("closed", "audit log opened after a clean close"),
@@ -1643,7 +1646,9 @@ mod tests {
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
         assert_eq!(report.problem, None, "{report:?}");
-        assert_eq!((report.records, report.notes.len()), (10, 1), "5, the writer's record for the cut, 4: {report:?}");
+        // Noted: the cut-off line, and the run that started after the crash.
+        assert_eq!((report.records, report.notes.len()), (10, 2), "5, the writer's record for the cut, 4: {report:?}");
+        assert!(report.notes[1].contains("seq 7: the proxy started after a run that did not close the log"));
         let lines = all_lines(dir.path());
         let cut = lines.iter().position(|l| l.contains(CUT_RPC)).ok_or("no cut record")?;
         assert!(lines[cut].contains(r#""bytes":29"#) && lines[cut - 1].starts_with(r#"{"seq":6,"time":"2026-12-02T0"#));
