@@ -325,7 +325,8 @@ pub enum Verification {
     Keyed(String),
     /// It verifies up to a last line without its newline, which a log being written can show for a moment.
     Unfinished(String),
-    /// It does not verify: verify's message, and the records in order before the problem.
+    /// It does not verify: verify's problem (`altered: …`, `removed: …`, `inserted: …`), and the records in order
+    /// before it.
     Failed(String, u64),
     /// The files hold no record at all (and no proxy is opening them): nothing was verified.
     Empty,
@@ -357,7 +358,7 @@ pub fn verification(files: &[AuditFile], key: Option<&Hasher>) -> Result<Verific
             Verification::Keyed(p.message)
         }
         Some(p) if p.unfinished_last_line && written_now() => Verification::Unfinished(p.message),
-        Some(p) => Verification::Failed(p.message, report.records),
+        Some(p) => Verification::Failed(p.to_string(), report.records),
     })
 }
 
