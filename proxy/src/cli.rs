@@ -457,27 +457,26 @@ fn describe_identity(id: &Identity) -> String {
     parts.join(", ")
 }
 
+/// The policy file and the identity `policy check` and `policy grants` ask about (exit 2 when either fails).
+fn policy_and_identity(path: &std::path::Path, identity: &IdentityArgs) -> Result<(Policy, Identity), ExitCode> {
+    let policy = Policy::load(path).map_err(fail)?;
+    Ok((policy, identity.identity().map_err(fail)?))
+}
+
 fn policy_grants(args: GrantsArgs) -> ExitCode {
-    let policy = match Policy::load(&args.policy) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let identity = match args.identity.identity() {
-        Ok(id) => id,
-        Err(e) => return fail(e),
-    };
-    say(policy.grants(&identity).to_string());
-    ExitCode::SUCCESS
+    match policy_and_identity(&args.policy, &args.identity) {
+        Ok((policy, identity)) => {
+            say(policy.grants(&identity).to_string());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 fn policy_check(args: CheckArgs) -> ExitCode {
-    let policy = match Policy::load(&args.policy) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let identity = match args.identity.identity() {
-        Ok(id) => id,
-        Err(e) => return fail(e),
+    let (policy, identity) = match policy_and_identity(&args.policy, &args.identity) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let needs = match check_needs(&args) {
         Ok(n) => n,
