@@ -110,6 +110,9 @@ show() {
     printf '\n$ etcdctl (as %s) %s\n' "$who" "$*"
     ctl "$who" "$@" 2>&1 | grep -v '"level":"warn"' || true
 }
+echo; echo "# what the policy grants one identity, read from its certificate (deny rules applied)"
+printf '$ etcd-guard policy grants --cert prometheus.crt\n'
+"$bin" policy grants --policy "$dir/policy.yaml" --cert "$dir/prometheus.crt" || true
 show kube-apiserver-etcd-client put /registry/secrets/default/db-password hunter2
 show kube-apiserver-etcd-client get /registry/secrets/default/db-password --print-value-only
 show cilium put cilium/state/nodes/v1/node-1 '{"name":"node-1"}'
