@@ -656,11 +656,17 @@ impl Sink<'_> {
 /// The table cells of a record.
 fn row<O>(record: &Record<'_, O>, targets: &[Target<'_>]) -> [String; COLUMNS] {
     let text = |t: &Option<read::Text<'_>>| t.as_ref().map_or_else(|| "-".to_owned(), |t| clean(t));
-    let key = match targets {
+    // Ops the record left out come last; the cell says how many, after the keys it shows.
+    let omitted: u64 = targets.iter().map(|t| if let Target::Omitted(n) = t { *n } else { 0 }).sum();
+    let named: Vec<&Target<'_>> = targets.iter().filter(|t| !matches!(t, Target::Omitted(_))).collect();
+    let mut key = match named.as_slice() {
         [] => "-".to_owned(),
         [only] => clean(&only.to_string()),
         [first, rest @ ..] => format!("{} +{}", clean(&first.to_string()), rest.len()),
     };
+    if omitted > 0 {
+        key.push_str(&format!(" ({omitted} ops omitted)"));
+    }
     [
         text(&record.time),
         record.seq.to_string(),
@@ -673,13 +679,13 @@ fn row<O>(record: &Record<'_, O>, targets: &[Target<'_>]) -> [String; COLUMNS] {
     ]
 }
 
-/// An identity's name for a table: as it is when it is printable ASCII without a space at either end (nor a
-/// quote at its start); else
-/// quoted, with every other character escaped (`"\u{430}pp-a"`, `"app-a "`), so that no name can pass for
-/// another by look-alike letters or spaces a column does not show.
+/// An identity's name for a table: as it is when it is printable ASCII without spaces, quotes or brackets; else
+/// quoted, with every character but printable ASCII and the space escaped (`"\u{430}pp-a"`, `"app-a "`), so that no
+/// name can pass for another by look-alike letters, spaces a column does not show, or a suffix the table adds
+/// itself (`(uri_san)`, `[issuer etcd]`).
 fn identity_cell(name: &str) -> String {
     let plain = |c: char| c.is_ascii_graphic() || c == ' ';
-    if name.chars().all(plain) && !name.starts_with([' ', '"']) && !name.ends_with(' ') {
+    if !name.is_empty() && name.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '"' | '(' | '[')) {
         return name.to_owned();
     }
     let mut out = String::from('"');
@@ -866,7 +872,9 @@ impl Summary {
         let count = self.counts.entry(key).or_default();
         *count = count.saturating_add(record.requests());
         if record.is_denial() {
-            let mut keys: Vec<String> = targets.iter().map(ToString::to_string).collect();
+            // Omitted ops name no key of their own to count.
+            let mut keys: Vec<String> =
+                targets.iter().filter(|t| !matches!(t, Target::Omitted(_))).map(ToString::to_string).collect();
             keys.sort_unstable();
             keys.dedup();
             for key in keys {
@@ -1398,9 +1406,31 @@ mod tests {
         let text = String::from_utf8(out)?;
         assert!(text.contains("\"app-a \" ") && text.contains("\"\\u{430}pp-a\" "), "{text}");
         assert_eq!(identity_cell("plain-name.example"), "plain-name.example");
-        assert_eq!(identity_cell("a \"b\\"), "a \"b\\");
+        assert_eq!(identity_cell("a\\b"), "a\\b");
+        assert_eq!(identity_cell("a \"b\\"), "\"a \\\"b\\\\\"");
+        // Names that would read like the table's own suffixes are quoted.
+        assert_eq!(identity_cell("x [issuer etcd]"), "\"x [issuer etcd]\"");
+        assert_eq!(identity_cell("x(uri_san)"), "\"x(uri_san)\"");
         // A name that starts with a quote could pass for a quoted one: it is quoted too.
         assert_eq!(identity_cell("\"app-a \""), "\"\\\"app-a \\\"\"");
+        Ok(())
+    }
+
+    /// A record that left ops out touches every key for `--key-prefix`, and its KEY cell says how many it left out.
+    #[test]
+    fn omitted_ops_are_found_by_any_key_filter_and_shown() -> TestResult {
+        let ops = r#"[{"op":"txn","success":[{"op":"put","key":"cilium/1"},{"op":"omitted","count":37}]}]"#;
+        let specs = [Spec { ops: ops.to_owned(), rpc: "KV/Txn", ..Spec::get("cilium", "x") }];
+        let dir = tempfile::tempdir()?;
+        write(&dir.path().join("audit.log"), &chain(&Hasher::unkeyed(), 1, GENESIS, &specs))?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let secret =
+            Filter { keys: parse_key_prefix("secret/").ok().map(|p| KeyRange::prefix(p.0)), ..Filter::default() };
+        assert_eq!(seqs(&files, &secret)?, [1]);
+        let mut out = Vec::new();
+        review(&files, &secret, Mode::Table, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(text.contains(" cilium/1 (37 ops omitted) "), "{text}");
         Ok(())
     }
 

@@ -159,6 +159,9 @@ impl AuditLog {
     fn start(config: &AuditConfig, sink: Sink, hasher: Hasher, seq: u64, prev: String) -> Result<AuditLog, AuditError> {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(AuditStats::default());
+        // Where the chain stands in the folder (the records the cut of a crash added included), so that the gauge
+        // does not read 0 before this run's first write.
+        stats.last_seq.store(seq, Ordering::Relaxed);
         let inner = Arc::new(Inner {
             tx,
             on_failure: config.on_write_failure,
