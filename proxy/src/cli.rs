@@ -139,7 +139,9 @@ struct CheckArgs {
     /// The RPC to decide.
     #[arg(long, value_enum)]
     rpc: Rpc,
-    /// The key (for key RPCs; the name for lock/campaign/leader). `\xNN` escapes give any byte, `\\` a backslash.
+    /// The key (for key RPCs; the name for lock/campaign/leader: the Lock and Election RPCs, which `etcdctl lock`
+    /// and `etcdctl elect` do not use — they take KV transactions on keys under the name: check those as put and
+    /// delete). `\xNN` escapes give any byte, `\\` a backslash.
     #[arg(long)]
     key: Option<String>,
     /// The range end, as etcd takes it (`\x00` = every key from `--key` on).
@@ -412,8 +414,25 @@ impl Signals {
 impl IdentityArgs {
     /// The identity the proxy would see. With `--cert`, read from the file as the listener reads a verified
     /// certificate (its chain is not verified here), and said on standard output first.
-    fn identity(&self) -> Result<Identity, String> {
+    fn identity(&self, policy: &Policy) -> Result<Identity, String> {
+        for issuer in &self.issuer {
+            if !policy.binds_issuer(issuer) {
+                let named = policy.issuer_names();
+                let names = if named.is_empty() { "none".to_owned() } else { named.join(", ") };
+                eprintln!("etcd-guard: note: no binding names issuer {issuer:?} (the bindings name: {names})");
+            }
+        }
         let Some(path) = &self.cert else {
+            let given = self.common_name.is_some()
+                || self.fingerprint_sha256.is_some()
+                || [&self.organization, &self.organizational_unit, &self.dns_san, &self.uri_san]
+                    .iter()
+                    .any(|v| !v.is_empty());
+            if !given {
+                return Err("whose? give --cert FILE, or the certificate's fields: --common-name, --organization, \
+                            --organizational-unit, --dns-san, --uri-san, --fingerprint-sha256"
+                    .into());
+            }
             return Ok(Identity {
                 common_name: self.common_name.clone(),
                 organizations: self.organization.clone(),
@@ -428,13 +447,22 @@ impl IdentityArgs {
         let read = |e: &dyn std::fmt::Display| format!("--cert {}: {e}", path.display());
         let bytes = std::fs::read(path).map_err(|e| read(&e))?;
         use rustls_pki_types::pem::PemObject;
-        let der = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
-            .next()
-            .ok_or_else(|| read(&"no PEM certificate in the file"))?
-            .map_err(|e| read(&e))?;
-        let identity =
-            Identity::from_der(&der).map_err(|e| read(&format!("the proxy refuses it at the handshake: {e}")))?;
+        let der: Vec<u8> = match rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).next() {
+            Some(pem) => pem.map_err(|e| read(&e))?.to_vec(),
+            // Not PEM: a DER certificate starts with a SEQUENCE.
+            None if bytes.first() == Some(&0x30) => bytes,
+            None if bytes.windows(11).any(|w| w == b"PRIVATE KEY") => {
+                return Err(read(&"it holds a private key, not a certificate"));
+            }
+            None => return Err(read(&"no certificate in the file (PEM or DER)")),
+        };
+        let refused = |why: &dyn std::fmt::Display| read(&format!("the proxy refuses it at the handshake: {why}"));
+        if let Some(why) = crate::tls::client_leaf_refusal(&der) {
+            return Err(refused(&why));
+        }
+        let identity = Identity::from_der(&der).map_err(|e| refused(&e))?;
         say(format!("identity: {}", describe_identity(&identity)));
+        say("  (read from the certificate alone: its chain to the client CAs and its revocation are not checked)");
         Ok(Identity { issuers: self.issuer.clone(), ..identity })
     }
 }
@@ -460,7 +488,8 @@ fn describe_identity(id: &Identity) -> String {
 /// The policy file and the identity `policy check` and `policy grants` ask about (exit 2 when either fails).
 fn policy_and_identity(path: &std::path::Path, identity: &IdentityArgs) -> Result<(Policy, Identity), ExitCode> {
     let policy = Policy::load(path).map_err(fail)?;
-    Ok((policy, identity.identity().map_err(fail)?))
+    let identity = identity.identity(&policy).map_err(fail)?;
+    Ok((policy, identity))
 }
 
 fn policy_grants(args: GrantsArgs) -> ExitCode {
@@ -563,7 +592,11 @@ fn check_needs(args: &CheckArgs) -> Result<Needs, String> {
             None => Vec::new(),
         }
     };
-    let need_key = || if key.is_empty() { Err("--key is required for this RPC".to_string()) } else { Ok(()) };
+    let need_key = || match &args.key {
+        None => Err("--key is required for this RPC".to_string()),
+        Some(_) if key.is_empty() => Err("--key is empty: etcd refuses an empty key for this RPC".to_string()),
+        Some(_) => Ok(()),
+    };
     let cap = |c: Capability| Ok(Needs(vec![Need::Cap(c)]));
     let status_text = |s: tonic::Status| s.message().to_string();
     match args.rpc {

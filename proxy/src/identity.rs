@@ -30,7 +30,10 @@ pub enum IdentityError {
     Parse(String),
     #[error("the client certificate has {0} common names; exactly one or none is accepted")]
     AmbiguousCommonName(usize),
-    #[error("the client certificate has a subject attribute that is not a UTF-8 string")]
+    #[error(
+        "the client certificate has a CN, O or OU that is not text (UTF8String, PrintableString, NumericString, \
+         IA5String or BMPString)"
+    )]
     NotText,
     #[error("the client certificate's URI SAN {0:?} is not a valid SPIFFE ID")]
     BadSpiffeId(String),
@@ -99,7 +102,7 @@ impl Identity {
     }
 }
 
-/// A BMPString attribute (UTF-16 big-endian, as older CAs write names and Go's x509 reads them) as text; `None`
+/// A BMPString attribute (UTF-16 big-endian, as older CAs write names) as text; `None`
 /// for another type, an odd length or a lone surrogate.
 fn bmp_string(attr: &x509_parser::x509::AttributeTypeAndValue<'_>) -> Option<String> {
     let value = attr.attr_value();
@@ -164,7 +167,7 @@ mod tests {
         Ok(())
     }
 
-    /// Names written as BMPString (UTF-16, as older CAs write them; Go's x509 reads them) are read as text.
+    /// Names written as BMPString (UTF-16, as older CAs write them) are read as text.
     #[test]
     fn bmp_string_names_are_text() -> Result<(), Box<dyn std::error::Error>> {
         use rcgen::string::BmpString;

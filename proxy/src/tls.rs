@@ -159,6 +159,8 @@ struct StrictClientVerifier {
 pub enum ChainError {
     #[error("the CA certificate {0} the client sent may not sign certificates (its key usage lacks keyCertSign)")]
     SignerCannotSign(String),
+    #[error("a certificate the client sent does not parse: {0}")]
+    Unreadable(String),
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
 }
@@ -280,7 +282,8 @@ pub struct PeerTrust {
 fn is_ca(cert: &CertificateDer<'_>) -> bool {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else { return true };
     let says_not_ca = parsed.basic_constraints().ok().flatten().is_some_and(|b| !b.value.ca);
-    let cannot_sign = parsed.key_usage().ok().flatten().is_some_and(|k| !k.value.key_cert_sign());
+    // A key usage that does not parse is not taken for none (fail closed).
+    let cannot_sign = parsed.key_usage().map_or(true, |k| k.is_some_and(|k| !k.value.key_cert_sign()));
     !(says_not_ca || cannot_sign)
 }
 
@@ -351,19 +354,27 @@ impl ClientCertVerifier for StrictClientVerifier {
 
 /// The CA certificates a client sent that can be on the way from its leaf to a root (whose subject is the issuer
 /// of the leaf or of another one sent) must be allowed to sign certificates. Certificates sent that issued none
-/// of the others are not on any path and are left alone, as webpki leaves them.
+/// of the others are not on any path and are left alone, as webpki leaves them (but every one must parse).
+///
+/// Fails closed: a certificate sent that does not parse, or a key usage that does not (webpki keeps the extension's
+/// bytes without reading them), is refused rather than taken for one that may sign.
 fn check_signers(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<(), ChainError> {
-    fn parse<'a>(der: &'a CertificateDer<'_>) -> Option<x509_parser::certificate::X509Certificate<'a>> {
-        x509_parser::parse_x509_certificate(der.as_ref()).ok().map(|(_, c)| c)
+    fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X509Certificate<'a>, ChainError> {
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map(|(_, c)| c)
+            .map_err(|e| ChainError::Unreadable(e.to_string()))
     }
-    let sent: Vec<_> = intermediates.iter().filter_map(parse).collect();
-    let Some(leaf) = parse(end_entity) else { return Ok(()) };
+    let sent = intermediates.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
+    let leaf = parse(end_entity)?;
     let issuers: Vec<&[u8]> =
         std::iter::once(leaf.issuer().as_raw()).chain(sent.iter().map(|c| c.issuer().as_raw())).collect();
-    for ca in &sent {
-        let signs = ca.key_usage().ok().flatten().is_none_or(|k| k.value.key_cert_sign());
-        if !signs && issuers.contains(&ca.subject().as_raw()) {
-            return Err(ChainError::SignerCannotSign(format!("{:?}", ca.subject().to_string())));
+    for ca in sent.iter().filter(|ca| issuers.contains(&ca.subject().as_raw())) {
+        let subject = || format!("{:?}", ca.subject().to_string());
+        match ca.key_usage() {
+            Ok(None) => {}
+            Ok(Some(usage)) if usage.value.key_cert_sign() => {}
+            Ok(Some(_)) => return Err(ChainError::SignerCannotSign(subject())),
+            Err(e) => return Err(ChainError::Unreadable(format!("the key usage of {}: {e}", subject()))),
         }
     }
     Ok(())
@@ -722,6 +733,35 @@ fn check_leaf(path: &Path, chain: &[CertificateDer<'_>], purpose: Purpose) -> Re
     Ok(())
 }
 
+/// Why the listener would refuse `der` as a client certificate for what it says of itself — a CA certificate, an
+/// extended key usage without `clientAuth` (webpki takes `anyExtendedKeyUsage` for none of its uses), outside its
+/// validity — for `policy check --cert` and `policy grants --cert`, which do not verify its chain.
+pub fn client_leaf_refusal(der: &[u8]) -> Option<String> {
+    let (_, cert) = match x509_parser::parse_x509_certificate(der) {
+        Ok(parsed) => parsed,
+        Err(e) => return Some(format!("it does not parse: {e}")),
+    };
+    if cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
+        return Some("it is a CA certificate (basic constraints CA:TRUE), which no client may present".into());
+    }
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if !eku.value.client_auth => {
+            return Some("its extended key usage does not include clientAuth (TLS client)".into());
+        }
+        Err(e) => return Some(format!("its extended key usage does not parse: {e}")),
+        _ => {}
+    }
+    let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+    let validity = cert.validity();
+    if validity.not_after.timestamp() < now {
+        return Some(format!("it expired at {} (its notAfter)", validity.not_after));
+    }
+    if validity.not_before.timestamp() > now {
+        return Some(format!("it is not valid before {} (its notBefore)", validity.not_before));
+    }
+    None
+}
+
 fn check_pair(
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
@@ -811,11 +851,41 @@ mod tests {
             assert!(verify(&direct, std::slice::from_ref(&cert)).is_ok());
         }
 
+        // A key usage that does not parse (an OCTET STRING where a BIT STRING belongs) is not taken for none.
+        let (mut params, key) = ca("intermediate", vec![])?;
+        let mut usage = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x04, 0x02, 0x07, 0x80]);
+        usage.set_criticality(true);
+        params.custom_extensions.push(usage);
+        let cert = params.signed_by(&key, &root_issuer)?.der().clone();
+        let issuer = Issuer::new(params, key);
+        let e = verify(&leaf(&issuer, good_id)?, std::slice::from_ref(&cert)).err().unwrap_or_default();
+        assert!(e.contains("the key usage of \"CN=intermediate\""), "{e}");
+
         let bad = verify(&leaf(&root_issuer, "spiffe://td/ns/../sa/app")?, &[]);
         assert_eq!(
             bad.err().as_deref(),
             Some("the client certificate's URI SAN \"spiffe://td/ns/../sa/app\" is not a valid SPIFFE ID")
         );
+        Ok(())
+    }
+
+    /// `policy … --cert` refuses what the handshake would for the certificate's own sake.
+    #[test]
+    fn client_leaf_refusals_name_the_reason() -> TestResult {
+        let ca = DevCa::new("ca")?;
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).map(|c| c.to_vec());
+        let client = ca.issue(certs::LeafKind::Client, "app", None, &[], &[])?;
+        assert_eq!(client_leaf_refusal(&der(&client.cert_pem)?), None);
+        let server = ca.issue(certs::LeafKind::Server, "app", None, &[], &[])?;
+        let why = client_leaf_refusal(&der(&server.cert_pem)?).unwrap_or_default();
+        assert!(why.contains("does not include clientAuth"), "{why}");
+        let expired = ca.issue_with(certs::LeafKind::Client, "app", None, &[], &[], |p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        })?;
+        assert!(client_leaf_refusal(&der(&expired.cert_pem)?).unwrap_or_default().starts_with("it expired at "));
+        let why = client_leaf_refusal(&der(ca.cert_pem())?).unwrap_or_default();
+        assert!(why.starts_with("it is a CA certificate"), "{why}");
         Ok(())
     }
 

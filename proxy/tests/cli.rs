@@ -499,8 +499,25 @@ fn policy_grants_lists_what_a_certificate_gets() -> TestResult {
     let key = dir.path().join("cilium-agent.key").display().to_string();
     let o = guard(&["policy", "grants", "--policy", &p, "--cert", &key])?;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("no PEM certificate in the file"), "{}", text(&o));
+    assert!(text(&o).contains("it holds a private key, not a certificate"), "{}", text(&o));
     let o = guard(&["policy", "grants", "--policy", &p, "--cert", &cert, "--common-name", "x"])?;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // What the handshake refuses for the certificate's own sake is refused here too, with the reason.
+    let ca = dir.path().join("ca.crt").display().to_string();
+    let o = guard(&["policy", "grants", "--policy", &p, "--cert", &ca])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("the proxy refuses it at the handshake: it is a CA certificate"), "{}", text(&o));
+    // Without any identity there is nothing to answer for.
+    let o = guard(&["policy", "grants", "--policy", &p])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // Only an issuer keeps kube-apiserver's binding from matching: said, with the flag to add; a name no binding
+    // uses is noted.
+    let o = guard(&["policy", "grants", "--policy", &p, "--common-name", "kube-apiserver-etcd-client"])?;
+    assert!(
+        text(&o).contains("(role \"kube-apiserver\") would for a certificate that chains to the CA named \"etcd\"")
+    );
+    assert!(text(&o).contains("add --issuer etcd"), "{}", text(&o));
+    let o = guard(&["policy", "grants", "--policy", &p, "--cert", &cert, "--issuer", "etcdd"])?;
+    assert!(text(&o).contains("no binding names issuer \"etcdd\" (the bindings name: etcd)"), "{}", text(&o));
     Ok(())
 }

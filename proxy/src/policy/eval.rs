@@ -158,6 +158,20 @@ impl Policy {
         unknown
     }
 
+    /// The issuer names the bindings' subjects name (their `issuer:` patterns as written), sorted, once each.
+    pub fn issuer_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .bindings
+            .iter()
+            .flat_map(|b| &b.subjects)
+            .filter_map(|s| s.issuer.as_ref())
+            .map(|p| p.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     /// Whether it has neither roles nor bindings (an empty file, `{}`): it denies every request.
     pub fn is_empty(&self) -> bool {
         self.roles.is_empty() && self.bindings.is_empty()
@@ -271,22 +285,29 @@ impl Policy {
 
     /// Why nothing is bound to `id`, naming a binding that only its `issuer:` keeps from matching.
     fn no_binding(&self, id: &Identity) -> String {
-        let near = self.bindings.iter().find_map(|b| {
+        match self.near_issuer(id) {
+            Some((i, role, issuer)) => format!(
+                "no binding matches this identity as given; bindings[{i}] (role {role:?}) would for a certificate \
+                 that chains to the CA named {issuer:?} in tls.issuers: add --issuer {issuer}"
+            ),
+            None => "no binding matches this identity".to_owned(),
+        }
+    }
+
+    /// A binding that only its `issuer:` keeps from matching `id`: its index, role and issuer pattern.
+    fn near_issuer(&self, id: &Identity) -> Option<(usize, &str, &str)> {
+        self.bindings.iter().enumerate().find_map(|(i, b)| {
             b.subjects
                 .iter()
                 .filter(|s| s.issuer.is_some() && super::Selector { issuer: None, ..(*s).clone() }.matches(id))
                 .find_map(|s| s.issuer.as_ref())
-                .map(|issuer| (b, issuer))
-        });
-        match near {
-            Some((b, issuer)) => format!(
-                "no binding matches this identity (role {:?}'s binding would, for a certificate of issuer {:?}: \
-                 `--issuer` names the CAs a certificate chains to)",
-                b.role,
-                issuer.as_str()
-            ),
-            None => "no binding matches this identity".to_owned(),
-        }
+                .map(|issuer| (i, b.role.as_str(), issuer.as_str()))
+        })
+    }
+
+    /// Whether some binding's `issuer:` matches the `tls.issuers` name `name`.
+    pub fn binds_issuer(&self, name: &str) -> bool {
+        self.bindings.iter().flat_map(|b| &b.subjects).filter_map(|s| s.issuer.as_ref()).any(|p| p.matches(name))
     }
 
     /// Explains the decision on a key request by `id`.
@@ -344,7 +365,11 @@ impl Policy {
         let resolution = self.resolve(id);
         Grants {
             bindings: resolution.describe_bindings(),
-            no_binding: resolution.matched.is_empty().then(|| self.no_binding(id)),
+            no_binding: resolution.matched.is_empty().then(|| {
+                let why = self.no_binding(id);
+                // Denied for certain only when no issuer could change it.
+                if self.near_issuer(id).is_some() { why } else { format!("{why}: every request is denied") }
+            }),
             permissions: self.permissions_for(id),
         }
     }
@@ -439,19 +464,19 @@ impl Policy {
         let Some(key) = permissions.set(access).first_uncovered(range) else {
             return;
         };
-        let shown = escape_key(&key);
+        let shown = quoted_key(&key);
         for &index in &resolution.counted {
             let role = &self.roles[index].role;
             let granted: Vec<(usize, &KeyRule)> =
                 role.grants(access).filter(|(_, rule)| rule.range.contains_key(&key)).collect();
             let Some((gi, grant)) = granted.first() else {
-                reasons.push(format!("role {:?} has no {access} rule for \"{shown}\"", role.name));
+                reasons.push(format!("role {:?} has no {access} rule for {shown}", role.name));
                 continue;
             };
             for (di, deny) in role.denials(access) {
                 if deny.range.contains_key(&key) {
                     reasons.push(format!(
-                        "role {:?} rule keys[{gi}] {grant} is removed for \"{shown}\" by deny[{di}] {deny}",
+                        "role {:?} rule keys[{gi}] {grant} is removed for {shown} by deny[{di}] {deny}",
                         role.name
                     ));
                 }
@@ -481,7 +506,7 @@ impl Permissions {
             return Ok(());
         }
         let key = set.first_uncovered(range).unwrap_or_default();
-        let mut reason = format!("no {access} grant covers \"{}\"", escape_key(&key));
+        let mut reason = format!("no {access} grant covers {}", quoted_key(&key));
         if !range.is_point() {
             reason.push_str(&format!(" (requested {})", quoted_range(range)));
         }
@@ -581,12 +606,14 @@ impl fmt::Display for Grants {
     ///   prefix "cilium/"
     /// write:
     ///   prefix "cilium/"
-    /// cluster: lease, status
+    /// cluster: status, lease
+    ///   status: Maintenance Status, Alarm list, MemberList, gRPC health
+    ///   lease: LeaseGrant; revoke, keep-alive, … only for leases whose keys it may write
     /// limits: concurrent_requests 100
     /// ```
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(why) = &self.no_binding {
-            return write!(f, "{why}: every request is denied");
+            return f.write_str(why);
         }
         let p = &self.permissions;
         for binding in &self.bindings {
@@ -595,7 +622,10 @@ impl fmt::Display for Grants {
         let roles: Vec<String> = p.roles.iter().map(|r| format!("{r:?}")).collect();
         write!(f, "roles: {}", roles.join(", "))?;
         if p.audit_only {
-            f.write_str(" (audit-only: nothing is denied, the audit log records what would be)")?;
+            f.write_str(
+                " (audit-only: what these grants leave out is served and recorded as would_deny; requests the proxy \
+                 does not understand, and the limits, are still enforced)",
+            )?;
         }
         if !p.ignored_audit_roles.is_empty() {
             let ignored: Vec<String> = p.ignored_audit_roles.iter().map(|r| format!("{r:?}")).collect();
@@ -610,7 +640,11 @@ impl fmt::Display for Grants {
                 write!(f, "\n  {}", described_range(range))?;
             }
         }
-        write!(f, "\ncluster: {}\nlimits: ", p.caps)?;
+        write!(f, "\ncluster: {}", p.caps)?;
+        for cap in p.caps.iter() {
+            write!(f, "\n  {cap}: {}", cap.covers())?;
+        }
+        f.write_str("\nlimits: ")?;
         let l = &p.limits;
         let limits: Vec<String> = [
             ("concurrent_requests", l.concurrent_requests),
@@ -621,7 +655,12 @@ impl fmt::Display for Grants {
         .into_iter()
         .filter_map(|(name, value)| value.map(|v| format!("{name} {v}")))
         .collect();
-        if limits.is_empty() { f.write_str("(none of its own)") } else { f.write_str(&limits.join(", ")) }
+        if limits.is_empty() {
+            // Limits::combine: a binding without a limit leaves that field unlimited.
+            f.write_str("none for this identity (the proxy-wide limits apply)")
+        } else {
+            f.write_str(&limits.join(", "))
+        }
     }
 }
 
@@ -683,20 +722,26 @@ fn compile_access(role: &Role, access: Access) -> RangeSet {
     grants.subtract(&RangeSet::from_ranges(denials.map(|(_, r)| r.range.clone())))
 }
 
-/// A range for messages: a point as `"key"`, else `[start, end)` unquoted.
+/// A key in quotes for messages: escaped as [`escape_key`] escapes it, and a `"` as `\x22`, so the quotes are
+/// the key's own ends (and [`super::unescape_key`] still reads it back).
+fn quoted_key(key: &[u8]) -> String {
+    format!("\"{}\"", escape_key(key).replace('"', "\\x22"))
+}
+
 /// A range as a policy would name it: `"key"`, `prefix "app/"`, `every key`, else `[from, to)`.
 fn described_range(range: &KeyRange) -> String {
     match range.end() {
         End::Unbounded if range.start().is_empty() => "every key".to_owned(),
         end if !range.start().is_empty() && *end == prefix_end(range.start()) => {
-            format!("prefix \"{}\"", escape_key(range.start()))
+            format!("prefix {}", quoted_key(range.start()))
         }
         _ => quoted_range(range),
     }
 }
 
+/// A range for messages: a point as `"key"`, else `[start, end)` unquoted.
 fn quoted_range(range: &KeyRange) -> String {
-    if range.is_point() { format!("\"{}\"", escape_key(range.start())) } else { range.to_string() }
+    if range.is_point() { quoted_key(range.start()) } else { range.to_string() }
 }
 
 #[cfg(test)]

@@ -498,6 +498,26 @@ impl Capability {
         }
     }
 
+    /// The etcd calls it opens, for `policy grants` (as the README lists them).
+    pub fn covers(self) -> &'static str {
+        match self {
+            Capability::Status => "Maintenance Status, Alarm list, MemberList, gRPC health",
+            Capability::Lease => {
+                "LeaseGrant; revoke, keep-alive, time-to-live and puts with a lease only for leases whose keys it \
+                 may write"
+            }
+            Capability::Compact => "Compact",
+            Capability::Defragment => "Defragment",
+            Capability::Snapshot => "Snapshot (every key and value)",
+            Capability::Hash => "Hash, HashKV",
+            Capability::Alarm => "Alarm activate and deactivate",
+            Capability::MoveLeader => "MoveLeader",
+            Capability::Downgrade => "Downgrade",
+            Capability::Members => "MemberAdd, MemberRemove, MemberUpdate, MemberPromote",
+            Capability::Auth => "etcd's Auth service",
+        }
+    }
+
     /// The capability with this name (`admin` is a set, not a capability).
     pub fn from_name(name: &str) -> Option<Capability> {
         Capability::ALL.into_iter().find(|c| c.name() == name)
