@@ -350,8 +350,10 @@ pub fn first_seq(path: &Path) -> io::Result<FirstSeq> {
             Line::TooLong { .. } => &[][..],
         };
         if let Some(seq) = seq_of(bytes) {
-            // A damaged first line still starts the file: count back from the first readable one.
-            return Ok(FirstSeq::Seq(seq.saturating_sub(index)));
+            // A damaged first line still starts the file: count back from the first readable one — but for the
+            // line a crash cut off just before the writer's record for it, which has that line's seq.
+            let cut = index > 0 && rpc_of(bytes).as_deref() == Some(super::writer::CUT_RPC);
+            return Ok(FirstSeq::Seq(seq.saturating_sub(index - u64::from(cut))));
         }
         index += 1;
     }
@@ -367,8 +369,9 @@ pub fn rpc_of(line: &[u8]) -> Option<String> {
     serde_json::from_slice::<RpcOnly>(line).ok().map(|r| r.rpc)
 }
 
-/// The `seq` of a line: from the parsed record, or else from a line that at least starts with `{"seq":<digits>`
-/// (the writer puts `seq` first), so that a damaged line can still be placed.
+/// The `seq` of a line: from the parsed record, or else from a line that at least starts with `{"seq":<digits>,`
+/// (the writer puts `seq` first), so that a damaged line can still be placed. Digits without the comma after them
+/// may be cut short (`{"seq":1` of seq 12) and are not read.
 pub fn seq_of(line: &[u8]) -> Option<u64> {
     #[derive(Deserialize)]
     struct SeqOnly {
@@ -379,6 +382,9 @@ pub fn seq_of(line: &[u8]) -> Option<u64> {
     }
     let rest = line.strip_prefix(b"{\"seq\":")?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if rest.get(digits) != Some(&b',') {
+        return None;
+    }
     std::str::from_utf8(rest.get(..digits)?).ok()?.parse().ok()
 }
 

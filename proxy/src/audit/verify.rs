@@ -223,7 +223,9 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                 // line was put in between; otherwise it is what became of the record that belonged there.
                 let expected_prev = last.as_ref().map_or(genesis(), |g| g.hash);
                 let chains = checked.as_ref().is_ok_and(|c| c.prev_hash == expected_prev);
-                if chains && vouches_for(line, p.digest.as_ref()) {
+                // At the start of the set (older files rotated away) there is nothing for it to chain to: the
+                // writer's record vouching for the line is enough, and the chain starts with it.
+                if (chains || last.is_none()) && checked.is_ok() && vouches_for(line, p.digest.as_ref()) {
                     // What the writer leaves after a crash: the record it was writing, cut off, then (once the
                     // proxy starts again) a record of its own that names the cut-off line's bytes, in the chain.
                     // Checking goes on, so that nothing after a crash escapes verification.

@@ -1261,6 +1261,17 @@ mod tests {
         Arc::new(Subject::new(1, "127.0.0.1:1".parse().unwrap_or(std::net::SocketAddr::from(([0; 4], 0))), &id, &[]))
     }
 
+    fn all_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn all_lines(dir: &Path) -> Vec<String> {
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
@@ -1622,6 +1633,37 @@ mod tests {
         let text = std::fs::read_to_string(&active)?;
         // The three, and the close record.
         assert_eq!(text.lines().count(), 4, "{text}");
+        Ok(())
+    }
+
+    /// A crash during the first write into a freshly rotated file: the file starts with the cut-off line, then the
+    /// writer's record for it (the same seq). Rotated later, the file is named after that seq (not one before it),
+    /// and once the files before it are removed (`max_files`) the set still verifies, starting at the cut.
+    #[tokio::test]
+    async fn a_file_that_starts_with_a_line_cut_off_by_a_crash_is_named_and_verified_right()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 0..3 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        // Open record, 3 records, close record; rotated; the crash cut seq 6 in the new file (`{"se`).
+        std::fs::rename(dir.path().join("audit.log"), rotated_name(&dir.path().join("audit.log"), 1))?;
+        std::fs::write(dir.path().join("audit.log"), br#"{"se"#)?;
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 3..40 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        assert!(rotated_name(&dir.path().join("audit.log"), 6).exists(), "{:?}", all_names(dir.path()));
+        std::fs::remove_file(rotated_name(&dir.path().join("audit.log"), 1))?;
+        let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
+        assert_eq!(report.problem, None, "{report:?}");
+        assert_eq!(report.first.as_ref().map(|f| f.0), Some(6), "{report:?}");
+        assert!(report.notes.iter().any(|n| n.contains(":1: a record cut off")), "{report:?}");
         Ok(())
     }
 
