@@ -213,6 +213,8 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     let mut pending: Option<Pending> = None;
     // The last intact line's bytes: whether the chain ends with the writer's close record.
     let mut last_line: Vec<u8> = Vec::new();
+    // The set starts with a line a crash cut off, vouched for by the record after it (which has its seq).
+    let mut cut_at_start = false;
     let unreadable = |file: &AuditFile, source| ReadError::Unreadable { path: shown(&file.path), source };
     for (index, file) in files.iter().enumerate() {
         let mut reader = LineReader::open(&file.path).map_err(|e| unreadable(file, e))?;
@@ -226,6 +228,7 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                 // At the start of the set (older files rotated away) there is nothing for it to chain to: the
                 // writer's record vouching for the line is enough, and the chain starts with it.
                 if (chains || last.is_none()) && checked.is_ok() && vouches_for(line, p.digest.as_ref()) {
+                    cut_at_start = last.is_none();
                     // What the writer leaves after a crash: the record it was writing, cut off, then (once the
                     // proxy starts again) a record of its own that names the cut-off line's bytes, in the chain.
                     // Checking goes on, so that nothing after a crash escapes verification.
@@ -263,8 +266,13 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
                         return Ok(report);
                     }
                     if last.is_none() {
-                        if let Some(named) = named_seq(&file.path).filter(|&named| named < record.seq) {
-                            // Rotation names a file after its first record (or a later one): never an earlier one.
+                        // Rotation names a file after its first record (or a later one): never an earlier one.
+                        // (Before it read the seq of a cut line from the record vouching for it, it named a file
+                        // that starts with one after the seq before.)
+                        let old_cut_name = |named: u64| cut_at_start && named.saturating_add(1) == record.seq;
+                        if let Some(named) =
+                            named_seq(&file.path).filter(|&named| named < record.seq && !old_cut_name(named))
+                        {
                             report.problem = Some(Problem {
                                 kind: ProblemKind::Removed,
                                 path: file.path.clone(),

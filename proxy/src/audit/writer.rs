@@ -1664,6 +1664,21 @@ mod tests {
         assert_eq!(report.problem, None, "{report:?}");
         assert_eq!(report.first.as_ref().map(|f| f.0), Some(6), "{report:?}");
         assert!(report.notes.iter().any(|n| n.contains(":1: a record cut off")), "{report:?}");
+        // Named as earlier builds named it (one before the cut's seq): still fine; any earlier is a removal.
+        let verify_as = |seq: u64| -> Result<_, Box<dyn std::error::Error>> {
+            let named = rotated_name(&dir.path().join("audit.log"), seq);
+            let first = std::fs::read_dir(dir.path())?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(".log.0"))
+                .min()
+                .ok_or("no rotated file")?;
+            std::fs::rename(first, &named)?;
+            let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+            Ok(crate::audit::verify::verify(&files, &Hasher::unkeyed())?.problem.map(|p| p.kind))
+        };
+        assert_eq!(verify_as(5)?, None);
+        assert_eq!(verify_as(4)?, Some(crate::audit::verify::ProblemKind::Removed));
         Ok(())
     }
 
