@@ -90,7 +90,7 @@ enum PolicyCommand {
 /// Who is asking, for `policy check` and `policy grants`: a certificate file, or its fields one by one.
 #[derive(Debug, Args)]
 struct IdentityArgs {
-    /// A client certificate (PEM; the first certificate in the file): its CN, O, OU, DNS and URI SANs and
+    /// A client certificate (PEM, the first certificate in the file; or DER): its CN, O, OU, DNS and URI SANs and
     /// fingerprint, read as the proxy reads them. Instead of the flags below but `--issuer`.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "common_name", "organization", "organizational_unit", "dns_san", "uri_san", "fingerprint_sha256",
@@ -425,12 +425,13 @@ impl IdentityArgs {
         let Some(path) = &self.cert else {
             let given = self.common_name.is_some()
                 || self.fingerprint_sha256.is_some()
+                || !self.issuer.is_empty()
                 || [&self.organization, &self.organizational_unit, &self.dns_san, &self.uri_san]
                     .iter()
                     .any(|v| !v.is_empty());
             if !given {
                 return Err("whose? give --cert FILE, or the certificate's fields: --common-name, --organization, \
-                            --organizational-unit, --dns-san, --uri-san, --fingerprint-sha256"
+                            --organizational-unit, --dns-san, --uri-san, --fingerprint-sha256, --issuer"
                     .into());
             }
             return Ok(Identity {
@@ -449,11 +450,13 @@ impl IdentityArgs {
         use rustls_pki_types::pem::PemObject;
         let der: Vec<u8> = match rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).next() {
             Some(pem) => pem.map_err(|e| read(&e))?.to_vec(),
-            // Not PEM: a DER certificate starts with a SEQUENCE.
-            None if bytes.first() == Some(&0x30) => bytes,
-            None if bytes.windows(11).any(|w| w == b"PRIVATE KEY") => {
+            None if bytes.windows(11).any(|w| w == b"PRIVATE KEY")
+                || rustls_pki_types::PrivateKeyDer::try_from(bytes.as_slice()).is_ok() =>
+            {
                 return Err(read(&"it holds a private key, not a certificate"));
             }
+            // Not PEM: a DER certificate starts with a SEQUENCE.
+            None if bytes.first() == Some(&0x30) => bytes,
             None => return Err(read(&"no certificate in the file (PEM or DER)")),
         };
         let refused = |why: &dyn std::fmt::Display| read(&format!("the proxy refuses it at the handshake: {why}"));
@@ -495,6 +498,10 @@ fn policy_and_identity(path: &std::path::Path, identity: &IdentityArgs) -> Resul
 fn policy_grants(args: GrantsArgs) -> ExitCode {
     match policy_and_identity(&args.policy, &args.identity) {
         Ok((policy, identity)) => {
+            // What `policy validate` warns about (bindings everyone matches, audit-only ones) bears on the list.
+            for warning in policy.warnings() {
+                eprintln!("etcd-guard: warning: {warning}");
+            }
             say(policy.grants(&identity).to_string());
             ExitCode::SUCCESS
         }

@@ -281,7 +281,8 @@ pub struct PeerTrust {
 /// trust anchor), or one that cannot be parsed, is left to the verifier.
 fn is_ca(cert: &CertificateDer<'_>) -> bool {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else { return true };
-    let says_not_ca = parsed.basic_constraints().ok().flatten().is_some_and(|b| !b.value.ca);
+    // Basic constraints that do not parse (or come twice) are not taken for none (fail closed).
+    let says_not_ca = parsed.basic_constraints().map_or(true, |b| b.is_some_and(|b| !b.value.ca));
     // A key usage that does not parse is not taken for none (fail closed).
     let cannot_sign = parsed.key_usage().map_or(true, |k| k.is_some_and(|k| !k.value.key_cert_sign()));
     !(says_not_ca || cannot_sign)
@@ -419,8 +420,9 @@ impl Issuers {
                     return Err(TlsError::Unusable {
                         path: path.clone(),
                         message: format!(
-                            "tls.issuers.{name}: {} in this file is not a CA certificate (a server or client \
-                             certificate?): name the CA that issued the clients' certificates",
+                            "tls.issuers.{name}: {} in this file is not a CA certificate that may sign (a server \
+                             or client certificate? or its basic constraints or key usage do not parse): name the \
+                             CA that issued the clients' certificates",
                             subject_of(&ca)
                         ),
                     });
@@ -733,16 +735,26 @@ fn check_leaf(path: &Path, chain: &[CertificateDer<'_>], purpose: Purpose) -> Re
     Ok(())
 }
 
-/// Why the listener would refuse `der` as a client certificate for what it says of itself — a CA certificate, an
+/// Why the listener would refuse `der` as a client certificate for what it says of itself, for `policy check
+/// --cert` and `policy grants --cert`, which do not verify its chain: what webpki refuses when it reads a leaf
+/// (not version 3, an unknown critical extension, duplicate or malformed extensions, …), a CA certificate, an
 /// extended key usage without `clientAuth` (webpki takes `anyExtendedKeyUsage` for none of its uses), outside its
-/// validity — for `policy check --cert` and `policy grants --cert`, which do not verify its chain.
+/// validity. Not checked: its chain, its revocation, and whether its key is one the crypto provider can verify.
 pub fn client_leaf_refusal(der: &[u8]) -> Option<String> {
+    let certificate = CertificateDer::from(der);
+    if let Err(e) = webpki::EndEntityCert::try_from(&certificate) {
+        return Some(format!("webpki cannot read it: {e}"));
+    }
     let (_, cert) = match x509_parser::parse_x509_certificate(der) {
         Ok(parsed) => parsed,
         Err(e) => return Some(format!("it does not parse: {e}")),
     };
-    if cert.basic_constraints().ok().flatten().is_some_and(|b| b.value.ca) {
-        return Some("it is a CA certificate (basic constraints CA:TRUE), which no client may present".into());
+    match cert.basic_constraints() {
+        Ok(Some(b)) if b.value.ca => {
+            return Some("it is a CA certificate (basic constraints CA:TRUE), which no client may present".into());
+        }
+        Err(e) => return Some(format!("its basic constraints do not parse: {e}")),
+        _ => {}
     }
     match cert.extended_key_usage() {
         Ok(Some(eku)) if !eku.value.client_auth => {
@@ -886,6 +898,14 @@ mod tests {
         assert!(client_leaf_refusal(&der(&expired.cert_pem)?).unwrap_or_default().starts_with("it expired at "));
         let why = client_leaf_refusal(&der(ca.cert_pem())?).unwrap_or_default();
         assert!(why.starts_with("it is a CA certificate"), "{why}");
+        // What webpki cannot read as a leaf: here an unknown critical extension.
+        let critical = ca.issue_with(certs::LeafKind::Client, "app", None, &[], &[], |p| {
+            let mut unknown = rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+            unknown.set_criticality(true);
+            p.custom_extensions.push(unknown);
+        })?;
+        let why = client_leaf_refusal(&der(&critical.cert_pem)?).unwrap_or_default();
+        assert!(why.starts_with("webpki cannot read it: "), "{why}");
         Ok(())
     }
 

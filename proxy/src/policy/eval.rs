@@ -14,7 +14,7 @@ use thiserror::Error;
 use super::model::{
     Binding, BindingMode, Capability, CapabilitySet, KeyRule, Limits, PolicyDocument, PolicyError, Role,
 };
-use super::range::{End, KeyRange, RangeSet, escape_key, prefix_end};
+use super::range::{End, KeyRange, RangeSet, prefix_end, quoted_key};
 use crate::identity::Identity;
 
 /// The kind of access a key request needs.
@@ -286,6 +286,10 @@ impl Policy {
     /// Why nothing is bound to `id`, naming a binding that only its `issuer:` keeps from matching.
     fn no_binding(&self, id: &Identity) -> String {
         match self.near_issuer(id) {
+            Some((i, role, issuer)) if issuer.contains('*') => format!(
+                "no binding matches this identity as given; bindings[{i}] (role {role:?}) would for a certificate \
+                 that chains to a CA whose tls.issuers name matches {issuer:?}: add an --issuer with that name"
+            ),
             Some((i, role, issuer)) => format!(
                 "no binding matches this identity as given; bindings[{i}] (role {role:?}) would for a certificate \
                  that chains to the CA named {issuer:?} in tls.issuers: add --issuer {issuer}"
@@ -722,12 +726,6 @@ fn compile_access(role: &Role, access: Access) -> RangeSet {
     grants.subtract(&RangeSet::from_ranges(denials.map(|(_, r)| r.range.clone())))
 }
 
-/// A key in quotes for messages: escaped as [`escape_key`] escapes it, and a `"` as `\x22`, so the quotes are
-/// the key's own ends (and [`super::unescape_key`] still reads it back).
-fn quoted_key(key: &[u8]) -> String {
-    format!("\"{}\"", escape_key(key).replace('"', "\\x22"))
-}
-
 /// A range as a policy would name it: `"key"`, `prefix "app/"`, `every key`, else `[from, to)`.
 fn described_range(range: &KeyRange) -> String {
     match range.end() {
@@ -833,7 +831,12 @@ bindings:
         assert_eq!(p.unknown_issuers(&["etcd"]), ["mon*"]);
         assert_eq!(p.unknown_issuers(&[]), ["etcd", "mon*"]);
         let why = p.explain(&cn("x"), Access::Read, &point("a/1")).reasons.join(" ");
-        assert!(why.contains(r#"role "r"'s binding would, for a certificate of issuer "etcd""#), "{why}");
+        let near =
+            r#"bindings[0] (role "r") would for a certificate that chains to the CA named "etcd" in tls.issuers"#;
+        assert!(why.contains(near) && why.ends_with("add --issuer etcd"), "{why}");
+        // A pattern is not a name to pass.
+        let why = p.explain(&Identity { common_name: None, ..cn("x") }, Access::Read, &point("a/1")).reasons.join(" ");
+        assert!(why.contains(r#"chains to a CA whose tls.issuers name matches "mon*": add an --issuer"#), "{why}");
         Ok(())
     }
 

@@ -38,7 +38,7 @@ use serde_saphyr::{Location, MessageFormatter, Spanned};
 use thiserror::Error;
 
 use super::eval::Access;
-use super::range::{End, KeyRange, RangeError, escape_key};
+use super::range::{End, KeyRange, RangeError, quoted_key};
 use crate::identity::Identity;
 
 /// Most YAML nodes a policy file may have (a key rule is about 5 nodes).
@@ -423,13 +423,13 @@ impl fmt::Display for KeyRule {
     /// E.g. `prefix "cilium/" readwrite`, `key "compact_rev_key" read`,
     /// `range from "a" to +inf write`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let start = escape_key(self.range.start());
+        let start = quoted_key(self.range.start());
         match self.kind {
-            KeyRuleKind::Prefix => write!(f, "prefix \"{start}\"")?,
-            KeyRuleKind::Key => write!(f, "key \"{start}\"")?,
+            KeyRuleKind::Prefix => write!(f, "prefix {start}")?,
+            KeyRuleKind::Key => write!(f, "key {start}")?,
             KeyRuleKind::Range => match self.range.end() {
-                End::Key(end) => write!(f, "range from \"{start}\" to \"{}\"", escape_key(end))?,
-                End::Unbounded => write!(f, "range from \"{start}\" to +inf")?,
+                End::Key(end) => write!(f, "range from {start} to {}", quoted_key(end))?,
+                End::Unbounded => write!(f, "range from {start} to +inf")?,
             },
         }
         write!(f, " {}", self.access)
@@ -503,8 +503,8 @@ impl Capability {
         match self {
             Capability::Status => "Maintenance Status, Alarm list, MemberList, gRPC health",
             Capability::Lease => {
-                "LeaseGrant; revoke, keep-alive, time-to-live and puts with a lease only for leases whose keys it \
-                 may write"
+                "LeaseGrant (of an ID it chooses itself: admin); TimeToLive of any lease (with its keys: read on \
+                 them); revoke, keep-alive and puts with a lease only for leases whose keys it may write"
             }
             Capability::Compact => "Compact",
             Capability::Defragment => "Defragment",

@@ -74,6 +74,12 @@ pub fn escape_key(key: &[u8]) -> String {
     out
 }
 
+/// A key in quotes for messages: escaped as [`escape_key`] escapes it, and a `"` as `\x22`, so the quotes are
+/// the key's own ends (and [`unescape_key`] still reads it back).
+pub(crate) fn quoted_key(key: &[u8]) -> String {
+    format!("\"{}\"", escape_key(key).replace('"', "\\x22"))
+}
+
 /// Reverses [`escape_key`]: `\\` becomes one backslash and `\xNN` (two hex
 /// digits, either case) becomes the byte `0xNN`; every other character stands
 /// for its own UTF-8 bytes.
