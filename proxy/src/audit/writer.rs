@@ -1261,17 +1261,6 @@ mod tests {
         Arc::new(Subject::new(1, "127.0.0.1:1".parse().unwrap_or(std::net::SocketAddr::from(([0; 4], 0))), &id, &[]))
     }
 
-    fn all_names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
     fn all_lines(dir: &Path) -> Vec<String> {
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
@@ -1657,7 +1646,7 @@ mod tests {
             log.submit(record(&s, n)).await?;
         }
         log.close(Duration::from_secs(5)).await;
-        assert!(rotated_name(&dir.path().join("audit.log"), 6).exists(), "{:?}", all_names(dir.path()));
+        assert!(rotated_name(&dir.path().join("audit.log"), 6).exists(), "{:?}", names(dir.path()));
         std::fs::remove_file(rotated_name(&dir.path().join("audit.log"), 1))?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
