@@ -448,8 +448,11 @@ impl IdentityArgs {
         let read = |e: &dyn std::fmt::Display| format!("--cert {}: {e}", path.display());
         let bytes = std::fs::read(path).map_err(|e| read(&e))?;
         use rustls_pki_types::pem::PemObject;
-        let der: Vec<u8> = match rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).next() {
-            Some(pem) => pem.map_err(|e| read(&e))?.to_vec(),
+        let pem = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| read(&e))?;
+        let der: Vec<u8> = match pem.first() {
+            Some(leaf) => leaf.to_vec(),
             None if bytes.windows(11).any(|w| w == b"PRIVATE KEY")
                 || rustls_pki_types::PrivateKeyDer::try_from(bytes.as_slice()).is_ok() =>
             {
@@ -463,9 +466,12 @@ impl IdentityArgs {
         if let Some(why) = crate::tls::client_leaf_refusal(&der) {
             return Err(refused(&why));
         }
+        // A chain file: the certificates after the leaf are what a client would send along with it.
+        crate::tls::check_signers(&rustls_pki_types::CertificateDer::from(der.as_slice()), pem.get(1..).unwrap_or(&[]))
+            .map_err(|e| refused(&e))?;
         let identity = Identity::from_der(&der).map_err(|e| refused(&e))?;
         say(format!("identity: {}", describe_identity(&identity)));
-        say("  (read from the certificate alone: its chain to the client CAs and its revocation are not checked)");
+        say("  (read from the file alone: its chain to the client CAs and its revocation are not checked)");
         Ok(Identity { issuers: self.issuer.clone(), ..identity })
     }
 }

@@ -48,9 +48,14 @@ impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
         let subject = cert.subject();
-        let text = |attr: &x509_parser::x509::AttributeTypeAndValue<'_>| match attr.as_str() {
-            Ok(s) => Ok(s.to_string()),
-            Err(_) => bmp_string(attr).ok_or(IdentityError::NotText),
+        let text = |attr: &x509_parser::x509::AttributeTypeAndValue<'_>| {
+            if !in_alphabet(attr) {
+                return Err(IdentityError::NotText);
+            }
+            match attr.as_str() {
+                Ok(s) => Ok(s.to_string()),
+                Err(_) => bmp_string(attr).ok_or(IdentityError::NotText),
+            }
         };
         let cns = subject.iter_common_name().map(text).collect::<Result<Vec<_>, _>>()?;
         if cns.len() > 1 {
@@ -99,6 +104,21 @@ impl Identity {
             .or_else(|| self.uri_sans.first().map(String::as_str))
             .or_else(|| self.dns_sans.first().map(String::as_str))
             .unwrap_or(&self.fingerprint_sha256)
+    }
+}
+
+/// Whether a string attribute holds only what its ASN.1 type allows, as Go's x509 (etcd's) reads them: digits and
+/// spaces in a NumericString; letters, digits, space and `'()+,-./:=?` in a PrintableString (and `*` and `&`, which
+/// Go accepts there too); 7-bit characters in an IA5String. x509-parser takes any UTF-8 for all three.
+fn in_alphabet(attr: &x509_parser::x509::AttributeTypeAndValue<'_>) -> bool {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let value = attr.attr_value();
+    let data = value.data;
+    match value.tag() {
+        Tag::NumericString => data.iter().all(|b| b.is_ascii_digit() || *b == b' '),
+        Tag::PrintableString => data.iter().all(|b| b.is_ascii_alphanumeric() || b" '()+,-./:=?*&".contains(b)),
+        Tag::Ia5String => data.is_ascii(),
+        _ => true,
     }
 }
 
@@ -180,6 +200,33 @@ mod tests {
         let id = Identity::from_der(&der(&issued.cert_pem))?;
         assert_eq!(id.common_name.as_deref(), Some("app-a"));
         assert_eq!(id.organizations, vec!["t\u{e9}am".to_string()]);
+        Ok(())
+    }
+
+    /// A name whose bytes are outside its string type's alphabet is not text (Go's x509, etcd's, refuses it):
+    /// letters in a NumericString, `_` in a PrintableString, 8-bit characters in an IA5String. (The signature is
+    /// not looked at here, so the type byte can be changed in place.)
+    #[test]
+    fn names_outside_their_string_types_alphabet_are_not_text() -> Result<(), Box<dyn std::error::Error>> {
+        let ca = DevCa::new("test ca")?;
+        let with_cn = |cn: &str, tag: u8| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+            let mut d = der(&ca.issue(LeafKind::Client, cn, None, &[], &[])?.cert_pem);
+            let utf8 = [&[0x0c, cn.len() as u8][..], cn.as_bytes()].concat();
+            // The leaf's CN (the issuer's comes first in the DER, and is not `cn`).
+            let at = d.windows(utf8.len()).rposition(|w| w == utf8.as_slice()).ok_or("CN not found")?;
+            d[at] = tag;
+            Ok(d)
+        };
+        const NUMERIC: u8 = 0x12;
+        const PRINTABLE: u8 = 0x13;
+        const IA5: u8 = 0x16;
+        for (cn, tag) in [("app-a", NUMERIC), ("app_a", PRINTABLE), ("\u{e4}pp", IA5)] {
+            assert_eq!(Identity::from_der(&with_cn(cn, tag)?), Err(IdentityError::NotText), "{cn:?} as {tag:#x}");
+        }
+        for (cn, tag) in [("0123 45", NUMERIC), ("app-a *&", PRINTABLE), ("app_a", IA5)] {
+            let id = Identity::from_der(&with_cn(cn, tag)?)?;
+            assert_eq!(id.common_name.as_deref(), Some(cn), "{cn:?} as {tag:#x}");
+        }
         Ok(())
     }
 

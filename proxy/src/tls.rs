@@ -355,11 +355,12 @@ impl ClientCertVerifier for StrictClientVerifier {
 
 /// The CA certificates a client sent that can be on the way from its leaf to a root (whose subject is the issuer
 /// of the leaf or of another one sent) must be allowed to sign certificates. Certificates sent that issued none
-/// of the others are not on any path and are left alone, as webpki leaves them (but every one must parse).
+/// of the others are not on any path and are left alone, as webpki leaves them (but every one, the leaf too, must
+/// parse, its key usage included).
 ///
 /// Fails closed: a certificate sent that does not parse, or a key usage that does not (webpki keeps the extension's
 /// bytes without reading them), is refused rather than taken for one that may sign.
-fn check_signers(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<(), ChainError> {
+pub fn check_signers(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<(), ChainError> {
     fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X509Certificate<'a>, ChainError> {
         x509_parser::parse_x509_certificate(der.as_ref())
             .map(|(_, c)| c)
@@ -369,11 +370,14 @@ fn check_signers(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDe
     let leaf = parse(end_entity)?;
     let issuers: Vec<&[u8]> =
         std::iter::once(leaf.issuer().as_raw()).chain(sent.iter().map(|c| c.issuer().as_raw())).collect();
-    for ca in sent.iter().filter(|ca| issuers.contains(&ca.subject().as_raw())) {
-        let subject = || format!("{:?}", ca.subject().to_string());
-        match ca.key_usage() {
+    // Every certificate sent, the leaf too, must have a key usage that parses (Go, etcd's x509, refuses one that
+    // does not); those on the way to the root must be allowed to sign.
+    for (cert, on_path) in std::iter::once((&leaf, false)).chain(sent.iter().map(|ca| (ca, true))) {
+        let subject = || format!("{:?}", cert.subject().to_string());
+        match cert.key_usage() {
             Ok(None) => {}
-            Ok(Some(usage)) if usage.value.key_cert_sign() => {}
+            Ok(Some(usage)) if usage.value.key_cert_sign() || !on_path => {}
+            Ok(Some(_)) if !issuers.contains(&cert.subject().as_raw()) => {}
             Ok(Some(_)) => return Err(ChainError::SignerCannotSign(subject())),
             Err(e) => return Err(ChainError::Unreadable(format!("the key usage of {}: {e}", subject()))),
         }
@@ -872,6 +876,18 @@ mod tests {
         let issuer = Issuer::new(params, key);
         let e = verify(&leaf(&issuer, good_id)?, std::slice::from_ref(&cert)).err().unwrap_or_default();
         assert!(e.contains("the key usage of \"CN=intermediate\""), "{e}");
+        // Also when it issued nothing of the chain (sent along), and on the leaf itself: Go refuses both.
+        let e = verify(&leaf(&root_issuer, good_id)?, std::slice::from_ref(&cert)).err().unwrap_or_default();
+        assert!(e.contains("the key usage of \"CN=intermediate\""), "{e}");
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, "app");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let mut usage = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x04, 0x02, 0x07, 0x80]);
+        usage.set_criticality(true);
+        params.custom_extensions.push(usage);
+        let bad_leaf = params.signed_by(&KeyPair::generate()?, &root_issuer)?.der().clone();
+        let e = verify(&bad_leaf, &[]).err().unwrap_or_default();
+        assert!(e.contains("the key usage of \"CN=app\""), "{e}");
 
         let bad = verify(&leaf(&root_issuer, "spiffe://td/ns/../sa/app")?, &[]);
         assert_eq!(

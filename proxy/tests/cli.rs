@@ -507,6 +507,18 @@ fn policy_grants_lists_what_a_certificate_gets() -> TestResult {
     let o = guard(&["policy", "grants", "--policy", &p, "--cert", &ca])?;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("the proxy refuses it at the handshake: it is a CA certificate"), "{}", text(&o));
+    // A chain file: what follows the leaf is checked as what a client sends along with it (a CA of the leaf's
+    // issuer's name that may not sign certificates is refused).
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "etcd-guard development CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let signer = params.self_signed(&rcgen::KeyPair::generate()?)?;
+    let chain = dir.path().join("chain.pem");
+    std::fs::write(&chain, format!("{}{}", std::fs::read_to_string(&cert)?, signer.pem()))?;
+    let o = guard(&["policy", "grants", "--policy", &p, "--cert", &chain.display().to_string()])?;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("may not sign certificates"), "{}", text(&o));
     // Without any identity there is nothing to answer for.
     let o = guard(&["policy", "grants", "--policy", &p])?;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
