@@ -709,6 +709,25 @@ fn fit(text: &str, width: usize) -> Cow<'_, str> {
         return text.into();
     }
     let mut out: String = text.chars().take(width.saturating_sub(1)).collect();
+    // Never end inside an escape (`\u{202e}`, `\x2a`, `\\`): half of one could read as something else.
+    let mut at = 0;
+    while let Some(start) = out[at..].find('\\').map(|i| at + i) {
+        let rest = &out[start..];
+        let len = if rest.starts_with("\\u") {
+            rest.find('}').map(|end| end + 1)
+        } else if rest.starts_with("\\x") {
+            (rest.len() >= 4).then_some(4)
+        } else {
+            (rest.len() >= 2).then_some(2)
+        };
+        match len {
+            Some(len) => at = start + len,
+            None => {
+                out.truncate(start);
+                break;
+            }
+        }
+    }
     out.push('…');
     out.into()
 }
@@ -1432,6 +1451,17 @@ mod tests {
         let text = String::from_utf8(out)?;
         assert!(text.contains(" cilium/1 (37 ops omitted) "), "{text}");
         Ok(())
+    }
+
+    #[test]
+    fn cells_are_never_cut_inside_an_escape() {
+        assert_eq!(fit("abc\\u{202e}def", 6), "abc…");
+        assert_eq!(fit("abc\\u{202e}def", 12), "abc\\u{202e}…");
+        assert_eq!(fit("ab\\x2acd", 5), "ab…");
+        assert_eq!(fit("ab\\x2acd", 7), "ab\\x2a…");
+        assert_eq!(fit("ab\\\\cd", 4), "ab…");
+        assert_eq!(fit("ab\\\\cd", 5), "ab\\\\…");
+        assert_eq!(fit("plain text", 5), "plai…");
     }
 
     #[test]

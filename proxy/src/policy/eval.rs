@@ -222,6 +222,20 @@ impl Policy {
                 ));
             }
         }
+        // etcd refuses the empty key to every put, get and delete: a rule naming it alone grants nothing.
+        for role in self.roles.iter().map(|r| &r.role) {
+            for (list, rules) in [("keys", &role.keys), ("deny", &role.deny)] {
+                for (i, rule) in rules.iter().enumerate() {
+                    if rule.range.is_point() && rule.range.start().is_empty() {
+                        warnings.push(format!(
+                            "{}: role {:?} {list}[{i}] (line {}) names the empty key, which etcd refuses to store \
+                             or read: did you mean `prefix: \"\"` (every key)?",
+                            self.origin, role.name, rule.line
+                        ));
+                    }
+                }
+            }
+        }
         let audit_only: Vec<String> = (self.bindings.iter().enumerate())
             .filter(|(_, b)| b.mode == BindingMode::AuditOnly)
             .map(|(i, b)| format!("bindings[{i}] (role {:?}, line {})", b.role, b.line))
@@ -1038,6 +1052,20 @@ bindings:
         );
         assert!(e.to_string().starts_with("DENY capability defragment\n"));
         assert!(!policy.explain_capability(&cn("x"), Capability::Status).allowed);
+    }
+
+    /// A rule for the empty key alone grants nothing etcd would serve: warned about where warnings are.
+    #[test]
+    fn a_rule_for_the_empty_key_is_warned_about() -> Result<(), PolicyError> {
+        let p = Policy::from_yaml("roles: [ { name: r, keys: [ { key: \"\", access: read } ] } ]\n", "p.yaml")?;
+        let warnings = p.warnings();
+        assert!(
+            warnings.iter().any(|w| w.contains(r#"role "r" keys[0] (line 1) names the empty key"#)),
+            "{warnings:?}"
+        );
+        let p = Policy::from_yaml("roles: [ { name: r, keys: [ { prefix: \"\", access: read } ] } ]\n", "p.yaml")?;
+        assert!(p.warnings().is_empty());
+        Ok(())
     }
 
     /// What `serve`, `config check` and `policy validate` warn about: bindings any client certificate matches, and
