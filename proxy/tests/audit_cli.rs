@@ -152,6 +152,11 @@ fn review_filters_and_prints_the_original_lines_as_json() -> TestResult {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(o.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(), 4);
 
+    // The puts (even records), denied or not, are the writes.
+    let o = guard(&["audit", "review", &d, "--output", "json", "--writes"])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&want));
+
     let o = guard(&["audit", "review", &d, "--output", "json", "--summary"])?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout)?;

@@ -543,6 +543,11 @@ impl FullRecord<'_> {
         }
         out
     }
+
+    /// Whether the request changes keys ([`Op::writes`]).
+    pub fn writes(&self) -> bool {
+        self.ops.iter().flatten().any(Op::writes)
+    }
 }
 
 // === impl RecordIdentity ===
@@ -574,6 +579,18 @@ impl RecordIdentity<'_> {
 // === impl Op ===
 
 impl<'a> Op<'a> {
+    /// Whether the op changes keys: a put, a delete, a lease revoke (it deletes the lease's keys), a lock,
+    /// unlock, campaign, proclaim or resign; a txn if either branch does (which one ran is not recorded); ops a
+    /// record left out, which could have.
+    pub fn writes(&self) -> bool {
+        match self.op.as_deref() {
+            Some("put" | "delete" | "lease_revoke" | "lock" | "unlock" | "campaign" | "proclaim" | "resign")
+            | Some("omitted") => true,
+            Some("txn") => self.success.iter().chain(&self.failure).any(Op::writes),
+            _ => false,
+        }
+    }
+
     /// Push the keys this op (and any nested op) names onto `out`.
     pub fn collect_targets<'r>(&'r self, out: &mut Vec<Target<'r>>) {
         if let Some(key) = &self.key {

@@ -50,6 +50,11 @@ pub struct ReviewArgs {
     /// backslash); intervals and lock/election names count when they overlap those keys.
     #[arg(long, value_name = "PREFIX", value_parser = parse_key_prefix)]
     pub key_prefix: Option<KeyPrefix>,
+    /// Only records of requests that change keys, allowed or not: put, delete (also in a txn's branches, whichever
+    /// ran; a txn whose record left ops out counts), lease revoke (it deletes the lease's keys), lock, unlock,
+    /// campaign, proclaim, resign.
+    #[arg(long)]
+    pub writes: bool,
     /// Only records at or after TIME: RFC 3339 (`2026-11-22T10:00:00Z`), a date (`2026-11-22`, midnight UTC), or a
     /// duration before now (`15m`, `2h`, `7d`, `1h30m`; units s, m, h, d, w).
     #[arg(long, value_name = "TIME", value_parser = parse_time_arg)]
@@ -144,6 +149,8 @@ pub struct Filter {
     pub decision: Option<DecisionArg>,
     /// Some operation's keys overlap this range.
     pub keys: Option<KeyRange>,
+    /// Some operation changes keys ([`read::Op::writes`]).
+    pub writes: bool,
     /// At or after.
     pub since: Option<OffsetDateTime>,
     /// At or before.
@@ -271,6 +278,7 @@ pub fn run(args: ReviewArgs) -> ExitCode {
         rpc: args.rpc,
         decision: args.decision,
         keys: args.key_prefix.map(|p| KeyRange::prefix(p.0)),
+        writes: args.writes,
         since: args.since,
         until: args.until,
     };
@@ -431,12 +439,14 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
                 Line::TooLong { .. } => &[][..],
             };
             // Some(kept or not), None: not a record.
-            let kept: Option<bool> = if filter.keys.is_some() {
+            let kept: Option<bool> = if filter.keys.is_some() || filter.writes {
                 // The ops decide: read them with the rest.
                 match serde_json::from_slice::<FullRecord<'_>>(bytes) {
                     Ok(record) => {
                         let targets = record.targets();
-                        let keep = filter.keeps(&record) && filter.keeps_targets(&targets);
+                        let keep = filter.keeps(&record)
+                            && filter.keeps_targets(&targets)
+                            && (!filter.writes || record.writes());
                         if keep {
                             sink.take(bytes, &record, &targets).map_err(ReviewError::Output)?;
                         }
@@ -1462,6 +1472,30 @@ mod tests {
         assert_eq!(fit("ab\\\\cd", 4), "ab…");
         assert_eq!(fit("ab\\\\cd", 5), "ab\\\\…");
         assert_eq!(fit("plain text", 5), "plai…");
+    }
+
+    /// `--writes`: the records of requests that change keys, a txn by either branch, ops left out counted.
+    #[test]
+    fn the_writes_filter_keeps_requests_that_change_keys() -> TestResult {
+        let with = |rpc: &'static str, ops: &str| Spec { rpc, ops: ops.to_owned(), ..Spec::get("app", "x") };
+        let specs = [
+            with("KV/Put", r#"[{"op":"put","key":"a"}]"#),
+            with("KV/Range", r#"[{"op":"range","key":"a"}]"#),
+            with("KV/Txn", r#"[{"op":"txn","success":[{"op":"range","key":"a"}]}]"#),
+            with(
+                "KV/Txn",
+                r#"[{"op":"txn","success":[{"op":"range","key":"a"}],"failure":[{"op":"delete","key":"a"}]}]"#,
+            ),
+            with("Lease/LeaseRevoke", r#"[{"op":"lease_revoke","lease":7}]"#),
+            with("KV/Txn", r#"[{"op":"txn","success":[{"op":"omitted","count":3}]}]"#),
+            with("Watch/Watch", r#"[{"op":"watch_create","key":"a"}]"#),
+            with("v3lockpb.Lock/Unlock", r#"[{"op":"unlock","key":"l/1"}]"#),
+        ];
+        let dir = tempfile::tempdir()?;
+        write(&dir.path().join("audit.log"), &chain(&Hasher::unkeyed(), 1, GENESIS, &specs))?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        assert_eq!(seqs(&files, &Filter { writes: true, ..Filter::default() })?, [1, 4, 5, 6, 8]);
+        Ok(())
     }
 
     #[test]
