@@ -544,8 +544,23 @@ impl FullRecord<'_> {
         out
     }
 
-    /// Whether the request changes keys ([`Op::writes`]).
+    /// Whether the request changes keys ([`Op::writes`]). A summary record (denials counted, no ops) by its RPC:
+    /// whether the denials it counts could have changed keys.
     pub fn writes(&self) -> bool {
+        if self.count.is_some() {
+            return matches!(
+                self.rpc(),
+                "KV/Put"
+                    | "KV/DeleteRange"
+                    | "KV/Txn"
+                    | "Lease/LeaseRevoke"
+                    | "Lock/Lock"
+                    | "Lock/Unlock"
+                    | "Election/Campaign"
+                    | "Election/Proclaim"
+                    | "Election/Resign"
+            );
+        }
         self.ops.iter().flatten().any(Op::writes)
     }
 }
@@ -930,6 +945,16 @@ mod tests {
         assert_eq!(interval("", None), "*");
         assert_eq!(interval("", Some("b")), "[\"\", b)");
         assert_eq!(Target::Key("").to_string(), "\"\"");
+    }
+
+    /// A summary record has no ops: whether it counts writes comes from its RPC.
+    #[test]
+    fn summary_records_write_by_their_rpc() -> Result<(), serde_json::Error> {
+        let summary = |rpc: &str| format!(r#"{{"seq":1,"rpc":"{rpc}","event":"summary","count":5,"ops":[]}}"#);
+        for (rpc, writes) in [("KV/Put", true), ("KV/Txn", true), ("Lock/Unlock", true), ("KV/Range", false)] {
+            assert_eq!(serde_json::from_str::<FullRecord<'_>>(&summary(rpc))?.writes(), writes, "{rpc}");
+        }
+        Ok(())
     }
 
     /// Ops a record left out could name any key: a key filter must not pass over the record (before, a write put
