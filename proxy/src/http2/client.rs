@@ -2,8 +2,13 @@
 //!
 //! A call is put on the connection directly (h2's `SendRequest`), without a queue or task in between. The
 //! connection is made at the first call, and again at the next call after it broke.
+//!
+//! A connection is pinged (to find a dead etcd) only while a call is open on it, as etcd's own clients do
+//! (grpc-go's `PermitWithoutStream: false`): etcd counts a PING on a connection without streams as a strike and,
+//! after three, closes the connection with `GOAWAY` `too_many_pings` (and logs it). A client connection's own
+//! upstream connection for streams outlives its streams, so it is often idle.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,7 +93,7 @@ pub struct Connector {
     pub connect_timeout: Duration,
     pub connection_window: u32,
     pub stream_window: u32,
-    /// A PING every `keep_alive_interval` (also while idle); no answer within `keep_alive_timeout` drops the
+    /// A PING every `keep_alive_interval` while a call is open; no answer within `keep_alive_timeout` drops the
     /// connection, and the next call makes a new one.
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
@@ -112,7 +117,14 @@ pub struct Connection {
 struct Live {
     generation: u64,
     sender: SendRequest<Bytes>,
+    /// Calls open on this connection (see [`Open`]).
+    open: Arc<AtomicUsize>,
 }
+
+/// One call open on a connection (from before it is sent until its answer is read, or given up): counted while
+/// held, so that the connection is pinged only while it carries a call.
+#[derive(Debug)]
+pub struct Open(Arc<AtomicUsize>);
 
 // === impl Connection ===
 
@@ -152,7 +164,8 @@ impl Connection {
 
     /// Send a request whose whole body is `body` (a unary call); the answer's body is read by the caller.
     pub async fn send(&self, head: http::Request<()>, body: Bytes) -> Result<http::Response<h2::RecvStream>, Error> {
-        let mut sender = self.ready().await?;
+        // Open until etcd's answer begins: etcd sends a unary call's message and trailers right behind its headers.
+        let (mut sender, _open) = self.ready().await?;
         let (response, mut stream) = sender.send_request(head, false).map_err(Error::NotSent)?;
         // A failure here leaves etcd a call without its message (a gRPC server does not run it).
         stream.send_data(body, true).map_err(Error::NotSent)?;
@@ -165,7 +178,7 @@ impl Connection {
         B: Body<Data = Bytes> + Patience + Unpin + Send + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        let mut sender = self.ready().await?;
+        let (mut sender, open) = self.ready().await?;
         let (head, body) = req.into_parts();
         let end = body.is_end_stream();
         let (response, mut stream) =
@@ -177,28 +190,33 @@ impl Connection {
                 }
             });
         }
-        Ok(response.await?.map(RecvBody::new))
+        Ok(response.await?.map(|stream| RecvBody::new(stream).open_on(open)))
     }
 
-    /// A sender with room for one more stream, connecting first when there is no live connection, or when the live
-    /// one can take no more calls (it broke, or etcd is closing it with a `GOAWAY`: its calls in progress finish
-    /// there).
-    async fn ready(&self) -> Result<SendRequest<Bytes>, Error> {
+    /// A sender with room for one more stream, and the call counted as open on its connection; connecting first
+    /// when there is no live connection, or when the live one can take no more calls (it broke, or etcd is closing
+    /// it with a `GOAWAY`: its calls in progress finish there).
+    async fn ready(&self) -> Result<(SendRequest<Bytes>, Open), Error> {
         let live = match self.live() {
             Some(live) => live,
             // Boxed: connecting (TCP, TLS, HTTP/2 handshakes) is rare, and its future is large.
             None => Box::pin(self.connect()).await?,
         };
+        let open = Open::on(&live.open);
         match live.sender.ready().await {
-            Ok(sender) => Ok(sender),
+            Ok(sender) => Ok((sender, open)),
             Err(e) => {
                 self.forget(live.generation);
                 debug!(endpoint = %self.connector.authority, error = %e, "upstream connection takes no more calls");
                 let live = Box::pin(self.connect()).await?;
-                live.sender.ready().await.map_err(|e| {
-                    self.forget(live.generation);
-                    Error::NotSent(e)
-                })
+                let open = Open::on(&live.open);
+                match live.sender.ready().await {
+                    Ok(sender) => Ok((sender, open)),
+                    Err(e) => {
+                        self.forget(live.generation);
+                        Err(Error::NotSent(e))
+                    }
+                }
             }
         }
     }
@@ -252,13 +270,15 @@ impl Connection {
         // Never one an earlier connection had: its driver forgets its own generation when it ends, which must not
         // be this one (it would be dropped while in use, and its successor by this one's driver, and so on).
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let live = Live { generation, sender, open: Arc::default() };
         {
             let mut slot = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            *slot = Some(Live { generation, sender: sender.clone() });
+            *slot = Some(live.clone());
         }
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
         let endpoint = c.authority.to_string();
+        let open = live.open.clone();
         let drive = cork::drive(cork, async move {
             let mut connection = connection;
             let pings = connection.ping_pong();
@@ -266,7 +286,7 @@ impl Connection {
                 result = &mut connection => if let Err(e) = result {
                     debug!(%endpoint, error = %e, "upstream connection ended");
                 },
-                () = keep_alive(pings, interval, timeout) => {
+                () = keep_alive(pings, &open, interval, timeout) => {
                     debug!(%endpoint, "upstream connection did not answer a keep-alive ping; dropping it");
                 }
             }
@@ -276,7 +296,22 @@ impl Connection {
             Some(runtime) => drop(runtime.spawn(drive)),
             None => drop(tokio::spawn(drive)),
         }
-        Live { generation, sender }
+        live
+    }
+}
+
+// === impl Open ===
+
+impl Open {
+    fn on(count: &Arc<AtomicUsize>) -> Open {
+        count.fetch_add(1, Ordering::Relaxed);
+        Open(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -319,11 +354,14 @@ fn forget(current: &Mutex<Option<Live>>, generation: u64) {
     }
 }
 
-/// Resolves when the peer failed to answer a PING within `timeout`; pings every `interval`.
-async fn keep_alive(pings: Option<PingPong>, interval: Duration, timeout: Duration) {
+/// Resolves when the peer failed to answer a PING within `timeout`; pings every `interval` while a call is `open`.
+async fn keep_alive(pings: Option<PingPong>, open: &AtomicUsize, interval: Duration, timeout: Duration) {
     let Some(mut pings) = pings else { return std::future::pending().await };
     loop {
         tokio::time::sleep(interval).await;
+        if open.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
         match tokio::time::timeout(timeout, pings.ping(Ping::opaque())).await {
             Ok(Ok(_)) => {}
             // The connection itself failed; its own future reports that.
@@ -383,6 +421,173 @@ mod tests {
         // The next call (after the failure) tries again.
         let head = http::Request::new(());
         assert!(connection.send(head, Bytes::new()).await.is_err());
+        Ok(())
+    }
+
+    /// Counts the PING frames (not their acknowledgements) in the HTTP/2 bytes a client sends, after its preface.
+    struct PingCounter<S> {
+        io: S,
+        pings: Arc<AtomicUsize>,
+        /// Bytes of the preface still to come, of the frame header read so far, and of the frame's payload left.
+        preface_left: usize,
+        head: Vec<u8>,
+        payload_left: usize,
+    }
+
+    impl<S> PingCounter<S> {
+        fn scan(&mut self, mut bytes: &[u8]) {
+            while let Some((&first, rest)) = bytes.split_first() {
+                if self.preface_left > 0 || self.payload_left > 0 {
+                    let left = if self.preface_left > 0 { &mut self.preface_left } else { &mut self.payload_left };
+                    let n = (*left).min(bytes.len());
+                    *left -= n;
+                    bytes = &bytes[n..];
+                    continue;
+                }
+                self.head.push(first);
+                bytes = rest;
+                if let [l0, l1, l2, kind, flags, _, _, _, _] = self.head[..] {
+                    self.payload_left = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                    if kind == 0x6 && flags & 0x1 == 0 {
+                        self.pings.fetch_add(1, Ordering::SeqCst);
+                    }
+                    self.head.clear();
+                }
+            }
+        }
+    }
+
+    impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for PingCounter<S> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+            let new = buf.filled()[before..].to_vec();
+            self.scan(&new);
+            polled
+        }
+    }
+
+    impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for PingCounter<S> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A request without a body.
+    struct NoBody;
+
+    impl Patience for NoBody {}
+
+    impl Body for NoBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            true
+        }
+    }
+
+    /// etcd closes a connection it is pinged on without a stream open (three strikes, then `GOAWAY`
+    /// `too_many_pings`), so pings are sent only while a call is open: a unary call that was answered leaves the
+    /// connection unpinged, an answer still streaming has it pinged, and once that stream is dropped the pings stop.
+    #[tokio::test]
+    async fn a_connection_is_pinged_only_while_a_call_is_open() -> Result<(), Box<dyn std::error::Error>> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+        let ca = crate::certs::DevCa::new("test ca")?;
+        let leaf = ca.issue(crate::certs::LeafKind::Server, "localhost", None, &["localhost"], &[])?;
+        let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())?];
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+        let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
+        let mut client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let authority = listener.local_addr()?.to_string().parse()?;
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counted = pings.clone();
+        // Answers `/unary` at once; answers the head of any other call and keeps its stream open.
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let io = PingCounter { io: tls, pings: counted, preface_left: 24, head: Vec::new(), payload_left: 0 };
+            let Ok(mut conn) = h2::server::handshake(io).await else { return };
+            let mut held = Vec::new();
+            while let Some(Ok((request, mut respond))) = conn.accept().await {
+                let unary = request.uri().path() == "/unary";
+                if let Ok(stream) = respond.send_response(http::Response::new(()), unary) {
+                    held.push(stream);
+                }
+            }
+        });
+
+        let connection = Connection::new(Connector {
+            tls: TlsConnector::from(Arc::new(client)),
+            scheme: Scheme::HTTPS,
+            authority,
+            server_name: ServerName::try_from("localhost")?,
+            connect_timeout: Duration::from_secs(2),
+            connection_window: 1 << 20,
+            stream_window: 1 << 20,
+            keep_alive_interval: Duration::from_millis(50),
+            keep_alive_timeout: Duration::from_secs(2),
+        });
+        let request = |path| http::Request::builder().method("POST").uri(connection.uri(path));
+        let answer = connection.send(request("/unary").body(())?, Bytes::new()).await?;
+        drop(answer);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(pings.load(Ordering::SeqCst), 0, "pinged while idle");
+
+        let streaming = connection.send_streaming(request("/stream").body(NoBody)?).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let while_open = pings.load(Ordering::SeqCst);
+        assert!(while_open >= 3, "{while_open} pings while a stream was open");
+
+        drop(streaming);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = pings.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(pings.load(Ordering::SeqCst), after, "pinged after the stream was dropped");
         Ok(())
     }
 }

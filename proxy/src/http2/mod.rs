@@ -31,6 +31,8 @@ pub struct RecvBody {
     /// Held while the request is still arriving (a request of one message; see [`server`]); let go when its data
     /// has ended, or with the body.
     receiving: Option<Receiving>,
+    /// An answer from etcd: its call counted as open on its connection until the body is dropped.
+    _open: Option<client::Open>,
 }
 
 /// One request of a connection whose message has not fully arrived yet; counted in the connection's total until
@@ -41,12 +43,17 @@ pub struct Receiving(Arc<AtomicUsize>);
 
 impl RecvBody {
     pub fn new(stream: RecvStream) -> RecvBody {
-        RecvBody { stream, data_done: false, receiving: None }
+        RecvBody { stream, data_done: false, receiving: None, _open: None }
+    }
+
+    /// The body of etcd's answer to a call counted as `open` on its connection, until the body is dropped.
+    pub fn open_on(self, open: client::Open) -> RecvBody {
+        RecvBody { _open: Some(open), ..self }
     }
 
     /// A request counted as being received until its data has ended.
     pub fn receiving(stream: RecvStream, receiving: Receiving) -> RecvBody {
-        RecvBody { stream, data_done: false, receiving: Some(receiving) }
+        RecvBody { stream, data_done: false, receiving: Some(receiving), _open: None }
     }
 }
 
