@@ -3,7 +3,9 @@
 //! * [`audit_files`] turns the command line's `[FILES|DIR]...` into the files to read, in chain order (by the
 //!   `seq` of each file's first record; empty files last).
 //! * [`LineReader`] reads one file line by line through a reused buffer, never holding more than one line (of at
-//!   most [`MAX_LINE_BYTES`]) in memory, and tells complete lines from a cut-off last line.
+//!   most [`MAX_LINE_BYTES`]) in memory, and tells complete lines from a cut-off last line. A file compressed with
+//!   gzip (a rotated file an operator compressed, e.g. by logrotate's `compress`) is read decompressed; one
+//!   compressed otherwise is refused, naming the format.
 //! * [`Record`], [`ChainFields`] and [`Op`] are borrowed views of a line: strings point into the line unless JSON
 //!   escapes force a copy, and what a command does not need is skipped ([`serde::de::IgnoredAny`]).
 //!
@@ -108,7 +110,7 @@ pub enum Line<'a> {
 
 /// Reads a file line by line through one reused buffer.
 pub struct LineReader {
-    reader: BufReader<File>,
+    reader: BufReader<Source>,
     buf: Vec<u8>,
     number: u64,
 }
@@ -388,13 +390,52 @@ pub fn seq_of(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(rest.get(..digits)?).ok()?.parse().ok()
 }
 
+/// What a [`LineReader`] reads: the file, or what gzip's decompression of it gives. Either starts with the bytes
+/// read to tell which it is.
+enum Source {
+    Plain(Whole),
+    Gzip(Box<flate2::read::MultiGzDecoder<BufReader<Whole>>>),
+}
+
+/// A file read from its start after its first bytes were read: those bytes, then the rest.
+type Whole = io::Chain<io::Cursor<Vec<u8>>, File>;
+
+/// The first bytes of files compressed with the formats logrotate and operators use, and how to decompress them.
+const COMPRESSED: [(&[u8], &str, &str); 3] = [
+    (&[0x28, 0xb5, 0x2f, 0xfd], "zstd", "zstd -d"),
+    (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz", "xz -d"),
+    (b"BZh", "bzip2", "bunzip2"),
+];
+
+/// gzip's first two bytes.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
 // === impl LineReader ===
 
 impl LineReader {
-    /// Open `path`.
+    /// Open `path`: a file as the writer left it, or one compressed with gzip.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened or read, or is compressed in another format (`InvalidData`, naming it).
     pub fn open(path: &Path) -> io::Result<LineReader> {
-        let file = File::open(path)?;
-        Ok(LineReader { reader: BufReader::with_capacity(READ_BUFFER_BYTES, file), buf: Vec::new(), number: 0 })
+        let mut file = File::open(path)?;
+        let mut magic = Vec::with_capacity(6);
+        (&mut file).take(6).read_to_end(&mut magic)?;
+        if let Some((_, format, command)) = COMPRESSED.iter().find(|(m, _, _)| magic.starts_with(m)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("compressed with {format}; only gzip is read: decompress it first ({command})"),
+            ));
+        }
+        let gzip = magic.starts_with(&GZIP_MAGIC);
+        let whole = io::Cursor::new(magic).chain(file);
+        let source = if gzip {
+            Source::Gzip(Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(whole))))
+        } else {
+            Source::Plain(whole)
+        };
+        Ok(LineReader { reader: BufReader::with_capacity(READ_BUFFER_BYTES, source), buf: Vec::new(), number: 0 })
     }
 
     /// The next line and its 1-based number, or `None` at the end of the file.
@@ -413,7 +454,7 @@ impl LineReader {
 }
 
 /// Read one line from `reader` into `buf` (cleared first).
-fn read_line<'b>(reader: &mut BufReader<File>, buf: &'b mut Vec<u8>) -> io::Result<Option<Line<'b>>> {
+fn read_line<'b>(reader: &mut BufReader<Source>, buf: &'b mut Vec<u8>) -> io::Result<Option<Line<'b>>> {
     buf.clear();
     let limit = MAX_LINE_BYTES as u64 + 1;
     let n = reader.by_ref().take(limit).read_until(b'\n', buf)?;
@@ -449,6 +490,17 @@ fn read_line<'b>(reader: &mut BufReader<File>, buf: &'b mut Vec<u8>) -> io::Resu
         }
     }
     Ok(Some(Line::TooLong { bytes }))
+}
+
+// === impl Source ===
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Plain(file) => file.read(buf),
+            Source::Gzip(decoder) => decoder.read(buf),
+        }
+    }
 }
 
 // === impl Text ===

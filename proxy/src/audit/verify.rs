@@ -334,9 +334,10 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     Ok(report)
 }
 
-/// The seq a rotated file's name gives (`audit.log.00000000000000000042`), if it has one.
+/// The seq a rotated file's name gives (`audit.log.00000000000000000042`, also with `.gz` after it), if it has one.
 fn named_seq(path: &Path) -> Option<u64> {
     let name = path.file_name()?.to_str()?;
+    let name = name.strip_suffix(".gz").unwrap_or(name);
     let (_, digits) = name.rsplit_once('.')?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
@@ -628,6 +629,58 @@ mod tests {
         assert_eq!(report.problem, None);
         assert_eq!(report.notes.len(), 2);
         assert!(report.notes[0].starts_with("chain starts at seq 7 (prev_hash "), "{:?}", report.notes);
+        Ok(())
+    }
+
+    /// Replace `path` by `path.gz`, compressed as `gzip` (logrotate's `compress`) does.
+    fn gzip(path: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+        use std::io::Write as _;
+        let mut name = path.as_os_str().to_owned();
+        name.push(".gz");
+        let compressed = PathBuf::from(name);
+        let mut encoder = flate2::write::GzEncoder::new(std::fs::File::create(&compressed)?, Default::default());
+        encoder.write_all(&std::fs::read(path)?)?;
+        encoder.finish()?;
+        std::fs::remove_file(path)?;
+        Ok(compressed)
+    }
+
+    #[test]
+    fn a_rotated_file_compressed_with_gzip_is_read_and_verified() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let (old, _) = two_files(dir.path(), &h, |_| {})?;
+        gzip(&old)?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(report.problem, None);
+        assert_eq!((report.records, report.files), (10, 2));
+        // Its content is checked as closely as a plain file's.
+        let dir = tempfile::tempdir()?;
+        let (old, _) = two_files(dir.path(), &h, |lines| {
+            if let Some(at) = lines[2].windows(5).position(|w| w == b"alice") {
+                lines[2][at + 4] = b'f';
+            }
+        })?;
+        gzip(&old)?;
+        let report = check(&[dir.path().to_path_buf()], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001.gz".to_owned(), 3)));
+        // And its name as a rotated file's: one whose first records were cut off is found out.
+        let dir = tempfile::tempdir()?;
+        let (old, _) = two_files(dir.path(), &h, |lines| drop(lines.drain(..2)))?;
+        let compressed = gzip(&old)?;
+        let report = check(&[compressed], &h)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log.00000000000000000001.gz".to_owned(), 1)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_compressed_otherwise_is_refused_naming_its_format() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("audit.log.00000000000000000001.xz");
+        std::fs::write(&path, [0xfd, b'7', b'z', b'X', b'Z', 0, 0, 4])?;
+        let errors = audit_files(std::slice::from_ref(&path)).err().ok_or("read")?;
+        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+        assert!(text.contains("compressed with xz; only gzip is read: decompress it first (xz -d)"), "{text}");
         Ok(())
     }
 
