@@ -227,6 +227,9 @@ pub struct Op<'a> {
     /// How many ops an `omitted` op stands for.
     #[serde(default)]
     pub count: Option<u64>,
+    /// The lease the op names: a lease RPC's, a put's, a lock's or campaign's, a compare's value (0: none).
+    #[serde(default)]
+    pub lease: Option<i64>,
     /// A txn's comparisons.
     #[serde(borrow, default)]
     pub compare: Vec<Op<'a>>,
@@ -258,6 +261,11 @@ pub enum Target<'r> {
     /// Ops the record left out (`{"op":"omitted","count":N}`, past its bound on ops): they could name any key,
     /// so for the filters they stand for every key.
     Omitted(u64),
+    /// The keys attached to a lease, which a revoke deletes. The record does not name them, so for the filters
+    /// they stand for every key.
+    LeaseKeys(i64),
+    /// A lease the op acts on without naming keys (grant, keep-alive, time-to-live): no key, for the filters.
+    Lease(i64),
 }
 
 /// The files named by `paths` (the current folder when empty), in chain order.
@@ -596,6 +604,15 @@ impl FullRecord<'_> {
         out
     }
 
+    /// The leases its operations name (not 0), depth first, each once.
+    pub fn leases(&self) -> Vec<i64> {
+        let mut out = Vec::new();
+        for op in self.ops.iter().flatten() {
+            op.collect_leases(&mut out);
+        }
+        out
+    }
+
     /// Whether the request changes keys ([`Op::writes`]). A summary record (denials counted, no ops) by its RPC:
     /// whether the denials it counts could have changed keys.
     pub fn writes(&self) -> bool {
@@ -672,11 +689,26 @@ impl<'a> Op<'a> {
         if let Some(name) = &self.name {
             out.push(if self.name_len.is_some() { Target::Cut(name) } else { Target::Name(name) });
         }
-        if self.op.as_deref() == Some("omitted") {
-            out.push(Target::Omitted(self.count.unwrap_or(0)));
+        match (self.op.as_deref(), self.lease) {
+            (Some("omitted"), _) => out.push(Target::Omitted(self.count.unwrap_or(0))),
+            (Some("lease_revoke"), Some(lease)) => out.push(Target::LeaseKeys(lease)),
+            (Some("lease_grant" | "lease_keepalive" | "lease_timetolive"), Some(lease)) if lease != 0 => {
+                out.push(Target::Lease(lease));
+            }
+            _ => {}
         }
         for op in self.compare.iter().chain(&self.success).chain(&self.failure) {
             op.collect_targets(out);
+        }
+    }
+
+    /// Push the leases this op (and any nested op) names onto `out`, unless 0 or already there.
+    pub fn collect_leases(&self, out: &mut Vec<i64>) {
+        if let Some(lease) = self.lease.filter(|&l| l != 0 && !out.contains(&l)) {
+            out.push(lease);
+        }
+        for op in self.compare.iter().chain(&self.success).chain(&self.failure) {
+            op.collect_leases(out);
         }
     }
 }
@@ -684,10 +716,10 @@ impl<'a> Op<'a> {
 // === impl Target ===
 
 impl Target<'_> {
-    /// The keys it names. Escaped text that does not unescape stands for its own bytes; an empty or inverted
-    /// interval stands for its first key.
-    pub fn range(&self) -> KeyRange {
-        match *self {
+    /// The keys it names (`None`: no key). Escaped text that does not unescape stands for its own bytes; an empty
+    /// or inverted interval stands for its first key.
+    pub fn range(&self) -> Option<KeyRange> {
+        Some(match *self {
             Target::Key(key) => KeyRange::point(key_bytes(key)),
             Target::Interval { from, to } => {
                 let start = key_bytes(from);
@@ -700,8 +732,9 @@ impl Target<'_> {
                 KeyRange::prefix(prefix)
             }
             Target::Cut(start) => KeyRange::prefix(key_bytes(start)),
-            Target::Omitted(_) => KeyRange::all(),
-        }
+            Target::Omitted(_) | Target::LeaseKeys(_) => KeyRange::all(),
+            Target::Lease(_) => return None,
+        })
     }
 }
 
@@ -719,6 +752,9 @@ impl fmt::Display for Target<'_> {
                 f.write_char('…')
             }
             Target::Omitted(count) => write!(f, "({count} ops omitted)"),
+            // As etcdctl prints lease IDs. (A space: no key reads like these, see above.)
+            Target::LeaseKeys(lease) => write!(f, "(keys of lease {lease:016x})"),
+            Target::Lease(lease) => write!(f, "(lease {lease:016x})"),
             Target::Interval { from, to } => {
                 let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
                 if prefix_end(&key_bytes(from)) == end {
@@ -979,8 +1015,8 @@ mod tests {
         let targets = r.targets();
         let shown: Vec<String> = targets.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["a\\x00", "b", "c/*", "l"]);
-        assert_eq!(targets[0].range(), KeyRange::point(b"a\x00".to_vec()));
-        assert_eq!(targets[3].range(), KeyRange::prefix("l/"));
+        assert_eq!(targets[0].range(), Some(KeyRange::point(b"a\x00".to_vec())));
+        assert_eq!(targets[3].range(), Some(KeyRange::prefix("l/")));
         assert!(r.is_denial());
         let light: LightRecord<'_> = serde_json::from_slice(line)?;
         assert!(light.ops.is_some());
@@ -1018,8 +1054,34 @@ mod tests {
         let mut targets = Vec::new();
         op.collect_targets(&mut targets);
         assert_eq!(targets, [Target::Key("a/1"), Target::Omitted(37)]);
-        assert_eq!(targets[1].range(), KeyRange::all());
+        assert_eq!(targets[1].range(), Some(KeyRange::all()));
         assert_eq!(targets[1].to_string(), "(37 ops omitted)");
+        Ok(())
+    }
+
+    /// A revoke deletes the keys attached to its lease, which the record does not name: they stand for every key.
+    /// Other lease RPCs name no key. Every lease an op names (a put's, a compare's) is found, in etcdctl's hex.
+    #[test]
+    fn leases_are_found_and_a_revoke_stands_for_every_key() -> Result<(), serde_json::Error> {
+        let targets_of = |line: &str| -> Result<Vec<String>, serde_json::Error> {
+            let op: Op<'_> = serde_json::from_str(line)?;
+            let mut targets = Vec::new();
+            op.collect_targets(&mut targets);
+            Ok(targets.iter().map(|t| format!("{t} {:?}", t.range())).collect())
+        };
+        let lease = 0x694d_7a0e_7bd5_d60a_i64;
+        let all = format!("{:?}", Some(KeyRange::all()));
+        assert_eq!(
+            targets_of(&format!(r#"{{"op":"lease_revoke","lease":{lease}}}"#))?,
+            [format!("(keys of lease 694d7a0e7bd5d60a) {all}")]
+        );
+        assert_eq!(targets_of(r#"{"op":"lease_keepalive","lease":255}"#)?, ["(lease 00000000000000ff) None"]);
+        assert_eq!(targets_of(r#"{"op":"lease_grant","ttl":60}"#)?, Vec::<String>::new());
+        // A put's lease is not a target of its own (the put names its key).
+        assert_eq!(targets_of(r#"{"op":"put","key":"a","lease":9}"#)?.len(), 1);
+        let line = r#"{"seq":1,"rpc":"KV/Txn","ops":[{"op":"txn","compare":[{"target":"lease","result":"equal","key":"a","lease":5}],"success":[{"op":"put","key":"a","lease":9},{"op":"put","key":"b","lease":5}],"failure":[{"op":"put","key":"c","lease":0}]}]}"#;
+        let record: FullRecord<'_> = serde_json::from_str(line)?;
+        assert_eq!(record.leases(), [5, 9]);
         Ok(())
     }
 
@@ -1031,7 +1093,7 @@ mod tests {
         let mut targets = Vec::new();
         op.collect_targets(&mut targets);
         assert_eq!(targets, [Target::Cut("long/k")]);
-        assert_eq!(targets[0].range(), KeyRange::prefix(b"long/k".to_vec()));
+        assert_eq!(targets[0].range(), Some(KeyRange::prefix(b"long/k".to_vec())));
         assert_eq!(targets[0].to_string(), "long/k…");
         let op: Op<'_> = serde_json::from_str(r#"{"op":"range","from":"a","to":"b/x","to_len":5000}"#)?;
         let mut targets = Vec::new();

@@ -50,6 +50,10 @@ pub struct ReviewArgs {
     /// backslash); intervals and lock/election names count when they overlap those keys.
     #[arg(long, value_name = "PREFIX", value_parser = parse_key_prefix)]
     pub key_prefix: Option<KeyPrefix>,
+    /// Only records naming this lease, in hex as etcdctl prints and takes it (`694d7a0e7bd5d60a`): its grant,
+    /// revoke, keep-alives and time-to-live, puts, locks and campaigns attached to it, txn compares on it.
+    #[arg(long, value_name = "ID", value_parser = parse_lease)]
+    pub lease: Option<i64>,
     /// Only records of requests that change keys, allowed or not: put, delete (also in a txn's branches, whichever
     /// ran; a txn whose record left ops out counts), lease revoke (it deletes the lease's keys), lock, unlock,
     /// campaign, proclaim, resign; and summary records of denied calls of those RPCs.
@@ -151,6 +155,8 @@ pub struct Filter {
     pub keys: Option<KeyRange>,
     /// Some operation changes keys ([`read::Op::writes`]).
     pub writes: bool,
+    /// Some operation names this lease.
+    pub lease: Option<i64>,
     /// At or after.
     pub since: Option<OffsetDateTime>,
     /// At or before.
@@ -279,6 +285,7 @@ pub fn run(args: ReviewArgs) -> ExitCode {
         decision: args.decision,
         keys: args.key_prefix.map(|p| KeyRange::prefix(p.0)),
         writes: args.writes,
+        lease: args.lease,
         since: args.since,
         until: args.until,
     };
@@ -439,14 +446,15 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
                 Line::TooLong { .. } => &[][..],
             };
             // Some(kept or not), None: not a record.
-            let kept: Option<bool> = if filter.keys.is_some() || filter.writes {
+            let kept: Option<bool> = if filter.keys.is_some() || filter.writes || filter.lease.is_some() {
                 // The ops decide: read them with the rest.
                 match serde_json::from_slice::<FullRecord<'_>>(bytes) {
                     Ok(record) => {
                         let targets = record.targets();
                         let keep = filter.keeps(&record)
                             && filter.keeps_targets(&targets)
-                            && (!filter.writes || record.writes());
+                            && (!filter.writes || record.writes())
+                            && filter.lease.is_none_or(|lease| record.leases().contains(&lease));
                         if keep {
                             sink.take(bytes, &record, &targets).map_err(ReviewError::Output)?;
                         }
@@ -488,6 +496,16 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
     }
     sink.finish().map_err(ReviewError::Output)?;
     Ok(stats)
+}
+
+/// `--lease` parser: hex as etcdctl takes it (`strconv.ParseInt(id, 16, 64)`), also after `0x`; not 0 (no lease).
+fn parse_lease(text: &str) -> Result<i64, String> {
+    let digits = text.strip_prefix("0x").unwrap_or(text);
+    match i64::from_str_radix(digits, 16) {
+        Ok(0) => Err("0 is no lease".to_owned()),
+        Ok(lease) => Ok(lease),
+        Err(e) => Err(format!("{text:?} is not a lease ID in hex, as etcdctl prints it (694d7a0e7bd5d60a): {e}")),
+    }
 }
 
 /// `--key-prefix` parser.
@@ -589,7 +607,7 @@ impl Filter {
     pub fn keeps_targets(&self, targets: &[Target<'_>]) -> bool {
         match &self.keys {
             None => true,
-            Some(keys) => targets.iter().any(|t| t.range().intersects(keys)),
+            Some(keys) => targets.iter().any(|t| t.range().is_some_and(|range| range.intersects(keys))),
         }
     }
 }
@@ -902,8 +920,11 @@ impl Summary {
         *count = count.saturating_add(record.requests());
         if record.is_denial() {
             // Omitted ops name no key of their own to count.
-            let mut keys: Vec<String> =
-                targets.iter().filter(|t| !matches!(t, Target::Omitted(_))).map(ToString::to_string).collect();
+            let mut keys: Vec<String> = targets
+                .iter()
+                .filter(|t| !matches!(t, Target::Omitted(_) | Target::Lease(_)))
+                .map(ToString::to_string)
+                .collect();
             keys.sort_unstable();
             keys.dedup();
             for key in keys {
@@ -1495,6 +1516,37 @@ mod tests {
         write(&dir.path().join("audit.log"), &chain(&Hasher::unkeyed(), 1, GENESIS, &specs))?;
         let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         assert_eq!(seqs(&files, &Filter { writes: true, ..Filter::default() })?, [1, 4, 5, 6, 8]);
+        Ok(())
+    }
+
+    /// `--lease`: the records naming a lease, wherever in their ops; the table names it as etcdctl does; a revoke
+    /// (which deletes the lease's keys, not named in the record) is kept by every `--key-prefix`.
+    #[test]
+    fn the_lease_filter_and_the_table_name_leases_in_etcdctls_hex() -> TestResult {
+        let lease = 0x694d_7a0e_7bd5_d60a_i64;
+        let with = |rpc: &'static str, ops: String| Spec { rpc, ops, ..Spec::get("app", "x") };
+        let specs = [
+            with("Lease/LeaseGrant", format!(r#"[{{"op":"lease_grant","ttl":60,"lease":{lease}}}]"#)),
+            with("KV/Put", format!(r#"[{{"op":"put","key":"a","lease":{lease}}}]"#)),
+            with("KV/Put", r#"[{"op":"put","key":"b","lease":7}]"#.to_owned()),
+            with("KV/Txn", format!(r#"[{{"op":"txn","success":[{{"op":"put","key":"c","lease":{lease}}}]}}]"#)),
+            with("Lease/LeaseRevoke", format!(r#"[{{"op":"lease_revoke","lease":{lease}}}]"#)),
+            with("KV/Range", r#"[{"op":"range","key":"a"}]"#.to_owned()),
+        ];
+        let dir = tempfile::tempdir()?;
+        write(&dir.path().join("audit.log"), &chain(&Hasher::unkeyed(), 1, GENESIS, &specs))?;
+        let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let by_lease = Filter { lease: parse_lease("694d7a0e7bd5d60a").ok(), ..Filter::default() };
+        assert_eq!(seqs(&files, &by_lease)?, [1, 2, 4, 5]);
+        assert_eq!(parse_lease("0x7"), Ok(7));
+        assert!(parse_lease("0").is_err() && parse_lease("xyz").is_err());
+        let secrets = Filter { keys: Some(KeyRange::prefix("secret/")), ..Filter::default() };
+        assert_eq!(seqs(&files, &secrets)?, [5]);
+        let mut out = Vec::new();
+        review(&files, &Filter::default(), Mode::Table, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(text.contains("(lease 694d7a0e7bd5d60a)"), "{text}");
+        assert!(text.contains("(keys of lease 694d7a0e7bd5d60a)"), "{text}");
         Ok(())
     }
 
