@@ -203,8 +203,8 @@ async fn every_request_of_a_mixed_session_is_recorded_once_without_values() -> T
     // The put, the txn (compare on it), the denied read; the prefix range and watches on app/ cover it too.
     assert!(about_secret >= 3, "{about_secret}");
 
-    // `--lease`, with the ID as etcdctl prints it: the keep-alives and the revoke (the grant's ID was etcd's choice,
-    // in its answer, which the record does not hold); in a table, the revoke names the lease's keys.
+    // `--lease`, with the ID as etcdctl prints it: the grant (etcd picked the ID: the record has it from the
+    // answer), the keep-alives and the revoke; in a table, the revoke names the lease's keys.
     let by_lease = |output: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
             .args(["audit", "review", "--lease", &format!("{lease:016x}"), "--output", output])
@@ -216,6 +216,8 @@ async fn every_request_of_a_mixed_session_is_recorded_once_without_values() -> T
     let found: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
     let rpcs: Vec<&str> = found.iter().filter_map(|r| r["rpc"].as_str()).collect();
+    assert_eq!(rpcs.first(), Some(&"Lease/LeaseGrant"), "{rpcs:?}");
+    assert_eq!(found[0]["ops"][0]["granted"].as_i64(), Some(lease));
     assert_eq!(rpcs.iter().filter(|&&r| r == "Lease/LeaseKeepAlive").count(), 4, "{rpcs:?}");
     assert_eq!(rpcs.last(), Some(&"Lease/LeaseRevoke"), "{rpcs:?}");
     let table = String::from_utf8_lossy(&by_lease("table")?.stdout).into_owned();

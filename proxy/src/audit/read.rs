@@ -230,6 +230,9 @@ pub struct Op<'a> {
     /// The lease the op names: a lease RPC's, a put's, a lock's or campaign's, a compare's value (0: none).
     #[serde(default)]
     pub lease: Option<i64>,
+    /// The lease etcd granted (a grant's answer).
+    #[serde(default)]
+    pub granted: Option<i64>,
     /// A txn's comparisons.
     #[serde(borrow, default)]
     pub compare: Vec<Op<'a>>,
@@ -689,10 +692,11 @@ impl<'a> Op<'a> {
         if let Some(name) = &self.name {
             out.push(if self.name_len.is_some() { Target::Cut(name) } else { Target::Name(name) });
         }
-        match (self.op.as_deref(), self.lease) {
+        let lease = self.lease.filter(|&l| l != 0).or(self.granted);
+        match (self.op.as_deref(), lease) {
             (Some("omitted"), _) => out.push(Target::Omitted(self.count.unwrap_or(0))),
             (Some("lease_revoke"), Some(lease)) => out.push(Target::LeaseKeys(lease)),
-            (Some("lease_grant" | "lease_keepalive" | "lease_timetolive"), Some(lease)) if lease != 0 => {
+            (Some("lease_grant" | "lease_keepalive" | "lease_timetolive"), Some(lease)) => {
                 out.push(Target::Lease(lease));
             }
             _ => {}
@@ -704,8 +708,10 @@ impl<'a> Op<'a> {
 
     /// Push the leases this op (and any nested op) names onto `out`, unless 0 or already there.
     pub fn collect_leases(&self, out: &mut Vec<i64>) {
-        if let Some(lease) = self.lease.filter(|&l| l != 0 && !out.contains(&l)) {
-            out.push(lease);
+        for lease in [self.lease, self.granted].into_iter().flatten() {
+            if lease != 0 && !out.contains(&lease) {
+                out.push(lease);
+            }
         }
         for op in self.compare.iter().chain(&self.success).chain(&self.failure) {
             op.collect_leases(out);
@@ -1077,6 +1083,7 @@ mod tests {
         );
         assert_eq!(targets_of(r#"{"op":"lease_keepalive","lease":255}"#)?, ["(lease 00000000000000ff) None"]);
         assert_eq!(targets_of(r#"{"op":"lease_grant","ttl":60}"#)?, Vec::<String>::new());
+        assert_eq!(targets_of(r#"{"op":"lease_grant","ttl":60,"granted":16}"#)?, ["(lease 0000000000000010) None"]);
         // A put's lease is not a target of its own (the put names its key).
         assert_eq!(targets_of(r#"{"op":"put","key":"a","lease":9}"#)?.len(), 1);
         let line = r#"{"seq":1,"rpc":"KV/Txn","ops":[{"op":"txn","compare":[{"target":"lease","result":"equal","key":"a","lease":5}],"success":[{"op":"put","key":"a","lease":9},{"op":"put","key":"b","lease":5}],"failure":[{"op":"put","key":"c","lease":0}]}]}"#;

@@ -51,8 +51,7 @@ pub struct ReviewArgs {
     #[arg(long, value_name = "PREFIX", value_parser = parse_key_prefix)]
     pub key_prefix: Option<KeyPrefix>,
     /// Only records naming this lease, in hex as etcdctl prints and takes it (`694d7a0e7bd5d60a`): its revoke,
-    /// keep-alives and time-to-live, puts, locks and campaigns attached to it, txn compares on it; its grant only
-    /// if the client chose the ID (the ID etcd picks is in its answer, not in the record).
+    /// keep-alives and time-to-live, its grant, puts, locks and campaigns attached to it, txn compares on it.
     #[arg(long, value_name = "ID", value_parser = parse_lease)]
     pub lease: Option<i64>,
     /// Only records of requests that change keys, allowed or not: put, delete (also in a txn's branches, whichever

@@ -24,6 +24,29 @@ use crate::upstream::{CallMeta, StreamCall};
 const KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
 const RPC: &str = "Lease/LeaseKeepAlive";
 
+/// How a grant's record names it (`service::rpc_name`).
+pub const GRANT_RPC: &str = "Lease/LeaseGrant";
+
+/// Only the ID of etcd's `LeaseGrantResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Granted {
+    #[prost(int64, tag = "2")]
+    id: i64,
+}
+
+/// Add the lease etcd granted (its pick when the request left the ID 0) to the grant's op as `granted`, so that
+/// `audit review --lease` finds the grant. The op is `{"op":"lease_grant",…}`, the only one in its record.
+pub fn record_granted(ops: &mut String, answer: &Framed) {
+    let id = match <Granted as prost::Message>::decode(answer.message()) {
+        Ok(Granted { id }) if id != 0 => id,
+        _ => return,
+    };
+    if ops.starts_with(r#"[{"op":"lease_grant""#) && ops.ends_with("}]") {
+        ops.truncate(ops.len() - 2);
+        ops.push_str(&format!(",\"granted\":{id}}}]"));
+    }
+}
+
 pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> {
     Some(match method {
         "LeaseGrant" => {
@@ -208,5 +231,27 @@ impl futures_util::Stream for ToClient {
         let this = self.get_mut();
         let item = std::task::ready!(this.poll_item(cx));
         Poll::Ready(this.end.note(item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_records_the_lease_etcd_granted() -> Result<(), String> {
+        let answer =
+            |id| Framed::parse(crate::codec::frame(&pb::LeaseGrantResponse { id, ttl: 60, ..Default::default() }));
+        let mut ops = r#"[{"op":"lease_grant","ttl":60}]"#.to_owned();
+        record_granted(&mut ops, &answer(0x694d_7a0e_7bd5_d60a)?);
+        assert_eq!(ops, r#"[{"op":"lease_grant","ttl":60,"granted":7587855149814896138}]"#);
+        // No lease granted (etcd's error), or an op of another shape: nothing added.
+        let mut ops = r#"[{"op":"lease_grant","ttl":60}]"#.to_owned();
+        record_granted(&mut ops, &answer(0)?);
+        assert_eq!(ops, r#"[{"op":"lease_grant","ttl":60}]"#);
+        let mut ops = r#"[{"op":"omitted","count":1}]"#.to_owned();
+        record_granted(&mut ops, &answer(5)?);
+        assert_eq!(ops, r#"[{"op":"omitted","count":1}]"#);
+        Ok(())
     }
 }

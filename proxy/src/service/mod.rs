@@ -705,8 +705,11 @@ impl Guard {
         answer: Result<Framed, Status>,
     ) -> Result<Framed, Status> {
         let (rpc, at) = (forwarding.rpc, forwarding.at);
-        let record = forwarding.into_record();
+        let mut record = forwarding.into_record();
         let mut verdict = verdict;
+        if let (lease::GRANT_RPC, Ok(framed), Some(r)) = (rpc, &answer, record.as_mut()) {
+            lease::record_granted(&mut r.ops, framed);
+        }
         let (code, revision) = match &answer {
             Ok(framed) => (Code::Ok, header_revision(framed)),
             Err(status) => {
