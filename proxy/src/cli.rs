@@ -180,6 +180,8 @@ enum Rpc {
     Lock,
     Unlock,
     Campaign,
+    /// Also `observe`: Observe's request is Leader's.
+    #[value(alias = "observe")]
     Leader,
 }
 
@@ -524,6 +526,10 @@ fn policy_check(args: CheckArgs) -> ExitCode {
         Ok(n) => n,
         Err(e) => return fail(e),
     };
+    // As for `policy grants`: a binding everyone matches, or an audit-only one, bears on the answer.
+    for warning in policy.warnings() {
+        eprintln!("etcd-guard: warning: {warning}");
+    }
     let mut allowed = true;
     // A request the proxy does not understand is refused even under audit-only bindings.
     let mut never = false;

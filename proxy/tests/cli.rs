@@ -104,6 +104,39 @@ fn policy_check_refuses_flags_its_rpc_does_not_take() -> TestResult {
     Ok(())
 }
 
+/// `observe` is checked as `leader` (Observe's request is Leader's), and what `policy validate` warns about is
+/// printed with the answer, which it bears on: here the read comes from a binding every certificate matches.
+#[test]
+fn policy_check_takes_observe_and_prints_the_policys_warnings() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "roles:\n  - name: elections\n    keys:\n      - { prefix: \"elections/\", access: read }\n\
+         bindings:\n  - role: elections\n    subjects:\n      - { common_name: \"*\" }\n",
+    )?;
+    let p = policy.display().to_string();
+    let o = guard(&[
+        "policy",
+        "check",
+        "--policy",
+        &p,
+        "--common-name",
+        "anyone",
+        "--rpc",
+        "observe",
+        "--key",
+        "elections/e",
+    ])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("etcd-guard: warning:") && stderr.contains("every client certificate"), "{stderr}");
+    let o =
+        guard(&["policy", "check", "--policy", &p, "--common-name", "anyone", "--rpc", "observe", "--key", "other"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    Ok(())
+}
+
 #[test]
 fn policy_check_explains_a_deny_rule() -> TestResult {
     let p = policy_path();
