@@ -4,9 +4,12 @@
 //! connection is made at the first call, and again at the next call after it broke.
 //!
 //! A connection is pinged (to find a dead etcd) only while a call is open on it, as etcd's own clients do
-//! (grpc-go's `PermitWithoutStream: false`): etcd counts a PING on a connection without streams as a strike and,
-//! after three, closes the connection with `GOAWAY` `too_many_pings` (and logs it). A client connection's own
-//! upstream connection for streams outlives its streams, so it is often idle.
+//! (grpc-go's `PermitWithoutStream: false`): where grpc-go's own server serves etcd's client port (a port for gRPC
+//! only, as with etcd 3.5's `--listen-client-http-urls` elsewhere, or a plaintext one), etcd counts a PING on a
+//! connection without streams as a strike and, after three, closes the connection with `GOAWAY`
+//! `too_many_pings` (seen with 3.5.16: two minutes after the last stream; a TLS port that also serves HTTP, Go's
+//! HTTP/2 server, does not count). A client connection's own upstream connection for streams outlives its
+//! streams, so it is often idle.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
