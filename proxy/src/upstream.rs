@@ -233,7 +233,8 @@ impl Upstream {
     {
         // etcd enforces the deadline too (it gets `grpc-timeout`); this answers in time if etcd cannot.
         within(meta.timeout, async {
-            let (member, response) = self.send(path, meta, codec::frame(&msg)).await?;
+            // Open (pinged) until the whole answer is read.
+            let (member, response, _open) = self.send(path, meta, codec::frame(&msg)).await?;
             member.answer(response).await
         })
         .await
@@ -248,7 +249,7 @@ impl Upstream {
         path: &'static str,
         meta: &CallMeta,
         body: Bytes,
-    ) -> Result<(Arc<Member>, http::Response<h2::RecvStream>), Status> {
+    ) -> Result<(Arc<Member>, http::Response<h2::RecvStream>, client::Open), Status> {
         let started = std::time::Instant::now();
         let mut tried: Vec<String> = Vec::new();
         let mut again: Option<CallMeta> = None;
@@ -258,7 +259,7 @@ impl Upstream {
             let member = self.pick(&tried)?;
             let meta_now = again.as_ref().unwrap_or(meta);
             let e = match member.connection.send(member.head(path, meta_now), body.clone()).await {
-                Ok(response) => return Ok((member, response)),
+                Ok((response, open)) => return Ok((member, response, open)),
                 Err(e) => e,
             };
             let status = member.unreachable(&e);
@@ -296,8 +297,8 @@ impl Upstream {
     where
         M: prost::Message,
     {
-        let (member, response) = self.send(path, meta, codec::frame(&msg)).await?;
-        member.frames(response.map(RecvBody::new))
+        let (member, response, open) = self.send(path, meta, codec::frame(&msg)).await?;
+        member.frames(response.map(|stream| RecvBody::new(stream).open_on(open)))
     }
 
     /// A bidirectional call fed by `messages` (already checked), each sent in a frame of its own; etcd's frames come
@@ -336,7 +337,7 @@ impl Member {
     /// One unary call on this endpoint's connection: the checked message goes out in one gRPC frame, etcd's answer
     /// comes back as the message's bytes, or as etcd's status.
     async fn call<M: prost::Message>(&self, path: &'static str, msg: &M, meta: &CallMeta) -> Result<Framed, Status> {
-        let response =
+        let (response, _open) =
             self.connection.send(self.head(path, meta), codec::frame(msg)).await.map_err(|e| self.unreachable(&e))?;
         self.answer(response).await
     }

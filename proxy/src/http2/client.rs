@@ -165,14 +165,19 @@ impl Connection {
         Uri::from_parts(parts).unwrap_or_default()
     }
 
-    /// Send a request whose whole body is `body` (a unary call); the answer's body is read by the caller.
-    pub async fn send(&self, head: http::Request<()>, body: Bytes) -> Result<http::Response<h2::RecvStream>, Error> {
-        // Open until etcd's answer begins: etcd sends a unary call's message and trailers right behind its headers.
-        let (mut sender, _open) = self.ready().await?;
+    /// Send a request whose whole body is `body` (a unary call, or a server-streaming one); the answer's body is
+    /// read by the caller, who holds the [`Open`] until it has (a long answer, an Observe or a Snapshot, keeps the
+    /// connection pinged while it lasts).
+    pub async fn send(
+        &self,
+        head: http::Request<()>,
+        body: Bytes,
+    ) -> Result<(http::Response<h2::RecvStream>, Open), Error> {
+        let (mut sender, open) = self.ready().await?;
         let (response, mut stream) = sender.send_request(head, false).map_err(Error::NotSent)?;
         // A failure here leaves etcd a call without its message (a gRPC server does not run it).
         stream.send_data(body, true).map_err(Error::NotSent)?;
-        Ok(response.await?)
+        Ok((response.await?, open))
     }
 
     /// Send a request with a streaming body (fed by its own task while the answer is read).
@@ -576,8 +581,8 @@ mod tests {
             keep_alive_timeout: Duration::from_secs(2),
         });
         let request = |path| http::Request::builder().method("POST").uri(connection.uri(path));
-        let answer = connection.send(request("/unary").body(())?, Bytes::new()).await?;
-        drop(answer);
+        let answered = connection.send(request("/unary").body(())?, Bytes::new()).await?;
+        drop(answered);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(pings.load(Ordering::SeqCst), 0, "pinged while idle");
 
@@ -591,6 +596,14 @@ mod tests {
         let after = pings.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(pings.load(Ordering::SeqCst), after, "pinged after the stream was dropped");
+
+        // A server-streaming call (one message out, an answer that lasts: Observe, Snapshot) is open while its
+        // answer is held, after its headers have come.
+        let (answer, open) = connection.send(request("/stream").body(())?, Bytes::new()).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let while_answering = pings.load(Ordering::SeqCst) - after;
+        assert!(while_answering >= 3, "{while_answering} pings while an answer was being read");
+        drop((answer, open));
         Ok(())
     }
 }
