@@ -281,12 +281,24 @@ pub enum Target<'r> {
 /// Every path that cannot be looked at, folder that cannot be listed or holds no audit file, and file that cannot
 /// be opened or read: all of them, not just the first.
 pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> {
+    audit_files_noting(paths, &mut Vec::new())
+}
+
+/// [`audit_files`], with a note in `notes` for every file left out: a compressed copy (`X.gz`) of a file `X`
+/// also read — which `gzip` leaves while it runs, and `gzip -k` for good: read both, every record would be there
+/// twice.
+pub fn audit_files_noting(paths: &[PathBuf], notes: &mut Vec<String>) -> Result<Vec<AuditFile>, Vec<ReadError>> {
     let default = [PathBuf::from(".")];
     let paths = if paths.is_empty() { &default[..] } else { paths };
     let mut errors = Vec::new();
     let mut candidates = Vec::new();
     for path in paths {
         match std::fs::metadata(path) {
+            // A pipe or a device would be read twice (its first records, then all): only files and folders.
+            Ok(meta) if !meta.is_dir() && !meta.is_file() => errors.push(ReadError::Path {
+                path: super::record::shown(path),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or a folder"),
+            }),
             Ok(meta) if meta.is_dir() => match folder_files(path) {
                 Ok(found) if found.is_empty() => {
                     errors.push(ReadError::NoAuditFiles { path: super::record::shown(path) })
@@ -299,16 +311,23 @@ pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> 
         }
     }
     let mut seen = std::collections::HashSet::new();
-    let mut files = Vec::new();
+    let mut canonicals = Vec::new();
     for path in candidates {
-        let canonical = match std::fs::canonicalize(&path) {
-            Ok(c) => c,
-            Err(source) => {
-                errors.push(ReadError::Unreadable { path: super::record::shown(&path), source });
-                continue;
-            }
-        };
-        if !seen.insert(canonical) {
+        match std::fs::canonicalize(&path) {
+            Ok(c) if seen.insert(c.clone()) => canonicals.push((path, c)),
+            Ok(_) => {}
+            Err(source) => errors.push(ReadError::Unreadable { path: super::record::shown(&path), source }),
+        }
+    }
+    let mut files = Vec::new();
+    for (path, canonical) in canonicals {
+        let plain = canonical.to_str().and_then(|c| c.strip_suffix(".gz")).map(PathBuf::from);
+        if let Some(plain) = plain.filter(|p| seen.contains(p)) {
+            notes.push(format!(
+                "{} is left out: it is a compressed copy of {}, which is read (gzip still running, or gzip -k)",
+                super::record::shown(&path),
+                super::record::shown(&plain)
+            ));
             continue;
         }
         match first_seq(&path) {
@@ -323,9 +342,14 @@ pub fn audit_files(paths: &[PathBuf]) -> Result<Vec<AuditFile>, Vec<ReadError>> 
     Ok(files)
 }
 
-/// [`audit_files`], printing every error for the command line: `Err` holds the exit code (2).
+/// [`audit_files`], printing every error and note for the command line: `Err` holds the exit code (2).
 pub fn audit_files_or_report(paths: &[std::path::PathBuf]) -> Result<Vec<AuditFile>, std::process::ExitCode> {
-    audit_files(paths).map_err(|errors| {
+    let mut notes = Vec::new();
+    let files = audit_files_noting(paths, &mut notes);
+    for note in notes {
+        eprintln!("etcd-guard: note: {note}");
+    }
+    files.map_err(|errors| {
         for e in errors {
             eprintln!("etcd-guard: {e}");
         }
@@ -509,7 +533,9 @@ impl Read for Source {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Source::Plain(file) => file.read(buf),
-            Source::Gzip(decoder) => decoder.read(buf),
+            Source::Gzip(decoder) => {
+                decoder.read(buf).map_err(|e| io::Error::new(e.kind(), format!("gzip data cut short or corrupt: {e}")))
+            }
         }
     }
 }
@@ -619,7 +645,14 @@ impl FullRecord<'_> {
     /// Whether the request changes keys ([`Op::writes`]). A summary record (denials counted, no ops) by its RPC:
     /// whether the denials it counts could have changed keys.
     pub fn writes(&self) -> bool {
-        if self.count.is_some() {
+        // A summary has no ops; a request refused before its message was read (too large, malformed, reset) has
+        // only its method's name (`{"op":"delete_range"}`): both by their RPC.
+        let unread = match self.ops.as_deref() {
+            None | Some([]) => true,
+            Some([only]) => only.is_bare(),
+            Some(_) => false,
+        };
+        if self.count.is_some() || unread {
             return matches!(
                 self.rpc(),
                 "KV/Put"
@@ -676,6 +709,18 @@ impl<'a> Op<'a> {
             Some("txn") => self.success.iter().chain(&self.failure).any(Op::writes),
             _ => false,
         }
+    }
+
+    /// Whether the op is only a method's name, as recorded for a request whose message was not read.
+    fn is_bare(&self) -> bool {
+        self.key.is_none()
+            && self.from.is_none()
+            && self.name.is_none()
+            && self.lease.is_none()
+            && self.count.is_none()
+            && self.compare.is_empty()
+            && self.success.is_empty()
+            && self.failure.is_empty()
     }
 
     /// Push the keys this op (and any nested op) names onto `out`.
@@ -1048,6 +1093,16 @@ mod tests {
         for (rpc, writes) in [("KV/Put", true), ("KV/Txn", true), ("Lock/Unlock", true), ("KV/Range", false)] {
             assert_eq!(serde_json::from_str::<FullRecord<'_>>(&summary(rpc))?.writes(), writes, "{rpc}");
         }
+        // So has a request refused before its message was read: only its method is recorded.
+        let unread = |rpc: &str, op: &str| format!(r#"{{"seq":1,"rpc":"{rpc}","ops":[{{"op":"{op}"}}]}}"#);
+        for (rpc, op, writes) in
+            [("KV/DeleteRange", "delete_range", true), ("KV/Txn", "txn", true), ("KV/Range", "range", false)]
+        {
+            assert_eq!(serde_json::from_str::<FullRecord<'_>>(&unread(rpc, op))?.writes(), writes, "{rpc}");
+        }
+        // A read-only txn stays a read.
+        let txn = r#"{"seq":1,"rpc":"KV/Txn","ops":[{"op":"txn","success":[{"op":"range","key":"a"}]}]}"#;
+        assert!(!serde_json::from_str::<FullRecord<'_>>(txn)?.writes());
         Ok(())
     }
 

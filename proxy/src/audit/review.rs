@@ -56,7 +56,8 @@ pub struct ReviewArgs {
     pub lease: Option<i64>,
     /// Only records of requests that change keys, allowed or not: put, delete (also in a txn's branches, whichever
     /// ran; a txn whose record left ops out counts), lease revoke (it deletes the lease's keys), lock, unlock,
-    /// campaign, proclaim, resign; and summary records of denied calls of those RPCs.
+    /// campaign, proclaim, resign; and, by their RPC, summary records of denied calls and records of calls refused
+    /// before their message was read.
     #[arg(long)]
     pub writes: bool,
     /// Only records at or after TIME: RFC 3339 (`2026-11-22T10:00:00Z`), a date (`2026-11-22`, midnight UTC), or a

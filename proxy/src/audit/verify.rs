@@ -673,6 +673,46 @@ mod tests {
         Ok(())
     }
 
+    /// While `gzip` runs (or after `gzip -k`) a rotated file and its compressed copy are both there: the copy is
+    /// left out with a note, not read as every record a second time (reported as inserted).
+    #[test]
+    fn a_compressed_copy_beside_its_file_is_left_out_with_a_note() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let (old, _) = two_files(dir.path(), &h, |_| {})?;
+        let copy = gzip(&old)?;
+        std::fs::copy(&copy, dir.path().join("keep.gz"))?;
+        two_files(dir.path(), &h, |_| {})?;
+        std::fs::rename(dir.path().join("keep.gz"), &copy)?;
+        let mut notes = Vec::new();
+        let files = crate::audit::read::audit_files_noting(&[dir.path().to_path_buf()], &mut notes)
+            .map_err(|e| format!("{e:?}"))?;
+        assert_eq!(files.len(), 2);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("is left out: it is a compressed copy of"), "{notes:?}");
+        let report = verify(&files, &h)?;
+        assert_eq!((report.problem, report.records), (None, 10));
+        // A compressed file cut short fails to read, saying so.
+        let bytes = std::fs::read(&copy)?;
+        std::fs::write(&copy, &bytes[..bytes.len() / 2])?;
+        let errors = audit_files(std::slice::from_ref(&copy)).err().map(|e| format!("{e:?}")).unwrap_or_default();
+        let report = check(std::slice::from_ref(&copy), &h).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(errors.contains("gzip data cut short") || report.contains("gzip data cut short"), "{errors} {report}");
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_pipe_is_refused_rather_than_read_twice() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let fifo = dir.path().join("audit.log");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
+        assert!(made.success());
+        let errors = audit_files(std::slice::from_ref(&fifo)).err().ok_or("read")?;
+        assert!(format!("{errors:?}").contains("not a regular file or a folder"), "{errors:?}");
+        Ok(())
+    }
+
     #[test]
     fn a_file_compressed_otherwise_is_refused_naming_its_format() -> TestResult {
         let dir = tempfile::tempdir()?;

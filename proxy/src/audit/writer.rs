@@ -931,7 +931,13 @@ impl FileSink {
             Some(seq) => seq,
             None => starts_at(&self.path)?.unwrap_or(next_seq.saturating_sub(1)),
         };
-        let taken = |seq| std::fs::symlink_metadata(rotated_name(&self.path, seq)).is_ok();
+        // Compressed too: a plain file beside a compressed one of the same name would read as the same records twice.
+        let taken = |seq| {
+            let name = rotated_name(&self.path, seq);
+            let mut compressed = name.clone().into_os_string();
+            compressed.push(".gz");
+            std::fs::symlink_metadata(&name).is_ok() || std::fs::symlink_metadata(compressed).is_ok()
+        };
         // A name that is taken (a copy put back by hand?) is never replaced: the next free one is used, which sorts
         // the file all the same (`audit verify` orders files by their records, not their names).
         let Some(free) = (first..first.saturating_add(1000)).find(|&seq| !taken(seq)) else {
@@ -978,28 +984,55 @@ impl FileSink {
     }
 }
 
-/// The rotated files of the audit log at `path`, oldest first.
+/// The rotated files of the audit log at `path`, oldest first (not those an operator compressed: they are no
+/// longer the writer's to count or remove).
 fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
+    Ok(rotated_files_of(path, false)?.into_iter().map(|(p, _)| p).collect())
+}
+
+/// The rotated files of the audit log at `path`, oldest first, and whether each is compressed; with `compressed`,
+/// also those compressed with gzip (`<name>.<seq>.gz`), each after the plain file of its seq (which `gzip` leaves
+/// until it has written the whole compressed one).
+fn rotated_files_of(path: &Path, compressed: bool) -> io::Result<Vec<(PathBuf, bool)>> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let prefix = format!("{base}.");
-    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    let mut found: Vec<(u64, bool, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(&dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(digits) = name.strip_prefix(&prefix)
-            && digits.len() == 20
+        let Some(rest) = name.strip_prefix(&prefix) else { continue };
+        let (digits, gz) = match rest.strip_suffix(".gz") {
+            Some(digits) if compressed => (digits, true),
+            _ => (rest, false),
+        };
+        if digits.len() == 20
             && digits.bytes().all(|b| b.is_ascii_digit())
             && let Ok(seq) = digits.parse::<u64>()
         {
-            found.push((seq, entry.path()));
+            found.push((seq, gz, entry.path()));
         }
     }
-    found.sort();
-    Ok(found.into_iter().map(|(_, p)| p).collect())
+    // Of one seq, the compressed file first: the plain one, whole, is the newer for the chain.
+    found.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then_with(|| a.2.cmp(&b.2)));
+    Ok(found.into_iter().map(|(_, gz, p)| (p, gz)).collect())
+}
+
+/// The last whole line of a rotated file an operator compressed with gzip (read through to its end).
+fn last_compressed_line(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut reader = super::read::LineReader::open(path)?;
+    let mut last: Option<Vec<u8>> = None;
+    while let Some((_, line)) = reader.next_line()? {
+        if let super::read::Line::Complete(bytes) = line {
+            let kept = last.get_or_insert_with(Vec::new);
+            kept.clear();
+            kept.extend_from_slice(bytes);
+        }
+    }
+    Ok(last)
 }
 
 /// Where the chain of an audit log stands: what its writer goes on from ([`standing`]).
@@ -1041,16 +1074,21 @@ fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<S
         tail_source = last.map(|l| (path.to_path_buf(), l));
     }
     if tail_source.is_none() {
-        let rotated = match rotated_files(path) {
+        // The newest rotated file, also if an operator compressed it: the chain goes on from its last record.
+        let rotated = match rotated_files_of(path, true) {
             Ok(mut files) => files.pop(),
             // No folder yet (`config check` before the first start): no log either.
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(path, e)),
         };
-        if let Some(rotated) = rotated {
-            let mut f = File::open(&rotated).map_err(|e| io_err(&rotated, e))?;
-            let tail = read_last_line(&mut f).map_err(|e| io_err(&rotated, e))?;
-            tail_source = tail.last.map(|l| (rotated, l));
+        if let Some((rotated, compressed)) = rotated {
+            let last = if compressed {
+                last_compressed_line(&rotated).map_err(|e| io_err(&rotated, e))?
+            } else {
+                let mut f = File::open(&rotated).map_err(|e| io_err(&rotated, e))?;
+                read_last_line(&mut f).map_err(|e| io_err(&rotated, e))?.last
+            };
+            tail_source = last.map(|l| (rotated, l));
         }
     }
     let (seq, prev, previous) = match tail_source {
@@ -1351,6 +1389,43 @@ mod tests {
         assert!(lines[0].contains(OPEN_RPC) && lines[0].contains(r#""previous":"none""#), "{}", lines[0]);
         assert!(lines[41].contains(CLOSE_RPC) && lines[42].contains(r#""previous":"closed""#), "{}", lines[42]);
         check_chain(&lines, &Hasher::unkeyed());
+        Ok(())
+    }
+
+    /// An operator compresses rotated files (docs/audit.md); when the active file is gone too (moved away, or a
+    /// crash right after a rotation left it empty), a restart goes on from the newest rotated file although it is
+    /// compressed, rather than starting a new chain that `verify` would report as records inserted.
+    #[tokio::test]
+    async fn a_restart_goes_on_from_a_compressed_rotated_file() -> Result<(), Box<dyn std::error::Error>> {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let log = AuditLog::open(&config(dir.path()))?;
+        for n in 0..30 {
+            log.submit(record(&s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        // The active file rotates away as it is, and every rotated file is compressed.
+        let active = dir.path().join("audit.log");
+        std::fs::rename(&active, rotated_name(&active, 1_000_000))?;
+        for file in rotated_files(&active)? {
+            let mut name = file.clone().into_os_string();
+            name.push(".gz");
+            let mut gz = flate2::write::GzEncoder::new(File::create(&name)?, Default::default());
+            gz.write_all(&std::fs::read(&file)?)?;
+            gz.finish()?;
+            std::fs::remove_file(&file)?;
+        }
+        assert!(rotated_files(&active)?.is_empty());
+        let log = AuditLog::open(&config(dir.path()))?;
+        log.submit(record(&s, 30)).await?;
+        log.close(Duration::from_secs(5)).await;
+        let text = std::fs::read_to_string(&active)?;
+        assert!(text.contains(r#""previous":"closed""#), "{text}");
+        let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let report = super::super::verify::verify(&files, &Hasher::unkeyed())?;
+        assert_eq!(report.problem, None);
+        assert_eq!(report.records, 35);
         Ok(())
     }
 
