@@ -793,6 +793,37 @@ fn check_pair(
     Ok(certified)
 }
 
+/// For tests of the HTTP/2 client against small endpoints of their own.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::Arc;
+
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// A TLS acceptor for `localhost` (a fresh CA's certificate) and a client configuration that trusts it, both
+    /// offering `h2`.
+    pub fn loopback_h2() -> Result<(tokio_rustls::TlsAcceptor, rustls::ClientConfig), Box<dyn std::error::Error>> {
+        let ca = crate::certs::DevCa::new("test ca")?;
+        let leaf = ca.issue(crate::certs::LeafKind::Server, "localhost", None, &["localhost"], &[])?;
+        let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())?];
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+        let mut server = rustls::ServerConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
+        let mut client = rustls::ClientConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Ok((tokio_rustls::TlsAcceptor::from(Arc::new(server)), client))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -801,13 +801,11 @@ mod tests {
         use h2::Reason;
         use h2::server::SendResponse;
         use http::{HeaderMap, HeaderValue};
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use rustls_pki_types::ServerName;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         use tokio::net::TcpListener;
-        use tokio_rustls::{TlsAcceptor, TlsConnector};
+        use tokio_rustls::TlsConnector;
 
-        use crate::certs::{DevCa, LeafKind};
         use crate::codec;
         use crate::http2::client::{Connection, Connector};
         use crate::upstream::{CallMeta, Upstream};
@@ -847,23 +845,7 @@ mod tests {
         }
 
         async fn endpoint(plans: Vec<Plan>) -> TestResult<Endpoint> {
-            let ca = DevCa::new("test ca")?;
-            let leaf = ca.issue(LeafKind::Server, "localhost", None, &["localhost"], &[])?;
-            let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())?];
-            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
-            let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(certs, key)?;
-            server.alpn_protocols = vec![b"h2".to_vec()];
-            let acceptor = TlsAcceptor::from(Arc::new(server));
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
-            let mut client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            client.alpn_protocols = vec![b"h2".to_vec()];
+            let (acceptor, client) = crate::tls::testing::loopback_h2()?;
 
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let connector = Connector {

@@ -529,26 +529,7 @@ mod tests {
     /// connection unpinged, an answer still streaming has it pinged, and once that stream is dropped the pings stop.
     #[tokio::test]
     async fn a_connection_is_pinged_only_while_a_call_is_open() -> Result<(), Box<dyn std::error::Error>> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-        let ca = crate::certs::DevCa::new("test ca")?;
-        let leaf = ca.issue(crate::certs::LeafKind::Server, "localhost", None, &["localhost"], &[])?;
-        let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())?];
-        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
-        let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-        server.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
-        let mut client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.alpn_protocols = vec![b"h2".to_vec()];
+        let (acceptor, client) = crate::tls::testing::loopback_h2()?;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let authority = listener.local_addr()?.to_string().parse()?;
