@@ -1311,6 +1311,20 @@ mod tests {
             .collect()
     }
 
+    /// One run of the writer on `dir`: opened, the records `numbers` submitted, closed.
+    async fn write_run(
+        dir: &Path,
+        s: &Arc<Subject>,
+        numbers: std::ops::Range<usize>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let log = AuditLog::open(&config(dir))?;
+        for n in numbers {
+            log.submit(record(s, n)).await?;
+        }
+        log.close(Duration::from_secs(5)).await;
+        Ok(())
+    }
+
     /// [`all_lines`] without the writer's own open and close records.
     fn request_lines(dir: &Path) -> Vec<String> {
         all_lines(dir).into_iter().filter(|l| !l.contains(OPEN_RPC) && !l.contains(CLOSE_RPC)).collect()
@@ -1369,17 +1383,9 @@ mod tests {
     async fn writes_rotates_and_continues_the_chain_after_a_restart() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 0..40 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 0..40).await?;
         // A restart continues seq and chain.
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 40..60 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 40..60).await?;
         let files = std::fs::read_dir(dir.path())?.count();
         assert!(files > 2, "rotated by size: {files} files");
         assert_eq!(request_lines(dir.path()).len(), 60);
@@ -1400,11 +1406,7 @@ mod tests {
         use std::io::Write as _;
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 0..30 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 0..30).await?;
         // The active file rotates away as it is, and every rotated file is compressed.
         let active = dir.path().join("audit.log");
         std::fs::rename(&active, rotated_name(&active, 1_000_000))?;
@@ -1417,9 +1419,7 @@ mod tests {
             std::fs::remove_file(&file)?;
         }
         assert!(rotated_files(&active)?.is_empty());
-        let log = AuditLog::open(&config(dir.path()))?;
-        log.submit(record(&s, 30)).await?;
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 30..31).await?;
         let text = std::fs::read_to_string(&active)?;
         assert!(text.contains(r#""previous":"closed""#), "{text}");
         let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
@@ -1587,9 +1587,7 @@ mod tests {
     async fn refuses_a_tail_that_does_not_verify() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let log = AuditLog::open(&config(dir.path()))?;
-        log.submit(record(&s, 1)).await?;
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 1..2).await?;
         let key = dir.path().join("key");
         std::fs::write(&key, "0123456789abcdef0123")?;
         let mut keyed = config(dir.path());
@@ -1708,19 +1706,11 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 0..3 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 0..3).await?;
         // Open record, 3 records, close record; rotated; the crash cut seq 6 in the new file (`{"se`).
         std::fs::rename(dir.path().join("audit.log"), rotated_name(&dir.path().join("audit.log"), 1))?;
         std::fs::write(dir.path().join("audit.log"), br#"{"se"#)?;
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 3..40 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 3..40).await?;
         assert!(rotated_name(&dir.path().join("audit.log"), 6).exists(), "{:?}", names(dir.path()));
         std::fs::remove_file(rotated_name(&dir.path().join("audit.log"), 1))?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
@@ -1754,19 +1744,11 @@ mod tests {
     {
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 0..3 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 0..3).await?;
         let mut file = OpenOptions::new().append(true).open(dir.path().join("audit.log"))?;
         // Open record, 3 records, close record: a crash cut the next one.
         file.write_all(br#"{"seq":6,"time":"2026-12-02T0"#)?;
-        let log = AuditLog::open(&config(dir.path()))?;
-        for n in 3..5 {
-            log.submit(record(&s, n)).await?;
-        }
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 3..5).await?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
         assert_eq!(report.problem, None, "{report:?}");
@@ -1790,18 +1772,14 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let s = subject();
         let active = dir.path().join("audit.log");
-        let log = AuditLog::open(&config(dir.path()))?;
-        log.submit(record(&s, 0)).await?;
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 0..1).await?;
         // The newline of the last record is lost.
         let text = std::fs::read_to_string(&active)?;
         std::fs::write(&active, text.trim_end())?;
         // `config check` (`check_tail`) agrees with the writer each time.
         let unkeyed = Hasher::unkeyed();
         assert!(check_tail(&active, &unkeyed).is_ok());
-        let log = AuditLog::open(&config(dir.path()))?;
-        log.submit(record(&s, 1)).await?;
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 1..2).await?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
         // Each run: open record, a record, close record.
@@ -1837,9 +1815,7 @@ mod tests {
     async fn a_rotation_never_replaces_a_file() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let log = AuditLog::open(&config(dir.path()))?;
-        log.submit(record(&s, 0)).await?;
-        log.close(Duration::from_secs(5)).await;
+        write_run(dir.path(), &s, 0..1).await?;
         // Whatever put it there: the name the active file would rotate to is taken.
         let taken = rotated_name(&dir.path().join("audit.log"), 1);
         std::fs::write(&taken, "kept\n")?;
