@@ -26,7 +26,8 @@ use crate::policy::{KeyRange, Pattern, RangeError, unescape_key};
 #[derive(Debug, clap::Args)]
 pub struct ReviewArgs {
     /// Audit files, or folders holding them (default: the current folder). In a folder every regular file whose
-    /// name contains ".log" is read; files are read in the order of the `seq` they start with.
+    /// name contains ".log" is read; files are read in the order of the `seq` they start with. Files compressed
+    /// with gzip are read decompressed (a compressed copy beside its plain file is left out).
     pub paths: Vec<PathBuf>,
     /// Only records whose certificate CN, DNS SAN or URI SAN matches; `*` matches any run of characters.
     #[arg(long, value_name = "GLOB")]
@@ -47,7 +48,8 @@ pub struct ReviewArgs {
     #[arg(long, value_enum)]
     pub decision: Option<DecisionArg>,
     /// Only records with an operation on a key that starts with PREFIX (`\xNN` escapes give any byte, `\\` a
-    /// backslash); intervals and lock/election names count when they overlap those keys.
+    /// backslash); intervals and lock/election names count when they overlap those keys, a lease revoke always
+    /// (it deletes the lease's keys, which its record does not name).
     #[arg(long, value_name = "PREFIX", value_parser = parse_key_prefix)]
     pub key_prefix: Option<KeyPrefix>,
     /// Only records naming this lease, in hex as etcdctl prints and takes it (`694d7a0e7bd5d60a`): its revoke,

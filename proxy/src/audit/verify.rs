@@ -34,7 +34,8 @@ use super::writer::{CLOSE_RPC, CUT_RPC, OPEN_RPC};
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
     /// Audit files, or folders holding them (default: the current folder). In a folder every regular file whose
-    /// name contains ".log" is read; files are read in the order of the `seq` they start with.
+    /// name contains ".log" is read; files are read in the order of the `seq` they start with. Files compressed
+    /// with gzip are read decompressed (a compressed copy beside its plain file is left out).
     pub paths: Vec<PathBuf>,
     /// The HMAC key the chain is keyed with (the file named by the proxy's `audit.hmac_key_file`).
     #[arg(long, value_name = "FILE")]
