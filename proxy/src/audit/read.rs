@@ -322,11 +322,13 @@ pub fn audit_files_noting(paths: &[PathBuf], notes: &mut Vec<String>) -> Result<
     let mut files = Vec::new();
     for (path, canonical) in canonicals {
         let plain = canonical.to_str().and_then(|c| c.strip_suffix(".gz")).map(PathBuf::from);
-        if let Some(plain) = plain.filter(|p| seen.contains(p)) {
+        if plain.is_some_and(|p| seen.contains(&p)) {
+            // Taken for a copy by its name (gzip still running, or gzip -k): not compared.
+            let given = path.to_str().and_then(|p| p.strip_suffix(".gz")).map_or_else(|| path.clone(), PathBuf::from);
             notes.push(format!(
-                "{} is left out: it is a compressed copy of {}, which is read (gzip still running, or gzip -k)",
+                "{} is left out: by its name, a compressed copy of {}, which is read",
                 super::record::shown(&path),
-                super::record::shown(&plain)
+                super::record::shown(&given)
             ));
             continue;
         }
@@ -764,6 +766,15 @@ impl<'a> Op<'a> {
     }
 }
 
+/// A lease ID as etcdctl prints it (Go's `%016x` of an int64: a negative one is `-` and 15 digits).
+pub struct LeaseHex(pub i64);
+
+impl fmt::Display for LeaseHex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 < 0 { write!(f, "-{:015x}", self.0.unsigned_abs()) } else { write!(f, "{:016x}", self.0) }
+    }
+}
+
 // === impl Target ===
 
 impl Target<'_> {
@@ -804,8 +815,8 @@ impl fmt::Display for Target<'_> {
             }
             Target::Omitted(count) => write!(f, "({count} ops omitted)"),
             // As etcdctl prints lease IDs. (A space: no key reads like these, see above.)
-            Target::LeaseKeys(lease) => write!(f, "(keys of lease {lease:016x})"),
-            Target::Lease(lease) => write!(f, "(lease {lease:016x})"),
+            Target::LeaseKeys(lease) => write!(f, "(keys of lease {})", LeaseHex(lease)),
+            Target::Lease(lease) => write!(f, "(lease {})", LeaseHex(lease)),
             Target::Interval { from, to } => {
                 let end = to.map_or(End::Unbounded, |to| End::Key(key_bytes(to)));
                 if prefix_end(&key_bytes(from)) == end {
@@ -1137,6 +1148,9 @@ mod tests {
             [format!("(keys of lease 694d7a0e7bd5d60a) {all}")]
         );
         assert_eq!(targets_of(r#"{"op":"lease_keepalive","lease":255}"#)?, ["(lease 00000000000000ff) None"]);
+        // A client may choose a negative ID (etcd takes it): shown as etcdctl shows it.
+        assert_eq!(targets_of(r#"{"op":"lease_keepalive","lease":-5}"#)?, ["(lease -000000000000005) None"]);
+        assert_eq!(LeaseHex(i64::MIN).to_string(), "-8000000000000000");
         assert_eq!(targets_of(r#"{"op":"lease_grant","ttl":60}"#)?, Vec::<String>::new());
         assert_eq!(targets_of(r#"{"op":"lease_grant","ttl":60,"granted":16}"#)?, ["(lease 0000000000000010) None"]);
         // A put's lease is not a target of its own (the put names its key).

@@ -54,7 +54,7 @@ pub struct ReviewArgs {
     pub key_prefix: Option<KeyPrefix>,
     /// Only records naming this lease, in hex as etcdctl prints and takes it (`694d7a0e7bd5d60a`): its revoke,
     /// keep-alives and time-to-live, its grant, puts, locks and campaigns attached to it, txn compares on it.
-    #[arg(long, value_name = "ID", value_parser = parse_lease)]
+    #[arg(long, value_name = "ID", value_parser = parse_lease, allow_hyphen_values = true)]
     pub lease: Option<i64>,
     /// Only records of requests that change keys, allowed or not: put, delete (also in a txn's branches, whichever
     /// ran; a txn whose record left ops out counts), lease revoke (it deletes the lease's keys), lock, unlock,
@@ -457,7 +457,11 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
                         let keep = filter.keeps(&record)
                             && filter.keeps_targets(&targets)
                             && (!filter.writes || record.writes())
-                            && filter.lease.is_none_or(|lease| record.leases().contains(&lease));
+                            && filter.lease.is_none_or(|lease| {
+                                // Ops the record left out could name any lease, as any key.
+                                record.leases().contains(&lease)
+                                    || targets.iter().any(|t| matches!(t, Target::Omitted(_)))
+                            });
                         if keep {
                             sink.take(bytes, &record, &targets).map_err(ReviewError::Output)?;
                         }
@@ -502,9 +506,16 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
 }
 
 /// `--lease` parser: hex as etcdctl takes it (`strconv.ParseInt(id, 16, 64)`), also after `0x`; not 0 (no lease).
+///
+/// A negative ID is `-` and its magnitude, as etcdctl prints it; 16 digits above `7fff…` are taken as the
+/// two's-complement bits (how a negative ID reads elsewhere).
 fn parse_lease(text: &str) -> Result<i64, String> {
     let digits = text.strip_prefix("0x").unwrap_or(text);
-    match i64::from_str_radix(digits, 16) {
+    let parsed = match i64::from_str_radix(digits, 16) {
+        Err(_) if !digits.starts_with(['-', '+']) => u64::from_str_radix(digits, 16).map(|bits| bits as i64),
+        parsed => parsed,
+    };
+    match parsed {
         Ok(0) => Err("0 is no lease".to_owned()),
         Ok(lease) => Ok(lease),
         Err(e) => Err(format!("{text:?} is not a lease ID in hex, as etcdctl prints it (694d7a0e7bd5d60a): {e}")),
@@ -1535,16 +1546,23 @@ mod tests {
             with("KV/Txn", format!(r#"[{{"op":"txn","success":[{{"op":"put","key":"c","lease":{lease}}}]}}]"#)),
             with("Lease/LeaseRevoke", format!(r#"[{{"op":"lease_revoke","lease":{lease}}}]"#)),
             with("KV/Range", r#"[{"op":"range","key":"a"}]"#.to_owned()),
+            // Ops left out could name the lease (a put attached to it past the record's bound on ops).
+            with(
+                "KV/Txn",
+                r#"[{"op":"txn","success":[{"op":"put","key":"z"},{"op":"omitted","count":7}]}]"#.to_owned(),
+            ),
         ];
         let dir = tempfile::tempdir()?;
         write(&dir.path().join("audit.log"), &chain(&Hasher::unkeyed(), 1, GENESIS, &specs))?;
         let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let by_lease = Filter { lease: parse_lease("694d7a0e7bd5d60a").ok(), ..Filter::default() };
-        assert_eq!(seqs(&files, &by_lease)?, [1, 2, 4, 5]);
+        assert_eq!(seqs(&files, &by_lease)?, [1, 2, 4, 5, 7]);
         assert_eq!(parse_lease("0x7"), Ok(7));
+        assert_eq!(parse_lease("-000000000000005"), Ok(-5));
+        assert_eq!(parse_lease("fffffffffffffffb"), Ok(-5));
         assert!(parse_lease("0").is_err() && parse_lease("xyz").is_err());
         let secrets = Filter { keys: Some(KeyRange::prefix("secret/")), ..Filter::default() };
-        assert_eq!(seqs(&files, &secrets)?, [5]);
+        assert_eq!(seqs(&files, &secrets)?, [5, 7]);
         let mut out = Vec::new();
         review(&files, &Filter::default(), Mode::Table, &mut out)?;
         let text = String::from_utf8(out)?;

@@ -690,7 +690,7 @@ mod tests {
             .map_err(|e| format!("{e:?}"))?;
         assert_eq!(files.len(), 2);
         assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].contains("is left out: it is a compressed copy of"), "{notes:?}");
+        assert!(notes[0].contains("is left out: by its name, a compressed copy of"), "{notes:?}");
         let report = verify(&files, &h)?;
         assert_eq!((report.problem, report.records), (None, 10));
         // A compressed file cut short fails to read, saying so.

@@ -979,13 +979,15 @@ impl FileSink {
     }
 
     /// Rotated files of this log, oldest first.
+    /// Compressed ones included: `max_files` bounds them too, and the oldest go first whatever their form (deleting
+    /// plain files newer than compressed ones would leave a hole in the chain).
     fn rotated_files(&self) -> io::Result<Vec<PathBuf>> {
-        rotated_files(&self.path)
+        Ok(rotated_files_of(&self.path, true)?.into_iter().map(|(p, _)| p).collect())
     }
 }
 
-/// The rotated files of the audit log at `path`, oldest first (not those an operator compressed: they are no
-/// longer the writer's to count or remove).
+/// The rotated files of the audit log at `path`, oldest first, not those an operator compressed.
+#[cfg(test)]
 fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(rotated_files_of(path, false)?.into_iter().map(|(p, _)| p).collect())
 }
@@ -1082,13 +1084,29 @@ fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<S
             Err(e) => return Err(io_err(path, e)),
         };
         if let Some((rotated, compressed)) = rotated {
+            // A pipe would hold the start up; a device is no rotated file.
+            let regular = std::fs::metadata(&rotated).map_err(|e| io_err(&rotated, e))?.is_file();
+            if !regular {
+                let e = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
+                return Err(io_err(&rotated, e));
+            }
             let last = if compressed {
                 last_compressed_line(&rotated).map_err(|e| io_err(&rotated, e))?
             } else {
                 let mut f = File::open(&rotated).map_err(|e| io_err(&rotated, e))?;
                 read_last_line(&mut f).map_err(|e| io_err(&rotated, e))?.last
             };
-            tail_source = last.map(|l| (rotated, l));
+            // A rotated file always holds records: one without (emptied, or not the writer's) says nothing of where
+            // the chain stands, and a new chain would hide what it held.
+            let Some(last) = last else {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the newest rotated audit file holds no record, so where the chain stands is unknown: put back \
+                     what it held, or move it out of the folder to start a new chain",
+                );
+                return Err(io_err(&rotated, e));
+            };
+            tail_source = Some((rotated, last));
         }
     }
     let (seq, prev, previous) = match tail_source {
@@ -1398,12 +1416,65 @@ mod tests {
         Ok(())
     }
 
+    /// Replace `file` by `file.gz`, as `gzip` does.
+    fn gzip(file: &Path) -> Result<(), Box<dyn std::error::Error>> {
+        use std::io::Write as _;
+        let mut name = file.as_os_str().to_owned();
+        name.push(".gz");
+        let mut gz = flate2::write::GzEncoder::new(File::create(&name)?, Default::default());
+        gz.write_all(&std::fs::read(file)?)?;
+        gz.finish()?;
+        std::fs::remove_file(file)?;
+        Ok(())
+    }
+
+    /// `max_files` counts compressed rotated files too and removes the oldest first, whatever their form: removing
+    /// the oldest plain ones, newer than the compressed, left a hole in the middle of the chain.
+    #[tokio::test]
+    async fn compressed_rotated_files_count_for_max_files_oldest_first() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let mut cfg = config(dir.path());
+        cfg.max_files = 3;
+        let active = dir.path().join("audit.log");
+        for run in 0..3 {
+            let log = AuditLog::open(&cfg)?;
+            for n in run * 30..run * 30 + 30 {
+                log.submit(record(&s, n)).await?;
+            }
+            log.close(Duration::from_secs(5)).await;
+            for file in rotated_files(&active)? {
+                gzip(&file)?;
+            }
+        }
+        assert_eq!(rotated_files_of(&active, true)?.len(), 3);
+        let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let report = super::super::verify::verify(&files, &Hasher::unkeyed())?;
+        assert_eq!(report.problem, None);
+        Ok(())
+    }
+
+    /// A newest rotated file without a record says nothing of where the chain stands: the writer refuses to start
+    /// (a new chain would hide what the file held), and names the file.
+    #[tokio::test]
+    async fn a_newest_rotated_file_without_a_record_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        write_run(dir.path(), &s, 0..30).await?;
+        let active = dir.path().join("audit.log");
+        std::fs::remove_file(&active)?;
+        let newest = rotated_files(&active)?.pop().ok_or("no rotated file")?;
+        std::fs::write(&newest, "")?;
+        let refused = AuditLog::open(&config(dir.path())).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("holds no record"), "{refused}");
+        Ok(())
+    }
+
     /// An operator compresses rotated files (docs/audit.md); when the active file is gone too (moved away, or a
     /// crash right after a rotation left it empty), a restart goes on from the newest rotated file although it is
     /// compressed, rather than starting a new chain that `verify` would report as records inserted.
     #[tokio::test]
     async fn a_restart_goes_on_from_a_compressed_rotated_file() -> Result<(), Box<dyn std::error::Error>> {
-        use std::io::Write as _;
         let dir = tempfile::tempdir()?;
         let s = subject();
         write_run(dir.path(), &s, 0..30).await?;
@@ -1411,12 +1482,7 @@ mod tests {
         let active = dir.path().join("audit.log");
         std::fs::rename(&active, rotated_name(&active, 1_000_000))?;
         for file in rotated_files(&active)? {
-            let mut name = file.clone().into_os_string();
-            name.push(".gz");
-            let mut gz = flate2::write::GzEncoder::new(File::create(&name)?, Default::default());
-            gz.write_all(&std::fs::read(&file)?)?;
-            gz.finish()?;
-            std::fs::remove_file(&file)?;
+            gzip(&file)?;
         }
         assert!(rotated_files(&active)?.is_empty());
         write_run(dir.path(), &s, 30..31).await?;
