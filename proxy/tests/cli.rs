@@ -37,7 +37,7 @@ fn policy_check_allows_with_the_deciding_role_and_exits_0() -> TestResult {
     ])?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("kube-apiserver"), "{}", text(&o));
-    assert!(text(&o).trim_end().ends_with("allow"), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).trim_end().ends_with("allow"), "{}", text(&o));
     Ok(())
 }
 
@@ -59,7 +59,7 @@ fn policy_check_denies_outside_a_prefix_and_exits_1() -> TestResult {
         args.extend(extra);
         let o = guard(&args)?;
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
-        assert!(text(&o).trim_end().ends_with("deny"), "{}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).trim_end().ends_with("deny"), "{}", text(&o));
     }
     // Inside the prefix, with a range ending exactly at the prefix's end.
     let o = guard(&[
@@ -380,7 +380,9 @@ fn audit_only_bindings_are_named_and_checked_as_the_proxy_serves_them() -> TestR
     };
     let o = check("get", "app/x")?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(text(&o).trim_end().ends_with("allow"), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).trim_end().ends_with("allow"), "{}", text(&o));
+    // The answer comes with the warning about audit-only bindings, on standard error.
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warning:") && text(&o).contains("audit-only"), "{}", text(&o));
     let o = check("put", "other")?;
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(
