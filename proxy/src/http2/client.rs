@@ -210,16 +210,14 @@ impl Connection {
             // Boxed: connecting (TCP, TLS, HTTP/2 handshakes) is rare, and its future is large.
             None => Box::pin(self.connect()).await?,
         };
-        let open = Open::on(&live.open);
         match live.sender.ready().await {
-            Ok(sender) => Ok((sender, open)),
+            Ok(sender) => Ok((sender, Open::on(&live.open))),
             Err(e) => {
                 self.forget(live.generation);
                 debug!(endpoint = %self.connector.authority, error = %e, "upstream connection takes no more calls");
                 let live = Box::pin(self.connect()).await?;
-                let open = Open::on(&live.open);
                 match live.sender.ready().await {
-                    Ok(sender) => Ok((sender, open)),
+                    Ok(sender) => Ok((sender, Open::on(&live.open))),
                     Err(e) => {
                         self.forget(live.generation);
                         Err(Error::NotSent(e))
