@@ -499,6 +499,10 @@ fn describe_identity(id: &Identity) -> String {
 /// The policy file and the identity `policy check` and `policy grants` ask about (exit 2 when either fails).
 fn policy_and_identity(path: &std::path::Path, identity: &IdentityArgs) -> Result<(Policy, Identity), ExitCode> {
     let policy = Policy::load(path).map_err(fail)?;
+    // What `policy validate` warns about (bindings everyone matches, audit-only ones) bears on both answers.
+    for warning in policy.warnings() {
+        eprintln!("etcd-guard: warning: {warning}");
+    }
     let identity = identity.identity(&policy).map_err(fail)?;
     Ok((policy, identity))
 }
@@ -506,10 +510,6 @@ fn policy_and_identity(path: &std::path::Path, identity: &IdentityArgs) -> Resul
 fn policy_grants(args: GrantsArgs) -> ExitCode {
     match policy_and_identity(&args.policy, &args.identity) {
         Ok((policy, identity)) => {
-            // What `policy validate` warns about (bindings everyone matches, audit-only ones) bears on the list.
-            for warning in policy.warnings() {
-                eprintln!("etcd-guard: warning: {warning}");
-            }
             say(policy.grants(&identity).to_string());
             ExitCode::SUCCESS
         }
@@ -526,10 +526,6 @@ fn policy_check(args: CheckArgs) -> ExitCode {
         Ok(n) => n,
         Err(e) => return fail(e),
     };
-    // As for `policy grants`: a binding everyone matches, or an audit-only one, bears on the answer.
-    for warning in policy.warnings() {
-        eprintln!("etcd-guard: warning: {warning}");
-    }
     let mut allowed = true;
     // A request the proxy does not understand is refused even under audit-only bindings.
     let mut never = false;
