@@ -271,7 +271,11 @@ impl Policy {
     /// What `id` may do. Called once per connection; an identity no binding
     /// matches gets empty permissions.
     pub fn permissions_for(&self, id: &Identity) -> Permissions {
-        let resolution = self.resolve(id);
+        self.permissions_of(&self.resolve(id))
+    }
+
+    /// The permissions of the bindings `resolution` found.
+    fn permissions_of(&self, resolution: &Resolution<'_>) -> Permissions {
         let names = |indices: &[usize]| {
             let mut names: Vec<String> = indices.iter().map(|&i| self.roles[i].role.name.clone()).collect();
             names.sort_unstable();
@@ -388,7 +392,7 @@ impl Policy {
                 // Denied for certain only when no issuer could change it.
                 if self.near_issuer(id).is_some() { why } else { format!("{why}: every request is denied") }
             }),
-            permissions: self.permissions_for(id),
+            permissions: self.permissions_of(&resolution),
         }
     }
 
