@@ -449,19 +449,12 @@ pub fn review(files: &[AuditFile], filter: &Filter, mode: Mode, out: &mut dyn Wr
                 Line::TooLong { .. } => &[][..],
             };
             // Some(kept or not), None: not a record.
-            let kept: Option<bool> = if filter.keys.is_some() || filter.writes || filter.lease.is_some() {
+            let kept: Option<bool> = if filter.needs_ops() {
                 // The ops decide: read them with the rest.
                 match serde_json::from_slice::<FullRecord<'_>>(bytes) {
                     Ok(record) => {
                         let targets = record.targets();
-                        let keep = filter.keeps(&record)
-                            && filter.keeps_targets(&targets)
-                            && (!filter.writes || record.writes())
-                            && filter.lease.is_none_or(|lease| {
-                                // Ops the record left out could name any lease, as any key.
-                                record.leases().contains(&lease)
-                                    || targets.iter().any(|t| matches!(t, Target::Omitted(_)))
-                            });
+                        let keep = filter.keeps(&record) && filter.keeps_ops(&record, &targets);
                         if keep {
                             sink.take(bytes, &record, &targets).map_err(ReviewError::Output)?;
                         }
@@ -623,6 +616,21 @@ impl Filter {
             None => true,
             Some(keys) => targets.iter().any(|t| t.range().is_some_and(|range| range.intersects(keys))),
         }
+    }
+
+    /// Whether a filter looks at the operations ([`Filter::keeps_ops`]), so that records must be read with them.
+    pub fn needs_ops(&self) -> bool {
+        self.keys.is_some() || self.writes || self.lease.is_some()
+    }
+
+    /// Whether a record's operations (`targets`: their keys) pass the filters on them: keys, writes, lease.
+    pub fn keeps_ops(&self, record: &FullRecord<'_>, targets: &[Target<'_>]) -> bool {
+        self.keeps_targets(targets)
+            && (!self.writes || record.writes())
+            && self.lease.is_none_or(|lease| {
+                // Ops the record left out could name any lease, as any key.
+                record.leases().contains(&lease) || targets.iter().any(|t| matches!(t, Target::Omitted(_)))
+            })
     }
 }
 
