@@ -986,6 +986,19 @@ pub(crate) mod testing {
     pub fn write(path: &Path, lines: &[Vec<u8>]) -> std::io::Result<()> {
         std::fs::write(path, lines.concat())
     }
+
+    /// Replace `path` by `path.gz`, compressed as `gzip` (or logrotate's `compress`) does; the new path.
+    pub fn gzip(path: &Path) -> std::io::Result<std::path::PathBuf> {
+        use std::io::Write as _;
+        let mut name = path.as_os_str().to_owned();
+        name.push(".gz");
+        let compressed = std::path::PathBuf::from(name);
+        let mut encoder = flate2::write::GzEncoder::new(std::fs::File::create(&compressed)?, Default::default());
+        encoder.write_all(&std::fs::read(path)?)?;
+        encoder.finish()?;
+        std::fs::remove_file(path)?;
+        Ok(compressed)
+    }
 }
 
 #[cfg(test)]

@@ -633,19 +633,6 @@ mod tests {
         Ok(())
     }
 
-    /// Replace `path` by `path.gz`, compressed as `gzip` (logrotate's `compress`) does.
-    fn gzip(path: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
-        use std::io::Write as _;
-        let mut name = path.as_os_str().to_owned();
-        name.push(".gz");
-        let compressed = PathBuf::from(name);
-        let mut encoder = flate2::write::GzEncoder::new(std::fs::File::create(&compressed)?, Default::default());
-        encoder.write_all(&std::fs::read(path)?)?;
-        encoder.finish()?;
-        std::fs::remove_file(path)?;
-        Ok(compressed)
-    }
-
     #[test]
     fn a_rotated_file_compressed_with_gzip_is_read_and_verified() -> TestResult {
         let dir = tempfile::tempdir()?;

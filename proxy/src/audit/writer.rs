@@ -1416,18 +1416,6 @@ mod tests {
         Ok(())
     }
 
-    /// Replace `file` by `file.gz`, as `gzip` does.
-    fn gzip(file: &Path) -> Result<(), Box<dyn std::error::Error>> {
-        use std::io::Write as _;
-        let mut name = file.as_os_str().to_owned();
-        name.push(".gz");
-        let mut gz = flate2::write::GzEncoder::new(File::create(&name)?, Default::default());
-        gz.write_all(&std::fs::read(file)?)?;
-        gz.finish()?;
-        std::fs::remove_file(file)?;
-        Ok(())
-    }
-
     /// `max_files` counts compressed rotated files too and removes the oldest first, whatever their form: removing
     /// the oldest plain ones, newer than the compressed, left a hole in the middle of the chain.
     #[tokio::test]
@@ -1444,7 +1432,7 @@ mod tests {
             }
             log.close(Duration::from_secs(5)).await;
             for file in rotated_files(&active)? {
-                gzip(&file)?;
+                crate::audit::read::testing::gzip(&file)?;
             }
         }
         assert_eq!(rotated_files_of(&active, true)?.len(), 3);
@@ -1482,7 +1470,7 @@ mod tests {
         let active = dir.path().join("audit.log");
         std::fs::rename(&active, rotated_name(&active, 1_000_000))?;
         for file in rotated_files(&active)? {
-            gzip(&file)?;
+            crate::audit::read::testing::gzip(&file)?;
         }
         assert!(rotated_files(&active)?.is_empty());
         write_run(dir.path(), &s, 30..31).await?;
