@@ -340,7 +340,7 @@ fn named_seq(path: &Path) -> Option<u64> {
     let name = path.file_name()?.to_str()?;
     let name = name.strip_suffix(".gz").unwrap_or(name);
     let (_, digits) = name.rsplit_once('.')?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+    super::writer::rotated_seq(digits)
 }
 
 /// Whether an intact record is the writer's open record saying the run before it did not close the log. (Inside a

@@ -1011,10 +1011,7 @@ fn rotated_files_of(path: &Path, compressed: bool) -> io::Result<Vec<(PathBuf, b
             Some(digits) if compressed => (digits, true),
             _ => (rest, false),
         };
-        if digits.len() == 20
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && let Ok(seq) = digits.parse::<u64>()
-        {
+        if let Some(seq) = rotated_seq(digits) {
             found.push((seq, gz, entry.path()));
         }
     }
@@ -1145,6 +1142,11 @@ pub fn check_tail(path: &Path, hasher: &Hasher) -> Result<(), AuditError> {
         Err(source) => return Err(AuditError::Io { path: path.to_path_buf(), source }),
     };
     standing(path, active.as_mut(), hasher).map(|_| ())
+}
+
+/// The seq in a rotated file's name: the 20 digits after `<name>.` ([`rotated_name`]).
+pub fn rotated_seq(digits: &str) -> Option<u64> {
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
 /// `<path>.<first seq, 20 digits>`.
