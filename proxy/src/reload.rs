@@ -93,21 +93,41 @@ impl Reloader {
     }
 
     /// Reload on every trigger and every file change until `stop`.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    ///
+    /// The files are read, parsed and checked on a blocking thread, not on the runtime that runs this task: a
+    /// policy of 10,000 roles takes about a second to parse, and the accept loop, the metrics and health
+    /// endpoints and the upstream probe share that runtime (a file that does not answer, such as a FIFO, would
+    /// stop them for good). Putting the loaded parts in force is a swap.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let every = self.config.reload_check_interval;
+        let mut reloader = self;
         loop {
-            let changed = tokio::select! {
-                _ = self.trigger.notified() => {
-                    info!("reload requested");
-                    vec![Part::Policy, Part::Listener, Part::Upstream]
-                }
-                _ = sleep_or_forever(every) => self.changed_parts(),
+            let requested = tokio::select! {
+                _ = reloader.trigger.notified() => true,
+                _ = sleep_or_forever(every) => false,
                 _ = stop.changed() => return,
             };
-            for part in changed {
-                self.reload(part);
-            }
-            self.note_config_change();
+            let round = tokio::task::spawn_blocking(move || {
+                let changed = if requested {
+                    info!("reload requested");
+                    vec![Part::Policy, Part::Listener, Part::Upstream]
+                } else {
+                    reloader.changed_parts()
+                };
+                for part in changed {
+                    reloader.reload(part);
+                }
+                reloader.note_config_change();
+                reloader
+            });
+            reloader = match round.await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Only a panic (a bug) ends up here; the parts in force stay.
+                    error!(error = %e, "the reloader failed: no more reloads until etcd-guard restarts");
+                    return;
+                }
+            };
         }
     }
 

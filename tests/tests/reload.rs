@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use etcd_client::WatchOptions;
 use etcd_guard::config::Config;
 use etcd_guard::server::{Proxy, Running};
-use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get, watch_matrix};
+use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, free_port, http_get, watch_matrix};
 
 /// How long a test waits for an answer that depends on a paused etcd and a reload.
 const WAIT_LONG: Duration = Duration::from_secs(30);
@@ -599,4 +599,113 @@ async fn a_reload_stops_a_long_answer_of_a_withdrawn_watch_on_its_way() -> TestR
         Err(e) => assert!(is_denied(&e), "{e:?}"),
     }
     Ok(())
+}
+
+/// The proxy binary keeps accepting clients and answering its health endpoint while a reload loads its files:
+/// they are read on a blocking thread, not on the runtime of the accept loop (a 10,000-role policy takes about a
+/// second to parse). A FIFO as the policy file holds the reload in its read for as long as the test wants.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestResult {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    std::fs::write(pki.path("policy.yaml"), BEFORE)?;
+    let (port, metrics_port) = (free_port()?, free_port()?);
+    std::fs::write(
+        pki.path("etcd-guard.yaml"),
+        format!(
+            r#"listen: "127.0.0.1:{port}"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
+policy_file: policy.yaml
+metrics_listen: "127.0.0.1:{metrics_port}"
+reload_check_interval_ms: 0
+audit: {{ file: audit/audit.log }}
+{}"#,
+            etcd.client_url,
+            watch_matrix("")
+        ),
+    )?;
+    let log = std::fs::File::create(pki.path("proxy.log"))?;
+    let proxy = std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
+        .args(["serve", "--config"])
+        .arg(pki.path("etcd-guard.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let proxy = KillOnDrop(proxy);
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(metrics_addr, "/healthz").is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reloads = |result: &str| -> TestResult<f64> {
+        let (_, body) = http_get(metrics_addr, "/metrics")?;
+        let prefix = format!("etcd_guard_reloads_total{{result=\"{result}\"}}");
+        Ok(body
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0))
+    };
+
+    // The policy file becomes a FIFO; a SIGHUP makes the reload open it and wait for a writer's bytes.
+    let fifo = pki.path("policy.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
+    assert!(made.success(), "mkfifo: {made}");
+    std::fs::rename(&fifo, pki.path("policy.yaml"))?;
+    let hup = std::process::Command::new("kill").args(["-HUP", &proxy.0.id().to_string()]).status()?;
+    assert!(hup.success(), "kill -HUP: {hup}");
+    // Opening a FIFO without blocking for writing succeeds once a reader has it open: the reload is reading.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut writer = loop {
+        match std::fs::OpenOptions::new().write(true).custom_flags(O_NONBLOCK).open(pki.path("policy.yaml")) {
+            Ok(w) => break w,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("the reload did not open the policy file: {e}").into()),
+        }
+    };
+
+    // Meanwhile: the health endpoint answers, a new client connects and is served by the policy in force.
+    assert_eq!(http_get(metrics_addr, "/healthz")?.0, 200);
+    let cilium = pki.client("cilium", "cilium-agent", None, &[])?;
+    let opts = etcd_client::ConnectOptions::new()
+        .with_tls(pki.client_tls(&cilium)?)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(5));
+    let mut c = etcd_client::Client::connect([format!("https://127.0.0.1:{port}")], Some(opts)).await?;
+    assert_eq!(c.get("shared/a", None).await?.kvs().len(), 0);
+    assert_eq!(reloads("ok")?, 0.0, "the reload is still reading");
+
+    // The reload gets its policy (without shared/) and puts it in force.
+    writer.write_all(BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, "").as_bytes())?;
+    drop(writer);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reloads("ok")? < 1.0 {
+        if Instant::now() > deadline {
+            return Err(format!("no reload: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = c.get("shared/a", None).await.err();
+    assert!(e.as_ref().is_some_and(is_denied), "{e:?}");
+    Ok(())
+}
+
+/// `O_NONBLOCK` on Linux.
+const O_NONBLOCK: i32 = 0o4000;
+
+/// A child process killed when the test ends, also on failure.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
