@@ -6,13 +6,15 @@
 //! [`Permissions::check`] is one binary search and does not allocate when it
 //! allows. [`Policy::explain`] says why a decision was made, for a CLI.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
 use thiserror::Error;
 
 use super::model::{
-    Binding, BindingMode, Capability, CapabilitySet, KeyRule, Limits, PolicyDocument, PolicyError, Role,
+    Binding, BindingMode, Capability, CapabilitySet, KeyRule, Limits, PolicyDocument, PolicyError, Role, SelectorField,
+    normalize_fingerprint,
 };
 use super::range::{End, KeyRange, RangeSet, prefix_end, quoted_key};
 use crate::identity::Identity;
@@ -32,6 +34,7 @@ pub struct Policy {
     origin: String,
     roles: Vec<CompiledRole>,
     bindings: Vec<Binding>,
+    subjects: SubjectIndex,
 }
 
 /// How the grants of a connection are to be applied.
@@ -115,6 +118,22 @@ struct CompiledRole {
     read: RangeSet,
     write: RangeSet,
 }
+
+/// The bindings' selectors, filed so that resolving an identity (at its handshake, and for each open connection
+/// after a reload) tries the few that can match it rather than every one: a selector with a field written
+/// without `*` matches only identities with exactly that value there, so it is filed under that value (its first
+/// such field); the others are tried for every identity.
+#[derive(Debug, Clone, Default)]
+struct SubjectIndex {
+    /// Per [`SelectorField`] (by its position): value → `(binding index, selector index)` of the selectors filed
+    /// under it.
+    by_value: [HashMap<Box<str>, Vec<SubjectAt>>; 7],
+    /// The selectors with a `*` in every field.
+    everyone: Vec<SubjectAt>,
+}
+
+/// `(binding index, selector index)`: one selector of one binding.
+type SubjectAt = (usize, usize);
 
 /// The bindings that matched an identity and the roles that count.
 struct Resolution<'p> {
@@ -265,7 +284,8 @@ impl Policy {
                 role,
             })
             .collect();
-        Policy { origin: origin.to_owned(), roles, bindings: document.bindings }
+        let subjects = SubjectIndex::new(&document.bindings);
+        Policy { origin: origin.to_owned(), roles, bindings: document.bindings, subjects }
     }
 
     /// What `id` may do. Called once per connection; an identity no binding
@@ -418,8 +438,11 @@ impl Policy {
 
     /// Finds the bindings matching `id` and the roles that count.
     fn resolve(&self, id: &Identity) -> Resolution<'_> {
-        let matched: Vec<(usize, usize)> =
-            self.bindings.iter().enumerate().filter_map(|(i, b)| b.matching_subject(id).map(|s| (i, s))).collect();
+        // As `b.matching_subject(id)` for every binding `b` in order, among the selectors that may match.
+        let mut matched = self.subjects.candidates(id);
+        matched.retain(|&(b, s)| self.bindings[b].subjects[s].matches(id));
+        matched.sort_unstable();
+        matched.dedup_by_key(|&mut (b, _)| b);
         let any_enforce = matched.iter().any(|&(i, _)| self.bindings[i].mode == BindingMode::Enforce);
         let mut counted = Vec::new();
         let mut ignored = Vec::new();
@@ -694,6 +717,57 @@ impl CompiledRole {
             Access::Read => &self.read,
             Access::Write => &self.write,
         }
+    }
+}
+
+// === impl SubjectIndex ===
+
+impl SubjectIndex {
+    fn new(bindings: &[Binding]) -> SubjectIndex {
+        let mut index = SubjectIndex::default();
+        for (b, binding) in bindings.iter().enumerate() {
+            for (s, selector) in binding.subjects.iter().enumerate() {
+                match selector.literal() {
+                    Some((field, value)) => {
+                        index.by_value[field as usize].entry(value.into()).or_default().push((b, s));
+                    }
+                    None => index.everyone.push((b, s)),
+                }
+            }
+        }
+        index
+    }
+
+    /// `(binding index, selector index)` of every selector that may match `id` (each once): all that match it,
+    /// and others.
+    fn candidates(&self, id: &Identity) -> Vec<SubjectAt> {
+        let mut found = self.everyone.clone();
+        let mut look = |field: SelectorField, value: &str| {
+            if let Some(filed) = self.by_value[field as usize].get(value) {
+                found.extend_from_slice(filed);
+            }
+        };
+        if let Some(cn) = id.common_name.as_deref() {
+            look(SelectorField::CommonName, cn);
+        }
+        for (field, values) in [
+            (SelectorField::Organization, &id.organizations),
+            (SelectorField::OrganizationalUnit, &id.organizational_units),
+            (SelectorField::DnsSan, &id.dns_sans),
+            (SelectorField::UriSan, &id.uri_sans),
+            (SelectorField::Issuer, &id.issuers),
+        ] {
+            // A certificate may carry a value twice: it counts once.
+            for (i, value) in values.iter().enumerate() {
+                if !values[..i].contains(value) {
+                    look(field, value);
+                }
+            }
+        }
+        if !self.by_value[SelectorField::FingerprintSha256 as usize].is_empty() {
+            look(SelectorField::FingerprintSha256, &normalize_fingerprint(&id.fingerprint_sha256));
+        }
+        found
     }
 }
 
@@ -1178,5 +1252,103 @@ bindings:
         assert!(!allowed(&p, Access::Read, &point("/t9998/k3/x")));
         // Generous: debug builds are slow and the machine may be busy.
         assert!(elapsed.as_secs() < 60, "loading took {elapsed:?}");
+    }
+
+    mod subject_index {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FIELDS: [&str; 6] =
+            ["common_name", "organization", "organizational_unit", "dns_san", "uri_san", "issuer"];
+        const FINGERPRINTS: [&str; 2] = [
+            "ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89",
+            "0000000000000000000000000000000000000000000000000000000000000001",
+        ];
+
+        /// A selector: some of the fields, with and without `*`, over a small alphabet, and maybe a fingerprint.
+        fn selector() -> impl Strategy<Value = String> {
+            let pattern = prop::sample::select(vec!["a", "b", "ab", "a*", "*b", "*", "a*b", "**"]);
+            (prop::collection::btree_map(0..FIELDS.len(), pattern, 0..4), prop::option::of(0..FINGERPRINTS.len()))
+                .prop_filter("a selector names a field", |(fields, fp)| !fields.is_empty() || fp.is_some())
+                .prop_map(|(fields, fp)| {
+                    let mut parts: Vec<String> =
+                        fields.into_iter().map(|(f, p)| format!("{}: \"{p}\"", FIELDS[f])).collect();
+                    parts.extend(fp.map(|i| format!("fingerprint_sha256: \"{}\"", FINGERPRINTS[i])));
+                    format!("{{ {} }}", parts.join(", "))
+                })
+        }
+
+        fn identity() -> impl Strategy<Value = Identity> {
+            let value = || prop::sample::select(vec!["a", "b", "ab", "aab", "", "ba"]).prop_map(str::to_owned);
+            let values = move || prop::collection::vec(value(), 0..3);
+            let fingerprint = prop::sample::select(vec![
+                "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
+                "ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789",
+                "0000000000000000000000000000000000000000000000000000000000000001",
+                "ff",
+            ]);
+            (prop::option::of(value()), values(), values(), values(), values(), values(), fingerprint).prop_map(
+                |(common_name, organizations, organizational_units, dns_sans, uri_sans, issuers, fp)| Identity {
+                    common_name,
+                    organizations,
+                    organizational_units,
+                    dns_sans,
+                    uri_sans,
+                    issuers,
+                    fingerprint_sha256: fp.to_owned(),
+                    ..Identity::default()
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// The index finds exactly the bindings, and each one's first matching selector, that trying every
+            /// binding in order finds.
+            #[test]
+            fn resolving_through_the_index_matches_trying_every_binding(
+                bindings in prop::collection::vec(prop::collection::vec(selector(), 1..4), 1..10),
+                id in identity(),
+            ) {
+                let mut yaml = String::from("roles: [ { name: r, keys: [ { prefix: \"x/\", access: read } ] } ]\nbindings:\n");
+                for subjects in &bindings {
+                    yaml.push_str(&format!("  - {{ role: r, subjects: [ {} ] }}\n", subjects.join(", ")));
+                }
+                let policy = Policy::from_yaml(&yaml, "index.yaml");
+                prop_assert!(policy.is_ok(), "{yaml}: {policy:?}");
+                let Ok(policy) = policy else { return Ok(()) };
+                let every: Vec<(usize, usize)> = policy
+                    .bindings
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, b)| b.matching_subject(&id).map(|s| (i, s)))
+                    .collect();
+                prop_assert_eq!(policy.resolve(&id).matched, every, "{}", yaml);
+            }
+        }
+
+        #[test]
+        fn selectors_are_filed_under_their_first_field_without_a_star() -> Result<(), PolicyError> {
+            let policy = Policy::from_yaml(
+                r#"
+roles: [ { name: r } ]
+bindings:
+  - role: r
+    subjects:
+      - { common_name: "node-*", organization: "system:nodes" }
+      - { common_name: "*", organizational_unit: "*" }
+      - { uri_san: "spiffe://cluster.local/ns/kube-system/sa/cilium" }
+"#,
+                "filed.yaml",
+            )?;
+            let index = &policy.subjects;
+            assert_eq!(index.everyone, vec![(0, 1)]);
+            assert_eq!(index.by_value[SelectorField::Organization as usize].get("system:nodes"), Some(&vec![(0, 0)]));
+            let uri = "spiffe://cluster.local/ns/kube-system/sa/cilium";
+            assert_eq!(index.by_value[SelectorField::UriSan as usize].get(uri), Some(&vec![(0, 2)]));
+            assert!(index.by_value[SelectorField::CommonName as usize].is_empty());
+            Ok(())
+        }
     }
 }

@@ -13,6 +13,6 @@ pub mod range;
 pub use eval::{Access, Denied, Explanation, Grants, Mode, Permissions, Policy};
 pub use model::{
     Binding, BindingMode, Capability, CapabilitySet, KeyAccess, KeyRule, KeyRuleKind, Limits, Pattern, PolicyDocument,
-    PolicyError, Role, Selector, SourceLocation, UnknownCapability, ValidationError,
+    PolicyError, Role, Selector, SelectorField, SourceLocation, UnknownCapability, ValidationError,
 };
 pub use range::{End, KeyRange, RangeError, RangeSet, escape_key, prefix_end, unescape_key};

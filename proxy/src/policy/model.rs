@@ -204,6 +204,18 @@ pub struct Selector {
     pub issuer: Option<Pattern>,
 }
 
+/// A field of a [`Selector`], as [`Selector::literal`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectorField {
+    CommonName,
+    Organization,
+    OrganizationalUnit,
+    DnsSan,
+    UriSan,
+    FingerprintSha256,
+    Issuer,
+}
+
 /// A case-sensitive glob where `*` matches any run of characters (also empty,
 /// also `/`) and everything else matches itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -684,6 +696,24 @@ impl Selector {
             && any(&self.issuer, &id.issuers)
     }
 
+    /// The first field written without `*`, and its text: the selector matches only identities that have exactly
+    /// this value in that field (for the fingerprint: once normalized, see [`normalize_fingerprint`]). `None` if
+    /// every field given has a `*`.
+    pub fn literal(&self) -> Option<(SelectorField, &str)> {
+        use SelectorField::*;
+        [
+            (CommonName, &self.common_name),
+            (Organization, &self.organization),
+            (OrganizationalUnit, &self.organizational_unit),
+            (DnsSan, &self.dns_san),
+            (UriSan, &self.uri_san),
+            (FingerprintSha256, &self.fingerprint_sha256),
+            (Issuer, &self.issuer),
+        ]
+        .into_iter()
+        .find_map(|(field, p)| Some((field, p.as_ref()?.literal()?)))
+    }
+
     fn is_empty(&self) -> bool {
         self.fields().next().is_none()
     }
@@ -742,6 +772,11 @@ impl Pattern {
     /// The glob as written (after normalization for fingerprints).
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The glob's text if it has no `*`: then it matches that value only.
+    pub fn literal(&self) -> Option<&str> {
+        (self.parts.len() == 1).then_some(self.text.as_str())
     }
 
     /// Whether the glob matches every value (stars only; an empty glob matches only the empty value).
@@ -1156,8 +1191,8 @@ fn syntax_error(origin: &str, err: &serde_saphyr::Error) -> PolicyError {
     PolicyError::Syntax { at, message }
 }
 
-/// Lowercases a fingerprint and drops `:` separators.
-fn normalize_fingerprint(text: &str) -> String {
+/// A fingerprint as `fingerprint_sha256` patterns are kept and matched: lowercase, without `:`.
+pub fn normalize_fingerprint(text: &str) -> String {
     text.chars().filter(|&c| c != ':').map(|c| c.to_ascii_lowercase()).collect()
 }
 
