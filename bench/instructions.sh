@@ -6,7 +6,7 @@
 # not replace it.
 #
 #   bench/instructions.sh [--workload lin-range|put|ser-range|watch|keep-alive|leased-put] [--rate N] [--seconds S]
-#                         [--watchers N --put-rate R] BIN [BIN ...]
+#                         [--watchers N --put-rate R] [--policy-roles N] BIN [BIN ...]
 #
 # For each BIN: etcd (with the benchmark's data and certificates) and `BIN serve` under callgrind are started on
 # loopback; a load generator sends N requests/s (one connection, default 150/s: the proxy runs about 50 times
@@ -14,7 +14,10 @@
 # requests are counted in the audit file. Prints instructions per request, and writes callgrind's file beside
 # it (`callgrind_annotate --inclusive=yes FILE` shows where they go). With `--workload watch` the requests counted
 # are the puts (N watchers see each): divide by N for instructions per delivered event (e.g. --watchers 100
-# --put-rate 10).
+# --put-rate 10). With `--policy-roles N` the proxy runs the policy-scale case's generated policy of N roles and
+# bindings (10 key rules each; the bench identity bound to one of them) instead of the small one, so a policy's
+# size can be compared at the instruction level (lin-range, ser-range or put: the bench identity may read and
+# write `/bench/` only there).
 #
 # Needs valgrind (Debian package `valgrind`), etcd, and the benchmark built in the same target folder:
 #   cargo build --release -p etcd-guard -p etcd-guard-bench
@@ -27,6 +30,7 @@ rate=150
 seconds=6
 watchers=100
 put_rate=10
+policy_roles=0
 bins=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -35,7 +39,8 @@ while [ $# -gt 0 ]; do
         --seconds) seconds=$2; shift 2 ;;
         --watchers) watchers=$2; shift 2 ;;
         --put-rate) put_rate=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --policy-roles) policy_roles=$2; shift 2 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) bins+=("$(realpath "$1")"); shift ;;
     esac
 done
@@ -56,9 +61,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Certificates, etcd's preloaded data and the proxy's configuration, as the benchmark makes them (a short smoke run).
-"$bench" --etcd-bin "$etcd_bin" --only lin-range --shapes 1x64 --runs 1 --duration 0.5 --warmup 0.2 --rate off \
-    --keep-dir --out "$work/smoke.json" > "$work/smoke.log" 2>&1
+# Certificates, etcd's preloaded data and the proxy's configuration, as the benchmark makes them (a short smoke run;
+# with --policy-roles also the policy-scale case, which writes the large policy).
+cases=(--only lin-range) policy=policy-small.yaml
+if [ "$policy_roles" -gt 0 ]; then
+    cases=(--only lin-range,policy-scale --policy-roles "$policy_roles") policy=policy-large.yaml
+fi
+"$bench" --etcd-bin "$etcd_bin" "${cases[@]}" --shapes 1x64 --runs 1 --duration 0.5 --warmup 0.2 --rate off --keep-dir --out "$work/smoke.json" > "$work/smoke.log" 2>&1
 kept=$(sed -n 's/^working folder kept: //p' "$work/smoke.log")
 [ -d "$kept" ] || { cat "$work/smoke.log" >&2; exit 1; }
 
@@ -68,7 +77,7 @@ for bin in "${bins[@]}"; do
     run="$work/run"
     rm -rf "$run"
     mkdir -p "$run"
-    cp "$kept"/*.crt "$kept"/*.key "$kept"/policy-small.yaml "$run"/
+    cp "$kept"/*.crt "$kept"/*.key "$kept/$policy" "$run"/
     cp -r "$kept/etcd-data" "$run/"
     client_port=$(free_port); peer_port=$(free_port); listen_port=$(free_port)
     "$etcd_bin" --name bench --data-dir "$run/etcd-data" \
@@ -86,7 +95,7 @@ upstream:
   ca_file: ca.crt
   cert_file: upstream-client.crt
   key_file: upstream-client.key
-policy_file: policy-small.yaml
+policy_file: $policy
 audit: { file: audit.log, max_files: 2 }
 EOF
     sleep 2
@@ -117,7 +126,8 @@ EOF
     dump=$(ls -t "$run"/callgrind.out.* 2> /dev/null | head -1)
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
     requests=$((after - before))
-    out="$root/target/instructions-$(basename "$bin")-$workload.callgrind"
+    out="$root/target/instructions-$(basename "$bin")-$workload$([ "$policy_roles" -gt 0 ] && echo "-$policy_roles-roles").callgrind"
     cp "$dump" "$out"
-    echo "$bin $workload: $requests requests, $((total / (requests > 0 ? requests : 1))) instructions per request ($out)"
+    label=$workload; [ "$policy_roles" -gt 0 ] && label="$workload, $policy_roles roles"
+    echo "$bin $label: $requests requests, $((total / (requests > 0 ? requests : 1))) instructions per request ($out)"
 done
