@@ -120,15 +120,16 @@ struct CompiledRole {
 }
 
 /// The bindings' selectors, filed so that resolving an identity (at its handshake, and for each open connection
-/// after a reload) tries the few that can match it rather than every one: a selector with a field written
-/// without `*` matches only identities with exactly that value there, so it is filed under that value (its first
-/// such field); the others are tried for every identity.
+/// after a reload) tries the few that can match it rather than every one. A pattern matches only values that begin
+/// with its text before the first `*` (all of it, without one), so a selector is filed under that prefix of one of
+/// its fields (the longest); the few whose every field begins with `*` are tried for every identity.
 #[derive(Debug, Clone, Default)]
 struct SubjectIndex {
-    /// Per [`SelectorField`] (by its position): value → `(binding index, selector index)` of the selectors filed
-    /// under it.
-    by_value: [HashMap<Box<str>, Vec<SubjectAt>>; 7],
-    /// The selectors with a `*` in every field.
+    /// Per [`SelectorField`] (by its position): prefix → the selectors filed under it.
+    by_prefix: [HashMap<Box<str>, Vec<SubjectAt>>; 7],
+    /// Per field: the lengths of its prefixes, ascending, each once (the prefixes of a value to look up).
+    lengths: [Vec<usize>; 7],
+    /// The selectors with no prefix to file them under.
     everyone: Vec<SubjectAt>,
 }
 
@@ -438,7 +439,8 @@ impl Policy {
 
     /// Finds the bindings matching `id` and the roles that count.
     fn resolve(&self, id: &Identity) -> Resolution<'_> {
-        // As `b.matching_subject(id)` for every binding `b` in order, among the selectors that may match.
+        // As `b.matching_subject(id)` for every binding `b` in order (the first selector that matches), among the
+        // selectors that may match.
         let mut matched = self.subjects.candidates(id);
         matched.retain(|&(b, s)| self.bindings[b].subjects[s].matches(id));
         matched.sort_unstable();
@@ -727,24 +729,32 @@ impl SubjectIndex {
         let mut index = SubjectIndex::default();
         for (b, binding) in bindings.iter().enumerate() {
             for (s, selector) in binding.subjects.iter().enumerate() {
-                match selector.literal() {
-                    Some((field, value)) => {
-                        index.by_value[field as usize].entry(value.into()).or_default().push((b, s));
+                match selector.anchor() {
+                    Some((field, prefix)) => {
+                        index.by_prefix[field as usize].entry(prefix.into()).or_default().push((b, s));
+                        index.lengths[field as usize].push(prefix.len());
                     }
                     None => index.everyone.push((b, s)),
                 }
             }
         }
+        for lengths in &mut index.lengths {
+            lengths.sort_unstable();
+            lengths.dedup();
+        }
         index
     }
 
-    /// `(binding index, selector index)` of every selector that may match `id` (each once): all that match it,
-    /// and others.
+    /// `(binding index, selector index)` of the selectors that may match `id`: all that match it, and others,
+    /// some more than once.
     fn candidates(&self, id: &Identity) -> Vec<SubjectAt> {
         let mut found = self.everyone.clone();
         let mut look = |field: SelectorField, value: &str| {
-            if let Some(filed) = self.by_value[field as usize].get(value) {
-                found.extend_from_slice(filed);
+            let (by_prefix, lengths) = (&self.by_prefix[field as usize], &self.lengths[field as usize]);
+            for &len in lengths.iter().take_while(|&&len| len <= value.len()) {
+                if let Some(filed) = value.get(..len).and_then(|prefix| by_prefix.get(prefix)) {
+                    found.extend_from_slice(filed);
+                }
             }
         };
         if let Some(cn) = id.common_name.as_deref() {
@@ -757,14 +767,11 @@ impl SubjectIndex {
             (SelectorField::UriSan, &id.uri_sans),
             (SelectorField::Issuer, &id.issuers),
         ] {
-            // A certificate may carry a value twice: it counts once.
-            for (i, value) in values.iter().enumerate() {
-                if !values[..i].contains(value) {
-                    look(field, value);
-                }
+            for value in values {
+                look(field, value);
             }
         }
-        if !self.by_value[SelectorField::FingerprintSha256 as usize].is_empty() {
+        if !self.lengths[SelectorField::FingerprintSha256 as usize].is_empty() {
             look(SelectorField::FingerprintSha256, &normalize_fingerprint(&id.fingerprint_sha256));
         }
         found
@@ -1267,7 +1274,7 @@ bindings:
 
         /// A selector: some of the fields, with and without `*`, over a small alphabet, and maybe a fingerprint.
         fn selector() -> impl Strategy<Value = String> {
-            let pattern = prop::sample::select(vec!["a", "b", "ab", "a*", "*b", "*", "a*b", "**"]);
+            let pattern = prop::sample::select(vec!["a", "b", "ab", "a*", "*b", "*", "a*b", "**", "ab*", "b*a", "aa*"]);
             (prop::collection::btree_map(0..FIELDS.len(), pattern, 0..4), prop::option::of(0..FINGERPRINTS.len()))
                 .prop_filter("a selector names a field", |(fields, fp)| !fields.is_empty() || fp.is_some())
                 .prop_map(|(fields, fp)| {
@@ -1329,7 +1336,7 @@ bindings:
         }
 
         #[test]
-        fn selectors_are_filed_under_their_first_field_without_a_star() -> Result<(), PolicyError> {
+        fn selectors_are_filed_under_their_longest_prefix_before_a_star() -> Result<(), PolicyError> {
             let policy = Policy::from_yaml(
                 r#"
 roles: [ { name: r } ]
@@ -1338,16 +1345,23 @@ bindings:
     subjects:
       - { common_name: "node-*", organization: "system:nodes" }
       - { common_name: "*", organizational_unit: "*" }
-      - { uri_san: "spiffe://cluster.local/ns/kube-system/sa/cilium" }
+      - { uri_san: "spiffe://cluster.local/ns/kube-system/sa/*" }
 "#,
                 "filed.yaml",
             )?;
             let index = &policy.subjects;
             assert_eq!(index.everyone, vec![(0, 1)]);
-            assert_eq!(index.by_value[SelectorField::Organization as usize].get("system:nodes"), Some(&vec![(0, 0)]));
-            let uri = "spiffe://cluster.local/ns/kube-system/sa/cilium";
-            assert_eq!(index.by_value[SelectorField::UriSan as usize].get(uri), Some(&vec![(0, 2)]));
-            assert!(index.by_value[SelectorField::CommonName as usize].is_empty());
+            let nodes = index.by_prefix[SelectorField::Organization as usize].get("system:nodes");
+            assert_eq!(nodes, Some(&vec![(0, 0)]));
+            let spiffe = "spiffe://cluster.local/ns/kube-system/sa/";
+            assert_eq!(index.by_prefix[SelectorField::UriSan as usize].get(spiffe), Some(&vec![(0, 2)]));
+            assert_eq!(index.lengths[SelectorField::UriSan as usize], vec![spiffe.len()]);
+            assert!(index.by_prefix[SelectorField::CommonName as usize].is_empty());
+            // A URI SAN under the prefix finds it; another is not tried.
+            let cilium = Identity { uri_sans: vec![format!("{spiffe}cilium")], ..Identity::default() };
+            assert_eq!(index.candidates(&cilium), vec![(0, 1), (0, 2)]);
+            let other = Identity { uri_sans: vec!["spiffe://cluster.local/ns/default/sa/x".into()], ..cilium.clone() };
+            assert_eq!(index.candidates(&other), vec![(0, 1)]);
             Ok(())
         }
     }

@@ -204,7 +204,7 @@ pub struct Selector {
     pub issuer: Option<Pattern>,
 }
 
-/// A field of a [`Selector`], as [`Selector::literal`] names it.
+/// A field of a [`Selector`], as [`Selector::anchor`] names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SelectorField {
     CommonName,
@@ -696,10 +696,11 @@ impl Selector {
             && any(&self.issuer, &id.issuers)
     }
 
-    /// The first field written without `*`, and its text: the selector matches only identities that have exactly
-    /// this value in that field (for the fingerprint: once normalized, see [`normalize_fingerprint`]). `None` if
-    /// every field given has a `*`.
-    pub fn literal(&self) -> Option<(SelectorField, &str)> {
+    /// The field whose pattern has the longest text before its first `*` (all of it, without one), and that
+    /// text: the selector matches only identities with a value that begins with it in that field (for the
+    /// fingerprint: once normalized, see [`normalize_fingerprint`]). `None` if every field given begins with `*`
+    /// (or is empty).
+    pub fn anchor(&self) -> Option<(SelectorField, &str)> {
         use SelectorField::*;
         [
             (CommonName, &self.common_name),
@@ -711,7 +712,13 @@ impl Selector {
             (Issuer, &self.issuer),
         ]
         .into_iter()
-        .find_map(|(field, p)| Some((field, p.as_ref()?.literal()?)))
+        .filter_map(|(field, p)| Some((field, p.as_ref()?.prefix())))
+        .filter(|(_, prefix)| !prefix.is_empty())
+        // The first of the longest: `max_by_key` would keep the last.
+        .fold(None, |best: Option<(SelectorField, &str)>, (field, prefix)| match best {
+            Some((_, b)) if b.len() >= prefix.len() => best,
+            _ => Some((field, prefix)),
+        })
     }
 
     fn is_empty(&self) -> bool {
@@ -774,9 +781,9 @@ impl Pattern {
         &self.text
     }
 
-    /// The glob's text if it has no `*`: then it matches that value only.
-    pub fn literal(&self) -> Option<&str> {
-        (self.parts.len() == 1).then_some(self.text.as_str())
+    /// The glob's text before its first `*` (all of it, without one): every value it matches begins with it.
+    pub fn prefix(&self) -> &str {
+        self.parts.first().map_or("", String::as_str)
     }
 
     /// Whether the glob matches every value (stars only; an empty glob matches only the empty value).
