@@ -362,7 +362,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             _ => ExitCode::FAILURE,
         }
     });
-    drop(runtime);
+    // Not `drop`, which waits for blocking tasks without end: a reload still reading a slow (or stuck) file must
+    // not hold the exit. The audit log is closed; nothing on this runtime is left to finish.
+    runtime.shutdown_background();
     workers.stop();
     code
 }

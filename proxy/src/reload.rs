@@ -97,7 +97,7 @@ impl Reloader {
     /// The files are read, parsed and checked on a blocking thread, not on the runtime that runs this task: a
     /// policy of 10,000 roles takes about a second to parse, and the accept loop, the metrics and health
     /// endpoints and the upstream probe share that runtime (a file that does not answer, such as a FIFO, would
-    /// stop them for good). Putting the loaded parts in force is a swap.
+    /// stop them for good). Putting the loaded parts in force is a swap. A shutdown does not wait for a round.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let every = self.config.reload_check_interval;
         let mut reloader = self;
@@ -120,13 +120,17 @@ impl Reloader {
                 reloader.note_config_change();
                 reloader
             });
-            reloader = match round.await {
-                Ok(r) => r,
-                Err(e) => {
-                    // Only a panic (a bug) ends up here; the parts in force stay.
-                    error!(error = %e, "the reloader failed: no more reloads until etcd-guard restarts");
-                    return;
-                }
+            reloader = tokio::select! {
+                joined = round => match joined {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Only a panic (a bug) ends up here; the parts in force stay.
+                        error!(error = %e, "the reloader failed: no more reloads until etcd-guard restarts");
+                        return;
+                    }
+                },
+                // The round ends on its thread, or not at all: the shutdown does not wait for it (see `cli`).
+                _ = stop.changed() => return,
             };
         }
     }

@@ -603,11 +603,11 @@ async fn a_reload_stops_a_long_answer_of_a_withdrawn_watch_on_its_way() -> TestR
 
 /// The proxy binary keeps accepting clients and answering its health endpoint while a reload loads its files:
 /// they are read on a blocking thread, not on the runtime of the accept loop (a 10,000-role policy takes about a
-/// second to parse). A FIFO as the policy file holds the reload in its read for as long as the test wants.
+/// second to parse); and a SIGTERM during a reload ends it. A FIFO as the policy file holds the reload in its read
+/// for as long as the test wants.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestResult {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
 
     let pki = Pki::new()?;
     let etcd = Etcd::start(&pki)?;
@@ -635,7 +635,7 @@ audit: {{ file: audit/audit.log }}
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()?;
-    let proxy = KillOnDrop(proxy);
+    let mut proxy = KillOnDrop(proxy);
     let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(metrics_addr, "/healthz").is_err() {
@@ -659,17 +659,7 @@ audit: {{ file: audit/audit.log }}
     let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
     assert!(made.success(), "mkfifo: {made}");
     std::fs::rename(&fifo, pki.path("policy.yaml"))?;
-    let hup = std::process::Command::new("kill").args(["-HUP", &proxy.0.id().to_string()]).status()?;
-    assert!(hup.success(), "kill -HUP: {hup}");
-    // Opening a FIFO without blocking for writing succeeds once a reader has it open: the reload is reading.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut writer = loop {
-        match std::fs::OpenOptions::new().write(true).custom_flags(O_NONBLOCK).open(pki.path("policy.yaml")) {
-            Ok(w) => break w,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("the reload did not open the policy file: {e}").into()),
-        }
-    };
+    let mut writer = reading_fifo(&proxy, &pki.path("policy.yaml"))?;
 
     // Meanwhile: the health endpoint answers, a new client connects and is served by the policy in force.
     assert_eq!(http_get(metrics_addr, "/healthz")?.0, 200);
@@ -694,7 +684,45 @@ audit: {{ file: audit/audit.log }}
     }
     let e = c.get("shared/a", None).await.err();
     assert!(e.as_ref().is_some_and(is_denied), "{e:?}");
+    drop(c);
+
+    // A SIGTERM while a reload waits for its file: the proxy shuts down all the same, it does not wait for the
+    // reload.
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
+    assert!(made.success(), "mkfifo: {made}");
+    std::fs::rename(&fifo, pki.path("policy.yaml"))?;
+    let _held = reading_fifo(&proxy, &pki.path("policy.yaml"))?;
+    let term = std::process::Command::new("kill").args(["-TERM", &proxy.0.id().to_string()]).status()?;
+    assert!(term.success(), "kill -TERM: {term}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = proxy.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            return Err("the proxy did not exit in 20 s after SIGTERM while a reload waited for its file".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
     Ok(())
+}
+
+/// Send SIGHUP to `proxy` and return the write end of `fifo` (its policy file) once the reload has opened it: the
+/// reload then waits in its read for as long as the write end is held open without a write.
+fn reading_fifo(proxy: &KillOnDrop, fifo: &std::path::Path) -> TestResult<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hup = std::process::Command::new("kill").args(["-HUP", &proxy.0.id().to_string()]).status()?;
+    assert!(hup.success(), "kill -HUP: {hup}");
+    // Opening a FIFO without blocking for writing succeeds once a reader has it open: the reload is reading.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match std::fs::OpenOptions::new().write(true).custom_flags(O_NONBLOCK).open(fifo) {
+            Ok(w) => return Ok(w),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("the reload did not open the policy file: {e}").into()),
+        }
+    }
 }
 
 /// `O_NONBLOCK` on Linux.
