@@ -309,6 +309,11 @@ pub struct IdleFigures {
     pub rss_after_kib: u64,
     /// (after − before) / connections, KiB.
     pub per_connection_kib: f64,
+    /// The server's CPU time (user + system) from before the first connection until they were all set up and a
+    /// second more: TLS handshakes, HTTP/2 set-up and one Range each, s.
+    pub setup_cpu_s: f64,
+    /// `setup_cpu_s` / connections, µs: what a client's reconnect costs the server.
+    pub cpu_us_per_connection: f64,
 }
 
 /// One of issue #5's targets, as measured.
@@ -567,12 +572,15 @@ pub fn table(results: &Results) -> String {
     out.push_str("(watch rows: req/s = events delivered per second, latency = put sent to event received)\n");
     for i in &results.idle {
         out.push_str(&format!(
-            "idle connections, {}: {} connections, RSS {:.1} -> {:.1} MiB, {:.1} KiB per connection\n",
+            "idle connections, {}: {} connections, RSS {:.1} -> {:.1} MiB, {:.1} KiB per connection; set up in {} ms, \
+             {:.0} us CPU per connection (handshake, HTTP/2, one Range)\n",
             i.server,
             i.connections,
             mib(i.rss_before_kib),
             mib(i.rss_after_kib),
-            i.per_connection_kib
+            i.per_connection_kib,
+            i.setup_ms,
+            i.cpu_us_per_connection
         ));
     }
     out.push_str("\ntargets (issue #5):\n");

@@ -863,20 +863,26 @@ impl Bench {
         drop(stdin);
         let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
         let delta = after.rss_kib as f64 - before.rss_kib as f64;
+        let setup_cpu_s = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / self.clk_tck as f64;
+        let per_connection = |total: f64| if connections > 0 { total / connections as f64 } else { 0.0 };
         let figures = IdleFigures {
             server: label.to_string(),
             connections,
             setup_ms,
             rss_before_kib: before.rss_kib,
             rss_after_kib: after.rss_kib,
-            per_connection_kib: if connections > 0 { delta / connections as f64 } else { 0.0 },
+            per_connection_kib: per_connection(delta),
+            setup_cpu_s,
+            cpu_us_per_connection: per_connection(setup_cpu_s * 1e6),
         };
         eprintln!(
-            "[{:>5.0} s] idle {label}: {connections} connections, RSS {} -> {} KiB, {:.1} KiB per connection",
+            "[{:>5.0} s] idle {label}: {connections} connections, RSS {} -> {} KiB, {:.1} KiB per connection, \
+             {:.0} us CPU per connection",
             self.started.elapsed().as_secs_f64(),
             figures.rss_before_kib,
             figures.rss_after_kib,
-            figures.per_connection_kib
+            figures.per_connection_kib,
+            figures.cpu_us_per_connection
         );
         Ok(figures)
     }

@@ -90,6 +90,8 @@ fn every_workload_runs_through_both_paths() -> TestResult {
     assert_eq!(idle.len(), 2, "{printed}");
     for server in idle {
         assert_eq!(server["connections"].as_u64(), Some(100), "{server}");
+        // 100 TLS handshakes (debug build) take more than one 10 ms clock tick of CPU.
+        assert!(server["cpu_us_per_connection"].as_f64().is_some_and(|us| us > 0.0), "{server}");
     }
     // A fresh proxy process grows with its connections (etcd, which served every case before, may reuse what its
     // heap has free, so its figure is not checked).
