@@ -73,6 +73,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Time from arrival to answer of unary calls and stream messages.
     pub latency: Family<RpcLabels, Histogram>,
+    /// Time from sending a unary call to etcd until its whole answer was read: `latency` minus this is what the
+    /// proxy adds.
+    pub upstream_latency: Family<RpcLabels, Histogram>,
     /// Denials not enforced because of `audit-only` bindings.
     pub would_deny: Family<RpcLabels, Counter>,
     /// Denials counted in summary records rather than recorded each (`audit.denial_records`).
@@ -124,6 +127,8 @@ pub struct Metrics {
 #[derive(Default)]
 pub struct RequestHandles {
     seen: std::sync::Mutex<Vec<(RequestLabels, Counter, Histogram)>>,
+    /// The upstream latency histogram of each RPC forwarded.
+    upstream: std::sync::Mutex<Vec<(&'static str, Histogram)>>,
 }
 
 /// Label sets a connection keeps handles for; further ones are looked up in the families each time.
@@ -148,6 +153,20 @@ impl RequestHandles {
             seen.push((labels, counter, latency));
         }
     }
+
+    /// The time etcd took to answer a unary call of `rpc`.
+    pub fn observe_upstream(&self, metrics: &Metrics, rpc: &'static str, seconds: f64) {
+        let mut seen = self.upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, latency)) = seen.iter().find(|(r, _)| *r == rpc) {
+            latency.observe(seconds);
+            return;
+        }
+        let latency = metrics.upstream_latency.get_or_create(&RpcLabels { rpc }).clone();
+        latency.observe(seconds);
+        if seen.len() < MAX_HANDLES {
+            seen.push((rpc, latency));
+        }
+    }
 }
 
 // === impl Metrics ===
@@ -169,6 +188,16 @@ impl Metrics {
             "Time from arrival to answer of unary calls and stream messages",
             Unit::Seconds,
             latency.clone(),
+        );
+        let upstream_latency = Family::<RpcLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.000_05, 2.0, 18))) as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "upstream_duration",
+            "Time from sending a unary call to etcd until its whole answer was read (calls made again on another \
+             endpoint included); request_duration minus this is what the proxy adds",
+            Unit::Seconds,
+            upstream_latency.clone(),
         );
         let would_deny = Family::<RpcLabels, Counter>::default();
         registry.register("would_deny", "Denials not enforced because of audit-only bindings", would_deny.clone());
@@ -287,6 +316,7 @@ impl Metrics {
             registry: root,
             requests,
             latency,
+            upstream_latency,
             would_deny,
             audit_denials_summarised,
             open_streams,

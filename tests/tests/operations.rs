@@ -51,6 +51,13 @@ async fn health_readiness_and_metrics() -> TestResult {
         "{metrics}"
     );
     assert!(metrics.contains("etcd_guard_request_duration_seconds_bucket"), "{metrics}");
+    // etcd's part of the forwarded calls, to tell the proxy's own from it: the puts, not the denied get.
+    let put = r#"{rpc="KV/Put"}"#;
+    assert_eq!(sample(&metrics, &format!("etcd_guard_upstream_duration_seconds_count{put}")), Some(3.0), "{metrics}");
+    assert!(!metrics.contains(r#"etcd_guard_upstream_duration_seconds_count{rpc="KV/Range"}"#), "{metrics}");
+    let etcd_part = sample(&metrics, &format!("etcd_guard_upstream_duration_seconds_sum{put}")).unwrap_or(-1.0);
+    let whole = sample(&metrics, &format!("etcd_guard_request_duration_seconds_sum{put}")).unwrap_or(-1.0);
+    assert!(etcd_part > 0.0 && etcd_part <= whole, "{etcd_part} of {whole}: {metrics}");
     assert_eq!(sample(&metrics, "etcd_guard_client_connections "), Some(2.0), "{metrics}");
     assert_eq!(sample(&metrics, "etcd_guard_open_watches "), Some(1.0), "{metrics}");
     assert_eq!(sample(&metrics, r#"etcd_guard_open_streams{rpc="Watch/Watch"}"#), Some(1.0), "{metrics}");

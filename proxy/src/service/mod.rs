@@ -731,9 +731,28 @@ impl Guard {
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
-        let upstream = &self.shared.upstream;
-        self.unary_answered(req, path, authorize, |msg: M, meta| async move { upstream.unary(path, msg, &meta).await })
-            .await
+        let rpc = rpc_name(path);
+        self.unary_answered(
+            req,
+            path,
+            authorize,
+            |msg: M, meta| async move { self.forward(rpc, path, msg, &meta).await },
+        )
+        .await
+    }
+
+    /// Forward a checked unary call to etcd; the time etcd took goes to `upstream_duration_seconds`.
+    async fn forward<M: prost::Message>(
+        &self,
+        rpc: &'static str,
+        path: &'static str,
+        msg: M,
+        meta: &CallMeta,
+    ) -> Result<Framed, Status> {
+        let sent = Instant::now();
+        let answered = self.shared.upstream.unary(path, msg, meta).await;
+        self.conn.metrics.observe_upstream(&self.shared.metrics, rpc, sent.elapsed().as_secs_f64());
+        answered
     }
 
     /// A unary RPC forwarded to etcd whose answer is checked too, where `inspected.0` says so for the request:
@@ -762,7 +781,7 @@ impl Guard {
         let answered = Box::pin(async {
             let (mut verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
             let inspect = inspect(&msg);
-            let mut answered = self.shared.upstream.unary(path, msg, &meta).await;
+            let mut answered = self.forward(rpc, path, msg, &meta).await;
             if let (true, Ok(answer)) = (inspect, answered.as_ref()) {
                 let view = self.conn.view(&self.shared);
                 if let Some(reason) = refused(answer, &view) {
@@ -846,7 +865,7 @@ impl Guard {
                 let _ = self.audit_refusal(rpc, record, Cow::Owned(refused), status.code(), at).await;
                 return Err(status);
             }
-            let call = self.shared.upstream.unary(path, msg, &meta);
+            let call = self.forward(rpc, path, msg, &meta);
             let withdrawn = async {
                 match kept {
                     Some(needs) => self.withdrawn_by_reload(&needs, reloads).await,
