@@ -122,15 +122,20 @@ struct CompiledRole {
 /// The bindings' selectors, filed so that resolving an identity (at its handshake, and for each open connection
 /// after a reload) tries the few that can match it rather than every one. A pattern matches only values that begin
 /// with its text before the first `*` (all of it, without one), so a selector is filed under that prefix of one of
-/// its fields (the longest); the few whose every field begins with `*` are tried for every identity.
+/// its fields (one without `*` first, else the longest prefix); the few whose every field begins with `*` are tried
+/// for every identity. An identity whose values would take more lookups than there are selectors (hundreds of
+/// SANs, a policy of many prefix lengths) is resolved by trying every selector, as without the index: the index
+/// never costs more than that.
 #[derive(Debug, Clone, Default)]
 struct SubjectIndex {
+    /// Every selector, in binding order: the index's numbers are positions in it.
+    selectors: Vec<SubjectAt>,
     /// Per [`SelectorField`] (by its position): prefix → the selectors filed under it.
-    by_prefix: [HashMap<Box<str>, Vec<SubjectAt>>; 7],
+    by_prefix: [HashMap<Box<str>, Vec<usize>>; 7],
     /// Per field: the lengths of its prefixes, ascending, each once (the prefixes of a value to look up).
     lengths: [Vec<usize>; 7],
     /// The selectors with no prefix to file them under.
-    everyone: Vec<SubjectAt>,
+    everyone: Vec<usize>,
 }
 
 /// `(binding index, selector index)`: one selector of one binding.
@@ -441,7 +446,10 @@ impl Policy {
     fn resolve(&self, id: &Identity) -> Resolution<'_> {
         // As `b.matching_subject(id)` for every binding `b` in order (the first selector that matches), among the
         // selectors that may match.
-        let mut matched = self.subjects.candidates(id);
+        let mut matched = match self.subjects.candidates(id) {
+            Some(candidates) => candidates,
+            None => self.subjects.selectors.clone(),
+        };
         matched.retain(|&(b, s)| self.bindings[b].subjects[s].matches(id));
         matched.sort_unstable();
         matched.dedup_by_key(|&mut (b, _)| b);
@@ -729,12 +737,14 @@ impl SubjectIndex {
         let mut index = SubjectIndex::default();
         for (b, binding) in bindings.iter().enumerate() {
             for (s, selector) in binding.subjects.iter().enumerate() {
+                let n = index.selectors.len();
+                index.selectors.push((b, s));
                 match selector.anchor() {
                     Some((field, prefix)) => {
-                        index.by_prefix[field as usize].entry(prefix.into()).or_default().push((b, s));
+                        index.by_prefix[field as usize].entry(prefix.into()).or_default().push(n);
                         index.lengths[field as usize].push(prefix.len());
                     }
-                    None => index.everyone.push((b, s)),
+                    None => index.everyone.push(n),
                 }
             }
         }
@@ -745,36 +755,41 @@ impl SubjectIndex {
         index
     }
 
-    /// `(binding index, selector index)` of the selectors that may match `id`: all that match it, and others,
-    /// some more than once.
-    fn candidates(&self, id: &Identity) -> Vec<SubjectAt> {
-        let mut found = self.everyone.clone();
-        let mut look = |field: SelectorField, value: &str| {
+    /// The selectors that may match `id` (all that match it, and others), each once, in no order; `None` when
+    /// finding them would take more lookups than there are selectors (then try them all).
+    fn candidates(&self, id: &Identity) -> Option<Vec<SubjectAt>> {
+        let fingerprint = (!self.lengths[SelectorField::FingerprintSha256 as usize].is_empty())
+            .then(|| normalize_fingerprint(&id.fingerprint_sha256));
+        let values = || {
+            let cn = id.common_name.iter().map(|cn| (SelectorField::CommonName, cn));
+            cn.chain(id.organizations.iter().map(|v| (SelectorField::Organization, v)))
+                .chain(id.organizational_units.iter().map(|v| (SelectorField::OrganizationalUnit, v)))
+                .chain(id.dns_sans.iter().map(|v| (SelectorField::DnsSan, v)))
+                .chain(id.uri_sans.iter().map(|v| (SelectorField::UriSan, v)))
+                .chain(id.issuers.iter().map(|v| (SelectorField::Issuer, v)))
+                .chain(fingerprint.iter().map(|v| (SelectorField::FingerprintSha256, v)))
+        };
+        // One lookup per prefix length up to the value's length; each hashes that much of the value.
+        let lookups: usize = values()
+            .map(|(field, value)| self.lengths[field as usize].partition_point(|&len| len <= value.len()))
+            .sum();
+        if lookups > self.selectors.len() {
+            return None;
+        }
+        let mut seen = vec![false; self.selectors.len()];
+        let mut found: Vec<SubjectAt> = self.everyone.iter().map(|&n| self.selectors[n]).collect();
+        for (field, value) in values() {
             let (by_prefix, lengths) = (&self.by_prefix[field as usize], &self.lengths[field as usize]);
             for &len in lengths.iter().take_while(|&&len| len <= value.len()) {
-                if let Some(filed) = value.get(..len).and_then(|prefix| by_prefix.get(prefix)) {
-                    found.extend_from_slice(filed);
+                // A selector filed under a prefix many values share is found once.
+                for &n in value.get(..len).and_then(|prefix| by_prefix.get(prefix)).into_iter().flatten() {
+                    if !std::mem::replace(&mut seen[n], true) {
+                        found.push(self.selectors[n]);
+                    }
                 }
             }
-        };
-        if let Some(cn) = id.common_name.as_deref() {
-            look(SelectorField::CommonName, cn);
         }
-        for (field, values) in [
-            (SelectorField::Organization, &id.organizations),
-            (SelectorField::OrganizationalUnit, &id.organizational_units),
-            (SelectorField::DnsSan, &id.dns_sans),
-            (SelectorField::UriSan, &id.uri_sans),
-            (SelectorField::Issuer, &id.issuers),
-        ] {
-            for value in values {
-                look(field, value);
-            }
-        }
-        if !self.lengths[SelectorField::FingerprintSha256 as usize].is_empty() {
-            look(SelectorField::FingerprintSha256, &normalize_fingerprint(&id.fingerprint_sha256));
-        }
-        found
+        Some(found)
     }
 }
 
@@ -1274,7 +1289,9 @@ bindings:
 
         /// A selector: some of the fields, with and without `*`, over a small alphabet, and maybe a fingerprint.
         fn selector() -> impl Strategy<Value = String> {
-            let pattern = prop::sample::select(vec!["a", "b", "ab", "a*", "*b", "*", "a*b", "**", "ab*", "b*a", "aa*"]);
+            let pattern = prop::sample::select(vec![
+                "a", "b", "ab", "a*", "*b", "*", "a*b", "**", "ab*", "b*a", "aa*", "é*", "aé", "😀*", "€a*", "a*é*",
+            ]);
             (prop::collection::btree_map(0..FIELDS.len(), pattern, 0..4), prop::option::of(0..FINGERPRINTS.len()))
                 .prop_filter("a selector names a field", |(fields, fp)| !fields.is_empty() || fp.is_some())
                 .prop_map(|(fields, fp)| {
@@ -1286,7 +1303,10 @@ bindings:
         }
 
         fn identity() -> impl Strategy<Value = Identity> {
-            let value = || prop::sample::select(vec!["a", "b", "ab", "aab", "", "ba"]).prop_map(str::to_owned);
+            let value = || {
+                prop::sample::select(vec!["a", "b", "ab", "aab", "", "ba", "é", "aé", "😀a", "€ab", "aéé"])
+                    .prop_map(str::to_owned)
+            };
             let values = move || prop::collection::vec(value(), 0..3);
             let fingerprint = prop::sample::select(vec![
                 "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
@@ -1336,7 +1356,7 @@ bindings:
         }
 
         #[test]
-        fn selectors_are_filed_under_their_longest_prefix_before_a_star() -> Result<(), PolicyError> {
+        fn selectors_are_filed_under_their_most_selective_prefix() -> Result<(), PolicyError> {
             let policy = Policy::from_yaml(
                 r#"
 roles: [ { name: r } ]
@@ -1346,22 +1366,48 @@ bindings:
       - { common_name: "node-*", organization: "system:nodes" }
       - { common_name: "*", organizational_unit: "*" }
       - { uri_san: "spiffe://cluster.local/ns/kube-system/sa/*" }
+      - { uri_san: "spiffe://cluster.local/ns/*", common_name: "node-1" }
 "#,
                 "filed.yaml",
             )?;
             let index = &policy.subjects;
-            assert_eq!(index.everyone, vec![(0, 1)]);
-            let nodes = index.by_prefix[SelectorField::Organization as usize].get("system:nodes");
-            assert_eq!(nodes, Some(&vec![(0, 0)]));
+            assert_eq!(index.selectors, vec![(0, 0), (0, 1), (0, 2), (0, 3)]);
+            assert_eq!(index.everyone, vec![1]);
+            // Without `*` first (a longer prefix of another field notwithstanding), then the longest prefix.
+            let filed = |field: SelectorField, prefix: &str| index.by_prefix[field as usize].get(prefix).cloned();
+            assert_eq!(filed(SelectorField::Organization, "system:nodes"), Some(vec![0]));
+            assert_eq!(filed(SelectorField::CommonName, "node-1"), Some(vec![3]));
             let spiffe = "spiffe://cluster.local/ns/kube-system/sa/";
-            assert_eq!(index.by_prefix[SelectorField::UriSan as usize].get(spiffe), Some(&vec![(0, 2)]));
+            assert_eq!(filed(SelectorField::UriSan, spiffe), Some(vec![2]));
             assert_eq!(index.lengths[SelectorField::UriSan as usize], vec![spiffe.len()]);
-            assert!(index.by_prefix[SelectorField::CommonName as usize].is_empty());
             // A URI SAN under the prefix finds it; another is not tried.
             let cilium = Identity { uri_sans: vec![format!("{spiffe}cilium")], ..Identity::default() };
-            assert_eq!(index.candidates(&cilium), vec![(0, 1), (0, 2)]);
+            assert_eq!(index.candidates(&cilium), Some(vec![(0, 1), (0, 2)]));
             let other = Identity { uri_sans: vec!["spiffe://cluster.local/ns/default/sa/x".into()], ..cilium.clone() };
-            assert_eq!(index.candidates(&other), vec![(0, 1)]);
+            assert_eq!(index.candidates(&other), Some(vec![(0, 1)]));
+            // Many values under one prefix find its selectors once.
+            let many = Identity { uri_sans: (0..3).map(|i| format!("{spiffe}{i}")).collect(), ..Identity::default() };
+            assert_eq!(index.candidates(&many), Some(vec![(0, 1), (0, 2)]));
+            Ok(())
+        }
+
+        #[test]
+        fn an_identity_with_more_lookups_than_selectors_is_resolved_by_trying_them_all() -> Result<(), PolicyError> {
+            let policy = Policy::from_yaml(
+                r#"
+roles: [ { name: a }, { name: b } ]
+bindings:
+  - { role: a, subjects: [ { uri_san: "spiffe://x/ns/*" } ] }
+  - { role: b, subjects: [ { uri_san: "spiffe://x/ns/b/*" }, { dns_san: "*.example" } ] }
+"#,
+                "many.yaml",
+            )?;
+            let id = Identity {
+                uri_sans: (0..10).map(|i| format!("spiffe://x/ns/{i}")).chain(["spiffe://x/ns/b/y".into()]).collect(),
+                ..Identity::default()
+            };
+            assert_eq!(policy.subjects.candidates(&id), None);
+            assert_eq!(policy.resolve(&id).matched, vec![(0, 0), (1, 0)]);
             Ok(())
         }
     }

@@ -696,10 +696,11 @@ impl Selector {
             && any(&self.issuer, &id.issuers)
     }
 
-    /// The field whose pattern has the longest text before its first `*` (all of it, without one), and that
-    /// text: the selector matches only identities with a value that begins with it in that field (for the
-    /// fingerprint: once normalized, see [`normalize_fingerprint`]). `None` if every field given begins with `*`
-    /// (or is empty).
+    /// A field whose pattern's text before its first `*` (all of it, without one) is not empty, and that text:
+    /// the selector matches only identities with a value that begins with it in that field (for the fingerprint:
+    /// once normalized, see [`normalize_fingerprint`]). The most selective: a field without `*` first (it matches
+    /// one value), then the longest text; the first of equals. `None` if every field given begins with `*` (or
+    /// is empty).
     pub fn anchor(&self) -> Option<(SelectorField, &str)> {
         use SelectorField::*;
         [
@@ -712,13 +713,14 @@ impl Selector {
             (Issuer, &self.issuer),
         ]
         .into_iter()
-        .filter_map(|(field, p)| Some((field, p.as_ref()?.prefix())))
-        .filter(|(_, prefix)| !prefix.is_empty())
-        // The first of the longest: `max_by_key` would keep the last.
-        .fold(None, |best: Option<(SelectorField, &str)>, (field, prefix)| match best {
-            Some((_, b)) if b.len() >= prefix.len() => best,
-            _ => Some((field, prefix)),
+        .filter_map(|(field, p)| p.as_ref().map(|p| (field, p)))
+        .filter(|(_, p)| !p.prefix().is_empty())
+        // The first of the most selective: `max_by_key` would keep the last.
+        .fold(None, |best: Option<(SelectorField, &Pattern)>, (field, p)| match best {
+            Some((_, b)) if (b.literal(), b.prefix().len()) >= (p.literal(), p.prefix().len()) => best,
+            _ => Some((field, p)),
         })
+        .map(|(field, p)| (field, p.prefix()))
     }
 
     fn is_empty(&self) -> bool {
@@ -779,6 +781,11 @@ impl Pattern {
     /// The glob as written (after normalization for fingerprints).
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// Whether the glob has no `*`: it matches one value.
+    pub fn literal(&self) -> bool {
+        self.parts.len() == 1
     }
 
     /// The glob's text before its first `*` (all of it, without one): every value it matches begins with it.
