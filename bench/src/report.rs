@@ -309,8 +309,8 @@ pub struct IdleFigures {
     pub rss_after_kib: u64,
     /// (after − before) / connections, KiB.
     pub per_connection_kib: f64,
-    /// The server's CPU time (user + system) from before the first connection until they were all set up and a
-    /// second more: TLS handshakes, HTTP/2 set-up and one Range each, s.
+    /// The server's CPU time (user + system) from before the first connection until they were all set up: TLS
+    /// handshakes, HTTP/2 set-up and one Range each, s.
     pub setup_cpu_s: f64,
     /// `setup_cpu_s` / connections, µs: what a client's reconnect costs the server.
     pub cpu_us_per_connection: f64,

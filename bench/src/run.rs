@@ -856,6 +856,8 @@ impl Bench {
             LoadEvent::Failed { message } => return Err(format!("idle case: {message}").into()),
             other => return Err(format!("idle case: expected ready, got {other:?}").into()),
         };
+        // The set-up's CPU ends here (the second below would add the server's idle work to it).
+        let ready = procfs::sample(pid)?;
         // Let the server settle (handshake buffers freed, HTTP/2 settings exchanged).
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = procfs::sample(pid)?;
@@ -863,7 +865,7 @@ impl Bench {
         drop(stdin);
         let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
         let delta = after.rss_kib as f64 - before.rss_kib as f64;
-        let setup_cpu_s = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / self.clk_tck as f64;
+        let setup_cpu_s = ready.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / self.clk_tck as f64;
         let per_connection = |total: f64| if connections > 0 { total / connections as f64 } else { 0.0 };
         let figures = IdleFigures {
             server: label.to_string(),
