@@ -126,8 +126,9 @@ EOF
     dump=$(ls -t "$run"/callgrind.out.* 2> /dev/null | head -1)
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
     requests=$((after - before))
-    out="$root/target/instructions-$(basename "$bin")-$workload$([ "$policy_roles" -gt 0 ] && echo "-$policy_roles-roles").callgrind"
+    suffix=""; if [ "$policy_roles" -gt 0 ]; then suffix="-$policy_roles-roles"; fi
+    out="$root/target/instructions-$(basename "$bin")-$workload$suffix.callgrind"
     cp "$dump" "$out"
-    label=$workload; [ "$policy_roles" -gt 0 ] && label="$workload, $policy_roles roles"
+    label=$workload; if [ "$policy_roles" -gt 0 ]; then label="$workload, $policy_roles roles"; fi
     echo "$bin $label: $requests requests, $((total / (requests > 0 ? requests : 1))) instructions per request ($out)"
 done
