@@ -714,6 +714,56 @@ pub async fn bare_h2(h: &Harness, who: &ClientCert, ping_every: Option<Duration>
     Ok(BareH2(send))
 }
 
+/// The proxy binary serving in front of `etcd` as a process of its own (to send it signals): `bin` is the test
+/// crate's `guard-under-test` (`env!("CARGO_BIN_EXE_guard-under-test")`, which only tests see), with `policy`,
+/// auditing to `audit/audit.log`, metrics on a port of its own and `extra` configuration lines. Returns once both
+/// listeners accept connections.
+pub fn proxy_process(bin: &str, pki: &Pki, etcd: &Etcd, policy: &str, extra: &str) -> TestResult<ProxyProcess> {
+    let (port, metrics_port) = (free_port()?, free_port()?);
+    std::fs::write(pki.path("policy.yaml"), policy)?;
+    std::fs::write(
+        pki.path("etcd-guard.yaml"),
+        format!(
+            r#"listen: "127.0.0.1:{port}"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
+policy_file: policy.yaml
+audit: {{ file: audit/audit.log }}
+metrics_listen: "127.0.0.1:{metrics_port}"
+{extra}{}"#,
+            etcd.client_url,
+            watch_matrix("")
+        ),
+    )?;
+    let log = std::fs::File::create(pki.path("proxy.log"))?;
+    let mut child = Command::new(bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(pki.path("etcd-guard.yaml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let addr = format!("127.0.0.1:{port}");
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() || std::net::TcpStream::connect(metrics_addr).is_err() {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(ProxyProcess { child, addr, metrics_addr })
+}
+
+/// A proxy started by [`proxy_process`].
+pub struct ProxyProcess {
+    pub child: Child,
+    /// `127.0.0.1:port` of its client listener.
+    pub addr: String,
+    pub metrics_addr: SocketAddr,
+}
+
 /// A plain HTTP/1.1 GET (for the metrics listener): `(status, body)`.
 pub fn http_get(addr: SocketAddr, path: &str) -> TestResult<(u16, String)> {
     use std::io::{Read, Write};

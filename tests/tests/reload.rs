@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use etcd_client::WatchOptions;
 use etcd_guard::config::Config;
 use etcd_guard::server::{Proxy, Running};
-use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, free_port, http_get, watch_matrix};
+use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get, proxy_process, watch_matrix};
 
 /// How long a test waits for an answer that depends on a paused etcd and a reload.
 const WAIT_LONG: Duration = Duration::from_secs(30);
@@ -611,39 +611,10 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
 
     let pki = Pki::new()?;
     let etcd = Etcd::start(&pki)?;
-    std::fs::write(pki.path("policy.yaml"), BEFORE)?;
-    let (port, metrics_port) = (free_port()?, free_port()?);
-    std::fs::write(
-        pki.path("etcd-guard.yaml"),
-        format!(
-            r#"listen: "127.0.0.1:{port}"
-tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
-upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
-policy_file: policy.yaml
-metrics_listen: "127.0.0.1:{metrics_port}"
-reload_check_interval_ms: 0
-audit: {{ file: audit/audit.log }}
-{}"#,
-            etcd.client_url,
-            watch_matrix("")
-        ),
-    )?;
-    let log = std::fs::File::create(pki.path("proxy.log"))?;
-    let proxy = std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
-        .args(["serve", "--config"])
-        .arg(pki.path("etcd-guard.yaml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let mut proxy = KillOnDrop(proxy);
-    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(metrics_addr, "/healthz").is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let proxy =
+        proxy_process(env!("CARGO_BIN_EXE_guard-under-test"), &pki, &etcd, BEFORE, "reload_check_interval_ms: 0\n")?;
+    let (port, metrics_addr) = (proxy.addr.clone(), proxy.metrics_addr);
+    let mut proxy = KillOnDrop(proxy.child);
     let reloads = |result: &str| -> TestResult<f64> {
         let (_, body) = http_get(metrics_addr, "/metrics")?;
         let prefix = format!("etcd_guard_reloads_total{{result=\"{result}\"}}");
@@ -668,7 +639,7 @@ audit: {{ file: audit/audit.log }}
         .with_tls(pki.client_tls(&cilium)?)
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(5));
-    let mut c = etcd_client::Client::connect([format!("https://127.0.0.1:{port}")], Some(opts)).await?;
+    let mut c = etcd_client::Client::connect([format!("https://{port}")], Some(opts)).await?;
     assert_eq!(c.get("shared/a", None).await?.kvs().len(), 0);
     assert_eq!(reloads("ok")?, 0.0, "the reload is still reading");
 

@@ -1,10 +1,10 @@
 //! SIGTERM under load: the proxy runs as its own process; every request it answered has its audit record.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use etcd_guard_tests::{Etcd, Pki, TEST_POLICY, TestResult, free_port, watch_matrix};
+use etcd_guard_tests::{Etcd, Pki, TEST_POLICY, TestResult, proxy_process};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,40 +208,8 @@ async fn a_waiting_lock_and_an_observe_stream_do_not_hold_the_drain() -> TestRes
 
 /// Start the proxy binary in front of `etcd` (`extra`: more configuration lines); wait until it listens.
 fn start_proxy(pki: &Pki, etcd: &Etcd, extra: &str) -> TestResult<(Child, String)> {
-    let port = free_port()?;
-    std::fs::write(pki.path("policy.yaml"), TEST_POLICY)?;
-    std::fs::write(
-        pki.path("etcd-guard.yaml"),
-        format!(
-            r#"listen: "127.0.0.1:{port}"
-tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
-upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
-policy_file: policy.yaml
-audit: {{ file: audit/audit.log }}
-metrics_listen: "127.0.0.1:0"
-{extra}{}"#,
-            etcd.client_url,
-            watch_matrix("")
-        ),
-    )?;
-    let log = std::fs::File::create(pki.path("proxy.log"))?;
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_guard-under-test"))
-        .arg("serve")
-        .arg("--config")
-        .arg(pki.path("etcd-guard.yaml"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline || proxy.try_wait()?.is_some() {
-            let _ = proxy.kill();
-            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((proxy, addr))
+    let proxy = proxy_process(env!("CARGO_BIN_EXE_guard-under-test"), pki, etcd, TEST_POLICY, extra)?;
+    Ok((proxy.child, proxy.addr))
 }
 
 fn term(proxy: &Child) -> TestResult {
