@@ -73,8 +73,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Time from arrival to answer of unary calls and stream messages.
     pub latency: Family<RpcLabels, Histogram>,
-    /// Time from sending a unary call to etcd until its whole answer was read: `latency` minus this is what the
-    /// proxy adds.
+    /// Time from sending an allowed unary call to etcd until its whole answer was read or the call was dropped:
+    /// `latency` (which counts denied calls too) minus this is about what the proxy adds.
     pub upstream_latency: Family<RpcLabels, Histogram>,
     /// Denials not enforced because of `audit-only` bindings.
     pub would_deny: Family<RpcLabels, Counter>,
@@ -194,8 +194,9 @@ impl Metrics {
         );
         registry.register_with_unit(
             "upstream_duration",
-            "Time from sending a unary call to etcd until its whole answer was read (calls made again on another \
-             endpoint included); request_duration minus this is what the proxy adds",
+            "Time from sending an allowed unary call to etcd (its encoding and its wait for the HTTP/2 connection \
+             included, and calls made again on another endpoint) until its whole answer was read or the call was \
+             dropped; request_duration, which counts denied calls too, minus this is about what the proxy adds",
             Unit::Seconds,
             upstream_latency.clone(),
         );

@@ -451,6 +451,19 @@ async fn a_call_canceled_after_it_was_forwarded_is_recorded() -> TestResult {
     let put = tokio::time::timeout(Duration::from_millis(500), c.put("forwarded", SECRET, None)).await;
     assert!(put.is_err(), "etcd answered while paused: {put:?}");
     h.etcd.resume()?;
+    // etcd's part is timed for the dropped call too, as `request_duration` counts it: the warm-up put and this one.
+    let metrics_addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics listener")?;
+    let count = r#"etcd_guard_upstream_duration_seconds_count{rpc="KV/Put"} "#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = etcd_guard_tests::http_get(metrics_addr, "/metrics")?;
+        let puts = metrics.lines().find_map(|l| l.strip_prefix(count)).and_then(|v| v.parse::<f64>().ok());
+        if puts == Some(2.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "puts timed at etcd: {puts:?}\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Whether etcd applied it depends on whether it read the request before the reset (here: usually not).
     h.stop_proxy().await;
     let records = read_chain(&h.audit_dir())?;

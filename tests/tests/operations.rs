@@ -38,6 +38,7 @@ async fn health_readiness_and_metrics() -> TestResult {
     for i in 0..3 {
         a.put(format!("m/{i}"), "v", None).await?;
     }
+    a.member_list().await?;
     let mut c = h.client(&h.cilium()?).await?;
     assert!(c.get("m/0", None).await.is_err());
     let mut w = c.watch("cilium/", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
@@ -55,6 +56,9 @@ async fn health_readiness_and_metrics() -> TestResult {
     let put = r#"{rpc="KV/Put"}"#;
     assert_eq!(sample(&metrics, &format!("etcd_guard_upstream_duration_seconds_count{put}")), Some(3.0), "{metrics}");
     assert!(!metrics.contains(r#"etcd_guard_upstream_duration_seconds_count{rpc="KV/Range"}"#), "{metrics}");
+    // MemberList, whose answer the proxy rewrites, asks etcd too.
+    let members = r#"etcd_guard_upstream_duration_seconds_count{rpc="Cluster/MemberList"}"#;
+    assert_eq!(sample(&metrics, members), Some(1.0), "{metrics}");
     let etcd_part = sample(&metrics, &format!("etcd_guard_upstream_duration_seconds_sum{put}")).unwrap_or(-1.0);
     let whole = sample(&metrics, &format!("etcd_guard_request_duration_seconds_sum{put}")).unwrap_or(-1.0);
     assert!(etcd_part > 0.0 && etcd_part <= whole, "{etcd_part} of {whole}: {metrics}");

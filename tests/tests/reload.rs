@@ -613,7 +613,7 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
     let etcd = Etcd::start(&pki)?;
     let proxy =
         proxy_process(env!("CARGO_BIN_EXE_guard-under-test"), &pki, &etcd, BEFORE, "reload_check_interval_ms: 0\n")?;
-    let (port, metrics_addr) = (proxy.addr.clone(), proxy.metrics_addr);
+    let (addr, metrics_addr) = (proxy.addr.clone(), proxy.metrics_addr);
     let mut proxy = KillOnDrop(proxy.child);
     let reloads = |result: &str| -> TestResult<f64> {
         let (_, body) = http_get(metrics_addr, "/metrics")?;
@@ -639,7 +639,7 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
         .with_tls(pki.client_tls(&cilium)?)
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(5));
-    let mut c = etcd_client::Client::connect([format!("https://{port}")], Some(opts)).await?;
+    let mut c = etcd_client::Client::connect([format!("https://{addr}")], Some(opts)).await?;
     assert_eq!(c.get("shared/a", None).await?.kvs().len(), 0);
     assert_eq!(reloads("ok")?, 0.0, "the reload is still reading");
 

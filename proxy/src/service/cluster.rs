@@ -18,10 +18,10 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
                 req,
                 MEMBER_LIST,
                 authz::member_list,
-                |msg, meta| async move {
+                |rpc, msg, meta| async move {
                     // Ask etcd anyway: the header (cluster id, revision) is real and an unreachable etcd is reported.
                     let upstream: pb::MemberListResponse =
-                        g.shared.upstream.unary_decoded(MEMBER_LIST, msg, &meta).await?;
+                        g.timed(rpc, g.shared.upstream.unary_decoded(MEMBER_LIST, msg, &meta)).await?;
                     let answer = pb::MemberListResponse {
                         header: upstream.header,
                         members: advertised_members(&g.shared.advertise_client_urls),

@@ -731,17 +731,13 @@ impl Guard {
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
     {
-        let rpc = rpc_name(path);
-        self.unary_answered(
-            req,
-            path,
-            authorize,
-            |msg: M, meta| async move { self.forward(rpc, path, msg, &meta).await },
-        )
+        self.unary_answered(req, path, authorize, |rpc, msg: M, meta| async move {
+            self.forward(rpc, path, msg, &meta).await
+        })
         .await
     }
 
-    /// Forward a checked unary call to etcd; the time etcd took goes to `upstream_duration_seconds`.
+    /// Forward a checked unary call to etcd, [`Guard::timed`].
     async fn forward<M: prost::Message>(
         &self,
         rpc: &'static str,
@@ -749,10 +745,15 @@ impl Guard {
         msg: M,
         meta: &CallMeta,
     ) -> Result<Framed, Status> {
-        let sent = Instant::now();
-        let answered = self.shared.upstream.unary(path, msg, meta).await;
-        self.conn.metrics.observe_upstream(&self.shared.metrics, rpc, sent.elapsed().as_secs_f64());
-        answered
+        self.timed(rpc, self.shared.upstream.unary(path, msg, meta)).await
+    }
+
+    /// Await a call to etcd made for a client's call of `rpc`; the time it took goes to
+    /// `upstream_duration_seconds`, also when the call is dropped before etcd answered (the client went away, a
+    /// reload withdrew a waiting Lock), as `request_duration_seconds` counts such calls too.
+    pub async fn timed<T>(&self, rpc: &'static str, call: impl Future<Output = T>) -> T {
+        let _timer = UpstreamTimer { guard: self, rpc, sent: Instant::now() };
+        call.await
     }
 
     /// A unary RPC forwarded to etcd whose answer is checked too, where `inspected.0` says so for the request:
@@ -811,7 +812,7 @@ impl Guard {
     where
         M: prost::Message + Default + Describe + Send + Sync + 'static,
         F: FnOnce(&M) -> Result<Needs, Status> + Send,
-        A: FnOnce(M, CallMeta) -> Fut + Send,
+        A: FnOnce(&'static str, M, CallMeta) -> Fut + Send,
         Fut: Future<Output = Result<Framed, Status>> + Send,
     {
         let (msg, meta, at) = match self.read_unary::<M>(req, path).await {
@@ -822,7 +823,7 @@ impl Guard {
         let rpc = rpc_name(path);
         let answered = async {
             let (verdict, forwarding, _permit) = self.check(rpc, None, &msg, needs, &meta, at).await?;
-            let answered = answer(msg, meta).await;
+            let answered = answer(rpc, msg, meta).await;
             self.finish(forwarding, verdict, answered).await
         };
         unary_answer(answered.await)
@@ -1182,6 +1183,22 @@ impl Drop for Forwarding<'_> {
             r.latency_us = self.at.micros();
             self.guard.shared.audit.submit_now(r);
         }
+    }
+}
+
+/// Times a call to etcd ([`Guard::timed`]): observed when dropped, whether etcd answered or not.
+struct UpstreamTimer<'a> {
+    guard: &'a Guard,
+    rpc: &'static str,
+    sent: Instant,
+}
+
+// === impl UpstreamTimer ===
+
+impl Drop for UpstreamTimer<'_> {
+    fn drop(&mut self) {
+        let seconds = self.sent.elapsed().as_secs_f64();
+        self.guard.conn.metrics.observe_upstream(&self.guard.shared.metrics, self.rpc, seconds);
     }
 }
 
