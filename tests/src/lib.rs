@@ -736,7 +736,7 @@ metrics_listen: "127.0.0.1:{metrics_port}"
         ),
     )?;
     let log = std::fs::File::create(pki.path("proxy.log"))?;
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .arg("serve")
         .arg("--config")
         .arg(pki.path("etcd-guard.yaml"))
@@ -745,23 +745,32 @@ metrics_listen: "127.0.0.1:{metrics_port}"
         .spawn()?;
     let addr = format!("127.0.0.1:{port}");
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let mut proxy = ProxyProcess { child, addr, metrics_addr };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() || std::net::TcpStream::connect(metrics_addr).is_err() {
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            let _ = child.kill();
-            return Err(format!("proxy did not start: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
+    while std::net::TcpStream::connect(&proxy.addr).is_err() || std::net::TcpStream::connect(metrics_addr).is_err() {
+        if Instant::now() > deadline || proxy.child.try_wait()?.is_some() {
+            let log = std::fs::read_to_string(pki.path("proxy.log")).unwrap_or_default();
+            return Err(format!("proxy did not start: {log}").into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(ProxyProcess { child, addr, metrics_addr })
+    Ok(proxy)
 }
 
-/// A proxy started by [`proxy_process`].
+/// A proxy started by [`proxy_process`]; killed (if still running) and reaped when dropped, so a failing test does
+/// not leave it behind.
 pub struct ProxyProcess {
     pub child: Child,
     /// `127.0.0.1:port` of its client listener.
     pub addr: String,
     pub metrics_addr: SocketAddr,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A plain HTTP/1.1 GET (for the metrics listener): `(status, body)`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use etcd_client::WatchOptions;
 use etcd_guard::config::Config;
 use etcd_guard::server::{Proxy, Running};
-use etcd_guard_tests::{ClientCert, Etcd, Pki, TestResult, http_get, proxy_process, watch_matrix};
+use etcd_guard_tests::{ClientCert, Etcd, Pki, ProxyProcess, TestResult, http_get, proxy_process, watch_matrix};
 
 /// How long a test waits for an answer that depends on a paused etcd and a reload.
 const WAIT_LONG: Duration = Duration::from_secs(30);
@@ -611,10 +611,9 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
 
     let pki = Pki::new()?;
     let etcd = Etcd::start(&pki)?;
-    let proxy =
+    let mut proxy =
         proxy_process(env!("CARGO_BIN_EXE_guard-under-test"), &pki, &etcd, BEFORE, "reload_check_interval_ms: 0\n")?;
     let (addr, metrics_addr) = (proxy.addr.clone(), proxy.metrics_addr);
-    let mut proxy = KillOnDrop(proxy.child);
     let reloads = |result: &str| -> TestResult<f64> {
         let (_, body) = http_get(metrics_addr, "/metrics")?;
         let prefix = format!("etcd_guard_reloads_total{{result=\"{result}\"}}");
@@ -663,11 +662,11 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
     assert!(made.success(), "mkfifo: {made}");
     std::fs::rename(&fifo, pki.path("policy.yaml"))?;
     let _held = reading_fifo(&proxy, &pki.path("policy.yaml"))?;
-    let term = std::process::Command::new("kill").args(["-TERM", &proxy.0.id().to_string()]).status()?;
+    let term = std::process::Command::new("kill").args(["-TERM", &proxy.child.id().to_string()]).status()?;
     assert!(term.success(), "kill -TERM: {term}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = proxy.0.try_wait()? {
+        if let Some(status) = proxy.child.try_wait()? {
             break status;
         }
         if Instant::now() > deadline {
@@ -681,9 +680,9 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
 
 /// Send SIGHUP to `proxy` and return the write end of `fifo` (its policy file) once the reload has opened it: the
 /// reload then waits in its read for as long as the write end is held open without a write.
-fn reading_fifo(proxy: &KillOnDrop, fifo: &std::path::Path) -> TestResult<std::fs::File> {
+fn reading_fifo(proxy: &ProxyProcess, fifo: &std::path::Path) -> TestResult<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let hup = std::process::Command::new("kill").args(["-HUP", &proxy.0.id().to_string()]).status()?;
+    let hup = std::process::Command::new("kill").args(["-HUP", &proxy.child.id().to_string()]).status()?;
     assert!(hup.success(), "kill -HUP: {hup}");
     // Opening a FIFO without blocking for writing succeeds once a reader has it open: the reload is reading.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -698,13 +697,3 @@ fn reading_fifo(proxy: &KillOnDrop, fifo: &std::path::Path) -> TestResult<std::f
 
 /// `O_NONBLOCK` on Linux.
 const O_NONBLOCK: i32 = 0o4000;
-
-/// A child process killed when the test ends, also on failure.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
