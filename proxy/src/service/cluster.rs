@@ -20,8 +20,10 @@ pub async fn route(g: &Guard, method: &str, req: HttpRequest) -> Option<Answer> 
                 authz::member_list,
                 |rpc, msg, meta| async move {
                     // Ask etcd anyway: the header (cluster id, revision) is real and an unreachable etcd is reported.
+                    let timer = g.upstream_timer(rpc);
                     let upstream: pb::MemberListResponse =
-                        g.timed(rpc, g.shared.upstream.unary_decoded(MEMBER_LIST, msg, &meta)).await?;
+                        g.shared.upstream.unary_decoded(MEMBER_LIST, msg, &meta).await?;
+                    drop(timer);
                     let answer = pb::MemberListResponse {
                         header: upstream.header,
                         members: advertised_members(&g.shared.advertise_client_urls),

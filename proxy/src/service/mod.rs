@@ -737,7 +737,7 @@ impl Guard {
         .await
     }
 
-    /// Forward a checked unary call to etcd, [`Guard::timed`].
+    /// Forward a checked unary call to etcd, timed ([`Guard::upstream_timer`]).
     async fn forward<M: prost::Message>(
         &self,
         rpc: &'static str,
@@ -745,15 +745,16 @@ impl Guard {
         msg: M,
         meta: &CallMeta,
     ) -> Result<Framed, Status> {
-        self.timed(rpc, self.shared.upstream.unary(path, msg, meta)).await
+        let _timer = self.upstream_timer(rpc);
+        self.shared.upstream.unary(path, msg, meta).await
     }
 
-    /// Await a call to etcd made for a client's call of `rpc`; the time it took goes to
+    /// Times a call to etcd made for a client's call of `rpc` until it is dropped: the time goes to
     /// `upstream_duration_seconds`, also when the call is dropped before etcd answered (the client went away, a
-    /// reload withdrew a waiting Lock), as `request_duration_seconds` counts such calls too.
-    pub async fn timed<T>(&self, rpc: &'static str, call: impl Future<Output = T>) -> T {
-        let _timer = UpstreamTimer { guard: self, rpc, sent: Instant::now() };
-        call.await
+    /// reload withdrew a waiting Lock), as `request_duration_seconds` counts such calls too. A guard rather than a
+    /// wrapping `async fn`, which would hold the call's future twice (as its argument and as what it awaits).
+    pub fn upstream_timer(&self, rpc: &'static str) -> UpstreamTimer<'_> {
+        UpstreamTimer { guard: self, rpc, sent: Instant::now() }
     }
 
     /// A unary RPC forwarded to etcd whose answer is checked too, where `inspected.0` says so for the request:
@@ -1186,8 +1187,8 @@ impl Drop for Forwarding<'_> {
     }
 }
 
-/// Times a call to etcd ([`Guard::timed`]): observed when dropped, whether etcd answered or not.
-struct UpstreamTimer<'a> {
+/// Times a call to etcd ([`Guard::upstream_timer`]): observed when dropped, whether etcd answered or not.
+pub struct UpstreamTimer<'a> {
     guard: &'a Guard,
     rpc: &'static str,
     sent: Instant,
