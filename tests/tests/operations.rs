@@ -39,6 +39,11 @@ async fn health_readiness_and_metrics() -> TestResult {
         a.put(format!("m/{i}"), "v", None).await?;
     }
     a.member_list().await?;
+    // A call whose answer is inspected (TimeToLive) and one that may wait at etcd (Lock) are timed too.
+    let lease = a.lease_grant(60, None).await?.id();
+    a.lease_time_to_live(lease, None).await?;
+    let lock = a.lock("m-lock", Some(etcd_client::LockOptions::new().with_lease(lease))).await?;
+    a.unlock(lock.key()).await?;
     let mut c = h.client(&h.cilium()?).await?;
     assert!(c.get("m/0", None).await.is_err());
     let mut w = c.watch("cilium/", Some(etcd_client::WatchOptions::new().with_prefix())).await?;
@@ -57,8 +62,10 @@ async fn health_readiness_and_metrics() -> TestResult {
     assert_eq!(sample(&metrics, &format!("etcd_guard_upstream_duration_seconds_count{put}")), Some(3.0), "{metrics}");
     assert!(!metrics.contains(r#"etcd_guard_upstream_duration_seconds_count{rpc="KV/Range"}"#), "{metrics}");
     // MemberList, whose answer the proxy rewrites, asks etcd too.
-    let members = r#"etcd_guard_upstream_duration_seconds_count{rpc="Cluster/MemberList"}"#;
-    assert_eq!(sample(&metrics, members), Some(1.0), "{metrics}");
+    for rpc in ["Cluster/MemberList", "Lease/LeaseTimeToLive", "Lock/Lock", "Lock/Unlock"] {
+        let count = format!(r#"etcd_guard_upstream_duration_seconds_count{{rpc="{rpc}"}}"#);
+        assert_eq!(sample(&metrics, &count), Some(1.0), "{rpc}: {metrics}");
+    }
     let etcd_part = sample(&metrics, &format!("etcd_guard_upstream_duration_seconds_sum{put}")).unwrap_or(-1.0);
     let whole = sample(&metrics, &format!("etcd_guard_request_duration_seconds_sum{put}")).unwrap_or(-1.0);
     assert!(etcd_part > 0.0 && etcd_part <= whole, "{etcd_part} of {whole}: {metrics}");
