@@ -5,8 +5,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -126,9 +126,9 @@ pub struct Metrics {
 /// families, so `/metrics` shows the same numbers.
 #[derive(Default)]
 pub struct RequestHandles {
-    seen: std::sync::Mutex<Vec<(RequestLabels, Counter, Histogram)>>,
+    seen: Mutex<Vec<(RequestLabels, (Counter, Histogram))>>,
     /// The upstream latency histogram of each RPC forwarded.
-    upstream: std::sync::Mutex<Vec<(&'static str, Histogram)>>,
+    upstream: Mutex<Vec<(&'static str, Histogram)>>,
 }
 
 /// Label sets a connection keeps handles for; further ones are looked up in the families each time.
@@ -139,33 +139,40 @@ const MAX_HANDLES: usize = 32;
 impl RequestHandles {
     /// Count one request and its latency.
     pub fn observe(&self, metrics: &Metrics, labels: RequestLabels, seconds: f64) {
-        let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((_, counter, latency)) = seen.iter().find(|(l, ..)| *l == labels) {
+        let make = |labels: &RequestLabels| {
+            let counter = metrics.requests.get_or_create(labels).clone();
+            (counter, metrics.latency.get_or_create(&RpcLabels { rpc: labels.rpc }).clone())
+        };
+        with_handle(&self.seen, labels, make, |(counter, latency)| {
             counter.inc();
             latency.observe(seconds);
-            return;
-        }
-        let counter = metrics.requests.get_or_create(&labels).clone();
-        let latency = metrics.latency.get_or_create(&RpcLabels { rpc: labels.rpc }).clone();
-        counter.inc();
-        latency.observe(seconds);
-        if seen.len() < MAX_HANDLES {
-            seen.push((labels, counter, latency));
-        }
+        });
     }
 
     /// The time etcd took to answer a unary call of `rpc`.
     pub fn observe_upstream(&self, metrics: &Metrics, rpc: &'static str, seconds: f64) {
-        let mut seen = self.upstream.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((_, latency)) = seen.iter().find(|(r, _)| *r == rpc) {
-            latency.observe(seconds);
-            return;
-        }
-        let latency = metrics.upstream_latency.get_or_create(&RpcLabels { rpc }).clone();
-        latency.observe(seconds);
-        if seen.len() < MAX_HANDLES {
-            seen.push((rpc, latency));
-        }
+        let make = |&rpc: &&'static str| metrics.upstream_latency.get_or_create(&RpcLabels { rpc }).clone();
+        with_handle(&self.upstream, rpc, make, |latency| latency.observe(seconds));
+    }
+}
+
+/// `apply` to the handle `cache` keeps for `key`; the first time, to the one `make` gives, which is kept (up to
+/// [`MAX_HANDLES`] of them).
+fn with_handle<K: PartialEq, V>(
+    cache: &Mutex<Vec<(K, V)>>,
+    key: K,
+    make: impl FnOnce(&K) -> V,
+    apply: impl FnOnce(&V),
+) {
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, handle)) = cache.iter().find(|(k, _)| *k == key) {
+        apply(handle);
+        return;
+    }
+    let handle = make(&key);
+    apply(&handle);
+    if cache.len() < MAX_HANDLES {
+        cache.push((key, handle));
     }
 }
 
