@@ -766,6 +766,32 @@ pub struct ProxyProcess {
     pub metrics_addr: SocketAddr,
 }
 
+impl ProxyProcess {
+    /// Send the proxy `signal` (`"TERM"`, `"HUP"`, …).
+    pub fn signal(&self, signal: &str) -> TestResult {
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status()?;
+        if !sent.success() {
+            return Err(format!("kill -{signal}: {sent}").into());
+        }
+        Ok(())
+    }
+
+    /// Wait (at most `limit`) for the proxy to exit; killed if it does not.
+    pub fn wait_exit(&mut self, limit: Duration) -> TestResult<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err(format!("the proxy did not exit within {limit:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

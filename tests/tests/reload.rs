@@ -662,18 +662,10 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
     assert!(made.success(), "mkfifo: {made}");
     std::fs::rename(&fifo, pki.path("policy.yaml"))?;
     let _held = reading_fifo(&proxy, &pki.path("policy.yaml"))?;
-    let term = std::process::Command::new("kill").args(["-TERM", &proxy.child.id().to_string()]).status()?;
-    assert!(term.success(), "kill -TERM: {term}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = proxy.child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            return Err("the proxy did not exit in 20 s after SIGTERM while a reload waited for its file".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    proxy.signal("TERM")?;
+    let status = proxy
+        .wait_exit(Duration::from_secs(20))
+        .map_err(|e| format!("{e}, after SIGTERM while a reload waited for its file"))?;
     assert!(status.success(), "{status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
     Ok(())
 }
@@ -682,8 +674,7 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
 /// reload then waits in its read for as long as the write end is held open without a write.
 fn reading_fifo(proxy: &ProxyProcess, fifo: &std::path::Path) -> TestResult<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let hup = std::process::Command::new("kill").args(["-HUP", &proxy.child.id().to_string()]).status()?;
-    assert!(hup.success(), "kill -HUP: {hup}");
+    proxy.signal("HUP")?;
     // Opening a FIFO without blocking for writing succeeds once a reader has it open: the reload is reading.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

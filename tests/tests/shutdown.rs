@@ -1,7 +1,6 @@
 //! SIGTERM under load: the proxy runs as its own process; every request it answered has its audit record.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use etcd_guard_tests::{Etcd, Pki, ProxyProcess, TEST_POLICY, TestResult, proxy_process};
@@ -67,12 +66,12 @@ async fn sigterm_under_load_loses_no_record_of_an_answered_request() -> TestResu
     });
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    term(&proxy.child)?;
+    proxy.signal("TERM")?;
     let mut answered = BTreeSet::new();
     for t in tasks {
         answered.extend(t.await?);
     }
-    let status = wait_exit(&mut proxy.child, Duration::from_secs(20))?;
+    let status = proxy.wait_exit(Duration::from_secs(20))?;
     assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
     assert!(answered.len() > 50, "too little load to mean anything: {}", answered.len());
     let ended = tokio::time::timeout(Duration::from_secs(10), watch_end).await??;
@@ -113,11 +112,11 @@ async fn a_second_sigterm_ends_the_drain_at_once() -> TestResult {
     etcd.pause()?;
     let stuck = tokio::spawn(async move { c.put("drain/stuck", "v", None).await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    term(&proxy.child)?;
+    proxy.signal("TERM")?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let still_draining = proxy.child.try_wait()?.is_none();
-    term(&proxy.child)?;
-    let exited = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    proxy.signal("TERM")?;
+    let exited = proxy.wait_exit(Duration::from_secs(10));
     etcd.resume()?;
     let status = exited?;
     assert!(still_draining, "the proxy exited before its drain ended: nothing was tested");
@@ -169,8 +168,8 @@ async fn a_waiting_lock_and_an_observe_stream_do_not_hold_the_drain() -> TestRes
     assert!(!waiting.is_finished(), "the lock was granted: nothing waits");
 
     let asked = Instant::now();
-    term(&proxy.child)?;
-    let status = wait_exit(&mut proxy.child, Duration::from_secs(30))?;
+    proxy.signal("TERM")?;
+    let status = proxy.wait_exit(Duration::from_secs(30))?;
     assert!(status.success(), "exit status {status}: {}", std::fs::read_to_string(pki.path("proxy.log"))?);
     assert!(asked.elapsed() < Duration::from_secs(30), "the drain waited for them");
     let locked = tokio::time::timeout(Duration::from_secs(10), waiting).await??;
@@ -211,27 +210,4 @@ fn start_proxy(pki: &Pki, etcd: &Etcd, extra: &str) -> TestResult<(ProxyProcess,
     let proxy = proxy_process(env!("CARGO_BIN_EXE_guard-under-test"), pki, etcd, TEST_POLICY, extra)?;
     let addr = proxy.addr.clone();
     Ok((proxy, addr))
-}
-
-fn term(proxy: &Child) -> TestResult {
-    let term = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status()?;
-    if !term.success() {
-        return Err(format!("kill -TERM: {term}").into());
-    }
-    Ok(())
-}
-
-/// Wait (at most `limit`) for the proxy to exit; killed if it does not.
-fn wait_exit(proxy: &mut Child, limit: Duration) -> TestResult<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = proxy.try_wait()? {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            let _ = proxy.kill();
-            return Err(format!("the proxy did not exit within {limit:?}").into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
