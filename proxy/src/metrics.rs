@@ -106,6 +106,8 @@ pub struct Metrics {
     pub crl_next_update: Gauge,
     /// Reloads of the policy and certificates, by result.
     pub reloads: Family<ResultLabels, Counter>,
+    /// 1 while a reload round reads and checks its files.
+    pub reload_in_progress: Gauge,
     /// Requests refused by a limit, by limit.
     pub limited: Family<LimitLabels, Counter>,
     /// Lookups of a lease's keys at etcd (`LeaseTimeToLive` with keys) made to check a lease request.
@@ -277,6 +279,13 @@ impl Metrics {
         );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Reloads of policy and certificates, by result", reloads.clone());
+        let reload_in_progress = Gauge::default();
+        registry.register(
+            "reload_in_progress",
+            "1 while a reload reads and checks its files (normally for at most a few seconds); later SIGHUPs and \
+             file changes wait for it, so a value that stays 1 means new policies and certificates are not applied",
+            reload_in_progress.clone(),
+        );
         let limited = Family::<LimitLabels, Counter>::default();
         registry.register("limited", "Requests refused with ResourceExhausted, by limit", limited.clone());
         let lease_lookups = Counter::default();
@@ -340,6 +349,7 @@ impl Metrics {
             certificate_expiry,
             crl_next_update,
             reloads,
+            reload_in_progress,
             limited,
             lease_lookups,
             lease_lookup_waits,

@@ -4,8 +4,9 @@
 //! Each part is loaded in full before it replaces the old one; a part that fails to load is refused with a log
 //! line and a metric, and the previous one stays in force.
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, watch};
@@ -29,7 +30,16 @@ pub struct Reloader {
     /// it is worth a warning.
     config_stamp: Option<Stamp>,
     config_bytes: Option<Vec<u8>>,
+    /// The part the round in progress is loading, for the warnings of a slow round.
+    loading: Arc<Loading>,
 }
+
+/// The part being loaded now, if any.
+#[derive(Default)]
+struct Loading(Mutex<Option<Part>>);
+
+/// How long a round may load before a warning says it is still loading.
+const SLOW_ROUND: Duration = Duration::from_secs(30);
 
 /// Asks a running proxy to reload everything now.
 #[derive(Clone)]
@@ -85,7 +95,8 @@ impl Reloader {
         let stamps = files.into_iter().map(|(part, path)| (part, path.clone(), stamp(&path))).collect();
         let (config_stamp, config_bytes) = (stamp(&config.origin), std::fs::read(&config.origin).ok());
         let trigger = Arc::new(Notify::new());
-        Reloader { config, shared, acceptor, trust, trigger, stamps, config_stamp, config_bytes }
+        let loading = Arc::default();
+        Reloader { config, shared, acceptor, trust, trigger, stamps, config_stamp, config_bytes, loading }
     }
 
     pub fn handle(&self) -> ReloadHandle {
@@ -96,17 +107,25 @@ impl Reloader {
     ///
     /// The files are read, parsed and checked on a blocking thread, not on the runtime that runs this task: a
     /// policy of 10,000 roles takes about a second to parse, and the accept loop, the metrics and health
-    /// endpoints and the upstream probe share that runtime (a file that does not answer, such as a FIFO, would
-    /// stop them for good). Putting the loaded parts in force is a swap. A shutdown does not wait for a round.
+    /// endpoints and the upstream probe share that runtime (a file that does not answer, such as a FIFO or a hung
+    /// network mount, would stop them for good). Putting the loaded parts in force is a swap. A shutdown does not
+    /// wait for a round.
+    ///
+    /// One round at a time: a SIGHUP during a round is logged (a round that does not end holds back every later
+    /// reload, so the operator is told which part it is still loading) and makes another round once it ends;
+    /// `etcd_guard_reload_in_progress` is 1 meanwhile.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let every = self.config.reload_check_interval;
+        let (trigger, loading) = (self.trigger.clone(), self.loading.clone());
+        let in_progress = self.shared.metrics.reload_in_progress.clone();
         let mut reloader = self;
         loop {
             let requested = tokio::select! {
-                _ = reloader.trigger.notified() => true,
+                _ = trigger.notified() => true,
                 _ = sleep_or_forever(every) => false,
                 _ = stop.changed() => return,
             };
+            in_progress.set(1);
             let round = tokio::task::spawn_blocking(move || {
                 let changed = if requested {
                     info!("reload requested");
@@ -120,18 +139,37 @@ impl Reloader {
                 reloader.note_config_change();
                 reloader
             });
-            reloader = tokio::select! {
-                joined = round => match joined {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Only a panic (a bug) ends up here; the parts in force stay.
-                        error!(error = %e, "the reloader failed: no more reloads until etcd-guard restarts");
-                        return;
-                    }
-                },
-                // The round ends on its thread, or not at all: the shutdown does not wait for it (see `cli`).
-                _ = stop.changed() => return,
+            let meanwhile = |waiting, after: Duration| {
+                let part = loading.get().map(tracing::field::debug);
+                let seconds = after.as_secs();
+                match waiting {
+                    Waiting::Requested => warn!(
+                        part,
+                        seconds,
+                        "reload requested while the previous reload is still loading its files: it runs when that \
+                         one ends"
+                    ),
+                    Waiting::Slow => warn!(
+                        part,
+                        seconds,
+                        "a reload is still loading its files (a file that does not answer?); later reloads wait for it"
+                    ),
+                }
             };
+            // The round ends on its thread, or not at all: the shutdown does not wait for it (see `cli`).
+            let Some((joined, again)) = wait_round(round, &trigger, &mut stop, meanwhile).await else { return };
+            reloader = match joined {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not a panic of a part's loading (`reload` catches those): the round's own code.
+                    error!(error = %e, "the reloader failed: no more reloads until etcd-guard restarts");
+                    return;
+                }
+            };
+            in_progress.set(0);
+            if again {
+                trigger.notify_one();
+            }
         }
     }
 
@@ -172,9 +210,31 @@ impl Reloader {
         parts
     }
 
-    /// Load one part and put it in force, or keep the old one.
+    /// Load one part and put it in force, or keep the old one. A loader that panics (a bug) counts as a failed
+    /// reload like any other: the part in force stays, and later reloads still happen.
     pub fn reload(&self, part: Part) {
-        let result = match part {
+        self.loading.set(Some(part));
+        let result = unwound(|| self.load(part));
+        self.loading.set(None);
+        let metrics = &self.shared.metrics;
+        match result {
+            Ok(()) => {
+                match part {
+                    Part::Policy => info!(part = ?part, file = %self.config.policy_file.display(), "reloaded"),
+                    _ => info!(part = ?part, "reloaded"),
+                }
+                metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+            }
+            Err(e) => {
+                error!(part = ?part, error = %e, "reload refused; the previous version stays in force");
+                metrics.reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+            }
+        }
+    }
+
+    /// Load one part and put it in force.
+    fn load(&self, part: Part) -> Result<(), String> {
+        match part {
             // An editor or `cat >` empties the file before it writes the new one: a reload that comes in between
             // must not take every permission away (and cancel every watch): `load_in_force` refuses it.
             Part::Policy => match Policy::load_in_force(&self.config.policy_file) {
@@ -202,20 +262,70 @@ impl Reloader {
                     self.shared.upstream.replace(tls.channels)
                 })
                 .map_err(|e| e.to_string()),
-        };
-        let metrics = &self.shared.metrics;
-        match result {
-            Ok(()) => {
-                match part {
-                    Part::Policy => info!(part = ?part, file = %self.config.policy_file.display(), "reloaded"),
-                    _ => info!(part = ?part, "reloaded"),
-                }
-                metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+        }
+    }
+}
+
+// === impl Loading ===
+
+impl Loading {
+    fn set(&self, part: Option<Part>) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = part;
+    }
+
+    fn get(&self) -> Option<Part> {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// `load`'s result, or its panic as an error (the panic's message is logged by the panic hook too).
+fn unwound(load: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_string());
+            Err(format!("the loader failed (a bug in etcd-guard; please report it): {message}"))
+        }
+    }
+}
+
+/// What happens while a round loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// A reload was requested (it runs once the round ends).
+    Requested,
+    /// The round has been loading for [`SLOW_ROUND`], twice that, four times, …
+    Slow,
+}
+
+/// Wait for `round` to end, telling `meanwhile` of what happens meanwhile with the time since it began; `None` if
+/// `stop` changes first. With the round's result: whether a reload was requested meanwhile.
+async fn wait_round<T>(
+    round: impl Future<Output = T>,
+    trigger: &Notify,
+    stop: &mut watch::Receiver<bool>,
+    mut meanwhile: impl FnMut(Waiting, Duration),
+) -> Option<(T, bool)> {
+    let started = tokio::time::Instant::now();
+    let mut again = false;
+    let slow = tokio::time::sleep(SLOW_ROUND);
+    tokio::pin!(round, slow);
+    loop {
+        tokio::select! {
+            result = &mut round => return Some((result, again)),
+            _ = trigger.notified() => {
+                again = true;
+                meanwhile(Waiting::Requested, started.elapsed());
             }
-            Err(e) => {
-                error!(part = ?part, error = %e, "reload refused; the previous version stays in force");
-                metrics.reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+            _ = &mut slow => {
+                meanwhile(Waiting::Slow, started.elapsed());
+                slow.as_mut().reset(tokio::time::Instant::now() + started.elapsed());
             }
+            _ = stop.changed() => return None,
         }
     }
 }
@@ -237,4 +347,56 @@ fn stamp(path: &PathBuf) -> Option<Stamp> {
     #[cfg(not(unix))]
     let (inode, changed) = (0, (0, 0));
     Some(Stamp { modified: m.modified().ok(), len: m.len(), inode, changed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loader_that_panics_is_a_failed_reload() {
+        assert_eq!(unwound(|| Ok(())), Ok(()));
+        assert_eq!(unwound(|| Err("bad file".to_string())), Err("bad file".to_string()));
+        let e = unwound(|| panic!("index out of bounds")).err().unwrap_or_default();
+        assert!(e.contains("a bug in etcd-guard") && e.contains("index out of bounds"), "{e}");
+        let part = 3;
+        let e = unwound(|| panic!("part {part}")).err().unwrap_or_default();
+        assert!(e.ends_with("part 3"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_round_is_told_of_at_doubling_intervals_and_a_request_meanwhile_is_kept() {
+        let trigger = Arc::new(Notify::new());
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let requester = trigger.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(45)).await;
+            requester.notify_one();
+        });
+        let round = async {
+            tokio::time::sleep(Duration::from_secs(250)).await;
+            "done"
+        };
+        let mut told = Vec::new();
+        let tell = |w, after: Duration| {
+            told.push((w, after.as_secs()));
+            assert!(told.len() < 10, "told again and again: {told:?}");
+        };
+        let waited = wait_round(round, &trigger, &mut stop, tell).await;
+        assert_eq!(waited, Some(("done", true)));
+        use Waiting::*;
+        assert_eq!(told, [(Slow, 30), (Requested, 45), (Slow, 60), (Slow, 120), (Slow, 240)]);
+
+        // A quick round: nothing to tell, nothing requested; a stop ends the wait.
+        let quick = wait_round(async { 1 }, &trigger, &mut stop, |w, _| panic!("{w:?}")).await;
+        assert_eq!(quick, Some((1, false)));
+        let (stop_tx, mut stop) = watch::channel(false);
+        let stopping = async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let _ = stop_tx.send(true);
+        };
+        tokio::spawn(stopping);
+        let never = wait_round(std::future::pending::<()>(), &trigger, &mut stop, |_, _| {}).await;
+        assert_eq!(never, None);
+    }
 }

@@ -623,6 +623,10 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0))
     };
+    let in_progress = || -> TestResult<Option<f64>> {
+        let (_, body) = http_get(metrics_addr, "/metrics")?;
+        Ok(body.lines().find_map(|l| l.strip_prefix("etcd_guard_reload_in_progress ")?.parse().ok()))
+    };
 
     // The policy file becomes a FIFO; a SIGHUP makes the reload open it and wait for a writer's bytes.
     let fifo = pki.path("policy.fifo");
@@ -642,11 +646,35 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
     assert_eq!(c.get("shared/a", None).await?.kvs().len(), 0);
     assert_eq!(reloads("ok")?, 0.0, "the reload is still reading");
 
-    // The reload gets its policy (without shared/) and puts it in force.
-    writer.write_all(BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, "").as_bytes())?;
+    // A SIGHUP meanwhile is not lost: a warning names the part the reload is still loading, and another round
+    // follows once this one ends.
+    assert_eq!(in_progress()?, Some(1.0));
+    proxy.signal("HUP")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(pki.path("proxy.log"))?;
+        if log
+            .lines()
+            .any(|l| l.contains("reload requested while the previous reload is still loading") && l.contains("Policy"))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no warning of the reload still loading: {log}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The reload gets its policy (without shared/) and puts it in force; the policy file is a plain file again
+    // for the second round.
+    let after = BEFORE.replace(r#"      - { prefix: "shared/", access: read }"#, "");
+    std::fs::write(pki.path("policy.new"), &after)?;
+    std::fs::rename(pki.path("policy.new"), pki.path("policy.yaml"))?;
+    writer.write_all(after.as_bytes())?;
     drop(writer);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while reloads("ok")? < 1.0 {
+    // Two rounds of a SIGHUP, three parts each.
+    while reloads("ok")? < 6.0 || in_progress()? != Some(0.0) {
         if Instant::now() > deadline {
             return Err(format!("no reload: {}", std::fs::read_to_string(pki.path("proxy.log"))?).into());
         }
