@@ -1,7 +1,8 @@
 //! The HTTP/2 connection to one etcd endpoint, with the proxy's own client certificate.
 //!
 //! A call is put on the connection directly (h2's `SendRequest`), without a queue or task in between. The
-//! connection is made at the first call, and again at the next call after it broke.
+//! connection is made at the first call, and again at the next call after it broke; after an attempt that failed,
+//! the next one waits a little (see [`Backoff`]), and calls meanwhile fail at once.
 //!
 //! A connection is pinged (to find a dead etcd) only while a call is open on it, as etcd's own clients do
 //! (grpc-go's `PermitWithoutStream: false`): where grpc-go's own server serves etcd's client port (a port for gRPC
@@ -24,6 +25,7 @@ use http_body::Body;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -110,6 +112,8 @@ pub struct Connection {
     connecting: tokio::sync::Mutex<()>,
     /// Connection attempts that failed.
     failures: AtomicU64,
+    /// When the next attempt may be made, after attempts that failed.
+    backoff: Mutex<Backoff>,
     /// Connections made: each one's generation, so that an old connection that ends forgets only itself.
     generations: AtomicU64,
     /// Where the connection is made and driven (a worker's runtime); `None`: the caller's.
@@ -138,6 +142,7 @@ impl Connection {
             current: Arc::new(Mutex::new(None)),
             connecting: tokio::sync::Mutex::new(()),
             failures: AtomicU64::new(0),
+            backoff: Mutex::new(Backoff::default()),
             generations: AtomicU64::new(0),
             runtime: None,
         }
@@ -249,6 +254,9 @@ impl Connection {
         if self.failures.load(Ordering::Acquire) != failed_before {
             return Err(Error::Connect { endpoint: endpoint(), message: "the connection attempt failed".into() });
         }
+        if let Some(message) = self.backoff().waiting(Instant::now()) {
+            return Err(Error::Connect { endpoint: endpoint(), message });
+        }
         let attempt = match &self.runtime {
             Some(runtime) => runtime.spawn(handshake(c.clone())).await.unwrap_or_else(|e| {
                 Err(Error::Connect { endpoint: endpoint(), message: format!("the connecting task failed: {e}") })
@@ -258,11 +266,17 @@ impl Connection {
         let (sender, connection, cork) = match attempt {
             Ok(handshake) => handshake,
             Err(e) => {
+                self.backoff().failed(&e, Instant::now());
                 self.failures.fetch_add(1, Ordering::AcqRel);
                 return Err(e);
             }
         };
+        self.backoff().succeeded();
         Ok(self.install(sender, connection, cork))
+    }
+
+    fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
+        self.backoff.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Make a new connection the live one, and drive it (with keep-alive pings) until it ends.
@@ -325,6 +339,56 @@ impl Drop for Connection {
     /// Nothing more goes on the live connection: it ends (HTTP/2 closes it) once its calls in progress have.
     fn drop(&mut self) {
         self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    }
+}
+
+/// The wait between connection attempts to an endpoint that fails: after the first failure [`BACKOFF_FIRST`],
+/// doubling with each failure in a row up to [`BACKOFF_MAX`], each less up to a fifth at random so that many
+/// connections (workers, client connections' own for streams, other proxies) do not try again in step. Calls
+/// meanwhile fail at once with the last attempt's error (and go to another endpoint if there is one), as a gRPC
+/// client's do while its connection backs off: an etcd that restarts, or is overloaded and cannot finish
+/// handshakes, is not met with a new TCP and TLS handshake for every call that arrives. A connection made ends it.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Attempts that failed in a row.
+    failed: u32,
+    /// No attempt before this.
+    until: Option<Instant>,
+    /// The last attempt's error.
+    error: String,
+}
+
+/// The first wait after a failed connection attempt.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between connection attempts (etcd's restart, once it listens again, is noticed within it).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+// === impl Backoff ===
+
+impl Backoff {
+    /// Why no attempt may be made at `now`, if so.
+    fn waiting(&self, now: Instant) -> Option<String> {
+        let left = self.until?.checked_duration_since(now).filter(|left| !left.is_zero())?;
+        Some(format!("{} (next attempt in {} ms)", self.error, left.as_millis().max(1)))
+    }
+
+    fn failed(&mut self, e: &Error, now: Instant) {
+        self.failed = self.failed.saturating_add(1);
+        let wait = BACKOFF_FIRST.saturating_mul(1 << self.failed.saturating_sub(1).min(16)).min(BACKOFF_MAX);
+        // Less by up to a fifth: from the clock's nanoseconds, enough to spread attempts (not a secret).
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let wait = wait.saturating_sub(wait.mul_f64(f64::from(nanos % 1000) / 5000.0));
+        self.until = Some(now + wait);
+        // Without the endpoint's address, which clients are not told.
+        self.error = match e {
+            Error::Connect { message, .. } => message.clone(),
+            Error::ConnectTimeout { .. } => "the connection attempt timed out".to_owned(),
+            Error::NotSent(e) | Error::H2(e) => e.to_string(),
+        };
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
     }
 }
 
@@ -424,9 +488,76 @@ mod tests {
         let errors = futures_util::future::join_all(calls).await;
         assert!(errors.iter().all(Option::is_some), "{errors:?}");
         assert_eq!(accepting.await?, 1, "one connection attempt for all five callers");
-        // The next call (after the failure) tries again.
+        // The next call (after the failure and its wait, see the next tests) tries again.
         let head = http::Request::new(());
         assert!(connection.send(head, Bytes::new()).await.is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_wait_after_failed_attempts_doubles_up_to_its_maximum_less_a_random_fifth() {
+        let mut backoff = Backoff::default();
+        let now = Instant::now();
+        assert_eq!(backoff.waiting(now), None, "no failure, no wait");
+        let e = Error::Connect { endpoint: "10.0.0.1:2379".into(), message: "Connection refused".into() };
+        for full_ms in [100, 200, 400, 800, 1000, 1000, 1000] {
+            backoff.failed(&e, now);
+            let until = backoff.until.unwrap_or(now);
+            let wait = until - now;
+            let full = Duration::from_millis(full_ms);
+            assert!(wait <= full && wait >= full.mul_f64(0.8), "{wait:?} after a wait of at most {full:?}");
+            let told = backoff.waiting(now).unwrap_or_default();
+            assert!(told.starts_with("Connection refused (next attempt in "), "{told}");
+            assert_eq!(backoff.waiting(until), None, "the wait is over");
+        }
+        backoff.succeeded();
+        assert_eq!(backoff.waiting(now), None);
+        backoff.failed(&Error::ConnectTimeout { endpoint: "10.0.0.1:2379".into() }, now);
+        assert!(backoff.until.is_some_and(|u| u - now <= BACKOFF_FIRST), "a success starts the waits over");
+        let told = backoff.waiting(now).unwrap_or_default();
+        assert!(told.starts_with("the connection attempt timed out") && !told.contains("10.0.0.1"), "{told}");
+    }
+
+    /// An endpoint whose TLS handshakes all fail: calls in between the attempts fail at once without one, and
+    /// after the wait the next call makes one.
+    #[tokio::test]
+    async fn an_endpoint_that_fails_is_not_tried_again_before_its_wait_is_over()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let authority: Authority = listener.local_addr()?.to_string().parse()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(tcp);
+            }
+        });
+        let (_, client) = crate::tls::testing::loopback_h2()?;
+        let connection = Connection::new(Connector {
+            tls: TlsConnector::from(Arc::new(client)),
+            scheme: Scheme::HTTPS,
+            authority,
+            server_name: ServerName::try_from("localhost")?,
+            connect_timeout: Duration::from_secs(2),
+            connection_window: 1 << 20,
+            stream_window: 1 << 20,
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
+        });
+        let call =
+            || async { connection.send(http::Request::new(()), Bytes::new()).await.err().map(|e| e.to_string()) };
+        let first = call().await.ok_or("connected")?;
+        assert!(!first.contains("next attempt"), "{first}");
+        for _ in 0..20 {
+            let e = call().await.ok_or("connected")?;
+            assert!(e.contains("next attempt in"), "{e}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "calls during the wait made no attempt");
+        tokio::time::sleep(BACKOFF_FIRST).await;
+        let again = call().await.ok_or("connected")?;
+        assert!(!again.contains("next attempt"), "{again}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "an attempt once the wait was over");
         Ok(())
     }
 
