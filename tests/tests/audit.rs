@@ -447,8 +447,9 @@ async fn a_call_canceled_after_it_was_forwarded_is_recorded() -> TestResult {
     let mut c = h.client(&h.admin()?).await?;
     c.put("warm", "up", None).await?;
     h.etcd.pause()?;
-    // The client gives up (and resets its stream) while etcd holds the request.
-    let put = tokio::time::timeout(Duration::from_millis(500), c.put("forwarded", SECRET, None)).await;
+    // The client gives up (and resets its stream) while etcd holds the request: after 2 s, so that the proxy has
+    // forwarded it by then even on a loaded machine (500 ms was seen to be tight beside a compile).
+    let put = tokio::time::timeout(Duration::from_secs(2), c.put("forwarded", SECRET, None)).await;
     assert!(put.is_err(), "etcd answered while paused: {put:?}");
     h.etcd.resume()?;
     // etcd's part is timed for the dropped call too, as `request_duration` counts it: the warm-up put and this one.
