@@ -30,13 +30,13 @@ pub struct Reloader {
     /// it is worth a warning.
     config_stamp: Option<Stamp>,
     config_bytes: Option<Vec<u8>>,
-    /// The part the round in progress is loading, for the warnings of a slow round.
+    /// What the round in progress is reading, for the warnings of a slow round.
     loading: Arc<Loading>,
 }
 
-/// The part being loaded now, if any.
+/// What the round in progress is reading now (a part and its files, the check for changes), if anything.
 #[derive(Default)]
-struct Loading(Mutex<Option<Part>>);
+struct Loading(Mutex<Option<String>>);
 
 /// How long a round may load before a warning says it is still loading.
 const SLOW_ROUND: Duration = Duration::from_secs(30);
@@ -127,50 +127,75 @@ impl Reloader {
             };
             in_progress.set(1);
             let round = tokio::task::spawn_blocking(move || {
-                let changed = if requested {
-                    info!("reload requested");
-                    vec![Part::Policy, Part::Listener, Part::Upstream]
-                } else {
-                    reloader.changed_parts()
-                };
-                for part in changed {
-                    reloader.reload(part);
+                // A panic (a bug) in any step ends the round as failed, not the reloads: the next round comes.
+                if let Err(e) = unwound(|| {
+                    reloader.round(requested);
+                    Ok(())
+                }) {
+                    reloader.loading.set(None);
+                    error!(error = %e, "reload failed; what was not yet put in force stays as it was");
+                    reloader.shared.metrics.reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
                 }
-                reloader.note_config_change();
                 reloader
             });
+            let mut told = false;
             let meanwhile = |waiting, after: Duration| {
-                let part = loading.get().map(tracing::field::debug);
+                told = true;
+                let loading = loading.get();
                 let seconds = after.as_secs();
                 match waiting {
                     Waiting::Requested => warn!(
-                        part,
+                        loading,
                         seconds,
                         "reload requested while the previous reload is still loading its files: it runs when that \
                          one ends"
                     ),
                     Waiting::Slow => warn!(
-                        part,
+                        loading,
                         seconds,
                         "a reload is still loading its files (a file that does not answer?); later reloads wait for it"
                     ),
                 }
             };
+            let started = tokio::time::Instant::now();
             // The round ends on its thread, or not at all: the shutdown does not wait for it (see `cli`).
-            let Some((joined, again)) = wait_round(round, &trigger, &mut stop, meanwhile).await else { return };
+            let Some((joined, again)) = wait_round(round, &trigger, &mut stop, meanwhile).await else {
+                in_progress.set(0);
+                return;
+            };
+            in_progress.set(0);
             reloader = match joined {
                 Ok(r) => r,
                 Err(e) => {
-                    // Not a panic of a part's loading (`reload` catches those): the round's own code.
+                    // Only if the blocking pool could not run the round at all (the round catches panics).
                     error!(error = %e, "the reloader failed: no more reloads until etcd-guard restarts");
                     return;
                 }
             };
-            in_progress.set(0);
+            if told {
+                info!(seconds = started.elapsed().as_secs(), "the slow reload ended");
+            }
             if again {
                 trigger.notify_one();
             }
         }
+    }
+
+    /// One round: the parts asked for (all of them), or those whose files changed.
+    fn round(&mut self, requested: bool) {
+        let changed = if requested {
+            info!("reload requested");
+            vec![Part::Policy, Part::Listener, Part::Upstream]
+        } else {
+            self.loading.set(Some("checking the files for changes".to_owned()));
+            self.changed_parts()
+        };
+        for part in changed {
+            self.reload(part);
+        }
+        self.loading.set(Some(format!("the configuration file {}", self.config.origin.display())));
+        self.note_config_change();
+        self.loading.set(None);
     }
 
     /// A configuration file that changed since start is not applied (only the files it names are reloaded): say so
@@ -213,12 +238,13 @@ impl Reloader {
     /// Load one part and put it in force, or keep the old one. A loader that panics (a bug) counts as a failed
     /// reload like any other: the part in force stays, and later reloads still happen.
     pub fn reload(&self, part: Part) {
-        self.loading.set(Some(part));
-        let result = unwound(|| self.load(part));
+        self.loading.set(Some(self.what(part)));
+        let loaded = unwound(|| self.load(part));
         self.loading.set(None);
         let metrics = &self.shared.metrics;
-        match result {
-            Ok(()) => {
+        match loaded {
+            Ok(loaded) => {
+                self.put_in_force(loaded);
                 match part {
                     Part::Policy => info!(part = ?part, file = %self.config.policy_file.display(), "reloaded"),
                     _ => info!(part = ?part, "reloaded"),
@@ -232,54 +258,85 @@ impl Reloader {
         }
     }
 
-    /// Load one part and put it in force.
-    fn load(&self, part: Part) -> Result<(), String> {
+    /// What loading `part` reads, for the warnings of a slow round.
+    fn what(&self, part: Part) -> String {
+        let files = |part| {
+            let names: Vec<_> = self
+                .stamps
+                .iter()
+                .filter(|(p, ..)| *p == part)
+                .map(|(_, path, _)| path.display().to_string())
+                .collect();
+            names.join(", ")
+        };
+        match part {
+            Part::Policy => format!("the policy {}", self.config.policy_file.display()),
+            Part::Listener => format!("the listener's files ({})", files(Part::Listener)),
+            Part::Upstream => format!("the upstream files ({})", files(Part::Upstream)),
+        }
+    }
+
+    /// Read, parse and check one part, changing nothing.
+    fn load(&self, part: Part) -> Result<Loaded, String> {
         match part {
             // An editor or `cat >` empties the file before it writes the new one: a reload that comes in between
             // must not take every permission away (and cancel every watch): `load_in_force` refuses it.
-            Part::Policy => match Policy::load_in_force(&self.config.policy_file) {
-                Ok(p) => crate::server::check_issuers(&p, &self.config.tls).map(|()| {
-                    for warning in p.warnings() {
-                        warn!("{warning}");
-                    }
-                    self.shared.replace_policy(p)
-                }),
-                Err(e) => Err(e.to_string()),
-            },
-            Part::Listener => tls::server_config(&self.config.tls)
-                .map(|tls| {
-                    self.shared.metrics.listener(&tls);
-                    // New handshakes first, then open connections (see `ClientTrust::watch`).
-                    *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.acceptor.clone();
-                    if !self.trust.replace(&tls) {
-                        info!("client CA bundle and CRLs unchanged: open connections are not checked again");
-                    }
-                })
-                .map_err(|e| e.to_string()),
-            Part::Upstream => tls::upstream_connections(&self.config.upstream)
-                .map(|tls| {
-                    self.shared.metrics.certificates(&tls.expiries);
-                    self.shared.upstream.replace(tls.channels)
-                })
-                .map_err(|e| e.to_string()),
+            Part::Policy => {
+                let policy = Policy::load_in_force(&self.config.policy_file).map_err(|e| e.to_string())?;
+                crate::server::check_issuers(&policy, &self.config.tls)?;
+                for warning in policy.warnings() {
+                    warn!("{warning}");
+                }
+                Ok(Loaded::Policy(Box::new(policy)))
+            }
+            Part::Listener => tls::server_config(&self.config.tls).map(Loaded::Listener).map_err(|e| e.to_string()),
+            Part::Upstream => {
+                tls::upstream_connections(&self.config.upstream).map(Loaded::Upstream).map_err(|e| e.to_string())
+            }
         }
     }
+
+    /// Put a loaded part in force (swaps, then the metrics that describe what is in force).
+    fn put_in_force(&self, loaded: Loaded) {
+        match loaded {
+            Loaded::Policy(policy) => self.shared.replace_policy(*policy),
+            Loaded::Listener(tls) => {
+                // New handshakes first, then open connections (see `ClientTrust::watch`).
+                *self.acceptor.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = tls.acceptor.clone();
+                if !self.trust.replace(&tls) {
+                    info!("client CA bundle and CRLs unchanged: open connections are not checked again");
+                }
+                self.shared.metrics.listener(&tls);
+            }
+            Loaded::Upstream(tls) => {
+                self.shared.upstream.replace(tls.channels);
+                self.shared.metrics.certificates(&tls.expiries);
+            }
+        }
+    }
+}
+
+/// A part read, parsed and checked, not yet in force.
+enum Loaded {
+    Policy(Box<Policy>),
+    Listener(tls::ServerTls),
+    Upstream(tls::UpstreamTls),
 }
 
 // === impl Loading ===
 
 impl Loading {
-    fn set(&self, part: Option<Part>) {
-        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = part;
+    fn set(&self, what: Option<String>) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = what;
     }
 
-    fn get(&self) -> Option<Part> {
-        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 }
 
 /// `load`'s result, or its panic as an error (the panic's message is logged by the panic hook too).
-fn unwound(load: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+fn unwound<T>(load: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
         Ok(result) => result,
         Err(panic) => {
@@ -356,11 +413,11 @@ mod tests {
     #[test]
     fn a_loader_that_panics_is_a_failed_reload() {
         assert_eq!(unwound(|| Ok(())), Ok(()));
-        assert_eq!(unwound(|| Err("bad file".to_string())), Err("bad file".to_string()));
-        let e = unwound(|| panic!("index out of bounds")).err().unwrap_or_default();
+        assert_eq!(unwound::<()>(|| Err("bad file".to_string())), Err("bad file".to_string()));
+        let e = unwound::<()>(|| panic!("index out of bounds")).err().unwrap_or_default();
         assert!(e.contains("a bug in etcd-guard") && e.contains("index out of bounds"), "{e}");
         let part = 3;
-        let e = unwound(|| panic!("part {part}")).err().unwrap_or_default();
+        let e = unwound::<()>(|| panic!("part {part}")).err().unwrap_or_default();
         assert!(e.ends_with("part 3"), "{e}");
     }
 

@@ -653,10 +653,10 @@ async fn the_proxy_serves_new_clients_while_a_reload_reads_its_files() -> TestRe
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let log = std::fs::read_to_string(pki.path("proxy.log"))?;
-        if log
-            .lines()
-            .any(|l| l.contains("reload requested while the previous reload is still loading") && l.contains("Policy"))
-        {
+        if log.lines().any(|l| {
+            l.contains("reload requested while the previous reload is still loading")
+                && l.contains("loading=\"the policy ")
+        }) {
             break;
         }
         if Instant::now() > deadline {
