@@ -226,6 +226,11 @@ enum ConfigCommand {
         /// The configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Also connect to every etcd endpoint with the upstream certificate, as the proxy would: report each
+        /// one's etcd version and leader, or why it cannot be used (TLS, refused, permission). Off by default, so
+        /// that `config check` before a reload needs no network.
+        #[arg(long)]
+        connect: bool,
     },
 }
 
@@ -247,7 +252,7 @@ pub fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Certs(CertsCommand::Init(args)) => certs_init(args),
-        Command::Config(ConfigCommand::Check { config }) => config_check(config),
+        Command::Config(ConfigCommand::Check { config, connect }) => config_check(config, connect),
         Command::Audit(AuditCommand::Review(args)) => crate::audit::review::run(args),
         Command::Audit(AuditCommand::Verify(args)) => crate::audit::verify::run(args),
     }
@@ -747,7 +752,82 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
     None
 }
 
-fn config_check(path: PathBuf) -> ExitCode {
+/// `config check --connect`: each etcd endpoint, reached as the proxy reaches it. Prints a line per endpoint that
+/// works; returns the problems of the others.
+fn connect_check(upstream: &crate::config::Upstream) -> Vec<String> {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return vec![format!("upstream: cannot start a runtime to connect: {e}")],
+    };
+    let endpoints = match crate::tls::upstream_connections(upstream) {
+        Ok(tls) => tls.channels,
+        Err(e) => return vec![format!("upstream: {e}")],
+    };
+    // The connect timeout for the handshakes, and as long again for the answers.
+    let meta = crate::upstream::CallMeta::default().with_timeout(Some(upstream.connect_timeout.saturating_mul(2)));
+    runtime.block_on(async {
+        let mut problems = Vec::new();
+        for (url, connection) in endpoints {
+            let one = crate::upstream::Upstream::new(vec![(url.clone(), connection)]);
+            match endpoint_check(&one, &meta).await {
+                Ok(line) => say(format_args!("upstream {url}: ok ({line})")),
+                Err(e) => problems.push(format!("upstream {url}: {e}")),
+            }
+        }
+        problems
+    })
+}
+
+/// What one endpoint says of itself (Maintenance/Status), and whether the proxy's certificate may read the whole
+/// keyspace there (a serializable Range of one key, keys only: with etcd's auth on, the proxy needs its root role).
+async fn endpoint_check(one: &crate::upstream::Upstream, meta: &crate::upstream::CallMeta) -> Result<String, String> {
+    use etcd_guard_proto::etcdserverpb::{RangeRequest, RangeResponse, StatusRequest, StatusResponse};
+    use etcd_guard_proto::methods::{KV_RANGE, MAINTENANCE_STATUS};
+
+    let status: StatusResponse =
+        one.unary_decoded(MAINTENANCE_STATUS, StatusRequest {}, meta).await.map_err(|e| told(&e))?;
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        limit: 1,
+        serializable: true,
+        keys_only: true,
+        ..RangeRequest::default()
+    };
+    let read: Result<RangeResponse, _> = one.unary_decoded(KV_RANGE, all, meta).await;
+    if let Err(e) = read {
+        return Err(format!(
+            "connected (etcd {}), but reading the keyspace failed: {}; with etcd's auth enabled, the upstream \
+             certificate's user needs etcd's root role",
+            status.version,
+            told(&e)
+        ));
+    }
+    let member = status.header.as_ref().map_or(0, |h| h.member_id);
+    let mut line = format!("etcd {}, member {member:x}", status.version);
+    match status.leader {
+        0 => return Err(format!("{line}: no leader (the cluster has no quorum, or is electing one)")),
+        l if l == member => line.push_str(", the leader"),
+        l => line.push_str(&format!(", leader {l:x}")),
+    }
+    if status.is_learner {
+        line.push_str(", a learner");
+    }
+    if !status.errors.is_empty() {
+        line.push_str(&format!(", errors: {}", status.errors.join("; ")));
+    }
+    Ok(line)
+}
+
+/// What a failed call tells: the proxy's own words (its `etcd-guard: ` taken off), or etcd's with their code.
+fn told(e: &tonic::Status) -> String {
+    match e.message().strip_prefix("etcd-guard: ") {
+        Some(own) => own.to_owned(),
+        None => format!("etcd answered {:?}: {}", e.code(), e.message()),
+    }
+}
+
+fn config_check(path: PathBuf, connect: bool) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -759,7 +839,12 @@ fn config_check(path: PathBuf) -> ExitCode {
         Err(e) => problems.push(format!("tls: {e}")),
     }
     match crate::tls::upstream_channel_check(&config.upstream) {
-        Ok(found) => expiries.extend(found),
+        Ok(found) => {
+            expiries.extend(found);
+            if connect {
+                problems.extend(connect_check(&config.upstream));
+            }
+        }
         Err(e) => problems.push(format!("upstream: {e}")),
     }
     // Expiring certificates are worth a warning, not a failure: the proxy serves with them (clients and etcd

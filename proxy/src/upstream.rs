@@ -266,6 +266,12 @@ impl Upstream {
             if !e.unprocessed() || attempt >= ATTEMPTS || (refused && e.refused()) {
                 return Err(status);
             }
+            tried.push(member.url.clone());
+            // An endpoint that could not be connected to is not tried again at once: its connection waits before
+            // the next attempt (`client::Backoff`). Another endpoint is, if there is one.
+            if e.connect_failed() && self.pick(&tried).is_ok_and(|next| tried.contains(&next.url)) {
+                return Err(status);
+            }
             refused |= e.refused();
             again = Some(match meta.timeout {
                 Some(t) => match t.checked_sub(started.elapsed()).filter(|left| !left.is_zero()) {
@@ -276,7 +282,6 @@ impl Upstream {
             });
             self.retried.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(endpoint = %member.url, error = %e, path, "etcd did not process a call; making it again");
-            tried.push(member.url.clone());
         }
     }
 
@@ -1054,7 +1059,8 @@ mod tests {
             let (e, upstream, status) = failing(vec![Plan::GoAwayBelow; 10]).await?;
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
             assert_eq!((upstream.retried(), e.connections.load(Ordering::SeqCst)), (1, 2));
-            // Nothing listens (the endpoint's port, closed): three attempts to connect, then Unavailable.
+            // Nothing listens (the endpoint's port, closed): one attempt to connect, then Unavailable with its
+            // error (the endpoint is not tried again at once: its connection waits before the next attempt).
             let closed = TcpListener::bind("127.0.0.1:0").await?;
             let mut connector = e.connector.clone();
             connector.authority = closed.local_addr()?.to_string().parse()?;
@@ -1066,7 +1072,12 @@ mod tests {
             assert!(status.message().contains("cannot connect to etcd"), "{status:?}");
             // Not etcd's address: clients never learn it.
             assert!(!status.message().contains(&connector.authority.to_string()), "{status:?}");
-            assert_eq!(upstream.retried(), 2);
+            assert!(!status.message().contains("next attempt"), "{status:?}");
+            assert_eq!(upstream.retried(), 0);
+            // The next call, during the wait: no attempt, the same error and when the next attempt will be.
+            let status = range(&upstream).await.err().ok_or("answered")?;
+            assert!(status.message().contains("refused") && status.message().contains("next attempt in"), "{status:?}");
+            assert_eq!(upstream.retried(), 0);
             Ok(())
         }
     }

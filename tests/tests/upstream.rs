@@ -141,3 +141,92 @@ async fn a_client_connections_own_connection_to_etcd_ends_with_it() -> TestResul
     }
     Ok(())
 }
+
+/// `config check --connect` reaches every endpoint as the proxy would, and says of each whether it works: etcd's
+/// version and leader for one that does; the reason for one that refuses connections, or whose certificate the
+/// upstream CA did not sign.
+#[test]
+fn config_check_connect_reports_each_endpoint() -> TestResult {
+    use etcd_guard_tests::{Etcd, Pki, free_port};
+
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    let closed = format!("https://127.0.0.1:{}", free_port()?);
+    let policy = "roles: [ { name: r, keys: [ { prefix: \"r/\", access: read } ] } ]\nbindings: [ { role: r, subjects: [ { common_name: x } ] } ]\n";
+    std::fs::write(pki.path("policy.yaml"), policy)?;
+    let config = |ca: &str| -> TestResult<std::path::PathBuf> {
+        let path = pki.path(&format!("check-{ca}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"listen: "127.0.0.1:{}"
+tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
+upstream: {{ endpoints: ["{}", "{closed}"], ca_file: {ca}, cert_file: upstream-client.crt, key_file: upstream-client.key, connect_timeout_ms: 2000 }}
+policy_file: policy.yaml
+audit: {{ enabled: false }}
+"#,
+                free_port()?,
+                etcd.client_url
+            ),
+        )?;
+        Ok(path)
+    };
+    let check = |path: &std::path::Path, connect: bool| -> TestResult<std::process::Output> {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_guard-under-test"));
+        cmd.args(["config", "check", "--config"]).arg(path);
+        if connect {
+            cmd.arg("--connect");
+        }
+        Ok(cmd.output()?)
+    };
+
+    // Without --connect the files are all it looks at: it passes though one endpoint is closed.
+    let right = config("ca.crt")?;
+    let o = check(&right, false)?;
+    assert!(o.status.success(), "{}", etcd_guard_tests::stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("upstream"), "{out}");
+
+    let o = check(&right, true)?;
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), etcd_guard_tests::stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    let ok = format!("upstream {}: ok (etcd 3.", etcd.client_url);
+    assert!(out.contains(&ok) && out.contains(", the leader)"), "{out}");
+    assert!(err.contains(&format!("upstream {closed}: upstream unavailable: cannot connect")), "{err}");
+    assert!(err.contains("refused") && !err.contains("next attempt"), "{err}");
+
+    // An upstream CA that did not sign etcd's certificate (another CA of the same name): both endpoints fail, the
+    // first for that reason.
+    let other = Pki::new()?;
+    std::fs::copy(other.path("ca.crt"), pki.path("other-ca.crt"))?;
+    let o = check(&config("other-ca.crt")?, true)?;
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), etcd_guard_tests::stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(!out.contains("upstream"), "{out}");
+    let first = err.lines().find(|l| l.contains(&etcd.client_url)).unwrap_or_default();
+    assert!(first.contains("invalid peer certificate") && !first.contains("next attempt"), "{err}");
+
+    // etcd's auth on, and the upstream certificate's name (`etcd-guard`) no user of etcd's: connected, but the
+    // keyspace cannot be read, which the proxy needs.
+    let etcdctl = |args: &[&str]| -> TestResult {
+        let o = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.client_url))
+            .arg(format!("--cacert={}", pki.path("ca.crt").display()))
+            .arg(format!("--cert={}", pki.path("upstream-client.crt").display()))
+            .arg(format!("--key={}", pki.path("upstream-client.key").display()))
+            .args(args)
+            .output()?;
+        assert!(o.status.success(), "etcdctl {args:?}: {}", etcd_guard_tests::stderr(&o));
+        Ok(())
+    };
+    etcdctl(&["user", "add", "root:not-used-here"])?;
+    etcdctl(&["user", "grant-role", "root", "root"])?;
+    etcdctl(&["auth", "enable"])?;
+    let o = check(&right, true)?;
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), etcd_guard_tests::stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    let first = err.lines().find(|l| l.contains(&etcd.client_url)).unwrap_or_default();
+    assert!(first.contains("reading the keyspace failed") && first.contains("root role"), "{err}");
+    Ok(())
+}

@@ -81,6 +81,11 @@ impl Error {
         }
     }
 
+    /// Whether no connection could be made (the attempt failed, or the endpoint is waiting before the next one).
+    pub fn connect_failed(&self) -> bool {
+        matches!(self, Error::Connect { .. } | Error::ConnectTimeout { .. })
+    }
+
     /// Whether etcd refused this very call (`REFUSED_STREAM`, or a `GOAWAY` below it), rather than no call being
     /// made: gRPC clients make such a call again once only.
     pub fn refused(&self) -> bool {
