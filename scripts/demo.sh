@@ -105,6 +105,9 @@ if ! $healthy; then
     exit 1
 fi
 
+printf '\n$ etcd-guard config check --config etcd-guard.yaml --connect   # files, and etcd as the proxy reaches it\n'
+"$bin" config check --config "$dir/etcd-guard.yaml" --connect
+
 show() {
     local who=$1; shift
     printf '\n$ etcdctl (as %s) %s\n' "$who" "$*"
