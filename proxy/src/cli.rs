@@ -835,7 +835,12 @@ fn config_check(path: PathBuf, connect: bool) -> ExitCode {
     let mut problems = Vec::new();
     let mut expiries = Vec::new();
     match crate::tls::server_config(&config.tls) {
-        Ok(tls) => expiries.extend(tls.expiries),
+        Ok(tls) => {
+            expiries.extend(tls.expiries);
+            for warning in crate::tls::advertise_warnings(&config.tls, &config.advertise_client_urls) {
+                eprintln!("etcd-guard: warning: {warning}");
+            }
+        }
         Err(e) => problems.push(format!("tls: {e}")),
     }
     match crate::tls::upstream_channel_check(&config.upstream) {

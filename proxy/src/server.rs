@@ -87,6 +87,9 @@ impl Proxy {
             tracing::warn!("{warning}");
         }
         let server_tls = tls::server_config(&config.tls)?;
+        for warning in tls::advertise_warnings(&config.tls, &config.advertise_client_urls) {
+            tracing::warn!("{warning}");
+        }
         let upstream_tls = tls::upstream_connections(&config.upstream)?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),

@@ -353,6 +353,31 @@ impl ClientCertVerifier for StrictClientVerifier {
     }
 }
 
+/// The addresses of `advertise_client_urls` (what MemberList answers, so what clients that sync their endpoints
+/// dial) that the listener's certificate is not valid for, as clients check it (webpki's rules: DNS and IP SANs,
+/// no common name, a wildcard only as a whole first label): one warning each. Such clients (`etcdctl
+/// --discovery-srv`, clientv3 with `AutoSyncInterval`) would refuse the proxy after a sync.
+pub fn advertise_warnings(tls: &config::ListenerTls, urls: &[String]) -> Vec<String> {
+    let Some(leaf) = load_certs(&tls.cert_file).ok().and_then(|chain| chain.into_iter().next()) else {
+        return Vec::new(); // Reported where the listener is loaded.
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(&leaf) else { return Vec::new() };
+    let mut warnings = Vec::new();
+    for url in urls {
+        let Some(host) = url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)) else { continue };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let valid = ServerName::try_from(bare).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok());
+        if !valid {
+            warnings.push(format!(
+                "advertise_client_urls {url}: the listener certificate ({}) is not valid for {bare}: clients that \
+                 take their endpoints from MemberList would refuse it",
+                tls.cert_file.display()
+            ));
+        }
+    }
+    warnings
+}
+
 /// The CA certificates a client sent that can be on the way from its leaf to a root (whose subject is the issuer
 /// of the leaf or of another one sent) must be allowed to sign certificates. Certificates sent that issued none
 /// of the others are not on any path and are left alone, as webpki leaves them (but every one, the leaf too, must
@@ -953,6 +978,42 @@ mod tests {
         })?;
         let why = client_leaf_refusal(&der(&critical.cert_pem)?).unwrap_or_default();
         assert!(why.starts_with("webpki cannot read it: "), "{why}");
+        Ok(())
+    }
+
+    /// An advertised URL the listener's certificate does not name is warned of, as a client would check it: DNS
+    /// and IP SANs (IPv6 in brackets), a wildcard for one label only, case-insensitive.
+    #[test]
+    fn advertised_urls_the_listener_certificate_is_not_valid_for_are_warned_of() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = DevCa::new("ca")?;
+        let sans = ["etcd-guard.kube-system.svc", "*.example.com", "127.0.0.1", "::1"];
+        let leaf = ca.issue(certs::LeafKind::Server, "not-a-san.example.org", None, &sans, &[])?;
+        std::fs::write(dir.path().join("server.crt"), &leaf.cert_pem)?;
+        let tls = config::ListenerTls { crl_files: Vec::new(), ..listener(dir.path(), "", false) };
+        let warned = |url: &str| !advertise_warnings(&tls, &[url.to_string()]).is_empty();
+        for good in [
+            "https://etcd-guard.kube-system.svc:2379",
+            "https://ETCD-GUARD.kube-system.svc:2379",
+            "https://a.example.com:23790",
+            "https://127.0.0.1:23790",
+            "https://[::1]:23790",
+        ] {
+            assert!(!warned(good), "{good}");
+        }
+        for bad in [
+            "https://etcd-guard:2379",
+            "https://b.a.example.com:2379",
+            "https://example.com:2379",
+            "https://10.0.0.1:2379",
+            "https://[::2]:2379",
+            "https://not-a-san.example.org:2379",
+        ] {
+            assert!(warned(bad), "{bad}");
+        }
+        let all = advertise_warnings(&tls, &["https://10.0.0.1:2379".into(), "https://127.0.0.1:1".into()]);
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].contains("not valid for 10.0.0.1") && all[0].contains("server.crt"), "{all:?}");
         Ok(())
     }
 

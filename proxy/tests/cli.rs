@@ -568,3 +568,20 @@ fn policy_grants_lists_what_a_certificate_gets() -> TestResult {
     assert!(text(&o).contains("no binding names issuer \"etcdd\" (the bindings name: etcd)"), "{}", text(&o));
     Ok(())
 }
+
+/// An advertised URL that the listener's certificate is not valid for is a warning (clients that sync their
+/// endpoints from MemberList would refuse the proxy), not a failure; one it names is silent.
+#[test]
+fn config_check_warns_of_advertised_urls_the_certificate_does_not_name() -> TestResult {
+    let (dir, cfg) = checkable_dir()?;
+    let base = std::fs::read_to_string(&cfg)?;
+    for (url, warned) in [("https://127.0.0.1:23790", false), ("https://etcd-guard.example:23790", true)] {
+        std::fs::write(&cfg, format!("{base}advertise_client_urls: [\"{url}\"]\n"))?;
+        let o = guard(&["config", "check", "--config", &cfg.display().to_string()])?;
+        assert!(o.status.success(), "{}", text(&o));
+        let says = "is not valid for etcd-guard.example";
+        assert_eq!(text(&o).contains(says), warned, "{url}: {}", text(&o));
+    }
+    drop(dir);
+    Ok(())
+}
