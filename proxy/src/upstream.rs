@@ -806,10 +806,8 @@ mod tests {
         use h2::Reason;
         use h2::server::SendResponse;
         use http::{HeaderMap, HeaderValue};
-        use rustls_pki_types::ServerName;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         use tokio::net::TcpListener;
-        use tokio_rustls::TlsConnector;
 
         use crate::codec;
         use crate::http2::client::{Connection, Connector};
@@ -853,17 +851,8 @@ mod tests {
             let (acceptor, client) = crate::tls::testing::loopback_h2()?;
 
             let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let connector = Connector {
-                tls: TlsConnector::from(Arc::new(client)),
-                scheme: http::uri::Scheme::HTTPS,
-                authority: listener.local_addr()?.to_string().parse()?,
-                server_name: ServerName::try_from("localhost")?,
-                connect_timeout: Duration::from_secs(2),
-                connection_window: 1 << 20,
-                stream_window: 1 << 20,
-                keep_alive_interval: Duration::from_secs(30),
-                keep_alive_timeout: Duration::from_secs(10),
-            };
+            let connector =
+                crate::http2::client::testing::connector(client, listener.local_addr()?.to_string().parse()?)?;
             let (connections, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
             let gone_away = Arc::new(tokio::sync::Notify::new());
             let timeouts = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -446,6 +446,28 @@ async fn keep_alive(pings: Option<PingPong>, open: &AtomicUsize, interval: Durat
     }
 }
 
+/// For tests of the client against small endpoints of their own.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// A connector to `authority` with `tls`, trusting `localhost`'s certificate name, with the defaults of a
+    /// test (2 s to connect, 1 MiB windows, no pings within a test's time); change fields as needed.
+    pub fn connector(tls: rustls::ClientConfig, authority: Authority) -> Result<Connector, Box<dyn std::error::Error>> {
+        Ok(Connector {
+            tls: TlsConnector::from(Arc::new(tls)),
+            scheme: Scheme::HTTPS,
+            authority,
+            server_name: ServerName::try_from("localhost")?,
+            connect_timeout: Duration::from_secs(2),
+            connection_window: 1 << 20,
+            stream_window: 1 << 20,
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,17 +494,9 @@ mod tests {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
-        let connection = Arc::new(Connection::new(Connector {
-            tls: TlsConnector::from(Arc::new(tls)),
-            scheme: Scheme::HTTPS,
-            authority,
-            server_name: ServerName::try_from("localhost")?,
-            connect_timeout: Duration::from_millis(300),
-            connection_window: 1 << 20,
-            stream_window: 1 << 20,
-            keep_alive_interval: Duration::from_secs(30),
-            keep_alive_timeout: Duration::from_secs(10),
-        }));
+        let connector = testing::connector(tls, authority)?;
+        let connection =
+            Arc::new(Connection::new(Connector { connect_timeout: Duration::from_millis(300), ..connector }));
         let calls = (0..5).map(|_| {
             let connection = connection.clone();
             async move {
@@ -539,17 +553,7 @@ mod tests {
             }
         });
         let (_, client) = crate::tls::testing::loopback_h2()?;
-        let connection = Connection::new(Connector {
-            tls: TlsConnector::from(Arc::new(client)),
-            scheme: Scheme::HTTPS,
-            authority,
-            server_name: ServerName::try_from("localhost")?,
-            connect_timeout: Duration::from_secs(2),
-            connection_window: 1 << 20,
-            stream_window: 1 << 20,
-            keep_alive_interval: Duration::from_secs(30),
-            keep_alive_timeout: Duration::from_secs(10),
-        });
+        let connection = Connection::new(testing::connector(client, authority)?);
         let call =
             || async { connection.send(http::Request::new(()), Bytes::new()).await.err().map(|e| e.to_string()) };
         let first = call().await.ok_or("connected")?;
@@ -685,15 +689,9 @@ mod tests {
         });
 
         let connection = Connection::new(Connector {
-            tls: TlsConnector::from(Arc::new(client)),
-            scheme: Scheme::HTTPS,
-            authority,
-            server_name: ServerName::try_from("localhost")?,
-            connect_timeout: Duration::from_secs(2),
-            connection_window: 1 << 20,
-            stream_window: 1 << 20,
             keep_alive_interval: Duration::from_millis(50),
             keep_alive_timeout: Duration::from_secs(2),
+            ..testing::connector(client, authority)?
         });
         let request = |path| http::Request::builder().method("POST").uri(connection.uri(path));
         let answered = connection.send(request("/unary").body(())?, Bytes::new()).await?;
