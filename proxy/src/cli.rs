@@ -765,11 +765,20 @@ fn connect_check(upstream: &crate::config::Upstream) -> Vec<String> {
     };
     // The connect timeout for the handshakes, and as long again for the answers.
     let meta = crate::upstream::CallMeta::default().with_timeout(Some(upstream.connect_timeout.saturating_mul(2)));
+    // One connection per endpoint (`connections_per_endpoint` copies are alike), all checked at once.
+    let mut seen = std::collections::HashSet::new();
+    let endpoints: Vec<_> = endpoints.into_iter().filter(|(url, _)| seen.insert(url.clone())).collect();
     runtime.block_on(async {
+        let checks = endpoints.into_iter().map(|(url, connection)| {
+            let meta = &meta;
+            async move {
+                let one = crate::upstream::Upstream::new(vec![(url.clone(), connection)]);
+                (url, endpoint_check(&one, meta).await)
+            }
+        });
         let mut problems = Vec::new();
-        for (url, connection) in endpoints {
-            let one = crate::upstream::Upstream::new(vec![(url.clone(), connection)]);
-            match endpoint_check(&one, &meta).await {
+        for (url, checked) in futures_util::future::join_all(checks).await {
+            match checked {
                 Ok(line) => say(format_args!("upstream {url}: ok ({line})")),
                 Err(e) => problems.push(format!("upstream {url}: {e}")),
             }
@@ -811,7 +820,9 @@ async fn endpoint_check(one: &crate::upstream::Upstream, meta: &crate::upstream:
         l => line.push_str(&format!(", leader {l:x}")),
     }
     if status.is_learner {
-        line.push_str(", a learner");
+        return Err(format!(
+            "{line}: a learner (it refuses the calls the proxy would send it: list voting members only)"
+        ));
     }
     if !status.errors.is_empty() {
         line.push_str(&format!(", errors: {}", status.errors.join("; ")));
@@ -819,11 +830,20 @@ async fn endpoint_check(one: &crate::upstream::Upstream, meta: &crate::upstream:
     Ok(line)
 }
 
-/// What a failed call tells: the proxy's own words (its `etcd-guard: ` taken off), or etcd's with their code.
+/// What a failed call tells: the proxy's own words (its `etcd-guard: upstream unavailable: ` taken off, with a hint
+/// where one helps), or etcd's with their code.
 fn told(e: &tonic::Status) -> String {
-    match e.message().strip_prefix("etcd-guard: ") {
-        Some(own) => own.to_owned(),
-        None => format!("etcd answered {:?}: {}", e.code(), e.message()),
+    let Some(own) = e.message().strip_prefix("etcd-guard: ") else {
+        return format!("etcd answered {:?}: {}", e.code(), e.message());
+    };
+    let own = own.strip_prefix("upstream unavailable: ").unwrap_or(own);
+    if own.contains("received fatal alert") {
+        format!(
+            "{own}: etcd refused the proxy's certificate (upstream.cert_file): is it signed by a CA in etcd's \
+             --trusted-ca-file, valid now, and for client authentication?"
+        )
+    } else {
+        own.to_owned()
     }
 }
 

@@ -829,14 +829,35 @@ pub mod testing {
     /// A TLS acceptor for `localhost` (a fresh CA's certificate) and a client configuration that trusts it, both
     /// offering `h2`.
     pub fn loopback_h2() -> Result<(tokio_rustls::TlsAcceptor, rustls::ClientConfig), Box<dyn std::error::Error>> {
+        loopback(false)
+    }
+
+    /// The same, with an acceptor that requires a client certificate from the CA (which the client has none of).
+    pub fn loopback_h2_with_client_auth()
+    -> Result<(tokio_rustls::TlsAcceptor, rustls::ClientConfig), Box<dyn std::error::Error>> {
+        loopback(true)
+    }
+
+    fn loopback(
+        client_auth: bool,
+    ) -> Result<(tokio_rustls::TlsAcceptor, rustls::ClientConfig), Box<dyn std::error::Error>> {
         let ca = crate::certs::DevCa::new("test ca")?;
         let leaf = ca.issue(crate::certs::LeafKind::Server, "localhost", None, &["localhost"], &[])?;
         let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())?];
         let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
-        let mut server = rustls::ServerConfig::builder_with_provider(super::provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
+        let builder =
+            rustls::ServerConfig::builder_with_provider(super::provider()).with_safe_default_protocol_versions()?;
+        let builder = if client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), super::provider())
+                    .build()?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut server = builder.with_single_cert(certs, key)?;
         server.alpn_protocols = vec![b"h2".to_vec()];
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;

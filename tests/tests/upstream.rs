@@ -192,7 +192,7 @@ audit: {{ enabled: false }}
     assert_eq!(o.status.code(), Some(2), "{out}{err}");
     let ok = format!("upstream {}: ok (etcd 3.", etcd.client_url);
     assert!(out.contains(&ok) && out.contains(", the leader)"), "{out}");
-    assert!(err.contains(&format!("upstream {closed}: upstream unavailable: cannot connect")), "{err}");
+    assert!(err.contains(&format!("upstream {closed}: cannot connect to etcd")), "{err}");
     assert!(err.contains("refused") && !err.contains("next attempt"), "{err}");
 
     // An upstream CA that did not sign etcd's certificate (another CA of the same name): both endpoints fail, the
@@ -206,10 +206,25 @@ audit: {{ enabled: false }}
     let first = err.lines().find(|l| l.contains(&etcd.client_url)).unwrap_or_default();
     assert!(first.contains("invalid peer certificate") && !first.contains("next attempt"), "{err}");
 
+    // An upstream certificate etcd does not trust (another PKI's): etcd refuses it after the handshake.
+    let other_client = other.path("upstream-client.crt");
+    let foreign = std::fs::read_to_string(config("ca.crt")?)?
+        .replace("cert_file: upstream-client.crt", &format!("cert_file: {}", other_client.display()))
+        .replace(
+            "key_file: upstream-client.key",
+            &format!("key_file: {}", other.path("upstream-client.key").display()),
+        );
+    std::fs::write(pki.path("check-foreign.yaml"), foreign)?;
+    let o = check(&pki.path("check-foreign.yaml"), true)?;
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), etcd_guard_tests::stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    let first = err.lines().find(|l| l.contains(&etcd.client_url)).unwrap_or_default();
+    assert!(first.contains("etcd refused the proxy's certificate"), "{err}");
+
     // etcd's auth on, and the upstream certificate's name (`etcd-guard`) no user of etcd's: connected, but the
     // keyspace cannot be read, which the proxy needs.
     let etcdctl = |args: &[&str]| -> TestResult {
-        let o = std::process::Command::new("etcdctl")
+        let o = std::process::Command::new(etcd_guard_tests::etcd_tool("etcdctl"))
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", etcd.client_url))
             .arg(format!("--cacert={}", pki.path("ca.crt").display()))

@@ -12,7 +12,7 @@
 //! HTTP/2 server, does not count). A client connection's own upstream connection for streams outlives its
 //! streams, so it is often idle.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,8 +117,9 @@ pub struct Connection {
     connecting: tokio::sync::Mutex<()>,
     /// Connection attempts that failed.
     failures: AtomicU64,
-    /// When the next attempt may be made, after attempts that failed.
-    backoff: Mutex<Backoff>,
+    /// When the next attempt may be made, after attempts that failed (shared with the connections' drivers: a
+    /// connection that ends before etcd answered a call on it counts as a failed attempt).
+    backoff: Arc<Mutex<Backoff>>,
     /// Connections made: each one's generation, so that an old connection that ends forgets only itself.
     generations: AtomicU64,
     /// Where the connection is made and driven (a worker's runtime); `None`: the caller's.
@@ -129,14 +130,20 @@ pub struct Connection {
 struct Live {
     generation: u64,
     sender: SendRequest<Bytes>,
-    /// Calls open on this connection (see [`Open`]).
-    open: Arc<AtomicUsize>,
+    /// Calls open on this connection (see [`Open`]), and whether etcd has answered one.
+    state: Arc<LiveState>,
+}
+
+#[derive(Default, Debug)]
+struct LiveState {
+    open: AtomicUsize,
+    answered: AtomicBool,
 }
 
 /// One call open on a connection (from before it is sent until its answer is read, or given up): counted while
 /// held, so that the connection is pinged only while it carries a call.
 #[derive(Debug)]
-pub struct Open(Arc<AtomicUsize>);
+pub struct Open(Arc<LiveState>);
 
 // === impl Connection ===
 
@@ -147,7 +154,7 @@ impl Connection {
             current: Arc::new(Mutex::new(None)),
             connecting: tokio::sync::Mutex::new(()),
             failures: AtomicU64::new(0),
-            backoff: Mutex::new(Backoff::default()),
+            backoff: Arc::default(),
             generations: AtomicU64::new(0),
             runtime: None,
         }
@@ -187,7 +194,9 @@ impl Connection {
         let (response, mut stream) = sender.send_request(head, false).map_err(Error::NotSent)?;
         // A failure here leaves etcd a call without its message (a gRPC server does not run it).
         stream.send_data(body, true).map_err(Error::NotSent)?;
-        Ok((response.await?, open))
+        let response = response.await?;
+        self.answered(&open);
+        Ok((response, open))
     }
 
     /// Send a request with a streaming body (fed by its own task while the answer is read).
@@ -208,7 +217,16 @@ impl Connection {
                 }
             });
         }
-        Ok(response.await?.map(|stream| RecvBody::new(stream).open_on(open)))
+        let response = response.await?;
+        self.answered(&open);
+        Ok(response.map(|stream| RecvBody::new(stream).open_on(open)))
+    }
+
+    /// etcd answered a call on `open`'s connection: the first time, the attempts that made it succeeded.
+    fn answered(&self, open: &Open) {
+        if !open.0.answered.load(Ordering::Relaxed) && !open.0.answered.swap(true, Ordering::AcqRel) {
+            self.backoff().succeeded();
+        }
     }
 
     /// A sender with room for one more stream, and the call counted as open on its connection; connecting first
@@ -221,13 +239,13 @@ impl Connection {
             None => Box::pin(self.connect()).await?,
         };
         match live.sender.ready().await {
-            Ok(sender) => Ok((sender, Open::on(&live.open))),
+            Ok(sender) => Ok((sender, Open::on(&live.state))),
             Err(e) => {
                 self.forget(live.generation);
                 debug!(endpoint = %self.connector.authority, error = %e, "upstream connection takes no more calls");
                 let live = Box::pin(self.connect()).await?;
                 match live.sender.ready().await {
-                    Ok(sender) => Ok((sender, Open::on(&live.open))),
+                    Ok(sender) => Ok((sender, Open::on(&live.state))),
                     Err(e) => {
                         self.forget(live.generation);
                         Err(Error::NotSent(e))
@@ -276,7 +294,6 @@ impl Connection {
                 return Err(e);
             }
         };
-        self.backoff().succeeded();
         Ok(self.install(sender, connection, cork))
     }
 
@@ -295,7 +312,7 @@ impl Connection {
         // Never one an earlier connection had: its driver forgets its own generation when it ends, which must not
         // be this one (it would be dropped while in use, and its successor by this one's driver, and so on).
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let live = Live { generation, sender, open: Arc::default() };
+        let live = Live { generation, sender, state: Arc::default() };
         {
             let mut slot = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             *slot = Some(live.clone());
@@ -303,17 +320,31 @@ impl Connection {
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
         let endpoint = c.authority.to_string();
-        let open = live.open.clone();
+        let (state, backoff) = (live.state.clone(), self.backoff.clone());
         let drive = cork::drive(cork, async move {
             let mut connection = connection;
             let pings = connection.ping_pong();
-            tokio::select! {
-                result = &mut connection => if let Err(e) = result {
-                    debug!(%endpoint, error = %e, "upstream connection ended");
+            let failed = tokio::select! {
+                result = &mut connection => match result {
+                    Err(e) => {
+                        debug!(%endpoint, error = %e, "upstream connection ended");
+                        tls_alert(&e).then(|| e.to_string())
+                    }
+                    Ok(()) => None,
                 },
-                () = keep_alive(pings, &open, interval, timeout) => {
+                () = keep_alive(pings, &state.open, interval, timeout) => {
                     debug!(%endpoint, "upstream connection did not answer a keep-alive ping; dropping it");
+                    None
                 }
+            };
+            // With TLS 1.3 the handshake ends on the proxy's side before etcd has checked the proxy's certificate:
+            // etcd refusing it shows only now, as a TLS alert. A connection etcd refused so before answering
+            // anything on it was no success: the next attempt waits as after a failed handshake, so that a refused
+            // certificate is not met with a new handshake per call. (Other ends — GOAWAY, a closed socket, a
+            // crash — make the next call connect again at once, as before.)
+            if let Some(why) = failed.filter(|_| !state.answered.load(Ordering::Acquire)) {
+                let why = format!("the connection ended before etcd answered a call on it: {why}");
+                backoff.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).failed_with(why, Instant::now());
             }
             forget(&current, generation);
         });
@@ -328,15 +359,15 @@ impl Connection {
 // === impl Open ===
 
 impl Open {
-    fn on(count: &Arc<AtomicUsize>) -> Open {
-        count.fetch_add(1, Ordering::Relaxed);
-        Open(count.clone())
+    fn on(state: &Arc<LiveState>) -> Open {
+        state.open.fetch_add(1, Ordering::Relaxed);
+        Open(state.clone())
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -378,18 +409,24 @@ impl Backoff {
     }
 
     fn failed(&mut self, e: &Error, now: Instant) {
-        self.failed = self.failed.saturating_add(1);
-        let wait = BACKOFF_FIRST.saturating_mul(1 << self.failed.saturating_sub(1).min(16)).min(BACKOFF_MAX);
-        // Less by up to a fifth: from the clock's nanoseconds, enough to spread attempts (not a secret).
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let wait = wait.saturating_sub(wait.mul_f64(f64::from(nanos % 1000) / 5000.0));
-        self.until = Some(now + wait);
         // Without the endpoint's address, which clients are not told.
-        self.error = match e {
+        let error = match e {
             Error::Connect { message, .. } => message.clone(),
             Error::ConnectTimeout { .. } => "the connection attempt timed out".to_owned(),
             Error::NotSent(e) | Error::H2(e) => e.to_string(),
         };
+        self.failed_with(error, now);
+    }
+
+    fn failed_with(&mut self, error: String, now: Instant) {
+        self.failed = self.failed.saturating_add(1);
+        let wait = BACKOFF_FIRST.saturating_mul(1 << self.failed.saturating_sub(1).min(16)).min(BACKOFF_MAX);
+        // Less by up to a fifth, at random (a fresh SipHash key per call: enough to spread attempts, not a secret).
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let wait = wait.saturating_sub(wait.mul_f64((random % 1000) as f64 / 5000.0));
+        self.until = Some(now + wait);
+        self.error = error;
     }
 
     fn succeeded(&mut self) {
@@ -427,6 +464,15 @@ fn forget(current: &Mutex<Option<Live>>, generation: u64) {
     if slot.as_ref().is_some_and(|l| l.generation == generation) {
         *slot = None;
     }
+}
+
+/// Whether a connection ended with a TLS alert from etcd (after the handshake: it refused the proxy's certificate).
+/// h2 keeps an I/O error's kind and text only (rustls' error is not its source any more): the text tells.
+fn tls_alert(e: &h2::Error) -> bool {
+    let alert = rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate).to_string();
+    // "received fatal alert: BadCertificate": what comes before the alert's name.
+    let said = alert.split(':').next().unwrap_or("received fatal alert");
+    e.is_io() && e.to_string().contains(said)
 }
 
 /// Resolves when the peer failed to answer a PING within `timeout`; pings every `interval` while a call is `open`.
@@ -535,6 +581,40 @@ mod tests {
         assert!(backoff.until.is_some_and(|u| u - now <= BACKOFF_FIRST), "a success starts the waits over");
         let told = backoff.waiting(now).unwrap_or_default();
         assert!(told.starts_with("the connection attempt timed out") && !told.contains("10.0.0.1"), "{told}");
+    }
+
+    /// An endpoint that refuses the client's certificate after the handshake, as etcd does with TLS 1.3 (the
+    /// client's side of the handshake ends first; the refusal comes as an alert): a connection refused so before
+    /// any answer counts as a failed attempt, so the calls after it do not each make a new one.
+    #[tokio::test]
+    async fn a_connection_that_ends_before_any_answer_is_a_failed_attempt() -> Result<(), Box<dyn std::error::Error>> {
+        let (acceptor, client) = crate::tls::testing::loopback_h2_with_client_auth()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let authority: Authority = listener.local_addr()?.to_string().parse()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                // The client sends no certificate: the handshake fails here, with an alert to the client.
+                let refused = acceptor.accept(tcp).await;
+                assert!(refused.is_err(), "the server took a client without a certificate");
+            }
+        });
+        let connection = Connection::new(testing::connector(client, authority)?);
+        let call =
+            || async { connection.send(http::Request::new(()), Bytes::new()).await.err().map(|e| e.to_string()) };
+        let first = call().await.ok_or("answered")?;
+        assert!(first.contains("alert"), "{first}");
+        // The driver sees the end after the call does: once it has, calls wait.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for _ in 0..20 {
+            let e = call().await.ok_or("answered")?;
+            assert!(e.contains("ended before etcd answered") && e.contains("alert"), "{e}");
+            assert!(e.contains("next attempt in"), "{e}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "calls during the wait made no attempt");
+        Ok(())
     }
 
     /// An endpoint whose TLS handshakes all fail: calls in between the attempts fail at once without one, and
@@ -696,12 +776,15 @@ mod tests {
         let request = |path| http::Request::builder().method("POST").uri(connection.uri(path));
         let answered = connection.send(request("/unary").body(())?, Bytes::new()).await?;
         drop(answered);
+        // A ping sent while the call was open (on a loaded machine it can outlast the interval) arrives first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let idle = pings.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(pings.load(Ordering::SeqCst), 0, "pinged while idle");
+        assert_eq!(pings.load(Ordering::SeqCst), idle, "pinged while idle");
 
         let streaming = connection.send_streaming(request("/stream").body(NoBody)?).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let while_open = pings.load(Ordering::SeqCst);
+        let while_open = pings.load(Ordering::SeqCst) - idle;
         assert!(while_open >= 3, "{while_open} pings while a stream was open");
 
         drop(streaming);
