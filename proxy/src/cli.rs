@@ -837,11 +837,22 @@ fn told(e: &tonic::Status) -> String {
         return format!("etcd answered {:?}: {}", e.code(), e.message());
     };
     let own = own.strip_prefix("upstream unavailable: ").unwrap_or(own);
-    if own.contains("received fatal alert") {
+    const REFUSED_CERTIFICATE: [&str; 7] = [
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateRequired",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "UnsupportedCertificate",
+        "AccessDenied",
+    ];
+    if own.contains("received fatal alert") && REFUSED_CERTIFICATE.iter().any(|alert| own.contains(alert)) {
         format!(
             "{own}: etcd refused the proxy's certificate (upstream.cert_file): is it signed by a CA in etcd's \
              --trusted-ca-file, valid now, and for client authentication?"
         )
+    } else if own.contains("not valid for the endpoint's name") {
+        format!("{own}: compare the host of this URL with the DNS and IP names of etcd's serving certificate")
     } else {
         own.to_owned()
     }
