@@ -846,12 +846,12 @@ fn told(e: &tonic::Status) -> String {
         "UnsupportedCertificate",
         "AccessDenied",
     ];
-    if own.contains("received fatal alert") && REFUSED_CERTIFICATE.iter().any(|alert| own.contains(alert)) {
+    if crate::http2::client::tells_tls_alert(own) && REFUSED_CERTIFICATE.iter().any(|alert| own.contains(alert)) {
         format!(
             "{own}: etcd refused the proxy's certificate (upstream.cert_file): is it signed by a CA in etcd's \
              --trusted-ca-file, valid now, and for client authentication?"
         )
-    } else if own.contains("not valid for the endpoint's name") {
+    } else if own.contains(crate::upstream::NAME_MISMATCH) {
         format!("{own}: compare the host of this URL with the DNS and IP names of etcd's serving certificate")
     } else {
         own.to_owned()

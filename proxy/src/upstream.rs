@@ -258,16 +258,12 @@ impl Upstream {
         let mut tried: Vec<String> = Vec::new();
         let mut again: Option<CallMeta> = None;
         let (mut attempt, mut refused) = (0, false);
-        let mut next: Option<Arc<Member>> = None;
         // Connections that could not be made during this call: each waits before its next attempt
         // (`client::Backoff`), and one that timed out is not worth another timeout.
         let mut unconnected: Vec<Arc<Member>> = Vec::new();
+        let mut member = self.pick(&tried)?;
         loop {
             attempt += 1;
-            let member = match next.take() {
-                Some(m) => m,
-                None => self.pick(&tried)?,
-            };
             let meta_now = again.as_ref().unwrap_or(meta);
             let e = match member.connection.send(member.head(path, meta_now), body.clone()).await {
                 Ok((response, open)) => return Ok((member, response, open)),
@@ -286,7 +282,7 @@ impl Upstream {
             if unconnected.iter().any(|m| Arc::ptr_eq(m, &following)) {
                 return Err(status);
             }
-            next = Some(following);
+            let failed = std::mem::replace(&mut member, following);
             refused |= e.refused();
             again = Some(match meta.timeout {
                 Some(t) => match t.checked_sub(started.elapsed()).filter(|left| !left.is_zero()) {
@@ -296,7 +292,7 @@ impl Upstream {
                 None => meta.clone(),
             });
             self.retried.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(endpoint = %member.url, error = %e, path, "etcd did not process a call; making it again");
+            tracing::debug!(endpoint = %failed.url, error = %e, path, "etcd did not process a call; making it again");
         }
     }
 
@@ -438,11 +434,15 @@ impl Member {
     }
 }
 
+/// What clients are told when etcd's certificate is not valid for the endpoint's name ([`for_clients`]).
+pub const NAME_MISMATCH: &str =
+    "invalid peer certificate: etcd's certificate is not valid for the endpoint's name in upstream.endpoints";
+
 /// A connection error's text as clients get it: without a documentation link ([`without_links`]), and without the
 /// names rustls gives when etcd's certificate is not valid for the endpoint's (its address, its SANs).
 fn for_clients(message: &str) -> &str {
     if message.contains("not valid for name") || message.contains("NotValidForName") {
-        "invalid peer certificate: etcd's certificate is not valid for the endpoint's name in upstream.endpoints"
+        NAME_MISMATCH
     } else {
         without_links(message)
     }

@@ -474,10 +474,15 @@ fn forget(current: &Mutex<Option<Live>>, generation: u64) {
 /// Whether a connection ended with a TLS alert from etcd (after the handshake: it refused the proxy's certificate).
 /// h2 keeps an I/O error's kind and text only (rustls' error is not its source any more): the text tells.
 fn tls_alert(e: &h2::Error) -> bool {
+    e.is_io() && tells_tls_alert(&e.to_string())
+}
+
+/// Whether an error's text is rustls' for a TLS alert received ("received fatal alert: BadCertificate").
+pub fn tells_tls_alert(text: &str) -> bool {
     let alert = rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate).to_string();
-    // "received fatal alert: BadCertificate": what comes before the alert's name.
+    // What comes before the alert's name.
     let said = alert.split(':').next().unwrap_or("received fatal alert");
-    e.is_io() && e.to_string().contains(said)
+    text.contains(said)
 }
 
 /// Resolves when the peer failed to answer a PING within `timeout`; pings every `interval` while a call is `open`.
