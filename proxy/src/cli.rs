@@ -714,10 +714,27 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
         None => crate::audit::chain::Hasher::unkeyed(),
     };
     let crate::config::AuditOutput::File(path) = &audit.output else { return None };
-    // The log the proxy would go on with: its last record must verify under the configured key, or `serve`
-    // refuses to start.
-    if let Err(e) = crate::audit::writer::check_tail(path, &hasher) {
-        return Some(e.to_string().trim_start_matches("audit: ").to_string());
+    let old_keys = match crate::audit::chain::Hasher::from_key_files(&audit.previous_hmac_key_files) {
+        Ok(keys) => keys,
+        Err(e) => return Some(e.to_string()),
+    };
+    // The log the proxy would go on with: its last record must verify under the configured key (or a previous
+    // one), or `serve` refuses to start.
+    match crate::audit::writer::check_tail(path, &hasher, &old_keys) {
+        Err(e) => return Some(e.to_string().trim_start_matches("audit: ").to_string()),
+        Ok(Some(old)) => {
+            let old = audit.previous_hmac_key_files.get(old).map(|f| f.display().to_string()).unwrap_or_default();
+            eprintln!(
+                "etcd-guard: note: audit: the log's last record is under the previous HMAC key {old}: serve goes on \
+                 under audit.hmac_key_file (verify the log with both keys, oldest first: audit verify --hmac-key \
+                 OLD --hmac-key NEW)"
+            );
+        }
+        Ok(None) if !audit.previous_hmac_key_files.is_empty() && path.exists() => eprintln!(
+            "etcd-guard: note: audit: the log's last record is under audit.hmac_key_file already: \
+             audit.previous_hmac_key_files is not needed any more (keep the old keys for audit verify)"
+        ),
+        Ok(None) => {}
     }
     if path.exists() {
         return std::fs::OpenOptions::new()

@@ -716,10 +716,11 @@ pub async fn bare_h2(h: &Harness, who: &ClientCert, ping_every: Option<Duration>
 
 /// The proxy binary serving in front of `etcd` as a process of its own (to send it signals): `bin` is the test
 /// crate's `guard-under-test` (`env!("CARGO_BIN_EXE_guard-under-test")`, which only tests see), with `policy`,
-/// auditing to `audit/audit.log`, metrics on a port of its own and `extra` configuration lines. Returns once both
-/// listeners accept connections.
+/// auditing to `audit/audit.log` (unless `extra` has an `audit:` section of its own), metrics on a port of its
+/// own and `extra` configuration lines. Returns once both listeners accept connections.
 pub fn proxy_process(bin: &str, pki: &Pki, etcd: &Etcd, policy: &str, extra: &str) -> TestResult<ProxyProcess> {
     let (port, metrics_port) = (free_port()?, free_port()?);
+    let audit = if extra.lines().any(|l| l.starts_with("audit:")) { "" } else { "audit: { file: audit/audit.log }\n" };
     std::fs::write(pki.path("policy.yaml"), policy)?;
     std::fs::write(
         pki.path("etcd-guard.yaml"),
@@ -728,8 +729,7 @@ pub fn proxy_process(bin: &str, pki: &Pki, etcd: &Etcd, policy: &str, extra: &st
 tls: {{ cert_file: server.crt, key_file: server.key, client_ca_file: ca.crt }}
 upstream: {{ endpoints: ["{}"], ca_file: ca.crt, cert_file: upstream-client.crt, key_file: upstream-client.key }}
 policy_file: policy.yaml
-audit: {{ file: audit/audit.log }}
-metrics_listen: "127.0.0.1:{metrics_port}"
+{audit}metrics_listen: "127.0.0.1:{metrics_port}"
 {extra}{}"#,
             etcd.client_url,
             watch_matrix("")

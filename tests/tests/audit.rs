@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use etcd_guard::audit::chain::{self, GENESIS, Hasher};
-use etcd_guard_tests::{Harness, TEST_POLICY, TestResult};
+use etcd_guard_tests::{Etcd, Harness, Pki, TEST_POLICY, TestResult, etcdctl_at, proxy_process, stderr, stdout};
 use serde_json::Value;
 
 const SECRET: &str = "s3cr3t-VALUE-0x5e1f-do-not-log";
@@ -46,6 +46,17 @@ fn read_chain(dir: &Path) -> TestResult<Vec<Value>> {
             assert_eq!(v["prev_hash"].as_str(), Some(prev.as_str()), "{at}: prev_hash");
             prev = v["hash"].as_str().ok_or("no hash")?.to_string();
             records.push(v);
+        }
+    }
+    Ok(records)
+}
+
+/// All records, unchecked (for a keyed chain, which `audit verify` checks).
+fn records_of(dir: &Path) -> TestResult<Vec<Value>> {
+    let mut records = Vec::new();
+    for file in audit_files(dir)? {
+        for line in std::fs::read_to_string(&file)?.lines() {
+            records.push(serde_json::from_str(line)?);
         }
     }
     Ok(records)
@@ -300,6 +311,81 @@ async fn the_chain_continues_across_rotated_files() -> TestResult {
     }
     std::fs::write(&victim, original)?;
     assert!(verify(&dir)?.status.success());
+    Ok(())
+}
+
+/// Changing the HMAC key, as an operator does it with the proxy binary: the new key alone is refused (the log's last
+/// record is under the old one); with the old key in `audit.previous_hmac_key_files` the proxy goes on with the same
+/// chain, says so in its open record, and `audit verify` and `audit review` verify the log with both keys, oldest
+/// first, and not with either alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hmac_key_is_changed_without_starting_a_new_chain() -> TestResult {
+    let bin = env!("CARGO_BIN_EXE_guard-under-test");
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    std::fs::write(pki.path("old.key"), "the key of the first year, 32 b\n")?;
+    std::fs::write(pki.path("new.key"), "the key after the change, 32 by\n")?;
+    let admin = pki.client("admin", "admin", None, &[])?;
+    let run = |audit: &str, key: &str| -> TestResult {
+        let mut proxy =
+            proxy_process(bin, &pki, &etcd, TEST_POLICY, &format!("audit: {{ file: audit/audit.log, {audit} }}\n"))?;
+        let put = etcdctl_at(&format!("https://{}", proxy.addr), &pki.ca_file(), &admin, &["put", key, SECRET])?;
+        assert!(put.status.success(), "{}", stderr(&put));
+        proxy.signal("TERM")?;
+        assert!(proxy.wait_exit(Duration::from_secs(20))?.success());
+        Ok(())
+    };
+    run("hmac_key_file: old.key", "before")?;
+
+    // The new key alone: refused, naming the way out.
+    let refused =
+        proxy_process(bin, &pki, &etcd, TEST_POLICY, "audit: { file: audit/audit.log, hmac_key_file: new.key }\n");
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("does not verify") && message.contains("audit.previous_hmac_key_files"), "{message}");
+
+    let changed = "hmac_key_file: new.key, previous_hmac_key_files: [old.key]";
+    let check = std::process::Command::new(bin)
+        .args(["config", "check", "--config"])
+        .arg(pki.path("etcd-guard.yaml"))
+        .output()?;
+    // (The configuration of the refused start, still in place.)
+    assert_eq!(check.status.code(), Some(2), "{}", stderr(&check));
+    run(changed, "after")?;
+    let check = std::process::Command::new(bin)
+        .args(["config", "check", "--config"])
+        .arg(pki.path("etcd-guard.yaml"))
+        .output()?;
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(stderr(&check).contains("previous_hmac_key_files is not needed any more"), "{}", stderr(&check));
+
+    let records = records_of(&pki.path("audit"))?;
+    let opens: Vec<&Value> = records.iter().filter(|r| r["rpc"] == "etcd-guard/AuditOpen").collect();
+    assert_eq!(opens.len(), 2);
+    assert_eq!(opens[0]["ops"][0].get("hmac_key"), None);
+    assert_eq!(opens[1]["ops"][0]["hmac_key"], "changed");
+    assert_eq!(records.iter().filter(|r| r["rpc"] == "KV/Put").count(), 2);
+
+    let audit = |args: &[&str], keys: &[&str]| -> TestResult<std::process::Output> {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("audit").args(args).arg(pki.path("audit"));
+        for key in keys {
+            cmd.arg("--hmac-key").arg(pki.path(key));
+        }
+        Ok(cmd.output()?)
+    };
+    let both = audit(&["verify"], &["old.key", "new.key"])?;
+    assert!(both.status.success(), "{}{}", stdout(&both), stderr(&both));
+    assert!(stdout(&both).contains("goes on under key 2 of the 2 given"), "{}", stdout(&both));
+    assert!(stdout(&both).contains(&format!("ok: {} records", records.len())), "{}", stdout(&both));
+    for keys in [&["old.key"][..], &["new.key"], &["new.key", "old.key"]] {
+        let out = audit(&["verify"], keys)?;
+        assert_eq!(out.status.code(), Some(1), "{keys:?}: {}", stdout(&out));
+    }
+    let review = audit(&["review", "--rpc", "Put", "--output", "json"], &["old.key", "new.key"])?;
+    assert!(review.status.success(), "{}", stderr(&review));
+    assert_eq!(stdout(&review).lines().count(), 2, "{}", stdout(&review));
+    let review = audit(&["review", "--rpc", "Put"], &["new.key"])?;
+    assert_eq!(review.status.code(), Some(1), "{}", stderr(&review));
     Ok(())
 }
 

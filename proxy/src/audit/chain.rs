@@ -63,6 +63,11 @@ impl Hasher {
         Ok(Hasher::keyed(key))
     }
 
+    /// Read key files, in their order (none: no key).
+    pub fn from_key_files(paths: &[std::path::PathBuf]) -> Result<Vec<Hasher>, KeyError> {
+        paths.iter().map(|p| Hasher::from_key_file(p)).collect()
+    }
+
     pub fn is_keyed(&self) -> bool {
         self.key.is_some()
     }

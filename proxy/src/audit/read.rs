@@ -906,6 +906,20 @@ pub(crate) mod testing {
             }
         }
 
+        /// The writer's open record of a run (the only place, with its cut record, where a chain may move on to
+        /// a new HMAC key).
+        pub fn open() -> Spec {
+            Spec {
+                common_name: "etcd-guard",
+                uri_san: None,
+                rpc: crate::audit::writer::OPEN_RPC,
+                decision: "allow",
+                code: "OK",
+                ops: r#"[{"op":"open","after_seq":0,"previous":"closed","hmac_key":"changed"}]"#.to_owned(),
+                reason: "audit log opened after a clean close",
+            }
+        }
+
         /// `cn` writes `key` and is denied.
         pub fn denied_put(cn: &'static str, key: &str) -> Spec {
             Spec {

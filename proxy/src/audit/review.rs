@@ -78,9 +78,9 @@ pub struct ReviewArgs {
     #[arg(long)]
     pub summary: bool,
     /// The HMAC key the chain is keyed with (the file named by the proxy's `audit.hmac_key_file`), to verify the
-    /// chain after the review as `audit verify` does.
+    /// chain after the review as `audit verify` does. After a key change, every key, oldest first.
     #[arg(long, value_name = "FILE")]
-    pub hmac_key: Option<PathBuf>,
+    pub hmac_key: Vec<PathBuf>,
     /// Do not verify the chain after the review.
     #[arg(long)]
     pub no_verify: bool,
@@ -260,15 +260,12 @@ const DENIED_KEYS_KEPT: usize = 100_000;
 /// chain does not verify (the records shown may have been altered; [`verified`]), 2 on errors.
 pub fn run(args: ReviewArgs) -> ExitCode {
     // The key first: a wrong path is an error before anything is printed.
-    let hasher = match &args.hmac_key {
-        Some(path) => match Hasher::from_key_file(path) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                eprintln!("etcd-guard: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
+    let keys = match Hasher::from_key_files(&args.hmac_key) {
+        Ok(keys) => keys,
+        Err(e) => {
+            eprintln!("etcd-guard: {e}");
+            return ExitCode::from(2);
+        }
     };
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
@@ -322,7 +319,7 @@ pub fn run(args: ReviewArgs) -> ExitCode {
             if args.no_verify {
                 return ExitCode::SUCCESS;
             }
-            verified(&files, hasher.as_ref())
+            verified(&files, &keys)
         }
         // `… | head` closed the pipe: nothing more is wanted.
         Err(ReviewError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -350,7 +347,7 @@ pub enum Verification {
     Empty,
 }
 
-/// Verify the chain of `files` after a review (as `audit verify` does, with `key` or unkeyed), so that a reviewer
+/// Verify the chain of `files` after a review (as `audit verify` does, with `keys` or unkeyed), so that a reviewer
 /// does not take altered records at their word. Without a key, a chain whose first hash does not verify unkeyed is
 /// taken for an HMAC-keyed one, whose hashes cannot be checked without its key — unless some other line verifies
 /// unkeyed: then it is an unkeyed chain whose first records were altered. A last line without its newline is
@@ -359,16 +356,16 @@ pub enum Verification {
 /// # Errors
 ///
 /// A file cannot be read.
-pub fn verification(files: &[AuditFile], key: Option<&Hasher>) -> Result<Verification, ReadError> {
+pub fn verification(files: &[AuditFile], keys: &[Hasher]) -> Result<Verification, ReadError> {
     let unkeyed = Hasher::unkeyed();
-    let report = super::verify::verify(files, key.unwrap_or(&unkeyed))?;
+    let report = super::verify::verify(files, keys)?;
     let written_now = || files.last().is_some_and(|f| being_written(&f.path));
     Ok(match report.problem {
         // A log a proxy is opening this very moment has its `open` record on the way.
         None if report.records == 0 && !written_now() => Verification::Empty,
         None => Verification::Verified,
         Some(p)
-            if key.is_none()
+            if keys.is_empty()
                 && report.records == 0
                 && p.kind == ProblemKind::Altered
                 && !super::verify::any_line_verifies(files, &unkeyed)? =>
@@ -390,8 +387,8 @@ fn being_written(file: &std::path::Path) -> bool {
 }
 
 /// [`verification`], told on standard error: 1 if the chain does not verify.
-fn verified(files: &[AuditFile], key: Option<&Hasher>) -> ExitCode {
-    match verification(files, key) {
+fn verified(files: &[AuditFile], keys: &[Hasher]) -> ExitCode {
+    match verification(files, keys) {
         Ok(Verification::Verified) => ExitCode::SUCCESS,
         Ok(Verification::Keyed(message)) => {
             eprintln!(
@@ -1162,14 +1159,14 @@ mod tests {
     #[test]
     fn the_chain_is_verified_after_a_review_and_a_keyed_one_only_noted_without_its_key() -> TestResult {
         let (dir, files) = fixture()?;
-        assert_eq!(verification(&files, None)?, Verification::Verified);
+        assert_eq!(verification(&files, &[])?, Verification::Verified);
         // One record's decision changed: the review shows it, the verification says it is not to be trusted.
         let active = dir.path().join("audit.log");
         let text =
             std::fs::read_to_string(&active)?.replacen("\"decision\":\"would_deny\"", "\"decision\":\"allow\"", 1);
         std::fs::write(&active, text)?;
         let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        match verification(&files, None)? {
+        match verification(&files, &[])? {
             Verification::Failed(message, in_order) => {
                 assert_eq!(in_order, 5, "{message}");
                 assert!(message.contains("audit.log:1"), "{message}");
@@ -1182,10 +1179,10 @@ mod tests {
         let key = Hasher::keyed(b"0123456789abcdef0123456789abcdef");
         write(&keyed_dir.path().join("audit.log"), &chain(&key, 1, GENESIS, &specs()))?;
         let keyed = audit_files(&[keyed_dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert!(matches!(verification(&keyed, None)?, Verification::Keyed(_)));
-        assert_eq!(verification(&keyed, Some(&key))?, Verification::Verified);
+        assert!(matches!(verification(&keyed, &[])?, Verification::Keyed(_)));
+        assert_eq!(verification(&keyed, std::slice::from_ref(&key))?, Verification::Verified);
         let wrong = Hasher::keyed(b"another key, just as long as it..");
-        assert!(matches!(verification(&keyed, Some(&wrong))?, Verification::Failed(_, 0)));
+        assert!(matches!(verification(&keyed, std::slice::from_ref(&wrong))?, Verification::Failed(_, 0)));
 
         // A last line without its newline is only noted while a proxy writes the folder (holds its lock); cut
         // anywhere else, or with no proxy writing, it is a problem.
@@ -1198,12 +1195,12 @@ mod tests {
         write(&path, &lines)?;
         let bytes = std::fs::read(&path)?;
         let files = audit_files(&[live.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert!(matches!(verification(&files, None)?, Verification::Failed(_, 9)));
+        assert!(matches!(verification(&files, &[])?, Verification::Failed(_, 9)));
         let lock = std::fs::File::open(live.path())?;
         lock.try_lock()?;
-        assert!(matches!(verification(&files, None)?, Verification::Unfinished(_)));
+        assert!(matches!(verification(&files, &[])?, Verification::Unfinished(_)));
         std::fs::write(&path, [&bytes[..], b"\n"].concat())?;
-        assert!(matches!(verification(&files, None)?, Verification::Failed(_, 9)));
+        assert!(matches!(verification(&files, &[])?, Verification::Failed(_, 9)));
         drop(lock);
 
         // An unkeyed chain whose first record was altered is not taken for a keyed one: its other lines verify.
@@ -1214,7 +1211,7 @@ mod tests {
         }
         write(&altered.path().join("audit.log"), &lines)?;
         let files = audit_files(&[altered.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert!(matches!(verification(&files, None)?, Verification::Failed(_, 0)), "{:?}", verification(&files, None));
+        assert!(matches!(verification(&files, &[])?, Verification::Failed(_, 0)), "{:?}", verification(&files, &[]));
         Ok(())
     }
 
@@ -1357,7 +1354,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         write(&dir.path().join("audit.log"), &[])?;
         let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert_eq!(verification(&files, None)?, Verification::Empty);
+        assert_eq!(verification(&files, &[])?, Verification::Empty);
         Ok(())
     }
 

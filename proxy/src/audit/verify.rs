@@ -18,6 +18,12 @@
 //!
 //! Without an HMAC key the chain detects changes by anyone who does not rewrite every hash after the change;
 //! with one (`--hmac-key`, the proxy's `audit.hmac_key_file`) only the key's holders can forge records.
+//!
+//! After a key change (the proxy's `audit.previous_hmac_key_files`) a log holds runs under several keys, given
+//! oldest first. The chain moves on to a later key only at a record a proxy writes when it starts (its open record,
+//! or the record vouching for a line a crash cut off) — or at the very first record of the set, when older files
+//! were rotated away — and never back; and it must end under the last key given. So a holder of an old key can
+//! forge only what was written under it, and cannot cut the log back to the change and go on from there.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,9 +43,10 @@ pub struct VerifyArgs {
     /// name contains ".log" is read; files are read in the order of the `seq` they start with. Files compressed
     /// with gzip are read decompressed (a compressed copy beside its plain file is left out).
     pub paths: Vec<PathBuf>,
-    /// The HMAC key the chain is keyed with (the file named by the proxy's `audit.hmac_key_file`).
+    /// The HMAC key the chain is keyed with (the file named by the proxy's `audit.hmac_key_file`). After a key
+    /// change, every key the files were written under, oldest first: `--hmac-key old.key --hmac-key new.key`.
     #[arg(long, value_name = "FILE")]
-    pub hmac_key: Option<PathBuf>,
+    pub hmac_key: Vec<PathBuf>,
 }
 
 /// Why files without a single record do not verify.
@@ -86,6 +93,8 @@ pub struct Report {
     pub last: Option<(u64, String)>,
     /// Whether the chain was checked with an HMAC key.
     pub keyed: bool,
+    /// How many keys were given (1 without any: unkeyed).
+    pub keys: usize,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
     /// The first problem, if any.
@@ -151,21 +160,18 @@ fn vouches_for(line: Line<'_>, digest: Option<&(u64, String)>) -> bool {
 /// Run `audit verify`: 0 when the chain is intact, 1 on the first problem, 2 when the files cannot be read or
 /// the arguments are wrong.
 pub fn run(args: VerifyArgs) -> ExitCode {
-    let hasher = match &args.hmac_key {
-        Some(path) => match Hasher::from_key_file(path) {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("etcd-guard: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => Hasher::unkeyed(),
+    let keys = match Hasher::from_key_files(&args.hmac_key) {
+        Ok(keys) => keys,
+        Err(e) => {
+            eprintln!("etcd-guard: {e}");
+            return ExitCode::from(2);
+        }
     };
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
         Err(code) => return code,
     };
-    let report = match verify(&files, &hasher) {
+    let report = match verify(&files, &keys) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("etcd-guard: {e}");
@@ -195,18 +201,24 @@ pub fn run(args: VerifyArgs) -> ExitCode {
     }
 }
 
-/// Check `files`, in this order, as one chain. Stops at the first problem.
+/// Check `files`, in this order, as one chain written under `keys`, oldest first (none: unkeyed; see the module's
+/// documentation for how the chain moves from one key to the next). Stops at the first problem.
 ///
 /// # Errors
 ///
 /// A file cannot be opened or read.
-pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError> {
+pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError> {
+    let unkeyed = [Hasher::unkeyed()];
+    let keys = if keys.is_empty() { &unkeyed[..] } else { keys };
+    // The key the chain is under; it only moves forward.
+    let mut key = 0;
     let mut report = Report {
         records: 0,
         files: files.len(),
         first: None,
         last: None,
-        keyed: hasher.is_keyed(),
+        keyed: keys.iter().any(Hasher::is_keyed),
+        keys: keys.len(),
         notes: Vec::new(),
         problem: None,
     };
@@ -220,7 +232,29 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     for (index, file) in files.iter().enumerate() {
         let mut reader = LineReader::open(&file.path).map_err(|e| unreadable(file, e))?;
         while let Some((number, line)) = reader.next_line().map_err(|e| unreadable(file, e))? {
-            let checked = check_line(hasher, line);
+            let checked = match check_line(&keys[key], line) {
+                Err(defect) if defect.hash_mismatch => match later_key(keys, key, line, last.is_none()) {
+                    Some((later, intact)) => {
+                        report.notes.push(format!(
+                            "{}: seq {}: the chain goes on under key {} of the {} given{}",
+                            at(files, index, number),
+                            intact.seq,
+                            later + 1,
+                            keys.len(),
+                            if last.is_none() {
+                                " (the first record of these files)"
+                            } else {
+                                " (a proxy started under it)"
+                            },
+                        ));
+                        key = later;
+                        Ok(intact)
+                    }
+                    None => Err(defect),
+                },
+                checked => checked,
+            };
+            let hasher = &keys[key];
             if let Some(p) = pending.take() {
                 // The line after a defective one decides: if it chains to the last good record, the defective
                 // line was put in between; otherwise it is what became of the record that belonged there.
@@ -318,7 +352,27 @@ pub fn verify(files: &[AuditFile], hasher: &Hasher) -> Result<Report, ReadError>
     }
     if let Some(p) = pending {
         // The last line: nothing after it can show it was inserted.
-        report.problem = Some(defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None));
+        report.problem = Some(defect_problem(files, &p, ProblemKind::Altered, &keys[key], last.as_ref(), None));
+        return Ok(report);
+    }
+    if let Some(g) = last.as_ref().filter(|_| key + 1 < keys.len()) {
+        // Whoever holds an older key could cut the log back to the change and write on under that key: the
+        // records of the newest key given must be there.
+        report.problem = Some(Problem {
+            kind: ProblemKind::Removed,
+            path: files[g.file].path.clone(),
+            line: g.line,
+            message: format!(
+                "{}: the chain ends (seq {}) under key {} of the {} given: no record of these files is under a later \
+                 key — records written after the key change were removed (and perhaps replaced by a holder of an \
+                 older key), or these files end before the change (give only the keys they were written under)",
+                at(files, g.file, g.line),
+                g.seq,
+                key + 1,
+                keys.len()
+            ),
+            unfinished_last_line: false,
+        });
         return Ok(report);
     }
     if let Some(g) = &last {
@@ -358,6 +412,17 @@ fn genesis() -> [u8; 32] {
     // GENESIS is 64 hex zeros.
     let _ = hex::decode_to_slice(GENESIS, &mut out);
     out
+}
+
+/// The first key after `key` that `line` verifies under, if the chain may move to it there: at the first record of
+/// the set (`at_start`), or at a record a proxy writes when it starts (its open record, or the one vouching for a
+/// line a crash cut off).
+fn later_key(keys: &[Hasher], key: usize, line: Line<'_>, at_start: bool) -> Option<(usize, Intact)> {
+    let Line::Complete(bytes) = line else { return None };
+    let (later, intact) =
+        keys.iter().enumerate().skip(key + 1).find_map(|(i, k)| check_bytes(k, bytes).ok().map(|c| (i, c)))?;
+    let starts_run = || matches!(read::rpc_of(bytes).as_deref(), Some(OPEN_RPC | CUT_RPC));
+    (at_start || starts_run()).then_some((later, intact))
 }
 
 /// Check one line on its own: its hash, and that it is a record.
@@ -551,7 +616,11 @@ impl fmt::Display for Report {
     /// The success line: `ok: N records, seq A..=B, last hash H (…)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let files = if self.files == 1 { "1 file".to_owned() } else { format!("{} files", self.files) };
-        let how = if self.keyed { "HMAC-SHA256 with the given key" } else { "SHA-256, no HMAC key" };
+        let how = match (self.keyed, self.keys) {
+            (false, _) => "SHA-256, no HMAC key".to_owned(),
+            (true, 1) => "HMAC-SHA256 with the given key".to_owned(),
+            (true, n) => format!("HMAC-SHA256 with the {n} given keys"),
+        };
         match (&self.first, &self.last) {
             (Some((first, _)), Some((last, hash))) => {
                 write!(f, "ok: {} records in {files}, seq {first}..={last}, last hash {hash} ({how})", self.records)
@@ -573,8 +642,13 @@ mod tests {
 
     /// Verify the files (or folders) at `paths`.
     fn check(paths: &[PathBuf], hasher: &Hasher) -> Result<Report, Box<dyn std::error::Error>> {
+        check_keys(paths, std::slice::from_ref(hasher))
+    }
+
+    /// Verify the files (or folders) at `paths` written under `keys`, oldest first.
+    fn check_keys(paths: &[PathBuf], keys: &[Hasher]) -> Result<Report, Box<dyn std::error::Error>> {
         let files = audit_files(paths).map_err(|e| format!("{e:?}"))?;
-        Ok(verify(&files, hasher)?)
+        Ok(verify(&files, keys)?)
     }
 
     /// The problem's kind, file name and line.
@@ -678,7 +752,7 @@ mod tests {
         assert_eq!(files.len(), 2);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("is left out: by its name, a compressed copy of"), "{notes:?}");
-        let report = verify(&files, &h)?;
+        let report = verify(&files, std::slice::from_ref(&h))?;
         assert_eq!((report.problem, report.records), (None, 10));
         // A compressed file cut short fails to read, saying so.
         let bytes = std::fs::read(&copy)?;
@@ -798,7 +872,8 @@ mod tests {
         let mut lines = simple_chain(&h, 3);
         let mut hash = split_line(lines[2].trim_ascii_end()).map(|(_, hash)| hash.to_owned()).unwrap_or_default();
         let mut text = String::new();
-        crate::audit::writer::open_record(3, crate::audit::writer::Previous::NotClosed).write_body(4, &hash, &mut text);
+        crate::audit::writer::open_record(3, crate::audit::writer::Previous::NotClosed, false)
+            .write_body(4, &hash, &mut text);
         h.seal(&mut text, 0, &mut hash);
         lines.push(text.into_bytes());
         let log = dir.path().join("run.log");
@@ -968,6 +1043,77 @@ mod tests {
         })?;
         let report = check(&all, &keyed)?;
         assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log.00000000000000000001".to_owned(), 5)));
+        Ok(())
+    }
+
+    /// Records 1..=5 under `old`, then 6..=9 under `new`, the first of them `at_change` (the open record of the
+    /// run that started under the new key). Each line with its hash.
+    fn changed_keys(old: &Hasher, new: &Hasher, at_change: Spec) -> Vec<Vec<u8>> {
+        let mut lines = simple_chain(old, 5);
+        let prev = lines.last().map(|l| String::from_utf8_lossy(&l[l.len() - 67..l.len() - 3]).into_owned());
+        let later = [at_change, Spec::get("alice", "k7"), Spec::get("alice", "k8"), Spec::get("alice", "k9")];
+        lines.extend(chain(new, 6, &prev.unwrap_or_default(), &later));
+        lines
+    }
+
+    #[test]
+    fn a_key_change_verifies_with_every_key_oldest_first_and_only_at_a_run_start() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (old, new) = (Hasher::keyed(KEY), Hasher::keyed(b"the key after the change"));
+        let log = dir.path().join("audit.log");
+        let files = [log.clone()];
+        write(&log, &changed_keys(&old, &new, Spec::open()))?;
+
+        let report = check_keys(&files, &[old.clone(), new.clone()])?;
+        assert_eq!((report.problem.clone(), report.records), (None, 9), "{report:?}");
+        let change = format!(
+            "{}:6: seq 6: the chain goes on under key 2 of the 2 given (a proxy started under it)",
+            shown(&log)
+        );
+        assert_eq!(report.notes.first(), Some(&change), "{:?}", report.notes);
+        assert!(report.to_string().contains("with the 2 given keys"), "{report}");
+        // One key alone, or the keys the wrong way round (the chain never goes back to an earlier key).
+        assert_eq!(problem(&check(&files, &new)?), Some((ProblemKind::Altered, "audit.log".into(), 1)));
+        assert_eq!(problem(&check(&files, &old)?), Some((ProblemKind::Altered, "audit.log".into(), 6)));
+        assert_eq!(
+            problem(&check_keys(&files, &[new.clone(), old.clone()])?),
+            Some((ProblemKind::Altered, "audit.log".into(), 6))
+        );
+
+        // Under a new key anywhere but at the start of a run: not a key change.
+        write(&log, &changed_keys(&old, &new, Spec::get("alice", "k6")))?;
+        assert_eq!(
+            problem(&check_keys(&files, &[old.clone(), new.clone()])?),
+            Some((ProblemKind::Altered, "audit.log".into(), 6))
+        );
+
+        // A holder of the old key cuts the log back to the change and writes on under the old key: the chain
+        // never reaches the new key.
+        let mut forged = simple_chain(&old, 7);
+        forged[5] = chain(
+            &old,
+            6,
+            &String::from_utf8_lossy(&forged[4][forged[4].len() - 67..forged[4].len() - 3]),
+            &[Spec::open()],
+        )
+        .concat();
+        let prev = String::from_utf8_lossy(&forged[5][forged[5].len() - 67..forged[5].len() - 3]).into_owned();
+        forged[6] = chain(&old, 7, &prev, &[Spec::get("alice", "k7")]).concat();
+        write(&log, &forged)?;
+        let report = check_keys(&files, &[old.clone(), new.clone()])?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log".into(), 7)));
+        let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(text.contains("ends (seq 7) under key 1 of the 2 given"), "{text}");
+        assert_eq!(check(&files, &old)?.problem, None);
+
+        // Older files rotated away: a set that starts under the new key starts there.
+        write(&log, &changed_keys(&old, &new, Spec::open())[6..])?;
+        let report = check_keys(&files, &[old, new])?;
+        assert_eq!((report.problem.clone(), report.records), (None, 3), "{report:?}");
+        assert!(
+            report.notes.iter().any(|n| n.contains("key 2 of the 2 given (the first record of these files)")),
+            "{report:?}"
+        );
         Ok(())
     }
 

@@ -49,8 +49,9 @@ pub enum AuditError {
     Key(#[from] chain::KeyError),
     #[error(
         "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain (a changed or \
-         removed audit.hmac_key_file does this: restore it; to change the key or start over, move the file away \
-         to start a new chain, and keep it for review)"
+         removed audit.hmac_key_file does this: restore it; to change the key, name the old one in \
+         audit.previous_hmac_key_files; to start over, move the file away to start a new chain, and keep it for \
+         review)"
     )]
     BrokenTail { path: PathBuf, keyed: &'static str },
     #[error("audit: {path}: the last record is not an audit record: {reason}")]
@@ -66,8 +67,12 @@ pub enum AuditError {
 
 impl AuditError {
     /// The last record of the file at `path` does not verify under `hasher`.
-    fn broken_tail(path: PathBuf, hasher: &Hasher) -> AuditError {
-        let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
+    fn broken_tail(path: PathBuf, hasher: &Hasher, previous: &[Hasher]) -> AuditError {
+        let keyed = match (hasher.is_keyed(), previous.is_empty()) {
+            (false, _) => " (unkeyed)",
+            (true, true) => " with the configured HMAC key",
+            (true, false) => " with the configured HMAC key or any of audit.previous_hmac_key_files",
+        };
         AuditError::BrokenTail { path, keyed }
     }
 }
@@ -130,14 +135,22 @@ impl AuditLog {
             Some(path) => Hasher::from_key_file(path)?,
             None => Hasher::unkeyed(),
         };
-        let (sink, seq, prev, previous) = match &config.output {
-            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), Previous::None),
+        let (sink, seq, prev, previous, key_change) = match &config.output {
+            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), Previous::None, None),
             AuditOutput::File(path) => {
-                let (file, seq, prev, previous) =
-                    FileSink::open(path, config.max_file_bytes, config.max_files, &hasher)?;
-                (Sink::File(file), seq, prev, previous)
+                let old_keys = Hasher::from_key_files(&config.previous_hmac_key_files)?;
+                let (file, standing) =
+                    FileSink::open(path, config.max_file_bytes, config.max_files, &hasher, &old_keys)?;
+                (Sink::File(file), standing.seq, standing.prev, standing.previous, standing.key_change)
             }
         };
+        if let Some(old) = key_change.and_then(|i| config.previous_hmac_key_files.get(i)) {
+            info!(
+                previous_key = %old.display(),
+                after_seq = seq,
+                "audit: the log's last record is under a previous HMAC key (audit.previous_hmac_key_files); the chain goes on under audit.hmac_key_file (verify with both keys, oldest first)"
+            );
+        }
         if previous == Previous::NotClosed {
             warn!(
                 after_seq = seq,
@@ -148,7 +161,7 @@ impl AuditLog {
         // Every start is in the chain, with what it found: a restart, and a tail that ends without a close, are
         // visible to a reviewer (and to `audit verify`).
         if let Some(inner) = &log.inner
-            && inner.tx.try_send(Msg::Record(open_record(seq, previous), None)).is_ok()
+            && inner.tx.try_send(Msg::Record(open_record(seq, previous, key_change.is_some()), None)).is_ok()
         {
             inner.stats.queued.fetch_add(1, Ordering::Relaxed);
         }
@@ -660,8 +673,9 @@ pub(super) enum Previous {
     NotClosed,
 }
 
-/// The first record of every run: `{"op":"open","after_seq":N,"previous":"none|closed|not_closed"}`.
-pub(super) fn open_record(after_seq: u64, previous: Previous) -> Record {
+/// The first record of every run: `{"op":"open","after_seq":N,"previous":"none|closed|not_closed"}`, with
+/// `"hmac_key":"changed"` when the chain goes on under a new HMAC key.
+pub(super) fn open_record(after_seq: u64, previous: Previous, key_changed: bool) -> Record {
     let (word, reason) = match previous {
         Previous::None => ("none", "audit log opened: a new chain"),
         Previous::Closed => ("closed", "audit log opened after a clean close"),
@@ -675,7 +689,15 @@ pub(super) fn open_record(after_seq: u64, previous: Previous) -> Record {
     ops.op("open", |op| {
         op.num_always("after_seq", i64::try_from(after_seq).unwrap_or(i64::MAX));
         op.text("previous", word);
+        if key_changed {
+            op.text("hmac_key", "changed");
+        }
     });
+    let reason = if key_changed {
+        format!("{reason}; the chain goes on under a new HMAC key (the record before is under a previous one)")
+    } else {
+        reason.to_owned()
+    };
     Record {
         subject: Arc::new(Subject::proxy()),
         time: SystemTime::now(),
@@ -684,7 +706,7 @@ pub(super) fn open_record(after_seq: u64, previous: Previous) -> Record {
         stream: None,
         ops: ops.finish(),
         decision: Decision::Allow,
-        reason: reason.into(),
+        reason,
         code: if previous == Previous::NotClosed { Code::DataLoss } else { Code::Ok },
         revision: None,
         latency_us: 0,
@@ -790,13 +812,15 @@ fn open_active(path: &Path) -> io::Result<File> {
 }
 
 impl FileSink {
-    /// Open (or create) the active file and find where the chain stands: `(sink, last seq, last hash)`.
+    /// Open (or create) the active file and find where the chain stands (the log's last record, under `hasher` or
+    /// one of the `old_keys`; after a crash, the record vouching for the line it cut off).
     fn open(
         path: &Path,
         max_bytes: u64,
         max_files: usize,
         hasher: &Hasher,
-    ) -> Result<(FileSink, u64, String, Previous), AuditError> {
+        old_keys: &[Hasher],
+    ) -> Result<(FileSink, Standing), AuditError> {
         let io_err = |source| AuditError::Io { path: path.to_path_buf(), source };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         // Records name identities and keys (Secrets' names among them): not for every local user.
@@ -827,7 +851,8 @@ impl FileSink {
             max_bytes,
             max_files,
         };
-        let Standing { seq, prev, previous, cut, unterminated } = standing(path, Some(&mut file), hasher)?;
+        let Standing { seq, prev, previous, cut, unterminated, key_change } =
+            standing(path, Some(&mut file), hasher, old_keys)?;
         if unterminated {
             if cut.is_some() {
                 warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
@@ -855,7 +880,7 @@ impl FileSink {
         sink.ident = file_ident(&file);
         sink.file = Some(file);
         info!(path = %path.display(), next_seq = seq + 1, "audit log open");
-        Ok((sink, seq, prev, previous))
+        Ok((sink, Standing { seq, prev, previous, cut: None, unterminated: false, key_change }))
     }
 
     /// Errors name the file and what was being done (rotating, opening, writing).
@@ -1045,12 +1070,29 @@ struct Standing {
     cut: Option<Vec<u8>>,
     /// The active file's last line has no newline (cut off, or a whole record but for it).
     unterminated: bool,
+    /// The last record is under this one of the previous keys, not under the writer's: the chain goes on under
+    /// a new key.
+    key_change: Option<usize>,
 }
 
 /// Where the chain of the audit log at `path` stands: its last record — the active file's (`active`, if it exists),
-/// else the newest rotated file's — must verify under `hasher`; a last line a crash cut off must be the start of the
-/// next record. Reads only: `FileSink::open` acts on it, `config check` asks it ([`check_tail`]).
-fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<Standing, AuditError> {
+/// else the newest rotated file's — must verify under `hasher` or one of the `old_keys` (a key change); a last line
+/// a crash cut off must be the start of the next record. Reads only: `FileSink::open` acts on it, `config check`
+/// asks it ([`check_tail`]).
+fn standing(
+    path: &Path,
+    active: Option<&mut File>,
+    hasher: &Hasher,
+    old_keys: &[Hasher],
+) -> Result<Standing, AuditError> {
+    // The key a whole line verifies under: `Some(None)` the writer's, `Some(Some(i))` the `i`th old one.
+    let under = |line: &[u8]| -> Option<Option<usize>> {
+        if chain::line_is_intact(hasher, line) {
+            return Some(None);
+        }
+        old_keys.iter().position(|k| chain::line_is_intact(k, line)).map(Some)
+    };
+    let broken_tail = |at: PathBuf| AuditError::broken_tail(at, hasher, old_keys);
     let io_err = |at: &Path, source| AuditError::Io { path: at.to_path_buf(), source };
     let mut tail_source = None;
     let mut cut = None;
@@ -1059,13 +1101,13 @@ fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<S
         let Tail { mut last, torn } = read_last_line(file).map_err(|e| io_err(path, e))?;
         if let Some(torn) = torn {
             unterminated = true;
-            if chain::line_is_intact(hasher, &torn) {
+            if under(&torn).is_some() {
                 // Written whole but for its newline: the chain goes on from it.
                 last = Some(torn);
             } else if serde_json::from_slice::<serde::de::IgnoredAny>(&torn).is_ok() {
                 // A whole JSON line that does not verify is not what a crash leaves (a cut-off record is never
                 // valid JSON): it is not vouched for, and the file is left as it is.
-                return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
+                return Err(broken_tail(path.to_path_buf()));
             } else {
                 cut = Some(torn);
             }
@@ -1106,12 +1148,10 @@ fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<S
             tail_source = Some((rotated, last));
         }
     }
-    let (seq, prev, previous) = match tail_source {
-        None => (0, GENESIS.to_string(), Previous::None),
+    let (seq, prev, previous, key_change) = match tail_source {
+        None => (0, GENESIS.to_string(), Previous::None, None),
         Some((from, line)) => {
-            if !chain::line_is_intact(hasher, &line) {
-                return Err(AuditError::broken_tail(from, hasher));
-            }
+            let Some(key_change) = under(&line) else { return Err(broken_tail(from)) };
             let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
             let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
             let previous = if cut.is_none() && super::read::rpc_of(&line).as_deref() == Some(CLOSE_RPC) {
@@ -1119,7 +1159,7 @@ fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<S
             } else {
                 Previous::NotClosed
             };
-            (seq, hash, previous)
+            (seq, hash, previous, key_change)
         }
     };
     // What a crash leaves is the start of the next record: `{"seq":<next>,"time":"…` cut anywhere. Anything else
@@ -1127,21 +1167,22 @@ fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<S
     if let Some(torn) = &cut {
         let expected = format!("{{\"seq\":{},\"time\":\"", seq + 1);
         if !(torn.starts_with(expected.as_bytes()) || expected.as_bytes().starts_with(torn)) {
-            return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
+            return Err(broken_tail(path.to_path_buf()));
         }
     }
-    Ok(Standing { seq, prev, previous, cut, unterminated })
+    Ok(Standing { seq, prev, previous, cut, unterminated, key_change })
 }
 
 /// Whether the audit log at `path` can go on under `hasher`, as the writer requires when it opens it (for
-/// `config check`; reads only, takes no lock). A missing log is fine.
-pub fn check_tail(path: &Path, hasher: &Hasher) -> Result<(), AuditError> {
+/// `config check`; reads only, takes no lock): `Some(i)` when its last record is under the `i`th of the `old_keys`
+/// (the writer will go on under `hasher`), `None` when under `hasher` or when there is no log yet.
+pub fn check_tail(path: &Path, hasher: &Hasher, old_keys: &[Hasher]) -> Result<Option<usize>, AuditError> {
     let mut active = match File::open(path) {
         Ok(f) => Some(f),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(source) => return Err(AuditError::Io { path: path.to_path_buf(), source }),
     };
-    standing(path, active.as_mut(), hasher).map(|_| ())
+    standing(path, active.as_mut(), hasher, old_keys).map(|s| s.key_change)
 }
 
 /// The seq in a rotated file's name: the 20 digits after `<name>.` ([`rotated_name`]).
@@ -1282,6 +1323,7 @@ mod tests {
             max_file_bytes: 4096,
             max_files: 0,
             hmac_key_file: None,
+            previous_hmac_key_files: Vec::new(),
             on_write_failure: OnWriteFailure::Deny,
             answer_after: AnswerAfter::Queued,
             queue: 128,
@@ -1439,7 +1481,7 @@ mod tests {
         }
         assert_eq!(rotated_files_of(&active, true)?.len(), 3);
         let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = super::super::verify::verify(&files, &Hasher::unkeyed())?;
+        let report = super::super::verify::verify(&files, &[])?;
         assert_eq!(report.problem, None);
         Ok(())
     }
@@ -1479,7 +1521,7 @@ mod tests {
         let text = std::fs::read_to_string(&active)?;
         assert!(text.contains(r#""previous":"closed""#), "{text}");
         let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = super::super::verify::verify(&files, &Hasher::unkeyed())?;
+        let report = super::super::verify::verify(&files, &[])?;
         assert_eq!(report.problem, None);
         assert_eq!(report.records, 35);
         Ok(())
@@ -1649,9 +1691,75 @@ mod tests {
         let mut keyed = config(dir.path());
         keyed.hmac_key_file = Some(key.clone());
         let active = dir.path().join("audit.log");
-        assert!(matches!(check_tail(&active, &Hasher::from_key_file(&key)?), Err(AuditError::BrokenTail { .. })));
-        assert!(check_tail(&active, &Hasher::unkeyed()).is_ok());
+        assert!(matches!(check_tail(&active, &Hasher::from_key_file(&key)?, &[]), Err(AuditError::BrokenTail { .. })));
+        assert!(check_tail(&active, &Hasher::unkeyed(), &[]).is_ok());
         assert!(matches!(AuditLog::open(&keyed), Err(AuditError::BrokenTail { .. })));
+        Ok(())
+    }
+
+    /// A key change: with the old key in `previous_hmac_key_files` the writer goes on from a tail under it (also
+    /// one a crash cut off), and says so in its open record; `audit verify` needs both keys, oldest first.
+    #[tokio::test]
+    async fn a_changed_key_goes_on_from_a_tail_under_a_previous_key() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
+        std::fs::write(&old, "0123456789abcdef0123")?;
+        std::fs::write(&new, "another key, as long as the first")?;
+        let logs = dir.path().join("logs");
+        let active = logs.join("audit.log");
+        let mut cfg = config(&logs);
+        cfg.hmac_key_file = Some(old.clone());
+        let log = AuditLog::open(&cfg)?;
+        log.submit(record(&s, 1)).await?;
+        log.close(Duration::from_secs(5)).await;
+
+        // The new key alone refuses the log; with the old one named, it goes on.
+        cfg.hmac_key_file = Some(new.clone());
+        let (old_key, new_key) = (Hasher::from_key_file(&old)?, Hasher::from_key_file(&new)?);
+        assert!(matches!(AuditLog::open(&cfg), Err(AuditError::BrokenTail { .. })));
+        let unrelated = Hasher::keyed(b"neither of the two keys");
+        assert!(check_tail(&active, &new_key, std::slice::from_ref(&unrelated)).is_err());
+        assert_eq!(check_tail(&active, &new_key, &[unrelated.clone(), old_key.clone()])?, Some(1));
+        cfg.previous_hmac_key_files = vec![old.clone()];
+        let log = AuditLog::open(&cfg)?;
+        log.submit(record(&s, 2)).await?;
+        log.close(Duration::from_secs(5)).await;
+        let lines = all_lines(&logs);
+        assert!(lines[3].contains(OPEN_RPC) && lines[3].contains(r#""hmac_key":"changed""#), "{}", lines[3]);
+        assert!(!lines[0].contains("hmac_key"), "{}", lines[0]);
+        // Now under the new key: the old one is not needed any more, and the next open says nothing of a change.
+        assert_eq!(check_tail(&active, &new_key, std::slice::from_ref(&old_key))?, None);
+
+        // A crash under the new key's first run after the change: the cut record is the first under it.
+        let crashed = tempfile::tempdir()?;
+        let logs2 = crashed.path().join("logs");
+        let mut cfg2 = config(&logs2);
+        cfg2.hmac_key_file = Some(old.clone());
+        let log = AuditLog::open(&cfg2)?;
+        log.submit(record(&s, 1)).await?;
+        log.close(Duration::from_secs(5)).await;
+        OpenOptions::new().append(true).open(logs2.join("audit.log"))?.write_all(br#"{"seq":4,"time":"2026"#)?;
+        cfg2.hmac_key_file = Some(new.clone());
+        cfg2.previous_hmac_key_files = vec![old.clone()];
+        let log = AuditLog::open(&cfg2)?;
+        log.close(Duration::from_secs(5)).await;
+
+        for (folder, records) in [(&logs, 6), (&logs2, 6)] {
+            let files = crate::audit::read::audit_files(std::slice::from_ref(folder)).map_err(|e| format!("{e:?}"))?;
+            let both = [old_key.clone(), new_key.clone()];
+            let report = crate::audit::verify::verify(&files, &both)?;
+            assert_eq!((report.problem, report.records), (None, records), "{:?}", report.notes);
+            assert!(
+                report.notes.iter().any(|n| n.contains("goes on under key 2 of the 2 given")),
+                "{:?}",
+                report.notes
+            );
+            for one in [old_key.clone(), new_key.clone()] {
+                let report = crate::audit::verify::verify(&files, &[one])?;
+                assert!(report.problem.is_some(), "one key of two verifies: {:?}", report);
+            }
+        }
         Ok(())
     }
 
@@ -1770,7 +1878,7 @@ mod tests {
         assert!(rotated_name(&dir.path().join("audit.log"), 6).exists(), "{:?}", names(dir.path()));
         std::fs::remove_file(rotated_name(&dir.path().join("audit.log"), 1))?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
+        let report = crate::audit::verify::verify(&files, &[])?;
         assert_eq!(report.problem, None, "{report:?}");
         assert_eq!(report.first.as_ref().map(|f| f.0), Some(6), "{report:?}");
         assert!(report.notes.iter().any(|n| n.contains(":1: a record cut off")), "{report:?}");
@@ -1785,7 +1893,7 @@ mod tests {
                 .ok_or("no rotated file")?;
             std::fs::rename(first, &named)?;
             let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-            Ok(crate::audit::verify::verify(&files, &Hasher::unkeyed())?.problem.map(|p| p.kind))
+            Ok(crate::audit::verify::verify(&files, &[])?.problem.map(|p| p.kind))
         };
         assert_eq!(verify_as(5)?, None);
         assert_eq!(verify_as(4)?, Some(crate::audit::verify::ProblemKind::Removed));
@@ -1806,7 +1914,7 @@ mod tests {
         file.write_all(br#"{"seq":6,"time":"2026-12-02T0"#)?;
         write_run(dir.path(), &s, 3..5).await?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
+        let report = crate::audit::verify::verify(&files, &[])?;
         assert_eq!(report.problem, None, "{report:?}");
         // Noted: the cut-off line, and the run that started after the crash.
         assert_eq!((report.records, report.notes.len()), (10, 2), "5, the writer's record for the cut, 4: {report:?}");
@@ -1834,10 +1942,10 @@ mod tests {
         std::fs::write(&active, text.trim_end())?;
         // `config check` (`check_tail`) agrees with the writer each time.
         let unkeyed = Hasher::unkeyed();
-        assert!(check_tail(&active, &unkeyed).is_ok());
+        assert!(check_tail(&active, &unkeyed, &[]).is_ok());
         write_run(dir.path(), &s, 1..2).await?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &Hasher::unkeyed())?;
+        let report = crate::audit::verify::verify(&files, &[])?;
         // Each run: open record, a record, close record.
         assert_eq!((report.problem, report.records, report.notes.len()), (None, 6, 0));
 
@@ -1845,13 +1953,13 @@ mod tests {
         // A forged record put at the end without its newline (say while the proxy was stopped).
         let mut file = OpenOptions::new().append(true).open(&active)?;
         file.write_all(br#"{"seq":3,"rpc":"KV/Range","hash":"00"}"#)?;
-        assert!(matches!(check_tail(&active, &unkeyed), Err(AuditError::BrokenTail { .. })));
+        assert!(matches!(check_tail(&active, &unkeyed, &[]), Err(AuditError::BrokenTail { .. })));
         assert!(matches!(AuditLog::open(&config(dir.path())), Err(AuditError::BrokenTail { .. })));
         // Nor is text that is not the start of the next record, cut (before: any line that was not JSON was).
         for junk in [&br#"{"seq":3,"rpc":"KV/Put","key":"forged"#[..], b"anything at all", br#"{"seq":9,"time":"2"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(junk)?;
-            assert!(check_tail(&active, &unkeyed).is_err(), "{}", String::from_utf8_lossy(junk));
+            assert!(check_tail(&active, &unkeyed, &[]).is_err(), "{}", String::from_utf8_lossy(junk));
             let opened = AuditLog::open(&config(dir.path()));
             assert!(matches!(opened, Err(AuditError::BrokenTail { .. })), "{}", String::from_utf8_lossy(junk));
         }
@@ -1859,7 +1967,7 @@ mod tests {
         for cut in [&br#"{"se"#[..], br#"{"seq":7,"time":"2026-12-0"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(cut)?;
-            assert!(check_tail(&active, &unkeyed).is_ok(), "{}", String::from_utf8_lossy(cut));
+            assert!(check_tail(&active, &unkeyed, &[]).is_ok(), "{}", String::from_utf8_lossy(cut));
             let log = AuditLog::open(&config(dir.path()))?;
             log.close(Duration::from_secs(5)).await;
         }
