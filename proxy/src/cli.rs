@@ -714,7 +714,7 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
         None => crate::audit::chain::Hasher::unkeyed(),
     };
     let crate::config::AuditOutput::File(path) = &audit.output else { return None };
-    let old_keys = match crate::audit::chain::Hasher::from_key_files(&audit.previous_hmac_key_files) {
+    let old_keys = match crate::audit::writer::previous_keys(audit) {
         Ok(keys) => keys,
         Err(e) => return Some(e.to_string()),
     };
@@ -723,17 +723,25 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
     match crate::audit::writer::check_tail(path, &hasher, &old_keys) {
         Err(e) => return Some(e.to_string().trim_start_matches("audit: ").to_string()),
         Ok(Some(old)) => {
-            let old = audit.previous_hmac_key_files.get(old).map(|f| f.display().to_string()).unwrap_or_default();
+            let old = crate::audit::writer::previous_key_name(audit, old);
             eprintln!(
                 "etcd-guard: note: audit: the log's last record is under the previous HMAC key {old}: serve goes on \
-                 under audit.hmac_key_file (verify the log with both keys, oldest first: audit verify --hmac-key \
-                 OLD --hmac-key NEW)"
+                 under audit.hmac_key_file (verify the log with every key, oldest first: audit verify --hmac-key \
+                 OLD --hmac-key NEW, or --unkeyed-before --hmac-key NEW for a log written without a key)"
             );
         }
-        Ok(None) if !audit.previous_hmac_key_files.is_empty() && path.exists() => eprintln!(
-            "etcd-guard: note: audit: the log's last record is under audit.hmac_key_file already: \
-             audit.previous_hmac_key_files is not needed any more (keep the old keys for audit verify)"
-        ),
+        Ok(None) if !old_keys.is_empty() && path.exists() => {
+            let set = [
+                ("audit.previous_hmac_key_files", !audit.previous_hmac_key_files.is_empty()),
+                ("audit.previously_unkeyed", audit.previously_unkeyed),
+            ];
+            let set: Vec<&str> = set.into_iter().filter_map(|(name, on)| on.then_some(name)).collect();
+            eprintln!(
+                "etcd-guard: note: audit: the log's last record is under audit.hmac_key_file already: {} can go \
+                 (keep the old keys for audit verify)",
+                set.join(" and ")
+            );
+        }
         Ok(None) => {}
     }
     if path.exists() {

@@ -58,6 +58,8 @@ pub struct Audit {
     pub hmac_key_file: Option<PathBuf>,
     /// Keys the log's last record may be under instead (a key change): the chain goes on under `hmac_key_file`.
     pub previous_hmac_key_files: Vec<PathBuf>,
+    /// The log's last record may be under no key (a key set for a log written without one).
+    pub previously_unkeyed: bool,
     pub on_write_failure: OnWriteFailure,
     /// When a request's answer may be sent, relative to its record reaching the file.
     pub answer_after: AnswerAfter,
@@ -220,6 +222,8 @@ struct RawAudit {
     hmac_key_file: Option<PathBuf>,
     #[serde(default)]
     previous_hmac_key_files: Vec<PathBuf>,
+    #[serde(default)]
+    previously_unkeyed: bool,
     #[serde(default = "default_on_write_failure")]
     on_write_failure: OnWriteFailure,
     #[serde(default = "default_answer_after")]
@@ -239,6 +243,7 @@ impl Default for RawAudit {
             max_files: default_max_files(),
             hmac_key_file: None,
             previous_hmac_key_files: Vec::new(),
+            previously_unkeyed: false,
             on_write_failure: default_on_write_failure(),
             answer_after: default_answer_after(),
             queue: default_audit_queue(),
@@ -446,11 +451,14 @@ impl Config {
         if raw.upstream.endpoints.is_empty() {
             return Err(invalid("upstream.endpoints", "at least one endpoint is required".into()));
         }
-        if !raw.audit.previous_hmac_key_files.is_empty() && raw.audit.hmac_key_file.is_none() {
-            return Err(invalid(
-                "audit.previous_hmac_key_files",
-                "needs audit.hmac_key_file: the key the chain goes on under after the change".into(),
-            ));
+        if raw.audit.hmac_key_file.is_none() {
+            let previous = [
+                ("audit.previous_hmac_key_files", !raw.audit.previous_hmac_key_files.is_empty()),
+                ("audit.previously_unkeyed", raw.audit.previously_unkeyed),
+            ];
+            if let Some((key, _)) = previous.into_iter().find(|(_, set)| *set) {
+                return Err(invalid(key, "needs audit.hmac_key_file: the key the chain goes on under".into()));
+            }
         }
         // Resolved, an empty path would name the configuration's folder.
         for (key, file) in [
@@ -618,6 +626,7 @@ impl Config {
                 max_files: raw.audit.max_files,
                 hmac_key_file: raw.audit.hmac_key_file.as_deref().map(resolve),
                 previous_hmac_key_files: raw.audit.previous_hmac_key_files.iter().map(|f| resolve(f)).collect(),
+                previously_unkeyed: raw.audit.previously_unkeyed,
                 on_write_failure: raw.audit.on_write_failure,
                 answer_after: raw.audit.answer_after,
                 queue: raw.audit.queue,
@@ -844,9 +853,14 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
 
     #[test]
     fn previous_hmac_keys_need_the_key_the_chain_goes_on_under() -> Result<(), ConfigError> {
-        let alone = format!("{EXAMPLE}\naudit: {{ previous_hmac_key_files: [old.key] }}\n");
-        let err = Config::parse(&alone, Path::new("/etc/g/c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("audit.previous_hmac_key_files") && err.contains("needs audit.hmac_key_file"), "{err}");
+        for (previous, key) in [
+            ("previous_hmac_key_files: [old.key]", "audit.previous_hmac_key_files"),
+            ("previously_unkeyed: true", "audit.previously_unkeyed"),
+        ] {
+            let alone = format!("{EXAMPLE}\naudit: {{ {previous} }}\n");
+            let err = Config::parse(&alone, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(key) && err.contains("needs audit.hmac_key_file"), "{err}");
+        }
         let both = format!("{EXAMPLE}\naudit: {{ hmac_key_file: new.key, previous_hmac_key_files: [old.key] }}\n");
         let audit = Config::parse(&both, Path::new("/etc/g/c.yaml"))?.audit;
         assert_eq!(audit.previous_hmac_key_files, [PathBuf::from("/etc/g/old.key")], "beside the configuration");

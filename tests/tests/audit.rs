@@ -314,77 +314,94 @@ async fn the_chain_continues_across_rotated_files() -> TestResult {
     Ok(())
 }
 
-/// Changing the HMAC key, as an operator does it with the proxy binary: the new key alone is refused (the log's last
-/// record is under the old one); with the old key in `audit.previous_hmac_key_files` the proxy goes on with the same
-/// chain, says so in its open record, and `audit verify` and `audit review` verify the log with both keys, oldest
-/// first, and not with either alone.
+/// Setting and changing the HMAC key, as an operator does it with the proxy binary: a log written without a key
+/// goes on under one only with `audit.previously_unkeyed`, and a key changes only with the old key in
+/// `audit.previous_hmac_key_files` (a new key alone is refused: the log's last record is under the old one). The
+/// proxy goes on with the same chain each time and says so in its open record; `audit verify` and `audit review`
+/// verify the log with every key, oldest first, and not with fewer or in another order.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_hmac_key_is_changed_without_starting_a_new_chain() -> TestResult {
+async fn the_hmac_key_is_set_and_changed_without_starting_a_new_chain() -> TestResult {
     let bin = env!("CARGO_BIN_EXE_guard-under-test");
     let pki = Pki::new()?;
     let etcd = Etcd::start(&pki)?;
     std::fs::write(pki.path("old.key"), "the key of the first year, 32 b\n")?;
     std::fs::write(pki.path("new.key"), "the key after the change, 32 by\n")?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let run = |audit: &str, key: &str| -> TestResult {
-        let mut proxy =
-            proxy_process(bin, &pki, &etcd, TEST_POLICY, &format!("audit: {{ file: audit/audit.log, {audit} }}\n"))?;
+    let section = |keys: &str| format!("audit: {{ file: audit/audit.log{keys} }}\n");
+    let run = |keys: &str, key: &str| -> TestResult {
+        let mut proxy = proxy_process(bin, &pki, &etcd, TEST_POLICY, &section(keys))?;
         let put = etcdctl_at(&format!("https://{}", proxy.addr), &pki.ca_file(), &admin, &["put", key, SECRET])?;
         assert!(put.status.success(), "{}", stderr(&put));
         proxy.signal("TERM")?;
         assert!(proxy.wait_exit(Duration::from_secs(20))?.success());
         Ok(())
     };
-    run("hmac_key_file: old.key", "before")?;
-
-    // The new key alone: refused, naming the way out.
-    let refused =
-        proxy_process(bin, &pki, &etcd, TEST_POLICY, "audit: { file: audit/audit.log, hmac_key_file: new.key }\n");
-    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(message.contains("does not verify") && message.contains("audit.previous_hmac_key_files"), "{message}");
-
-    let changed = "hmac_key_file: new.key, previous_hmac_key_files: [old.key]";
-    let check = std::process::Command::new(bin)
-        .args(["config", "check", "--config"])
-        .arg(pki.path("etcd-guard.yaml"))
-        .output()?;
-    // (The configuration of the refused start, still in place.)
-    assert_eq!(check.status.code(), Some(2), "{}", stderr(&check));
-    run(changed, "after")?;
-    let check = std::process::Command::new(bin)
-        .args(["config", "check", "--config"])
-        .arg(pki.path("etcd-guard.yaml"))
-        .output()?;
+    let config_check = || -> TestResult<std::process::Output> {
+        Ok(std::process::Command::new(bin)
+            .args(["config", "check", "--config"])
+            .arg(pki.path("etcd-guard.yaml"))
+            .output()?)
+    };
+    // Refused, naming the way out; `config check` agrees (the configuration of the refused start is in place).
+    let refused = |keys: &str, way_out: &str| -> TestResult {
+        let message = proxy_process(bin, &pki, &etcd, TEST_POLICY, &section(keys)).err().map(|e| e.to_string());
+        let message = message.unwrap_or_default();
+        assert!(message.contains("does not verify") && message.contains(way_out), "{message}");
+        assert_eq!(config_check()?.status.code(), Some(2));
+        Ok(())
+    };
+    run("", "unkeyed")?;
+    refused(", hmac_key_file: old.key", "audit.previously_unkeyed")?;
+    run(", hmac_key_file: old.key, previously_unkeyed: true", "before")?;
+    refused(", hmac_key_file: new.key", "audit.previous_hmac_key_files")?;
+    run(", hmac_key_file: new.key, previous_hmac_key_files: [old.key], previously_unkeyed: true", "after")?;
+    let check = config_check()?;
     assert!(check.status.success(), "{}", stderr(&check));
-    assert!(stderr(&check).contains("previous_hmac_key_files is not needed any more"), "{}", stderr(&check));
+    let can_go = "audit.previous_hmac_key_files and audit.previously_unkeyed can go";
+    assert!(stderr(&check).contains(can_go), "{}", stderr(&check));
 
     let records = records_of(&pki.path("audit"))?;
     let opens: Vec<&Value> = records.iter().filter(|r| r["rpc"] == "etcd-guard/AuditOpen").collect();
-    assert_eq!(opens.len(), 2);
+    assert_eq!(opens.len(), 3);
     assert_eq!(opens[0]["ops"][0].get("hmac_key"), None);
     assert_eq!(opens[1]["ops"][0]["hmac_key"], "changed");
-    assert_eq!(records.iter().filter(|r| r["rpc"] == "KV/Put").count(), 2);
+    assert_eq!(opens[2]["ops"][0]["hmac_key"], "changed");
+    assert_eq!(records.iter().filter(|r| r["rpc"] == "KV/Put").count(), 3);
 
     let audit = |args: &[&str], keys: &[&str]| -> TestResult<std::process::Output> {
         let mut cmd = std::process::Command::new(bin);
         cmd.arg("audit").args(args).arg(pki.path("audit"));
         for key in keys {
-            cmd.arg("--hmac-key").arg(pki.path(key));
+            match *key {
+                "unkeyed" => cmd.arg("--unkeyed-before"),
+                key => cmd.arg("--hmac-key").arg(pki.path(key)),
+            };
         }
         Ok(cmd.output()?)
     };
-    let both = audit(&["verify"], &["old.key", "new.key"])?;
-    assert!(both.status.success(), "{}{}", stdout(&both), stderr(&both));
-    assert!(stdout(&both).contains("goes on under key 2 of the 2 given"), "{}", stdout(&both));
-    assert!(stdout(&both).contains(&format!("ok: {} records", records.len())), "{}", stdout(&both));
-    for keys in [&["old.key"][..], &["new.key"], &["new.key", "old.key"]] {
+    let every = ["unkeyed", "old.key", "new.key"];
+    let verified = audit(&["verify"], &every)?;
+    let text = stdout(&verified);
+    assert!(verified.status.success(), "{text}{}", stderr(&verified));
+    assert!(
+        text.contains("goes on under --hmac-key #1 of 2") && text.contains("goes on under --hmac-key #2 of 2"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("ok: {} records", records.len())), "{text}");
+    for keys in [
+        &["old.key", "new.key"][..],
+        &["unkeyed", "new.key"],
+        &["unkeyed", "old.key"],
+        &["new.key"],
+        &["unkeyed", "new.key", "old.key"],
+    ] {
         let out = audit(&["verify"], keys)?;
         assert_eq!(out.status.code(), Some(1), "{keys:?}: {}", stdout(&out));
     }
-    let review = audit(&["review", "--rpc", "Put", "--output", "json"], &["old.key", "new.key"])?;
+    let review = audit(&["review", "--rpc", "Put", "--output", "json"], &every)?;
     assert!(review.status.success(), "{}", stderr(&review));
-    assert_eq!(stdout(&review).lines().count(), 2, "{}", stdout(&review));
-    let review = audit(&["review", "--rpc", "Put"], &["new.key"])?;
+    assert_eq!(stdout(&review).lines().count(), 3, "{}", stdout(&review));
+    let review = audit(&["review", "--rpc", "Put"], &["old.key", "new.key"])?;
     assert_eq!(review.status.code(), Some(1), "{}", stderr(&review));
     Ok(())
 }

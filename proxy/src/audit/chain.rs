@@ -68,6 +68,13 @@ impl Hasher {
         paths.iter().map(|p| Hasher::from_key_file(p)).collect()
     }
 
+    /// The keys a chain was written under, oldest first, for `audit verify` and `review`: the key files in their
+    /// order, after no key at all when the chain started unkeyed (`unkeyed_before`). Empty: unkeyed throughout.
+    pub fn chain_keys(paths: &[std::path::PathBuf], unkeyed_before: bool) -> Result<Vec<Hasher>, KeyError> {
+        let keys = Hasher::from_key_files(paths)?;
+        Ok(if unkeyed_before && !keys.is_empty() { [vec![Hasher::unkeyed()], keys].concat() } else { keys })
+    }
+
     pub fn is_keyed(&self) -> bool {
         self.key.is_some()
     }

@@ -81,6 +81,9 @@ pub struct ReviewArgs {
     /// chain after the review as `audit verify` does. After a key change, every key, oldest first.
     #[arg(long, value_name = "FILE")]
     pub hmac_key: Vec<PathBuf>,
+    /// The chain starts without a key (written before `audit.hmac_key_file` was set), as for `audit verify`.
+    #[arg(long, requires = "hmac_key")]
+    pub unkeyed_before: bool,
     /// Do not verify the chain after the review.
     #[arg(long)]
     pub no_verify: bool,
@@ -260,7 +263,7 @@ const DENIED_KEYS_KEPT: usize = 100_000;
 /// chain does not verify (the records shown may have been altered; [`verified`]), 2 on errors.
 pub fn run(args: ReviewArgs) -> ExitCode {
     // The key first: a wrong path is an error before anything is printed.
-    let keys = match Hasher::from_key_files(&args.hmac_key) {
+    let keys = match Hasher::chain_keys(&args.hmac_key, args.unkeyed_before) {
         Ok(keys) => keys,
         Err(e) => {
             eprintln!("etcd-guard: {e}");

@@ -47,6 +47,10 @@ pub struct VerifyArgs {
     /// change, every key the files were written under, oldest first: `--hmac-key old.key --hmac-key new.key`.
     #[arg(long, value_name = "FILE")]
     pub hmac_key: Vec<PathBuf>,
+    /// The chain starts without a key: the log was written unkeyed before `audit.hmac_key_file` was set (the
+    /// proxy's `audit.previously_unkeyed`).
+    #[arg(long, requires = "hmac_key")]
+    pub unkeyed_before: bool,
 }
 
 /// Why files without a single record do not verify.
@@ -93,7 +97,7 @@ pub struct Report {
     pub last: Option<(u64, String)>,
     /// Whether the chain was checked with an HMAC key.
     pub keyed: bool,
-    /// How many keys were given (1 without any: unkeyed).
+    /// How many HMAC keys were given.
     pub keys: usize,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
@@ -160,7 +164,7 @@ fn vouches_for(line: Line<'_>, digest: Option<&(u64, String)>) -> bool {
 /// Run `audit verify`: 0 when the chain is intact, 1 on the first problem, 2 when the files cannot be read or
 /// the arguments are wrong.
 pub fn run(args: VerifyArgs) -> ExitCode {
-    let keys = match Hasher::from_key_files(&args.hmac_key) {
+    let keys = match Hasher::chain_keys(&args.hmac_key, args.unkeyed_before) {
         Ok(keys) => keys,
         Err(e) => {
             eprintln!("etcd-guard: {e}");
@@ -218,7 +222,7 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
         first: None,
         last: None,
         keyed: keys.iter().any(Hasher::is_keyed),
-        keys: keys.len(),
+        keys: keys.iter().filter(|k| k.is_keyed()).count(),
         notes: Vec::new(),
         problem: None,
     };
@@ -236,11 +240,10 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
                 Err(defect) if defect.hash_mismatch => match later_key(keys, key, line, last.is_none()) {
                     Some((later, intact)) => {
                         report.notes.push(format!(
-                            "{}: seq {}: the chain goes on under key {} of the {} given{}",
+                            "{}: seq {}: the chain goes on under {}{}",
                             at(files, index, number),
                             intact.seq,
-                            later + 1,
-                            keys.len(),
+                            key_name(keys, later),
                             if last.is_none() {
                                 " (the first record of these files)"
                             } else {
@@ -363,13 +366,12 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
             path: files[g.file].path.clone(),
             line: g.line,
             message: format!(
-                "{}: the chain ends (seq {}) under key {} of the {} given: no record of these files is under a later \
-                 key — records written after the key change were removed (and perhaps replaced by a holder of an \
-                 older key), or these files end before the change (give only the keys they were written under)",
+                "{}: the chain ends (seq {}) under {}: no record of these files is under a later key — records \
+                 written after the key change were removed (and perhaps replaced by a holder of an older key), or \
+                 these files end before the change (give only the keys they were written under)",
                 at(files, g.file, g.line),
                 g.seq,
-                key + 1,
-                keys.len()
+                key_name(keys, key),
             ),
             unfinished_last_line: false,
         });
@@ -412,6 +414,16 @@ fn genesis() -> [u8; 32] {
     // GENESIS is 64 hex zeros.
     let _ = hex::decode_to_slice(GENESIS, &mut out);
     out
+}
+
+/// How notes and problems name `keys[i]`: `--hmac-key #n of N`, counting the keys given, or `no key` for the start
+/// of a chain written before a key was set (`--unkeyed-before`).
+fn key_name(keys: &[Hasher], i: usize) -> String {
+    if keys.get(i).is_some_and(|k| !k.is_keyed()) {
+        return "no key".to_owned();
+    }
+    let n = keys.iter().take(i + 1).filter(|k| k.is_keyed()).count();
+    format!("--hmac-key #{n} of {}", keys.iter().filter(|k| k.is_keyed()).count())
 }
 
 /// The first key after `key` that `line` verifies under, if the chain may move to it there: at the first record of
@@ -1066,10 +1078,8 @@ mod tests {
 
         let report = check_keys(&files, &[old.clone(), new.clone()])?;
         assert_eq!((report.problem.clone(), report.records), (None, 9), "{report:?}");
-        let change = format!(
-            "{}:6: seq 6: the chain goes on under key 2 of the 2 given (a proxy started under it)",
-            shown(&log)
-        );
+        let change =
+            format!("{}:6: seq 6: the chain goes on under --hmac-key #2 of 2 (a proxy started under it)", shown(&log));
         assert_eq!(report.notes.first(), Some(&change), "{:?}", report.notes);
         assert!(report.to_string().contains("with the 2 given keys"), "{report}");
         // One key alone, or the keys the wrong way round (the chain never goes back to an earlier key).
@@ -1103,7 +1113,7 @@ mod tests {
         let report = check_keys(&files, &[old.clone(), new.clone()])?;
         assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log".into(), 7)));
         let text = report.problem.map(|p| p.to_string()).unwrap_or_default();
-        assert!(text.contains("ends (seq 7) under key 1 of the 2 given"), "{text}");
+        assert!(text.contains("ends (seq 7) under --hmac-key #1 of 2"), "{text}");
         assert_eq!(check(&files, &old)?.problem, None);
 
         // Older files rotated away: a set that starts under the new key starts there.
@@ -1111,9 +1121,44 @@ mod tests {
         let report = check_keys(&files, &[old, new])?;
         assert_eq!((report.problem.clone(), report.records), (None, 3), "{report:?}");
         assert!(
-            report.notes.iter().any(|n| n.contains("key 2 of the 2 given (the first record of these files)")),
+            report.notes.iter().any(|n| n.contains("--hmac-key #2 of 2 (the first record of these files)")),
             "{report:?}"
         );
+        Ok(())
+    }
+
+    /// A key set for a log written without one: the keyed records that follow hold the unkeyed ones in place too —
+    /// an unkeyed record rewritten, and every hash after it up to the key recomputed, no longer chains to them.
+    #[test]
+    fn a_chain_that_starts_unkeyed_verifies_only_as_written() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let key = Hasher::keyed(KEY);
+        let log = dir.path().join("audit.log");
+        let files = [log.clone()];
+        let lines = changed_keys(&Hasher::unkeyed(), &key, Spec::open());
+        write(&log, &lines)?;
+        let keys = Hasher::chain_keys(&[], true)?;
+        assert!(keys.is_empty(), "--unkeyed-before needs a key");
+        let keys = [Hasher::unkeyed(), key.clone()];
+        let report = check_keys(&files, &keys)?;
+        assert_eq!((report.problem.clone(), report.records), (None, 9), "{report:?}");
+        assert!(
+            report.notes.iter().any(|n| n.contains("seq 6: the chain goes on under --hmac-key #1 of 1")),
+            "{report:?}"
+        );
+        assert!(report.to_string().contains("HMAC-SHA256 with the given key"), "{report}");
+        assert_eq!(problem(&check(&files, &key)?), Some((ProblemKind::Altered, "audit.log".into(), 1)));
+        assert_eq!(problem(&check(&files, &Hasher::unkeyed())?), Some((ProblemKind::Altered, "audit.log".into(), 6)));
+
+        let mut rewritten =
+            chain(&Hasher::unkeyed(), 1, GENESIS, &[Spec::get("alice", "k1"), Spec::get("alice", "k2")]);
+        let prev = String::from_utf8_lossy(&rewritten[1][rewritten[1].len() - 67..rewritten[1].len() - 3]).into_owned();
+        let forged = [Spec::denied_put("mallory", "k3"), Spec::get("alice", "k4"), Spec::get("alice", "k5")];
+        rewritten.extend(chain(&Hasher::unkeyed(), 3, &prev, &forged));
+        rewritten.extend_from_slice(&lines[5..]);
+        write(&log, &rewritten)?;
+        let report = check_keys(&files, &keys)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log".into(), 6)), "{report:?}");
         Ok(())
     }
 

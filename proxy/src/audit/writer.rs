@@ -50,8 +50,8 @@ pub enum AuditError {
     #[error(
         "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain (a changed or \
          removed audit.hmac_key_file does this: restore it; to change the key, name the old one in \
-         audit.previous_hmac_key_files; to start over, move the file away to start a new chain, and keep it for \
-         review)"
+         audit.previous_hmac_key_files, or set audit.previously_unkeyed for a log written without a key; to start \
+         over, move the file away to start a new chain, and keep it for review)"
     )]
     BrokenTail { path: PathBuf, keyed: &'static str },
     #[error("audit: {path}: the last record is not an audit record: {reason}")]
@@ -71,7 +71,7 @@ impl AuditError {
         let keyed = match (hasher.is_keyed(), previous.is_empty()) {
             (false, _) => " (unkeyed)",
             (true, true) => " with the configured HMAC key",
-            (true, false) => " with the configured HMAC key or any of audit.previous_hmac_key_files",
+            (true, false) => " with the configured HMAC key or any previous one",
         };
         AuditError::BrokenTail { path, keyed }
     }
@@ -138,15 +138,15 @@ impl AuditLog {
         let (sink, seq, prev, previous, key_change) = match &config.output {
             AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), Previous::None, None),
             AuditOutput::File(path) => {
-                let old_keys = Hasher::from_key_files(&config.previous_hmac_key_files)?;
+                let old_keys = previous_keys(config)?;
                 let (file, standing) =
                     FileSink::open(path, config.max_file_bytes, config.max_files, &hasher, &old_keys)?;
                 (Sink::File(file), standing.seq, standing.prev, standing.previous, standing.key_change)
             }
         };
-        if let Some(old) = key_change.and_then(|i| config.previous_hmac_key_files.get(i)) {
+        if let Some(old) = key_change {
             info!(
-                previous_key = %old.display(),
+                previous_key = %previous_key_name(config, old),
                 after_seq = seq,
                 "audit: the log's last record is under a previous HMAC key (audit.previous_hmac_key_files); the chain goes on under audit.hmac_key_file (verify with both keys, oldest first)"
             );
@@ -648,6 +648,21 @@ pub fn cut_record(line: &[u8]) -> Record {
         revision: None,
         latency_us: 0,
     }
+}
+
+/// The keys a log's last record may be under besides `audit.hmac_key_file` (a key change): the
+/// `previous_hmac_key_files`, then no key with `previously_unkeyed`.
+pub fn previous_keys(config: &AuditConfig) -> Result<Vec<Hasher>, chain::KeyError> {
+    let mut keys = Hasher::from_key_files(&config.previous_hmac_key_files)?;
+    if config.previously_unkeyed && config.hmac_key_file.is_some() {
+        keys.push(Hasher::unkeyed());
+    }
+    Ok(keys)
+}
+
+/// How to name the `i`th of the [`previous_keys`]: its file, or `no key`.
+pub fn previous_key_name(config: &AuditConfig, i: usize) -> String {
+    config.previous_hmac_key_files.get(i).map_or_else(|| "no key".to_owned(), |f| f.display().to_string())
 }
 
 /// The `rpc` of the record a writer starts with ([`open_record`]).
@@ -1324,6 +1339,7 @@ mod tests {
             max_files: 0,
             hmac_key_file: None,
             previous_hmac_key_files: Vec::new(),
+            previously_unkeyed: false,
             on_write_failure: OnWriteFailure::Deny,
             answer_after: AnswerAfter::Queued,
             queue: 128,
@@ -1745,16 +1761,28 @@ mod tests {
         let log = AuditLog::open(&cfg2)?;
         log.close(Duration::from_secs(5)).await;
 
+        // A log written without a key goes on under one only with `previously_unkeyed`.
+        let unkeyed = tempfile::tempdir()?;
+        let logs3 = unkeyed.path().join("logs");
+        write_run(&logs3, &s, 1..2).await?;
+        let mut cfg3 = config(&logs3);
+        cfg3.hmac_key_file = Some(new.clone());
+        cfg3.previous_hmac_key_files = vec![old.clone()];
+        assert!(matches!(AuditLog::open(&cfg3), Err(AuditError::BrokenTail { .. })));
+        cfg3.previously_unkeyed = true;
+        assert_eq!(previous_key_name(&cfg3, 1), "no key");
+        let log = AuditLog::open(&cfg3)?;
+        log.close(Duration::from_secs(5)).await;
+        let files = crate::audit::read::audit_files(std::slice::from_ref(&logs3)).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &[Hasher::unkeyed(), new_key.clone()])?;
+        assert_eq!((report.problem, report.records), (None, 5), "{:?}", report.notes);
+
         for (folder, records) in [(&logs, 6), (&logs2, 6)] {
             let files = crate::audit::read::audit_files(std::slice::from_ref(folder)).map_err(|e| format!("{e:?}"))?;
             let both = [old_key.clone(), new_key.clone()];
             let report = crate::audit::verify::verify(&files, &both)?;
             assert_eq!((report.problem, report.records), (None, records), "{:?}", report.notes);
-            assert!(
-                report.notes.iter().any(|n| n.contains("goes on under key 2 of the 2 given")),
-                "{:?}",
-                report.notes
-            );
+            assert!(report.notes.iter().any(|n| n.contains("goes on under --hmac-key #2 of 2")), "{:?}", report.notes);
             for one in [old_key.clone(), new_key.clone()] {
                 let report = crate::audit::verify::verify(&files, &[one])?;
                 assert!(report.problem.is_some(), "one key of two verifies: {:?}", report);
