@@ -892,10 +892,10 @@ fn config_check(path: PathBuf, connect: bool) -> ExitCode {
     let mut expiries = Vec::new();
     match crate::tls::server_config(&config.tls) {
         Ok(tls) => {
-            expiries.extend(tls.expiries);
-            for warning in crate::tls::advertise_warnings(&config.tls, &config.advertise_client_urls) {
+            for warning in tls.advertise_warnings(&config.tls.cert_file, &config.advertise_client_urls) {
                 eprintln!("etcd-guard: warning: {warning}");
             }
+            expiries.extend(tls.expiries);
         }
         Err(e) => problems.push(format!("tls: {e}")),
     }

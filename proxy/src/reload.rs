@@ -307,6 +307,10 @@ impl Reloader {
                     info!("client CA bundle and CRLs unchanged: open connections are not checked again");
                 }
                 self.shared.metrics.listener(&tls);
+                // A new certificate may no longer cover the advertised addresses (checked at start too).
+                for warning in tls.advertise_warnings(&self.config.tls.cert_file, &self.config.advertise_client_urls) {
+                    warn!("{warning}");
+                }
             }
             Loaded::Upstream(tls) => {
                 self.shared.upstream.replace(tls.channels);

@@ -87,7 +87,7 @@ impl Proxy {
             tracing::warn!("{warning}");
         }
         let server_tls = tls::server_config(&config.tls)?;
-        for warning in tls::advertise_warnings(&config.tls, &config.advertise_client_urls) {
+        for warning in server_tls.advertise_warnings(&config.tls.cert_file, &config.advertise_client_urls) {
             tracing::warn!("{warning}");
         }
         let upstream_tls = tls::upstream_connections(&config.upstream)?;

@@ -68,6 +68,8 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     let key = load_key(&tls.key_file)?;
     let certified = check_pair(&chain, &key, &tls.cert_file, &tls.key_file, &provider)?;
     check_leaf(&tls.cert_file, &chain, Purpose::Server)?;
+    // `check_pair` refuses an empty chain.
+    let leaf = chain.first().cloned().ok_or_else(|| TlsError::NoCertificate { path: tls.cert_file.clone() })?;
 
     let mut roots = RootCertStore::empty();
     let cas = load_certs(&tls.client_ca_file)?;
@@ -119,7 +121,7 @@ pub fn server_config(tls: &config::ListenerTls) -> Result<ServerTls, TlsError> {
     config.send_tls13_tickets = 0;
     let acceptor = Acceptor { tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)), issuers: issuers.clone() };
     let trust = Trust { verifier, issuers };
-    Ok(ServerTls { acceptor, trust, trust_digest, expiries, crl_next_update: earliest_next_update })
+    Ok(ServerTls { acceptor, trust, trust_digest, expiries, crl_next_update: earliest_next_update, leaf })
 }
 
 /// A client certificate verifier trusting `roots`, checking revocation against `crls` (expired CRLs refused
@@ -207,6 +209,37 @@ pub struct ServerTls {
     /// The earliest nextUpdate of the CRLs (Unix seconds): once it passes, every new handshake is refused until a
     /// fresh CRL is loaded (unless `danger_accept_expired_crls`).
     pub crl_next_update: Option<i64>,
+    /// The listener's certificate (the leaf of `tls.cert_file`), for [`ServerTls::advertise_warnings`].
+    leaf: CertificateDer<'static>,
+}
+
+// === impl ServerTls ===
+
+impl ServerTls {
+    /// The addresses of `advertise_client_urls` (what MemberList answers, so what clients that sync their endpoints
+    /// dial) that the listener's certificate (from `cert_file`) is not valid for, as clients check it (webpki's
+    /// rules: DNS and IP SANs, no common name, a wildcard only as a whole first label): one warning each. Such
+    /// clients (`etcdctl --discovery-srv`, clientv3 with `AutoSyncInterval`) would refuse the proxy after a sync.
+    pub fn advertise_warnings(&self, cert_file: &Path, urls: &[String]) -> Vec<String> {
+        let Ok(cert) = webpki::EndEntityCert::try_from(&self.leaf) else { return Vec::new() };
+        let mut warnings = Vec::new();
+        for url in urls {
+            let Some(host) = url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)) else {
+                continue;
+            };
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let valid =
+                ServerName::try_from(bare).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok());
+            if !valid {
+                warnings.push(format!(
+                    "advertise_client_urls {url}: the listener certificate ({}) is not valid for {bare}: clients \
+                     that take their endpoints from MemberList would refuse it",
+                    cert_file.display()
+                ));
+            }
+        }
+        warnings
+    }
 }
 
 /// What new client connections are accepted with: the TLS configuration and the named CAs (`tls.issuers`) their
@@ -351,31 +384,6 @@ impl ClientCertVerifier for StrictClientVerifier {
     fn requires_raw_public_keys(&self) -> bool {
         self.webpki.requires_raw_public_keys()
     }
-}
-
-/// The addresses of `advertise_client_urls` (what MemberList answers, so what clients that sync their endpoints
-/// dial) that the listener's certificate is not valid for, as clients check it (webpki's rules: DNS and IP SANs,
-/// no common name, a wildcard only as a whole first label): one warning each. Such clients (`etcdctl
-/// --discovery-srv`, clientv3 with `AutoSyncInterval`) would refuse the proxy after a sync.
-pub fn advertise_warnings(tls: &config::ListenerTls, urls: &[String]) -> Vec<String> {
-    let Some(leaf) = load_certs(&tls.cert_file).ok().and_then(|chain| chain.into_iter().next()) else {
-        return Vec::new(); // Reported where the listener is loaded.
-    };
-    let Ok(cert) = webpki::EndEntityCert::try_from(&leaf) else { return Vec::new() };
-    let mut warnings = Vec::new();
-    for url in urls {
-        let Some(host) = url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)) else { continue };
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let valid = ServerName::try_from(bare).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok());
-        if !valid {
-            warnings.push(format!(
-                "advertise_client_urls {url}: the listener certificate ({}) is not valid for {bare}: clients that \
-                 take their endpoints from MemberList would refuse it",
-                tls.cert_file.display()
-            ));
-        }
-    }
-    warnings
 }
 
 /// The CA certificates a client sent that can be on the way from its leaf to a root (whose subject is the issuer
@@ -1011,8 +1019,12 @@ mod tests {
         let sans = ["etcd-guard.kube-system.svc", "*.example.com", "127.0.0.1", "::1"];
         let leaf = ca.issue(certs::LeafKind::Server, "not-a-san.example.org", None, &sans, &[])?;
         std::fs::write(dir.path().join("server.crt"), &leaf.cert_pem)?;
+        std::fs::write(dir.path().join("server.key"), &leaf.key_pem)?;
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())?;
         let tls = config::ListenerTls { crl_files: Vec::new(), ..listener(dir.path(), "", false) };
-        let warned = |url: &str| !advertise_warnings(&tls, &[url.to_string()]).is_empty();
+        let server = server_config(&tls)?;
+        let advertise_warnings = |urls: &[String]| server.advertise_warnings(&tls.cert_file, urls);
+        let warned = |url: &str| !advertise_warnings(&[url.to_string()]).is_empty();
         for good in [
             "https://etcd-guard.kube-system.svc:2379",
             "https://ETCD-GUARD.kube-system.svc:2379",
@@ -1032,7 +1044,7 @@ mod tests {
         ] {
             assert!(warned(bad), "{bad}");
         }
-        let all = advertise_warnings(&tls, &["https://10.0.0.1:2379".into(), "https://127.0.0.1:1".into()]);
+        let all = advertise_warnings(&["https://10.0.0.1:2379".into(), "https://127.0.0.1:1".into()]);
         assert_eq!(all.len(), 1, "{all:?}");
         assert!(all[0].contains("not valid for 10.0.0.1") && all[0].contains("server.crt"), "{all:?}");
         Ok(())

@@ -716,3 +716,28 @@ fn reading_fifo(proxy: &ProxyProcess, fifo: &std::path::Path) -> TestResult<std:
 
 /// `O_NONBLOCK` on Linux.
 const O_NONBLOCK: i32 = 0o4000;
+
+/// A reloaded listener certificate that no longer covers `advertise_client_urls` is warned of, as at start: clients
+/// that take their endpoints from MemberList would refuse the proxy after their next sync.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_listener_certificate_is_checked_against_the_advertised_urls() -> TestResult {
+    let pki = Pki::new()?;
+    let etcd = Etcd::start(&pki)?;
+    let extra = "reload_check_interval_ms: 0\nadvertise_client_urls: [\"https://127.0.0.1:23790\"]\n";
+    let proxy = proxy_process(env!("CARGO_BIN_EXE_guard-under-test"), &pki, &etcd, BEFORE, extra)?;
+    let log = || std::fs::read_to_string(pki.path("proxy.log")).unwrap_or_default();
+    let warning = "advertise_client_urls https://127.0.0.1:23790: the listener certificate";
+    assert!(!log().contains(warning), "the certificate at start covers it: {}", log());
+
+    let elsewhere =
+        pki.ca.issue(etcd_guard::certs::LeafKind::Server, "etcd-guard", None, &["elsewhere.example"], &[])?;
+    pki.write_pair("server", &elsewhere.cert_pem, &elsewhere.key_pem)?;
+    proxy.signal("HUP")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log().contains(warning) {
+        assert!(Instant::now() < deadline, "no warning after the reload: {}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(log().contains("not valid for 127.0.0.1"), "{}", log());
+    Ok(())
+}
