@@ -47,6 +47,21 @@ enum AuditCommand {
     Review(crate::audit::review::ReviewArgs),
     /// Check the hash chain and sequence numbers; report the first record altered, removed or inserted.
     Verify(crate::audit::verify::VerifyArgs),
+    /// Move the audit log to a new HMAC key (or key a log written without one), with the proxy stopped: a record
+    /// under the new key goes on the chain, and the proxy then runs only with the new key (docs/audit.md).
+    ChangeKey(ChangeKeyArgs),
+}
+
+#[derive(Debug, Args)]
+struct ChangeKeyArgs {
+    /// The proxy's configuration file: its `audit.file` is the log, its `audit.hmac_key_file` the key in use (none:
+    /// a log written without a key).
+    #[arg(long, short, env = "ETCD_GUARD_CONFIG")]
+    config: PathBuf,
+    /// The new key (a file of at least 16 bytes, e.g. `openssl rand -hex 32`); make it the configuration's
+    /// `audit.hmac_key_file` before the proxy starts again.
+    #[arg(long, value_name = "FILE")]
+    new_key: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -255,6 +270,51 @@ pub fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check { config, connect }) => config_check(config, connect),
         Command::Audit(AuditCommand::Review(args)) => crate::audit::review::run(args),
         Command::Audit(AuditCommand::Verify(args)) => crate::audit::verify::run(args),
+        Command::Audit(AuditCommand::ChangeKey(args)) => audit_change_key(args),
+    }
+}
+
+fn audit_change_key(args: ChangeKeyArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if !config.audit.enabled {
+        return fail(format_args!("{}: auditing is off (audit.enabled: false)", args.config.display()));
+    }
+    let new = match crate::audit::chain::Hasher::from_key_file(&args.new_key) {
+        Ok(key) => key,
+        Err(e) => return fail(e),
+    };
+    match crate::audit::writer::change_key(&config.audit, &new) {
+        Ok(changed) => {
+            let log = match &config.audit.output {
+                crate::config::AuditOutput::File(path) => path.display().to_string(),
+                crate::config::AuditOutput::Stdout => "-".to_owned(),
+            };
+            let folder = std::path::Path::new(&log).parent().map(|d| d.display().to_string()).unwrap_or_default();
+            let old = match &config.audit.hmac_key_file {
+                Some(key) => format!("--hmac-key {}", key.display()),
+                None => "--unkeyed-before".to_owned(),
+            };
+            say(format_args!(
+                "{log}: the chain goes on under {} from seq {} (hash {}; the last record under the old key has hash {})",
+                args.new_key.display(),
+                changed.seq,
+                changed.hash,
+                changed.after_hash
+            ));
+            say(format_args!(
+                "next: set audit.hmac_key_file to {} in {} before the proxy starts again (it refuses the log \
+                 otherwise); verify with every key, oldest first: etcd-guard audit verify {folder} [earlier keys] \
+                 {old} --hmac-key {}",
+                args.new_key.display(),
+                args.config.display(),
+                args.new_key.display()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -714,35 +774,10 @@ fn audit_problem(audit: &crate::config::Audit) -> Option<String> {
         None => crate::audit::chain::Hasher::unkeyed(),
     };
     let crate::config::AuditOutput::File(path) = &audit.output else { return None };
-    let old_keys = match crate::audit::writer::previous_keys(audit) {
-        Ok(keys) => keys,
-        Err(e) => return Some(e.to_string()),
-    };
-    // The log the proxy would go on with: its last record must verify under the configured key (or a previous
-    // one), or `serve` refuses to start.
-    match crate::audit::writer::check_tail(path, &hasher, &old_keys) {
-        Err(e) => return Some(e.to_string().trim_start_matches("audit: ").to_string()),
-        Ok(Some(old)) => {
-            let old = crate::audit::writer::previous_key_name(audit, old);
-            eprintln!(
-                "etcd-guard: note: audit: the log's last record is under the previous HMAC key {old}: serve goes on \
-                 under audit.hmac_key_file (verify the log with every key, oldest first: audit verify --hmac-key \
-                 OLD --hmac-key NEW, or --unkeyed-before --hmac-key NEW for a log written without a key)"
-            );
-        }
-        Ok(None) if !old_keys.is_empty() && path.exists() => {
-            let set = [
-                ("audit.previous_hmac_key_files", !audit.previous_hmac_key_files.is_empty()),
-                ("audit.previously_unkeyed", audit.previously_unkeyed),
-            ];
-            let set: Vec<&str> = set.into_iter().filter_map(|(name, on)| on.then_some(name)).collect();
-            eprintln!(
-                "etcd-guard: note: audit: the log's last record is under audit.hmac_key_file already: {} can go \
-                 (keep the old keys for audit verify)",
-                set.join(" and ")
-            );
-        }
-        Ok(None) => {}
+    // The log the proxy would go on with: its last record must verify under the configured key, or `serve`
+    // refuses to start.
+    if let Err(e) = crate::audit::writer::check_tail(path, &hasher) {
+        return Some(e.to_string().trim_start_matches("audit: ").to_string());
     }
     if path.exists() {
         return std::fs::OpenOptions::new()

@@ -56,10 +56,6 @@ pub struct Audit {
     pub max_files: usize,
     /// Key the hash chain with HMAC-SHA256.
     pub hmac_key_file: Option<PathBuf>,
-    /// Keys the log's last record may be under instead (a key change): the chain goes on under `hmac_key_file`.
-    pub previous_hmac_key_files: Vec<PathBuf>,
-    /// The log's last record may be under no key (a key set for a log written without one).
-    pub previously_unkeyed: bool,
     pub on_write_failure: OnWriteFailure,
     /// When a request's answer may be sent, relative to its record reaching the file.
     pub answer_after: AnswerAfter,
@@ -220,10 +216,6 @@ struct RawAudit {
     max_files: usize,
     #[serde(default)]
     hmac_key_file: Option<PathBuf>,
-    #[serde(default)]
-    previous_hmac_key_files: Vec<PathBuf>,
-    #[serde(default)]
-    previously_unkeyed: bool,
     #[serde(default = "default_on_write_failure")]
     on_write_failure: OnWriteFailure,
     #[serde(default = "default_answer_after")]
@@ -242,8 +234,6 @@ impl Default for RawAudit {
             max_file_bytes: default_max_file_bytes(),
             max_files: default_max_files(),
             hmac_key_file: None,
-            previous_hmac_key_files: Vec::new(),
-            previously_unkeyed: false,
             on_write_failure: default_on_write_failure(),
             answer_after: default_answer_after(),
             queue: default_audit_queue(),
@@ -451,15 +441,6 @@ impl Config {
         if raw.upstream.endpoints.is_empty() {
             return Err(invalid("upstream.endpoints", "at least one endpoint is required".into()));
         }
-        if raw.audit.hmac_key_file.is_none() {
-            let previous = [
-                ("audit.previous_hmac_key_files", !raw.audit.previous_hmac_key_files.is_empty()),
-                ("audit.previously_unkeyed", raw.audit.previously_unkeyed),
-            ];
-            if let Some((key, _)) = previous.into_iter().find(|(_, set)| *set) {
-                return Err(invalid(key, "needs audit.hmac_key_file: the key the chain goes on under".into()));
-            }
-        }
         // Resolved, an empty path would name the configuration's folder.
         for (key, file) in [
             ("policy_file", &raw.policy_file),
@@ -472,7 +453,6 @@ impl Config {
         ]
         .into_iter()
         .chain(raw.audit.hmac_key_file.iter().map(|f| ("audit.hmac_key_file", f)))
-        .chain(raw.audit.previous_hmac_key_files.iter().map(|f| ("audit.previous_hmac_key_files", f)))
         .chain(raw.tls.crl_files.iter().map(|f| ("tls.crl_files", f)))
         .chain(raw.tls.issuers.values().map(|f| ("tls.issuers", f)))
         {
@@ -625,8 +605,6 @@ impl Config {
                 max_file_bytes: raw.audit.max_file_bytes,
                 max_files: raw.audit.max_files,
                 hmac_key_file: raw.audit.hmac_key_file.as_deref().map(resolve),
-                previous_hmac_key_files: raw.audit.previous_hmac_key_files.iter().map(|f| resolve(f)).collect(),
-                previously_unkeyed: raw.audit.previously_unkeyed,
                 on_write_failure: raw.audit.on_write_failure,
                 answer_after: raw.audit.answer_after,
                 queue: raw.audit.queue,
@@ -848,22 +826,6 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         ] {
             Config::parse(&with(fine), Path::new("c.yaml"))?;
         }
-        Ok(())
-    }
-
-    #[test]
-    fn previous_hmac_keys_need_the_key_the_chain_goes_on_under() -> Result<(), ConfigError> {
-        for (previous, key) in [
-            ("previous_hmac_key_files: [old.key]", "audit.previous_hmac_key_files"),
-            ("previously_unkeyed: true", "audit.previously_unkeyed"),
-        ] {
-            let alone = format!("{EXAMPLE}\naudit: {{ {previous} }}\n");
-            let err = Config::parse(&alone, Path::new("c.yaml")).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(key) && err.contains("needs audit.hmac_key_file"), "{err}");
-        }
-        let both = format!("{EXAMPLE}\naudit: {{ hmac_key_file: new.key, previous_hmac_key_files: [old.key] }}\n");
-        let audit = Config::parse(&both, Path::new("/etc/g/c.yaml"))?.audit;
-        assert_eq!(audit.previous_hmac_key_files, [PathBuf::from("/etc/g/old.key")], "beside the configuration");
         Ok(())
     }
 

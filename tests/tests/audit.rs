@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use etcd_guard::audit::chain::{self, GENESIS, Hasher};
-use etcd_guard_tests::{Etcd, Harness, Pki, TEST_POLICY, TestResult, etcdctl_at, proxy_process, stderr, stdout};
+use etcd_guard_tests::{
+    Etcd, Harness, Pki, ProxyProcess, TEST_POLICY, TestResult, etcdctl_at, proxy_process, stderr, stdout,
+};
 use serde_json::Value;
 
 const SECRET: &str = "s3cr3t-VALUE-0x5e1f-do-not-log";
@@ -314,11 +316,10 @@ async fn the_chain_continues_across_rotated_files() -> TestResult {
     Ok(())
 }
 
-/// Setting and changing the HMAC key, as an operator does it with the proxy binary: a log written without a key
-/// goes on under one only with `audit.previously_unkeyed`, and a key changes only with the old key in
-/// `audit.previous_hmac_key_files` (a new key alone is refused: the log's last record is under the old one). The
-/// proxy goes on with the same chain each time and says so in its open record; `audit verify` and `audit review`
-/// verify the log with every key, oldest first, and not with fewer or in another order.
+/// Setting and changing the HMAC key, as an operator does it with the proxy binary: `audit change-key` (not while
+/// a proxy writes the log) puts a record under the new key on the chain, after which the proxy starts only with the
+/// new key; `audit verify` and `audit review` verify the log with every key, oldest first, and not with fewer or in
+/// another order.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_hmac_key_is_set_and_changed_without_starting_a_new_chain() -> TestResult {
     let bin = env!("CARGO_BIN_EXE_guard-under-test");
@@ -327,45 +328,51 @@ async fn the_hmac_key_is_set_and_changed_without_starting_a_new_chain() -> TestR
     std::fs::write(pki.path("old.key"), "the key of the first year, 32 b\n")?;
     std::fs::write(pki.path("new.key"), "the key after the change, 32 by\n")?;
     let admin = pki.client("admin", "admin", None, &[])?;
-    let section = |keys: &str| format!("audit: {{ file: audit/audit.log{keys} }}\n");
-    let run = |keys: &str, key: &str| -> TestResult {
-        let mut proxy = proxy_process(bin, &pki, &etcd, TEST_POLICY, &section(keys))?;
-        let put = etcdctl_at(&format!("https://{}", proxy.addr), &pki.ca_file(), &admin, &["put", key, SECRET])?;
-        assert!(put.status.success(), "{}", stderr(&put));
+    let section = |key: &str| format!("audit: {{ file: audit/audit.log{key} }}\n");
+    let start = |key: &str| proxy_process(bin, &pki, &etcd, TEST_POLICY, &section(key));
+    let stop = |mut proxy: ProxyProcess| -> TestResult {
         proxy.signal("TERM")?;
         assert!(proxy.wait_exit(Duration::from_secs(20))?.success());
         Ok(())
     };
-    let config_check = || -> TestResult<std::process::Output> {
-        Ok(std::process::Command::new(bin)
-            .args(["config", "check", "--config"])
-            .arg(pki.path("etcd-guard.yaml"))
-            .output()?)
+    let run = |key: &str, put: &str| -> TestResult {
+        let proxy = start(key)?;
+        let out = etcdctl_at(&format!("https://{}", proxy.addr), &pki.ca_file(), &admin, &["put", put, SECRET])?;
+        assert!(out.status.success(), "{}", stderr(&out));
+        stop(proxy)
     };
-    // Refused, naming the way out; `config check` agrees (the configuration of the refused start is in place).
-    let refused = |keys: &str, way_out: &str| -> TestResult {
-        let message = proxy_process(bin, &pki, &etcd, TEST_POLICY, &section(keys)).err().map(|e| e.to_string());
-        let message = message.unwrap_or_default();
-        assert!(message.contains("does not verify") && message.contains(way_out), "{message}");
-        assert_eq!(config_check()?.status.code(), Some(2));
-        Ok(())
+    // With the configuration of the last start (the key in use) in place.
+    let change_key = |new: &str| -> TestResult<std::process::Output> {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["audit", "change-key", "--config"]).arg(pki.path("etcd-guard.yaml"));
+        Ok(cmd.arg("--new-key").arg(pki.path(new)).output()?)
     };
     run("", "unkeyed")?;
-    refused(", hmac_key_file: old.key", "audit.previously_unkeyed")?;
-    run(", hmac_key_file: old.key, previously_unkeyed: true", "before")?;
-    refused(", hmac_key_file: new.key", "audit.previous_hmac_key_files")?;
-    run(", hmac_key_file: new.key, previous_hmac_key_files: [old.key], previously_unkeyed: true", "after")?;
-    let check = config_check()?;
-    assert!(check.status.success(), "{}", stderr(&check));
-    let can_go = "audit.previous_hmac_key_files and audit.previously_unkeyed can go";
-    assert!(stderr(&check).contains(can_go), "{}", stderr(&check));
+    let changed = change_key("old.key")?;
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    assert!(stdout(&changed).contains("next: set audit.hmac_key_file to "), "{}", stdout(&changed));
+    // Started as before the change: refused, naming the way out.
+    let message = start("").err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("does not verify") && message.contains("audit change-key"), "{message}");
+    run(", hmac_key_file: old.key", "before")?;
+
+    // Not while a proxy writes the log.
+    let proxy = start(", hmac_key_file: old.key")?;
+    let refused = change_key("new.key")?;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stderr(&refused).contains("another etcd-guard writes an audit log in this folder"), "{}", stderr(&refused));
+    stop(proxy)?;
+    let changed = change_key("new.key")?;
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    run(", hmac_key_file: new.key", "after")?;
 
     let records = records_of(&pki.path("audit"))?;
-    let opens: Vec<&Value> = records.iter().filter(|r| r["rpc"] == "etcd-guard/AuditOpen").collect();
-    assert_eq!(opens.len(), 3);
-    assert_eq!(opens[0]["ops"][0].get("hmac_key"), None);
-    assert_eq!(opens[1]["ops"][0]["hmac_key"], "changed");
-    assert_eq!(opens[2]["ops"][0]["hmac_key"], "changed");
+    let changes: Vec<&Value> = records.iter().filter(|r| r["rpc"] == "etcd-guard/AuditKeyChange").collect();
+    assert_eq!(changes.len(), 2);
+    assert_eq!((&changes[0]["ops"][0]["from"], &changes[1]["ops"][0]["from"]), (&"unkeyed".into(), &"hmac".into()));
+    let opens = records.iter().filter(|r| r["rpc"] == "etcd-guard/AuditOpen");
+    // Each run after a change opened after a clean close: a key change after one is no crash.
+    assert!(opens.clone().count() == 4 && opens.skip(1).all(|o| o["ops"][0]["previous"] == "closed"), "{records:?}");
     assert_eq!(records.iter().filter(|r| r["rpc"] == "KV/Put").count(), 3);
 
     let audit = |args: &[&str], keys: &[&str]| -> TestResult<std::process::Output> {

@@ -37,6 +37,8 @@ pub enum KeyError {
     Read { path: String, source: std::io::Error },
     #[error("{path}: the HMAC key is {len} bytes; at least {MIN_HMAC_KEY_BYTES} are required")]
     TooShort { path: String, len: usize },
+    #[error("{second}: the same HMAC key as {first}; give each key the log was written under once, oldest first")]
+    Repeated { first: String, second: String },
 }
 
 // === impl Hasher ===
@@ -63,16 +65,24 @@ impl Hasher {
         Ok(Hasher::keyed(key))
     }
 
-    /// Read key files, in their order (none: no key).
-    pub fn from_key_files(paths: &[std::path::PathBuf]) -> Result<Vec<Hasher>, KeyError> {
-        paths.iter().map(|p| Hasher::from_key_file(p)).collect()
+    /// The keys a chain was written under, oldest first, for `audit verify` and `review`: the key files in their
+    /// order, after no key at all when the chain started unkeyed (`unkeyed_before`). Empty: unkeyed throughout. A
+    /// key given twice is refused (it would read as a key change that never happened).
+    pub fn chain_keys(paths: &[std::path::PathBuf], unkeyed_before: bool) -> Result<Vec<Hasher>, KeyError> {
+        let keys = paths.iter().map(|p| Hasher::from_key_file(p)).collect::<Result<Vec<_>, _>>()?;
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(j) = keys[..i].iter().position(|earlier| earlier.same_key(key)) {
+                let name = |k: usize| paths.get(k).map(|p| p.display().to_string()).unwrap_or_default();
+                return Err(KeyError::Repeated { first: name(j), second: name(i) });
+            }
+        }
+        Ok(if unkeyed_before && !keys.is_empty() { [vec![Hasher::unkeyed()], keys].concat() } else { keys })
     }
 
-    /// The keys a chain was written under, oldest first, for `audit verify` and `review`: the key files in their
-    /// order, after no key at all when the chain started unkeyed (`unkeyed_before`). Empty: unkeyed throughout.
-    pub fn chain_keys(paths: &[std::path::PathBuf], unkeyed_before: bool) -> Result<Vec<Hasher>, KeyError> {
-        let keys = Hasher::from_key_files(paths)?;
-        Ok(if unkeyed_before && !keys.is_empty() { [vec![Hasher::unkeyed()], keys].concat() } else { keys })
+    /// Whether `other` hashes as this one does (the same key, or both unkeyed).
+    pub fn same_key(&self, other: &Hasher) -> bool {
+        const PROBE: &[u8] = b"etcd-guard: are these the same key?";
+        self.is_keyed() == other.is_keyed() && self.hash(PROBE) == other.hash(PROBE)
     }
 
     pub fn is_keyed(&self) -> bool {

@@ -906,8 +906,21 @@ pub(crate) mod testing {
             }
         }
 
-        /// The writer's open record of a run (the only place, with its cut record, where a chain may move on to
-        /// a new HMAC key).
+        /// The record of `etcd-guard audit change-key` (the only place where a chain may move on to a new HMAC
+        /// key).
+        pub fn key_change() -> Spec {
+            Spec {
+                common_name: "etcd-guard",
+                uri_san: None,
+                rpc: crate::audit::writer::KEY_CHANGE_RPC,
+                decision: "allow",
+                code: "OK",
+                ops: r#"[{"op":"key_change","after_seq":5,"from":"hmac","previous":"closed"}]"#.to_owned(),
+                reason: "the HMAC key was changed",
+            }
+        }
+
+        /// The writer's open record of a run.
         pub fn open() -> Spec {
             Spec {
                 common_name: "etcd-guard",
@@ -915,7 +928,7 @@ pub(crate) mod testing {
                 rpc: crate::audit::writer::OPEN_RPC,
                 decision: "allow",
                 code: "OK",
-                ops: r#"[{"op":"open","after_seq":0,"previous":"closed","hmac_key":"changed"}]"#.to_owned(),
+                ops: r#"[{"op":"open","after_seq":5,"previous":"closed"}]"#.to_owned(),
                 reason: "audit log opened after a clean close",
             }
         }

@@ -81,7 +81,7 @@ pub struct ReviewArgs {
     /// chain after the review as `audit verify` does. After a key change, every key, oldest first.
     #[arg(long, value_name = "FILE")]
     pub hmac_key: Vec<PathBuf>,
-    /// The chain starts without a key (written before `audit.hmac_key_file` was set), as for `audit verify`.
+    /// The chain starts without a key (written before its first `audit change-key`), as for `audit verify`.
     #[arg(long, requires = "hmac_key")]
     pub unkeyed_before: bool,
     /// Do not verify the chain after the review.

@@ -19,11 +19,11 @@
 //! Without an HMAC key the chain detects changes by anyone who does not rewrite every hash after the change;
 //! with one (`--hmac-key`, the proxy's `audit.hmac_key_file`) only the key's holders can forge records.
 //!
-//! After a key change (the proxy's `audit.previous_hmac_key_files`) a log holds runs under several keys, given
-//! oldest first. The chain moves on to a later key only at a record a proxy writes when it starts (its open record,
-//! or the record vouching for a line a crash cut off) — or at the very first record of the set, when older files
-//! were rotated away — and never back; and it must end under the last key given. So a holder of an old key can
-//! forge only what was written under it, and cannot cut the log back to the change and go on from there.
+//! After a key change (`etcd-guard audit change-key`) a log holds records under several keys, given oldest first.
+//! The chain moves on to a later key only at the key change record ([`KEY_CHANGE_RPC`], written under the new key)
+//! — or at the very first record of the set, when older files were rotated away — and never back; and it must end
+//! under the last key given. So a holder of an old key can forge only what was written under it, and cannot cut the
+//! log back to the change and go on from there.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use super::chain::{GENESIS, Hasher, split_line};
 use super::read::{self, AuditFile, ChainFields, Line, LineReader, MAX_LINE_BYTES, ReadError};
 use super::record::shown;
-use super::writer::{CLOSE_RPC, CUT_RPC, OPEN_RPC};
+use super::writer::{CUT_RPC, KEY_CHANGE_RPC, OPEN_RPC};
 
 /// Arguments of `etcd-guard audit verify`.
 #[derive(Debug, clap::Args)]
@@ -47,8 +47,7 @@ pub struct VerifyArgs {
     /// change, every key the files were written under, oldest first: `--hmac-key old.key --hmac-key new.key`.
     #[arg(long, value_name = "FILE")]
     pub hmac_key: Vec<PathBuf>,
-    /// The chain starts without a key: the log was written unkeyed before `audit.hmac_key_file` was set (the
-    /// proxy's `audit.previously_unkeyed`).
+    /// The chain starts without a key: the log was written unkeyed before its first `audit change-key`.
     #[arg(long, requires = "hmac_key")]
     pub unkeyed_before: bool,
 }
@@ -247,7 +246,7 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
                             if last.is_none() {
                                 " (the first record of these files)"
                             } else {
-                                " (a proxy started under it)"
+                                " (the key change record)"
                             },
                         ));
                         key = later;
@@ -378,7 +377,7 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
         return Ok(report);
     }
     if let Some(g) = &last {
-        let closed = read::rpc_of(&last_line).as_deref() == Some(CLOSE_RPC);
+        let closed = super::writer::ends_cleanly(&last_line);
         if !closed {
             report.notes.push(format!(
                 "the last record (seq {}) is not the writer's close record: the proxy is still writing, or it stopped \
@@ -427,14 +426,13 @@ fn key_name(keys: &[Hasher], i: usize) -> String {
 }
 
 /// The first key after `key` that `line` verifies under, if the chain may move to it there: at the first record of
-/// the set (`at_start`), or at a record a proxy writes when it starts (its open record, or the one vouching for a
-/// line a crash cut off).
+/// the set (`at_start`), or at a key change record.
 fn later_key(keys: &[Hasher], key: usize, line: Line<'_>, at_start: bool) -> Option<(usize, Intact)> {
     let Line::Complete(bytes) = line else { return None };
     let (later, intact) =
         keys.iter().enumerate().skip(key + 1).find_map(|(i, k)| check_bytes(k, bytes).ok().map(|c| (i, c)))?;
-    let starts_run = || matches!(read::rpc_of(bytes).as_deref(), Some(OPEN_RPC | CUT_RPC));
-    (at_start || starts_run()).then_some((later, intact))
+    let changes_key = || read::rpc_of(bytes).as_deref() == Some(KEY_CHANGE_RPC);
+    (at_start || changes_key()).then_some((later, intact))
 }
 
 /// Check one line on its own: its hash, and that it is a record.
@@ -884,8 +882,7 @@ mod tests {
         let mut lines = simple_chain(&h, 3);
         let mut hash = split_line(lines[2].trim_ascii_end()).map(|(_, hash)| hash.to_owned()).unwrap_or_default();
         let mut text = String::new();
-        crate::audit::writer::open_record(3, crate::audit::writer::Previous::NotClosed, false)
-            .write_body(4, &hash, &mut text);
+        crate::audit::writer::open_record(3, crate::audit::writer::Previous::NotClosed).write_body(4, &hash, &mut text);
         h.seal(&mut text, 0, &mut hash);
         lines.push(text.into_bytes());
         let log = dir.path().join("run.log");
@@ -1059,7 +1056,7 @@ mod tests {
     }
 
     /// Records 1..=5 under `old`, then 6..=9 under `new`, the first of them `at_change` (the open record of the
-    /// run that started under the new key). Each line with its hash.
+    /// key change record). Each line with its hash.
     fn changed_keys(old: &Hasher, new: &Hasher, at_change: Spec) -> Vec<Vec<u8>> {
         let mut lines = simple_chain(old, 5);
         let prev = lines.last().map(|l| String::from_utf8_lossy(&l[l.len() - 67..l.len() - 3]).into_owned());
@@ -1069,17 +1066,17 @@ mod tests {
     }
 
     #[test]
-    fn a_key_change_verifies_with_every_key_oldest_first_and_only_at_a_run_start() -> TestResult {
+    fn a_key_change_verifies_with_every_key_oldest_first_and_only_at_its_record() -> TestResult {
         let dir = tempfile::tempdir()?;
         let (old, new) = (Hasher::keyed(KEY), Hasher::keyed(b"the key after the change"));
         let log = dir.path().join("audit.log");
         let files = [log.clone()];
-        write(&log, &changed_keys(&old, &new, Spec::open()))?;
+        write(&log, &changed_keys(&old, &new, Spec::key_change()))?;
 
         let report = check_keys(&files, &[old.clone(), new.clone()])?;
         assert_eq!((report.problem.clone(), report.records), (None, 9), "{report:?}");
         let change =
-            format!("{}:6: seq 6: the chain goes on under --hmac-key #2 of 2 (a proxy started under it)", shown(&log));
+            format!("{}:6: seq 6: the chain goes on under --hmac-key #2 of 2 (the key change record)", shown(&log));
         assert_eq!(report.notes.first(), Some(&change), "{:?}", report.notes);
         assert!(report.to_string().contains("with the 2 given keys"), "{report}");
         // One key alone, or the keys the wrong way round (the chain never goes back to an earlier key).
@@ -1090,12 +1087,14 @@ mod tests {
             Some((ProblemKind::Altered, "audit.log".into(), 6))
         );
 
-        // Under a new key anywhere but at the start of a run: not a key change.
-        write(&log, &changed_keys(&old, &new, Spec::get("alice", "k6")))?;
-        assert_eq!(
-            problem(&check_keys(&files, &[old.clone(), new.clone()])?),
-            Some((ProblemKind::Altered, "audit.log".into(), 6))
-        );
+        // Under a new key anywhere but at a key change record (a proxy's open record too): not a key change.
+        for at_change in [Spec::get("alice", "k6"), Spec::open()] {
+            write(&log, &changed_keys(&old, &new, at_change))?;
+            assert_eq!(
+                problem(&check_keys(&files, &[old.clone(), new.clone()])?),
+                Some((ProblemKind::Altered, "audit.log".into(), 6))
+            );
+        }
 
         // A holder of the old key cuts the log back to the change and writes on under the old key: the chain
         // never reaches the new key.
@@ -1104,7 +1103,7 @@ mod tests {
             &old,
             6,
             &String::from_utf8_lossy(&forged[4][forged[4].len() - 67..forged[4].len() - 3]),
-            &[Spec::open()],
+            &[Spec::key_change()],
         )
         .concat();
         let prev = String::from_utf8_lossy(&forged[5][forged[5].len() - 67..forged[5].len() - 3]).into_owned();
@@ -1117,13 +1116,27 @@ mod tests {
         assert_eq!(check(&files, &old)?.problem, None);
 
         // Older files rotated away: a set that starts under the new key starts there.
-        write(&log, &changed_keys(&old, &new, Spec::open())[6..])?;
+        write(&log, &changed_keys(&old, &new, Spec::key_change())[6..])?;
         let report = check_keys(&files, &[old, new])?;
         assert_eq!((report.problem.clone(), report.records), (None, 3), "{report:?}");
         assert!(
             report.notes.iter().any(|n| n.contains("--hmac-key #2 of 2 (the first record of these files)")),
             "{report:?}"
         );
+        Ok(())
+    }
+
+    /// The same key given twice would read as a change that never happened: refused.
+    #[test]
+    fn a_key_given_twice_is_refused() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (a, b, c) = (dir.path().join("a.key"), dir.path().join("b.key"), dir.path().join("c.key"));
+        std::fs::write(&a, KEY)?;
+        std::fs::write(&b, b"another key of twenty bytes")?;
+        std::fs::write(&c, [KEY, b"\n"].concat())?;
+        assert_eq!(Hasher::chain_keys(&[a.clone(), b.clone()], true)?.len(), 3);
+        let err = Hasher::chain_keys(&[a, b, c.clone()], false).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with(&format!("{}: the same HMAC key as ", c.display())) && err.contains("a.key"), "{err}");
         Ok(())
     }
 
@@ -1135,7 +1148,7 @@ mod tests {
         let key = Hasher::keyed(KEY);
         let log = dir.path().join("audit.log");
         let files = [log.clone()];
-        let lines = changed_keys(&Hasher::unkeyed(), &key, Spec::open());
+        let lines = changed_keys(&Hasher::unkeyed(), &key, Spec::key_change());
         write(&log, &lines)?;
         let keys = Hasher::chain_keys(&[], true)?;
         assert!(keys.is_empty(), "--unkeyed-before needs a key");

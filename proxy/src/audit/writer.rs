@@ -49,13 +49,15 @@ pub enum AuditError {
     Key(#[from] chain::KeyError),
     #[error(
         "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain (a changed or \
-         removed audit.hmac_key_file does this: restore it; to change the key, name the old one in \
-         audit.previous_hmac_key_files, or set audit.previously_unkeyed for a log written without a key; to start \
-         over, move the file away to start a new chain, and keep it for review)"
+         removed audit.hmac_key_file does this: restore it — after `etcd-guard audit change-key`, set it to the new \
+         key; to change the key, use that command with the proxy stopped; to start over, move the file away to \
+         start a new chain, and keep it for review)"
     )]
     BrokenTail { path: PathBuf, keyed: &'static str },
     #[error("audit: {path}: the last record is not an audit record: {reason}")]
     NotARecord { path: PathBuf, reason: String },
+    #[error("audit: {0}")]
+    KeyChange(String),
     #[error(
         "audit: {path}: another etcd-guard writes an audit log in this folder (it holds the folder's lock); two \
          writers would interleave their chains. Give each instance a folder of its own"
@@ -67,12 +69,8 @@ pub enum AuditError {
 
 impl AuditError {
     /// The last record of the file at `path` does not verify under `hasher`.
-    fn broken_tail(path: PathBuf, hasher: &Hasher, previous: &[Hasher]) -> AuditError {
-        let keyed = match (hasher.is_keyed(), previous.is_empty()) {
-            (false, _) => " (unkeyed)",
-            (true, true) => " with the configured HMAC key",
-            (true, false) => " with the configured HMAC key or any previous one",
-        };
+    fn broken_tail(path: PathBuf, hasher: &Hasher) -> AuditError {
+        let keyed = if hasher.is_keyed() { " with the configured HMAC key" } else { " (unkeyed)" };
         AuditError::BrokenTail { path, keyed }
     }
 }
@@ -135,22 +133,14 @@ impl AuditLog {
             Some(path) => Hasher::from_key_file(path)?,
             None => Hasher::unkeyed(),
         };
-        let (sink, seq, prev, previous, key_change) = match &config.output {
-            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), Previous::None, None),
+        let (sink, seq, prev, previous) = match &config.output {
+            AuditOutput::Stdout => (Sink::Stdout, 0, GENESIS.to_string(), Previous::None),
             AuditOutput::File(path) => {
-                let old_keys = previous_keys(config)?;
-                let (file, standing) =
-                    FileSink::open(path, config.max_file_bytes, config.max_files, &hasher, &old_keys)?;
-                (Sink::File(file), standing.seq, standing.prev, standing.previous, standing.key_change)
+                let (file, seq, prev, previous) =
+                    FileSink::open(path, config.max_file_bytes, config.max_files, &hasher)?;
+                (Sink::File(file), seq, prev, previous)
             }
         };
-        if let Some(old) = key_change {
-            info!(
-                previous_key = %previous_key_name(config, old),
-                after_seq = seq,
-                "audit: the log's last record is under a previous HMAC key (audit.previous_hmac_key_files); the chain goes on under audit.hmac_key_file (verify with both keys, oldest first)"
-            );
-        }
         if previous == Previous::NotClosed {
             warn!(
                 after_seq = seq,
@@ -161,7 +151,7 @@ impl AuditLog {
         // Every start is in the chain, with what it found: a restart, and a tail that ends without a close, are
         // visible to a reviewer (and to `audit verify`).
         if let Some(inner) = &log.inner
-            && inner.tx.try_send(Msg::Record(open_record(seq, previous, key_change.is_some()), None)).is_ok()
+            && inner.tx.try_send(Msg::Record(open_record(seq, previous), None)).is_ok()
         {
             inner.stats.queued.fetch_add(1, Ordering::Relaxed);
         }
@@ -650,21 +640,6 @@ pub fn cut_record(line: &[u8]) -> Record {
     }
 }
 
-/// The keys a log's last record may be under besides `audit.hmac_key_file` (a key change): the
-/// `previous_hmac_key_files`, then no key with `previously_unkeyed`.
-pub fn previous_keys(config: &AuditConfig) -> Result<Vec<Hasher>, chain::KeyError> {
-    let mut keys = Hasher::from_key_files(&config.previous_hmac_key_files)?;
-    if config.previously_unkeyed && config.hmac_key_file.is_some() {
-        keys.push(Hasher::unkeyed());
-    }
-    Ok(keys)
-}
-
-/// How to name the `i`th of the [`previous_keys`]: its file, or `no key`.
-pub fn previous_key_name(config: &AuditConfig, i: usize) -> String {
-    config.previous_hmac_key_files.get(i).map_or_else(|| "no key".to_owned(), |f| f.display().to_string())
-}
-
 /// The `rpc` of the record a writer starts with ([`open_record`]).
 pub const OPEN_RPC: &str = "etcd-guard/AuditOpen";
 
@@ -674,8 +649,125 @@ pub const CLOSE_RPC: &str = "etcd-guard/AuditClose";
 /// The RPC of the writer's record noting records lost while the log failed.
 pub const LOST_RPC: &str = "etcd-guard/AuditLost";
 
+/// The RPC of the record that moves the chain to a new HMAC key ([`change_key`]).
+pub const KEY_CHANGE_RPC: &str = "etcd-guard/AuditKeyChange";
+
 /// The RPCs of the records the writer writes on its own behalf.
-pub const OWN_RPCS: [&str; 4] = [OPEN_RPC, CLOSE_RPC, CUT_RPC, LOST_RPC];
+pub const OWN_RPCS: [&str; 5] = [OPEN_RPC, CLOSE_RPC, CUT_RPC, LOST_RPC, KEY_CHANGE_RPC];
+
+/// Whether the record `line` ends the log as a clean shutdown does: a close record, or a key change made after one
+/// (`{"op":"key_change",…,"previous":"closed"}`).
+pub(super) fn ends_cleanly(line: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Own {
+        rpc: String,
+        #[serde(default)]
+        ops: Vec<OwnOp>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OwnOp {
+        #[serde(default)]
+        previous: Option<String>,
+    }
+    match serde_json::from_slice::<Own>(line) {
+        Ok(own) if own.rpc == CLOSE_RPC => true,
+        Ok(own) if own.rpc == KEY_CHANGE_RPC => {
+            matches!(own.ops.as_slice(), [op] if op.previous.as_deref() == Some("closed"))
+        }
+        _ => false,
+    }
+}
+
+/// Where [`change_key`] left the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    /// The seq and hash of the record that moved the chain to the new key (the first under it).
+    pub seq: u64,
+    pub hash: String,
+    /// The hash of the last record under the old key (the change record's `prev_hash`).
+    pub after_hash: String,
+}
+
+/// Move the audit log of `config` to the HMAC key `new`, with no proxy writing it (the folder's lock is taken): its
+/// last record must verify under the configured key (`audit.hmac_key_file`, or none: a log written unkeyed); a
+/// record under `new` saying so is appended (after the record vouching for a line a crash cut off, if there is one)
+/// and synced. From then on the proxy must run with `new` as its `hmac_key_file` — it refuses the log otherwise —
+/// and `audit verify` takes both keys, oldest first.
+///
+/// The change is a record in the log, made by whoever holds the new key, rather than a setting the proxy would
+/// apply at every start: a holder of the old key who cut the log back to before the change and wrote on under the
+/// old key would have the proxy refuse the log, not continue it.
+///
+/// # Errors
+///
+/// The log cannot be read, written or locked, its last record does not verify under the configured key, it holds no
+/// record yet, `new` is the key in use, or the audit log is standard output.
+pub fn change_key(config: &AuditConfig, new: &Hasher) -> Result<KeyChange, AuditError> {
+    let AuditOutput::File(path) = &config.output else {
+        return Err(AuditError::KeyChange(
+            "audit.file is standard output: there is no log to change the key of".into(),
+        ));
+    };
+    let old = match &config.hmac_key_file {
+        Some(key) => Hasher::from_key_file(key)?,
+        None => Hasher::unkeyed(),
+    };
+    if old.same_key(new) {
+        return Err(AuditError::KeyChange("the new key is the one audit.hmac_key_file names already".into()));
+    }
+    let no_record = || {
+        AuditError::KeyChange(format!(
+            "{}: no record yet: set audit.hmac_key_file to the new key instead (a new log starts under it)",
+            path.display()
+        ))
+    };
+    // A log not there at all is not created just to be refused.
+    let rotated = rotated_files_of(path, true).or_else(|e| match e.kind() {
+        io::ErrorKind::NotFound => Ok(Vec::new()),
+        _ => Err(AuditError::Io { path: path.clone(), source: e }),
+    })?;
+    if rotated.is_empty() && !path.exists() {
+        return Err(no_record());
+    }
+    let (mut sink, seq, prev, previous) = FileSink::open(path, config.max_file_bytes, config.max_files, &old)?;
+    if seq == 0 {
+        return Err(no_record());
+    }
+    let mut text = String::new();
+    key_change_record(seq, previous, old.is_keyed()).write_body(seq + 1, &prev, &mut text);
+    let mut hash = String::new();
+    new.seal(&mut text, 0, &mut hash);
+    let io_err = |source| AuditError::Io { path: path.clone(), source };
+    sink.write(text.as_bytes(), seq + 1).map_err(io_err)?;
+    sink.sync().map_err(io_err)?;
+    Ok(KeyChange { seq: seq + 1, hash, after_hash: prev })
+}
+
+/// `{"op":"key_change","after_seq":N,"from":"hmac|unkeyed","previous":"closed|not_closed"}`: the chain goes on under
+/// a new HMAC key from this record on.
+fn key_change_record(after_seq: u64, previous: Previous, from_keyed: bool) -> Record {
+    let mut ops = Ops::new();
+    ops.op("key_change", |op| {
+        op.num_always("after_seq", i64::try_from(after_seq).unwrap_or(i64::MAX));
+        op.text("from", if from_keyed { "hmac" } else { "unkeyed" });
+        op.text("previous", if previous == Previous::Closed { "closed" } else { "not_closed" });
+    });
+    Record {
+        subject: Arc::new(Subject::proxy()),
+        time: SystemTime::now(),
+        rpc: KEY_CHANGE_RPC,
+        event: Event::Call,
+        stream: None,
+        ops: ops.finish(),
+        decision: Decision::Allow,
+        reason: "the HMAC key was changed (etcd-guard audit change-key): this record and those after it are under the \
+                 new key"
+            .into(),
+        code: Code::Ok,
+        revision: None,
+        latency_us: 0,
+    }
+}
 
 /// How the log a writer opens ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -688,9 +780,8 @@ pub(super) enum Previous {
     NotClosed,
 }
 
-/// The first record of every run: `{"op":"open","after_seq":N,"previous":"none|closed|not_closed"}`, with
-/// `"hmac_key":"changed"` when the chain goes on under a new HMAC key.
-pub(super) fn open_record(after_seq: u64, previous: Previous, key_changed: bool) -> Record {
+/// The first record of every run: `{"op":"open","after_seq":N,"previous":"none|closed|not_closed"}`.
+pub(super) fn open_record(after_seq: u64, previous: Previous) -> Record {
     let (word, reason) = match previous {
         Previous::None => ("none", "audit log opened: a new chain"),
         Previous::Closed => ("closed", "audit log opened after a clean close"),
@@ -704,15 +795,7 @@ pub(super) fn open_record(after_seq: u64, previous: Previous, key_changed: bool)
     ops.op("open", |op| {
         op.num_always("after_seq", i64::try_from(after_seq).unwrap_or(i64::MAX));
         op.text("previous", word);
-        if key_changed {
-            op.text("hmac_key", "changed");
-        }
     });
-    let reason = if key_changed {
-        format!("{reason}; the chain goes on under a new HMAC key (the record before is under a previous one)")
-    } else {
-        reason.to_owned()
-    };
     Record {
         subject: Arc::new(Subject::proxy()),
         time: SystemTime::now(),
@@ -721,7 +804,7 @@ pub(super) fn open_record(after_seq: u64, previous: Previous, key_changed: bool)
         stream: None,
         ops: ops.finish(),
         decision: Decision::Allow,
-        reason,
+        reason: reason.into(),
         code: if previous == Previous::NotClosed { Code::DataLoss } else { Code::Ok },
         revision: None,
         latency_us: 0,
@@ -827,15 +910,13 @@ fn open_active(path: &Path) -> io::Result<File> {
 }
 
 impl FileSink {
-    /// Open (or create) the active file and find where the chain stands (the log's last record, under `hasher` or
-    /// one of the `old_keys`; after a crash, the record vouching for the line it cut off).
+    /// Open (or create) the active file and find where the chain stands: `(sink, last seq, last hash)`.
     fn open(
         path: &Path,
         max_bytes: u64,
         max_files: usize,
         hasher: &Hasher,
-        old_keys: &[Hasher],
-    ) -> Result<(FileSink, Standing), AuditError> {
+    ) -> Result<(FileSink, u64, String, Previous), AuditError> {
         let io_err = |source| AuditError::Io { path: path.to_path_buf(), source };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         // Records name identities and keys (Secrets' names among them): not for every local user.
@@ -866,8 +947,7 @@ impl FileSink {
             max_bytes,
             max_files,
         };
-        let Standing { seq, prev, previous, cut, unterminated, key_change } =
-            standing(path, Some(&mut file), hasher, old_keys)?;
+        let Standing { seq, prev, previous, cut, unterminated } = standing(path, Some(&mut file), hasher)?;
         if unterminated {
             if cut.is_some() {
                 warn!(path = %path.display(), "audit: the last line was cut off (crash?); it stays as it is, a record vouching for it follows, and audit verify notes it");
@@ -895,7 +975,7 @@ impl FileSink {
         sink.ident = file_ident(&file);
         sink.file = Some(file);
         info!(path = %path.display(), next_seq = seq + 1, "audit log open");
-        Ok((sink, Standing { seq, prev, previous, cut: None, unterminated: false, key_change }))
+        Ok((sink, seq, prev, previous))
     }
 
     /// Errors name the file and what was being done (rotating, opening, writing).
@@ -1085,29 +1165,12 @@ struct Standing {
     cut: Option<Vec<u8>>,
     /// The active file's last line has no newline (cut off, or a whole record but for it).
     unterminated: bool,
-    /// The last record is under this one of the previous keys, not under the writer's: the chain goes on under
-    /// a new key.
-    key_change: Option<usize>,
 }
 
 /// Where the chain of the audit log at `path` stands: its last record — the active file's (`active`, if it exists),
-/// else the newest rotated file's — must verify under `hasher` or one of the `old_keys` (a key change); a last line
-/// a crash cut off must be the start of the next record. Reads only: `FileSink::open` acts on it, `config check`
-/// asks it ([`check_tail`]).
-fn standing(
-    path: &Path,
-    active: Option<&mut File>,
-    hasher: &Hasher,
-    old_keys: &[Hasher],
-) -> Result<Standing, AuditError> {
-    // The key a whole line verifies under: `Some(None)` the writer's, `Some(Some(i))` the `i`th old one.
-    let under = |line: &[u8]| -> Option<Option<usize>> {
-        if chain::line_is_intact(hasher, line) {
-            return Some(None);
-        }
-        old_keys.iter().position(|k| chain::line_is_intact(k, line)).map(Some)
-    };
-    let broken_tail = |at: PathBuf| AuditError::broken_tail(at, hasher, old_keys);
+/// else the newest rotated file's — must verify under `hasher`; a last line a crash cut off must be the start of the
+/// next record. Reads only: `FileSink::open` acts on it, `config check` asks it ([`check_tail`]).
+fn standing(path: &Path, active: Option<&mut File>, hasher: &Hasher) -> Result<Standing, AuditError> {
     let io_err = |at: &Path, source| AuditError::Io { path: at.to_path_buf(), source };
     let mut tail_source = None;
     let mut cut = None;
@@ -1116,13 +1179,13 @@ fn standing(
         let Tail { mut last, torn } = read_last_line(file).map_err(|e| io_err(path, e))?;
         if let Some(torn) = torn {
             unterminated = true;
-            if under(&torn).is_some() {
+            if chain::line_is_intact(hasher, &torn) {
                 // Written whole but for its newline: the chain goes on from it.
                 last = Some(torn);
             } else if serde_json::from_slice::<serde::de::IgnoredAny>(&torn).is_ok() {
                 // A whole JSON line that does not verify is not what a crash leaves (a cut-off record is never
                 // valid JSON): it is not vouched for, and the file is left as it is.
-                return Err(broken_tail(path.to_path_buf()));
+                return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
             } else {
                 cut = Some(torn);
             }
@@ -1163,18 +1226,16 @@ fn standing(
             tail_source = Some((rotated, last));
         }
     }
-    let (seq, prev, previous, key_change) = match tail_source {
-        None => (0, GENESIS.to_string(), Previous::None, None),
+    let (seq, prev, previous) = match tail_source {
+        None => (0, GENESIS.to_string(), Previous::None),
         Some((from, line)) => {
-            let Some(key_change) = under(&line) else { return Err(broken_tail(from)) };
+            if !chain::line_is_intact(hasher, &line) {
+                return Err(AuditError::broken_tail(from, hasher));
+            }
             let seq = line_seq(&line).map_err(|reason| AuditError::NotARecord { path: from.clone(), reason })?;
             let hash = chain::split_line(&line).map(|(_, h)| h.to_string()).unwrap_or_default();
-            let previous = if cut.is_none() && super::read::rpc_of(&line).as_deref() == Some(CLOSE_RPC) {
-                Previous::Closed
-            } else {
-                Previous::NotClosed
-            };
-            (seq, hash, previous, key_change)
+            let previous = if cut.is_none() && ends_cleanly(&line) { Previous::Closed } else { Previous::NotClosed };
+            (seq, hash, previous)
         }
     };
     // What a crash leaves is the start of the next record: `{"seq":<next>,"time":"…` cut anywhere. Anything else
@@ -1182,22 +1243,21 @@ fn standing(
     if let Some(torn) = &cut {
         let expected = format!("{{\"seq\":{},\"time\":\"", seq + 1);
         if !(torn.starts_with(expected.as_bytes()) || expected.as_bytes().starts_with(torn)) {
-            return Err(broken_tail(path.to_path_buf()));
+            return Err(AuditError::broken_tail(path.to_path_buf(), hasher));
         }
     }
-    Ok(Standing { seq, prev, previous, cut, unterminated, key_change })
+    Ok(Standing { seq, prev, previous, cut, unterminated })
 }
 
 /// Whether the audit log at `path` can go on under `hasher`, as the writer requires when it opens it (for
-/// `config check`; reads only, takes no lock): `Some(i)` when its last record is under the `i`th of the `old_keys`
-/// (the writer will go on under `hasher`), `None` when under `hasher` or when there is no log yet.
-pub fn check_tail(path: &Path, hasher: &Hasher, old_keys: &[Hasher]) -> Result<Option<usize>, AuditError> {
+/// `config check`; reads only, takes no lock). A missing log is fine.
+pub fn check_tail(path: &Path, hasher: &Hasher) -> Result<(), AuditError> {
     let mut active = match File::open(path) {
         Ok(f) => Some(f),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(source) => return Err(AuditError::Io { path: path.to_path_buf(), source }),
     };
-    standing(path, active.as_mut(), hasher, old_keys).map(|s| s.key_change)
+    standing(path, active.as_mut(), hasher).map(|_| ())
 }
 
 /// The seq in a rotated file's name: the 20 digits after `<name>.` ([`rotated_name`]).
@@ -1338,8 +1398,6 @@ mod tests {
             max_file_bytes: 4096,
             max_files: 0,
             hmac_key_file: None,
-            previous_hmac_key_files: Vec::new(),
-            previously_unkeyed: false,
             on_write_failure: OnWriteFailure::Deny,
             answer_after: AnswerAfter::Queued,
             queue: 128,
@@ -1707,87 +1765,76 @@ mod tests {
         let mut keyed = config(dir.path());
         keyed.hmac_key_file = Some(key.clone());
         let active = dir.path().join("audit.log");
-        assert!(matches!(check_tail(&active, &Hasher::from_key_file(&key)?, &[]), Err(AuditError::BrokenTail { .. })));
-        assert!(check_tail(&active, &Hasher::unkeyed(), &[]).is_ok());
+        assert!(matches!(check_tail(&active, &Hasher::from_key_file(&key)?), Err(AuditError::BrokenTail { .. })));
+        assert!(check_tail(&active, &Hasher::unkeyed()).is_ok());
         assert!(matches!(AuditLog::open(&keyed), Err(AuditError::BrokenTail { .. })));
         Ok(())
     }
 
-    /// A key change: with the old key in `previous_hmac_key_files` the writer goes on from a tail under it (also
-    /// one a crash cut off), and says so in its open record; `audit verify` needs both keys, oldest first.
+    /// `change_key`: the chain goes on under the new key from a record of its own; the proxy then runs only with the
+    /// new key; a log cut back to before the change and written on under the old key is refused, not continued.
     #[tokio::test]
-    async fn a_changed_key_goes_on_from_a_tail_under_a_previous_key() -> Result<(), Box<dyn std::error::Error>> {
+    async fn a_key_change_is_a_record_under_the_new_key() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let s = subject();
-        let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
-        std::fs::write(&old, "0123456789abcdef0123")?;
-        std::fs::write(&new, "another key, as long as the first")?;
+        let (old_file, new_file) = (dir.path().join("old.key"), dir.path().join("new.key"));
+        std::fs::write(&old_file, "0123456789abcdef0123")?;
+        std::fs::write(&new_file, "another key, as long as the first")?;
+        let (old, new) = (Hasher::from_key_file(&old_file)?, Hasher::from_key_file(&new_file)?);
         let logs = dir.path().join("logs");
-        let active = logs.join("audit.log");
-        let mut cfg = config(&logs);
-        cfg.hmac_key_file = Some(old.clone());
-        let log = AuditLog::open(&cfg)?;
-        log.submit(record(&s, 1)).await?;
-        log.close(Duration::from_secs(5)).await;
+        let mut under_old = config(&logs);
+        under_old.hmac_key_file = Some(old_file.clone());
+        let mut under_new = config(&logs);
+        under_new.hmac_key_file = Some(new_file.clone());
 
-        // The new key alone refuses the log; with the old one named, it goes on.
-        cfg.hmac_key_file = Some(new.clone());
-        let (old_key, new_key) = (Hasher::from_key_file(&old)?, Hasher::from_key_file(&new)?);
-        assert!(matches!(AuditLog::open(&cfg), Err(AuditError::BrokenTail { .. })));
-        let unrelated = Hasher::keyed(b"neither of the two keys");
-        assert!(check_tail(&active, &new_key, std::slice::from_ref(&unrelated)).is_err());
-        assert_eq!(check_tail(&active, &new_key, &[unrelated.clone(), old_key.clone()])?, Some(1));
-        cfg.previous_hmac_key_files = vec![old.clone()];
-        let log = AuditLog::open(&cfg)?;
+        // Nothing to change yet, and nothing created by asking.
+        let refused = change_key(&under_old, &new).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("no record yet"), "{refused}");
+        assert!(!logs.exists());
+        let log = AuditLog::open(&under_old)?;
+        log.submit(record(&s, 1)).await?;
+        // Not while a proxy writes the log, and not to the key in use.
+        assert!(matches!(change_key(&under_old, &new), Err(AuditError::Locked { .. })));
+        log.close(Duration::from_secs(5)).await;
+        assert!(matches!(change_key(&under_old, &old), Err(AuditError::KeyChange(_))));
+        let before_change = std::fs::read(logs.join("audit.log"))?;
+
+        let changed = change_key(&under_old, &new)?;
+        assert_eq!(changed.seq, 4, "open, record, close, then the change");
+        // The proxy goes on only under the new key, and the change after a clean close is no crash.
+        assert!(matches!(AuditLog::open(&under_old), Err(AuditError::BrokenTail { .. })));
+        let log = AuditLog::open(&under_new)?;
         log.submit(record(&s, 2)).await?;
         log.close(Duration::from_secs(5)).await;
         let lines = all_lines(&logs);
-        assert!(lines[3].contains(OPEN_RPC) && lines[3].contains(r#""hmac_key":"changed""#), "{}", lines[3]);
-        assert!(!lines[0].contains("hmac_key"), "{}", lines[0]);
-        // Now under the new key: the old one is not needed any more, and the next open says nothing of a change.
-        assert_eq!(check_tail(&active, &new_key, std::slice::from_ref(&old_key))?, None);
-
-        // A crash under the new key's first run after the change: the cut record is the first under it.
-        let crashed = tempfile::tempdir()?;
-        let logs2 = crashed.path().join("logs");
-        let mut cfg2 = config(&logs2);
-        cfg2.hmac_key_file = Some(old.clone());
-        let log = AuditLog::open(&cfg2)?;
-        log.submit(record(&s, 1)).await?;
-        log.close(Duration::from_secs(5)).await;
-        OpenOptions::new().append(true).open(logs2.join("audit.log"))?.write_all(br#"{"seq":4,"time":"2026"#)?;
-        cfg2.hmac_key_file = Some(new.clone());
-        cfg2.previous_hmac_key_files = vec![old.clone()];
-        let log = AuditLog::open(&cfg2)?;
-        log.close(Duration::from_secs(5)).await;
-
-        // A log written without a key goes on under one only with `previously_unkeyed`.
-        let unkeyed = tempfile::tempdir()?;
-        let logs3 = unkeyed.path().join("logs");
-        write_run(&logs3, &s, 1..2).await?;
-        let mut cfg3 = config(&logs3);
-        cfg3.hmac_key_file = Some(new.clone());
-        cfg3.previous_hmac_key_files = vec![old.clone()];
-        assert!(matches!(AuditLog::open(&cfg3), Err(AuditError::BrokenTail { .. })));
-        cfg3.previously_unkeyed = true;
-        assert_eq!(previous_key_name(&cfg3, 1), "no key");
-        let log = AuditLog::open(&cfg3)?;
-        log.close(Duration::from_secs(5)).await;
-        let files = crate::audit::read::audit_files(std::slice::from_ref(&logs3)).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[Hasher::unkeyed(), new_key.clone()])?;
-        assert_eq!((report.problem, report.records), (None, 5), "{:?}", report.notes);
-
-        for (folder, records) in [(&logs, 6), (&logs2, 6)] {
-            let files = crate::audit::read::audit_files(std::slice::from_ref(folder)).map_err(|e| format!("{e:?}"))?;
-            let both = [old_key.clone(), new_key.clone()];
-            let report = crate::audit::verify::verify(&files, &both)?;
-            assert_eq!((report.problem, report.records), (None, records), "{:?}", report.notes);
-            assert!(report.notes.iter().any(|n| n.contains("goes on under --hmac-key #2 of 2")), "{:?}", report.notes);
-            for one in [old_key.clone(), new_key.clone()] {
-                let report = crate::audit::verify::verify(&files, &[one])?;
-                assert!(report.problem.is_some(), "one key of two verifies: {:?}", report);
-            }
+        assert!(lines[3].contains(KEY_CHANGE_RPC) && lines[3].contains(r#""from":"hmac","previous":"closed""#));
+        assert!(lines[4].contains(OPEN_RPC) && lines[4].contains(r#""previous":"closed""#), "{}", lines[4]);
+        let files = crate::audit::read::audit_files(std::slice::from_ref(&logs)).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &[old.clone(), new.clone()])?;
+        assert_eq!((report.problem, report.records), (None, 7), "{:?}", report.notes);
+        for one in [&old, &new] {
+            assert!(crate::audit::verify::verify(&files, std::slice::from_ref(one))?.problem.is_some());
         }
+
+        // A holder of the old key puts back the log as it was before the change and writes on under the old key:
+        // the proxy, configured with the new key, refuses it.
+        std::fs::write(logs.join("audit.log"), &before_change)?;
+        let forger = AuditLog::open(&under_old)?;
+        forger.submit(record(&s, 666)).await?;
+        forger.close(Duration::from_secs(5)).await;
+        assert!(matches!(AuditLog::open(&under_new), Err(AuditError::BrokenTail { .. })));
+
+        // From a log written without a key; and after a crash cut its last line off.
+        let unkeyed = tempfile::tempdir()?;
+        write_run(unkeyed.path(), &s, 0..1).await?;
+        OpenOptions::new().append(true).open(unkeyed.path().join("audit.log"))?.write_all(br#"{"seq":4,"ti"#)?;
+        let changed = change_key(&config(unkeyed.path()), &new)?;
+        assert_eq!(changed.seq, 5, "the cut record under no key, then the change");
+        let lines = all_lines(unkeyed.path());
+        assert!(lines[5].contains(r#""from":"unkeyed","previous":"not_closed""#), "{}", lines[5]);
+        let files = crate::audit::read::audit_files(&[unkeyed.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &[Hasher::unkeyed(), new.clone()])?;
+        assert_eq!((report.problem, report.records), (None, 5), "{:?}", report.notes);
         Ok(())
     }
 
@@ -1970,7 +2017,7 @@ mod tests {
         std::fs::write(&active, text.trim_end())?;
         // `config check` (`check_tail`) agrees with the writer each time.
         let unkeyed = Hasher::unkeyed();
-        assert!(check_tail(&active, &unkeyed, &[]).is_ok());
+        assert!(check_tail(&active, &unkeyed).is_ok());
         write_run(dir.path(), &s, 1..2).await?;
         let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         let report = crate::audit::verify::verify(&files, &[])?;
@@ -1981,13 +2028,13 @@ mod tests {
         // A forged record put at the end without its newline (say while the proxy was stopped).
         let mut file = OpenOptions::new().append(true).open(&active)?;
         file.write_all(br#"{"seq":3,"rpc":"KV/Range","hash":"00"}"#)?;
-        assert!(matches!(check_tail(&active, &unkeyed, &[]), Err(AuditError::BrokenTail { .. })));
+        assert!(matches!(check_tail(&active, &unkeyed), Err(AuditError::BrokenTail { .. })));
         assert!(matches!(AuditLog::open(&config(dir.path())), Err(AuditError::BrokenTail { .. })));
         // Nor is text that is not the start of the next record, cut (before: any line that was not JSON was).
         for junk in [&br#"{"seq":3,"rpc":"KV/Put","key":"forged"#[..], b"anything at all", br#"{"seq":9,"time":"2"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(junk)?;
-            assert!(check_tail(&active, &unkeyed, &[]).is_err(), "{}", String::from_utf8_lossy(junk));
+            assert!(check_tail(&active, &unkeyed).is_err(), "{}", String::from_utf8_lossy(junk));
             let opened = AuditLog::open(&config(dir.path()));
             assert!(matches!(opened, Err(AuditError::BrokenTail { .. })), "{}", String::from_utf8_lossy(junk));
         }
@@ -1995,7 +2042,7 @@ mod tests {
         for cut in [&br#"{"se"#[..], br#"{"seq":7,"time":"2026-12-0"#] {
             std::fs::write(&active, &good)?;
             OpenOptions::new().append(true).open(&active)?.write_all(cut)?;
-            assert!(check_tail(&active, &unkeyed, &[]).is_ok(), "{}", String::from_utf8_lossy(cut));
+            assert!(check_tail(&active, &unkeyed).is_ok(), "{}", String::from_utf8_lossy(cut));
             let log = AuditLog::open(&config(dir.path()))?;
             log.close(Duration::from_secs(5)).await;
         }
