@@ -305,6 +305,10 @@ fn audit_change_key(args: ChangeKeyArgs) -> ExitCode {
                 changed.after_hash
             ));
             say(format_args!(
+                "keep the line above with the new key: audit verify notes every key change with its seq and hash, \
+                 and a log cut back and changed again would show another"
+            ));
+            say(format_args!(
                 "next: set audit.hmac_key_file to {} in {} before the proxy starts again (it refuses the log \
                  otherwise); verify with every key, oldest first: etcd-guard audit verify {folder} [earlier keys] \
                  {old} --hmac-key {}",

@@ -135,6 +135,9 @@ pub struct ChainFields<'a> {
     /// This line's hash.
     #[serde(borrow)]
     pub hash: Text<'a>,
+    /// The record's RPC (the writer's own records are told by it).
+    #[serde(borrow, default)]
+    pub rpc: Option<Text<'a>>,
 }
 
 /// The fields `audit review` shows or filters on. `O` is what `ops` is read as: [`IgnoredAny`] when they are not

@@ -20,9 +20,9 @@
 //! with one (`--hmac-key`, the proxy's `audit.hmac_key_file`) only the key's holders can forge records.
 //!
 //! After a key change (`etcd-guard audit change-key`) a log holds records under several keys, given oldest first.
-//! The chain moves on to a later key only at the key change record ([`KEY_CHANGE_RPC`], written under the new key)
-//! — or at the very first record of the set, when older files were rotated away — and never back; and it must end
-//! under the last key given. So a holder of an old key can forge only what was written under it, and cannot cut the
+//! The chain moves on to the next key only at the key change record ([`KEY_CHANGE_RPC`], written under the new key)
+//! — or to any later key at the very first record of the set, when older files were rotated away — and never back;
+//! and it must end under the last key given. So a holder of an old key can forge only what was written under it, and cannot cut the
 //! log back to the change and go on from there.
 
 use std::fmt;
@@ -96,8 +96,10 @@ pub struct Report {
     pub last: Option<(u64, String)>,
     /// Whether the chain was checked with an HMAC key.
     pub keyed: bool,
-    /// How many HMAC keys were given.
+    /// How many HMAC keys the records checked were under (the chain moves through them in turn).
     pub keys: usize,
+    /// Records before the first key were checked without one (`--unkeyed-before`).
+    pub unkeyed_before: bool,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
     /// The first problem, if any.
@@ -109,6 +111,8 @@ struct Intact {
     seq: u64,
     prev_hash: [u8; 32],
     hash: [u8; 32],
+    /// A key change record ([`KEY_CHANGE_RPC`]).
+    key_change: bool,
 }
 
 /// A line that is not an intact record.
@@ -121,6 +125,9 @@ struct Defect {
     partial: bool,
     /// The hash was well-formed but did not verify (rather than the line not being a record).
     hash_mismatch: bool,
+    /// What else the line's hash says, when it did not verify: it is a key change record (to a key not given), or
+    /// it verifies without a key.
+    hint: Option<&'static str>,
 }
 
 /// The last record that was in order.
@@ -213,15 +220,18 @@ pub fn run(args: VerifyArgs) -> ExitCode {
 pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError> {
     let unkeyed = [Hasher::unkeyed()];
     let keys = if keys.is_empty() { &unkeyed[..] } else { keys };
-    // The key the chain is under; it only moves forward.
+    // The key the chain is under; it only moves forward, one key at a time after the first record.
     let mut key = 0;
+    // The key of the first record.
+    let mut first_key = None;
     let mut report = Report {
         records: 0,
         files: files.len(),
         first: None,
         last: None,
-        keyed: keys.iter().any(Hasher::is_keyed),
-        keys: keys.iter().filter(|k| k.is_keyed()).count(),
+        keyed: false,
+        keys: 0,
+        unkeyed_before: false,
         notes: Vec::new(),
         problem: None,
     };
@@ -238,24 +248,42 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
             let checked = match check_line(&keys[key], line) {
                 Err(defect) if defect.hash_mismatch => match later_key(keys, key, line, last.is_none()) {
                     Some((later, intact)) => {
-                        report.notes.push(format!(
-                            "{}: seq {}: the chain goes on under {}{}",
-                            at(files, index, number),
-                            intact.seq,
-                            key_name(keys, later),
-                            if last.is_none() {
-                                " (the first record of these files)"
-                            } else {
-                                " (the key change record)"
-                            },
-                        ));
+                        report.notes.push(if last.is_none() {
+                            format!(
+                                "{}: seq {}: the chain starts under {} (the first record of these files)",
+                                at(files, index, number),
+                                intact.seq,
+                                key_name(keys, later),
+                            )
+                        } else {
+                            format!(
+                                "{}: seq {}: the chain goes on under {} (the key change record, hash {})",
+                                at(files, index, number),
+                                intact.seq,
+                                key_name(keys, later),
+                                hex::encode(intact.hash),
+                            )
+                        });
                         key = later;
                         Ok(intact)
                     }
                     None => Err(defect),
                 },
+                // `audit change-key` seals its record with the new key, never with the key before it.
+                Ok(intact) if last.is_some() && intact.key_change => Err(Defect {
+                    why: "a key change record under the key of the records before it: not one `audit change-key` \
+                          wrote (it seals it with the new key)"
+                        .to_owned(),
+                    seq: Some(intact.seq),
+                    partial: false,
+                    hash_mismatch: false,
+                    hint: None,
+                }),
                 checked => checked,
             };
+            if checked.is_ok() && first_key.is_none() {
+                first_key = Some(key);
+            }
             let hasher = &keys[key];
             if let Some(p) = pending.take() {
                 // The line after a defective one decides: if it chains to the last good record, the defective
@@ -357,6 +385,11 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
         report.problem = Some(defect_problem(files, &p, ProblemKind::Altered, &keys[key], last.as_ref(), None));
         return Ok(report);
     }
+    // The keys the records were under: from the first record's to the last one's, each in turn.
+    let used = keys.get(first_key.unwrap_or(key)..=key).unwrap_or_default();
+    report.keyed = used.iter().any(Hasher::is_keyed);
+    report.keys = used.iter().filter(|k| k.is_keyed()).count();
+    report.unkeyed_before = report.keyed && used.iter().any(|k| !k.is_keyed());
     if let Some(g) = last.as_ref().filter(|_| key + 1 < keys.len()) {
         // Whoever holds an older key could cut the log back to the change and write on under that key: the
         // records of the newest key given must be there.
@@ -425,14 +458,31 @@ fn key_name(keys: &[Hasher], i: usize) -> String {
     format!("--hmac-key #{n} of {}", keys.iter().filter(|k| k.is_keyed()).count())
 }
 
-/// The first key after `key` that `line` verifies under, if the chain may move to it there: at the first record of
-/// the set (`at_start`), or at a key change record.
+/// The key after `key` that `line` verifies under, if the chain may move to it there: any later key at the first
+/// record of the set (`at_start`: older files rotated away), else the next key, at a key change record (a key given
+/// but never used means that key's records were removed).
 fn later_key(keys: &[Hasher], key: usize, line: Line<'_>, at_start: bool) -> Option<(usize, Intact)> {
     let Line::Complete(bytes) = line else { return None };
-    let (later, intact) =
-        keys.iter().enumerate().skip(key + 1).find_map(|(i, k)| check_bytes(k, bytes).ok().map(|c| (i, c)))?;
-    let changes_key = || read::rpc_of(bytes).as_deref() == Some(KEY_CHANGE_RPC);
-    (at_start || changes_key()).then_some((later, intact))
+    if at_start {
+        return keys.iter().enumerate().skip(key + 1).find_map(|(i, k)| check_bytes(k, bytes).ok().map(|c| (i, c)));
+    }
+    let intact = check_bytes(keys.get(key + 1)?, bytes).ok()?;
+    intact.key_change.then_some((key + 1, intact))
+}
+
+/// Why a line's hash may not verify under `hasher` without its having been altered: it is a key change record (the
+/// chain moves on to a key not given), or a record of a log written without a key before its first key change.
+fn mismatch_hint(hasher: &Hasher, bytes: &[u8]) -> Option<&'static str> {
+    if read::rpc_of(bytes).as_deref() == Some(KEY_CHANGE_RPC) {
+        return Some(
+            "it is a key change record (`audit change-key`): the chain goes on under a key not given here — give \
+             every key the log was written under, oldest first",
+        );
+    }
+    (hasher.is_keyed() && check_bytes(&Hasher::unkeyed(), bytes).is_ok()).then_some(
+        "it verifies without a key: the log was written without one before its first key change (add \
+         --unkeyed-before)",
+    )
 }
 
 /// Check one line on its own: its hash, and that it is a record.
@@ -446,10 +496,14 @@ fn check_line(hasher: &Hasher, line: Line<'_>) -> Result<Intact, Defect> {
                 seq: None,
                 partial: false,
                 hash_mismatch: false,
+                hint: None,
             });
         }
     };
-    let defect = |why: String, hash_mismatch| Defect { why, seq: read::seq_of(bytes), partial, hash_mismatch };
+    let defect = |why: String, hash_mismatch: bool| {
+        let hint = hash_mismatch.then(|| mismatch_hint(hasher, bytes)).flatten();
+        Defect { why, seq: read::seq_of(bytes), partial, hash_mismatch, hint }
+    };
     let intact = check_bytes(hasher, bytes).map_err(|(why, mismatch)| defect(why, mismatch))?;
     if partial {
         return Err(defect("the last line has no final newline (the write was cut short?)".to_owned(), false));
@@ -504,7 +558,8 @@ fn check_bytes(hasher: &Hasher, bytes: &[u8]) -> Result<Intact, (String, bool)> 
     if fields.prev_hash.len() != 64 || hex::decode_to_slice(fields.prev_hash.as_str(), &mut prev_hash).is_err() {
         return Err(("the line's hash verifies, but its prev_hash is not 64 hex digits".to_owned(), false));
     }
-    Ok(Intact { seq: fields.seq, prev_hash, hash })
+    let key_change = fields.rpc.as_ref().is_some_and(|rpc| rpc.as_str() == KEY_CHANGE_RPC);
+    Ok(Intact { seq: fields.seq, prev_hash, hash, key_change })
 }
 
 /// The problem of an intact record that does not follow `last`, if it does not.
@@ -584,7 +639,10 @@ fn defect_problem(
             shown(&files[p.file].path)
         ));
     }
-    if last.is_none() && p.defect.hash_mismatch {
+    if let Some(hint) = p.defect.hint {
+        message.push_str("; ");
+        message.push_str(hint);
+    } else if last.is_none() && p.defect.hash_mismatch {
         message.push_str(if hasher.is_keyed() {
             "; this is the first record: is the HMAC key the one the log was written with?"
         } else {
@@ -626,11 +684,14 @@ impl fmt::Display for Report {
     /// The success line: `ok: N records, seq A..=B, last hash H (…)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let files = if self.files == 1 { "1 file".to_owned() } else { format!("{} files", self.files) };
-        let how = match (self.keyed, self.keys) {
+        let mut how = match (self.keyed, self.keys) {
             (false, _) => "SHA-256, no HMAC key".to_owned(),
             (true, 1) => "HMAC-SHA256 with the given key".to_owned(),
-            (true, n) => format!("HMAC-SHA256 with the {n} given keys"),
+            (true, n) => format!("HMAC-SHA256 with {n} keys in turn"),
         };
+        if self.unkeyed_before {
+            how.push_str(", after records without a key");
+        }
         match (&self.first, &self.last) {
             (Some((first, _)), Some((last, hash))) => {
                 write!(f, "ok: {} records in {files}, seq {first}..={last}, last hash {hash} ({how})", self.records)
@@ -1075,10 +1136,14 @@ mod tests {
 
         let report = check_keys(&files, &[old.clone(), new.clone()])?;
         assert_eq!((report.problem.clone(), report.records), (None, 9), "{report:?}");
-        let change =
-            format!("{}:6: seq 6: the chain goes on under --hmac-key #2 of 2 (the key change record)", shown(&log));
+        let lines = changed_keys(&old, &new, Spec::key_change());
+        let hash = String::from_utf8_lossy(&lines[5][lines[5].len() - 67..lines[5].len() - 3]).into_owned();
+        let change = format!(
+            "{}:6: seq 6: the chain goes on under --hmac-key #2 of 2 (the key change record, hash {hash})",
+            shown(&log)
+        );
         assert_eq!(report.notes.first(), Some(&change), "{:?}", report.notes);
-        assert!(report.to_string().contains("with the 2 given keys"), "{report}");
+        assert!(report.to_string().contains("with 2 keys in turn"), "{report}");
         // One key alone, or the keys the wrong way round (the chain never goes back to an earlier key).
         assert_eq!(problem(&check(&files, &new)?), Some((ProblemKind::Altered, "audit.log".into(), 1)));
         assert_eq!(problem(&check(&files, &old)?), Some((ProblemKind::Altered, "audit.log".into(), 6)));
@@ -1103,7 +1168,7 @@ mod tests {
             &old,
             6,
             &String::from_utf8_lossy(&forged[4][forged[4].len() - 67..forged[4].len() - 3]),
-            &[Spec::key_change()],
+            &[Spec::open()],
         )
         .concat();
         let prev = String::from_utf8_lossy(&forged[5][forged[5].len() - 67..forged[5].len() - 3]).into_owned();
@@ -1120,9 +1185,39 @@ mod tests {
         let report = check_keys(&files, &[old, new])?;
         assert_eq!((report.problem.clone(), report.records), (None, 3), "{report:?}");
         assert!(
-            report.notes.iter().any(|n| n.contains("--hmac-key #2 of 2 (the first record of these files)")),
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("starts under --hmac-key #2 of 2 (the first record of these files)")),
             "{report:?}"
         );
+        assert!(report.to_string().contains("with the given key"), "one key used: {report}");
+        Ok(())
+    }
+
+    /// After the first record the chain moves one key at a time: a key given but never used means its records were
+    /// removed. A key change record under the key before it is not one `audit change-key` wrote.
+    #[test]
+    fn a_key_change_skips_no_key_and_is_under_the_new_key() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (k1, k2, k3) =
+            (Hasher::keyed(KEY), Hasher::keyed(b"the second key, 20 b"), Hasher::keyed(b"the third key, 20 by"));
+        let log = dir.path().join("audit.log");
+        let files = [log.clone()];
+        write(&log, &changed_keys(&k1, &k3, Spec::key_change()))?;
+        assert_eq!(check_keys(&files, &[k1.clone(), k3.clone()])?.problem, None);
+        let report = check_keys(&files, &[k1.clone(), k2.clone(), k3.clone()])?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".into(), 6)), "{report:?}");
+        // Older files rotated away: the first record may be under any key given.
+        write(&log, &changed_keys(&k1, &k3, Spec::key_change())[6..])?;
+        assert_eq!(check_keys(&files, &[k1.clone(), k2, k3])?.problem, None);
+
+        // Sealed with the key before it, as whoever holds that key could write it (to pass for a clean end).
+        write(&log, &changed_keys(&k1, &k1, Spec::key_change()))?;
+        let report = check(&files, &k1)?;
+        assert_eq!(problem(&report).map(|(_, _, line)| line), Some(6), "{report:?}");
+        let text = report.problem.map(|p| p.message).unwrap_or_default();
+        assert!(text.contains("a key change record under the key of the records before it"), "{text}");
         Ok(())
     }
 
@@ -1159,9 +1254,16 @@ mod tests {
             report.notes.iter().any(|n| n.contains("seq 6: the chain goes on under --hmac-key #1 of 1")),
             "{report:?}"
         );
-        assert!(report.to_string().contains("HMAC-SHA256 with the given key"), "{report}");
-        assert_eq!(problem(&check(&files, &key)?), Some((ProblemKind::Altered, "audit.log".into(), 1)));
-        assert_eq!(problem(&check(&files, &Hasher::unkeyed())?), Some((ProblemKind::Altered, "audit.log".into(), 6)));
+        assert!(report.to_string().contains("HMAC-SHA256 with the given key, after records without a key"), "{report}");
+        // Without `--unkeyed-before`, or without the key: the problem says what is missing.
+        let report = check(&files, &key)?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".into(), 1)));
+        let text = report.problem.map(|p| p.message).unwrap_or_default();
+        assert!(text.contains("it verifies without a key") && text.contains("--unkeyed-before"), "{text}");
+        let report = check(&files, &Hasher::unkeyed())?;
+        assert_eq!(problem(&report), Some((ProblemKind::Altered, "audit.log".into(), 6)));
+        let text = report.problem.map(|p| p.message).unwrap_or_default();
+        assert!(text.contains("it is a key change record") && text.contains("oldest first"), "{text}");
 
         let mut rewritten =
             chain(&Hasher::unkeyed(), 1, GENESIS, &[Spec::get("alice", "k1"), Spec::get("alice", "k2")]);

@@ -48,10 +48,11 @@ pub enum AuditError {
     #[error("audit: {0}")]
     Key(#[from] chain::KeyError),
     #[error(
-        "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain (a changed or \
-         removed audit.hmac_key_file does this: restore it — after `etcd-guard audit change-key`, set it to the new \
-         key; to change the key, use that command with the proxy stopped; to start over, move the file away to \
-         start a new chain, and keep it for review)"
+        "audit: {path}: the last record does not verify{keyed}; refusing to continue its chain. If \
+         audit.hmac_key_file was changed without `etcd-guard audit change-key`, restore the key the log is written \
+         under, and change it with that command (proxy stopped). If that command was run for this key, the log has \
+         lost records since (removed or replaced): keep the files for review and do not run it again; move them \
+         away to start a new chain"
     )]
     BrokenTail { path: PathBuf, keyed: &'static str },
     #[error("audit: {path}: the last record is not an audit record: {reason}")]
@@ -729,7 +730,40 @@ pub fn change_key(config: &AuditConfig, new: &Hasher) -> Result<KeyChange, Audit
     if rotated.is_empty() && !path.exists() {
         return Err(no_record());
     }
-    let (mut sink, seq, prev, previous) = FileSink::open(path, config.max_file_bytes, config.max_files, &old)?;
+    // A key is used once: records already under it are an earlier era of this log (going back to it would make
+    // the log unverifiable), or the trace of a change to it whose record is gone since.
+    let mut files: Vec<PathBuf> = rotated.iter().map(|(f, _)| f.clone()).collect();
+    files.push(path.clone());
+    for file in &files {
+        let io_err = |source| AuditError::Io { path: file.clone(), source };
+        let mut reader = match super::read::LineReader::open(file) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        while let Some((number, line)) = reader.next_line().map_err(io_err)? {
+            if let super::read::Line::Complete(bytes) = line
+                && chain::line_is_intact(new, bytes)
+            {
+                return Err(AuditError::KeyChange(format!(
+                    "{}:{number}: a record of this log is under the new key already: each key is used once (a log \
+                     back under an earlier key cannot be verified). If `audit change-key` was run for this key and \
+                     the log is under the old one again, records were removed since: keep the files for review",
+                    file.display()
+                )));
+            }
+        }
+    }
+    let (mut sink, seq, prev, previous) =
+        FileSink::open(path, config.max_file_bytes, config.max_files, &old).map_err(|e| match e {
+            AuditError::BrokenTail { path, .. } => AuditError::KeyChange(format!(
+                "{}: the last record does not verify {}: the configuration must name the key the log is written \
+                 under now",
+                path.display(),
+                if old.is_keyed() { "under audit.hmac_key_file" } else { "without a key (no audit.hmac_key_file)" }
+            )),
+            e => e,
+        })?;
     if seq == 0 {
         return Err(no_record());
     }
@@ -1816,13 +1850,22 @@ mod tests {
             assert!(crate::audit::verify::verify(&files, std::slice::from_ref(one))?.problem.is_some());
         }
 
+        // Not back to a key the log was under (the log could not be verified), and not from a key the log is not
+        // under now.
+        let back = change_key(&under_new, &old).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(back.contains("audit.log:1: a record of this log is under the new key already"), "{back}");
+        let third = Hasher::keyed(b"a third key, 20 byte");
+        let wrong = change_key(&config(&logs), &third).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(wrong.contains("does not verify without a key (no audit.hmac_key_file)"), "{wrong}");
+
         // A holder of the old key puts back the log as it was before the change and writes on under the old key:
         // the proxy, configured with the new key, refuses it.
         std::fs::write(logs.join("audit.log"), &before_change)?;
         let forger = AuditLog::open(&under_old)?;
         forger.submit(record(&s, 666)).await?;
         forger.close(Duration::from_secs(5)).await;
-        assert!(matches!(AuditLog::open(&under_new), Err(AuditError::BrokenTail { .. })));
+        let refused = AuditLog::open(&under_new).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("the log has lost records since") && refused.contains("do not run it again"));
 
         // From a log written without a key; and after a crash cut its last line off.
         let unkeyed = tempfile::tempdir()?;
