@@ -518,18 +518,31 @@ fn check_line(hasher: &Hasher, line: Line<'_>) -> Result<Intact, Defect> {
 ///
 /// A file cannot be read.
 pub fn any_line_verifies(files: &[AuditFile], hasher: &Hasher) -> Result<bool, ReadError> {
-    for file in files {
-        let unreadable = |source| ReadError::Unreadable { path: shown(&file.path), source };
-        let mut reader = LineReader::open(&file.path).map_err(unreadable)?;
-        while let Some((_, line)) = reader.next_line().map_err(unreadable)? {
+    let found = first_line_under(files.iter().map(|f| f.path.as_path()), hasher);
+    found.map(|line| line.is_some()).map_err(|(path, source)| ReadError::Unreadable { path: shown(path), source })
+}
+
+/// The first line of the files at `paths`, in their order, whose hash verifies with `hasher` (however it chains):
+/// its file and 1-based number.
+///
+/// # Errors
+///
+/// A file cannot be opened or read: which, and why.
+pub fn first_line_under<'a>(
+    paths: impl IntoIterator<Item = &'a Path>,
+    hasher: &Hasher,
+) -> Result<Option<(&'a Path, u64)>, (&'a Path, std::io::Error)> {
+    for path in paths {
+        let mut reader = LineReader::open(path).map_err(|e| (path, e))?;
+        while let Some((number, line)) = reader.next_line().map_err(|e| (path, e))? {
             if let Line::Complete(bytes) = line
                 && check_bytes(hasher, bytes).is_ok()
             {
-                return Ok(true);
+                return Ok(Some((path, number)));
             }
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// Check a line's hash and fields; on failure, why and whether it was the hash that did not verify.

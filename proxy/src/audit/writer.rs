@@ -732,27 +732,16 @@ pub fn change_key(config: &AuditConfig, new: &Hasher) -> Result<KeyChange, Audit
     }
     // A key is used once: records already under it are an earlier era of this log (going back to it would make
     // the log unverifiable), or the trace of a change to it whose record is gone since.
-    let mut files: Vec<PathBuf> = rotated.iter().map(|(f, _)| f.clone()).collect();
-    files.push(path.clone());
-    for file in &files {
-        let io_err = |source| AuditError::Io { path: file.clone(), source };
-        let mut reader = match super::read::LineReader::open(file) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(e)),
-        };
-        while let Some((number, line)) = reader.next_line().map_err(io_err)? {
-            if let super::read::Line::Complete(bytes) = line
-                && chain::line_is_intact(new, bytes)
-            {
-                return Err(AuditError::KeyChange(format!(
-                    "{}:{number}: a record of this log is under the new key already: each key is used once (a log \
-                     back under an earlier key cannot be verified). If `audit change-key` was run for this key and \
-                     the log is under the old one again, records were removed since: keep the files for review",
-                    file.display()
-                )));
-            }
-        }
+    let files = rotated.iter().map(|(f, _)| f.as_path()).chain(Some(path.as_path()).filter(|p| p.exists()));
+    let used = super::verify::first_line_under(files, new)
+        .map_err(|(at, source)| AuditError::Io { path: at.to_path_buf(), source })?;
+    if let Some((file, number)) = used {
+        return Err(AuditError::KeyChange(format!(
+            "{}:{number}: a record of this log is under the new key already: each key is used once (a log back under \
+             an earlier key cannot be verified). If `audit change-key` was run for this key and the log is under the \
+             old one again, records were removed since: keep the files for review",
+            file.display()
+        )));
     }
     let (mut sink, seq, prev, previous) =
         FileSink::open(path, config.max_file_bytes, config.max_files, &old).map_err(|e| match e {
