@@ -288,17 +288,14 @@ fn audit_change_key(args: ChangeKeyArgs) -> ExitCode {
     };
     match crate::audit::writer::change_key(&config.audit, &new) {
         Ok(changed) => {
-            let log = match &config.audit.output {
-                crate::config::AuditOutput::File(path) => path.display().to_string(),
-                crate::config::AuditOutput::Stdout => "-".to_owned(),
-            };
-            let folder = std::path::Path::new(&log).parent().map(|d| d.display().to_string()).unwrap_or_default();
+            let folder = changed.log.parent().map(|d| d.display().to_string()).unwrap_or_default();
             let old = match &config.audit.hmac_key_file {
                 Some(key) => format!("--hmac-key {}", key.display()),
                 None => "--unkeyed-before".to_owned(),
             };
             say(format_args!(
-                "{log}: the chain goes on under {} from seq {} (hash {}; the last record under the old key has hash {})",
+                "{}: the chain goes on under {} from seq {} (hash {}; the last record under the old key has hash {})",
+                changed.log.display(),
                 args.new_key.display(),
                 changed.seq,
                 changed.hash,

@@ -682,6 +682,8 @@ pub(super) fn ends_cleanly(line: &[u8]) -> bool {
 /// Where [`change_key`] left the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyChange {
+    /// The log's active file.
+    pub log: PathBuf,
     /// The seq and hash of the record that moved the chain to the new key (the first under it).
     pub seq: u64,
     pub hash: String,
@@ -702,7 +704,8 @@ pub struct KeyChange {
 /// # Errors
 ///
 /// The log cannot be read, written or locked, its last record does not verify under the configured key, it holds no
-/// record yet, `new` is the key in use, or the audit log is standard output.
+/// record yet, `new` is the key in use or a record of the log is under it already (each key is used once), or the
+/// audit log is standard output.
 pub fn change_key(config: &AuditConfig, new: &Hasher) -> Result<KeyChange, AuditError> {
     let AuditOutput::File(path) = &config.output else {
         return Err(AuditError::KeyChange(
@@ -763,7 +766,7 @@ pub fn change_key(config: &AuditConfig, new: &Hasher) -> Result<KeyChange, Audit
     let io_err = |source| AuditError::Io { path: path.clone(), source };
     sink.write(text.as_bytes(), seq + 1).map_err(io_err)?;
     sink.sync().map_err(io_err)?;
-    Ok(KeyChange { seq: seq + 1, hash, after_hash: prev })
+    Ok(KeyChange { log: path.clone(), seq: seq + 1, hash, after_hash: prev })
 }
 
 /// `{"op":"key_change","after_seq":N,"from":"hmac|unkeyed","previous":"closed|not_closed"}`: the chain goes on under
