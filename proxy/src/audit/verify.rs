@@ -22,8 +22,8 @@
 //! After a key change (`etcd-guard audit change-key`) a log holds records under several keys, given oldest first.
 //! The chain moves on to the next key only at the key change record ([`KEY_CHANGE_RPC`], written under the new key)
 //! — or to any later key at the very first record of the set, when older files were rotated away — and never back;
-//! and it must end under the last key given. So a holder of an old key can forge only what was written under it, and cannot cut the
-//! log back to the change and go on from there.
+//! and it must end under the last key given. So a holder of an old key can forge only what was written under it,
+//! and cannot cut the log back to the change and go on from there.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
