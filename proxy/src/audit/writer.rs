@@ -1627,6 +1627,40 @@ mod tests {
         Ok(())
     }
 
+    /// `change_key` where its record must rotate the active file, and a proxy going on under the new key from a
+    /// compressed rotated file that holds only that record.
+    #[tokio::test]
+    async fn a_key_change_rotates_and_the_proxy_goes_on_from_a_compressed_tail()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let key_file = dir.path().join("new.key");
+        std::fs::write(&key_file, "the new key, twenty b")?;
+        let new = Hasher::from_key_file(&key_file)?;
+        let logs = dir.path().join("logs");
+        write_run(&logs, &s, 0..30).await?;
+        let active = logs.join("audit.log");
+        let mut full = config(&logs);
+        full.max_file_bytes = std::fs::metadata(&active)?.len() + 1;
+        let changed = change_key(&full, &new)?;
+        let text = std::fs::read_to_string(&active)?;
+        assert!(text.starts_with(&format!("{{\"seq\":{},", changed.seq)) && text.lines().count() == 1, "{text}");
+
+        std::fs::rename(&active, rotated_name(&active, changed.seq))?;
+        for file in rotated_files(&active)? {
+            crate::audit::read::testing::gzip(&file)?;
+        }
+        let mut keyed = config(&logs);
+        keyed.hmac_key_file = Some(key_file);
+        let log = AuditLog::open(&keyed)?;
+        log.submit(record(&s, 31)).await?;
+        log.close(Duration::from_secs(5)).await;
+        let files = crate::audit::read::audit_files(std::slice::from_ref(&logs)).map_err(|e| format!("{e:?}"))?;
+        let report = crate::audit::verify::verify(&files, &[Hasher::unkeyed(), new])?;
+        assert_eq!((report.problem, report.records), (None, changed.seq + 3), "{:?}", report.notes);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn with_answer_after_written_or_synced_a_submission_returns_once_its_record_is_in_the_file()
     -> Result<(), Box<dyn std::error::Error>> {
