@@ -994,6 +994,12 @@ pub(crate) mod testing {
         (line.into_bytes(), hash)
     }
 
+    /// The hash a sealed line (with or without its newline) ends with.
+    pub fn hash_of(line: &[u8]) -> String {
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        crate::audit::chain::split_line(text).map(|(_, hash)| hash.to_owned()).unwrap_or_default()
+    }
+
     /// Lines for records `first..first + specs.len()`, chained from `prev`.
     pub fn chain(hasher: &Hasher, first: u64, prev: &str, specs: &[Spec]) -> Vec<Vec<u8>> {
         let mut prev = prev.to_owned();

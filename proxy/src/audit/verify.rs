@@ -1121,7 +1121,7 @@ mod tests {
 
         // A record re-hashed without the key after a change does not pass with the key.
         two_files(dir.path(), &keyed, |lines| {
-            let prev = String::from_utf8_lossy(&lines[3][lines[3].len() - 67..lines[3].len() - 3]).into_owned();
+            let prev = hash_of(&lines[3]);
             lines[4] = line(&Hasher::unkeyed(), 5, &prev, &Spec::get("alice", "changed")).0;
         })?;
         let report = check(&all, &keyed)?;
@@ -1133,7 +1133,7 @@ mod tests {
     /// key change record). Each line with its hash.
     fn changed_keys(old: &Hasher, new: &Hasher, at_change: Spec) -> Vec<Vec<u8>> {
         let mut lines = simple_chain(old, 5);
-        let prev = lines.last().map(|l| String::from_utf8_lossy(&l[l.len() - 67..l.len() - 3]).into_owned());
+        let prev = lines.last().map(|l| hash_of(l));
         let later = [at_change, Spec::get("alice", "k7"), Spec::get("alice", "k8"), Spec::get("alice", "k9")];
         lines.extend(chain(new, 6, &prev.unwrap_or_default(), &later));
         lines
@@ -1150,7 +1150,7 @@ mod tests {
         let report = check_keys(&files, &[old.clone(), new.clone()])?;
         assert_eq!((report.problem.clone(), report.records), (None, 9), "{report:?}");
         let lines = changed_keys(&old, &new, Spec::key_change());
-        let hash = String::from_utf8_lossy(&lines[5][lines[5].len() - 67..lines[5].len() - 3]).into_owned();
+        let hash = hash_of(&lines[5]);
         let change = format!(
             "{}:6: seq 6: the chain goes on under --hmac-key #2 of 2 (the key change record, hash {hash})",
             shown(&log)
@@ -1177,14 +1177,8 @@ mod tests {
         // A holder of the old key cuts the log back to the change and writes on under the old key: the chain
         // never reaches the new key.
         let mut forged = simple_chain(&old, 7);
-        forged[5] = chain(
-            &old,
-            6,
-            &String::from_utf8_lossy(&forged[4][forged[4].len() - 67..forged[4].len() - 3]),
-            &[Spec::open()],
-        )
-        .concat();
-        let prev = String::from_utf8_lossy(&forged[5][forged[5].len() - 67..forged[5].len() - 3]).into_owned();
+        forged[5] = chain(&old, 6, &hash_of(&forged[4]), &[Spec::open()]).concat();
+        let prev = hash_of(&forged[5]);
         forged[6] = chain(&old, 7, &prev, &[Spec::get("alice", "k7")]).concat();
         write(&log, &forged)?;
         let report = check_keys(&files, &[old.clone(), new.clone()])?;
@@ -1280,7 +1274,7 @@ mod tests {
 
         let mut rewritten =
             chain(&Hasher::unkeyed(), 1, GENESIS, &[Spec::get("alice", "k1"), Spec::get("alice", "k2")]);
-        let prev = String::from_utf8_lossy(&rewritten[1][rewritten[1].len() - 67..rewritten[1].len() - 3]).into_owned();
+        let prev = hash_of(&rewritten[1]);
         let forged = [Spec::denied_put("mallory", "k3"), Spec::get("alice", "k4"), Spec::get("alice", "k5")];
         rewritten.extend(chain(&Hasher::unkeyed(), 3, &prev, &forged));
         rewritten.extend_from_slice(&lines[5..]);
