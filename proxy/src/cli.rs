@@ -302,16 +302,19 @@ fn audit_change_key(args: ChangeKeyArgs) -> ExitCode {
                 changed.after_hash
             ));
             say(format_args!(
-                "keep the line above with the new key: audit verify notes every key change with its seq and hash, \
-                 and a log cut back and changed again would show another"
+                "keep `--anchor {}:{}` with the new key, where the log's writers cannot reach it: verify with it \
+                 fails if the log is cut back to before this change (and changed again)",
+                changed.seq, changed.hash
             ));
             say(format_args!(
                 "next: set audit.hmac_key_file to {} in {} before the proxy starts again (it refuses the log \
                  otherwise); verify with every key, oldest first: etcd-guard audit verify {folder} [earlier keys] \
-                 {old} --hmac-key {}",
+                 {old} --hmac-key {} --anchor {}:{}",
                 args.new_key.display(),
                 args.config.display(),
-                args.new_key.display()
+                args.new_key.display(),
+                changed.seq,
+                changed.hash
             ));
             ExitCode::SUCCESS
         }

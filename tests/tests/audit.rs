@@ -362,8 +362,12 @@ async fn the_hmac_key_is_set_and_changed_without_starting_a_new_chain() -> TestR
     assert_eq!(refused.status.code(), Some(2));
     assert!(stderr(&refused).contains("another etcd-guard writes an audit log in this folder"), "{}", stderr(&refused));
     stop(proxy)?;
+    // The log as it was before the second change, for a holder of the old key to put back below.
+    let before_change = pki.path("audit-before-change");
+    copy_files(&pki.path("audit"), &before_change)?;
     let changed = change_key("new.key")?;
     assert!(changed.status.success(), "{}", stderr(&changed));
+    let anchor = anchor_in(&stdout(&changed)).ok_or_else(|| format!("no --anchor in {}", stdout(&changed)))?;
     run(", hmac_key_file: new.key", "after")?;
 
     let records = records_of(&pki.path("audit"))?;
@@ -410,6 +414,47 @@ async fn the_hmac_key_is_set_and_changed_without_starting_a_new_chain() -> TestR
     assert_eq!(stdout(&review).lines().count(), 3, "{}", stdout(&review));
     let review = audit(&["review", "--rpc", "Put"], &["old.key", "new.key"])?;
     assert_eq!(review.status.code(), Some(1), "{}", stderr(&review));
+    // The anchor `change-key` printed is held; and verify prints one for its last record.
+    let anchored = audit(&["verify", "--anchor", &anchor], &every)?;
+    assert!(anchored.status.success(), "{}", stdout(&anchored));
+    assert!(stdout(&anchored).contains("; 1 anchor held"), "{}", stdout(&anchored));
+    let last = anchor_in(&stdout(&anchored)).ok_or_else(|| format!("no --anchor in {}", stdout(&anchored)))?;
+
+    // A holder of the old key puts the log back as it was before the second change and writes on under that key;
+    // the operator, finding the proxy refuse the log, runs change-key again: the chain verifies with every key,
+    // but not with the anchors kept.
+    std::fs::remove_dir_all(pki.path("audit"))?;
+    copy_files(&before_change, &pki.path("audit"))?;
+    let message = start(", hmac_key_file: new.key").err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("does not verify"), "{message}");
+    run(", hmac_key_file: old.key", "forged")?;
+    let laundered = change_key("new.key")?;
+    assert!(laundered.status.success(), "{}", stderr(&laundered));
+    assert!(audit(&["verify"], &every)?.status.success());
+    let rewritten = audit(&["verify", "--anchor", &anchor], &every)?;
+    assert_eq!(rewritten.status.code(), Some(1), "{}", stdout(&rewritten));
+    assert!(stdout(&rewritten).contains("rewritten: "), "{}", stdout(&rewritten));
+    let review = audit(&["review", "--rpc", "Put", "--anchor", &last], &every)?;
+    assert_eq!(review.status.code(), Some(1), "{}", stderr(&review));
+    assert!(stderr(&review).contains("the audit chain does not verify"), "{}", stderr(&review));
+    Ok(())
+}
+
+/// The `SEQ:HASH` of the first `--anchor SEQ:HASH` in `text`.
+fn anchor_in(text: &str) -> Option<String> {
+    let (_, after) = text.split_once("--anchor ")?;
+    Some(after.split(|c: char| !c.is_ascii_alphanumeric() && c != ':').next()?.to_owned())
+}
+
+/// Copy the files of folder `from` into folder `to` (made if missing).
+fn copy_files(from: &Path, to: &Path) -> TestResult {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
     Ok(())
 }
 

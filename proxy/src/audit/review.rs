@@ -19,7 +19,7 @@ use time::{Date, Duration, OffsetDateTime, Time};
 use super::chain::Hasher;
 use super::read::{self, AuditFile, FullRecord, LightRecord, Line, LineReader, ReadError, Record, Target};
 use super::record::{clean, shown};
-use super::verify::ProblemKind;
+use super::verify::{Anchor, ProblemKind};
 use crate::policy::{KeyRange, Pattern, RangeError, unescape_key};
 
 /// Arguments of `etcd-guard audit review`.
@@ -84,6 +84,9 @@ pub struct ReviewArgs {
     /// The chain starts without a key (written before its first `audit change-key`), as for `audit verify`.
     #[arg(long, requires = "hmac_key")]
     pub unkeyed_before: bool,
+    /// A record's seq and hash kept outside the log (`SEQ:HASH`), that the chain must hold, as for `audit verify`.
+    #[arg(long, value_name = "SEQ:HASH", conflicts_with = "no_verify")]
+    pub anchor: Vec<super::verify::Anchor>,
     /// Do not verify the chain after the review.
     #[arg(long)]
     pub no_verify: bool,
@@ -270,6 +273,10 @@ pub fn run(args: ReviewArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = super::verify::Anchor::check_all(&args.anchor) {
+        eprintln!("etcd-guard: --anchor {e}");
+        return ExitCode::from(2);
+    }
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
         Err(code) => return code,
@@ -322,7 +329,7 @@ pub fn run(args: ReviewArgs) -> ExitCode {
             if args.no_verify {
                 return ExitCode::SUCCESS;
             }
-            verified(&files, &keys)
+            verified(&files, &keys, &args.anchor)
         }
         // `… | head` closed the pipe: nothing more is wanted.
         Err(ReviewError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -359,9 +366,9 @@ pub enum Verification {
 /// # Errors
 ///
 /// A file cannot be read.
-pub fn verification(files: &[AuditFile], keys: &[Hasher]) -> Result<Verification, ReadError> {
+pub fn verification(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor]) -> Result<Verification, ReadError> {
     let unkeyed = Hasher::unkeyed();
-    let report = super::verify::verify(files, keys)?;
+    let report = super::verify::verify_anchored(files, keys, anchors)?;
     let written_now = || files.last().is_some_and(|f| being_written(&f.path));
     Ok(match report.problem {
         // A log a proxy is opening this very moment has its `open` record on the way.
@@ -390,8 +397,8 @@ fn being_written(file: &std::path::Path) -> bool {
 }
 
 /// [`verification`], told on standard error: 1 if the chain does not verify.
-fn verified(files: &[AuditFile], keys: &[Hasher]) -> ExitCode {
-    match verification(files, keys) {
+fn verified(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor]) -> ExitCode {
+    match verification(files, keys, anchors) {
         Ok(Verification::Verified) => ExitCode::SUCCESS,
         Ok(Verification::Keyed(message)) => {
             eprintln!(
@@ -1162,14 +1169,14 @@ mod tests {
     #[test]
     fn the_chain_is_verified_after_a_review_and_a_keyed_one_only_noted_without_its_key() -> TestResult {
         let (dir, files) = fixture()?;
-        assert_eq!(verification(&files, &[])?, Verification::Verified);
+        assert_eq!(verification(&files, &[], &[])?, Verification::Verified);
         // One record's decision changed: the review shows it, the verification says it is not to be trusted.
         let active = dir.path().join("audit.log");
         let text =
             std::fs::read_to_string(&active)?.replacen("\"decision\":\"would_deny\"", "\"decision\":\"allow\"", 1);
         std::fs::write(&active, text)?;
         let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        match verification(&files, &[])? {
+        match verification(&files, &[], &[])? {
             Verification::Failed(message, in_order) => {
                 assert_eq!(in_order, 5, "{message}");
                 assert!(message.contains("audit.log:1"), "{message}");
@@ -1182,10 +1189,10 @@ mod tests {
         let key = Hasher::keyed(b"0123456789abcdef0123456789abcdef");
         write(&keyed_dir.path().join("audit.log"), &chain(&key, 1, GENESIS, &specs()))?;
         let keyed = audit_files(&[keyed_dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert!(matches!(verification(&keyed, &[])?, Verification::Keyed(_)));
-        assert_eq!(verification(&keyed, std::slice::from_ref(&key))?, Verification::Verified);
+        assert!(matches!(verification(&keyed, &[], &[])?, Verification::Keyed(_)));
+        assert_eq!(verification(&keyed, std::slice::from_ref(&key), &[])?, Verification::Verified);
         let wrong = Hasher::keyed(b"another key, just as long as it..");
-        assert!(matches!(verification(&keyed, std::slice::from_ref(&wrong))?, Verification::Failed(_, 0)));
+        assert!(matches!(verification(&keyed, std::slice::from_ref(&wrong), &[])?, Verification::Failed(_, 0)));
 
         // A last line without its newline is only noted while a proxy writes the folder (holds its lock); cut
         // anywhere else, or with no proxy writing, it is a problem.
@@ -1198,12 +1205,12 @@ mod tests {
         write(&path, &lines)?;
         let bytes = std::fs::read(&path)?;
         let files = audit_files(&[live.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert!(matches!(verification(&files, &[])?, Verification::Failed(_, 9)));
+        assert!(matches!(verification(&files, &[], &[])?, Verification::Failed(_, 9)));
         let lock = std::fs::File::open(live.path())?;
         lock.try_lock()?;
-        assert!(matches!(verification(&files, &[])?, Verification::Unfinished(_)));
+        assert!(matches!(verification(&files, &[], &[])?, Verification::Unfinished(_)));
         std::fs::write(&path, [&bytes[..], b"\n"].concat())?;
-        assert!(matches!(verification(&files, &[])?, Verification::Failed(_, 9)));
+        assert!(matches!(verification(&files, &[], &[])?, Verification::Failed(_, 9)));
         drop(lock);
 
         // An unkeyed chain whose first record was altered is not taken for a keyed one: its other lines verify.
@@ -1214,7 +1221,11 @@ mod tests {
         }
         write(&altered.path().join("audit.log"), &lines)?;
         let files = audit_files(&[altered.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert!(matches!(verification(&files, &[])?, Verification::Failed(_, 0)), "{:?}", verification(&files, &[]));
+        assert!(
+            matches!(verification(&files, &[], &[])?, Verification::Failed(_, 0)),
+            "{:?}",
+            verification(&files, &[], &[])
+        );
         Ok(())
     }
 
@@ -1357,7 +1368,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         write(&dir.path().join("audit.log"), &[])?;
         let files = audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        assert_eq!(verification(&files, &[])?, Verification::Empty);
+        assert_eq!(verification(&files, &[], &[])?, Verification::Empty);
         Ok(())
     }
 

@@ -24,6 +24,12 @@
 //! — or to any later key at the very first record of the set, when older files were rotated away — and never back;
 //! and it must end under the last key given. So a holder of an old key can forge only what was written under it,
 //! and cannot cut the log back to the change and go on from there.
+//!
+//! Anchors (`--anchor SEQ:HASH`, a record's seq and hash kept outside the log: the last one `verify` printed, the
+//! key change record `change-key` printed) catch what the chain alone cannot: a log cut back and written on, or
+//! rewritten from some record on, by someone who holds the key (or by anyone, without one). The record with that
+//! seq must be in the chain with that hash; a chain that ends before it has lost records from its end. An anchor
+//! before the files' first record (rotated away) is noted, not checked.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -50,6 +56,29 @@ pub struct VerifyArgs {
     /// The chain starts without a key: the log was written unkeyed before its first `audit change-key`.
     #[arg(long, requires = "hmac_key")]
     pub unkeyed_before: bool,
+    /// A record's seq and hash kept outside the log (`SEQ:HASH`: the last record `verify` printed, the key change
+    /// record `change-key` printed): the record with that seq must be in the chain with that hash, so a log cut back
+    /// or rewritten from there on fails, even by a holder of the key. Repeat it for several.
+    #[arg(long, value_name = "SEQ:HASH")]
+    pub anchor: Vec<Anchor>,
+}
+
+/// A record's `seq` and `hash`, kept outside the log (`--anchor SEQ:HASH`): the chain must hold that record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    /// The record's `seq`.
+    pub seq: u64,
+    /// Its `hash`.
+    pub hash: [u8; 32],
+}
+
+/// An `--anchor` that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnchorError {
+    #[error("{0:?}: an anchor is SEQ:HASH — a record's seq and its 64 hex digit hash, e.g. 42:9a3f…")]
+    Malformed(String),
+    #[error("two anchors for seq {seq} with different hashes: at most one of them can be the record's")]
+    Conflict { seq: u64 },
 }
 
 /// Why files without a single record do not verify.
@@ -65,6 +94,8 @@ pub enum ProblemKind {
     Inserted,
     /// Records are missing.
     Removed,
+    /// The chain is intact, but a record kept outside the log (`--anchor`) is not the one in it.
+    Rewritten,
 }
 
 /// The first problem found.
@@ -100,6 +131,8 @@ pub struct Report {
     pub keys: usize,
     /// Records before the first key were checked without one (`--unkeyed-before`).
     pub unkeyed_before: bool,
+    /// How many anchors (`--anchor`) the chain was found to hold.
+    pub anchors: usize,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
     /// The first problem, if any.
@@ -177,11 +210,15 @@ pub fn run(args: VerifyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = Anchor::check_all(&args.anchor) {
+        eprintln!("etcd-guard: --anchor {e}");
+        return ExitCode::from(2);
+    }
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
         Err(code) => return code,
     };
-    let report = match verify(&files, &keys) {
+    let report = match verify_anchored(&files, &keys, &args.anchor) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("etcd-guard: {e}");
@@ -206,6 +243,12 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         }
         None => {
             crate::cli::say(&report);
+            if let Some((seq, hash)) = &report.last {
+                crate::cli::say(format_args!(
+                    "keep `--anchor {seq}:{hash}` outside the log: verify with it later to show that the log was \
+                     not cut back or rewritten up to here"
+                ));
+            }
             ExitCode::SUCCESS
         }
     }
@@ -218,6 +261,20 @@ pub fn run(args: VerifyArgs) -> ExitCode {
 ///
 /// A file cannot be opened or read.
 pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError> {
+    verify_anchored(files, keys, &[])
+}
+
+/// [`verify`], and the chain must hold every record of `anchors` (each the record with its seq, with its hash)
+/// whose seq is not before the files' first record.
+///
+/// # Errors
+///
+/// A file cannot be opened or read.
+pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor]) -> Result<Report, ReadError> {
+    // In seq order, each once.
+    let mut anchors = anchors.to_vec();
+    anchors.sort_by_key(|a| (a.seq, a.hash));
+    anchors.dedup();
     let unkeyed = [Hasher::unkeyed()];
     let keys = if keys.is_empty() { &unkeyed[..] } else { keys };
     // The key the chain is under; it only moves forward, one key at a time after the first record.
@@ -232,6 +289,7 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
         keyed: false,
         keys: 0,
         unkeyed_before: false,
+        anchors: 0,
         notes: Vec::new(),
         problem: None,
     };
@@ -361,6 +419,34 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
                             ));
                         }
                         report.first = Some((record.seq, hex::encode(record.prev_hash)));
+                        for anchor in anchors.iter().filter(|a| a.seq < record.seq) {
+                            report.notes.push(format!(
+                                "--anchor {anchor}: not checked, its record is before these files' first (seq {}): \
+                                 in files rotated away, or records removed from the start",
+                                record.seq
+                            ));
+                        }
+                    }
+                    if let Some(anchor) = anchors.iter().find(|a| a.seq == record.seq) {
+                        if anchor.hash != record.hash {
+                            report.problem = Some(Problem {
+                                kind: ProblemKind::Rewritten,
+                                path: file.path.clone(),
+                                line: number,
+                                message: format!(
+                                    "{}: seq {} verifies and chains, but its hash is {}, not the {} kept as --anchor: \
+                                     the log was rewritten from this record or an earlier one (cut back and written \
+                                     on, or replaced), by someone who could seal records",
+                                    at(files, index, number),
+                                    record.seq,
+                                    hex::encode(record.hash),
+                                    hex::encode(anchor.hash),
+                                ),
+                                unfinished_last_line: false,
+                            });
+                            return Ok(report);
+                        }
+                        report.anchors += 1;
                     }
                     report.records += 1;
                     last = Some(Good { seq: record.seq, hash: record.hash, file: index, line: number });
@@ -404,6 +490,21 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
                 at(files, g.file, g.line),
                 g.seq,
                 key_name(keys, key),
+            ),
+            unfinished_last_line: false,
+        });
+        return Ok(report);
+    }
+    if let Some((g, anchor)) = last.as_ref().and_then(|g| Some((g, anchors.iter().find(|a| a.seq > g.seq)?))) {
+        report.problem = Some(Problem {
+            kind: ProblemKind::Removed,
+            path: files[g.file].path.clone(),
+            line: g.line,
+            message: format!(
+                "{}: the chain ends at seq {}, before the record kept as --anchor {anchor}: records were removed from \
+                 the end (the log was cut back, and perhaps written on since)",
+                at(files, g.file, g.line),
+                g.seq,
             ),
             unfinished_last_line: false,
         });
@@ -670,6 +771,45 @@ fn at(files: &[AuditFile], file: usize, line: u64) -> String {
     format!("{}:{line}", shown(files.get(file).map_or(Path::new("?"), |f| f.path.as_path())))
 }
 
+// === impl Anchor ===
+
+impl Anchor {
+    /// Refuse two anchors for one seq with different hashes (the same anchor twice is harmless).
+    ///
+    /// # Errors
+    ///
+    /// [`AnchorError::Conflict`].
+    pub fn check_all(anchors: &[Anchor]) -> Result<(), AnchorError> {
+        for (i, a) in anchors.iter().enumerate() {
+            if anchors[..i].iter().any(|b| b.seq == a.seq && b.hash != a.hash) {
+                return Err(AnchorError::Conflict { seq: a.seq });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = AnchorError;
+
+    /// `SEQ:HASH`, the hash in hex (either case).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let malformed = || AnchorError::Malformed(s.to_owned());
+        let (seq, hex_hash) = s.trim().split_once(':').ok_or_else(malformed)?;
+        let seq = seq.parse().map_err(|_| malformed())?;
+        let mut hash = [0; 32];
+        hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| malformed())?;
+        Ok(Anchor { seq, hash })
+    }
+}
+
+impl fmt::Display for Anchor {
+    /// `SEQ:HASH`, as `--anchor` takes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.seq, hex::encode(self.hash))
+    }
+}
+
 // === impl ProblemKind ===
 
 impl fmt::Display for ProblemKind {
@@ -678,6 +818,7 @@ impl fmt::Display for ProblemKind {
             ProblemKind::Altered => "altered",
             ProblemKind::Inserted => "inserted",
             ProblemKind::Removed => "removed",
+            ProblemKind::Rewritten => "rewritten",
         })
     }
 }
@@ -704,6 +845,11 @@ impl fmt::Display for Report {
         };
         if self.unkeyed_before {
             how.push_str(", after records without a key");
+        }
+        match self.anchors {
+            0 => {}
+            1 => how.push_str("; 1 anchor held"),
+            n => how.push_str(&format!("; {n} anchors held")),
         }
         match (&self.first, &self.last) {
             (Some((first, _)), Some((last, hash))) => {
@@ -776,6 +922,77 @@ mod tests {
             assert!(report.notes[0].starts_with("the last record (seq 10) is not the writer's close record"));
             assert!(report.to_string().starts_with("ok: 10 records in 2 files, seq 1..=10, last hash "));
         }
+        Ok(())
+    }
+
+    /// Anchors kept outside the log: held by the chain they were taken from, not by one rewritten from an anchored
+    /// record (or before it) or cut back before it, noted when their record was rotated away.
+    #[test]
+    fn anchors_must_be_held_by_the_chain() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let h = Hasher::unkeyed();
+        let lines = simple_chain(&h, 10);
+        let anchor =
+            |seq: usize| -> Result<Anchor, AnchorError> { format!("{seq}:{}", hash_of(&lines[seq - 1])).parse() };
+        let (four, ten) = (anchor(4)?, anchor(10)?);
+        let (old, new) = two_files(dir.path(), &h, |_| {})?;
+        let files = audit_files(&[old.clone(), new.clone()]).map_err(|e| format!("{e:?}"))?;
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[four, ten, four])?;
+        assert_eq!((&report.problem, report.anchors), (&None, 2));
+        assert!(report.to_string().ends_with("(SHA-256, no HMAC key; 2 anchors held)"), "{report}");
+
+        // Rewritten from seq 4 on (every hash after it recomputed, as anyone can without a key).
+        let rewritten = |lines: &mut Vec<Vec<u8>>| {
+            let specs: Vec<Spec> = (4..=10).map(|i| Spec::get("mallory", &format!("k{i}"))).collect();
+            let tail = chain(&h, 4, &hash_of(&lines[2]), &specs);
+            lines.splice(3.., tail);
+        };
+        let (old, new) = two_files(dir.path(), &h, rewritten)?;
+        let files = audit_files(&[old, new]).map_err(|e| format!("{e:?}"))?;
+        assert_eq!(verify(&files, std::slice::from_ref(&h))?.problem, None);
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[ten])?;
+        assert_eq!(problem(&report), Some((ProblemKind::Rewritten, "audit.log".to_owned(), 4)));
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[four])?;
+        assert_eq!(problem(&report), Some((ProblemKind::Rewritten, "audit.log.00000000000000000001".to_owned(), 4)));
+        let message = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(message.starts_with("rewritten: ") && message.contains(&hash_of(&lines[3])), "{message}");
+
+        // Cut back to seq 8: the anchor of seq 10 is missing at the end; the one of seq 4 holds.
+        let (old, new) = two_files(dir.path(), &h, |lines| lines.truncate(8))?;
+        let files = audit_files(&[old, new]).map_err(|e| format!("{e:?}"))?;
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[four, ten])?;
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log".to_owned(), 2)));
+        let message = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(message.contains("the chain ends at seq 8, before the record kept as --anchor 10:"), "{message}");
+
+        // The record of an anchor rotated away: noted, not checked.
+        let (_, new) = two_files(dir.path(), &h, |_| {})?;
+        let files = audit_files(&[new]).map_err(|e| format!("{e:?}"))?;
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[four, ten])?;
+        assert_eq!((report.problem, report.anchors), (None, 1));
+        assert!(
+            report.notes.iter().any(|n| n.starts_with(&format!("--anchor {four}: not checked"))),
+            "{:?}",
+            report.notes
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn anchors_are_read_as_seq_and_hash() -> TestResult {
+        let hash = "9A".repeat(32);
+        let anchor: Anchor = format!("42:{hash}").parse()?;
+        assert_eq!((anchor.seq, anchor.hash), (42, [0x9a; 32]));
+        assert_eq!(anchor.to_string(), format!("42:{}", hash.to_lowercase()));
+        for bad in ["42", ":9a", "x:9a", &format!("-1:{hash}"), &format!("42:{}", &hash[2..]), &format!("42:{hash}00")]
+        {
+            let e = bad.parse::<Anchor>().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("an anchor is SEQ:HASH"), "{bad}: {e}");
+        }
+        let other: Anchor = format!("42:{}", "00".repeat(32)).parse()?;
+        assert!(Anchor::check_all(&[anchor, anchor]).is_ok());
+        let e = Anchor::check_all(&[anchor, other]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("two anchors for seq 42"), "{e}");
         Ok(())
     }
 
