@@ -1492,6 +1492,12 @@ mod tests {
         all_lines(dir).into_iter().filter(|l| !l.contains(OPEN_RPC) && !l.contains(CLOSE_RPC)).collect()
     }
 
+    /// `audit verify` of the audit files in `path` (a folder or one file), written under `keys` oldest first.
+    fn verify_at(path: &Path, keys: &[Hasher]) -> Result<crate::audit::verify::Report, Box<dyn std::error::Error>> {
+        let files = crate::audit::read::audit_files(&[path.to_path_buf()]).map_err(|e| format!("{e:?}"))?;
+        Ok(crate::audit::verify::verify(&files, keys)?)
+    }
+
     fn check_chain(lines: &[String], hasher: &Hasher) {
         let mut prev = GENESIS.to_string();
         for (i, l) in lines.iter().enumerate() {
@@ -1580,8 +1586,7 @@ mod tests {
             }
         }
         assert_eq!(rotated_files_of(&active, true)?.len(), 3);
-        let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = super::super::verify::verify(&files, &[])?;
+        let report = verify_at(dir.path(), &[])?;
         assert_eq!(report.problem, None);
         Ok(())
     }
@@ -1620,8 +1625,7 @@ mod tests {
         write_run(dir.path(), &s, 30..31).await?;
         let text = std::fs::read_to_string(&active)?;
         assert!(text.contains(r#""previous":"closed""#), "{text}");
-        let files = super::super::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = super::super::verify::verify(&files, &[])?;
+        let report = verify_at(dir.path(), &[])?;
         assert_eq!(report.problem, None);
         assert_eq!(report.records, 35);
         Ok(())
@@ -1655,9 +1659,36 @@ mod tests {
         let log = AuditLog::open(&keyed)?;
         log.submit(record(&s, 31)).await?;
         log.close(Duration::from_secs(5)).await;
-        let files = crate::audit::read::audit_files(std::slice::from_ref(&logs)).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[Hasher::unkeyed(), new])?;
+        let report = verify_at(&logs, &[Hasher::unkeyed(), new])?;
         assert_eq!((report.problem, report.records), (None, changed.seq + 3), "{:?}", report.notes);
+        Ok(())
+    }
+
+    /// `change_key` when the active file is empty beside rotated ones (rotated, then the proxy stopped before its
+    /// next record): the chain's tail is the newest rotated file's, and the key change record goes on from it.
+    #[tokio::test]
+    async fn a_key_change_goes_on_from_the_rotated_tail_when_the_active_file_is_empty()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let s = subject();
+        let new = Hasher::from_key_file(&{
+            let key_file = dir.path().join("new.key");
+            std::fs::write(&key_file, "the new key, twenty b")?;
+            key_file
+        })?;
+        let logs = dir.path().join("logs");
+        write_run(&logs, &s, 0..30).await?;
+        let before = verify_at(&logs, &[])?;
+        let active = logs.join("audit.log");
+        // The active file's records go to a rotated file of their own; the active file is left empty.
+        let active_first = super::super::read::seq_of(&std::fs::read(&active)?).ok_or("no record in audit.log")?;
+        std::fs::rename(&active, rotated_name(&active, active_first))?;
+        std::fs::write(&active, "")?;
+        let changed = change_key(&config(&logs), &new)?;
+        assert_eq!(changed.seq, before.last.as_ref().map_or(0, |l| l.0) + 1);
+        let report = verify_at(&logs, &[Hasher::unkeyed(), new])?;
+        assert_eq!((report.problem, report.records), (None, before.records + 1), "{:?}", report.notes);
+        assert_eq!(std::fs::read_to_string(&active)?.lines().count(), 1, "the record goes to the active file");
         Ok(())
     }
 
@@ -1869,11 +1900,10 @@ mod tests {
         let lines = all_lines(&logs);
         assert!(lines[3].contains(KEY_CHANGE_RPC) && lines[3].contains(r#""from":"hmac","previous":"closed""#));
         assert!(lines[4].contains(OPEN_RPC) && lines[4].contains(r#""previous":"closed""#), "{}", lines[4]);
-        let files = crate::audit::read::audit_files(std::slice::from_ref(&logs)).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[old.clone(), new.clone()])?;
+        let report = verify_at(&logs, &[old.clone(), new.clone()])?;
         assert_eq!((report.problem, report.records), (None, 7), "{:?}", report.notes);
         for one in [&old, &new] {
-            assert!(crate::audit::verify::verify(&files, std::slice::from_ref(one))?.problem.is_some());
+            assert!(verify_at(&logs, std::slice::from_ref(one))?.problem.is_some());
         }
 
         // Not back to a key the log was under (the log could not be verified), and not from a key the log is not
@@ -1901,8 +1931,7 @@ mod tests {
         assert_eq!(changed.seq, 5, "the cut record under no key, then the change");
         let lines = all_lines(unkeyed.path());
         assert!(lines[5].contains(r#""from":"unkeyed","previous":"not_closed""#), "{}", lines[5]);
-        let files = crate::audit::read::audit_files(&[unkeyed.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[Hasher::unkeyed(), new.clone()])?;
+        let report = verify_at(unkeyed.path(), &[Hasher::unkeyed(), new.clone()])?;
         assert_eq!((report.problem, report.records), (None, 5), "{:?}", report.notes);
         Ok(())
     }
@@ -2021,8 +2050,7 @@ mod tests {
         write_run(dir.path(), &s, 3..40).await?;
         assert!(rotated_name(&dir.path().join("audit.log"), 6).exists(), "{:?}", names(dir.path()));
         std::fs::remove_file(rotated_name(&dir.path().join("audit.log"), 1))?;
-        let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[])?;
+        let report = verify_at(dir.path(), &[])?;
         assert_eq!(report.problem, None, "{report:?}");
         assert_eq!(report.first.as_ref().map(|f| f.0), Some(6), "{report:?}");
         assert!(report.notes.iter().any(|n| n.contains(":1: a record cut off")), "{report:?}");
@@ -2036,8 +2064,7 @@ mod tests {
                 .min()
                 .ok_or("no rotated file")?;
             std::fs::rename(first, &named)?;
-            let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-            Ok(crate::audit::verify::verify(&files, &[])?.problem.map(|p| p.kind))
+            Ok(verify_at(dir.path(), &[])?.problem.map(|p| p.kind))
         };
         assert_eq!(verify_as(5)?, None);
         assert_eq!(verify_as(4)?, Some(crate::audit::verify::ProblemKind::Removed));
@@ -2057,8 +2084,7 @@ mod tests {
         // Open record, 3 records, close record: a crash cut the next one.
         file.write_all(br#"{"seq":6,"time":"2026-12-02T0"#)?;
         write_run(dir.path(), &s, 3..5).await?;
-        let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[])?;
+        let report = verify_at(dir.path(), &[])?;
         assert_eq!(report.problem, None, "{report:?}");
         // Noted: the cut-off line, and the run that started after the crash.
         assert_eq!((report.records, report.notes.len()), (10, 2), "5, the writer's record for the cut, 4: {report:?}");
@@ -2088,8 +2114,7 @@ mod tests {
         let unkeyed = Hasher::unkeyed();
         assert!(check_tail(&active, &unkeyed).is_ok());
         write_run(dir.path(), &s, 1..2).await?;
-        let files = crate::audit::read::audit_files(&[dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
-        let report = crate::audit::verify::verify(&files, &[])?;
+        let report = verify_at(dir.path(), &[])?;
         // Each run: open record, a record, close record.
         assert_eq!((report.problem, report.records, report.notes.len()), (None, 6, 0));
 
