@@ -86,7 +86,7 @@ pub struct ReviewArgs {
     pub unkeyed_before: bool,
     /// A record's seq and hash kept outside the log (`SEQ:HASH`), that the chain must hold, as for `audit verify`.
     #[arg(long, value_name = "SEQ:HASH", conflicts_with = "no_verify")]
-    pub anchor: Vec<super::verify::Anchor>,
+    pub anchor: Vec<Anchor>,
     /// Do not verify the chain after the review.
     #[arg(long)]
     pub no_verify: bool,
@@ -273,9 +273,8 @@ pub fn run(args: ReviewArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = super::verify::Anchor::check_all(&args.anchor) {
-        eprintln!("etcd-guard: --anchor {e}");
-        return ExitCode::from(2);
+    if let Err(code) = Anchor::check_all_or_report(&args.anchor) {
+        return code;
     }
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
@@ -374,8 +373,10 @@ pub fn verification(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor]) ->
         // A log a proxy is opening this very moment has its `open` record on the way.
         None if report.records == 0 && !written_now() => Verification::Empty,
         None => Verification::Verified,
+        // Anchors cannot be checked without the key: then the chain does not verify, as with `verify`.
         Some(p)
             if keys.is_empty()
+                && anchors.is_empty()
                 && report.records == 0
                 && p.kind == ProblemKind::Altered
                 && !super::verify::any_line_verifies(files, &unkeyed)? =>
@@ -1190,6 +1191,9 @@ mod tests {
         write(&keyed_dir.path().join("audit.log"), &chain(&key, 1, GENESIS, &specs()))?;
         let keyed = audit_files(&[keyed_dir.path().to_path_buf()]).map_err(|e| format!("{e:?}"))?;
         assert!(matches!(verification(&keyed, &[], &[])?, Verification::Keyed(_)));
+        // An anchor cannot be checked without the key: the chain does not verify then.
+        let anchor = Anchor { seq: 1, hash: [0; 32] };
+        assert!(matches!(verification(&keyed, &[], &[anchor])?, Verification::Failed(_, 0)));
         assert_eq!(verification(&keyed, std::slice::from_ref(&key), &[])?, Verification::Verified);
         let wrong = Hasher::keyed(b"another key, just as long as it..");
         assert!(matches!(verification(&keyed, std::slice::from_ref(&wrong), &[])?, Verification::Failed(_, 0)));

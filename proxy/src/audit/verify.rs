@@ -28,8 +28,9 @@
 //! Anchors (`--anchor SEQ:HASH`, a record's seq and hash kept outside the log: the last one `verify` printed, the
 //! key change record `change-key` printed) catch what the chain alone cannot: a log cut back and written on, or
 //! rewritten from some record on, by someone who holds the key (or by anyone, without one). The record with that
-//! seq must be in the chain with that hash; a chain that ends before it has lost records from its end. An anchor
-//! before the files' first record (rotated away) is noted, not checked.
+//! seq must be in the chain with that hash, or be the one the first record's `prev_hash` names; a chain that ends
+//! before it has lost records from its end, one that starts after it records from its start (or the files
+//! holding it were rotated away: an anchor is a claim the files must bear out, so it fails either way).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -58,7 +59,8 @@ pub struct VerifyArgs {
     pub unkeyed_before: bool,
     /// A record's seq and hash kept outside the log (`SEQ:HASH`: the last record `verify` printed, the key change
     /// record `change-key` printed): the record with that seq must be in the chain with that hash, so a log cut back
-    /// or rewritten from there on fails, even by a holder of the key. Repeat it for several.
+    /// before it, or rewritten from it or earlier, fails, even by a holder of the key. Repeat it for several; leave
+    /// out anchors whose records were rotated away (the files must hold the record, or the one after it).
     #[arg(long, value_name = "SEQ:HASH")]
     pub anchor: Vec<Anchor>,
 }
@@ -75,7 +77,7 @@ pub struct Anchor {
 /// An `--anchor` that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum AnchorError {
-    #[error("{0:?}: an anchor is SEQ:HASH — a record's seq and its 64 hex digit hash, e.g. 42:9a3f…")]
+    #[error("{0:?}: an anchor is SEQ:HASH — a record's seq (from 1) and its 64 hex digit hash, e.g. 42:9a3f…")]
     Malformed(String),
     #[error("two anchors for seq {seq} with different hashes: at most one of them can be the record's")]
     Conflict { seq: u64 },
@@ -210,9 +212,8 @@ pub fn run(args: VerifyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = Anchor::check_all(&args.anchor) {
-        eprintln!("etcd-guard: --anchor {e}");
-        return ExitCode::from(2);
+    if let Err(code) = Anchor::check_all_or_report(&args.anchor) {
+        return code;
     }
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
@@ -419,15 +420,12 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
                             ));
                         }
                         report.first = Some((record.seq, hex::encode(record.prev_hash)));
-                        for anchor in anchors.iter().filter(|a| a.seq < record.seq) {
-                            report.notes.push(format!(
-                                "--anchor {anchor}: not checked, its record is before these files' first (seq {}): \
-                                 in files rotated away, or records removed from the start",
-                                record.seq
-                            ));
+                        if let Some(problem) = anchors_before(files, &anchors, &record, index, number, &mut report) {
+                            report.problem = Some(problem);
+                            return Ok(report);
                         }
                     }
-                    if let Some(anchor) = anchors.iter().find(|a| a.seq == record.seq) {
+                    if let Some(anchor) = anchored(&anchors, record.seq) {
                         if anchor.hash != record.hash {
                             report.problem = Some(Problem {
                                 kind: ProblemKind::Rewritten,
@@ -495,14 +493,17 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
         });
         return Ok(report);
     }
-    if let Some((g, anchor)) = last.as_ref().and_then(|g| Some((g, anchors.iter().find(|a| a.seq > g.seq)?))) {
+    if let Some(g) = &last
+        && let Some(anchor) = anchors.last().filter(|a| a.seq > g.seq)
+    {
         report.problem = Some(Problem {
             kind: ProblemKind::Removed,
             path: files[g.file].path.clone(),
             line: g.line,
             message: format!(
                 "{}: the chain ends at seq {}, before the record kept as --anchor {anchor}: records were removed from \
-                 the end (the log was cut back, and perhaps written on since)",
+                 the end (the log was cut back, and perhaps written on since), or these files end before it (give \
+                 the newer ones too)",
                 at(files, g.file, g.line),
                 g.seq,
             ),
@@ -522,6 +523,57 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
     }
     report.last = last.map(|g| (g.seq, hex::encode(g.hash)));
     Ok(report)
+}
+
+/// The anchor of `seq`, if one was given (`anchors` sorted by seq, each once).
+fn anchored(anchors: &[Anchor], seq: u64) -> Option<&Anchor> {
+    anchors.get(anchors.partition_point(|a| a.seq < seq)).filter(|a| a.seq == seq)
+}
+
+/// Check the anchors before `first`, the first record of the files: the one just before it is held if `first`
+/// chains to it (its `prev_hash` is the anchor's hash); any earlier one is not in the files, which is a problem —
+/// records removed from the start, or files rotated away (then the anchor is to be left out).
+fn anchors_before(
+    files: &[AuditFile],
+    anchors: &[Anchor],
+    first: &Intact,
+    file: usize,
+    line: u64,
+    report: &mut Report,
+) -> Option<Problem> {
+    let here = at(files, file, line);
+    let problem = |kind, message| {
+        Some(Problem { kind, path: files[file].path.clone(), line, message, unfinished_last_line: false })
+    };
+    let before = &anchors[..anchors.partition_point(|a| a.seq < first.seq)];
+    if let Some(anchor) = before.first().filter(|a| a.seq + 1 < first.seq) {
+        return problem(
+            ProblemKind::Removed,
+            format!(
+                "{here}: these files start at seq {}, after the record kept as --anchor {anchor}: records were removed \
+                 from the start — or the files holding it were rotated away: then give them too, or leave out the \
+                 anchors of records no longer kept",
+                first.seq
+            ),
+        );
+    }
+    let anchor = before.last()?;
+    if anchor.hash != first.prev_hash {
+        return problem(
+            ProblemKind::Rewritten,
+            format!(
+                "{here}: seq {}, the first record of these files, chains to a record whose hash is {}, not the {} kept \
+                 as --anchor for seq {}: the log was rewritten from seq {} or earlier",
+                first.seq,
+                hex::encode(first.prev_hash),
+                hex::encode(anchor.hash),
+                anchor.seq,
+                anchor.seq,
+            ),
+        );
+    }
+    report.anchors += 1;
+    None
 }
 
 /// The seq a rotated file's name gives (`audit.log.00000000000000000042`, also with `.gz` after it), if it has one.
@@ -787,6 +839,14 @@ impl Anchor {
         }
         Ok(())
     }
+
+    /// [`Anchor::check_all`] for a command: the error told on standard error, exit 2.
+    pub fn check_all_or_report(anchors: &[Anchor]) -> Result<(), ExitCode> {
+        Anchor::check_all(anchors).map_err(|e| {
+            eprintln!("etcd-guard: --anchor {e}");
+            ExitCode::from(2)
+        })
+    }
 }
 
 impl std::str::FromStr for Anchor {
@@ -796,7 +856,11 @@ impl std::str::FromStr for Anchor {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let malformed = || AnchorError::Malformed(s.to_owned());
         let (seq, hex_hash) = s.trim().split_once(':').ok_or_else(malformed)?;
-        let seq = seq.parse().map_err(|_| malformed())?;
+        // Digits only (no sign), and never 0: the first record is seq 1.
+        if !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(malformed());
+        }
+        let seq = seq.parse().ok().filter(|&seq| seq > 0).ok_or_else(malformed)?;
         let mut hash = [0; 32];
         hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| malformed())?;
         Ok(Anchor { seq, hash })
@@ -965,16 +1029,26 @@ mod tests {
         let message = report.problem.map(|p| p.to_string()).unwrap_or_default();
         assert!(message.contains("the chain ends at seq 8, before the record kept as --anchor 10:"), "{message}");
 
-        // The record of an anchor rotated away: noted, not checked.
+        // Files that start after an anchored record: it is not in them (removed, or rotated away: not to be given
+        // then); the one just before the first record is held if the first record chains to it.
+        let six = anchor(6)?;
         let (_, new) = two_files(dir.path(), &h, |_| {})?;
-        let files = audit_files(&[new]).map_err(|e| format!("{e:?}"))?;
+        let files = audit_files(std::slice::from_ref(&new)).map_err(|e| format!("{e:?}"))?;
         let report = verify_anchored(&files, std::slice::from_ref(&h), &[four, ten])?;
-        assert_eq!((report.problem, report.anchors), (None, 1));
-        assert!(
-            report.notes.iter().any(|n| n.starts_with(&format!("--anchor {four}: not checked"))),
-            "{:?}",
-            report.notes
-        );
+        assert_eq!(problem(&report), Some((ProblemKind::Removed, "audit.log".to_owned(), 1)));
+        let message = report.problem.map(|p| p.to_string()).unwrap_or_default();
+        assert!(message.contains(&format!("these files start at seq 7, after the record kept as --anchor {four}")));
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[six, ten])?;
+        assert_eq!((report.problem, report.anchors), (None, 2));
+        // The older file deleted and the rest written anew from another prev_hash: the anchor before it tells.
+        let (_, new) = two_files(dir.path(), &h, |lines| {
+            let specs: Vec<Spec> = (7..=10).map(|i| Spec::get("mallory", &format!("k{i}"))).collect();
+            lines.splice(6.., chain(&h, 7, &"ab".repeat(32), &specs));
+        })?;
+        let files = audit_files(&[new]).map_err(|e| format!("{e:?}"))?;
+        assert_eq!(verify(&files, std::slice::from_ref(&h))?.problem, None);
+        let report = verify_anchored(&files, std::slice::from_ref(&h), &[six])?;
+        assert_eq!(problem(&report), Some((ProblemKind::Rewritten, "audit.log".to_owned(), 1)));
         Ok(())
     }
 
@@ -984,8 +1058,10 @@ mod tests {
         let anchor: Anchor = format!("42:{hash}").parse()?;
         assert_eq!((anchor.seq, anchor.hash), (42, [0x9a; 32]));
         assert_eq!(anchor.to_string(), format!("42:{}", hash.to_lowercase()));
-        for bad in ["42", ":9a", "x:9a", &format!("-1:{hash}"), &format!("42:{}", &hash[2..]), &format!("42:{hash}00")]
-        {
+        assert_eq!(format!(" 42:{hash}\n").parse::<Anchor>()?, anchor, "space around it, as pasted, is left out");
+        let bad_seqs = [format!("-1:{hash}"), format!("+42:{hash}"), format!("0:{hash}"), format!("4 2:{hash}")];
+        let bad_hashes = [format!("42:{}", &hash[2..]), format!("42:{hash}00"), format!("42: {hash}")];
+        for bad in ["42", ":9a", "x:9a"].iter().copied().chain(bad_seqs.iter().chain(&bad_hashes).map(String::as_str)) {
             let e = bad.parse::<Anchor>().err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains("an anchor is SEQ:HASH"), "{bad}: {e}");
         }
