@@ -265,8 +265,8 @@ pub fn verify(files: &[AuditFile], keys: &[Hasher]) -> Result<Report, ReadError>
     verify_anchored(files, keys, &[])
 }
 
-/// [`verify`], and the chain must hold every record of `anchors` (each the record with its seq, with its hash)
-/// whose seq is not before the files' first record.
+/// [`verify`], and the chain must hold every record of `anchors` (the record with its seq, with its hash; the one
+/// just before the files' first record as that record's `prev_hash`): see the module's documentation.
 ///
 /// # Errors
 ///
