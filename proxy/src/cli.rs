@@ -836,8 +836,22 @@ fn connect_check(upstream: &crate::config::Upstream) -> Vec<String> {
         let checks = endpoints.into_iter().map(|(url, connection)| {
             let meta = &meta;
             async move {
+                let connector = connection.connector().clone();
                 let one = crate::upstream::Upstream::new(vec![(url.clone(), connection)]);
-                (url, endpoint_check(&one, meta).await)
+                let checked = match endpoint_check(&one, meta).await {
+                    // Clients are not told the names etcd's certificate is valid for; the operator is.
+                    Err(e) if e.contains(crate::upstream::NAME_MISMATCH) => {
+                        match crate::http2::client::attempt_error(connector).await {
+                            Some(rustls) if rustls.contains("only valid for") => {
+                                let names = rustls.strip_prefix("invalid peer certificate: ").unwrap_or(&rustls);
+                                Err(format!("{e} ({names})"))
+                            }
+                            _ => Err(e),
+                        }
+                    }
+                    checked => checked,
+                };
+                (url, checked)
             }
         });
         let mut problems = Vec::new();

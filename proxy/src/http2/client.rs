@@ -148,6 +148,11 @@ pub struct Open(Arc<LiveState>);
 // === impl Connection ===
 
 impl Connection {
+    /// How connections to the endpoint are made.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     pub fn new(connector: Connector) -> Connection {
         Connection {
             connector,
@@ -450,6 +455,16 @@ impl Backoff {
     }
 }
 
+/// A new connection attempt to `c`'s endpoint, apart from any [`Connection`], for a diagnosis (`config check
+/// --connect`): the attempt's error as rustls and the system give it, whole — with, for a certificate not valid
+/// for the endpoint's name, the names it is valid for (clients are not told those) — if it fails.
+pub async fn attempt_error(c: Connector) -> Option<String> {
+    handshake(c).await.err().map(|e| match e {
+        Error::Connect { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
 /// TCP, TLS and HTTP/2 handshakes, within the connect timeout.
 async fn handshake(c: Connector) -> Result<Handshake, Error> {
     let endpoint = || c.authority.to_string();
@@ -667,6 +682,29 @@ mod tests {
             }
             assert_eq!(accepted.load(Ordering::SeqCst), 1, "{goaway}: calls during the wait made no attempt");
         }
+        Ok(())
+    }
+
+    /// A diagnosis of an endpoint whose certificate is not valid for the name connected to tells the names it is
+    /// valid for (`config check --connect`; clients get a sentence without them).
+    #[tokio::test]
+    async fn an_attempt_error_names_what_the_certificate_is_valid_for() -> Result<(), Box<dyn std::error::Error>> {
+        let (acceptor, client) = crate::tls::testing::loopback_h2()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let authority: Authority = listener.local_addr()?.to_string().parse()?;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let connector = testing::connector(client, authority)?;
+        assert_eq!(attempt_error(connector.clone()).await, None, "the certificate is valid for localhost");
+        let other = Connector { server_name: ServerName::try_from("etcd-0.example")?, ..connector };
+        let told = attempt_error(other).await.unwrap_or_default();
+        assert!(
+            told.contains("etcd-0.example") && told.contains("only valid for") && told.contains("localhost"),
+            "{told}"
+        );
         Ok(())
     }
 
