@@ -84,7 +84,8 @@ pub struct ReviewArgs {
     /// The chain starts without a key (written before its first `audit change-key`), as for `audit verify`.
     #[arg(long, requires = "hmac_key")]
     pub unkeyed_before: bool,
-    /// A record's seq and hash kept outside the log (`SEQ:HASH`), that the chain must hold, as for `audit verify`.
+    /// A record's seq and hash kept outside the log (`SEQ:HASH`), that the chain must hold, as for `audit verify`
+    /// (of a keyed log, only with `--hmac-key`).
     #[arg(long, value_name = "SEQ:HASH", conflicts_with = "no_verify")]
     pub anchor: Vec<Anchor>,
     /// Do not verify the chain after the review.
@@ -373,15 +374,20 @@ pub fn verification(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor]) ->
         // A log a proxy is opening this very moment has its `open` record on the way.
         None if report.records == 0 && !written_now() => Verification::Empty,
         None => Verification::Verified,
-        // Anchors cannot be checked without the key: then the chain does not verify, as with `verify`.
         Some(p)
             if keys.is_empty()
-                && anchors.is_empty()
                 && report.records == 0
                 && p.kind == ProblemKind::Altered
                 && !super::verify::any_line_verifies(files, &unkeyed)? =>
         {
-            Verification::Keyed(p.message)
+            if anchors.is_empty() {
+                Verification::Keyed(p.message)
+            } else {
+                // Anchors cannot be checked without the key: the chain is not shown to hold them.
+                let message =
+                    format!("the anchors cannot be checked without the log's HMAC key: pass --hmac-key ({p})");
+                Verification::Failed(message, 0)
+            }
         }
         Some(p) if p.unfinished_last_line && written_now() => Verification::Unfinished(p.message),
         Some(p) => Verification::Failed(p.to_string(), report.records),
@@ -1201,7 +1207,11 @@ mod tests {
         // A last line without its newline is only noted while a proxy writes the folder (holds its lock); cut
         // anywhere else, or with no proxy writing, it is a problem.
         let live = tempfile::tempdir()?;
-        let mut lines = chain(&Hasher::unkeyed(), 1, GENESIS, &specs());
+        let whole = chain(&Hasher::unkeyed(), 1, GENESIS, &specs());
+        let anchor = |seq: usize| -> Result<Anchor, Box<dyn std::error::Error>> {
+            Ok(format!("{seq}:{}", hash_of(&whole[seq - 1])).parse()?)
+        };
+        let mut lines = whole.clone();
         if let Some(last) = lines.last_mut() {
             last.truncate(40);
         }
@@ -1213,6 +1223,14 @@ mod tests {
         let lock = std::fs::File::open(live.path())?;
         lock.try_lock()?;
         assert!(matches!(verification(&files, &[], &[])?, Verification::Unfinished(_)));
+        // Unless the chain before it does not hold an anchor: a log cut back mid-line while a proxy runs.
+        assert!(matches!(verification(&files, &[], &[anchor(9)?])?, Verification::Unfinished(_)));
+        assert!(matches!(verification(&files, &[], &[anchor(10)?])?, Verification::Failed(_, 9)));
+        std::fs::write(&path, b"")?;
+        assert_eq!(verification(&files, &[], &[])?, Verification::Verified, "a log being opened");
+        assert!(matches!(verification(&files, &[], &[anchor(1)?])?, Verification::Failed(_, 0)));
+        std::fs::write(&path, b"{\"seq\":11,\"ti")?;
+        assert!(matches!(verification(&files, &[], &[anchor(10)?])?, Verification::Failed(_, 0)));
         std::fs::write(&path, [&bytes[..], b"\n"].concat())?;
         assert!(matches!(verification(&files, &[], &[])?, Verification::Failed(_, 9)));
         drop(lock);

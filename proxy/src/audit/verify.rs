@@ -59,7 +59,7 @@ pub struct VerifyArgs {
     pub unkeyed_before: bool,
     /// A record's seq and hash kept outside the log (`SEQ:HASH`: the last record `verify` printed, the key change
     /// record `change-key` printed): the record with that seq must be in the chain with that hash, so a log cut back
-    /// before it, or rewritten from it or earlier, fails, even by a holder of the key. Repeat it for several; leave
+    /// to before it, or rewritten from it or earlier, fails, even by a holder of the key. Repeat it for several; leave
     /// out anchors whose records were rotated away (the files must hold the record, or the one after it).
     #[arg(long, value_name = "SEQ:HASH")]
     pub anchor: Vec<Anchor>,
@@ -378,7 +378,11 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
                     };
                     let p = Pending { defect, file: index, line: number, digest };
                     if p.defect.partial {
-                        let problem = defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None);
+                        // A last line a proxy may still be writing: what the chain before it must hold comes first
+                        // (a reader told only of an unfinished line would take it for a write under way).
+                        let problem = end_problem(files, keys, key, last.as_ref(), &anchors).unwrap_or_else(|| {
+                            defect_problem(files, &p, ProblemKind::Altered, hasher, last.as_ref(), None)
+                        });
                         report.problem = Some(problem);
                         return Ok(report);
                     }
@@ -474,41 +478,8 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
     report.keyed = used.iter().any(Hasher::is_keyed);
     report.keys = used.iter().filter(|k| k.is_keyed()).count();
     report.unkeyed_before = report.keyed && used.iter().any(|k| !k.is_keyed());
-    if let Some(g) = last.as_ref().filter(|_| key + 1 < keys.len()) {
-        // Whoever holds an older key could cut the log back to the change and write on under that key: the
-        // records of the newest key given must be there.
-        report.problem = Some(Problem {
-            kind: ProblemKind::Removed,
-            path: files[g.file].path.clone(),
-            line: g.line,
-            message: format!(
-                "{}: the chain ends (seq {}) under {}: no record of these files is under a later key — records \
-                 written after the key change were removed (and perhaps replaced by a holder of an older key), or \
-                 these files end before the change (give only the keys they were written under)",
-                at(files, g.file, g.line),
-                g.seq,
-                key_name(keys, key),
-            ),
-            unfinished_last_line: false,
-        });
-        return Ok(report);
-    }
-    if let Some(g) = &last
-        && let Some(anchor) = anchors.last().filter(|a| a.seq > g.seq)
-    {
-        report.problem = Some(Problem {
-            kind: ProblemKind::Removed,
-            path: files[g.file].path.clone(),
-            line: g.line,
-            message: format!(
-                "{}: the chain ends at seq {}, before the record kept as --anchor {anchor}: records were removed from \
-                 the end (the log was cut back, and perhaps written on since), or these files end before it (give \
-                 the newer ones too)",
-                at(files, g.file, g.line),
-                g.seq,
-            ),
-            unfinished_last_line: false,
-        });
+    if let Some(problem) = end_problem(files, keys, key, last.as_ref(), &anchors) {
+        report.problem = Some(problem);
         return Ok(report);
     }
     if let Some(g) = &last {
@@ -523,6 +494,58 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
     }
     report.last = last.map(|g| (g.seq, hex::encode(g.hash)));
     Ok(report)
+}
+
+/// What the chain's end must hold, if it does not (`last`: its last record, `key`: the key it ends under): records
+/// under the last key given — whoever holds an older key could cut the log back to the change and write on under
+/// that key — and every anchor's record.
+fn end_problem(
+    files: &[AuditFile],
+    keys: &[Hasher],
+    key: usize,
+    last: Option<&Good>,
+    anchors: &[Anchor],
+) -> Option<Problem> {
+    let Some(g) = last else {
+        // No record at all: none of them can be held.
+        let anchor = anchors.first()?;
+        let file = files.first()?;
+        return Some(Problem {
+            kind: ProblemKind::Removed,
+            path: file.path.clone(),
+            line: 1,
+            message: format!(
+                "no record in these files, so not the one kept as --anchor {anchor}: the log was emptied or cut back"
+            ),
+            unfinished_last_line: false,
+        });
+    };
+    let problem = |message| {
+        Some(Problem {
+            kind: ProblemKind::Removed,
+            path: files[g.file].path.clone(),
+            line: g.line,
+            message,
+            unfinished_last_line: false,
+        })
+    };
+    if key + 1 < keys.len() {
+        return problem(format!(
+            "{}: the chain ends (seq {}) under {}: no record of these files is under a later key — records written \
+             after the key change were removed (and perhaps replaced by a holder of an older key), or these files \
+             end before the change (give only the keys they were written under)",
+            at(files, g.file, g.line),
+            g.seq,
+            key_name(keys, key),
+        ));
+    }
+    let anchor = anchors.last().filter(|a| a.seq > g.seq)?;
+    problem(format!(
+        "{}: the chain ends at seq {}, before the record kept as --anchor {anchor}: records were removed from the end \
+         (the log was cut back, and perhaps written on since), or these files end before it (give the newer ones too)",
+        at(files, g.file, g.line),
+        g.seq,
+    ))
 }
 
 /// The anchor of `seq`, if one was given (`anchors` sorted by seq, each once).
@@ -568,7 +591,7 @@ fn anchors_before(
                 hex::encode(first.prev_hash),
                 hex::encode(anchor.hash),
                 anchor.seq,
-                anchor.seq,
+                first.seq,
             ),
         );
     }
