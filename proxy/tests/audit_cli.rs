@@ -74,6 +74,39 @@ fn verify_accepts_an_intact_set_and_exits_0() -> TestResult {
     Ok(())
 }
 
+/// An anchor verify printed holds for `verify` and `review`; a wrong one fails (exit 1); a malformed one, or two for
+/// one seq, are refused before anything is read (exit 2).
+#[test]
+fn anchors_are_held_or_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    write_set(dir.path(), &records(&Hasher::unkeyed(), 8))?;
+    let d = dir.path().to_string_lossy().into_owned();
+    let o = guard(&["audit", "verify", &d])?;
+    let printed = text(&o);
+    let (_, after) = printed.split_once("keep `--anchor ").ok_or("no anchor printed")?;
+    let anchor = after.split('`').next().unwrap_or_default().to_owned();
+    assert!(anchor.starts_with("8:") && anchor.len() == 66, "{printed}");
+    let o = guard(&["audit", "verify", &d, "--anchor", &anchor])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("; 1 anchor held)"), "{}", text(&o));
+    let o = guard(&["audit", "review", &d, "--anchor", &anchor, "--output", "json"])?;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let wrong = format!("8:{}", "0".repeat(64));
+    let o = guard(&["audit", "verify", &d, "--anchor", &wrong])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("rewritten: "), "{}", text(&o));
+    let o = guard(&["audit", "review", &d, "--anchor", &wrong, "--output", "json"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    for command in ["verify", "review"] {
+        for bad in [&["--anchor", "8"][..], &["--anchor", &anchor, "--anchor", &wrong]] {
+            let o = guard(&[&["audit", command, &d][..], bad].concat())?;
+            assert_eq!(o.status.code(), Some(2), "{command} {bad:?}: {}", text(&o));
+            assert!(text(&o).contains("anchor"), "{}", text(&o));
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn verify_points_at_the_altered_line_and_exits_1() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -267,16 +267,10 @@ const DENIED_KEYS_KEPT: usize = 100_000;
 /// chain does not verify (the records shown may have been altered; [`verified`]), 2 on errors.
 pub fn run(args: ReviewArgs) -> ExitCode {
     // The key first: a wrong path is an error before anything is printed.
-    let keys = match Hasher::chain_keys(&args.hmac_key, args.unkeyed_before) {
+    let keys = match super::verify::keys_or_report(&args.hmac_key, args.unkeyed_before, &args.anchor) {
         Ok(keys) => keys,
-        Err(e) => {
-            eprintln!("etcd-guard: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if let Err(code) = Anchor::check_all_or_report(&args.anchor) {
-        return code;
-    }
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
         Err(code) => return code,

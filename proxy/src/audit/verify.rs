@@ -205,16 +205,10 @@ fn vouches_for(line: Line<'_>, digest: Option<&(u64, String)>) -> bool {
 /// Run `audit verify`: 0 when the chain is intact, 1 on the first problem, 2 when the files cannot be read or
 /// the arguments are wrong.
 pub fn run(args: VerifyArgs) -> ExitCode {
-    let keys = match Hasher::chain_keys(&args.hmac_key, args.unkeyed_before) {
+    let keys = match keys_or_report(&args.hmac_key, args.unkeyed_before, &args.anchor) {
         Ok(keys) => keys,
-        Err(e) => {
-            eprintln!("etcd-guard: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if let Err(code) = Anchor::check_all_or_report(&args.anchor) {
-        return code;
-    }
     let files = match read::audit_files_or_report(&args.paths) {
         Ok(files) => files,
         Err(code) => return code,
@@ -253,6 +247,17 @@ pub fn run(args: VerifyArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// What `verify` and `review` check a chain with, from their arguments: the keys (`--hmac-key`, in turn, and
+/// `--unkeyed-before`), once the `--anchor`s are found consistent. Errors are told on standard error (exit 2).
+pub fn keys_or_report(hmac_key: &[PathBuf], unkeyed_before: bool, anchors: &[Anchor]) -> Result<Vec<Hasher>, ExitCode> {
+    let keys = Hasher::chain_keys(hmac_key, unkeyed_before).map_err(|e| e.to_string());
+    let checked = keys.and_then(|keys| Anchor::check_all(anchors).map(|()| keys).map_err(|e| format!("--anchor {e}")));
+    checked.map_err(|e| {
+        eprintln!("etcd-guard: {e}");
+        ExitCode::from(2)
+    })
 }
 
 /// Check `files`, in this order, as one chain written under `keys`, oldest first (none: unkeyed; see the module's
@@ -861,14 +866,6 @@ impl Anchor {
             }
         }
         Ok(())
-    }
-
-    /// [`Anchor::check_all`] for a command: the error told on standard error, exit 2.
-    pub fn check_all_or_report(anchors: &[Anchor]) -> Result<(), ExitCode> {
-        Anchor::check_all(anchors).map_err(|e| {
-            eprintln!("etcd-guard: --anchor {e}");
-            ExitCode::from(2)
-        })
     }
 }
 
