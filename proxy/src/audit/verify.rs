@@ -434,26 +434,9 @@ pub fn verify_anchored(files: &[AuditFile], keys: &[Hasher], anchors: &[Anchor])
                             return Ok(report);
                         }
                     }
-                    if let Some(anchor) = anchored(&anchors, record.seq) {
-                        if anchor.hash != record.hash {
-                            report.problem = Some(Problem {
-                                kind: ProblemKind::Rewritten,
-                                path: file.path.clone(),
-                                line: number,
-                                message: format!(
-                                    "{}: seq {} verifies and chains, but its hash is {}, not the {} kept as --anchor: \
-                                     the log was rewritten from this record or an earlier one (cut back and written \
-                                     on, or replaced), by someone who could seal records",
-                                    at(files, index, number),
-                                    record.seq,
-                                    hex::encode(record.hash),
-                                    hex::encode(anchor.hash),
-                                ),
-                                unfinished_last_line: false,
-                            });
-                            return Ok(report);
-                        }
-                        report.anchors += 1;
+                    if let Some(problem) = anchor_at(files, &anchors, &record, index, number, &mut report) {
+                        report.problem = Some(problem);
+                        return Ok(report);
                     }
                     report.records += 1;
                     last = Some(Good { seq: record.seq, hash: record.hash, file: index, line: number });
@@ -553,9 +536,36 @@ fn end_problem(
     ))
 }
 
-/// The anchor of `seq`, if one was given (`anchors` sorted by seq, each once).
-fn anchored(anchors: &[Anchor], seq: u64) -> Option<&Anchor> {
-    anchors.get(anchors.partition_point(|a| a.seq < seq)).filter(|a| a.seq == seq)
+/// Check the anchor of `record`'s seq, if one was given (`anchors` sorted by seq, each once): held (counted in
+/// `report`) if its hash is the record's.
+fn anchor_at(
+    files: &[AuditFile],
+    anchors: &[Anchor],
+    record: &Intact,
+    file: usize,
+    line: u64,
+    report: &mut Report,
+) -> Option<Problem> {
+    let anchor = anchors.get(anchors.partition_point(|a| a.seq < record.seq)).filter(|a| a.seq == record.seq)?;
+    if anchor.hash == record.hash {
+        report.anchors += 1;
+        return None;
+    }
+    Some(Problem {
+        kind: ProblemKind::Rewritten,
+        path: files[file].path.clone(),
+        line,
+        message: format!(
+            "{}: seq {} verifies and chains, but its hash is {}, not the {} kept as --anchor: the log was rewritten \
+             from this record or an earlier one (cut back and written on, or replaced), by someone who could seal \
+             records",
+            at(files, file, line),
+            record.seq,
+            hex::encode(record.hash),
+            hex::encode(anchor.hash),
+        ),
+        unfinished_last_line: false,
+    })
 }
 
 /// Check the anchors before `first`, the first record of the files: the one just before it is held if `first`
