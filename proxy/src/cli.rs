@@ -75,7 +75,7 @@ struct ServeArgs {
     /// Use this policy file instead of the file's `policy_file`.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// etcd endpoints instead of the file's `upstream.endpoints` (repeatable; https:// only).
+    /// etcd endpoints instead of the file's `upstream.endpoints` (repeatable; https:// or unixs://).
     #[arg(long = "upstream", value_name = "URL")]
     upstream: Vec<String>,
     /// The health and metrics listener instead of the file's `metrics_listen` ("off" disables it).
@@ -367,9 +367,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.policy_file = policy;
     }
     if !args.upstream.is_empty() {
-        if let Some(bad) = args.upstream.iter().find(|u| !u.starts_with("https://") || u.parse::<http::Uri>().is_err())
-        {
-            return fail(format!("--upstream {bad:?}: only https:// endpoints are supported"));
+        if let Some(Err(message)) = args.upstream.iter().map(|u| crate::config::endpoint(u)).find(Result::is_err) {
+            return fail(format!("--upstream {message}"));
         }
         config.upstream.endpoints = args.upstream;
     }

@@ -146,6 +146,51 @@ pub struct Upstream {
     pub connections_per_endpoint: usize,
 }
 
+/// Where one of `upstream.endpoints` is reached, parsed from its URL ([`endpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `https://host:port` (port 443 if left out): TCP, and etcd's certificate checked against `host`.
+    Tcp { authority: http::uri::Authority },
+    /// `unixs://name/absolute/path`: the unix socket at `path` (etcd's `--listen-client-urls unixs://…` on the same
+    /// host), with TLS as over TCP, and etcd's certificate checked against `name`.
+    Unix { name: String, path: PathBuf },
+}
+
+/// Parse one of `upstream.endpoints` (or `--upstream`): `https://host[:port]` or `unixs://name/absolute/path`.
+/// Both are mutual TLS; plain `http://` and `unix://` are refused.
+pub fn endpoint(url: &str) -> Result<Endpoint, String> {
+    if let Some(rest) = url.strip_prefix("unixs://") {
+        let form = "a unixs:// endpoint is the name etcd's certificate is checked against, then the socket's \
+                    absolute path: unixs://localhost/var/run/etcd/localhost:2379";
+        let (name, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, ""),
+        };
+        if name.contains(':') || path.len() < 2 {
+            // etcd's own form (`unixs://localhost:2379`) is a path relative to etcd's working folder.
+            return Err(format!("{url:?}: {form}"));
+        }
+        rustls_pki_types::ServerName::try_from(name).map_err(|e| {
+            format!("{url:?}: {name:?} is not a name a certificate can be checked against ({e}); {form}")
+        })?;
+        return Ok(Endpoint::Unix { name: name.to_owned(), path: PathBuf::from(path) });
+    }
+    let only = "only https:// and unixs:// endpoints are supported (the upstream connection is mutual TLS)";
+    if !url.starts_with("https://") {
+        return Err(format!("{url:?}: {only}"));
+    }
+    let uri = url.parse::<http::Uri>().map_err(|e| format!("{url:?}: {e}"))?;
+    let authority = uri.authority().ok_or_else(|| format!("{url:?}: no host"))?;
+    if authority.host().is_empty() {
+        return Err(format!("{url:?}: no host"));
+    }
+    let authority = match authority.port_u16() {
+        Some(_) => authority.clone(),
+        None => format!("{}:443", authority.as_str()).parse().map_err(|e| format!("{url:?}: {e}"))?,
+    };
+    Ok(Endpoint::Tcp { authority })
+}
+
 /// Size and concurrency limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -461,13 +506,7 @@ impl Config {
             }
         }
         for ep in &raw.upstream.endpoints {
-            if !ep.starts_with("https://") {
-                return Err(invalid(
-                    "upstream.endpoints",
-                    format!("{ep:?}: only https:// endpoints are supported (the upstream connection is mutual TLS)"),
-                ));
-            }
-            ep.parse::<http::Uri>().map_err(|e| invalid("upstream.endpoints", format!("{ep:?}: {e}")))?;
+            endpoint(ep).map_err(|message| invalid("upstream.endpoints", message))?;
         }
         for url in &raw.advertise_client_urls {
             // What clients (clientv3's MemberList-based endpoint sync) dial: the proxy's TLS listener.
@@ -648,6 +687,36 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
         assert_eq!(c.tls.cert_file, PathBuf::from("/etc/etcd-guard/server.crt"));
         assert_eq!(c.policy_file, PathBuf::from("/etc/etcd-guard/policies/kubernetes.yaml"));
         assert_eq!(c.limits.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        Ok(())
+    }
+
+    /// `https://` (port 443 by default) and `unixs://name/absolute/path`; everything else is refused, with the form
+    /// a unix socket takes.
+    #[test]
+    fn endpoints_are_https_or_unixs_urls() -> Result<(), Box<dyn std::error::Error>> {
+        let tcp =
+            |a: &str| -> Result<Endpoint, Box<dyn std::error::Error>> { Ok(Endpoint::Tcp { authority: a.parse()? }) };
+        assert_eq!(endpoint("https://10.0.0.1:2379")?, tcp("10.0.0.1:2379")?);
+        assert_eq!(endpoint("https://etcd-0.example")?, tcp("etcd-0.example:443")?);
+        assert_eq!(endpoint("https://[::1]:2379")?, tcp("[::1]:2379")?);
+        let unix = endpoint("unixs://localhost/var/run/etcd/localhost:2379")?;
+        let path = PathBuf::from("/var/run/etcd/localhost:2379");
+        assert_eq!(unix, Endpoint::Unix { name: "localhost".into(), path });
+        let form = "unixs://localhost/var/run/etcd/localhost:2379";
+        for (url, says) in [
+            ("unixs://localhost:2379", form),
+            ("unixs://localhost", form),
+            ("unixs://localhost/", form),
+            ("unixs:///var/run/etcd.sock", "\"\" is not a name"),
+            ("unixs://bad name/var/run/etcd.sock", "\"bad name\" is not a name"),
+            ("unix://localhost/var/run/etcd.sock", "only https:// and unixs://"),
+            ("http://127.0.0.1:2379", "only https:// and unixs://"),
+            ("127.0.0.1:2379", "only https:// and unixs://"),
+            ("https://", "https://"),
+        ] {
+            let e = endpoint(url).err().unwrap_or_default();
+            assert!(e.contains(says) && e.contains(&format!("{url:?}")), "{url}: {e}");
+        }
         Ok(())
     }
 

@@ -572,24 +572,23 @@ pub fn upstream_connections(up: &config::Upstream) -> Result<UpstreamTls, TlsErr
     let mut endpoints = Vec::with_capacity(up.endpoints.len());
     for url in &up.endpoints {
         let bad = |message: String| TlsError::Endpoint { endpoint: url.clone(), message };
-        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme".into()))?;
-        if scheme != http::uri::Scheme::HTTPS {
-            return Err(bad("only https:// endpoints are supported".into()));
-        }
-        let authority = uri.authority().cloned().ok_or_else(|| bad("no host".into()))?;
-        let authority = match authority.port_u16() {
-            Some(_) => authority,
-            None => {
-                format!("{}:443", authority.as_str()).parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?
+        let (authority, name, socket) = match config::endpoint(url).map_err(bad)? {
+            config::Endpoint::Tcp { authority } => {
+                let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+                (authority, host, None)
+            }
+            // The requests' `:authority` names the certificate's name; etcd does not look at it.
+            config::Endpoint::Unix { name, path } => {
+                let authority = name.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+                (authority, name, Some(path))
             }
         };
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-        let server_name = ServerName::try_from(host).map_err(|e| bad(e.to_string()))?;
+        let server_name = ServerName::try_from(name).map_err(|e| bad(e.to_string()))?;
         let connector = Connector {
             tls: tls.clone(),
-            scheme,
+            scheme: http::uri::Scheme::HTTPS,
             authority,
+            socket,
             server_name,
             connect_timeout: up.connect_timeout,
             // See CONNECTION_WINDOW: a watch fanning one put out to thousands of watchers arrives as thousands of

@@ -72,6 +72,9 @@ pub struct ClientCert {
 pub struct Etcd {
     child: Child,
     pub client_url: String,
+    /// Its unix socket as the proxy's `unixs://` endpoint names it, when it listens on one
+    /// ([`Etcd::start_with_socket`]).
+    pub socket_url: Option<String>,
     _data: tempfile::TempDir,
 }
 
@@ -196,7 +199,12 @@ impl EtcdCluster {
         let mut started = Vec::new();
         for i in 0..n {
             let child = cluster.spawn(pki, i, "new")?;
-            started.push(Etcd { child, client_url: cluster.client_urls[i].clone(), _data: tempfile::tempdir()? });
+            started.push(Etcd {
+                child,
+                client_url: cluster.client_urls[i].clone(),
+                socket_url: None,
+                _data: tempfile::tempdir()?,
+            });
         }
         for mut etcd in started {
             if let Err(e) = etcd.wait_ready(pki) {
@@ -263,7 +271,8 @@ impl EtcdCluster {
     /// Start member `i` again with its data.
     pub fn restart(&mut self, pki: &Pki, i: usize) -> TestResult {
         let child = self.spawn(pki, i, "existing")?;
-        let mut etcd = Etcd { child, client_url: self.client_urls[i].clone(), _data: tempfile::tempdir()? };
+        let mut etcd =
+            Etcd { child, client_url: self.client_urls[i].clone(), socket_url: None, _data: tempfile::tempdir()? };
         etcd.wait_ready(pki)?;
         self.members[i] = Some(etcd);
         Ok(())
@@ -316,11 +325,16 @@ pub fn watch_matrix(extra: &str) -> &'static str {
 
 /// An etcd member serving clients over mutual TLS with the test certificates (peer flags are added by the caller).
 fn etcd_command(pki: &Pki, name: &str, data_dir: &Path, client_url: &str) -> Command {
+    etcd_listening(pki, name, data_dir, client_url, client_url)
+}
+
+/// [`etcd_command`], listening on `listen` (comma-separated URLs) and advertising `client_url`.
+fn etcd_listening(pki: &Pki, name: &str, data_dir: &Path, client_url: &str, listen: &str) -> Command {
     let mut cmd = Command::new(etcd_tool("etcd"));
     cmd.args(["--name", name])
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--listen-client-urls", client_url, "--advertise-client-urls", client_url])
+        .args(["--listen-client-urls", listen, "--advertise-client-urls", client_url])
         .arg("--cert-file")
         .arg(pki.path("etcd-server.crt"))
         .arg("--key-file")
@@ -408,24 +422,39 @@ impl Etcd {
     /// Start etcd with mutual TLS on its client port (client certificates required), waiting until it answers.
     /// A port taken between [`free_port`] and etcd's bind (by another test's process) is retried with new ports.
     pub fn start(pki: &Pki) -> TestResult<Etcd> {
-        on_new_ports_if_taken(|| Etcd::start_once(pki))
+        on_new_ports_if_taken(|| Etcd::start_once(pki, false))
     }
 
-    fn start_once(pki: &Pki) -> Result<Etcd, StartFailed> {
+    /// [`Etcd::start`], with etcd also serving its clients on a unix socket (`unixs://`, mutual TLS as on its
+    /// port) in its data folder: [`Etcd::socket_url`].
+    pub fn start_with_socket(pki: &Pki) -> TestResult<Etcd> {
+        on_new_ports_if_taken(|| Etcd::start_once(pki, true))
+    }
+
+    fn start_once(pki: &Pki, socket: bool) -> Result<Etcd, StartFailed> {
         let data = tempfile::tempdir()?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
         let client_url = format!("https://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(data.path().join("etcd.log"))?;
-        let child = etcd_command(pki, "guard-test", &data.path().join("data"), &client_url)
+        // etcd makes the socket of `unixs://localhost:<port>` as `localhost:<port>` in its working folder.
+        let listen = match socket {
+            true => format!("{client_url},unixs://localhost:{client_port}"),
+            false => client_url.clone(),
+        };
+        let mut command = etcd_listening(pki, "guard-test", &data.path().join("data"), &client_url, &listen);
+        command.current_dir(data.path());
+        let socket_url = socket
+            .then(|| format!("unixs://localhost{}", data.path().join(format!("localhost:{client_port}")).display()));
+        let child = command
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("guard-test={peer_url}")])
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?;
         let log_path = data.path().join("etcd.log");
-        let mut etcd = Etcd { child, client_url, _data: data };
+        let mut etcd = Etcd { child, client_url, socket_url, _data: data };
         match etcd.wait_ready(pki) {
             Ok(()) => Ok(etcd),
             Err(e) => match port_taken(&log_path) {
@@ -542,8 +571,21 @@ impl Harness {
     /// etcd plus etcd-guard with `policy` and `extra` appended to the configuration (e.g. an `audit:` section),
     /// and [`watch_matrix`]'s section.
     pub async fn with_config(policy: &str, extra: &str) -> TestResult<Harness> {
+        Harness::build(policy, extra, false).await
+    }
+
+    /// [`Harness::with_config`], with the proxy reaching etcd over etcd's unix socket (a `unixs://` endpoint).
+    pub async fn over_socket(policy: &str, extra: &str) -> TestResult<Harness> {
+        Harness::build(policy, extra, true).await
+    }
+
+    async fn build(policy: &str, extra: &str, over_socket: bool) -> TestResult<Harness> {
         let pki = Pki::new()?;
-        let etcd = Etcd::start(&pki)?;
+        let etcd = if over_socket { Etcd::start_with_socket(&pki)? } else { Etcd::start(&pki)? };
+        let upstream = match &etcd.socket_url {
+            Some(socket) => socket,
+            None => &etcd.client_url,
+        };
         std::fs::write(pki.path("policy.yaml"), policy)?;
         let config_text = format!(
             r#"
@@ -561,7 +603,7 @@ policy_file: policy.yaml
 advertise_client_urls: ["https://127.0.0.1:23790"]
 metrics_listen: "127.0.0.1:0"
 {}{}"#,
-            etcd.client_url,
+            upstream,
             extra,
             watch_matrix(extra)
         );

@@ -12,8 +12,11 @@
 //! HTTP/2 server, does not count). A client connection's own upstream connection for streams outlives its
 //! streams, so it is often idle.
 
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +26,8 @@ use http::Uri;
 use http::uri::{Authority, Scheme};
 use http_body::Body;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -31,7 +35,7 @@ use tracing::debug;
 
 use super::{Patience, RecvBody, cork, send_body};
 
-type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+type TlsStream = tokio_rustls::client::TlsStream<Transport>;
 
 /// The connection's I/O: writes gathered while its task runs (`cork`).
 type Io = cork::Corked<TlsStream>;
@@ -98,7 +102,10 @@ impl Error {
 pub struct Connector {
     pub tls: TlsConnector,
     pub scheme: Scheme,
+    /// The requests' `:authority`, and the TCP address connected to unless `socket` is set.
     pub authority: Authority,
+    /// A unix socket to connect to instead of `authority` (an etcd on the same host: `unixs://` endpoints).
+    pub socket: Option<PathBuf>,
     pub server_name: ServerName<'static>,
     pub connect_timeout: Duration,
     pub connection_window: u32,
@@ -107,6 +114,76 @@ pub struct Connector {
     /// connection, and the next call makes a new one.
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
+}
+
+// === impl Connector ===
+
+impl Connector {
+    /// The endpoint as messages name it: its address, or its socket's path.
+    pub fn endpoint(&self) -> String {
+        match &self.socket {
+            Some(path) => path.display().to_string(),
+            None => self.authority.to_string(),
+        }
+    }
+}
+
+/// The connection under TLS: TCP, or a unix socket to an etcd on the same host.
+pub enum Transport {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+// === impl Transport ===
+
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Tcp(s) => s.is_write_vectored(),
+            Transport::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Transport::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// One HTTP/2 connection to an endpoint, (re)made on demand. Cheap to share.
@@ -251,7 +328,7 @@ impl Connection {
             Ok(sender) => Ok((sender, Open::on(&live.state))),
             Err(e) => {
                 self.forget(live.generation);
-                debug!(endpoint = %self.connector.authority, error = %e, "upstream connection takes no more calls");
+                debug!(endpoint = %self.connector.endpoint(), error = %e, "upstream connection takes no more calls");
                 let live = Box::pin(self.connect()).await?;
                 match live.sender.ready().await {
                     Ok(sender) => Ok((sender, Open::on(&live.state))),
@@ -274,7 +351,7 @@ impl Connection {
 
     async fn connect(&self) -> Result<Live, Error> {
         let c = &self.connector;
-        let endpoint = || c.authority.to_string();
+        let endpoint = || c.endpoint();
         // One connection attempt at a time. Callers that waited for it use its result: its connection, or its
         // failure (rather than each trying again in turn, which against an endpoint that does not answer would
         // make the last caller wait for every attempt's timeout).
@@ -328,7 +405,7 @@ impl Connection {
         }
         let current = self.current.clone();
         let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
-        let endpoint = c.authority.to_string();
+        let endpoint = c.endpoint();
         let (state, backoff) = (live.state.clone(), self.backoff.clone());
         let drive = cork::drive(cork, async move {
             let mut connection = connection;
@@ -456,15 +533,19 @@ pub async fn attempt_error(c: Connector) -> Option<String> {
 
 /// TCP, TLS and HTTP/2 handshakes, within the connect timeout.
 async fn handshake(c: Connector) -> Result<Handshake, Error> {
-    let endpoint = || c.authority.to_string();
+    let endpoint = || c.endpoint();
     tokio::time::timeout(c.connect_timeout, async {
-        let tcp = TcpStream::connect(c.authority.as_str())
-            .await
-            .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
-        let _ = tcp.set_nodelay(true);
+        let transport = match &c.socket {
+            Some(path) => UnixStream::connect(path).await.map(Transport::Unix),
+            None => TcpStream::connect(c.authority.as_str()).await.map(|tcp| {
+                let _ = tcp.set_nodelay(true);
+                Transport::Tcp(tcp)
+            }),
+        }
+        .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
         let tls = c
             .tls
-            .connect(c.server_name.clone(), tcp)
+            .connect(c.server_name.clone(), transport)
             .await
             .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
         let (io, cork) = cork::cork(tls);
@@ -529,6 +610,7 @@ pub mod testing {
             tls: TlsConnector::from(Arc::new(tls)),
             scheme: Scheme::HTTPS,
             authority,
+            socket: None,
             server_name: ServerName::try_from("localhost")?,
             connect_timeout: Duration::from_secs(2),
             connection_window: 1 << 20,
