@@ -441,6 +441,14 @@ pub fn targets(cases: &[Case], idle: &[IdleFigures], watchers: usize) -> Vec<Tar
             None,
         ));
     }
+    let unix = cases_of(cases, "unix-upstream", &["lin-range", "put"]);
+    if !unix.is_empty() {
+        out.push(check(
+            "(information) upstream over etcd's unix socket / over TCP",
+            join(unix.iter().map(|c| pair_figures(c)).collect()),
+            None,
+        ));
+    }
     let coalesced = cases_of(cases, "coalesced", &["watch"]);
     if !coalesced.is_empty() {
         let figures = |c: &&Case| {

@@ -114,6 +114,9 @@ pub enum CaseKind {
     AnswerAfter,
     /// The watch workload through a fresh proxy with `watch: { coalesce: true }`, against direct etcd.
     WatchCoalesced,
+    /// lin-range and put through a proxy that reaches etcd over TCP (as every other case) and one that reaches it
+    /// over its unix socket (`unixs://`, etcd on the same host).
+    UnixUpstream,
     /// Memory per idle connection.
     Idle,
     /// lin-range, put and watch through a proxy built from `--baseline-bin` and through this one (only with that
@@ -600,6 +603,23 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             setup::compact(&admin).await?;
         }
         drop(shared);
+    }
+
+    // The upstream leg over TCP (A) or over etcd's unix socket (B), fresh processes of this build, alternating.
+    if selected(&args, CaseKind::UnixUpstream) {
+        let mut tcp = ProxyProcess::start(&proxy_bin, &pki, "tcp", &etcd.url, "policy-small.yaml", options).await?;
+        let tcp_leg = Leg::through("proxy, etcd over TCP", &tcp);
+        let mut unix =
+            ProxyProcess::start(&proxy_bin, &pki, "unix", &etcd.socket_url, "policy-small.yaml", options).await?;
+        let unix_leg = Leg::through("proxy, etcd over a unix socket", &unix);
+        let pair = Pair {
+            kind: "unix-upstream",
+            workloads: &[Workload::LinRange, Workload::Put],
+            rate: pair_rate,
+            a: (&tcp_leg, &mut tcp),
+            b: (&unix_leg, &mut unix),
+        };
+        alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
     }
 
     // Another build of etcd-guard (A) against this one (B), alternating: what a change costs or saves.

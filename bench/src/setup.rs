@@ -154,6 +154,8 @@ async fn wait_ready(pki: &Pki, url: &str, guard: &mut ChildGuard, log: &Path, li
 pub struct Etcd {
     pub guard: ChildGuard,
     pub url: String,
+    /// The same client port as a unix socket, as the proxy names it (`unixs://localhost/<path>`).
+    pub socket_url: String,
 }
 
 impl Etcd {
@@ -162,14 +164,18 @@ impl Etcd {
         let client_port = free_port()?;
         let peer_port = free_port()?;
         let url = format!("https://127.0.0.1:{client_port}");
+        // etcd makes its unix socket `localhost:<port>` in its working folder.
+        let socket_url = format!("unixs://localhost{}", pki.path(&format!("localhost:{client_port}")).display());
+        let listen = format!("{url},unixs://localhost:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log_path = pki.path("etcd.log");
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new(bin)
+            .current_dir(pki.path(""))
             .args(["--name", "bench"])
             .arg("--data-dir")
             .arg(pki.path("etcd-data"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-client-urls", &listen, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("bench={peer_url}")])
             .arg("--cert-file")
@@ -188,7 +194,7 @@ impl Etcd {
             .map_err(|e| format!("starting {} (is the etcd-server package installed?): {e}", bin.display()))?;
         let mut guard = ChildGuard::new("etcd", child);
         wait_ready(pki, &url, &mut guard, &log_path, Duration::from_secs(30)).await?;
-        Ok(Etcd { guard, url })
+        Ok(Etcd { guard, url, socket_url })
     }
 }
 

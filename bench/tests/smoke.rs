@@ -23,7 +23,7 @@ fn run_bench(out: &Path, log: &Path) -> TestResult {
     command
         .arg("--proxy-bin")
         .arg(env!("CARGO_BIN_EXE_guard-under-bench"))
-        .args(["--only", "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,watch-coalesced,idle"])
+        .args(["--only", "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,watch-coalesced,unix-upstream,idle"])
         .args(["--shapes", "1x64", "--runs", "1", "--duration", "0.3", "--warmup", "0.1", "--rate", "off"])
         .args(["--watchers", "20", "--idle-conns", "100"])
         .arg("--out")
@@ -70,13 +70,17 @@ fn every_workload_runs_through_both_paths() -> TestResult {
     assert_eq!(workloads, ["keep-alive", "leased-put", "lin-range", "mix", "put", "ser-range", "watch"], "{printed}");
     // The watch workload through a proxy that shares identical watches, too.
     assert!(cases.iter().any(|c| c["kind"] == "coalesced" && c["workload"] == "watch"), "{printed}");
+    // lin-range and put through a proxy that reaches etcd over its unix socket, too.
+    let over_socket = cases.iter().filter(|c| c["kind"] == "unix-upstream").count();
+    assert_eq!(over_socket, 2, "{printed}");
     for case in cases {
         let name = case["name"].as_str().unwrap_or("?");
         let legs = case["legs"].as_array().ok_or("a case without legs")?;
         assert_eq!(legs.len(), 2, "{name}: {case}");
         for leg in legs {
             let label = leg["label"].as_str().unwrap_or("?");
-            assert!(leg["requests"].as_u64().is_some_and(|n| n > 0), "{name} {label} served nothing: {leg}");
+            // With the benchmark's own lines: which runs served what, and what the processes said.
+            assert!(leg["requests"].as_u64().is_some_and(|n| n > 0), "{name} {label} served nothing: {leg}\n{printed}");
             assert_eq!(leg["errors"].as_u64(), Some(0), "{name} {label}: {leg}");
             assert!(leg["etcd_cpu_us_per_req"].as_f64().is_some_and(|us| us > 0.0), "{name} {label}: {leg}");
         }
