@@ -13,10 +13,8 @@
 //! streams, so it is often idle.
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +24,6 @@ use http::Uri;
 use http::uri::{Authority, Scheme};
 use http_body::Body;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -34,6 +31,9 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::{Patience, RecvBody, cork, send_body};
+
+/// The connection under TLS: TCP, or a unix socket to an etcd on the same host.
+type Transport = tokio_util::either::Either<TcpStream, UnixStream>;
 
 type TlsStream = tokio_rustls::client::TlsStream<Transport>;
 
@@ -124,64 +124,6 @@ impl Connector {
         match &self.socket {
             Some(path) => path.display().to_string(),
             None => self.authority.to_string(),
-        }
-    }
-}
-
-/// The connection under TLS: TCP, or a unix socket to an etcd on the same host.
-pub enum Transport {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-// === impl Transport ===
-
-impl AsyncRead for Transport {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Transport {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Transport::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Transport::Tcp(s) => s.is_write_vectored(),
-            Transport::Unix(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Transport::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -536,10 +478,10 @@ async fn handshake(c: Connector) -> Result<Handshake, Error> {
     let endpoint = || c.endpoint();
     tokio::time::timeout(c.connect_timeout, async {
         let transport = match &c.socket {
-            Some(path) => UnixStream::connect(path).await.map(Transport::Unix),
+            Some(path) => UnixStream::connect(path).await.map(Transport::Right),
             None => TcpStream::connect(c.authority.as_str()).await.map(|tcp| {
                 let _ = tcp.set_nodelay(true);
-                Transport::Tcp(tcp)
+                Transport::Left(tcp)
             }),
         }
         .map_err(|e| Error::Connect { endpoint: endpoint(), message: e.to_string() })?;
