@@ -146,22 +146,33 @@ pub struct Upstream {
     pub connections_per_endpoint: usize,
 }
 
-/// Where one of `upstream.endpoints` is reached, parsed from its URL ([`endpoint`]).
+/// Where one of `upstream.endpoints` is reached, parsed from its URL ([`endpoint`]), and the name etcd's certificate
+/// is checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `https://host:port` (port 443 if left out): TCP, and etcd's certificate checked against `host`.
-    Tcp { authority: http::uri::Authority },
-    /// `unixs://name/absolute/path`: the unix socket at `path` (etcd's `--listen-client-urls unixs://…` on the same
-    /// host), with TLS as over TCP, and etcd's certificate checked against `name`.
-    Unix { name: String, path: PathBuf },
+pub struct Endpoint {
+    /// The requests' `:authority`; for `https://`, also the address connected to.
+    pub authority: http::uri::Authority,
+    /// `unixs://`: the unix socket connected to instead (etcd's `--listen-client-urls unixs://…` on the same host).
+    pub socket: Option<PathBuf>,
+    /// `https://`: the URL's host; `unixs://`: the name before the path.
+    pub server_name: rustls_pki_types::ServerName<'static>,
 }
 
-/// Parse one of `upstream.endpoints` (or `--upstream`): `https://host[:port]` or `unixs://name/absolute/path`.
-/// Both are mutual TLS; plain `http://` and `unix://` are refused.
+/// The longest unix socket path Linux connects to (`sun_path` is 108 bytes, the last one a NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Parse one of `upstream.endpoints` (or `--upstream`): `https://host[:port]` (port 443 if left out) or
+/// `unixs://name/absolute/path` (the path taken as written: no percent-decoding). Both are mutual TLS; plain
+/// `http://` and `unix://` are refused, and so is what could never connect: a host or name a certificate cannot
+/// be checked against, a user name in the URL, a socket path Linux cannot take.
 pub fn endpoint(url: &str) -> Result<Endpoint, String> {
+    let name_of = |host: &str| {
+        rustls_pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("{url:?}: {host:?} is not a name a certificate can be checked against ({e})"))
+    };
     if let Some(rest) = url.strip_prefix("unixs://") {
-        let form = "a unixs:// endpoint is the name etcd's certificate is checked against, then the socket's \
-                    absolute path: unixs://localhost/var/run/etcd/localhost:2379";
+        let form = "a unixs:// endpoint is the name etcd's certificate is checked against (a DNS name or an IPv4 \
+                    address), then the socket's absolute path: unixs://localhost/var/run/etcd/localhost:2379";
         let (name, path) = match rest.find('/') {
             Some(at) => (&rest[..at], &rest[at..]),
             None => (rest, ""),
@@ -170,10 +181,18 @@ pub fn endpoint(url: &str) -> Result<Endpoint, String> {
             // etcd's own form (`unixs://localhost:2379`) is a path relative to etcd's working folder.
             return Err(format!("{url:?}: {form}"));
         }
-        rustls_pki_types::ServerName::try_from(name).map_err(|e| {
-            format!("{url:?}: {name:?} is not a name a certificate can be checked against ({e}); {form}")
-        })?;
-        return Ok(Endpoint::Unix { name: name.to_owned(), path: PathBuf::from(path) });
+        let server_name = name_of(name).map_err(|e| format!("{e}; {form}"))?;
+        if path.len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "{url:?}: the socket's path is {} bytes; Linux connects to paths of at most {MAX_SOCKET_PATH}",
+                path.len()
+            ));
+        }
+        if let Some(c) = path.chars().find(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!("{url:?}: the socket's path holds {c:?} (a space or a control character)"));
+        }
+        let authority = name.parse().map_err(|e| format!("{url:?}: {e}"))?;
+        return Ok(Endpoint { authority, socket: Some(PathBuf::from(path)), server_name });
     }
     let only = "only https:// and unixs:// endpoints are supported (the upstream connection is mutual TLS)";
     if !url.starts_with("https://") {
@@ -184,11 +203,17 @@ pub fn endpoint(url: &str) -> Result<Endpoint, String> {
     if authority.host().is_empty() {
         return Err(format!("{url:?}: no host"));
     }
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{url:?}: a user name has no place in an endpoint (the proxy's certificate says who it is)"
+        ));
+    }
+    let server_name = name_of(authority.host().trim_start_matches('[').trim_end_matches(']'))?;
     let authority = match authority.port_u16() {
         Some(_) => authority.clone(),
         None => format!("{}:443", authority.as_str()).parse().map_err(|e| format!("{url:?}: {e}"))?,
     };
-    Ok(Endpoint::Tcp { authority })
+    Ok(Endpoint { authority, socket: None, server_name })
 }
 
 /// Size and concurrency limits.
@@ -691,28 +716,43 @@ advertise_client_urls: ["https://127.0.0.1:23790"]
     }
 
     /// `https://` (port 443 by default) and `unixs://name/absolute/path`; everything else is refused, with the form
-    /// a unix socket takes.
+    /// a unix socket takes, as is what could never connect.
     #[test]
     fn endpoints_are_https_or_unixs_urls() -> Result<(), Box<dyn std::error::Error>> {
-        let tcp =
-            |a: &str| -> Result<Endpoint, Box<dyn std::error::Error>> { Ok(Endpoint::Tcp { authority: a.parse()? }) };
-        assert_eq!(endpoint("https://10.0.0.1:2379")?, tcp("10.0.0.1:2379")?);
-        assert_eq!(endpoint("https://etcd-0.example")?, tcp("etcd-0.example:443")?);
-        assert_eq!(endpoint("https://[::1]:2379")?, tcp("[::1]:2379")?);
-        let unix = endpoint("unixs://localhost/var/run/etcd/localhost:2379")?;
+        let parts = |url: &str| -> Result<(String, Option<PathBuf>, String), String> {
+            let e = endpoint(url)?;
+            Ok((e.authority.to_string(), e.socket, e.server_name.to_str().into_owned()))
+        };
+        let tcp = |a: &str, name: &str| Ok((a.to_owned(), None, name.to_owned()));
+        assert_eq!(parts("https://10.0.0.1:2379"), tcp("10.0.0.1:2379", "10.0.0.1"));
+        assert_eq!(parts("https://etcd-0.example"), tcp("etcd-0.example:443", "etcd-0.example"));
+        assert_eq!(parts("https://[::1]:2379"), tcp("[::1]:2379", "::1"));
+        assert_eq!(parts("https://etcd-0.example:2379/"), tcp("etcd-0.example:2379", "etcd-0.example"));
         let path = PathBuf::from("/var/run/etcd/localhost:2379");
-        assert_eq!(unix, Endpoint::Unix { name: "localhost".into(), path });
+        let unix = Ok(("localhost".to_owned(), Some(path), "localhost".to_owned()));
+        assert_eq!(parts("unixs://localhost/var/run/etcd/localhost:2379"), unix);
+        // Taken as written: no percent-decoding.
+        let literal = parts("unixs://localhost/run/a%20b")?;
+        assert_eq!(literal.1, Some(PathBuf::from("/run/a%20b")));
         let form = "unixs://localhost/var/run/etcd/localhost:2379";
+        let long = format!("unixs://localhost/{}", "d".repeat(107));
         for (url, says) in [
             ("unixs://localhost:2379", form),
             ("unixs://localhost", form),
             ("unixs://localhost/", form),
+            ("unixs://[::1]/var/run/etcd.sock", form),
             ("unixs:///var/run/etcd.sock", "\"\" is not a name"),
             ("unixs://bad name/var/run/etcd.sock", "\"bad name\" is not a name"),
+            (&long, "the socket's path is 108 bytes; Linux connects to paths of at most 107"),
+            ("unixs://localhost/var/run/etcd/localhost:2379 ", "holds ' '"),
+            ("unixs://localhost/var/run/etcd\0/x", "holds '\\0'"),
             ("unix://localhost/var/run/etcd.sock", "only https:// and unixs://"),
             ("http://127.0.0.1:2379", "only https:// and unixs://"),
             ("127.0.0.1:2379", "only https:// and unixs://"),
-            ("https://", "https://"),
+            ("https://", "empty string"),
+            ("https://:2379", "no host"),
+            ("https://-bad:2379", "\"-bad\" is not a name"),
+            ("https://root@127.0.0.1:2379", "a user name has no place"),
         ] {
             let e = endpoint(url).err().unwrap_or_default();
             assert!(e.contains(says) && e.contains(&format!("{url:?}")), "{url}: {e}");

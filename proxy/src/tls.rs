@@ -572,18 +572,7 @@ pub fn upstream_connections(up: &config::Upstream) -> Result<UpstreamTls, TlsErr
     let mut endpoints = Vec::with_capacity(up.endpoints.len());
     for url in &up.endpoints {
         let bad = |message: String| TlsError::Endpoint { endpoint: url.clone(), message };
-        let (authority, name, socket) = match config::endpoint(url).map_err(bad)? {
-            config::Endpoint::Tcp { authority } => {
-                let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
-                (authority, host, None)
-            }
-            // The requests' `:authority` names the certificate's name; etcd does not look at it.
-            config::Endpoint::Unix { name, path } => {
-                let authority = name.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-                (authority, name, Some(path))
-            }
-        };
-        let server_name = ServerName::try_from(name).map_err(|e| bad(e.to_string()))?;
+        let config::Endpoint { authority, socket, server_name } = config::endpoint(url).map_err(bad)?;
         let connector = Connector {
             tls: tls.clone(),
             scheme: http::uri::Scheme::HTTPS,
