@@ -75,7 +75,10 @@ pub struct Etcd {
     /// Its unix socket as the proxy's `unixs://` endpoint names it, when it listens on one
     /// ([`Etcd::start_with_socket`]).
     pub socket_url: Option<String>,
-    _data: tempfile::TempDir,
+    /// Its `--listen-client-urls` and peer URL, to start it again with its data ([`Etcd::restart`]); `None` for a
+    /// cluster's member.
+    started: Option<(String, String)>,
+    data: tempfile::TempDir,
 }
 
 /// etcd, with etcd-guard in front of it.
@@ -203,7 +206,8 @@ impl EtcdCluster {
                 child,
                 client_url: cluster.client_urls[i].clone(),
                 socket_url: None,
-                _data: tempfile::tempdir()?,
+                started: None,
+                data: tempfile::tempdir()?,
             });
         }
         for mut etcd in started {
@@ -271,8 +275,13 @@ impl EtcdCluster {
     /// Start member `i` again with its data.
     pub fn restart(&mut self, pki: &Pki, i: usize) -> TestResult {
         let child = self.spawn(pki, i, "existing")?;
-        let mut etcd =
-            Etcd { child, client_url: self.client_urls[i].clone(), socket_url: None, _data: tempfile::tempdir()? };
+        let mut etcd = Etcd {
+            child,
+            client_url: self.client_urls[i].clone(),
+            socket_url: None,
+            started: None,
+            data: tempfile::tempdir()?,
+        };
         etcd.wait_ready(pki)?;
         self.members[i] = Some(etcd);
         Ok(())
@@ -437,24 +446,17 @@ impl Etcd {
         let peer_port = free_port()?;
         let client_url = format!("https://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log = std::fs::File::create(data.path().join("etcd.log"))?;
         // etcd makes the socket of `unixs://localhost:<port>` as `localhost:<port>` in its working folder.
         let listen = match socket {
             true => format!("{client_url},unixs://localhost:{client_port}"),
             false => client_url.clone(),
         };
-        let mut command = etcd_listening(pki, "guard-test", &data.path().join("data"), &client_url, &listen);
-        command.current_dir(data.path());
         let socket_url = socket
             .then(|| format!("unixs://localhost{}", data.path().join(format!("localhost:{client_port}")).display()));
-        let child = command
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("guard-test={peer_url}")])
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?;
+        let child = Etcd::spawn(pki, data.path(), &client_url, &listen, &peer_url)?;
         let log_path = data.path().join("etcd.log");
-        let mut etcd = Etcd { child, client_url, socket_url, _data: data };
+        let started = Some((listen, peer_url));
+        let mut etcd = Etcd { child, client_url, socket_url, started, data };
         match etcd.wait_ready(pki) {
             Ok(()) => Ok(etcd),
             Err(e) => match port_taken(&log_path) {
@@ -462,6 +464,34 @@ impl Etcd {
                 None => Err(StartFailed::Other(e)),
             },
         }
+    }
+
+    /// etcd with its data and log in `dir` (its working folder), listening on `listen`.
+    fn spawn(pki: &Pki, dir: &Path, client_url: &str, listen: &str, peer_url: &str) -> TestResult<Child> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log"))?;
+        let child = etcd_listening(pki, "guard-test", &dir.join("data"), client_url, listen)
+            .current_dir(dir)
+            .args(["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url])
+            .args(["--initial-cluster", &format!("guard-test={peer_url}")])
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting etcd (is the etcd-server package installed?): {e}"))?;
+        Ok(child)
+    }
+
+    /// Start a stopped etcd again with its data, on the same port (and socket), and wait until it answers. A socket
+    /// left behind by a killed etcd is removed first, as etcd would not start (`bind: address already in use`).
+    pub fn restart(&mut self, pki: &Pki) -> TestResult {
+        let (listen, peer_url) = self.started.clone().ok_or("only a single etcd of its own can be restarted")?;
+        if let Some(socket) = &self.socket_url {
+            let path = socket.trim_start_matches("unixs://localhost");
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        self.child = Etcd::spawn(pki, self.data.path(), &self.client_url, &listen, &peer_url)?;
+        self.wait_ready(pki)
     }
 
     fn wait_ready(&mut self, pki: &Pki) -> TestResult {

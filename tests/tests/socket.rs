@@ -44,6 +44,41 @@ async fn a_proxy_serves_over_etcds_unix_socket() -> TestResult {
     Ok(())
 }
 
+/// etcd stopped under a proxy that reaches it over its socket — gracefully (the socket goes) or killed (the socket
+/// stays, refusing connections) — is `Unavailable` to clients, and is reached again once it is back on the socket,
+/// without a restart of the proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_back_on_its_socket_is_reached_again() -> TestResult {
+    let mut h = Harness::over_socket(TEST_POLICY, "audit: { file: audit/audit.log }\n").await?;
+    let mut c = h.client(&h.admin()?).await?;
+    c.put("k", "v1", None).await?;
+    for killed in [false, true] {
+        if killed {
+            h.etcd.kill()?
+        } else {
+            h.etcd.stop()?
+        }
+        match c.get("k", None).await {
+            Err(etcd_client::Error::GRpcStatus(s)) => assert_eq!(s.code(), Code::Unavailable, "{killed}: {s:?}"),
+            other => return Err(format!("{killed}: expected Unavailable, got {other:?}").into()),
+        }
+        h.etcd.restart(&h.pki)?;
+        // The next attempt waits at most a second after failed ones; the health probe marks the endpoint healthy
+        // within its interval.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            match c.get("k", None).await {
+                Ok(r) if r.kvs().first().is_some_and(|kv| kv.value() == b"v1") => break,
+                other if std::time::Instant::now() > deadline => {
+                    return Err(format!("{killed}: etcd back on its socket, but: {other:?}").into());
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `config check --connect` reaches a `unixs://` endpoint as the proxy would: etcd's socket answers; one whose name
 /// etcd's certificate is not valid for is refused, with the names it is valid for; a socket that is not there cannot
 /// be connected to. And the configuration refuses etcd's own form of a socket URL, with the form it takes.
