@@ -480,7 +480,7 @@ impl Etcd {
     }
 
     /// Start a stopped etcd again with its data, on the same port (and socket), and wait until it answers. A socket
-    /// left behind by a killed etcd is removed first, as etcd would not start (`bind: address already in use`).
+    /// left behind by a killed etcd is removed first: etcd 3.4 would not start (`bind: address already in use`).
     pub fn restart(&mut self, pki: &Pki) -> TestResult {
         let (listen, peer_url) = self.started.clone().ok_or("only a single etcd of its own can be restarted")?;
         if let Some(socket) = &self.socket_url {
