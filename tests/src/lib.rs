@@ -72,9 +72,9 @@ pub struct ClientCert {
 pub struct Etcd {
     child: Child,
     pub client_url: String,
-    /// Its unix socket as the proxy's `unixs://` endpoint names it, when it listens on one
-    /// ([`Etcd::start_with_socket`]).
-    pub socket_url: Option<String>,
+    /// Its unix socket, when it listens on one ([`Etcd::start_with_socket`]); [`Etcd::socket_url`] names it as the
+    /// proxy's `unixs://` endpoint does.
+    pub socket: Option<PathBuf>,
     /// Its `--listen-client-urls` and peer URL, to start it again with its data ([`Etcd::restart`]); `None` for a
     /// cluster's member.
     started: Option<(String, String)>,
@@ -205,7 +205,7 @@ impl EtcdCluster {
             started.push(Etcd {
                 child,
                 client_url: cluster.client_urls[i].clone(),
-                socket_url: None,
+                socket: None,
                 started: None,
                 data: tempfile::tempdir()?,
             });
@@ -278,7 +278,7 @@ impl EtcdCluster {
         let mut etcd = Etcd {
             child,
             client_url: self.client_urls[i].clone(),
-            socket_url: None,
+            socket: None,
             started: None,
             data: tempfile::tempdir()?,
         };
@@ -451,12 +451,11 @@ impl Etcd {
             true => format!("{client_url},unixs://localhost:{client_port}"),
             false => client_url.clone(),
         };
-        let socket_url = socket
-            .then(|| format!("unixs://localhost{}", data.path().join(format!("localhost:{client_port}")).display()));
+        let socket = socket.then(|| data.path().join(format!("localhost:{client_port}")));
         let child = Etcd::spawn(pki, data.path(), &client_url, &listen, &peer_url)?;
         let log_path = data.path().join("etcd.log");
         let started = Some((listen, peer_url));
-        let mut etcd = Etcd { child, client_url, socket_url, started, data };
+        let mut etcd = Etcd { child, client_url, socket, started, data };
         match etcd.wait_ready(pki) {
             Ok(()) => Ok(etcd),
             Err(e) => match port_taken(&log_path) {
@@ -479,13 +478,18 @@ impl Etcd {
         Ok(child)
     }
 
+    /// Its socket as the proxy's endpoint names it (`unixs://localhost/<path>`: etcd's certificate names
+    /// `localhost`), when it listens on one.
+    pub fn socket_url(&self) -> Option<String> {
+        self.socket.as_ref().map(|path| format!("unixs://localhost{}", path.display()))
+    }
+
     /// Start a stopped etcd again with its data, on the same port (and socket), and wait until it answers. A socket
     /// left behind by a killed etcd is removed first: etcd 3.4 would not start (`bind: address already in use`).
     pub fn restart(&mut self, pki: &Pki) -> TestResult {
         let (listen, peer_url) = self.started.clone().ok_or("only a single etcd of its own can be restarted")?;
-        if let Some(socket) = &self.socket_url {
-            let path = socket.trim_start_matches("unixs://localhost");
-            match std::fs::remove_file(path) {
+        if let Some(socket) = &self.socket {
+            match std::fs::remove_file(socket) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             }
@@ -612,10 +616,7 @@ impl Harness {
     async fn build(policy: &str, extra: &str, over_socket: bool) -> TestResult<Harness> {
         let pki = Pki::new()?;
         let etcd = if over_socket { Etcd::start_with_socket(&pki)? } else { Etcd::start(&pki)? };
-        let upstream = match &etcd.socket_url {
-            Some(socket) => socket,
-            None => &etcd.client_url,
-        };
+        let upstream = etcd.socket_url().unwrap_or_else(|| etcd.client_url.clone());
         std::fs::write(pki.path("policy.yaml"), policy)?;
         let config_text = format!(
             r#"

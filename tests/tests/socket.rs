@@ -86,8 +86,8 @@ async fn etcd_back_on_its_socket_is_reached_again() -> TestResult {
 fn config_check_connect_reaches_unix_sockets() -> TestResult {
     let pki = Pki::new()?;
     let etcd = Etcd::start_with_socket(&pki)?;
-    let socket = etcd.socket_url.clone().ok_or("etcd has no socket")?;
-    let path = socket.trim_start_matches("unixs://localhost");
+    let socket = etcd.socket_url().ok_or("etcd has no socket")?;
+    let path = etcd.socket.as_ref().ok_or("etcd has no socket")?.display();
     let wrong_name = format!("unixs://etcd-0.example{path}");
     let missing = format!("unixs://localhost{path}.missing");
     std::fs::write(
