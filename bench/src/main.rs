@@ -31,9 +31,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Starts etcd (`etcd`, 3.4 or later) and `etcd-guard serve` on free 127.0.0.1 ports with generated
 /// certificates, then runs each workload — linearizable and serializable Range, Put, a kube-apiserver-like mix,
 /// watch fan-out — against etcd directly and through the proxy, alternating (A B A B A B), from a separate
-/// load-generator process. Also: fixed-rate runs at half of saturation, a 10,000-role policy, and memory per idle
-/// connection. Prints a table and writes a JSON file. Build the proxy first, in the same target folder:
-/// `cargo build --release -p etcd-guard -p etcd-guard-bench`.
+/// load-generator process. Also: fixed-rate runs at half of saturation, a 10,000-role policy, memory per idle
+/// connection, and `etcd grpc-proxy` (the reference) beside both. Prints a table and writes a JSON file.
+/// Build the proxy first, in the same target folder: `cargo build --release -p etcd-guard -p etcd-guard-bench`.
 #[derive(Debug, Parser)]
 #[command(name = "etcd-guard-bench", version, args_conflicts_with_subcommands = true)]
 struct Cli {

@@ -117,6 +117,9 @@ pub enum CaseKind {
     /// lin-range and put through a proxy that reaches etcd over TCP (as every other case) and one that reaches it
     /// over its unix socket (`unixs://`, etcd on the same host).
     UnixUpstream,
+    /// lin-range and put against etcd directly (A), through `etcd grpc-proxy` (B, the proxy etcd ships, issue
+    /// #5's reference) and through etcd-guard (C), alternating A B C, mutual TLS on every leg.
+    GrpcProxy,
     /// Memory per idle connection.
     Idle,
     /// lin-range, put and watch through a proxy built from `--baseline-bin` and through this one (only with that
@@ -254,17 +257,17 @@ fn find_proxy_bin(args: &RunArgs) -> Result<PathBuf, BoxError> {
     }
 }
 
-/// Two fresh proxy processes compared on the same workloads, A B A B …
+/// Paths compared on the same workloads, A B A B … (or A B C A B C …): fresh proxy processes, and direct etcd
+/// (no process of its own) where it is one of them.
 struct Pair<'a> {
     kind: &'static str,
     workloads: &'a [Workload],
     /// Also lin-range and put at this fixed rate (1x64), after the saturation runs.
     rate: Option<f64>,
-    a: (&'a Leg, &'a mut ProxyProcess),
-    b: (&'a Leg, &'a mut ProxyProcess),
+    legs: Vec<(&'a Leg, Option<&'a mut ProxyProcess>)>,
 }
 
-/// Run the workloads of `pair` at every shape through both of its proxies, alternating, into `cases`.
+/// Run the workloads of `pair` at every shape through each of its paths, alternating, into `cases`.
 async fn alternate(
     bench: &Bench,
     pair: Pair<'_>,
@@ -274,21 +277,21 @@ async fn alternate(
     admin: &tonic::transport::Channel,
     cases: &mut Vec<Case>,
 ) -> Result<(), BoxError> {
-    let Pair { kind, workloads, rate, a: (a_leg, a), b: (b_leg, b) } = pair;
+    let Pair { kind, workloads, rate, legs } = pair;
+    let (legs, mut processes): (Vec<&Leg>, Vec<Option<&mut ProxyProcess>>) = legs.into_iter().unzip();
     let fixed = Shape { connections: 1, in_flight: 64 };
     let saturation = workloads.iter().flat_map(|&w| shapes.iter().map(move |&shape| (w, shape, None)));
     let fixed_rate = rate.into_iter().flat_map(|r| [Workload::LinRange, Workload::Put].map(|w| (w, fixed, Some(r))));
     for (workload, shape, rate) in saturation.chain(fixed_rate) {
         let mut alive = || -> Result<(), BoxError> {
             etcd.guard.check_alive()?;
-            a.guard.check_alive()?;
-            b.guard.check_alive()
+            processes.iter_mut().flatten().try_for_each(|p| p.guard.check_alive())
         };
         let name = match rate {
             Some(r) => format!("{}@{r:.0}/s", workload.name()),
             None => workload.name().to_string(),
         };
-        let case = bench.compare(&name, kind, workload, shape, rate, [a_leg, b_leg], etcd_pid, &mut alive).await?;
+        let case = bench.compare(&name, kind, workload, shape, rate, &legs, etcd_pid, &mut alive).await?;
         cases.push(case);
         if workload == Workload::Put {
             setup::compact(admin).await?;
@@ -442,7 +445,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 proxy.guard.check_alive()
             };
             let case = bench
-                .compare(&name, "saturation", workload, *shape, None, [&direct, &proxied], &etcd_pid, &mut alive)
+                .compare(&name, "saturation", workload, *shape, None, &[&direct, &proxied], &etcd_pid, &mut alive)
                 .await?;
             cases.push(case);
             if matches!(workload, Workload::Put | Workload::Mix | Workload::Watch | Workload::LeasedPut) {
@@ -478,7 +481,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 proxy.guard.check_alive()
             };
             let case = bench
-                .compare(&name, "fixed-rate", workload, shape, Some(rate), [&direct, &proxied], &etcd_pid, &mut alive)
+                .compare(&name, "fixed-rate", workload, shape, Some(rate), &[&direct, &proxied], &etcd_pid, &mut alive)
                 .await?;
             cases.push(case);
             if workload == Workload::Put {
@@ -515,7 +518,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                     Workload::LinRange,
                     *shape,
                     None,
-                    [&small_leg, &large_leg],
+                    &[&small_leg, &large_leg],
                     &etcd_pid,
                     &mut alive,
                 )
@@ -549,8 +552,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 kind: "audit-cost",
                 workloads,
                 rate: pair_rate,
-                a: (&off_leg, &mut quiet),
-                b: (&on_leg, &mut audited),
+                legs: vec![(&off_leg, Some(&mut quiet)), (&on_leg, Some(&mut audited))],
             };
             alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
             drop(quiet);
@@ -575,8 +577,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 kind: "answer-after",
                 workloads: &[Workload::LinRange, Workload::Put],
                 rate: pair_rate,
-                a: (&a_leg, &mut a),
-                b: (&b_leg, &mut b),
+                legs: vec![(&a_leg, Some(&mut a)), (&b_leg, Some(&mut b))],
             };
             alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
         } else {
@@ -596,7 +597,7 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
                 etcd.guard.check_alive()?;
                 shared.guard.check_alive()
             };
-            let legs = [&direct, &shared_leg];
+            let legs = &[&direct, &shared_leg];
             let case =
                 bench.compare("watch", "coalesced", Workload::Watch, *shape, None, legs, &etcd_pid, &mut alive).await?;
             cases.push(case);
@@ -616,8 +617,23 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
             kind: "unix-upstream",
             workloads: &[Workload::LinRange, Workload::Put],
             rate: pair_rate,
-            a: (&tcp_leg, &mut tcp),
-            b: (&unix_leg, &mut unix),
+            legs: vec![(&tcp_leg, Some(&mut tcp)), (&unix_leg, Some(&mut unix))],
+        };
+        alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
+    }
+
+    // Issue #5's reference on this machine: direct etcd (A), `etcd grpc-proxy` (B) and etcd-guard (C), alternating.
+    // Both proxies fresh processes, mutual TLS on both legs; grpc-proxy checks and audits nothing.
+    if selected(&args, CaseKind::GrpcProxy) {
+        let mut reference = setup::start_grpc_proxy(&args.etcd_bin, &pki, &etcd.url).await?;
+        let reference_leg = Leg::through("etcd grpc-proxy", &reference);
+        let mut guard = ProxyProcess::start(&proxy_bin, &pki, "guard", &etcd.url, "policy-small.yaml", options).await?;
+        let guard_leg = Leg::through("etcd-guard", &guard);
+        let pair = Pair {
+            kind: "grpc-proxy",
+            workloads: &[Workload::LinRange, Workload::Put],
+            rate: pair_rate,
+            legs: vec![(&direct, None), (&reference_leg, Some(&mut reference)), (&guard_leg, Some(&mut guard))],
         };
         alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
     }
@@ -630,8 +646,8 @@ async fn run(args: RunArgs) -> Result<(), BoxError> {
         let mut this = ProxyProcess::start(&proxy_bin, &pki, "this", &etcd.url, "policy-small.yaml", options).await?;
         let this_leg = Leg::through("this proxy", &this);
         let workloads = &[Workload::LinRange, Workload::Put, Workload::Watch];
-        let pair =
-            Pair { kind: "baseline", workloads, rate: pair_rate, a: (&base_leg, &mut base), b: (&this_leg, &mut this) };
+        let legs = vec![(&base_leg, Some(&mut base)), (&this_leg, Some(&mut this))];
+        let pair = Pair { kind: "baseline", workloads, rate: pair_rate, legs };
         alternate(&bench, pair, &args.shapes, &mut etcd, &etcd_pid, &admin, &mut cases).await?;
     }
 
@@ -705,13 +721,13 @@ impl Bench {
         workload: Workload,
         shape: Shape,
         rate: Option<f64>,
-        legs: [&Leg; 2],
+        legs: &[&Leg],
         etcd_pid: &str,
         alive: &mut dyn FnMut() -> Result<(), BoxError>,
     ) -> Result<Case, BoxError> {
         let mut records = Vec::new();
         for run in 0..self.runs {
-            for leg in legs {
+            for &leg in legs {
                 alive()?;
                 let record = self.run_once(workload, shape, rate, leg, etcd_pid, run).await?;
                 let shown = if workload == Workload::Watch { "events/s" } else { "req/s" };
@@ -732,7 +748,8 @@ impl Bench {
                 records.push(record);
             }
         }
-        Ok(Case::new(name, kind, workload, shape, rate, [&legs[0].label, &legs[1].label], records))
+        let labels: Vec<&str> = legs.iter().map(|l| l.label.as_str()).collect();
+        Ok(Case::new(name, kind, workload, shape, rate, &labels, records))
     }
 
     /// One run of the load generator against one leg, with `/proc` readings of etcd and the proxy.

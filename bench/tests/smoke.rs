@@ -23,7 +23,10 @@ fn run_bench(out: &Path, log: &Path) -> TestResult {
     command
         .arg("--proxy-bin")
         .arg(env!("CARGO_BIN_EXE_guard-under-bench"))
-        .args(["--only", "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,watch-coalesced,unix-upstream,idle"])
+        .args([
+            "--only",
+            "lin-range,ser-range,put,mix,watch,keep-alive,leased-put,watch-coalesced,unix-upstream,grpc-proxy,idle",
+        ])
         .args(["--shapes", "1x64", "--runs", "1", "--duration", "0.3", "--warmup", "0.1", "--rate", "off"])
         .args(["--watchers", "20", "--idle-conns", "100"])
         .arg("--out")
@@ -73,10 +76,15 @@ fn every_workload_runs_through_both_paths() -> TestResult {
     // lin-range and put through a proxy that reaches etcd over its unix socket, too.
     let over_socket = cases.iter().filter(|c| c["kind"] == "unix-upstream").count();
     assert_eq!(over_socket, 2, "{printed}");
+    // lin-range and put against etcd, through `etcd grpc-proxy` and through etcd-guard, and the line comparing them.
+    let reference = cases.iter().filter(|c| c["kind"] == "grpc-proxy").count();
+    assert_eq!(reference, 2, "{printed}");
+    assert!(printed.contains("spends less CPU per request than etcd grpc-proxy"), "{printed}");
     for case in cases {
         let name = case["name"].as_str().unwrap_or("?");
         let legs = case["legs"].as_array().ok_or("a case without legs")?;
-        assert_eq!(legs.len(), 2, "{name}: {case}");
+        let expected = if case["kind"] == "grpc-proxy" { 3 } else { 2 };
+        assert_eq!(legs.len(), expected, "{name}: {case}");
         for leg in legs {
             let label = leg["label"].as_str().unwrap_or("?");
             // With the benchmark's own lines: which runs served what, and what the processes said.
@@ -87,7 +95,10 @@ fn every_workload_runs_through_both_paths() -> TestResult {
         // The proxy's own CPU per request, which the CPU target is judged on, was read from /proc (a figure, not
         // null; it may be 0: /proc counts in 10 ms ticks, and a 0.3 s window of a debug build on a loaded machine
         // can serve few requests — a fresh proxy's first calls wait for its upstream TLS handshakes).
-        assert!(legs[1]["proxy_cpu_us_per_req"].as_f64().is_some_and(|us| us >= 0.0), "{name}: {case}");
+        for leg in &legs[1..] {
+            assert!(leg["proxy_cpu_us_per_req"].as_f64().is_some_and(|us| us >= 0.0), "{name}: {case}");
+            assert!(leg["ratio"].as_f64().is_some_and(|r| r > 0.0), "{name}: {case}");
+        }
         assert!(case["ratio"].as_f64().is_some_and(|r| r > 0.0), "{name}: {case}");
     }
     let idle = results["idle"].as_array().ok_or("no idle-connection figures")?;
