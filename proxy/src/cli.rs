@@ -389,7 +389,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
     }
     // Connections are served by worker threads, one runtime each.
-    let threads = config.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = config.worker_threads.unwrap_or_else(|| {
+        crate::runtime::default_worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
     let workers = match Workers::start(threads) {
         Ok(w) => w,
         Err(e) => return fail(format!("starting the worker threads: {e}")),

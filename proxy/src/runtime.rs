@@ -21,6 +21,16 @@ pub fn current_worker() -> Option<usize> {
     WORKER.with(Cell::get)
 }
 
+/// Worker threads when the configuration does not say: half the cores this process may use (rounded up), since the
+/// proxy usually shares its node with etcd (and kube-apiserver) and costs a fraction of etcd's CPU per call.
+/// Measured on a 2-core machine shared with etcd, 8 client connections on one worker cost the proxy 10–20 µs less
+/// per call than on two: each worker's upstream connection carries more calls per read and write, and one thread
+/// wakes up instead of two (BENCHMARKS.md). `cores` is what [`std::thread::available_parallelism`] says (it counts
+/// a container's CPU quota).
+pub fn default_worker_threads(cores: usize) -> usize {
+    cores.div_ceil(2).max(1)
+}
+
 /// Running worker threads.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -89,6 +99,12 @@ impl Drop for Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_worker_threads_are_half_the_cores_rounded_up() {
+        let defaults: Vec<usize> = [0, 1, 2, 3, 4, 8, 64].into_iter().map(default_worker_threads).collect();
+        assert_eq!(defaults, [1, 1, 1, 2, 2, 4, 32]);
+    }
 
     #[test]
     fn tasks_run_on_their_worker_and_know_it() -> Result<(), Box<dyn std::error::Error>> {
