@@ -252,18 +252,12 @@ impl Case {
         labels: &[&str],
         runs: Vec<RunRecord>,
     ) -> Case {
-        let mut legs: Vec<LegSummary> = labels
-            .iter()
-            .map(|label| LegSummary::of(label, &runs.iter().filter(|r| r.leg == *label).collect::<Vec<_>>()))
-            .collect();
-        let empty = || LegSummary::of("", &[]);
-        if let Some(first) = legs.first().cloned() {
-            for leg in legs.iter_mut().skip(1) {
-                *leg = std::mem::replace(leg, empty()).against(&first);
-            }
-        }
-        let a = legs.first().cloned().unwrap_or_else(empty);
-        let b = legs.get(1).cloned().unwrap_or_else(empty);
+        let summary =
+            |label: &&str| LegSummary::of(label, &runs.iter().filter(|r| r.leg == *label).collect::<Vec<_>>());
+        let a = labels.first().map(summary).unwrap_or_else(|| LegSummary::of("", &[]));
+        let others = labels.iter().skip(1).map(|label| summary(label).against(&a));
+        let legs: Vec<LegSummary> = std::iter::once(a.clone()).chain(others).collect();
+        let b = legs.get(1).unwrap_or(&a);
         Case {
             name: name.to_string(),
             kind: kind.to_string(),

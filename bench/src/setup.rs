@@ -354,24 +354,26 @@ pub async fn start_grpc_proxy(etcd_bin: &Path, pki: &Pki, etcd_url: &str) -> Res
     let listen = format!("127.0.0.1:{port}");
     let log_path = pki.path("grpc-proxy.log");
     let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(etcd_bin)
+    let mut command = Command::new(etcd_bin);
+    command
         .current_dir(pki.path(""))
         .args(["grpc-proxy", "start", "--listen-addr", &listen, "--advertise-client-url", &listen])
-        .args(["--endpoints", etcd_url])
-        .arg("--data-dir")
-        .arg(pki.path("grpc-proxy-data"))
-        .arg("--cacert")
-        .arg(pki.path("ca.crt"))
-        .arg("--cert")
-        .arg(pki.path("grpc-proxy-client.crt"))
-        .arg("--key")
-        .arg(pki.path("grpc-proxy-client.key"))
-        .arg("--trusted-ca-file")
-        .arg(pki.path("ca.crt"))
-        .arg("--cert-file")
-        .arg(pki.path("server.crt"))
-        .arg("--key-file")
-        .arg(pki.path("server.key"))
+        .args(["--endpoints", etcd_url]);
+    let files = [
+        ("--data-dir", "grpc-proxy-data"),
+        // Upstream: etcd's CA, the client certificate without a common name.
+        ("--cacert", "ca.crt"),
+        ("--cert", "grpc-proxy-client.crt"),
+        ("--key", "grpc-proxy-client.key"),
+        // Clients: the same server certificate as etcd-guard's.
+        ("--trusted-ca-file", "ca.crt"),
+        ("--cert-file", "server.crt"),
+        ("--key-file", "server.key"),
+    ];
+    for (flag, file) in files {
+        command.arg(flag).arg(pki.path(file));
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
