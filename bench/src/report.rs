@@ -178,7 +178,8 @@ pub struct LegSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct Case {
     pub name: String,
-    /// `saturation`, `fixed-rate`, `policy-scale` or `audit-cost`.
+    /// `saturation`, `fixed-rate`, `policy-scale`, `audit-cost`, `answer-after`, `coalesced`, `unix-upstream`,
+    /// `grpc-proxy` (three legs: direct, grpc-proxy, etcd-guard) or `baseline`.
     pub kind: String,
     pub workload: String,
     pub shape: String,
@@ -358,7 +359,8 @@ fn pair_figures(c: &Case) -> String {
     ))
 }
 
-/// A `grpc-proxy` case's line: each proxy's throughput over direct etcd's and its CPU per request.
+/// A `grpc-proxy` case's line: each proxy's throughput over direct etcd's and its CPU per request. The legs are in
+/// the order `run.rs` gives them: direct, grpc-proxy, etcd-guard.
 fn against_grpc_proxy(c: &Case) -> String {
     let figures = |leg: Option<&LegSummary>| match leg {
         Some(l) => {

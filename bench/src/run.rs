@@ -712,7 +712,7 @@ fn audit_bytes(dir: &Path) -> u64 {
 }
 
 impl Bench {
-    /// Runs alternating between the two legs, `runs` times each, and their summary.
+    /// Runs alternating between the legs (A B A B …, or A B C …), `runs` times each, and their summary.
     #[allow(clippy::too_many_arguments)]
     async fn compare(
         &self,

@@ -344,11 +344,10 @@ impl ProxyProcess {
     }
 }
 
-/// `etcd grpc-proxy start` (the proxy etcd ships, issue #5's reference), TLS on both legs: it serves the
-/// benchmark's server certificate and reaches etcd with a client certificate (one with an empty subject, which it
-/// insists on). etcd 3.4's grpc-proxy has no flag to require client certificates (`client-cert-auth = false` in
-/// its log): the load generator's certificate is not asked for, which spares grpc-proxy one signature check per
-/// connection, not per request. Data (nothing but its own folder) in `dir/grpc-proxy-data`.
+/// `etcd grpc-proxy start` (the proxy etcd ships, issue #5's reference), mutual TLS on both legs: it serves the
+/// benchmark's server certificate, requires and verifies the client's (given `--trusted-ca-file`, whatever its
+/// log's `client-cert-auth = false` says), and reaches etcd with a client certificate of its own (one with an
+/// empty subject, which it insists on). Data (nothing but its own folder) in `dir/grpc-proxy-data`.
 pub async fn start_grpc_proxy(etcd_bin: &Path, pki: &Pki, etcd_url: &str) -> Result<ProxyProcess, BoxError> {
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
