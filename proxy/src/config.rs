@@ -30,7 +30,8 @@ pub struct Config {
     pub reload_check_interval: Option<Duration>,
     /// How long a shutdown waits for calls in flight.
     pub shutdown_grace: Duration,
-    /// Worker threads serving connections (`None`: half the cores, rounded up, [`crate::runtime::default_worker_threads`]).
+    /// Worker threads serving connections (`None`: half the cores, rounded up:
+    /// [`crate::runtime::default_worker_threads`]).
     pub worker_threads: Option<usize>,
     pub watch: Watch,
 }

@@ -24,9 +24,9 @@ pub fn current_worker() -> Option<usize> {
 /// Worker threads when the configuration does not say: half the cores this process may use (rounded up), since the
 /// proxy usually shares its node with etcd (and kube-apiserver) and costs a fraction of etcd's CPU per call.
 /// Measured on a 2-core machine shared with etcd (and the load generator), 8 client connections on one worker cost
-/// the proxy 9–16 µs less per call than on two: each worker's upstream connection carries more calls per read and write, and one thread
-/// wakes up instead of two (BENCHMARKS.md). On larger nodes "half" is reasoning, not a measurement. `cores` is what [`std::thread::available_parallelism`] says (it counts
-/// a container's CPU quota).
+/// the proxy 9–16 µs less per call than on two: each worker's upstream connection carries more calls per read and
+/// write, and one thread wakes up instead of two (BENCHMARKS.md). On larger nodes "half" is reasoning, not a
+/// measurement. `cores` is what [`std::thread::available_parallelism`] says (it counts a container's CPU quota).
 pub fn default_worker_threads(cores: usize) -> usize {
     cores.div_ceil(2).max(1)
 }
