@@ -359,33 +359,30 @@ fn pair_figures(c: &Case) -> String {
     ))
 }
 
-/// A `grpc-proxy` case's line: each proxy's throughput over direct etcd's and its CPU per request. The legs are in
-/// the order `run.rs` gives them: direct, grpc-proxy, etcd-guard.
-fn against_grpc_proxy(c: &Case) -> String {
-    let figures = |leg: Option<&LegSummary>| match leg {
-        Some(l) => {
-            format!("{:.3} of direct, {:.1} us/req", l.ratio.unwrap_or(0.0), l.proxy_cpu_us_per_req.unwrap_or(0.0))
-        }
-        None => "-".to_string(),
-    };
-    c.shown(format!(
-        "{} {}: etcd-guard {}, grpc-proxy {}",
-        c.name,
-        c.shape,
-        figures(c.legs.get(2)),
-        figures(c.legs.get(1))
-    ))
+/// The two proxies of a `grpc-proxy` case, `(grpc-proxy, etcd-guard)`: its second and third legs, in the order
+/// `run.rs` gives them (direct etcd first).
+fn grpc_proxy_legs(c: &Case) -> Option<(&LegSummary, &LegSummary)> {
+    Some((c.legs.get(1)?, c.legs.get(2)?))
 }
 
-/// Whether etcd-guard (the third leg) spent less CPU per request than grpc-proxy (the second). Throughput is shown
-/// beside it, not judged: with both proxies at about 0.8 of direct etcd, this machine's noise decides which of the
-/// two is ahead in a single case; the CPU each spends per request is what tells them apart.
+/// A `grpc-proxy` case's line: each proxy's throughput over direct etcd's and its CPU per request.
+fn against_grpc_proxy(c: &Case) -> String {
+    let figures = |l: &LegSummary| {
+        format!("{:.3} of direct, {:.1} us/req", l.ratio.unwrap_or(0.0), l.proxy_cpu_us_per_req.unwrap_or(0.0))
+    };
+    let text = match grpc_proxy_legs(c) {
+        Some((reference, guard)) => format!("etcd-guard {}, grpc-proxy {}", figures(guard), figures(reference)),
+        None => "not both proxies".to_string(),
+    };
+    c.shown(format!("{} {}: {text}", c.name, c.shape))
+}
+
+/// Whether etcd-guard spent less CPU per request than grpc-proxy. Throughput is shown beside it, not judged: with
+/// both proxies at about 0.8 of direct etcd, this machine's noise decides which of the two is ahead in a single
+/// case; the CPU each spends per request is what tells them apart.
 fn etcd_guard_cheaper(c: &Case) -> bool {
     let cpu = |l: &LegSummary| l.proxy_cpu_us_per_req.unwrap_or(f64::INFINITY);
-    match (c.legs.get(1), c.legs.get(2)) {
-        (Some(reference), Some(guard)) => cpu(guard) < cpu(reference),
-        _ => false,
-    }
+    grpc_proxy_legs(c).is_some_and(|(reference, guard)| cpu(guard) < cpu(reference))
 }
 
 fn cases_of<'a>(cases: &'a [Case], kind: &str, workloads: &[&str]) -> Vec<&'a Case> {
