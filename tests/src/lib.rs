@@ -533,8 +533,20 @@ impl Etcd {
     }
 
     /// Freeze etcd (`SIGSTOP`): its connections stay open and nothing is answered until [`Etcd::resume`].
+    ///
+    /// Returns once every thread of etcd has stopped. `kill` returns before that: the kernel wakes one thread to
+    /// take the signal, and that thread stops the others, so on a loaded machine etcd's other threads can go on
+    /// answering for milliseconds after the signal was sent.
     pub fn pause(&self) -> TestResult {
-        self.signal("STOP")
+        self.signal("STOP")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(self.child.id())? {
+            if Instant::now() > deadline {
+                return Err(format!("etcd ({}) did not stop within 10 s of SIGSTOP", self.child.id()).into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Let a paused etcd go on (`SIGCONT`).
@@ -549,6 +561,20 @@ impl Etcd {
         }
         Ok(())
     }
+}
+
+/// Whether every thread of process `pid` is stopped by a signal (state `T` in `/proc/PID/task/TID/stat`).
+fn all_threads_stopped(pid: u32) -> TestResult<bool> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread that ended between the listing and the read is not running either.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else { continue };
+        // `PID (COMM) STATE ...`: COMM may hold spaces and parentheses, so the state follows the last `)`.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        if state != Some("T") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl Drop for Etcd {

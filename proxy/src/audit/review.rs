@@ -264,7 +264,7 @@ const TOP_DENIED: usize = 20;
 const DENIED_KEYS_KEPT: usize = 100_000;
 
 /// Run `audit review`: 0 when the files were read (whether or not anything matched), 1 when they were but their
-/// chain does not verify (the records shown may have been altered; [`verified`]), 2 on errors.
+/// chain does not verify (the records shown may have been altered; see `verified`), 2 on errors.
 pub fn run(args: ReviewArgs) -> ExitCode {
     // The key first: a wrong path is an error before anything is printed.
     let keys = match super::verify::keys_or_report(&args.hmac_key, args.unkeyed_before, &args.anchor) {
