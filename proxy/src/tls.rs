@@ -293,7 +293,7 @@ pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(3
 
 /// The client certificate verifier in force. A reload of the listener that changes the client CA bundle or the
 /// CRLs replaces it, and every open connection checks its client's certificate chain against the new one
-/// ([`ClientTrust::untrusted`]): a certificate a new CRL revokes, or a CA taken out of the bundle, loses its open
+/// ([`PeerTrust::untrusted`]): a certificate a new CRL revokes, or a CA taken out of the bundle, loses its open
 /// connections too, not only its next handshake.
 pub struct ClientTrust {
     trust: watch::Sender<Trust>,
@@ -586,6 +586,7 @@ pub fn upstream_connections(up: &config::Upstream) -> Result<UpstreamTls, TlsErr
             stream_window: STREAM_WINDOW,
             keep_alive_interval: std::time::Duration::from_secs(30),
             keep_alive_timeout: std::time::Duration::from_secs(10),
+            ping_slowdowns: Arc::default(),
         };
         // Several connections per endpoint, so one HTTP/2 connection (one task, one TLS stream) is not the
         // bottleneck for every client of the proxy.

@@ -448,8 +448,8 @@ fn for_clients(message: &str) -> &str {
     }
 }
 
-/// An error's text without the documentation link some carry (rustls' "peer closed connection without sending
-/// TLS close_notify: https://docs.rs/rustls/…"): clients get the words, the proxy's log has the rest.
+/// An error's text without the documentation link some carry (rustls' `peer closed connection without sending
+/// TLS close_notify: https://docs.rs/rustls/…`): clients get the words, the proxy's log has the rest.
 fn without_links(message: &str) -> &str {
     message.find(": https://").map_or(message, |at| &message[..at])
 }

@@ -10,10 +10,12 @@
 //! connection without streams as a strike and, after three, closes the connection with `GOAWAY`
 //! `too_many_pings` (seen with 3.5.16: two minutes after the last stream; a TLS port that also serves HTTP, Go's
 //! HTTP/2 server, does not count). A client connection's own upstream connection for streams outlives its
-//! streams, so it is often idle.
+//! streams, so it is often idle. On such a port etcd also closes a connection pinged more often than its
+//! `--grpc-keepalive-min-time` with that `GOAWAY`; the endpoint's later connections then ping half as often
+//! ([`Connector::ping_slowdowns`]), as grpc-go's clients do.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Patience, RecvBody, cork, send_body};
 
@@ -114,11 +116,39 @@ pub struct Connector {
     /// connection, and the next call makes a new one.
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
+    /// How many times etcd closed a connection to the endpoint for pinging too often (`GOAWAY`
+    /// `ENHANCE_YOUR_CALM`): each doubles the interval of later connections' pings, up to
+    /// [`MAX_PING_SLOWDOWNS`] times, as grpc-go's clients do. Shared by the clones of a connector, so by every
+    /// connection to the endpoint (workers', and client connections' own for streams).
+    pub ping_slowdowns: Arc<AtomicU32>,
 }
+
+/// The keep-alive interval is doubled at most this many times (30 s becomes 32 min).
+pub const MAX_PING_SLOWDOWNS: u32 = 6;
 
 // === impl Connector ===
 
 impl Connector {
+    /// The interval of a new connection's keep-alive pings: `keep_alive_interval`, doubled for each time etcd
+    /// asked for fewer pings.
+    pub fn ping_interval(&self) -> Duration {
+        self.ping_pace().1
+    }
+
+    /// The doublings in force for a new connection, and its ping interval with them.
+    fn ping_pace(&self) -> (u32, Duration) {
+        let slowdowns = self.ping_slowdowns.load(Ordering::Relaxed).min(MAX_PING_SLOWDOWNS);
+        (slowdowns, self.keep_alive_interval.saturating_mul(1 << slowdowns))
+    }
+
+    /// etcd closed a connection that pinged with `slowdowns` doublings for pinging too often: later connections
+    /// ping half as often as that one did. Several connections closed so at once (one per worker) double the
+    /// interval once, as in grpc-go's clients.
+    fn slow_pings(&self, slowdowns: u32) -> Duration {
+        self.ping_slowdowns.fetch_max((slowdowns + 1).min(MAX_PING_SLOWDOWNS), Ordering::Relaxed);
+        self.ping_interval()
+    }
+
     /// The endpoint as messages name it: its address, or its socket's path.
     pub fn endpoint(&self) -> String {
         match &self.socket {
@@ -346,8 +376,8 @@ impl Connection {
             *slot = Some(live.clone());
         }
         let current = self.current.clone();
-        let (interval, timeout) = (c.keep_alive_interval, c.keep_alive_timeout);
-        let endpoint = c.endpoint();
+        let ((slowdowns, interval), timeout) = (c.ping_pace(), c.keep_alive_timeout);
+        let (endpoint, connector) = (c.endpoint(), c.clone());
         let (state, backoff) = (live.state.clone(), self.backoff.clone());
         let drive = cork::drive(cork, async move {
             let mut connection = connection;
@@ -356,6 +386,15 @@ impl Connection {
                 result = &mut connection => match result {
                     Err(e) => {
                         debug!(%endpoint, error = %e, "upstream connection ended");
+                        if too_many_pings(&e) {
+                            let next = connector.slow_pings(slowdowns);
+                            warn!(
+                                %endpoint, error = %e, pinged_every = ?interval, from_now_on = ?next,
+                                "etcd closed the upstream connection with GOAWAY ENHANCE_YOUR_CALM, its answer to \
+                                 pings more frequent than its --grpc-keepalive-min-time allows: later connections \
+                                 ping half as often"
+                            );
+                        }
                         tls_alert(&e).then(|| e.to_string())
                     }
                     Ok(()) => None,
@@ -523,6 +562,12 @@ pub fn tells_tls_alert(text: &str) -> bool {
     text.contains(said)
 }
 
+/// Whether the connection ended because etcd found it pinged too often: grpc-go's server closes it with
+/// `GOAWAY` `ENHANCE_YOUR_CALM` (debug data `too_many_pings`); nothing else the proxy does repeats on its own.
+fn too_many_pings(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::ENHANCE_YOUR_CALM)
+}
+
 /// Resolves when the peer failed to answer a PING within `timeout`; pings every `interval` while a call is `open`.
 async fn keep_alive(pings: Option<PingPong>, open: &AtomicUsize, interval: Duration, timeout: Duration) {
     let Some(mut pings) = pings else { return std::future::pending().await };
@@ -559,6 +604,7 @@ pub mod testing {
             stream_window: 1 << 20,
             keep_alive_interval: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(10),
+            ping_slowdowns: Arc::default(),
         })
     }
 }
@@ -814,6 +860,65 @@ mod tests {
         fn is_end_stream(&self) -> bool {
             true
         }
+    }
+
+    /// etcd's gRPC server closes a connection pinged more often than its `--grpc-keepalive-min-time` allows with
+    /// `GOAWAY` `ENHANCE_YOUR_CALM`: each such end doubles the ping interval of the endpoint's later connections
+    /// (other ends do not), up to [`MAX_PING_SLOWDOWNS`] times.
+    #[tokio::test]
+    async fn a_connection_closed_for_pinging_too_often_halves_the_pings_of_later_ones()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (acceptor, client) = crate::tls::testing::loopback_h2()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let authority = listener.local_addr()?.to_string().parse()?;
+        // Each connection answers one call, then ends as the list says: two ENHANCE_YOUR_CALM, then a GOAWAY
+        // without an error (etcd shutting down), then a broken TCP connection.
+        tokio::spawn(async move {
+            for end in [Some(Reason::ENHANCE_YOUR_CALM), Some(Reason::ENHANCE_YOUR_CALM), Some(Reason::NO_ERROR), None]
+            {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut conn) = h2::server::handshake(tls).await else { return };
+                if let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                }
+                // The answer is written while the connection is polled; then it ends.
+                let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
+                match end {
+                    Some(Reason::NO_ERROR) => conn.graceful_shutdown(),
+                    Some(reason) => conn.abrupt_shutdown(reason),
+                    None => continue,
+                }
+                while let Some(Ok(_)) = conn.accept().await {}
+            }
+        });
+
+        let connection = Connection::new(testing::connector(client, authority)?);
+        let base = connection.connector().keep_alive_interval;
+        let mut intervals = Vec::new();
+        for call in 0..4 {
+            let head = http::Request::builder().method("POST").uri(connection.uri("/unary")).body(())?;
+            let answer = connection.send(head, Bytes::new()).await;
+            drop(answer.map_err(|e| format!("call {call}: {e}"))?);
+            // The connection's driver sees the end after the call was answered; the next call connects again.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while connection.live().is_some() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            intervals.push(connection.connector().ping_interval());
+        }
+        assert_eq!(intervals, [base * 2, base * 4, base * 4, base * 4]);
+
+        // Connections that pinged at the same pace and were closed so at once double it once; at most
+        // MAX_PING_SLOWDOWNS doublings.
+        let connector = connection.connector();
+        assert_eq!((connector.slow_pings(2), connector.slow_pings(2)), (base * 8, base * 8));
+        assert_eq!(connector.slow_pings(1), base * 8, "a connection made before the last doubling");
+        for slowdowns in 3..10 {
+            connector.slow_pings(slowdowns);
+        }
+        assert_eq!(connector.ping_interval(), base * (1 << MAX_PING_SLOWDOWNS));
+        Ok(())
     }
 
     /// etcd closes a connection it is pinged on without a stream open (three strikes, then `GOAWAY`

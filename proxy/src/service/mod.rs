@@ -1206,9 +1206,8 @@ impl Drop for UpstreamTimer<'_> {
 /// The reason a bidirectional stream's end record gives, unless something more is known.
 const STREAM_ENDED: &str = "stream ended";
 
-/// The record for the end of a stream, written once: when [`StreamEnd::finish`] is called or when it is dropped,
-/// with how the stream's answer ended for its client ([`StreamEnd::note`]): `Cancelled` if it did not (the client
-/// went away).
+/// The record for the end of a stream, written once, when it is dropped, with how the stream's answer ended for
+/// its client ([`StreamEnd::note`]): `Cancelled` if it did not (the client went away).
 pub struct StreamEnd {
     conn: Arc<Conn>,
     audit: AuditLog,
