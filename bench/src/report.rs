@@ -169,6 +169,8 @@ pub struct LegSummary {
     pub proxy_peak_rss_mib: Option<f64>,
     /// This leg's throughput / the first leg's (A's); none for the first leg.
     pub ratio: Option<f64>,
+    /// This leg's p50 − the first leg's, ms; none for the first leg.
+    pub added_p50_ms: Option<f64>,
     /// This leg's p99 − the first leg's, ms; none for the first leg.
     pub added_p99_ms: Option<f64>,
 }
@@ -230,6 +232,7 @@ impl LegSummary {
             proxy_peak_rss_mib: is_proxy
                 .then(|| mib(runs.iter().filter_map(|r| r.proxy.as_ref()).map(|p| p.peak_rss_kib).max().unwrap_or(0))),
             ratio: None,
+            added_p50_ms: None,
             added_p99_ms: None,
         }
     }
@@ -237,6 +240,7 @@ impl LegSummary {
     /// Fill in the figures relative to the first leg.
     fn against(mut self, a: &LegSummary) -> LegSummary {
         self.ratio = Some(if a.rps > 0.0 { self.rps / a.rps } else { 0.0 });
+        self.added_p50_ms = Some(self.p50_ms - a.p50_ms);
         self.added_p99_ms = Some(self.p99_ms - a.p99_ms);
         self
     }
@@ -580,6 +584,15 @@ fn render(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A leg's latency over the first leg's, for the table: "failed" when the case's figures cannot be trusted.
+fn added(ms: Option<f64>, case: &Case) -> String {
+    match (ms, case.failure()) {
+        (None, _) => String::new(),
+        (Some(_), Some(_)) => "failed".into(),
+        (Some(added), None) => format!("{added:+.2}"),
+    }
+}
+
 /// The rows of the summary table, header first: a row per leg of each case.
 fn table_rows(cases: &[Case]) -> Vec<Vec<String>> {
     let mut rows = vec![
@@ -596,6 +609,7 @@ fn table_rows(cases: &[Case]) -> Vec<Vec<String>> {
             "etcd MiB",
             "proxy MiB",
             "x/A",
+            "+p50 ms",
             "+p99 ms",
         ]
         .map(String::from)
@@ -618,11 +632,8 @@ fn table_rows(cases: &[Case]) -> Vec<Vec<String>> {
                 format!("{:.0}", leg.etcd_peak_rss_mib),
                 opt(leg.proxy_peak_rss_mib, 0),
                 leg.ratio.map(|r| format!("{r:.3}")).unwrap_or_default(),
-                match (leg.added_p99_ms, case.failure()) {
-                    (None, _) => String::new(),
-                    (Some(_), Some(_)) => "failed".into(),
-                    (Some(added), None) => format!("{added:+.2}"),
-                },
+                added(leg.added_p50_ms, case),
+                added(leg.added_p99_ms, case),
             ]);
         }
     }
@@ -680,6 +691,7 @@ mod tests {
     fn record(leg: &str, rps: f64, p99_us: u64, proxy_cpu: Option<f64>) -> RunRecord {
         let mut load = LoadResult { requests: (rps * 2.0) as u64, rps, elapsed_s: 2.0, ..Default::default() };
         load.latency.p99_us = p99_us;
+        load.latency.p50_us = p99_us / 4;
         let figures = |cpu_s| ProcFigures {
             cpu_s,
             peak_rss_kib: 2048,
@@ -780,6 +792,8 @@ mod tests {
         assert_eq!(case.legs[1].ratio, Some(0.7));
         assert_eq!(case.legs[2].ratio, Some(0.9));
         assert_eq!(case.legs[2].added_p99_ms, Some(0.5));
+        // p50 is a quarter of p99 in these runs: 0.625 − 0.5 ms.
+        assert_eq!((case.legs[0].added_p50_ms, case.legs[2].added_p50_ms), (None, Some(0.125)));
         // The case's own B/A is the second leg's.
         assert!((case.ratio - 0.7).abs() < 1e-9);
         // 0.28 CPU s over 1400 requests = 200 us; 0.09 over 1800 = 50 us.
@@ -790,7 +804,7 @@ mod tests {
         assert_eq!(line, Some((Some(true), measured)));
         let table = table_rows(&[case]);
         assert_eq!(table[3][11], "0.900");
-        assert_eq!(table[3][12], "+0.50");
+        assert_eq!((table[3][12].as_str(), table[3][13].as_str()), ("+0.12", "+0.50"));
         assert_eq!(table[1][11], "");
     }
 
