@@ -3,6 +3,8 @@
 //! hold one whole for a client that does not read, and what arrives is what etcd sent.
 //!
 //! One test in this binary: it measures the process's memory, which other tests running beside it would move.
+//! Its watches are unshared whatever the test matrix says: a shared watch (`watch.coalesce`) reads each of etcd's
+//! answers whole to hand it to every subscriber (docs/watch-coalescing.md).
 
 use std::time::Duration;
 
@@ -58,7 +60,11 @@ async fn events(stream: &mut WatchStream, n: usize) -> TestResult<Vec<Seen>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn long_watch_answers_pass_in_parts_and_arrive_as_etcd_sent_them() -> TestResult {
-    let h = Harness::start().await?;
+    let h = Harness::with_config(
+        etcd_guard_tests::TEST_POLICY,
+        "audit: { file: audit/audit.log }\nwatch: { coalesce: false }\n",
+    )
+    .await?;
     let admin = h.admin()?;
     let mut direct = h.client_direct().await?;
     for i in 0..KEYS {
