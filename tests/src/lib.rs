@@ -563,15 +563,17 @@ impl Etcd {
     }
 }
 
-/// Whether every thread of process `pid` is stopped by a signal (state `T` in `/proc/PID/task/TID/stat`).
+/// Whether every thread of process `pid` is stopped by a signal (state `T` in `/proc/PID/task/TID/stat`, or `t`
+/// under a tracer); an error if the process has exited.
 fn all_threads_stopped(pid: u32) -> TestResult<bool> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         // A thread that ended between the listing and the read is not running either.
         let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else { continue };
         // `PID (COMM) STATE ...`: COMM may hold spaces and parentheses, so the state follows the last `)`.
-        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-        if state != Some("T") {
-            return Ok(false);
+        match stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) {
+            Some("T" | "t") => {}
+            Some("Z" | "X") => return Err(format!("etcd ({pid}) has exited").into()),
+            _ => return Ok(false),
         }
     }
     Ok(true)

@@ -2,7 +2,7 @@
 //!
 //! A call is put on the connection directly (h2's `SendRequest`), without a queue or task in between. The
 //! connection is made at the first call, and again at the next call after it broke; after an attempt that failed,
-//! the next one waits a little (see [`Backoff`]), and calls meanwhile fail at once.
+//! the next one waits a little (see `Backoff`), and calls meanwhile fail at once.
 //!
 //! A connection is pinged (to find a dead etcd) only while a call is open on it, as etcd's own clients do
 //! (grpc-go's `PermitWithoutStream: false`): where grpc-go's own server serves etcd's client port (a port for gRPC
@@ -390,9 +390,10 @@ impl Connection {
                             let next = connector.slow_pings(slowdowns);
                             warn!(
                                 %endpoint, error = %e, pinged_every = ?interval, from_now_on = ?next,
-                                "etcd closed the upstream connection with GOAWAY ENHANCE_YOUR_CALM, its answer to \
-                                 pings more frequent than its --grpc-keepalive-min-time allows: later connections \
-                                 ping half as often"
+                                "etcd closed the upstream connection with GOAWAY ENHANCE_YOUR_CALM, which it sends \
+                                 for pings more frequent than its --grpc-keepalive-min-time allows (or for pings \
+                                 while it has no call open on the connection): later connections ping less often \
+                                 (the interval doubles, up to 64 times its start)"
                             );
                         }
                         tls_alert(&e).then(|| e.to_string())
@@ -563,7 +564,10 @@ pub fn tells_tls_alert(text: &str) -> bool {
 }
 
 /// Whether the connection ended because etcd found it pinged too often: grpc-go's server closes it with
-/// `GOAWAY` `ENHANCE_YOUR_CALM` (debug data `too_many_pings`); nothing else the proxy does repeats on its own.
+/// `GOAWAY` `ENHANCE_YOUR_CALM` (debug data `too_many_pings`, which h2 only shows in its error's text); nothing
+/// else the proxy does repeats on its own. h2 keeps the reason only if the connection then ends cleanly: with TLS
+/// `close_notify`, as Go's `tls.Conn` closes it. A bare TCP end after the `GOAWAY` is an I/O error to h2, and the
+/// interval stays.
 fn too_many_pings(e: &h2::Error) -> bool {
     e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::ENHANCE_YOUR_CALM)
 }
