@@ -98,8 +98,8 @@ pub fn delete_range(r: &pb::DeleteRangeRequest) -> Result<Needs, Status> {
 /// Txn: read on every compare, and every op of *both* branches like its own RPC, recursively.
 ///
 /// Refused as etcd refuses them, before any permission is looked at: more than `max_ops` operations (etcd's
-/// `--max-txn-ops`, [`MAX_TXN_OPS`] by default), or compares, on the way through the transaction ([`txn_cost`]), and a put with `ignore_value` or `ignore_lease` on a key that a
-/// delete of the same branch covers ([`deletes_ignore_put`]).
+/// `--max-txn-ops`, [`MAX_TXN_OPS`] by default), or compares, on the way through the transaction (`txn_cost`), and a put with `ignore_value` or `ignore_lease` on a key that a
+/// delete of the same branch covers (`deletes_ignore_put`).
 pub fn txn(r: &pb::TxnRequest, max_ops: usize) -> Result<Needs, Status> {
     let mut needs = Needs::default();
     add_txn(&mut needs, r, 1)?;
@@ -333,7 +333,7 @@ pub fn members<M>(_: &M) -> Result<Needs, Status> {
     Ok(Needs::cap(Capability::Members))
 }
 
-/// MemberAdd: `members`; peer URLs checked as for MemberUpdate ([`check_peer_urls`]).
+/// MemberAdd: `members`; peer URLs checked as for MemberUpdate (`check_peer_urls`).
 pub fn member_add(r: &pb::MemberAddRequest) -> Result<Needs, Status> {
     check_peer_urls(&r.peer_ur_ls)?;
     Ok(Needs::cap(Capability::Members))
@@ -341,7 +341,7 @@ pub fn member_add(r: &pb::MemberAddRequest) -> Result<Needs, Status> {
 
 /// MemberUpdate: `members`. etcd 3.4 and 3.5 store a MemberUpdate's peer URLs unchecked, and every other member
 /// then panics dialling them (and again at every restart, as they are in the raft log), so they are checked here
-/// as etcd checks MemberAdd's ([`check_peer_urls`]).
+/// as etcd checks MemberAdd's (`check_peer_urls`).
 pub fn member_update(r: &pb::MemberUpdateRequest) -> Result<Needs, Status> {
     check_peer_urls(&r.peer_ur_ls)?;
     Ok(Needs::cap(Capability::Members))

@@ -4,9 +4,6 @@
 //! See the README for the security model.
 
 #![forbid(unsafe_code)]
-// The library serves the binary and the tests, and its docs are read with `cargo doc --document-private-items`:
-// public items may point at the private ones that explain them.
-#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod audit;
 pub mod authz;

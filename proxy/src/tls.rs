@@ -156,7 +156,7 @@ struct StrictClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
 }
 
-/// Why [`StrictClientVerifier`] refused a certificate that webpki accepted.
+/// Why `StrictClientVerifier` refused a certificate that webpki accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     #[error("the CA certificate {0} the client sent may not sign certificates (its key usage lacks keyCertSign)")]
@@ -195,7 +195,7 @@ fn trust_digest(
     h.finalize().into()
 }
 
-/// See [`trust_digest`].
+/// See `trust_digest`.
 pub type TrustDigest = [u8; 32];
 
 /// The listener's TLS: the rustls configuration for new handshakes and the client certificate verifier it uses
@@ -426,7 +426,7 @@ pub fn refusal_text(e: &std::io::Error) -> String {
     }
 }
 
-/// The [`ChainError`] a handshake failed with, if it was [`StrictClientVerifier`] that refused it.
+/// The [`ChainError`] a handshake failed with, if it was `StrictClientVerifier` that refused it.
 pub fn chain_error(e: &std::io::Error) -> Option<&ChainError> {
     match e.get_ref()?.downcast_ref::<rustls::Error>()? {
         rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => other.0.downcast_ref(),

@@ -45,7 +45,7 @@ const ATTEMPTS: usize = 3;
 /// the transport level, and healthy again when a periodic probe (Maintenance/Status) succeeds. With no healthy
 /// endpoint, calls still go round robin over all of them, so a recovered etcd is found by the next call. A unary or
 /// server-streaming call that etcd did not process (refused stream, `GOAWAY`, no connection) is made again on
-/// another endpoint ([`ATTEMPTS`]).
+/// another endpoint (`ATTEMPTS`).
 ///
 /// With worker threads ([`crate::runtime`]) each worker has connections of its own, made and driven on its thread,
 /// and a call made on a worker uses that worker's; calls made elsewhere (health probes) use any.
@@ -434,7 +434,7 @@ impl Member {
     }
 }
 
-/// What clients are told when etcd's certificate is not valid for the endpoint's name ([`for_clients`]).
+/// What clients are told when etcd's certificate is not valid for the endpoint's name (`for_clients`).
 pub const NAME_MISMATCH: &str =
     "invalid peer certificate: etcd's certificate is not valid for the endpoint's name in upstream.endpoints";
 

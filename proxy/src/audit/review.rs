@@ -1034,7 +1034,7 @@ impl Summary {
         out
     }
 
-    /// The [`TOP_DENIED`] most denied keys, most first.
+    /// The `TOP_DENIED` most denied keys, most first.
     pub fn most_denied(&self) -> Vec<DeniedKey> {
         let mut out: Vec<DeniedKey> =
             self.denied.iter().map(|(key, &count)| DeniedKey { key: key.clone(), count }).collect();

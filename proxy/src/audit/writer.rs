@@ -641,7 +641,7 @@ pub fn cut_record(line: &[u8]) -> Record {
     }
 }
 
-/// The `rpc` of the record a writer starts with ([`open_record`]).
+/// The `rpc` of the record a writer starts with (`open_record`).
 pub const OPEN_RPC: &str = "etcd-guard/AuditOpen";
 
 /// The `rpc` of the record a writer ends with when it is closed (a clean shutdown).

@@ -66,7 +66,7 @@ pub fn cork<T>(io: T) -> (Corked<T>, Cork<T>) {
 }
 
 /// Run `fut` (which polls the connection), writing out what the connection gathered after each poll. Once `fut`
-/// has finished, its last bytes get [`FINAL_WRITE`] to leave.
+/// has finished, its last bytes get `FINAL_WRITE` to leave.
 pub async fn drive<T, F>(cork: Cork<T>, fut: F) -> F::Output
 where
     T: AsyncWrite + Unpin,

@@ -4,7 +4,7 @@
 //! to etcd explicitly), answers cancels of shared watches, and moves them to watches of its own before a progress
 //! request or when the hub detaches them.
 //!
-//! etcd's responses are read by the client's response stream itself ([`ToClient`]): an event goes from the
+//! etcd's responses are read by the client's response stream itself (`ToClient`): an event goes from the
 //! upstream connection to the client connection without a task or queue of the proxy's in between.
 //!
 //! Each create request is checked for read access on its interval. A denied create does not end the stream:

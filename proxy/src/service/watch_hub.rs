@@ -15,7 +15,7 @@
 //!   events from `S`. Otherwise (history to replay, a shared watch being made, other creates of the stream still
 //!   waiting for etcd) the create gets an upstream watch of its own, as without coalescing.
 //! - Events of one revision come from etcd in one response, so what a subscriber has been given is always whole
-//!   revisions: [`Sub::delivered`]. A subscriber that falls behind (its stream's queue is full) is *detached*: it
+//!   revisions: `Sub::delivered`. A subscriber that falls behind (its stream's queue is full) is *detached*: it
 //!   leaves the shared watch, and its client stream makes an upstream watch of its own from `delivered + 1` with
 //!   the same ID ([`Detached`]), so it loses nothing and slows nobody. A progress request moves every shared watch
 //!   of its stream to a watch of the stream's own first (etcd answers it for the stream's own watches only): on
@@ -60,7 +60,7 @@ pub type Down = mpsc::Sender<HubItem>;
 pub enum HubItem {
     /// A frame to pass on.
     Frame(Bytes),
-    /// A frame of the shared watch's to pass on, counted in the stream's [`DetachQueue::queued`] bytes until the
+    /// A frame of the shared watch's to pass on, counted in the stream's `DetachQueue::queued` bytes until the
     /// stream takes it ([`DetachQueue::took`]).
     Counted(Bytes),
     /// The shared watch failed: the client stream ends with this status.
