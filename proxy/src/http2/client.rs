@@ -116,9 +116,9 @@ pub struct Connector {
     /// connection, and the next call makes a new one.
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
-    /// How many times etcd closed a connection to the endpoint for pinging too often (`GOAWAY`
-    /// `ENHANCE_YOUR_CALM`): each doubles the interval of later connections' pings, up to
-    /// [`MAX_PING_SLOWDOWNS`] times, as grpc-go's clients do. Shared by the clones of a connector, so by every
+    /// How many times the interval of new connections' pings has been doubled because etcd closed a connection
+    /// to the endpoint for pinging too often (`GOAWAY` `ENHANCE_YOUR_CALM`; see `Connector::slow_pings`), up to
+    /// [`MAX_PING_SLOWDOWNS`], as grpc-go's clients do. Shared by the clones of a connector, so by every
     /// connection to the endpoint (workers', and client connections' own for streams).
     pub ping_slowdowns: Arc<AtomicU32>,
 }
