@@ -16,4 +16,5 @@ etcd35_version=$("$etcd35/etcd" --version)
 echo "integration tests against ${etcd35_version%%$'\n'*}"
 ETCD_GUARD_TEST_ETCD_DIR="$etcd35" cargo test --workspace --locked --test '*'
 echo "integration tests with shared watches (ETCD_GUARD_TEST_WATCH_COALESCE=1)"
-ETCD_GUARD_TEST_WATCH_COALESCE=1 cargo test --workspace --locked --test '*'
+# The benchmark's smoke test writes its proxies' configurations itself (the matrix does not reach them): skipped.
+ETCD_GUARD_TEST_WATCH_COALESCE=1 cargo test --workspace --locked --test '*' -- --skip every_workload_runs_through_both_paths
