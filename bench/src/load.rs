@@ -257,6 +257,30 @@ async fn connect_all(args: &LoadArgs, n: usize) -> Result<Vec<Channel>, BoxError
     Ok(channels)
 }
 
+/// One answered call on each connection before the warm-up starts (a serializable Range of one key): a fresh
+/// proxy makes its upstream connections at its first calls, and on a loaded machine those handshakes can outlast a
+/// short warm-up, leaving a short window with nothing served. Set-up is not what the windows measure. A call that
+/// fails is made again (as the warm-up's failures, these are not counted), for up to `REQUEST_TIMEOUT` in all.
+async fn answered_once(channels: &[Channel]) -> Result<(), BoxError> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    for channel in channels {
+        loop {
+            let request = pb::RangeRequest { key: LIN_KEY.to_vec(), serializable: true, ..Default::default() };
+            let mut kv = KvClient::new(channel.clone());
+            let failure = match tokio::time::timeout_at(deadline, kv.range(request)).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(status)) => status.to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("a connection answered no first call within {REQUEST_TIMEOUT:?}: {failure}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
 fn client_cpu_ticks() -> u64 {
     crate::procfs::sample("self").map(|s| s.cpu_ticks).unwrap_or(0)
 }
@@ -368,6 +392,7 @@ struct MixState {
 async fn run_unary(args: &LoadArgs) -> Result<(), BoxError> {
     let clk_tck = crate::procfs::USER_HZ;
     let channels = connect_all(args, args.connections).await?;
+    answered_once(&channels).await?;
     let mix = Arc::new(MixState { revisions: (0..MIX_KEYS).map(|_| AtomicI64::new(0)).collect() });
     if args.workload == Workload::Mix {
         load_mix_revisions(&channels[0], &mix).await?;
@@ -663,6 +688,7 @@ async fn run_watch(args: &LoadArgs) -> Result<(), BoxError> {
         Some(url) => tls_endpoint(url, &args.ca, &args.cert, &args.key)?.connect().await?,
         None => connect_all(args, 1).await?.remove(0),
     };
+    answered_once(std::slice::from_ref(&put_channel)).await?;
     let base = Instant::now();
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let created = Arc::new(AtomicU64::new(0));
