@@ -585,11 +585,11 @@ fn render(rows: &[Vec<String>]) -> String {
 }
 
 /// A leg's latency over the first leg's, for the table: "failed" when the case's figures cannot be trusted.
-fn added(ms: Option<f64>, case: &Case) -> String {
-    match (ms, case.failure()) {
+fn added(ms: Option<f64>, failed: bool) -> String {
+    match (ms, failed) {
         (None, _) => String::new(),
-        (Some(_), Some(_)) => "failed".into(),
-        (Some(added), None) => format!("{added:+.2}"),
+        (Some(_), true) => "failed".into(),
+        (Some(added), false) => format!("{added:+.2}"),
     }
 }
 
@@ -617,6 +617,7 @@ fn table_rows(cases: &[Case]) -> Vec<Vec<String>> {
     ];
     let opt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
     for case in cases {
+        let failed = case.failure().is_some();
         for (i, leg) in case.legs.iter().enumerate() {
             let first = i == 0;
             rows.push(vec![
@@ -632,8 +633,8 @@ fn table_rows(cases: &[Case]) -> Vec<Vec<String>> {
                 format!("{:.0}", leg.etcd_peak_rss_mib),
                 opt(leg.proxy_peak_rss_mib, 0),
                 leg.ratio.map(|r| format!("{r:.3}")).unwrap_or_default(),
-                added(leg.added_p50_ms, case),
-                added(leg.added_p99_ms, case),
+                added(leg.added_p50_ms, failed),
+                added(leg.added_p99_ms, failed),
             ]);
         }
     }
