@@ -58,6 +58,22 @@ async fn handshake_with(h: &Harness, config: Arc<rustls::ClientConfig>) -> TestR
     Ok(tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut buf)).await.is_ok_and(|r| r.is_ok()))
 }
 
+/// The proxy's `/metrics` once it holds every line of `lines` (or after 5 s, for the caller's assertions to tell
+/// which is missing). A refused handshake is counted after its alert has gone out, so a client that has read the
+/// alert can ask for the metrics before the count is there.
+async fn metrics_with(h: &Harness, lines: &[String]) -> TestResult<String> {
+    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, metrics) = etcd_guard_tests::http_get(addr, "/metrics")?;
+        let all = lines.iter().all(|line| metrics.lines().any(|l| l == line));
+        if all || std::time::Instant::now() > deadline {
+            return Ok(metrics);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_are_checked_at_the_handshake() -> TestResult {
     let h = Harness::start().await?;
@@ -74,14 +90,16 @@ async fn certificates_are_checked_at_the_handshake() -> TestResult {
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     })?;
     assert!(!handshake(&h, Some((expired.cert_pem, expired.key_pem))).await?, "expired");
-    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
-    let (_, metrics) = etcd_guard_tests::http_get(addr, "/metrics")?;
+    let failures: Vec<String> = ["expired", "unknown_issuer", "no_certificate"]
+        .iter()
+        .map(|reason| format!("etcd_guard_tls_handshake_failures_total{{reason=\"{reason}\"}} 1"))
+        .collect();
+    let metrics = metrics_with(&h, &failures).await?;
     for certificate in ["listener", "client_ca", "upstream_client", "upstream_ca"] {
         let name = format!("etcd_guard_certificate_expiration_timestamp_seconds{{certificate=\"{certificate}\"}} ");
         assert!(metrics.lines().any(|l| l.starts_with(&name)), "{name} not in:\n{metrics}");
     }
-    for reason in ["expired", "unknown_issuer", "no_certificate"] {
-        let line = format!("etcd_guard_tls_handshake_failures_total{{reason=\"{reason}\"}} 1");
+    for line in &failures {
         assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
     }
     Ok(())
@@ -105,9 +123,8 @@ async fn a_certificate_without_an_identity_is_refused_with_an_alert() -> TestRes
     let read = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_exact(&mut buf)).await?;
     let error = read.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(error.contains("CertificateUnknown"), "the client gets an alert: {error:?}");
-    let addr = h.proxy.as_ref().and_then(|p| p.metrics_addr).ok_or("no metrics")?;
-    let (_, metrics) = etcd_guard_tests::http_get(addr, "/metrics")?;
     let line = "etcd_guard_tls_handshake_failures_total{reason=\"bad_identity\"} 1";
+    let metrics = metrics_with(&h, &[line.to_string()]).await?;
     assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
     Ok(())
 }
